@@ -1,0 +1,2 @@
+//! The project's automation entry point (`cargo xtask help`).
+fn main() {}
