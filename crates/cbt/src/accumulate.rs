@@ -93,11 +93,7 @@ impl ChangeAccumulator {
         }
         let reported_end = u128::from(start) + u128::from(length);
         if reported_end > u128::from(self.capacity) {
-            self.warnings.push(CbtWarning::WindowPastCapacity {
-                start,
-                end: reported_end,
-                capacity: self.capacity,
-            });
+            self.warnings.push(CbtWarning::WindowPastCapacity { start, end: reported_end, capacity: self.capacity });
         }
         // start < capacity here, so the window is not empty.
         let end = u64::try_from(reported_end).unwrap_or(u64::MAX).min(self.capacity);
@@ -118,11 +114,7 @@ impl ChangeAccumulator {
         };
         let reported_end = u128::from(start) + u128::from(length);
         if reported_end > u128::from(self.capacity) {
-            self.warnings.push(CbtWarning::AreaPastCapacity {
-                start,
-                end: reported_end,
-                capacity: self.capacity,
-            });
+            self.warnings.push(CbtWarning::AreaPastCapacity { start, end: reported_end, capacity: self.capacity });
         }
         let end = u64::try_from(reported_end).unwrap_or(u64::MAX).min(self.capacity);
         let Some(area) = Extent::from_bounds(start, end) else { return };
@@ -137,10 +129,7 @@ impl ChangeAccumulator {
         if self.covered < self.capacity {
             return Err(CbtError::Incomplete { covered: self.covered, capacity: self.capacity });
         }
-        Ok(ChangedAreas {
-            areas: ExtentSet::from_extents(self.areas),
-            warnings: self.warnings.into_vec(),
-        })
+        Ok(ChangedAreas { areas: ExtentSet::from_extents(self.areas), warnings: self.warnings.into_vec() })
     }
 }
 

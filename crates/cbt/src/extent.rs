@@ -98,9 +98,7 @@ impl ExtentSet {
     /// past `u64::MAX` are cut there.
     pub fn from_ranges(ranges: impl IntoIterator<Item = (u64, u64)>) -> Self {
         Self::from_extents(
-            ranges
-                .into_iter()
-                .filter_map(|(start, len)| Extent::from_bounds(start, start.saturating_add(len))),
+            ranges.into_iter().filter_map(|(start, len)| Extent::from_bounds(start, start.saturating_add(len))),
         )
     }
 
@@ -223,9 +221,7 @@ impl ExtentSet {
     pub fn clamp(&self, capacity: u64) -> Self {
         let keep = self.extents.partition_point(|e| e.end <= capacity);
         let mut extents = self.extents[..keep].to_vec();
-        if let Some(e) =
-            self.extents.get(keep).and_then(|e| Extent::from_bounds(e.start, e.end.min(capacity)))
-        {
+        if let Some(e) = self.extents.get(keep).and_then(|e| Extent::from_bounds(e.start, e.end.min(capacity))) {
             extents.push(e);
         }
         Self { extents }
@@ -316,10 +312,8 @@ impl Iterator for Split<'_> {
             None => *self.extents.next()?,
         };
         // The next multiple of max_len above start; past u64::MAX means "no break".
-        let boundary = (e.start / self.max_len)
-            .checked_add(1)
-            .and_then(|n| n.checked_mul(self.max_len))
-            .unwrap_or(u64::MAX);
+        let boundary =
+            (e.start / self.max_len).checked_add(1).and_then(|n| n.checked_mul(self.max_len)).unwrap_or(u64::MAX);
         if boundary < e.end {
             self.current = Extent::from_bounds(boundary, e.end);
             Extent::from_bounds(e.start, boundary)

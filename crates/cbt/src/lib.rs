@@ -24,8 +24,8 @@ pub use accumulate::{ChangeAccumulator, ChangedAreas, DiskChangeExtent, DiskChan
 pub use change_id::{ChangeId, ChangeIdKind, Epoch, OpaqueReason};
 pub use extent::{Extent, ExtentSet, Split};
 pub use plan::{
-    BOUNDARY_BUG_BASE, Changes, CommittedDisk, CopyPlan, CurrentDisk, Destination, DiskPosition,
-    FullReason, HostVersion, MIN_CBT_HARDWARE_VERSION, Planned, QueryFault, Taint, crossed_boundary,
-    incremental_base, incremental_geometry, plan,
+    BOUNDARY_BUG_BASE, Changes, CommittedDisk, CopyPlan, CurrentDisk, Destination, DiskPosition, FullReason,
+    HostVersion, MIN_CBT_HARDWARE_VERSION, Planned, QueryFault, Taint, crossed_boundary, incremental_base,
+    incremental_geometry, plan,
 };
 pub use report::{CbtError, CbtWarning};

@@ -16,9 +16,8 @@
 use std::num::NonZeroU64;
 
 use crate::{
-    ChangeId, Changes, CommittedDisk, CopyPlan, CurrentDisk, Destination, DiskChangeExtent,
-    DiskChangeInfo, DiskPosition, Epoch, ExtentSet, HostVersion, Planned, QueryFault,
-    ChangeAccumulator, incremental_base, plan,
+    ChangeAccumulator, ChangeId, Changes, CommittedDisk, CopyPlan, CurrentDisk, Destination, DiskChangeExtent,
+    DiskChangeInfo, DiskPosition, Epoch, ExtentSet, HostVersion, Planned, QueryFault, incremental_base, plan,
 };
 
 /// One boolean per unit of `unit` bytes.
@@ -180,7 +179,12 @@ pub fn split_violation(set: &ExtentSet, max_len: NonZeroU64) -> Option<String> {
 
 /// The structural promises of any plan: whole granules, disjoint, inside the disk; on an
 /// incremental, every changed and allocated byte is read.
-pub fn plan_violation(planned: &Planned, current: &CurrentDisk, changes: &Changes, dest: Destination) -> Option<String> {
+pub fn plan_violation(
+    planned: &Planned,
+    current: &CurrentDisk,
+    changes: &Changes,
+    dest: Destination,
+) -> Option<String> {
     let capacity = current.capacity;
     let (read, zero) = (planned.plan.read(), planned.plan.zero());
     if read.end() > capacity || zero.end() > capacity {
@@ -205,7 +209,9 @@ pub fn plan_violation(planned: &Planned, current: &CurrentDisk, changes: &Change
             return Some("changed bytes are neither read nor zeroed".into());
         }
     }
-    if planned.commit.capacity != capacity || planned.commit.change_id != current.change_id.clone().filter(|c| !c.is_all_allocated()) {
+    if planned.commit.capacity != capacity
+        || planned.commit.change_id != current.change_id.clone().filter(|c| !c.is_all_allocated())
+    {
         return Some("the commit does not describe the current disk".into());
     }
     None
@@ -401,9 +407,7 @@ impl SimDisk {
         let snapshot_sequence = self.sequence;
         self.sequence += 1;
         let capacity = self.capacity();
-        let allocated = allocation_known.then(|| {
-            BlockModel { unit: self.unit, bits: self.allocated.clone() }.to_set()
-        });
+        let allocated = allocation_known.then(|| BlockModel { unit: self.unit, bits: self.allocated.clone() }.to_set());
         let current = CurrentDisk {
             change_id: Some(change_id),
             capacity,
@@ -417,7 +421,9 @@ impl SimDisk {
         let dest = Destination { granularity: self.granularity, holds_data: self.dest_holds_data };
         let changes = match incremental_base(self.committed.as_ref(), &current, dest) {
             Err(_) => Changes::NotQueried,
-            Ok(_) if query_fails => Changes::Fault(QueryFault { fault: "FileFault".into(), message: "simulated".into() }),
+            Ok(_) if query_fails => {
+                Changes::Fault(QueryFault { fault: "FileFault".into(), message: "simulated".into() })
+            }
             Ok(since) => self.query(since, snapshot_sequence, page_units),
         };
         let planned = plan(self.committed.as_ref(), &current, &changes, dest);

@@ -368,10 +368,7 @@ pub fn incremental_base<'a>(
         });
     }
     if prev.backing != current.backing {
-        return Err(FullReason::BackingChanged {
-            previous: prev.backing.clone(),
-            current: current.backing.clone(),
-        });
+        return Err(FullReason::BackingChanged { previous: prev.backing.clone(), current: current.backing.clone() });
     }
     if current.reverted {
         return Err(FullReason::RevertedToSnapshot);
@@ -489,7 +486,11 @@ fn surviving_taint(taint: Option<&Taint>, current: &CurrentDisk) -> Option<Taint
 /// a CBT reset after upgrading, covers those.
 fn next_taint(previous: Option<&CommittedDisk>, current: &CurrentDisk, warnings: &mut Warnings) -> Option<Taint> {
     let (hosts, boundary, grown_from) = match previous {
-        Some(prev) => ([prev.host_version, current.host_version], crossed_boundary(prev.capacity, current.capacity), Some(prev.capacity)),
+        Some(prev) => (
+            [prev.host_version, current.host_version],
+            crossed_boundary(prev.capacity, current.capacity),
+            Some(prev.capacity),
+        ),
         None => ([None, current.host_version], crossed_boundary(0, current.capacity), None),
     };
     if let Some(boundary) = boundary {

@@ -18,7 +18,9 @@ pub enum CbtError {
         got: u64,
     },
     /// A page's window starts before the end of the previous one.
-    #[error("changed-area page starts at byte {got}, but the previous page already covered up to {expected}: the pages overlap")]
+    #[error(
+        "changed-area page starts at byte {got}, but the previous page already covered up to {expected}: the pages overlap"
+    )]
     WindowOverlap {
         /// Where the page should have started.
         expected: u64,
@@ -78,7 +80,9 @@ pub enum CbtWarning {
     },
     /// A changed area lay partly or wholly outside its page's window. It is kept (cut to the
     /// disk): a false positive costs one read, a dropped change would cost a corrupt backup.
-    #[error("changed area {area} lies outside its page's window {window}; kept, since dropping a change could corrupt the backup")]
+    #[error(
+        "changed area {area} lies outside its page's window {window}; kept, since dropping a change could corrupt the backup"
+    )]
     AreaOutsideWindow {
         /// The area as reported (cut to the disk).
         area: Extent,

@@ -9,13 +9,11 @@ use std::num::NonZeroU64;
 
 use arbitrary::{Arbitrary, Unstructured};
 use cbt::oracle::{
-    BlockModel, SimDisk, SimEvent, naive_allows_incremental, naive_geometry, plan_violation,
-    split_violation,
+    BlockModel, SimDisk, SimEvent, naive_allows_incremental, naive_geometry, plan_violation, split_violation,
 };
 use cbt::{
-    ChangeId, ChangeIdKind, Changes, CommittedDisk, CopyPlan, CurrentDisk, Destination,
-    DiskChangeExtent, DiskChangeInfo, DiskPosition, Epoch, ExtentSet, HostVersion, QueryFault, Taint,
-    accumulate, plan,
+    ChangeId, ChangeIdKind, Changes, CommittedDisk, CopyPlan, CurrentDisk, Destination, DiskChangeExtent,
+    DiskChangeInfo, DiskPosition, Epoch, ExtentSet, HostVersion, QueryFault, Taint, accumulate, plan,
 };
 
 /// Parses arbitrary text as a change ID: never panics, keeps the text, and a parsed ID spelled
@@ -125,9 +123,8 @@ fn check_plan(input: &PlanInput) {
     let capacity = units as u64 * unit;
     let g_units = u64::from(input.granularity_units % 9).max(1);
     let granularity = NonZeroU64::new(g_units * unit).expect("non-zero");
-    let ranges = |v: &[(u16, u8)]| {
-        ExtentSet::from_ranges(v.iter().map(|&(s, l)| (u64::from(s) * unit, u64::from(l) * unit)))
-    };
+    let ranges =
+        |v: &[(u16, u8)]| ExtentSet::from_ranges(v.iter().map(|&(s, l)| (u64::from(s) * unit, u64::from(l) * unit)));
     let allocated = input.allocated.as_deref().map(ranges);
     let host = |m: Option<u8>| m.map(|m| HostVersion { major: u32::from(m % 9), minor: 0, patch: 0 });
     let position = |slot: u8| DiskPosition { controller: "scsi".into(), bus: 0, unit: u32::from(slot % 2) };
@@ -152,6 +149,7 @@ fn check_plan(input: &PlanInput) {
         taint: p.taint.map(|e| Taint {
             epoch: e.map(|e| Epoch::from_bytes([e % 3; 16])),
             boundary: cbt::BOUNDARY_BUG_BASE,
+            grown_from: None,
             host: None,
         }),
     });
@@ -176,7 +174,11 @@ fn check_plan(input: &PlanInput) {
                     PageSpec::Raw { start, length, areas } => {
                         aligned = false;
                         let area = |&(start, length): &(i64, i64)| DiskChangeExtent { start, length };
-                        DiskChangeInfo { start_offset: *start, length: *length, changed_area: areas.iter().map(area).collect() }
+                        DiskChangeInfo {
+                            start_offset: *start,
+                            length: *length,
+                            changed_area: areas.iter().map(area).collect(),
+                        }
                     }
                 };
                 offset = page.start_offset.saturating_add(page.length);

@@ -10,8 +10,7 @@ pub mod cbt;
 pub type FuzzTarget = fn(&[u8]);
 
 /// Every fuzz target: its name under `fuzz/fuzz_targets/` and its entry point.
-pub const TARGETS: &[(&str, FuzzTarget)] =
-    &[("cbt_change_id", cbt::change_id), ("cbt_plan", cbt::plan_and_accumulate)];
+pub const TARGETS: &[(&str, FuzzTarget)] = &[("cbt_change_id", cbt::change_id), ("cbt_plan", cbt::plan_and_accumulate)];
 
 /// Runs `f` on `iterations` pseudo-random inputs of up to `max_len` bytes, from a fixed seed so
 /// that a failure reproduces.

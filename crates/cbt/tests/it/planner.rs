@@ -3,8 +3,8 @@
 use std::num::NonZeroU64;
 
 use cbt::{
-    ChangeId, ChangedAreas, Changes, CommittedDisk, CopyPlan, CurrentDisk, Destination, DiskPosition,
-    Epoch, ExtentSet, FullReason, HostVersion, Planned, QueryFault, Taint, plan,
+    ChangeId, ChangedAreas, Changes, CommittedDisk, CopyPlan, CurrentDisk, Destination, DiskPosition, Epoch, ExtentSet,
+    FullReason, HostVersion, Planned, QueryFault, Taint, plan,
 };
 
 const MIB: u64 = 1 << 20;
@@ -230,7 +230,11 @@ fn every_reason_and_shape() {
             cur: cur(),
             changes: changed.clone(),
             dest: dest(4 * MIB, true),
-            want: Want::Full { reason: |r| *r == FullReason::NoPreviousChangeId, read: allocated(), zero: unallocated() },
+            want: Want::Full {
+                reason: |r| *r == FullReason::NoPreviousChangeId,
+                read: allocated(),
+                zero: unallocated(),
+            },
             taint: None,
         },
         Row {
@@ -317,7 +321,11 @@ fn every_reason_and_shape() {
             cur: CurrentDisk { reverted: true, ..cur() },
             changes: changed.clone(),
             dest: dest(4 * MIB, true),
-            want: Want::Full { reason: |r| *r == FullReason::RevertedToSnapshot, read: allocated(), zero: unallocated() },
+            want: Want::Full {
+                reason: |r| *r == FullReason::RevertedToSnapshot,
+                read: allocated(),
+                zero: unallocated(),
+            },
             taint: None,
         },
         Row {
@@ -326,7 +334,11 @@ fn every_reason_and_shape() {
             cur: cur(),
             changes: Changes::Fault(QueryFault { fault: "FileFault".into(), message: "ctk invalid".into() }),
             dest: dest(4 * MIB, true),
-            want: Want::Full { reason: |r| matches!(r, FullReason::QueryFault(_)), read: allocated(), zero: unallocated() },
+            want: Want::Full {
+                reason: |r| matches!(r, FullReason::QueryFault(_)),
+                read: allocated(),
+                zero: unallocated(),
+            },
             taint: None,
         },
         Row {
@@ -335,7 +347,11 @@ fn every_reason_and_shape() {
             cur: cur(),
             changes: Changes::NotQueried,
             dest: dest(4 * MIB, true),
-            want: Want::Full { reason: |r| *r == FullReason::ChangesNotQueried, read: allocated(), zero: unallocated() },
+            want: Want::Full {
+                reason: |r| *r == FullReason::ChangesNotQueried,
+                read: allocated(),
+                zero: unallocated(),
+            },
             taint: None,
         },
         Row {

@@ -13,22 +13,25 @@ const MAX_UNITS: usize = 300;
 /// A unit size (1 byte, or a power of two up to 1 GiB, so real-sized offsets are exercised too),
 /// a number of units, and a set of unit-aligned ranges inside (and a little past) them.
 fn model_and_set() -> impl Strategy<Value = (u64, usize, ExtentSet)> {
-    (prop_oneof![Just(1u64), (9u32..=30).prop_map(|s| 1u64 << s)], 0..MAX_UNITS).prop_flat_map(
-        |(unit, units)| {
-            let ranges = prop::collection::vec((0..=units as u64 + 4, 0u64..20), 0..24);
-            (Just(unit), Just(units), ranges.prop_map(move |r| {
-                ExtentSet::from_ranges(r.into_iter().map(|(s, l)| (s * unit, l * unit)))
-            }))
-        },
-    )
+    (prop_oneof![Just(1u64), (9u32..=30).prop_map(|s| 1u64 << s)], 0..MAX_UNITS).prop_flat_map(|(unit, units)| {
+        let ranges = prop::collection::vec((0..=units as u64 + 4, 0u64..20), 0..24);
+        (
+            Just(unit),
+            Just(units),
+            ranges.prop_map(move |r| ExtentSet::from_ranges(r.into_iter().map(|(s, l)| (s * unit, l * unit)))),
+        )
+    })
 }
 
 fn pair() -> impl Strategy<Value = (u64, usize, ExtentSet, ExtentSet)> {
     model_and_set().prop_flat_map(|(unit, units, a)| {
         let ranges = prop::collection::vec((0..=units as u64 + 4, 0u64..20), 0..24);
-        (Just(unit), Just(units), Just(a), ranges.prop_map(move |r| {
-            ExtentSet::from_ranges(r.into_iter().map(|(s, l)| (s * unit, l * unit)))
-        }))
+        (
+            Just(unit),
+            Just(units),
+            Just(a),
+            ranges.prop_map(move |r| ExtentSet::from_ranges(r.into_iter().map(|(s, l)| (s * unit, l * unit)))),
+        )
     })
 }
 
@@ -146,7 +149,9 @@ fn the_simulator_exercises_incrementals_and_can_catch_a_wrong_plan() {
     let backup = SimEvent::Backup { query_fails: false, page_units: 7, allocation_known: true };
     let mut disk = SimDisk::new(50, 4096, 2, HostVersion { major: 7, minor: 0, patch: 0 });
     let mut kinds = Vec::new();
-    for event in [SimEvent::Write(3), backup.clone(), SimEvent::Write(9), SimEvent::Unmap(3), backup.clone(), backup.clone()] {
+    for event in
+        [SimEvent::Write(3), backup.clone(), SimEvent::Write(9), SimEvent::Unmap(3), backup.clone(), backup.clone()]
+    {
         if let Some(b) = disk.apply(&event).unwrap() {
             kinds.push(matches!(b.planned.plan, CopyPlan::Incremental { .. }));
         }
