@@ -1,2 +1,114 @@
-//! The project's automation entry point (`cargo xtask help`).
-fn main() {}
+//! The project's automation entry point: `cargo xtask ci` is what CI and the README run.
+
+mod boundaries;
+mod fuzz;
+mod tidy;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+const HELP: &str = "\
+cargo xtask COMMAND
+
+  ci                      everything CI checks: format, clippy, tests, tidy, crate boundaries,
+                          every fuzz target for a short run, benches built and run once
+  tidy                    the repository rules (module docs, no stubs, unsafe only in vddk crates)
+  boundaries              the crate-boundary rules ARCHITECTURE.md states
+  fuzz [TARGET] [SECONDS] run one fuzz target (or all) for SECONDS each (default 60)
+  bench [ARGS...]         the criterion benchmarks (ARGS go to criterion)
+
+Environment: SYNCPROXY_FUZZ_SECONDS sets the seconds per target in `ci` (default 30).";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = project_root();
+    std::env::set_current_dir(&root)?;
+    match args.first().map(String::as_str) {
+        Some("ci") => ci(&root),
+        Some("tidy") => tidy::check(&root),
+        Some("boundaries") => boundaries::check(&root),
+        Some("fuzz") => {
+            let seconds = match args.get(2) {
+                Some(s) => s.parse().with_context(|| format!("SECONDS must be a number, not {s:?}"))?,
+                None => 60,
+            };
+            fuzz::run(&root, args.get(1).map(String::as_str), seconds)
+        }
+        Some("bench") => cargo(
+            &["bench", "--locked", "-p", "benches", "--"]
+                .iter()
+                .copied()
+                .chain(args[1..].iter().map(String::as_str))
+                .collect::<Vec<_>>(),
+        ),
+        Some("help" | "--help" | "-h") | None => {
+            println!("{HELP}");
+            Ok(())
+        }
+        Some(other) => bail!("unknown command {other:?}\n\n{HELP}"),
+    }
+}
+
+fn ci(root: &Path) -> Result<()> {
+    let fuzz_seconds: u64 = match std::env::var("SYNCPROXY_FUZZ_SECONDS") {
+        Ok(s) => s.parse().with_context(|| format!("SYNCPROXY_FUZZ_SECONDS must be a number, not {s:?}"))?,
+        Err(_) => 30,
+    };
+    let fuzz_manifest = root.join("fuzz/Cargo.toml");
+    let fuzz_manifest = fuzz_manifest.to_str().context("non-UTF-8 path")?;
+    step("format", || {
+        cargo(&["fmt", "--all", "--", "--check"])?;
+        cargo(&["fmt", "--manifest-path", fuzz_manifest, "--", "--check"])
+    })?;
+    step("tidy", || tidy::check(root))?;
+    step("crate boundaries", || boundaries::check(root))?;
+    step("clippy", || {
+        cargo(&["clippy", "--locked", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+        cargo(&["clippy", "--locked", "--manifest-path", fuzz_manifest, "--", "-D", "warnings"])
+    })?;
+    // --all-targets builds the benches too and runs each once (criterion's test mode).
+    step("tests", || {
+        cargo(&["test", "--locked", "--workspace", "--all-targets"])?;
+        cargo(&["test", "--locked", "--workspace", "--doc"])
+    })?;
+    step("fuzz", || fuzz::run(root, None, fuzz_seconds))?;
+    println!("xtask ci: every step passed");
+    Ok(())
+}
+
+fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    println!("==> {name}");
+    let started = std::time::Instant::now();
+    f().with_context(|| format!("step `{name}` failed"))?;
+    println!("<== {name}: ok in {:.1?}", started.elapsed());
+    Ok(())
+}
+
+/// Runs cargo with these arguments, failing when it does.
+fn cargo(args: &[&str]) -> Result<()> {
+    run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args(args))
+}
+
+/// Runs a command with inherited output, failing with the command line when it fails.
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("could not start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its standard output.
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("could not start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}

@@ -1,0 +1,109 @@
+//! The crate-boundary rules that ARCHITECTURE.md states, checked against `cargo tree` and the
+//! sources, so that an innocent-looking dependency cannot quietly erode them.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Result, bail};
+
+/// A rule: which library crates it covers, what their normal (non-dev) dependency tree must not
+/// contain, which source text is banned in them, and why.
+struct Rule {
+    covers: fn(&str) -> bool,
+    forbidden_deps: &'static [&'static str],
+    forbidden_source: &'static [&'static str],
+    why: &'static str,
+}
+
+const RULES: &[Rule] = &[
+    Rule {
+        covers: |name| name == "cbt",
+        forbidden_deps: &["tokio", "hyper", "hyper-util", "reqwest", "rustls", "quick-xml", "libloading", "bytes"],
+        forbidden_source: &["std::fs", "std::net", "std::io", "std::process", "std::thread", "std::time", "std::env"],
+        why: "cbt is pure: no I/O, no clock, no async runtime, no SOAP, no VDDK",
+    },
+    Rule {
+        covers: |_| true,
+        forbidden_deps: &["anyhow"],
+        forbidden_source: &[],
+        why: "library crates own typed errors (thiserror); anyhow is for bins/ and xtask/",
+    },
+    Rule {
+        covers: |name| name != "fuzzing",
+        forbidden_deps: &["fuzzing", "proptest", "arbitrary", "libfuzzer-sys"],
+        forbidden_source: &[],
+        why: "test generators and oracles stay out of what ships (dev-dependencies only)",
+    },
+];
+
+pub(crate) fn check(root: &Path) -> Result<()> {
+    let mut problems = Vec::new();
+    let libraries = package_dirs(root, "crates")?;
+    let binaries = package_dirs(root, "bins")?;
+    for (dir, name) in libraries.iter().chain(&binaries) {
+        if dir != name {
+            problems.push(format!("{dir}: the package is named {name:?}; directory name and package name must match"));
+        }
+    }
+    for (_, name) in &libraries {
+        let tree = crate::output(
+            Command::new("cargo")
+                .args(["tree", "--locked", "-p", name, "-e", "normal", "--prefix", "none", "--format", "{p}"]),
+        )?;
+        let deps: Vec<&str> = tree.lines().filter_map(|l| l.split_whitespace().next()).collect();
+        for (_, bin) in &binaries {
+            if deps.contains(&bin.as_str()) {
+                problems
+                    .push(format!("crates/{name} depends on bins/{bin}: nothing in crates/ may depend on a binary"));
+            }
+        }
+        for rule in RULES.iter().filter(|r| (r.covers)(name)) {
+            for dep in rule.forbidden_deps.iter().filter(|d| deps.contains(d)) {
+                problems.push(format!("crates/{name} depends on {dep}: {}", rule.why));
+            }
+            for needle in rule.forbidden_source {
+                for file in sources(&root.join("crates").join(name).join("src"))? {
+                    if std::fs::read_to_string(&file)?.contains(needle) {
+                        problems.push(format!("{} uses {needle}: {}", file.display(), rule.why));
+                    }
+                }
+            }
+        }
+    }
+    if !problems.is_empty() {
+        bail!("crate boundaries broken:\n  {}", problems.join("\n  "));
+    }
+    println!("crate boundaries hold for {} libraries and {} binaries", libraries.len(), binaries.len());
+    Ok(())
+}
+
+/// `(directory name, package name)` of each package under `root/dir`.
+fn package_dirs(root: &Path, dir: &str) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(root.join(dir)) else { return Ok(out) };
+    for e in entries {
+        let path = e?.path();
+        let Ok(manifest) = std::fs::read_to_string(path.join("Cargo.toml")) else { continue };
+        let name = manifest
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("name = ").map(|n| n.trim_matches('"').to_owned()))
+            .unwrap_or_default();
+        out.push((path.file_name().unwrap_or_default().to_string_lossy().into_owned(), name));
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn sources(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(out) };
+    for e in entries {
+        let path = e?.path();
+        if path.is_dir() {
+            out.extend(sources(&path)?);
+        } else if path.extension().is_some_and(|x| x == "rs") {
+            out.push(path);
+        }
+    }
+    Ok(out)
+}

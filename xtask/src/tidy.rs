@@ -1,0 +1,144 @@
+//! Repository rules that no compiler checks: module docs, no stubs or ignored tests, `unsafe`
+//! only in the VDDK crates, `anyhow` only in binaries, and every crate in the codemap.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+
+/// Directories holding our Rust code.
+const CODE_DIRS: &[&str] = &["crates", "bins", "xtask", "benches", "fuzz"];
+
+pub(crate) fn check(root: &Path) -> Result<()> {
+    let problems = problems(root)?;
+    if problems.is_empty() {
+        return Ok(());
+    }
+    bail!("tidy found {} problem(s):\n  {}", problems.len(), problems.join("\n  "))
+}
+
+fn problems(root: &Path) -> Result<Vec<String>> {
+    let mut problems = Vec::new();
+    // Spelled in pieces so that this file does not trip over itself.
+    let banned = [
+        (concat!("todo", "!("), "a stub (todo!) is not done"),
+        (concat!("unimplemented", "!("), "a stub (unimplemented!) is not done"),
+        (concat!("#[", "ignore"), "an ignored test; gate slow tests by an environment variable instead"),
+        (concat!("#[", "should_panic"), "a should_panic test; assert on the error instead"),
+    ];
+    let unsafe_marks = [
+        concat!("unsafe", " {"),
+        concat!("unsafe", " fn"),
+        concat!("unsafe", " impl"),
+        concat!("allow(", "unsafe_code"),
+    ];
+    for file in rust_files(root)? {
+        let rel = file.strip_prefix(root).unwrap_or(&file).display().to_string();
+        let text = std::fs::read_to_string(&file)?;
+        if !text.starts_with("//!") {
+            problems.push(format!("{rel}: must open with a `//!` line saying what the file is for"));
+        }
+        for (needle, why) in banned {
+            if text.contains(needle) {
+                problems.push(format!("{rel}: {why}"));
+            }
+        }
+        let in_vddk = rel.starts_with("crates/vddk");
+        if !in_vddk && unsafe_marks.iter().any(|m| text.contains(m)) {
+            problems.push(format!("{rel}: `unsafe` belongs only in the VDDK crates (crates/vddk*)"));
+        }
+    }
+    for manifest in manifests(root)? {
+        let rel = manifest.strip_prefix(root).unwrap_or(&manifest).display().to_string();
+        let text = std::fs::read_to_string(&manifest)?;
+        let library = rel.starts_with("crates/");
+        if library && text.lines().any(|l| l.trim_start().starts_with("anyhow")) {
+            problems
+                .push(format!("{rel}: library crates own typed errors (thiserror); anyhow is for bins/ and xtask/"));
+        }
+    }
+    let architecture = std::fs::read_to_string(root.join("ARCHITECTURE.md")).unwrap_or_default();
+    for dir in ["crates", "bins"] {
+        for name in subdirs(&root.join(dir))? {
+            if !architecture.contains(&format!("`{dir}/{name}`")) {
+                problems.push(format!("ARCHITECTURE.md: the codemap does not describe `{dir}/{name}`"));
+            }
+        }
+    }
+    Ok(problems)
+}
+
+fn subdirs(dir: &Path) -> Result<Vec<String>> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(Vec::new()) };
+    let mut names = Vec::new();
+    for e in entries {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            names.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+fn rust_files(root: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for dir in CODE_DIRS {
+        walk(&root.join(dir), &mut |p| p.extension().is_some_and(|e| e == "rs"), &mut out)?;
+    }
+    Ok(out)
+}
+
+fn manifests(root: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for dir in CODE_DIRS {
+        walk(&root.join(dir), &mut |p| p.file_name().is_some_and(|n| n == "Cargo.toml"), &mut out)?;
+    }
+    Ok(out)
+}
+
+fn walk(dir: &Path, keep: &mut impl FnMut(&Path) -> bool, out: &mut Vec<PathBuf>) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+    for e in entries {
+        let path = e?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if path.is_dir() {
+            // Build output, fuzzer-grown corpora and artifacts are not our code.
+            if !matches!(name.as_str(), "target" | "corpus" | "artifacts" | "coverage") {
+                walk(&path, keep, out)?;
+            }
+        } else if keep(&path) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_repository_is_tidy() {
+        let root = crate::project_root();
+        let problems = problems(&root).unwrap();
+        assert!(problems.is_empty(), "tidy:\n  {}", problems.join("\n  "));
+    }
+
+    #[test]
+    fn tidy_catches_what_it_claims_to() {
+        let dir = std::env::temp_dir().join(format!("xtask-tidy-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("crates/foo/src")).unwrap();
+        std::fs::write(
+            dir.join("crates/foo/src/lib.rs"),
+            concat!("fn f() { ", "todo", "!() }\n#[", "ignore]\nfn g() { ", "unsafe", " {} }\n"),
+        )
+        .unwrap();
+        std::fs::write(dir.join("crates/foo/Cargo.toml"), "[dependencies]\nanyhow = \"1\"\n").unwrap();
+        let found = problems(&dir).unwrap().join("\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+        for expected in ["`//!`", "todo!", "ignored test", "`unsafe`", "anyhow", "`crates/foo`"] {
+            assert!(found.contains(expected), "tidy missed {expected}:\n{found}");
+        }
+    }
+}
