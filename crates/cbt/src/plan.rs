@@ -393,9 +393,9 @@ pub fn plan(
         warnings.extend(id.warning().map(CbtWarning::OpaqueChangeId));
     }
     let allocated = current.allocated.as_ref().map(|a| {
-        if a.end() > capacity {
+        if let Some(first_past) = a.iter().find(|e| e.end() > capacity) {
             warnings.push(CbtWarning::AreaPastCapacity {
-                start: a.as_slice().last().map_or(0, |e| e.start()),
+                start: first_past.start(),
                 end: u128::from(a.end()),
                 capacity,
             });

@@ -505,3 +505,14 @@ fn serde_round_trip_of_committed_state() {
     let back: CommittedDisk = serde_json::from_str(&json).unwrap();
     assert_eq!(back, state);
 }
+
+#[test]
+fn an_allocation_map_past_the_disk_is_cut_and_reported() {
+    let current = CurrentDisk { allocated: Some(set(&[(60 * MIB, 8 * MIB)])), ..cur() };
+    let p = plan(None, &current, &Changes::NotQueried, dest(4 * MIB, false));
+    assert_eq!(*p.plan.read(), set(&[(60 * MIB, 4 * MIB)]));
+    assert_eq!(
+        p.warnings,
+        [cbt::CbtWarning::AreaPastCapacity { start: 60 * MIB, end: u128::from(68 * MIB), capacity: CAP }]
+    );
+}
