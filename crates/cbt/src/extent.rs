@@ -94,6 +94,14 @@ impl ExtentSet {
         Self { extents: out }
     }
 
+    /// A set from extents already sorted by start and merged, as a single pass produces them
+    /// (checked in debug builds; out-of-order input is sorted rather than trusted).
+    pub(crate) fn from_sorted(extents: Vec<Extent>) -> Self {
+        let sorted = extents.windows(2).all(|w| w[0].end < w[1].start);
+        debug_assert!(sorted, "from_sorted given unsorted extents");
+        if sorted { Self { extents } } else { Self::from_extents(extents) }
+    }
+
     /// A set from `(start, length)` pairs; empty ranges are dropped and lengths that would run
     /// past `u64::MAX` are cut there.
     pub fn from_ranges(ranges: impl IntoIterator<Item = (u64, u64)>) -> Self {
@@ -227,6 +235,14 @@ impl ExtentSet {
         Self { extents }
     }
 
+    /// The extents cut to `[0, capacity)`, without copying the set.
+    fn clamped(&self, capacity: u64) -> impl Iterator<Item = Extent> + '_ {
+        self.extents
+            .iter()
+            .take_while(move |e| e.start < capacity)
+            .map(move |e| Extent { start: e.start, end: e.end.min(capacity) })
+    }
+
     /// The set with every gap shorter than `threshold` bytes filled, so that nearby ranges
     /// become one request. A threshold of 0 or 1 changes nothing (touching ranges are already
     /// merged).
@@ -247,7 +263,7 @@ impl ExtentSet {
     pub fn align_outward(&self, granularity: NonZeroU64, capacity: u64) -> Self {
         let g = granularity.get();
         let mut out: Vec<Extent> = Vec::with_capacity(self.extents.len());
-        for e in self.clamp(capacity).extents {
+        for e in self.clamped(capacity) {
             let start = e.start - e.start % g;
             let end = round_up(e.end, g).map_or(capacity, |end| end.min(capacity));
             if let Some(e) = Extent::from_bounds(start, end) {
@@ -262,7 +278,7 @@ impl ExtentSet {
     pub fn align_inward(&self, granularity: NonZeroU64, capacity: u64) -> Self {
         let g = granularity.get();
         let mut out = Vec::with_capacity(self.extents.len());
-        for e in self.clamp(capacity).extents {
+        for e in self.clamped(capacity) {
             let Some(start) = round_up(e.start, g) else { continue };
             let end = if e.end == capacity { capacity } else { e.end - e.end % g };
             if let Some(e) = Extent::from_bounds(start, end) {
@@ -320,6 +336,14 @@ impl Iterator for Split<'_> {
         } else {
             Some(e)
         }
+    }
+}
+
+/// Appends `[start, end)` (if not empty) to extents built in ascending order of start, merging
+/// on overlap or contact.
+pub(crate) fn push_range(out: &mut Vec<Extent>, start: u64, end: u64) {
+    if let Some(e) = Extent::from_bounds(start, end) {
+        push_merged(out, e);
     }
 }
 

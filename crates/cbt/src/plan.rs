@@ -10,6 +10,7 @@ use std::num::NonZeroU64;
 
 use serde::{Deserialize, Serialize};
 
+use crate::extent::push_range;
 use crate::report::Warnings;
 use crate::{CbtError, CbtWarning, ChangeId, ChangedAreas, Epoch, ExtentSet};
 
@@ -444,22 +445,60 @@ pub fn plan(
 /// written as zeros, but only where they fill whole granules: a granule that is partly zero and
 /// partly anything else is read instead, which is always correct because the snapshot is frozen
 /// and unallocated bytes read as zeros.
+///
+/// One pass over both sets (the 2 TiB, million-area case is benchmarked): each changed extent
+/// is split into a head granule it only partly covers (read), an interior of whole granules
+/// (read where an allocated byte falls, zero elsewhere), and a partly covered tail granule
+/// (read). The changed set is merged, so a partly covered granule is never completed by a
+/// neighbouring extent.
 pub fn incremental_geometry(
     changed: &ExtentSet,
     allocated: Option<&ExtentSet>,
     granularity: NonZeroU64,
     capacity: u64,
 ) -> (ExtentSet, ExtentSet) {
-    let changed = changed.clamp(capacity);
     let Some(allocated) = allocated else {
         return (changed.align_outward(granularity, capacity), ExtentSet::new());
     };
-    let must_read = changed.intersection(allocated);
-    let unmapped = changed.difference(allocated);
-    let whole_zero = unmapped.align_inward(granularity, capacity);
-    let read = must_read.union(&unmapped.difference(&whole_zero)).align_outward(granularity, capacity);
-    let zero = whole_zero.difference(&read);
-    (read, zero)
+    let g = granularity.get();
+    let down = |x: u64| x - x % g;
+    let up = |x: u64| x.div_ceil(g).checked_mul(g).map_or(capacity, |v| v.min(capacity));
+    let allocated = allocated.as_slice();
+    let mut next_alloc = 0;
+    let mut read = Vec::new();
+    let mut zero = Vec::new();
+    for e in changed.iter().take_while(|e| e.start() < capacity) {
+        let (start, end) = (e.start(), e.end().min(capacity));
+        let interior_start = up(start);
+        let interior_end = if end == capacity { end } else { down(end) };
+        if interior_start >= interior_end {
+            // Inside at most two granules, covering neither whole.
+            push_range(&mut read, down(start), up(end));
+            continue;
+        }
+        push_range(&mut read, down(start), interior_start);
+        // The interior: whole granules, each read if any allocated byte falls in it.
+        while allocated.get(next_alloc).is_some_and(|a| a.end() <= interior_start) {
+            next_alloc += 1;
+        }
+        let mut cursor = interior_start;
+        let mut i = next_alloc;
+        while let Some(a) = allocated.get(i).filter(|a| a.start() < interior_end) {
+            let read_start = down(a.start()).max(interior_start);
+            let read_end = up(a.end()).min(interior_end);
+            push_range(&mut zero, cursor, read_start);
+            push_range(&mut read, read_start, read_end);
+            cursor = cursor.max(read_end);
+            if a.end() > interior_end {
+                break; // It may reach into the next changed extent too.
+            }
+            i += 1;
+        }
+        next_alloc = i;
+        push_range(&mut zero, cursor, interior_end);
+        push_range(&mut read, interior_end, up(end));
+    }
+    (ExtentSet::from_sorted(read), ExtentSet::from_sorted(zero))
 }
 
 /// The committed taint, unless the disk's epoch has moved on from it.

@@ -39,8 +39,15 @@ fn normalised(s: &ExtentSet) -> bool {
     s.as_slice().windows(2).all(|w| w[0].end() < w[1].start())
 }
 
+/// 512 cases unless `PROPTEST_CASES` asks for more (or fewer).
+fn config() -> ProptestConfig {
+    let default = ProptestConfig::default();
+    let cases = if std::env::var_os("PROPTEST_CASES").is_some() { default.cases } else { 512 };
+    ProptestConfig { cases, ..default }
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    #![proptest_config(config())]
 
     #[test]
     fn binary_operations_match_the_model((unit, units, a, b) in pair()) {
