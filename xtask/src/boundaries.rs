@@ -23,14 +23,20 @@ const RULES: &[Rule] = &[
         why: "cbt is pure: no I/O, no clock, no async runtime, no SOAP, no VDDK",
     },
     Rule {
+        covers: |name| name == "vmdk",
+        forbidden_deps: &["tokio", "hyper", "hyper-util", "reqwest", "rustls", "quick-xml", "libloading"],
+        forbidden_source: &["std::net", "std::process"],
+        why: "vmdk parses bytes it is given: no network, no async runtime, no VDDK",
+    },
+    Rule {
         covers: |_| true,
         forbidden_deps: &["anyhow"],
         forbidden_source: &[],
         why: "library crates own typed errors (thiserror); anyhow is for bins/ and xtask/",
     },
     Rule {
-        covers: |name| name != "fuzzing",
-        forbidden_deps: &["fuzzing", "proptest", "arbitrary", "libfuzzer-sys"],
+        covers: |name| name != "fuzzing" && name != "testkit",
+        forbidden_deps: &["fuzzing", "testkit", "proptest", "arbitrary", "libfuzzer-sys"],
         forbidden_source: &[],
         why: "test generators and oracles stay out of what ships (dev-dependencies only)",
     },

@@ -1,0 +1,67 @@
+//! Helpers for tests across the workspace: outside tools that a test needs (fail under CI,
+//! skip loudly elsewhere), running commands, and comparing files. Dev-dependency only.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+/// Finds an outside tool a test needs. Under `CI=true` a missing tool fails the test (CI
+/// installs it); elsewhere the test is skipped loudly, and counted: the skip is appended to the
+/// file named by `SYNCPROXY_SKIP_LOG` when set (`cargo xtask ci` sets it and reports the count).
+pub fn require_tool(tool: &str, test: &str) -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join(tool))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{test}: `{tool}` is required under CI=true (.ci/run installs it)"
+        );
+        eprintln!("SKIPPED {test}: `{tool}` is not installed");
+        if let Some(log) = std::env::var_os("SYNCPROXY_SKIP_LOG") {
+            use std::io::Write;
+            if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+                let _ = writeln!(f, "{test}: `{tool}` not installed");
+            }
+        }
+    }
+    found
+}
+
+/// Runs a command, panicking with its output when it fails.
+pub fn run(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("could not run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether two files have the same bytes (compared in 4 MiB pieces; holes read as zeros).
+pub fn same_contents(a: &Path, b: &Path) -> std::io::Result<Result<(), String>> {
+    let (fa, fb) = (File::open(a)?, File::open(b)?);
+    let (la, lb) = (fa.metadata()?.len(), fb.metadata()?.len());
+    if la != lb {
+        return Ok(Err(format!("{} is {la} bytes, {} is {lb}", a.display(), b.display())));
+    }
+    let mut ba = vec![0u8; 4 << 20];
+    let mut bb = vec![0u8; 4 << 20];
+    let mut off = 0;
+    while off < la {
+        let n = (la - off).min(4 << 20) as usize;
+        fa.read_exact_at(&mut ba[..n], off)?;
+        fb.read_exact_at(&mut bb[..n], off)?;
+        if ba[..n] != bb[..n] {
+            let i = (0..n).find(|&i| ba[i] != bb[i]).unwrap_or(0);
+            return Ok(Err(format!("{} and {} differ at byte {}", a.display(), b.display(), off + i as u64)));
+        }
+        off += n as u64;
+    }
+    Ok(Ok(()))
+}
