@@ -1,7 +1,9 @@
 //! The project's automation entry point: `cargo xtask ci` is what CI and the README run.
 
+mod bench_vmdk;
 mod boundaries;
 mod fuzz;
+mod seeds;
 mod tidy;
 
 use std::path::{Path, PathBuf};
@@ -17,7 +19,10 @@ cargo xtask COMMAND
   tidy                    the repository rules (module docs, no stubs, unsafe only in vddk crates)
   boundaries              the crate-boundary rules ARCHITECTURE.md states
   fuzz [TARGET] [SECONDS] run one fuzz target (or all) for SECONDS each (default 60)
+  fuzz-seeds              remake the VMDK fuzz seeds from qemu-img output and our writers
   bench [ARGS...]         the criterion benchmarks (ARGS go to criterion)
+  bench-vmdk              VMDK to raw: probe vmdk --to-raw against qemu-img convert, same files
+                          (BENCH_VMDK_MIB, default 1024; BENCH_VMDK_ROUNDS, default 3)
 
 Environment: SYNCPROXY_FUZZ_SECONDS sets the seconds per target in `ci` (default 30).";
 
@@ -36,6 +41,8 @@ fn main() -> Result<()> {
             };
             fuzz::run(&root, args.get(1).map(String::as_str), seconds)
         }
+        Some("bench-vmdk") => bench_vmdk::run(&root),
+        Some("fuzz-seeds") => seeds::make(&root),
         Some("bench") => cargo(
             &["bench", "--locked", "-p", "benches", "--"]
                 .iter()

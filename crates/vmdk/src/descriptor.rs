@@ -175,7 +175,9 @@ impl Descriptor {
                 return Err(err(n, format!("bad key {key:?}")));
             }
             let value = parse_value(value.trim()).map_err(|what| err(n, what))?;
-            if key.len() > 4 && key[..4].eq_ignore_ascii_case("ddb.") {
+            // Byte-wise: a key may hold multi-byte characters, and slicing a str at 4 could
+            // split one (found by fuzzing).
+            if key.len() > 4 && key.as_bytes()[..4].eq_ignore_ascii_case(b"ddb.") {
                 d.ddb.push((key.to_owned(), value));
             } else if key.eq_ignore_ascii_case("changeTrackPath") {
                 d.change_track_path = Some(value.text);
@@ -422,6 +424,10 @@ mod tests {
             let e = Descriptor::parse(text, "x.vmdk").unwrap_err().to_string();
             assert!(e.contains(expected), "{text:?}: {e}");
         }
+        // Found by fuzzing: a multi-byte character across byte 4 of a key.
+        assert!(Descriptor::parse("version=1\ncre\u{e1}teType=\"x\"\n", "x").is_err());
+        let d = Descriptor::parse("version=1\ncreateType=\"x\"\nd\u{e1}b.x = \"y\"\n", "x").unwrap();
+        assert_eq!(d.get("d\u{e1}b.x"), Some("y"));
         let huge = "#".repeat(MAX_DESCRIPTOR_BYTES + 1);
         assert!(Descriptor::parse(&huge, "x").is_err());
     }

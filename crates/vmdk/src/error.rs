@@ -6,13 +6,12 @@ use std::io;
 #[derive(Debug, thiserror::Error)]
 pub enum VmdkError {
     /// Reading or writing a file failed.
-    #[error("{file}: {source}")]
+    #[error("{file}: {error}")]
     Io {
         /// The file.
         file: String,
-        /// The operating system's error.
-        #[source]
-        source: io::Error,
+        /// The operating system's error (in the message, so not repeated as a source).
+        error: io::Error,
     },
     /// A structure in the file is malformed or out of bounds.
     #[error("{file}: corrupt: {what}")]
@@ -73,8 +72,8 @@ impl VmdkError {
         Self::Unsupported { file: file.to_owned(), what: what.into() }
     }
 
-    pub(crate) fn io(file: &str, source: io::Error) -> Self {
-        Self::Io { file: file.to_owned(), source }
+    pub(crate) fn io(file: &str, error: io::Error) -> Self {
+        Self::Io { file: file.to_owned(), error }
     }
 }
 

@@ -102,6 +102,19 @@ impl GrainTables {
             .ok_or_else(|| VmdkError::corrupt(name, "grain table size overflows"))?;
         let table_len = usize::try_from(table_bytes).map_err(|_| VmdkError::corrupt(name, "grain table too large"))?;
         let grains_needed = geometry.capacity.div_ceil(geometry.grain_bytes);
+        // Tables must not share or overlap bytes: real files never do, and refusing it keeps
+        // the memory for tables below the file's own size.
+        let mut placed: Vec<(u64, usize)> =
+            table_offsets.iter().enumerate().filter_map(|(i, o)| o.map(|o| (o, i))).collect();
+        placed.sort_unstable();
+        for w in placed.windows(2) {
+            if w[0].0 + table_bytes > w[1].0 {
+                return Err(VmdkError::corrupt(
+                    name,
+                    format!("grain tables {} and {} overlap (at bytes {} and {})", w[0].1, w[1].1, w[0].0, w[1].0),
+                ));
+            }
+        }
         let mut dir = vec![0u32; table_offsets.len()];
         let mut tables = Vec::new();
         let mut raw = vec![0u8; table_len];
@@ -297,19 +310,23 @@ impl SparseExtent {
                 let grain_len = usize::try_from(g.min(geo.capacity - index * g)).unwrap_or(usize::MAX);
                 let start = usize::try_from(within).unwrap_or(0);
                 if start == 0 && first_len == grain_len {
-                    self.inflate_grain(index, at, &mut buf[..grain_len])?;
+                    // The caller's buffer takes the whole grain.
+                    let compressed = self.compressed_grain(index, at)?;
+                    inflate_exact(&compressed, &mut buf[..grain_len], self.markers)
                 } else {
-                    let mut whole = vec![0u8; grain_len];
-                    self.inflate_grain(index, at, &mut whole)?;
-                    buf[..first_len].copy_from_slice(&whole[start..start + first_len]);
+                    // Part of a grain: inflate into memory that grows only as output appears.
+                    let compressed = self.compressed_grain(index, at)?;
+                    inflate_capped(&compressed, grain_len, self.markers)
+                        .map(|whole| buf[..first_len].copy_from_slice(&whole[start..start + first_len]))
                 }
+                .map_err(|what| VmdkError::corrupt(&self.name, format!("compressed grain at byte {at}: {what}")))?;
                 Ok(Run::Data(first_len))
             }
         }
     }
 
-    /// Inflates grain `index`, whose compressed form is at `at`, into `out` (exactly its size).
-    fn inflate_grain(&self, index: u64, at: u64, out: &mut [u8]) -> Result<()> {
+    /// The compressed bytes of grain `index`, whose marker (or data) is at `at`.
+    fn compressed_grain(&self, index: u64, at: u64) -> Result<Vec<u8>> {
         let geo = self.tables.geometry();
         let max = geo.grain_bytes.saturating_mul(2);
         let (data_at, size) = if self.markers {
@@ -333,10 +350,10 @@ impl SparseExtent {
         if size == 0 || size > max || data_at.checked_add(size).is_none_or(|end| end > self.file.len()) {
             return Err(VmdkError::corrupt(&self.name, format!("compressed grain at byte {at} has a bad size {size}")));
         }
+        // Inside the file (checked above), so the file's size justifies the allocation.
         let mut compressed = vec![0u8; usize::try_from(size).unwrap_or(0)];
         self.file.read_exact_at(&mut compressed, data_at).map_err(|e| VmdkError::io(&self.name, e))?;
-        inflate_exact(&compressed, out, self.markers)
-            .map_err(|what| VmdkError::corrupt(&self.name, format!("compressed grain at byte {at}: {what}")))
+        Ok(compressed)
     }
 }
 
@@ -356,4 +373,24 @@ pub(crate) fn inflate_exact(compressed: &[u8], out: &mut [u8], strict: bool) -> 
         return Err("bytes after the end of the compressed stream".into());
     }
     Ok(())
+}
+
+/// Inflates a zlib stream that must produce exactly `len` bytes, into memory that grows with the
+/// output (so a hostile header claiming a huge grain costs nothing until data backs it).
+pub(crate) fn inflate_capped(compressed: &[u8], len: usize, strict: bool) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut z = flate2::read::ZlibDecoder::new(compressed);
+    let mut out = Vec::new();
+    (&mut z).take(len as u64 + 1).read_to_end(&mut out).map_err(|e| format!("inflate failed: {e}"))?;
+    if out.len() != len {
+        return Err(format!(
+            "inflates to {}{} bytes, expected {len}",
+            out.len(),
+            if out.len() > len { "+" } else { "" }
+        ));
+    }
+    if strict && usize::try_from(z.total_in()).unwrap_or(0) != compressed.len() {
+        return Err("bytes after the end of the compressed stream".into());
+    }
+    Ok(out)
 }

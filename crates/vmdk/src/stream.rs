@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use cbt::ExtentSet;
 
 use crate::error::{Result, VmdkError};
-use crate::grains::inflate_exact;
+use crate::grains::inflate_capped;
 use crate::io::ReadAt;
 use crate::kdmv::{FLAG_COMPRESSED, FLAG_MARKERS, FLAG_NL_DETECT, GD_AT_END, SparseHeader};
 
@@ -132,15 +132,17 @@ impl<R: Read> StreamReader<R> {
         if size > 2 * grain_bytes {
             return Err(corrupt(format!("{size} compressed bytes for a grain of {grain_bytes}")));
         }
-        // The data starts 12 bytes into the marker sector and is padded to a sector.
+        // The data starts 12 bytes into the marker sector and is padded to a sector. Read it
+        // into memory that grows as bytes arrive, so a marker's claim costs nothing by itself.
         let total = (12 + size).div_ceil(512) * 512;
-        let mut data = vec![0u8; usize::try_from(total).unwrap_or(0)];
-        data[..512].copy_from_slice(sector);
-        self.input.read_exact(&mut data[512..]).map_err(|e| VmdkError::io(&self.name, e))?;
+        let mut data = sector.to_vec();
+        (&mut self.input).take(total - 512).read_to_end(&mut data).map_err(|e| VmdkError::io(&self.name, e))?;
+        if (data.len() as u64) < total {
+            return Err(corrupt(format!("the stream ends inside the grain's {size} compressed bytes")));
+        }
         self.position += total - 512;
         let len = grain_bytes.min((self.header.capacity - lba) * 512);
-        let mut out = vec![0u8; usize::try_from(len).unwrap_or(0)];
-        inflate_exact(&data[12..12 + crate::to_usize(size)], &mut out, true).map_err(corrupt)?;
+        let out = inflate_capped(&data[12..12 + crate::to_usize(size)], crate::to_usize(len), true).map_err(corrupt)?;
         self.next_min_lba = lba + g;
         Ok(StreamGrain { offset: lba * 512, data: out })
     }

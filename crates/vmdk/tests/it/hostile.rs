@@ -67,6 +67,17 @@ fn table_of_broken_headers() {
             },
             "inside the metadata",
         ),
+        (
+            "shared tables",
+            {
+                // Two directory entries (a 64 MiB disk), both pointing at one table, in both copies.
+                let mut i = patched(12, &(2u64 * 65536).to_le_bytes());
+                i[8 * 512 + 4..8 * 512 + 8].copy_from_slice(&9u32.to_le_bytes());
+                i[3 * 512 + 4..3 * 512 + 8].copy_from_slice(&4u32.to_le_bytes());
+                i
+            },
+            "overlap",
+        ),
         ("truncated", tiny_sparse_image()[..1000].to_vec(), ""),
         ("empty", Vec::new(), "too short"),
     ];
@@ -142,4 +153,37 @@ fn descriptors_cannot_reach_outside_their_directory_loop_or_nest_too_deep() {
     assert!(err.contains("deeper than 32"), "{err}");
     let ok = Disk::open(d.join("l20.vmdk"), PathPolicy::SameDirectory).unwrap();
     assert_eq!(ok.layers().len(), 21);
+}
+
+#[test]
+fn a_stream_claiming_huge_grains_fails_without_allocating_them() {
+    use vmdk::StreamReader;
+    // A streamOptimized header with 1 GiB grains, then one marker claiming 2 GiB of data.
+    let header = vmdk::SparseHeader {
+        version: 3,
+        flags: 1 | 1 << 16 | 1 << 17,
+        capacity: 1 << 30,
+        grain_size: 1 << 21,
+        descriptor_offset: 0,
+        descriptor_size: 0,
+        gtes_per_gt: 512,
+        rgd_offset: 0,
+        gd_offset: u64::MAX,
+        overhead: 1,
+        unclean_shutdown: false,
+        compress_algorithm: 1,
+    };
+    let mut img = header.to_bytes().to_vec();
+    let mut marker = [0u8; 512];
+    marker[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+    img.extend_from_slice(&marker);
+    let mut r = StreamReader::new(&img[..], "huge").unwrap();
+    let err = r.next_grain().unwrap_err().to_string();
+    assert!(err.contains("compressed bytes"), "{err}");
+    marker[8..12].copy_from_slice(&(1u32 << 30).to_le_bytes());
+    img.truncate(512);
+    img.extend_from_slice(&marker);
+    let mut r = StreamReader::new(&img[..], "huge").unwrap();
+    let err = r.next_grain().unwrap_err().to_string();
+    assert!(err.contains("ends inside"), "{err}");
 }

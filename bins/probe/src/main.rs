@@ -1,0 +1,37 @@
+//! `probe`: checks disks and estates against what syncproxy supports, before anything runs.
+//! Today it has one subcommand, `probe vmdk`, which describes a VMDK and can write it as raw.
+
+mod vmdk_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Checks disks and estates before a backup runs.
+#[derive(Debug, Parser)]
+#[command(name = "probe", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Describe a VMDK (descriptor, sparse, streamOptimized or snapshot delta): format,
+    /// capacity, extents, chain and allocation; optionally write its contents as raw.
+    Vmdk(vmdk_cmd::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Vmdk(args) => vmdk_cmd::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("probe: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
