@@ -2,7 +2,10 @@
 //! streamOptimized files read at random through the footer's grain directory.
 //!
 //! Every header field is checked against the file before anything is allocated from it. The
-//! primary grain directory is used unless it is damaged, in which case the redundant copy is.
+//! primary grain directory is used unless it is damaged (a table or grain outside the file, or
+//! inside the metadata), in which case the redundant copy is. When both copies are valid but
+//! disagree, the primary wins: comparing them would double the metadata read at every open.
+//! Flag bits this crate does not know are ignored, as qemu ignores them.
 
 use std::sync::Arc;
 
