@@ -97,7 +97,7 @@ fn describe(disk: &Disk, allocation: &vmdk::Allocation) -> Value {
         "capacity": disk.capacity(),
         "adapter_type": ddb("ddb.adapterType"),
         "hardware_version": ddb("ddb.virtualHWVersion"),
-        "change_tracking": top.descriptor.as_ref().and_then(|d| d.change_track_path.clone()),
+        "change_tracking": top.descriptor.as_ref().and_then(|d| d.change_track_path.as_ref()).map(|v| v.text.clone()),
         "extents": extents,
         "chain": chain,
         "allocation": {

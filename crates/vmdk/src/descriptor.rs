@@ -124,8 +124,8 @@ pub struct Descriptor {
     pub header: Vec<(String, Value)>,
     /// The extents, in order; the disk is their concatenation.
     pub extents: Vec<ExtentLine>,
-    /// The `changeTrackPath`, when CBT is on.
-    pub change_track_path: Option<String>,
+    /// The `changeTrackPath`, when CBT is on (quoted or not, as written).
+    pub change_track_path: Option<Value>,
     /// The disk database (`ddb.*` keys), in order, unknown keys kept verbatim.
     pub ddb: Vec<(String, Value)>,
 }
@@ -180,7 +180,7 @@ impl Descriptor {
             if key.len() > 4 && key.as_bytes()[..4].eq_ignore_ascii_case(b"ddb.") {
                 d.ddb.push((key.to_owned(), value));
             } else if key.eq_ignore_ascii_case("changeTrackPath") {
-                d.change_track_path = Some(value.text);
+                d.change_track_path = Some(value);
             } else {
                 d.header.push((key.to_owned(), value));
             }
@@ -348,7 +348,7 @@ impl fmt::Display for Descriptor {
             writeln!(f, "{e}")?;
         }
         if let Some(ctk) = &self.change_track_path {
-            writeln!(f, "\n# Change Tracking File\nchangeTrackPath=\"{ctk}\"")?;
+            writeln!(f, "\n# Change Tracking File\nchangeTrackPath={ctk}")?;
         }
         writeln!(f, "\n# The Disk Data Base\n#DDB\n")?;
         for (k, v) in &self.ddb {
@@ -384,7 +384,10 @@ mod tests {
         let d = Descriptor::parse(text, "d.vmdk").unwrap();
         assert_eq!(d.parent_cid(), 9);
         assert_eq!(d.parent_file_name_hint(), Some("base.vmdk"));
-        assert_eq!(d.change_track_path.as_deref(), Some("d-ctk.vmdk"));
+        assert_eq!(d.change_track_path.as_ref().map(|v| v.text.as_str()), Some("d-ctk.vmdk"));
+        // Found by fuzzing: an unquoted value with a quote in it must stay unquoted.
+        let odd = Descriptor::parse("version=1\ncreateType=x\nchangeTrackPath=a\"b\n", "x").unwrap();
+        assert_eq!(Descriptor::parse(&odd.to_string(), "x").unwrap(), odd);
         assert_eq!(d.extents.len(), 3);
         assert_eq!(
             d.extents[1],
