@@ -59,8 +59,9 @@ impl CowdHeader {
         if h.grain_size == 0 || h.grain_size > 1 << 21 {
             return bad(format!("grain size of {} sectors", h.grain_size));
         }
-        let coverage = u64::from(h.gd_entries) * GTES_PER_GT * u64::from(h.grain_size);
-        if coverage < u64::from(h.sectors) {
+        // In u128: 2^32 entries x 4096 x 2^21 sectors does not fit a u64 (found by fuzzing).
+        let coverage = u128::from(h.gd_entries) * u128::from(GTES_PER_GT) * u128::from(h.grain_size);
+        if coverage < u128::from(h.sectors) {
             return bad(format!("{} directory entries cannot cover {} sectors", h.gd_entries, h.sectors));
         }
         let gd_end = u64::from(h.gd_offset) * 512 + u64::from(h.gd_entries) * 4;

@@ -178,7 +178,7 @@ impl Disk {
                     max
                 }
                 Source::Flat { file, name, offset: base } => {
-                    read_flat(&**file, name, base + rel, chunk)?;
+                    read_flat(&**file, name, base.saturating_add(rel), chunk)?;
                     max
                 }
                 Source::Sparse(s) => match s.read_run(rel, chunk)? {

@@ -171,11 +171,17 @@ pub(crate) fn open(file: Arc<dyn ReadAt>, name: &str) -> Result<SparseExtent> {
             .ok_or_else(|| corrupt(format!("grain table {i} lies beyond what qemu can address")))?;
         offsets.push(Some(sector * 512));
     }
+    let data_start = h
+        .grains
+        .0
+        .max(1)
+        .checked_mul(512)
+        .ok_or_else(|| corrupt(format!("grains at sector {} overflow", h.grains.0)))?;
     let geometry = Geometry {
         grain_bytes: GRAIN_SECTORS * 512,
         entries_per_table: GTES_PER_GT,
         capacity: h.capacity * 512,
-        data_start: h.grains.0.max(1) * 512,
+        data_start,
     };
     let tables =
         GrainTables::load(&*file, name, geometry, EntryFormat::SeSparse { grains_offset: h.grains.0 }, &offsets)?;

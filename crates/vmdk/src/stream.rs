@@ -79,7 +79,9 @@ impl<R: Read> StreamReader<R> {
                 format!("{sectors} sectors of metadata to skip at byte {}", self.position),
             ));
         }
-        let bytes = sectors * 512;
+        let bytes = sectors
+            .checked_mul(512)
+            .ok_or_else(|| VmdkError::corrupt(&self.name, format!("{sectors} sectors to skip overflow")))?;
         let copied = std::io::copy(&mut (&mut self.input).take(bytes), &mut std::io::sink())
             .map_err(|e| VmdkError::io(&self.name, e))?;
         if copied != bytes {
