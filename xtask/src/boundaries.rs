@@ -29,14 +29,20 @@ const RULES: &[Rule] = &[
         why: "vmdk parses bytes it is given: no network, no async runtime, no VDDK",
     },
     Rule {
+        covers: |name| name.starts_with("vddk"),
+        forbidden_deps: &["tokio", "hyper", "hyper-util", "reqwest", "quick-xml", "vmdk", "cbt"],
+        forbidden_source: &["std::net"],
+        why: "the VDDK binding wraps the C library only: no async runtime, no SOAP, no formats",
+    },
+    Rule {
         covers: |_| true,
         forbidden_deps: &["anyhow"],
         forbidden_source: &[],
         why: "library crates own typed errors (thiserror); anyhow is for bins/ and xtask/",
     },
     Rule {
-        covers: |name| name != "fuzzing" && name != "testkit",
-        forbidden_deps: &["fuzzing", "testkit", "proptest", "arbitrary", "libfuzzer-sys"],
+        covers: |name| !matches!(name, "fuzzing" | "testkit" | "vddk-fake"),
+        forbidden_deps: &["fuzzing", "testkit", "vddk-fake", "proptest", "arbitrary", "libfuzzer-sys"],
         forbidden_source: &[],
         why: "test generators and oracles stay out of what ships (dev-dependencies only)",
     },

@@ -2,6 +2,7 @@
 
 mod bench_vmdk;
 mod boundaries;
+mod codegen;
 mod fuzz;
 mod seeds;
 mod tidy;
@@ -18,6 +19,7 @@ cargo xtask COMMAND
                           every fuzz target for a short run, benches built and run once
   tidy                    the repository rules (module docs, no stubs, unsafe only in vddk crates)
   boundaries              the crate-boundary rules ARCHITECTURE.md states
+  codegen [--check]       regenerate crates/vddk-sys/src/generated.rs (--check: fail if stale)
   fuzz [TARGET] [SECONDS] run one fuzz target (or all) for SECONDS each (default 60)
   fuzz-seeds              remake the VMDK fuzz seeds from qemu-img output and our writers
   bench [ARGS...]         the criterion benchmarks (ARGS go to criterion)
@@ -42,6 +44,7 @@ fn main() -> Result<()> {
             fuzz::run(&root, args.get(1).map(String::as_str), seconds)
         }
         Some("bench-vmdk") => bench_vmdk::run(&root),
+        Some("codegen") => codegen::run(&root, args.get(1).is_some_and(|a| a == "--check")),
         Some("fuzz-seeds") => seeds::make(&root),
         Some("bench") => cargo(
             &["bench", "--locked", "-p", "benches", "--"]
@@ -71,6 +74,7 @@ fn ci(root: &Path) -> Result<()> {
     })?;
     step("tidy", || tidy::check(root))?;
     step("crate boundaries", || boundaries::check(root))?;
+    step("codegen is fresh", || codegen::run(root, true))?;
     step("clippy", || {
         cargo(&["clippy", "--locked", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
         cargo(&["clippy", "--locked", "--manifest-path", fuzz_manifest, "--", "-D", "warnings"])
