@@ -170,11 +170,13 @@ impl Descriptor {
             let Some((key, value)) = line.split_once('=') else {
                 return Err(err(n, format!("expected `key=value` or an extent line, found {line:?}")));
             };
-            let key = key.trim();
+            // ASCII trimming only, as for the line: a Unicode-trimmed key could come out
+            // starting with `#` and read back as a comment (found by fuzzing).
+            let key = key.trim_ascii();
             if key.is_empty() || key.contains(|c: char| c.is_ascii_whitespace() || c == '"') {
                 return Err(err(n, format!("bad key {key:?}")));
             }
-            let value = parse_value(value.trim()).map_err(|what| err(n, what))?;
+            let value = parse_value(value.trim_ascii()).map_err(|what| err(n, what))?;
             // Byte-wise: a key may hold multi-byte characters, and slicing a str at 4 could
             // split one (found by fuzzing).
             if key.len() > 4 && key.as_bytes()[..4].eq_ignore_ascii_case(b"ddb.") {
@@ -427,6 +429,9 @@ mod tests {
             let e = Descriptor::parse(text, "x.vmdk").unwrap_err().to_string();
             assert!(e.contains(expected), "{text:?}: {e}");
         }
+        // Found by fuzzing: a key behind a non-breaking space must not turn into a comment.
+        let nbsp = Descriptor::parse("version=1\ncreateType=x\n\u{a0}#k=v\n", "x").unwrap();
+        assert_eq!(Descriptor::parse(&nbsp.to_string(), "x").unwrap(), nbsp);
         // Found by fuzzing: a multi-byte character across byte 4 of a key.
         assert!(Descriptor::parse("version=1\ncre\u{e1}teType=\"x\"\n", "x").is_err());
         let d = Descriptor::parse("version=1\ncreateType=\"x\"\nd\u{e1}b.x = \"y\"\n", "x").unwrap();
