@@ -1,5 +1,6 @@
 //! The project's automation entry point: `cargo xtask ci` is what CI and the README run.
 
+mod bench_vddk;
 mod bench_vmdk;
 mod boundaries;
 mod codegen;
@@ -23,6 +24,8 @@ cargo xtask COMMAND
   fuzz [TARGET] [SECONDS] run one fuzz target (or all) for SECONDS each (default 60)
   fuzz-seeds              remake the VMDK fuzz seeds from qemu-img output and our writers
   bench [ARGS...]         the criterion benchmarks (ARGS go to criterion)
+  bench-vddk              a 4 GiB disk read through the VDDK binding (fake library) against dd
+                          (BENCH_VDDK_MIB, default 4096; BENCH_VDDK_ROUNDS, default 3)
   bench-vmdk              VMDK to raw: probe vmdk --to-raw against qemu-img convert, same files
                           (BENCH_VMDK_MIB, default 1024; BENCH_VMDK_ROUNDS, default 3)
 
@@ -43,6 +46,7 @@ fn main() -> Result<()> {
             };
             fuzz::run(&root, args.get(1).map(String::as_str), seconds)
         }
+        Some("bench-vddk") => bench_vddk::run(&root),
         Some("bench-vmdk") => bench_vmdk::run(&root),
         Some("codegen") => codegen::run(&root, args.get(1).is_some_and(|a| a == "--check")),
         Some("fuzz-seeds") => seeds::make(&root),

@@ -1,6 +1,7 @@
 //! `probe`: checks disks and estates against what syncproxy supports, before anything runs.
-//! Today it has one subcommand, `probe vmdk`, which describes a VMDK and can write it as raw.
+//! Today: `probe vmdk` describes a VMDK and can write it as raw; `probe vddk` checks a VDDK.
 
+mod vddk_cmd;
 mod vmdk_cmd;
 
 use std::process::ExitCode;
@@ -20,12 +21,16 @@ enum Command {
     /// Describe a VMDK (descriptor, sparse, streamOptimized or snapshot delta): format,
     /// capacity, extents, chain and allocation; optionally write its contents as raw.
     Vmdk(vmdk_cmd::Args),
+    /// Check a VDDK installation: the library version and path, its transports and which of
+    /// the optional functions it has; `--read FILE` reads a local disk through it.
+    Vddk(vddk_cmd::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Vmdk(args) => vmdk_cmd::run(&args),
+        Command::Vddk(args) => vddk_cmd::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
