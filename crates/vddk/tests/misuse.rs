@@ -26,6 +26,23 @@ fn in_child(test: &str, expect: &str, misuse: impl FnOnce(&vddk_sys::VixDiskLib)
     assert!(stderr.contains("contract violated") && stderr.contains(expect), "{test}: {stderr}");
 }
 
+unsafe extern "C" fn quiet(_: *const std::ffi::c_char, _: *mut vddk_sys::__va_list_tag) {}
+
+/// InitEx, a local connection and an open disk of `size` bytes, all by the rules.
+fn open_disk(lib: &vddk_sys::VixDiskLib, dir: &std::path::Path, size: usize) -> vddk_sys::VixDiskLibHandle {
+    let file = dir.join("d.raw");
+    std::fs::write(&file, vec![1u8; size]).unwrap();
+    let path = std::ffi::CString::new(file.to_str().unwrap()).unwrap();
+    let (mut conn, mut handle) = (std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: the documented order, with valid out-pointers and a live path string.
+    unsafe {
+        lib.VixDiskLib_InitEx(8, 0, Some(quiet), Some(quiet), Some(quiet), std::ptr::null(), std::ptr::null());
+        lib.VixDiskLib_ConnectEx(std::ptr::null(), 1, std::ptr::null(), std::ptr::null(), &mut conn);
+        lib.VixDiskLib_Open(conn, path.as_ptr(), 4, &mut handle);
+    }
+    handle
+}
+
 #[test]
 fn opening_before_init_is_refused() {
     in_child("opening_before_init_is_refused", "before VixDiskLib_InitEx", |lib| {
@@ -46,38 +63,18 @@ fn init_without_log_callbacks_is_refused() {
 #[test]
 fn exit_with_a_disk_open_is_refused() {
     in_child("exit_with_a_disk_open_is_refused", "disks still open", |lib| {
-        unsafe extern "C" fn quiet(_: *const std::ffi::c_char, _: *mut vddk_sys::__va_list_tag) {}
         let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("d.raw");
-        std::fs::write(&file, vec![0u8; 4096]).unwrap();
-        let path = std::ffi::CString::new(file.to_str().unwrap()).unwrap();
-        let (mut conn, mut handle) = (std::ptr::null_mut(), std::ptr::null_mut());
-        // SAFETY: a valid sequence up to the deliberate Exit with the disk still open.
-        unsafe {
-            lib.VixDiskLib_InitEx(8, 0, Some(quiet), Some(quiet), Some(quiet), std::ptr::null(), std::ptr::null());
-            lib.VixDiskLib_ConnectEx(std::ptr::null(), 1, std::ptr::null(), std::ptr::null(), &mut conn);
-            lib.VixDiskLib_Open(conn, path.as_ptr(), 4, &mut handle);
-            lib.VixDiskLib_Exit();
-        }
+        open_disk(lib, dir.path(), 4096);
+        // SAFETY: deliberately Exit with the disk still open; the fake aborts.
+        unsafe { lib.VixDiskLib_Exit() };
     });
 }
 
 #[test]
 fn query_allocated_blocks_off_the_opening_thread_is_refused() {
     in_child("query_allocated_blocks_off_the_opening_thread_is_refused", "thread that opened", |lib| {
-        unsafe extern "C" fn quiet(_: *const std::ffi::c_char, _: *mut vddk_sys::__va_list_tag) {}
         let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("d.raw");
-        std::fs::write(&file, vec![1u8; 1 << 20]).unwrap();
-        let path = std::ffi::CString::new(file.to_str().unwrap()).unwrap();
-        let (mut conn, mut handle) = (std::ptr::null_mut(), std::ptr::null_mut());
-        // SAFETY: a valid open on this thread.
-        unsafe {
-            lib.VixDiskLib_InitEx(8, 0, Some(quiet), Some(quiet), Some(quiet), std::ptr::null(), std::ptr::null());
-            lib.VixDiskLib_ConnectEx(std::ptr::null(), 1, std::ptr::null(), std::ptr::null(), &mut conn);
-            lib.VixDiskLib_Open(conn, path.as_ptr(), 4, &mut handle);
-        }
-        let handle = handle as usize;
+        let handle = open_disk(lib, dir.path(), 1 << 20) as usize;
         std::thread::scope(|s| {
             s.spawn(|| {
                 let mut list = std::ptr::null_mut();

@@ -6,18 +6,23 @@ use std::path::Path;
 
 use cbt::ExtentSet;
 
+/// A small, fast pseudo-random generator (xorshift64) for test data; same seed, same numbers.
+pub fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut state = seed | 1;
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}
+
 /// Writes a sparse raw image of `capacity` bytes at `path` with `runs` pseudo-random data runs
 /// (from `seed`), some of them all zeros, and returns where data was written.
 pub fn random_sparse_image(path: &Path, capacity: u64, runs: usize, seed: u64) -> std::io::Result<ExtentSet> {
     let f = File::create(path)?;
     f.set_len(capacity)?;
-    let mut state = seed | 1;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = xorshift(seed);
     let mut written = Vec::new();
     for i in 0..runs {
         // Runs from 1 byte to 1 MiB, anywhere (unaligned on purpose).

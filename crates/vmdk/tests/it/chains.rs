@@ -9,7 +9,7 @@ use std::process::Command;
 
 use cbt::ExtentSet;
 use testkit::{run, same_contents};
-use vmdk::testing::random_sparse_image;
+use vmdk::testing::{random_sparse_image, xorshift};
 use vmdk::{DeltaContent, Descriptor, Disk, PathPolicy, VmdkError};
 
 use crate::{assert_reads_as, qemu_img, qemu_to_raw};
@@ -26,13 +26,7 @@ enum Kind {
 /// Applies pseudo-random writes (and, for SEsparse, zeroed ranges) to `truth`; returns them.
 fn mutate(truth: &Path, seed: u64) -> (ExtentSet, ExtentSet) {
     let f = std::fs::OpenOptions::new().write(true).open(truth).unwrap();
-    let mut state = seed | 1;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = xorshift(seed);
     let mut written = Vec::new();
     let mut zeroed = Vec::new();
     for i in 0..20 {

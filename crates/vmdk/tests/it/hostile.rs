@@ -100,19 +100,13 @@ fn a_damaged_primary_directory_falls_back_to_the_redundant_copy() {
 
 #[test]
 fn random_corruption_never_panics() {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = vmdk::testing::xorshift(0x9e37_79b9_7f4a_7c15);
     let clean = tiny_sparse_image();
     for _ in 0..3000 {
         let mut img = clean.clone();
         for _ in 0..(next() % 8 + 1) {
             // Mostly metadata (first 5 KiB), sometimes anywhere.
-            let at = if next() % 4 == 0 { next() % img.len() as u64 } else { next() % 5120 } as usize;
+            let at = if next().is_multiple_of(4) { next() % img.len() as u64 } else { next() % 5120 } as usize;
             img[at] = next().to_le_bytes()[0];
         }
         if let Ok(f) = open(img) {
