@@ -87,7 +87,15 @@ fn metadata_and_errors() {
         other => panic!("expected an out-of-range error, got {other:?}"),
     }
     assert!(matches!(disk.read(0, vec![0; 100]), Err(VddkError::Invalid(_))));
+    // Writes at sector offsets (the disk is open read-write here), read back, then flushed.
+    let pattern: Vec<u8> = (0..1024u32).map(|i| i.to_le_bytes()[0]).collect();
+    let returned = disk.write(100, pattern.clone()).unwrap();
+    assert_eq!(returned.len(), 1024, "the buffer comes back for reuse");
+    assert_eq!(disk.read(100, vec![0; 1024]).unwrap(), pattern);
+    assert!(matches!(disk.write(MIB / 512, vec![0; 512]), Err(VddkError::Call { code: 16007, .. })));
     disk.flush().unwrap();
+    let on_disk = std::fs::read(&path).unwrap();
+    assert_eq!(&on_disk[100 * 512..100 * 512 + 1024], &pattern[..]);
     let missing = conn.open("/nonexistent/disk.vmdk", OpenFlags::default()).unwrap_err();
     assert!(missing.to_string().contains("VixDiskLib_Open failed"), "{missing}");
 }
