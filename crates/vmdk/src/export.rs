@@ -26,13 +26,18 @@ pub struct ExportStats {
 /// Writes `disk` to `out` as a raw image of its full capacity, sparse where it is zero, with
 /// `threads` readers. `out` is truncated to the capacity first; it is not synced.
 pub fn export_raw(disk: &Disk, out: &File, threads: usize) -> Result<ExportStats> {
+    export_raw_of(disk, &disk.allocation()?.data, out, threads)
+}
+
+/// [`export_raw`] reading only `data` (the caller's [`Disk::allocation`]): for callers that
+/// already mapped the disk, so the tables are not walked twice.
+pub fn export_raw_of(disk: &Disk, data: &cbt::ExtentSet, out: &File, threads: usize) -> Result<ExportStats> {
     let capacity = disk.capacity();
     let io = |e| VmdkError::io("raw output", e);
     out.set_len(0).map_err(io)?;
     out.set_len(capacity).map_err(io)?;
-    let allocation = disk.allocation()?;
     let chunk = std::num::NonZeroU64::new(CHUNK).unwrap_or(std::num::NonZeroU64::MIN);
-    let requests: Vec<cbt::Extent> = allocation.data.split(chunk).collect();
+    let requests: Vec<cbt::Extent> = data.clamp(capacity).split(chunk).collect();
     let next = AtomicUsize::new(0);
     let read = AtomicU64::new(0);
     let written = AtomicU64::new(0);

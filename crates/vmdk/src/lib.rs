@@ -44,7 +44,7 @@ pub use descriptor::{
 };
 pub use disk::{Allocation, Disk, Layer, LayerExtent, MAX_CHAIN_DEPTH, PathPolicy};
 pub use error::{Result, VmdkError};
-pub use export::{ExportStats, export_raw};
+pub use export::{ExportStats, export_raw, export_raw_of};
 pub use io::ReadAt;
 pub use kdmv::{KdmvExtent, SparseHeader};
 pub use sparse_file::{SparseFile, SparseKind};
