@@ -35,6 +35,12 @@ const RULES: &[Rule] = &[
         why: "the VDDK binding wraps the C library only: no async runtime, no SOAP, no formats",
     },
     Rule {
+        covers: |name| name == "nbd-wire",
+        forbidden_deps: &["cbt", "vmdk", "vddk", "vddk-sys", "quick-xml", "hyper"],
+        forbidden_source: &[],
+        why: "nbd-wire speaks NBD: bytes and offsets, no formats, no CBT, no VDDK",
+    },
+    Rule {
         covers: |_| true,
         forbidden_deps: &["anyhow"],
         forbidden_source: &[],

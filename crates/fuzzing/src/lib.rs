@@ -5,6 +5,7 @@
 //! on every committed seed and regression input (`tests/corpora.rs`).
 
 pub mod cbt;
+pub mod nbd;
 pub mod vmdk;
 
 /// A fuzz entry point: takes the fuzzer's bytes, panics on a broken promise.
