@@ -5,15 +5,8 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::process::Command;
-use std::time::Instant;
 
 use anyhow::Result;
-
-fn timed(cmd: &mut Command) -> Result<f64> {
-    let started = Instant::now();
-    crate::output(cmd)?;
-    Ok(started.elapsed().as_secs_f64())
-}
 
 pub(crate) fn run(root: &std::path::Path) -> Result<()> {
     let mib: u64 = std::env::var("BENCH_VDDK_MIB").ok().and_then(|s| s.parse().ok()).unwrap_or(4096);
@@ -35,12 +28,12 @@ pub(crate) fn run(root: &std::path::Path) -> Result<()> {
     let fake = vddk_fake::libdir(vddk_fake::Fake::V8);
     let (mut ours, mut direct) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
-        ours.push(timed(Command::new(&probe).arg("vddk").arg("--libdir").arg(&fake).arg("--read").arg(&disk))?);
-        direct.push(timed(Command::new("dd").arg(format!("if={}", disk.display())).args(["of=/dev/null", "bs=2M"]))?);
+        ours.push(crate::timed(Command::new(&probe).arg("vddk").arg("--libdir").arg(&fake).arg("--read").arg(&disk))?);
+        direct.push(crate::timed(
+            Command::new("dd").arg(format!("if={}", disk.display())).args(["of=/dev/null", "bs=2M"]),
+        )?);
     }
-    ours.sort_by(f64::total_cmp);
-    direct.sort_by(f64::total_cmp);
-    let (o, d) = (ours[rounds / 2], direct[rounds / 2]);
+    let (o, d) = (crate::median(&mut ours), crate::median(&mut direct));
     println!("reading a {mib} MiB disk, {rounds} alternating rounds, medians (page cache warm for both)");
     println!("through VDDK binding (fake library): {o:.3} s  {:.0} MB/s", size as f64 / 1e6 / o);
     println!("directly (dd bs=2M):                 {d:.3} s  {:.0} MB/s", size as f64 / 1e6 / d);

@@ -42,17 +42,6 @@ fn make_source(path: &Path, size: u64) -> Result<()> {
     Ok(())
 }
 
-fn timed(cmd: &mut Command) -> Result<f64> {
-    let started = Instant::now();
-    crate::output(cmd)?;
-    Ok(started.elapsed().as_secs_f64())
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 pub(crate) fn run(root: &Path) -> Result<()> {
     let size: u64 = std::env::var("BENCH_VMDK_MIB").ok().and_then(|s| s.parse().ok()).unwrap_or(1024) << 20;
     let rounds: usize = std::env::var("BENCH_VMDK_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
@@ -80,7 +69,7 @@ pub(crate) fn run(root: &Path) -> Result<()> {
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
             let _ = std::fs::remove_file(&ours_out);
-            ours.push(timed(Command::new(&probe).arg("vmdk").arg(&vmdk).arg("--to-raw").arg(&ours_out))?);
+            ours.push(crate::timed(Command::new(&probe).arg("vmdk").arg(&vmdk).arg("--to-raw").arg(&ours_out))?);
             let _ = std::fs::remove_file(&qemu_out);
             let started = Instant::now();
             crate::output(Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(&vmdk).arg(&qemu_out))?;
@@ -90,7 +79,7 @@ pub(crate) fn run(root: &Path) -> Result<()> {
         if crate::output(Command::new("cmp").arg(&ours_out).arg(&qemu_out)).is_err() {
             bail!("{sub}: our output differs from qemu-img's");
         }
-        let (o, q) = (median(&mut ours), median(&mut theirs));
+        let (o, q) = (crate::median(&mut ours), crate::median(&mut theirs));
         println!("{sub:<18} {o:>10.3} {q:>10.3} {:>8.0} {:>8.2}", size as f64 / 1e6 / o, q / o);
     }
     println!("(qemu/us > 1 means we are faster; medians of the rounds; outputs compared equal)");

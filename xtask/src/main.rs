@@ -139,6 +139,19 @@ fn output(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
+/// Runs a command and returns its wall time in seconds.
+fn timed(cmd: &mut Command) -> Result<f64> {
+    let started = std::time::Instant::now();
+    output(cmd)?;
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// The median of some timings.
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 fn project_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
 }

@@ -35,7 +35,7 @@ pub(crate) fn run(args: &Args) -> Result<()> {
     let allocation = disk.allocation().context("cannot map the disk's allocation")?;
     let report = describe(&disk, &allocation);
     let export = match &args.to_raw {
-        Some(out) => Some(to_raw(&disk, &allocation.data, out, args.threads)?),
+        Some(out) => Some(to_raw(&disk, &allocation, out, args.threads)?),
         None => None,
     };
     let mut stdout = std::io::stdout().lock();
@@ -160,11 +160,12 @@ fn print_text(out: &mut impl Write, r: &Value) -> Result<()> {
     Ok(())
 }
 
-fn to_raw(disk: &Disk, data: &cbt::ExtentSet, out: &PathBuf, threads: Option<usize>) -> Result<Value> {
+fn to_raw(disk: &Disk, allocation: &vmdk::Allocation, out: &PathBuf, threads: Option<usize>) -> Result<Value> {
     let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let started = Instant::now();
     let file = File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let stats = export_raw_of(disk, data, &file, threads).with_context(|| format!("cannot write {}", out.display()))?;
+    let stats = export_raw_of(disk, &allocation.data, &file, threads)
+        .with_context(|| format!("cannot write {}", out.display()))?;
     file.sync_all().with_context(|| format!("cannot make {} durable", out.display()))?;
     let seconds = started.elapsed().as_secs_f64();
     Ok(json!({

@@ -94,6 +94,11 @@ struct Shared {
 }
 
 impl Shared {
+    /// Why the connection is closed, once it is.
+    fn closed_reason(&self) -> Option<String> {
+        self.closed.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     fn table(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Pending>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -163,13 +168,13 @@ impl Client {
         req.cookie = cookie;
         let (tx, rx) = oneshot::channel();
         {
-            if let Some(why) = self.shared.closed.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            if let Some(why) = self.shared.closed_reason() {
                 return Err(NbdError::Closed(why));
             }
             self.shared.table().insert(cookie, Pending { op, waiting, error: None, reply: tx });
             // The reader may have failed (and drained the table) between the check and the
             // insert: look again, or this request would wait forever.
-            if let Some(why) = self.shared.closed.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            if let Some(why) = self.shared.closed_reason() {
                 self.shared.table().remove(&cookie);
                 return Err(NbdError::Closed(why));
             }
@@ -549,13 +554,10 @@ async fn simple_option<S: AsyncRead + AsyncWrite + Unpin>(
     data: &[u8],
 ) -> Result<bool, NbdError> {
     s.write_all(&proto::encode_option(option, data)).await?;
-    let (kind, payload) = option_reply(s, option).await?;
+    let (kind, _payload) = option_reply(s, option).await?;
     match kind {
         rep::ACK => Ok(true),
-        k if k & rep::ERROR_BIT != 0 => {
-            let _ = payload;
-            Ok(false)
-        }
+        k if k & rep::ERROR_BIT != 0 => Ok(false),
         k => Err(NbdError::Protocol(format!("unexpected reply {k} to option {option}"))),
     }
 }

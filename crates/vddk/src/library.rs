@@ -22,35 +22,55 @@ pub(crate) fn open_close_lock() -> MutexGuard<'static, ()> {
 /// Sonames tried, newest first; VDDK 9 is ABI-compatible with 8.
 const VERSIONS: [u32; 4] = [9, 8, 7, 6];
 
+/// A function's field in the generated wrapper, and whether a loaded library has it.
+type Probe = (&'static str, fn(&VixDiskLib) -> bool);
+
+/// One table entry per function, named once: the field name is also the reported name.
+macro_rules! probes {
+    ($($field:ident),* $(,)?) => {
+        [$((stringify!($field), |s: &VixDiskLib| s.$field.is_ok())),*]
+    };
+}
+
 /// Functions every VDDK from 6.5 has.
-const REQUIRED: [&str; 23] = [
-    "InitEx",
-    "Exit",
-    "ListTransportModes",
-    "ConnectEx",
-    "Disconnect",
-    "Cleanup",
-    "PrepareForAccess",
-    "EndAccess",
-    "Open",
-    "Close",
-    "GetTransportMode",
-    "GetInfo",
-    "FreeInfo",
-    "Read",
-    "Write",
-    "ReadAsync",
-    "WriteAsync",
-    "Wait",
-    "Flush",
-    "GetMetadataKeys",
-    "ReadMetadata",
-    "GetErrorText",
-    "FreeErrorText",
+const REQUIRED: [Probe; 23] = probes![
+    VixDiskLib_InitEx,
+    VixDiskLib_Exit,
+    VixDiskLib_ListTransportModes,
+    VixDiskLib_ConnectEx,
+    VixDiskLib_Disconnect,
+    VixDiskLib_Cleanup,
+    VixDiskLib_PrepareForAccess,
+    VixDiskLib_EndAccess,
+    VixDiskLib_Open,
+    VixDiskLib_Close,
+    VixDiskLib_GetTransportMode,
+    VixDiskLib_GetInfo,
+    VixDiskLib_FreeInfo,
+    VixDiskLib_Read,
+    VixDiskLib_Write,
+    VixDiskLib_ReadAsync,
+    VixDiskLib_WriteAsync,
+    VixDiskLib_Wait,
+    VixDiskLib_Flush,
+    VixDiskLib_GetMetadataKeys,
+    VixDiskLib_ReadMetadata,
+    VixDiskLib_GetErrorText,
+    VixDiskLib_FreeErrorText,
 ];
 
 /// Late additions (6.7): without them allocation maps degrade to "read everything".
-const OPTIONAL: [&str; 4] = ["QueryAllocatedBlocks", "FreeBlockList", "AllocateConnectParams", "FreeConnectParams"];
+const OPTIONAL: [Probe; 4] = probes![
+    VixDiskLib_QueryAllocatedBlocks,
+    VixDiskLib_FreeBlockList,
+    VixDiskLib_AllocateConnectParams,
+    VixDiskLib_FreeConnectParams,
+];
+
+/// A function's name without the `VixDiskLib_` prefix, as users read it.
+fn short(field: &'static str) -> &'static str {
+    field.strip_prefix("VixDiskLib_").unwrap_or(field)
+}
 
 /// A loaded, not yet initialised VixDiskLib.
 pub struct Library {
@@ -63,39 +83,6 @@ pub struct Library {
 impl std::fmt::Debug for Library {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Library").field("version", &self.version).field("path", &self.path).finish()
-    }
-}
-
-fn has(sys: &VixDiskLib, name: &str) -> bool {
-    match name {
-        "InitEx" => sys.VixDiskLib_InitEx.is_ok(),
-        "Exit" => sys.VixDiskLib_Exit.is_ok(),
-        "ListTransportModes" => sys.VixDiskLib_ListTransportModes.is_ok(),
-        "ConnectEx" => sys.VixDiskLib_ConnectEx.is_ok(),
-        "Disconnect" => sys.VixDiskLib_Disconnect.is_ok(),
-        "Cleanup" => sys.VixDiskLib_Cleanup.is_ok(),
-        "PrepareForAccess" => sys.VixDiskLib_PrepareForAccess.is_ok(),
-        "EndAccess" => sys.VixDiskLib_EndAccess.is_ok(),
-        "Open" => sys.VixDiskLib_Open.is_ok(),
-        "Close" => sys.VixDiskLib_Close.is_ok(),
-        "GetTransportMode" => sys.VixDiskLib_GetTransportMode.is_ok(),
-        "GetInfo" => sys.VixDiskLib_GetInfo.is_ok(),
-        "FreeInfo" => sys.VixDiskLib_FreeInfo.is_ok(),
-        "Read" => sys.VixDiskLib_Read.is_ok(),
-        "Write" => sys.VixDiskLib_Write.is_ok(),
-        "ReadAsync" => sys.VixDiskLib_ReadAsync.is_ok(),
-        "WriteAsync" => sys.VixDiskLib_WriteAsync.is_ok(),
-        "Wait" => sys.VixDiskLib_Wait.is_ok(),
-        "Flush" => sys.VixDiskLib_Flush.is_ok(),
-        "GetMetadataKeys" => sys.VixDiskLib_GetMetadataKeys.is_ok(),
-        "ReadMetadata" => sys.VixDiskLib_ReadMetadata.is_ok(),
-        "GetErrorText" => sys.VixDiskLib_GetErrorText.is_ok(),
-        "FreeErrorText" => sys.VixDiskLib_FreeErrorText.is_ok(),
-        "QueryAllocatedBlocks" => sys.VixDiskLib_QueryAllocatedBlocks.is_ok(),
-        "FreeBlockList" => sys.VixDiskLib_FreeBlockList.is_ok(),
-        "AllocateConnectParams" => sys.VixDiskLib_AllocateConnectParams.is_ok(),
-        "FreeConnectParams" => sys.VixDiskLib_FreeConnectParams.is_ok(),
-        _ => false,
     }
 }
 
@@ -116,8 +103,8 @@ impl Library {
                 // it is loaded before any fork (callers load at start-up).
                 match unsafe { vddk_sys::load(&path) } {
                     Ok(sys) => {
-                        if let Some(symbol) = REQUIRED.iter().find(|s| !has(&sys, s)) {
-                            return Err(VddkError::MissingSymbol { path, symbol });
+                        if let Some((field, _)) = REQUIRED.iter().find(|(_, has)| !has(&sys)) {
+                            return Err(VddkError::MissingSymbol { path, symbol: short(field) });
                         }
                         return Ok(Self { sys: Arc::new(sys), version, path, libdir: libdir.to_path_buf() });
                     }
@@ -140,7 +127,7 @@ impl Library {
 
     /// Each optional function and whether this library has it.
     pub fn optional_functions(&self) -> Vec<(&'static str, bool)> {
-        OPTIONAL.iter().map(|s| (*s, has(&self.sys, s))).collect()
+        OPTIONAL.iter().map(|(field, has)| (short(field), has(&self.sys))).collect()
     }
 
     /// Runs `InitEx` (once per process), with VDDK's logs routed into `tracing`. Call it after
@@ -407,7 +394,7 @@ impl Vddk {
         if err != VIX_OK {
             return Err(call_error(self.sys(), "ConnectEx", err));
         }
-        Ok(Connection { inner: Arc::new(ConnectionInner { vddk: self.clone(), conn, params: native }) })
+        Ok(Connection { inner: Arc::new(ConnectionInner { vddk: self.clone(), conn, _params: native }) })
     }
 
     /// Tells vCenter a VM's disks are about to be read, so it blocks Storage vMotion
@@ -457,7 +444,8 @@ impl Vddk {
 pub(crate) struct ConnectionInner {
     pub(crate) vddk: Vddk,
     pub(crate) conn: VixDiskLibConnection,
-    params: NativeParams,
+    /// Owned so the strings VDDK points at outlive the connection; dropped after Disconnect.
+    _params: NativeParams,
 }
 
 // SAFETY: a VDDK connection handle may be used from any thread; the calls that need it
@@ -471,8 +459,8 @@ impl Drop for ConnectionInner {
         let _guard = open_close_lock();
         // SAFETY: the last reference: every disk of this connection holds one, so all are
         // closed; the params outlive the connection.
+        // (The params are a field, so they are dropped after this, outliving the connection.)
         unsafe { self.vddk.sys().VixDiskLib_Disconnect(self.conn) };
-        let _ = &self.params;
     }
 }
 

@@ -255,6 +255,13 @@ impl Descriptor {
     }
 }
 
+/// Descriptor text from raw bytes: everything before the first NUL (descriptors, embedded or
+/// standalone, are NUL-padded to a sector), which must be UTF-8.
+pub(crate) fn text_before_nul(raw: &[u8]) -> Option<&str> {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    std::str::from_utf8(&raw[..end]).ok()
+}
+
 /// Reads a CID: up to 8 hex digits (VMware pads to 8; qemu does not).
 pub fn parse_cid(text: &str) -> Option<u32> {
     ((1..=8).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_hexdigit()))

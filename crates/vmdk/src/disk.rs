@@ -11,7 +11,7 @@ use cbt::ExtentSet;
 
 use crate::descriptor::{Descriptor, ExtentKind, NO_PARENT_CID};
 use crate::error::{Result, VmdkError};
-use crate::grains::{Grain, Run, SparseExtent};
+use crate::grains::{Run, SparseExtent};
 use crate::io::ReadAt;
 use crate::kdmv::{KDMV_MAGIC, KdmvExtent};
 
@@ -240,17 +240,9 @@ impl Layer {
                     }
                 }
                 Source::Sparse(s) => {
-                    let geo = s.tables.geometry();
-                    for (first, count, kind) in s.tables.present() {
-                        let start = first * geo.grain_bytes;
-                        let len = (count * geo.grain_bytes)
-                            .min(geo.capacity.saturating_sub(start))
-                            .min(e.len.saturating_sub(start));
-                        match kind {
-                            Grain::Zero => zero.push((e.start + start, len)),
-                            _ => data.push((e.start + start, len)),
-                        }
-                    }
+                    let (d, z) = s.allocation(e.len);
+                    data.extend(d.into_iter().map(|(start, len)| (e.start + start, len)));
+                    zero.extend(z.into_iter().map(|(start, len)| (e.start + start, len)));
                 }
             }
         }
@@ -309,12 +301,10 @@ fn open_layer(path: &Path, policy: PathPolicy) -> Result<Layer> {
             if len > crate::descriptor::MAX_DESCRIPTOR_BYTES as u64 {
                 return Err(VmdkError::corrupt(&name, "neither a sparse file nor a descriptor (too large for one)"));
             }
-            let mut text = std::fs::read(path).map_err(|e| VmdkError::io(&name, e))?;
-            // Descriptor files are often NUL-padded to a sector, like embedded ones.
-            text.truncate(text.iter().position(|&b| b == 0).unwrap_or(text.len()));
-            let text = String::from_utf8(text)
-                .map_err(|_| VmdkError::corrupt(&name, "neither a sparse file nor a UTF-8 descriptor"))?;
-            let descriptor = Descriptor::parse(&text, &name)?;
+            let raw = std::fs::read(path).map_err(|e| VmdkError::io(&name, e))?;
+            let text = crate::descriptor::text_before_nul(&raw)
+                .ok_or_else(|| VmdkError::corrupt(&name, "neither a sparse file nor a UTF-8 descriptor"))?;
+            let descriptor = Descriptor::parse(text, &name)?;
             let mut extents = Vec::new();
             let mut warnings = Vec::new();
             let mut start = 0u64;

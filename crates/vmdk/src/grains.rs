@@ -242,6 +242,9 @@ fn decode(value: u64, format: EntryFormat, geo: Geometry, need: u64, file_len: u
     }
 }
 
+/// `(start, length)` byte ranges.
+pub(crate) type Ranges = Vec<(u64, u64)>;
+
 /// A sparse extent ready to read: its file and its tables.
 #[derive(Debug, Clone)]
 pub(crate) struct SparseExtent {
@@ -264,6 +267,23 @@ pub(crate) enum Run {
 }
 
 impl SparseExtent {
+    /// This extent's own data and zero grains as `(start, length)` byte ranges, cut at `limit`
+    /// bytes (the extent's length in its disk, or its capacity).
+    pub(crate) fn allocation(&self, limit: u64) -> (Ranges, Ranges) {
+        let g = self.tables.geometry();
+        let limit = limit.min(g.capacity);
+        let (mut data, mut zero) = (Vec::new(), Vec::new());
+        for (first, count, kind) in self.tables.present() {
+            let start = first * g.grain_bytes;
+            let len = (count * g.grain_bytes).min(limit.saturating_sub(start));
+            if len == 0 {
+                continue;
+            }
+            if kind == Grain::Zero { zero.push((start, len)) } else { data.push((start, len)) }
+        }
+        (data, zero)
+    }
+
     /// Reads from `offset` (relative to the extent) as far as one kind of run goes, at most
     /// `buf.len()` bytes, never past the capacity.
     pub(crate) fn read_run(&self, offset: u64, buf: &mut [u8]) -> Result<Run> {
@@ -274,9 +294,8 @@ impl SparseExtent {
         let first_len =
             usize::try_from((g - within).min(geo.capacity.saturating_sub(offset))).unwrap_or(usize::MAX).min(buf.len());
         match self.tables.lookup(index) {
-            Grain::Unallocated | Grain::Zero => {
+            kind @ (Grain::Unallocated | Grain::Zero) => {
                 // Extend over following grains of the same kind.
-                let kind = self.tables.lookup(index);
                 let mut len = first_len;
                 let mut next = index + 1;
                 while len < buf.len() && next * g < geo.capacity && self.tables.lookup(next) == kind {

@@ -291,9 +291,8 @@ fn read_embedded_descriptor(file: &dyn ReadAt, header: &SparseHeader, name: &str
     };
     let mut raw = vec![0u8; usize::try_from(bytes).unwrap_or(0)];
     file.read_exact_at(&mut raw, start).map_err(|e| VmdkError::io(name, e))?;
-    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-    let text =
-        std::str::from_utf8(&raw[..end]).map_err(|_| VmdkError::corrupt(name, "embedded descriptor is not UTF-8"))?;
+    let text = crate::descriptor::text_before_nul(&raw)
+        .ok_or_else(|| VmdkError::corrupt(name, "embedded descriptor is not UTF-8"))?;
     if text.trim().is_empty() {
         return Ok(None);
     }

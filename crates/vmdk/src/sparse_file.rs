@@ -7,7 +7,7 @@ use std::sync::Arc;
 use cbt::ExtentSet;
 
 use crate::error::{Result, VmdkError};
-use crate::grains::{Grain, Run, SparseExtent};
+use crate::grains::{Run, SparseExtent};
 use crate::io::ReadAt;
 
 /// Which sparse format a file is.
@@ -89,14 +89,7 @@ impl SparseFile {
 
     /// The bytes holding data, and those marked zero.
     pub fn allocation(&self) -> (ExtentSet, ExtentSet) {
-        let g = self.extent.tables.geometry();
-        let mut data = Vec::new();
-        let mut zero = Vec::new();
-        for (first, count, kind) in self.extent.tables.present() {
-            let start = first * g.grain_bytes;
-            let len = (count * g.grain_bytes).min(g.capacity.saturating_sub(start));
-            if kind == Grain::Zero { zero.push((start, len)) } else { data.push((start, len)) }
-        }
+        let (data, zero) = self.extent.allocation(self.capacity());
         (ExtentSet::from_ranges(data), ExtentSet::from_ranges(zero))
     }
 }
