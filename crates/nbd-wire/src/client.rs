@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 
@@ -68,13 +69,13 @@ type Reader = tokio::io::ReadHalf<Box<dyn Stream>>;
 
 /// What a request is waiting for, owned by the table until its reply is done.
 enum Waiting {
-    Read { offset: u64, buf: Vec<u8>, covered: u64 },
+    Read { offset: u64, buf: BytesMut, covered: u64 },
     Status { offset: u64, extents: Vec<Extent> },
     Plain,
 }
 
 enum Done {
-    Read(Vec<u8>),
+    Read(BytesMut),
     Status(Vec<Extent>),
     Plain,
 }
@@ -207,9 +208,15 @@ impl Client {
     }
 
     /// Reads `length` bytes at `offset`.
-    pub async fn read(&self, offset: u64, length: u32) -> Result<Vec<u8>, NbdError> {
+    pub async fn read(&self, offset: u64, length: u32) -> Result<BytesMut, NbdError> {
+        self.read_into(offset, BytesMut::zeroed(length as usize)).await
+    }
+
+    /// Reads `buf.len()` bytes at `offset` into `buf`, which is handed back (so a caller can
+    /// reuse its buffers); the data goes from the socket straight into it.
+    pub async fn read_into(&self, offset: u64, buf: BytesMut) -> Result<BytesMut, NbdError> {
+        let length = u32::try_from(buf.len()).map_err(|_| NbdError::Protocol("read larger than 4 GiB".into()))?;
         self.check_range(offset, u64::from(length))?;
-        let buf = vec![0u8; length as usize];
         match self
             .request("read", req(cmd::READ, 0, offset, length), &[], Waiting::Read { offset, buf, covered: 0 })
             .await?

@@ -8,8 +8,10 @@
 
 mod client;
 pub mod proto;
+mod uri;
 
 pub use client::{Client, Export, Extent, Target};
+pub use uri::{DEFAULT_PORT, Uri};
 
 #[cfg(test)]
 mod tests {

@@ -141,7 +141,7 @@ async fn nbdkit_memory_and_injected_errors() {
     let client = Client::connect(&server.target, "").await.unwrap();
     assert_eq!(client.export().size, 4 * MIB);
     client.write(MIB, b"hello, nbd", false).await.unwrap();
-    assert_eq!(&client.read(MIB, 10).await.unwrap(), b"hello, nbd");
+    assert_eq!(&client.read(MIB, 10).await.unwrap()[..], b"hello, nbd");
     assert!(client.read(0, 4096).await.unwrap().iter().all(|&b| b == 0));
 
     // Every read fails with EIO: a server error, retryable, on an intact connection.

@@ -1,0 +1,245 @@
+//! `proxy disk-copy SRC DST`: one disk through the block pipeline, with resume, limits,
+//! a progress bar on a terminal and a summary line.
+
+use std::io::IsTerminal;
+use std::num::NonZeroU64;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use nbd_wire::Uri;
+use pipeline::limit::{RateLimiter, ReleaseCpuTime};
+use pipeline::progress::Progress;
+use pipeline::replicate::{SyncJob, sync};
+use pipeline::source::{FileSource, NbdSource, VmdkSource};
+use pipeline::state::{StateStore, SyncKey};
+use pipeline::{BlockError, BlockSink, BlockSource, CopyOptions, Engine};
+use replica::{FileSink, FileSinkOptions, NbdSink};
+
+use crate::size;
+
+/// Options of `proxy disk-copy`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// Source: a raw image, block device, VMDK (with its chain), or NBD URI
+    /// (`nbd://HOST:PORT/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`).
+    src: String,
+    /// Destination: a file (created sparse if missing), block device, or NBD URI.
+    dst: String,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 8)]
+    requests: usize,
+    /// Size of one request.
+    #[arg(long, default_value = "4M", value_parser = size::parse)]
+    request_size: u64,
+    /// Cap on the memory used for buffers.
+    #[arg(long, default_value = "256M", value_parser = size::parse)]
+    memory: u64,
+    /// Limit in bytes per second (`100M` = 100 MiB/s).
+    #[arg(long, value_parser = size::parse)]
+    rate: Option<u64>,
+    /// Milliseconds each stream sleeps after each request (0: full speed). With many hosts
+    /// copying at once, the number of concurrent hosts is a sensible value.
+    #[arg(long, default_value_t = 0)]
+    release_cpu_time: u32,
+    /// NBD connections per end, used only when the server offers multi-conn.
+    #[arg(long, default_value_t = 2)]
+    connections: usize,
+    /// Digest and planning unit on the destination.
+    #[arg(long, default_value = "1M", value_parser = size::parse)]
+    granularity: u64,
+    /// Write a file destination with O_DIRECT.
+    #[arg(long)]
+    direct: bool,
+    /// The NBD destination is fresh and reads as zeros: skip writing zeros.
+    #[arg(long)]
+    target_is_zero: bool,
+    /// Where the sync state and checkpoints go (default: DST.syncproxy/ beside a file,
+    /// $XDG_STATE_HOME/syncproxy/disk-copy for NBD).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Checkpoint every this many bytes copied.
+    #[arg(long, default_value = "256M", value_parser = size::parse)]
+    checkpoint_every: u64,
+    /// Open VMDK parents anywhere, not only beside the child (trusted local chains).
+    #[arg(long)]
+    any_path: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Never draw the progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+pub(crate) fn run(args: &Args) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("proxy disk-copy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(copy(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("proxy disk-copy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn is_vmdk(path: &Path) -> bool {
+    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("vmdk")) {
+        return true;
+    }
+    let mut head = [0u8; 32];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+        .is_ok_and(|n| head[..n].starts_with(b"KDMV") || head[..n].starts_with(b"# Disk DescriptorFile"))
+}
+
+async fn open_source(args: &Args) -> Result<Arc<dyn BlockSource>> {
+    if Uri::is_uri(&args.src) {
+        return Ok(Arc::new(NbdSource::connect(&args.src, args.connections, None).await?));
+    }
+    let path = Path::new(&args.src);
+    if is_vmdk(path) {
+        let policy = if args.any_path { vmdk::PathPolicy::Anywhere } else { vmdk::PathPolicy::SameDirectory };
+        return Ok(Arc::new(VmdkSource::open(path, policy)?));
+    }
+    Ok(Arc::new(FileSource::open(path)?))
+}
+
+fn state_dir(args: &Args) -> Result<PathBuf> {
+    if let Some(d) = &args.state_dir {
+        return Ok(d.clone());
+    }
+    if !Uri::is_uri(&args.dst) {
+        let mut name = Path::new(&args.dst).as_os_str().to_owned();
+        name.push(".syncproxy");
+        return Ok(PathBuf::from(name));
+    }
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/state")))
+        .context("no --state-dir, and neither XDG_STATE_HOME nor HOME is set")?;
+    Ok(base.join("syncproxy/disk-copy"))
+}
+
+fn canonical(s: &str) -> String {
+    if Uri::is_uri(s) { s.to_owned() } else { std::fs::canonicalize(s).map_or_else(|_| s.to_owned(), |p| p.display().to_string()) }
+}
+
+async fn copy(args: &Args) -> Result<ExitCode> {
+    let granularity = NonZeroU64::new(args.granularity).context("--granularity must not be 0")?;
+    if args.requests == 0 {
+        bail!("--requests must be at least 1");
+    }
+    let source = open_source(args).await?;
+    let size = source.size();
+    let sink: Arc<dyn BlockSink> = if Uri::is_uri(&args.dst) {
+        Arc::new(NbdSink::connect(&args.dst, args.connections, granularity, args.target_is_zero).await?)
+    } else {
+        Arc::new(FileSink::open(&args.dst, size, FileSinkOptions { granularity, direct: args.direct })?)
+    };
+    if sink.size() < size {
+        bail!("{} holds {} bytes; {} needs {size}", sink.describe(), sink.size(), source.describe());
+    }
+    let store = StateStore::open(state_dir(args)?)?;
+    let key = SyncKey {
+        vcenter: "local".into(),
+        vm: String::new(),
+        disk: canonical(&args.src),
+        destination: canonical(&args.dst),
+    };
+    let current = cbt::CurrentDisk {
+        change_id: None,
+        capacity: size,
+        hardware_version: 0,
+        host_version: None,
+        position: cbt::DiskPosition { controller: "file".into(), bus: 0, unit: 0 },
+        backing: key.disk.clone(),
+        allocated: None,
+        reverted: false,
+    };
+    let job = SyncJob {
+        source,
+        sink,
+        store,
+        key,
+        job: "disk-copy".into(),
+        current,
+        changes: cbt::Changes::NotQueried,
+    };
+
+    let engine = Engine::new(args.memory);
+    let options = CopyOptions {
+        request_size: args.request_size,
+        in_flight: args.requests,
+        checkpoint_bytes: args.checkpoint_every,
+        job_rate: args.rate.map(|r| Arc::new(RateLimiter::new(r))),
+        release_cpu_time: ReleaseCpuTime(args.release_cpu_time),
+        ..CopyOptions::default()
+    };
+    let progress = Arc::new(Progress::default());
+    let bar = (!args.no_progress && std::io::stderr().is_terminal()).then(|| {
+        let p = progress.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let s = p.snapshot();
+                let pct = if s.planned > 0 { 100.0 * s.done() as f64 / s.planned as f64 } else { 100.0 };
+                let eta = s.eta().map_or_else(|| "-".into(), |e| format!("{}s", e.as_secs()));
+                eprint!("\r{pct:5.1}%  {:>8.1} MB/s  ETA {eta:>6}   ", s.rate() / 1e6);
+            }
+        })
+    });
+    let cancel = engine.cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("\nproxy disk-copy: interrupted; finishing requests in flight and saving a checkpoint");
+            cancel.cancel();
+        }
+    });
+
+    let result = sync(job, &engine, &options, progress.clone()).await;
+    if let Some(b) = bar {
+        b.abort();
+        eprintln!();
+    }
+    let outcome = match result {
+        Ok(o) => o,
+        Err(BlockError::Cancelled) => {
+            eprintln!("proxy disk-copy: cancelled; run the same command again to resume");
+            return Ok(ExitCode::from(130));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    for w in &outcome.warnings {
+        eprintln!("proxy disk-copy: warning: {w}");
+    }
+    let r = &outcome.report;
+    let secs = r.elapsed.as_secs_f64();
+    let rate = if secs > 0.0 { (r.written + r.zero) as f64 / secs / 1e6 } else { 0.0 };
+    if args.json {
+        let v = serde_json::json!({
+            "copied": r.written, "zero": r.zero, "read": r.read, "resumed": outcome.resumed,
+            "resumed_bytes": r.resumed, "retries": r.retries, "checkpoints": r.checkpoints,
+            "seconds": secs, "mb_per_s": rate, "peak_buffer_bytes": engine.pool.peak(),
+            "full_reason": outcome.full_reason.map(|f| f.to_string()),
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "copied {} bytes, {} bytes skipped as zero, {} bytes read{}, {secs:.2} s, {rate:.1} MB/s",
+            r.written,
+            r.zero,
+            r.read,
+            if outcome.resumed { format!(" after resuming ({} bytes were done)", r.resumed) } else { String::new() },
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

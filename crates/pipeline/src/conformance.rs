@@ -1,0 +1,286 @@
+//! The conformance suite every source and sink passes, and in-memory implementations with
+//! failure injection for engine tests. Behind the `test-utils` feature.
+
+use std::num::NonZeroU64;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use bytes::{Bytes, BytesMut};
+use cbt::ExtentSet;
+
+use crate::{BlockError, BlockSink, BlockSource, IoFuture, SourceAllocation, check_range};
+
+fn eio(what: &str) -> BlockError {
+    BlockError::io(what, std::io::Error::from_raw_os_error(5))
+}
+
+/// A source in memory, with injectable failures.
+#[derive(Debug)]
+pub struct MemSource {
+    /// The disk.
+    pub data: Vec<u8>,
+    /// What `allocation` answers.
+    pub allocation: Option<SourceAllocation>,
+    /// The next this many reads fail with EIO (retryable).
+    pub fail_reads: AtomicU32,
+    /// The identity it reports.
+    pub identity: String,
+}
+
+impl MemSource {
+    /// A source of `data` whose allocation is its non-zero 64 KiB blocks.
+    pub fn new(data: Vec<u8>) -> Self {
+        let mut set = ExtentSet::new();
+        for (i, c) in data.chunks(64 << 10).enumerate() {
+            if c.iter().any(|&b| b != 0) {
+                if let Some(e) = cbt::Extent::new(i as u64 * (64 << 10), c.len() as u64) {
+                    set.insert(e);
+                }
+            }
+        }
+        Self { data, allocation: Some(SourceAllocation { data: set, zero: ExtentSet::new() }), fail_reads: AtomicU32::new(0), identity: "mem:1".into() }
+    }
+}
+
+impl BlockSource for MemSource {
+    fn size(&self) -> u64 {
+        self.data.len() as u64
+    }
+    fn describe(&self) -> String {
+        "memory source".into()
+    }
+    fn identity(&self) -> String {
+        self.identity.clone()
+    }
+    fn allocation(&self) -> IoFuture<'_, Option<SourceAllocation>> {
+        Box::pin(async move { Ok(self.allocation.clone()) })
+    }
+    fn read_at(&self, offset: u64, mut buf: BytesMut) -> IoFuture<'_, BytesMut> {
+        Box::pin(async move {
+            check_range("memory source", offset, buf.len() as u64, self.size())?;
+            if self.fail_reads.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                return Err(eio("reading memory source"));
+            }
+            let at = usize::try_from(offset).unwrap_or(usize::MAX);
+            let n = buf.len();
+            buf.copy_from_slice(&self.data[at..at + n]);
+            Ok(buf)
+        })
+    }
+}
+
+/// A sink in memory, with injectable failures.
+#[derive(Debug)]
+pub struct MemSink {
+    /// The disk.
+    pub data: Mutex<Vec<u8>>,
+    /// The granularity.
+    pub granularity: NonZeroU64,
+    /// Whether it claims to read as zeros.
+    pub known_zero: bool,
+    /// The next this many writes fail with EIO (retryable).
+    pub fail_writes: AtomicU32,
+    /// Flushes so far.
+    pub flushes: AtomicU32,
+}
+
+impl MemSink {
+    /// A zeroed sink of `size` bytes.
+    pub fn new(size: usize, granularity: u64) -> Self {
+        Self {
+            data: Mutex::new(vec![0; size]),
+            granularity: NonZeroU64::new(granularity).unwrap_or(NonZeroU64::MIN),
+            known_zero: true,
+            fail_writes: AtomicU32::new(0),
+            flushes: AtomicU32::new(0),
+        }
+    }
+
+    /// A copy of its contents.
+    pub fn contents(&self) -> Vec<u8> {
+        self.data.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl BlockSink for MemSink {
+    fn size(&self) -> u64 {
+        self.data.lock().unwrap_or_else(|p| p.into_inner()).len() as u64
+    }
+    fn describe(&self) -> String {
+        "memory sink".into()
+    }
+    fn granularity(&self) -> NonZeroU64 {
+        self.granularity
+    }
+    fn known_zero(&self) -> bool {
+        self.known_zero
+    }
+    fn write_at(&self, offset: u64, data: Bytes) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            check_range("memory sink", offset, data.len() as u64, self.size())?;
+            if self.fail_writes.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                return Err(eio("writing memory sink"));
+            }
+            let at = usize::try_from(offset).unwrap_or(usize::MAX);
+            self.data.lock().unwrap_or_else(|p| p.into_inner())[at..at + data.len()].copy_from_slice(&data);
+            Ok(())
+        })
+    }
+    fn write_zeroes(&self, offset: u64, length: u64) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            check_range("memory sink", offset, length, self.size())?;
+            let (a, n) = (usize::try_from(offset).unwrap_or(0), usize::try_from(length).unwrap_or(0));
+            self.data.lock().unwrap_or_else(|p| p.into_inner())[a..a + n].fill(0);
+            Ok(())
+        })
+    }
+    fn flush(&self) -> IoFuture<'_, ()> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Deterministic test bytes: `len` bytes of a xorshift stream seeded by `seed`, with every
+/// fourth 64 KiB block zero (so sources have holes and sinks see zeros).
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = vec![0u8; len];
+    for (i, block) in out.chunks_mut(64 << 10).enumerate() {
+        if i % 4 == 3 {
+            continue;
+        }
+        for b in block.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = (x >> 24) as u8;
+        }
+    }
+    out
+}
+
+macro_rules! ensure {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(format!($($msg)+));
+        }
+    };
+}
+
+/// Checks a source against the bytes it should hold: size, allocation (every non-zero byte
+/// inside `data`, nothing non-zero inside `zero`), aligned and odd reads, a read that ends at
+/// the last byte, refusal of reads past the end, and a stable identity.
+pub async fn check_source(src: &dyn BlockSource, expected: &[u8]) -> Result<(), String> {
+    let size = expected.len() as u64;
+    ensure!(src.size() == size, "size {} != {size}", src.size());
+    ensure!(!src.describe().is_empty(), "no description");
+    ensure!(src.identity() == src.identity() && !src.identity().is_empty(), "identity unstable or empty");
+    if let Some(a) = src.allocation().await.map_err(|e| format!("allocation: {e}"))? {
+        ensure!(a.data.intersection(&a.zero).is_empty(), "data and zero overlap");
+        let outside = a.data.complement(size);
+        for e in outside.iter() {
+            let bytes = &expected[usize::try_from(e.start()).unwrap_or(0)..usize::try_from(e.end()).unwrap_or(0)];
+            ensure!(bytes.iter().all(|&b| b == 0), "non-zero bytes in [{}, {}) outside the allocation", e.start(), e.end());
+        }
+    }
+    // The whole disk in 1 MiB requests.
+    let mut at = 0u64;
+    while at < size {
+        let n = (size - at).min(1 << 20);
+        let got = src.read_at(at, BytesMut::zeroed(usize::try_from(n).unwrap_or(0))).await.map_err(|e| format!("read at {at}: {e}"))?;
+        let a = usize::try_from(at).unwrap_or(0);
+        ensure!(got[..] == expected[a..a + got.len()] && got.len() as u64 == n, "read at {at} differs");
+        at += n;
+    }
+    // Odd reads, and the very end.
+    for (offset, len) in [(512u64, 4096u64), (4095, 1), (size - 1, 1), (size.saturating_sub(70000), 70000), (0, 0)] {
+        let got = src.read_at(offset, BytesMut::zeroed(usize::try_from(len).unwrap_or(0))).await.map_err(|e| format!("read {len} at {offset}: {e}"))?;
+        let o = usize::try_from(offset).unwrap_or(0);
+        ensure!(got[..] == expected[o..o + got.len()], "read {len} at {offset} differs");
+    }
+    for (offset, len) in [(size, 1u64), (size - 1, 2), (u64::MAX - 1, 4)] {
+        match src.read_at(offset, BytesMut::zeroed(usize::try_from(len).unwrap_or(0))).await {
+            Err(BlockError::Invalid(_)) => {}
+            other => return Err(format!("read {len} at {offset} past the end: {other:?}")),
+        }
+    }
+    Ok(())
+}
+
+/// Checks a sink of `size` bytes (a multiple of 4096 plus any tail) with `read_back` reading
+/// what it holds: writes of many sizes in flight at once, zeroing over data, the last byte,
+/// refusal past the end with nothing changed, flush and commit.
+pub async fn check_sink(sink: &dyn BlockSink, read_back: impl AsyncFn() -> Vec<u8>) -> Result<(), String> {
+    let size = sink.size();
+    let g = sink.granularity().get();
+    ensure!(g > 0 && g.is_power_of_two() || g % 4096 == 0, "granularity {g}");
+    ensure!(!sink.describe().is_empty(), "no description");
+    let n = usize::try_from(size).map_err(|_| "size")?;
+    if sink.known_zero() {
+        ensure!(read_back().await.iter().all(|&b| b == 0), "claims to read as zeros but does not");
+    }
+    let data = pattern(n, 99);
+    let mut model = vec![0u8; n];
+    // Every byte written, in requests of 4 KiB to 1 MiB, several at a time.
+    let mut requests = Vec::new();
+    let (mut at, mut k) = (0usize, 0usize);
+    while at < n {
+        let len = [4096usize, 65536, 1 << 20, 12288][k % 4].min(n - at);
+        requests.push((at, len));
+        at += len;
+        k += 1;
+    }
+    let bytes = Bytes::from(data.clone());
+    for batch in requests.chunks(8) {
+        let futs = batch.iter().map(|&(a, l)| sink.write_at(a as u64, bytes.slice(a..a + l)));
+        for r in join_all(futs).await {
+            r.map_err(|e| format!("write: {e}"))?;
+        }
+    }
+    model.copy_from_slice(&data);
+    sink.flush().await.map_err(|e| format!("flush: {e}"))?;
+    ensure!(read_back().await == model, "contents differ after writing everything");
+
+    // Zero over data: aligned blocks, and the tail up to the last byte.
+    let g_us = usize::try_from(g).unwrap_or(4096);
+    let zeroes = [(g_us.min(n / 4), g_us.min(n / 4)), (n - 8192.min(n), 8192.min(n))];
+    for (a, l) in zeroes {
+        sink.write_zeroes(a as u64, l as u64).await.map_err(|e| format!("zero {l} at {a}: {e}"))?;
+        model[a..a + l].fill(0);
+    }
+    // A small write inside a zeroed range, and the very last 4 KiB.
+    sink.write_at(size - 4096, Bytes::from(vec![7u8; 4096])).await.map_err(|e| format!("last write: {e}"))?;
+    model[n - 4096..].fill(7);
+    for (offset, len) in [(size, 4096u64), (size - 4096, 8192)] {
+        match sink.write_at(offset, Bytes::from(vec![1u8; usize::try_from(len).unwrap_or(0)])).await {
+            Err(BlockError::Invalid(_)) => {}
+            other => return Err(format!("write {len} at {offset} past the end: {other:?}")),
+        }
+        match sink.write_zeroes(offset, len).await {
+            Err(BlockError::Invalid(_)) => {}
+            other => return Err(format!("zeroing {len} at {offset} past the end: {other:?}")),
+        }
+    }
+    sink.commit().await.map_err(|e| format!("commit: {e}"))?;
+    ensure!(read_back().await == model, "contents differ after zeroing and commit");
+    Ok(())
+}
+
+async fn join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let mut pinned: Vec<_> = futs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = (0..pinned.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in pinned.iter_mut().enumerate() {
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+    })
+    .await;
+    out.into_iter().flatten().collect()
+}

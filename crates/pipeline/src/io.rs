@@ -1,0 +1,100 @@
+//! The two traits every transport implements: [`BlockSource`] and [`BlockSink`].
+//!
+//! Reads move an owned [`BytesMut`] in and out, writes take shared [`Bytes`] slices of it, so
+//! a buffer can cross into a blocking thread or an NBD connection and come back to the pool
+//! without a copy.
+
+use std::future::Future;
+use std::num::NonZeroU64;
+use std::pin::Pin;
+
+use bytes::{Bytes, BytesMut};
+use cbt::ExtentSet;
+
+use crate::BlockError;
+
+/// The future every trait method returns: boxed so sources and sinks can be chosen at run
+/// time (`dyn BlockSource`). One allocation per request of megabytes costs nothing.
+pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BlockError>> + Send + 'a>>;
+
+/// Where a source's bytes are, as far as it knows.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SourceAllocation {
+    /// Bytes that may hold data. Everything else reads as zeros.
+    pub data: ExtentSet,
+    /// Bytes known to read as zeros (a subset of the complement of `data`, maybe empty).
+    pub zero: ExtentSet,
+}
+
+/// A disk to copy from: a frozen view that does not change while it is read.
+pub trait BlockSource: Send + Sync {
+    /// The disk's size in bytes.
+    fn size(&self) -> u64;
+
+    /// A short name for messages (path, URI).
+    fn describe(&self) -> String;
+
+    /// What identifies this frozen view, so a resumed copy can tell it is reading the same
+    /// bytes (a snapshot ID; for a file, its device, inode, size and modification time).
+    fn identity(&self) -> String;
+
+    /// The largest request it serves well, when it has a limit (an NBD server's maximum).
+    fn max_request(&self) -> Option<u64> {
+        None
+    }
+
+    /// Where the data is, when the source can tell (`SEEK_DATA`, `base:allocation`, grain
+    /// tables); `None` means "assume everything".
+    fn allocation(&self) -> IoFuture<'_, Option<SourceAllocation>>;
+
+    /// Fills `buf` (its whole length) from `offset` and hands it back. The range is inside
+    /// the disk; a source refuses anything else with [`BlockError::Invalid`].
+    fn read_at(&self, offset: u64, buf: BytesMut) -> IoFuture<'_, BytesMut>;
+}
+
+/// A disk to copy to.
+pub trait BlockSink: Send + Sync {
+    /// The size in bytes.
+    fn size(&self) -> u64;
+
+    /// A short name for messages.
+    fn describe(&self) -> String;
+
+    /// The unit plans are widened to and digests are kept per.
+    fn granularity(&self) -> NonZeroU64;
+
+    /// Whether the sink is known to read as zeros everywhere (a file this run created), so
+    /// zeros need not be written at all.
+    fn known_zero(&self) -> bool {
+        false
+    }
+
+    /// Writes `data` at `offset`. The data is shared (a slice of the request's buffer, so a
+    /// retry can send it again); a sink drops its references before the future completes, so
+    /// the buffer can go back to the pool.
+    fn write_at(&self, offset: u64, data: Bytes) -> IoFuture<'_, ()>;
+
+    /// Makes `[offset, offset + length)` read as zeros, without sending zeros when the
+    /// transport allows (a punched hole, `NBD_CMD_WRITE_ZEROES`; never a TRIM, whose
+    /// contents are undefined afterwards).
+    fn write_zeroes(&self, offset: u64, length: u64) -> IoFuture<'_, ()>;
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> IoFuture<'_, ()>;
+
+    /// The end of a copy: everything written is durable (data, size, and the directory entry
+    /// of a new file) before this returns. Only after it may a sync state be committed.
+    fn commit(&self) -> IoFuture<'_, ()> {
+        self.flush()
+    }
+}
+
+/// Checks that `[offset, offset + length)` lies within `size`.
+pub fn check_range(what: &str, offset: u64, length: u64, size: u64) -> Result<(), BlockError> {
+    match offset.checked_add(length) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(BlockError::Invalid(format!(
+            "{what}: [{offset}, +{length}) is outside the disk of {size} bytes"
+        ))),
+    }
+}

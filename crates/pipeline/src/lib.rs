@@ -1,0 +1,23 @@
+//! The transport-neutral block pipeline: [`BlockSource`] and [`BlockSink`], a copy engine that
+//! moves a `cbt` plan between them under one process-wide memory cap, sync state that only a
+//! commit writes, checkpoints for resume, and the replication flow built from them.
+//!
+//! It knows nothing of vSphere or VDDK: those plug in as sources from their own crates.
+
+mod engine;
+mod error;
+mod io;
+pub mod limit;
+pub mod pool;
+pub mod progress;
+pub mod replicate;
+pub mod source;
+pub(crate) use source::blocking as source_blocking;
+pub mod state;
+
+#[cfg(feature = "test-utils")]
+pub mod conformance;
+
+pub use engine::{CheckpointTo, Cancel, CopyOptions, CopyReport, DiskCopy, Engine, copy_disk, copy_disks, is_zero, plan_digest};
+pub use error::BlockError;
+pub use io::{BlockSink, BlockSource, IoFuture, SourceAllocation, check_range};

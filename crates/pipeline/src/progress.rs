@@ -1,0 +1,105 @@
+//! Progress of a copy: counters any thread can read while it runs, with rate and ETA.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Counters of one job (one disk or many), updated as requests complete.
+#[derive(Debug)]
+pub struct Progress {
+    started: Instant,
+    planned: AtomicU64,
+    resumed: AtomicU64,
+    read: AtomicU64,
+    written: AtomicU64,
+    zero: AtomicU64,
+    retries: AtomicU64,
+}
+
+/// A reading of [`Progress`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProgressSnapshot {
+    /// Bytes the plans cover (to read or to zero), resumed parts included.
+    pub planned: u64,
+    /// Bytes a checkpoint showed as done already, not copied again.
+    pub resumed: u64,
+    /// Bytes read from sources.
+    pub read: u64,
+    /// Bytes of data written to sinks.
+    pub written: u64,
+    /// Bytes written as zeros or skipped as zero (detected in data, or planned as zero).
+    pub zero: u64,
+    /// Retried requests.
+    pub retries: u64,
+    /// Time since the job started.
+    pub elapsed: Duration,
+}
+
+impl ProgressSnapshot {
+    /// Bytes accounted for: done before, copied, or zeroed.
+    pub fn done(&self) -> u64 {
+        self.resumed + self.written + self.zero
+    }
+
+    /// Bytes per second read so far.
+    pub fn rate(&self) -> f64 {
+        let s = self.elapsed.as_secs_f64();
+        if s > 0.0 { (self.written + self.zero) as f64 / s } else { 0.0 }
+    }
+
+    /// Time left at the current rate, when there is one.
+    pub fn eta(&self) -> Option<Duration> {
+        let rate = self.rate();
+        let left = self.planned.saturating_sub(self.done());
+        (rate > 0.0).then(|| Duration::from_secs_f64(left as f64 / rate))
+    }
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            planned: AtomicU64::new(0),
+            resumed: AtomicU64::new(0),
+            read: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            zero: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Progress {
+    /// The current counts.
+    pub fn snapshot(&self) -> ProgressSnapshot {
+        ProgressSnapshot {
+            planned: self.planned.load(Ordering::Relaxed),
+            resumed: self.resumed.load(Ordering::Relaxed),
+            read: self.read.load(Ordering::Relaxed),
+            written: self.written.load(Ordering::Relaxed),
+            zero: self.zero.load(Ordering::Relaxed),
+            retries: self.retries.load(Ordering::Relaxed),
+            elapsed: self.started.elapsed(),
+        }
+    }
+
+    pub(crate) fn plan(&self, planned: u64, resumed: u64) {
+        self.planned.fetch_add(planned, Ordering::Relaxed);
+        self.resumed.fetch_add(resumed, Ordering::Relaxed);
+    }
+
+    pub(crate) fn read(&self, n: u64) {
+        self.read.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn written(&self, n: u64) {
+        self.written.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn zero(&self, n: u64) {
+        self.zero.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn retry(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,191 @@
+//! A replica in a raw file (kept sparse: zeros become punched holes) or on a block device,
+//! optionally written with `O_DIRECT` from the pool's aligned buffers.
+
+use std::fs::{File, OpenOptions};
+use std::num::NonZeroU64;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use pipeline::{BlockError, BlockSink, IoFuture, check_range};
+use rustix::fs::FallocateFlags;
+
+/// How to open a file sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileSinkOptions {
+    /// The digest and planning unit (a multiple of 4096).
+    pub granularity: NonZeroU64,
+    /// Write aligned data with `O_DIRECT`, past the page cache.
+    pub direct: bool,
+}
+
+impl Default for FileSinkOptions {
+    fn default() -> Self {
+        Self { granularity: NonZeroU64::new(crate::DEFAULT_GRANULARITY).unwrap_or(NonZeroU64::MIN), direct: false }
+    }
+}
+
+/// A raw file or block device to write a replica into.
+#[derive(Debug)]
+pub struct FileSink {
+    file: Arc<File>,
+    direct: Option<Arc<File>>,
+    path: PathBuf,
+    size: u64,
+    created: bool,
+    device: bool,
+    granularity: NonZeroU64,
+}
+
+const DIRECT_ALIGN: u64 = 4096;
+
+impl FileSink {
+    /// Opens `path` to hold a disk of `size` bytes. A missing file is created sparse (and is
+    /// known to read as zeros); an existing file is resized to `size`; a block device must be
+    /// at least `size` bytes.
+    pub fn open(path: impl AsRef<Path>, size: u64, options: FileSinkOptions) -> Result<Self, BlockError> {
+        let path = path.as_ref().to_path_buf();
+        let p = path.display().to_string();
+        if options.granularity.get() % DIRECT_ALIGN != 0 {
+            return Err(BlockError::Invalid(format!("granularity {} is not a multiple of 4096", options.granularity)));
+        }
+        let existed = path.exists();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| BlockError::io(format!("opening {p} for writing"), e))?;
+        let meta = file.metadata().map_err(|e| BlockError::io(format!("examining {p}"), e))?;
+        let device = meta.file_type().is_block_device_like();
+        let mut created = !existed;
+        if device {
+            let have = rustix::fs::seek(&file, rustix::fs::SeekFrom::End(0))
+                .map_err(|e| BlockError::io(format!("sizing {p}"), e.into()))?;
+            if have < size {
+                return Err(BlockError::Mismatch(format!("{p} holds {have} bytes, the disk needs {size}")));
+            }
+        } else {
+            created |= meta.len() == 0;
+            if meta.len() != size {
+                file.set_len(size).map_err(|e| BlockError::io(format!("sizing {p} to {size} bytes"), e))?;
+            }
+        }
+        let direct = if options.direct {
+            let f = OpenOptions::new()
+                .write(true)
+                .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+                .open(&path)
+                .map_err(|e| BlockError::io(format!("opening {p} with O_DIRECT"), e))?;
+            Some(Arc::new(f))
+        } else {
+            None
+        };
+        Ok(Self { file: Arc::new(file), direct, path, size, created, device, granularity: options.granularity })
+    }
+
+    /// Whether this run created the file (so it reads as zeros and holds nothing).
+    pub fn created(&self) -> bool {
+        self.created
+    }
+}
+
+trait DeviceLike {
+    fn is_block_device_like(&self) -> bool;
+}
+
+impl DeviceLike for std::fs::FileType {
+    fn is_block_device_like(&self) -> bool {
+        std::os::unix::fs::FileTypeExt::is_block_device(self)
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, BlockError> + Send + 'static) -> Result<T, BlockError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| BlockError::Invalid(format!("blocking task: {e}")))?
+}
+
+/// Writes zeros the slow way, when the file system cannot punch or zero a range.
+fn write_zero_bytes(file: &File, offset: u64, length: u64) -> std::io::Result<()> {
+    let zeros = vec![0u8; usize::try_from(length.min(1 << 20)).unwrap_or(1 << 20)];
+    let mut at = offset;
+    while at < offset + length {
+        let n = (offset + length - at).min(zeros.len() as u64);
+        file.write_all_at(&zeros[..usize::try_from(n).unwrap_or(0)], at)?;
+        at += n;
+    }
+    Ok(())
+}
+
+impl BlockSink for FileSink {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn granularity(&self) -> NonZeroU64 {
+        self.granularity
+    }
+
+    fn known_zero(&self) -> bool {
+        self.created
+    }
+
+    fn write_at(&self, offset: u64, data: Bytes) -> IoFuture<'_, ()> {
+        let (file, direct, path) = (self.file.clone(), self.direct.clone(), self.describe());
+        Box::pin(async move {
+            check_range(&path, offset, data.len() as u64, self.size)?;
+            blocking(move || {
+                let aligned = data.as_ptr().align_offset(DIRECT_ALIGN as usize) == 0
+                    && offset % DIRECT_ALIGN == 0
+                    && data.len() as u64 % DIRECT_ALIGN == 0;
+                let f = match &direct {
+                    Some(d) if aligned => d,
+                    _ => &file,
+                };
+                f.write_all_at(&data, offset).map_err(|e| BlockError::io(format!("writing {path} at byte {offset}"), e))
+            })
+            .await
+        })
+    }
+
+    fn write_zeroes(&self, offset: u64, length: u64) -> IoFuture<'_, ()> {
+        let (file, path, device) = (self.file.clone(), self.describe(), self.device);
+        Box::pin(async move {
+            check_range(&path, offset, length, self.size)?;
+            blocking(move || {
+                // A hole reads as zeros in a file; a block device zeroes the range in place.
+                let flags = if device { FallocateFlags::ZERO_RANGE } else { FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE };
+                match rustix::fs::fallocate(&*file, flags, offset, length) {
+                    Ok(()) => Ok(()),
+                    Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+                        write_zero_bytes(&file, offset, length)
+                            .map_err(|e| BlockError::io(format!("zeroing {path} at byte {offset}"), e))
+                    }
+                    Err(e) => Err(BlockError::io(format!("zeroing {path} at byte {offset}"), e.into())),
+                }
+            })
+            .await
+        })
+    }
+
+    fn flush(&self) -> IoFuture<'_, ()> {
+        let (file, path) = (self.file.clone(), self.describe());
+        Box::pin(blocking(move || file.sync_data().map_err(|e| BlockError::io(format!("syncing {path}"), e))))
+    }
+
+    fn commit(&self) -> IoFuture<'_, ()> {
+        let (file, path, created) = (self.file.clone(), self.path.clone(), self.created);
+        Box::pin(blocking(move || {
+            file.sync_all().map_err(|e| BlockError::io(format!("syncing {}", path.display()), e))?;
+            if created {
+                pipeline::state::sync_dir(&path)?;
+            }
+            Ok(())
+        }))
+    }
+}
