@@ -130,7 +130,11 @@ fn state_dir(args: &Args) -> Result<PathBuf> {
 }
 
 fn canonical(s: &str) -> String {
-    if Uri::is_uri(s) { s.to_owned() } else { std::fs::canonicalize(s).map_or_else(|_| s.to_owned(), |p| p.display().to_string()) }
+    if Uri::is_uri(s) {
+        s.to_owned()
+    } else {
+        std::fs::canonicalize(s).map_or_else(|_| s.to_owned(), |p| p.display().to_string())
+    }
 }
 
 async fn copy(args: &Args) -> Result<ExitCode> {
@@ -165,15 +169,7 @@ async fn copy(args: &Args) -> Result<ExitCode> {
         allocated: None,
         reverted: false,
     };
-    let job = SyncJob {
-        source,
-        sink,
-        store,
-        key,
-        job: "disk-copy".into(),
-        current,
-        changes: cbt::Changes::NotQueried,
-    };
+    let job = SyncJob { source, sink, store, key, job: "disk-copy".into(), current, changes: cbt::Changes::NotQueried };
 
     let engine = Engine::new(args.memory);
     let options = CopyOptions {

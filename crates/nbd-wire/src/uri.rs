@@ -35,7 +35,10 @@ impl Uri {
                 .find_map(|kv| kv.strip_prefix("socket="))
                 .filter(|p| !p.is_empty())
                 .ok_or_else(|| bad("no socket= in the query"))?;
-            return Ok(Self { target: Target::Unix(PathBuf::from(percent_decode(socket)?)), export: percent_decode(export)? });
+            return Ok(Self {
+                target: Target::Unix(PathBuf::from(percent_decode(socket)?)),
+                export: percent_decode(export)?,
+            });
         }
         if let Some(rest) = s.strip_prefix("nbd://") {
             let (authority, export) = rest.split_once('/').unwrap_or((rest, ""));
@@ -103,7 +106,9 @@ mod tests {
         assert_eq!(Uri::parse("nbd://127.0.0.1:10810/x").unwrap().target, Target::Tcp("127.0.0.1:10810".into()));
         assert_eq!(Uri::parse("nbd://host").unwrap().target, Target::Tcp("host:10809".into()));
         assert_eq!(Uri::parse("nbd://[::1]").unwrap().target, Target::Tcp("[::1]:10809".into()));
-        for bad in ["nbd://", "nbd://h:port", "nbds://h", "nbd+unix:///x", "nbd+unix:///?socket=", "/dev/sda", "nbd://h/%4"] {
+        for bad in
+            ["nbd://", "nbd://h:port", "nbds://h", "nbd+unix:///x", "nbd+unix:///?socket=", "/dev/sda", "nbd://h/%4"]
+        {
             assert!(Uri::parse(bad).is_err(), "{bad}");
         }
     }

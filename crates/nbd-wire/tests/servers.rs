@@ -4,63 +4,19 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
 
 use nbd_wire::{Client, NbdError, Target, proto::state};
 use testkit::require_tool;
+use testkit::servers::{Listen, Server};
 
 const MIB: u64 = 1 << 20;
 
-/// A server process, killed when dropped.
-struct Server {
-    child: Child,
-    target: Target,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+fn target(server: &Server) -> Target {
+    match &server.listen {
+        Listen::Unix(p) => Target::Unix(p.clone()),
+        Listen::Tcp(port) => Target::Tcp(format!("127.0.0.1:{port}")),
     }
-}
-
-fn wait_for(target: &Target) {
-    let started = Instant::now();
-    loop {
-        let up = match target {
-            Target::Unix(p) => p.exists() && std::os::unix::net::UnixStream::connect(p).is_ok(),
-            Target::Tcp(a) => std::net::TcpStream::connect(a).is_ok(),
-        };
-        if up {
-            return;
-        }
-        assert!(started.elapsed() < Duration::from_secs(10), "server at {target:?} did not come up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn qemu_nbd(tool: &Path, image: &Path, target: Target) -> Server {
-    let mut cmd = Command::new(tool);
-    cmd.args(["-f", "raw", "--persistent", "--shared=4", "--cache=writeback"]);
-    match &target {
-        Target::Unix(p) => cmd.arg("-k").arg(p),
-        Target::Tcp(a) => {
-            let (host, port) = a.rsplit_once(':').unwrap();
-            cmd.args(["-b", host, "-p", port])
-        }
-    };
-    let child = cmd.arg(image).spawn().unwrap();
-    wait_for(&target);
-    Server { child, target }
-}
-
-fn nbdkit(tool: &Path, sock: &Path, args: &[&str]) -> Server {
-    let child = Command::new(tool).arg("--foreground").arg("-U").arg(sock).args(args).spawn().unwrap();
-    let target = Target::Unix(sock.to_path_buf());
-    wait_for(&target);
-    Server { child, target }
 }
 
 /// An image with data runs at these (offset, length) pairs, holes elsewhere.
@@ -83,12 +39,9 @@ async fn qemu_nbd_reads_holes_block_status_writes_and_zeroes() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.raw");
     let mut truth = image(&path, 8 * MIB, &[(0, 4096), (MIB, 2 * MIB), (7 * MIB + 512, 10_000)]);
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    drop(listener);
-    for target in [Target::Unix(dir.path().join("q.sock")), Target::Tcp(format!("127.0.0.1:{port}"))] {
-        let server = qemu_nbd(&tool, &path, target);
-        let client = Client::connect(&server.target, "").await.unwrap();
+    for listen in [Listen::Unix(dir.path().join("q.sock")), Listen::Tcp(testkit::servers::free_port())] {
+        let server = Server::qemu_nbd(&tool, &path, listen, &[]);
+        let client = Client::connect(&target(&server), "").await.unwrap();
         let export = *client.export();
         assert_eq!(export.size, 8 * MIB);
         assert!(export.structured, "qemu-nbd negotiates structured replies");
@@ -97,7 +50,7 @@ async fn qemu_nbd_reads_holes_block_status_writes_and_zeroes() {
 
         // Eight 1 MiB reads in flight at once, holes included (sent as OFFSET_HOLE).
         let reads = (0..8).map(|i| client.read(i * MIB, MIB as u32));
-        let got: Vec<u8> = futures_join(reads).await.into_iter().map(Result::unwrap).collect::<Vec<_>>().concat();
+        let got: Vec<u8> = testkit::join_all(reads).await.into_iter().map(Result::unwrap).collect::<Vec<_>>().concat();
         assert!(got == truth, "reads differ from the file");
 
         // Block status: data where the runs are, holes elsewhere, covering the whole export.
@@ -137,20 +90,20 @@ async fn qemu_nbd_reads_holes_block_status_writes_and_zeroes() {
 async fn nbdkit_memory_and_injected_errors() {
     let Some(tool) = require_tool("nbdkit", "nbdkit_memory_and_injected_errors") else { return };
     let dir = tempfile::tempdir().unwrap();
-    let server = nbdkit(&tool, &dir.path().join("m.sock"), &["memory", "4M"]);
-    let client = Client::connect(&server.target, "").await.unwrap();
+    let server = Server::nbdkit(&tool, Listen::Unix(dir.path().join("m.sock")), &["memory", "4M"]);
+    let client = Client::connect(&target(&server), "").await.unwrap();
     assert_eq!(client.export().size, 4 * MIB);
     client.write(MIB, b"hello, nbd", false).await.unwrap();
     assert_eq!(&client.read(MIB, 10).await.unwrap()[..], b"hello, nbd");
     assert!(client.read(0, 4096).await.unwrap().iter().all(|&b| b == 0));
 
     // Every read fails with EIO: a server error, retryable, on an intact connection.
-    let failing = nbdkit(
+    let failing = Server::nbdkit(
         &tool,
-        &dir.path().join("e.sock"),
+        Listen::Unix(dir.path().join("e.sock")),
         &["--filter=error", "memory", "1M", "error-pread-rate=1", "error=EIO"],
     );
-    let client = Client::connect(&failing.target, "").await.unwrap();
+    let client = Client::connect(&target(&failing), "").await.unwrap();
     match client.read(0, 512).await {
         Err(e @ NbdError::Server { errno: 5, .. }) => assert!(e.is_retryable(), "{e}"),
         other => panic!("expected EIO, got {other:?}"),
@@ -161,26 +114,4 @@ async fn nbdkit_memory_and_injected_errors() {
     drop(failing);
     let e = client.write(0, &[1; 512], false).await.unwrap_err();
     assert!(matches!(e, NbdError::Closed(_) | NbdError::Io(_)), "{e}");
-}
-
-/// Polls futures together until all are done (a tiny join_all, so the crate needs no futures
-/// dependency); all their requests are in flight on the connection at once.
-async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
-    use std::task::Poll;
-    let mut futs: Vec<std::pin::Pin<Box<F>>> = futures.map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut waiting = false;
-        for (f, slot) in futs.iter_mut().zip(out.iter_mut()) {
-            if slot.is_none() {
-                match f.as_mut().poll(cx) {
-                    Poll::Ready(v) => *slot = Some(v),
-                    Poll::Pending => waiting = true,
-                }
-            }
-        }
-        if waiting { Poll::Pending } else { Poll::Ready(()) }
-    })
-    .await;
-    out.into_iter().map(|o| o.expect("every future finished")).collect()
 }

@@ -38,7 +38,12 @@ impl MemSource {
                 }
             }
         }
-        Self { data, allocation: Some(SourceAllocation { data: set, zero: ExtentSet::new() }), fail_reads: AtomicU32::new(0), identity: "mem:1".into() }
+        Self {
+            data,
+            allocation: Some(SourceAllocation { data: set, zero: ExtentSet::new() }),
+            fail_reads: AtomicU32::new(0),
+            identity: "mem:1".into(),
+        }
     }
 }
 
@@ -76,10 +81,13 @@ pub struct MemSink {
     pub data: Mutex<Vec<u8>>,
     /// The granularity.
     pub granularity: NonZeroU64,
-    /// Whether it claims to read as zeros.
-    pub known_zero: bool,
-    /// The next this many writes fail with EIO (retryable).
+    /// Whether it claims to read as zeros: true until the first write or zeroing, like a file
+    /// created by the run.
+    pub known_zero: std::sync::atomic::AtomicBool,
+    /// The next this many writes fail with EIO (retryable)...
     pub fail_writes: AtomicU32,
+    /// ...after this many more have succeeded.
+    pub pass_writes: AtomicU32,
     /// Flushes so far.
     pub flushes: AtomicU32,
 }
@@ -90,8 +98,9 @@ impl MemSink {
         Self {
             data: Mutex::new(vec![0; size]),
             granularity: NonZeroU64::new(granularity).unwrap_or(NonZeroU64::MIN),
-            known_zero: true,
+            known_zero: std::sync::atomic::AtomicBool::new(true),
             fail_writes: AtomicU32::new(0),
+            pass_writes: AtomicU32::new(0),
             flushes: AtomicU32::new(0),
         }
     }
@@ -113,12 +122,17 @@ impl BlockSink for MemSink {
         self.granularity
     }
     fn known_zero(&self) -> bool {
-        self.known_zero
+        self.known_zero.load(Ordering::SeqCst)
     }
     fn write_at(&self, offset: u64, data: Bytes) -> IoFuture<'_, ()> {
         Box::pin(async move {
             check_range("memory sink", offset, data.len() as u64, self.size())?;
-            if self.fail_writes.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            self.known_zero.store(false, Ordering::SeqCst);
+            let passing =
+                self.pass_writes.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+            if !passing
+                && self.fail_writes.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+            {
                 return Err(eio("writing memory sink"));
             }
             let at = usize::try_from(offset).unwrap_or(usize::MAX);
@@ -129,6 +143,7 @@ impl BlockSink for MemSink {
     fn write_zeroes(&self, offset: u64, length: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
             check_range("memory sink", offset, length, self.size())?;
+            self.known_zero.store(false, Ordering::SeqCst);
             let (a, n) = (usize::try_from(offset).unwrap_or(0), usize::try_from(length).unwrap_or(0));
             self.data.lock().unwrap_or_else(|p| p.into_inner())[a..a + n].fill(0);
             Ok(())
@@ -180,21 +195,32 @@ pub async fn check_source(src: &dyn BlockSource, expected: &[u8]) -> Result<(), 
         let outside = a.data.complement(size);
         for e in outside.iter() {
             let bytes = &expected[usize::try_from(e.start()).unwrap_or(0)..usize::try_from(e.end()).unwrap_or(0)];
-            ensure!(bytes.iter().all(|&b| b == 0), "non-zero bytes in [{}, {}) outside the allocation", e.start(), e.end());
+            ensure!(
+                bytes.iter().all(|&b| b == 0),
+                "non-zero bytes in [{}, {}) outside the allocation",
+                e.start(),
+                e.end()
+            );
         }
     }
     // The whole disk in 1 MiB requests.
     let mut at = 0u64;
     while at < size {
         let n = (size - at).min(1 << 20);
-        let got = src.read_at(at, BytesMut::zeroed(usize::try_from(n).unwrap_or(0))).await.map_err(|e| format!("read at {at}: {e}"))?;
+        let got = src
+            .read_at(at, BytesMut::zeroed(usize::try_from(n).unwrap_or(0)))
+            .await
+            .map_err(|e| format!("read at {at}: {e}"))?;
         let a = usize::try_from(at).unwrap_or(0);
         ensure!(got[..] == expected[a..a + got.len()] && got.len() as u64 == n, "read at {at} differs");
         at += n;
     }
     // Odd reads, and the very end.
     for (offset, len) in [(512u64, 4096u64), (4095, 1), (size - 1, 1), (size.saturating_sub(70000), 70000), (0, 0)] {
-        let got = src.read_at(offset, BytesMut::zeroed(usize::try_from(len).unwrap_or(0))).await.map_err(|e| format!("read {len} at {offset}: {e}"))?;
+        let got = src
+            .read_at(offset, BytesMut::zeroed(usize::try_from(len).unwrap_or(0)))
+            .await
+            .map_err(|e| format!("read {len} at {offset}: {e}"))?;
         let o = usize::try_from(offset).unwrap_or(0);
         ensure!(got[..] == expected[o..o + got.len()], "read {len} at {offset} differs");
     }
@@ -210,7 +236,10 @@ pub async fn check_source(src: &dyn BlockSource, expected: &[u8]) -> Result<(), 
 /// Checks a sink of `size` bytes (a multiple of 4096 plus any tail) with `read_back` reading
 /// what it holds: writes of many sizes in flight at once, zeroing over data, the last byte,
 /// refusal past the end with nothing changed, flush and commit.
-pub async fn check_sink(sink: &dyn BlockSink, read_back: impl AsyncFn() -> Vec<u8>) -> Result<(), String> {
+pub async fn check_sink(
+    sink: std::sync::Arc<dyn BlockSink>,
+    read_back: impl AsyncFn() -> Vec<u8>,
+) -> Result<(), String> {
     let size = sink.size();
     let g = sink.granularity().get();
     ensure!(g > 0 && g.is_power_of_two() || g % 4096 == 0, "granularity {g}");
@@ -232,9 +261,13 @@ pub async fn check_sink(sink: &dyn BlockSink, read_back: impl AsyncFn() -> Vec<u
     }
     let bytes = Bytes::from(data.clone());
     for batch in requests.chunks(8) {
-        let futs = batch.iter().map(|&(a, l)| sink.write_at(a as u64, bytes.slice(a..a + l)));
-        for r in join_all(futs).await {
-            r.map_err(|e| format!("write: {e}"))?;
+        let mut set = tokio::task::JoinSet::new();
+        for &(a, l) in batch {
+            let (sink, data) = (sink.clone(), bytes.slice(a..a + l));
+            set.spawn(async move { sink.write_at(a as u64, data).await });
+        }
+        while let Some(r) = set.join_next().await {
+            r.map_err(|e| format!("write task: {e}"))?.map_err(|e| format!("write: {e}"))?;
         }
     }
     model.copy_from_slice(&data);
@@ -264,23 +297,4 @@ pub async fn check_sink(sink: &dyn BlockSink, read_back: impl AsyncFn() -> Vec<u
     sink.commit().await.map_err(|e| format!("commit: {e}"))?;
     ensure!(read_back().await == model, "contents differ after zeroing and commit");
     Ok(())
-}
-
-async fn join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
-    let mut pinned: Vec<_> = futs.into_iter().map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = (0..pinned.len()).map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (i, f) in pinned.iter_mut().enumerate() {
-            if out[i].is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => out[i] = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
-    })
-    .await;
-    out.into_iter().flatten().collect()
 }

@@ -212,7 +212,12 @@ struct Counts {
 }
 
 /// Copies one disk. `progress` may be shared by the disks of one job.
-pub async fn copy_disk(job: DiskCopy, engine: &Engine, options: &CopyOptions, progress: Arc<Progress>) -> Result<CopyReport, BlockError> {
+pub async fn copy_disk(
+    job: DiskCopy,
+    engine: &Engine,
+    options: &CopyOptions,
+    progress: Arc<Progress>,
+) -> Result<CopyReport, BlockError> {
     let started = Instant::now();
     let sink_g = job.sink.granularity();
     if job.source.size() > job.sink.size() {
@@ -245,7 +250,9 @@ pub async fn copy_disk(job: DiskCopy, engine: &Engine, options: &CopyOptions, pr
     let mut queue = VecDeque::new();
     // Zeroing first: it is cheap, and a replica's stale data goes away early.
     for e in zero_left.iter() {
-        split_aligned(*e, MAX_ZERO_REQUEST / sink_g.get() * sink_g.get(), |offset, len| queue.push_back(Work::Zero { offset, len }));
+        split_aligned(*e, MAX_ZERO_REQUEST / sink_g.get() * sink_g.get(), |offset, len| {
+            queue.push_back(Work::Zero { offset, len })
+        });
     }
     for e in read_left.iter() {
         split_aligned(*e, request, |offset, len| queue.push_back(Work::Read { offset, len }));

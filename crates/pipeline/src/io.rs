@@ -93,8 +93,6 @@ pub trait BlockSink: Send + Sync {
 pub fn check_range(what: &str, offset: u64, length: u64, size: u64) -> Result<(), BlockError> {
     match offset.checked_add(length) {
         Some(end) if end <= size => Ok(()),
-        _ => Err(BlockError::Invalid(format!(
-            "{what}: [{offset}, +{length}) is outside the disk of {size} bytes"
-        ))),
+        _ => Err(BlockError::Invalid(format!("{what}: [{offset}, +{length}) is outside the disk of {size} bytes"))),
     }
 }

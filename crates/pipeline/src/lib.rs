@@ -18,6 +18,8 @@ pub mod state;
 #[cfg(feature = "test-utils")]
 pub mod conformance;
 
-pub use engine::{CheckpointTo, Cancel, CopyOptions, CopyReport, DiskCopy, Engine, copy_disk, copy_disks, is_zero, plan_digest};
+pub use engine::{
+    Cancel, CheckpointTo, CopyOptions, CopyReport, DiskCopy, Engine, copy_disk, copy_disks, is_zero, plan_digest,
+};
 pub use error::BlockError;
 pub use io::{BlockSink, BlockSource, IoFuture, SourceAllocation, check_range};

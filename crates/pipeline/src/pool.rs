@@ -35,6 +35,9 @@ pub struct BufferPool {
     cap_units: u32,
     cached: Mutex<Vec<(BytesMut, OwnedSemaphorePermit)>>,
     peak_units: AtomicU64,
+    /// Leases waiting for memory: while any wait, returned buffers free their memory instead
+    /// of being cached, or the cache could hold what the waiters need forever.
+    waiting: AtomicU64,
 }
 
 /// A buffer on loan from the pool, with the memory it is charged for. Hand the buffer back
@@ -65,6 +68,9 @@ impl Drop for Lease {
         if buf.capacity() as u64 > u64::try_from(permit.num_permits()).unwrap_or(0) * UNIT {
             return;
         }
+        if self.pool.waiting.load(Ordering::SeqCst) > 0 {
+            return;
+        }
         let mut cached = self.pool.cached.lock().unwrap_or_else(|p| p.into_inner());
         if cached.len() < MAX_CACHED {
             cached.push((buf, permit));
@@ -80,12 +86,15 @@ fn units(bytes: u64) -> u32 {
 impl BufferPool {
     /// A pool that never holds more than `cap` bytes of buffers (at least one unit).
     pub fn new(cap: u64) -> Arc<Self> {
-        let cap_units = units(cap).min(u32::try_from(Semaphore::MAX_PERMITS).unwrap_or(u32::MAX));
+        let cap_units = u32::try_from((cap / UNIT).max(1))
+            .unwrap_or(u32::MAX)
+            .min(u32::try_from(Semaphore::MAX_PERMITS).unwrap_or(u32::MAX));
         Arc::new(Self {
             sem: Arc::new(Semaphore::new(cap_units as usize)),
             cap_units,
             cached: Mutex::new(Vec::new()),
             peak_units: AtomicU64::new(0),
+            waiting: AtomicU64::new(0),
         })
     }
 
@@ -112,12 +121,17 @@ impl BufferPool {
         if let Some(lease) = self.try_lease(want, min) {
             return lease;
         }
-        // Cached buffers of the wrong size hold memory nobody uses: free them and try again.
+        // Announce the wait first, so no buffer is cached from here on; then free the cached
+        // ones (of the wrong size, or they would have been taken) and try again.
+        self.waiting.fetch_add(1, Ordering::SeqCst);
         self.cached.lock().unwrap_or_else(|p| p.into_inner()).clear();
         if let Some(lease) = self.try_lease(want, min) {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
             return lease;
         }
-        let permit = match self.sem.clone().acquire_many_owned(units(min)).await {
+        let permit = self.sem.clone().acquire_many_owned(units(min)).await;
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        let permit = match permit {
             Ok(p) => p,
             // The semaphore is never closed; this arm only satisfies the type.
             Err(_) => return Lease { buf: Some(aligned(to_usize(min))), permit: None, pool: self.clone() },
@@ -177,8 +191,8 @@ mod tests {
         let pool = BufferPool::new(1 << 20);
         let mut a = pool.lease(768 << 10, 64 << 10).await;
         assert_eq!(a.take().len(), 768 << 10);
-        // Less than 256 KiB is left: the next request is halved until it fits (96 KiB, with
-        // the alignment slack charged), not refused and not over the cap.
+        // 13 of the 16 units are taken (768 KiB and its alignment slack): the next request is
+        // halved until it fits (96 KiB, slack charged), not refused and not over the cap.
         let mut b = pool.lease(768 << 10, 64 << 10).await;
         assert_eq!(b.take().len(), 96 << 10);
         assert!(pool.peak() <= 1 << 20);

@@ -8,7 +8,9 @@ use cbt::{Changes, CopyPlan, CurrentDisk, Destination, FullReason};
 
 use crate::progress::Progress;
 use crate::state::{Digests, StateStore, SyncKey, SyncState};
-use crate::{BlockError, BlockSink, BlockSource, CheckpointTo, CopyOptions, CopyReport, DiskCopy, Engine, copy_disk, plan_digest};
+use crate::{
+    BlockError, BlockSink, BlockSource, CheckpointTo, CopyOptions, CopyReport, DiskCopy, Engine, copy_disk, plan_digest,
+};
 
 /// One disk to bring up to date at one destination.
 pub struct SyncJob {
@@ -122,7 +124,8 @@ pub async fn sync(
         match crate::source_blocking(move || s.load_digests(&k)).await? {
             Some(d) if d.granularity == g.get() && d.capacity == capacity => digests = d,
             _ => {
-                warnings.push("the digests of the last copy are missing or of another geometry; copying in full".into());
+                warnings
+                    .push("the digests of the last copy are missing or of another geometry; copying in full".into());
                 planned = cbt::plan(None, &job.current, &job.changes, destination);
             }
         }

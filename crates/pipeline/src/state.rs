@@ -195,7 +195,8 @@ impl StateStore {
     /// A store in `dir`, created if missing.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, BlockError> {
         let dir = dir.into();
-        fs::create_dir_all(&dir).map_err(|e| BlockError::io(format!("creating state directory {}", dir.display()), e))?;
+        fs::create_dir_all(&dir)
+            .map_err(|e| BlockError::io(format!("creating state directory {}", dir.display()), e))?;
         Ok(Self { dir })
     }
 
@@ -228,7 +229,9 @@ impl StateStore {
             }
             None => return Err(BlockError::State { path: path.into(), message: "no format number".into() }),
         }
-        serde_json::from_slice(&bytes).map(Some).map_err(|e| BlockError::State { path: path.into(), message: e.to_string() })
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| BlockError::State { path: path.into(), message: e.to_string() })
     }
 
     fn check_key(path: &Path, found: &SyncKey, key: &SyncKey) -> Result<(), BlockError> {

@@ -102,7 +102,9 @@ impl DeviceLike for std::fs::FileType {
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, BlockError> + Send + 'static) -> Result<T, BlockError> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BlockError> + Send + 'static,
+) -> Result<T, BlockError> {
     tokio::task::spawn_blocking(f).await.map_err(|e| BlockError::Invalid(format!("blocking task: {e}")))?
 }
 
@@ -159,7 +161,11 @@ impl BlockSink for FileSink {
             check_range(&path, offset, length, self.size)?;
             blocking(move || {
                 // A hole reads as zeros in a file; a block device zeroes the range in place.
-                let flags = if device { FallocateFlags::ZERO_RANGE } else { FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE };
+                let flags = if device {
+                    FallocateFlags::ZERO_RANGE
+                } else {
+                    FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE
+                };
                 match rustix::fs::fallocate(&*file, flags, offset, length) {
                     Ok(()) => Ok(()),
                     Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {

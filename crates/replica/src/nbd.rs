@@ -19,7 +19,12 @@ impl NbdSink {
     /// Connects to `uri` with up to `connections` connections (several only with multi-conn).
     /// `known_zero` says the export is fresh and reads as zeros, so zeros need not be written
     /// (nbdcopy's `--target-is-zero`).
-    pub async fn connect(uri: &str, connections: usize, granularity: NonZeroU64, known_zero: bool) -> Result<Self, BlockError> {
+    pub async fn connect(
+        uri: &str,
+        connections: usize,
+        granularity: NonZeroU64,
+        known_zero: bool,
+    ) -> Result<Self, BlockError> {
         let pool = NbdPool::connect(uri, connections).await?;
         if pool.export().read_only() {
             return Err(BlockError::Invalid(format!("{uri} is read-only")));
@@ -31,7 +36,9 @@ impl NbdSink {
         }
         let min = pool.export().block_size.map_or(1, |(min, _, _)| u64::from(min));
         if granularity.get() % min != 0 {
-            return Err(BlockError::Invalid(format!("granularity {granularity} is not a multiple of {uri}'s block size {min}")));
+            return Err(BlockError::Invalid(format!(
+                "granularity {granularity} is not a multiple of {uri}'s block size {min}"
+            )));
         }
         Ok(Self { pool, granularity, known_zero })
     }

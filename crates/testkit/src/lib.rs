@@ -1,5 +1,8 @@
 //! Helpers for tests across the workspace: outside tools that a test needs (fail under CI,
-//! skip loudly elsewhere), running commands, and comparing files. Dev-dependency only.
+//! skip loudly elsewhere), NBD servers, running commands, and comparing files. Dev-dependency
+//! only.
+
+pub mod servers;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -64,4 +67,26 @@ pub fn same_contents(a: &Path, b: &Path) -> std::io::Result<Result<(), String>> 
         off += n as u64;
     }
     Ok(Ok(()))
+}
+
+/// Polls futures together until all are done (a tiny `join_all`, so tests need no futures
+/// dependency); whatever requests they make are in flight at once.
+pub async fn join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    use std::task::Poll;
+    let mut futs: Vec<std::pin::Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut waiting = false;
+        for (f, slot) in futs.iter_mut().zip(out.iter_mut()) {
+            if slot.is_none() {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(v) => *slot = Some(v),
+                    Poll::Pending => waiting = true,
+                }
+            }
+        }
+        if waiting { Poll::Pending } else { Poll::Ready(()) }
+    })
+    .await;
+    out.into_iter().flatten().collect()
 }
