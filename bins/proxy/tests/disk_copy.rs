@@ -1,0 +1,196 @@
+//! `proxy disk-copy` as a user runs it: file, VMDK and NBD sources and destinations, compared
+//! with `cmp`; a copy killed with SIGKILL past half-way that resumes; clear errors.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use testkit::require_tool;
+use testkit::servers::{Listen, Server, free_port};
+
+const MIB: u64 = 1 << 20;
+
+fn proxy() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_proxy"))
+}
+
+/// A sparse image: data in scattered 1 MiB extents (every other one of a shuffled order).
+fn image(path: &Path, size: u64, seed: u64) -> u64 {
+    let f = File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let mut x = seed | 1;
+    let mut data = 0;
+    for i in 0..size / MIB {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        if x % 2 == 0 {
+            let block: Vec<u8> = (0..MIB).map(|j| (j as u8) ^ (i as u8) ^ (x as u8) | 1).collect();
+            f.write_all_at(&block, i * MIB).unwrap();
+            data += MIB;
+        }
+    }
+    data
+}
+
+fn summary(out: &std::process::Output) -> serde_json::Value {
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn same(a: &Path, b: &Path) {
+    testkit::same_contents(a, b).unwrap().unwrap();
+}
+
+#[test]
+fn files_and_vmdks_copy_exactly_and_a_second_copy_rewrites_the_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src.raw"), dir.path().join("dst.raw"));
+    let data = image(&src, 64 * MIB, 3);
+    let s = summary(&proxy().arg("disk-copy").arg(&src).arg(&dst).arg("--json").output().unwrap());
+    assert_eq!(s["copied"], data);
+    assert_eq!(s["read"], data, "only allocated data is read");
+    same(&src, &dst);
+    // Sparse on disk: the holes stayed holes.
+    let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&dst).unwrap());
+    assert!(blocks * 512 < data + 8 * MIB, "{} bytes allocated for {data} of data", blocks * 512);
+
+    // The destination now holds other data: a second copy zeroes what is not in the source.
+    let f = File::options().write(true).open(&dst).unwrap();
+    for i in 0..64 {
+        f.write_all_at(&[0xff; 4096], i * MIB).unwrap();
+    }
+    let s = summary(&proxy().arg("disk-copy").arg(&src).arg(&dst).arg("--json").output().unwrap());
+    assert_eq!(s["zero"], 64 * MIB - data);
+    same(&src, &dst);
+
+    if let Some(qemu_img) =
+        require_tool("qemu-img", "files_and_vmdks_copy_exactly_and_a_second_copy_rewrites_the_target")
+    {
+        let vmdk = dir.path().join("src.vmdk");
+        testkit::run(
+            Command::new(&qemu_img)
+                .args(["convert", "-O", "vmdk", "-o", "subformat=streamOptimized"])
+                .arg(&src)
+                .arg(&vmdk),
+        );
+        let out = dir.path().join("from-vmdk.raw");
+        summary(&proxy().arg("disk-copy").arg(&vmdk).arg(&out).arg("--json").output().unwrap());
+        same(&src, &out);
+    }
+}
+
+#[test]
+fn nbd_sources_and_destinations() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    image(&src, 32 * MIB, 5);
+    let mut pairs: Vec<(Server, Option<PathBuf>)> = Vec::new();
+    if let Some(k) = require_tool("nbdkit", "nbd_sources_and_destinations") {
+        let file = format!("file={}", src.display());
+        pairs.push((Server::nbdkit(&k, Listen::Tcp(free_port()), &["-r", "file", &file]), None));
+    }
+    if let Some(q) = require_tool("qemu-nbd", "nbd_sources_and_destinations") {
+        pairs.push((Server::qemu_nbd(&q, &src, Listen::Unix(dir.path().join("q.sock")), &["-r"]), None));
+        let target = dir.path().join("target.raw");
+        File::create(&target).unwrap().set_len(32 * MIB).unwrap();
+        pairs.push((Server::qemu_nbd(&q, &target, Listen::Unix(dir.path().join("t.sock")), &[]), Some(target)));
+    }
+    for (i, (server, target)) in pairs.iter().enumerate() {
+        match target {
+            None => {
+                let out = dir.path().join(format!("out{i}.raw"));
+                summary(&proxy().arg("disk-copy").arg(server.uri()).arg(&out).arg("--json").output().unwrap());
+                same(&src, &out);
+            }
+            Some(file) => {
+                let state = dir.path().join("state");
+                let s = summary(
+                    &proxy()
+                        .arg("disk-copy")
+                        .arg(&src)
+                        .arg(server.uri())
+                        .arg("--state-dir")
+                        .arg(&state)
+                        .arg("--json")
+                        .output()
+                        .unwrap(),
+                );
+                assert!(s["zero"].as_u64().unwrap() > 0, "an NBD target is zeroed where the source has holes");
+                same(&src, file);
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_input_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = proxy().arg("disk-copy").arg(dir.path().join("nope.raw")).arg(dir.path().join("o.raw")).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope.raw"));
+    let out = proxy().args(["disk-copy", "nbd://host:port/x", "/dev/null"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("port is not a number"));
+    let out = proxy().args(["disk-copy", "a", "b", "--request-size", "4X"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown unit"));
+}
+
+fn checkpoint_done(state: &Path) -> Option<u64> {
+    for e in std::fs::read_dir(state).ok()? {
+        let p = e.ok()?.path();
+        if p.to_string_lossy().ends_with(".checkpoint.json") {
+            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).ok()?).ok()?;
+            return Some(v["done"].as_array()?.iter().map(|r| r[1].as_u64().unwrap_or(0)).sum());
+        }
+    }
+    None
+}
+
+#[test]
+fn a_copy_killed_past_half_way_resumes_and_reads_only_what_is_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src.raw"), dir.path().join("dst.raw"));
+    let scale: u64 = std::env::var("SYNCPROXY_SOAK_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1).max(1);
+    let data = image(&src, 256 * MIB * scale, 9);
+    let interval = 8 * MIB;
+    let state = dir.path().join("dst.raw.syncproxy");
+    // 64 MiB/s: a few seconds, long enough to kill it in the middle.
+    let mut child = proxy()
+        .arg("disk-copy")
+        .arg(&src)
+        .arg(&dst)
+        .args(["--rate", "64M", "--checkpoint-every", "8M", "--json"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let done_at_kill = loop {
+        if let Some(done) = checkpoint_done(&state)
+            && done >= data / 2
+        {
+            child.kill().unwrap(); // SIGKILL
+            break done;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the copy finished before it could be killed");
+        assert!(started.elapsed() < Duration::from_secs(120), "no checkpoint past half-way");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    child.wait().unwrap();
+    // The killed process may have saved one more checkpoint while dying: read it again.
+    let done = checkpoint_done(&state).unwrap();
+    assert!(done >= done_at_kill);
+
+    let s = summary(&proxy().arg("disk-copy").arg(&src).arg(&dst).arg("--json").output().unwrap());
+    assert_eq!(s["resumed"], true);
+    let read = s["read"].as_u64().unwrap();
+    assert!(read <= data - done + interval, "read {read} after resuming; {} was left", data - done);
+    assert_eq!(s["resumed_bytes"], done);
+    same(&src, &dst);
+    if let Some(qemu_img) = require_tool("qemu-img", "a_copy_killed_past_half_way_resumes_and_reads_only_what_is_left")
+    {
+        testkit::run(Command::new(qemu_img).args(["compare", "-f", "raw", "-F", "raw"]).arg(&src).arg(&dst));
+    }
+    assert!(checkpoint_done(&state).is_none(), "the finished copy dropped its checkpoint");
+}
