@@ -1,5 +1,6 @@
 //! The project's automation entry point: `cargo xtask ci` is what CI and the README run.
 
+mod bench_copy;
 mod bench_vddk;
 mod bench_vmdk;
 mod boundaries;
@@ -24,6 +25,10 @@ cargo xtask COMMAND
   fuzz [TARGET] [SECONDS] run one fuzz target (or all) for SECONDS each (default 60)
   fuzz-seeds              remake the VMDK fuzz seeds from qemu-img output and our writers
   bench [ARGS...]         the criterion benchmarks (ARGS go to criterion)
+  bench copy              proxy disk-copy against nbdcopy, qemu-img convert and cp on generated
+                          4 GiB (50 % data) and 16 GiB (10 %) images, durable, alternating
+                          (BENCH_COPY_ROUNDS, default 3; BENCH_COPY_SMALL=1 for a quick run;
+                          BENCH_COPY_ONLY=TEXT for the rows whose name contains TEXT)
   bench-vddk              a 4 GiB disk read through the VDDK binding (fake library) against dd
                           (BENCH_VDDK_MIB, default 4096; BENCH_VDDK_ROUNDS, default 3)
   bench-vmdk              VMDK to raw: probe vmdk --to-raw against qemu-img convert, same files
@@ -50,6 +55,7 @@ fn main() -> Result<()> {
         Some("bench-vmdk") => bench_vmdk::run(&root),
         Some("codegen") => codegen::run(&root, args.get(1).is_some_and(|a| a == "--check")),
         Some("fuzz-seeds") => seeds::make(&root),
+        Some("bench") if args.get(1).is_some_and(|a| a == "copy") => bench_copy::run(&root),
         Some("bench") => cargo(
             &["bench", "--locked", "-p", "benches", "--"]
                 .iter()

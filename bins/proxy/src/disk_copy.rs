@@ -16,7 +16,7 @@ use pipeline::replicate::{SyncJob, sync};
 use pipeline::source::{FileSource, NbdSource, VmdkSource};
 use pipeline::state::{StateStore, SyncKey};
 use pipeline::{BlockError, BlockSink, BlockSource, CopyOptions, Engine};
-use replica::{FileSink, FileSinkOptions, NbdSink};
+use replica::{FileSink, FileSinkOptions, NbdSink, NullSink};
 
 use crate::size;
 
@@ -26,7 +26,8 @@ pub(crate) struct Args {
     /// Source: a raw image, block device, VMDK (with its chain), or NBD URI
     /// (`nbd://HOST:PORT/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`).
     src: String,
-    /// Destination: a file (created sparse if missing), block device, or NBD URI.
+    /// Destination: a file (created sparse if missing), block device, NBD URI, or `null:`
+    /// (discard, to measure a source; needs --state-dir).
     dst: String,
     /// Requests in flight.
     #[arg(long, default_value_t = 8)]
@@ -44,6 +45,9 @@ pub(crate) struct Args {
     /// copying at once, the number of concurrent hosts is a sensible value.
     #[arg(long, default_value_t = 0)]
     release_cpu_time: u32,
+    /// Size of one read on the wire from an NBD source (requests are split into these).
+    #[arg(long, default_value = "256K", value_parser = size::parse)]
+    nbd_request_size: u64,
     /// NBD connections per end, used only when the server offers multi-conn.
     #[arg(long, default_value_t = 2)]
     connections: usize,
@@ -103,7 +107,8 @@ fn is_vmdk(path: &Path) -> bool {
 
 async fn open_source(args: &Args) -> Result<Arc<dyn BlockSource>> {
     if Uri::is_uri(&args.src) {
-        return Ok(Arc::new(NbdSource::connect(&args.src, args.connections, None).await?));
+        let src = NbdSource::connect(&args.src, args.connections, None).await?;
+        return Ok(Arc::new(src.with_wire_request(args.nbd_request_size)));
     }
     let path = Path::new(&args.src);
     if is_vmdk(path) {
@@ -144,7 +149,9 @@ async fn copy(args: &Args) -> Result<ExitCode> {
     }
     let source = open_source(args).await?;
     let size = source.size();
-    let sink: Arc<dyn BlockSink> = if Uri::is_uri(&args.dst) {
+    let sink: Arc<dyn BlockSink> = if args.dst == "null:" {
+        Arc::new(NullSink::new(size, granularity))
+    } else if Uri::is_uri(&args.dst) {
         Arc::new(NbdSink::connect(&args.dst, args.connections, granularity, args.target_is_zero).await?)
     } else {
         Arc::new(FileSink::open(&args.dst, size, FileSinkOptions { granularity, direct: args.direct })?)

@@ -183,6 +183,8 @@ struct Disk {
     source: Arc<dyn BlockSource>,
     sink: Arc<dyn BlockSink>,
     granularity: NonZeroU64,
+    /// The digest of one all-zero block, computed once.
+    zero_block: [u8; 32],
     known_zero: bool,
     engine: Engine,
     options: CopyOptions,
@@ -266,6 +268,7 @@ pub async fn copy_disk(
         source: job.source,
         sink: job.sink,
         granularity: sink_g,
+        zero_block: zero_digest(sink_g.get()),
         engine: engine.clone(),
         options: CopyOptions { request_size: request, ..options.clone() },
         progress,
@@ -367,6 +370,19 @@ impl Disk {
         self.queue.lock().unwrap_or_else(|p| p.into_inner()).push_front(w);
     }
 
+    /// Sets the digests of the blocks in `[offset, offset + len)` to those of zero blocks.
+    fn zeroed_digests(&self, offset: u64, len: u64) {
+        let g = self.granularity.get();
+        let mut d = self.digests.lock().unwrap_or_else(|p| p.into_inner());
+        for block in offset / g..(offset + len).div_ceil(g) {
+            let blen = g.min(d.capacity - block * g);
+            let digest = if blen == g { self.zero_block } else { zero_digest(blen) };
+            if let Some(slot) = usize::try_from(block).ok().and_then(|b| d.blocks.get_mut(b)) {
+                *slot = digest;
+            }
+        }
+    }
+
     fn count(&self, f: impl FnOnce(&mut Counts)) {
         f(&mut self.counts.lock().unwrap_or_else(|p| p.into_inner()));
     }
@@ -378,15 +394,9 @@ impl Disk {
                 Work::Zero { offset, len } => {
                     if !self.known_zero {
                         self.retrying("zeroing", || self.sink.write_zeroes(offset, len)).await?;
-                        let g = self.granularity.get();
-                        let mut d = self.digests.lock().unwrap_or_else(|p| p.into_inner());
-                        for block in offset / g..(offset + len).div_ceil(g) {
-                            let blen = g.min(d.capacity - block * g);
-                            if let Some(slot) = usize::try_from(block).ok().and_then(|b| d.blocks.get_mut(b)) {
-                                *slot = zero_digest(blen);
-                            }
-                        }
                     }
+                    // A zeroed block's digest is the zero block's, whatever the sink held.
+                    self.zeroed_digests(offset, len);
                     self.progress.zero(len);
                     self.count(|c| c.zero += len);
                     self.completed(offset, len).await?;
@@ -433,16 +443,27 @@ impl Disk {
         self.progress.read(len);
         self.count(|c| c.read += len);
 
-        // Per sink block: its digest, and whether it is all zeros.
+        // Per sink block: its digest, and whether it is all zeros. Hashing a request takes a
+        // millisecond or more, so it runs off the async threads, which keep the sockets moving.
         let g = usize::try_from(self.granularity.get()).unwrap_or(usize::MAX);
         let first_block = offset / self.granularity.get();
-        let mut zero_flags = Vec::with_capacity(buf.len().div_ceil(g));
-        let mut hashes = Vec::with_capacity(buf.len().div_ceil(g));
-        for block in buf.chunks(g) {
-            let zero = self.options.detect_zeroes && is_zero(block);
-            hashes.push(if zero { zero_digest(block.len() as u64) } else { *blake3::hash(block).as_bytes() });
-            zero_flags.push(zero);
-        }
+        let (detect, zero_block) = (self.options.detect_zeroes, self.zero_block);
+        let (buf, zero_flags, hashes) = tokio::task::spawn_blocking(move || {
+            let mut zero_flags = Vec::with_capacity(buf.len().div_ceil(g));
+            let mut hashes = Vec::with_capacity(buf.len().div_ceil(g));
+            for block in buf.chunks(g) {
+                let zero = detect && is_zero(block);
+                hashes.push(match (zero, block.len() == g) {
+                    (true, true) => zero_block,
+                    (true, false) => zero_digest(block.len() as u64),
+                    (false, _) => *blake3::hash(block).as_bytes(),
+                });
+                zero_flags.push(zero);
+            }
+            (buf, zero_flags, hashes)
+        })
+        .await
+        .map_err(|e| BlockError::Invalid(format!("hashing task: {e}")))?;
         // Runs of equal flags become one write or one zeroing each, as slices of one buffer.
         let whole = buf.freeze();
         let mut i = 0;

@@ -36,6 +36,10 @@ pub struct FileSink {
     created: bool,
     device: bool,
     granularity: NonZeroU64,
+    /// Buffered writes from many threads into one file spin on its inode lock (measured: 6 %
+    /// of the copy's CPU with 8): two at a time keep one copying while the other waits. O_DIRECT
+    /// writes may overlap more, for queue depth.
+    writers: tokio::sync::Semaphore,
 }
 
 const DIRECT_ALIGN: u64 = 4096;
@@ -83,7 +87,8 @@ impl FileSink {
         } else {
             None
         };
-        Ok(Self { file: Arc::new(file), direct, path, size, created, device, granularity: options.granularity })
+        let writers = tokio::sync::Semaphore::new(if options.direct { 4 } else { 2 });
+        Ok(Self { file: Arc::new(file), direct, path, size, created, device, granularity: options.granularity, writers })
     }
 
     /// Whether this run created the file (so it reads as zeros and holds nothing).
@@ -141,6 +146,7 @@ impl BlockSink for FileSink {
         let (file, direct, path) = (self.file.clone(), self.direct.clone(), self.describe());
         Box::pin(async move {
             check_range(&path, offset, data.len() as u64, self.size)?;
+            let _turn = self.writers.acquire().await.map_err(|_| BlockError::Invalid("writer gate closed".into()))?;
             blocking(move || {
                 let aligned = data.as_ptr().align_offset(DIRECT_ALIGN as usize) == 0
                     && offset % DIRECT_ALIGN == 0

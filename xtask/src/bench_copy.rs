@@ -1,0 +1,335 @@
+//! `cargo xtask bench copy`: `proxy disk-copy` side by side with nbdcopy, `qemu-img convert`
+//! and `cp --sparse=always` on the same generated images, alternating runs, every timing ending
+//! with the data durable (`&& sync` for every tool, ours included). Prints the median wall
+//! time, client CPU, server CPU, peak RSS and our ratio against each peer.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+
+use anyhow::{Context, Result, bail};
+
+const MIB: u64 = 1 << 20;
+
+/// One timed run of a shell command: wall, user+sys CPU of it and its children, peak RSS.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sample {
+    wall: f64,
+    cpu: f64,
+    rss_mib: f64,
+    server_cpu: f64,
+}
+
+/// Runs `script` under `sh -c` inside a Python wrapper that reports the children's resource
+/// use (std has no wait4 with rusage, and `unsafe` stays out of xtask).
+fn measure(script: &str, server: Option<u32>) -> Result<Sample> {
+    const WRAP: &str = "import resource,subprocess,sys,time\n\
+t=time.monotonic()\n\
+r=subprocess.run(['sh','-c',sys.argv[1]],stdout=subprocess.DEVNULL)\n\
+w=time.monotonic()-t\n\
+u=resource.getrusage(resource.RUSAGE_CHILDREN)\n\
+print(w, u.ru_utime+u.ru_stime, u.ru_maxrss/1024.0)\n\
+sys.exit(r.returncode)";
+    let before = server.map(server_cpu).transpose()?;
+    let out = crate::output(Command::new("python3").args(["-c", WRAP, script]))
+        .with_context(|| format!("running {script}"))?;
+    let v: Vec<f64> = out.split_whitespace().filter_map(|s| s.parse().ok()).collect();
+    if v.len() != 3 {
+        bail!("unexpected measurement {out:?}");
+    }
+    let server_cpu = match (server, before) {
+        (Some(pid), Some(b)) => server_cpu(pid)? - b,
+        _ => 0.0,
+    };
+    Ok(Sample { wall: v[0], cpu: v[1], rss_mib: v[2], server_cpu })
+}
+
+/// User + system seconds a process (and its reaped threads) has used, from /proc.
+fn server_cpu(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|s| s.parse().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|s| s.parse().ok()).unwrap_or(0.0);
+    Ok(ticks / 100.0)
+}
+
+/// A deterministic sparse image: `data_mib` random 1 MiB extents at random 1 MiB slots.
+fn make_image(path: &Path, size: u64, data_mib: u64, seed: u64) -> Result<()> {
+    if path.metadata().is_ok_and(|m| m.len() == size) {
+        return Ok(());
+    }
+    let f = File::create(path)?;
+    f.set_len(size)?;
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let slots = size / MIB;
+    let mut order: Vec<u64> = (0..slots).collect();
+    for i in (1..order.len()).rev() {
+        let j = usize::try_from(next() % (i as u64 + 1))?;
+        order.swap(i, j);
+    }
+    let mut block = vec![0u8; MIB as usize];
+    for &slot in order.iter().take(usize::try_from(data_mib)?) {
+        for c in block.chunks_mut(8) {
+            c.copy_from_slice(&next().to_le_bytes());
+        }
+        f.write_all_at(&block, slot * MIB)?;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+fn free_bytes(path: &Path) -> Result<u64> {
+    let s = rustix::fs::statvfs(path)?;
+    Ok(s.f_bavail * s.f_frsize)
+}
+
+/// A server for the duration of some rows.
+struct Server {
+    child: Child,
+    uri: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn start(cmd: &mut Command, uri: String, probe: &dyn Fn() -> bool) -> Result<Self> {
+        let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+        let s = Self { child, uri };
+        let t = std::time::Instant::now();
+        while !probe() {
+            if t.elapsed().as_secs() > 10 {
+                bail!("{cmd:?} did not start");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(s)
+    }
+
+    fn unix(cmd: &mut Command, sock: &Path) -> Result<Self> {
+        // A socket left by a killed earlier run would make the server refuse to start.
+        let _ = std::fs::remove_file(sock);
+        let p = sock.to_path_buf();
+        Self::start(cmd, format!("nbd+unix:///?socket={}", sock.display()), &move || {
+            std::os::unix::net::UnixStream::connect(&p).is_ok()
+        })
+    }
+
+    fn tcp(cmd: &mut Command, port: u16) -> Result<Self> {
+        Self::start(cmd, format!("nbd://127.0.0.1:{port}"), &move || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+fn qemu_nbd(image: &Path, extra: &[String]) -> Command {
+    let mut c = Command::new("qemu-nbd");
+    c.args(["-f", "raw", "--persistent", "--shared=8", "--cache=writeback"]).args(extra).arg(image);
+    c
+}
+
+fn nbdkit(image: &Path, extra: &[String]) -> Command {
+    let mut c = Command::new("nbdkit");
+    c.args(["--foreground", "--exit-with-parent"]).args(extra).arg("file").arg(format!("file={}", image.display()));
+    c
+}
+
+/// One comparison: our command against a peer's, with what to do before each run.
+struct Row<'a> {
+    name: String,
+    data_bytes: u64,
+    ours: String,
+    peer: String,
+    peer_name: &'a str,
+    reset: String,
+    server: Option<u32>,
+}
+
+fn median_of(v: &[Sample], f: impl Fn(&Sample) -> f64) -> f64 {
+    let mut x: Vec<f64> = v.iter().map(f).collect();
+    crate::median(&mut x)
+}
+
+fn run_row(row: &Row<'_>, rounds: usize) -> Result<(f64, f64)> {
+    if let Ok(only) = std::env::var("BENCH_COPY_ONLY")
+        && !format!("{} vs {}", row.name, row.peer_name).contains(&only)
+    {
+        return Ok((f64::NAN, f64::NAN));
+    }
+    let (mut ours, mut peer) = (Vec::new(), Vec::new());
+    // A warm-up of each, then alternate, so drift on a noisy machine hits both alike.
+    for round in 0..=rounds {
+        for (which, script) in [(0, &row.ours), (1, &row.peer)] {
+            crate::output(Command::new("sh").args(["-c", &row.reset]))?;
+            let s = measure(script, row.server)?;
+            if round > 0 {
+                if which == 0 { ours.push(s) } else { peer.push(s) }
+            }
+        }
+    }
+    let mb = row.data_bytes as f64 / 1e6;
+    let line = |who: &str, v: &[Sample]| {
+        let wall = median_of(v, |s| s.wall);
+        println!(
+            "  {who:<10} {wall:7.3} s  {:8.0} MB/s  client CPU {:5.2} s ({:4.2} s/GB)  server CPU {:5.2} s  peak RSS {:6.1} MiB",
+            mb / wall,
+            median_of(v, |s| s.cpu),
+            median_of(v, |s| s.cpu) / (mb / 1e3),
+            median_of(v, |s| s.server_cpu),
+            median_of(v, |s| s.rss_mib)
+        );
+        wall
+    };
+    println!("{}", row.name);
+    let a = line("proxy", &ours);
+    let b = line(row.peer_name, &peer);
+    println!("  ratio: proxy is {:.2}x {}'s throughput", b / a, row.peer_name);
+    Ok((a, b))
+}
+
+pub(crate) fn run(root: &Path) -> Result<()> {
+    let small = std::env::var("BENCH_COPY_SMALL").is_ok_and(|v| v == "1");
+    let rounds: usize = std::env::var("BENCH_COPY_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(if small { 1 } else { 3 });
+    let (big, small_img) = if small { (512 * MIB, 256 * MIB) } else { (16 << 30, 4 << 30) };
+    let dir = root.join("target/bench-copy");
+    std::fs::create_dir_all(&dir)?;
+    let shm = PathBuf::from("/dev/shm/syncproxy-bench");
+    // Images (data only), one output at a time, an NBD target and slack.
+    let need = small_img / 2 + big / 10 + 2 * (small_img / 2) + big / 10 + 2 * (1 << 30) / if small { 16 } else { 1 };
+    let have = free_bytes(&dir)?;
+    if have < need {
+        bail!("bench copy needs about {} GiB free under {} and has {} GiB", need >> 30, dir.display(), have >> 30);
+    }
+    let shm_have = free_bytes(Path::new("/dev/shm"))?;
+    if shm_have < small_img / 2 + (256 << 20) {
+        bail!("bench copy needs about {} MiB free in /dev/shm and has {} MiB", (small_img / 2 + (256 << 20)) >> 20, shm_have >> 20);
+    }
+    for tool in ["nbdcopy", "nbdkit", "qemu-nbd", "qemu-img", "python3"] {
+        crate::output(Command::new("sh").args(["-c", &format!("command -v {tool}")]))
+            .with_context(|| format!("bench copy needs {tool} (apt: libnbd-bin, nbdkit, qemu-utils, python3)"))?;
+    }
+    crate::cargo(&["build", "--release", "--locked", "-p", "proxy"])?;
+    let proxy = root.join("target/release/proxy");
+    let proxy = proxy.display();
+
+    let img4 = dir.join("img4g.raw");
+    let img16 = dir.join("img16g.raw");
+    println!("making images in {} (deterministic; reused when present)", dir.display());
+    make_image(&img4, small_img, small_img / MIB / 2, 1)?;
+    make_image(&img16, big, big / MIB / 10, 2)?;
+    // Warm the page cache with the sources, as the baselines do.
+    for img in [&img4, &img16] {
+        crate::output(Command::new("sh").args(["-c", &format!("cat {} > /dev/null", img.display())]))?;
+    }
+    std::fs::create_dir_all(&shm)?;
+    let out = dir.join("out.raw");
+    let shm_out = shm.join("out.raw");
+    let rm = |p: &Path| format!("rm -rf {p} {p}.syncproxy; sync", p = p.display());
+    let d4 = small_img / 2;
+    let d16 = big / 10;
+    let port = |base: u16| if small { base + 1000 } else { base };
+
+    let mut ratios = Vec::new();
+    {
+        let (qs, ks) = (dir.join("qw.sock"), dir.join("ku.sock"));
+        let qemu = Server::unix(&mut qemu_nbd(&img4, &args(&["-r", "-k", &path(&qs)])), &qs)?;
+        let kit = Server::unix(&mut nbdkit(&img4, &args(&["-r", "-U", &path(&ks)])), &ks)?;
+        let kit_tcp = Server::tcp(&mut nbdkit(&img4, &args(&["-r", "-i", "127.0.0.1", "-p", &port(10809).to_string()])), port(10809))?;
+        let qemu_tcp =
+            Server::tcp(&mut qemu_nbd(&img4, &args(&["-r", "-b", "127.0.0.1", "-p", &port(10810).to_string()])), port(10810))?;
+        for (label, server) in [("qemu-nbd unix", &qemu), ("nbdkit unix", &kit), ("nbdkit tcp", &kit_tcp), ("qemu-nbd tcp", &qemu_tcp)] {
+            for (target, dst) in [("file on disk", &out), ("tmpfs", &shm_out)] {
+                if target == "tmpfs" && label.ends_with("tcp") {
+                    continue;
+                }
+                let row = Row {
+                    name: format!("NBD ({label}) -> {target}, {} MiB image, {} MiB data", small_img >> 20, d4 >> 20),
+                    data_bytes: d4,
+                    ours: format!("{proxy} disk-copy --no-progress '{}' {} && sync", server.uri, dst.display()),
+                    peer: format!("nbdcopy '{}' {} && sync", server.uri, dst.display()),
+                    peer_name: "nbdcopy",
+                    reset: rm(dst),
+                    server: Some(server.pid()),
+                };
+                ratios.push((row.name.clone(), run_row(&row, rounds)?));
+            }
+        }
+        let k16 = dir.join("k16.sock");
+        let kit16 = Server::unix(&mut nbdkit(&img16, &args(&["-r", "-U", &path(&k16)])), &k16)?;
+        let row = Row {
+            name: format!("NBD (nbdkit unix) -> file on disk, {} MiB image, {} MiB data", big >> 20, d16 >> 20),
+            data_bytes: d16,
+            ours: format!("{proxy} disk-copy --no-progress '{}' {} && sync", kit16.uri, out.display()),
+            peer: format!("nbdcopy '{}' {} && sync", kit16.uri, out.display()),
+            peer_name: "nbdcopy",
+            reset: rm(&out),
+            server: Some(kit16.pid()),
+        };
+        ratios.push((row.name.clone(), run_row(&row, rounds)?));
+    }
+    for (img, data) in [(&img4, d4), (&img16, d16)] {
+        let size = img.metadata()?.len();
+        for (peer_name, peer) in [
+            ("qemu-img", format!("qemu-img convert -m 16 -W -f raw -O raw {} {} && sync", img.display(), out.display())),
+            ("cp", format!("cp --sparse=always {} {} && sync", img.display(), out.display())),
+        ] {
+            let row = Row {
+                name: format!("file -> file, {} MiB image, {} MiB data", size >> 20, data >> 20),
+                data_bytes: data,
+                ours: format!("{proxy} disk-copy --no-progress {} {} && sync", img.display(), out.display()),
+                peer,
+                peer_name,
+                reset: rm(&out),
+                server: None,
+            };
+            ratios.push((format!("{} vs {peer_name}", row.name), run_row(&row, rounds)?));
+        }
+    }
+    {
+        let target = dir.join("target.raw");
+        File::create(&target)?.set_len(small_img)?;
+        let sock = dir.join("tw.sock");
+        let server = Server::unix(&mut qemu_nbd(&target, &args(&["-k", &path(&sock)])), &sock)?;
+        let state = dir.join("nbd-state");
+        let row = Row {
+            name: format!("file -> NBD (qemu-nbd unix, writeback), {} MiB image, {} MiB data", small_img >> 20, d4 >> 20),
+            data_bytes: d4,
+            ours: format!("{proxy} disk-copy --no-progress --state-dir {} {} '{}' && sync", state.display(), img4.display(), server.uri),
+            peer: format!("nbdcopy {} '{}' && sync", img4.display(), server.uri),
+            peer_name: "nbdcopy",
+            reset: format!("rm -rf {}; truncate -s 0 {t}; truncate -s {small_img} {t}; sync", state.display(), t = target.display()),
+            server: Some(server.pid()),
+        };
+        ratios.push((row.name.clone(), run_row(&row, rounds)?));
+    }
+    let _ = std::fs::remove_dir_all(&shm);
+    let _ = std::fs::remove_file(&out);
+    println!("\nsummary (median wall, durable; >1 means proxy is faster):");
+    for (name, (ours, peer)) in ratios.into_iter().filter(|(_, (o, _))| !o.is_nan()) {
+        println!("  {:5.2}x  {name}", peer / ours);
+    }
+    Ok(())
+}
+
+fn args(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
