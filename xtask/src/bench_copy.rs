@@ -204,7 +204,8 @@ fn run_row(row: &Row<'_>, rounds: usize) -> Result<(f64, f64)> {
 
 pub(crate) fn run(root: &Path) -> Result<()> {
     let small = std::env::var("BENCH_COPY_SMALL").is_ok_and(|v| v == "1");
-    let rounds: usize = std::env::var("BENCH_COPY_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(if small { 1 } else { 3 });
+    let rounds: usize =
+        std::env::var("BENCH_COPY_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(if small { 1 } else { 3 });
     let (big, small_img) = if small { (512 * MIB, 256 * MIB) } else { (16 << 30, 4 << 30) };
     let dir = root.join("target/bench-copy");
     std::fs::create_dir_all(&dir)?;
@@ -217,7 +218,11 @@ pub(crate) fn run(root: &Path) -> Result<()> {
     }
     let shm_have = free_bytes(Path::new("/dev/shm"))?;
     if shm_have < small_img / 2 + (256 << 20) {
-        bail!("bench copy needs about {} MiB free in /dev/shm and has {} MiB", (small_img / 2 + (256 << 20)) >> 20, shm_have >> 20);
+        bail!(
+            "bench copy needs about {} MiB free in /dev/shm and has {} MiB",
+            (small_img / 2 + (256 << 20)) >> 20,
+            shm_have >> 20
+        );
     }
     for tool in ["nbdcopy", "nbdkit", "qemu-nbd", "qemu-img", "python3"] {
         crate::output(Command::new("sh").args(["-c", &format!("command -v {tool}")]))
@@ -249,10 +254,17 @@ pub(crate) fn run(root: &Path) -> Result<()> {
         let (qs, ks) = (dir.join("qw.sock"), dir.join("ku.sock"));
         let qemu = Server::unix(&mut qemu_nbd(&img4, &args(&["-r", "-k", &path(&qs)])), &qs)?;
         let kit = Server::unix(&mut nbdkit(&img4, &args(&["-r", "-U", &path(&ks)])), &ks)?;
-        let kit_tcp = Server::tcp(&mut nbdkit(&img4, &args(&["-r", "-i", "127.0.0.1", "-p", &port(10809).to_string()])), port(10809))?;
-        let qemu_tcp =
-            Server::tcp(&mut qemu_nbd(&img4, &args(&["-r", "-b", "127.0.0.1", "-p", &port(10810).to_string()])), port(10810))?;
-        for (label, server) in [("qemu-nbd unix", &qemu), ("nbdkit unix", &kit), ("nbdkit tcp", &kit_tcp), ("qemu-nbd tcp", &qemu_tcp)] {
+        let kit_tcp = Server::tcp(
+            &mut nbdkit(&img4, &args(&["-r", "-i", "127.0.0.1", "-p", &port(10809).to_string()])),
+            port(10809),
+        )?;
+        let qemu_tcp = Server::tcp(
+            &mut qemu_nbd(&img4, &args(&["-r", "-b", "127.0.0.1", "-p", &port(10810).to_string()])),
+            port(10810),
+        )?;
+        for (label, server) in
+            [("qemu-nbd unix", &qemu), ("nbdkit unix", &kit), ("nbdkit tcp", &kit_tcp), ("qemu-nbd tcp", &qemu_tcp)]
+        {
             for (target, dst) in [("file on disk", &out), ("tmpfs", &shm_out)] {
                 if target == "tmpfs" && label.ends_with("tcp") {
                     continue;
@@ -285,7 +297,10 @@ pub(crate) fn run(root: &Path) -> Result<()> {
     for (img, data) in [(&img4, d4), (&img16, d16)] {
         let size = img.metadata()?.len();
         for (peer_name, peer) in [
-            ("qemu-img", format!("qemu-img convert -m 16 -W -f raw -O raw {} {} && sync", img.display(), out.display())),
+            (
+                "qemu-img",
+                format!("qemu-img convert -m 16 -W -f raw -O raw {} {} && sync", img.display(), out.display()),
+            ),
             ("cp", format!("cp --sparse=always {} {} && sync", img.display(), out.display())),
         ] {
             let row = Row {
@@ -307,12 +322,25 @@ pub(crate) fn run(root: &Path) -> Result<()> {
         let server = Server::unix(&mut qemu_nbd(&target, &args(&["-k", &path(&sock)])), &sock)?;
         let state = dir.join("nbd-state");
         let row = Row {
-            name: format!("file -> NBD (qemu-nbd unix, writeback), {} MiB image, {} MiB data", small_img >> 20, d4 >> 20),
+            name: format!(
+                "file -> NBD (qemu-nbd unix, writeback), {} MiB image, {} MiB data",
+                small_img >> 20,
+                d4 >> 20
+            ),
             data_bytes: d4,
-            ours: format!("{proxy} disk-copy --no-progress --state-dir {} {} '{}' && sync", state.display(), img4.display(), server.uri),
+            ours: format!(
+                "{proxy} disk-copy --no-progress --state-dir {} {} '{}' && sync",
+                state.display(),
+                img4.display(),
+                server.uri
+            ),
             peer: format!("nbdcopy {} '{}' && sync", img4.display(), server.uri),
             peer_name: "nbdcopy",
-            reset: format!("rm -rf {}; truncate -s 0 {t}; truncate -s {small_img} {t}; sync", state.display(), t = target.display()),
+            reset: format!(
+                "rm -rf {}; truncate -s 0 {t}; truncate -s {small_img} {t}; sync",
+                state.display(),
+                t = target.display()
+            ),
             server: Some(server.pid()),
         };
         ratios.push((row.name.clone(), run_row(&row, rounds)?));

@@ -41,6 +41,18 @@ const RULES: &[Rule] = &[
         why: "nbd-wire speaks NBD: bytes and offsets, no formats, no CBT, no VDDK",
     },
     Rule {
+        covers: |name| name == "pipeline",
+        forbidden_deps: &["vddk", "vddk-sys", "libloading", "hyper", "quick-xml", "rustls", "replica"],
+        forbidden_source: &["vixDiskLib", "VixDiskLib"],
+        why: "the pipeline is transport-neutral: no VDDK, no vSphere, and no sink of its own beyond tests",
+    },
+    Rule {
+        covers: |name| name == "replica",
+        forbidden_deps: &["vddk", "vddk-sys", "libloading", "hyper", "quick-xml", "rustls", "cbt"],
+        forbidden_source: &[],
+        why: "the target writer writes bytes where it is told: no VDDK, no vSphere, no planning",
+    },
+    Rule {
         covers: |_| true,
         forbidden_deps: &["anyhow"],
         forbidden_source: &[],

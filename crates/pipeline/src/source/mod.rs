@@ -6,7 +6,7 @@ mod nbd;
 mod vmdk;
 
 pub use file::{FileSource, data_extents};
-pub use nbd::{NbdPool, NbdSource};
+pub use nbd::{DEFAULT_WIRE_REQUEST, NbdPool, NbdSource};
 pub use vmdk::VmdkSource;
 
 /// Runs blocking file work off the async threads.
