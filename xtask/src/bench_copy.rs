@@ -74,7 +74,7 @@ fn make_image(path: &Path, size: u64, data_mib: u64, seed: u64) -> Result<()> {
         let j = usize::try_from(next() % (i as u64 + 1))?;
         order.swap(i, j);
     }
-    let mut block = vec![0u8; MIB as usize];
+    let mut block = vec![0u8; 1 << 20];
     for &slot in order.iter().take(usize::try_from(data_mib)?) {
         for c in block.chunks_mut(8) {
             c.copy_from_slice(&next().to_le_bytes());

@@ -48,8 +48,8 @@ const RULES: &[Rule] = &[
     },
     Rule {
         covers: |name| name == "replica",
-        forbidden_deps: &["vddk", "vddk-sys", "libloading", "hyper", "quick-xml", "rustls", "cbt"],
-        forbidden_source: &[],
+        forbidden_deps: &["vddk", "vddk-sys", "libloading", "hyper", "quick-xml", "rustls"],
+        forbidden_source: &["cbt::"],
         why: "the target writer writes bytes where it is told: no VDDK, no vSphere, no planning",
     },
     Rule {

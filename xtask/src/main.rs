@@ -18,7 +18,8 @@ const HELP: &str = "\
 cargo xtask COMMAND
 
   ci                      everything CI checks: format, clippy, tests, tidy, crate boundaries,
-                          every fuzz target for a short run, benches built and run once
+                          every fuzz target for a short run, benches built and run once,
+                          `bench copy` once on small images
   tidy                    the repository rules (module docs, no stubs, unsafe only in vddk crates)
   boundaries              the crate-boundary rules ARCHITECTURE.md states
   codegen [--check]       regenerate crates/vddk-sys/src/generated.rs (--check: fail if stale)
@@ -102,6 +103,11 @@ fn ci(root: &Path) -> Result<()> {
     if !skipped.is_empty() {
         println!("SKIPPED {} test(s) for want of an outside tool:\n{skipped}", skipped.lines().count());
     }
+    // The copy bench on small images, once: it must keep working, but its figures come from a
+    // full `cargo xtask bench copy` on a quiet machine.
+    step("bench copy (small, one round)", || {
+        run(cargo_cmd(&["xtask", "bench", "copy"]).env("BENCH_COPY_SMALL", "1").env("BENCH_COPY_ROUNDS", "1"))
+    })?;
     step("fuzz", || fuzz::run(root, None, fuzz_seconds))?;
     println!("xtask ci: every step passed");
     Ok(())

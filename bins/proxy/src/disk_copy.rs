@@ -70,6 +70,10 @@ pub(crate) struct Args {
     /// Open VMDK parents anywhere, not only beside the child (trusted local chains).
     #[arg(long)]
     any_path: bool,
+    /// Skip the BLAKE3 digest per block (saves about 0.23 CPU-seconds per GB; nothing to
+    /// verify the copy against later).
+    #[arg(long)]
+    no_digests: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -185,6 +189,7 @@ async fn copy(args: &Args) -> Result<ExitCode> {
         checkpoint_bytes: args.checkpoint_every,
         job_rate: args.rate.map(|r| Arc::new(RateLimiter::new(r))),
         release_cpu_time: ReleaseCpuTime(args.release_cpu_time),
+        digests: !args.no_digests,
         ..CopyOptions::default()
     };
     let progress = Arc::new(Progress::default());

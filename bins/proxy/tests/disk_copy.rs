@@ -1,5 +1,6 @@
 //! `proxy disk-copy` as a user runs it: file, VMDK and NBD sources and destinations, compared
 //! with `cmp`; a copy killed with SIGKILL past half-way that resumes; clear errors.
+#![expect(clippy::cast_possible_truncation, reason = "test sizes are small and the tests run on 64-bit machines")]
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -26,7 +27,7 @@ fn image(path: &Path, size: u64, seed: u64) -> u64 {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        if x % 2 == 0 {
+        if x.is_multiple_of(2) {
             let block: Vec<u8> = (0..MIB).map(|j| (j as u8) ^ (i as u8) ^ (x as u8) | 1).collect();
             f.write_all_at(&block, i * MIB).unwrap();
             data += MIB;

@@ -6,13 +6,25 @@
 
 pub mod cbt;
 pub mod nbd;
+pub mod pipeline;
 pub mod vmdk;
 
 /// A fuzz entry point: takes the fuzzer's bytes, panics on a broken promise.
 pub type FuzzTarget = fn(&[u8]);
 
 /// Every fuzz target: its name under `fuzz/fuzz_targets/` and its entry point.
-pub const TARGETS: &[(&str, FuzzTarget)] = &[("cbt_change_id", cbt::change_id), ("cbt_plan", cbt::plan_and_accumulate)];
+pub const TARGETS: &[(&str, FuzzTarget)] = &[
+    ("cbt_change_id", cbt::change_id),
+    ("cbt_plan", cbt::plan_and_accumulate),
+    ("vmdk_descriptor", vmdk::descriptor),
+    ("vmdk_sparse", vmdk::sparse),
+    ("vmdk_stream", vmdk::stream),
+    ("vmdk_cowd", vmdk::cowd),
+    ("vmdk_sesparse", vmdk::sesparse),
+    ("nbd_reply", nbd::reply),
+    ("nbd_uri", pipeline::nbd_uri),
+    ("state_files", pipeline::state_files),
+];
 
 /// Runs `f` on `iterations` pseudo-random inputs of up to `max_len` bytes, from a fixed seed so
 /// that a failure reproduces.

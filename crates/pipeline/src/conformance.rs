@@ -32,10 +32,10 @@ impl MemSource {
     pub fn new(data: Vec<u8>) -> Self {
         let mut set = ExtentSet::new();
         for (i, c) in data.chunks(64 << 10).enumerate() {
-            if c.iter().any(|&b| b != 0) {
-                if let Some(e) = cbt::Extent::new(i as u64 * (64 << 10), c.len() as u64) {
-                    set.insert(e);
-                }
+            if c.iter().any(|&b| b != 0)
+                && let Some(e) = cbt::Extent::new(i as u64 * (64 << 10), c.len() as u64)
+            {
+                set.insert(e);
             }
         }
         Self {
@@ -168,7 +168,7 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            *b = (x >> 24) as u8;
+            *b = x.to_le_bytes()[3];
         }
     }
     out
@@ -242,7 +242,7 @@ pub async fn check_sink(
 ) -> Result<(), String> {
     let size = sink.size();
     let g = sink.granularity().get();
-    ensure!(g > 0 && g.is_power_of_two() || g % 4096 == 0, "granularity {g}");
+    ensure!(g.is_power_of_two() || g.is_multiple_of(4096), "granularity {g}");
     ensure!(!sink.describe().is_empty(), "no description");
     let n = usize::try_from(size).map_err(|_| "size")?;
     if sink.known_zero() {

@@ -161,7 +161,7 @@ pub async fn sync(
     let report = copy_disk(disk, engine, options, progress).await?;
     job.sink.commit().await?;
     let (s, k, c, d) = (store, job.key.clone(), planned.commit.clone(), report.digests.clone());
-    let state = crate::source_blocking(move || s.commit(&k, c, &d)).await?;
+    let state = crate::source_blocking(move || s.commit(&k, c, g.get(), d.as_ref())).await?;
     Ok(SyncOutcome {
         full_reason: planned.plan.full_reason().cloned(),
         planned: planned.plan.read().total_bytes() + planned.plan.zero().total_bytes(),

@@ -273,15 +273,30 @@ impl StateStore {
     }
 
     /// Records a completed copy. Call only once the sink's commit has made the data durable:
-    /// the digests are written first, then the state that refers to them.
-    pub fn commit(&self, key: &SyncKey, committed: CommittedDisk, digests: &Digests) -> Result<SyncState, BlockError> {
-        write_atomic(&self.path(key, "digests"), &digests.encode())?;
+    /// the digests are written first, then the state that refers to them. A copy without
+    /// digests removes stale ones, so they never describe other data.
+    pub fn commit(
+        &self,
+        key: &SyncKey,
+        committed: CommittedDisk,
+        granularity: u64,
+        digests: Option<&Digests>,
+    ) -> Result<SyncState, BlockError> {
+        let path = self.path(key, "digests");
+        match digests {
+            Some(d) => write_atomic(&path, &d.encode())?,
+            None => match fs::remove_file(&path) {
+                Ok(()) => sync_dir(&path)?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(BlockError::io(format!("removing {}", path.display()), e)),
+            },
+        }
         let state = SyncState {
             format: STATE_FORMAT,
             key: key.clone(),
             committed: Some(committed),
             committed_at: Some(now()),
-            granularity: digests.granularity,
+            granularity,
             dirty: None,
         };
         self.save(&state)?;

@@ -1,5 +1,6 @@
 //! The memory cap with 100 disks copied at once, alone in its process so the process's peak
 //! memory (VmHWM) is this test's.
+#![expect(clippy::cast_possible_truncation, reason = "test sizes are small and the tests run on 64-bit machines")]
 
 use std::sync::Arc;
 

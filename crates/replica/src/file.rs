@@ -51,7 +51,7 @@ impl FileSink {
     pub fn open(path: impl AsRef<Path>, size: u64, options: FileSinkOptions) -> Result<Self, BlockError> {
         let path = path.as_ref().to_path_buf();
         let p = path.display().to_string();
-        if options.granularity.get() % DIRECT_ALIGN != 0 {
+        if !options.granularity.get().is_multiple_of(DIRECT_ALIGN) {
             return Err(BlockError::Invalid(format!("granularity {} is not a multiple of 4096", options.granularity)));
         }
         let existed = path.exists();
@@ -80,7 +80,7 @@ impl FileSink {
         let direct = if options.direct {
             let f = OpenOptions::new()
                 .write(true)
-                .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+                .custom_flags(i32::try_from(rustix::fs::OFlags::DIRECT.bits()).unwrap_or(0))
                 .open(&path)
                 .map_err(|e| BlockError::io(format!("opening {p} with O_DIRECT"), e))?;
             Some(Arc::new(f))
@@ -157,9 +157,9 @@ impl BlockSink for FileSink {
             check_range(&path, offset, data.len() as u64, self.size)?;
             let _turn = self.writers.acquire().await.map_err(|_| BlockError::Invalid("writer gate closed".into()))?;
             blocking(move || {
-                let aligned = data.as_ptr().align_offset(DIRECT_ALIGN as usize) == 0
-                    && offset % DIRECT_ALIGN == 0
-                    && data.len() as u64 % DIRECT_ALIGN == 0;
+                let aligned = data.as_ptr().addr().is_multiple_of(4096)
+                    && offset.is_multiple_of(DIRECT_ALIGN)
+                    && (data.len() as u64).is_multiple_of(DIRECT_ALIGN);
                 let f = match &direct {
                     Some(d) if aligned => d,
                     _ => &file,

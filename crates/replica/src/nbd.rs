@@ -35,7 +35,7 @@ impl NbdSink {
             )));
         }
         let min = pool.export().block_size.map_or(1, |(min, _, _)| u64::from(min));
-        if granularity.get() % min != 0 {
+        if !granularity.get().is_multiple_of(min) {
             return Err(BlockError::Invalid(format!(
                 "granularity {granularity} is not a multiple of {uri}'s block size {min}"
             )));

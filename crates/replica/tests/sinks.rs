@@ -1,6 +1,7 @@
 //! The shared sink conformance suite over every sink: memory, a new sparse file, an existing
 //! file full of old data, O_DIRECT, and NBD exports served by qemu-nbd and nbdkit; then the
 //! pipeline end to end from NBD sources with nbdkit's error and delay filters injecting faults.
+#![expect(clippy::cast_possible_truncation, reason = "test sizes are small and the tests run on 64-bit machines")]
 
 use std::num::NonZeroU64;
 use std::path::Path;
