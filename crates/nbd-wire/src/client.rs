@@ -154,6 +154,12 @@ impl Client {
         &self.export
     }
 
+    /// "Don't fragment" when the server allows it: one data chunk per read, so the server does
+    /// not look for holes in data the client has already mapped with block status.
+    fn read_flags(&self) -> u16 {
+        if self.export.structured && self.export.flags & tflag::SEND_DF != 0 { proto::cflag::DF } else { 0 }
+    }
+
     fn check_range(&self, offset: u64, length: u64) -> Result<(), NbdError> {
         if offset.checked_add(length).is_none_or(|end| end > self.export.size) {
             return Err(NbdError::OutOfRange { offset, length, size: self.export.size });
@@ -226,7 +232,12 @@ impl Client {
             return Ok(buf);
         }
         match self
-            .request("read", req(cmd::READ, 0, offset, length), &[], Waiting::Read { offset, buf, covered: 0 })
+            .request(
+                "read",
+                req(cmd::READ, self.read_flags(), offset, length),
+                &[],
+                Waiting::Read { offset, buf, covered: 0 },
+            )
             .await?
         {
             Done::Read(b) => Ok(b),

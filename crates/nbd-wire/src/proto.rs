@@ -70,6 +70,8 @@ pub mod tflag {
     pub const SEND_FUA: u16 = 1 << 3;
     /// WRITE_ZEROES is supported.
     pub const SEND_WRITE_ZEROES: u16 = 1 << 6;
+    /// The DF (don't fragment) read flag is supported.
+    pub const SEND_DF: u16 = 1 << 7;
     /// Several connections to the export see one consistent disk.
     pub const CAN_MULTI_CONN: u16 = 1 << 8;
     /// FAST_ZERO is supported.
@@ -98,6 +100,8 @@ pub mod cflag {
     pub const FUA: u16 = 1;
     /// WRITE_ZEROES: do not punch a hole.
     pub const NO_HOLE: u16 = 1 << 1;
+    /// READ with structured replies: send the data in one chunk, without hole detection.
+    pub const DF: u16 = 1 << 2;
     /// BLOCK_STATUS: one descriptor is enough.
     pub const REQ_ONE: u16 = 1 << 3;
     /// WRITE_ZEROES: fail rather than be slow.
