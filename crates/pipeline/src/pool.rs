@@ -1,12 +1,17 @@
 //! One bounded pool of I/O buffers per process, so a memory cap holds however many disks copy
-//! at once: requests shrink under pressure, and every waiting disk gets at least one buffer in
-//! turn (the semaphore is fair), so none starves.
+//! at once: requests shrink under pressure, and waiting leases are served in turn (first come,
+//! first served), so no disk starves.
+//!
+//! Buffers go back to the pool, not to the allocator: freeing and reallocating megabytes from
+//! many threads let glibc's per-thread arenas keep 30 % more than the cap resident (measured
+//! with 100 disks), so a returned buffer is handed to the next lease, whatever its size, and
+//! memory is only freed when a lease needs more than the cached buffers can give.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 /// The accounting unit: memory is reserved in multiples of it.
 pub const UNIT: u64 = 64 << 10;
@@ -35,9 +40,8 @@ pub struct BufferPool {
     cap_units: u32,
     cached: Mutex<Vec<(BytesMut, OwnedSemaphorePermit)>>,
     peak_units: AtomicU64,
-    /// Leases waiting for memory: while any wait, returned buffers free their memory instead
-    /// of being cached, or the cache could hold what the waiters need forever.
-    waiting: AtomicU64,
+    /// Signalled whenever a buffer or its memory comes back; waiting leases queue on it.
+    returned: Notify,
 }
 
 /// A buffer on loan from the pool, with the memory it is charged for. Hand the buffer back
@@ -64,17 +68,17 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let (Some(buf), Some(permit)) = (self.buf.take(), self.permit.take()) else { return };
-        if buf.capacity() as u64 > u64::try_from(permit.num_permits()).unwrap_or(0) * UNIT {
-            return;
+        let Some(permit) = self.permit.take() else { return };
+        if let Some(buf) = self.buf.take()
+            && buf.capacity() as u64 <= u64::try_from(permit.num_permits()).unwrap_or(0) * UNIT
+        {
+            let mut cached = self.pool.cached.lock().unwrap_or_else(|p| p.into_inner());
+            if cached.len() < MAX_CACHED {
+                cached.push((buf, permit));
+            }
         }
-        if self.pool.waiting.load(Ordering::SeqCst) > 0 {
-            return;
-        }
-        let mut cached = self.pool.cached.lock().unwrap_or_else(|p| p.into_inner());
-        if cached.len() < MAX_CACHED {
-            cached.push((buf, permit));
-        }
+        // Either way something came back (a buffer, or its memory): the next waiter may go.
+        self.pool.returned.notify_one();
     }
 }
 
@@ -94,7 +98,7 @@ impl BufferPool {
             cap_units,
             cached: Mutex::new(Vec::new()),
             peak_units: AtomicU64::new(0),
-            waiting: AtomicU64::new(0),
+            returned: Notify::new(),
         })
     }
 
@@ -114,30 +118,53 @@ impl BufferPool {
     }
 
     /// A buffer of `want` bytes, or less (halving, not below `min`) when memory is short;
-    /// waits for `min` bytes only when nothing smaller is at hand. Both are clamped to the cap.
+    /// waits only when not even `min` bytes are at hand. Both are clamped to the cap.
     pub async fn lease(self: &Arc<Self>, want: u64, min: u64) -> Lease {
         let want = want.clamp(1, self.cap());
         let min = min.clamp(1, want);
-        if let Some(lease) = self.try_lease(want, min) {
-            return lease;
+        loop {
+            // Register for a wake-up before looking, so a return in between is not missed.
+            let returned = self.returned.notified();
+            let mut returned = std::pin::pin!(returned);
+            returned.as_mut().enable();
+            if let Some(lease) = self.try_lease(want, min).or_else(|| self.any_cached(want, min)) {
+                return lease;
+            }
+            // What is cached is too small for even `min`: free it, so its memory can be had.
+            let freed = {
+                let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+                let n = cached.len();
+                cached.clear();
+                n > 0
+            };
+            if freed {
+                continue;
+            }
+            returned.await;
         }
-        // Announce the wait first, so no buffer is cached from here on; then free the cached
-        // ones (of the wrong size, or they would have been taken) and try again.
-        self.waiting.fetch_add(1, Ordering::SeqCst);
-        self.cached.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        if let Some(lease) = self.try_lease(want, min) {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-            return lease;
+    }
+
+    /// Any cached buffer of at least `min` bytes, used for up to `want` bytes.
+    fn any_cached(self: &Arc<Self>, want: u64, min: u64) -> Option<Lease> {
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        // The smallest that holds `want`, else the largest there is.
+        let fits = |b: &BytesMut| b.capacity() as u64 >= min;
+        let at = cached
+            .iter()
+            .enumerate()
+            .filter(|(_, (b, _))| fits(b) && b.capacity() as u64 >= want)
+            .min_by_key(|(_, (b, _))| b.capacity())
+            .or_else(|| cached.iter().enumerate().filter(|(_, (b, _))| fits(b)).max_by_key(|(_, (b, _))| b.capacity()))
+            .map(|(i, _)| i)?;
+        let (mut buf, permit) = cached.swap_remove(at);
+        drop(cached);
+        let size = to_usize(want.min(buf.capacity() as u64));
+        if buf.len() >= size {
+            buf.truncate(size);
+        } else {
+            buf.resize(size, 0);
         }
-        let permit = self.sem.clone().acquire_many_owned(units(min)).await;
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
-        let permit = match permit {
-            Ok(p) => p,
-            // The semaphore is never closed; this arm only satisfies the type.
-            Err(_) => return Lease { buf: Some(aligned(to_usize(min))), permit: None, pool: self.clone() },
-        };
-        self.note_peak();
-        Lease { buf: Some(aligned(to_usize(min))), permit: Some(permit), pool: self.clone() }
+        Some(Lease { buf: Some(buf), permit: Some(permit), pool: self.clone() })
     }
 
     fn try_lease(self: &Arc<Self>, want: u64, min: u64) -> Option<Lease> {
@@ -201,9 +228,31 @@ mod tests {
         let waiter = tokio::spawn(async move { p2.lease(128 << 10, 64 << 10).await.take().len() });
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         assert!(!waiter.is_finished());
+        // The first lease's memory comes back: the waiter gets all it asked for.
         drop(a);
-        assert_eq!(waiter.await.unwrap(), 64 << 10);
+        assert_eq!(waiter.await.unwrap(), 128 << 10);
         assert!(pool.peak() <= 1 << 20);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_lease_takes_a_returned_buffer_of_another_size() {
+        let pool = BufferPool::new(4 << 20);
+        let mut a = pool.lease(3 << 20, 1 << 20).await;
+        let buf = a.take();
+        let ptr = buf.as_ptr();
+        let p2 = pool.clone();
+        // Wants 2 MiB; only about 1 MiB is free and the minimum is 2 MiB: it waits.
+        let waiter = tokio::spawn(async move {
+            let mut l = p2.lease(2 << 20, 2 << 20).await;
+            let b = l.take();
+            (b.as_ptr() as usize, b.len())
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        a.put(buf);
+        drop(a);
+        // It got the 3 MiB buffer back, cut to 2 MiB, rather than fresh memory.
+        assert_eq!(waiter.await.unwrap(), (ptr as usize, 2 << 20));
     }
 
     #[tokio::test]
