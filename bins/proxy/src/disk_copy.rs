@@ -235,6 +235,7 @@ async fn copy(args: &Args) -> Result<ExitCode> {
     if args.json {
         let v = serde_json::json!({
             "copied": r.written, "zero": r.zero, "read": r.read, "resumed": outcome.resumed,
+            "was_inconsistent": outcome.was_dirty,
             "resumed_bytes": r.resumed, "retries": r.retries, "checkpoints": r.checkpoints,
             "seconds": secs, "mb_per_s": rate, "peak_buffer_bytes": engine.pool.peak(),
             "full_reason": outcome.full_reason.map(|f| f.to_string()),

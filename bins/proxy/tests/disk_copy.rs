@@ -195,3 +195,47 @@ fn a_copy_killed_past_half_way_resumes_and_reads_only_what_is_left() {
     }
     assert!(checkpoint_done(&state).is_none(), "the finished copy dropped its checkpoint");
 }
+
+#[test]
+fn a_replica_killed_while_being_updated_is_reported_inconsistent_until_a_copy_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src.raw"), dir.path().join("dst.raw"));
+    let data = image(&src, 128 * MIB, 11);
+    summary(&proxy().arg("disk-copy").arg(&src).arg(&dst).arg("--json").output().unwrap());
+    let state = dir.path().join("dst.raw.syncproxy");
+    let state_json = || -> serde_json::Value {
+        let p = std::fs::read_dir(&state)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.to_string_lossy().ends_with(".state.json"))
+            .unwrap();
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    assert!(state_json()["dirty"].is_null());
+
+    // The source changes everywhere; the update in place is killed part-way.
+    image(&src, 128 * MIB, 12);
+    let mut child = proxy()
+        .arg("disk-copy")
+        .arg(&src)
+        .arg(&dst)
+        .args(["--rate", "32M", "--checkpoint-every", "4M"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while checkpoint_done(&state).is_none_or(|d| d < data / 4) {
+        assert!(child.try_wait().unwrap().is_none(), "the update finished before it could be killed");
+        assert!(started.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(state_json()["dirty"].is_object(), "a replica half-updated must be marked inconsistent");
+    assert!(testkit::same_contents(&src, &dst).unwrap().is_err(), "the kill left it half-updated");
+
+    let s = summary(&proxy().arg("disk-copy").arg(&src).arg(&dst).arg("--json").output().unwrap());
+    assert_eq!(s["was_inconsistent"], true);
+    assert!(state_json()["dirty"].is_null());
+    same(&src, &dst);
+}

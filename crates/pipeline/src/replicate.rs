@@ -46,6 +46,9 @@ pub struct SyncOutcome {
     pub planned: u64,
     /// Whether it continued an interrupted copy.
     pub resumed: bool,
+    /// Whether the destination was left inconsistent by an earlier copy that did not finish
+    /// (this sync has made it whole).
+    pub was_dirty: bool,
     /// What the engine did.
     pub report: CopyReport,
     /// The committed state.
@@ -77,6 +80,7 @@ pub async fn sync(
         let (s, k) = (store.clone(), job.key.clone());
         crate::source_blocking(move || s.load(&k)).await?
     };
+    let was_dirty = previous.as_ref().is_some_and(|p| p.dirty.is_some());
     if let Some(p) = &previous
         && let Some(d) = &p.dirty
     {
@@ -166,6 +170,7 @@ pub async fn sync(
         full_reason: planned.plan.full_reason().cloned(),
         planned: planned.plan.read().total_bytes() + planned.plan.zero().total_bytes(),
         resumed,
+        was_dirty,
         report,
         state,
         warnings,
