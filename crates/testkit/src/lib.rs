@@ -18,19 +18,23 @@ pub fn require_tool(tool: &str, test: &str) -> Option<std::path::PathBuf> {
         .map(|dir| dir.join(tool))
         .find(|p| p.is_file());
     if found.is_none() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{test}: `{tool}` is required under CI=true (.ci/run installs it)"
-        );
-        eprintln!("SKIPPED {test}: `{tool}` is not installed");
-        if let Some(log) = std::env::var_os("SYNCPROXY_SKIP_LOG") {
-            use std::io::Write;
-            if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
-                let _ = writeln!(f, "{test}: `{tool}` not installed");
-            }
-        }
+        skip(test, &format!("`{tool}` is not installed"));
     }
     found
+}
+
+/// Skips a test for want of something outside it (a tool, a loop device): under `CI=true` this
+/// fails the test instead, since CI provides everything; elsewhere it says so loudly and is
+/// counted (appended to the file named by `SYNCPROXY_SKIP_LOG`). The caller returns after it.
+pub fn skip(test: &str, why: &str) {
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "{test}: {why}, and under CI=true nothing may be skipped");
+    eprintln!("SKIPPED {test}: {why}");
+    if let Some(log) = std::env::var_os("SYNCPROXY_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+            let _ = writeln!(f, "{test}: {why}");
+        }
+    }
 }
 
 /// Runs a command, panicking with its output when it fails.
