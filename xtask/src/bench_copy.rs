@@ -232,8 +232,9 @@ pub(crate) fn run(root: &Path) -> Result<()> {
     let proxy = root.join("target/release/proxy");
     let proxy = proxy.display();
 
-    let img4 = dir.join("img4g.raw");
-    let img16 = dir.join("img16g.raw");
+    // Named by size, so the small CI run never replaces the full-size images.
+    let img4 = dir.join(format!("img-{}m-50pct.raw", small_img >> 20));
+    let img16 = dir.join(format!("img-{}m-10pct.raw", big >> 20));
     println!("making images in {} (deterministic; reused when present)", dir.display());
     make_image(&img4, small_img, small_img / MIB / 2, 1)?;
     make_image(&img16, big, big / MIB / 10, 2)?;
