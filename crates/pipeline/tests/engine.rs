@@ -294,3 +294,73 @@ async fn a_cancelled_copy_resumes_from_its_checkpoint_on_the_same_snapshot_only(
     assert!(!fresh.resumed);
     assert!(fresh.warnings.iter().any(|w| w.contains("snapshot is gone")), "{:?}", fresh.warnings);
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_global_rate_limit_holds_across_disks_and_the_job_limit_within_a_job() {
+    // Two disks of 8 MiB under a 16 MiB/s process limit, in the runtime's paused clock. A
+    // request waits for its own bytes before it starts, so the last one starts after 15 MiB
+    // have been paid for, less the 100 ms burst: between 0.84 s and a second.
+    let mut engine = Engine::new(64 * MIB);
+    engine.global_rate = Some(Arc::new(pipeline::limit::RateLimiter::new(16 * MIB)));
+    let jobs = (0..2)
+        .map(|i| {
+            let data = pattern((8 * MIB) as usize, 40 + i);
+            disk_copy(Arc::new(MemSource::new(data)), Arc::new(MemSink::new((8 * MIB) as usize, MIB)))
+        })
+        .collect();
+    let t0 = tokio::time::Instant::now();
+    let opts = CopyOptions { request_size: MIB, ..CopyOptions::default() };
+    for r in pipeline::copy_disks(jobs, &engine, &opts, 2, Arc::default()).await {
+        r.unwrap();
+    }
+    let elapsed = t0.elapsed();
+    let ms = elapsed.as_millis();
+    assert!((840..=1000).contains(&ms), "16 MiB at 16 MiB/s took {elapsed:?}");
+
+    // A job limit of 4 MiB/s on one 4 MiB disk, no global limit: 3 MiB paid for before the last
+    // request starts, less the burst.
+    let engine = Engine::new(64 * MIB);
+    let data = pattern((4 * MIB) as usize, 50);
+    let opts = CopyOptions {
+        request_size: MIB,
+        job_rate: Some(Arc::new(pipeline::limit::RateLimiter::new(4 * MIB))),
+        ..CopyOptions::default()
+    };
+    let t0 = tokio::time::Instant::now();
+    copy_disk(
+        disk_copy(Arc::new(MemSource::new(data)), Arc::new(MemSink::new((4 * MIB) as usize, MIB))),
+        &engine,
+        &opts,
+        Arc::default(),
+    )
+    .await
+    .unwrap();
+    let elapsed = t0.elapsed();
+    let ms = elapsed.as_millis();
+    assert!((650..=1000).contains(&ms), "4 MiB at 4 MiB/s took {elapsed:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn release_cpu_time_sleeps_after_each_request_in_each_stream() {
+    // 8 requests of 1 MiB over 2 streams, 50 ms after each: 4 pauses per stream, 200 ms.
+    let data = pattern((8 * MIB) as usize, 60);
+    let opts = CopyOptions {
+        request_size: MIB,
+        in_flight: 2,
+        release_cpu_time: pipeline::limit::ReleaseCpuTime(50),
+        ..CopyOptions::default()
+    };
+    let t0 = tokio::time::Instant::now();
+    let sink = Arc::new(MemSink::new(data.len(), MIB));
+    copy_disk(
+        disk_copy(Arc::new(MemSource::new(data.clone())), sink.clone()),
+        &Engine::new(64 * MIB),
+        &opts,
+        Arc::default(),
+    )
+    .await
+    .unwrap();
+    let ms = t0.elapsed().as_millis();
+    assert!((200..=260).contains(&ms), "took {ms} ms");
+    assert_eq!(sink.contents(), data);
+}
