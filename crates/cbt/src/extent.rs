@@ -147,9 +147,19 @@ impl ExtentSet {
         self.extents.get(i).is_some_and(|e| e.start <= offset)
     }
 
-    /// Adds one range to the set.
+    /// Adds one range to the set, in place: it merges with the extents it overlaps or touches,
+    /// found by binary search, so recording completions one by one stays cheap.
     pub fn insert(&mut self, extent: Extent) {
-        *self = self.union(&Self { extents: vec![extent] });
+        // Sorted, disjoint and non-touching, so both predicates are monotone along the vector.
+        let lo = self.extents.partition_point(|e| e.end < extent.start);
+        let hi = self.extents.partition_point(|e| e.start <= extent.end);
+        if lo == hi {
+            self.extents.insert(lo, extent);
+            return;
+        }
+        let merged =
+            Extent { start: extent.start.min(self.extents[lo].start), end: extent.end.max(self.extents[hi - 1].end) };
+        self.extents.splice(lo..hi, [merged]);
     }
 
     /// The bytes in either set.

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use cbt::{Extent, ExtentSet};
-use tokio::sync::Notify;
 
 use crate::limit::{RateLimiter, ReleaseCpuTime};
 use crate::pool::BufferPool;
@@ -63,18 +62,17 @@ impl Default for CopyOptions {
 /// A flag that stops copies cleanly: requests in flight finish, the progress is checkpointed,
 /// and the copy returns [`BlockError::Cancelled`].
 #[derive(Debug, Clone, Default)]
-pub struct Cancel(Arc<(AtomicBool, Notify)>);
+pub struct Cancel(Arc<AtomicBool>);
 
 impl Cancel {
-    /// Stops every copy sharing this flag.
+    /// Stops every copy sharing this flag (workers look before each request).
     pub fn cancel(&self) {
-        self.0.0.store(true, Ordering::SeqCst);
-        self.0.1.notify_waiters();
+        self.0.store(true, Ordering::SeqCst);
     }
 
     /// Whether it was cancelled.
     pub fn is_cancelled(&self) -> bool {
-        self.0.0.load(Ordering::SeqCst)
+        self.0.load(Ordering::SeqCst)
     }
 }
 
@@ -200,22 +198,12 @@ struct Disk {
     checkpoint: Option<(CheckpointTo, String)>,
     checkpointing: tokio::sync::Mutex<()>,
     failed: AtomicBool,
-    counts: Mutex<Counts>,
 }
 
 #[derive(Default)]
 struct Done {
     set: ExtentSet,
     since_checkpoint: u64,
-}
-
-#[derive(Default, Clone, Copy)]
-struct Counts {
-    read: u64,
-    written: u64,
-    zero: u64,
-    retries: u64,
-    checkpoints: u64,
 }
 
 /// Copies one disk. `progress` may be shared by the disks of one job.
@@ -252,6 +240,8 @@ pub async fn copy_disk(
     let read_left = job.read.difference(&job.done);
     let zero_left = job.zero.difference(&job.done);
     let resumed = job.read.union(&job.zero).intersection(&job.done).total_bytes();
+    // This disk's own counts, which also add up in the job's.
+    let progress = Arc::new(Progress::child_of(progress));
     progress.plan(job.read.total_bytes() + job.zero.total_bytes(), resumed);
 
     let mut queue = VecDeque::new();
@@ -283,7 +273,6 @@ pub async fn copy_disk(
         checkpoint,
         checkpointing: tokio::sync::Mutex::new(()),
         failed: AtomicBool::new(false),
-        counts: Mutex::new(Counts::default()),
     });
 
     let mut workers = tokio::task::JoinSet::new();
@@ -307,7 +296,7 @@ pub async fn copy_disk(
         }
         return Err(first_error.unwrap_or(BlockError::Cancelled));
     }
-    let counts = *disk.counts.lock().unwrap_or_else(|p| p.into_inner());
+    let counts = disk.progress.snapshot();
     let digests = options.digests.then(|| disk.digests.lock().unwrap_or_else(|p| p.into_inner()).clone());
     Ok(CopyReport {
         read: counts.read,
@@ -388,10 +377,6 @@ impl Disk {
         }
     }
 
-    fn count(&self, f: impl FnOnce(&mut Counts)) {
-        f(&mut self.counts.lock().unwrap_or_else(|p| p.into_inner()));
-    }
-
     async fn worker(&self) -> Result<(), BlockError> {
         while !self.stopping() {
             let Some(work) = self.next() else { return Ok(()) };
@@ -403,7 +388,6 @@ impl Disk {
                     // A zeroed block's digest is the zero block's, whatever the sink held.
                     self.zeroed_digests(offset, len);
                     self.progress.zero(len);
-                    self.count(|c| c.zero += len);
                     self.completed(offset, len).await?;
                 }
                 Work::Read { offset, len } => {
@@ -446,7 +430,6 @@ impl Disk {
             })
             .await?;
         self.progress.read(len);
-        self.count(|c| c.read += len);
 
         // Per sink block: its digest, and whether it is all zeros. Hashing a request takes a
         // millisecond or more, so it runs off the async threads, which keep the sockets moving.
@@ -486,11 +469,9 @@ impl Disk {
                     self.retrying("zeroing", || self.sink.write_zeroes(at, plen)).await?;
                 }
                 self.progress.zero(plen);
-                self.count(|c| c.zero += plen);
             } else {
                 self.retrying("writing", || self.sink.write_at(at, whole.slice(a..b))).await?;
                 self.progress.written(plen);
-                self.count(|c| c.written += plen);
             }
             i = j;
         }
@@ -519,7 +500,6 @@ impl Disk {
                     let wait = self.options.backoff.saturating_mul(1 << tries.min(6)).min(Duration::from_secs(5));
                     tracing::warn!("{what} {}: {e}; retrying in {wait:?}", self.source.describe());
                     self.progress.retry();
-                    self.count(|c| c.retries += 1);
                     tries += 1;
                     tokio::time::sleep(wait).await;
                 }
@@ -572,7 +552,7 @@ impl Disk {
         tokio::task::spawn_blocking(move || store.save_checkpoint(&cp, &digests))
             .await
             .map_err(|e| BlockError::Invalid(format!("checkpoint task: {e}")))??;
-        self.count(|c| c.checkpoints += 1);
+        self.progress.checkpoint();
         Ok(())
     }
 }

@@ -12,7 +12,6 @@ pub mod pool;
 pub mod progress;
 pub mod replicate;
 pub mod source;
-pub(crate) use source::blocking as source_blocking;
 pub mod state;
 
 #[cfg(feature = "test-utils")]
@@ -23,3 +22,11 @@ pub use engine::{
 };
 pub use error::BlockError;
 pub use io::{BlockSink, BlockSource, IoFuture, SourceAllocation, check_range};
+
+/// Runs blocking work (file I/O, fsync, state files) on tokio's blocking threads, off the async
+/// ones, for every source, sink and state operation that is not async by nature.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BlockError> + Send + 'static,
+) -> Result<T, BlockError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| BlockError::Invalid(format!("blocking task: {e}")))?
+}

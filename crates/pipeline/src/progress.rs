@@ -1,5 +1,7 @@
-//! Progress of a copy: counters any thread can read while it runs, with rate and ETA.
+//! Progress of a copy: counters any thread can read while it runs, with rate and ETA. A disk's
+//! counters can feed a job's ([`Progress::child_of`]), so both are read the same way.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -13,6 +15,9 @@ pub struct Progress {
     written: AtomicU64,
     zero: AtomicU64,
     retries: AtomicU64,
+    checkpoints: AtomicU64,
+    /// Where every count is added too.
+    parent: Option<Arc<Progress>>,
 }
 
 /// A reading of [`Progress`].
@@ -30,6 +35,8 @@ pub struct ProgressSnapshot {
     pub zero: u64,
     /// Retried requests.
     pub retries: u64,
+    /// Checkpoints saved.
+    pub checkpoints: u64,
     /// Time since the job started.
     pub elapsed: Duration,
 }
@@ -64,11 +71,18 @@ impl Default for Progress {
             written: AtomicU64::new(0),
             zero: AtomicU64::new(0),
             retries: AtomicU64::new(0),
+            checkpoints: AtomicU64::new(0),
+            parent: None,
         }
     }
 }
 
 impl Progress {
+    /// Counters of their own that also add to `parent` (a disk's, inside a job's).
+    pub fn child_of(parent: Arc<Progress>) -> Self {
+        Self { parent: Some(parent), ..Self::default() }
+    }
+
     /// The current counts.
     pub fn snapshot(&self) -> ProgressSnapshot {
         ProgressSnapshot {
@@ -78,28 +92,40 @@ impl Progress {
             written: self.written.load(Ordering::Relaxed),
             zero: self.zero.load(Ordering::Relaxed),
             retries: self.retries.load(Ordering::Relaxed),
+            checkpoints: self.checkpoints.load(Ordering::Relaxed),
             elapsed: self.started.elapsed(),
         }
     }
 
+    fn add(&self, counter: fn(&Progress) -> &AtomicU64, n: u64) {
+        counter(self).fetch_add(n, Ordering::Relaxed);
+        if let Some(p) = &self.parent {
+            p.add(counter, n);
+        }
+    }
+
     pub(crate) fn plan(&self, planned: u64, resumed: u64) {
-        self.planned.fetch_add(planned, Ordering::Relaxed);
-        self.resumed.fetch_add(resumed, Ordering::Relaxed);
+        self.add(|p| &p.planned, planned);
+        self.add(|p| &p.resumed, resumed);
     }
 
     pub(crate) fn read(&self, n: u64) {
-        self.read.fetch_add(n, Ordering::Relaxed);
+        self.add(|p| &p.read, n);
     }
 
     pub(crate) fn written(&self, n: u64) {
-        self.written.fetch_add(n, Ordering::Relaxed);
+        self.add(|p| &p.written, n);
     }
 
     pub(crate) fn zero(&self, n: u64) {
-        self.zero.fetch_add(n, Ordering::Relaxed);
+        self.add(|p| &p.zero, n);
     }
 
     pub(crate) fn retry(&self) {
-        self.retries.fetch_add(1, Ordering::Relaxed);
+        self.add(|p| &p.retries, 1);
+    }
+
+    pub(crate) fn checkpoint(&self) {
+        self.add(|p| &p.checkpoints, 1);
     }
 }

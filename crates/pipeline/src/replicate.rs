@@ -76,10 +76,7 @@ pub async fn sync(
     }
     let mut warnings = Vec::new();
     let store = job.store.clone();
-    let previous = {
-        let (s, k) = (store.clone(), job.key.clone());
-        crate::source_blocking(move || s.load(&k)).await?
-    };
+    let previous = on_store(&store, &job.key, |s, k| s.load(k)).await?;
     let was_dirty = previous.as_ref().is_some_and(|p| p.dirty.is_some());
     if let Some(p) = &previous
         && let Some(d) = &p.dirty
@@ -95,8 +92,7 @@ pub async fn sync(
         job.current.allocated = job.source.allocation().await?.map(|a| a.data);
     }
     // A checkpoint of this job on this snapshot is resumed; any other is stale.
-    let (s, k) = (store.clone(), job.key.clone());
-    let mut checkpoint = crate::source_blocking(move || s.load_checkpoint(&k)).await?;
+    let mut checkpoint = on_store(&store, &job.key, |s, k| s.load_checkpoint(k)).await?;
     if let Some((cp, _)) = &checkpoint
         && (cp.job != job.job || cp.source != job.source.identity())
     {
@@ -106,8 +102,7 @@ pub async fn sync(
             if cp.source != job.source.identity() { "its snapshot is gone" } else { "another job" }
         ));
         checkpoint = None;
-        let (s, k) = (store.clone(), job.key.clone());
-        crate::source_blocking(move || s.drop_checkpoint(&k)).await?;
+        on_store(&store, &job.key, |s, k| s.drop_checkpoint(k)).await?;
     }
     // Whether the destination held anything is decided when the job starts: a resumed job's
     // own writes do not count.
@@ -124,8 +119,7 @@ pub async fn sync(
     // An incremental needs the digests of the blocks it does not touch.
     let mut digests = Digests::zeros(g.get(), capacity);
     if matches!(planned.plan, CopyPlan::Incremental { .. }) {
-        let (s, k) = (store.clone(), job.key.clone());
-        match crate::source_blocking(move || s.load_digests(&k)).await? {
+        match on_store(&store, &job.key, |s, k| s.load_digests(k)).await? {
             Some(d) if d.granularity == g.get() && d.capacity == capacity => digests = d,
             _ => {
                 warnings
@@ -146,13 +140,12 @@ pub async fn sync(
             resumed = true;
         } else {
             warnings.push(format!("dropped the checkpoint of job {}: the plan changed", cp.job));
-            let (s, k) = (store.clone(), job.key.clone());
-            crate::source_blocking(move || s.drop_checkpoint(&k)).await?;
+            on_store(&store, &job.key, |s, k| s.drop_checkpoint(k)).await?;
         }
     }
 
-    let (s, k, j) = (store.clone(), job.key.clone(), job.job.clone());
-    crate::source_blocking(move || s.mark_dirty(&k, g.get(), &j)).await?;
+    let j = job.job.clone();
+    on_store(&store, &job.key, move |s, k| s.mark_dirty(k, g.get(), &j)).await?;
     let disk = DiskCopy {
         source: job.source.clone(),
         sink: job.sink.clone(),
@@ -164,8 +157,8 @@ pub async fn sync(
     };
     let report = copy_disk(disk, engine, options, progress).await?;
     job.sink.commit().await?;
-    let (s, k, c, d) = (store, job.key.clone(), planned.commit.clone(), report.digests.clone());
-    let state = crate::source_blocking(move || s.commit(&k, c, g.get(), d.as_ref())).await?;
+    let (c, d) = (planned.commit.clone(), report.digests.clone());
+    let state = on_store(&store, &job.key, move |s, k| s.commit(k, c, g.get(), d.as_ref())).await?;
     Ok(SyncOutcome {
         full_reason: planned.plan.full_reason().cloned(),
         planned: planned.plan.read().total_bytes() + planned.plan.zero().total_bytes(),
@@ -175,4 +168,14 @@ pub async fn sync(
         state,
         warnings,
     })
+}
+
+/// Runs one state-store operation on a blocking thread (they read, write and fsync files).
+async fn on_store<T: Send + 'static>(
+    store: &StateStore,
+    key: &SyncKey,
+    f: impl FnOnce(&StateStore, &SyncKey) -> Result<T, BlockError> + Send + 'static,
+) -> Result<T, BlockError> {
+    let (s, k) = (store.clone(), key.clone());
+    crate::blocking(move || f(&s, &k)).await
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use pipeline::{BlockError, BlockSink, IoFuture, check_range};
+use pipeline::{BlockError, BlockSink, IoFuture, blocking, check_range};
 use rustix::fs::FallocateFlags;
 
 /// How to open a file sink.
@@ -114,12 +114,6 @@ impl DeviceLike for std::fs::FileType {
     fn is_block_device_like(&self) -> bool {
         std::os::unix::fs::FileTypeExt::is_block_device(self)
     }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, BlockError> + Send + 'static,
-) -> Result<T, BlockError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| BlockError::Invalid(format!("blocking task: {e}")))?
 }
 
 /// Writes zeros the slow way, when the file system cannot punch or zero a range.

@@ -120,7 +120,7 @@ async fn injected_source_faults_are_retried_or_fail_without_committing() {
     let file = format!("file={}", raw.display());
     let store = StateStore::open(dir.path().join("state")).unwrap();
     let opts = CopyOptions {
-        request_size: MIB,
+        request_size: 256 << 10,
         backoff: std::time::Duration::from_millis(2),
         retries: 8,
         ..CopyOptions::default()
@@ -142,8 +142,12 @@ async fn injected_source_faults_are_retried_or_fail_without_committing() {
         current: disk(size),
         changes: cbt::Changes::NotQueried,
     };
+    // 64 requests of 256 KiB, each one read on the wire: some fail for certain (all pass with
+    // odds of 0.8^64), and none fails nine times running (0.2^9 each). Larger requests split
+    // into several wire reads would fail far more often, and could exhaust their retries.
     let src: Arc<dyn BlockSource> = Arc::new(NbdSource::connect(&flaky.uri(), 1, None).await.unwrap());
-    let sink: Arc<dyn BlockSink> = Arc::new(FileSink::open(&out, size, FileSinkOptions::default()).unwrap());
+    let small = FileSinkOptions { granularity: g(256 << 10), direct: false };
+    let sink: Arc<dyn BlockSink> = Arc::new(FileSink::open(&out, size, small).unwrap());
     let ok = sync(job(src, sink, "j1"), &Engine::new(64 * MIB), &opts, Arc::new(Progress::default())).await.unwrap();
     assert!(ok.report.retries > 0, "the error filter failed nothing?");
     assert_eq!(read_file(&out), data);

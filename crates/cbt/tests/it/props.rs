@@ -50,6 +50,16 @@ proptest! {
     #![proptest_config(config())]
 
     #[test]
+    fn inserting_extents_one_by_one_is_their_union((_unit, _units, a, b) in pair()) {
+        let mut got = a.clone();
+        for e in b.iter() {
+            got.insert(*e);
+        }
+        prop_assert_eq!(&got, &a.union(&b));
+        prop_assert!(normalised(&got));
+    }
+
+    #[test]
     fn binary_operations_match_the_model((unit, units, a, b) in pair()) {
         let cap = units as u64 * unit;
         let (a, b) = (a.clamp(cap), b.clamp(cap));

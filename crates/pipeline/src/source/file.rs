@@ -10,7 +10,7 @@ use bytes::BytesMut;
 use cbt::ExtentSet;
 use rustix::fs::SeekFrom;
 
-use super::blocking;
+use crate::blocking;
 use crate::{BlockError, BlockSource, IoFuture, SourceAllocation, check_range};
 
 /// A raw image file or a block device, read-only.
@@ -42,34 +42,6 @@ impl FileSource {
     }
 }
 
-/// The data extents of a file from `SEEK_DATA`/`SEEK_HOLE`, or `None` when the file system
-/// cannot tell (then everything counts as data).
-pub fn data_extents(file: &File, size: u64) -> Result<Option<ExtentSet>, std::io::Error> {
-    let mut set = ExtentSet::new();
-    let mut at = 0;
-    while at < size {
-        let start = match rustix::fs::seek(file, SeekFrom::Data(at)) {
-            Ok(s) => s,
-            Err(rustix::io::Errno::NXIO) => break,
-            Err(rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        if start >= size {
-            break;
-        }
-        let end = match rustix::fs::seek(file, SeekFrom::Hole(start)) {
-            Ok(e) => e.min(size),
-            Err(rustix::io::Errno::NXIO) => size,
-            Err(e) => return Err(e.into()),
-        };
-        if let Some(e) = cbt::Extent::from_bounds(start, end) {
-            set.insert(e);
-        }
-        at = end.max(start + 1);
-    }
-    Ok(Some(set))
-}
-
 impl BlockSource for FileSource {
     fn size(&self) -> u64 {
         self.size
@@ -90,8 +62,13 @@ impl BlockSource for FileSource {
                 return Ok(None);
             }
             blocking(move || {
-                let data = data_extents(&file, size).map_err(|e| BlockError::io(format!("mapping {path}"), e))?;
-                Ok(data.map(|data| SourceAllocation { data, zero: ExtentSet::new() }))
+                // `SEEK_DATA`/`SEEK_HOLE`, as the VMDK reader maps flat extents.
+                let ranges = vmdk::ReadAt::data_ranges(&*file, 0, size)
+                    .map_err(|e| BlockError::io(format!("mapping {path}"), e))?;
+                Ok(ranges.map(|r| SourceAllocation {
+                    data: ExtentSet::from_extents(r.into_iter().filter_map(|(a, b)| cbt::Extent::from_bounds(a, b))),
+                    zero: ExtentSet::new(),
+                }))
             })
             .await
         })

@@ -5,13 +5,6 @@ mod file;
 mod nbd;
 mod vmdk;
 
-pub use file::{FileSource, data_extents};
+pub use file::FileSource;
 pub use nbd::{DEFAULT_WIRE_REQUEST, NbdPool, NbdSource};
 pub use vmdk::VmdkSource;
-
-/// Runs blocking file work off the async threads.
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, crate::BlockError> + Send + 'static,
-) -> Result<T, crate::BlockError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| crate::BlockError::Invalid(format!("blocking task: {e}")))?
-}

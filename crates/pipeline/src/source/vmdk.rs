@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 
-use super::blocking;
+use crate::blocking;
 use crate::{BlockError, BlockSource, IoFuture, SourceAllocation, check_range};
 
 /// An opened VMDK chain.
