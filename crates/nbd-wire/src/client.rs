@@ -69,6 +69,11 @@ type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 /// payloads larger than the buffer go straight into the request's memory.
 type Reader = tokio::io::BufReader<Box<dyn AsyncRead + Send + Unpin>>;
 
+/// The reply buffer: room for many headers, yet small, because the part of a payload that
+/// arrives with a header is copied once more out of it (with 64 KiB, `memmove` was 2.8 % of a
+/// copy's CPU).
+const REPLY_BUFFER: usize = 8 << 10;
+
 /// What a request is waiting for, owned by the table until its reply is done.
 enum Waiting {
     Read { offset: u64, buf: BytesMut, covered: u64 },
@@ -144,7 +149,7 @@ impl Client {
             next_cookie: AtomicU64::new(1),
             closed: Mutex::new(None),
         });
-        let reader = tokio::io::BufReader::with_capacity(64 << 10, reader);
+        let reader = tokio::io::BufReader::with_capacity(REPLY_BUFFER, reader);
         let task = tokio::spawn(read_replies(reader, shared.clone()));
         Ok(Self { shared, export: negotiated, reader: task })
     }
