@@ -53,6 +53,12 @@ const RULES: &[Rule] = &[
         why: "the target writer writes bytes where it is told: no VDDK, no vSphere, no planning",
     },
     Rule {
+        covers: |name| name == "vsphere",
+        forbidden_deps: &["vddk", "vddk-sys", "libloading", "pipeline", "replica", "nbd-wire", "vmdk", "ring"],
+        forbidden_source: &["VixDiskLib", "std::process"],
+        why: "the vSphere client speaks SOAP and HTTPS: no VDDK, no disk formats, no copying, one crypto provider",
+    },
+    Rule {
         covers: |_| true,
         forbidden_deps: &["anyhow"],
         forbidden_source: &[],

@@ -1,6 +1,8 @@
 //! `probe`: checks disks and estates against what syncproxy supports, before anything runs.
-//! Today: `probe vmdk` describes a VMDK and can write it as raw; `probe vddk` checks a VDDK.
+//! Today: `probe vmdk` describes a VMDK and can write it as raw; `probe vddk` checks a VDDK;
+//! `probe inventory` lists a vCenter's or ESXi host's VMs and disks.
 
+mod inventory_cmd;
 mod vddk_cmd;
 mod vmdk_cmd;
 
@@ -24,6 +26,8 @@ enum Command {
     /// Check a VDDK installation: the library version and path, its transports and which of
     /// the optional functions it has; `--read FILE` reads a local disk through it.
     Vddk(vddk_cmd::Args),
+    /// Log in to vCenter or ESXi and list its VMs with their disks, CBT and snapshots.
+    Inventory(inventory_cmd::Args),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +35,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Vmdk(args) => vmdk_cmd::run(&args),
         Command::Vddk(args) => vddk_cmd::run(&args),
+        Command::Inventory(args) => inventory_cmd::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

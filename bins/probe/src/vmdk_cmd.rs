@@ -177,7 +177,7 @@ fn to_raw(disk: &Disk, allocation: &vmdk::Allocation, out: &PathBuf, threads: Op
     }))
 }
 
-fn human(bytes: u64) -> String {
+pub(crate) fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
     let mut u = 0;

@@ -2,7 +2,9 @@
 //! skip loudly elsewhere), NBD servers, running commands, and comparing files. Dev-dependency
 //! only.
 
+pub mod pki;
 pub mod servers;
+pub mod vcsim;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

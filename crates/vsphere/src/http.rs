@@ -1,0 +1,222 @@
+//! HTTPS to one vSphere endpoint on hyper 1.x: a small pool of kept-alive connections, TLS
+//! through rustls with the chosen trust, bounded bodies and timeouts, and what the server's
+//! TLS looked like.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use crate::error::Error;
+use crate::tls::{ServerTls, Trust, client_config, server_name};
+
+/// Where a client talks to: scheme, host, port and path (`https://vc.example:443/sdk`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `https` (or `http`, allowed only with [`Trust::Insecure`]).
+    pub tls: bool,
+    /// The host name or address.
+    pub host: String,
+    /// The port.
+    pub port: u16,
+    /// The SOAP path (`/sdk`).
+    pub path: String,
+}
+
+impl Endpoint {
+    /// Parses `https://host[:port][/path]`; a bare host means `https://host/sdk`.
+    pub fn parse(url: &str) -> Result<Self, Error> {
+        let with_scheme = if url.contains("://") { url.to_owned() } else { format!("https://{url}") };
+        let uri: http::Uri = with_scheme.parse().map_err(|e| Error::Config(format!("{url:?} is not a URL: {e}")))?;
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            other => return Err(Error::Config(format!("{url:?}: the scheme must be https, not {other:?}"))),
+        };
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            return Err(Error::Config(format!(
+                "{}: put no user or password in the URL (they would end up in logs); use --user and a password file",
+                uri.host().unwrap_or("the URL")
+            )));
+        }
+        let host = uri.host().ok_or_else(|| Error::Config(format!("{url:?} has no host")))?.to_owned();
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let path = match uri.path() {
+            "" | "/" => "/sdk".to_owned(),
+            p => p.to_owned(),
+        };
+        Ok(Self { tls, host, port, path })
+    }
+
+    /// `host:port`.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Response {
+    /// The status.
+    pub status: u16,
+    /// The headers.
+    pub headers: http::HeaderMap,
+    /// The body.
+    pub body: Bytes,
+}
+
+/// Connections to one endpoint.
+#[derive(Debug)]
+pub struct Http {
+    endpoint: Endpoint,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
+    seen: Mutex<Option<ServerTls>>,
+    timeout: Duration,
+    max_body: usize,
+}
+
+/// Idle connections kept per endpoint.
+const MAX_IDLE: usize = 8;
+
+impl Http {
+    /// A pool for `endpoint` trusting as `trust` says.
+    pub fn new(endpoint: Endpoint, trust: &Trust, timeout: Duration, max_body: usize) -> Result<Self, Error> {
+        let tls = if endpoint.tls {
+            Some(Arc::new(client_config(trust)?))
+        } else if *trust == Trust::Insecure {
+            tracing::warn!(
+                "talking plain HTTP to {}: credentials and data cross the network unencrypted",
+                endpoint.host
+            );
+            None
+        } else {
+            return Err(Error::Config(format!(
+                "http://{} is unencrypted; use https, or opt in to no security with the insecure mode",
+                endpoint.authority()
+            )));
+        };
+        Ok(Self { endpoint, tls, idle: Mutex::new(Vec::new()), seen: Mutex::new(None), timeout, max_body })
+    }
+
+    /// The endpoint.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// The server's TLS as seen on the last connection made.
+    pub fn server_tls(&self) -> Option<ServerTls> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, Error> {
+        let what = format!("connecting to {}", self.endpoint.authority());
+        let tcp = TcpStream::connect((self.endpoint.host.trim_matches(['[', ']']), self.endpoint.port))
+            .await
+            .map_err(|source| Error::Io { context: what.clone(), source })?;
+        let _ = tcp.set_nodelay(true);
+        let io: Box<dyn Io> = match &self.tls {
+            Some(cfg) => {
+                let name = server_name(&self.endpoint.host)?;
+                let tls = tokio_rustls::TlsConnector::from(cfg.clone())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| Error::Tls { host: self.endpoint.host.clone(), message: e.to_string() })?;
+                let (_, conn) = tls.get_ref();
+                if let Some(cert) = conn.peer_certificates().and_then(|c| c.first()) {
+                    let version = conn.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default();
+                    *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(ServerTls::of(cert, version));
+                }
+                Box::new(tls)
+            }
+            None => Box::new(tcp),
+        };
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| Error::Http { context: what, message: e.to_string(), status: None })?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+
+    async fn sender(&self) -> Result<SendRequest<Full<Bytes>>, Error> {
+        loop {
+            let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            match idle {
+                Some(mut s) if !s.is_closed() => {
+                    if s.ready().await.is_ok() {
+                        return Ok(s);
+                    }
+                }
+                Some(_) => {}
+                None => return self.connect().await,
+            }
+        }
+    }
+
+    /// Sends a request (its URI is a path; the host is filled in) and reads the whole answer,
+    /// refusing bodies larger than the pool's limit.
+    pub async fn send(&self, mut req: http::Request<Full<Bytes>>, context: &str) -> Result<Response, Error> {
+        let host = http::HeaderValue::from_str(&self.endpoint.authority())
+            .map_err(|_| Error::Config(format!("{} is not a valid host", self.endpoint.host)))?;
+        req.headers_mut().insert(http::header::HOST, host);
+        let work = async {
+            let mut sender = self.sender().await?;
+            let resp = sender.send_request(req).await.map_err(|e| Error::Http {
+                context: context.to_owned(),
+                message: e.to_string(),
+                status: None,
+            })?;
+            let (parts, body) = resp.into_parts();
+            let body = Limited::new(body, self.max_body).collect().await.map_err(|e| Error::Http {
+                context: context.to_owned(),
+                message: format!("reading the answer: {e}"),
+                status: Some(parts.status.as_u16()),
+            })?;
+            if !sender.is_closed() {
+                let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+                if idle.len() < MAX_IDLE {
+                    idle.push(sender);
+                }
+            }
+            Ok(Response { status: parts.status.as_u16(), headers: parts.headers, body: body.to_bytes() })
+        };
+        tokio::time::timeout(self.timeout, work).await.map_err(|_| Error::Timeout(context.to_owned()))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_with_defaults_and_refuse_credentials() {
+        let e = Endpoint::parse("vc.example").unwrap();
+        assert_eq!((e.tls, e.host.as_str(), e.port, e.path.as_str()), (true, "vc.example", 443, "/sdk"));
+        let e = Endpoint::parse("https://127.0.0.1:8989/sdk").unwrap();
+        assert_eq!((e.port, e.authority()), (8989, "127.0.0.1:8989".to_owned()));
+        let err = Endpoint::parse("https://root:secret@vc/sdk").unwrap_err().to_string();
+        assert!(err.contains("no user or password") && !err.contains("secret"), "{err}");
+        assert!(Endpoint::parse("ftp://vc").is_err());
+    }
+
+    #[test]
+    fn plain_http_needs_the_insecure_opt_in() {
+        let e = Endpoint::parse("http://127.0.0.1:1/sdk").unwrap();
+        assert!(Http::new(e.clone(), &Trust::default(), Duration::from_secs(1), 1).is_err());
+        assert!(Http::new(e, &Trust::Insecure, Duration::from_secs(1), 1).is_ok());
+    }
+}

@@ -1,0 +1,259 @@
+//! TLS trust for vCenter and ESXi: the CA bundle by default, a pinned SHA-256 or SHA-1
+//! thumbprint, or an explicit insecure mode that warns on every connection. One rustls crypto
+//! provider (aws-lc-rs) for the whole workspace.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha1::Digest as _;
+
+use crate::error::Error;
+
+/// The one crypto provider of the workspace (aws-lc-rs: `object_store`'s S3 client brings it
+/// too, so there is never a second one).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Installs [`provider`] as the process default. Every binary and test calls this first, so a
+/// crate that asks rustls for "the default" never finds two and panics.
+pub fn install_crypto_provider() {
+    // Already installed (by an earlier call) is fine.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// A certificate thumbprint: a hash of the server's end-entity certificate (DER).
+#[derive(Clone, PartialEq, Eq)]
+pub enum Thumbprint {
+    /// SHA-1, as VMware prints it (`AA:BB:...`, 20 bytes).
+    Sha1([u8; 20]),
+    /// SHA-256 (32 bytes).
+    Sha256([u8; 32]),
+}
+
+impl Thumbprint {
+    /// Parses hex with or without colons; the length says which hash it is.
+    pub fn parse(s: &str) -> Result<Self, Error> {
+        let hex: String = s.trim().chars().filter(|c| *c != ':' && *c != '-' && *c != ' ').collect();
+        let bytes = hex::decode(&hex)
+            .map_err(|_| Error::Config(format!("thumbprint {s:?} is not hexadecimal (AA:BB:... or AABB...)")))?;
+        match bytes.len() {
+            20 => Ok(Self::Sha1(bytes.try_into().unwrap_or([0; 20]))),
+            32 => Ok(Self::Sha256(bytes.try_into().unwrap_or([0; 32]))),
+            n => Err(Error::Config(format!(
+                "thumbprint {s:?} has {n} bytes; SHA-1 thumbprints have 20 and SHA-256 ones 32"
+            ))),
+        }
+    }
+
+    /// Whether `cert` has this thumbprint.
+    pub fn matches(&self, cert: &[u8]) -> bool {
+        match self {
+            Self::Sha1(t) => sha1::Sha1::digest(cert).as_slice() == t,
+            Self::Sha256(t) => sha2::Sha256::digest(cert).as_slice() == t,
+        }
+    }
+}
+
+impl fmt::Display for Thumbprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b: &[u8] = match self {
+            Self::Sha1(b) => b,
+            Self::Sha256(b) => b,
+        };
+        let s: Vec<String> = b.iter().map(|x| format!("{x:02X}")).collect();
+        f.write_str(&s.join(":"))
+    }
+}
+
+impl fmt::Debug for Thumbprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Thumbprint({self})")
+    }
+}
+
+/// How a server's certificate is trusted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// Verified against the system's CA bundle, plus an extra CA file (PEM) if given, with the
+    /// host name checked.
+    Verified {
+        /// More trust anchors (a private CA).
+        extra_ca: Option<PathBuf>,
+    },
+    /// The end-entity certificate must have this thumbprint (the host name is not checked:
+    /// the pin is stronger). This is how ESXi hosts are trusted when vCenter vouches for them.
+    Pinned(Thumbprint),
+    /// Anything is accepted. Every connection logs a warning.
+    Insecure,
+}
+
+impl Default for Trust {
+    fn default() -> Self {
+        Self::Verified { extra_ca: None }
+    }
+}
+
+/// What the client saw of a server's TLS: shown by `probe`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTls {
+    /// SHA-1 thumbprint of the end-entity certificate.
+    pub sha1: Thumbprint,
+    /// SHA-256 thumbprint.
+    pub sha256: Thumbprint,
+    /// The negotiated protocol (`TLSv1_3`).
+    pub version: String,
+}
+
+impl ServerTls {
+    pub(crate) fn of(cert: &[u8], version: String) -> Self {
+        Self {
+            sha1: Thumbprint::Sha1(sha1::Sha1::digest(cert).into()),
+            sha256: Thumbprint::Sha256(sha2::Sha256::digest(cert).into()),
+            version,
+        }
+    }
+}
+
+/// Builds the rustls configuration for `trust`.
+pub fn client_config(trust: &Trust) -> Result<rustls::ClientConfig, Error> {
+    let provider = provider();
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| Error::Config(format!("TLS setup: {e}")))?;
+    let config = match trust {
+        Trust::Verified { extra_ca } => {
+            let mut roots = rustls::RootCertStore::empty();
+            let native = rustls_native_certs::load_native_certs();
+            for c in native.certs {
+                let _ = roots.add(c);
+            }
+            if let Some(path) = extra_ca {
+                let pem = std::fs::read(path)
+                    .map_err(|e| Error::Config(format!("reading the CA file {}: {e}", path.display())))?;
+                let mut added = 0;
+                for c in pem_certificates(&pem) {
+                    roots.add(c).map_err(|e| Error::Config(format!("the CA file {}: {e}", path.display())))?;
+                    added += 1;
+                }
+                if added == 0 {
+                    return Err(Error::Config(format!("the CA file {} holds no PEM certificate", path.display())));
+                }
+            }
+            if roots.is_empty() {
+                return Err(Error::Config(
+                    "no trusted CA certificates: install ca-certificates, give a CA file, or pin the server's thumbprint"
+                        .into(),
+                ));
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        Trust::Pinned(t) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Custom { pin: Some(t.clone()), provider }))
+            .with_no_client_auth(),
+        Trust::Insecure => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Custom { pin: None, provider }))
+            .with_no_client_auth(),
+    };
+    Ok(config)
+}
+
+/// The certificates in a PEM file.
+fn pem_certificates(pem: &[u8]) -> Vec<CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem).filter_map(Result::ok).collect()
+}
+
+/// The server name rustls is given (an IP address works too).
+pub(crate) fn server_name(host: &str) -> Result<ServerName<'static>, Error> {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    ServerName::try_from(h.to_owned()).map_err(|_| Error::Config(format!("{host:?} is not a valid host name")))
+}
+
+/// The verifier for [`Trust::Pinned`] and [`Trust::Insecure`]: the certificate is checked
+/// against the pin (or not at all), and the handshake's signatures are always verified, so the
+/// server must hold the certificate's key.
+#[derive(Debug)]
+struct Custom {
+    pin: Option<Thumbprint>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for Custom {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(want) = &self.pin else {
+            tracing::warn!(
+                "TLS verification is OFF for {}: anyone on the path can read the credentials and the disks",
+                server_name.to_str()
+            );
+            return Ok(ServerCertVerified::assertion());
+        };
+        if want.matches(end_entity) {
+            return Ok(ServerCertVerified::assertion());
+        }
+        let seen = ServerTls::of(end_entity, String::new());
+        let seen = if matches!(want, Thumbprint::Sha1(_)) { seen.sha1 } else { seen.sha256 };
+        Err(rustls::Error::General(format!("the server's certificate has thumbprint {seen}, not the pinned {want}")))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thumbprints_parse_in_vmware_and_plain_forms() {
+        let sha1 = "AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01";
+        let t = Thumbprint::parse(sha1).unwrap();
+        assert!(matches!(t, Thumbprint::Sha1(_)));
+        assert_eq!(t.to_string(), sha1);
+        assert_eq!(Thumbprint::parse(&sha1.replace(':', "").to_lowercase()).unwrap(), t);
+        assert!(matches!(Thumbprint::parse(&"00".repeat(32)).unwrap(), Thumbprint::Sha256(_)));
+        assert!(Thumbprint::parse("AB:CD").unwrap_err().to_string().contains("2 bytes"));
+        assert!(Thumbprint::parse("zz").is_err());
+    }
+
+    #[test]
+    fn thumbprints_match_their_certificate_only() {
+        let der = b"not really a certificate, but bytes are bytes";
+        let seen = ServerTls::of(der, "TLSv1_3".into());
+        assert!(seen.sha1.matches(der) && seen.sha256.matches(der));
+        assert!(!seen.sha256.matches(b"another"));
+    }
+}
