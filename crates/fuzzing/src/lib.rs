@@ -8,6 +8,7 @@ pub mod cbt;
 pub mod nbd;
 pub mod pipeline;
 pub mod vmdk;
+pub mod vsphere;
 
 /// A fuzz entry point: takes the fuzzer's bytes, panics on a broken promise.
 pub type FuzzTarget = fn(&[u8]);
@@ -24,6 +25,7 @@ pub const TARGETS: &[(&str, FuzzTarget)] = &[
     ("nbd_reply", nbd::reply),
     ("nbd_uri", pipeline::nbd_uri),
     ("state_files", pipeline::state_files),
+    ("soap_response", vsphere::soap_response),
 ];
 
 /// Runs `f` on `iterations` pseudo-random inputs of up to `max_len` bytes, from a fixed seed so

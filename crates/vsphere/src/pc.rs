@@ -100,11 +100,9 @@ impl Client {
         let mut pages = 0u32;
         loop {
             pages += 1;
-            let Some(rv) = r.child("returnval") else { break };
-            for o in rv.children_named("objects") {
-                out.push(object_content(o)?);
-            }
-            let Some(token) = rv.text_of("token").map(str::to_owned) else { break };
+            let (objects, token) = parse_result(&r)?;
+            out.extend(objects);
+            let Some(token) = token else { break };
             if pages > 1_000_000 {
                 return Err(Error::Protocol("RetrievePropertiesEx: the server keeps sending pages".into()));
             }
@@ -184,6 +182,15 @@ impl Client {
             .map(|t| t.trim().to_owned())
             .ok_or_else(|| Error::Protocol("CurrentTime returned nothing".into()))
     }
+}
+
+/// Reads a `RetrievePropertiesEx` or `ContinueRetrievePropertiesEx` response: its objects,
+/// and the token of the next page if there is one. An empty response means nothing matched.
+pub fn parse_result(response: &Element) -> Result<(Vec<ObjectContent>, Option<String>), Error> {
+    let Some(rv) = response.child("returnval") else { return Ok((Vec::new(), None)) };
+    let objects = rv.children_named("objects").map(object_content).collect::<Result<Vec<_>, _>>()?;
+    let token = rv.text_of("token").map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned);
+    Ok((objects, token))
 }
 
 fn object_content(o: &Element) -> Result<ObjectContent, Error> {

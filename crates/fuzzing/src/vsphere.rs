@@ -1,0 +1,36 @@
+//! Fuzz entry point for the vSphere client: a SOAP response as a server sends it, through the
+//! XML tree, the envelope and fault reader, the property-collector page and the VM model.
+
+use vsphere::model::vm_from;
+use vsphere::pc::parse_result;
+use vsphere::soap::{MoRef, parse_response};
+use vsphere::xml::{self, Element, Limits};
+
+/// Small limits, so the fuzzer also explores refusals.
+const LIMITS: Limits = Limits { max_bytes: 1 << 20, max_depth: 64, max_elements: 100_000 };
+
+fn size(e: &Element) -> (usize, usize) {
+    e.children.iter().map(size).fold((1, e.text.len() + e.name.len()), |(n, t), (cn, ct)| (n + cn, t + ct))
+}
+
+/// Nothing may panic, and the tree may not outgrow its input: every element costs at least
+/// `<a/>` (4 bytes) of it, and text and names come out no longer than they went in.
+pub fn soap_response(data: &[u8]) {
+    if let Ok(root) = xml::parse(data, LIMITS) {
+        let (elements, text) = size(&root);
+        assert!(elements * 4 <= data.len(), "{elements} elements from {} bytes", data.len());
+        assert!(text <= data.len(), "{text} bytes of text and names from {} bytes", data.len());
+    }
+    let pc = MoRef::new("PropertyCollector", "propertyCollector");
+    for method in ["RetrievePropertiesEx", "RetrieveServiceContent", "Login"] {
+        if let Ok(r) = parse_response(data, method, &pc, LIMITS)
+            && let Ok((objects, _)) = parse_result(&r)
+        {
+            for o in &objects {
+                if let Ok(vm) = vm_from(o) {
+                    assert!(vm.snapshot_depth() <= LIMITS.max_depth);
+                }
+            }
+        }
+    }
+}
