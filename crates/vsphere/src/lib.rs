@@ -9,12 +9,14 @@
 //! reconfiguration, `QueryChangedDiskAreas`, datastore HTTP reads, service tickets, host,
 //! datastore and cluster facts, the legacy TLS 1.0 path, and the simulator.
 
+pub mod datastore;
 pub mod error;
 pub mod http;
 pub mod model;
 pub mod pc;
 pub mod session;
 pub mod soap;
+pub mod task;
 pub mod tls;
 pub mod version;
 pub mod xml;

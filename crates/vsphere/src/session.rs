@@ -163,7 +163,7 @@ pub struct UserSession {
 /// A connection to vCenter or ESXi.
 #[derive(Debug)]
 pub struct Client {
-    http: Http,
+    http: std::sync::Arc<Http>,
     content: ServiceContent,
     product: Option<Product>,
     support: Support,
@@ -178,7 +178,7 @@ impl Client {
     pub async fn connect(options: &ConnectOptions) -> Result<Self, Error> {
         let endpoint = Endpoint::parse(&options.url)?;
         let max_body = options.limits.max_bytes;
-        let http = Http::new(endpoint, &options.trust, options.timeout, max_body)?;
+        let http = std::sync::Arc::new(Http::new(endpoint, &options.trust, options.timeout, max_body)?);
         let mut client = Self {
             http,
             content: ServiceContent {
@@ -233,6 +233,11 @@ impl Client {
     /// The server's TLS as last seen (none over plain HTTP).
     pub fn server_tls(&self) -> Option<ServerTls> {
         self.http.server_tls()
+    }
+
+    /// The connection pool (shared with datastore readers of the same server).
+    pub(crate) fn http_arc(&self) -> std::sync::Arc<Http> {
+        self.http.clone()
     }
 
     /// The endpoint.

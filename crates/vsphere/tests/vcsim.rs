@@ -158,3 +158,75 @@ async fn a_standalone_esxi_host() {
     assert!(!vms.is_empty());
     c.logout().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cbt_snapshots_and_their_faults() {
+    let Some(s) = start("cbt_snapshots_and_their_faults", &[]) else { return };
+    let c = Client::connect(&options(&s.sim.url, Trust::Insecure)).await.unwrap();
+    c.login(creds(PASSWORD)).await.unwrap();
+    let vm = c.find_by_inventory_path("DC0/vm/DC0_H0_VM0").await.unwrap().unwrap();
+
+    // CBT on, through ReconfigVM_Task and the task wait; then off again.
+    c.set_change_tracking(&vm, true).await.unwrap();
+    assert_eq!(one(&c, &vm).await.cbt_enabled, Some(true));
+
+    // A snapshot with our name: created, visible in the tree, removed.
+    let name = "syncproxy-test-1";
+    let snap = c.create_snapshot(&vm, name, "syncproxy job=test-1", false, None).await.unwrap();
+    assert_eq!(snap.kind, "VirtualMachineSnapshot");
+    let v = one(&c, &vm).await;
+    let all = v.all_snapshots();
+    assert_eq!(all.len(), 1);
+    assert_eq!((all[0].moref.clone(), all[0].name.as_str()), (snap.clone(), name));
+    assert_eq!(v.current_snapshot.as_ref(), Some(&snap));
+    c.remove_snapshot(&snap, true).await.unwrap();
+    assert_eq!(one(&c, &vm).await.snapshot_depth(), 0);
+
+    // Removing it again: the server's fault comes back typed, with the task's context.
+    let e = c.remove_snapshot(&snap, true).await.unwrap_err();
+    let f = e.fault().expect("a fault");
+    assert_eq!(f.kind, FaultKind::ManagedObjectNotFound, "{e}");
+    assert_eq!(e.retry(), vsphere::Retry::Never);
+
+    c.set_change_tracking(&vm, false).await.unwrap();
+    assert_eq!(one(&c, &vm).await.cbt_enabled, Some(false));
+
+    // vcsim has no CBT: QueryChangedDiskAreas is a typed MethodNotFound, never an empty answer.
+    let e = c.query_changed_disk_areas(&vm, None, 2000, 1 << 20, "*").await.unwrap_err();
+    assert_eq!(e.fault().map(|f| f.kind), Some(FaultKind::MethodNotFound), "{e}");
+    c.logout().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datastore_range_reads_of_a_disk_file() {
+    use vsphere::datastore::DatastoreFile;
+    let Some(s) = start("datastore_range_reads_of_a_disk_file", &[]) else { return };
+    let c = Client::connect(&options(&s.sim.url, Trust::Insecure)).await.unwrap();
+    c.login(creds(PASSWORD)).await.unwrap();
+    let ds = c.inventory("Datastore", &["name", "info.url"]).await.unwrap();
+    let local = ds.iter().find(|d| d.text("name") == Some("LocalDS_0")).expect("LocalDS_0");
+    let root = std::path::PathBuf::from(local.text("info.url").unwrap());
+    let flat = root.join("DC0_H0_VM0/disk1-flat.vmdk");
+    assert!(flat.is_file(), "vcsim keeps disks at {}", flat.display());
+    let data: Vec<u8> = (0..1u32 << 20).map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes()[2]).collect();
+    std::fs::write(&flat, &data).unwrap();
+
+    let reader = c.datastore_reader().unwrap();
+    let file = DatastoreFile::from_ds_path("DC0", "[LocalDS_0] DC0_H0_VM0/disk1-flat.vmdk").unwrap();
+    assert_eq!(reader.size(&file).await.unwrap(), 1 << 20);
+    for (offset, len) in [(0usize, 4096usize), (12_345, 65_536), ((1 << 20) - 10, 10)] {
+        let got = reader.read(&file, offset as u64, len as u64).await.unwrap();
+        assert_eq!(&got[..], &data[offset..offset + len], "{offset}+{len}");
+    }
+    // Past the end: 416, said so; a missing file: 404, said so.
+    let e = reader.read(&file, 2 << 20, 10).await.unwrap_err();
+    assert!(matches!(e, vsphere::Error::Http { status: Some(416), .. }), "{e}");
+    let missing = DatastoreFile::from_ds_path("DC0", "[LocalDS_0] nowhere/none.vmdk").unwrap();
+    let e = reader.size(&missing).await.unwrap_err();
+    assert!(e.to_string().contains("404"), "{e}");
+    c.logout().await.unwrap();
+}
+
+async fn one(c: &Client, vm: &vsphere::MoRef) -> vsphere::Vm {
+    c.vms_by_moref(std::slice::from_ref(vm)).await.unwrap().remove(0)
+}

@@ -1,0 +1,219 @@
+//! Datastore files over HTTPS (`/folder/<path>?dcPath=..&dsName=..`): `HEAD` for the size and
+//! ranged `GET`s, through vCenter with the session cookie or straight from the ESXi host with
+//! a generic service ticket, trusted by the host's own thumbprint. A `200` answer to a ranged
+//! request means the range was ignored, and is never taken as the range.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+
+use crate::error::Error;
+use crate::http::{Endpoint, Http};
+use crate::session::Client;
+use crate::soap::Request;
+use crate::tls::{Thumbprint, Trust};
+
+/// A ticket for one HTTP request straight to an ESXi host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ticket {
+    /// The ticket (sent as cookie `vmware_cgi_ticket`).
+    pub id: String,
+    /// The host to send it to, if the server said.
+    pub host_name: Option<String>,
+    /// The host's SHA-1 thumbprint, if the server said.
+    pub ssl_thumbprint: Option<String>,
+}
+
+/// Where one datastore file is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatastoreFile {
+    /// The datacenter's inventory path (`DC0`; `ha-datacenter` on ESXi).
+    pub datacenter: String,
+    /// The datastore's name.
+    pub datastore: String,
+    /// The path inside the datastore (`vm/vm-flat.vmdk`).
+    pub path: String,
+}
+
+impl DatastoreFile {
+    /// Splits `[datastore] path` as vSphere names disk files.
+    pub fn from_ds_path(datacenter: &str, ds_path: &str) -> Result<Self, Error> {
+        let rest = ds_path.trim().strip_prefix('[').ok_or_else(|| bad_ds_path(ds_path))?;
+        let (ds, path) = rest.split_once(']').ok_or_else(|| bad_ds_path(ds_path))?;
+        let path = path.trim_start();
+        if ds.is_empty() || path.is_empty() {
+            return Err(bad_ds_path(ds_path));
+        }
+        Ok(Self { datacenter: datacenter.to_owned(), datastore: ds.to_owned(), path: path.to_owned() })
+    }
+
+    /// The request path and query.
+    pub fn url_path(&self) -> String {
+        format!(
+            "/folder/{}?dcPath={}&dsName={}",
+            encode(&self.path, true),
+            encode(&self.datacenter, false),
+            encode(&self.datastore, false)
+        )
+    }
+}
+
+fn bad_ds_path(p: &str) -> Error {
+    Error::Config(format!("{p:?} is not a datastore path like \"[datastore] folder/file.vmdk\""))
+}
+
+/// Percent-encodes everything but unreserved characters (and `/` in paths).
+fn encode(s: &str, keep_slash: bool) -> String {
+    let mut out = String::with_capacity(s.len() + 8);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) || (keep_slash && b == b'/') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Reads datastore files from one server (vCenter, or an ESXi host through a ticket).
+#[derive(Debug, Clone)]
+pub struct DatastoreReader {
+    http: Arc<Http>,
+    cookie: String,
+}
+
+impl DatastoreReader {
+    /// The file's size (`HEAD`). A directory listing (HTML) is refused by name. ESXi answers
+    /// files as `application/octet-stream`; vcsim by extension (`application/x-vmdk-disk`).
+    pub async fn size(&self, file: &DatastoreFile) -> Result<u64, Error> {
+        let r = self.request(http::Method::HEAD, file, None).await?;
+        let what = || format!("HEAD {}", file.path);
+        if r.status != 200 {
+            return Err(status_error(&what(), r.status));
+        }
+        let kind = r.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if kind.starts_with("text/html") {
+            return Err(Error::Protocol(format!("{}: the server answers {kind:?}: a directory, not a file", what())));
+        }
+        r.headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| Error::Protocol(format!("{}: no Content-Length", what())))
+    }
+
+    /// Reads `len` bytes at `offset` (a ranged `GET`, answered 206 with a matching
+    /// `Content-Range`).
+    pub async fn read(&self, file: &DatastoreFile, offset: u64, len: u64) -> Result<Bytes, Error> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let last = offset.checked_add(len - 1).ok_or_else(|| Error::Config("the range overflows".into()))?;
+        let what = format!("GET {} bytes {offset}-{last}", file.path);
+        let r = self.request(http::Method::GET, file, Some((offset, last))).await?;
+        match r.status {
+            206 => {
+                let range = r.headers.get(http::header::CONTENT_RANGE).and_then(|v| v.to_str().ok()).unwrap_or("");
+                let want = format!("bytes {offset}-{last}/");
+                if !range.starts_with(&want) || r.body.len() as u64 != len {
+                    return Err(Error::Protocol(format!(
+                        "{what}: the server sent {:?} with {} bytes",
+                        range,
+                        r.body.len()
+                    )));
+                }
+                Ok(r.body)
+            }
+            // The Range header was ignored: the body is the file from its start, not the range.
+            200 => Err(Error::Protocol(format!("{what}: the server ignored the range and sent the whole file"))),
+            s => Err(status_error(&what, s)),
+        }
+    }
+
+    async fn request(
+        &self,
+        method: http::Method,
+        file: &DatastoreFile,
+        range: Option<(u64, u64)>,
+    ) -> Result<crate::http::Response, Error> {
+        let mut b =
+            http::Request::builder().method(method).uri(file.url_path()).header(http::header::COOKIE, &self.cookie);
+        if let Some((a, z)) = range {
+            b = b.header(http::header::RANGE, format!("bytes={a}-{z}"));
+        }
+        let req = b
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| Error::Config(format!("building a datastore request for {}: {e}", file.path)))?;
+        self.http.send(req, &format!("datastore {}", file.path)).await
+    }
+}
+
+fn status_error(what: &str, status: u16) -> Error {
+    let why = match status {
+        404 => "no such file",
+        416 => "the range lies beyond the end of the file",
+        401 | 403 => "not allowed (session, ticket or privilege Datastore.Browse)",
+        503 => "the host is busy; try again with fewer requests at once",
+        _ => "unexpected answer",
+    };
+    Error::Http { context: what.to_owned(), message: format!("HTTP {status}: {why}"), status: Some(status) }
+}
+
+impl Client {
+    /// Reads datastore files through this server, with the session cookie.
+    pub fn datastore_reader(&self) -> Result<DatastoreReader, Error> {
+        let cookie =
+            self.session_cookie().ok_or_else(|| Error::Protocol("datastore reads need a logged-in session".into()))?;
+        Ok(DatastoreReader { http: self.http_arc(), cookie })
+    }
+
+    /// A ticket for one `httpGet` of `url` straight from the ESXi host holding it.
+    pub async fn acquire_ticket(&self, url: &str) -> Result<Ticket, Error> {
+        let mut req = Request::new("AcquireGenericServiceTicket", &self.content().session_manager);
+        req.open("spec", Some("SessionManagerHttpServiceRequestSpec"))
+            .text("method", "httpGet")
+            .text("url", url)
+            .close("spec");
+        let r = self.invoke(req).await?;
+        let rv = r
+            .child("returnval")
+            .ok_or_else(|| Error::Protocol("AcquireGenericServiceTicket returned nothing".into()))?;
+        let opt = |n: &str| rv.text_of(n).map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned);
+        Ok(Ticket {
+            id: opt("id").ok_or_else(|| Error::Protocol("a service ticket without an id".into()))?,
+            host_name: opt("hostName"),
+            ssl_thumbprint: opt("sslThumbprint"),
+        })
+    }
+
+    /// Reads from the ESXi host at `host` (`https://esx1:443`) with `ticket`, trusting the
+    /// host by `thumbprint` (the one vCenter reports for it), not by the vCenter's pin.
+    pub fn host_datastore_reader(
+        &self,
+        host: &str,
+        thumbprint: &Thumbprint,
+        ticket: &Ticket,
+        timeout: Duration,
+    ) -> Result<DatastoreReader, Error> {
+        let endpoint = Endpoint::parse(host)?;
+        let http = Http::new(endpoint, &Trust::Pinned(thumbprint.clone()), timeout, 64 << 20)?;
+        Ok(DatastoreReader { http: Arc::new(http), cookie: format!("vmware_cgi_ticket={}", ticket.id) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn datastore_paths_split_and_encode() {
+        let f = DatastoreFile::from_ds_path("DC 1", "[ds-ssd 1] my vm/my vm#1-flat.vmdk").unwrap();
+        assert_eq!((f.datastore.as_str(), f.path.as_str()), ("ds-ssd 1", "my vm/my vm#1-flat.vmdk"));
+        assert_eq!(f.url_path(), "/folder/my%20vm/my%20vm%231-flat.vmdk?dcPath=DC%201&dsName=ds-ssd%201");
+        for bad in ["ds/file", "[] file", "[ds]", "[ds file"] {
+            assert!(DatastoreFile::from_ds_path("DC", bad).is_err(), "{bad}");
+        }
+    }
+}
