@@ -59,6 +59,12 @@ const RULES: &[Rule] = &[
         why: "the vSphere client speaks SOAP and HTTPS: no VDDK, no disk formats, no copying, one crypto provider",
     },
     Rule {
+        covers: |name| name == "vsphere-sim",
+        forbidden_deps: &["vddk", "vddk-sys", "libloading", "pipeline", "replica", "nbd-wire", "vmdk", "ring"],
+        forbidden_source: &["vsphere::pc::", "vsphere::model::", "vsphere::task::", "vsphere::session::"],
+        why: "the simulator answers the protocol on its own: it shares only the XML tree and MoRef with the client",
+    },
+    Rule {
         covers: |_| true,
         forbidden_deps: &["anyhow"],
         forbidden_source: &[],

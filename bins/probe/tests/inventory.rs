@@ -62,3 +62,39 @@ fn lists_vcsim_vms_as_a_table_and_as_json() {
     assert!(!o.status.success() && all.contains("InvalidLogin"), "{all}");
     assert!(!all.contains("not-it") && !all.contains(PASSWORD), "{all}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_the_project_simulator_too() {
+    use vsphere_sim::{Config, Sim, SimTls};
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::small(3, 1 << 20);
+    config.datacenters[0].vms[1].disks[0].backing = "rdm-physical".into();
+    let sim = Sim::start(config, dir.path(), SimTls::SelfSigned).await.unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "simulated\n").unwrap();
+    let thumb = sha1_of(sim.certificate().unwrap());
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_probe"))
+        .args([
+            "inventory",
+            "--url",
+            &sim.url(),
+            "--user",
+            "backup@vsphere.local",
+            "--thumbprint",
+            &thumb,
+            "--json",
+            "--password-file",
+        ])
+        .arg(&pw)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["server"]["api_version"], "8.0.2.0");
+    let vms = v["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 3);
+    assert_eq!(vms[0]["cbt_enabled"], true);
+    assert_eq!(vms[1]["disks"][0]["backing"], "rdm-phys");
+    assert!(vms[0]["disks"][0]["change_id"].as_str().is_some_and(|c| c.ends_with("/0")));
+}

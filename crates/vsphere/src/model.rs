@@ -236,6 +236,26 @@ impl Client {
     }
 }
 
+impl Client {
+    /// The disks as one snapshot froze them: their file names and, above all, the change IDs
+    /// to save once the backup of that snapshot is durable (reference 2.9).
+    pub async fn snapshot_disks(&self, snapshot: &MoRef) -> Result<Vec<Disk>, Error> {
+        let spec = crate::pc::FilterSpec {
+            kind: "VirtualMachineSnapshot".into(),
+            paths: vec!["config.hardware.device".into()],
+            objects: crate::pc::Objects::List(vec![snapshot.clone()]),
+        };
+        let objs = self.retrieve(&spec).await?;
+        let devices = objs
+            .first()
+            .and_then(|o| o.get("config.hardware.device"))
+            .ok_or_else(|| Error::Protocol(format!("{snapshot} has no devices")))?;
+        let mut vm = vm_from(&ObjectContent { obj: snapshot.clone(), props: Vec::new(), missing: Vec::new() })?;
+        read_devices(devices, &mut vm);
+        Ok(vm.disks)
+    }
+}
+
 fn bool_of(e: Option<&Element>) -> Option<bool> {
     e.and_then(|e| match e.text.trim() {
         "true" | "1" => Some(true),

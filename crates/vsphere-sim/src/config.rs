@@ -1,0 +1,298 @@
+//! The simulated estate, from a small TOML file or built in code: what the server says it is,
+//! its datacenters, hosts, datastores and VMs with their disks and devices.
+
+use serde::Deserialize;
+
+use crate::SimError;
+
+/// The whole estate.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The one account that may log in.
+    pub user: String,
+    /// Its password.
+    pub password: String,
+    /// `VirtualCenter` or `HostAgent`.
+    #[serde(default = "default_api_type")]
+    pub api_type: String,
+    /// The API version reported in `about` (`8.0.2.0`).
+    #[serde(default = "default_api_version")]
+    pub api_version: String,
+    /// The product version (`8.0.2`).
+    #[serde(default = "default_version")]
+    pub version: String,
+    /// Bytes one `QueryChangedDiskAreas` answer covers (ESXi: about 2 GiB).
+    #[serde(default = "default_window")]
+    pub qcda_window: u64,
+    /// The CBT tracking unit: a write marks whole blocks of this size changed.
+    #[serde(default = "default_cbt_block")]
+    pub cbt_block: u64,
+    /// The most objects one property-collector page holds, whatever the client asks
+    /// (servers may send fewer than `maxObjects`).
+    #[serde(default = "default_page_limit")]
+    pub page_limit: usize,
+    /// Datacenters.
+    #[serde(default, rename = "datacenter")]
+    pub datacenters: Vec<DatacenterConfig>,
+}
+
+fn default_api_type() -> String {
+    "VirtualCenter".into()
+}
+fn default_api_version() -> String {
+    "8.0.2.0".into()
+}
+fn default_version() -> String {
+    "8.0.2".into()
+}
+fn default_window() -> u64 {
+    2 << 30
+}
+fn default_page_limit() -> usize {
+    100
+}
+fn default_cbt_block() -> u64 {
+    64 << 10
+}
+
+/// A datacenter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatacenterConfig {
+    /// Its name.
+    pub name: String,
+    /// Hosts.
+    #[serde(default, rename = "host")]
+    pub hosts: Vec<HostConfig>,
+    /// Datastores.
+    #[serde(default, rename = "datastore")]
+    pub datastores: Vec<DatastoreConfig>,
+    /// VMs.
+    #[serde(default, rename = "vm")]
+    pub vms: Vec<VmConfig>,
+}
+
+/// An ESXi host.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// Its name.
+    pub name: String,
+    /// Its ESXi version.
+    #[serde(default = "default_version")]
+    pub version: String,
+}
+
+/// A datastore (a folder under the simulator's root).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatastoreConfig {
+    /// Its name.
+    pub name: String,
+    /// `VMFS`, `NFS`, `vsan`.
+    #[serde(default = "default_ds_type", rename = "type")]
+    pub kind: String,
+}
+
+fn default_ds_type() -> String {
+    "VMFS".into()
+}
+
+/// A VM.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Its name.
+    pub name: String,
+    /// The host it runs on (by name; the first host if absent).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// `poweredOn`, `poweredOff` or `suspended`.
+    #[serde(default = "default_power")]
+    pub power: String,
+    /// `vmx-19`.
+    #[serde(default = "default_hw")]
+    pub hardware: String,
+    /// CBT on from the start.
+    #[serde(default)]
+    pub cbt: bool,
+    /// `guestToolsRunning`, `guestToolsNotRunning`.
+    #[serde(default = "default_tools")]
+    pub tools: String,
+    /// Encrypted (a key ID is reported).
+    #[serde(default)]
+    pub encrypted: bool,
+    /// USB devices.
+    #[serde(default)]
+    pub usb: u32,
+    /// PCI passthrough devices.
+    #[serde(default)]
+    pub pci: u32,
+    /// Disks.
+    #[serde(default, rename = "disk")]
+    pub disks: Vec<DiskConfig>,
+}
+
+fn default_power() -> String {
+    "poweredOn".into()
+}
+fn default_hw() -> String {
+    "vmx-19".into()
+}
+fn default_tools() -> String {
+    "guestToolsRunning".into()
+}
+
+/// A virtual disk: a real sparse file of `capacity` bytes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Bytes.
+    pub capacity: u64,
+    /// The datastore (by name; the datacenter's first if absent).
+    #[serde(default)]
+    pub datastore: Option<String>,
+    /// `persistent`, `independent_persistent`, ...
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    /// `flat`, `sesparse`, `rdm-physical`, `rdm-virtual`.
+    #[serde(default = "default_backing")]
+    pub backing: String,
+    /// `sharingNone` or `sharingMultiWriter`.
+    #[serde(default = "default_sharing")]
+    pub sharing: String,
+}
+
+fn default_mode() -> String {
+    "persistent".into()
+}
+fn default_backing() -> String {
+    "flat".into()
+}
+fn default_sharing() -> String {
+    "sharingNone".into()
+}
+
+impl Config {
+    /// Reads a TOML configuration.
+    pub fn from_toml(text: &str) -> Result<Self, SimError> {
+        let c: Self = toml::from_str(text).map_err(|e| SimError::Config(e.to_string()))?;
+        c.check()?;
+        Ok(c)
+    }
+
+    /// One datacenter with one host and datastore and `vms` powered-on VMs with CBT on and
+    /// one disk of `disk_size` bytes each: the quick estate for tests and benches.
+    pub fn small(vms: usize, disk_size: u64) -> Self {
+        Self {
+            user: "backup@vsphere.local".into(),
+            password: "simulated".into(),
+            api_type: default_api_type(),
+            api_version: default_api_version(),
+            version: default_version(),
+            qcda_window: default_window(),
+            cbt_block: default_cbt_block(),
+            page_limit: default_page_limit(),
+            datacenters: vec![DatacenterConfig {
+                name: "DC1".into(),
+                hosts: vec![HostConfig { name: "esx1.sim".into(), version: default_version() }],
+                datastores: vec![DatastoreConfig { name: "ds1".into(), kind: default_ds_type() }],
+                vms: (0..vms)
+                    .map(|i| VmConfig {
+                        name: format!("vm{i:05}"),
+                        host: None,
+                        power: default_power(),
+                        hardware: default_hw(),
+                        cbt: true,
+                        tools: default_tools(),
+                        encrypted: false,
+                        usb: 0,
+                        pci: 0,
+                        disks: vec![DiskConfig {
+                            capacity: disk_size,
+                            datastore: None,
+                            mode: default_mode(),
+                            backing: default_backing(),
+                            sharing: default_sharing(),
+                        }],
+                    })
+                    .collect(),
+            }],
+        }
+    }
+
+    /// Checks names and sizes.
+    pub fn check(&self) -> Result<(), SimError> {
+        let bad = |m: String| Err(SimError::Config(m));
+        if !matches!(self.api_type.as_str(), "VirtualCenter" | "HostAgent") {
+            return bad(format!("api_type {:?} is neither VirtualCenter nor HostAgent", self.api_type));
+        }
+        if self.page_limit == 0 || self.qcda_window == 0 || self.cbt_block == 0 || !self.cbt_block.is_power_of_two() {
+            return bad("qcda_window must be positive and cbt_block a power of two".into());
+        }
+        for dc in &self.datacenters {
+            if dc.hosts.is_empty() || dc.datastores.is_empty() {
+                return bad(format!("datacenter {} needs at least one host and one datastore", dc.name));
+            }
+            for name in dc.datastores.iter().map(|d| &d.name).chain(dc.vms.iter().map(|v| &v.name)) {
+                if name.is_empty() || name.contains(['/', '\\', '[', ']']) || name.starts_with('.') {
+                    return bad(format!("{name:?} cannot name a datastore or VM (it becomes a folder)"));
+                }
+            }
+            for vm in &dc.vms {
+                for d in &vm.disks {
+                    if d.capacity == 0 || d.capacity % 512 != 0 {
+                        return bad(format!("{}: disk sizes must be positive multiples of 512", vm.name));
+                    }
+                    if let Some(ds) = &d.datastore
+                        && !dc.datastores.iter().any(|x| &x.name == ds)
+                    {
+                        return bad(format!("{}: no datastore {ds} in {}", vm.name, dc.name));
+                    }
+                }
+                if let Some(h) = &vm.host
+                    && !dc.hosts.iter().any(|x| &x.name == h)
+                {
+                    return bad(format!("{}: no host {h} in {}", vm.name, dc.name));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_toml_estate_reads_and_bad_ones_say_why() {
+        let c = Config::from_toml(
+            r#"
+user = "u"
+password = "p"
+[[datacenter]]
+name = "DC1"
+[[datacenter.host]]
+name = "esx1"
+[[datacenter.datastore]]
+name = "ds1"
+[[datacenter.vm]]
+name = "db"
+usb = 1
+[[datacenter.vm.disk]]
+capacity = 1048576
+backing = "rdm-physical"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.datacenters[0].vms[0].disks[0].backing, "rdm-physical");
+        assert_eq!(c.qcda_window, 2 << 30);
+        let e = Config::from_toml("user = \"u\"\npassword = \"p\"\nbogus = 1").unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
+        let mut c = Config::small(1, 1 << 20);
+        c.datacenters[0].vms[0].disks[0].capacity = 1000;
+        assert!(c.check().is_err());
+    }
+}

@@ -1,0 +1,159 @@
+//! A vSphere simulator with CBT, in-process, for tests and (later) `proxy demo`. It speaks the
+//! SOAP subset backup needs over hyper, keeps each VM disk as a real sparse file, and behaves
+//! like ESXi where it matters: writes through [`Sim::write`] mark CBT blocks; a snapshot
+//! freezes a readable view and advances the change ID (`<epoch>/<sequence>`); turning CBT off
+//! and on starts a new epoch; `QueryChangedDiskAreas` answers in windows (2 GiB by default) and
+//! `*` returns allocated areas; faults can be injected ([`Faults`]). Datastore `/folder` reads
+//! serve the disks (a base disk frozen under its oldest snapshot).
+//!
+//! Not simulated: snapshot delta files on the datastore (their names exist, their bytes do not),
+//! revert, memory snapshots, power operations through the API, and TLS 1.0.
+
+mod config;
+mod server;
+mod soap;
+mod world;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+pub use config::{Config, DatacenterConfig, DatastoreConfig, DiskConfig, HostConfig, VmConfig};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+pub use world::{Faults, SimFault};
+
+/// Errors starting or driving the simulator.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// The configuration is wrong.
+    #[error("simulator configuration: {0}")]
+    Config(String),
+    /// A file could not be made or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// Which.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A VM, disk or range that does not exist.
+    #[error("the simulator has no {0}")]
+    NoSuch(String),
+    /// TLS setup failed.
+    #[error("simulator TLS: {0}")]
+    Tls(String),
+}
+
+impl SimError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io { path: path.to_path_buf(), source }
+    }
+}
+
+/// Whether the simulator speaks TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimTls {
+    /// TLS 1.2/1.3 with a freshly generated self-signed certificate.
+    SelfSigned,
+    /// Plain HTTP.
+    Plain,
+}
+
+/// A running simulator; it stops when dropped.
+#[derive(Debug)]
+pub struct Sim {
+    state: Arc<Mutex<world::World>>,
+    addr: SocketAddr,
+    tls: bool,
+    cert: Option<Vec<u8>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Sim {
+    /// Starts on 127.0.0.1 (a free port), keeping the datastores under `root`. Must be called
+    /// inside a tokio runtime.
+    pub async fn start(config: Config, root: &Path, tls: SimTls) -> Result<Self, SimError> {
+        let world = world::World::new(config, root)?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| SimError::io(Path::new("127.0.0.1:0"), e))?;
+        let addr = listener.local_addr().map_err(|e| SimError::io(Path::new("127.0.0.1:0"), e))?;
+        let (server_tls, cert) = match tls {
+            SimTls::Plain => (None, None),
+            SimTls::SelfSigned => {
+                let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+                    .map_err(|e| SimError::Tls(e.to_string()))?;
+                let der = ck.cert.der().to_vec();
+                let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
+                let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+                let cfg = rustls::ServerConfig::builder_with_provider(provider)
+                    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+                    .map_err(|e| SimError::Tls(e.to_string()))?
+                    .with_no_client_auth()
+                    .with_single_cert(vec![CertificateDer::from(der.clone())], key)
+                    .map_err(|e| SimError::Tls(e.to_string()))?;
+                (Some(Arc::new(cfg)), Some(der))
+            }
+        };
+        let state = Arc::new(Mutex::new(world));
+        let task = tokio::spawn(server::serve(listener, server_tls, state.clone()));
+        Ok(Self { state, addr, tls: tls == SimTls::SelfSigned, cert, task })
+    }
+
+    /// `https://127.0.0.1:PORT/sdk` (or `http://`).
+    pub fn url(&self) -> String {
+        format!("{}://{}/sdk", if self.tls { "https" } else { "http" }, self.addr)
+    }
+
+    /// The server certificate (DER), to pin its thumbprint.
+    pub fn certificate(&self) -> Option<&[u8]> {
+        self.cert.as_deref()
+    }
+
+    fn world(&self) -> std::sync::MutexGuard<'_, world::World> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes the injected faults.
+    pub fn faults(&self, f: impl FnOnce(&mut Faults)) {
+        f(&mut self.world().faults);
+    }
+
+    /// Writes into a VM's disk as its guest would; CBT marks the blocks.
+    pub fn write(&self, vm: &str, disk_key: i32, offset: u64, data: &[u8]) -> Result<(), SimError> {
+        let mut w = self.world();
+        let vi = w.vm_by_name(vm).ok_or_else(|| SimError::NoSuch(format!("VM {vm}")))?;
+        w.write(vi, disk_key, offset, data)
+    }
+
+    /// The live contents of a VM's disk file (its path), for tests to compare against.
+    pub fn disk_path(&self, vm: &str, disk_key: i32) -> Result<PathBuf, SimError> {
+        let w = self.world();
+        let vi = w.vm_by_name(vm).ok_or_else(|| SimError::NoSuch(format!("VM {vm}")))?;
+        let d = w.vms[vi]
+            .disks
+            .iter()
+            .find(|d| d.key == disk_key)
+            .ok_or_else(|| SimError::NoSuch(format!("disk {disk_key}")))?;
+        Ok(w.ds_path(d.ds, &d.flat_name))
+    }
+
+    /// Sets a VM's power state (`poweredOn`, `poweredOff`, `suspended`).
+    pub fn set_power(&self, vm: &str, state: &str) -> Result<(), SimError> {
+        let mut w = self.world();
+        let vi = w.vm_by_name(vm).ok_or_else(|| SimError::NoSuch(format!("VM {vm}")))?;
+        w.vms[vi].power = state.to_owned();
+        Ok(())
+    }
+
+    /// SOAP calls answered so far.
+    pub fn calls(&self) -> u64 {
+        self.world().calls
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

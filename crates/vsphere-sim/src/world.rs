@@ -1,0 +1,636 @@
+//! The simulator's state and how it behaves like ESXi where backup cares: real sparse disk
+//! files, writes that CBT tracks in blocks, snapshots that freeze a readable view and advance
+//! the change ID, epochs that change when CBT is reset, `QueryChangedDiskAreas` in windows with
+//! `*` for allocated areas, and the faults a test can inject.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cbt::{Extent, ExtentSet};
+use vsphere::MoRef;
+
+use crate::SimError;
+use crate::config::Config;
+
+/// A fault the simulator answers with: its type and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimFault {
+    /// The fault type (`FileFault`, `InvalidArgument`).
+    pub kind: String,
+    /// The message.
+    pub message: String,
+}
+
+impl SimFault {
+    /// A fault.
+    pub fn new(kind: &str, message: impl Into<String>) -> Self {
+        Self { kind: kind.to_owned(), message: message.into() }
+    }
+}
+
+/// Faults a test switches on; each says how long it lasts.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// The next authenticated call finds every session gone (`NotAuthenticated`).
+    pub expire_sessions: bool,
+    /// The next task fails with this fault.
+    pub fail_next_task: Option<SimFault>,
+    /// Every `QueryChangedDiskAreas` fails with a `FileFault`, as after a CBT reset ESXi does.
+    pub qcda_file_fault: bool,
+    /// Every SOAP answer is this late.
+    pub delay: Duration,
+    /// The next this many datastore requests are answered 503 (host busy).
+    pub http_503: u32,
+    /// Tasks run this long before they finish (so they can be watched and cancelled).
+    pub task_delay: Duration,
+    /// `WaitForUpdatesEx` does not exist (clients must poll).
+    pub no_wait_for_updates: bool,
+    /// The next snapshot removal leaves `consolidationNeeded` set.
+    pub leave_consolidation: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct Track {
+    pub(crate) epoch: [u8; 16],
+    pub(crate) seq: u64,
+    /// Changes that made each sequence number: `(seq, blocks changed since seq - 1)`.
+    pub(crate) history: Vec<(u64, ExtentSet)>,
+    pub(crate) pending: ExtentSet,
+    /// Enabled while snapshots existed: ESXi then under-reports silently (reference 2.8).
+    pub(crate) unreliable: bool,
+}
+
+impl Track {
+    fn new(n: u64) -> Self {
+        let mut epoch = [0u8; 16];
+        let mut x = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ now_nanos();
+        for b in &mut epoch {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x.to_le_bytes()[0];
+        }
+        Self { epoch, seq: 0, history: Vec::new(), pending: ExtentSet::new(), unreliable: false }
+    }
+
+    pub(crate) fn epoch_text(&self) -> String {
+        let h: Vec<String> = self.epoch.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{}-{}", h[..8].join(" "), h[8..].join(" "))
+    }
+
+    pub(crate) fn change_id(&self) -> String {
+        format!("{}/{}", self.epoch_text(), self.seq)
+    }
+}
+
+fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos() & u128::from(u64::MAX)).unwrap_or(0))
+        .unwrap_or(0)
+}
+
+/// The server's clock as ISO 8601.
+pub(crate) fn iso_now() -> String {
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = i64::try_from(days).unwrap_or(0) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[derive(Debug)]
+pub(crate) struct DiskState {
+    pub(crate) key: i32,
+    pub(crate) unit: i32,
+    pub(crate) capacity: u64,
+    pub(crate) ds: usize,
+    pub(crate) mode: String,
+    pub(crate) backing: String,
+    pub(crate) sharing: String,
+    /// `vm/vm.vmdk`, inside the datastore.
+    pub(crate) base_name: String,
+    /// `vm/vm-flat.vmdk`, inside the datastore: the live data.
+    pub(crate) flat_name: String,
+    pub(crate) track: Option<Track>,
+}
+
+#[derive(Debug)]
+pub(crate) struct SnapDisk {
+    pub(crate) key: i32,
+    pub(crate) frozen: PathBuf,
+    pub(crate) change_id: Option<String>,
+    pub(crate) seq: u64,
+    pub(crate) file_name: String,
+}
+
+#[derive(Debug)]
+pub(crate) struct SnapRec {
+    pub(crate) moref: MoRef,
+    pub(crate) id: u64,
+    pub(crate) name: String,
+    pub(crate) description: String,
+    pub(crate) create_time: String,
+    pub(crate) quiesced: bool,
+    pub(crate) parent: Option<MoRef>,
+    pub(crate) disks: Vec<SnapDisk>,
+}
+
+#[derive(Debug)]
+pub(crate) struct VmState {
+    pub(crate) moref: MoRef,
+    pub(crate) name: String,
+    pub(crate) dc: usize,
+    pub(crate) host: usize,
+    pub(crate) uuid: String,
+    pub(crate) instance_uuid: String,
+    pub(crate) power: String,
+    pub(crate) hardware: String,
+    pub(crate) cbt: bool,
+    pub(crate) tools: String,
+    pub(crate) key_id: Option<String>,
+    pub(crate) usb: u32,
+    pub(crate) pci: u32,
+    pub(crate) disks: Vec<DiskState>,
+    pub(crate) snapshots: Vec<SnapRec>,
+    pub(crate) current: Option<MoRef>,
+    pub(crate) consolidation_needed: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct Named {
+    pub(crate) moref: MoRef,
+    pub(crate) name: String,
+    pub(crate) dc: usize,
+    pub(crate) extra: String,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct TaskRec {
+    pub(crate) moref: MoRef,
+    pub(crate) description: String,
+    pub(crate) entity: MoRef,
+    pub(crate) state: &'static str,
+    pub(crate) result: Option<MoRef>,
+    pub(crate) error: Option<SimFault>,
+    pub(crate) cancelled: bool,
+}
+
+/// One `WaitForUpdatesEx` collector: what it watches and what it has told.
+#[derive(Debug, Default)]
+pub(crate) struct Collector {
+    /// Filter ID -> the objects it watches.
+    pub(crate) filters: HashMap<String, Vec<MoRef>>,
+    pub(crate) told: HashMap<String, &'static str>,
+    pub(crate) version: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct World {
+    pub(crate) cfg: Config,
+    pub(crate) root: PathBuf,
+    pub(crate) instance_uuid: String,
+    next: u64,
+    pub(crate) sessions: HashSet<String>,
+    pub(crate) datacenters: Vec<Named>,
+    pub(crate) hosts: Vec<Named>,
+    pub(crate) datastores: Vec<Named>,
+    pub(crate) vms: Vec<VmState>,
+    /// VM moref value -> index in `vms` (VMs are never removed).
+    vm_ids: HashMap<String, usize>,
+    pub(crate) views: HashMap<String, Vec<MoRef>>,
+    pub(crate) tasks: HashMap<String, TaskRec>,
+    pub(crate) collectors: HashMap<String, Collector>,
+    /// Token -> the objects still to send, and the page size the client asked for.
+    pub(crate) pages: HashMap<String, (Vec<String>, usize)>,
+    pub(crate) faults: Faults,
+    pub(crate) calls: u64,
+}
+
+fn uuid_of(n: u64, salt: u64) -> String {
+    let a = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ salt;
+    let b = a.rotate_left(17).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        b >> 52,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+impl World {
+    pub(crate) fn new(cfg: Config, root: &Path) -> Result<Self, SimError> {
+        cfg.check()?;
+        let salt = now_nanos();
+        let mut w = Self {
+            instance_uuid: uuid_of(1, salt),
+            root: root.to_path_buf(),
+            next: 100,
+            sessions: HashSet::new(),
+            datacenters: Vec::new(),
+            hosts: Vec::new(),
+            datastores: Vec::new(),
+            vms: Vec::new(),
+            vm_ids: HashMap::new(),
+            views: HashMap::new(),
+            tasks: HashMap::new(),
+            collectors: HashMap::new(),
+            pages: HashMap::new(),
+            faults: Faults::default(),
+            calls: 0,
+            cfg: cfg.clone(),
+        };
+        let esx = cfg.api_type == "HostAgent";
+        for (di, dc) in cfg.datacenters.iter().enumerate() {
+            let dc_ref = if esx { "ha-datacenter".to_owned() } else { format!("datacenter-{}", w.id()) };
+            w.datacenters.push(Named {
+                moref: MoRef::new("Datacenter", &dc_ref),
+                name: dc.name.clone(),
+                dc: di,
+                extra: String::new(),
+            });
+            for h in &dc.hosts {
+                let id = if esx { "ha-host".to_owned() } else { format!("host-{}", w.id()) };
+                w.hosts.push(Named {
+                    moref: MoRef::new("HostSystem", &id),
+                    name: h.name.clone(),
+                    dc: di,
+                    extra: h.version.clone(),
+                });
+            }
+            for d in &dc.datastores {
+                let dir = root.join(&d.name);
+                std::fs::create_dir_all(&dir).map_err(|e| SimError::io(&dir, e))?;
+                let id = format!("datastore-{}", w.id());
+                w.datastores.push(Named {
+                    moref: MoRef::new("Datastore", &id),
+                    name: d.name.clone(),
+                    dc: di,
+                    extra: d.kind.clone(),
+                });
+            }
+            for v in &dc.vms {
+                let n = w.id();
+                let host = v
+                    .host
+                    .as_ref()
+                    .and_then(|h| w.hosts.iter().position(|x| x.dc == di && &x.name == h))
+                    .or_else(|| w.hosts.iter().position(|x| x.dc == di))
+                    .unwrap_or(0);
+                let moref = MoRef::new("VirtualMachine", &if esx { n.to_string() } else { format!("vm-{n}") });
+                let mut disks = Vec::new();
+                for (i, d) in v.disks.iter().enumerate() {
+                    let ds = d
+                        .datastore
+                        .as_ref()
+                        .and_then(|name| w.datastores.iter().position(|x| x.dc == di && &x.name == name))
+                        .or_else(|| w.datastores.iter().position(|x| x.dc == di))
+                        .unwrap_or(0);
+                    let stem = if i == 0 { v.name.clone() } else { format!("{}_{i}", v.name) };
+                    let base_name = format!("{}/{stem}.vmdk", v.name);
+                    let flat_name = format!("{}/{stem}-flat.vmdk", v.name);
+                    let dir = root.join(&w.datastores[ds].name).join(&v.name);
+                    std::fs::create_dir_all(&dir).map_err(|e| SimError::io(&dir, e))?;
+                    let flat = root.join(&w.datastores[ds].name).join(&flat_name);
+                    let f = File::create(&flat).map_err(|e| SimError::io(&flat, e))?;
+                    f.set_len(d.capacity).map_err(|e| SimError::io(&flat, e))?;
+                    let desc = format!(
+                        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"vmfs\"\n\nRW {} VMFS \"{stem}-flat.vmdk\"\n",
+                        d.capacity / 512
+                    );
+                    let dpath = root.join(&w.datastores[ds].name).join(&base_name);
+                    std::fs::write(&dpath, desc).map_err(|e| SimError::io(&dpath, e))?;
+                    // Unit 7 is the SCSI controller's own.
+                    let di = i32::try_from(i).map_err(|_| SimError::Config(format!("{}: too many disks", v.name)))?;
+                    let unit = if di >= 7 { di + 1 } else { di };
+                    let tracked = v.cbt && d.backing != "rdm-physical";
+                    disks.push(DiskState {
+                        key: 2000 + di,
+                        unit,
+                        capacity: d.capacity,
+                        ds,
+                        mode: d.mode.clone(),
+                        backing: d.backing.clone(),
+                        sharing: d.sharing.clone(),
+                        base_name,
+                        flat_name,
+                        track: tracked.then(|| Track::new(n * 31 + i as u64)),
+                    });
+                }
+                w.vm_ids.insert(moref.value.clone(), w.vms.len());
+                w.vms.push(VmState {
+                    moref,
+                    name: v.name.clone(),
+                    dc: di,
+                    host,
+                    uuid: uuid_of(n, salt ^ 2),
+                    instance_uuid: uuid_of(n, salt ^ 3),
+                    power: v.power.clone(),
+                    hardware: v.hardware.clone(),
+                    cbt: v.cbt,
+                    tools: v.tools.clone(),
+                    key_id: v.encrypted.then(|| format!("key-{n}")),
+                    usb: v.usb,
+                    pci: v.pci,
+                    disks,
+                    snapshots: Vec::new(),
+                    current: None,
+                    consolidation_needed: false,
+                });
+            }
+        }
+        Ok(w)
+    }
+
+    pub(crate) fn id(&mut self) -> u64 {
+        self.next += 1;
+        self.next
+    }
+
+    pub(crate) fn vm_index(&self, moref: &MoRef) -> Option<usize> {
+        self.vm_ids.get(&moref.value).copied().filter(|i| self.vms[*i].moref.kind == moref.kind)
+    }
+
+    pub(crate) fn vm_by_name(&self, name: &str) -> Option<usize> {
+        self.vms.iter().position(|v| v.name == name)
+    }
+
+    pub(crate) fn snapshot_owner(&self, snap: &MoRef) -> Option<(usize, usize)> {
+        self.vms
+            .iter()
+            .enumerate()
+            .find_map(|(vi, v)| v.snapshots.iter().position(|s| s.moref == *snap).map(|si| (vi, si)))
+    }
+
+    pub(crate) fn ds_path(&self, ds: usize, name: &str) -> PathBuf {
+        self.root.join(&self.datastores[ds].name).join(name)
+    }
+
+    /// `[ds] vm/vm.vmdk` or, under snapshots, the newest delta's name.
+    pub(crate) fn disk_file_name(&self, vm: &VmState, d: &DiskState) -> String {
+        let ds = &self.datastores[d.ds].name;
+        match vm.snapshots.len() {
+            0 => format!("[{ds}] {}", d.base_name),
+            n => format!("[{ds}] {}", delta_name(&d.base_name, n)),
+        }
+    }
+
+    /// Writes `data` at `offset` of a VM's disk (the simulator's test API): the live file
+    /// changes, and CBT marks the blocks.
+    pub(crate) fn write(&mut self, vm: usize, key: i32, offset: u64, data: &[u8]) -> Result<(), SimError> {
+        let block = self.cfg.cbt_block;
+        let (ds, flat, capacity) = {
+            let d = self.vms[vm]
+                .disks
+                .iter()
+                .find(|d| d.key == key)
+                .ok_or_else(|| SimError::NoSuch(format!("disk {key}")))?;
+            (d.ds, d.flat_name.clone(), d.capacity)
+        };
+        if offset.checked_add(data.len() as u64).is_none_or(|e| e > capacity) {
+            return Err(SimError::NoSuch(format!("bytes {offset}+{} of a {capacity}-byte disk", data.len())));
+        }
+        let path = self.ds_path(ds, &flat);
+        let f = OpenOptions::new().write(true).open(&path).map_err(|e| SimError::io(&path, e))?;
+        f.write_all_at(data, offset).map_err(|e| SimError::io(&path, e))?;
+        if let Some(t) = self.vms[vm].disks.iter_mut().find(|d| d.key == key).and_then(|d| d.track.as_mut())
+            && let Some(e) =
+                Extent::from_bounds(offset / block * block, (offset + data.len() as u64).div_ceil(block) * block)
+        {
+            t.pending.insert(e);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn create_snapshot(
+        &mut self,
+        vm: usize,
+        name: &str,
+        description: &str,
+        quiesce: bool,
+    ) -> Result<MoRef, SimFault> {
+        if self.vms[vm].pci > 0 {
+            return Err(SimFault::new("SnapshotIncompatibleDeviceInVm", "a PCI passthrough device prevents snapshots"));
+        }
+        if self.vms[vm].snapshots.len() >= 32 {
+            return Err(SimFault::new("TooManySnapshotLevels", "the snapshot chain is 32 deep"));
+        }
+        let id = self.id();
+        let moref = MoRef::new("VirtualMachineSnapshot", &format!("snapshot-{id}"));
+        let depth = self.vms[vm].snapshots.len() + 1;
+        let mut disks = Vec::new();
+        for di in 0..self.vms[vm].disks.len() {
+            let (ds, flat, base, mode) = {
+                let d = &self.vms[vm].disks[di];
+                (d.ds, d.flat_name.clone(), d.base_name.clone(), d.mode.clone())
+            };
+            if mode.starts_with("independent") {
+                continue;
+            }
+            let live = self.ds_path(ds, &flat);
+            let frozen =
+                live.with_file_name(format!(".{id}-{}", live.file_name().and_then(|n| n.to_str()).unwrap_or("disk")));
+            sparse_copy(&live, &frozen)
+                .map_err(|e| SimFault::new("FileFault", format!("freezing {}: {e}", live.display())))?;
+            let d = &mut self.vms[vm].disks[di];
+            let (change_id, seq) = match d.track.as_mut() {
+                Some(t) => {
+                    t.seq += 1;
+                    let pending = std::mem::take(&mut t.pending);
+                    t.history.push((t.seq, pending));
+                    (Some(t.change_id()), t.seq)
+                }
+                None => (None, 0),
+            };
+            let file_name =
+                format!("[{}] {}", self.datastores[ds].name, delta_name(&base, depth - 1).replace("-000000", ""));
+            disks.push(SnapDisk { key: d.key, frozen, change_id, seq, file_name });
+        }
+        let quiesced = quiesce && self.vms[vm].power == "poweredOn" && self.vms[vm].tools == "guestToolsRunning";
+        let parent = self.vms[vm].current.clone();
+        let v = &mut self.vms[vm];
+        v.snapshots.push(SnapRec {
+            moref: moref.clone(),
+            id,
+            name: name.to_owned(),
+            description: description.to_owned(),
+            create_time: iso_now(),
+            quiesced,
+            parent,
+            disks,
+        });
+        v.current = Some(moref.clone());
+        Ok(moref)
+    }
+
+    pub(crate) fn remove_snapshot(&mut self, snap: &MoRef) -> Result<(), SimFault> {
+        let (vi, si) = self
+            .snapshot_owner(snap)
+            .ok_or_else(|| SimFault::new("ManagedObjectNotFound", format!("no snapshot {}", snap.value)))?;
+        let leave = std::mem::take(&mut self.faults.leave_consolidation);
+        let v = &mut self.vms[vi];
+        let removed = v.snapshots.remove(si);
+        for d in &removed.disks {
+            let _ = std::fs::remove_file(&d.frozen);
+        }
+        for s in &mut v.snapshots {
+            if s.parent.as_ref() == Some(snap) {
+                s.parent = removed.parent.clone();
+            }
+        }
+        if v.current.as_ref() == Some(snap) {
+            v.current = removed.parent.clone();
+        }
+        v.consolidation_needed |= leave;
+        Ok(())
+    }
+
+    pub(crate) fn set_cbt(&mut self, vm: usize, on: bool) {
+        let n = self.id();
+        let v = &mut self.vms[vm];
+        let with_snapshots = !v.snapshots.is_empty();
+        if on && !v.cbt {
+            for (i, d) in v.disks.iter_mut().enumerate() {
+                if d.backing != "rdm-physical" {
+                    let mut t = Track::new(n * 31 + i as u64);
+                    t.unreliable = with_snapshots;
+                    d.track = Some(t);
+                }
+            }
+        } else if !on {
+            for d in &mut v.disks {
+                d.track = None;
+            }
+        }
+        v.cbt = on;
+    }
+
+    /// `QueryChangedDiskAreas`: one window of the answer.
+    pub(crate) fn qcda(
+        &self,
+        vm: usize,
+        snapshot: Option<&MoRef>,
+        key: i32,
+        start: u64,
+        change_id: &str,
+    ) -> Result<(u64, u64, ExtentSet), SimFault> {
+        let v = &self.vms[vm];
+        let d = v
+            .disks
+            .iter()
+            .find(|d| d.key == key)
+            .ok_or_else(|| SimFault::new("InvalidArgument", format!("deviceKey {key}")))?;
+        let file_fault = || {
+            SimFault::new(
+                "FileFault",
+                format!("Error caused by file /vmfs/volumes/{}/{}", self.datastores[d.ds].name, d.base_name),
+            )
+        };
+        if self.faults.qcda_file_fault {
+            return Err(file_fault());
+        }
+        let t = d.track.as_ref().ok_or_else(file_fault)?;
+        if start >= d.capacity {
+            return Err(SimFault::new("InvalidArgument", format!("startOffset {start} is past the disk's end")));
+        }
+        let (frozen, snap_seq) = match snapshot {
+            Some(s) => {
+                let rec = v
+                    .snapshots
+                    .iter()
+                    .find(|r| r.moref == *s)
+                    .ok_or_else(|| SimFault::new("ManagedObjectNotFound", format!("no snapshot {}", s.value)))?;
+                let sd = rec.disks.iter().find(|x| x.key == key).ok_or_else(file_fault)?;
+                (sd.frozen.clone(), sd.seq)
+            }
+            None if v.power == "poweredOff" => (self.ds_path(d.ds, &d.flat_name), t.seq),
+            None => return Err(SimFault::new("InvalidState", "the VM is powered on: name a snapshot")),
+        };
+        let end = start.saturating_add(self.cfg.qcda_window).min(d.capacity);
+        let window = ExtentSet::from_extents(Extent::from_bounds(start, end));
+        let areas = if change_id.trim() == "*" {
+            allocated(&frozen, d.capacity).map_err(|e| SimFault::new("FileFault", e.to_string()))?
+        } else {
+            let (epoch, seq) = change_id
+                .rsplit_once('/')
+                .ok_or_else(|| SimFault::new("InvalidArgument", "A specified parameter was not correct: changeId"))?;
+            let seq: u64 = seq
+                .trim()
+                .parse()
+                .map_err(|_| SimFault::new("InvalidArgument", "A specified parameter was not correct: changeId"))?;
+            if epoch != t.epoch_text() {
+                return Err(file_fault());
+            }
+            if seq > snap_seq {
+                return Err(SimFault::new("InvalidArgument", "A specified parameter was not correct: changeId"));
+            }
+            if t.unreliable {
+                ExtentSet::new()
+            } else {
+                t.history
+                    .iter()
+                    .filter(|(s, _)| *s > seq && *s <= snap_seq)
+                    .fold(ExtentSet::new(), |acc, (_, e)| acc.union(e))
+            }
+        };
+        Ok((start, end - start, areas.clamp(d.capacity).intersection(&window)))
+    }
+}
+
+/// `vm/vm.vmdk` -> `vm/vm-00000N.vmdk`.
+fn delta_name(base: &str, n: usize) -> String {
+    let stem = base.strip_suffix(".vmdk").unwrap_or(base);
+    format!("{stem}-{n:06}.vmdk")
+}
+
+/// The data extents of a sparse file (`SEEK_DATA`/`SEEK_HOLE`).
+pub(crate) fn allocated(path: &Path, capacity: u64) -> std::io::Result<ExtentSet> {
+    let f = File::open(path)?;
+    let mut out = ExtentSet::new();
+    let mut at = 0u64;
+    while at < capacity {
+        let data = match rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(at)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let hole = rustix::fs::seek(&f, rustix::fs::SeekFrom::Hole(data)).map_err(std::io::Error::from)?;
+        if let Some(e) = Extent::from_bounds(data, hole.min(capacity)) {
+            out.insert(e);
+        }
+        at = hole;
+    }
+    Ok(out)
+}
+
+/// Copies `from` to `to` keeping holes.
+fn sparse_copy(from: &Path, to: &Path) -> std::io::Result<()> {
+    let src = File::open(from)?;
+    let len = src.metadata()?.len();
+    let dst = File::create(to)?;
+    dst.set_len(len)?;
+    let mut buf = vec![0u8; 1 << 20];
+    for e in allocated(from, len)?.iter() {
+        let mut at = e.start();
+        while at < e.end() {
+            let n = usize::try_from((e.end() - at).min(buf.len() as u64)).unwrap_or(buf.len());
+            src.read_exact_at(&mut buf[..n], at)?;
+            dst.write_all_at(&buf[..n], at)?;
+            at += n as u64;
+        }
+    }
+    Ok(())
+}

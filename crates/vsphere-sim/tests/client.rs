@@ -1,0 +1,276 @@
+//! Our client against our simulator, for every call the client makes: TLS pinning, login,
+//! paging, the VM model, snapshots and their change IDs, CBT windows, `*`, an epoch change, and
+//! each injected fault (session expiry, task failure, `FileFault`, slow answers, 503s,
+//! cancellation, no `WaitForUpdatesEx`).
+
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use cbt::ExtentSet;
+use vsphere::datastore::DatastoreFile;
+use vsphere::{Client, ConnectOptions, Credentials, FaultKind, MoRef, Retry, Secret, Thumbprint, Trust};
+use vsphere_sim::{Config, Sim, SimFault, SimTls};
+
+const MIB: u64 = 1 << 20;
+
+fn estate() -> Config {
+    let mut c = Config::from_toml(
+        r#"
+user = "backup@vsphere.local"
+password = "s3cret"
+qcda_window = 1048576
+page_limit = 40
+[[datacenter]]
+name = "DC1"
+[[datacenter.host]]
+name = "esx1"
+version = "7.0.3"
+[[datacenter.datastore]]
+name = "ds1"
+[[datacenter.datastore]]
+name = "nfs1"
+type = "NFS"
+[[datacenter.vm]]
+name = "db"
+cbt = true
+usb = 1
+encrypted = true
+[[datacenter.vm.disk]]
+capacity = 4194304
+[[datacenter.vm.disk]]
+capacity = 2097152
+datastore = "nfs1"
+backing = "rdm-physical"
+mode = "independent_persistent"
+[[datacenter.vm]]
+name = "gpu"
+pci = 1
+power = "poweredOff"
+[[datacenter.vm.disk]]
+capacity = 1048576
+"#,
+    )
+    .unwrap();
+    // Plenty of VMs so the inventory spans pages of 40.
+    let template = c.datacenters[0].vms[1].clone();
+    for i in 0..100 {
+        let mut v = template.clone();
+        v.name = format!("web{i:03}");
+        v.pci = 0;
+        c.datacenters[0].vms.push(v);
+    }
+    c
+}
+
+async fn sim() -> (tempfile::TempDir, Sim) {
+    vsphere::tls::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Sim::start(estate(), dir.path(), SimTls::SelfSigned).await.unwrap();
+    (dir, sim)
+}
+
+async fn login(sim: &Sim) -> Client {
+    let der = sim.certificate().unwrap();
+    let pin = Trust::Pinned(Thumbprint::Sha256(sha256(der)));
+    let opts = ConnectOptions { trust: pin, timeout: Duration::from_secs(20), ..ConnectOptions::new(&sim.url()) };
+    let c = Client::connect(&opts).await.unwrap();
+    c.login(Credentials { user: "backup@vsphere.local".into(), password: Secret::new("s3cret") }).await.unwrap();
+    c
+}
+
+fn sha256(der: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(der).into()
+}
+
+async fn vm_named(c: &Client, name: &str) -> vsphere::Vm {
+    c.vms().await.unwrap().into_iter().find(|v| v.name == name).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_and_a_paged_inventory_with_every_fact() {
+    let (_d, sim) = sim().await;
+    let opts = ConnectOptions { trust: Trust::Insecure, ..ConnectOptions::new(&sim.url()) };
+    let c = Client::connect(&opts).await.unwrap();
+    assert_eq!(c.content().about.api_version, "8.0.2.0");
+    let e =
+        c.login(Credentials { user: "backup@vsphere.local".into(), password: Secret::new("nope") }).await.unwrap_err();
+    assert_eq!(e.fault().map(|f| f.kind), Some(FaultKind::InvalidLogin));
+    assert_eq!(c.vms().await.unwrap_err().fault().map(|f| f.kind), Some(FaultKind::NotAuthenticated));
+
+    let c = login(&sim).await;
+    let calls = sim.calls();
+    let vms = c.vms().await.unwrap();
+    assert_eq!(vms.len(), 102);
+    // CreateContainerView, RetrievePropertiesEx, two ContinueRetrievePropertiesEx, DestroyView.
+    assert_eq!(sim.calls() - calls, 5, "102 VMs in pages of 40");
+
+    let db = vms.iter().find(|v| v.name == "db").unwrap();
+    assert_eq!((db.cbt_enabled, db.cbt_supported), (Some(true), Some(true)));
+    assert!(db.key_id.is_some());
+    assert_eq!(db.usb.len(), 1);
+    assert_eq!(db.disks.len(), 2);
+    assert_eq!(db.disks[0].capacity, 4 * MIB);
+    assert_eq!(db.disks[0].file_name, "[ds1] db/db.vmdk");
+    assert!(db.disks[0].change_id.as_deref().is_some_and(|c| c.ends_with("/0")), "{:?}", db.disks[0].change_id);
+    assert_eq!(db.disks[1].backing, vsphere::BackingKind::RdmPhysical);
+    assert!(db.disks[1].independent());
+    let gpu = vms.iter().find(|v| v.name == "gpu").unwrap();
+    assert_eq!(gpu.pci_passthrough.len(), 1);
+    assert_eq!(gpu.power_state.as_deref(), Some("poweredOff"));
+    let by_uuid = c.find_vm_by_uuid(db.instance_uuid.as_deref().unwrap(), true).await.unwrap();
+    assert_eq!(by_uuid.as_ref(), Some(&db.moref));
+    assert_eq!(c.find_by_inventory_path("DC1/vm/gpu").await.unwrap(), Some(gpu.moref.clone()));
+    c.logout().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cbt_across_snapshots_windows_star_and_an_epoch_change() {
+    let (_d, sim) = sim().await;
+    let c = login(&sim).await;
+    let db = vm_named(&c, "db").await;
+    let key = db.disks[0].key;
+    let capacity = db.disks[0].capacity;
+
+    // First data, then the first backup's snapshot: "*" reports what is allocated.
+    sim.write("db", key, 0, &[1u8; 4096]).unwrap();
+    sim.write("db", key, 3 * MIB, &[2u8; 8192]).unwrap();
+    let s1 = c.create_snapshot(&db.moref, "syncproxy-1", "job 1", true, None).await.unwrap();
+    let d1 = c.snapshot_disks(&s1).await.unwrap();
+    let id1 = d1[0].change_id.clone().unwrap();
+    assert!(id1.ends_with("/1"), "{id1}");
+    let all = c.query_changed_disk_areas(&db.moref, Some(&s1), key, capacity, "*").await.unwrap();
+    assert_eq!(all.areas, ExtentSet::from_ranges([(0, 4096), (3 * MIB, 8192)]));
+
+    // Under the snapshot the disk is a delta whose parent is the base.
+    let under = vm_named(&c, "db").await;
+    assert_eq!(under.disks[0].file_name, "[ds1] db/db-000001.vmdk");
+    assert_eq!(under.disks[0].base_file_name, "[ds1] db/db.vmdk");
+    assert!(under.all_snapshots()[0].quiesced);
+    c.remove_snapshot(&s1, true).await.unwrap();
+
+    // Changes since the first snapshot, in windows of 1 MiB, in CBT blocks of 64 KiB.
+    sim.write("db", key, 100_000, &[3u8; 10]).unwrap();
+    sim.write("db", key, 2 * MIB + 65_536, &[4u8; 65_536]).unwrap();
+    let s2 = c.create_snapshot(&db.moref, "syncproxy-2", "job 2", false, None).await.unwrap();
+    let changed = c.query_changed_disk_areas(&db.moref, Some(&s2), key, capacity, &id1).await.unwrap();
+    assert_eq!(changed.areas, ExtentSet::from_ranges([(65_536, 65_536), (2 * MIB + 65_536, 65_536)]));
+    let id2 = c.snapshot_disks(&s2).await.unwrap()[0].change_id.clone().unwrap();
+    assert!(id2.ends_with("/2") && id2[..id2.len() - 2] == id1[..id1.len() - 2], "{id1} {id2}");
+    // Nothing changed between a snapshot and itself.
+    let none = c.query_changed_disk_areas(&db.moref, Some(&s2), key, capacity, &id2).await.unwrap();
+    assert!(none.areas.is_empty());
+    c.remove_snapshot(&s2, true).await.unwrap();
+
+    // CBT reset: a new epoch, and the old change ID is a FileFault (so: a full copy).
+    c.set_change_tracking(&db.moref, false).await.unwrap();
+    c.set_change_tracking(&db.moref, true).await.unwrap();
+    let s3 = c.create_snapshot(&db.moref, "syncproxy-3", "job 3", false, None).await.unwrap();
+    let id3 = c.snapshot_disks(&s3).await.unwrap()[0].change_id.clone().unwrap();
+    let old = cbt::ChangeId::parse(&id2);
+    let new = cbt::ChangeId::parse(&id3);
+    assert_ne!(old.epoch(), new.epoch(), "{id2} {id3}");
+    let e = c.query_changed_disk_areas(&db.moref, Some(&s3), key, capacity, &id2).await.unwrap_err();
+    assert_eq!(e.fault().map(|f| f.kind), Some(FaultKind::FileFault), "{e}");
+    assert_eq!(e.retry(), Retry::Never);
+    // A malformed change ID is InvalidArgument; a powered-on VM needs a snapshot.
+    let e = c.query_changed_disk_areas(&db.moref, Some(&s3), key, capacity, "garbage").await.unwrap_err();
+    assert_eq!(e.fault().map(|f| f.kind), Some(FaultKind::InvalidArgument), "{e}");
+    let e = c.query_changed_disk_areas(&db.moref, None, key, capacity, "*").await.unwrap_err();
+    assert_eq!(e.fault().map(|f| f.kind), Some(FaultKind::InvalidState), "{e}");
+    c.remove_snapshot(&s3, true).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datastore_reads_see_the_frozen_base() {
+    let (_d, sim) = sim().await;
+    let c = login(&sim).await;
+    let db = vm_named(&c, "db").await;
+    let key = db.disks[0].key;
+    sim.write("db", key, 0, b"before the snapshot").unwrap();
+    let s = c.create_snapshot(&db.moref, "syncproxy-r", "read", false, None).await.unwrap();
+    sim.write("db", key, 0, b"AFTER  the snapshot").unwrap();
+    let r = c.datastore_reader().unwrap();
+    let f = DatastoreFile::from_ds_path("DC1", "[ds1] db/db-flat.vmdk").unwrap();
+    assert_eq!(r.size(&f).await.unwrap(), 4 * MIB);
+    assert_eq!(&r.read(&f, 0, 19).await.unwrap()[..], b"before the snapshot");
+    c.remove_snapshot(&s, true).await.unwrap();
+    assert_eq!(&r.read(&f, 0, 19).await.unwrap()[..], b"AFTER  the snapshot");
+    // Busy host: 503, retried with back-off by callers.
+    sim.faults(|f| f.http_503 = 1);
+    let e = r.read(&f, 0, 10).await.unwrap_err();
+    assert_eq!((e.retry(), matches!(e, vsphere::Error::Http { status: Some(503), .. })), (Retry::Backoff, true), "{e}");
+    assert_eq!(r.read(&f, 0, 5).await.unwrap().len(), 5);
+    let e = r.read(&f, 8 * MIB, 10).await.unwrap_err();
+    assert!(e.to_string().contains("416"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_faults_come_back_typed() {
+    let (_d, sim) = sim().await;
+    let c = login(&sim).await;
+    let db = vm_named(&c, "db").await;
+
+    // Session expiry: the client logs in again and retries, once, unseen by the caller.
+    sim.faults(|f| f.expire_sessions = true);
+    assert_eq!(c.vms().await.unwrap().len(), 102);
+    sim.faults(|f| f.expire_sessions = true);
+    c.current_time().await.unwrap();
+    c.set_change_tracking(&db.moref, true).await.unwrap();
+
+    // A failing task: its fault, typed, with the task's name.
+    sim.faults(|f| f.fail_next_task = Some(SimFault::new("NoDiskSpace", "no room for the delta")));
+    let e = c.create_snapshot(&db.moref, "x", "", false, None).await.unwrap_err();
+    assert!(matches!(&e, vsphere::Error::Task { name, .. } if name == "VirtualMachine.createSnapshot"), "{e}");
+    assert_eq!(e.fault().map(|f| (f.kind, f.type_name.as_str())), Some((FaultKind::FileFault, "NoDiskSpace")));
+    let gpu = vm_named(&c, "gpu").await;
+    let e = c.create_snapshot(&gpu.moref, "x", "", false, None).await.unwrap_err();
+    assert_eq!(e.fault().map(|f| f.kind), Some(FaultKind::Snapshot), "{e}");
+
+    // CBT that cannot answer: FileFault.
+    let s = c.create_snapshot(&db.moref, "y", "", false, None).await.unwrap();
+    sim.faults(|f| f.qcda_file_fault = true);
+    let e = c.query_changed_disk_areas(&db.moref, Some(&s), 2000, 4 * MIB, "*").await.unwrap_err();
+    assert_eq!(e.fault().map(|f| f.kind), Some(FaultKind::FileFault));
+    sim.faults(|f| f.qcda_file_fault = false);
+
+    // A slow task watched by WaitForUpdatesEx, then the same without it (polling).
+    sim.faults(|f| f.task_delay = Duration::from_millis(300));
+    c.remove_snapshot(&s, true).await.unwrap();
+    sim.faults(|f| f.no_wait_for_updates = true);
+    let s = c.create_snapshot(&db.moref, "z", "", false, None).await.unwrap();
+    c.remove_snapshot(&s, true).await.unwrap();
+    sim.faults(|f| f.no_wait_for_updates = false);
+
+    // Cancellation: the task is asked to stop and ends RequestCanceled.
+    let cancel = AtomicBool::new(true);
+    let e = c.create_snapshot(&db.moref, "c", "", false, Some(&cancel)).await.unwrap_err();
+    assert_eq!(e.fault().map(|f| f.kind), Some(FaultKind::RequestCanceled), "{e}");
+    assert_eq!(vm_named(&c, "db").await.snapshot_depth(), 0);
+
+    // Slow answers past the client's timeout: a Timeout, retried with back-off.
+    sim.faults(|f| f.delay = Duration::from_secs(3));
+    let impatient =
+        ConnectOptions { trust: Trust::Insecure, timeout: Duration::from_secs(1), ..ConnectOptions::new(&sim.url()) };
+    let e = Client::connect(&impatient).await.unwrap_err();
+    assert!(matches!(e, vsphere::Error::Timeout(_)), "{e}");
+    assert_eq!(e.retry(), Retry::Backoff);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_snapshot_can_leave_consolidation_needed() {
+    let (_d, sim) = sim().await;
+    let c = login(&sim).await;
+    let db = vm_named(&c, "db").await;
+    let s = c.create_snapshot(&db.moref, "syncproxy-c", "", false, None).await.unwrap();
+    sim.faults(|f| f.leave_consolidation = true);
+    c.remove_snapshot(&s, true).await.unwrap();
+    assert_eq!(vm_named(&c, "db").await.consolidation_needed, Some(true));
+    c.consolidate_disks(&db.moref).await.unwrap();
+    assert_eq!(vm_named(&c, "db").await.consolidation_needed, Some(false));
+    let gone = MoRef::new("VirtualMachineSnapshot", "snapshot-0");
+    assert_eq!(
+        c.remove_snapshot(&gone, true).await.unwrap_err().fault().map(|f| f.kind),
+        Some(FaultKind::ManagedObjectNotFound)
+    );
+}
