@@ -34,6 +34,10 @@ pub(crate) struct ServerArgs {
     /// credentials; every connection logs a warning.
     #[arg(long)]
     insecure: bool,
+    /// Also accept TLS 1.0 and 1.1 (vCenter 5.1, ESXi 5.0 and 5.1 speak nothing newer), through
+    /// OpenSSL with weak ciphers allowed for this server only; each connection warns.
+    #[arg(long)]
+    legacy_tls: bool,
     /// Seconds one call may take.
     #[arg(long, default_value_t = 300)]
     timeout: u64,
@@ -80,11 +84,19 @@ pub(crate) fn run(args: &Args) -> Result<()> {
 
 async fn inventory(args: &Args) -> Result<()> {
     let client = args.server.login().await?;
-    let result = client.vms().await.context("cannot list the VMs");
+    let result = async {
+        let vms = client.vms().await.context("cannot list the VMs")?;
+        let hosts = client.hosts().await.context("cannot list the hosts")?;
+        let datastores = client.datastores().await.context("cannot list the datastores")?;
+        // Standalone ESXi has no clusters; an account may not see them either.
+        let clusters = client.clusters().await.unwrap_or_default();
+        anyhow::Ok((vms, hosts, datastores, clusters))
+    }
+    .await;
     if let Err(e) = client.logout().await {
         eprintln!("probe: logging out: {e}");
     }
-    let mut vms = result?;
+    let (mut vms, hosts, datastores, clusters) = result?;
     vms.sort_by(|a, b| a.name.cmp(&b.name));
     let about = &client.content().about;
     let tls = client.server_tls();
@@ -102,6 +114,17 @@ async fn inventory(args: &Args) -> Result<()> {
             "thumbprint_sha1": tls.as_ref().map(|t| t.sha1.to_string()),
             "thumbprint_sha256": tls.as_ref().map(|t| t.sha256.to_string()),
         },
+        "hosts": hosts.iter().map(|h| json!({
+            "name": h.name, "moref": h.moref.value, "version": h.version, "api_version": h.api_version,
+            "connection_state": h.connection_state, "thumbprint_sha1": h.thumbprint.as_ref().map(ToString::to_string),
+        })).collect::<Vec<_>>(),
+        "datastores": datastores.iter().map(|d| json!({
+            "name": d.name, "moref": d.moref.value, "type": d.kind, "vmfs_version": d.vmfs_version,
+            "capacity": d.capacity, "free": d.free,
+        })).collect::<Vec<_>>(),
+        "clusters": clusters.iter().map(|c| json!({
+            "name": c.name, "moref": c.moref.value, "drs_enabled": c.drs_enabled, "drs_behavior": c.drs_behavior,
+        })).collect::<Vec<_>>(),
         "vms": vms.iter().map(vm_json).collect::<Vec<_>>(),
     });
     let mut out = std::io::stdout().lock();
@@ -112,6 +135,21 @@ async fn inventory(args: &Args) -> Result<()> {
     writeln!(out, "{} {} (API {}, {})", about.name, about.version, about.api_version, about.api_type)?;
     if let Some(t) = &tls {
         writeln!(out, "TLS {}, SHA-1 {}", t.version, t.sha1)?;
+    }
+    for h in &hosts {
+        writeln!(out, "host {} (ESXi {})", h.name, h.version.as_deref().unwrap_or("?"))?;
+    }
+    for d in &datastores {
+        let v = d.vmfs_version.as_deref().map(|v| format!(" {v}")).unwrap_or_default();
+        writeln!(out, "datastore {} ({}{v})", d.name, d.kind.as_deref().unwrap_or("?"))?;
+    }
+    for c in &clusters {
+        writeln!(
+            out,
+            "cluster {} (DRS {})",
+            c.name,
+            c.drs_behavior.as_deref().unwrap_or(if c.drs_enabled == Some(true) { "on" } else { "off" })
+        )?;
     }
     writeln!(out, "{} VMs\n", vms.len())?;
     writeln!(out, "{:<28} {:<10} {:<8} {:<5} {:<6} DISKS", "VM", "POWER", "HW", "CBT", "SNAPS")?;

@@ -41,6 +41,8 @@ fn lists_vcsim_vms_as_a_table_and_as_json() {
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["server"]["api_type"], "VirtualCenter");
     assert_eq!(v["server"]["thumbprint_sha1"], thumb.as_str());
+    assert_eq!(v["clusters"][0]["name"], "DC0_C0");
+    assert_eq!(v["hosts"].as_array().unwrap().len(), 4);
     let vms = v["vms"].as_array().unwrap();
     assert_eq!(vms.len(), 4);
     for vm in vms {
@@ -92,6 +94,8 @@ async fn lists_the_project_simulator_too() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["server"]["api_version"], "8.0.2.0");
+    assert_eq!(v["hosts"][0]["thumbprint_sha1"], thumb.as_str(), "the host's certificate is the simulator's");
+    assert_eq!(v["datastores"][0]["type"], "VMFS");
     let vms = v["vms"].as_array().unwrap();
     assert_eq!(vms.len(), 3);
     assert_eq!(vms[0]["cbt_enabled"], true);

@@ -1,9 +1,12 @@
 //! Fuzz entry point for the vSphere client: a SOAP response as a server sends it, through the
-//! XML tree, the envelope and fault reader, the property-collector page and the VM model.
+//! XML tree, the envelope and fault reader, the property-collector page, the VM, host,
+//! datastore and cluster models, and a `QueryChangedDiskAreas` page into `cbt`.
 
+use vsphere::facts::{cluster_from, datastore_from, host_from};
 use vsphere::model::vm_from;
 use vsphere::pc::parse_result;
 use vsphere::soap::{MoRef, parse_response};
+use vsphere::task::change_info;
 use vsphere::xml::{self, Element, Limits};
 
 /// Small limits, so the fuzzer also explores refusals.
@@ -22,6 +25,14 @@ pub fn soap_response(data: &[u8]) {
         assert!(text <= data.len(), "{text} bytes of text and names from {} bytes", data.len());
     }
     let pc = MoRef::new("PropertyCollector", "propertyCollector");
+    // A QueryChangedDiskAreas page goes to the cbt accumulator, which refuses what is odd.
+    if let Ok(r) = parse_response(data, "QueryChangedDiskAreas", &pc, LIMITS)
+        && let Some(rv) = r.child("returnval")
+    {
+        let page = change_info(rv);
+        let mut acc = cbt::ChangeAccumulator::new(1 << 40);
+        let _ = acc.push(&page);
+    }
     for method in ["RetrievePropertiesEx", "RetrieveServiceContent", "Login"] {
         if let Ok(r) = parse_response(data, method, &pc, LIMITS)
             && let Ok((objects, _)) = parse_result(&r)
@@ -30,6 +41,7 @@ pub fn soap_response(data: &[u8]) {
                 if let Ok(vm) = vm_from(o) {
                     assert!(vm.snapshot_depth() <= LIMITS.max_depth);
                 }
+                let _ = (host_from(o), datastore_from(o), cluster_from(o));
             }
         }
     }

@@ -7,7 +7,7 @@
 //! serve the disks (a base disk frozen under its oldest snapshot).
 //!
 //! Not simulated: snapshot delta files on the datastore (their names exist, their bytes do not),
-//! revert, memory snapshots, power operations through the API, and TLS 1.0.
+//! revert, memory snapshots and power operations through the API.
 
 mod config;
 mod server;
@@ -55,6 +55,9 @@ impl SimError {
 pub enum SimTls {
     /// TLS 1.2/1.3 with a freshly generated self-signed certificate.
     SelfSigned,
+    /// TLS 1.0 only (OpenSSL, security level 0), as vCenter 5.1 and ESXi 5.x speak it, with a
+    /// freshly generated self-signed certificate.
+    Legacy,
     /// Plain HTTP.
     Plain,
 }
@@ -73,31 +76,37 @@ impl Sim {
     /// Starts on 127.0.0.1 (a free port), keeping the datastores under `root`. Must be called
     /// inside a tokio runtime.
     pub async fn start(config: Config, root: &Path, tls: SimTls) -> Result<Self, SimError> {
-        let world = world::World::new(config, root)?;
+        let mut world = world::World::new(config, root)?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| SimError::io(Path::new("127.0.0.1:0"), e))?;
         let addr = listener.local_addr().map_err(|e| SimError::io(Path::new("127.0.0.1:0"), e))?;
         let (server_tls, cert) = match tls {
-            SimTls::Plain => (None, None),
-            SimTls::SelfSigned => {
+            SimTls::Plain => (server::ServerTls::Plain, None),
+            SimTls::SelfSigned | SimTls::Legacy => {
                 let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
                     .map_err(|e| SimError::Tls(e.to_string()))?;
                 let der = ck.cert.der().to_vec();
-                let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
-                let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-                let cfg = rustls::ServerConfig::builder_with_provider(provider)
-                    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-                    .map_err(|e| SimError::Tls(e.to_string()))?
-                    .with_no_client_auth()
-                    .with_single_cert(vec![CertificateDer::from(der.clone())], key)
-                    .map_err(|e| SimError::Tls(e.to_string()))?;
-                (Some(Arc::new(cfg)), Some(der))
+                world.cert_pem = Some(ck.cert.pem());
+                let server = if tls == SimTls::Legacy {
+                    server::ServerTls::Legacy(Arc::new(legacy_acceptor(&der, &ck.signing_key.serialize_pem())?))
+                } else {
+                    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
+                    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+                    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+                        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+                        .map_err(|e| SimError::Tls(e.to_string()))?
+                        .with_no_client_auth()
+                        .with_single_cert(vec![CertificateDer::from(der.clone())], key)
+                        .map_err(|e| SimError::Tls(e.to_string()))?;
+                    server::ServerTls::Modern(Arc::new(cfg))
+                };
+                (server, Some(der))
             }
         };
         let state = Arc::new(Mutex::new(world));
         let task = tokio::spawn(server::serve(listener, server_tls, state.clone()));
-        Ok(Self { state, addr, tls: tls == SimTls::SelfSigned, cert, task })
+        Ok(Self { state, addr, tls: tls != SimTls::Plain, cert, task })
     }
 
     /// `https://127.0.0.1:PORT/sdk` (or `http://`).
@@ -150,6 +159,22 @@ impl Sim {
     pub fn calls(&self) -> u64 {
         self.world().calls
     }
+}
+
+/// An OpenSSL acceptor that speaks TLS 1.0 and nothing newer.
+fn legacy_acceptor(cert_der: &[u8], key_pem: &str) -> Result<openssl::ssl::SslAcceptor, SimError> {
+    use openssl::ssl::{SslAcceptor, SslMethod, SslVersion};
+    let e = |e: openssl::error::ErrorStack| SimError::Tls(e.to_string());
+    let mut b = SslAcceptor::mozilla_intermediate(SslMethod::tls()).map_err(e)?;
+    b.set_security_level(0);
+    b.set_cipher_list("DEFAULT:@SECLEVEL=0").map_err(e)?;
+    b.set_min_proto_version(Some(SslVersion::TLS1)).map_err(e)?;
+    b.set_max_proto_version(Some(SslVersion::TLS1)).map_err(e)?;
+    let cert = openssl::x509::X509::from_der(cert_der).map_err(e)?;
+    let key = openssl::pkey::PKey::private_key_from_pem(key_pem.as_bytes()).map_err(e)?;
+    b.set_certificate(&cert).map_err(e)?;
+    b.set_private_key(&key).map_err(e)?;
+    Ok(b.build())
 }
 
 impl Drop for Sim {

@@ -27,7 +27,18 @@ fn plain(status: u16, body: impl Into<Bytes>) -> Resp {
 /// The largest answer to a `GET` without a range (clients read disks in ranges).
 const MAX_WHOLE: u64 = 256 << 20;
 
-pub(crate) async fn serve(listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>, state: Shared) {
+/// How connections are encrypted.
+#[derive(Clone)]
+pub(crate) enum ServerTls {
+    /// TLS 1.2 and 1.3 through rustls.
+    Modern(Arc<rustls::ServerConfig>),
+    /// TLS 1.0 only, through OpenSSL at security level 0: what vSphere 5.x speaks.
+    Legacy(Arc<openssl::ssl::SslAcceptor>),
+    /// None.
+    Plain,
+}
+
+pub(crate) async fn serve(listener: TcpListener, tls: ServerTls, state: Shared) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else { continue };
         let _ = tcp.set_nodelay(true);
@@ -39,12 +50,19 @@ pub(crate) async fn serve(listener: TcpListener, tls: Option<Arc<rustls::ServerC
             });
             let http = hyper::server::conn::http1::Builder::new();
             match tls {
-                Some(cfg) => {
+                ServerTls::Modern(cfg) => {
                     if let Ok(stream) = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await {
                         let _ = http.serve_connection(TokioIo::new(stream), svc).await;
                     }
                 }
-                None => {
+                ServerTls::Legacy(acceptor) => {
+                    let Ok(ssl) = openssl::ssl::Ssl::new(acceptor.context()) else { return };
+                    let Ok(mut stream) = tokio_openssl::SslStream::new(ssl, tcp) else { return };
+                    if std::pin::Pin::new(&mut stream).accept().await.is_ok() {
+                        let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                    }
+                }
+                ServerTls::Plain => {
                     let _ = http.serve_connection(TokioIo::new(tcp), svc).await;
                 }
             }

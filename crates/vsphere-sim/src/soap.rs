@@ -458,10 +458,53 @@ fn property(w: &World, obj: &MoRef, p: &str) -> Result<Option<String>, SimFault>
                 .iter()
                 .find(|d| d.moref == *obj)
                 .ok_or_else(|| SimFault::new("ManagedObjectNotFound", "no such datastore"))?;
+            let url = w.root.join(&d.name).display().to_string();
             match p {
                 "name" | "summary.name" => s(&d.name),
                 "summary.type" => s(&d.extra),
-                "info.url" => s(&w.root.join(&d.name).display().to_string()),
+                "info.url" => s(&url),
+                "summary" => Ok(Some(prop(
+                    p,
+                    "DatastoreSummary",
+                    &format!(
+                        "{}{}{}{}{}{}{}",
+                        mo("datastore", &d.moref),
+                        t("name", &d.name),
+                        t("url", &url),
+                        t("capacity", 1u64 << 40),
+                        t("freeSpace", 1u64 << 39),
+                        t("accessible", true),
+                        t("type", &d.extra)
+                    ),
+                ))),
+                "info" => {
+                    let common = format!(
+                        "{}{}{}{}",
+                        t("name", &d.name),
+                        t("url", &url),
+                        t("freeSpace", 1u64 << 39),
+                        t("maxFileSize", 62u64 << 40)
+                    );
+                    Ok(Some(if d.extra == "VMFS" {
+                        let vmfs = format!(
+                            "{}{}{}{}",
+                            t("type", "VMFS"),
+                            t("name", &d.name),
+                            t("capacity", 1u64 << 40),
+                            t("version", "6.82")
+                        );
+                        prop(p, "VmfsDatastoreInfo", &format!("{common}<vmfs>{vmfs}</vmfs>"))
+                    } else {
+                        let nas = format!(
+                            "{}{}{}{}",
+                            t("type", &d.extra),
+                            t("name", &d.name),
+                            t("remoteHost", "nas.sim"),
+                            t("remotePath", "/export")
+                        );
+                        prop(p, "NasDatastoreInfo", &format!("{common}<nas>{nas}</nas>"))
+                    }))
+                }
                 _ => Err(invalid_property(p)),
             }
         }
@@ -474,6 +517,19 @@ fn property(w: &World, obj: &MoRef, p: &str) -> Result<Option<String>, SimFault>
             match p {
                 "name" => s(&h.name),
                 "config.product.version" | "summary.config.product.version" => s(&h.extra),
+                "config.product.apiVersion" => s(&w.cfg.api_version),
+                "runtime.connectionState" => Ok(Some(prop(p, "HostSystemConnectionState", "connected"))),
+                "parent" => Ok(Some(format!(
+                    "<propSet><name>{p}</name><val type=\"ComputeResource\" xsi:type=\"ManagedObjectReference\">domain-s{}</val></propSet>",
+                    h.dc
+                ))),
+                // The certificate vCenter holds for the host: PEM as signed bytes. The
+                // simulator is its own hosts, so this is its own certificate.
+                "config.certificate" => Ok(w.cert_pem.as_ref().map(|pem| {
+                    let bytes: String =
+                        pem.bytes().map(|b| format!("<byte>{}</byte>", i8::from_le_bytes([b]))).collect();
+                    prop(p, "ArrayOfByte", &bytes)
+                })),
                 _ => Err(invalid_property(p)),
             }
         }

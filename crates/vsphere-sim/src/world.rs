@@ -216,6 +216,8 @@ pub(crate) struct World {
     pub(crate) pages: HashMap<String, (Vec<String>, usize)>,
     pub(crate) faults: Faults,
     pub(crate) calls: u64,
+    /// The server's certificate (PEM), reported as every host's.
+    pub(crate) cert_pem: Option<String>,
 }
 
 fn uuid_of(n: u64, salt: u64) -> String {
@@ -251,6 +253,7 @@ impl World {
             pages: HashMap::new(),
             faults: Faults::default(),
             calls: 0,
+            cert_pem: None,
             cfg: cfg.clone(),
         };
         let esx = cfg.api_type == "HostAgent";

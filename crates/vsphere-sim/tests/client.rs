@@ -274,3 +274,59 @@ async fn removing_a_snapshot_can_leave_consolidation_needed() {
         Some(FaultKind::ManagedObjectNotFound)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vsphere_5_speaks_only_tls_1_0_and_the_legacy_path_reaches_it() {
+    vsphere::tls::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::small(2, MIB);
+    config.api_version = "5.1".into();
+    config.version = "5.1.0".into();
+    let sim = Sim::start(config, dir.path(), SimTls::Legacy).await.unwrap();
+    let pin = Trust::Pinned(Thumbprint::Sha256(sha256(sim.certificate().unwrap())));
+    let opts =
+        ConnectOptions { trust: pin.clone(), timeout: Duration::from_secs(20), ..ConnectOptions::new(&sim.url()) };
+    // rustls refuses TLS 1.0, and the error says what to do.
+    let e = Client::connect(&opts).await.unwrap_err().to_string();
+    assert!(e.contains("legacy TLS"), "{e}");
+    // Opted in: connected, pinned, and the version is reported.
+    let c = Client::connect(&ConnectOptions { legacy_tls: true, ..opts.clone() }).await.unwrap();
+    assert_eq!(c.server_tls().unwrap().version, "TLSv1");
+    assert_eq!(c.content().about.api_version, "5.1");
+    c.login(Credentials { user: "backup@vsphere.local".into(), password: Secret::new("simulated") }).await.unwrap();
+    assert_eq!(c.vms().await.unwrap().len(), 2);
+    // The pin still holds on the legacy path.
+    let wrong = Trust::Pinned(Thumbprint::Sha256([0; 32]));
+    let e = Client::connect(&ConnectOptions { legacy_tls: true, trust: wrong, ..opts }).await.unwrap_err().to_string();
+    assert!(e.contains("not the pinned"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_and_datastore_facts_and_a_direct_read_from_the_host() {
+    let (_d, sim) = sim().await;
+    let c = login(&sim).await;
+    let hosts = c.hosts().await.unwrap();
+    assert_eq!(hosts.len(), 1);
+    let h = &hosts[0];
+    assert_eq!((h.name.as_str(), h.version.as_deref()), ("esx1", Some("7.0.3")));
+    // vCenter vouches for the host's certificate: its thumbprint is what a direct read pins.
+    let thumb = h.thumbprint.clone().expect("the host's certificate");
+    assert_eq!(thumb, c.server_tls().unwrap().sha1);
+    let ds = c.datastores().await.unwrap();
+    let by = |n: &str| ds.iter().find(|d| d.name == n).unwrap().clone();
+    assert_eq!((by("ds1").kind.as_deref(), by("ds1").vmfs_version.as_deref()), (Some("VMFS"), Some("6.82")));
+    assert_eq!((by("nfs1").kind.as_deref(), by("nfs1").vmfs_version), (Some("NFS"), None));
+    assert!(c.clusters().await.unwrap().is_empty(), "this estate has no clusters");
+
+    // A service ticket, then the read straight from the "host", trusted by that thumbprint.
+    sim.write("db", 2000, 0, b"direct").unwrap();
+    let file = DatastoreFile::from_ds_path("DC1", "[ds1] db/db-flat.vmdk").unwrap();
+    let ticket = c.acquire_ticket(&format!("{}{}", sim.url().trim_end_matches("/sdk"), file.url_path())).await.unwrap();
+    let host = sim.url().trim_end_matches("/sdk").to_owned();
+    let r = c.host_datastore_reader(&host, &thumb, &ticket, Duration::from_secs(10)).unwrap();
+    assert_eq!(&r.read(&file, 0, 6).await.unwrap()[..], b"direct");
+    // The vCenter pin is not the host's trust: a wrong host thumbprint is refused.
+    let wrong = Thumbprint::Sha1([9; 20]);
+    let r = c.host_datastore_reader(&host, &wrong, &ticket, Duration::from_secs(10)).unwrap();
+    assert!(r.read(&file, 0, 6).await.unwrap_err().to_string().contains("not the pinned"));
+}

@@ -82,6 +82,7 @@ pub struct Response {
 pub struct Http {
     endpoint: Endpoint,
     tls: Option<Arc<rustls::ClientConfig>>,
+    legacy: Option<crate::legacy::Legacy>,
     idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
     seen: Mutex<Option<ServerTls>>,
     timeout: Duration,
@@ -94,6 +95,23 @@ const MAX_IDLE: usize = 8;
 impl Http {
     /// A pool for `endpoint` trusting as `trust` says.
     pub fn new(endpoint: Endpoint, trust: &Trust, timeout: Duration, max_body: usize) -> Result<Self, Error> {
+        Self::with_legacy(endpoint, trust, timeout, max_body, false)
+    }
+
+    /// The same, and with `legacy` TLS 1.0 and 1.1 through OpenSSL (vSphere 5.x only).
+    pub fn with_legacy(
+        endpoint: Endpoint,
+        trust: &Trust,
+        timeout: Duration,
+        max_body: usize,
+        legacy: bool,
+    ) -> Result<Self, Error> {
+        let legacy = if legacy && endpoint.tls {
+            tracing::warn!("{}: legacy TLS 1.0/1.1 enabled by request", endpoint.host);
+            Some(crate::legacy::Legacy::new(trust, &endpoint.host)?)
+        } else {
+            None
+        };
         let tls = if endpoint.tls {
             Some(Arc::new(client_config(trust)?))
         } else if *trust == Trust::Insecure {
@@ -108,7 +126,7 @@ impl Http {
                 endpoint.authority()
             )));
         };
-        Ok(Self { endpoint, tls, idle: Mutex::new(Vec::new()), seen: Mutex::new(None), timeout, max_body })
+        Ok(Self { endpoint, tls, legacy, idle: Mutex::new(Vec::new()), seen: Mutex::new(None), timeout, max_body })
     }
 
     /// The endpoint.
@@ -127,13 +145,23 @@ impl Http {
             .await
             .map_err(|source| Error::Io { context: what.clone(), source })?;
         let _ = tcp.set_nodelay(true);
-        let io: Box<dyn Io> = match &self.tls {
-            Some(cfg) => {
+        let io: Box<dyn Io> = match (&self.legacy, &self.tls) {
+            (Some(legacy), _) => {
+                let (stream, seen) = legacy.connect(&self.endpoint.host, tcp).await?;
+                *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(seen);
+                Box::new(stream)
+            }
+            (None, Some(cfg)) => {
                 let name = server_name(&self.endpoint.host)?;
-                let tls = tokio_rustls::TlsConnector::from(cfg.clone())
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|e| Error::Tls { host: self.endpoint.host.clone(), message: e.to_string() })?;
+                let tls = tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, tcp).await.map_err(|e| {
+                    let mut message = e.to_string();
+                    if message.contains("ProtocolVersion") || message.contains("peer is incompatible") {
+                        message.push_str(
+                            " (vCenter 5.1 and ESXi 5.x speak only TLS 1.0/1.1: connect with the legacy TLS opt-in)",
+                        );
+                    }
+                    Error::Tls { host: self.endpoint.host.clone(), message }
+                })?;
                 let (_, conn) = tls.get_ref();
                 if let Some(cert) = conn.peer_certificates().and_then(|c| c.first()) {
                     let version = conn.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default();
@@ -141,7 +169,7 @@ impl Http {
                 }
                 Box::new(tls)
             }
-            None => Box::new(tcp),
+            (None, None) => Box::new(tcp),
         };
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await

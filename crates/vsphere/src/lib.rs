@@ -11,7 +11,9 @@
 
 pub mod datastore;
 pub mod error;
+pub mod facts;
 pub mod http;
+mod legacy;
 pub mod model;
 pub mod pc;
 pub mod session;

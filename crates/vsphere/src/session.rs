@@ -68,6 +68,9 @@ pub struct ConnectOptions {
     pub timeout: Duration,
     /// Parser limits for answers.
     pub limits: Limits,
+    /// Also accept TLS 1.0 and 1.1 through OpenSSL, for vCenter 5.1 and ESXi 5.x. Off by
+    /// default; every connection made this way logs a warning.
+    pub legacy_tls: bool,
 }
 
 impl ConnectOptions {
@@ -78,6 +81,7 @@ impl ConnectOptions {
             trust: Trust::default(),
             timeout: Duration::from_secs(300),
             limits: Limits::default(),
+            legacy_tls: false,
         }
     }
 }
@@ -178,7 +182,13 @@ impl Client {
     pub async fn connect(options: &ConnectOptions) -> Result<Self, Error> {
         let endpoint = Endpoint::parse(&options.url)?;
         let max_body = options.limits.max_bytes;
-        let http = std::sync::Arc::new(Http::new(endpoint, &options.trust, options.timeout, max_body)?);
+        let http = std::sync::Arc::new(Http::with_legacy(
+            endpoint,
+            &options.trust,
+            options.timeout,
+            max_body,
+            options.legacy_tls,
+        )?);
         let mut client = Self {
             http,
             content: ServiceContent {

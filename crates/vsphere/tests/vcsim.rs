@@ -230,3 +230,27 @@ async fn datastore_range_reads_of_a_disk_file() {
 async fn one(c: &Client, vm: &vsphere::MoRef) -> vsphere::Vm {
     c.vms_by_moref(std::slice::from_ref(vm)).await.unwrap().remove(0)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_datastores_and_drs_of_clusters() {
+    let Some(s) = start("hosts_datastores_and_drs_of_clusters", &[]) else { return };
+    let c = Client::connect(&options(&s.sim.url, Trust::Insecure)).await.unwrap();
+    c.login(creds(PASSWORD)).await.unwrap();
+    let hosts = c.hosts().await.unwrap();
+    assert_eq!(hosts.len(), 4, "DC0_H0 and the cluster's three");
+    assert!(
+        hosts.iter().all(|h| h.version.is_some() && h.connection_state.as_deref() == Some("connected")),
+        "{hosts:?}"
+    );
+    let ds = c.datastores().await.unwrap();
+    assert_eq!(ds.len(), 1);
+    assert_eq!(ds[0].name, "LocalDS_0");
+    assert!(ds[0].kind.is_some() && ds[0].capacity.is_some(), "{ds:?}");
+    let clusters = c.clusters().await.unwrap();
+    assert_eq!(clusters.len(), 1);
+    assert_eq!(clusters[0].name, "DC0_C0");
+    // vcsim enables DRS and leaves defaultVmBehavior unset; the model keeps "unset" as None
+    // rather than guessing a level.
+    assert_eq!(clusters[0].drs_enabled, Some(true), "{clusters:?}");
+    c.logout().await.unwrap();
+}

@@ -1,0 +1,149 @@
+//! Facts about the estate around the VMs that `probe` and the backup flow check: host versions
+//! and the certificate thumbprints vCenter vouches for (to trust ESXi hosts reached directly),
+//! datastore types and versions, and clusters' DRS automation.
+
+use crate::error::Error;
+use crate::pc::ObjectContent;
+use crate::session::Client;
+use crate::soap::MoRef;
+use crate::tls::{ServerTls, Thumbprint};
+use crate::xml::Element;
+
+/// An ESXi host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    /// The moref.
+    pub moref: MoRef,
+    /// Its name.
+    pub name: String,
+    /// `8.0.2`.
+    pub version: Option<String>,
+    /// Its API version.
+    pub api_version: Option<String>,
+    /// `connected`, `disconnected`, `notResponding`.
+    pub connection_state: Option<String>,
+    /// The SHA-1 thumbprint of the certificate vCenter holds for it.
+    pub thumbprint: Option<Thumbprint>,
+    /// The cluster or compute resource it belongs to.
+    pub parent: Option<MoRef>,
+}
+
+/// A datastore.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Datastore {
+    /// The moref.
+    pub moref: MoRef,
+    /// Its name.
+    pub name: String,
+    /// `VMFS`, `NFS`, `NFS41`, `vsan`, `VVOL`.
+    pub kind: Option<String>,
+    /// The VMFS version (`6.82`), for VMFS.
+    pub vmfs_version: Option<String>,
+    /// Bytes.
+    pub capacity: Option<u64>,
+    /// Free bytes.
+    pub free: Option<u64>,
+    /// Where its files are (`ds:///vmfs/volumes/...`).
+    pub url: Option<String>,
+}
+
+/// A cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// The moref.
+    pub moref: MoRef,
+    /// Its name.
+    pub name: String,
+    /// DRS on.
+    pub drs_enabled: Option<bool>,
+    /// `manual`, `partiallyAutomated`, `fullyAutomated`.
+    pub drs_behavior: Option<String>,
+}
+
+fn some(e: Option<&Element>) -> Option<String> {
+    e.map(|e| e.text.trim()).filter(|t| !t.is_empty()).map(str::to_owned)
+}
+
+/// The DER certificate inside `HostConfigInfo.certificate` (PEM as an array of signed bytes).
+fn certificate_der(val: &Element) -> Option<Vec<u8>> {
+    let bytes: Option<Vec<u8>> =
+        val.children.iter().map(|b| b.text.trim().parse::<i16>().ok().map(|v| v.to_le_bytes()[0])).collect();
+    let pem = bytes?;
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::from_pem_slice(&pem).ok().map(|c| c.to_vec())
+}
+
+impl Client {
+    /// Every ESXi host with its version and the thumbprint vCenter holds for it.
+    pub async fn hosts(&self) -> Result<Vec<Host>, Error> {
+        let objs = self
+            .inventory(
+                "HostSystem",
+                &[
+                    "name",
+                    "config.product.version",
+                    "config.product.apiVersion",
+                    "runtime.connectionState",
+                    "config.certificate",
+                    "parent",
+                ],
+            )
+            .await?;
+        Ok(objs.iter().map(host_from).collect())
+    }
+
+    /// Every datastore with its type and, for VMFS, its version.
+    pub async fn datastores(&self) -> Result<Vec<Datastore>, Error> {
+        let objs = self.inventory("Datastore", &["name", "summary", "info"]).await?;
+        Ok(objs.iter().map(datastore_from).collect())
+    }
+
+    /// Every cluster with its DRS automation level.
+    pub async fn clusters(&self) -> Result<Vec<Cluster>, Error> {
+        let objs = self.inventory("ClusterComputeResource", &["name", "configurationEx"]).await?;
+        Ok(objs.iter().map(cluster_from).collect())
+    }
+}
+
+/// A host from its properties.
+pub fn host_from(o: &ObjectContent) -> Host {
+    Host {
+        moref: o.obj.clone(),
+        name: o.text("name").unwrap_or_default().to_owned(),
+        version: some(o.get("config.product.version")),
+        api_version: some(o.get("config.product.apiVersion")),
+        connection_state: some(o.get("runtime.connectionState")),
+        thumbprint: o
+            .get("config.certificate")
+            .and_then(certificate_der)
+            .map(|der| ServerTls::of(&der, String::new()).sha1),
+        parent: o.get("parent").and_then(MoRef::from_element),
+    }
+}
+
+/// A datastore from its properties.
+pub fn datastore_from(o: &ObjectContent) -> Datastore {
+    let summary = o.get("summary");
+    let info = o.get("info");
+    Datastore {
+        moref: o.obj.clone(),
+        name: o.text("name").unwrap_or_default().to_owned(),
+        kind: some(summary.and_then(|s| s.child("type"))),
+        vmfs_version: some(info.and_then(|i| i.path("vmfs.version"))),
+        capacity: summary.and_then(|s| s.parse_of("capacity")),
+        free: summary.and_then(|s| s.parse_of("freeSpace")),
+        url: some(summary.and_then(|s| s.child("url"))).or_else(|| some(info.and_then(|i| i.child("url")))),
+    }
+}
+
+/// A cluster from its properties.
+pub fn cluster_from(o: &ObjectContent) -> Cluster {
+    let drs = o.get("configurationEx").and_then(|c| c.child("drsConfig"));
+    Cluster {
+        moref: o.obj.clone(),
+        name: o.text("name").unwrap_or_default().to_owned(),
+        drs_enabled: drs.and_then(|d| d.text_of("enabled")).map(|t| t.trim() == "true"),
+        drs_behavior: some(drs.and_then(|d| d.child("defaultVmBehavior"))),
+    }
+}
