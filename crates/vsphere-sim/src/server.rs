@@ -139,6 +139,7 @@ fn folder(state: &Shared, req: &http::Request<Incoming>, rest: &str) -> Resp {
         query.split('&').find_map(|p| p.split_once('=').filter(|(n, _)| *n == k).and_then(|(_, v)| decode(v)))
     };
     let file: PathBuf;
+    let ignore_range;
     {
         let mut w = state.lock().unwrap_or_else(|p| p.into_inner());
         let authed = cookie_of(req, "vmware_soap_session").is_some_and(|c| w.sessions.contains(&c))
@@ -146,6 +147,7 @@ fn folder(state: &Shared, req: &http::Request<Incoming>, rest: &str) -> Resp {
         if !authed {
             return plain(401, "not authenticated");
         }
+        ignore_range = w.faults.ignore_range;
         if w.faults.http_503 > 0 {
             w.faults.http_503 -= 1;
             return plain(503, "busy");
@@ -179,9 +181,8 @@ fn folder(state: &Shared, req: &http::Request<Incoming>, rest: &str) -> Resp {
         return r;
     }
     let len = meta.len();
-    let range = req
-        .headers()
-        .get(http::header::RANGE)
+    let range = if ignore_range { None } else { req.headers().get(http::header::RANGE) };
+    let range = range
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("bytes="))
         .and_then(|v| v.split_once('-'))

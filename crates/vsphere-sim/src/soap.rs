@@ -74,6 +74,17 @@ fn lock(s: &Shared) -> std::sync::MutexGuard<'_, World> {
 const OPEN: &[&str] = &["RetrieveServiceContent", "Login", "CurrentTime", "RetrieveInternalContent"];
 
 pub(crate) async fn handle(state: &Shared, cookie: Option<&str>, body: &[u8]) -> Answer {
+    let answer = answer(state, cookie, body).await;
+    // SYNCPROXY_SIM_TRACE=DIR keeps the last answer to each method there (fuzz seeds, debugging).
+    if let Some(dir) = std::env::var_os("SYNCPROXY_SIM_TRACE") {
+        let method = answer.body.split("Response xmlns").next().and_then(|h| h.rsplit('<').next()).unwrap_or("Fault");
+        let name = if answer.status == 500 { "Fault".to_owned() } else { method.to_owned() };
+        let _ = std::fs::write(std::path::Path::new(&dir).join(format!("sim-{name}.xml")), &answer.body);
+    }
+    answer
+}
+
+async fn answer(state: &Shared, cookie: Option<&str>, body: &[u8]) -> Answer {
     let delay = lock(state).faults.delay;
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -839,6 +850,17 @@ fn start_task(w: &mut World, state: &Shared, method: &str, obj: MoRef, call: &El
                 "The object '{}:{}' has already been deleted or has not been completely created",
                 obj.kind, obj.value
             ),
+        );
+        return fault(&f, Some(&obj));
+    }
+    // One task at a time per VM, as on ESXi.
+    let vm_of =
+        |w: &World, m: &MoRef| w.snapshot_owner(m).map(|(vi, _)| w.vms[vi].moref.clone()).unwrap_or_else(|| m.clone());
+    let target = vm_of(w, &obj);
+    if let Some(busy) = w.tasks.values().find(|t| t.state == "running" && vm_of(w, &t.entity) == target) {
+        let f = SimFault::new(
+            "TaskInProgress",
+            format!("The operation is not allowed in the current state: {} is running", busy.moref.value),
         );
         return fault(&f, Some(&obj));
     }

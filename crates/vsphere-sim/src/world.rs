@@ -44,6 +44,8 @@ pub struct Faults {
     pub delay: Duration,
     /// The next this many datastore requests are answered 503 (host busy).
     pub http_503: u32,
+    /// Datastore reads ignore `Range` and answer 200 with the whole file, as some proxies do.
+    pub ignore_range: bool,
     /// Tasks run this long before they finish (so they can be watched and cancelled).
     pub task_delay: Duration,
     /// `WaitForUpdatesEx` does not exist (clients must poll).

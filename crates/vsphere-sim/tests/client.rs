@@ -330,3 +330,37 @@ async fn host_and_datastore_facts_and_a_direct_read_from_the_host() {
     let r = c.host_datastore_reader(&host, &wrong, &ticket, Duration::from_secs(10)).unwrap();
     assert!(r.read(&file, 0, 6).await.unwrap_err().to_string().contains("not the pinned"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_too_deep_a_busy_vm_and_an_ignored_range() {
+    let (_d, sim) = sim().await;
+    let c = std::sync::Arc::new(login(&sim).await);
+    let web = vm_named(&c, "web000").await;
+
+    // 32 snapshots deep is the limit; the 33rd is TooManySnapshotLevels, never retried.
+    for i in 0..32 {
+        c.create_snapshot(&web.moref, &format!("s{i}"), "", false, None).await.unwrap();
+    }
+    assert_eq!(vm_named(&c, "web000").await.snapshot_depth(), 32);
+    let e = c.create_snapshot(&web.moref, "s32", "", false, None).await.unwrap_err();
+    assert_eq!(e.fault().map(|f| f.kind), Some(FaultKind::TooManySnapshotLevels), "{e}");
+    assert_eq!(e.retry(), Retry::Never);
+
+    // One task at a time per VM: the second is TaskInProgress, worth retrying later.
+    let db = vm_named(&c, "db").await;
+    sim.faults(|f| f.task_delay = Duration::from_millis(600));
+    let (c2, vm2) = (c.clone(), db.moref.clone());
+    let first = tokio::spawn(async move { c2.create_snapshot(&vm2, "first", "", false, None).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let e = c.create_snapshot(&db.moref, "second", "", false, None).await.unwrap_err();
+    assert_eq!(e.fault().map(|f| f.kind), Some(FaultKind::TaskInProgress), "{e}");
+    assert_eq!(e.retry(), Retry::Backoff);
+    first.await.unwrap().unwrap();
+
+    // A server that ignores Range and sends the whole file: refused, never taken as the range.
+    sim.faults(|f| f.ignore_range = true);
+    let r = c.datastore_reader().unwrap();
+    let f = DatastoreFile::from_ds_path("DC1", "[ds1] db/db-flat.vmdk").unwrap();
+    let e = r.read(&f, 4096, 4096).await.unwrap_err();
+    assert!(e.to_string().contains("ignored the range"), "{e}");
+}
