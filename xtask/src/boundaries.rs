@@ -59,6 +59,12 @@ const RULES: &[Rule] = &[
         why: "the vSphere client speaks SOAP and HTTPS: no VDDK, no disk formats, no copying, one crypto provider",
     },
     Rule {
+        covers: |name| name == "repo",
+        forbidden_deps: &["vsphere", "vddk", "vddk-sys", "libloading", "hyper", "quick-xml"],
+        forbidden_source: &["VixDiskLib", "nbd_wire::", "vmdk::"],
+        why: "the repository stores disks it is given through the pipeline: it uses no vSphere, VDDK, NBD or VMDK itself",
+    },
+    Rule {
         covers: |name| name == "vsphere-sim",
         forbidden_deps: &["vddk", "vddk-sys", "libloading", "pipeline", "replica", "nbd-wire", "vmdk", "ring"],
         forbidden_source: &["vsphere::pc::", "vsphere::model::", "vsphere::task::", "vsphere::session::"],

@@ -7,6 +7,7 @@
 pub mod cbt;
 pub mod nbd;
 pub mod pipeline;
+pub mod repo;
 pub mod vmdk;
 pub mod vsphere;
 
@@ -26,6 +27,7 @@ pub const TARGETS: &[(&str, FuzzTarget)] = &[
     ("nbd_uri", pipeline::nbd_uri),
     ("state_files", pipeline::state_files),
     ("soap_response", vsphere::soap_response),
+    ("repo_files", repo::repo_files),
 ];
 
 /// Runs `f` on `iterations` pseudo-random inputs of up to `max_len` bytes, from a fixed seed so

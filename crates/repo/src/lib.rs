@@ -1,0 +1,393 @@
+//! The backup repository: restore points of disks in fixed, disk-aligned chunks, content
+//! addressed by BLAKE3, compressed with zstd, stored once however many restore points share
+//! them. Every restore point is a synthetic full. The format is DESIGN.md, byte by byte.
+//!
+//! This is the first part of issue 7: a local directory, backups through the block pipeline
+//! ([`RepoSink`]), restore to a sparse file, verify. Not yet: encryption, locks, S3, prune, gc,
+//! copy, and the `proxy repo` commands.
+
+mod format;
+mod sink;
+mod store;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+pub use format::{
+    ChunkId, Consistency, DiskEntry, FORMAT, Index, Manifest, SourceInfo, ZERO, chunk_name, decode_chunk, encode_chunk,
+};
+pub use sink::{RepoSink, SinkStats};
+pub use store::{LocalStore, Store};
+
+/// Everything that can go wrong with a repository.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// Which.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Written by a newer syncproxy: refused rather than misread.
+    #[error("{what} is repository format {found}; this syncproxy reads format {known} only (upgrade syncproxy)")]
+    NewerFormat {
+        /// Which file.
+        what: String,
+        /// Its format.
+        found: u32,
+        /// Ours.
+        known: u32,
+    },
+    /// A file is damaged or not what it should be.
+    #[error("damaged repository: {0}")]
+    Corrupt(String),
+    /// There is no repository there, or no such restore point or disk.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request makes no sense (an existing repository to init, a bad chunk size).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl RepoError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io { path: path.to_path_buf(), source }
+    }
+}
+
+/// The repository's `config`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoConfig {
+    /// The format.
+    pub format: u32,
+    /// A random ID.
+    pub id: String,
+    /// The chunk size (the pipeline sink's granularity).
+    pub chunk_size: u32,
+    /// `zstd`.
+    pub compression: String,
+    /// Reserved: `null` in format 1 as written today.
+    pub encryption: Option<serde_json::Value>,
+}
+
+/// The default chunk size.
+pub const DEFAULT_CHUNK_SIZE: u32 = 4 << 20;
+
+/// An open repository.
+#[derive(Debug, Clone)]
+pub struct Repo {
+    store: Arc<dyn Store>,
+    config: RepoConfig,
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(&std::process::id().to_le_bytes());
+    h.update(&format!("{:?}", std::time::SystemTime::now()).into_bytes());
+    h.update(&format!("{:p}", &h).into_bytes());
+    h.finalize().to_hex()[..bytes * 2].to_owned()
+}
+
+/// UTC now as `(YYYYMMDDTHHMMSSnnnnnnnnnZ, YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ)`: to the nanosecond,
+/// so restore points taken within one second still sort in the order they were begun.
+fn now_utc() -> (String, String) {
+    let iso = humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string();
+    (iso.replace(['-', ':', '.'], ""), iso)
+}
+
+/// A disk to back up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// Its name.
+    pub name: String,
+    /// Its size.
+    pub capacity: u64,
+    /// The change ID it will be as of.
+    pub change_id: Option<String>,
+}
+
+/// A backup in progress: a sink per disk; [`Backup::finish`] writes the manifest.
+#[derive(Debug)]
+pub struct Backup {
+    repo: Repo,
+    id: String,
+    time: String,
+    parent: Option<String>,
+    disks: Vec<DiskSpec>,
+    sinks: Vec<Arc<RepoSink>>,
+}
+
+impl Backup {
+    /// The restore point's ID-to-be.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The sink of disk `n`.
+    pub fn sink(&self, n: usize) -> Option<Arc<RepoSink>> {
+        self.sinks.get(n).cloned()
+    }
+
+    /// Writes the manifest (last: the restore point exists from this moment). Every disk's
+    /// sink must have been committed.
+    pub fn finish(self, source: SourceInfo, consistency: Consistency) -> Result<Manifest, RepoError> {
+        let mut disks = Vec::new();
+        for (d, s) in self.disks.iter().zip(&self.sinks) {
+            let (index, sum) = s
+                .committed()
+                .ok_or_else(|| RepoError::Invalid(format!("disk {} of {} was never committed", d.name, self.id)))?;
+            let stats = s.stats();
+            disks.push(DiskEntry {
+                name: d.name.clone(),
+                capacity: d.capacity,
+                index,
+                index_blake3: sum,
+                change_id: d.change_id.clone(),
+                stored_chunks: stats.stored_chunks,
+                stored_bytes: stats.stored_bytes,
+            });
+        }
+        let m = Manifest {
+            format: FORMAT,
+            id: self.id.clone(),
+            time: self.time,
+            parent: self.parent,
+            source,
+            consistency,
+            disks,
+            files: Vec::new(),
+        };
+        let json = serde_json::to_vec_pretty(&m).map_err(|e| RepoError::Invalid(e.to_string()))?;
+        self.repo.store.put(&format!("points/{}.json", m.id), &json)?;
+        Ok(m)
+    }
+}
+
+/// Reads `[offset, offset + len)` of the disk `index` describes.
+pub(crate) fn read_index(store: &dyn Store, index: &Index, offset: u64, len: u64) -> Result<Vec<u8>, RepoError> {
+    let end = offset.checked_add(len).filter(|e| *e <= index.capacity).ok_or_else(|| {
+        RepoError::Invalid(format!("[{offset}, +{len}) is outside a disk of {} bytes", index.capacity))
+    })?;
+    let chunk = u64::from(index.chunk_size);
+    let mut out = vec![0u8; usize::try_from(len).map_err(|_| RepoError::Invalid("read too large".into()))?];
+    let mut at = offset;
+    while at < end {
+        let slot = at / chunk;
+        let start = slot * chunk;
+        let stop = end.min(start + chunk);
+        let id = index.ids.get(usize::try_from(slot).unwrap_or(usize::MAX)).copied().unwrap_or(ZERO);
+        if id != ZERO {
+            let raw = store
+                .get(&chunk_name(&id))?
+                .ok_or_else(|| RepoError::Corrupt(format!("{} is missing", chunk_name(&id))))?;
+            let data = format::decode_chunk(&raw, &id, chunk)?;
+            let (a, b) = (usize::try_from(at - start).unwrap_or(0), usize::try_from(stop - start).unwrap_or(0));
+            let piece =
+                data.get(a..b).ok_or_else(|| RepoError::Corrupt(format!("{} is too short", chunk_name(&id))))?;
+            let o = usize::try_from(at - offset).unwrap_or(0);
+            out[o..o + piece.len()].copy_from_slice(piece);
+        }
+        at = stop;
+    }
+    Ok(out)
+}
+
+/// What [`Repo::verify`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Chunks read and re-hashed.
+    pub chunks_checked: u64,
+    /// Damaged or missing chunks (their file names, and why).
+    pub bad_chunks: Vec<(String, String)>,
+    /// Restore points that cannot be restored whole, with their damaged disks.
+    pub damaged_points: BTreeMap<String, Vec<String>>,
+}
+
+impl Repo {
+    /// Makes a new repository in the empty or missing directory `path`.
+    pub fn init(path: impl AsRef<Path>, chunk_size: u32) -> Result<Self, RepoError> {
+        let path = path.as_ref();
+        if !(64 << 10..=64 << 20).contains(&chunk_size) || !chunk_size.is_power_of_two() {
+            return Err(RepoError::Invalid(format!(
+                "chunk size {chunk_size} is not a power of two from 64 KiB to 64 MiB"
+            )));
+        }
+        std::fs::create_dir_all(path).map_err(|e| RepoError::io(path, e))?;
+        let store: Arc<dyn Store> = Arc::new(LocalStore::new(path));
+        if store.exists("config")? {
+            return Err(RepoError::Invalid(format!("{} already holds a repository", path.display())));
+        }
+        let config =
+            RepoConfig { format: FORMAT, id: random_hex(16), chunk_size, compression: "zstd".into(), encryption: None };
+        let json = serde_json::to_vec_pretty(&config).map_err(|e| RepoError::Invalid(e.to_string()))?;
+        if !store.put_new("config", &json)? {
+            return Err(RepoError::Invalid(format!("{} already holds a repository", path.display())));
+        }
+        Ok(Self { store, config })
+    }
+
+    /// Opens the repository in `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, RepoError> {
+        let path = path.as_ref();
+        let store: Arc<dyn Store> = Arc::new(LocalStore::new(path));
+        let raw = store
+            .get("config")?
+            .ok_or_else(|| RepoError::NotFound(format!("{} is not a repository (no config)", path.display())))?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&raw).map_err(|e| RepoError::Corrupt(format!("config: {e}")))?;
+        let format = v.get("format").and_then(serde_json::Value::as_u64).unwrap_or(0);
+        if format != u64::from(FORMAT) {
+            return Err(RepoError::NewerFormat {
+                what: format!("{}/config", path.display()),
+                found: u32::try_from(format).unwrap_or(u32::MAX),
+                known: FORMAT,
+            });
+        }
+        let config: RepoConfig = serde_json::from_value(v).map_err(|e| RepoError::Corrupt(format!("config: {e}")))?;
+        if config.encryption.is_some() {
+            return Err(RepoError::Invalid(
+                "this repository is encrypted, which this syncproxy cannot read yet".into(),
+            ));
+        }
+        if !(64 << 10..=64 << 20).contains(&config.chunk_size) || !config.chunk_size.is_power_of_two() {
+            return Err(RepoError::Corrupt(format!("config: chunk size {}", config.chunk_size)));
+        }
+        Ok(Self { store, config })
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &RepoConfig {
+        &self.config
+    }
+
+    /// Every restore point, oldest first.
+    pub fn points(&self) -> Result<Vec<Manifest>, RepoError> {
+        let mut out = Vec::new();
+        for name in self.store.list("points")? {
+            let Some(id) = name.strip_suffix(".json") else { continue };
+            out.push(self.point(id)?);
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    /// One restore point.
+    pub fn point(&self, id: &str) -> Result<Manifest, RepoError> {
+        let name = format!("points/{id}.json");
+        let raw = self.store.get(&name)?.ok_or_else(|| RepoError::NotFound(format!("no restore point {id}")))?;
+        Manifest::decode(&raw, &name)
+    }
+
+    /// The index of one disk of a restore point, checked against the manifest.
+    pub fn index(&self, m: &Manifest, disk: usize) -> Result<Index, RepoError> {
+        let d = m.disks.get(disk).ok_or_else(|| RepoError::NotFound(format!("{} has no disk {disk}", m.id)))?;
+        let raw = self.store.get(&d.index)?.ok_or_else(|| RepoError::Corrupt(format!("{} is missing", d.index)))?;
+        if blake3::hash(&raw).to_hex().as_str() != d.index_blake3 {
+            return Err(RepoError::Corrupt(format!("{} does not match its manifest (damaged)", d.index)));
+        }
+        let ix = Index::decode(&raw, &d.index)?;
+        if ix.capacity != d.capacity || ix.chunk_size != self.config.chunk_size {
+            return Err(RepoError::Corrupt(format!("{} describes another disk than its manifest", d.index)));
+        }
+        Ok(ix)
+    }
+
+    /// Starts a backup of `disks`. With a `parent`, each disk of the same index and size starts
+    /// from the parent's chunks (an incremental that is still a full restore point).
+    pub fn begin(&self, parent: Option<&str>, disks: Vec<DiskSpec>) -> Result<Backup, RepoError> {
+        let (stamp, time) = now_utc();
+        let id = format!("{stamp}-{}", random_hex(4));
+        let parent_m = parent.map(|p| self.point(p)).transpose()?;
+        let mut sinks = Vec::new();
+        for (n, d) in disks.iter().enumerate() {
+            let start = match &parent_m {
+                Some(pm) if pm.disks.get(n).is_some_and(|pd| pd.capacity == d.capacity) => Some(self.index(pm, n)?),
+                _ => None,
+            };
+            let fresh = start.is_none();
+            let start = start.unwrap_or_else(|| Index::zeroed(d.capacity, self.config.chunk_size));
+            let index_name = format!("indexes/{id}/{n}.idx");
+            sinks.push(Arc::new(RepoSink::new(self.store.clone(), d.name.clone(), index_name, start, fresh)));
+        }
+        Ok(Backup { repo: self.clone(), id, time, parent: parent.map(str::to_owned), disks, sinks })
+    }
+
+    /// Reads one chunk (checked against its ID).
+    pub fn chunk(&self, id: &ChunkId) -> Result<Vec<u8>, RepoError> {
+        let name = chunk_name(id);
+        let raw = self.store.get(&name)?.ok_or_else(|| RepoError::Corrupt(format!("{name} is missing")))?;
+        format::decode_chunk(&raw, id, u64::from(self.config.chunk_size))
+    }
+
+    /// Restores disk `disk` of restore point `id` into a sparse raw file at `out`, durably.
+    /// Returns the bytes of data written (zero chunks become holes).
+    pub fn restore_disk(&self, id: &str, disk: usize, out: &Path) -> Result<u64, RepoError> {
+        let m = self.point(id)?;
+        let ix = self.index(&m, disk)?;
+        let f = File::create(out).map_err(|e| RepoError::io(out, e))?;
+        f.set_len(ix.capacity).map_err(|e| RepoError::io(out, e))?;
+        let mut written = 0;
+        for (n, cid) in ix.ids.iter().enumerate() {
+            if *cid == ZERO {
+                continue;
+            }
+            let data = self.chunk(cid)?;
+            let at = n as u64 * u64::from(ix.chunk_size);
+            let want = (ix.capacity - at).min(u64::from(ix.chunk_size));
+            if data.len() as u64 != want {
+                return Err(RepoError::Corrupt(format!(
+                    "{} holds {} bytes where {want} belong",
+                    chunk_name(cid),
+                    data.len()
+                )));
+            }
+            f.write_all_at(&data, at).map_err(|e| RepoError::io(out, e))?;
+            written += data.len() as u64;
+        }
+        f.sync_all().map_err(|e| RepoError::io(out, e))?;
+        store::sync_parent(out)?;
+        Ok(written)
+    }
+
+    /// Re-reads and re-hashes every chunk any restore point references (each once), and names
+    /// the restore points a damaged or missing chunk or index makes unrestorable.
+    pub fn verify(&self) -> Result<VerifyReport, RepoError> {
+        let mut report = VerifyReport::default();
+        let mut users: BTreeMap<ChunkId, Vec<(String, String)>> = BTreeMap::new();
+        for m in self.points()? {
+            for (n, d) in m.disks.iter().enumerate() {
+                match self.index(&m, n) {
+                    Ok(ix) => {
+                        for id in ix.ids.into_iter().filter(|i| *i != ZERO) {
+                            users.entry(id).or_default().push((m.id.clone(), d.name.clone()));
+                        }
+                    }
+                    Err(e) => {
+                        report.bad_chunks.push((d.index.clone(), e.to_string()));
+                        report.damaged_points.entry(m.id.clone()).or_default().push(d.name.clone());
+                    }
+                }
+            }
+        }
+        for (id, who) in users {
+            report.chunks_checked += 1;
+            if let Err(e) = self.chunk(&id) {
+                report.bad_chunks.push((chunk_name(&id), e.to_string()));
+                for (point, disk) in who {
+                    let disks = report.damaged_points.entry(point).or_default();
+                    if !disks.contains(&disk) {
+                        disks.push(disk);
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+}

@@ -1,0 +1,254 @@
+//! A restore point's disk as a sink of the block pipeline: each whole chunk written is hashed,
+//! stored once (compressed) if the repository lacks it, and recorded in the disk's index; the
+//! index is written at the sink's commit. Incrementals start from the parent's index, so the
+//! result is a synthetic full.
+
+use std::collections::HashSet;
+use std::num::NonZeroU64;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use pipeline::{BlockError, BlockSink, IoFuture, blocking, check_range};
+
+use crate::format::{ChunkId, Index, ZERO, chunk_name, encode_chunk};
+use crate::store::Store;
+
+/// Counts of what a sink stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SinkStats {
+    /// Chunks written new to the repository.
+    pub stored_chunks: u64,
+    /// Their size in the repository.
+    pub stored_bytes: u64,
+    /// Chunks the repository already had.
+    pub deduplicated: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    index: Index,
+    known: HashSet<ChunkId>,
+    stats: SinkStats,
+    committed: Option<String>,
+}
+
+/// One disk of a backup in progress.
+#[derive(Debug)]
+pub struct RepoSink {
+    store: Arc<dyn Store>,
+    name: String,
+    index_name: String,
+    fresh: bool,
+    state: Arc<Mutex<State>>,
+}
+
+impl RepoSink {
+    pub(crate) fn new(store: Arc<dyn Store>, name: String, index_name: String, start: Index, fresh: bool) -> Self {
+        let known = start.ids.iter().copied().filter(|i| *i != ZERO).collect();
+        let state = State { index: start, known, stats: SinkStats::default(), committed: None };
+        Self { store, name, index_name, fresh, state: Arc::new(Mutex::new(state)) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What it stored so far.
+    pub fn stats(&self) -> SinkStats {
+        self.lock().stats
+    }
+
+    /// The committed index's file name and BLAKE3, once committed.
+    pub(crate) fn committed(&self) -> Option<(String, String)> {
+        self.lock().committed.clone().map(|sum| (self.index_name.clone(), sum))
+    }
+
+    /// Reads `len` bytes at `offset` of the disk as written so far (random reads of a restore
+    /// point being made; a finished one reads the same way through its index).
+    pub fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, crate::RepoError> {
+        let index = self.lock().index.clone();
+        crate::read_index(&*self.store, &index, offset, len)
+    }
+
+    fn chunk_size(&self) -> u64 {
+        u64::from(self.lock().index.chunk_size)
+    }
+}
+
+/// Writes `data` (or zeros, for `None`) over `[offset, offset + len)`. Whole chunks are hashed
+/// and stored without holding the lock (the pipeline writes only whole chunks); a partial
+/// chunk is read, patched and stored again under the lock, so two partial writes to one chunk
+/// cannot lose each other's bytes.
+fn write_range(
+    store: &dyn Store,
+    state: &Mutex<State>,
+    what: &str,
+    offset: u64,
+    data: Option<&[u8]>,
+    len: u64,
+) -> Result<(), BlockError> {
+    let (chunk, capacity) = {
+        let s = state.lock().unwrap_or_else(|p| p.into_inner());
+        (u64::from(s.index.chunk_size), s.index.capacity)
+    };
+    let mut at = offset;
+    let end = offset + len;
+    while at < end {
+        let slot = at / chunk;
+        let chunk_start = slot * chunk;
+        let chunk_len = chunk.min(capacity - chunk_start);
+        let piece_end = end.min(chunk_start + chunk_len);
+        let from = usize::try_from(at - offset).unwrap_or(0);
+        let to = usize::try_from(piece_end - offset).unwrap_or(0);
+        let slot = usize::try_from(slot).unwrap_or(usize::MAX);
+        if at == chunk_start && piece_end == chunk_start + chunk_len {
+            match data {
+                Some(d) => store_chunk(store, state, what, slot, &d[from..to])?,
+                None => set_id(state, what, slot, ZERO, None)?,
+            }
+        } else {
+            let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+            let current = s.index.ids.get(slot).copied().unwrap_or(ZERO);
+            let mut buf = if current == ZERO {
+                vec![0u8; usize::try_from(chunk_len).unwrap_or(0)]
+            } else {
+                let raw = store
+                    .get(&chunk_name(&current))
+                    .map_err(|e| repo_err(what, e))?
+                    .ok_or_else(|| BlockError::Invalid(format!("{what}: {} is missing", chunk_name(&current))))?;
+                crate::format::decode_chunk(&raw, &current, chunk).map_err(|e| repo_err(what, e))?
+            };
+            let within = usize::try_from(at - chunk_start).unwrap_or(0);
+            let n = to - from;
+            match data {
+                Some(d) => buf[within..within + n].copy_from_slice(&d[from..to]),
+                None => buf[within..within + n].fill(0),
+            }
+            // Still under the lock: a concurrent partial write to this chunk waits, so neither
+            // loses the other's bytes.
+            store_chunk_locked(store, &mut s, what, slot, &buf)?;
+        }
+        at = piece_end;
+    }
+    Ok(())
+}
+
+/// Stores one whole chunk's bytes (unless known) and points the index at it.
+fn store_chunk(
+    store: &dyn Store,
+    state: &Mutex<State>,
+    what: &str,
+    slot: usize,
+    piece: &[u8],
+) -> Result<(), BlockError> {
+    let id = if piece.iter().all(|&b| b == 0) { ZERO } else { *blake3::hash(piece).as_bytes() };
+    let known = id == ZERO || state.lock().unwrap_or_else(|p| p.into_inner()).known.contains(&id);
+    let stored = if known { None } else { Some(put_chunk(store, what, &id, piece)?) };
+    set_id(state, what, slot, id, stored)
+}
+
+fn store_chunk_locked(
+    store: &dyn Store,
+    s: &mut State,
+    what: &str,
+    slot: usize,
+    piece: &[u8],
+) -> Result<(), BlockError> {
+    let id = if piece.iter().all(|&b| b == 0) { ZERO } else { *blake3::hash(piece).as_bytes() };
+    let stored = if id == ZERO || s.known.contains(&id) { None } else { Some(put_chunk(store, what, &id, piece)?) };
+    record(s, what, slot, id, stored)
+}
+
+/// Writes a chunk file if absent; the bytes it took (0 when it was there already).
+fn put_chunk(store: &dyn Store, what: &str, id: &ChunkId, piece: &[u8]) -> Result<u64, BlockError> {
+    let enc = encode_chunk(piece);
+    let created = store.put_new(&chunk_name(id), &enc).map_err(|e| repo_err(what, e))?;
+    Ok(if created { enc.len() as u64 } else { 0 })
+}
+
+fn set_id(state: &Mutex<State>, what: &str, slot: usize, id: ChunkId, stored: Option<u64>) -> Result<(), BlockError> {
+    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+    record(&mut s, what, slot, id, stored)
+}
+
+fn record(s: &mut State, what: &str, slot: usize, id: ChunkId, stored: Option<u64>) -> Result<(), BlockError> {
+    match stored {
+        Some(n) if n > 0 => {
+            s.stats.stored_chunks += 1;
+            s.stats.stored_bytes += n;
+        }
+        _ if id != ZERO => s.stats.deduplicated += 1,
+        _ => {}
+    }
+    if id != ZERO {
+        s.known.insert(id);
+    }
+    match s.index.ids.get_mut(slot) {
+        Some(e) => {
+            *e = id;
+            Ok(())
+        }
+        None => Err(BlockError::Invalid(format!("{what}: chunk {slot} is past the end"))),
+    }
+}
+
+fn repo_err(what: &str, e: crate::RepoError) -> BlockError {
+    match e {
+        crate::RepoError::Io { path, source } => BlockError::io(format!("{what} ({})", path.display()), source),
+        other => BlockError::Invalid(format!("{what}: {other}")),
+    }
+}
+
+impl BlockSink for RepoSink {
+    fn size(&self) -> u64 {
+        self.lock().index.capacity
+    }
+
+    fn describe(&self) -> String {
+        format!("{}:{}", self.store.describe(), self.name)
+    }
+
+    fn granularity(&self) -> NonZeroU64 {
+        NonZeroU64::new(self.chunk_size()).unwrap_or(NonZeroU64::MIN)
+    }
+
+    /// A first backup's index starts all zero, so zero chunks need no work at all.
+    fn known_zero(&self) -> bool {
+        self.fresh
+    }
+
+    fn write_at(&self, offset: u64, data: Bytes) -> IoFuture<'_, ()> {
+        let (store, state, what) = (self.store.clone(), self.state.clone(), self.describe());
+        Box::pin(async move {
+            let capacity = state.lock().unwrap_or_else(|p| p.into_inner()).index.capacity;
+            check_range(&what, offset, data.len() as u64, capacity)?;
+            blocking(move || write_range(&*store, &state, &what, offset, Some(&data), data.len() as u64)).await
+        })
+    }
+
+    fn write_zeroes(&self, offset: u64, length: u64) -> IoFuture<'_, ()> {
+        let (store, state, what) = (self.store.clone(), self.state.clone(), self.describe());
+        Box::pin(async move {
+            let capacity = state.lock().unwrap_or_else(|p| p.into_inner()).index.capacity;
+            check_range(&what, offset, length, capacity)?;
+            blocking(move || write_range(&*store, &state, &what, offset, None, length)).await
+        })
+    }
+
+    /// Chunks are durable when their write returns (fsynced and linked in); nothing to do.
+    fn flush(&self) -> IoFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Writes the disk's index, atomically and durably.
+    fn commit(&self) -> IoFuture<'_, ()> {
+        let (store, state, name, what) =
+            (self.store.clone(), self.state.clone(), self.index_name.clone(), self.describe());
+        Box::pin(blocking(move || {
+            let bytes = state.lock().unwrap_or_else(|p| p.into_inner()).index.encode();
+            store.put(&name, &bytes).map_err(|e| repo_err(&what, e))?;
+            state.lock().unwrap_or_else(|p| p.into_inner()).committed = Some(blake3::hash(&bytes).to_hex().to_string());
+            Ok(())
+        }))
+    }
+}
