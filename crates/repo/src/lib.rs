@@ -170,19 +170,28 @@ impl Backup {
     }
 }
 
-/// Reads `[offset, offset + len)` of the disk `index` describes.
-pub(crate) fn read_index(store: &dyn Store, index: &Index, offset: u64, len: u64) -> Result<Vec<u8>, RepoError> {
-    let end = offset.checked_add(len).filter(|e| *e <= index.capacity).ok_or_else(|| {
-        RepoError::Invalid(format!("[{offset}, +{len}) is outside a disk of {} bytes", index.capacity))
-    })?;
-    let chunk = u64::from(index.chunk_size);
+/// Reads `[offset, offset + len)` of a disk of `capacity` bytes whose chunk IDs `lookup`
+/// gives by slot (so a read touches only the entries it needs).
+pub(crate) fn read_chunks(
+    store: &dyn Store,
+    chunk_size: u32,
+    capacity: u64,
+    lookup: impl Fn(usize) -> ChunkId,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<u8>, RepoError> {
+    let end = offset
+        .checked_add(len)
+        .filter(|e| *e <= capacity)
+        .ok_or_else(|| RepoError::Invalid(format!("[{offset}, +{len}) is outside a disk of {capacity} bytes")))?;
+    let chunk = u64::from(chunk_size);
     let mut out = vec![0u8; usize::try_from(len).map_err(|_| RepoError::Invalid("read too large".into()))?];
     let mut at = offset;
     while at < end {
         let slot = at / chunk;
         let start = slot * chunk;
         let stop = end.min(start + chunk);
-        let id = index.ids.get(usize::try_from(slot).unwrap_or(usize::MAX)).copied().unwrap_or(ZERO);
+        let id = lookup(usize::try_from(slot).unwrap_or(usize::MAX));
         if id != ZERO {
             let raw = store
                 .get(&chunk_name(&id))?

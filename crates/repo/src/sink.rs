@@ -66,8 +66,12 @@ impl RepoSink {
     /// Reads `len` bytes at `offset` of the disk as written so far (random reads of a restore
     /// point being made; a finished one reads the same way through its index).
     pub fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, crate::RepoError> {
-        let index = self.lock().index.clone();
-        crate::read_index(&*self.store, &index, offset, len)
+        let (chunk_size, capacity) = {
+            let s = self.lock();
+            (s.index.chunk_size, s.index.capacity)
+        };
+        let lookup = |slot: usize| self.lock().index.ids.get(slot).copied().unwrap_or(ZERO);
+        crate::read_chunks(&*self.store, chunk_size, capacity, lookup, offset, len)
     }
 
     fn chunk_size(&self) -> u64 {
@@ -141,9 +145,9 @@ fn store_chunk(
     slot: usize,
     piece: &[u8],
 ) -> Result<(), BlockError> {
-    let id = if piece.iter().all(|&b| b == 0) { ZERO } else { *blake3::hash(piece).as_bytes() };
+    let id = chunk_id(piece);
     let known = id == ZERO || state.lock().unwrap_or_else(|p| p.into_inner()).known.contains(&id);
-    let stored = if known { None } else { Some(put_chunk(store, what, &id, piece)?) };
+    let stored = put_unless(store, what, &id, piece, known)?;
     set_id(state, what, slot, id, stored)
 }
 
@@ -154,16 +158,32 @@ fn store_chunk_locked(
     slot: usize,
     piece: &[u8],
 ) -> Result<(), BlockError> {
-    let id = if piece.iter().all(|&b| b == 0) { ZERO } else { *blake3::hash(piece).as_bytes() };
-    let stored = if id == ZERO || s.known.contains(&id) { None } else { Some(put_chunk(store, what, &id, piece)?) };
+    let id = chunk_id(piece);
+    let known = id == ZERO || s.known.contains(&id);
+    let stored = put_unless(store, what, &id, piece, known)?;
     record(s, what, slot, id, stored)
 }
 
-/// Writes a chunk file if absent; the bytes it took (0 when it was there already).
-fn put_chunk(store: &dyn Store, what: &str, id: &ChunkId, piece: &[u8]) -> Result<u64, BlockError> {
+/// A chunk's ID: [`ZERO`] for an all-zero one, else BLAKE3 of its bytes.
+fn chunk_id(piece: &[u8]) -> ChunkId {
+    if piece.iter().all(|&b| b == 0) { ZERO } else { *blake3::hash(piece).as_bytes() }
+}
+
+/// Writes a chunk file unless `known`, and if absent; `None` when nothing was tried, else the
+/// bytes it took (0 when it was there already).
+fn put_unless(
+    store: &dyn Store,
+    what: &str,
+    id: &ChunkId,
+    piece: &[u8],
+    known: bool,
+) -> Result<Option<u64>, BlockError> {
+    if known {
+        return Ok(None);
+    }
     let enc = encode_chunk(piece);
     let created = store.put_new(&chunk_name(id), &enc).map_err(|e| repo_err(what, e))?;
-    Ok(if created { enc.len() as u64 } else { 0 })
+    Ok(Some(if created { enc.len() as u64 } else { 0 }))
 }
 
 fn set_id(state: &Mutex<State>, what: &str, slot: usize, id: ChunkId, stored: Option<u64>) -> Result<(), BlockError> {

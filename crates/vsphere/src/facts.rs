@@ -61,7 +61,7 @@ pub struct Cluster {
 }
 
 fn some(e: Option<&Element>) -> Option<String> {
-    e.map(|e| e.text.trim()).filter(|t| !t.is_empty()).map(str::to_owned)
+    crate::model::some_text(e.map(|e| e.text.as_str()))
 }
 
 /// The DER certificate inside `HostConfigInfo.certificate` (PEM as an array of signed bytes).

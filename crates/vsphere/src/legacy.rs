@@ -61,13 +61,7 @@ impl Legacy {
             .map_err(|e| tls_err(host, e))?;
         let seen = ServerTls::of(&der, stream.ssl().version_str().to_owned());
         match &self.trust {
-            Trust::Pinned(t) if !t.matches(&der) => {
-                let got = if matches!(t, crate::tls::Thumbprint::Sha1(_)) { &seen.sha1 } else { &seen.sha256 };
-                return Err(tls_err(
-                    host,
-                    format!("the server's certificate has thumbprint {got}, not the pinned {t}"),
-                ));
-            }
+            Trust::Pinned(t) => t.check(&der).map_err(|m| tls_err(host, m))?,
             Trust::Insecure => tracing::warn!("TLS verification is OFF for {host}"),
             _ => {}
         }

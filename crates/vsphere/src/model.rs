@@ -264,7 +264,7 @@ fn bool_of(e: Option<&Element>) -> Option<bool> {
     })
 }
 
-fn some_text(s: Option<&str>) -> Option<String> {
+pub(crate) fn some_text(s: Option<&str>) -> Option<String> {
     s.map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned)
 }
 

@@ -51,6 +51,17 @@ impl Thumbprint {
         }
     }
 
+    /// Checks that `cert` has this thumbprint; the refusal names the one it has (in the same
+    /// hash), so an operator can tell a re-issued certificate from an attack.
+    pub fn check(&self, cert: &[u8]) -> Result<(), String> {
+        if self.matches(cert) {
+            return Ok(());
+        }
+        let seen = ServerTls::of(cert, String::new());
+        let seen = if matches!(self, Self::Sha1(_)) { seen.sha1 } else { seen.sha256 };
+        Err(format!("the server's certificate has thumbprint {seen}, not the pinned {self}"))
+    }
+
     /// Whether `cert` has this thumbprint.
     pub fn matches(&self, cert: &[u8]) -> bool {
         match self {
@@ -202,12 +213,7 @@ impl ServerCertVerifier for Custom {
             );
             return Ok(ServerCertVerified::assertion());
         };
-        if want.matches(end_entity) {
-            return Ok(ServerCertVerified::assertion());
-        }
-        let seen = ServerTls::of(end_entity, String::new());
-        let seen = if matches!(want, Thumbprint::Sha1(_)) { seen.sha1 } else { seen.sha256 };
-        Err(rustls::Error::General(format!("the server's certificate has thumbprint {seen}, not the pinned {want}")))
+        want.check(end_entity).map(|()| ServerCertVerified::assertion()).map_err(rustls::Error::General)
     }
 
     fn verify_tls12_signature(
