@@ -2,11 +2,17 @@
 //! addressed by BLAKE3, compressed with zstd, stored once however many restore points share
 //! them. Every restore point is a synthetic full. The format is DESIGN.md, byte by byte.
 //!
-//! This is the first part of issue 7: a local directory, backups through the block pipeline
-//! ([`RepoSink`]), restore to a sparse file, verify. Not yet: encryption, locks, S3, prune, gc,
-//! copy, and the `proxy repo` commands.
+//! A repository lives in a local directory ([`LocalStore`]) or in S3-compatible object storage
+//! ([`S3Store`]). Backups go through the block pipeline ([`RepoSink`]) under a shared lock;
+//! `ops` has prune, gc (under the exclusive lock) and copy. Not yet: encryption (an encrypted
+//! repository is refused by name).
 
+pub mod crashfs;
 mod format;
+pub mod lock;
+mod ops;
+pub mod prune;
+mod s3;
 mod sink;
 mod store;
 
@@ -21,8 +27,12 @@ use serde::{Deserialize, Serialize};
 pub use format::{
     ChunkId, Consistency, DiskEntry, FORMAT, Index, Manifest, SourceInfo, ZERO, chunk_name, decode_chunk, encode_chunk,
 };
+pub use lock::{LockKind, LockTiming, RepoLock};
+pub use ops::{CopyReport, GcReport, PruneReport};
+pub use prune::Retention;
+pub use s3::S3Store;
 pub use sink::{RepoSink, SinkStats};
-pub use store::{LocalStore, Store};
+pub use store::{Entry, Fs, LocalStore, RealFs, Store};
 
 /// Everything that can go wrong with a repository.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +64,12 @@ pub enum RepoError {
     /// The request makes no sense (an existing repository to init, a bad chunk size).
     #[error("{0}")]
     Invalid(String),
+    /// Another job holds a lock in the way.
+    #[error("{0}")]
+    Locked(String),
+    /// The object store answered with an error.
+    #[error("object storage: {0}")]
+    Remote(String),
 }
 
 impl RepoError {
@@ -85,9 +101,49 @@ pub const DEFAULT_CHUNK_SIZE: u32 = 4 << 20;
 pub struct Repo {
     store: Arc<dyn Store>,
     config: RepoConfig,
+    timing: LockTiming,
 }
 
-fn random_hex(bytes: usize) -> String {
+/// Where a repository is: a local path, or `s3://bucket/prefix`.
+#[derive(Debug, Clone, Default)]
+pub struct Location {
+    /// The path or URL.
+    pub url: String,
+    /// Allow a plain-HTTP S3 endpoint that is not on this machine.
+    pub s3_allow_http: bool,
+}
+
+impl Location {
+    /// The store it names.
+    pub fn store(&self) -> Result<Arc<dyn Store>, RepoError> {
+        if self.url.starts_with("s3://") {
+            return Ok(Arc::new(S3Store::open(&self.url, self.s3_allow_http)?));
+        }
+        if self.url.contains("://") {
+            return Err(RepoError::Invalid(format!("{}: repositories are a local path or s3://", self.url)));
+        }
+        let path = Path::new(&self.url);
+        std::fs::create_dir_all(path).map_err(|e| RepoError::io(path, e))?;
+        Ok(Arc::new(LocalStore::new(path)))
+    }
+}
+
+/// A backup's registration, `writers/<id>.json`: while it exists, gc keeps the chunks of the
+/// backup's parent and of its own committed indexes, so a backup that died can be resumed or
+/// inspected within the grace period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Registration {
+    pub(crate) id: String,
+    pub(crate) host: String,
+    pub(crate) pid: u32,
+    /// Seconds since the Unix epoch.
+    pub(crate) started: u64,
+    pub(crate) parent: Option<String>,
+    /// The parent's index files (kept even if the parent is pruned meanwhile).
+    pub(crate) parent_indexes: Vec<String>,
+}
+
+pub(crate) fn random_hex(bytes: usize) -> String {
     let mut h = blake3::Hasher::new();
     h.update(&std::process::id().to_le_bytes());
     h.update(&format!("{:?}", std::time::SystemTime::now()).into_bytes());
@@ -117,6 +173,7 @@ pub struct DiskSpec {
 #[derive(Debug)]
 pub struct Backup {
     repo: Repo,
+    _lock: RepoLock,
     id: String,
     time: String,
     parent: Option<String>,
@@ -166,6 +223,7 @@ impl Backup {
         };
         let json = serde_json::to_vec_pretty(&m).map_err(|e| RepoError::Invalid(e.to_string()))?;
         self.repo.store.put(&format!("points/{}.json", m.id), &json)?;
+        self.repo.store.delete(&format!("writers/{}.json", m.id))?;
         Ok(m)
     }
 }
@@ -208,6 +266,27 @@ pub(crate) fn read_chunks(
     Ok(out)
 }
 
+/// Random reads of a restore point's disk.
+#[derive(Debug, Clone)]
+pub struct PointReader {
+    store: Arc<dyn Store>,
+    index: Index,
+}
+
+impl PointReader {
+    /// The disk's size.
+    pub fn size(&self) -> u64 {
+        self.index.capacity
+    }
+
+    /// Reads `len` bytes at `offset`, fetching only the chunks they cover.
+    pub fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, RepoError> {
+        let ids = &self.index.ids;
+        let lookup = |slot: usize| ids.get(slot).copied().unwrap_or(ZERO);
+        read_chunks(&*self.store, self.index.chunk_size, self.index.capacity, lookup, offset, len)
+    }
+}
+
 /// What [`Repo::verify`] found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VerifyReport {
@@ -223,38 +302,56 @@ impl Repo {
     /// Makes a new repository in the empty or missing directory `path`.
     pub fn init(path: impl AsRef<Path>, chunk_size: u32) -> Result<Self, RepoError> {
         let path = path.as_ref();
+        std::fs::create_dir_all(path).map_err(|e| RepoError::io(path, e))?;
+        Self::init_in(Arc::new(LocalStore::new(path)), chunk_size)
+    }
+
+    /// Makes a new repository at `location`.
+    pub fn init_at(location: &Location, chunk_size: u32) -> Result<Self, RepoError> {
+        Self::init_in(location.store()?, chunk_size)
+    }
+
+    /// Makes a new repository in `store`, which must not hold one.
+    pub fn init_in(store: Arc<dyn Store>, chunk_size: u32) -> Result<Self, RepoError> {
         if !(64 << 10..=64 << 20).contains(&chunk_size) || !chunk_size.is_power_of_two() {
             return Err(RepoError::Invalid(format!(
                 "chunk size {chunk_size} is not a power of two from 64 KiB to 64 MiB"
             )));
         }
-        std::fs::create_dir_all(path).map_err(|e| RepoError::io(path, e))?;
-        let store: Arc<dyn Store> = Arc::new(LocalStore::new(path));
+        let taken = || RepoError::Invalid(format!("{} already holds a repository", store.describe()));
         if store.exists("config")? {
-            return Err(RepoError::Invalid(format!("{} already holds a repository", path.display())));
+            return Err(taken());
         }
         let config =
             RepoConfig { format: FORMAT, id: random_hex(16), chunk_size, compression: "zstd".into(), encryption: None };
         let json = serde_json::to_vec_pretty(&config).map_err(|e| RepoError::Invalid(e.to_string()))?;
         if !store.put_new("config", &json)? {
-            return Err(RepoError::Invalid(format!("{} already holds a repository", path.display())));
+            return Err(taken());
         }
-        Ok(Self { store, config })
+        Ok(Self { store, config, timing: LockTiming::default() })
     }
 
     /// Opens the repository in `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, RepoError> {
-        let path = path.as_ref();
-        let store: Arc<dyn Store> = Arc::new(LocalStore::new(path));
+        Self::open_in(Arc::new(LocalStore::new(path.as_ref())))
+    }
+
+    /// Opens the repository at `location`.
+    pub fn open_at(location: &Location) -> Result<Self, RepoError> {
+        Self::open_in(location.store()?)
+    }
+
+    /// Opens the repository in `store`.
+    pub fn open_in(store: Arc<dyn Store>) -> Result<Self, RepoError> {
         let raw = store
             .get("config")?
-            .ok_or_else(|| RepoError::NotFound(format!("{} is not a repository (no config)", path.display())))?;
+            .ok_or_else(|| RepoError::NotFound(format!("{} is not a repository (no config)", store.describe())))?;
         let v: serde_json::Value =
             serde_json::from_slice(&raw).map_err(|e| RepoError::Corrupt(format!("config: {e}")))?;
         let format = v.get("format").and_then(serde_json::Value::as_u64).unwrap_or(0);
         if format != u64::from(FORMAT) {
             return Err(RepoError::NewerFormat {
-                what: format!("{}/config", path.display()),
+                what: format!("{}/config", store.describe()),
                 found: u32::try_from(format).unwrap_or(u32::MAX),
                 known: FORMAT,
             });
@@ -268,7 +365,23 @@ impl Repo {
         if !(64 << 10..=64 << 20).contains(&config.chunk_size) || !config.chunk_size.is_power_of_two() {
             return Err(RepoError::Corrupt(format!("config: chunk size {}", config.chunk_size)));
         }
-        Ok(Self { store, config })
+        Ok(Self { store, config, timing: LockTiming::default() })
+    }
+
+    /// Sets how its locks are timed (tests shorten them).
+    pub fn with_lock_timing(mut self, timing: LockTiming) -> Self {
+        self.timing = timing;
+        self
+    }
+
+    /// Its store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Takes a lock on it.
+    pub fn lock(&self, kind: LockKind, purpose: &str) -> Result<RepoLock, RepoError> {
+        RepoLock::acquire(self.store.clone(), kind, purpose, self.timing)
     }
 
     /// Its configuration.
@@ -279,8 +392,8 @@ impl Repo {
     /// Every restore point, oldest first.
     pub fn points(&self) -> Result<Vec<Manifest>, RepoError> {
         let mut out = Vec::new();
-        for name in self.store.list("points")? {
-            let Some(id) = name.strip_suffix(".json") else { continue };
+        for e in self.store.list("points")? {
+            let Some(id) = e.name.strip_suffix(".json") else { continue };
             out.push(self.point(id)?);
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
@@ -313,7 +426,18 @@ impl Repo {
     pub fn begin(&self, parent: Option<&str>, disks: Vec<DiskSpec>) -> Result<Backup, RepoError> {
         let (stamp, time) = now_utc();
         let id = format!("{stamp}-{}", random_hex(4));
+        let guard = self.lock(LockKind::Shared, &format!("backup {id}"))?;
         let parent_m = parent.map(|p| self.point(p)).transpose()?;
+        let reg = Registration {
+            id: id.clone(),
+            host: lock::host_name(),
+            pid: std::process::id(),
+            started: lock::now_secs(),
+            parent: parent.map(str::to_owned),
+            parent_indexes: parent_m.iter().flat_map(|m| m.disks.iter().map(|d| d.index.clone())).collect(),
+        };
+        let json = serde_json::to_vec_pretty(&reg).map_err(|e| RepoError::Invalid(e.to_string()))?;
+        self.store.put(&format!("writers/{id}.json"), &json)?;
         let mut sinks = Vec::new();
         for (n, d) in disks.iter().enumerate() {
             let start = match &parent_m {
@@ -325,7 +449,15 @@ impl Repo {
             let index_name = format!("indexes/{id}/{n}.idx");
             sinks.push(Arc::new(RepoSink::new(self.store.clone(), d.name.clone(), index_name, start, fresh)));
         }
-        Ok(Backup { repo: self.clone(), id, time, parent: parent.map(str::to_owned), disks, sinks })
+        Ok(Backup { repo: self.clone(), _lock: guard, id, time, parent: parent.map(str::to_owned), disks, sinks })
+    }
+
+    /// Random reads of one disk of a restore point, through its index (what instant recovery
+    /// will serve).
+    pub fn reader(&self, id: &str, disk: usize) -> Result<PointReader, RepoError> {
+        let m = self.point(id)?;
+        let index = self.index(&m, disk)?;
+        Ok(PointReader { store: self.store.clone(), index })
     }
 
     /// Reads one chunk (checked against its ID).
@@ -338,6 +470,7 @@ impl Repo {
     /// Restores disk `disk` of restore point `id` into a sparse raw file at `out`, durably.
     /// Returns the bytes of data written (zero chunks become holes).
     pub fn restore_disk(&self, id: &str, disk: usize, out: &Path) -> Result<u64, RepoError> {
+        let _lock = self.lock(LockKind::Shared, &format!("restore of {id}"))?;
         let m = self.point(id)?;
         let ix = self.index(&m, disk)?;
         let f = File::create(out).map_err(|e| RepoError::io(out, e))?;
@@ -368,6 +501,7 @@ impl Repo {
     /// Re-reads and re-hashes every chunk any restore point references (each once), and names
     /// the restore points a damaged or missing chunk or index makes unrestorable.
     pub fn verify(&self) -> Result<VerifyReport, RepoError> {
+        let _lock = self.lock(LockKind::Shared, "verify")?;
         let mut report = VerifyReport::default();
         let mut users: BTreeMap<ChunkId, Vec<(String, String)>> = BTreeMap::new();
         for m in self.points()? {

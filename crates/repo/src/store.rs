@@ -1,13 +1,24 @@
 //! Where a repository's files live. [`LocalStore`], a directory, writes every file to a
-//! temporary name, fsyncs it, moves it into place and fsyncs the directory; chunks are created
-//! only if absent (a hard link, which fails when the name exists), so nothing is overwritten.
+//! temporary name, fsyncs it, moves it into place and fsyncs the directory (and the parent of
+//! any directory it creates); chunks are created only if absent (a hard link, which fails when
+//! the name exists), so nothing is overwritten. The file system under it is a [`Fs`], so the
+//! crash-simulating one of `crashfs` can stand in for the real one in tests.
 
-use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
 
 use crate::RepoError;
+
+/// One name in a folder of a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The name, without the folder.
+    pub name: String,
+    /// When it was last written, for files (a folder has none).
+    pub modified: Option<SystemTime>,
+}
 
 /// A repository's storage: named files, written atomically.
 pub trait Store: Send + Sync + std::fmt::Debug {
@@ -19,66 +30,170 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn get(&self, name: &str) -> Result<Option<Vec<u8>>, RepoError>;
     /// Whether `name` exists.
     fn exists(&self, name: &str) -> Result<bool, RepoError>;
-    /// The names directly inside the folder `dir`.
-    fn list(&self, dir: &str) -> Result<Vec<String>, RepoError>;
+    /// The files and folders directly inside the folder `dir`, sorted by name.
+    fn list(&self, dir: &str) -> Result<Vec<Entry>, RepoError>;
+    /// Removes `name`; removing what is not there is not an error.
+    fn delete(&self, name: &str) -> Result<(), RepoError>;
     /// Where it is, for messages.
     fn describe(&self) -> String;
 }
 
+/// Checks a repository file name: relative, no empty, `.` or `..` parts. Names come from the
+/// repository itself, but an index or manifest could be tampered with: nothing may leave the
+/// root.
+pub(crate) fn check_name(name: &str) -> Result<(), RepoError> {
+    if name.is_empty() || name.starts_with('/') || name.split('/').any(|p| p.is_empty() || p == "." || p == "..") {
+        return Err(RepoError::Corrupt(format!("{name:?} is not a repository file name")));
+    }
+    Ok(())
+}
+
+/// The file-system operations [`LocalStore`] needs, each one step, so that a simulation can
+/// tell which steps were made durable.
+pub trait Fs: Send + Sync + std::fmt::Debug {
+    /// Creates (or truncates) `path` and writes `data`; not yet durable.
+    fn write(&self, path: &Path, data: &[u8]) -> std::io::Result<()>;
+    /// Makes `path`'s contents durable (fsync).
+    fn sync_file(&self, path: &Path) -> std::io::Result<()>;
+    /// Makes the names in directory `dir` durable (fsync of the directory).
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()>;
+    /// Creates directory `dir` (its parent exists); `AlreadyExists` when it does.
+    fn create_dir(&self, dir: &Path) -> std::io::Result<()>;
+    /// Renames `from` to `to`, replacing `to`.
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()>;
+    /// Links `to` to `from`'s file; `AlreadyExists` when `to` exists.
+    fn hard_link(&self, from: &Path, to: &Path) -> std::io::Result<()>;
+    /// Removes file `path`.
+    fn remove(&self, path: &Path) -> std::io::Result<()>;
+    /// Reads file `path`.
+    fn read(&self, path: &Path) -> std::io::Result<Vec<u8>>;
+    /// The entries of `dir` (name, modification time for files).
+    fn read_dir(&self, dir: &Path) -> std::io::Result<Vec<Entry>>;
+    /// Whether `path` exists.
+    fn exists(&self, path: &Path) -> bool;
+}
+
+/// The real file system.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RealFs;
+
+impl Fs for RealFs {
+    fn write(&self, path: &Path, data: &[u8]) -> std::io::Result<()> {
+        std::fs::File::create(path)?.write_all(data)
+    }
+    fn sync_file(&self, path: &Path) -> std::io::Result<()> {
+        std::fs::File::open(path)?.sync_all()
+    }
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::File::open(dir)?.sync_all()
+    }
+    fn create_dir(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::create_dir(dir)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        std::fs::rename(from, to)
+    }
+    fn hard_link(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        std::fs::hard_link(from, to)
+    }
+    fn remove(&self, path: &Path) -> std::io::Result<()> {
+        std::fs::remove_file(path)
+    }
+    fn read(&self, path: &Path) -> std::io::Result<Vec<u8>> {
+        std::fs::read(path)
+    }
+    fn read_dir(&self, dir: &Path) -> std::io::Result<Vec<Entry>> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            let Some(name) = e.file_name().to_str().map(str::to_owned) else { continue };
+            let meta = e.metadata()?;
+            out.push(Entry { name, modified: if meta.is_file() { meta.modified().ok() } else { None } });
+        }
+        Ok(out)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+}
+
 /// A repository in a local directory.
 #[derive(Debug)]
-pub struct LocalStore {
+pub struct LocalStore<F: Fs = RealFs> {
     root: PathBuf,
+    fs: F,
 }
 
 static TMP: AtomicU64 = AtomicU64::new(0);
 
-impl LocalStore {
+impl LocalStore<RealFs> {
     /// The store rooted at `root` (which must exist).
     pub fn new(root: impl AsRef<Path>) -> Self {
-        Self { root: root.as_ref().to_path_buf() }
+        Self::with_fs(root, RealFs)
+    }
+}
+
+impl<F: Fs> LocalStore<F> {
+    /// The store rooted at `root` of file system `fs`.
+    pub fn with_fs(root: impl AsRef<Path>, fs: F) -> Self {
+        Self { root: root.as_ref().to_path_buf(), fs }
     }
 
     fn path(&self, name: &str) -> Result<PathBuf, RepoError> {
-        // Names come from the repository itself, but an index or manifest could be tampered
-        // with: nothing may leave the root.
-        if name.is_empty() || name.starts_with('/') || name.split('/').any(|p| p.is_empty() || p == "." || p == "..") {
-            return Err(RepoError::Corrupt(format!("{name:?} is not a repository file name")));
-        }
+        check_name(name)?;
         Ok(self.root.join(name))
+    }
+
+    /// Creates `dir` and any missing parents below the root, fsyncing the parent of each one
+    /// it creates (a new directory is a name in its parent, lost in a crash like any other).
+    fn ensure_dir(&self, dir: &Path) -> Result<(), RepoError> {
+        if dir == self.root || self.fs.exists(dir) {
+            return Ok(());
+        }
+        let parent = dir.parent().unwrap_or(&self.root);
+        self.ensure_dir(parent)?;
+        match self.fs.create_dir(dir) {
+            Ok(()) => self.fs.sync_dir(parent).map_err(|e| RepoError::io(parent, e)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(RepoError::io(dir, e)),
+        }
     }
 
     /// Writes `data` to a temporary file beside `path`, fsynced; returns its path.
     fn temp(&self, path: &Path, data: &[u8]) -> Result<PathBuf, RepoError> {
         let dir = path.parent().unwrap_or(&self.root);
-        std::fs::create_dir_all(dir).map_err(|e| RepoError::io(dir, e))?;
+        self.ensure_dir(dir)?;
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
         let tmp = dir.join(format!(".tmp-{}-{}-{name}", std::process::id(), TMP.fetch_add(1, Ordering::Relaxed)));
-        let mut f = File::create(&tmp).map_err(|e| RepoError::io(&tmp, e))?;
-        f.write_all(data).map_err(|e| RepoError::io(&tmp, e))?;
-        f.sync_all().map_err(|e| RepoError::io(&tmp, e))?;
+        self.fs.write(&tmp, data).map_err(|e| RepoError::io(&tmp, e))?;
+        self.fs.sync_file(&tmp).map_err(|e| RepoError::io(&tmp, e))?;
         Ok(tmp)
+    }
+
+    fn sync_parent(&self, path: &Path) -> Result<(), RepoError> {
+        let dir = path.parent().unwrap_or(&self.root);
+        self.fs.sync_dir(dir).map_err(|e| RepoError::io(dir, e))
     }
 }
 
 /// Fsyncs the directory holding `path`, so a rename or link in it is durable.
 pub(crate) fn sync_parent(path: &Path) -> Result<(), RepoError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| RepoError::io(dir, e))
+    RealFs.sync_dir(dir).map_err(|e| RepoError::io(dir, e))
 }
 
-impl Store for LocalStore {
+impl<F: Fs> Store for LocalStore<F> {
     fn put_new(&self, name: &str, data: &[u8]) -> Result<bool, RepoError> {
         let path = self.path(name)?;
-        if path.exists() {
+        if self.fs.exists(&path) {
             return Ok(false);
         }
         let tmp = self.temp(&path, data)?;
-        let linked = std::fs::hard_link(&tmp, &path);
-        let _ = std::fs::remove_file(&tmp);
+        let linked = self.fs.hard_link(&tmp, &path);
+        let _ = self.fs.remove(&tmp);
         match linked {
             Ok(()) => {
-                sync_parent(&path)?;
+                self.sync_parent(&path)?;
                 Ok(true)
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
@@ -89,13 +204,13 @@ impl Store for LocalStore {
     fn put(&self, name: &str, data: &[u8]) -> Result<(), RepoError> {
         let path = self.path(name)?;
         let tmp = self.temp(&path, data)?;
-        std::fs::rename(&tmp, &path).map_err(|e| RepoError::io(&path, e))?;
-        sync_parent(&path)
+        self.fs.rename(&tmp, &path).map_err(|e| RepoError::io(&path, e))?;
+        self.sync_parent(&path)
     }
 
     fn get(&self, name: &str) -> Result<Option<Vec<u8>>, RepoError> {
         let path = self.path(name)?;
-        match std::fs::read(&path) {
+        match self.fs.read(&path) {
             Ok(d) => Ok(Some(d)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(RepoError::io(&path, e)),
@@ -103,25 +218,29 @@ impl Store for LocalStore {
     }
 
     fn exists(&self, name: &str) -> Result<bool, RepoError> {
-        Ok(self.path(name)?.exists())
+        Ok(self.fs.exists(&self.path(name)?))
     }
 
-    fn list(&self, dir: &str) -> Result<Vec<String>, RepoError> {
+    fn list(&self, dir: &str) -> Result<Vec<Entry>, RepoError> {
         let path = self.path(dir)?;
-        let entries = match std::fs::read_dir(&path) {
+        let mut out = match self.fs.read_dir(&path) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(RepoError::io(&path, e)),
         };
-        let mut out = Vec::new();
-        for e in entries {
-            let e = e.map_err(|e| RepoError::io(&path, e))?;
-            if let Some(n) = e.file_name().to_str().filter(|n| !n.starts_with('.')) {
-                out.push(n.to_owned());
-            }
-        }
-        out.sort();
+        // Temporary files are half-written by definition.
+        out.retain(|e| !e.name.starts_with('.'));
+        out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
+    }
+
+    fn delete(&self, name: &str) -> Result<(), RepoError> {
+        let path = self.path(name)?;
+        match self.fs.remove(&path) {
+            Ok(()) => self.sync_parent(&path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(RepoError::io(&path, e)),
+        }
     }
 
     fn describe(&self) -> String {
@@ -143,7 +262,14 @@ mod tests {
         s.put("points/p.json", b"{}").unwrap();
         s.put("points/p.json", b"[]").unwrap();
         assert_eq!(s.get("points/p.json").unwrap().unwrap(), b"[]");
-        assert_eq!(s.list("points").unwrap(), ["p.json"]);
+        let listed = s.list("points").unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].name, "p.json");
+        assert!(listed[0].modified.is_some());
+        assert_eq!(s.list("chunks").unwrap()[0], Entry { name: "ab".into(), modified: None });
+        s.delete("points/p.json").unwrap();
+        s.delete("points/p.json").unwrap();
+        assert_eq!(s.get("points/p.json").unwrap(), None);
         assert_eq!(s.get("nothing").unwrap(), None);
         for bad in ["../x", "/etc/passwd", "a//b", "a/./b", ""] {
             assert!(s.get(bad).is_err(), "{bad}");

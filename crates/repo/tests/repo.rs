@@ -167,3 +167,101 @@ async fn an_unfinished_backup_leaves_no_restore_point_and_newer_formats_are_refu
     assert!(e.to_string().contains("upgrade syncproxy"), "{e}");
     assert!(matches!(Repo::open(dir.path()), Err(RepoError::NotFound(_))));
 }
+
+/// Sets a file's modification time into the past, as if written `ago` earlier.
+fn age(path: &Path, ago: std::time::Duration) {
+    let f = std::fs::File::options().write(true).open(path).unwrap();
+    f.set_modified(std::time::SystemTime::now() - ago).unwrap();
+}
+
+fn age_tree(dir: &Path, ago: std::time::Duration) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() { age_tree(&p, ago) } else { age(&p, ago) }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_and_gc_keep_every_chunk_a_kept_point_or_a_running_backup_needs() {
+    use repo::Retention;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let (img, repo_dir) = (dir.path().join("disk.raw"), dir.path().join("repo"));
+    let size = 12 * MIB;
+    let repo = Repo::init(&repo_dir, MIB32).unwrap();
+    // Five restore points of a disk that changes a little each time.
+    let mut ids = Vec::new();
+    let mut copies = Vec::new();
+    image(&img, size, 0);
+    for round in 0..5u8 {
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+            // The first MiB differs every time: pruned points leave garbage behind.
+            f.write_all_at(&vec![round + 1; 1 << 20], 0).unwrap();
+        }
+        let m = backup(&repo, ids.last().map(String::as_str), &img, None).await;
+        let copy = dir.path().join(format!("v{round}.raw"));
+        std::fs::copy(&img, &copy).unwrap();
+        ids.push(m.id);
+        copies.push(copy);
+    }
+    let hour = Duration::from_secs(3600);
+
+    // A backup in progress holds a shared lock: gc refuses to run beside it.
+    let running =
+        repo.begin(Some(&ids[0]), vec![DiskSpec { name: "d".into(), capacity: size, change_id: None }]).unwrap();
+    let e = repo.gc(Duration::ZERO, false).unwrap_err().to_string();
+    assert!(e.contains("locked") && e.contains(running.id()), "{e}");
+    // It dies after committing an index of its own: its registration protects its chunks
+    // (and its parent's) for the grace period, even once its parent is pruned.
+    let sink = running.sink(0).unwrap();
+    sink.write_at(0, bytes::Bytes::from(vec![0xAB; 1 << 20])).await.unwrap();
+    sink.commit().await.unwrap();
+    let dead = running.id().to_owned();
+    drop(running);
+
+    let pruned = repo.prune(&Retention { last: 2, ..Default::default() }, false).unwrap();
+    assert_eq!(pruned.removed, ids[..3].to_vec());
+    age_tree(&repo_dir.join("chunks"), 2 * hour);
+    let report = repo.gc(hour, false).unwrap();
+    assert!(report.chunks_removed > 0, "{report:?}");
+    assert_eq!(report.registrations_removed, 0, "the dead backup is still within the grace period");
+    // The dead backup's chunks (its parent is ids[0], pruned) are all still there.
+    let reg_index =
+        repo::Index::decode(&std::fs::read(repo_dir.join(format!("indexes/{dead}/0.idx"))).unwrap(), "i").unwrap();
+    for id in reg_index.ids.iter().filter(|i| **i != repo::ZERO) {
+        repo.chunk(id).unwrap_or_else(|e| panic!("a chunk the registered backup needs is gone: {e}"));
+    }
+    // The kept points restore exactly and verify clean.
+    let out = dir.path().join("out.raw");
+    for (id, copy) in ids[3..].iter().zip(&copies[3..]) {
+        repo.restore_disk(id, 0, &out).unwrap();
+        assert!(same(&out, copy), "{id}");
+    }
+    assert!(repo.verify().unwrap().damaged_points.is_empty());
+
+    // Past the grace period the dead backup's registration goes, and its chunks with it;
+    // the kept points still restore.
+    age_tree(&repo_dir.join("writers"), 2 * hour);
+    age_tree(&repo_dir.join("indexes"), 2 * hour);
+    let later = {
+        // The registration records when the backup started, in seconds; make it old too.
+        let reg = repo_dir.join(format!("writers/{dead}.json"));
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&reg).unwrap()).unwrap();
+        v["started"] = serde_json::json!(0);
+        std::fs::write(&reg, serde_json::to_vec(&v).unwrap()).unwrap();
+        age(&reg, 2 * hour);
+        repo.gc(hour, false).unwrap()
+    };
+    assert_eq!(later.registrations_removed, 1, "{later:?}");
+    assert!(later.chunks_removed > 0, "{later:?}");
+    assert!(later.indexes_removed >= 1, "{later:?}");
+    for (id, copy) in ids[3..].iter().zip(&copies[3..]) {
+        repo.restore_disk(id, 0, &out).unwrap();
+        assert!(same(&out, copy), "{id}");
+    }
+    assert!(repo.verify().unwrap().damaged_points.is_empty());
+    // A prune that keeps nothing is refused.
+    assert!(repo.prune(&Retention::default(), true).is_err());
+}

@@ -1,0 +1,285 @@
+//! Repository locks, as files under `locks/` in the repository itself, so they work the same
+//! on a directory and on S3. Backups and prune take shared locks; gc takes the exclusive one.
+//! Each lock names its holder (host, PID, what it does) and is refreshed by a heartbeat; a lock
+//! whose heartbeat is older than its expiry, or whose holder was a process on this host that is
+//! gone, is stale and is removed by the next taker, with a warning.
+
+use std::sync::Arc;
+use std::sync::mpsc::{RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::RepoError;
+use crate::store::Store;
+
+/// Shared or exclusive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LockKind {
+    /// Many at once (backups, prune).
+    Shared,
+    /// Alone (gc).
+    Exclusive,
+}
+
+/// What a lock file says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockInfo {
+    /// Shared or exclusive.
+    pub kind: LockKind,
+    /// The holder's host name.
+    pub host: String,
+    /// The holder's process ID.
+    pub pid: u32,
+    /// What the holder does (`backup of db01`, `gc`).
+    pub purpose: String,
+    /// Seconds since the Unix epoch when it was taken.
+    pub started: u64,
+    /// Seconds since the Unix epoch of the last heartbeat.
+    pub heartbeat: u64,
+    /// Seconds after the last heartbeat at which it is stale.
+    pub expires_after: u64,
+}
+
+impl LockInfo {
+    /// Why it is stale, if it is.
+    pub fn stale(&self, now: u64) -> Option<String> {
+        if now.saturating_sub(self.heartbeat) > self.expires_after {
+            return Some(format!("no heartbeat for {} s", now.saturating_sub(self.heartbeat)));
+        }
+        if self.host == host_name() && !process_alive(self.pid) {
+            return Some(format!("process {} is gone", self.pid));
+        }
+        None
+    }
+
+    fn describe(&self) -> String {
+        format!("{} (host {}, PID {}, since {})", self.purpose, self.host, self.pid, unix_to_text(self.started))
+    }
+}
+
+fn unix_to_text(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
+}
+
+pub(crate) fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// This host's name (for lock files: which machine holds it).
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
+fn process_alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// How locks are timed.
+#[derive(Debug, Clone, Copy)]
+pub struct LockTiming {
+    /// How often the holder refreshes its lock.
+    pub heartbeat: Duration,
+    /// How long after the last heartbeat a lock is stale.
+    pub expiry: Duration,
+}
+
+impl Default for LockTiming {
+    fn default() -> Self {
+        Self { heartbeat: Duration::from_secs(60), expiry: Duration::from_secs(300) }
+    }
+}
+
+/// A held lock; dropping it releases it.
+#[derive(Debug)]
+pub struct RepoLock {
+    store: Arc<dyn Store>,
+    name: String,
+    stop: Option<Sender<()>>,
+    beat: Option<JoinHandle<()>>,
+}
+
+impl RepoLock {
+    /// Takes a lock of `kind` for `purpose`, or fails naming every holder in the way.
+    pub fn acquire(
+        store: Arc<dyn Store>,
+        kind: LockKind,
+        purpose: &str,
+        timing: LockTiming,
+    ) -> Result<Self, RepoError> {
+        let now = now_secs();
+        let info = LockInfo {
+            kind,
+            host: host_name(),
+            pid: std::process::id(),
+            purpose: purpose.to_owned(),
+            started: now,
+            heartbeat: now,
+            expires_after: timing.expiry.as_secs().max(1),
+        };
+        let kind_name = match kind {
+            LockKind::Shared => "shared",
+            LockKind::Exclusive => "exclusive",
+        };
+        let name = format!("locks/{kind_name}-{}-{}-{}.json", info.host, info.pid, crate::random_hex(4));
+        let json = serde_json::to_vec_pretty(&info).map_err(|e| RepoError::Invalid(e.to_string()))?;
+        store.put(&name, &json)?;
+        // Written first, then checked: of two takers racing, at least one sees the other.
+        let in_way: Vec<String> = holders(&*store)?
+            .into_iter()
+            .filter(|(n, other)| *n != name && (kind == LockKind::Exclusive || other.kind == LockKind::Exclusive))
+            .map(|(_, other)| other.describe())
+            .collect();
+        if !in_way.is_empty() {
+            store.delete(&name)?;
+            return Err(RepoError::Locked(format!("{} is locked by {}", store.describe(), in_way.join("; "))));
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (beat_store, beat_name) = (store.clone(), name.clone());
+        let beat = std::thread::Builder::new()
+            .name("repo-lock".into())
+            .spawn(move || {
+                let mut info = info;
+                loop {
+                    match rx.recv_timeout(timing.heartbeat) {
+                        Err(RecvTimeoutError::Timeout) => {
+                            info.heartbeat = now_secs();
+                            let Ok(json) = serde_json::to_vec_pretty(&info) else { return };
+                            if let Err(e) = beat_store.put(&beat_name, &json) {
+                                tracing::warn!("cannot refresh repository lock {beat_name}: {e}");
+                            }
+                        }
+                        _ => return,
+                    }
+                }
+            })
+            .map_err(|e| RepoError::Invalid(format!("cannot start the lock heartbeat: {e}")))?;
+        Ok(Self { store, name, stop: Some(tx), beat: Some(beat) })
+    }
+
+    /// The lock file's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for RepoLock {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(b) = self.beat.take() {
+            let _ = b.join();
+        }
+        if let Err(e) = self.store.delete(&self.name) {
+            tracing::warn!("cannot release repository lock {}: {e}", self.name);
+        }
+    }
+}
+
+/// The live locks (name, holder); stale ones are removed on the way, with a warning, and
+/// unreadable ones are counted as live (better a refused job than two writers).
+pub fn holders(store: &dyn Store) -> Result<Vec<(String, LockInfo)>, RepoError> {
+    let now = now_secs();
+    let mut out = Vec::new();
+    for e in store.list("locks")? {
+        let name = format!("locks/{}", e.name);
+        let Some(raw) = store.get(&name)? else { continue };
+        match serde_json::from_slice::<LockInfo>(&raw) {
+            Ok(info) => match info.stale(now) {
+                Some(why) => {
+                    tracing::warn!("removing the stale repository lock of {}: {why}", info.describe());
+                    store.delete(&name)?;
+                }
+                None => out.push((name, info)),
+            },
+            Err(e) => {
+                let info = LockInfo {
+                    kind: LockKind::Exclusive,
+                    host: "?".into(),
+                    pid: 0,
+                    purpose: format!("an unreadable lock file {name} ({e}; remove it by hand if no job runs)"),
+                    started: 0,
+                    heartbeat: now,
+                    expires_after: u64::MAX,
+                };
+                out.push((name, info));
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::LocalStore;
+
+    fn store() -> (tempfile::TempDir, Arc<dyn Store>) {
+        let d = tempfile::tempdir().unwrap();
+        let s: Arc<dyn Store> = Arc::new(LocalStore::new(d.path()));
+        (d, s)
+    }
+
+    #[test]
+    fn shared_locks_coexist_and_exclusive_ones_do_not() {
+        let (_d, s) = store();
+        let t = LockTiming::default();
+        let a = RepoLock::acquire(s.clone(), LockKind::Shared, "backup of a", t).unwrap();
+        let b = RepoLock::acquire(s.clone(), LockKind::Shared, "backup of b", t).unwrap();
+        let e = RepoLock::acquire(s.clone(), LockKind::Exclusive, "gc", t).unwrap_err().to_string();
+        assert!(e.contains("backup of a") && e.contains("backup of b"), "{e}");
+        assert_eq!(holders(&*s).unwrap().len(), 2, "the refused taker removed its own file");
+        drop((a, b));
+        let g = RepoLock::acquire(s.clone(), LockKind::Exclusive, "gc", t).unwrap();
+        let e = RepoLock::acquire(s.clone(), LockKind::Shared, "backup of c", t).unwrap_err().to_string();
+        assert!(e.contains("gc"), "{e}");
+        drop(g);
+        assert!(holders(&*s).unwrap().is_empty());
+    }
+
+    #[test]
+    fn stale_locks_are_detected_and_removed() {
+        let (_d, s) = store();
+        let now = now_secs();
+        let dead = LockInfo {
+            kind: LockKind::Exclusive,
+            host: host_name(),
+            pid: u32::MAX - 1,
+            purpose: "gc".into(),
+            started: now,
+            heartbeat: now,
+            expires_after: 300,
+        };
+        assert!(dead.stale(now).unwrap().contains("gone"));
+        let silent = LockInfo { host: "elsewhere".into(), heartbeat: now - 301, ..dead.clone() };
+        assert!(silent.stale(now).unwrap().contains("heartbeat"));
+        let live = LockInfo { host: "elsewhere".into(), ..dead.clone() };
+        assert_eq!(live.stale(now), None);
+        s.put("locks/exclusive-dead.json", &serde_json::to_vec(&dead).unwrap()).unwrap();
+        s.put("locks/exclusive-live.json", &serde_json::to_vec(&live).unwrap()).unwrap();
+        let e = RepoLock::acquire(s.clone(), LockKind::Shared, "backup", LockTiming::default()).unwrap_err();
+        assert!(e.to_string().contains("elsewhere"), "{e}");
+        assert!(!s.exists("locks/exclusive-dead.json").unwrap(), "the dead holder's lock is gone");
+        s.delete("locks/exclusive-live.json").unwrap();
+        RepoLock::acquire(s, LockKind::Shared, "backup", LockTiming::default()).unwrap();
+    }
+
+    #[test]
+    fn the_heartbeat_refreshes_the_file() {
+        let (_d, s) = store();
+        let t = LockTiming { heartbeat: Duration::from_millis(50), expiry: Duration::from_secs(300) };
+        let l = RepoLock::acquire(s.clone(), LockKind::Shared, "backup", t).unwrap();
+        let first = s.get(l.name()).unwrap().unwrap();
+        let mut info: LockInfo = serde_json::from_slice(&first).unwrap();
+        info.heartbeat = 0;
+        s.put(l.name(), &serde_json::to_vec(&info).unwrap()).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let again: LockInfo = serde_json::from_slice(&s.get(l.name()).unwrap().unwrap()).unwrap();
+        assert!(again.heartbeat > 0, "the heartbeat rewrote it");
+    }
+}

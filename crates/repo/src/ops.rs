@@ -1,0 +1,245 @@
+//! Repository maintenance: prune (remove the manifests a retention policy does not keep), gc
+//! (mark every chunk a restore point or a registered backup needs, sweep the rest once older
+//! than a grace period) and copy (to another repository, chunks first and manifests last, so
+//! an interrupted copy resumes where it stopped and never shows a restore point it lacks).
+
+use std::collections::BTreeSet;
+use std::time::{Duration, SystemTime};
+
+use crate::format::{ChunkId, Index, Manifest, ZERO, chunk_name};
+use crate::lock::{LockKind, now_secs};
+use crate::prune::{Decision, Retention, select};
+use crate::{Registration, Repo, RepoError};
+
+/// What a prune did (or would do).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    /// Every restore point and why it is kept (no reasons: removed).
+    pub decisions: Vec<Decision>,
+    /// The restore points removed.
+    pub removed: Vec<String>,
+}
+
+/// What a gc did (or would do).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Chunks in use.
+    pub chunks_in_use: u64,
+    /// Chunks removed (or that would be).
+    pub chunks_removed: u64,
+    /// Unused chunks kept because they are younger than the grace period.
+    pub chunks_in_grace: u64,
+    /// Index folders of restore points that no longer exist, removed.
+    pub indexes_removed: u64,
+    /// Registrations of backups that ended without finishing, older than the grace period,
+    /// removed.
+    pub registrations_removed: u64,
+}
+
+/// What a copy did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CopyReport {
+    /// Restore points copied.
+    pub points_copied: Vec<String>,
+    /// Restore points the destination already had.
+    pub points_present: u64,
+    /// Chunks sent.
+    pub chunks_copied: u64,
+    /// Chunks the destination already had (from an earlier, possibly interrupted, copy).
+    pub chunks_present: u64,
+    /// Bytes sent (as stored).
+    pub bytes_copied: u64,
+}
+
+fn young(modified: Option<SystemTime>, grace: Duration) -> bool {
+    // A file without a time is treated as young: never remove what is not understood.
+    modified.is_none_or(|t| t.elapsed().map_or(true, |age| age < grace))
+}
+
+impl Repo {
+    /// Removes the restore points `policy` does not keep (their manifests; gc frees their
+    /// chunks). With `dry_run`, only says what it would remove.
+    pub fn prune(&self, policy: &Retention, dry_run: bool) -> Result<PruneReport, RepoError> {
+        if policy.keeps_nothing() {
+            return Err(RepoError::Invalid(
+                "the retention policy keeps nothing: a prune would remove every restore point".into(),
+            ));
+        }
+        let _lock = self.lock(LockKind::Shared, "prune")?;
+        let decisions = select(&self.points()?, policy);
+        let mut removed = Vec::new();
+        for d in decisions.iter().filter(|d| d.reasons.is_empty()) {
+            if !dry_run {
+                self.store.delete(&format!("points/{}.json", d.id))?;
+            }
+            removed.push(d.id.clone());
+        }
+        Ok(PruneReport { decisions, removed })
+    }
+
+    fn index_chunks(&self, name: &str, marked: &mut BTreeSet<ChunkId>) -> Result<(), RepoError> {
+        let raw = self.store.get(name)?.ok_or_else(|| RepoError::Corrupt(format!("{name} is missing")))?;
+        let ix = Index::decode(&raw, name)?;
+        marked.extend(ix.ids.into_iter().filter(|i| *i != ZERO));
+        Ok(())
+    }
+
+    /// Mark and sweep, under the exclusive lock (no backup runs meanwhile: a backup that finds
+    /// a chunk already stored cannot refresh its time with a create-only write, so a sweep
+    /// beside it could remove what it just referenced). Marks the chunks of every restore
+    /// point, and of every registered backup younger than `grace` (its parent's and its own
+    /// committed indexes); removes unmarked chunks older than `grace`. An index that cannot be
+    /// read stops the gc before anything is removed.
+    pub fn gc(&self, grace: Duration, dry_run: bool) -> Result<GcReport, RepoError> {
+        let _lock = self.lock(LockKind::Exclusive, "gc")?;
+        let mut report = GcReport::default();
+        let mut marked = BTreeSet::new();
+        let points = self.points()?;
+        let live: BTreeSet<String> = points.iter().map(|m| m.id.clone()).collect();
+        for m in &points {
+            for d in &m.disks {
+                self.index_chunks(&d.index, &mut marked)?;
+            }
+        }
+        let mut registered = BTreeSet::new();
+        let now = now_secs();
+        for e in self.store.list("writers")? {
+            let name = format!("writers/{}", e.name);
+            let Some(raw) = self.store.get(&name)? else { continue };
+            let reg: Registration = serde_json::from_slice(&raw)
+                .map_err(|err| RepoError::Corrupt(format!("{name}: {err} (gc stops rather than guess)")))?;
+            if now.saturating_sub(reg.started) >= grace.as_secs() && !young(e.modified, grace) {
+                if !dry_run {
+                    self.store.delete(&name)?;
+                }
+                report.registrations_removed += 1;
+                continue;
+            }
+            for ix in &reg.parent_indexes {
+                if self.store.exists(ix)? {
+                    self.index_chunks(ix, &mut marked)?;
+                }
+            }
+            for f in self.store.list(&format!("indexes/{}", reg.id))? {
+                self.index_chunks(&format!("indexes/{}/{}", reg.id, f.name), &mut marked)?;
+            }
+            registered.insert(reg.id.clone());
+            if let Some(p) = reg.parent {
+                registered.insert(p);
+            }
+        }
+        report.chunks_in_use = marked.len() as u64;
+        for dir in self.store.list("chunks")? {
+            for e in self.store.list(&format!("chunks/{}", dir.name))? {
+                let name = format!("chunks/{}/{}", dir.name, e.name);
+                let used = parse_hex(&e.name).is_some_and(|id| marked.contains(&id));
+                if used {
+                    continue;
+                }
+                if young(e.modified, grace) {
+                    report.chunks_in_grace += 1;
+                    continue;
+                }
+                if !dry_run {
+                    self.store.delete(&name)?;
+                }
+                report.chunks_removed += 1;
+            }
+        }
+        for dir in self.store.list("indexes")? {
+            if live.contains(&dir.name) || registered.contains(&dir.name) {
+                continue;
+            }
+            let files = self.store.list(&format!("indexes/{}", dir.name))?;
+            if files.iter().any(|f| young(f.modified, grace)) {
+                continue;
+            }
+            if !dry_run {
+                for f in files {
+                    self.store.delete(&format!("indexes/{}/{}", dir.name, f.name))?;
+                }
+            }
+            report.indexes_removed += 1;
+        }
+        Ok(report)
+    }
+
+    /// Copies restore points (all, or those named) to `dest`, which must use the same chunk
+    /// size. Each chunk is checked against its name before it is sent, and sent only if
+    /// `dest` lacks it; a restore point's indexes follow its chunks and its manifest comes
+    /// last. Run again after an interruption, it sends only what is missing.
+    pub fn copy_to(&self, dest: &Repo, only: Option<&[String]>) -> Result<CopyReport, RepoError> {
+        if dest.config.chunk_size != self.config.chunk_size {
+            return Err(RepoError::Invalid(format!(
+                "{} uses chunks of {} bytes and {} of {}: a copy needs the same chunk size",
+                self.store.describe(),
+                self.config.chunk_size,
+                dest.store.describe(),
+                dest.config.chunk_size
+            )));
+        }
+        let _src = self.lock(LockKind::Shared, "copy (source)")?;
+        let _dst = dest.lock(LockKind::Shared, "copy (destination)")?;
+        let mut report = CopyReport::default();
+        let have: BTreeSet<String> = dest.points()?.into_iter().map(|m| m.id).collect();
+        let mut sent = BTreeSet::new();
+        for m in self.points()? {
+            if only.is_some_and(|o| !o.contains(&m.id)) {
+                continue;
+            }
+            if have.contains(&m.id) {
+                report.points_present += 1;
+                continue;
+            }
+            self.copy_point(dest, &m, &mut sent, &mut report)?;
+            report.points_copied.push(m.id.clone());
+        }
+        Ok(report)
+    }
+
+    fn copy_point(
+        &self,
+        dest: &Repo,
+        m: &Manifest,
+        sent: &mut BTreeSet<ChunkId>,
+        report: &mut CopyReport,
+    ) -> Result<(), RepoError> {
+        for (n, d) in m.disks.iter().enumerate() {
+            let ix = self.index(m, n)?;
+            for id in ix.ids.iter().filter(|i| **i != ZERO) {
+                if !sent.insert(*id) {
+                    continue;
+                }
+                let name = chunk_name(id);
+                if dest.store.exists(&name)? {
+                    report.chunks_present += 1;
+                    continue;
+                }
+                let raw = self.store.get(&name)?.ok_or_else(|| RepoError::Corrupt(format!("{name} is missing")))?;
+                // Never spread damage: the chunk must be the one its name says.
+                crate::format::decode_chunk(&raw, id, u64::from(self.config.chunk_size))?;
+                if dest.store.put_new(&name, &raw)? {
+                    report.chunks_copied += 1;
+                    report.bytes_copied += raw.len() as u64;
+                } else {
+                    report.chunks_present += 1;
+                }
+            }
+            let raw = self.store.get(&d.index)?.ok_or_else(|| RepoError::Corrupt(format!("{} is missing", d.index)))?;
+            dest.store.put(&d.index, &raw)?;
+        }
+        let json = serde_json::to_vec_pretty(m).map_err(|e| RepoError::Invalid(e.to_string()))?;
+        dest.store.put(&format!("points/{}.json", m.id), &json)
+    }
+}
+
+fn parse_hex(s: &str) -> Option<ChunkId> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}

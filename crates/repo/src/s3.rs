@@ -1,0 +1,193 @@
+//! A repository in S3-compatible object storage, through the `object_store` crate. Objects are
+//! written whole (a PUT is atomic), chunks with `If-None-Match: *` so that nothing is ever
+//! overwritten. Credentials and the endpoint come from the standard `AWS_*` environment
+//! variables, never from arguments. The [`Store`] trait is synchronous; this store runs its
+//! requests on a small runtime of its own, so it can be called from anywhere.
+
+use std::sync::Arc;
+
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use crate::RepoError;
+use crate::store::{Entry, Store, check_name};
+
+/// A repository under `s3://bucket/prefix`.
+#[derive(Debug)]
+pub struct S3Store {
+    url: String,
+    prefix: String,
+    s3: Arc<AmazonS3>,
+    rt: tokio::runtime::Runtime,
+}
+
+fn s3_err(what: &str, e: object_store::Error) -> RepoError {
+    RepoError::Remote(format!("{what}: {e}"))
+}
+
+/// Whether an endpoint URL points at this machine.
+fn loopback(endpoint: &str) -> bool {
+    let rest = endpoint.split_once("://").map_or(endpoint, |(_, r)| r);
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    let host = if host.starts_with('[') {
+        host.split(']').next().unwrap_or("").trim_start_matches('[')
+    } else {
+        host.split(':').next().unwrap_or("")
+    };
+    matches!(host, "127.0.0.1" | "localhost" | "::1")
+}
+
+impl S3Store {
+    /// Opens `s3://bucket[/prefix]`. The endpoint is `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT`)
+    /// when set, else AWS; plain `http://` is allowed only to this machine, or with
+    /// `allow_http`, and always warned about.
+    pub fn open(url: &str, allow_http: bool) -> Result<Self, RepoError> {
+        let rest = url.strip_prefix("s3://").ok_or_else(|| RepoError::Invalid(format!("{url} is not an s3:// URL")))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(RepoError::Invalid(format!("{url} names no bucket")));
+        }
+        let prefix = prefix.trim_matches('/').to_owned();
+        if !prefix.is_empty() {
+            check_name(&prefix).map_err(|_| RepoError::Invalid(format!("{url}: {prefix:?} is not a usable prefix")))?;
+        }
+        let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        let endpoint = std::env::var("AWS_ENDPOINT_URL").or_else(|_| std::env::var("AWS_ENDPOINT")).ok();
+        if let Some(ep) = &endpoint {
+            if ep.contains('@') {
+                return Err(RepoError::Invalid("the S3 endpoint URL must not carry credentials".into()));
+            }
+            b = b.with_endpoint(ep.clone());
+            if ep.starts_with("http://") {
+                if !allow_http && !loopback(ep) {
+                    return Err(RepoError::Invalid(format!(
+                        "the S3 endpoint {ep} is plain HTTP: the backup data would cross the network unencrypted \
+                         (use https://, or opt in explicitly)"
+                    )));
+                }
+                tracing::warn!("S3 endpoint {ep} is plain HTTP, not TLS: backup data travels unencrypted");
+                b = b.with_allow_http(true);
+            }
+        }
+        if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err() {
+            b = b.with_region("us-east-1");
+        }
+        let s3 = b.build().map_err(|e| s3_err(url, e))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("repo-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| RepoError::Invalid(format!("cannot start the S3 runtime: {e}")))?;
+        Ok(Self { url: url.trim_end_matches('/').to_owned(), prefix, s3: Arc::new(s3), rt })
+    }
+
+    fn key(&self, name: &str) -> Result<ObjPath, RepoError> {
+        check_name(name)?;
+        let full = if self.prefix.is_empty() { name.to_owned() } else { format!("{}/{name}", self.prefix) };
+        ObjPath::parse(&full).map_err(|e| RepoError::Invalid(format!("{full}: {e}")))
+    }
+
+    /// Runs `f` on the store's runtime and waits for it, from any thread (async or not).
+    fn run<T: Send + 'static>(
+        &self,
+        f: impl Future<Output = Result<T, object_store::Error>> + Send + 'static,
+    ) -> Result<T, object_store::Error> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.rt.spawn(async move {
+            let _ = tx.send(f.await);
+        });
+        rx.recv().unwrap_or_else(|_| {
+            Err(object_store::Error::NotImplemented {
+                operation: "S3 call (runtime stopped)".into(),
+                implementer: "repo".into(),
+            })
+        })
+    }
+}
+
+impl Store for S3Store {
+    fn put_new(&self, name: &str, data: &[u8]) -> Result<bool, RepoError> {
+        let (s3, key, payload) = (self.s3.clone(), self.key(name)?, PutPayload::from(data.to_vec()));
+        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+        match self.run(async move { s3.put_opts(&key, payload, opts).await }) {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(false),
+            Err(e) => Err(s3_err(name, e)),
+        }
+    }
+
+    fn put(&self, name: &str, data: &[u8]) -> Result<(), RepoError> {
+        let (s3, key, payload) = (self.s3.clone(), self.key(name)?, PutPayload::from(data.to_vec()));
+        self.run(async move { s3.put(&key, payload).await }).map(|_| ()).map_err(|e| s3_err(name, e))
+    }
+
+    fn get(&self, name: &str) -> Result<Option<Vec<u8>>, RepoError> {
+        let (s3, key) = (self.s3.clone(), self.key(name)?);
+        match self.run(async move { s3.get(&key).await?.bytes().await }) {
+            Ok(b) => Ok(Some(b.to_vec())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(s3_err(name, e)),
+        }
+    }
+
+    fn exists(&self, name: &str) -> Result<bool, RepoError> {
+        let (s3, key) = (self.s3.clone(), self.key(name)?);
+        match self.run(async move { s3.head(&key).await }) {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(s3_err(name, e)),
+        }
+    }
+
+    fn list(&self, dir: &str) -> Result<Vec<Entry>, RepoError> {
+        let (s3, key) = (self.s3.clone(), self.key(dir)?);
+        let listed = self.run(async move { s3.list_with_delimiter(Some(&key)).await }).map_err(|e| s3_err(dir, e))?;
+        let mut out: Vec<Entry> = listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(|n| Entry { name: n.to_owned(), modified: None }))
+            .chain(listed.objects.iter().filter_map(|o| {
+                o.location.filename().map(|n| Entry { name: n.to_owned(), modified: Some(o.last_modified.into()) })
+            }))
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn delete(&self, name: &str) -> Result<(), RepoError> {
+        let (s3, key) = (self.s3.clone(), self.key(name)?);
+        match self.run(async move { s3.delete(&key).await }) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(s3_err(name, e)),
+        }
+    }
+
+    fn describe(&self) -> String {
+        self.url.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_endpoints_count_as_local() {
+        for ep in ["http://127.0.0.1:8333", "http://localhost", "http://[::1]:9000/x"] {
+            assert!(loopback(ep), "{ep}");
+        }
+        for ep in ["http://10.0.0.1:8333", "http://localhost.evil.com", "http://127.0.0.1.nip.io"] {
+            assert!(!loopback(ep), "{ep}");
+        }
+    }
+
+    #[test]
+    fn urls_are_checked() {
+        assert!(S3Store::open("file:///x", false).is_err());
+        assert!(S3Store::open("s3:///x", false).is_err());
+        assert!(S3Store::open("s3://b/../x", false).is_err());
+    }
+}
