@@ -30,7 +30,7 @@ pub use format::{
 pub use lock::{LockKind, LockTiming, RepoLock};
 pub use ops::{CopyReport, GcReport, PruneReport};
 pub use prune::Retention;
-pub use s3::S3Store;
+pub use s3::{S3Config, S3Store};
 pub use sink::{RepoSink, SinkStats};
 pub use store::{Entry, Fs, LocalStore, RealFs, Store};
 
@@ -109,15 +109,15 @@ pub struct Repo {
 pub struct Location {
     /// The path or URL.
     pub url: String,
-    /// Allow a plain-HTTP S3 endpoint that is not on this machine.
-    pub s3_allow_http: bool,
+    /// How to reach the object store, for `s3://`.
+    pub s3: S3Config,
 }
 
 impl Location {
     /// The store it names.
     pub fn store(&self) -> Result<Arc<dyn Store>, RepoError> {
         if self.url.starts_with("s3://") {
-            return Ok(Arc::new(S3Store::open(&self.url, self.s3_allow_http)?));
+            return Ok(Arc::new(S3Store::open(&self.url, &self.s3)?));
         }
         if self.url.contains("://") {
             return Err(RepoError::Invalid(format!("{}: repositories are a local path or s3://", self.url)));

@@ -132,8 +132,9 @@ impl Repo {
         for dir in self.store.list("chunks")? {
             for e in self.store.list(&format!("chunks/{}", dir.name))? {
                 let name = format!("chunks/{}/{}", dir.name, e.name);
-                let used = parse_hex(&e.name).is_some_and(|id| marked.contains(&id));
-                if used {
+                // Only chunk names are swept: anything else there is not gc's to judge.
+                let Some(id) = parse_hex(&e.name) else { continue };
+                if marked.contains(&id) {
                     continue;
                 }
                 if young(e.modified, grace) {

@@ -13,13 +13,67 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 use crate::RepoError;
 use crate::store::{Entry, Store, check_name};
 
+/// How to reach the object store. Credentials come from the environment or a file, never
+/// from arguments; `Debug` never shows the secret.
+#[derive(Clone, Default)]
+pub struct S3Config {
+    /// `https://host:port` of an S3-compatible server; `None`: AWS.
+    pub endpoint: Option<String>,
+    /// The access key ID.
+    pub access_key: Option<String>,
+    /// The secret access key.
+    pub secret_key: Option<String>,
+    /// The region (`us-east-1` when unset).
+    pub region: Option<String>,
+    /// Allow a plain-HTTP endpoint that is not on this machine.
+    pub allow_http: bool,
+}
+
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Config")
+            .field("endpoint", &self.endpoint)
+            .field("access_key", &self.access_key)
+            .field("secret_key", &self.secret_key.as_ref().map(|_| "<redacted>"))
+            .field("region", &self.region)
+            .field("allow_http", &self.allow_http)
+            .finish()
+    }
+}
+
+impl S3Config {
+    /// From `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT`), `AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY` and `AWS_REGION` (or `AWS_DEFAULT_REGION`).
+    pub fn from_env() -> Self {
+        let var = |names: &[&str]| names.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()));
+        Self {
+            endpoint: var(&["AWS_ENDPOINT_URL", "AWS_ENDPOINT"]),
+            access_key: var(&["AWS_ACCESS_KEY_ID"]),
+            secret_key: var(&["AWS_SECRET_ACCESS_KEY"]),
+            region: var(&["AWS_REGION", "AWS_DEFAULT_REGION"]),
+            allow_http: false,
+        }
+    }
+}
+
 /// A repository under `s3://bucket/prefix`.
 #[derive(Debug)]
 pub struct S3Store {
     url: String,
     prefix: String,
     s3: Arc<AmazonS3>,
-    rt: tokio::runtime::Runtime,
+    /// Always `Some` until dropped.
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for S3Store {
+    fn drop(&mut self) {
+        // Dropped maybe from inside someone else's async code, where a blocking shutdown
+        // would panic; nothing is in flight once the last call returned.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 fn s3_err(what: &str, e: object_store::Error) -> RepoError {
@@ -40,10 +94,9 @@ fn loopback(endpoint: &str) -> bool {
 }
 
 impl S3Store {
-    /// Opens `s3://bucket[/prefix]`. The endpoint is `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT`)
-    /// when set, else AWS; plain `http://` is allowed only to this machine, or with
-    /// `allow_http`, and always warned about.
-    pub fn open(url: &str, allow_http: bool) -> Result<Self, RepoError> {
+    /// Opens `s3://bucket[/prefix]` as `config` says. A plain `http://` endpoint is allowed
+    /// only on this machine, or with `allow_http`, and always warned about.
+    pub fn open(url: &str, config: &S3Config) -> Result<Self, RepoError> {
         let rest = url.strip_prefix("s3://").ok_or_else(|| RepoError::Invalid(format!("{url} is not an s3:// URL")))?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
@@ -53,15 +106,19 @@ impl S3Store {
         if !prefix.is_empty() {
             check_name(&prefix).map_err(|_| RepoError::Invalid(format!("{url}: {prefix:?} is not a usable prefix")))?;
         }
-        let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
-        let endpoint = std::env::var("AWS_ENDPOINT_URL").or_else(|_| std::env::var("AWS_ENDPOINT")).ok();
-        if let Some(ep) = &endpoint {
+        let mut b = AmazonS3Builder::new()
+            .with_bucket_name(bucket)
+            .with_region(config.region.clone().unwrap_or_else(|| "us-east-1".into()));
+        if let (Some(k), Some(s)) = (&config.access_key, &config.secret_key) {
+            b = b.with_access_key_id(k.clone()).with_secret_access_key(s.clone());
+        }
+        if let Some(ep) = &config.endpoint {
             if ep.contains('@') {
                 return Err(RepoError::Invalid("the S3 endpoint URL must not carry credentials".into()));
             }
             b = b.with_endpoint(ep.clone());
             if ep.starts_with("http://") {
-                if !allow_http && !loopback(ep) {
+                if !config.allow_http && !loopback(ep) {
                     return Err(RepoError::Invalid(format!(
                         "the S3 endpoint {ep} is plain HTTP: the backup data would cross the network unencrypted \
                          (use https://, or opt in explicitly)"
@@ -71,9 +128,6 @@ impl S3Store {
                 b = b.with_allow_http(true);
             }
         }
-        if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err() {
-            b = b.with_region("us-east-1");
-        }
         let s3 = b.build().map_err(|e| s3_err(url, e))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -81,7 +135,7 @@ impl S3Store {
             .enable_all()
             .build()
             .map_err(|e| RepoError::Invalid(format!("cannot start the S3 runtime: {e}")))?;
-        Ok(Self { url: url.trim_end_matches('/').to_owned(), prefix, s3: Arc::new(s3), rt })
+        Ok(Self { url: url.trim_end_matches('/').to_owned(), prefix, s3: Arc::new(s3), rt: Some(rt) })
     }
 
     fn key(&self, name: &str) -> Result<ObjPath, RepoError> {
@@ -95,16 +149,16 @@ impl S3Store {
         &self,
         f: impl Future<Output = Result<T, object_store::Error>> + Send + 'static,
     ) -> Result<T, object_store::Error> {
+        let stopped = || object_store::Error::NotImplemented {
+            operation: "an S3 call after the store was dropped".into(),
+            implementer: "repo".into(),
+        };
+        let rt = self.rt.as_ref().ok_or_else(stopped)?;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.rt.spawn(async move {
+        rt.spawn(async move {
             let _ = tx.send(f.await);
         });
-        rx.recv().unwrap_or_else(|_| {
-            Err(object_store::Error::NotImplemented {
-                operation: "S3 call (runtime stopped)".into(),
-                implementer: "repo".into(),
-            })
-        })
+        rx.recv().unwrap_or_else(|_| Err(stopped()))
     }
 }
 
@@ -144,12 +198,16 @@ impl Store for S3Store {
 
     fn list(&self, dir: &str) -> Result<Vec<Entry>, RepoError> {
         let (s3, key) = (self.s3.clone(), self.key(dir)?);
-        let listed = self.run(async move { s3.list_with_delimiter(Some(&key)).await }).map_err(|e| s3_err(dir, e))?;
+        let prefix = key.clone();
+        let listed =
+            self.run(async move { s3.list_with_delimiter(Some(&prefix)).await }).map_err(|e| s3_err(dir, e))?;
+        // Some servers (SeaweedFS) list a folder's own marker object inside it: not an entry.
         let mut out: Vec<Entry> = listed
             .common_prefixes
             .iter()
+            .filter(|p| **p != key)
             .filter_map(|p| p.filename().map(|n| Entry { name: n.to_owned(), modified: None }))
-            .chain(listed.objects.iter().filter_map(|o| {
+            .chain(listed.objects.iter().filter(|o| o.location != key).filter_map(|o| {
                 o.location.filename().map(|n| Entry { name: n.to_owned(), modified: Some(o.last_modified.into()) })
             }))
             .collect();
@@ -186,8 +244,15 @@ mod tests {
 
     #[test]
     fn urls_are_checked() {
-        assert!(S3Store::open("file:///x", false).is_err());
-        assert!(S3Store::open("s3:///x", false).is_err());
-        assert!(S3Store::open("s3://b/../x", false).is_err());
+        let c = S3Config::default();
+        assert!(S3Store::open("file:///x", &c).is_err());
+        assert!(S3Store::open("s3:///x", &c).is_err());
+        assert!(S3Store::open("s3://b/../x", &c).is_err());
+        let far = S3Config { endpoint: Some("http://10.1.2.3:8333".into()), ..Default::default() };
+        let e = S3Store::open("s3://b/p", &far).unwrap_err().to_string();
+        assert!(e.contains("plain HTTP"), "{e}");
+        assert!(S3Store::open("s3://b/p", &S3Config { allow_http: true, ..far }).is_ok());
+        let secret = S3Config { secret_key: Some("hunter2".into()), ..Default::default() };
+        assert!(!format!("{secret:?}").contains("hunter2"));
     }
 }

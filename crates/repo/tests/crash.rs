@@ -7,29 +7,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use pipeline::BlockSink;
+mod common;
+
 use repo::crashfs::CrashFs;
-use repo::{Consistency, DiskSpec, Fs, LocalStore, Manifest, Repo, RepoError, Retention, SourceInfo, Store};
+use repo::{Fs, LocalStore, Manifest, Repo, RepoError, Retention, Store};
 
 const CHUNK: u32 = 64 << 10;
 
 fn image(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = vec![0u8; len];
-    for (i, c) in v.chunks_mut(CHUNK as usize).enumerate() {
-        // Every third chunk is a hole; the rest are pseudo-random.
-        if i % 3 == 1 {
-            continue;
-        }
-        for b in c {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x.to_le_bytes()[0];
-        }
-    }
-    v
+    common::image(len, CHUNK as usize, seed)
 }
 
 fn store(fs: &Arc<CrashFs>) -> Arc<dyn Store> {
@@ -37,22 +23,7 @@ fn store(fs: &Arc<CrashFs>) -> Arc<dyn Store> {
 }
 
 async fn backup(repo: &Repo, parent: Option<&str>, data: &[u8]) -> Result<Manifest, String> {
-    let len = data.len() as u64;
-    let b = repo
-        .begin(parent, vec![DiskSpec { name: "d".into(), capacity: len, change_id: None }])
-        .map_err(|e| e.to_string())?;
-    let sink = b.sink(0).unwrap();
-    for (i, c) in data.chunks(CHUNK as usize).enumerate() {
-        let at = i as u64 * u64::from(CHUNK);
-        let r = if c.iter().all(|&b| b == 0) {
-            sink.write_zeroes(at, c.len() as u64).await
-        } else {
-            sink.write_at(at, Bytes::copy_from_slice(c)).await
-        };
-        r.map_err(|e| e.to_string())?;
-    }
-    sink.commit().await.map_err(|e| e.to_string())?;
-    b.finish(SourceInfo { name: "vm".into(), instance_uuid: None }, Consistency::Crash).map_err(|e| e.to_string())
+    common::backup_bytes(repo, parent, data).await
 }
 
 /// The whole sequence under test; stops at the first error (the power cut). `made` gets each

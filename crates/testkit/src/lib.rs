@@ -3,6 +3,7 @@
 //! only.
 
 pub mod pki;
+pub mod s3;
 pub mod servers;
 pub mod vcsim;
 
