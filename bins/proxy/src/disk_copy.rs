@@ -13,12 +13,10 @@ use nbd_wire::Uri;
 use pipeline::limit::{RateLimiter, ReleaseCpuTime};
 use pipeline::progress::Progress;
 use pipeline::replicate::{SyncJob, sync};
-use pipeline::source::{FileSource, NbdSource, VmdkSource};
 use pipeline::state::{StateStore, SyncKey};
-use pipeline::{BlockError, BlockSink, BlockSource, CopyOptions, Engine};
-use replica::{FileSink, FileSinkOptions, NbdSink, NullSink};
+use pipeline::{BlockError, CopyOptions, Engine};
 
-use crate::size;
+use crate::{endpoints, size};
 
 /// Options of `proxy disk-copy`.
 #[derive(Debug, clap::Args)]
@@ -99,29 +97,6 @@ pub(crate) fn run(args: &Args) -> ExitCode {
     }
 }
 
-fn is_vmdk(path: &Path) -> bool {
-    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("vmdk")) {
-        return true;
-    }
-    let mut head = [0u8; 32];
-    std::fs::File::open(path)
-        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
-        .is_ok_and(|n| head[..n].starts_with(b"KDMV") || head[..n].starts_with(b"# Disk DescriptorFile"))
-}
-
-async fn open_source(args: &Args) -> Result<Arc<dyn BlockSource>> {
-    if Uri::is_uri(&args.src) {
-        let src = NbdSource::connect(&args.src, args.connections, None).await?;
-        return Ok(Arc::new(src.with_wire_request(args.nbd_request_size)));
-    }
-    let path = Path::new(&args.src);
-    if is_vmdk(path) {
-        let policy = if args.any_path { vmdk::PathPolicy::Anywhere } else { vmdk::PathPolicy::SameDirectory };
-        return Ok(Arc::new(VmdkSource::open(path, policy)?));
-    }
-    Ok(Arc::new(FileSource::open(path)?))
-}
-
 fn state_dir(args: &Args) -> Result<PathBuf> {
     if let Some(d) = &args.state_dir {
         return Ok(d.clone());
@@ -138,37 +113,38 @@ fn state_dir(args: &Args) -> Result<PathBuf> {
     Ok(base.join("syncproxy/disk-copy"))
 }
 
-fn canonical(s: &str) -> String {
-    if Uri::is_uri(s) {
-        s.to_owned()
-    } else {
-        std::fs::canonicalize(s).map_or_else(|_| s.to_owned(), |p| p.display().to_string())
-    }
-}
-
 async fn copy(args: &Args) -> Result<ExitCode> {
     let granularity = NonZeroU64::new(args.granularity).context("--granularity must not be 0")?;
     if args.requests == 0 {
         bail!("--requests must be at least 1");
     }
-    let source = open_source(args).await?;
+    let source = endpoints::open_source(
+        &args.src,
+        &endpoints::SourceOptions {
+            connections: args.connections,
+            nbd_request_size: args.nbd_request_size,
+            any_path: args.any_path,
+        },
+    )
+    .await?;
     let size = source.size();
-    let sink: Arc<dyn BlockSink> = if args.dst == "null:" {
-        Arc::new(NullSink::new(size, granularity))
-    } else if Uri::is_uri(&args.dst) {
-        Arc::new(NbdSink::connect(&args.dst, args.connections, granularity, args.target_is_zero).await?)
-    } else {
-        Arc::new(FileSink::open(&args.dst, size, FileSinkOptions { granularity, direct: args.direct })?)
-    };
-    if sink.size() < size {
-        bail!("{} holds {} bytes; {} needs {size}", sink.describe(), sink.size(), source.describe());
-    }
+    let sink = endpoints::open_sink(
+        &args.dst,
+        size,
+        granularity,
+        &endpoints::SinkOptions {
+            connections: args.connections,
+            target_is_zero: args.target_is_zero,
+            direct: args.direct,
+        },
+    )
+    .await?;
     let store = StateStore::open(state_dir(args)?)?;
     let key = SyncKey {
         vcenter: "local".into(),
         vm: String::new(),
-        disk: canonical(&args.src),
-        destination: canonical(&args.dst),
+        disk: endpoints::canonical(&args.src),
+        destination: endpoints::canonical(&args.dst),
     };
     let current = cbt::CurrentDisk {
         change_id: None,

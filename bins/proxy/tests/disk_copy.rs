@@ -1,6 +1,5 @@
 //! `proxy disk-copy` as a user runs it: file, VMDK and NBD sources and destinations, compared
 //! with `cmp`; a copy killed with SIGKILL past half-way that resumes; clear errors.
-#![expect(clippy::cast_possible_truncation, reason = "test sizes are small and the tests run on 64-bit machines")]
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -17,23 +16,8 @@ fn proxy() -> Command {
     Command::new(env!("CARGO_BIN_EXE_proxy"))
 }
 
-/// A sparse image: data in scattered 1 MiB extents (every other one of a shuffled order).
 fn image(path: &Path, size: u64, seed: u64) -> u64 {
-    let f = File::create(path).unwrap();
-    f.set_len(size).unwrap();
-    let mut x = seed | 1;
-    let mut data = 0;
-    for i in 0..size / MIB {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        if x.is_multiple_of(2) {
-            let block: Vec<u8> = (0..MIB).map(|j| (j as u8) ^ (i as u8) ^ (x as u8) | 1).collect();
-            f.write_all_at(&block, i * MIB).unwrap();
-            data += MIB;
-        }
-    }
-    data
+    testkit::sparse_image(path, size, seed)
 }
 
 fn summary(out: &std::process::Output) -> serde_json::Value {

@@ -266,11 +266,54 @@ pub(crate) fn read_chunks(
     Ok(out)
 }
 
-/// Random reads of a restore point's disk.
+/// Random reads of a restore point's disk; also a pipeline source, for restores to any sink.
 #[derive(Debug, Clone)]
 pub struct PointReader {
     store: Arc<dyn Store>,
     index: Index,
+    name: String,
+}
+
+impl pipeline::BlockSource for PointReader {
+    fn size(&self) -> u64 {
+        self.index.capacity
+    }
+
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+
+    /// A restore point never changes: its name is its identity.
+    fn identity(&self) -> String {
+        self.name.clone()
+    }
+
+    /// Zero chunks are known zeros; every other chunk is data.
+    fn allocation(&self) -> pipeline::IoFuture<'_, Option<pipeline::SourceAllocation>> {
+        let chunk = u64::from(self.index.chunk_size);
+        let cap = self.index.capacity;
+        let data = cbt::ExtentSet::from_ranges(
+            self.index
+                .ids
+                .iter()
+                .enumerate()
+                .filter(|(_, id)| **id != ZERO)
+                .map(|(n, _)| (n as u64 * chunk, chunk.min(cap - n as u64 * chunk))),
+        );
+        let zero = data.complement(cap);
+        Box::pin(async move { Ok(Some(pipeline::SourceAllocation { data, zero })) })
+    }
+
+    fn read_at(&self, offset: u64, mut buf: bytes::BytesMut) -> pipeline::IoFuture<'_, bytes::BytesMut> {
+        let me = self.clone();
+        Box::pin(pipeline::blocking(move || {
+            let data = me
+                .read(offset, buf.len() as u64)
+                .map_err(|e| pipeline::BlockError::Invalid(format!("{}: {e}", me.name)))?;
+            buf.copy_from_slice(&data);
+            Ok(buf)
+        }))
+    }
 }
 
 impl PointReader {
@@ -457,7 +500,8 @@ impl Repo {
     pub fn reader(&self, id: &str, disk: usize) -> Result<PointReader, RepoError> {
         let m = self.point(id)?;
         let index = self.index(&m, disk)?;
-        Ok(PointReader { store: self.store.clone(), index })
+        let name = format!("{}:{id}/{disk}", self.store.describe());
+        Ok(PointReader { store: self.store.clone(), index, name })
     }
 
     /// Reads one chunk (checked against its ID).

@@ -40,6 +40,28 @@ pub fn skip(test: &str, why: &str) {
     }
 }
 
+/// Writes a sparse image of `size` bytes at `path`: pseudo-random data (from `seed`) in about
+/// half of its MiBs, chosen pseudo-randomly, holes in the rest. Returns the bytes of data.
+pub fn sparse_image(path: &Path, size: u64, seed: u64) -> u64 {
+    const MIB: u64 = 1 << 20;
+    let f = File::create(path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+    f.set_len(size).expect("sizing the image");
+    let mut x = seed | 1;
+    let mut data = 0;
+    for i in 0..size / MIB {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        if x.is_multiple_of(2) {
+            let tag = (i ^ x).to_le_bytes()[0];
+            let block: Vec<u8> = (0..MIB).map(|j| j.to_le_bytes()[0] ^ tag | 1).collect();
+            f.write_all_at(&block, i * MIB).expect("writing the image");
+            data += MIB;
+        }
+    }
+    data
+}
+
 /// Runs a command, panicking with its output when it fails.
 pub fn run(cmd: &mut std::process::Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("could not run {cmd:?}: {e}"));

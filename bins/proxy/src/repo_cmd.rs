@@ -1,0 +1,547 @@
+//! `proxy repo ...`: the one command tree for repository work, over a local path or an
+//! `s3://bucket/prefix` URL (credentials from the `AWS_*` environment variables, never from
+//! arguments): init, backup of an image, VMDK or NBD export, list, restore, verify, prune, gc
+//! and copy.
+
+use std::io::BufWriter;
+use std::num::NonZeroU64;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use cbt::ExtentSet;
+use nbd_wire::Uri;
+use pipeline::progress::Progress;
+use pipeline::state::Digests;
+use pipeline::{BlockSink, BlockSource, CopyOptions, DiskCopy, Engine, copy_disk};
+use repo::{Consistency, DiskSpec, Location, Repo, Retention, S3Config, SourceInfo};
+
+use crate::endpoints;
+use crate::size;
+
+/// Where a repository is.
+#[derive(Debug, clap::Args)]
+pub(crate) struct RepoArg {
+    /// The repository: a directory, or `s3://bucket/prefix` (endpoint and keys from
+    /// `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`).
+    repo: String,
+    /// Allow a plain-HTTP S3 endpoint that is not on this machine (the data would cross the
+    /// network unencrypted).
+    #[arg(long)]
+    s3_allow_http: bool,
+}
+
+impl RepoArg {
+    fn location(&self) -> Location {
+        Location { url: self.repo.clone(), s3: S3Config { allow_http: self.s3_allow_http, ..S3Config::from_env() } }
+    }
+
+    fn open(&self) -> Result<Repo> {
+        Ok(Repo::open_at(&self.location())?)
+    }
+}
+
+/// Repository commands.
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum RepoCommand {
+    /// Make a new, empty repository.
+    Init {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// The chunk size: a power of two from 64K to 64M.
+        #[arg(long, default_value = "4M", value_parser = size::parse)]
+        chunk_size: u64,
+    },
+    /// Back up a disk image, VMDK (with its chain) or NBD export as a new restore point.
+    Backup(BackupArgs),
+    /// List the restore points.
+    List {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a disk of a restore point to a raw file (sparse), a block device, an NBD
+    /// export, or a streamOptimized VMDK (when DST ends in `.vmdk`).
+    Restore {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// The restore point's ID, or `latest`.
+        point: String,
+        /// Where to.
+        dst: String,
+        /// Which disk of the restore point.
+        #[arg(long, default_value_t = 0)]
+        disk: usize,
+    },
+    /// Re-read and re-hash every chunk; name the restore points that are damaged.
+    Verify {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the restore points a retention policy does not keep (per source).
+    Prune {
+        #[command(flatten)]
+        repo: RepoArg,
+        #[command(flatten)]
+        keep: KeepArgs,
+        /// Only say what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove chunks no restore point needs (waits for no backup; refuses while one runs).
+    Gc {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Unused chunks younger than this stay (`1h`, `30m`, `0s`).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        grace: Duration,
+        /// Only say what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy restore points to another repository (an S3 copy for 3-2-1); resumable.
+    Copy {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// The destination repository (made if it does not exist, with the source's chunk size).
+        dst: String,
+        /// Only these restore points (repeatable); all by default.
+        #[arg(long)]
+        point: Vec<String>,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A retention policy.
+#[derive(Debug, clap::Args)]
+pub(crate) struct KeepArgs {
+    /// The newest N.
+    #[arg(long, default_value_t = 0)]
+    keep_last: u32,
+    /// The newest in each of the last N hours.
+    #[arg(long, default_value_t = 0)]
+    keep_hourly: u32,
+    /// ... days.
+    #[arg(long, default_value_t = 0)]
+    keep_daily: u32,
+    /// ... weeks.
+    #[arg(long, default_value_t = 0)]
+    keep_weekly: u32,
+    /// ... months.
+    #[arg(long, default_value_t = 0)]
+    keep_monthly: u32,
+    /// ... years.
+    #[arg(long, default_value_t = 0)]
+    keep_yearly: u32,
+}
+
+/// Options of `proxy repo backup`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct BackupArgs {
+    #[command(flatten)]
+    repo: RepoArg,
+    /// A raw image or block device, a VMDK, or an NBD URI.
+    src: String,
+    /// The source's name in the repository (default: the path or URI).
+    #[arg(long)]
+    name: Option<String>,
+    /// The restore point to start from: an ID, `latest` (the newest of the same name and
+    /// size; the default) or `none` (a full backup).
+    #[arg(long, default_value = "latest")]
+    parent: String,
+    /// A file of changed areas, one `OFFSET LENGTH` pair in bytes per line (`#` comments):
+    /// only those are read, everything else comes from the parent. Without it everything
+    /// allocated is read and only chunks that differ are stored.
+    #[arg(long)]
+    changed: Option<PathBuf>,
+    /// Record the restore point as application-consistent (the guest was quiesced).
+    #[arg(long)]
+    application_consistent: bool,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 8)]
+    requests: usize,
+    /// Cap on the memory used for buffers.
+    #[arg(long, default_value = "256M", value_parser = size::parse)]
+    memory: u64,
+    /// NBD connections, used only when the server offers multi-conn.
+    #[arg(long, default_value_t = 2)]
+    connections: usize,
+    /// Open VMDK parents anywhere, not only beside the child (trusted local chains).
+    #[arg(long)]
+    any_path: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn run(cmd: RepoCommand) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("proxy repo: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cmd)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("proxy repo: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cmd: RepoCommand) -> Result<ExitCode> {
+    match cmd {
+        RepoCommand::Init { repo, chunk_size } => {
+            let chunk = u32::try_from(chunk_size).context("--chunk-size is too large")?;
+            let r = Repo::init_at(&repo.location(), chunk)?;
+            println!("initialised repository {} at {} (chunks of {chunk} bytes)", r.config().id, repo.repo);
+            Ok(ExitCode::SUCCESS)
+        }
+        RepoCommand::Backup(args) => backup(&args).await,
+        RepoCommand::List { repo, json } => list(&repo.open()?, json),
+        RepoCommand::Restore { repo, point, dst, disk } => restore(&repo.open()?, &point, &dst, disk).await,
+        RepoCommand::Verify { repo, json } => verify(&repo.open()?, json),
+        RepoCommand::Prune { repo, keep, dry_run, json } => prune(&repo.open()?, &keep, dry_run, json),
+        RepoCommand::Gc { repo, grace, dry_run, json } => {
+            let r = repo.open()?.gc(grace, dry_run)?;
+            let verb = if dry_run { "would remove" } else { "removed" };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"dry_run": dry_run, "chunks_in_use": r.chunks_in_use,
+                    "chunks_removed": r.chunks_removed, "chunks_in_grace": r.chunks_in_grace,
+                    "indexes_removed": r.indexes_removed, "registrations_removed": r.registrations_removed})
+                );
+            } else {
+                println!(
+                    "{} chunks in use; {verb} {} unused chunks, {} index folders and {} abandoned backup \
+                     registrations; {} unused chunks are within the grace period",
+                    r.chunks_in_use, r.chunks_removed, r.indexes_removed, r.registrations_removed, r.chunks_in_grace
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RepoCommand::Copy { repo, dst, point, json } => {
+            let src = repo.open()?;
+            let dst_loc = Location { url: dst.clone(), s3: repo.location().s3 };
+            let dest = match Repo::open_at(&dst_loc) {
+                Ok(r) => r,
+                Err(repo::RepoError::NotFound(_)) => Repo::init_at(&dst_loc, src.config().chunk_size)?,
+                Err(e) => return Err(e.into()),
+            };
+            let only = (!point.is_empty()).then_some(point.as_slice());
+            let r = src.copy_to(&dest, only)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"points_copied": r.points_copied, "points_present": r.points_present,
+                    "chunks_copied": r.chunks_copied, "chunks_present": r.chunks_present, "bytes_copied": r.bytes_copied})
+                );
+            } else {
+                println!(
+                    "copied {} restore points to {dst} ({} chunks, {} bytes; {} chunks and {} restore points were \
+                     already there)",
+                    r.points_copied.len(),
+                    r.chunks_copied,
+                    r.bytes_copied,
+                    r.chunks_present,
+                    r.points_present
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Reads a changed-areas file: `OFFSET LENGTH` per line, in bytes; blank lines and `#`
+/// comments ignored. Every area must lie within `size`.
+pub(crate) fn parse_changed(text: &str, what: &str, size: u64) -> Result<ExtentSet> {
+    let mut set = ExtentSet::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let mut parts = line.split_whitespace();
+        let (Some(o), Some(l), None) = (parts.next(), parts.next(), parts.next()) else {
+            bail!("{what} line {}: expected `OFFSET LENGTH`, found {line:?}", n + 1);
+        };
+        let (off, len): (u64, u64) = match (o.parse(), l.parse()) {
+            (Ok(off), Ok(len)) => (off, len),
+            _ => bail!("{what} line {}: {line:?} is not two byte counts", n + 1),
+        };
+        if off.checked_add(len).is_none_or(|end| end > size) {
+            bail!("{what} line {}: [{off}, +{len}) lies outside the disk of {size} bytes", n + 1);
+        }
+        if let Some(e) = cbt::Extent::new(off, len) {
+            set.insert(e);
+        }
+    }
+    Ok(set)
+}
+
+async fn backup(args: &BackupArgs) -> Result<ExitCode> {
+    if args.requests == 0 {
+        bail!("--requests must be at least 1");
+    }
+    let repo = args.repo.open()?;
+    let opts = endpoints::SourceOptions {
+        connections: args.connections,
+        nbd_request_size: 256 << 10,
+        any_path: args.any_path,
+    };
+    let source = endpoints::open_source(&args.src, &opts).await?;
+    let size = source.size();
+    let name = args.name.clone().unwrap_or_else(|| endpoints::canonical(&args.src));
+    let parent = match args.parent.as_str() {
+        "none" => None,
+        "latest" => repo
+            .points()?
+            .into_iter()
+            .rev()
+            .find(|p| p.source.name == name && p.disks.first().is_some_and(|d| d.capacity == size))
+            .map(|p| p.id),
+        id => Some(repo.point(id)?.id),
+    };
+    let changed = match &args.changed {
+        Some(path) => {
+            if parent.is_none() {
+                bail!("--changed needs a parent restore point to take the unchanged areas from");
+            }
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            Some(parse_changed(&text, &path.display().to_string(), size)?)
+        }
+        None => None,
+    };
+    let disk_name = Path::new(&name).file_name().map_or_else(|| name.clone(), |n| n.to_string_lossy().into_owned());
+    let b = repo.begin(parent.as_deref(), vec![DiskSpec { name: disk_name, capacity: size, change_id: None }])?;
+    let repo_sink = b.sink(0).context("the backup has no sink")?;
+    let sink: Arc<dyn BlockSink> = repo_sink.clone();
+    let g = sink.granularity();
+    let (read, zero) = match changed {
+        Some(c) => (c.align_outward(g, size), ExtentSet::new()),
+        None => {
+            let data = match source.allocation().await? {
+                Some(a) => a.data.align_outward(g, size),
+                None => ExtentSet::full(size),
+            };
+            let zero = data.complement(size);
+            (data, zero)
+        }
+    };
+    let job = DiskCopy {
+        read: read.clone(),
+        zero,
+        digests: Digests::zeros(g.get(), size),
+        done: ExtentSet::new(),
+        checkpoint: None,
+        source,
+        sink: sink.clone(),
+    };
+    let engine = Engine::new(args.memory);
+    let options = CopyOptions { in_flight: args.requests, ..CopyOptions::default() };
+    let report = copy_disk(job, &engine, &options, Arc::new(Progress::default())).await?;
+    sink.commit().await?;
+    let stats = repo_sink.stats();
+    let consistency = if args.application_consistent { Consistency::Application } else { Consistency::Crash };
+    let m = b.finish(SourceInfo { name, instance_uuid: None }, consistency)?;
+    let secs = report.elapsed.as_secs_f64();
+    let rate = if secs > 0.0 { report.read as f64 / secs / 1e6 } else { 0.0 };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"point": m.id, "parent": m.parent, "read": report.read, "planned": read.total_bytes(),
+            "stored_chunks": stats.stored_chunks, "stored_bytes": stats.stored_bytes,
+            "deduplicated_chunks": stats.deduplicated, "seconds": secs, "mb_per_s": rate})
+        );
+    } else {
+        println!(
+            "restore point {} ({}): read {} bytes, stored {} new chunks ({} bytes), {} already stored, {secs:.2} s, \
+             {rate:.1} MB/s",
+            m.id,
+            m.parent.as_deref().map_or_else(|| "full".to_owned(), |p| format!("incremental from {p}")),
+            report.read,
+            stats.stored_chunks,
+            stats.stored_bytes,
+            stats.deduplicated
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn list(repo: &Repo, json: bool) -> Result<ExitCode> {
+    let points = repo.points()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&points)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for p in &points {
+        let size: u64 = p.disks.iter().map(|d| d.capacity).sum();
+        let stored: u64 = p.disks.iter().map(|d| d.stored_bytes).sum();
+        println!(
+            "{}  {}  {:<11}  {} disk(s), {size} bytes, {stored} bytes new  {}",
+            p.id,
+            p.time,
+            format!("{:?}", p.consistency).to_lowercase(),
+            p.disks.len(),
+            p.source.name
+        );
+    }
+    if points.is_empty() {
+        println!("no restore points");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A restore point as `vmdk`'s reader, for writing a streamOptimized VMDK.
+#[derive(Debug)]
+struct AsReadAt(repo::PointReader);
+
+impl vmdk::ReadAt for AsReadAt {
+    fn len(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let data = self.0.read(offset, buf.len() as u64).map_err(std::io::Error::other)?;
+        buf.copy_from_slice(&data);
+        Ok(())
+    }
+}
+
+async fn restore(repo: &Repo, point: &str, dst: &str, disk: usize) -> Result<ExitCode> {
+    let id = if point == "latest" {
+        repo.points()?.pop().context("the repository has no restore points")?.id
+    } else {
+        point.to_owned()
+    };
+    let _lock = repo.lock(repo::LockKind::Shared, &format!("restore of {id}"))?;
+    let reader = repo.reader(&id, disk)?;
+    let size = reader.size();
+    if !Uri::is_uri(dst) && dst.to_ascii_lowercase().ends_with(".vmdk") {
+        let alloc = reader.allocation().await?.map(|a| a.data);
+        let out = Path::new(dst);
+        let extent = out.file_name().map_or_else(|| "disk.vmdk".into(), |n| n.to_string_lossy().into_owned());
+        let stats = tokio::task::spawn_blocking({
+            let out = out.to_path_buf();
+            move || -> Result<vmdk::StreamStats> {
+                let f = std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?;
+                let mut w = BufWriter::new(f);
+                let stats = vmdk::write_stream_optimized(&mut w, &AsReadAt(reader), size, alloc.as_ref(), &extent)?;
+                let f = w.into_inner().map_err(|e| e.into_error())?;
+                f.sync_all()?;
+                Ok(stats)
+            }
+        })
+        .await??;
+        println!("restored {id} disk {disk} to {dst} (streamOptimized VMDK, {} bytes)", stats.file_bytes);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let granularity = NonZeroU64::new(1 << 20).context("granularity")?;
+    let sink = endpoints::open_sink(dst, size, granularity, &endpoints::SinkOptions::default()).await?;
+    let source: Arc<dyn BlockSource> = Arc::new(reader);
+    let alloc = source.allocation().await?.unwrap_or_default();
+    let job = DiskCopy {
+        read: alloc.data.align_outward(granularity, size),
+        zero: alloc.zero.difference(&alloc.data.align_outward(granularity, size)),
+        digests: Digests::zeros(granularity.get(), size),
+        done: ExtentSet::new(),
+        checkpoint: None,
+        source,
+        sink: sink.clone(),
+    };
+    let report =
+        copy_disk(job, &Engine::new(256 << 20), &CopyOptions::default(), Arc::new(Progress::default())).await?;
+    sink.commit().await?;
+    println!("restored {id} disk {disk} to {dst}: {} bytes of data, {} bytes of zeros", report.written, report.zero);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify(repo: &Repo, json: bool) -> Result<ExitCode> {
+    let r = repo.verify()?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"chunks_checked": r.chunks_checked,
+            "bad_chunks": r.bad_chunks.iter().map(|(n, why)| serde_json::json!({"file": n, "error": why})).collect::<Vec<_>>(),
+            "damaged_points": r.damaged_points})
+        );
+    } else {
+        for (file, why) in &r.bad_chunks {
+            println!("damaged: {file}: {why}");
+        }
+        for (point, disks) in &r.damaged_points {
+            println!("restore point {point} cannot be restored whole (disks: {})", disks.join(", "));
+        }
+        println!(
+            "{} chunks checked; {} damaged files; {} damaged restore points",
+            r.chunks_checked,
+            r.bad_chunks.len(),
+            r.damaged_points.len()
+        );
+    }
+    Ok(if r.damaged_points.is_empty() && r.bad_chunks.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(2) })
+}
+
+fn prune(repo: &Repo, keep: &KeepArgs, dry_run: bool, json: bool) -> Result<ExitCode> {
+    let policy = Retention {
+        last: keep.keep_last,
+        hourly: keep.keep_hourly,
+        daily: keep.keep_daily,
+        weekly: keep.keep_weekly,
+        monthly: keep.keep_monthly,
+        yearly: keep.keep_yearly,
+    };
+    let r = repo.prune(&policy, dry_run)?;
+    if json {
+        let d: Vec<_> = r
+            .decisions
+            .iter()
+            .map(|d| serde_json::json!({"point": d.id, "source": d.source, "keep": !d.reasons.is_empty(), "reasons": d.reasons}))
+            .collect();
+        println!("{}", serde_json::json!({"dry_run": dry_run, "decisions": d, "removed": r.removed}));
+    } else {
+        for d in &r.decisions {
+            if d.reasons.is_empty() {
+                println!("{} {}  {}", if dry_run { "would remove" } else { "removed" }, d.id, d.source);
+            } else {
+                println!("keep {}  {}  ({})", d.id, d.source, d.reasons.join(", "));
+            }
+        }
+        println!("run `proxy repo gc` to free the chunks only removed restore points used");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changed_area_files_are_checked_line_by_line() {
+        let set = parse_changed("# areas\n0 4096\n\n8192 10 # tail\n", "f", 1 << 20).unwrap();
+        assert_eq!(set, ExtentSet::from_ranges([(0, 4096), (8192, 10)]));
+        for (bad, what) in [("1 2 3", "line 1"), ("x 1", "byte counts"), ("0 2000000", "outside"), ("5", "OFFSET")] {
+            let e = parse_changed(bad, "f", 1 << 20).unwrap_err().to_string();
+            assert!(e.contains(what), "{bad}: {e}");
+        }
+        let e = parse_changed(&format!("{} 2", u64::MAX), "f", 1 << 20).unwrap_err().to_string();
+        assert!(e.contains("outside"), "{e}");
+    }
+}
