@@ -14,8 +14,8 @@ const MIB: u64 = 1 << 20;
 
 /// One timed run of a shell command: wall, user+sys CPU of it and its children, peak RSS.
 #[derive(Debug, Clone, Copy, Default)]
-struct Sample {
-    wall: f64,
+pub(crate) struct Sample {
+    pub(crate) wall: f64,
     cpu: f64,
     rss_mib: f64,
     server_cpu: f64,
@@ -23,7 +23,7 @@ struct Sample {
 
 /// Runs `script` under `sh -c` inside a Python wrapper that reports the children's resource
 /// use (std has no wait4 with rusage, and `unsafe` stays out of xtask).
-fn measure(script: &str, server: Option<u32>) -> Result<Sample> {
+pub(crate) fn measure(script: &str, server: Option<u32>) -> Result<Sample> {
     const WRAP: &str = "import resource,subprocess,sys,time\n\
 t=time.monotonic()\n\
 r=subprocess.run(['sh','-c',sys.argv[1]],stdout=subprocess.DEVNULL)\n\
@@ -54,20 +54,27 @@ fn server_cpu(pid: u32) -> Result<f64> {
     Ok(ticks / 100.0)
 }
 
-/// A deterministic sparse image: `data_mib` random 1 MiB extents at random 1 MiB slots.
-fn make_image(path: &Path, size: u64, data_mib: u64, seed: u64) -> Result<()> {
+/// Starts a deterministic image of `size` bytes at `path`: the file (sized, sparse) and a
+/// pseudo-random generator from `seed`; `None` when an image of that size is there already.
+pub(crate) fn new_image(path: &Path, size: u64, seed: u64) -> Result<Option<(File, impl FnMut() -> u64)>> {
     if path.metadata().is_ok_and(|m| m.len() == size) {
-        return Ok(());
+        return Ok(None);
     }
     let f = File::create(path)?;
     f.set_len(size)?;
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut next = move || {
+    let next = move || {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         x
     };
+    Ok(Some((f, next)))
+}
+
+/// A deterministic sparse image: `data_mib` random 1 MiB extents at random 1 MiB slots.
+fn make_image(path: &Path, size: u64, data_mib: u64, seed: u64) -> Result<()> {
+    let Some((f, mut next)) = new_image(path, size, seed)? else { return Ok(()) };
     let slots = size / MIB;
     let mut order: Vec<u64> = (0..slots).collect();
     for i in (1..order.len()).rev() {

@@ -1,6 +1,7 @@
 //! The project's automation entry point: `cargo xtask ci` is what CI and the README run.
 
 mod bench_copy;
+mod bench_repo;
 mod bench_vddk;
 mod bench_vmdk;
 mod boundaries;
@@ -19,7 +20,7 @@ cargo xtask COMMAND
 
   ci                      everything CI checks: format, clippy, tests, tidy, crate boundaries,
                           every fuzz target for a short run, benches built and run once,
-                          `bench copy` once on small images
+                          `bench copy` and `bench repo` once on small images
   tidy                    the repository rules (module docs, no stubs, unsafe only in vddk crates)
   boundaries              the crate-boundary rules ARCHITECTURE.md states
   codegen [--check]       regenerate crates/vddk-sys/src/generated.rs (--check: fail if stale)
@@ -30,6 +31,9 @@ cargo xtask COMMAND
                           4 GiB (50 % data) and 16 GiB (10 %) images, durable, alternating
                           (BENCH_COPY_ROUNDS, default 3; BENCH_COPY_SMALL=1 for a quick run;
                           BENCH_COPY_ONLY=TEXT for the rows whose name contains TEXT)
+  bench repo              proxy repo backup against restic on a generated 2 GiB image: first
+                          backup (throughput, stored size) and an incremental, durable,
+                          alternating (BENCH_REPO_MIB, BENCH_REPO_ROUNDS; BENCH_REPO_SMALL=1)
   bench-vddk              a 4 GiB disk read through the VDDK binding (fake library) against dd
                           (BENCH_VDDK_MIB, default 4096; BENCH_VDDK_ROUNDS, default 3)
   bench-vmdk              VMDK to raw: probe vmdk --to-raw against qemu-img convert, same files
@@ -57,6 +61,7 @@ fn main() -> Result<()> {
         Some("codegen") => codegen::run(&root, args.get(1).is_some_and(|a| a == "--check")),
         Some("fuzz-seeds") => seeds::make(&root),
         Some("bench") if args.get(1).is_some_and(|a| a == "copy") => bench_copy::run(&root),
+        Some("bench") if args.get(1).is_some_and(|a| a == "repo") => bench_repo::run(&root),
         Some("bench") => cargo(
             &["bench", "--locked", "-p", "benches", "--"]
                 .iter()
@@ -107,6 +112,9 @@ fn ci(root: &Path) -> Result<()> {
     // full `cargo xtask bench copy` on a quiet machine.
     step("bench copy (small, one round)", || {
         run(cargo_cmd(&["xtask", "bench", "copy"]).env("BENCH_COPY_SMALL", "1").env("BENCH_COPY_ROUNDS", "1"))
+    })?;
+    step("bench repo (small, one round)", || {
+        run(cargo_cmd(&["xtask", "bench", "repo"]).env("BENCH_REPO_SMALL", "1").env("BENCH_REPO_ROUNDS", "1"))
     })?;
     step("fuzz", || fuzz::run(root, None, fuzz_seconds))?;
     println!("xtask ci: every step passed");

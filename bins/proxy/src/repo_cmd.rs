@@ -16,7 +16,7 @@ use nbd_wire::Uri;
 use pipeline::progress::Progress;
 use pipeline::state::Digests;
 use pipeline::{BlockSink, BlockSource, CopyOptions, DiskCopy, Engine, copy_disk};
-use repo::{Consistency, DiskSpec, Location, Repo, Retention, S3Config, SourceInfo};
+use repo::{Consistency, DiskSpec, Location, Repo, RepoKey, Retention, S3Config, SourceInfo};
 
 use crate::endpoints;
 use crate::size;
@@ -31,15 +31,24 @@ pub(crate) struct RepoArg {
     /// network unencrypted).
     #[arg(long)]
     s3_allow_http: bool,
+    /// The key file of an encrypted repository (64 hex digits; keep a copy away from the
+    /// repository: without it nothing in the repository can be read).
+    #[arg(long)]
+    key_file: Option<PathBuf>,
 }
 
 impl RepoArg {
-    fn location(&self) -> Location {
-        Location { url: self.repo.clone(), s3: S3Config { allow_http: self.s3_allow_http, ..S3Config::from_env() } }
+    fn s3(&self) -> S3Config {
+        S3Config { allow_http: self.s3_allow_http, ..S3Config::from_env() }
+    }
+
+    fn location(&self) -> Result<Location> {
+        let key = self.key_file.as_deref().map(RepoKey::from_file).transpose()?;
+        Ok(Location { url: self.repo.clone(), s3: self.s3(), key })
     }
 
     fn open(&self) -> Result<Repo> {
-        Ok(Repo::open_at(&self.location())?)
+        Ok(Repo::open_at(&self.location()?)?)
     }
 }
 
@@ -53,6 +62,10 @@ pub(crate) enum RepoCommand {
         /// The chunk size: a power of two from 64K to 64M.
         #[arg(long, default_value = "4M", value_parser = size::parse)]
         chunk_size: u64,
+        /// Encrypt it (AES-256-GCM, keyed chunk names) with the key in --key-file, which is
+        /// made (readable by its owner only) when it does not exist.
+        #[arg(long, requires = "key_file")]
+        encrypt: bool,
     },
     /// Back up a disk image, VMDK (with its chain) or NBD export as a new restore point.
     Backup(BackupArgs),
@@ -121,6 +134,10 @@ pub(crate) enum RepoCommand {
         /// Only these restore points (repeatable); all by default.
         #[arg(long)]
         point: Vec<String>,
+        /// The destination's key file, when it is encrypted (chunks are re-encoded when the
+        /// keys differ). A destination made by the copy is encrypted with it.
+        #[arg(long)]
+        dst_key_file: Option<PathBuf>,
         /// As JSON.
         #[arg(long)]
         json: bool,
@@ -208,10 +225,31 @@ pub(crate) fn run(cmd: RepoCommand) -> ExitCode {
 
 async fn dispatch(cmd: RepoCommand) -> Result<ExitCode> {
     match cmd {
-        RepoCommand::Init { repo, chunk_size } => {
+        RepoCommand::Init { repo, chunk_size, encrypt } => {
             let chunk = u32::try_from(chunk_size).context("--chunk-size is too large")?;
-            let r = Repo::init_at(&repo.location(), chunk)?;
-            println!("initialised repository {} at {} (chunks of {chunk} bytes)", r.config().id, repo.repo);
+            let key = match (&repo.key_file, encrypt) {
+                (Some(path), true) if !path.exists() => {
+                    let k = RepoKey::generate()?;
+                    k.write_new(path)?;
+                    eprintln!(
+                        "proxy repo: made the key file {}; keep a copy somewhere safe and apart from the \
+                         repository: without it, nothing in the repository can be restored",
+                        path.display()
+                    );
+                    Some(k)
+                }
+                (Some(path), true) => Some(RepoKey::from_file(path)?),
+                (Some(_), false) => bail!("--key-file at init needs --encrypt"),
+                (None, _) => None,
+            };
+            let loc = Location { url: repo.repo.clone(), s3: repo.s3(), key };
+            let r = Repo::init_at(&loc, chunk)?;
+            println!(
+                "initialised {}repository {} at {} (chunks of {chunk} bytes)",
+                if encrypt { "encrypted " } else { "" },
+                r.config().id,
+                repo.repo
+            );
             Ok(ExitCode::SUCCESS)
         }
         RepoCommand::Backup(args) => backup(&args).await,
@@ -238,9 +276,10 @@ async fn dispatch(cmd: RepoCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        RepoCommand::Copy { repo, dst, point, json } => {
+        RepoCommand::Copy { repo, dst, point, dst_key_file, json } => {
             let src = repo.open()?;
-            let dst_loc = Location { url: dst.clone(), s3: repo.location().s3 };
+            let key = dst_key_file.as_deref().map(RepoKey::from_file).transpose()?;
+            let dst_loc = Location { url: dst.clone(), s3: repo.s3(), key };
             let dest = match Repo::open_at(&dst_loc) {
                 Ok(r) => r,
                 Err(repo::RepoError::NotFound(_)) => Repo::init_at(&dst_loc, src.config().chunk_size)?,

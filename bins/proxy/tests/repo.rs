@@ -184,3 +184,29 @@ fn backups_killed_at_random_moments_never_damage_a_restore_point() {
     eprintln!("{killed} backups killed, {finished} finished; no restore point damaged");
     assert!(killed > 0, "the loop must kill some backups to test anything");
 }
+
+#[test]
+fn an_encrypted_repository_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n).display().to_string();
+    let (img, repo, key) = (d("disk.raw"), d("repo"), d("repo.key"));
+    image(Path::new(&img), 16 * MIB, 3);
+    let init = run(&["repo", "init", &repo, "--encrypt", "--key-file", &key]);
+    assert!(String::from_utf8_lossy(&init.stderr).contains("keep a copy"), "init tells where the key is");
+    ok(&init);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    let key_text = std::fs::read_to_string(&key).unwrap();
+    ok(&run(&["repo", "backup", &repo, &img, "--key-file", &key]));
+    let e = run(&["repo", "list", &repo]);
+    assert!(!e.status.success());
+    let msg = String::from_utf8_lossy(&e.stderr);
+    assert!(msg.contains("is encrypted") && msg.contains("--key-file"), "{msg}");
+    ok(&run(&["repo", "restore", &repo, "latest", &d("out.raw"), "--key-file", &key]));
+    same(Path::new(&d("out.raw")), Path::new(&img));
+    ok(&run(&["repo", "verify", &repo, "--key-file", &key]));
+    // The key never appears in anything the commands print.
+    let out = run(&["repo", "list", &repo, "--key-file", &key, "--json"]);
+    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!all.contains(key_text.trim()));
+}

@@ -40,6 +40,16 @@ pub fn encode_chunk(plain: &[u8]) -> Vec<u8> {
 
 /// Decodes a chunk and checks it is the chunk `id` names, at most `max_len` bytes.
 pub fn decode_chunk(data: &[u8], id: &ChunkId, max_len: u64) -> Result<Vec<u8>, RepoError> {
+    decode_chunk_with(data, id, max_len, &|p| *blake3::hash(p).as_bytes())
+}
+
+/// [`decode_chunk`] with the repository's chunk hash (keyed when it is encrypted).
+pub fn decode_chunk_with(
+    data: &[u8],
+    id: &ChunkId,
+    max_len: u64,
+    hash: &dyn Fn(&[u8]) -> ChunkId,
+) -> Result<Vec<u8>, RepoError> {
     let name = chunk_name(id);
     let bad = |m: &str| RepoError::Corrupt(format!("{name}: {m}"));
     if data.len() < 16 || &data[..8] != CHUNK_MAGIC {
@@ -62,7 +72,7 @@ pub fn decode_chunk(data: &[u8], id: &ChunkId, max_len: u64) -> Result<Vec<u8>, 
     if plain.len() as u64 != len {
         return Err(bad(&format!("holds {} bytes, its header says {len}", plain.len())));
     }
-    if blake3::hash(&plain).as_bytes() != id {
+    if hash(&plain) != *id {
         return Err(bad("its contents do not match its name (damaged)"));
     }
     Ok(plain)

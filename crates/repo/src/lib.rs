@@ -7,6 +7,7 @@
 //! `ops` has prune, gc (under the exclusive lock) and copy. Not yet: encryption (an encrypted
 //! repository is refused by name).
 
+mod codec;
 pub mod crashfs;
 mod format;
 pub mod lock;
@@ -24,8 +25,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub use codec::{Codec, RepoKey};
 pub use format::{
-    ChunkId, Consistency, DiskEntry, FORMAT, Index, Manifest, SourceInfo, ZERO, chunk_name, decode_chunk, encode_chunk,
+    ChunkId, Consistency, DiskEntry, FORMAT, Index, Manifest, SourceInfo, ZERO, chunk_name, decode_chunk,
+    decode_chunk_with, encode_chunk,
 };
 pub use lock::{LockKind, LockTiming, RepoLock};
 pub use ops::{CopyReport, GcReport, PruneReport};
@@ -64,6 +67,12 @@ pub enum RepoError {
     /// The request makes no sense (an existing repository to init, a bad chunk size).
     #[error("{0}")]
     Invalid(String),
+    /// The repository is encrypted and no key was given.
+    #[error("{0} is encrypted: give its key file (--key-file); without the key nothing in it can be read")]
+    KeyNeeded(String),
+    /// The key given is not the repository's.
+    #[error("the key given is not the key of {0} (its key check differs)")]
+    WrongKey(String),
     /// Another job holds a lock in the way.
     #[error("{0}")]
     Locked(String),
@@ -89,8 +98,18 @@ pub struct RepoConfig {
     pub chunk_size: u32,
     /// `zstd`.
     pub compression: String,
-    /// Reserved: `null` in format 1 as written today.
-    pub encryption: Option<serde_json::Value>,
+    /// `null`, or how files are encrypted (`algorithm`, and a `key_check` that tells whether
+    /// a key is this repository's without revealing it).
+    pub encryption: Option<Encryption>,
+}
+
+/// A repository's encryption, as its `config` records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Encryption {
+    /// `aes-256-gcm`.
+    pub algorithm: String,
+    /// `BLAKE3-derive-key("syncproxy repository 1 key check", key)`, hex.
+    pub key_check: String,
 }
 
 /// The default chunk size.
@@ -102,6 +121,7 @@ pub struct Repo {
     store: Arc<dyn Store>,
     config: RepoConfig,
     timing: LockTiming,
+    codec: Arc<Codec>,
 }
 
 /// Where a repository is: a local path, or `s3://bucket/prefix`.
@@ -111,6 +131,8 @@ pub struct Location {
     pub url: String,
     /// How to reach the object store, for `s3://`.
     pub s3: S3Config,
+    /// The key of an encrypted repository.
+    pub key: Option<RepoKey>,
 }
 
 impl Location {
@@ -221,8 +243,7 @@ impl Backup {
             disks,
             files: Vec::new(),
         };
-        let json = serde_json::to_vec_pretty(&m).map_err(|e| RepoError::Invalid(e.to_string()))?;
-        self.repo.store.put(&format!("points/{}.json", m.id), &json)?;
+        self.repo.put_manifest(&m)?;
         self.repo.store.delete(&format!("writers/{}.json", m.id))?;
         Ok(m)
     }
@@ -232,6 +253,7 @@ impl Backup {
 /// gives by slot (so a read touches only the entries it needs).
 pub(crate) fn read_chunks(
     store: &dyn Store,
+    codec: &Codec,
     chunk_size: u32,
     capacity: u64,
     lookup: impl Fn(usize) -> ChunkId,
@@ -251,10 +273,7 @@ pub(crate) fn read_chunks(
         let stop = end.min(start + chunk);
         let id = lookup(usize::try_from(slot).unwrap_or(usize::MAX));
         if id != ZERO {
-            let raw = store
-                .get(&chunk_name(&id))?
-                .ok_or_else(|| RepoError::Corrupt(format!("{} is missing", chunk_name(&id))))?;
-            let data = format::decode_chunk(&raw, &id, chunk)?;
+            let data = get_chunk(store, codec, &id, chunk)?;
             let (a, b) = (usize::try_from(at - start).unwrap_or(0), usize::try_from(stop - start).unwrap_or(0));
             let piece =
                 data.get(a..b).ok_or_else(|| RepoError::Corrupt(format!("{} is too short", chunk_name(&id))))?;
@@ -270,6 +289,7 @@ pub(crate) fn read_chunks(
 #[derive(Debug, Clone)]
 pub struct PointReader {
     store: Arc<dyn Store>,
+    codec: Arc<Codec>,
     index: Index,
     name: String,
 }
@@ -326,8 +346,16 @@ impl PointReader {
     pub fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, RepoError> {
         let ids = &self.index.ids;
         let lookup = |slot: usize| ids.get(slot).copied().unwrap_or(ZERO);
-        read_chunks(&*self.store, self.index.chunk_size, self.index.capacity, lookup, offset, len)
+        read_chunks(&*self.store, &self.codec, self.index.chunk_size, self.index.capacity, lookup, offset, len)
     }
+}
+
+/// Reads, opens and checks one chunk.
+pub(crate) fn get_chunk(store: &dyn Store, codec: &Codec, id: &ChunkId, max: u64) -> Result<Vec<u8>, RepoError> {
+    let name = chunk_name(id);
+    let raw = store.get(&name)?.ok_or_else(|| RepoError::Corrupt(format!("{name} is missing")))?;
+    let raw = codec.open(&name, raw)?;
+    format::decode_chunk_with(&raw, id, max, &|p| codec.hash(p))
 }
 
 /// What [`Repo::verify`] found.
@@ -349,13 +377,18 @@ impl Repo {
         Self::init_in(Arc::new(LocalStore::new(path)), chunk_size)
     }
 
-    /// Makes a new repository at `location`.
+    /// Makes a new repository at `location` (encrypted when it carries a key).
     pub fn init_at(location: &Location, chunk_size: u32) -> Result<Self, RepoError> {
-        Self::init_in(location.store()?, chunk_size)
+        Self::init_with(location.store()?, chunk_size, location.key.as_ref())
     }
 
-    /// Makes a new repository in `store`, which must not hold one.
+    /// Makes a new, unencrypted repository in `store`, which must not hold one.
     pub fn init_in(store: Arc<dyn Store>, chunk_size: u32) -> Result<Self, RepoError> {
+        Self::init_with(store, chunk_size, None)
+    }
+
+    /// Makes a new repository in `store`, encrypted with `key` when there is one.
+    pub fn init_with(store: Arc<dyn Store>, chunk_size: u32, key: Option<&RepoKey>) -> Result<Self, RepoError> {
         if !(64 << 10..=64 << 20).contains(&chunk_size) || !chunk_size.is_power_of_two() {
             return Err(RepoError::Invalid(format!(
                 "chunk size {chunk_size} is not a power of two from 64 KiB to 64 MiB"
@@ -365,13 +398,19 @@ impl Repo {
         if store.exists("config")? {
             return Err(taken());
         }
+        let codec = match key {
+            Some(k) => Codec::keyed(k)?,
+            None => Codec::plain(),
+        };
+        let encryption =
+            codec.key_check().map(|c| Encryption { algorithm: codec::ALGORITHM.into(), key_check: c.to_owned() });
         let config =
-            RepoConfig { format: FORMAT, id: random_hex(16), chunk_size, compression: "zstd".into(), encryption: None };
+            RepoConfig { format: FORMAT, id: random_hex(16), chunk_size, compression: "zstd".into(), encryption };
         let json = serde_json::to_vec_pretty(&config).map_err(|e| RepoError::Invalid(e.to_string()))?;
         if !store.put_new("config", &json)? {
             return Err(taken());
         }
-        Ok(Self { store, config, timing: LockTiming::default() })
+        Ok(Self { store, config, timing: LockTiming::default(), codec: Arc::new(codec) })
     }
 
     /// Opens the repository in `path`.
@@ -379,13 +418,18 @@ impl Repo {
         Self::open_in(Arc::new(LocalStore::new(path.as_ref())))
     }
 
-    /// Opens the repository at `location`.
+    /// Opens the repository at `location` (with its key, if it carries one).
     pub fn open_at(location: &Location) -> Result<Self, RepoError> {
-        Self::open_in(location.store()?)
+        Self::open_with(location.store()?, location.key.as_ref())
     }
 
-    /// Opens the repository in `store`.
+    /// Opens the unencrypted repository in `store`.
     pub fn open_in(store: Arc<dyn Store>) -> Result<Self, RepoError> {
+        Self::open_with(store, None)
+    }
+
+    /// Opens the repository in `store`; an encrypted one needs its `key`.
+    pub fn open_with(store: Arc<dyn Store>, key: Option<&RepoKey>) -> Result<Self, RepoError> {
         let raw = store
             .get("config")?
             .ok_or_else(|| RepoError::NotFound(format!("{} is not a repository (no config)", store.describe())))?;
@@ -400,15 +444,27 @@ impl Repo {
             });
         }
         let config: RepoConfig = serde_json::from_value(v).map_err(|e| RepoError::Corrupt(format!("config: {e}")))?;
-        if config.encryption.is_some() {
-            return Err(RepoError::Invalid(
-                "this repository is encrypted, which this syncproxy cannot read yet".into(),
-            ));
-        }
         if !(64 << 10..=64 << 20).contains(&config.chunk_size) || !config.chunk_size.is_power_of_two() {
             return Err(RepoError::Corrupt(format!("config: chunk size {}", config.chunk_size)));
         }
-        Ok(Self { store, config, timing: LockTiming::default() })
+        let codec = match (&config.encryption, key) {
+            (None, None) => Codec::plain(),
+            (None, Some(_)) => {
+                return Err(RepoError::Invalid(format!("{} is not encrypted, but a key was given", store.describe())));
+            }
+            (Some(_), None) => return Err(RepoError::KeyNeeded(store.describe())),
+            (Some(e), Some(k)) => {
+                if e.algorithm != codec::ALGORITHM {
+                    return Err(RepoError::Corrupt(format!("config: unknown encryption {:?}", e.algorithm)));
+                }
+                let c = Codec::keyed(k)?;
+                if c.key_check() != Some(e.key_check.as_str()) {
+                    return Err(RepoError::WrongKey(store.describe()));
+                }
+                c
+            }
+        };
+        Ok(Self { store, config, timing: LockTiming::default(), codec: Arc::new(codec) })
     }
 
     /// Sets how its locks are timed (tests shorten them).
@@ -420,6 +476,26 @@ impl Repo {
     /// Its store.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// How its files are encoded.
+    pub fn codec(&self) -> &Arc<Codec> {
+        &self.codec
+    }
+
+    pub(crate) fn put_manifest(&self, m: &Manifest) -> Result<(), RepoError> {
+        let name = format!("points/{}.json", m.id);
+        let json = serde_json::to_vec_pretty(m).map_err(|e| RepoError::Invalid(e.to_string()))?;
+        self.store.put(&name, &self.codec.seal(&name, json)?)
+    }
+
+    /// An index file's contents, checked against `blake3` (of the stored bytes) and opened.
+    pub(crate) fn index_file(&self, name: &str, blake3_hex: Option<&str>) -> Result<Index, RepoError> {
+        let raw = self.store.get(name)?.ok_or_else(|| RepoError::Corrupt(format!("{name} is missing")))?;
+        if blake3_hex.is_some_and(|sum| blake3::hash(&raw).to_hex().as_str() != sum) {
+            return Err(RepoError::Corrupt(format!("{name} does not match its manifest (damaged)")));
+        }
+        Index::decode(&self.codec.open(name, raw)?, name)
     }
 
     /// Takes a lock on it.
@@ -447,17 +523,13 @@ impl Repo {
     pub fn point(&self, id: &str) -> Result<Manifest, RepoError> {
         let name = format!("points/{id}.json");
         let raw = self.store.get(&name)?.ok_or_else(|| RepoError::NotFound(format!("no restore point {id}")))?;
-        Manifest::decode(&raw, &name)
+        Manifest::decode(&self.codec.open(&name, raw)?, &name)
     }
 
     /// The index of one disk of a restore point, checked against the manifest.
     pub fn index(&self, m: &Manifest, disk: usize) -> Result<Index, RepoError> {
         let d = m.disks.get(disk).ok_or_else(|| RepoError::NotFound(format!("{} has no disk {disk}", m.id)))?;
-        let raw = self.store.get(&d.index)?.ok_or_else(|| RepoError::Corrupt(format!("{} is missing", d.index)))?;
-        if blake3::hash(&raw).to_hex().as_str() != d.index_blake3 {
-            return Err(RepoError::Corrupt(format!("{} does not match its manifest (damaged)", d.index)));
-        }
-        let ix = Index::decode(&raw, &d.index)?;
+        let ix = self.index_file(&d.index, Some(&d.index_blake3))?;
         if ix.capacity != d.capacity || ix.chunk_size != self.config.chunk_size {
             return Err(RepoError::Corrupt(format!("{} describes another disk than its manifest", d.index)));
         }
@@ -490,7 +562,14 @@ impl Repo {
             let fresh = start.is_none();
             let start = start.unwrap_or_else(|| Index::zeroed(d.capacity, self.config.chunk_size));
             let index_name = format!("indexes/{id}/{n}.idx");
-            sinks.push(Arc::new(RepoSink::new(self.store.clone(), d.name.clone(), index_name, start, fresh)));
+            sinks.push(Arc::new(RepoSink::new(
+                self.store.clone(),
+                self.codec.clone(),
+                d.name.clone(),
+                index_name,
+                start,
+                fresh,
+            )));
         }
         Ok(Backup { repo: self.clone(), _lock: guard, id, time, parent: parent.map(str::to_owned), disks, sinks })
     }
@@ -501,14 +580,12 @@ impl Repo {
         let m = self.point(id)?;
         let index = self.index(&m, disk)?;
         let name = format!("{}:{id}/{disk}", self.store.describe());
-        Ok(PointReader { store: self.store.clone(), index, name })
+        Ok(PointReader { store: self.store.clone(), codec: self.codec.clone(), index, name })
     }
 
     /// Reads one chunk (checked against its ID).
     pub fn chunk(&self, id: &ChunkId) -> Result<Vec<u8>, RepoError> {
-        let name = chunk_name(id);
-        let raw = self.store.get(&name)?.ok_or_else(|| RepoError::Corrupt(format!("{name} is missing")))?;
-        format::decode_chunk(&raw, id, u64::from(self.config.chunk_size))
+        get_chunk(&*self.store, &self.codec, id, u64::from(self.config.chunk_size))
     }
 
     /// Restores disk `disk` of restore point `id` into a sparse raw file at `out`, durably.

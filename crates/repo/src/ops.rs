@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 
-use crate::format::{ChunkId, Index, Manifest, ZERO, chunk_name};
+use crate::format::{ChunkId, Index, Manifest, ZERO, chunk_name, encode_chunk};
 use crate::lock::{LockKind, now_secs};
 use crate::prune::{Decision, Retention, select};
 use crate::{Registration, Repo, RepoError};
@@ -78,8 +78,7 @@ impl Repo {
     }
 
     fn index_chunks(&self, name: &str, marked: &mut BTreeSet<ChunkId>) -> Result<(), RepoError> {
-        let raw = self.store.get(name)?.ok_or_else(|| RepoError::Corrupt(format!("{name} is missing")))?;
-        let ix = Index::decode(&raw, name)?;
+        let ix = self.index_file(name, None)?;
         marked.extend(ix.ids.into_iter().filter(|i| *i != ZERO));
         Ok(())
     }
@@ -168,7 +167,9 @@ impl Repo {
     /// Copies restore points (all, or those named) to `dest`, which must use the same chunk
     /// size. Each chunk is checked against its name before it is sent, and sent only if
     /// `dest` lacks it; a restore point's indexes follow its chunks and its manifest comes
-    /// last. Run again after an interruption, it sends only what is missing.
+    /// last. Run again after an interruption, it sends only what is missing. When the two
+    /// repositories' keys differ (or one is encrypted and the other not), chunks are
+    /// re-encoded under the destination's key and names, and indexes rewritten to match.
     pub fn copy_to(&self, dest: &Repo, only: Option<&[String]>) -> Result<CopyReport, RepoError> {
         if dest.config.chunk_size != self.config.chunk_size {
             return Err(RepoError::Invalid(format!(
@@ -205,32 +206,64 @@ impl Repo {
         sent: &mut BTreeSet<ChunkId>,
         report: &mut CopyReport,
     ) -> Result<(), RepoError> {
+        // The same key (or none on both sides): files go across as they are.
+        let same = self.codec.key_check() == dest.codec.key_check();
+        let max = u64::from(self.config.chunk_size);
+        let mut out = m.clone();
         for (n, d) in m.disks.iter().enumerate() {
             let ix = self.index(m, n)?;
-            for id in ix.ids.iter().filter(|i| **i != ZERO) {
-                if !sent.insert(*id) {
+            let mut new_ix =
+                Index { chunk_size: ix.chunk_size, capacity: ix.capacity, ids: Vec::with_capacity(ix.ids.len()) };
+            for id in &ix.ids {
+                if *id == ZERO {
+                    new_ix.ids.push(ZERO);
                     continue;
                 }
                 let name = chunk_name(id);
-                if dest.store.exists(&name)? {
+                // Never spread damage: the chunk must be the one its name says.
+                let fetch = || -> Result<(Vec<u8>, Vec<u8>), RepoError> {
+                    let raw = self.store.get(&name)?.ok_or_else(|| RepoError::Corrupt(format!("{name} is missing")))?;
+                    let plain =
+                        crate::format::decode_chunk_with(&self.codec.open(&name, raw.clone())?, id, max, &|p| {
+                            self.codec.hash(p)
+                        })?;
+                    Ok((raw, plain))
+                };
+                let (new_id, bytes) = if same {
+                    (*id, None)
+                } else {
+                    let (_, plain) = fetch()?;
+                    (dest.codec.hash(&plain), Some(plain))
+                };
+                new_ix.ids.push(new_id);
+                if !sent.insert(new_id) {
+                    continue;
+                }
+                let new_name = chunk_name(&new_id);
+                if dest.store.exists(&new_name)? {
                     report.chunks_present += 1;
                     continue;
                 }
-                let raw = self.store.get(&name)?.ok_or_else(|| RepoError::Corrupt(format!("{name} is missing")))?;
-                // Never spread damage: the chunk must be the one its name says.
-                crate::format::decode_chunk(&raw, id, u64::from(self.config.chunk_size))?;
-                if dest.store.put_new(&name, &raw)? {
+                let data = match bytes {
+                    Some(plain) => dest.codec.seal(&new_name, encode_chunk(&plain))?,
+                    None => fetch()?.0,
+                };
+                if dest.store.put_new(&new_name, &data)? {
                     report.chunks_copied += 1;
-                    report.bytes_copied += raw.len() as u64;
+                    report.bytes_copied += data.len() as u64;
                 } else {
                     report.chunks_present += 1;
                 }
             }
-            let raw = self.store.get(&d.index)?.ok_or_else(|| RepoError::Corrupt(format!("{} is missing", d.index)))?;
-            dest.store.put(&d.index, &raw)?;
+            let stored = if same {
+                self.store.get(&d.index)?.ok_or_else(|| RepoError::Corrupt(format!("{} is missing", d.index)))?
+            } else {
+                dest.codec.seal(&d.index, new_ix.encode())?
+            };
+            out.disks[n].index_blake3 = blake3::hash(&stored).to_hex().to_string();
+            dest.store.put(&d.index, &stored)?;
         }
-        let json = serde_json::to_vec_pretty(m).map_err(|e| RepoError::Invalid(e.to_string()))?;
-        dest.store.put(&format!("points/{}.json", m.id), &json)
+        dest.put_manifest(&out)
     }
 }
 

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use pipeline::{BlockError, BlockSink, IoFuture, blocking, check_range};
 
+use crate::codec::Codec;
 use crate::format::{ChunkId, Index, ZERO, chunk_name, encode_chunk};
 use crate::store::Store;
 
@@ -36,6 +37,7 @@ struct State {
 #[derive(Debug)]
 pub struct RepoSink {
     store: Arc<dyn Store>,
+    codec: Arc<Codec>,
     name: String,
     index_name: String,
     fresh: bool,
@@ -43,10 +45,17 @@ pub struct RepoSink {
 }
 
 impl RepoSink {
-    pub(crate) fn new(store: Arc<dyn Store>, name: String, index_name: String, start: Index, fresh: bool) -> Self {
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        codec: Arc<Codec>,
+        name: String,
+        index_name: String,
+        start: Index,
+        fresh: bool,
+    ) -> Self {
         let known = start.ids.iter().copied().filter(|i| *i != ZERO).collect();
         let state = State { index: start, known, stats: SinkStats::default(), committed: None };
-        Self { store, name, index_name, fresh, state: Arc::new(Mutex::new(state)) }
+        Self { store, codec, name, index_name, fresh, state: Arc::new(Mutex::new(state)) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -71,7 +80,7 @@ impl RepoSink {
             (s.index.chunk_size, s.index.capacity)
         };
         let lookup = |slot: usize| self.lock().index.ids.get(slot).copied().unwrap_or(ZERO);
-        crate::read_chunks(&*self.store, chunk_size, capacity, lookup, offset, len)
+        crate::read_chunks(&*self.store, &self.codec, chunk_size, capacity, lookup, offset, len)
     }
 
     fn chunk_size(&self) -> u64 {
@@ -85,6 +94,7 @@ impl RepoSink {
 /// cannot lose each other's bytes.
 fn write_range(
     store: &dyn Store,
+    codec: &Codec,
     state: &Mutex<State>,
     what: &str,
     offset: u64,
@@ -107,7 +117,7 @@ fn write_range(
         let slot = usize::try_from(slot).unwrap_or(usize::MAX);
         if at == chunk_start && piece_end == chunk_start + chunk_len {
             match data {
-                Some(d) => store_chunk(store, state, what, slot, &d[from..to])?,
+                Some(d) => store_chunk(store, codec, state, what, slot, &d[from..to])?,
                 None => set_id(state, what, slot, ZERO, None)?,
             }
         } else {
@@ -116,11 +126,7 @@ fn write_range(
             let mut buf = if current == ZERO {
                 vec![0u8; usize::try_from(chunk_len).unwrap_or(0)]
             } else {
-                let raw = store
-                    .get(&chunk_name(&current))
-                    .map_err(|e| repo_err(what, e))?
-                    .ok_or_else(|| BlockError::Invalid(format!("{what}: {} is missing", chunk_name(&current))))?;
-                crate::format::decode_chunk(&raw, &current, chunk).map_err(|e| repo_err(what, e))?
+                crate::get_chunk(store, codec, &current, chunk).map_err(|e| repo_err(what, e))?
             };
             let within = usize::try_from(at - chunk_start).unwrap_or(0);
             let n = to - from;
@@ -130,7 +136,7 @@ fn write_range(
             }
             // Still under the lock: a concurrent partial write to this chunk waits, so neither
             // loses the other's bytes.
-            store_chunk_locked(store, &mut s, what, slot, &buf)?;
+            store_chunk_locked(store, codec, &mut s, what, slot, &buf)?;
         }
         at = piece_end;
     }
@@ -140,39 +146,37 @@ fn write_range(
 /// Stores one whole chunk's bytes (unless known) and points the index at it.
 fn store_chunk(
     store: &dyn Store,
+    codec: &Codec,
     state: &Mutex<State>,
     what: &str,
     slot: usize,
     piece: &[u8],
 ) -> Result<(), BlockError> {
-    let id = chunk_id(piece);
+    let id = codec.chunk_id(piece);
     let known = id == ZERO || state.lock().unwrap_or_else(|p| p.into_inner()).known.contains(&id);
-    let stored = put_unless(store, what, &id, piece, known)?;
+    let stored = put_unless(store, codec, what, &id, piece, known)?;
     set_id(state, what, slot, id, stored)
 }
 
 fn store_chunk_locked(
     store: &dyn Store,
+    codec: &Codec,
     s: &mut State,
     what: &str,
     slot: usize,
     piece: &[u8],
 ) -> Result<(), BlockError> {
-    let id = chunk_id(piece);
+    let id = codec.chunk_id(piece);
     let known = id == ZERO || s.known.contains(&id);
-    let stored = put_unless(store, what, &id, piece, known)?;
+    let stored = put_unless(store, codec, what, &id, piece, known)?;
     record(s, what, slot, id, stored)
-}
-
-/// A chunk's ID: [`ZERO`] for an all-zero one, else BLAKE3 of its bytes.
-fn chunk_id(piece: &[u8]) -> ChunkId {
-    if piece.iter().all(|&b| b == 0) { ZERO } else { *blake3::hash(piece).as_bytes() }
 }
 
 /// Writes a chunk file unless `known`, and if absent; `None` when nothing was tried, else the
 /// bytes it took (0 when it was there already).
 fn put_unless(
     store: &dyn Store,
+    codec: &Codec,
     what: &str,
     id: &ChunkId,
     piece: &[u8],
@@ -181,8 +185,13 @@ fn put_unless(
     if known {
         return Ok(None);
     }
-    let enc = encode_chunk(piece);
-    let created = store.put_new(&chunk_name(id), &enc).map_err(|e| repo_err(what, e))?;
+    let name = chunk_name(id);
+    // Only chunks the repository lacks are compressed and sealed.
+    if store.exists(&name).map_err(|e| repo_err(what, e))? {
+        return Ok(Some(0));
+    }
+    let enc = codec.seal(&name, encode_chunk(piece)).map_err(|e| repo_err(what, e))?;
+    let created = store.put_new(&name, &enc).map_err(|e| repo_err(what, e))?;
     Ok(Some(if created { enc.len() as u64 } else { 0 }))
 }
 
@@ -238,20 +247,20 @@ impl BlockSink for RepoSink {
     }
 
     fn write_at(&self, offset: u64, data: Bytes) -> IoFuture<'_, ()> {
-        let (store, state, what) = (self.store.clone(), self.state.clone(), self.describe());
+        let (store, codec, state, what) = (self.store.clone(), self.codec.clone(), self.state.clone(), self.describe());
         Box::pin(async move {
             let capacity = state.lock().unwrap_or_else(|p| p.into_inner()).index.capacity;
             check_range(&what, offset, data.len() as u64, capacity)?;
-            blocking(move || write_range(&*store, &state, &what, offset, Some(&data), data.len() as u64)).await
+            blocking(move || write_range(&*store, &codec, &state, &what, offset, Some(&data), data.len() as u64)).await
         })
     }
 
     fn write_zeroes(&self, offset: u64, length: u64) -> IoFuture<'_, ()> {
-        let (store, state, what) = (self.store.clone(), self.state.clone(), self.describe());
+        let (store, codec, state, what) = (self.store.clone(), self.codec.clone(), self.state.clone(), self.describe());
         Box::pin(async move {
             let capacity = state.lock().unwrap_or_else(|p| p.into_inner()).index.capacity;
             check_range(&what, offset, length, capacity)?;
-            blocking(move || write_range(&*store, &state, &what, offset, None, length)).await
+            blocking(move || write_range(&*store, &codec, &state, &what, offset, None, length)).await
         })
     }
 
@@ -262,10 +271,11 @@ impl BlockSink for RepoSink {
 
     /// Writes the disk's index, atomically and durably.
     fn commit(&self) -> IoFuture<'_, ()> {
-        let (store, state, name, what) =
-            (self.store.clone(), self.state.clone(), self.index_name.clone(), self.describe());
+        let (store, codec, state, name, what) =
+            (self.store.clone(), self.codec.clone(), self.state.clone(), self.index_name.clone(), self.describe());
         Box::pin(blocking(move || {
-            let bytes = state.lock().unwrap_or_else(|p| p.into_inner()).index.encode();
+            let plain = state.lock().unwrap_or_else(|p| p.into_inner()).index.encode();
+            let bytes = codec.seal(&name, plain).map_err(|e| repo_err(&what, e))?;
             store.put(&name, &bytes).map_err(|e| repo_err(&what, e))?;
             state.lock().unwrap_or_else(|p| p.into_inner()).committed = Some(blake3::hash(&bytes).to_hex().to_string());
             Ok(())

@@ -265,3 +265,49 @@ async fn prune_and_gc_keep_every_chunk_a_kept_point_or_a_running_backup_needs() 
     // A prune that keeps nothing is refused.
     assert!(repo.prune(&Retention::default(), true).is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_repository_hides_content_and_names_and_needs_its_key() {
+    use repo::{Location, RepoKey};
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    image(&img, 8 * MIB, 4);
+    let key = RepoKey::generate().unwrap();
+    let loc = |name: &str, key: Option<RepoKey>| Location {
+        url: dir.path().join(name).display().to_string(),
+        key,
+        ..Default::default()
+    };
+    let enc = Repo::init_at(&loc("enc", Some(key.clone())), MIB32).unwrap();
+    let m = backup(&enc, None, &img, None).await;
+    let out = dir.path().join("out.raw");
+    enc.restore_disk(&m.id, 0, &out).unwrap();
+    assert!(same(&out, &img));
+    assert!(enc.verify().unwrap().damaged_points.is_empty());
+
+    // Names are keyed: no chunk is named by the plain BLAKE3 of a MiB of the image, and no
+    // file holds a MiB's bytes or the manifest's text.
+    let raw = std::fs::read(&img).unwrap();
+    let first_data = raw.chunks(1 << 20).find(|c| c.iter().any(|&b| b != 0)).unwrap();
+    let plain_name = repo::chunk_name(blake3::hash(first_data).as_bytes());
+    assert!(!dir.path().join("enc").join(&plain_name).exists());
+    let manifest = std::fs::read(dir.path().join(format!("enc/points/{}.json", m.id))).unwrap();
+    assert!(!manifest.windows(8).any(|w| w == b"capacity"), "the manifest is sealed");
+
+    // No key, the wrong key, and a key for a plain repository are refused clearly.
+    let e = Repo::open_at(&loc("enc", None)).unwrap_err().to_string();
+    assert!(e.contains("encrypted") && e.contains("key"), "{e}");
+    let e = Repo::open_at(&loc("enc", Some(RepoKey::generate().unwrap()))).unwrap_err().to_string();
+    assert!(e.contains("not the key"), "{e}");
+    Repo::init_at(&loc("plain", None), MIB32).unwrap();
+    assert!(Repo::open_at(&loc("plain", Some(key.clone()))).is_err());
+
+    // A copy to a plain repository re-encodes every chunk; the copy restores exactly.
+    let plain = Repo::open_at(&loc("plain", None)).unwrap();
+    let r = enc.copy_to(&plain, None).unwrap();
+    assert_eq!(r.points_copied, vec![m.id.clone()]);
+    assert!(dir.path().join("plain").join(&plain_name).exists(), "plain names in the plain copy");
+    plain.restore_disk(&m.id, 0, &out).unwrap();
+    assert!(same(&out, &img));
+    assert!(plain.verify().unwrap().damaged_points.is_empty());
+}

@@ -1,5 +1,6 @@
-//! The repository on a real S3 server (SeaweedFS on 127.0.0.1): a copy from a local repository
-//! that is interrupted and resumes sending only what is missing; restore points that read back
+//! The repository on a real S3 server (SeaweedFS on 127.0.0.1): a copy from a local,
+//! unencrypted repository to an encrypted one on S3 (chunks re-encoded under its key) that is
+//! interrupted and resumes sending only what is missing; restore points that read back
 //! byte for byte from S3; backups, locks, verify, prune and gc on S3; create-only chunk writes.
 
 mod common;
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use repo::{Entry, Location, LockKind, Repo, RepoError, Retention, S3Config, Store};
+use repo::{Entry, Location, LockKind, Repo, RepoError, RepoKey, Retention, S3Config, Store};
 
 const CHUNK: u32 = 64 << 10;
 
@@ -59,7 +60,12 @@ async fn copy_to_s3_resumes_and_the_repository_works_on_s3() {
         region: None,
         allow_http: false,
     };
-    let at = |prefix: &str| Location { url: format!("s3://{}/{prefix}", weed.bucket), s3: s3.clone() };
+    let key = RepoKey::generate().unwrap();
+    let at = |prefix: &str| Location {
+        url: format!("s3://{}/{prefix}", weed.bucket),
+        s3: s3.clone(),
+        key: Some(key.clone()),
+    };
 
     // The bucket can take a moment after the port answers.
     let probe = at("probe").store().unwrap();
@@ -83,7 +89,7 @@ async fn copy_to_s3_resumes_and_the_repository_works_on_s3() {
     let remote = Repo::init_at(&at("offsite"), CHUNK).unwrap();
     assert!(matches!(Repo::init_at(&at("offsite"), CHUNK), Err(RepoError::Invalid(_))), "init twice");
     let cut: Arc<dyn Store> = Arc::new(Interrupted { inner: remote.store().clone(), left: AtomicU64::new(5) });
-    let flaky = Repo::open_in(cut).unwrap();
+    let flaky = Repo::open_with(cut, Some(&key)).unwrap();
     let e = local.copy_to(&flaky, None).unwrap_err();
     assert!(e.to_string().contains("connection reset"), "{e}");
     assert!(remote.points().unwrap().is_empty(), "an interrupted copy shows no restore point");
@@ -97,7 +103,10 @@ async fn copy_to_s3_resumes_and_the_repository_works_on_s3() {
     let again = local.copy_to(&remote, None).unwrap();
     assert_eq!((again.points_present, again.chunks_copied), (2, 0), "{again:?}");
 
-    // Both restore points read back exactly from S3, and verify clean there.
+    // Without its key the S3 copy cannot be opened; with it, both restore points read back
+    // exactly, and verify clean there.
+    let keyless = Location { key: None, ..at("offsite") };
+    assert!(matches!(Repo::open_at(&keyless), Err(RepoError::KeyNeeded(_))));
     let remote = Repo::open_at(&at("offsite")).unwrap();
     assert_eq!(remote.reader(&pa.id, 0).unwrap().read(0, len as u64).unwrap(), a);
     assert_eq!(remote.reader(&pb.id, 0).unwrap().read(0, len as u64).unwrap(), b);
@@ -105,7 +114,10 @@ async fn copy_to_s3_resumes_and_the_repository_works_on_s3() {
     assert!(v.damaged_points.is_empty() && v.chunks_checked == chunks_in_a + 1, "{v:?}");
 
     // Chunks are create-only on S3 too.
-    let some = repo::chunk_name(&remote.index(&pa, 0).unwrap().ids[0]);
+    // (The copy's manifest, not the local one: re-encoding changed the index.)
+    let pa_remote = remote.point(&pa.id).unwrap();
+    assert_ne!(pa_remote.disks[0].index_blake3, pa.disks[0].index_blake3);
+    let some = repo::chunk_name(&remote.index(&pa_remote, 0).unwrap().ids[0]);
     let before = remote.store().get(&some).unwrap().unwrap();
     assert!(!remote.store().put_new(&some, b"overwrite?").unwrap());
     assert_eq!(remote.store().get(&some).unwrap().unwrap(), before);
