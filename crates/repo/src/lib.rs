@@ -73,6 +73,9 @@ pub enum RepoError {
     /// The key given is not the repository's.
     #[error("the key given is not the key of {0} (its key check differs)")]
     WrongKey(String),
+    /// A gc ran during a backup and removed a chunk it reuses: run the backup again.
+    #[error("{0}")]
+    Conflict(String),
     /// Another job holds a lock in the way.
     #[error("{0}")]
     Locked(String),
@@ -163,7 +166,14 @@ pub(crate) struct Registration {
     pub(crate) parent: Option<String>,
     /// The parent's index files (kept even if the parent is pruned meanwhile).
     pub(crate) parent_indexes: Vec<String>,
+    /// Seconds since the Unix epoch of the last heartbeat (rewritten every minute while the
+    /// backup runs).
+    pub(crate) heartbeat: u64,
 }
+
+/// The file gc rewrites before it removes anything; a backup that sees it change between its
+/// start and its end checks that every chunk it references still exists.
+const GC_GENERATION: &str = "gc/generation";
 
 pub(crate) fn random_hex(bytes: usize) -> String {
     let mut h = blake3::Hasher::new();
@@ -195,7 +205,9 @@ pub struct DiskSpec {
 #[derive(Debug)]
 pub struct Backup {
     repo: Repo,
-    _lock: RepoLock,
+    beat: Option<lock::Heartbeat>,
+    /// What [`GC_GENERATION`] said when the backup began.
+    generation: Option<Vec<u8>>,
     id: String,
     time: String,
     parent: Option<String>,
@@ -215,8 +227,27 @@ impl Backup {
     }
 
     /// Writes the manifest (last: the restore point exists from this moment). Every disk's
-    /// sink must have been committed.
-    pub fn finish(self, source: SourceInfo, consistency: Consistency) -> Result<Manifest, RepoError> {
+    /// sink must have been committed. Under a shared lock, so no gc runs meanwhile; if a gc ran
+    /// since the backup began, every chunk it references is first checked to exist (one it
+    /// found already stored may have been removed since), and a missing one fails the backup
+    /// with nothing written: run it again.
+    pub fn finish(mut self, source: SourceInfo, consistency: Consistency) -> Result<Manifest, RepoError> {
+        let _lock = self.repo.lock_waiting(LockKind::Shared, &format!("backup {} (finishing)", self.id))?;
+        if self.repo.store.get(GC_GENERATION)? != self.generation {
+            for (d, s) in self.disks.iter().zip(&self.sinks) {
+                for id in s.referenced() {
+                    if !self.repo.store.exists(&chunk_name(&id))? {
+                        return Err(RepoError::Conflict(format!(
+                            "a gc that ran during backup {} removed {}, which disk {} reuses; nothing was \
+                             written: run the backup again",
+                            self.id,
+                            chunk_name(&id),
+                            d.name
+                        )));
+                    }
+                }
+            }
+        }
         let mut disks = Vec::new();
         for (d, s) in self.disks.iter().zip(&self.sinks) {
             let (index, sum) = s
@@ -244,7 +275,9 @@ impl Backup {
             files: Vec::new(),
         };
         self.repo.put_manifest(&m)?;
-        self.repo.store.delete(&format!("writers/{}.json", m.id))?;
+        // Stopped first, so that no late heartbeat writes the registration back.
+        drop(self.beat.take());
+        self.repo.drop_registration(&m.id)?;
         Ok(m)
     }
 }
@@ -483,6 +516,15 @@ impl Repo {
         &self.codec
     }
 
+    /// Removes a backup's registration and the indexes its heartbeats saved.
+    pub(crate) fn drop_registration(&self, id: &str) -> Result<(), RepoError> {
+        self.store.delete(&format!("writers/{id}.json"))?;
+        for f in self.store.list(&format!("writers/{id}"))? {
+            self.store.delete(&format!("writers/{id}/{}", f.name))?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn put_manifest(&self, m: &Manifest) -> Result<(), RepoError> {
         let name = format!("points/{}.json", m.id);
         let json = serde_json::to_vec_pretty(m).map_err(|e| RepoError::Invalid(e.to_string()))?;
@@ -501,6 +543,11 @@ impl Repo {
     /// Takes a lock on it.
     pub fn lock(&self, kind: LockKind, purpose: &str) -> Result<RepoLock, RepoError> {
         RepoLock::acquire(self.store.clone(), kind, purpose, self.timing)
+    }
+
+    /// Takes a lock on it, waiting while something holds one in the way.
+    pub fn lock_waiting(&self, kind: LockKind, purpose: &str) -> Result<RepoLock, RepoError> {
+        RepoLock::acquire_waiting(self.store.clone(), kind, purpose, self.timing)
     }
 
     /// Its configuration.
@@ -538,21 +585,32 @@ impl Repo {
 
     /// Starts a backup of `disks`. With a `parent`, each disk of the same index and size starts
     /// from the parent's chunks (an incremental that is still a full restore point).
+    ///
+    /// The backup registers itself in `writers/` (with a heartbeat) before it stores anything,
+    /// so that a gc running meanwhile keeps its parent's chunks and those of its committed
+    /// indexes. It holds no lock while it copies, so gc need not wait for it; see
+    /// [`Backup::finish`] for how the two are reconciled.
     pub fn begin(&self, parent: Option<&str>, disks: Vec<DiskSpec>) -> Result<Backup, RepoError> {
         let (stamp, time) = now_utc();
         let id = format!("{stamp}-{}", random_hex(4));
-        let guard = self.lock(LockKind::Shared, &format!("backup {id}"))?;
-        let parent_m = parent.map(|p| self.point(p)).transpose()?;
-        let reg = Registration {
-            id: id.clone(),
-            host: lock::host_name(),
-            pid: std::process::id(),
-            started: lock::now_secs(),
-            parent: parent.map(str::to_owned),
-            parent_indexes: parent_m.iter().flat_map(|m| m.disks.iter().map(|d| d.index.clone())).collect(),
+        let (parent_m, generation, reg) = {
+            // No gc may be half-way through while the backup registers and reads its parent.
+            let _lock = self.lock_waiting(LockKind::Shared, &format!("backup {id} (starting)"))?;
+            let parent_m = parent.map(|p| self.point(p)).transpose()?;
+            let now = lock::now_secs();
+            let reg = Registration {
+                id: id.clone(),
+                host: lock::host_name(),
+                pid: std::process::id(),
+                started: now,
+                parent: parent.map(str::to_owned),
+                parent_indexes: parent_m.iter().flat_map(|m| m.disks.iter().map(|d| d.index.clone())).collect(),
+                heartbeat: now,
+            };
+            let json = serde_json::to_vec_pretty(&reg).map_err(|e| RepoError::Invalid(e.to_string()))?;
+            self.store.put(&format!("writers/{id}.json"), &json)?;
+            (parent_m, self.store.get(GC_GENERATION)?, reg)
         };
-        let json = serde_json::to_vec_pretty(&reg).map_err(|e| RepoError::Invalid(e.to_string()))?;
-        self.store.put(&format!("writers/{id}.json"), &json)?;
         let mut sinks = Vec::new();
         for (n, d) in disks.iter().enumerate() {
             let start = match &parent_m {
@@ -571,7 +629,41 @@ impl Repo {
                 fresh,
             )));
         }
-        Ok(Backup { repo: self.clone(), _lock: guard, id, time, parent: parent.map(str::to_owned), disks, sinks })
+        // Each heartbeat also saves the indexes as written so far (when they changed), so a gc
+        // keeps the chunks of a backup that runs longer than its grace period.
+        let (store, codec, snap_sinks, snap_id) = (self.store.clone(), self.codec.clone(), sinks.clone(), id.clone());
+        let last = std::sync::Mutex::new(vec![SinkStats::default(); snap_sinks.len()]);
+        let beat = lock::Heartbeat::start(
+            self.store.clone(),
+            format!("writers/{id}.json"),
+            self.timing.heartbeat,
+            move |now| {
+                let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+                for (n, s) in snap_sinks.iter().enumerate() {
+                    let stats = s.stats();
+                    if stats == last[n] {
+                        continue;
+                    }
+                    let name = format!("writers/{snap_id}/{n}.idx");
+                    let saved = codec.seal(&name, s.index_snapshot().encode()).and_then(|b| store.put(&name, &b));
+                    match saved {
+                        Ok(()) => last[n] = stats,
+                        Err(e) => tracing::warn!("cannot save {name}: {e}"),
+                    }
+                }
+                serde_json::to_vec_pretty(&Registration { heartbeat: now, ..reg.clone() }).ok()
+            },
+        )?;
+        Ok(Backup {
+            repo: self.clone(),
+            beat: Some(beat),
+            generation,
+            id,
+            time,
+            parent: parent.map(str::to_owned),
+            disks,
+            sinks,
+        })
     }
 
     /// Random reads of one disk of a restore point, through its index (what instant recovery

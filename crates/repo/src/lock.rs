@@ -1,5 +1,6 @@
 //! Repository locks, as files under `locks/` in the repository itself, so they work the same
-//! on a directory and on S3. Backups and prune take shared locks; gc takes the exclusive one.
+//! on a directory and on S3. Prune, verify, restores, copies, and backups at their start and
+//! end take shared locks; gc takes the exclusive one.
 //! Each lock names its holder (host, PID, what it does) and is refreshed by a heartbeat; a lock
 //! whose heartbeat is older than its expiry, or whose holder was a process on this host that is
 //! gone, is stale and is removed by the next taker, with a warning.
@@ -88,11 +89,57 @@ pub struct LockTiming {
     pub heartbeat: Duration,
     /// How long after the last heartbeat a lock is stale.
     pub expiry: Duration,
+    /// How long a backup waits for a gc to finish before giving up.
+    pub max_wait: Duration,
 }
 
 impl Default for LockTiming {
     fn default() -> Self {
-        Self { heartbeat: Duration::from_secs(60), expiry: Duration::from_secs(300) }
+        Self {
+            heartbeat: Duration::from_secs(60),
+            expiry: Duration::from_secs(300),
+            max_wait: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Rewrites a file every interval until dropped (a lock's or a registration's heartbeat).
+#[derive(Debug)]
+pub(crate) struct Heartbeat {
+    stop: Option<Sender<()>>,
+    beat: Option<JoinHandle<()>>,
+}
+
+impl Heartbeat {
+    /// Every `every`, writes `render(now)` to `name`.
+    pub(crate) fn start(
+        store: Arc<dyn Store>,
+        name: String,
+        every: Duration,
+        render: impl Fn(u64) -> Option<Vec<u8>> + Send + 'static,
+    ) -> Result<Self, RepoError> {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let beat = std::thread::Builder::new()
+            .name("repo-heartbeat".into())
+            .spawn(move || {
+                while let Err(RecvTimeoutError::Timeout) = rx.recv_timeout(every) {
+                    let Some(bytes) = render(now_secs()) else { return };
+                    if let Err(e) = store.put(&name, &bytes) {
+                        tracing::warn!("cannot refresh {name}: {e}");
+                    }
+                }
+            })
+            .map_err(|e| RepoError::Invalid(format!("cannot start a heartbeat: {e}")))?;
+        Ok(Self { stop: Some(tx), beat: Some(beat) })
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(b) = self.beat.take() {
+            let _ = b.join();
+        }
     }
 }
 
@@ -101,8 +148,7 @@ impl Default for LockTiming {
 pub struct RepoLock {
     store: Arc<dyn Store>,
     name: String,
-    stop: Option<Sender<()>>,
-    beat: Option<JoinHandle<()>>,
+    beat: Option<Heartbeat>,
 }
 
 impl RepoLock {
@@ -140,27 +186,34 @@ impl RepoLock {
             store.delete(&name)?;
             return Err(RepoError::Locked(format!("{} is locked by {}", store.describe(), in_way.join("; "))));
         }
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let (beat_store, beat_name) = (store.clone(), name.clone());
-        let beat = std::thread::Builder::new()
-            .name("repo-lock".into())
-            .spawn(move || {
-                let mut info = info;
-                loop {
-                    match rx.recv_timeout(timing.heartbeat) {
-                        Err(RecvTimeoutError::Timeout) => {
-                            info.heartbeat = now_secs();
-                            let Ok(json) = serde_json::to_vec_pretty(&info) else { return };
-                            if let Err(e) = beat_store.put(&beat_name, &json) {
-                                tracing::warn!("cannot refresh repository lock {beat_name}: {e}");
-                            }
-                        }
-                        _ => return,
+        let beat = Heartbeat::start(store.clone(), name.clone(), timing.heartbeat, move |now| {
+            serde_json::to_vec_pretty(&LockInfo { heartbeat: now, ..info.clone() }).ok()
+        })?;
+        Ok(Self { store, name, beat: Some(beat) })
+    }
+
+    /// Like [`RepoLock::acquire`], but while the way is blocked it waits (up to
+    /// `timing.max_wait`), saying once what it waits for.
+    pub fn acquire_waiting(
+        store: Arc<dyn Store>,
+        kind: LockKind,
+        purpose: &str,
+        timing: LockTiming,
+    ) -> Result<Self, RepoError> {
+        let start = std::time::Instant::now();
+        let mut said = false;
+        loop {
+            match Self::acquire(store.clone(), kind, purpose, timing) {
+                Err(RepoError::Locked(why)) if start.elapsed() < timing.max_wait => {
+                    if !said {
+                        tracing::info!("{purpose}: waiting, because {why}");
+                        said = true;
                     }
+                    std::thread::sleep(Duration::from_millis(500));
                 }
-            })
-            .map_err(|e| RepoError::Invalid(format!("cannot start the lock heartbeat: {e}")))?;
-        Ok(Self { store, name, stop: Some(tx), beat: Some(beat) })
+                other => return other,
+            }
+        }
     }
 
     /// The lock file's name.
@@ -171,10 +224,7 @@ impl RepoLock {
 
 impl Drop for RepoLock {
     fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(b) = self.beat.take() {
-            let _ = b.join();
-        }
+        drop(self.beat.take());
         if let Err(e) = self.store.delete(&self.name) {
             tracing::warn!("cannot release repository lock {}: {e}", self.name);
         }
@@ -272,7 +322,7 @@ mod tests {
     #[test]
     fn the_heartbeat_refreshes_the_file() {
         let (_d, s) = store();
-        let t = LockTiming { heartbeat: Duration::from_millis(50), expiry: Duration::from_secs(300) };
+        let t = LockTiming { heartbeat: Duration::from_millis(50), ..LockTiming::default() };
         let l = RepoLock::acquire(s.clone(), LockKind::Shared, "backup", t).unwrap();
         let first = s.get(l.name()).unwrap().unwrap();
         let mut info: LockInfo = serde_json::from_slice(&first).unwrap();

@@ -6,10 +6,11 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 
+use crate::GC_GENERATION;
 use crate::format::{ChunkId, Index, Manifest, ZERO, chunk_name, encode_chunk};
 use crate::lock::{LockKind, now_secs};
 use crate::prune::{Decision, Retention, select};
-use crate::{Registration, Repo, RepoError};
+use crate::{Registration, Repo, RepoError, random_hex};
 
 /// What a prune did (or would do).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -83,12 +84,15 @@ impl Repo {
         Ok(())
     }
 
-    /// Mark and sweep, under the exclusive lock (no backup runs meanwhile: a backup that finds
-    /// a chunk already stored cannot refresh its time with a create-only write, so a sweep
-    /// beside it could remove what it just referenced). Marks the chunks of every restore
-    /// point, and of every registered backup younger than `grace` (its parent's and its own
-    /// committed indexes); removes unmarked chunks older than `grace`. An index that cannot be
-    /// read stops the gc before anything is removed.
+    /// Mark and sweep, under the exclusive lock. Backups keep copying meanwhile (they hold
+    /// locks only at their start and end). Marks the chunks of every restore point, and of
+    /// every registered backup whose heartbeat is fresh or that is younger than `grace` (its
+    /// parent's and its own committed indexes); then, before removing anything, rewrites
+    /// `gc/generation`, and removes unmarked chunks older than `grace`. A backup that found a
+    /// chunk already stored cannot refresh its time with a create-only write, so it may reuse
+    /// one this sweep removes: the changed generation makes it check every chunk it references
+    /// before it writes its manifest. An index that cannot be read stops the gc before
+    /// anything is removed.
     pub fn gc(&self, grace: Duration, dry_run: bool) -> Result<GcReport, RepoError> {
         let _lock = self.lock(LockKind::Exclusive, "gc")?;
         let mut report = GcReport::default();
@@ -103,16 +107,24 @@ impl Repo {
         let mut registered = BTreeSet::new();
         let now = now_secs();
         for e in self.store.list("writers")? {
+            // Folders of saved indexes are read through their registration.
+            if e.modified.is_none() || !e.name.ends_with(".json") {
+                continue;
+            }
             let name = format!("writers/{}", e.name);
             let Some(raw) = self.store.get(&name)? else { continue };
             let reg: Registration = serde_json::from_slice(&raw)
                 .map_err(|err| RepoError::Corrupt(format!("{name}: {err} (gc stops rather than guess)")))?;
-            if now.saturating_sub(reg.started) >= grace.as_secs() && !young(e.modified, grace) {
+            let beating = now.saturating_sub(reg.heartbeat) <= self.timing.expiry.as_secs();
+            if !beating && now.saturating_sub(reg.started) >= grace.as_secs() && !young(e.modified, grace) {
                 if !dry_run {
-                    self.store.delete(&name)?;
+                    self.drop_registration(&reg.id)?;
                 }
                 report.registrations_removed += 1;
                 continue;
+            }
+            for f in self.store.list(&format!("writers/{}", reg.id))? {
+                self.index_chunks(&format!("writers/{}/{}", reg.id, f.name), &mut marked)?;
             }
             for ix in &reg.parent_indexes {
                 if self.store.exists(ix)? {
@@ -128,6 +140,9 @@ impl Repo {
             }
         }
         report.chunks_in_use = marked.len() as u64;
+        if !dry_run {
+            self.store.put(GC_GENERATION, random_hex(16).as_bytes())?;
+        }
         for dir in self.store.list("chunks")? {
             for e in self.store.list(&format!("chunks/{}", dir.name))? {
                 let name = format!("chunks/{}/{}", dir.name, e.name);

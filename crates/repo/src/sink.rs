@@ -67,6 +67,16 @@ impl RepoSink {
         self.lock().stats
     }
 
+    /// The index as written so far.
+    pub(crate) fn index_snapshot(&self) -> Index {
+        self.lock().index.clone()
+    }
+
+    /// Every chunk its index references (once each).
+    pub(crate) fn referenced(&self) -> std::collections::BTreeSet<ChunkId> {
+        self.lock().index.ids.iter().copied().filter(|i| *i != ZERO).collect()
+    }
+
     /// The committed index's file name and BLAKE3, once committed.
     pub(crate) fn committed(&self) -> Option<(String, String)> {
         self.lock().committed.clone().map(|sum| (self.index_name.clone(), sum))

@@ -188,7 +188,9 @@ async fn prune_and_gc_keep_every_chunk_a_kept_point_or_a_running_backup_needs() 
     let dir = tempfile::tempdir().unwrap();
     let (img, repo_dir) = (dir.path().join("disk.raw"), dir.path().join("repo"));
     let size = 12 * MIB;
-    let repo = Repo::init(&repo_dir, MIB32).unwrap();
+    // Heartbeats every 50 ms, so a running backup's progress is saved before the gc below.
+    let timing = repo::LockTiming { heartbeat: Duration::from_millis(50), ..Default::default() };
+    let repo = Repo::init(&repo_dir, MIB32).unwrap().with_lock_timing(timing);
     // Five restore points of a disk that changes a little each time.
     let mut ids = Vec::new();
     let mut copies = Vec::new();
@@ -208,21 +210,24 @@ async fn prune_and_gc_keep_every_chunk_a_kept_point_or_a_running_backup_needs() 
     }
     let hour = Duration::from_secs(3600);
 
-    // A backup in progress holds a shared lock: gc refuses to run beside it.
-    let running =
-        repo.begin(Some(&ids[0]), vec![DiskSpec { name: "d".into(), capacity: size, change_id: None }]).unwrap();
-    let e = repo.gc(Duration::ZERO, false).unwrap_err().to_string();
-    assert!(e.contains("locked") && e.contains(running.id()), "{e}");
-    // It dies after committing an index of its own: its registration protects its chunks
-    // (and its parent's) for the grace period, even once its parent is pruned.
+    let disk = || vec![DiskSpec { name: "d".into(), capacity: size, change_id: None }];
+    // A backup in progress from ids[0] keeps going while prune and gc run beside it.
+    let running = repo.begin(Some(&ids[0]), disk()).unwrap();
     let sink = running.sink(0).unwrap();
     sink.write_at(0, bytes::Bytes::from(vec![0xAB; 1 << 20])).await.unwrap();
-    sink.commit().await.unwrap();
-    let dead = running.id().to_owned();
-    drop(running);
+    // Another dies after committing an index of its own: its registration protects its chunks
+    // (and its parent's) for the grace period, even once its parent is pruned.
+    let dying = repo.begin(Some(&ids[0]), disk()).unwrap();
+    let sink2 = dying.sink(0).unwrap();
+    sink2.write_at(0, bytes::Bytes::from(vec![0xCD; 1 << 20])).await.unwrap();
+    sink2.commit().await.unwrap();
+    let dead = dying.id().to_owned();
+    drop(dying);
 
     let pruned = repo.prune(&Retention { last: 2, ..Default::default() }, false).unwrap();
     assert_eq!(pruned.removed, ids[..3].to_vec());
+    // Long enough for a heartbeat to save the running backup's index so far.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     age_tree(&repo_dir.join("chunks"), 2 * hour);
     let report = repo.gc(hour, false).unwrap();
     assert!(report.chunks_removed > 0, "{report:?}");
@@ -233,8 +238,16 @@ async fn prune_and_gc_keep_every_chunk_a_kept_point_or_a_running_backup_needs() 
     for id in reg_index.ids.iter().filter(|i| **i != repo::ZERO) {
         repo.chunk(id).unwrap_or_else(|e| panic!("a chunk the registered backup needs is gone: {e}"));
     }
-    // The kept points restore exactly and verify clean.
+    // The running backup finishes after the gc: the gc's generation changed, so it checks
+    // that every chunk it reuses is still there, and it restores exactly.
+    sink.commit().await.unwrap();
+    let finished = running.finish(SourceInfo { name: "vm".into(), instance_uuid: None }, Consistency::Crash).unwrap();
     let out = dir.path().join("out.raw");
+    repo.restore_disk(&finished.id, 0, &out).unwrap();
+    let mut want = std::fs::read(&copies[0]).unwrap();
+    want[..1 << 20].fill(0xAB);
+    assert!(std::fs::read(&out).unwrap() == want, "the backup that ran beside the gc restores exactly");
+    // The kept points restore exactly and verify clean.
     for (id, copy) in ids[3..].iter().zip(&copies[3..]) {
         repo.restore_disk(id, 0, &out).unwrap();
         assert!(same(&out, copy), "{id}");
@@ -250,6 +263,7 @@ async fn prune_and_gc_keep_every_chunk_a_kept_point_or_a_running_backup_needs() 
         let reg = repo_dir.join(format!("writers/{dead}.json"));
         let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&reg).unwrap()).unwrap();
         v["started"] = serde_json::json!(0);
+        v["heartbeat"] = serde_json::json!(0);
         std::fs::write(&reg, serde_json::to_vec(&v).unwrap()).unwrap();
         age(&reg, 2 * hour);
         repo.gc(hour, false).unwrap()
@@ -310,4 +324,43 @@ async fn an_encrypted_repository_hides_content_and_names_and_needs_its_key() {
     plain.restore_disk(&m.id, 0, &out).unwrap();
     assert!(same(&out, &img));
     assert!(plain.verify().unwrap().damaged_points.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gc_that_removes_a_chunk_a_running_backup_reuses_fails_that_backup_cleanly() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two, repo_dir) = (dir.path().join("one.raw"), dir.path().join("two.raw"), dir.path().join("repo"));
+    let size = 8 * MIB;
+    image(&one, size, 1);
+    std::fs::write(&two, vec![0x42; usize::try_from(size).unwrap()]).unwrap();
+    let repo = Repo::init(&repo_dir, MIB32).unwrap();
+    let gone = backup(&repo, None, &one, None).await;
+    let kept = backup(&repo, None, &two, None).await;
+    // The first restore point is removed (as a prune of its source would).
+    repo.store().delete(&format!("points/{}.json", gone.id)).unwrap();
+
+    // A new backup of `one` finds its first chunk already stored (unreferenced now) and reuses
+    // it; a gc then removes that chunk before the backup finishes.
+    let b = repo.begin(None, vec![DiskSpec { name: "d".into(), capacity: size, change_id: None }]).unwrap();
+    let sink = b.sink(0).unwrap();
+    let first = std::fs::read(&one).unwrap()[..1 << 20].to_vec();
+    sink.write_at(0, bytes::Bytes::from(first)).await.unwrap();
+    assert_eq!(sink.stats().deduplicated, 1, "the chunk was already there");
+    age_tree(&repo_dir.join("chunks"), Duration::from_secs(7200));
+    let gc = repo.gc(Duration::from_secs(3600), false).unwrap();
+    assert!(gc.chunks_removed > 0, "{gc:?}");
+    sink.commit().await.unwrap();
+    let e = b.finish(SourceInfo { name: "vm".into(), instance_uuid: None }, Consistency::Crash).unwrap_err();
+    assert!(matches!(e, RepoError::Conflict(_)), "{e}");
+    assert!(e.to_string().contains("run the backup again"), "{e}");
+    let ids: Vec<String> = repo.points().unwrap().into_iter().map(|p| p.id).collect();
+    assert_eq!(ids, vec![kept.id.clone()], "the failed backup wrote no restore point");
+    assert!(repo.verify().unwrap().damaged_points.is_empty());
+
+    // Run again, it stores what it needs and restores exactly.
+    let again = backup(&repo, None, &one, None).await;
+    let out = dir.path().join("out.raw");
+    repo.restore_disk(&again.id, 0, &out).unwrap();
+    assert!(same(&out, &one));
 }
