@@ -89,6 +89,9 @@ pub(crate) enum RepoCommand {
         /// Which disk of the restore point.
         #[arg(long, default_value_t = 0)]
         disk: usize,
+        /// Restore this configuration file of the restore point to DST instead of a disk.
+        #[arg(long, conflicts_with = "disk")]
+        file: Option<String>,
     },
     /// Re-read and re-hash every chunk; name the restore points that are damaged.
     Verify {
@@ -189,6 +192,9 @@ pub(crate) struct BackupArgs {
     /// Record the restore point as application-consistent (the guest was quiesced).
     #[arg(long)]
     application_consistent: bool,
+    /// A configuration file to keep with the restore point (`.vmx`, `.nvram`; repeatable).
+    #[arg(long)]
+    file: Vec<PathBuf>,
     /// Requests in flight.
     #[arg(long, default_value_t = 8)]
     requests: usize,
@@ -254,7 +260,13 @@ async fn dispatch(cmd: RepoCommand) -> Result<ExitCode> {
         }
         RepoCommand::Backup(args) => backup(&args).await,
         RepoCommand::List { repo, json } => list(&repo.open()?, json),
-        RepoCommand::Restore { repo, point, dst, disk } => restore(&repo.open()?, &point, &dst, disk).await,
+        RepoCommand::Restore { repo, point, dst, disk, file } => {
+            let r = repo.open()?;
+            match file {
+                Some(name) => restore_file(&r, &point, &name, Path::new(&dst)),
+                None => restore(&r, &point, &dst, disk).await,
+            }
+        }
         RepoCommand::Verify { repo, json } => verify(&repo.open()?, json),
         RepoCommand::Prune { repo, keep, dry_run, json } => prune(&repo.open()?, &keep, dry_run, json),
         RepoCommand::Gc { repo, grace, dry_run, json } => {
@@ -370,7 +382,12 @@ async fn backup(args: &BackupArgs) -> Result<ExitCode> {
         None => None,
     };
     let disk_name = Path::new(&name).file_name().map_or_else(|| name.clone(), |n| n.to_string_lossy().into_owned());
-    let b = repo.begin(parent.as_deref(), vec![DiskSpec { name: disk_name, capacity: size, change_id: None }])?;
+    let mut b = repo.begin(parent.as_deref(), vec![DiskSpec { name: disk_name, capacity: size, change_id: None }])?;
+    for path in &args.file {
+        let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let name = path.file_name().context("--file needs a file name")?.to_string_lossy();
+        b.add_file(&name, &data)?;
+    }
     let repo_sink = b.sink(0).context("the backup has no sink")?;
     let sink: Arc<dyn BlockSink> = repo_sink.clone();
     let g = sink.granularity();
@@ -434,13 +451,15 @@ fn list(repo: &Repo, json: bool) -> Result<ExitCode> {
     for p in &points {
         let size: u64 = p.disks.iter().map(|d| d.capacity).sum();
         let stored: u64 = p.disks.iter().map(|d| d.stored_bytes).sum();
+        let files: Vec<&str> = p.files.iter().map(|f| f.name.as_str()).collect();
         println!(
-            "{}  {}  {:<11}  {} disk(s), {size} bytes, {stored} bytes new  {}",
+            "{}  {}  {:<11}  {} disk(s), {size} bytes, {stored} bytes new  {}{}",
             p.id,
             p.time,
             format!("{:?}", p.consistency).to_lowercase(),
             p.disks.len(),
-            p.source.name
+            p.source.name,
+            if files.is_empty() { String::new() } else { format!("  files: {}", files.join(", ")) }
         );
     }
     if points.is_empty() {
@@ -464,12 +483,30 @@ impl vmdk::ReadAt for AsReadAt {
     }
 }
 
-async fn restore(repo: &Repo, point: &str, dst: &str, disk: usize) -> Result<ExitCode> {
-    let id = if point == "latest" {
+/// The restore point `point` names (`latest`: the newest).
+fn point_id(repo: &Repo, point: &str) -> Result<String> {
+    Ok(if point == "latest" {
         repo.points()?.pop().context("the repository has no restore points")?.id
     } else {
         point.to_owned()
-    };
+    })
+}
+
+fn restore_file(repo: &Repo, point: &str, name: &str, dst: &Path) -> Result<ExitCode> {
+    let id = point_id(repo, point)?;
+    let _lock = repo.lock(repo::LockKind::Shared, &format!("restore of {id}"))?;
+    let m = repo.point(&id)?;
+    let data = repo.file(&m, name)?;
+    let mut f =
+        std::fs::File::create_new(dst).with_context(|| format!("creating {} (never over a file)", dst.display()))?;
+    std::io::Write::write_all(&mut f, &data)?;
+    f.sync_all()?;
+    println!("restored {name} of {id} to {} ({} bytes)", dst.display(), data.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn restore(repo: &Repo, point: &str, dst: &str, disk: usize) -> Result<ExitCode> {
+    let id = point_id(repo, point)?;
     let _lock = repo.lock(repo::LockKind::Shared, &format!("restore of {id}"))?;
     let reader = repo.reader(&id, disk)?;
     let size = reader.size();

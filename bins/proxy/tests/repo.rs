@@ -5,6 +5,7 @@
 //! damage an existing restore point.
 #![expect(clippy::cast_possible_truncation, reason = "test sizes are small and the tests run on 64-bit machines")]
 
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -209,4 +210,54 @@ fn an_encrypted_repository_from_the_command_line() {
     let out = run(&["repo", "list", &repo, "--key-file", &key, "--json"]);
     let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!all.contains(key_text.trim()));
+}
+
+#[test]
+fn vmdk_and_nbd_sources_nbd_restores_and_configuration_files() {
+    const TEST: &str = "vmdk_and_nbd_sources_nbd_restores_and_configuration_files";
+    let Some(qemu_img) = testkit::require_tool("qemu-img", TEST) else { return };
+    let Some(qemu_nbd) = testkit::require_tool("qemu-nbd", TEST) else { return };
+    use testkit::servers::{Listen, Server};
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n).display().to_string();
+    let (img, repo) = (d("disk.raw"), d("repo"));
+    image(Path::new(&img), 24 * MIB, 21);
+    ok(&run(&["repo", "init", &repo, "--chunk-size", "1M"]));
+
+    // A VMDK made by qemu-img, with the VM's configuration files beside it.
+    testkit::run(Command::new(&qemu_img).args(["convert", "-O", "vmdk", &img, &d("disk.vmdk")]));
+    std::fs::write(d("db01.vmx"), "displayName = \"db01\"\n").unwrap();
+    std::fs::write(d("db01.nvram"), vec![7u8; 4096]).unwrap();
+    let v = json(&run(&[
+        "repo",
+        "backup",
+        &repo,
+        &d("disk.vmdk"),
+        "--name",
+        "db01",
+        "--file",
+        &d("db01.vmx"),
+        "--file",
+        &d("db01.nvram"),
+        "--json",
+    ]));
+    ok(&run(&["repo", "restore", &repo, v["point"].as_str().unwrap(), &d("from-vmdk.raw")]));
+    same(Path::new(&d("from-vmdk.raw")), Path::new(&img));
+    ok(&run(&["repo", "restore", &repo, "latest", &d("restored.vmx"), "--file", "db01.vmx"]));
+    assert_eq!(std::fs::read(d("restored.vmx")).unwrap(), std::fs::read(d("db01.vmx")).unwrap());
+    let e = run(&["repo", "restore", &repo, "latest", &d("restored.vmx"), "--file", "db01.vmx"]);
+    assert!(!e.status.success(), "never over an existing file");
+    assert!(ok(&run(&["repo", "list", &repo])).contains("db01.vmx, db01.nvram"));
+
+    // An NBD export as the source (qemu-nbd, read-only), then a restore into another one.
+    let src = Server::qemu_nbd(&qemu_nbd, Path::new(&img), Listen::Unix(dir.path().join("s.sock")), &["-r"]);
+    ok(&run(&["repo", "backup", &repo, &src.uri(), "--name", "db01-nbd"]));
+    let target = d("target.raw");
+    File::create(&target).unwrap().set_len(24 * MIB).unwrap();
+    // Garbage where the disk has holes: the restore must write zeros there.
+    std::fs::OpenOptions::new().write(true).open(&target).unwrap().write_all_at(&vec![0xFF; 4 << 20], 0).unwrap();
+    let dst = Server::qemu_nbd(&qemu_nbd, Path::new(&target), Listen::Unix(dir.path().join("t.sock")), &[]);
+    ok(&run(&["repo", "restore", &repo, "latest", &dst.uri()]));
+    drop(dst);
+    same(Path::new(&target), Path::new(&img));
 }

@@ -178,6 +178,19 @@ pub struct DiskEntry {
     pub stored_bytes: u64,
 }
 
+/// A configuration file captured with a restore point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Its name as the VM has it (`db01.vmx`).
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Where it is stored (`files/<point>/<n>`).
+    pub stored: String,
+    /// BLAKE3 of the stored file, checked before it is used.
+    pub stored_blake3: String,
+}
+
 /// A restore point's manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -195,8 +208,8 @@ pub struct Manifest {
     pub consistency: Consistency,
     /// The disks.
     pub disks: Vec<DiskEntry>,
-    /// Configuration files captured with it (names; their bytes come with issue 8).
-    pub files: Vec<String>,
+    /// The VM's configuration files captured with it (`.vmx`, `.nvram`, ...).
+    pub files: Vec<FileEntry>,
 }
 
 impl Manifest {

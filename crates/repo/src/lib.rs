@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 pub use codec::{Codec, RepoKey};
 pub use format::{
-    ChunkId, Consistency, DiskEntry, FORMAT, Index, Manifest, SourceInfo, ZERO, chunk_name, decode_chunk,
+    ChunkId, Consistency, DiskEntry, FORMAT, FileEntry, Index, Manifest, SourceInfo, ZERO, chunk_name, decode_chunk,
     decode_chunk_with, encode_chunk,
 };
 pub use lock::{LockKind, LockTiming, RepoLock};
@@ -213,9 +213,41 @@ pub struct Backup {
     parent: Option<String>,
     disks: Vec<DiskSpec>,
     sinks: Vec<Arc<RepoSink>>,
+    files: Vec<FileEntry>,
 }
 
+/// The largest configuration file a restore point takes (a `.vmx` is kilobytes, an `.nvram`
+/// hundreds of them).
+pub const MAX_FILE: usize = 16 << 20;
+
 impl Backup {
+    /// Captures a configuration file (`.vmx`, `.nvram`) into the restore point, so a restored
+    /// VM can boot as it was. `name` is a plain file name.
+    pub fn add_file(&mut self, name: &str, data: &[u8]) -> Result<(), RepoError> {
+        if name.is_empty() || name.len() > 255 || name.contains(['/', '\0']) || name == "." || name == ".." {
+            return Err(RepoError::Invalid(format!("{name:?} is not a plain file name")));
+        }
+        if data.len() > MAX_FILE {
+            return Err(RepoError::Invalid(format!(
+                "{name} is {} bytes; configuration files are at most {MAX_FILE}",
+                data.len()
+            )));
+        }
+        if self.files.iter().any(|f| f.name == name) {
+            return Err(RepoError::Invalid(format!("{name} is already in restore point {}", self.id)));
+        }
+        let stored = format!("files/{}/{}", self.id, self.files.len());
+        let sealed = self.repo.codec.seal(&stored, data.to_vec())?;
+        self.repo.store.put(&stored, &sealed)?;
+        self.files.push(FileEntry {
+            name: name.to_owned(),
+            size: data.len() as u64,
+            stored_blake3: blake3::hash(&sealed).to_hex().to_string(),
+            stored,
+        });
+        Ok(())
+    }
+
     /// The restore point's ID-to-be.
     pub fn id(&self) -> &str {
         &self.id
@@ -272,7 +304,7 @@ impl Backup {
             source,
             consistency,
             disks,
-            files: Vec::new(),
+            files: std::mem::take(&mut self.files),
         };
         self.repo.put_manifest(&m)?;
         // Stopped first, so that no late heartbeat writes the registration back.
@@ -663,6 +695,7 @@ impl Repo {
             parent: parent.map(str::to_owned),
             disks,
             sinks,
+            files: Vec::new(),
         })
     }
 
@@ -673,6 +706,24 @@ impl Repo {
         let index = self.index(&m, disk)?;
         let name = format!("{}:{id}/{disk}", self.store.describe());
         Ok(PointReader { store: self.store.clone(), codec: self.codec.clone(), index, name })
+    }
+
+    /// A configuration file captured with restore point `m`.
+    pub fn file(&self, m: &Manifest, name: &str) -> Result<Vec<u8>, RepoError> {
+        let f = m
+            .files
+            .iter()
+            .find(|f| f.name == name)
+            .ok_or_else(|| RepoError::NotFound(format!("restore point {} has no file {name}", m.id)))?;
+        let raw = self.store.get(&f.stored)?.ok_or_else(|| RepoError::Corrupt(format!("{} is missing", f.stored)))?;
+        if blake3::hash(&raw).to_hex().as_str() != f.stored_blake3 {
+            return Err(RepoError::Corrupt(format!("{} does not match its manifest (damaged)", f.stored)));
+        }
+        let data = self.codec.open(&f.stored, raw)?;
+        if data.len() as u64 != f.size {
+            return Err(RepoError::Corrupt(format!("{} holds {} bytes, not {}", f.stored, data.len(), f.size)));
+        }
+        Ok(data)
     }
 
     /// Reads one chunk (checked against its ID).
@@ -718,6 +769,12 @@ impl Repo {
         let mut report = VerifyReport::default();
         let mut users: BTreeMap<ChunkId, Vec<(String, String)>> = BTreeMap::new();
         for m in self.points()? {
+            for f in &m.files {
+                if let Err(e) = self.file(&m, &f.name) {
+                    report.bad_chunks.push((f.stored.clone(), e.to_string()));
+                    report.damaged_points.entry(m.id.clone()).or_default().push(f.name.clone());
+                }
+            }
             for (n, d) in m.disks.iter().enumerate() {
                 match self.index(&m, n) {
                     Ok(ix) => {

@@ -161,20 +161,25 @@ impl Repo {
                 report.chunks_removed += 1;
             }
         }
-        for dir in self.store.list("indexes")? {
-            if live.contains(&dir.name) || registered.contains(&dir.name) {
-                continue;
-            }
-            let files = self.store.list(&format!("indexes/{}", dir.name))?;
-            if files.iter().any(|f| young(f.modified, grace)) {
-                continue;
-            }
-            if !dry_run {
-                for f in files {
-                    self.store.delete(&format!("indexes/{}/{}", dir.name, f.name))?;
+        // Index and configuration-file folders of restore points that are gone.
+        for top in ["indexes", "files"] {
+            for dir in self.store.list(top)? {
+                if live.contains(&dir.name) || registered.contains(&dir.name) {
+                    continue;
+                }
+                let files = self.store.list(&format!("{top}/{}", dir.name))?;
+                if files.iter().any(|f| young(f.modified, grace)) {
+                    continue;
+                }
+                if !dry_run {
+                    for f in files {
+                        self.store.delete(&format!("{top}/{}/{}", dir.name, f.name))?;
+                    }
+                }
+                if top == "indexes" {
+                    report.indexes_removed += 1;
                 }
             }
-            report.indexes_removed += 1;
         }
         Ok(report)
     }
@@ -277,6 +282,15 @@ impl Repo {
             };
             out.disks[n].index_blake3 = blake3::hash(&stored).to_hex().to_string();
             dest.store.put(&d.index, &stored)?;
+        }
+        for (n, f) in m.files.iter().enumerate() {
+            let stored = if same {
+                self.store.get(&f.stored)?.ok_or_else(|| RepoError::Corrupt(format!("{} is missing", f.stored)))?
+            } else {
+                dest.codec.seal(&f.stored, self.file(m, &f.name)?)?
+            };
+            out.files[n].stored_blake3 = blake3::hash(&stored).to_hex().to_string();
+            dest.store.put(&f.stored, &stored)?;
         }
         dest.put_manifest(&out)
     }

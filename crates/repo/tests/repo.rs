@@ -364,3 +364,60 @@ async fn a_gc_that_removes_a_chunk_a_running_backup_reuses_fails_that_backup_cle
     repo.restore_disk(&again.id, 0, &out).unwrap();
     assert!(same(&out, &one));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configuration_files_travel_with_their_restore_point() {
+    use repo::{Location, RepoKey, Retention};
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    image(&img, 4 * MIB, 5);
+    let key = RepoKey::generate().unwrap();
+    let at = |name: &str, key: Option<RepoKey>| Location {
+        url: dir.path().join(name).display().to_string(),
+        key,
+        ..Default::default()
+    };
+    let repo = Repo::init_at(&at("r", None), MIB32).unwrap();
+    let vmx = b"displayName = \"db01\"\nscsi0:0.fileName = \"db01.vmdk\"\n".to_vec();
+    let nvram = vec![0xA5u8; 8192];
+    let mut b = repo.begin(None, vec![DiskSpec { name: "d".into(), capacity: 4 * MIB, change_id: None }]).unwrap();
+    b.add_file("db01.vmx", &vmx).unwrap();
+    b.add_file("db01.nvram", &nvram).unwrap();
+    assert!(b.add_file("../x", b"").is_err() && b.add_file("db01.vmx", b"").is_err());
+    assert!(b.add_file("big", &vec![0; repo::MAX_FILE + 1]).is_err());
+    let sink = b.sink(0).unwrap();
+    sink.write_at(0, bytes::Bytes::from(std::fs::read(&img).unwrap())).await.unwrap();
+    sink.commit().await.unwrap();
+    let m = b.finish(SourceInfo { name: "db01".into(), instance_uuid: None }, Consistency::Application).unwrap();
+    assert_eq!(repo.file(&m, "db01.vmx").unwrap(), vmx);
+    assert_eq!(repo.file(&m, "db01.nvram").unwrap(), nvram);
+    assert!(matches!(repo.file(&m, "other.vmx"), Err(RepoError::NotFound(_))));
+
+    // Copied (re-encoded into an encrypted repository) with the point.
+    let enc = Repo::init_at(&at("enc", Some(key.clone())), MIB32).unwrap();
+    repo.copy_to(&enc, None).unwrap();
+    let em = enc.point(&m.id).unwrap();
+    assert_eq!(enc.file(&em, "db01.vmx").unwrap(), vmx);
+    assert!(enc.verify().unwrap().damaged_points.is_empty());
+
+    // A damaged file makes its restore point damaged, by name.
+    let stored = dir.path().join("r").join(&m.files[0].stored);
+    let mut bytes = std::fs::read(&stored).unwrap();
+    bytes[0] ^= 1;
+    std::fs::write(&stored, &bytes).unwrap();
+    let v = repo.verify().unwrap();
+    assert_eq!(v.damaged_points.get(&m.id).map(Vec::as_slice), Some(&["db01.vmx".to_owned()][..]), "{v:?}");
+    bytes[0] ^= 1;
+    std::fs::write(&stored, &bytes).unwrap();
+
+    // When the point is pruned (a newer one of the same source kept), gc removes its files.
+    let mut b2 =
+        repo.begin(Some(&m.id), vec![DiskSpec { name: "d".into(), capacity: 4 * MIB, change_id: None }]).unwrap();
+    b2.add_file("db01.vmx", &vmx).unwrap();
+    b2.sink(0).unwrap().commit().await.unwrap();
+    b2.finish(SourceInfo { name: "db01".into(), instance_uuid: None }, Consistency::Crash).unwrap();
+    let pruned = repo.prune(&Retention { last: 1, ..Default::default() }, false).unwrap();
+    assert_eq!(pruned.removed, vec![m.id.clone()]);
+    repo.gc(std::time::Duration::ZERO, false).unwrap();
+    assert!(!stored.exists(), "the files of a removed restore point are collected");
+}
