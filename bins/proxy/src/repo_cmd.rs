@@ -321,33 +321,6 @@ async fn dispatch(cmd: RepoCommand) -> Result<ExitCode> {
     }
 }
 
-/// Reads a changed-areas file: `OFFSET LENGTH` per line, in bytes; blank lines and `#`
-/// comments ignored. Every area must lie within `size`.
-pub(crate) fn parse_changed(text: &str, what: &str, size: u64) -> Result<ExtentSet> {
-    let mut set = ExtentSet::new();
-    for (n, line) in text.lines().enumerate() {
-        let line = line.split('#').next().unwrap_or("").trim();
-        if line.is_empty() {
-            continue;
-        }
-        let mut parts = line.split_whitespace();
-        let (Some(o), Some(l), None) = (parts.next(), parts.next(), parts.next()) else {
-            bail!("{what} line {}: expected `OFFSET LENGTH`, found {line:?}", n + 1);
-        };
-        let (off, len): (u64, u64) = match (o.parse(), l.parse()) {
-            (Ok(off), Ok(len)) => (off, len),
-            _ => bail!("{what} line {}: {line:?} is not two byte counts", n + 1),
-        };
-        if off.checked_add(len).is_none_or(|end| end > size) {
-            bail!("{what} line {}: [{off}, +{len}) lies outside the disk of {size} bytes", n + 1);
-        }
-        if let Some(e) = cbt::Extent::new(off, len) {
-            set.insert(e);
-        }
-    }
-    Ok(set)
-}
-
 async fn backup(args: &BackupArgs) -> Result<ExitCode> {
     if args.requests == 0 {
         bail!("--requests must be at least 1");
@@ -377,7 +350,7 @@ async fn backup(args: &BackupArgs) -> Result<ExitCode> {
                 bail!("--changed needs a parent restore point to take the unchanged areas from");
             }
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            Some(parse_changed(&text, &path.display().to_string(), size)?)
+            Some(cbt::parse_areas(&text, size).with_context(|| format!("{}", path.display()))?)
         }
         None => None,
     };
@@ -603,21 +576,4 @@ fn prune(repo: &Repo, keep: &KeepArgs, dry_run: bool, json: bool) -> Result<Exit
         println!("run `proxy repo gc` to free the chunks only removed restore points used");
     }
     Ok(ExitCode::SUCCESS)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn changed_area_files_are_checked_line_by_line() {
-        let set = parse_changed("# areas\n0 4096\n\n8192 10 # tail\n", "f", 1 << 20).unwrap();
-        assert_eq!(set, ExtentSet::from_ranges([(0, 4096), (8192, 10)]));
-        for (bad, what) in [("1 2 3", "line 1"), ("x 1", "byte counts"), ("0 2000000", "outside"), ("5", "OFFSET")] {
-            let e = parse_changed(bad, "f", 1 << 20).unwrap_err().to_string();
-            assert!(e.contains(what), "{bad}: {e}");
-        }
-        let e = parse_changed(&format!("{} 2", u64::MAX), "f", 1 << 20).unwrap_err().to_string();
-        assert!(e.contains("outside"), "{e}");
-    }
 }

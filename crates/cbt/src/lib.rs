@@ -12,6 +12,7 @@
 //! - [`plan()`]: the copy planner, full or incremental, with the reason for every full copy.
 
 mod accumulate;
+mod areas;
 mod change_id;
 mod extent;
 mod plan;
@@ -21,6 +22,7 @@ mod report;
 pub mod oracle;
 
 pub use accumulate::{ChangeAccumulator, ChangedAreas, DiskChangeExtent, DiskChangeInfo, accumulate};
+pub use areas::{AreasError, parse_areas};
 pub use change_id::{ChangeId, ChangeIdKind, Epoch, OpaqueReason};
 pub use extent::{Extent, ExtentSet, Split};
 pub use plan::{

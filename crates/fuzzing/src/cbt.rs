@@ -16,6 +16,20 @@ use cbt::{
     DiskChangeInfo, DiskPosition, Epoch, ExtentSet, HostVersion, QueryFault, Taint, accumulate, plan,
 };
 
+/// Parses arbitrary text as a changed-areas list: never panics, and what parses lies within
+/// the disk and is no more areas than the text has lines.
+pub fn areas(data: &[u8]) {
+    let (cap, text) = data.split_at(data.len().min(8));
+    let mut c = [0u8; 8];
+    c[..cap.len()].copy_from_slice(cap);
+    let capacity = u64::from_le_bytes(c);
+    let text = String::from_utf8_lossy(text);
+    if let Ok(set) = cbt::parse_areas(&text, capacity) {
+        assert!(set.end() <= capacity);
+        assert!(set.len() <= text.lines().count());
+    }
+}
+
 /// Parses arbitrary text as a change ID: never panics, keeps the text, and a parsed ID spelled
 /// VMware's way parses back to itself.
 pub fn change_id(data: &[u8]) {

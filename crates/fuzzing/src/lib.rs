@@ -18,6 +18,7 @@ pub type FuzzTarget = fn(&[u8]);
 pub const TARGETS: &[(&str, FuzzTarget)] = &[
     ("cbt_change_id", cbt::change_id),
     ("cbt_plan", cbt::plan_and_accumulate),
+    ("cbt_areas", cbt::areas),
     ("vmdk_descriptor", vmdk::descriptor),
     ("vmdk_sparse", vmdk::sparse),
     ("vmdk_stream", vmdk::stream),
