@@ -13,7 +13,9 @@ mod format;
 pub mod lock;
 mod ops;
 pub mod prune;
+#[cfg(feature = "s3")]
 mod s3;
+mod s3config;
 mod sink;
 mod store;
 
@@ -33,7 +35,9 @@ pub use format::{
 pub use lock::{LockKind, LockTiming, RepoLock};
 pub use ops::{CopyReport, GcReport, PruneReport};
 pub use prune::Retention;
-pub use s3::{S3Config, S3Store};
+#[cfg(feature = "s3")]
+pub use s3::S3Store;
+pub use s3config::S3Config;
 pub use sink::{RepoSink, SinkStats};
 pub use store::{Entry, Fs, LocalStore, RealFs, Store};
 
@@ -142,7 +146,10 @@ impl Location {
     /// The store it names.
     pub fn store(&self) -> Result<Arc<dyn Store>, RepoError> {
         if self.url.starts_with("s3://") {
+            #[cfg(feature = "s3")]
             return Ok(Arc::new(S3Store::open(&self.url, &self.s3)?));
+            #[cfg(not(feature = "s3"))]
+            return Err(RepoError::Invalid(format!("{}: this build has no S3 support (feature `s3`)", self.url)));
         }
         if self.url.contains("://") {
             return Err(RepoError::Invalid(format!("{}: repositories are a local path or s3://", self.url)));

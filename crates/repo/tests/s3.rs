@@ -3,6 +3,8 @@
 //! interrupted and resumes sending only what is missing; restore points that read back
 //! byte for byte from S3; backups, locks, verify, prune and gc on S3; create-only chunk writes.
 
+#![cfg(feature = "s3")]
+
 mod common;
 
 use std::sync::Arc;
