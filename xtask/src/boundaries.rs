@@ -59,6 +59,13 @@ const RULES: &[Rule] = &[
         why: "the vSphere client speaks SOAP and HTTPS: no VDDK, no disk formats, no copying, one crypto provider",
     },
     Rule {
+        covers: |name| name == "orchestration",
+        // quick-xml comes with the vSphere client; this crate must not parse XML itself.
+        forbidden_deps: &["vddk-sys", "libloading"],
+        forbidden_source: &["VixDiskLib", "quick_xml::", "soapenv"],
+        why: "orchestration orders the steps: SOAP is the vSphere client's, the C API the VDDK binding's",
+    },
+    Rule {
         covers: |name| name == "repo",
         // hyper and quick-xml come with object_store's S3 client, nbd-wire and vmdk with the
         // pipeline's sources: the repository must not use them itself.

@@ -81,20 +81,7 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(args: &Args) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("proxy disk-copy: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(copy(args)) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("proxy disk-copy: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    crate::block_on("disk-copy", copy(args))
 }
 
 fn state_dir(args: &Args) -> Result<PathBuf> {

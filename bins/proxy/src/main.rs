@@ -1,6 +1,7 @@
 //! `proxy`: the syncproxy proxy. Today `disk-copy` (the block pipeline as a command) and the
 //! `repo` command tree; backup, replicate and serve join them as their issues land.
 
+mod demo;
 mod disk_copy;
 mod endpoints;
 mod repo_cmd;
@@ -23,6 +24,9 @@ enum Command {
     /// Copy a disk like nbdcopy: SRC is a raw file, block device, VMDK or NBD URI; DST a file,
     /// block device or NBD URI. Only allocated data is read; an interrupted copy resumes.
     DiskCopy(disk_copy::Args),
+    /// Run the whole product on the embedded vSphere simulator: full and incremental backups
+    /// of a few VMs, restores compared byte for byte, a summary. Nothing to set up.
+    Demo(demo::Args),
     /// Work with a backup repository (a directory or s3://bucket/prefix): init, backup, list,
     /// restore, verify, prune, gc, copy.
     Repo {
@@ -31,10 +35,30 @@ enum Command {
     },
 }
 
+/// Runs a command's future on a multi-threaded runtime; an error is printed as
+/// `proxy COMMAND: ...` with its causes, and exits 1.
+pub(crate) fn block_on(command: &str, fut: impl Future<Output = anyhow::Result<ExitCode>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("proxy {command}: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(fut) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("proxy {command}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::DiskCopy(args) => disk_copy::run(&args),
+        Command::Demo(args) => demo::run(&args),
         Command::Repo { command } => repo_cmd::run(command),
     }
 }

@@ -213,20 +213,7 @@ pub(crate) struct BackupArgs {
 }
 
 pub(crate) fn run(cmd: RepoCommand) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("proxy repo: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(dispatch(cmd)) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("proxy repo: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    crate::block_on("repo", dispatch(cmd))
 }
 
 async fn dispatch(cmd: RepoCommand) -> Result<ExitCode> {
@@ -355,7 +342,10 @@ async fn backup(args: &BackupArgs) -> Result<ExitCode> {
         None => None,
     };
     let disk_name = Path::new(&name).file_name().map_or_else(|| name.clone(), |n| n.to_string_lossy().into_owned());
-    let mut b = repo.begin(parent.as_deref(), vec![DiskSpec { name: disk_name, capacity: size, change_id: None }])?;
+    let mut b = repo.begin(
+        parent.as_deref(),
+        vec![DiskSpec { name: disk_name, capacity: size, change_id: None, committed: None }],
+    )?;
     for path in &args.file {
         let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let name = path.file_name().context("--file needs a file name")?.to_string_lossy();

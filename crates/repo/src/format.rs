@@ -172,6 +172,10 @@ pub struct DiskEntry {
     pub index_blake3: String,
     /// The CBT change ID this copy is as of.
     pub change_id: Option<String>,
+    /// What the CBT planner needs of this copy next time (change ID, capacity, position,
+    /// backing, epoch taint), when it came from a planned copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed: Option<cbt::CommittedDisk>,
     /// Chunks this backup stored new.
     pub stored_chunks: u64,
     /// Bytes those took in the repository.

@@ -206,6 +206,9 @@ pub struct DiskSpec {
     pub capacity: u64,
     /// The change ID it will be as of.
     pub change_id: Option<String>,
+    /// What the CBT planner should know of this copy next time; recorded in the manifest,
+    /// which is written only once every disk is committed.
+    pub committed: Option<cbt::CommittedDisk>,
 }
 
 /// A backup in progress: a sink per disk; [`Backup::finish`] writes the manifest.
@@ -299,6 +302,7 @@ impl Backup {
                 index,
                 index_blake3: sum,
                 change_id: d.change_id.clone(),
+                committed: d.committed.clone(),
                 stored_chunks: stats.stored_chunks,
                 stored_bytes: stats.stored_bytes,
             });
@@ -622,8 +626,9 @@ impl Repo {
         Ok(ix)
     }
 
-    /// Starts a backup of `disks`. With a `parent`, each disk of the same index and size starts
-    /// from the parent's chunks (an incremental that is still a full restore point).
+    /// Starts a backup of `disks`. With a `parent`, each disk that the parent has under the same
+    /// name and size starts from the parent's chunks (an incremental that is still a full
+    /// restore point); any other disk starts empty.
     ///
     /// The backup registers itself in `writers/` (with a heartbeat) before it stores anything,
     /// so that a gc running meanwhile keeps its parent's chunks and those of its committed
@@ -652,9 +657,12 @@ impl Repo {
         };
         let mut sinks = Vec::new();
         for (n, d) in disks.iter().enumerate() {
-            let start = match &parent_m {
-                Some(pm) if pm.disks.get(n).is_some_and(|pd| pd.capacity == d.capacity) => Some(self.index(pm, n)?),
-                _ => None,
+            let same = parent_m.as_ref().and_then(|pm| {
+                pm.disks.iter().position(|pd| pd.name == d.name && pd.capacity == d.capacity).map(|i| (pm, i))
+            });
+            let start = match same {
+                Some((pm, i)) => Some(self.index(pm, i)?),
+                None => None,
             };
             let fresh = start.is_none();
             let start = start.unwrap_or_else(|| Index::zeroed(d.capacity, self.config.chunk_size));

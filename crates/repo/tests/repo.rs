@@ -36,7 +36,9 @@ fn image(path: &Path, size: u64, seed: u8) {
 async fn backup(repo: &Repo, parent: Option<&str>, src: &Path, read: Option<ExtentSet>) -> repo::Manifest {
     let source: Arc<dyn BlockSource> = Arc::new(FileSource::open(src).unwrap());
     let size = source.size();
-    let b = repo.begin(parent, vec![DiskSpec { name: "disk0".into(), capacity: size, change_id: None }]).unwrap();
+    let b = repo
+        .begin(parent, vec![DiskSpec { name: "disk0".into(), capacity: size, change_id: None, committed: None }])
+        .unwrap();
     let sink: Arc<dyn BlockSink> = b.sink(0).unwrap();
     let g = sink.granularity().get();
     let job = DiskCopy {
@@ -63,7 +65,9 @@ async fn the_sink_passes_the_pipeline_conformance_suite() {
     let repo = Repo::init(dir.path().join("r"), 64 << 10).unwrap();
     // Not a whole number of chunks, so the last one is partial.
     let size = 3 * MIB + 8192;
-    let b = repo.begin(None, vec![DiskSpec { name: "d".into(), capacity: size, change_id: None }]).unwrap();
+    let b = repo
+        .begin(None, vec![DiskSpec { name: "d".into(), capacity: size, change_id: None, committed: None }])
+        .unwrap();
     let sink = b.sink(0).unwrap();
     let reader = sink.clone();
     pipeline::conformance::check_sink(sink, async move || reader.read(0, size).unwrap()).await.unwrap();
@@ -147,8 +151,9 @@ async fn an_unfinished_backup_leaves_no_restore_point_and_newer_formats_are_refu
     let repo = Repo::init(&repo_dir, MIB32).unwrap();
     let done = backup(&repo, None, &img, None).await;
     // Chunks and even an index written, but no manifest: as after a crash before the end.
-    let b =
-        repo.begin(Some(&done.id), vec![DiskSpec { name: "d".into(), capacity: 8 * MIB, change_id: None }]).unwrap();
+    let b = repo
+        .begin(Some(&done.id), vec![DiskSpec { name: "d".into(), capacity: 8 * MIB, change_id: None, committed: None }])
+        .unwrap();
     let sink = b.sink(0).unwrap();
     sink.write_at(0, bytes::Bytes::from(vec![9u8; 1 << 20])).await.unwrap();
     sink.commit().await.unwrap();
@@ -210,7 +215,7 @@ async fn prune_and_gc_keep_every_chunk_a_kept_point_or_a_running_backup_needs() 
     }
     let hour = Duration::from_secs(3600);
 
-    let disk = || vec![DiskSpec { name: "d".into(), capacity: size, change_id: None }];
+    let disk = || vec![DiskSpec { name: "disk0".into(), capacity: size, change_id: None, committed: None }];
     // A backup in progress from ids[0] keeps going while prune and gc run beside it.
     let running = repo.begin(Some(&ids[0]), disk()).unwrap();
     let sink = running.sink(0).unwrap();
@@ -342,7 +347,9 @@ async fn a_gc_that_removes_a_chunk_a_running_backup_reuses_fails_that_backup_cle
 
     // A new backup of `one` finds its first chunk already stored (unreferenced now) and reuses
     // it; a gc then removes that chunk before the backup finishes.
-    let b = repo.begin(None, vec![DiskSpec { name: "d".into(), capacity: size, change_id: None }]).unwrap();
+    let b = repo
+        .begin(None, vec![DiskSpec { name: "d".into(), capacity: size, change_id: None, committed: None }])
+        .unwrap();
     let sink = b.sink(0).unwrap();
     let first = std::fs::read(&one).unwrap()[..1 << 20].to_vec();
     sink.write_at(0, bytes::Bytes::from(first)).await.unwrap();
@@ -380,7 +387,9 @@ async fn configuration_files_travel_with_their_restore_point() {
     let repo = Repo::init_at(&at("r", None), MIB32).unwrap();
     let vmx = b"displayName = \"db01\"\nscsi0:0.fileName = \"db01.vmdk\"\n".to_vec();
     let nvram = vec![0xA5u8; 8192];
-    let mut b = repo.begin(None, vec![DiskSpec { name: "d".into(), capacity: 4 * MIB, change_id: None }]).unwrap();
+    let mut b = repo
+        .begin(None, vec![DiskSpec { name: "d".into(), capacity: 4 * MIB, change_id: None, committed: None }])
+        .unwrap();
     b.add_file("db01.vmx", &vmx).unwrap();
     b.add_file("db01.nvram", &nvram).unwrap();
     assert!(b.add_file("../x", b"").is_err() && b.add_file("db01.vmx", b"").is_err());
@@ -411,8 +420,9 @@ async fn configuration_files_travel_with_their_restore_point() {
     std::fs::write(&stored, &bytes).unwrap();
 
     // When the point is pruned (a newer one of the same source kept), gc removes its files.
-    let mut b2 =
-        repo.begin(Some(&m.id), vec![DiskSpec { name: "d".into(), capacity: 4 * MIB, change_id: None }]).unwrap();
+    let mut b2 = repo
+        .begin(Some(&m.id), vec![DiskSpec { name: "d".into(), capacity: 4 * MIB, change_id: None, committed: None }])
+        .unwrap();
     b2.add_file("db01.vmx", &vmx).unwrap();
     b2.sink(0).unwrap().commit().await.unwrap();
     b2.finish(SourceInfo { name: "db01".into(), instance_uuid: None }, Consistency::Crash).unwrap();

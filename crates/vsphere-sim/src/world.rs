@@ -323,6 +323,23 @@ impl World {
                         track: tracked.then(|| Track::new(n * 31 + i as u64)),
                     });
                 }
+                // The VM's configuration file, as a backup captures it.
+                if let Some(first) = disks.first() {
+                    let vmx = root.join(&w.datastores[first.ds].name).join(&v.name).join(format!("{}.vmx", v.name));
+                    let mut text = format!(
+                        ".encoding = \"UTF-8\"\ndisplayName = \"{}\"\nvirtualHW.version = \"{}\"\n",
+                        v.name,
+                        v.hardware.trim_start_matches("vmx-")
+                    );
+                    for d in &disks {
+                        text.push_str(&format!(
+                            "scsi0:{}.fileName = \"{}\"\n",
+                            d.unit,
+                            d.base_name.rsplit('/').next().unwrap_or("")
+                        ));
+                    }
+                    std::fs::write(&vmx, text).map_err(|e| SimError::io(&vmx, e))?;
+                }
                 w.vm_ids.insert(moref.value.clone(), w.vms.len());
                 w.vms.push(VmState {
                     moref,

@@ -62,6 +62,12 @@ impl Thumbprint {
         Err(format!("the server's certificate has thumbprint {seen}, not the pinned {self}"))
     }
 
+    /// The SHA-256 thumbprint of a certificate (DER): what to pin for a server whose
+    /// certificate one holds (the embedded simulator's, a host's from vCenter).
+    pub fn sha256_of(cert: &[u8]) -> Self {
+        Self::Sha256(sha2::Sha256::digest(cert).into())
+    }
+
     /// Whether `cert` has this thumbprint.
     pub fn matches(&self, cert: &[u8]) -> bool {
         match self {
