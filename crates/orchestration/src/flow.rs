@@ -141,7 +141,7 @@ async fn run(ctx: &JobContext, vm_ref: &MoRef, report: &mut VmReport) -> Result<
         "made by syncproxy proxy {} for job {} at {}; removed when the backup ends",
         ctx.proxy_id,
         ctx.job_id,
-        humantime_now()
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now())
     );
     let (snap, consistency) = match ctx.client.create_snapshot(&vm.moref, &name, &description, quiesce, None).await {
         Ok(s) => (s, if quiesce { Consistency::Application } else { Consistency::Crash }),
@@ -173,11 +173,6 @@ async fn run(ctx: &JobContext, vm_ref: &MoRef, report: &mut VmReport) -> Result<
         }
     }
     copied.map(|m| report.point = Some(m.id))
-}
-
-fn humantime_now() -> String {
-    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    format!("{} s after the epoch", d.as_secs())
 }
 
 async fn copy_under(

@@ -153,6 +153,35 @@ async fn full_then_incremental_backups_of_multi_disk_vms() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_snapshot_names_its_proxy_job_and_start_time() {
+    let (dir, sim, client) = start().await;
+    let repo = Repo::init(dir.path().join("repo"), 1 << 20).unwrap();
+    let web = client.vms().await.unwrap().into_iter().find(|v| v.name == "web").unwrap();
+    // A slow task keeps the snapshot visible while a second session looks.
+    sim.faults(|f| f.task_delay = Duration::from_millis(400));
+    let job = tokio::spawn({
+        let (client, repo) = (client.clone(), repo.clone());
+        async move { backup_vm(&ctx(&client, &repo, "job-42"), &web.moref).await }
+    });
+    let mut seen = None;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let v = client.vms().await.unwrap().into_iter().find(|v| v.name == "web").unwrap();
+        if let Some(s) = v.all_snapshots().first() {
+            seen = Some((s.name.clone(), s.description.clone()));
+            break;
+        }
+    }
+    let r = job.await.unwrap();
+    assert!(r.error.is_none() && r.snapshot_removed, "{r:?}");
+    let (name, description) = seen.expect("the snapshot was seen while the backup ran");
+    assert_eq!(name, "syncproxy-test-proxy-job-42");
+    assert!(description.contains("job-42") && description.contains("test-proxy"), "{description}");
+    let at = description.split(" at ").nth(1).and_then(|t| t.split(';').next()).unwrap_or("");
+    assert!(humantime::parse_rfc3339(at).is_ok(), "an RFC 3339 start time in {description:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_mid_job_leave_no_snapshot_and_no_restore_point() {
     let (dir, sim, client) = start().await;
     let repo = Repo::init(dir.path().join("repo"), 1 << 20).unwrap();
