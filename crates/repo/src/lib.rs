@@ -182,12 +182,19 @@ pub(crate) struct Registration {
 /// start and its end checks that every chunk it references still exists.
 const GC_GENERATION: &str = "gc/generation";
 
+/// `bytes` random bytes as hex (repository, restore-point, lock and gc-generation IDs), from
+/// the system's generator, the one the keys come from. Should it ever fail, time and PID are
+/// hashed instead: the IDs need to be unique, not secret.
 pub(crate) fn random_hex(bytes: usize) -> String {
-    let mut h = blake3::Hasher::new();
-    h.update(&std::process::id().to_le_bytes());
-    h.update(&format!("{:?}", std::time::SystemTime::now()).into_bytes());
-    h.update(&format!("{:p}", &h).into_bytes());
-    h.finalize().to_hex()[..bytes * 2].to_owned()
+    let mut raw = [0u8; 32];
+    let n = bytes.min(raw.len());
+    if aws_lc_rs::rand::fill(&mut raw[..n]).is_err() {
+        let mut h = blake3::Hasher::new();
+        h.update(&std::process::id().to_le_bytes());
+        h.update(&format!("{:?}", std::time::SystemTime::now()).into_bytes());
+        raw = *h.finalize().as_bytes();
+    }
+    raw[..n].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// UTC now as `(YYYYMMDDTHHMMSSnnnnnnnnnZ, YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ)`: to the nanosecond,

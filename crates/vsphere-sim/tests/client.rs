@@ -71,16 +71,11 @@ async fn sim() -> (tempfile::TempDir, Sim) {
 
 async fn login(sim: &Sim) -> Client {
     let der = sim.certificate().unwrap();
-    let pin = Trust::Pinned(Thumbprint::Sha256(sha256(der)));
+    let pin = Trust::Pinned(Thumbprint::sha256_of(der));
     let opts = ConnectOptions { trust: pin, timeout: Duration::from_secs(20), ..ConnectOptions::new(&sim.url()) };
     let c = Client::connect(&opts).await.unwrap();
     c.login(Credentials { user: "backup@vsphere.local".into(), password: Secret::new("s3cret") }).await.unwrap();
     c
-}
-
-fn sha256(der: &[u8]) -> [u8; 32] {
-    use sha2::Digest as _;
-    sha2::Sha256::digest(der).into()
 }
 
 async fn vm_named(c: &Client, name: &str) -> vsphere::Vm {
@@ -283,7 +278,7 @@ async fn vsphere_5_speaks_only_tls_1_0_and_the_legacy_path_reaches_it() {
     config.api_version = "5.1".into();
     config.version = "5.1.0".into();
     let sim = Sim::start(config, dir.path(), SimTls::Legacy).await.unwrap();
-    let pin = Trust::Pinned(Thumbprint::Sha256(sha256(sim.certificate().unwrap())));
+    let pin = Trust::Pinned(Thumbprint::sha256_of(sim.certificate().unwrap()));
     let opts =
         ConnectOptions { trust: pin.clone(), timeout: Duration::from_secs(20), ..ConnectOptions::new(&sim.url()) };
     // rustls refuses TLS 1.0, and the error says what to do.
