@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use orchestration::{JobContext, VmReport, backup_vm};
-use pipeline::{CopyOptions, Engine};
+use pipeline::Engine;
 use repo::Repo;
 use vsphere::{Client, ConnectOptions, Credentials, Secret, Trust};
 use vsphere_sim::{Config, Sim, SimTls};
@@ -65,15 +65,7 @@ fn estate(vms: usize, disk: u64) -> Config {
 }
 
 async fn back_up_all(client: &Arc<Client>, repo: &Repo, job: &str, engine: &Arc<Engine>) -> Result<Vec<VmReport>> {
-    let ctx = JobContext {
-        client: client.clone(),
-        repo: repo.clone(),
-        datacenter: "DC1".into(),
-        proxy_id: "demo".into(),
-        job_id: job.into(),
-        engine: engine.clone(),
-        options: CopyOptions::default(),
-    };
+    let ctx = JobContext::new(client.clone(), repo.clone(), "demo", job, engine.clone());
     // Every VM at once, as a job does.
     let mut set = tokio::task::JoinSet::new();
     for v in client.vms().await? {

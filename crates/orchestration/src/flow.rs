@@ -1,11 +1,13 @@
-//! The per-VM backup flow of reference section 2.13, into a repository: preflight, CBT on when
-//! allowed, a snapshot named for this proxy and job (quiesced when VMware Tools run), a plan per
-//! disk from `cbt`, the copy over HTTPS datastore reads, the VM's configuration file captured,
-//! the restore point written only after every disk is committed, and the snapshot removed on
-//! every path, with consolidation when the server asks for it.
+//! The per-VM backup flow of reference section 2.13, into a repository: stale snapshots of ours
+//! removed first, preflight, CBT on when allowed, a snapshot named for this proxy and job
+//! (quiesced when VMware Tools run), a plan per disk from `cbt`, the copy over HTTPS datastore
+//! reads, the VM's configuration file captured, the restore point written only after every
+//! disk is committed, and the snapshot removed on every path, with consolidation when the
+//! server asks for it. [`plan_vm`] says what a backup would copy without touching anything.
 
+use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cbt::{ChangeId, Changes, CommittedDisk, CopyPlan, CurrentDisk, Destination, DiskPosition, QueryFault};
 use pipeline::progress::Progress;
@@ -13,9 +15,11 @@ use pipeline::state::Digests;
 use pipeline::{BlockSink, CopyOptions, DiskCopy, Engine, copy_disk};
 use repo::{Consistency, DiskSpec, Manifest, Repo, SourceInfo};
 use vsphere::datastore::DatastoreFile;
-use vsphere::{Client, MoRef, Vm};
+use vsphere::{Client, Disk, MoRef, Vm};
 
 use crate::OrchError;
+use crate::hygiene::{clean_vm, parse_server_time};
+use crate::metrics::Metrics;
 use crate::source::{DatastoreSource, shared};
 
 /// What every snapshot of ours is named with, first.
@@ -26,18 +30,57 @@ pub const SNAPSHOT_PREFIX: &str = "syncproxy";
 pub struct JobContext {
     /// A logged-in session.
     pub client: Arc<Client>,
-    /// Where restore points go.
+    /// Where restore points go (and where running jobs hold their leases).
     pub repo: Repo,
-    /// The datacenter the VMs' datastores are in (for `/folder` reads).
-    pub datacenter: String,
     /// This proxy's ID (in snapshot names).
     pub proxy_id: String,
-    /// This job's ID (in snapshot names).
+    /// This job's ID (in snapshot names); unique per run.
     pub job_id: String,
     /// The copy engine (one buffer pool for the process).
     pub engine: Arc<Engine>,
     /// How copies run.
     pub options: CopyOptions,
+    /// The longest a job may run: an orphaned snapshot of ours younger than this is left alone.
+    pub max_job: Duration,
+    /// The process's counters.
+    pub metrics: Arc<Metrics>,
+}
+
+impl JobContext {
+    /// A job with default copy options, a 24-hour longest job and fresh counters.
+    pub fn new(client: Arc<Client>, repo: Repo, proxy_id: &str, job_id: &str, engine: Arc<Engine>) -> Self {
+        Self {
+            client,
+            repo,
+            proxy_id: proxy_id.to_owned(),
+            job_id: job_id.to_owned(),
+            engine,
+            options: CopyOptions::default(),
+            max_job: Duration::from_secs(24 * 3600),
+            metrics: Arc::new(Metrics::default()),
+        }
+    }
+
+    /// `<proxy>-<job>`: the job's lease name, and what its snapshots are named after.
+    pub fn tag(&self) -> String {
+        format!("{}-{}", self.proxy_id, self.job_id)
+    }
+
+    /// The name of this job's snapshots.
+    pub fn snapshot_name(&self) -> String {
+        format!("{SNAPSHOT_PREFIX}-{}", self.tag())
+    }
+}
+
+/// Runs a repository call on the blocking pool (the repository is synchronous, and on S3 it
+/// waits for the network).
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, repo::RepoError> + Send + 'static,
+) -> Result<T, OrchError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| OrchError::Refused(format!("a repository call did not finish: {e}")))?
+        .map_err(OrchError::from)
 }
 
 /// What happened to one disk.
@@ -74,6 +117,8 @@ pub struct VmReport {
     pub error: Option<String>,
     /// Whether our snapshot was removed (true when none was made).
     pub snapshot_removed: bool,
+    /// Stale snapshots of ours removed before the backup.
+    pub stale_removed: Vec<String>,
     /// How long it took.
     pub seconds: f64,
 }
@@ -82,12 +127,52 @@ pub struct VmReport {
 /// is removed on success and on failure alike (a removal that fails is reported loudly).
 pub async fn backup_vm(ctx: &JobContext, vm: &MoRef) -> VmReport {
     let started = Instant::now();
+    let running = ctx.metrics.vm_started();
     let mut report = VmReport { vm: vm.to_string(), snapshot_removed: true, ..VmReport::default() };
     if let Err(e) = run(ctx, vm, &mut report).await {
         report.error = Some(e.to_string());
     }
+    if !report.snapshot_removed {
+        ctx.metrics.snapshot_left();
+    }
+    drop(running);
+    ctx.metrics.vm_finished(report.error.is_some(), !report.warnings.is_empty());
     report.seconds = started.elapsed().as_secs_f64();
     report
+}
+
+/// The datacenter whose datastores hold `vm`'s disks (its name is part of datastore paths).
+async fn datacenter_of(client: &Client, vm: &Vm) -> Result<String, OrchError> {
+    let dcs = client.datacenters().await?;
+    let ds = vm.disks.iter().find_map(|d| d.datastore.clone());
+    let found = match &ds {
+        Some(ds) => dcs.iter().find(|dc| dc.datastores.contains(ds)),
+        None if dcs.len() == 1 => dcs.first(),
+        None => None,
+    };
+    found
+        .map(|dc| dc.name.clone())
+        .ok_or_else(|| OrchError::Refused(format!("no datacenter holds the datastore of {}'s disks ({ds:?})", vm.name)))
+}
+
+/// Removes stale snapshots of ours from `vm` (see `hygiene`) and says what it did; returns
+/// whether anything was removed.
+async fn hygiene(ctx: &JobContext, vm: &Vm, report: &mut VmReport) -> Result<bool, OrchError> {
+    if vm.snapshots.is_empty() {
+        return Ok(false);
+    }
+    let repo = ctx.repo.clone();
+    let mut live: HashSet<String> =
+        blocking(move || repo.live_jobs()).await?.into_iter().map(|(name, _)| name).collect();
+    live.insert(ctx.tag());
+    let now_text = ctx.client.current_time().await?;
+    let now = parse_server_time(&now_text)
+        .ok_or_else(|| OrchError::Refused(format!("the server's clock reads {now_text:?}, not a time")))?;
+    let h = clean_vm(&ctx.client, vm, &live, now, ctx.max_job, &ctx.metrics).await?;
+    report.warnings.extend(h.notes);
+    let removed = !h.removed.is_empty();
+    report.stale_removed = h.removed;
+    Ok(removed)
 }
 
 async fn one_vm(ctx: &JobContext, vm: &MoRef) -> Result<Vm, OrchError> {
@@ -114,16 +199,22 @@ fn position(slot: &str) -> DiskPosition {
 }
 
 async fn run(ctx: &JobContext, vm_ref: &MoRef, report: &mut VmReport) -> Result<(), OrchError> {
-    let vm = one_vm(ctx, vm_ref).await?;
+    let mut vm = one_vm(ctx, vm_ref).await?;
     report.vm = vm.name.clone();
+    if hygiene(ctx, &vm, report).await? {
+        vm = one_vm(ctx, vm_ref).await?;
+    }
     if vm.key_id.is_some() {
         return Err(OrchError::Refused(format!("{} is encrypted: its disks cannot be read over HTTPS", vm.name)));
     }
     if vm.snapshot_depth() > 0 {
+        let names: Vec<&str> = vm.all_snapshots().iter().map(|s| s.name.as_str()).collect();
         return Err(OrchError::Refused(format!(
-            "{} already has {} snapshot(s); backing up through a snapshot chain is not supported yet",
+            "{} has {} snapshot(s) ({}); backing up through a snapshot chain is not supported yet: remove or \
+             consolidate them first",
             vm.name,
-            vm.snapshot_depth()
+            names.len(),
+            names.join(", ")
         )));
     }
     if vm.cbt_enabled != Some(true) {
@@ -136,7 +227,7 @@ async fn run(ctx: &JobContext, vm_ref: &MoRef, report: &mut VmReport) -> Result<
         }
     }
     let quiesce = matches!(vm.tools.as_deref(), Some("guestToolsRunning" | "toolsOk"));
-    let name = format!("{SNAPSHOT_PREFIX}-{}-{}", ctx.proxy_id, ctx.job_id);
+    let name = ctx.snapshot_name();
     let description = format!(
         "made by syncproxy proxy {} for job {} at {}; removed when the backup ends",
         ctx.proxy_id,
@@ -158,6 +249,8 @@ async fn run(ctx: &JobContext, vm_ref: &MoRef, report: &mut VmReport) -> Result<
     report.snapshot_removed = false;
     report.consistency = Some(consistency);
     let copied = copy_under(ctx, &vm, &snap, consistency, report).await;
+    // Removed even when the copy failed; a Ctrl-C (the future dropped) is handled by the job,
+    // which removes every snapshot named for it before it exits.
     match ctx.client.remove_snapshot(&snap, true).await {
         Ok(()) => report.snapshot_removed = true,
         Err(e) => {
@@ -175,25 +268,44 @@ async fn run(ctx: &JobContext, vm_ref: &MoRef, report: &mut VmReport) -> Result<
     copied.map(|m| report.point = Some(m.id))
 }
 
-async fn copy_under(
+/// One disk's plan.
+struct DiskPlan {
+    disk: Disk,
+    slot: String,
+    spec: DiskSpec,
+    /// `None` when only a snapshot can tell (a planning run on a powered-on VM).
+    plan: Option<CopyPlan>,
+    words: String,
+}
+
+/// The newest restore point of `vm` in the repository.
+async fn previous_point(ctx: &JobContext, vm: &Vm) -> Result<Option<Manifest>, OrchError> {
+    let Some(uuid) = vm.instance_uuid.clone() else { return Ok(None) };
+    let repo = ctx.repo.clone();
+    let points = blocking(move || repo.points()).await?;
+    Ok(points.into_iter().rev().find(|p| p.source.instance_uuid.as_deref() == Some(uuid.as_str())))
+}
+
+/// Plans every disk of `vm` that a snapshot holds: under `snap` for a backup, or against the
+/// live disks for `--plan` (where CBT answers only for a powered-off VM).
+async fn plan_disks(
     ctx: &JobContext,
     vm: &Vm,
-    snap: &MoRef,
-    consistency: Consistency,
-    report: &mut VmReport,
-) -> Result<Manifest, OrchError> {
-    let frozen = ctx.client.snapshot_disks(snap).await?;
-    let previous = match &vm.instance_uuid {
-        Some(u) => ctx.repo.points()?.into_iter().rev().find(|p| p.source.instance_uuid.as_deref() == Some(u)),
-        None => None,
+    snap: Option<&MoRef>,
+    previous: Option<&Manifest>,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<DiskPlan>, OrchError> {
+    let frozen = match snap {
+        Some(s) => ctx.client.snapshot_disks(s).await?,
+        None => vm.disks.clone(),
     };
+    let can_query = snap.is_some() || vm.power_state.as_deref() == Some("poweredOff");
     let chunk = std::num::NonZeroU64::new(u64::from(ctx.repo.config().chunk_size))
         .ok_or_else(|| OrchError::Refused("the repository has no chunk size".into()))?;
-    let mut specs = Vec::new();
-    let mut plans = Vec::new();
+    let mut out = Vec::new();
     for d in &vm.disks {
         if d.independent() || d.backing == vsphere::BackingKind::RdmPhysical {
-            report.warnings.push(format!(
+            warnings.push(format!(
                 "{} ({}) is skipped: independent and physical-mode RDM disks are not in snapshots",
                 d.label, d.file_name
             ));
@@ -202,7 +314,7 @@ async fn copy_under(
         let slot = d.bus_slot.clone().unwrap_or_else(|| format!("disk{}", d.key));
         let now = frozen.iter().find(|f| f.key == d.key);
         let committed: Option<CommittedDisk> =
-            previous.as_ref().and_then(|p| p.disks.iter().find(|e| e.name == slot)).and_then(|e| e.committed.clone());
+            previous.and_then(|p| p.disks.iter().find(|e| e.name == slot)).and_then(|e| e.committed.clone());
         let mut current = CurrentDisk {
             change_id: now.and_then(|f| f.change_id.as_deref()).map(ChangeId::parse),
             capacity: d.capacity,
@@ -214,10 +326,29 @@ async fn copy_under(
             reverted: false,
         };
         let destination = Destination { granularity: chunk, holds_data: committed.is_some() };
+        let spec_of = |current: &CurrentDisk, commit: Option<CommittedDisk>| DiskSpec {
+            name: slot.clone(),
+            capacity: d.capacity,
+            change_id: current.change_id.as_ref().map(|c| c.as_str().to_owned()),
+            committed: commit,
+        };
         let changes = match cbt::incremental_base(committed.as_ref(), &current, destination) {
+            Ok(base) if !can_query => {
+                out.push(DiskPlan {
+                    disk: d.clone(),
+                    slot: slot.clone(),
+                    spec: spec_of(&current, None),
+                    plan: None,
+                    words: format!(
+                        "incremental since {} (its size is known only under the backup's snapshot: the VM is \
+                         powered on)",
+                        base.as_str()
+                    ),
+                });
+                continue;
+            }
             Ok(base) => {
-                match ctx.client.query_changed_disk_areas(&vm.moref, Some(snap), d.key, d.capacity, base.as_str()).await
-                {
+                match ctx.client.query_changed_disk_areas(&vm.moref, snap, d.key, d.capacity, base.as_str()).await {
                     Ok(a) => Changes::Areas(a),
                     Err(e) => match e.fault() {
                         Some(f) => Changes::Fault(QueryFault { fault: f.type_name.clone(), message: e.to_string() }),
@@ -227,67 +358,151 @@ async fn copy_under(
             }
             Err(_) => {
                 // A full copy reads only what is allocated, when CBT can say.
-                match ctx.client.query_changed_disk_areas(&vm.moref, Some(snap), d.key, d.capacity, "*").await {
-                    Ok(a) => current.allocated = Some(a.areas),
-                    Err(e) => report.warnings.push(format!("{slot}: allocated areas unknown ({e}); reading all of it")),
+                if can_query {
+                    match ctx.client.query_changed_disk_areas(&vm.moref, snap, d.key, d.capacity, "*").await {
+                        Ok(a) => current.allocated = Some(a.areas),
+                        Err(e) => warnings.push(format!("{slot}: allocated areas unknown ({e}); reading all of it")),
+                    }
                 }
                 Changes::NotQueried
             }
         };
         let planned = cbt::plan(committed.as_ref(), &current, &changes, destination);
-        report.warnings.extend(planned.warnings.iter().map(|w| format!("{slot}: {w}")));
-        specs.push(DiskSpec {
-            name: slot.clone(),
-            capacity: d.capacity,
-            change_id: current.change_id.as_ref().map(|c| c.as_str().to_owned()),
-            committed: Some(planned.commit.clone()),
-        });
-        plans.push((d.clone(), slot, planned.plan));
+        warnings.extend(planned.warnings.iter().map(|w| format!("{slot}: {w}")));
+        let words = match &planned.plan {
+            CopyPlan::Full { reason, .. } => format!("full ({reason})"),
+            CopyPlan::Incremental { .. } => "incremental".to_owned(),
+        };
+        let spec = spec_of(&current, Some(planned.commit.clone()));
+        out.push(DiskPlan { disk: d.clone(), slot, spec, plan: Some(planned.plan), words });
     }
-    let parent = previous.as_ref().map(|p| p.id.as_str());
-    let mut backup = ctx.repo.begin(parent, specs)?;
+    Ok(out)
+}
+
+/// What a backup of one disk would copy, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskPlanReport {
+    /// Its slot (`scsi0:0`).
+    pub name: String,
+    /// Its size.
+    pub capacity: u64,
+    /// `full (why)` or `incremental ...`.
+    pub plan: String,
+    /// Bytes to read, when known without a snapshot.
+    pub read: Option<u64>,
+}
+
+/// What a backup of one VM would do, without touching it.
+#[derive(Debug, Clone, Default)]
+pub struct VmPlan {
+    /// Its name.
+    pub vm: String,
+    /// The restore point an incremental would start from.
+    pub parent: Option<String>,
+    /// Per disk.
+    pub disks: Vec<DiskPlanReport>,
+    /// What the backup would warn about or refuse.
+    pub warnings: Vec<String>,
+}
+
+/// Plans a backup of `vm` without creating a snapshot or changing anything: per disk, a full
+/// copy and its reason, or an incremental and (for a powered-off VM) its size.
+pub async fn plan_vm(ctx: &JobContext, vm: &MoRef) -> Result<VmPlan, OrchError> {
+    let vm = one_vm(ctx, vm).await?;
+    let mut out = VmPlan { vm: vm.name.clone(), ..VmPlan::default() };
+    if vm.key_id.is_some() {
+        out.warnings.push("encrypted: refused (its disks cannot be read over HTTPS)".into());
+    }
+    if vm.snapshot_depth() > 0 {
+        out.warnings.push(format!(
+            "has {} snapshot(s): stale ones of ours would be removed, any other refuses the backup",
+            vm.all_snapshots().len()
+        ));
+    }
+    if vm.cbt_enabled != Some(true) && vm.cbt_supported != Some(false) {
+        out.warnings.push("CBT is off: the backup turns it on, and copies every disk in full".into());
+    }
+    let previous = previous_point(ctx, &vm).await?;
+    out.parent = previous.as_ref().map(|p| p.id.clone());
+    for p in plan_disks(ctx, &vm, None, previous.as_ref(), &mut out.warnings).await? {
+        out.disks.push(DiskPlanReport {
+            name: p.slot,
+            capacity: p.disk.capacity,
+            plan: p.words,
+            read: p.plan.as_ref().map(|c| c.read().total_bytes()),
+        });
+    }
+    Ok(out)
+}
+
+async fn copy_under(
+    ctx: &JobContext,
+    vm: &Vm,
+    snap: &MoRef,
+    consistency: Consistency,
+    report: &mut VmReport,
+) -> Result<Manifest, OrchError> {
+    let previous = previous_point(ctx, vm).await?;
+    let planned = plan_disks(ctx, vm, Some(snap), previous.as_ref(), &mut report.warnings).await?;
+    let datacenter = datacenter_of(&ctx.client, vm).await?;
+    let parent = previous.as_ref().map(|p| p.id.clone());
+    let specs: Vec<DiskSpec> = planned.iter().map(|p| p.spec.clone()).collect();
+    let repo = ctx.repo.clone();
+    let mut backup = blocking(move || repo.begin(parent.as_deref(), specs)).await?;
     let reader = ctx.client.datastore_reader()?;
     if let Some(vmx) = &vm.vmx_path {
-        match read_file(&reader, &ctx.datacenter, vmx).await {
+        match read_file(&reader, &datacenter, vmx).await {
             Ok(data) => {
-                let file = vmx.rsplit('/').next().unwrap_or("vm.vmx");
-                backup.add_file(file, &data)?;
+                let file = vmx.rsplit('/').next().unwrap_or("vm.vmx").to_owned();
+                backup = blocking(move || backup.add_file(&file, &data).map(|()| backup)).await?;
             }
             Err(e) => report.warnings.push(format!("the configuration file {vmx} was not captured: {e}")),
         }
     }
-    for (n, (d, slot, plan)) in plans.into_iter().enumerate() {
-        let (full, words, read, zero) = match plan {
-            CopyPlan::Full { reason, read, zero } => (true, format!("full ({reason})"), read, zero),
-            CopyPlan::Incremental { read, zero, .. } => (false, "incremental".to_owned(), read, zero),
+    for (n, p) in planned.into_iter().enumerate() {
+        let Some(plan) = p.plan else {
+            return Err(OrchError::Refused(format!("{}: no plan under the snapshot", p.slot)));
         };
-        let sink = backup.sink(n).ok_or_else(|| OrchError::Refused(format!("no sink for {slot}")))?;
-        let source =
-            DatastoreSource::open(reader.clone(), &ctx.datacenter, &d.base_file_name, d.capacity, snap.to_string())
-                .await?;
+        let full = matches!(plan, CopyPlan::Full { .. });
+        let (read, zero) = match plan {
+            CopyPlan::Full { read, zero, .. } | CopyPlan::Incremental { read, zero, .. } => (read, zero),
+        };
+        let sink = backup.sink(n).ok_or_else(|| OrchError::Refused(format!("no sink for {}", p.slot)))?;
+        let copying = ctx.metrics.disk_copying();
+        let source = DatastoreSource::open(
+            reader.clone(),
+            &datacenter,
+            &p.disk.base_file_name,
+            p.disk.capacity,
+            snap.to_string(),
+        )
+        .await?;
         let job = DiskCopy {
             read,
             zero,
-            digests: Digests::zeros(sink.granularity().get(), d.capacity),
+            digests: Digests::zeros(sink.granularity().get(), p.disk.capacity),
             done: cbt::ExtentSet::new(),
             checkpoint: None,
             source: shared(source),
             sink: sink.clone(),
         };
-        let r = copy_disk(job, &ctx.engine, &ctx.options, Arc::new(Progress::default())).await?;
+        let progress = Arc::new(Progress::child_of(ctx.metrics.progress.clone()));
+        let r = copy_disk(job, &ctx.engine, &ctx.options, progress).await?;
         sink.commit().await?;
+        drop(copying);
+        ctx.metrics.disk_copied();
         let stats = sink.stats();
         report.disks.push(DiskReport {
-            name: slot,
+            name: p.slot,
             full,
-            plan: words,
+            plan: p.words,
             read: r.read,
             stored_chunks: stats.stored_chunks,
             stored_bytes: stats.stored_bytes,
         });
     }
     let source = SourceInfo { name: vm.name.clone(), instance_uuid: vm.instance_uuid.clone() };
-    Ok(backup.finish(source, consistency)?)
+    blocking(move || backup.finish(source, consistency)).await
 }
 
 /// Reads a small datastore file whole (a `.vmx`).

@@ -1,16 +1,22 @@
 //! Orchestration: the per-VM flow of an agentless backup, which the `proxy` binary drives. It
 //! joins the vSphere client (snapshots, CBT, datastore reads), the `cbt` planner, the block
-//! pipeline and the repository; it owns the order of the steps and the promise that a snapshot
-//! of ours is removed on every path.
+//! pipeline and the repository; it owns the order of the steps, the promise that a snapshot of
+//! ours is removed on every path, and the hygiene that removes what a dead job left.
 //!
-//! Today: backups into a repository over HTTPS datastore reads of flat base disks, for VMs
-//! without snapshots of their own (issue 8 continues: replication, VDDK and NBD transports,
-//! snapshot chains, stale-snapshot hygiene, resume, the daemon).
+//! Today: backup jobs into a repository over HTTPS datastore reads of flat base disks, for VMs
+//! without snapshots of their own; plans without touching anything; job leases, stale-snapshot
+//! removal and metrics (issue 8 continues: replication, VDDK and NBD transports, snapshot
+//! chains, resume, the daemon).
 
 mod flow;
+pub mod hygiene;
+mod job;
+pub mod metrics;
 pub mod source;
 
-pub use flow::{DiskReport, JobContext, SNAPSHOT_PREFIX, VmReport, backup_vm};
+pub use flow::{DiskPlanReport, DiskReport, JobContext, SNAPSHOT_PREFIX, VmPlan, VmReport, backup_vm, plan_vm};
+pub use job::{JobReport, Outcome, Selector, run_job, select_vms, sweep_own_snapshots};
+pub use metrics::{Metrics, MetricsSnapshot};
 
 /// Why a VM's backup could not run or finish.
 #[derive(Debug, thiserror::Error)]

@@ -1,15 +1,17 @@
 //! The per-VM backup flow end to end against the project's vSphere simulator: full then
 //! incremental backups of multi-disk VMs over HTTPS datastore reads, restores byte for byte
 //! against the simulator's disks, the configuration file captured, a CBT reset forcing full
-//! copies, a failing snapshot task, a session expiring mid-job, and never a snapshot left.
+//! copies, a failing snapshot task, a session expiring mid-job, and never a snapshot left;
+//! stale snapshots of dead jobs removed while a live job's stay; plans that touch nothing; a
+//! job of 100 VMs at once.
 
 #![expect(clippy::cast_possible_truncation, reason = "test sizes are small and the tests run on 64-bit machines")]
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use orchestration::{JobContext, backup_vm};
-use pipeline::{CopyOptions, Engine};
+use orchestration::{JobContext, Outcome, Selector, backup_vm, plan_vm, run_job, select_vms};
+use pipeline::Engine;
 use repo::Repo;
 use vsphere::{Client, ConnectOptions, Credentials, Secret, Trust};
 use vsphere_sim::{Config, Sim, SimFault, SimTls};
@@ -70,15 +72,7 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
 }
 
 fn ctx(client: &Arc<Client>, repo: &Repo, job: &str) -> JobContext {
-    JobContext {
-        client: client.clone(),
-        repo: repo.clone(),
-        datacenter: "DC1".into(),
-        proxy_id: "test-proxy".into(),
-        job_id: job.into(),
-        engine: Arc::new(Engine::new(64 * MIB)),
-        options: CopyOptions::default(),
-    }
+    JobContext::new(client.clone(), repo.clone(), "test-proxy", job, Arc::new(Engine::new(64 * MIB)))
 }
 
 /// Every disk of every restore point of `vm` matches the simulator's disk now.
@@ -207,4 +201,172 @@ async fn failures_mid_job_leave_no_snapshot_and_no_restore_point() {
     assert!(r.error.is_none(), "{r:?}");
     restores_match(&sim, &client, &repo, "web", r.point.as_deref().unwrap()).await;
     assert!(repo.points().unwrap().len() <= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_snapshots_of_dead_jobs_go_and_live_ones_stay() {
+    let (dir, sim, client) = start().await;
+    let repo = Repo::init(dir.path().join("repo"), 1 << 20).unwrap();
+    let web = client.vms().await.unwrap().into_iter().find(|v| v.name == "web").unwrap();
+    sim.write("web", web.disks[0].key, 0, &noise(MIB as usize, 5)).unwrap();
+    // A proxy killed mid-job left its snapshot two days ago; no lease names its job.
+    client.create_snapshot(&web.moref, "syncproxy-other-dead", "left behind", false, None).await.unwrap();
+    sim.age_snapshot("web", "syncproxy-other-dead", Duration::from_secs(48 * 3600)).unwrap();
+    // Another proxy's job is running: its lease is live, its snapshot is as old.
+    let live = repo.job_lease("other-live").unwrap();
+    client.create_snapshot(&web.moref, "syncproxy-other-live", "running", false, None).await.unwrap();
+    sim.age_snapshot("web", "syncproxy-other-live", Duration::from_secs(48 * 3600)).unwrap();
+
+    let r = backup_vm(&ctx(&client, &repo, "j1"), &web.moref).await;
+    assert_eq!(r.stale_removed, ["syncproxy-other-dead"], "{r:?}");
+    // The live job's snapshot stays, so this backup is refused, naming it; and it is reported
+    // as more than a day old.
+    let e = r.error.clone().unwrap_or_default();
+    assert!(e.contains("syncproxy-other-live") && r.point.is_none(), "{r:?}");
+    assert!(r.warnings.iter().any(|w| w.contains("syncproxy-other-live") && w.contains("2days")), "{r:?}");
+    let names: Vec<String> = client
+        .vms()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == "web")
+        .unwrap()
+        .all_snapshots()
+        .iter()
+        .map(|s| s.name.clone())
+        .collect();
+    assert_eq!(names, ["syncproxy-other-live"]);
+
+    // A dead job's snapshot younger than the longest job is left alone too.
+    drop(live);
+    let mut c = ctx(&client, &repo, "j2");
+    c.max_job = Duration::from_secs(72 * 3600);
+    let r = backup_vm(&c, &web.moref).await;
+    assert!(r.stale_removed.is_empty() && r.error.is_some(), "{r:?}");
+    assert!(r.warnings.iter().any(|w| w.contains("left for now")), "{r:?}");
+    // Once the job has been gone for longer than that, the next run removes it and succeeds.
+    sim.age_snapshot("web", "syncproxy-other-live", Duration::from_secs(73 * 3600)).unwrap();
+    let r = backup_vm(&c, &web.moref).await;
+    assert_eq!(r.stale_removed, ["syncproxy-other-live"], "{r:?}");
+    assert!(r.error.is_none(), "{r:?}");
+    assert_eq!(c.metrics.snapshot().snapshots_removed_stale, 1);
+    restores_match(&sim, &client, &repo, "web", r.point.as_deref().unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_says_full_or_incremental_and_touches_nothing() {
+    let (dir, sim, client) = start().await;
+    let repo = Repo::init(dir.path().join("repo"), 1 << 20).unwrap();
+    let vms = client.vms().await.unwrap();
+    let db = vms.iter().find(|v| v.name == "db").unwrap();
+    let web = vms.iter().find(|v| v.name == "web").unwrap();
+    let calls_before = client.vms().await.unwrap();
+    let p = plan_vm(&ctx(&client, &repo, "p1"), &db.moref).await.unwrap();
+    assert_eq!(p.disks.len(), 2, "{p:?}");
+    assert!(p.disks.iter().all(|d| d.plan.starts_with("full")), "{p:?}");
+    assert!(p.warnings.iter().any(|w| w.contains("CBT is off")), "{p:?}");
+    assert_eq!(client.vms().await.unwrap(), calls_before, "planning changed nothing: CBT still off, no snapshot");
+
+    sim.write("web", web.disks[0].key, 0, &noise(2 * MIB as usize, 8)).unwrap();
+    let r = backup_vm(&ctx(&client, &repo, "b1"), &web.moref).await;
+    assert!(r.error.is_none(), "{r:?}");
+    sim.write("web", web.disks[0].key, 3 * MIB, &noise(1000, 9)).unwrap();
+    // Powered on: incremental, with its size left to the snapshot.
+    let p = plan_vm(&ctx(&client, &repo, "p2"), &web.moref).await.unwrap();
+    assert_eq!(p.parent, r.point);
+    assert!(p.disks[0].plan.starts_with("incremental since") && p.disks[0].read.is_none(), "{p:?}");
+    // Powered off: CBT answers without a snapshot, so the size is known.
+    sim.set_power("web", "poweredOff").unwrap();
+    let p = plan_vm(&ctx(&client, &repo, "p3"), &web.moref).await.unwrap();
+    assert_eq!((p.disks[0].plan.as_str(), p.disks[0].read), ("incremental", Some(MIB)), "{p:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_selects_vms_and_says_whether_all_some_or_none_succeeded() {
+    let (dir, sim, client) = start().await;
+    let repo = Repo::init(dir.path().join("repo"), 1 << 20).unwrap();
+    let vms = client.vms().await.unwrap();
+    let web = vms.iter().find(|v| v.name == "web").unwrap();
+    let by_uuid = Selector::parse(web.instance_uuid.as_deref().unwrap());
+    let picked =
+        select_vms(&client, &[Selector::parse("db"), by_uuid, Selector::parse(&web.moref.value)], false).await.unwrap();
+    assert_eq!(picked.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["db", "web"], "each VM once");
+    let e = select_vms(&client, &[Selector::parse("nosuch")], false).await.unwrap_err().to_string();
+    assert!(e.contains("nosuch"), "{e}");
+    let refs: Vec<_> = picked.iter().map(|v| v.moref.clone()).collect();
+
+    let c = ctx(&client, &repo, "all");
+    let r = run_job(&c, &refs, 4).await.unwrap();
+    assert_eq!(r.outcome(), Outcome::All, "{r:?}");
+    assert!(repo.live_jobs().unwrap().is_empty(), "the lease ends with the job");
+    // The next snapshot fails for one VM: some succeeded.
+    sim.faults(|f| f.fail_next_task = Some(SimFault::new("NoDiskSpace", "no room")));
+    let r = run_job(&ctx(&client, &repo, "some"), &refs, 1).await.unwrap();
+    assert_eq!(r.outcome(), Outcome::Some, "{r:?}");
+    let encrypted = Config::from_toml(
+        r#"
+user = "u"
+password = "p"
+[[datacenter]]
+name = "DC1"
+[[datacenter.host]]
+name = "esx1"
+[[datacenter.datastore]]
+name = "ds1"
+[[datacenter.vm]]
+name = "secret"
+encrypted = true
+[[datacenter.vm.disk]]
+capacity = 1048576
+"#,
+    )
+    .unwrap();
+    let sim2 = Sim::start(encrypted, &dir.path().join("sim2"), SimTls::SelfSigned).await.unwrap();
+    let opts =
+        ConnectOptions { trust: Trust::Insecure, timeout: Duration::from_secs(20), ..ConnectOptions::new(&sim2.url()) };
+    let c2 = Arc::new(Client::connect(&opts).await.unwrap());
+    c2.login(Credentials { user: "u".into(), password: Secret::new("p") }).await.unwrap();
+    let all = select_vms(&c2, &[], true).await.unwrap();
+    let r =
+        run_job(&ctx(&c2, &repo, "none"), &all.iter().map(|v| v.moref.clone()).collect::<Vec<_>>(), 2).await.unwrap();
+    assert_eq!(r.outcome(), Outcome::None, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_vms_at_once_copy_together_under_the_memory_cap() {
+    let scale: usize = std::env::var("SYNCPROXY_SOAK_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1).max(1);
+    let vms = 100 * scale;
+    vsphere::tls::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Sim::start(Config::small(vms, 4 * MIB), &dir.path().join("sim"), SimTls::SelfSigned).await.unwrap();
+    let opts =
+        ConnectOptions { trust: Trust::Insecure, timeout: Duration::from_secs(60), ..ConnectOptions::new(&sim.url()) };
+    let client = Arc::new(Client::connect(&opts).await.unwrap());
+    client
+        .login(Credentials { user: "backup@vsphere.local".into(), password: Secret::new("simulated") })
+        .await
+        .unwrap();
+    let all = client.vms().await.unwrap();
+    for (i, v) in all.iter().enumerate() {
+        sim.write(&v.name, v.disks[0].key, 0, &noise(2 * MIB as usize, i as u64 + 1)).unwrap();
+    }
+    let repo = Repo::init(dir.path().join("repo"), 1 << 20).unwrap();
+    // Slow storage: each datastore read waits, so every copy is under way at the same time.
+    sim.faults(|f| f.datastore_delay = Duration::from_millis(300));
+    let cap = 256 * MIB;
+    let c = JobContext::new(client.clone(), repo.clone(), "p", "hundred", Arc::new(Engine::new(cap)));
+    let refs: Vec<_> = all.iter().map(|v| v.moref.clone()).collect();
+    let r = run_job(&c, &refs, vms).await.unwrap();
+    assert_eq!(r.outcome(), Outcome::All, "{:?}", r.vms.iter().find(|v| v.error.is_some()));
+    let m = c.metrics.snapshot();
+    assert!(m.disks_copying_peak >= vms as u64, "peak of disks copying at once: {m:?}");
+    assert_eq!((m.disks_copying, m.vms_running, m.disks_copied), (0, 0, vms as u64), "{m:?}");
+    assert_eq!(m.bytes_read, vms as u64 * 2 * MIB, "{m:?}");
+    assert!(c.engine.pool.peak() <= cap, "the buffer pool stayed under its cap: {}", c.engine.pool.peak());
+    println!(
+        "{vms} VMs in {:.2} s; {} disks copying at peak; pool peak {} MiB",
+        r.seconds,
+        m.disks_copying_peak,
+        c.engine.pool.peak() / MIB
+    );
 }

@@ -4,12 +4,13 @@
 //!
 //! A repository lives in a local directory ([`LocalStore`]) or in S3-compatible object storage
 //! ([`S3Store`]). Backups go through the block pipeline ([`RepoSink`]) under a shared lock;
-//! `ops` has prune, gc (under the exclusive lock) and copy. Not yet: encryption (an encrypted
-//! repository is refused by name).
+//! `ops` has prune, gc (under the exclusive lock) and copy; `codec` encrypts when a key is
+//! given; `jobs` holds the leases that tell a live job from a dead one.
 
 mod codec;
 pub mod crashfs;
 mod format;
+mod jobs;
 pub mod lock;
 mod ops;
 pub mod prune;
@@ -32,7 +33,8 @@ pub use format::{
     ChunkId, Consistency, DiskEntry, FORMAT, FileEntry, Index, Manifest, SourceInfo, ZERO, chunk_name, decode_chunk,
     decode_chunk_with, encode_chunk,
 };
-pub use lock::{LockKind, LockTiming, RepoLock};
+pub use jobs::JobLease;
+pub use lock::{LockInfo, LockKind, LockTiming, RepoLock};
 pub use ops::{CopyReport, GcReport, PruneReport};
 pub use prune::Retention;
 #[cfg(feature = "s3")]

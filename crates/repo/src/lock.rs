@@ -234,30 +234,37 @@ impl Drop for RepoLock {
 /// The live locks (name, holder); stale ones are removed on the way, with a warning, and
 /// unreadable ones are counted as live (better a refused job than two writers).
 pub fn holders(store: &dyn Store) -> Result<Vec<(String, LockInfo)>, RepoError> {
+    Ok(live_in(store, "locks", "repository lock")?.into_iter().map(|(n, info)| (format!("locks/{n}"), info)).collect())
+}
+
+/// The live lock-like files of `dir` (their names inside it, and holders): stale ones are
+/// removed with a warning; an unreadable one counts as a live exclusive holder that never
+/// expires, so nothing it may guard is touched.
+pub(crate) fn live_in(store: &dyn Store, dir: &str, what: &str) -> Result<Vec<(String, LockInfo)>, RepoError> {
     let now = now_secs();
     let mut out = Vec::new();
-    for e in store.list("locks")? {
-        let name = format!("locks/{}", e.name);
+    for e in store.list(dir)? {
+        let name = format!("{dir}/{}", e.name);
         let Some(raw) = store.get(&name)? else { continue };
         match serde_json::from_slice::<LockInfo>(&raw) {
             Ok(info) => match info.stale(now) {
                 Some(why) => {
-                    tracing::warn!("removing the stale repository lock of {}: {why}", info.describe());
+                    tracing::warn!("removing the stale {what} of {}: {why}", info.describe());
                     store.delete(&name)?;
                 }
-                None => out.push((name, info)),
+                None => out.push((e.name, info)),
             },
-            Err(e) => {
+            Err(err) => {
                 let info = LockInfo {
                     kind: LockKind::Exclusive,
                     host: "?".into(),
                     pid: 0,
-                    purpose: format!("an unreadable lock file {name} ({e}; remove it by hand if no job runs)"),
+                    purpose: format!("an unreadable {what} file {name} ({err}; remove it by hand if no job runs)"),
                     started: 0,
                     heartbeat: now,
                     expires_after: u64::MAX,
                 };
-                out.push((name, info));
+                out.push((e.name, info));
             }
         }
     }

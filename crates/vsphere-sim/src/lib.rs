@@ -155,6 +155,21 @@ impl Sim {
         Ok(())
     }
 
+    /// Backdates a VM's snapshot by `age` (as if it had been taken that long ago), so tests
+    /// can make stale and day-old snapshots without waiting.
+    pub fn age_snapshot(&self, vm: &str, snapshot: &str, age: std::time::Duration) -> Result<(), SimError> {
+        let mut w = self.world();
+        let vi = w.vm_by_name(vm).ok_or_else(|| SimError::NoSuch(format!("VM {vm}")))?;
+        let rec = w.vms[vi]
+            .snapshots
+            .iter_mut()
+            .find(|s| s.name == snapshot)
+            .ok_or_else(|| SimError::NoSuch(format!("snapshot {snapshot} of {vm}")))?;
+        let when = std::time::SystemTime::now().checked_sub(age).unwrap_or(std::time::UNIX_EPOCH);
+        rec.create_time = humantime::format_rfc3339_seconds(when).to_string();
+        Ok(())
+    }
+
     /// SOAP calls answered so far.
     pub fn calls(&self) -> u64 {
         self.world().calls

@@ -110,6 +110,10 @@ async fn route(state: &Shared, req: http::Request<Incoming>) -> Resp {
     if let Some(rest) = path.strip_prefix("/folder/")
         && (req.method() == http::Method::GET || req.method() == http::Method::HEAD)
     {
+        let delay = state.lock().unwrap_or_else(|p| p.into_inner()).faults.datastore_delay;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         return folder(state, &req, rest);
     }
     plain(404, "not found")

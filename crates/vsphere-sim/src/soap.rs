@@ -552,6 +552,15 @@ fn property(w: &World, obj: &MoRef, p: &str) -> Result<Option<String>, SimFault>
                 .ok_or_else(|| SimFault::new("ManagedObjectNotFound", "no such datacenter"))?;
             match p {
                 "name" => s(&d.name),
+                "datastore" => {
+                    let inner: String = w
+                        .datastores
+                        .iter()
+                        .filter(|x| w.datacenters.get(x.dc).is_some_and(|dc| dc.moref == *obj))
+                        .map(|x| typed_mo("ManagedObjectReference", &x.moref))
+                        .collect();
+                    Ok(Some(prop(p, "ArrayOfManagedObjectReference", &inner)))
+                }
                 _ => Err(invalid_property(p)),
             }
         }

@@ -42,6 +42,8 @@ pub struct Faults {
     pub qcda_file_fault: bool,
     /// Every SOAP answer is this late.
     pub delay: Duration,
+    /// Every datastore request (`/folder`) is this late: slow storage.
+    pub datastore_delay: Duration,
     /// The next this many datastore requests are answered 503 (host busy).
     pub http_503: u32,
     /// Datastore reads ignore `Range` and answer 200 with the whole file, as some proxies do.
@@ -590,10 +592,14 @@ impl World {
             if t.unreliable {
                 ExtentSet::new()
             } else {
-                t.history
+                let since = t
+                    .history
                     .iter()
                     .filter(|(s, _)| *s > seq && *s <= snap_seq)
-                    .fold(ExtentSet::new(), |acc, (_, e)| acc.union(e))
+                    .fold(ExtentSet::new(), |acc, (_, e)| acc.union(e));
+                // Without a snapshot (a powered-off VM) the live disk is asked: writes since the
+                // last snapshot count too.
+                if snapshot.is_none() { since.union(&t.pending) } else { since }
             }
         };
         Ok((start, end - start, areas.clamp(d.capacity).intersection(&window)))

@@ -1,6 +1,7 @@
 //! Facts about the estate around the VMs that `probe` and the backup flow check: host versions
 //! and the certificate thumbprints vCenter vouches for (to trust ESXi hosts reached directly),
-//! datastore types and versions, and clusters' DRS automation.
+//! datastore types and versions, clusters' DRS automation, and which datacenter holds each
+//! datastore (datastore HTTPS paths name it).
 
 use crate::error::Error;
 use crate::pc::ObjectContent;
@@ -45,6 +46,17 @@ pub struct Datastore {
     pub free: Option<u64>,
     /// Where its files are (`ds:///vmfs/volumes/...`).
     pub url: Option<String>,
+}
+
+/// A datacenter and the datastores in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Datacenter {
+    /// The moref.
+    pub moref: MoRef,
+    /// Its name (the `dcPath` of datastore HTTPS reads).
+    pub name: String,
+    /// Its datastores.
+    pub datastores: Vec<MoRef>,
 }
 
 /// A cluster.
@@ -97,6 +109,22 @@ impl Client {
     pub async fn datastores(&self) -> Result<Vec<Datastore>, Error> {
         let objs = self.inventory("Datastore", &["name", "summary", "info"]).await?;
         Ok(objs.iter().map(datastore_from).collect())
+    }
+
+    /// Every datacenter with its datastores.
+    pub async fn datacenters(&self) -> Result<Vec<Datacenter>, Error> {
+        let objs = self.inventory("Datacenter", &["name", "datastore"]).await?;
+        Ok(objs
+            .iter()
+            .map(|o| Datacenter {
+                moref: o.obj.clone(),
+                name: o.text("name").unwrap_or_default().to_owned(),
+                datastores: o
+                    .get("datastore")
+                    .map(|a| a.children.iter().filter_map(MoRef::from_element).collect())
+                    .unwrap_or_default(),
+            })
+            .collect())
     }
 
     /// Every cluster with its DRS automation level.

@@ -1,0 +1,133 @@
+//! Snapshot hygiene before each VM's backup (reference 2.13): a snapshot of ours is stale when
+//! the job named in it is no longer running (no live lease in the repository, which every
+//! proxy sharing it sees) and it is older than the longest allowed job; stale ones are removed,
+//! a live job's never. Any snapshot older than a day by the server's clock is reported, ours or
+//! not.
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
+
+use vsphere::{Client, Vm};
+
+use crate::metrics::Metrics;
+use crate::{OrchError, SNAPSHOT_PREFIX};
+
+/// Snapshots older than this are reported, whoever made them.
+pub const OLD_SNAPSHOT: Duration = Duration::from_secs(24 * 3600);
+
+/// A vSphere `xsd:dateTime` (`2026-11-22T10:00:00.123Z`, or with a `+01:00` offset), as a time.
+pub fn parse_server_time(text: &str) -> Option<SystemTime> {
+    let t = text.trim();
+    // A numeric offset at the end: `+hh:mm` or `-hh:mm`.
+    let (base, offset_secs) = match t.len().checked_sub(6).and_then(|i| t.get(i..).map(|tail| (i, tail))) {
+        Some((i, tail))
+            if (tail.starts_with('+') || tail.starts_with('-')) && tail.as_bytes().get(3) == Some(&b':') =>
+        {
+            let h: i64 = tail.get(1..3)?.parse().ok()?;
+            let m: i64 = tail.get(4..6)?.parse().ok()?;
+            let sign = if tail.starts_with('-') { -1 } else { 1 };
+            (t.get(..i)?, sign * (h * 3600 + m * 60))
+        }
+        _ => (t.strip_suffix('Z').unwrap_or(t), 0),
+    };
+    let local = humantime::parse_rfc3339_weak(base).ok()?;
+    // `base` was local to the offset: UTC is local minus the offset.
+    if offset_secs >= 0 {
+        local.checked_sub(Duration::from_secs(offset_secs.unsigned_abs()))
+    } else {
+        local.checked_add(Duration::from_secs(offset_secs.unsigned_abs()))
+    }
+}
+
+/// What hygiene did on one VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hygiene {
+    /// Stale snapshots of ours removed (names).
+    pub removed: Vec<String>,
+    /// What to tell the operator (kept snapshots, old ones, removals that failed).
+    pub notes: Vec<String>,
+}
+
+/// The job tag inside a snapshot name of ours (`syncproxy-<proxy>-<job>` gives
+/// `<proxy>-<job>`).
+pub fn job_of(snapshot_name: &str) -> Option<&str> {
+    snapshot_name.strip_prefix(SNAPSHOT_PREFIX)?.strip_prefix('-').filter(|t| !t.is_empty())
+}
+
+/// Removes `vm`'s stale snapshots of ours; `live` holds the tags of running jobs (this one's
+/// among them), `now` is the server's clock, `max_job` the longest a job may run.
+pub async fn clean_vm(
+    client: &Client,
+    vm: &Vm,
+    live: &HashSet<String>,
+    now: SystemTime,
+    max_job: Duration,
+    metrics: &Metrics,
+) -> Result<Hygiene, OrchError> {
+    let mut out = Hygiene::default();
+    for s in vm.all_snapshots() {
+        let age = parse_server_time(&s.create_time).and_then(|t| now.duration_since(t).ok());
+        let age_text = age.map_or_else(
+            || format!("of unknown age ({:?})", s.create_time),
+            |a| format!("{} old", humantime::format_duration(Duration::from_secs(a.as_secs()))),
+        );
+        if age.is_some_and(|a| a > OLD_SNAPSHOT) {
+            out.notes.push(format!(
+                "snapshot {:?} of {} is {age_text} by the server's clock: old snapshots grow and slow the VM",
+                s.name, vm.name
+            ));
+        }
+        let Some(job) = job_of(&s.name) else { continue };
+        if live.contains(job) {
+            continue;
+        }
+        if age.is_none_or(|a| a <= max_job) {
+            out.notes.push(format!(
+                "snapshot {:?} of {} is ours and its job is not running, but it is {age_text}, not older than the \
+                 longest job ({}): left for now",
+                s.name,
+                vm.name,
+                humantime::format_duration(max_job)
+            ));
+            continue;
+        }
+        match client.remove_snapshot(&s.moref, true).await {
+            Ok(()) => {
+                tracing::warn!(
+                    "removed stale snapshot {:?} of {} ({age_text}; job {job} is not running)",
+                    s.name,
+                    vm.name
+                );
+                metrics.stale_removed();
+                out.removed.push(s.name.clone());
+            }
+            Err(e) => out.notes.push(format!("COULD NOT REMOVE stale snapshot {:?} of {}: {e}", s.name, vm.name)),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_times_parse_with_and_without_offsets() {
+        let z = parse_server_time("2026-11-22T10:00:00Z").unwrap();
+        assert_eq!(parse_server_time("2026-11-22T10:00:00.250Z").unwrap(), z + Duration::from_millis(250));
+        assert_eq!(parse_server_time("2026-11-22T11:30:00+01:30").unwrap(), z);
+        assert_eq!(parse_server_time("2026-11-22T08:00:00-02:00").unwrap(), z);
+        assert_eq!(parse_server_time(" 2026-11-22T10:00:00 ").unwrap(), z);
+        for bad in ["", "yesterday", "2026-13-01T00:00:00Z", "2026-11-22T10:00:00+1:00", "+01:00"] {
+            assert_eq!(parse_server_time(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn only_our_prefix_names_a_job() {
+        assert_eq!(job_of("syncproxy-p1-job7"), Some("p1-job7"));
+        assert_eq!(job_of("syncproxy-"), None);
+        assert_eq!(job_of("syncproxyX-a"), None);
+        assert_eq!(job_of("VeeamSnapshot"), None);
+    }
+}

@@ -1,0 +1,189 @@
+//! A backup job over many VMs: the job's lease in the repository (so other proxies sharing it
+//! see the job as live), VMs selected by name, moref, instance UUID or inventory path, at most
+//! N backed up at once, and an outcome that says whether all, some or none succeeded. On
+//! cancellation (Ctrl-C) [`sweep_own_snapshots`] removes whatever snapshot the job still holds.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::Semaphore;
+use vsphere::{Client, MoRef, Vm};
+
+use crate::OrchError;
+use crate::flow::{JobContext, VmReport, backup_vm, blocking};
+
+/// How a VM is named on the command line or in a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    /// Its display name.
+    Name(String),
+    /// Its moref value (`vm-42`).
+    Moref(String),
+    /// Its instance UUID (vCenter-unique).
+    InstanceUuid(String),
+    /// Its inventory path (`DC1/vm/Folder/db01`).
+    Path(String),
+}
+
+impl Selector {
+    /// Reads `vm-42`, a UUID, a path with `/`, or else a name.
+    pub fn parse(text: &str) -> Self {
+        let t = text.trim();
+        let is_uuid = t.len() == 36
+            && t.chars()
+                .enumerate()
+                .all(|(i, c)| if [8, 13, 18, 23].contains(&i) { c == '-' } else { c.is_ascii_hexdigit() });
+        if is_uuid {
+            Self::InstanceUuid(t.to_ascii_lowercase())
+        } else if t.contains('/') {
+            Self::Path(t.to_owned())
+        } else if t.strip_prefix("vm-").is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit())) {
+            Self::Moref(t.to_owned())
+        } else {
+            Self::Name(t.to_owned())
+        }
+    }
+}
+
+/// The VMs `selectors` name, each once, in the order named; `all` takes every VM. A selector
+/// that matches nothing, or a name that matches several VMs, is an error naming it.
+pub async fn select_vms(client: &Client, selectors: &[Selector], all: bool) -> Result<Vec<Vm>, OrchError> {
+    let vms = client.vms().await?;
+    if all {
+        return Ok(vms);
+    }
+    let mut out: Vec<Vm> = Vec::new();
+    for s in selectors {
+        let found: Vec<&Vm> = match s {
+            Selector::Name(n) => vms.iter().filter(|v| &v.name == n).collect(),
+            Selector::Moref(m) => vms.iter().filter(|v| &v.moref.value == m).collect(),
+            Selector::InstanceUuid(u) => {
+                vms.iter().filter(|v| v.instance_uuid.as_deref().is_some_and(|x| x.eq_ignore_ascii_case(u))).collect()
+            }
+            Selector::Path(p) => match client.find_by_inventory_path(p).await? {
+                Some(m) => vms.iter().filter(|v| v.moref == m).collect(),
+                None => Vec::new(),
+            },
+        };
+        match found.as_slice() {
+            [] => return Err(OrchError::Refused(format!("no VM matches {s:?}"))),
+            [one] => {
+                if !out.iter().any(|v| v.moref == one.moref) {
+                    out.push((*one).clone());
+                }
+            }
+            many => {
+                let refs: Vec<String> = many.iter().map(|v| v.moref.value.clone()).collect();
+                return Err(OrchError::Refused(format!(
+                    "{s:?} matches {} VMs ({}): name one by moref or instance UUID",
+                    many.len(),
+                    refs.join(", ")
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Whether a job's VMs succeeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every VM has a restore point.
+    All,
+    /// Some do.
+    Some,
+    /// None does (or there were none).
+    None,
+}
+
+/// What a job did.
+#[derive(Debug, Clone)]
+pub struct JobReport {
+    /// The job's tag (`<proxy>-<job>`).
+    pub job: String,
+    /// Per VM, in the order they were named.
+    pub vms: Vec<VmReport>,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+impl JobReport {
+    /// All, some or none succeeded.
+    pub fn outcome(&self) -> Outcome {
+        let ok = self.vms.iter().filter(|r| r.error.is_none()).count();
+        match ok {
+            0 => Outcome::None,
+            n if n == self.vms.len() => Outcome::All,
+            _ => Outcome::Some,
+        }
+    }
+}
+
+/// Backs up `vms` under one job lease, at most `concurrency` at once.
+pub async fn run_job(ctx: &JobContext, vms: &[MoRef], concurrency: usize) -> Result<JobReport, OrchError> {
+    let started = Instant::now();
+    let repo = ctx.repo.clone();
+    let tag = ctx.tag();
+    let lease_tag = tag.clone();
+    let lease = blocking(move || repo.job_lease(&lease_tag)).await?;
+    let gate = Arc::new(Semaphore::new(concurrency.max(1)));
+    let mut set = tokio::task::JoinSet::new();
+    for (n, vm) in vms.iter().enumerate() {
+        let (ctx, vm, gate) = (ctx.clone(), vm.clone(), gate.clone());
+        set.spawn(async move {
+            let _permit = gate.acquire_owned().await;
+            (n, backup_vm(&ctx, &vm).await)
+        });
+    }
+    let mut reports: Vec<(usize, VmReport)> = Vec::new();
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok(done) => reports.push(done),
+            Err(e) => return Err(OrchError::Refused(format!("a VM's backup task failed: {e}"))),
+        }
+    }
+    reports.sort_by_key(|(n, _)| *n);
+    drop(lease);
+    Ok(JobReport {
+        job: tag,
+        vms: reports.into_iter().map(|(_, r)| r).collect(),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Removes every snapshot named for this job from `vms` (after a cancelled job: a dropped
+/// backup future cannot remove its own). Returns what it removed and what it could not.
+pub async fn sweep_own_snapshots(ctx: &JobContext, vms: &[MoRef]) -> (Vec<String>, Vec<String>) {
+    let name = ctx.snapshot_name();
+    let (mut removed, mut failed) = (Vec::new(), Vec::new());
+    let found = match ctx.client.vms_by_moref(vms).await {
+        Ok(v) => v,
+        Err(e) => return (removed, vec![format!("cannot list the job's VMs to remove its snapshots: {e}")]),
+    };
+    for vm in found {
+        for s in vm.all_snapshots().into_iter().filter(|s| s.name == name) {
+            match ctx.client.remove_snapshot(&s.moref, true).await {
+                Ok(()) => removed.push(format!("{} of {}", s.name, vm.name)),
+                Err(e) => failed.push(format!("{} of {}: {e}", s.name, vm.name)),
+            }
+        }
+    }
+    (removed, failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors_are_told_apart() {
+        assert_eq!(Selector::parse("vm-42"), Selector::Moref("vm-42".into()));
+        assert_eq!(Selector::parse("vm-web"), Selector::Name("vm-web".into()));
+        assert_eq!(Selector::parse("DC1/vm/db01"), Selector::Path("DC1/vm/db01".into()));
+        assert_eq!(
+            Selector::parse("5029D8E4-1C3B-4F7A-9B2E-0123456789AB"),
+            Selector::InstanceUuid("5029d8e4-1c3b-4f7a-9b2e-0123456789ab".into())
+        );
+        assert_eq!(Selector::parse("db01"), Selector::Name("db01".into()));
+    }
+}
