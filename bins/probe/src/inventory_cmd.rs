@@ -3,69 +3,12 @@
 //! TLS was trusted.
 
 use std::io::Write;
-use std::path::PathBuf;
-use std::time::Duration;
 
+use crate::server_args::ServerArgs;
 use crate::vmdk_cmd::human;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
-use vsphere::{BackingKind, Client, ConnectOptions, Credentials, Secret, Thumbprint, Trust, Vm};
-
-/// How to reach and trust a vSphere server (shared by every command that talks to one).
-#[derive(Debug, clap::Args)]
-pub(crate) struct ServerArgs {
-    /// `https://HOST[:PORT]/sdk` of vCenter or ESXi (no credentials in it).
-    #[arg(long)]
-    url: String,
-    /// The user name.
-    #[arg(long)]
-    user: String,
-    /// A file whose first line is the password (never a command-line argument, where every
-    /// user of the host could read it).
-    #[arg(long)]
-    password_file: PathBuf,
-    /// Trust the server by its certificate's SHA-1 (`AA:BB:...`) or SHA-256 thumbprint.
-    #[arg(long, conflicts_with_all = ["ca_file", "insecure"])]
-    thumbprint: Option<String>,
-    /// Also trust this CA (PEM) besides the system's.
-    #[arg(long, conflicts_with = "insecure")]
-    ca_file: Option<PathBuf>,
-    /// Do not verify the server's certificate at all. Anyone on the path can then read the
-    /// credentials; every connection logs a warning.
-    #[arg(long)]
-    insecure: bool,
-    /// Also accept TLS 1.0 and 1.1 (vCenter 5.1, ESXi 5.0 and 5.1 speak nothing newer), through
-    /// OpenSSL with weak ciphers allowed for this server only; each connection warns.
-    #[arg(long)]
-    legacy_tls: bool,
-    /// Seconds one call may take.
-    #[arg(long, default_value_t = 300)]
-    timeout: u64,
-}
-
-impl ServerArgs {
-    /// Connects and logs in.
-    pub(crate) async fn login(&self) -> Result<Client> {
-        vsphere::tls::install_crypto_provider();
-        let trust = if self.insecure {
-            eprintln!("probe: WARNING: --insecure: the server's certificate is not checked");
-            Trust::Insecure
-        } else if let Some(t) = &self.thumbprint {
-            Trust::Pinned(Thumbprint::parse(t)?)
-        } else {
-            Trust::Verified { extra_ca: self.ca_file.clone() }
-        };
-        let password = Secret::from_file(&self.password_file)?;
-        let options =
-            ConnectOptions { trust, timeout: Duration::from_secs(self.timeout), ..ConnectOptions::new(&self.url) };
-        let client = Client::connect(&options).await.with_context(|| format!("cannot reach {}", self.url))?;
-        client
-            .login(Credentials { user: self.user.clone(), password })
-            .await
-            .with_context(|| format!("cannot log in to {} as {}", self.url, self.user))?;
-        Ok(client)
-    }
-}
+use vsphere::{BackingKind, Vm};
 
 /// Arguments of `probe inventory`.
 #[derive(Debug, clap::Args)]

@@ -3,6 +3,8 @@
 //! `probe inventory` lists a vCenter's or ESXi host's VMs and disks.
 
 mod inventory_cmd;
+#[path = "../../proxy/src/server_args.rs"]
+mod server_args;
 mod vddk_cmd;
 mod vmdk_cmd;
 

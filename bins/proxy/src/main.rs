@@ -1,10 +1,13 @@
-//! `proxy`: the syncproxy proxy. Today `disk-copy` (the block pipeline as a command) and the
-//! `repo` command tree; backup, replicate and serve join them as their issues land.
+//! `proxy`: the syncproxy proxy. Today `backup` (VMs into a repository, or `--plan`),
+//! `disk-copy` (the block pipeline as a command), the `repo` command tree and `demo`;
+//! replicate and serve join them as issue 8 continues.
 
+mod backup_cmd;
 mod demo;
 mod disk_copy;
 mod endpoints;
 mod repo_cmd;
+mod server_args;
 mod size;
 
 use std::process::ExitCode;
@@ -21,6 +24,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Back up vSphere VMs into a repository: a snapshot, the disks read over HTTPS (only what
+    /// CBT says changed after the first time), the snapshot always removed. `--plan` says what
+    /// would be copied and why. Exit code 0: every VM succeeded; 3: some did; 1: none did.
+    Backup(backup_cmd::Args),
     /// Copy a disk like nbdcopy: SRC is a raw file, block device, VMDK or NBD URI; DST a file,
     /// block device or NBD URI. Only allocated data is read; an interrupted copy resumes.
     DiskCopy(disk_copy::Args),
@@ -57,6 +64,7 @@ pub(crate) fn block_on(command: &str, fut: impl Future<Output = anyhow::Result<E
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Backup(args) => backup_cmd::run(&args),
         Command::DiskCopy(args) => disk_copy::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Repo { command } => repo_cmd::run(command),

@@ -47,7 +47,7 @@ impl RepoArg {
         Ok(Location { url: self.repo.clone(), s3: self.s3(), key })
     }
 
-    fn open(&self) -> Result<Repo> {
+    pub(crate) fn open(&self) -> Result<Repo> {
         Ok(Repo::open_at(&self.location()?)?)
     }
 }

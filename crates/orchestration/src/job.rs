@@ -119,7 +119,9 @@ impl JobReport {
     }
 }
 
-/// Backs up `vms` under one job lease, at most `concurrency` at once.
+/// Backs up `vms` under one job lease, at most `concurrency` at once. Cancelling the engine
+/// (`ctx.engine.cancel`) stops it cleanly: copies under way stop, their snapshots are removed
+/// and no restore point is written for them; VMs not yet begun are not touched.
 pub async fn run_job(ctx: &JobContext, vms: &[MoRef], concurrency: usize) -> Result<JobReport, OrchError> {
     let started = Instant::now();
     let repo = ctx.repo.clone();
@@ -132,6 +134,16 @@ pub async fn run_job(ctx: &JobContext, vms: &[MoRef], concurrency: usize) -> Res
         let (ctx, vm, gate) = (ctx.clone(), vm.clone(), gate.clone());
         set.spawn(async move {
             let _permit = gate.acquire_owned().await;
+            if ctx.engine.cancel.is_cancelled() {
+                // Cancelled before it began: nothing was touched.
+                let r = VmReport {
+                    vm: vm.to_string(),
+                    error: Some("cancelled before it started".into()),
+                    snapshot_removed: true,
+                    ..VmReport::default()
+                };
+                return (n, r);
+            }
             (n, backup_vm(&ctx, &vm).await)
         });
     }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use orchestration::{JobContext, Outcome, Selector, backup_vm, plan_vm, run_job, select_vms};
 use pipeline::Engine;
 use repo::Repo;
+use testkit::noise;
 use vsphere::{Client, ConnectOptions, Credentials, Secret, Trust};
 use vsphere_sim::{Config, Sim, SimFault, SimTls};
 
@@ -56,19 +57,6 @@ async fn start() -> (tempfile::TempDir, Sim, Arc<Client>) {
     let c = Client::connect(&opts).await.unwrap();
     c.login(Credentials { user: "backup@vsphere.local".into(), password: Secret::new("s3cret") }).await.unwrap();
     (dir, sim, Arc::new(c))
-}
-
-/// Pseudo-random data, `len` bytes.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[0]
-        })
-        .collect()
 }
 
 fn ctx(client: &Arc<Client>, repo: &Repo, job: &str) -> JobContext {

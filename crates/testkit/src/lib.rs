@@ -119,3 +119,17 @@ pub async fn join_all<F: std::future::Future>(futures: impl IntoIterator<Item = 
     .await;
     out.into_iter().flatten().collect()
 }
+
+/// `len` pseudo-random bytes from `seed` (xorshift): data that neither compresses nor
+/// deduplicates, the same on every run.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[0]
+        })
+        .collect()
+}

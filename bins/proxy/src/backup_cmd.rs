@@ -1,0 +1,251 @@
+//! `proxy backup`: agentless backups of vSphere VMs into a repository, or with `--plan` what
+//! they would copy and why, touching nothing. VMs are named by name, moref, instance UUID or
+//! inventory path (or `--all`); at most `--concurrency` run at once. Ctrl-C stops the copies
+//! cleanly and removes every snapshot; a second Ctrl-C stops at once and still removes them.
+//! The exit code is 0 when every VM succeeded, 3 when some did, 1 when none did.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use orchestration::{JobContext, JobReport, Outcome, Selector, plan_vm, run_job, select_vms, sweep_own_snapshots};
+use pipeline::Engine;
+use serde_json::json;
+
+use crate::repo_cmd::RepoArg;
+use crate::server_args::ServerArgs;
+use crate::size;
+
+/// Options of `proxy backup`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    #[command(flatten)]
+    server: ServerArgs,
+    #[command(flatten)]
+    repo: RepoArg,
+    /// The VMs: names, morefs (`vm-42`), instance UUIDs or inventory paths (`DC1/vm/db01`).
+    #[arg(required_unless_present = "all")]
+    vms: Vec<String>,
+    /// Every VM the account can see.
+    #[arg(long, conflicts_with = "vms")]
+    all: bool,
+    /// Print, per disk, what would be copied and why (full and its reason, or incremental),
+    /// without creating a snapshot or changing anything.
+    #[arg(long)]
+    plan: bool,
+    /// VMs backed up at once.
+    #[arg(long, default_value_t = 100)]
+    concurrency: usize,
+    /// This proxy's ID in snapshot names (default: the host name).
+    #[arg(long)]
+    proxy_id: Option<String>,
+    /// The longest a job may run: a snapshot of ours whose job is gone is removed only once it
+    /// is older than this.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    max_job: Duration,
+    /// Cap on the memory used for copy buffers, for the whole process.
+    #[arg(long, default_value = "256M", value_parser = size::parse)]
+    memory: u64,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn run(args: &Args) -> ExitCode {
+    crate::block_on("backup", backup(args))
+}
+
+/// A job ID: the UTC time and 4 random bytes.
+fn new_job_id() -> Result<String> {
+    let mut r = [0u8; 4];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut r))
+        .context("reading /dev/urandom")?;
+    let t = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let stamp: String = t.chars().filter(char::is_ascii_alphanumeric).collect();
+    Ok(format!("{stamp}-{}", r.iter().map(|b| format!("{b:02x}")).collect::<String>()))
+}
+
+fn host_name() -> String {
+    repo::lock::host_name()
+}
+
+async fn backup(args: &Args) -> Result<ExitCode> {
+    let client = Arc::new(args.server.login().await?);
+    let selectors: Vec<Selector> = args.vms.iter().map(|v| Selector::parse(v)).collect();
+    let vms = select_vms(&client, &selectors, args.all).await?;
+    if vms.is_empty() {
+        bail!("no VMs to back up");
+    }
+    let repo = args.repo.open()?;
+    let proxy_id = args.proxy_id.clone().unwrap_or_else(host_name);
+    let engine = Arc::new(Engine::new(args.memory));
+    let mut ctx = JobContext::new(client.clone(), repo, &proxy_id, &new_job_id()?, engine.clone());
+    ctx.max_job = args.max_job;
+    if args.plan {
+        return plan(&ctx, &vms, args.json).await;
+    }
+    let refs: Vec<_> = vms.iter().map(|v| v.moref.clone()).collect();
+    eprintln!("proxy backup: job {} of {} VM(s), at most {} at once", ctx.tag(), refs.len(), args.concurrency);
+    let job = run_job(&ctx, &refs, args.concurrency);
+    tokio::pin!(job);
+    let report = tokio::select! {
+        r = &mut job => r?,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("proxy backup: interrupted: stopping the copies and removing the snapshots (Ctrl-C again to stop now)");
+            engine.cancel.cancel();
+            tokio::select! {
+                r = &mut job => r?,
+                _ = tokio::signal::ctrl_c() => {
+                    eprintln!("proxy backup: stopping now");
+                    JobReport { job: ctx.tag(), vms: Vec::new(), seconds: 0.0 }
+                }
+            }
+        }
+    };
+    // Whatever ended the job, no snapshot of it may stay.
+    let (swept, failed) = sweep_own_snapshots(&ctx, &refs).await;
+    for s in &swept {
+        eprintln!("proxy backup: removed snapshot {s}");
+    }
+    for f in &failed {
+        eprintln!("proxy backup: COULD NOT REMOVE SNAPSHOT {f}; the next run removes it");
+    }
+    if report.vms.is_empty() {
+        return Ok(ExitCode::FAILURE);
+    }
+    print_report(&report, &ctx, args.json)?;
+    Ok(match report.outcome() {
+        Outcome::All if engine.cancel.is_cancelled() => ExitCode::from(3),
+        Outcome::All => ExitCode::SUCCESS,
+        Outcome::Some => ExitCode::from(3),
+        Outcome::None => ExitCode::FAILURE,
+    })
+}
+
+async fn plan(ctx: &JobContext, vms: &[vsphere::Vm], json: bool) -> Result<ExitCode> {
+    let mut plans = Vec::new();
+    for v in vms {
+        plans.push(plan_vm(ctx, &v.moref).await.with_context(|| format!("planning {}", v.name))?);
+    }
+    let mut out = std::io::stdout().lock();
+    if json {
+        let j: Vec<_> = plans
+            .iter()
+            .map(|p| {
+                json!({
+                    "vm": p.vm,
+                    "parent": p.parent,
+                    "disks": p.disks.iter().map(|d| json!({
+                        "name": d.name, "capacity": d.capacity, "plan": d.plan, "read": d.read,
+                    })).collect::<Vec<_>>(),
+                    "warnings": p.warnings,
+                })
+            })
+            .collect();
+        writeln!(out, "{}", serde_json::to_string_pretty(&j)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    for p in &plans {
+        writeln!(out, "{} (from {})", p.vm, p.parent.as_deref().unwrap_or("nothing: a first backup"))?;
+        for d in &p.disks {
+            let read = d.read.map_or_else(|| "?".to_owned(), |r| r.to_string());
+            writeln!(out, "  {:<10} {:>14} bytes  read {:>14}  {}", d.name, d.capacity, read, d.plan)?;
+        }
+        for w in &p.warnings {
+            writeln!(out, "  note: {w}")?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_report(report: &JobReport, ctx: &JobContext, json: bool) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    let m = ctx.metrics.snapshot();
+    if json {
+        let vms: Vec<_> = report
+            .vms
+            .iter()
+            .map(|r| {
+                json!({
+                    "vm": r.vm,
+                    "result": if r.error.is_some() { "failed" } else if r.warnings.is_empty() { "ok" } else { "warning" },
+                    "restore_point": r.point,
+                    "consistency": r.consistency.map(|c| format!("{c:?}").to_lowercase()),
+                    "disks": r.disks.iter().map(|d| json!({
+                        "name": d.name, "full": d.full, "plan": d.plan, "read": d.read,
+                        "stored_chunks": d.stored_chunks, "stored_bytes": d.stored_bytes,
+                    })).collect::<Vec<_>>(),
+                    "warnings": r.warnings,
+                    "error": r.error,
+                    "snapshot_removed": r.snapshot_removed,
+                    "stale_snapshots_removed": r.stale_removed,
+                    "seconds": r.seconds,
+                })
+            })
+            .collect();
+        let j = json!({
+            "job": report.job,
+            "outcome": format!("{:?}", report.outcome()).to_lowercase(),
+            "seconds": report.seconds,
+            "vms": vms,
+            "disks_copying_peak": m.disks_copying_peak,
+            "bytes_read": m.bytes_read,
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&j)?)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<24} {:<8} {:<12} {:>5} {:>14} {:>14} {:>8}",
+        "VM", "result", "consistency", "disks", "read", "stored", "seconds"
+    )?;
+    for r in &report.vms {
+        let result = if r.error.is_some() {
+            "FAILED"
+        } else if r.warnings.is_empty() {
+            "ok"
+        } else {
+            "warning"
+        };
+        let consistency = match r.consistency {
+            Some(repo::Consistency::Application) => "application",
+            Some(repo::Consistency::Crash) => "crash",
+            None => "-",
+        };
+        writeln!(
+            out,
+            "{:<24} {result:<8} {consistency:<12} {:>5} {:>14} {:>14} {:>8.1}",
+            r.vm,
+            r.disks.len(),
+            r.disks.iter().map(|d| d.read).sum::<u64>(),
+            r.disks.iter().map(|d| d.stored_bytes).sum::<u64>(),
+            r.seconds
+        )?;
+    }
+    for r in &report.vms {
+        if let Some(e) = &r.error {
+            writeln!(out, "{}: FAILED: {e}", r.vm)?;
+        }
+        for w in &r.warnings {
+            writeln!(out, "{}: note: {w}", r.vm)?;
+        }
+        if let Some(p) = &r.point {
+            let disks: Vec<String> = r.disks.iter().map(|d| format!("{} {}", d.name, d.plan)).collect();
+            writeln!(out, "{}: restore point {p}: {}", r.vm, disks.join("; "))?;
+        }
+    }
+    let ok = report.vms.iter().filter(|r| r.error.is_none()).count();
+    writeln!(
+        out,
+        "job {}: {ok} of {} VMs backed up in {:.1} s; {} bytes read; at most {} disks copying at once",
+        report.job,
+        report.vms.len(),
+        report.seconds,
+        m.bytes_read,
+        m.disks_copying_peak
+    )?;
+    Ok(())
+}

@@ -1,0 +1,85 @@
+//! How `proxy` and `probe` reach and trust a vSphere server from the command line: the URL,
+//! the user, the password from a file or the environment (never an argument), and the TLS
+//! trust (system CAs, an extra CA, a pinned thumbprint, or a loud `--insecure`). Included by
+//! `probe` from here with `#[path]`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use vsphere::{Client, ConnectOptions, Credentials, Secret, Thumbprint, Trust};
+
+/// The environment variable a password may come from instead of `--password-file`.
+pub(crate) const PASSWORD_ENV: &str = "SYNCPROXY_PASSWORD";
+
+/// How to reach and trust a vSphere server (shared by every command that talks to one).
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct ServerArgs {
+    /// `https://HOST[:PORT]/sdk` of vCenter or ESXi (no credentials in it).
+    #[arg(long)]
+    pub(crate) url: String,
+    /// The user name.
+    #[arg(long)]
+    pub(crate) user: String,
+    /// A file whose first line is the password (never a command-line argument, where every
+    /// user of the host could read it). Without it, the password is read from the environment
+    /// variable SYNCPROXY_PASSWORD.
+    #[arg(long)]
+    pub(crate) password_file: Option<PathBuf>,
+    /// Trust the server by its certificate's SHA-1 (`AA:BB:...`) or SHA-256 thumbprint.
+    #[arg(long, conflicts_with_all = ["ca_file", "insecure"])]
+    pub(crate) thumbprint: Option<String>,
+    /// Also trust this CA (PEM) besides the system's.
+    #[arg(long, conflicts_with = "insecure")]
+    pub(crate) ca_file: Option<PathBuf>,
+    /// Do not verify the server's certificate at all. Anyone on the path can then read the
+    /// credentials; every connection logs a warning.
+    #[arg(long)]
+    pub(crate) insecure: bool,
+    /// Also accept TLS 1.0 and 1.1 (vCenter 5.1, ESXi 5.0 and 5.1 speak nothing newer), through
+    /// OpenSSL with weak ciphers allowed for this server only; each connection warns.
+    #[arg(long)]
+    pub(crate) legacy_tls: bool,
+    /// Seconds one call may take.
+    #[arg(long, default_value_t = 300)]
+    pub(crate) timeout: u64,
+}
+
+impl ServerArgs {
+    /// The password: from `--password-file`, else from SYNCPROXY_PASSWORD.
+    fn password(&self) -> Result<Secret> {
+        if let Some(f) = &self.password_file {
+            return Ok(Secret::from_file(f)?);
+        }
+        match std::env::var(PASSWORD_ENV) {
+            Ok(p) if !p.is_empty() => Ok(Secret::new(p)),
+            _ => bail!("no password: give --password-file FILE, or set {PASSWORD_ENV}"),
+        }
+    }
+
+    /// Connects and logs in.
+    pub(crate) async fn login(&self) -> Result<Client> {
+        vsphere::tls::install_crypto_provider();
+        let trust = if self.insecure {
+            eprintln!("{}: WARNING: --insecure: the server's certificate is not checked", env!("CARGO_BIN_NAME"));
+            Trust::Insecure
+        } else if let Some(t) = &self.thumbprint {
+            Trust::Pinned(Thumbprint::parse(t)?)
+        } else {
+            Trust::Verified { extra_ca: self.ca_file.clone() }
+        };
+        let password = self.password()?;
+        let options = ConnectOptions {
+            trust,
+            timeout: Duration::from_secs(self.timeout),
+            legacy_tls: self.legacy_tls,
+            ..ConnectOptions::new(&self.url)
+        };
+        let client = Client::connect(&options).await.with_context(|| format!("cannot reach {}", self.url))?;
+        client
+            .login(Credentials { user: self.user.clone(), password })
+            .await
+            .with_context(|| format!("cannot log in to {} as {}", self.url, self.user))?;
+        Ok(client)
+    }
+}

@@ -1,0 +1,216 @@
+//! `proxy backup` against the project's vSphere simulator, as an operator runs it: a pinned
+//! thumbprint, the password from a file or the environment, VMs by name or `--all`, `--plan`
+//! touching nothing, exit codes for all, some and none, and Ctrl-C mid-copy leaving no
+//! snapshot, no restore point of the interrupted VM, and a repository that verifies.
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use repo::Repo;
+use testkit::noise;
+use vsphere::{Client, ConnectOptions, Credentials, Secret, Thumbprint, Trust};
+use vsphere_sim::{Config, Sim, SimTls};
+
+const MIB: u64 = 1 << 20;
+const MIB_BYTES: usize = 1 << 20;
+
+fn estate() -> Config {
+    Config::from_toml(
+        r#"
+user = "backup@vsphere.local"
+password = "pw-from-file"
+[[datacenter]]
+name = "DC1"
+[[datacenter.host]]
+name = "esx1"
+[[datacenter.datastore]]
+name = "ds1"
+[[datacenter.vm]]
+name = "db"
+cbt = true
+[[datacenter.vm.disk]]
+capacity = 8388608
+[[datacenter.vm.disk]]
+capacity = 4194304
+[[datacenter.vm]]
+name = "web"
+cbt = true
+[[datacenter.vm.disk]]
+capacity = 33554432
+[[datacenter.vm]]
+name = "vault"
+encrypted = true
+[[datacenter.vm.disk]]
+capacity = 1048576
+"#,
+    )
+    .unwrap()
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    sim: Sim,
+    client: Arc<Client>,
+    thumbprint: String,
+}
+
+async fn start() -> Env {
+    vsphere::tls::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Sim::start(estate(), &dir.path().join("sim"), SimTls::SelfSigned).await.unwrap();
+    let thumbprint = Thumbprint::sha256_of(sim.certificate().unwrap()).to_string();
+    let opts =
+        ConnectOptions { trust: Trust::Insecure, timeout: Duration::from_secs(20), ..ConnectOptions::new(&sim.url()) };
+    let client = Client::connect(&opts).await.unwrap();
+    client
+        .login(Credentials { user: "backup@vsphere.local".into(), password: Secret::new("pw-from-file") })
+        .await
+        .unwrap();
+    std::fs::write(dir.path().join("pw"), "pw-from-file\n").unwrap();
+    Env { dir, sim, client: Arc::new(client), thumbprint }
+}
+
+impl Env {
+    fn proxy(&self, args: &[&str]) -> Command {
+        let mut c = self.proxy_env_password(args);
+        c.arg("--password-file").arg(self.dir.path().join("pw"));
+        c.env_remove("SYNCPROXY_PASSWORD");
+        c
+    }
+
+    /// Without `--password-file`: the password comes from SYNCPROXY_PASSWORD.
+    fn proxy_env_password(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_proxy"));
+        c.args([
+            "backup",
+            "--url",
+            &self.sim.url(),
+            "--user",
+            "backup@vsphere.local",
+            "--thumbprint",
+            &self.thumbprint,
+        ]);
+        c.arg(self.dir.path().join("repo")).args(args).env("SYNCPROXY_PASSWORD", "pw-from-file");
+        c
+    }
+
+    fn repo(&self) -> Repo {
+        Repo::open(self.dir.path().join("repo")).unwrap()
+    }
+
+    async fn snapshots(&self) -> usize {
+        self.client.vms().await.unwrap().iter().map(|v| v.all_snapshots().len()).sum()
+    }
+}
+
+/// Runs a command off the async workers (the simulator lives on them).
+async fn output(mut c: Command) -> (i32, String, String) {
+    let out = tokio::task::spawn_blocking(move || c.output().unwrap()).await.unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_plans_and_exit_codes() {
+    let env = start().await;
+    Repo::init(env.dir.path().join("repo"), 1 << 20).unwrap();
+    let vms = env.client.vms().await.unwrap();
+    for v in vms.iter().filter(|v| v.name != "vault") {
+        for d in &v.disks {
+            env.sim.write(&v.name, d.key, MIB, &noise(2 * MIB_BYTES, u64::from(d.key.unsigned_abs()))).unwrap();
+        }
+    }
+    // Two VMs by name: every one succeeds, exit 0.
+    let (code, out, err) = output(env.proxy(&["db", "web"])).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("job ") && out.contains("2 of 2 VMs backed up"), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("db ") && l.contains("ok") && l.contains("application")), "{out}");
+    let points = env.repo().points().unwrap();
+    assert_eq!(points.len(), 2);
+    for p in &points {
+        let v = vms.iter().find(|v| v.name == p.source.name).unwrap();
+        for (n, d) in v.disks.iter().enumerate() {
+            let want = std::fs::read(env.sim.disk_path(&v.name, d.key).unwrap()).unwrap();
+            assert!(env.repo().reader(&p.id, n).unwrap().read(0, d.capacity).unwrap() == want, "{} disk {n}", v.name);
+        }
+    }
+
+    // A change, then a plan: incremental, and nothing touched.
+    env.sim.write("db", vms[0].disks[0].key, 0, &noise(1000, 99)).unwrap();
+    let before = env.client.vms().await.unwrap();
+    let (code, out, err) = output(env.proxy(&["--plan", "db"])).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("incremental since"), "{out}");
+    assert_eq!(env.client.vms().await.unwrap(), before, "--plan changed nothing");
+    assert_eq!(env.repo().points().unwrap().len(), 2);
+
+    // The password from the environment; JSON; an encrypted VM among them: some, exit 3.
+    let (code, out, err) = output(env.proxy_env_password(&["--all", "--json"])).await;
+    assert_eq!(code, 3, "{out}\n{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["outcome"], "some");
+    let vault = j["vms"].as_array().unwrap().iter().find(|v| v["vm"] == "vault").unwrap();
+    assert!(vault["error"].as_str().unwrap().contains("encrypted"), "{vault}");
+    let db = j["vms"].as_array().unwrap().iter().find(|v| v["vm"] == "db").unwrap();
+    assert_eq!(db["disks"][0]["plan"], "incremental", "{db}");
+    assert_eq!(db["disks"][0]["read"], MIB, "{db}");
+    assert!(!out.contains("pw-from-file") && !err.contains("pw-from-file"), "the password never prints");
+
+    // Only the encrypted VM: none, exit 1.
+    let (code, out, err) = output(env.proxy(&["vault"])).await;
+    assert_eq!(code, 1, "{out}\n{err}");
+    // A wrong password fails with a clear error, and does not print it.
+    std::fs::write(env.dir.path().join("pw"), "wrong-one\n").unwrap();
+    let (code, out, err) = output(env.proxy(&["db"])).await;
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(err.contains("cannot log in") && !err.contains("wrong-one"), "{err}");
+    assert_eq!(env.snapshots().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_mid_copy_leaves_no_snapshot_and_an_intact_repository() {
+    let env = start().await;
+    Repo::init(env.dir.path().join("repo"), 1 << 20).unwrap();
+    let web = env.client.vms().await.unwrap().into_iter().find(|v| v.name == "web").unwrap();
+    env.sim.write("web", web.disks[0].key, 0, &noise(32 * MIB_BYTES, 4)).unwrap();
+    // A first backup to keep safe.
+    let (code, out, err) = output(env.proxy(&["web"])).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    env.sim.write("web", web.disks[0].key, 0, &noise(32 * MIB_BYTES, 5)).unwrap();
+    // Slow storage, so the copy is under way when the interrupt comes.
+    env.sim.faults(|f| f.datastore_delay = Duration::from_millis(150));
+    let mut c = env.proxy(&["web"]);
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = c.spawn().unwrap();
+    let pid = child.id().to_string();
+    let mut seen = false;
+    for _ in 0..200 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if env.snapshots().await > 0 {
+            seen = true;
+            break;
+        }
+    }
+    assert!(seen, "the backup's snapshot appeared");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let kill = Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    assert!(kill.success());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_ne!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(stdout.contains("web") && stdout.contains("FAILED") && stdout.contains("cancel"), "{stdout}");
+    env.sim.faults(|f| f.datastore_delay = Duration::ZERO);
+    assert_eq!(env.snapshots().await, 0, "no snapshot left: {stdout}\n{stderr}");
+    let repo = env.repo();
+    assert_eq!(repo.points().unwrap().len(), 1, "no restore point of the interrupted copy");
+    assert!(repo.verify().unwrap().damaged_points.is_empty());
+    assert!(repo.live_jobs().unwrap().is_empty(), "the job's lease ended");
+    // The next run succeeds.
+    let (code, out, err) = output(env.proxy(&["web"])).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+}
