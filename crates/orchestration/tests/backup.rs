@@ -358,3 +358,38 @@ async fn a_hundred_vms_at_once_copy_together_under_the_memory_cap() {
         c.engine.pool.peak() / MIB
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_epoch_or_a_grown_disk_forces_a_full_copy_of_that_disk_only() {
+    let (dir, sim, client) = start().await;
+    let repo = Repo::init(dir.path().join("repo"), 1 << 20).unwrap();
+    let db = client.vms().await.unwrap().into_iter().find(|v| v.name == "db").unwrap();
+    let (k0, k1) = (db.disks[0].key, db.disks[1].key);
+    sim.write("db", k0, 0, &noise(2 * MIB as usize, 1)).unwrap();
+    sim.write("db", k1, 0, &noise(2 * MIB as usize, 2)).unwrap();
+    let r = backup_vm(&ctx(&client, &repo, "e1"), &db.moref).await;
+    assert!(r.error.is_none(), "{r:?}");
+
+    // The second disk starts a new change-ID epoch; both disks change a little.
+    sim.new_epoch("db", k1).unwrap();
+    sim.write("db", k0, 4 * MIB, &noise(1000, 3)).unwrap();
+    sim.write("db", k1, 4 * MIB, &noise(1000, 4)).unwrap();
+    let r = backup_vm(&ctx(&client, &repo, "e2"), &db.moref).await;
+    assert!(r.error.is_none(), "{r:?}");
+    assert_eq!(r.disks.iter().map(|d| d.full).collect::<Vec<_>>(), [false, true], "{r:?}");
+    assert!(r.disks[1].plan.contains("full"), "{r:?}");
+    assert_eq!(r.disks[0].read, MIB, "only the changed chunk of the first disk: {r:?}");
+    restores_match(&sim, &client, &repo, "db", r.point.as_deref().unwrap()).await;
+
+    // The first disk grows: it alone is copied in full, at its new size.
+    sim.grow_disk("db", k0, 20 * MIB).unwrap();
+    sim.write("db", k0, 18 * MIB, &noise(1000, 5)).unwrap();
+    sim.write("db", k1, 5 * MIB, &noise(1000, 6)).unwrap();
+    let r = backup_vm(&ctx(&client, &repo, "e3"), &db.moref).await;
+    assert!(r.error.is_none(), "{r:?}");
+    assert_eq!(r.disks.iter().map(|d| d.full).collect::<Vec<_>>(), [true, false], "{r:?}");
+    assert_eq!(r.disks[1].read, MIB, "{r:?}");
+    let point = r.point.unwrap();
+    assert_eq!(repo.point(&point).unwrap().disks[0].capacity, 20 * MIB);
+    restores_match(&sim, &client, &repo, "db", &point).await;
+}

@@ -39,6 +39,9 @@ pub enum SimError {
     /// A VM, disk or range that does not exist.
     #[error("the simulator has no {0}")]
     NoSuch(String),
+    /// A change the simulated server would refuse, with its reason.
+    #[error("the simulator refused: {0}")]
+    Refused(String),
     /// TLS setup failed.
     #[error("simulator TLS: {0}")]
     Tls(String),
@@ -153,6 +156,20 @@ impl Sim {
         let vi = w.vm_by_name(vm).ok_or_else(|| SimError::NoSuch(format!("VM {vm}")))?;
         w.vms[vi].power = state.to_owned();
         Ok(())
+    }
+
+    /// Starts a new change-ID epoch on one disk of a VM, the others untouched.
+    pub fn new_epoch(&self, vm: &str, disk_key: i32) -> Result<(), SimError> {
+        let mut w = self.world();
+        let vi = w.vm_by_name(vm).ok_or_else(|| SimError::NoSuch(format!("VM {vm}")))?;
+        w.new_epoch(vi, disk_key).map_err(|f| SimError::Refused(f.message))
+    }
+
+    /// Grows one disk of a VM to `capacity` bytes.
+    pub fn grow_disk(&self, vm: &str, disk_key: i32, capacity: u64) -> Result<(), SimError> {
+        let mut w = self.world();
+        let vi = w.vm_by_name(vm).ok_or_else(|| SimError::NoSuch(format!("VM {vm}")))?;
+        w.grow_disk(vi, disk_key, capacity).map_err(|f| SimError::Refused(f.message))
     }
 
     /// Backdates a VM's snapshot by `age` (as if it had been taken that long ago), so tests

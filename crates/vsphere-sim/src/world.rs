@@ -98,6 +98,14 @@ fn now_nanos() -> u64 {
 }
 
 /// The server's clock as ISO 8601.
+/// The descriptor of a VMFS flat disk `<stem>.vmdk` over `<stem>-flat.vmdk`.
+fn descriptor(stem: &str, capacity: u64) -> String {
+    format!(
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"vmfs\"\n\nRW {} VMFS \"{stem}-flat.vmdk\"\n",
+        capacity / 512
+    )
+}
+
 pub(crate) fn iso_now() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
@@ -302,12 +310,8 @@ impl World {
                     let flat = root.join(&w.datastores[ds].name).join(&flat_name);
                     let f = File::create(&flat).map_err(|e| SimError::io(&flat, e))?;
                     f.set_len(d.capacity).map_err(|e| SimError::io(&flat, e))?;
-                    let desc = format!(
-                        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"vmfs\"\n\nRW {} VMFS \"{stem}-flat.vmdk\"\n",
-                        d.capacity / 512
-                    );
                     let dpath = root.join(&w.datastores[ds].name).join(&base_name);
-                    std::fs::write(&dpath, desc).map_err(|e| SimError::io(&dpath, e))?;
+                    std::fs::write(&dpath, descriptor(&stem, d.capacity)).map_err(|e| SimError::io(&dpath, e))?;
                     // Unit 7 is the SCSI controller's own.
                     let di = i32::try_from(i).map_err(|_| SimError::Config(format!("{}: too many disks", v.name)))?;
                     let unit = if di >= 7 { di + 1 } else { di };
@@ -507,6 +511,50 @@ impl World {
             v.current = removed.parent.clone();
         }
         v.consolidation_needed |= leave;
+        Ok(())
+    }
+
+    /// Starts a new change-ID epoch on one disk (as ESXi does after, for instance, a storage
+    /// migration of that disk), leaving the VM's other disks alone.
+    pub(crate) fn new_epoch(&mut self, vm: usize, key: i32) -> Result<(), SimFault> {
+        let n = self.id();
+        let d = self.vms[vm]
+            .disks
+            .iter_mut()
+            .find(|d| d.key == key)
+            .ok_or_else(|| SimFault::new("InvalidArgument", format!("deviceKey {key}")))?;
+        if d.track.is_some() {
+            d.track = Some(Track::new(n * 31 + 7));
+        }
+        Ok(())
+    }
+
+    /// Grows one disk to `capacity` bytes (an administrator extending it): the file grows and
+    /// CBT keeps tracking, so only the size tells a backup that its old state no longer fits.
+    pub(crate) fn grow_disk(&mut self, vm: usize, key: i32, capacity: u64) -> Result<(), SimFault> {
+        let (path, desc_path) = {
+            let d = self.vms[vm]
+                .disks
+                .iter()
+                .find(|d| d.key == key)
+                .ok_or_else(|| SimFault::new("InvalidArgument", format!("deviceKey {key}")))?;
+            if capacity < d.capacity {
+                return Err(SimFault::new("InvalidArgument", "a disk cannot shrink"));
+            }
+            (self.ds_path(d.ds, &d.flat_name), self.ds_path(d.ds, &d.base_name))
+        };
+        // ESXi rewrites the descriptor's extent size with the file.
+        let stem = desc_path.file_stem().and_then(|n| n.to_str()).unwrap_or("disk").to_owned();
+        std::fs::write(&desc_path, descriptor(&stem, capacity))
+            .map_err(|e| SimFault::new("FileFault", format!("rewriting {}: {e}", desc_path.display())))?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_len(capacity))
+            .map_err(|e| SimFault::new("FileFault", format!("growing {}: {e}", path.display())))?;
+        if let Some(d) = self.vms[vm].disks.iter_mut().find(|d| d.key == key) {
+            d.capacity = capacity;
+        }
         Ok(())
     }
 
