@@ -1,8 +1,9 @@
-//! `proxy backup`: agentless backups of vSphere VMs into a repository, or with `--plan` what
-//! they would copy and why, touching nothing. VMs are named by name, moref, instance UUID or
-//! inventory path (or `--all`); at most `--concurrency` run at once. Ctrl-C stops the copies
-//! cleanly and removes every snapshot; a second Ctrl-C stops at once and still removes them.
-//! The exit code is 0 when every VM succeeded, 3 when some did, 1 when none did.
+//! `proxy backup` and `proxy replicate`: agentless backups of vSphere VMs into a repository (or
+//! with `--plan` what they would copy and why, touching nothing), and replicas of their disks
+//! kept up to date in a directory. VMs are named by name, moref, instance UUID or inventory
+//! path (or `--all`); at most `--concurrency` run at once. Ctrl-C stops the copies cleanly and
+//! removes every snapshot; a second Ctrl-C stops at once and still removes them. The exit code
+//! is 0 when every VM succeeded, 3 when some did, 1 when none did.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -10,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use orchestration::{JobContext, JobReport, Outcome, Selector, plan_vm, run_job, select_vms, sweep_own_snapshots};
+use orchestration::{
+    JobContext, JobReport, Outcome, ReplicaTarget, Selector, Target, plan_vm, run_job, select_vms, sweep_own_snapshots,
+};
 use pipeline::Engine;
 use serde_json::json;
 
@@ -18,24 +21,18 @@ use crate::repo_cmd::RepoArg;
 use crate::server_args::ServerArgs;
 use crate::size;
 
-/// Options of `proxy backup`.
+/// What `proxy backup` and `proxy replicate` share.
 #[derive(Debug, clap::Args)]
-pub(crate) struct Args {
+pub(crate) struct JobArgs {
     #[command(flatten)]
     server: ServerArgs,
-    #[command(flatten)]
-    repo: RepoArg,
     /// The VMs: names, morefs (`vm-42`), instance UUIDs or inventory paths (`DC1/vm/db01`).
     #[arg(required_unless_present = "all")]
     vms: Vec<String>,
     /// Every VM the account can see.
     #[arg(long, conflicts_with = "vms")]
     all: bool,
-    /// Print, per disk, what would be copied and why (full and its reason, or incremental),
-    /// without creating a snapshot or changing anything.
-    #[arg(long)]
-    plan: bool,
-    /// VMs backed up at once.
+    /// VMs worked on at once.
     #[arg(long, default_value_t = 100)]
     concurrency: usize,
     /// This proxy's ID in snapshot names (default: the host name).
@@ -53,8 +50,41 @@ pub(crate) struct Args {
     json: bool,
 }
 
+/// Options of `proxy backup`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    #[command(flatten)]
+    repo: RepoArg,
+    #[command(flatten)]
+    job: JobArgs,
+    /// Print, per disk, what would be copied and why (full and its reason, or incremental),
+    /// without creating a snapshot or changing anything.
+    #[arg(long)]
+    plan: bool,
+}
+
+/// Options of `proxy replicate`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ReplicateArgs {
+    /// The directory of the replicas: `DIR/<vm>_<uuid>/<slot>.raw` per disk, the `.vmx` beside
+    /// them, sync states in `DIR/.syncproxy/`.
+    dir: std::path::PathBuf,
+    #[command(flatten)]
+    job: JobArgs,
+}
+
 pub(crate) fn run(args: &Args) -> ExitCode {
-    crate::block_on("backup", backup(args))
+    crate::block_on("backup", async {
+        let repo = args.repo.open()?;
+        job(&args.job, Target::Repository(repo), args.plan, "backup").await
+    })
+}
+
+pub(crate) fn run_replicate(args: &ReplicateArgs) -> ExitCode {
+    crate::block_on("replicate", async {
+        let target = ReplicaTarget::open(&args.dir)?;
+        job(&args.job, Target::Replica(target), false, "replicate").await
+    })
 }
 
 /// A job ID: the UTC time and 4 random bytes.
@@ -72,34 +102,33 @@ fn host_name() -> String {
     repo::lock::host_name()
 }
 
-async fn backup(args: &Args) -> Result<ExitCode> {
+async fn job(args: &JobArgs, target: Target, plan_only: bool, what: &str) -> Result<ExitCode> {
     let client = Arc::new(args.server.login().await?);
     let selectors: Vec<Selector> = args.vms.iter().map(|v| Selector::parse(v)).collect();
     let vms = select_vms(&client, &selectors, args.all).await?;
     if vms.is_empty() {
-        bail!("no VMs to back up");
+        bail!("no VMs to {what}");
     }
-    let repo = args.repo.open()?;
     let proxy_id = args.proxy_id.clone().unwrap_or_else(host_name);
     let engine = Arc::new(Engine::new(args.memory));
-    let mut ctx = JobContext::new(client.clone(), repo, &proxy_id, &new_job_id()?, engine.clone());
+    let mut ctx = JobContext::with_target(client.clone(), target, &proxy_id, &new_job_id()?, engine.clone());
     ctx.max_job = args.max_job;
-    if args.plan {
+    if plan_only {
         return plan(&ctx, &vms, args.json).await;
     }
     let refs: Vec<_> = vms.iter().map(|v| v.moref.clone()).collect();
-    eprintln!("proxy backup: job {} of {} VM(s), at most {} at once", ctx.tag(), refs.len(), args.concurrency);
+    eprintln!("proxy {what}: job {} of {} VM(s), at most {} at once", ctx.tag(), refs.len(), args.concurrency);
     let job = run_job(&ctx, &refs, args.concurrency);
     tokio::pin!(job);
     let report = tokio::select! {
         r = &mut job => r?,
         _ = tokio::signal::ctrl_c() => {
-            eprintln!("proxy backup: interrupted: stopping the copies and removing the snapshots (Ctrl-C again to stop now)");
+            eprintln!("proxy {what}: interrupted: stopping the copies and removing the snapshots (Ctrl-C again to stop now)");
             engine.cancel.cancel();
             tokio::select! {
                 r = &mut job => r?,
                 _ = tokio::signal::ctrl_c() => {
-                    eprintln!("proxy backup: stopping now");
+                    eprintln!("proxy {what}: stopping now");
                     JobReport { job: ctx.tag(), vms: Vec::new(), seconds: 0.0 }
                 }
             }
@@ -108,10 +137,10 @@ async fn backup(args: &Args) -> Result<ExitCode> {
     // Whatever ended the job, no snapshot of it may stay.
     let (swept, failed) = sweep_own_snapshots(&ctx, &refs).await;
     for s in &swept {
-        eprintln!("proxy backup: removed snapshot {s}");
+        eprintln!("proxy {what}: removed snapshot {s}");
     }
     for f in &failed {
-        eprintln!("proxy backup: COULD NOT REMOVE SNAPSHOT {f}; the next run removes it");
+        eprintln!("proxy {what}: COULD NOT REMOVE SNAPSHOT {f}; the next run removes it");
     }
     if report.vms.is_empty() {
         return Ok(ExitCode::FAILURE);
@@ -173,6 +202,7 @@ fn print_report(report: &JobReport, ctx: &JobContext, json: bool) -> Result<()> 
                     "vm": r.vm,
                     "result": if r.error.is_some() { "failed" } else if r.warnings.is_empty() { "ok" } else { "warning" },
                     "restore_point": r.point,
+                    "replica": r.replica.as_ref().map(|p| p.display().to_string()),
                     "consistency": r.consistency.map(|c| format!("{c:?}").to_lowercase()),
                     "disks": r.disks.iter().map(|d| json!({
                         "name": d.name, "full": d.full, "plan": d.plan, "read": d.read,
@@ -232,15 +262,18 @@ fn print_report(report: &JobReport, ctx: &JobContext, json: bool) -> Result<()> 
         for w in &r.warnings {
             writeln!(out, "{}: note: {w}", r.vm)?;
         }
+        let disks: Vec<String> = r.disks.iter().map(|d| format!("{} {}", d.name, d.plan)).collect();
         if let Some(p) = &r.point {
-            let disks: Vec<String> = r.disks.iter().map(|d| format!("{} {}", d.name, d.plan)).collect();
             writeln!(out, "{}: restore point {p}: {}", r.vm, disks.join("; "))?;
+        }
+        if let Some(p) = &r.replica {
+            writeln!(out, "{}: replica {} is consistent: {}", r.vm, p.display(), disks.join("; "))?;
         }
     }
     let ok = report.vms.iter().filter(|r| r.error.is_none()).count();
     writeln!(
         out,
-        "job {}: {ok} of {} VMs backed up in {:.1} s; {} bytes read; at most {} disks copying at once",
+        "job {}: {ok} of {} VMs done in {:.1} s; {} bytes read; at most {} disks copying at once",
         report.job,
         report.vms.len(),
         report.seconds,

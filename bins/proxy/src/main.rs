@@ -1,6 +1,6 @@
 //! `proxy`: the syncproxy proxy. Today `backup` (VMs into a repository, or `--plan`),
-//! `disk-copy` (the block pipeline as a command), the `repo` command tree and `demo`;
-//! replicate and serve join them as issue 8 continues.
+//! `replicate` (VMs' disks kept as replicas), `disk-copy` (the block pipeline as a command),
+//! the `repo` command tree and `demo`; serve joins them as issue 8 continues.
 
 mod backup_cmd;
 mod demo;
@@ -28,6 +28,10 @@ enum Command {
     /// CBT says changed after the first time), the snapshot always removed. `--plan` says what
     /// would be copied and why. Exit code 0: every VM succeeded; 3: some did; 1: none did.
     Backup(backup_cmd::Args),
+    /// Keep replicas of vSphere VMs' disks in a directory (the DR use): raw files, full the
+    /// first time, then only what CBT says changed; a replica interrupted mid-sync is reported
+    /// inconsistent until the next sync completes. Exit codes as for backup.
+    Replicate(backup_cmd::ReplicateArgs),
     /// Copy a disk like nbdcopy: SRC is a raw file, block device, VMDK or NBD URI; DST a file,
     /// block device or NBD URI. Only allocated data is read; an interrupted copy resumes.
     DiskCopy(disk_copy::Args),
@@ -65,6 +69,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Backup(args) => backup_cmd::run(&args),
+        Command::Replicate(args) => backup_cmd::run_replicate(&args),
         Command::DiskCopy(args) => disk_copy::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Repo { command } => repo_cmd::run(command),

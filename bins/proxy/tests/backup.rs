@@ -1,7 +1,8 @@
 //! `proxy backup` against the project's vSphere simulator, as an operator runs it: a pinned
 //! thumbprint, the password from a file or the environment, VMs by name or `--all`, `--plan`
 //! touching nothing, exit codes for all, some and none, and Ctrl-C mid-copy leaving no
-//! snapshot, no restore point of the interrupted VM, and a repository that verifies.
+//! snapshot, no restore point of the interrupted VM, and a repository that verifies;
+//! `proxy replicate` keeping replica disks identical to the VM's, full then incremental.
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -81,17 +82,15 @@ impl Env {
 
     /// Without `--password-file`: the password comes from SYNCPROXY_PASSWORD.
     fn proxy_env_password(&self, args: &[&str]) -> Command {
+        self.command("backup", &self.dir.path().join("repo"), args)
+    }
+
+    /// `proxy SUB ... DEST ARGS`, the password in the environment.
+    fn command(&self, sub: &str, dest: &std::path::Path, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_proxy"));
-        c.args([
-            "backup",
-            "--url",
-            &self.sim.url(),
-            "--user",
-            "backup@vsphere.local",
-            "--thumbprint",
-            &self.thumbprint,
-        ]);
-        c.arg(self.dir.path().join("repo")).args(args).env("SYNCPROXY_PASSWORD", "pw-from-file");
+        let url = self.sim.url();
+        c.args([sub, "--url", &url, "--user", "backup@vsphere.local", "--thumbprint", &self.thumbprint]);
+        c.arg(dest).args(args).env("SYNCPROXY_PASSWORD", "pw-from-file");
         c
     }
 
@@ -127,7 +126,7 @@ async fn backups_plans_and_exit_codes() {
     // Two VMs by name: every one succeeds, exit 0.
     let (code, out, err) = output(env.proxy(&["db", "web"])).await;
     assert_eq!(code, 0, "{out}\n{err}");
-    assert!(out.contains("job ") && out.contains("2 of 2 VMs backed up"), "{out}");
+    assert!(out.contains("job ") && out.contains("2 of 2 VMs done"), "{out}");
     assert!(out.lines().any(|l| l.starts_with("db ") && l.contains("ok") && l.contains("application")), "{out}");
     let points = env.repo().points().unwrap();
     assert_eq!(points.len(), 2);
@@ -213,4 +212,38 @@ async fn ctrl_c_mid_copy_leaves_no_snapshot_and_an_intact_repository() {
     // The next run succeeds.
     let (code, out, err) = output(env.proxy(&["web"])).await;
     assert_eq!(code, 0, "{out}\n{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicate_keeps_replica_disks_identical() {
+    let env = start().await;
+    let dest = env.dir.path().join("replicas");
+    let db = env.client.vms().await.unwrap().into_iter().find(|v| v.name == "db").unwrap();
+    for d in &db.disks {
+        env.sim.write("db", d.key, 0, &noise(3 * MIB_BYTES, u64::from(d.key.unsigned_abs()))).unwrap();
+    }
+    let check = |round: &str| {
+        let folder = std::fs::read_dir(&dest)
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("db_")))
+            .expect("the VM's replica folder");
+        for (d, file) in db.disks.iter().zip(["scsi0-0.raw", "scsi0-1.raw"]) {
+            let want = std::fs::read(env.sim.disk_path("db", d.key).unwrap()).unwrap();
+            assert!(std::fs::read(folder.join(file)).unwrap() == want, "{round}: {file} differs");
+        }
+    };
+    let (code, out, err) = output(env.command("replicate", &dest, &["db"])).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("replica") && out.contains("is consistent") && out.contains("full"), "{out}");
+    check("full");
+    env.sim.write("db", db.disks[1].key, 2 * MIB, &noise(777, 3)).unwrap();
+    let (code, out, err) = output(env.command("replicate", &dest, &["db", "--json"])).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let disks = &j["vms"][0]["disks"];
+    assert_eq!((disks[0]["read"].as_u64(), disks[1]["read"].as_u64()), (Some(0), Some(MIB)), "{disks}");
+    check("incremental");
+    assert_eq!(env.snapshots().await, 0);
 }

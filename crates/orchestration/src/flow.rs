@@ -1,19 +1,23 @@
-//! The per-VM backup flow of reference section 2.13, into a repository: stale snapshots of ours
-//! removed first, preflight, CBT on when allowed, a snapshot named for this proxy and job
-//! (quiesced when VMware Tools run), a plan per disk from `cbt`, the copy over HTTPS datastore
-//! reads, the VM's configuration file captured, the restore point written only after every
-//! disk is committed, and the snapshot removed on every path, with consolidation when the
-//! server asks for it. [`plan_vm`] says what a backup would copy without touching anything.
+//! The per-VM flow of reference section 2.13, into a repository or onto replica disks: stale
+//! snapshots of ours removed first, preflight, CBT on when allowed, a snapshot named for this
+//! proxy and job (quiesced when VMware Tools run), per disk the facts `cbt` plans from, the copy
+//! over HTTPS datastore reads, the VM's configuration file captured, the restore point (or each
+//! replica's sync state) written only after the data is durable, and the snapshot removed on
+//! every path, with consolidation when the server asks for it. [`plan_vm`] says what a backup
+//! would copy without touching anything.
 
 use std::collections::HashSet;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cbt::{ChangeId, Changes, CommittedDisk, CopyPlan, CurrentDisk, Destination, DiskPosition, QueryFault};
 use pipeline::progress::Progress;
-use pipeline::state::Digests;
+use pipeline::replicate::{SyncJob, sync};
+use pipeline::state::{Digests, StateStore, SyncKey};
 use pipeline::{BlockSink, CopyOptions, DiskCopy, Engine, copy_disk};
-use repo::{Consistency, DiskSpec, Manifest, Repo, SourceInfo};
+use replica::{FileSink, FileSinkOptions};
+use repo::{Consistency, DiskSpec, JobLease, LocalStore, LockTiming, Manifest, Repo, SourceInfo, Store};
 use vsphere::datastore::DatastoreFile;
 use vsphere::{Client, Disk, MoRef, Vm};
 
@@ -25,13 +29,77 @@ use crate::source::{DatastoreSource, shared};
 /// What every snapshot of ours is named with, first.
 pub const SNAPSHOT_PREFIX: &str = "syncproxy";
 
-/// What a backup job shares across its VMs.
+/// Replica disks under a directory: `<dir>/<vm>_<uuid8>/<slot>.raw`, one sparse raw file per
+/// disk, brought up to date in place; the sync states and the job leases live in
+/// `<dir>/.syncproxy/`.
+#[derive(Debug, Clone)]
+pub struct ReplicaTarget {
+    /// The directory.
+    pub dir: PathBuf,
+    /// The sync states (one per disk), written only after the data is durable.
+    pub state: StateStore,
+    /// Where jobs writing here hold their leases.
+    pub leases: Arc<dyn Store>,
+    /// How replica files are written.
+    pub sink: FileSinkOptions,
+}
+
+impl ReplicaTarget {
+    /// Opens (creating) a replica directory.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, OrchError> {
+        let dir = dir.into();
+        let meta = dir.join(".syncproxy");
+        std::fs::create_dir_all(&meta)
+            .map_err(|e| OrchError::Refused(format!("cannot create {}: {e}", meta.display())))?;
+        let state = StateStore::open(meta.join("state"))?;
+        Ok(Self { dir, state, leases: Arc::new(LocalStore::new(&meta)), sink: FileSinkOptions::default() })
+    }
+
+    /// The folder of one VM's replica disks: its name made safe for a file name, then the
+    /// start of its instance UUID (two VMs may share a name).
+    pub fn vm_dir(&self, vm: &Vm) -> PathBuf {
+        let safe: String = vm
+            .name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' })
+            .collect();
+        let uuid: String = vm.instance_uuid.as_deref().unwrap_or("nouuid").chars().take(8).collect();
+        self.dir.join(format!("{}_{uuid}", safe.trim_start_matches('.')))
+    }
+
+    /// The replica file of the disk in `slot` (`scsi0:1`) of `vm`.
+    pub fn disk_path(&self, vm: &Vm, slot: &str) -> PathBuf {
+        self.vm_dir(vm).join(format!("{}.raw", slot.replace(':', "-")))
+    }
+
+    /// The sync-state key of that disk, from the vCenter `vcenter` (its instance UUID); `None`
+    /// for a VM without an instance UUID.
+    pub fn key(&self, vcenter: &str, vm: &Vm, slot: &str) -> Option<SyncKey> {
+        Some(SyncKey {
+            vcenter: vcenter.to_owned(),
+            vm: vm.instance_uuid.clone()?,
+            disk: slot.to_owned(),
+            destination: self.disk_path(vm, slot).display().to_string(),
+        })
+    }
+}
+
+/// Where a job's VMs go.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// Restore points in a repository (which also holds the job leases).
+    Repository(Repo),
+    /// Replica disks, brought up to date in place.
+    Replica(ReplicaTarget),
+}
+
+/// What a job shares across its VMs.
 #[derive(Debug, Clone)]
 pub struct JobContext {
     /// A logged-in session.
     pub client: Arc<Client>,
-    /// Where restore points go (and where running jobs hold their leases).
-    pub repo: Repo,
+    /// Where the VMs go (and where running jobs hold their leases).
+    pub target: Target,
     /// This proxy's ID (in snapshot names).
     pub proxy_id: String,
     /// This job's ID (in snapshot names); unique per run.
@@ -47,11 +115,17 @@ pub struct JobContext {
 }
 
 impl JobContext {
-    /// A job with default copy options, a 24-hour longest job and fresh counters.
+    /// A backup job into `repo`, with default copy options, a 24-hour longest job and fresh
+    /// counters.
     pub fn new(client: Arc<Client>, repo: Repo, proxy_id: &str, job_id: &str, engine: Arc<Engine>) -> Self {
+        Self::with_target(client, Target::Repository(repo), proxy_id, job_id, engine)
+    }
+
+    /// A job to `target`, with default copy options, a 24-hour longest job and fresh counters.
+    pub fn with_target(client: Arc<Client>, target: Target, proxy_id: &str, job_id: &str, engine: Arc<Engine>) -> Self {
         Self {
             client,
-            repo,
+            target,
             proxy_id: proxy_id.to_owned(),
             job_id: job_id.to_owned(),
             engine,
@@ -69,6 +143,36 @@ impl JobContext {
     /// The name of this job's snapshots.
     pub fn snapshot_name(&self) -> String {
         format!("{SNAPSHOT_PREFIX}-{}", self.tag())
+    }
+
+    /// Where leases of jobs writing to this target live.
+    fn leases(&self) -> Arc<dyn Store> {
+        match &self.target {
+            Target::Repository(r) => r.store().clone(),
+            Target::Replica(r) => r.leases.clone(),
+        }
+    }
+
+    /// Takes this job's lease.
+    pub(crate) async fn lease(&self) -> Result<JobLease, OrchError> {
+        let tag = self.tag();
+        match &self.target {
+            Target::Repository(r) => {
+                let r = r.clone();
+                blocking(move || r.job_lease(&tag)).await
+            }
+            Target::Replica(r) => {
+                let store = r.leases.clone();
+                blocking(move || JobLease::take(store, LockTiming::default(), &tag)).await
+            }
+        }
+    }
+
+    fn repo(&self) -> Result<&Repo, OrchError> {
+        match &self.target {
+            Target::Repository(r) => Ok(r),
+            Target::Replica(_) => Err(OrchError::Refused("this job writes replicas, not restore points".into())),
+        }
     }
 }
 
@@ -105,8 +209,10 @@ pub struct DiskReport {
 pub struct VmReport {
     /// Its name.
     pub vm: String,
-    /// The restore point made, when it succeeded.
+    /// The restore point made, when it succeeded (backups).
     pub point: Option<String>,
+    /// The folder of the VM's replica disks, once they are consistent (replication).
+    pub replica: Option<PathBuf>,
     /// Quiesced or crash-consistent.
     pub consistency: Option<Consistency>,
     /// Per disk.
@@ -123,8 +229,9 @@ pub struct VmReport {
     pub seconds: f64,
 }
 
-/// Backs up one VM into the job's repository. Never leaves its snapshot behind on purpose: it
-/// is removed on success and on failure alike (a removal that fails is reported loudly).
+/// Backs up one VM into the job's repository, or brings its replica disks up to date. Never
+/// leaves its snapshot behind on purpose: it is removed on success and on failure alike (a
+/// removal that fails is reported loudly).
 pub async fn backup_vm(ctx: &JobContext, vm: &MoRef) -> VmReport {
     let started = Instant::now();
     let running = ctx.metrics.vm_started();
@@ -161,9 +268,9 @@ async fn hygiene(ctx: &JobContext, vm: &Vm, report: &mut VmReport) -> Result<boo
     if vm.snapshots.is_empty() {
         return Ok(false);
     }
-    let repo = ctx.repo.clone();
+    let leases = ctx.leases();
     let mut live: HashSet<String> =
-        blocking(move || repo.live_jobs()).await?.into_iter().map(|(name, _)| name).collect();
+        blocking(move || repo::live_jobs_in(&*leases)).await?.into_iter().map(|(name, _)| name).collect();
     live.insert(ctx.tag());
     let now_text = ctx.client.current_time().await?;
     let now = parse_server_time(&now_text)
@@ -248,7 +355,12 @@ async fn run(ctx: &JobContext, vm_ref: &MoRef, report: &mut VmReport) -> Result<
     };
     report.snapshot_removed = false;
     report.consistency = Some(consistency);
-    let copied = copy_under(ctx, &vm, &snap, consistency, report).await;
+    let copied = match &ctx.target {
+        Target::Repository(_) => {
+            copy_under(ctx, &vm, &snap, consistency, report).await.map(|m| report.point = Some(m.id))
+        }
+        Target::Replica(r) => replicate_under(ctx, r, &vm, &snap, report).await,
+    };
     // Removed even when the copy failed; a Ctrl-C (the future dropped) is handled by the job,
     // which removes every snapshot named for it before it exits.
     match ctx.client.remove_snapshot(&snap, true).await {
@@ -265,43 +377,43 @@ async fn run(ctx: &JobContext, vm_ref: &MoRef, report: &mut VmReport) -> Result<
             Err(e) => report.warnings.push(format!("disk consolidation needed and failed: {e}")),
         }
     }
-    copied.map(|m| report.point = Some(m.id))
+    copied
 }
 
-/// One disk's plan.
-struct DiskPlan {
+/// What `cbt` plans one disk from: the disk, its slot, what the destination holds of it, and
+/// the changes since (when they can be asked).
+struct DiskFacts {
     disk: Disk,
     slot: String,
-    spec: DiskSpec,
-    /// `None` when only a snapshot can tell (a planning run on a powered-on VM).
-    plan: Option<CopyPlan>,
-    words: String,
+    committed: Option<CommittedDisk>,
+    current: CurrentDisk,
+    destination: Destination,
+    /// `None` when only a snapshot can tell (a planning run on a powered-on VM); then `base`
+    /// says since which change ID.
+    changes: Option<Changes>,
+    base: Option<String>,
 }
 
-/// The newest restore point of `vm` in the repository.
-async fn previous_point(ctx: &JobContext, vm: &Vm) -> Result<Option<Manifest>, OrchError> {
-    let Some(uuid) = vm.instance_uuid.clone() else { return Ok(None) };
-    let repo = ctx.repo.clone();
-    let points = blocking(move || repo.points()).await?;
-    Ok(points.into_iter().rev().find(|p| p.source.instance_uuid.as_deref() == Some(uuid.as_str())))
+/// The slot of a disk (`scsi0:1`), its stable name in restore points and replicas.
+fn slot_of(d: &Disk) -> String {
+    d.bus_slot.clone().unwrap_or_else(|| format!("disk{}", d.key))
 }
 
-/// Plans every disk of `vm` that a snapshot holds: under `snap` for a backup, or against the
-/// live disks for `--plan` (where CBT answers only for a powered-off VM).
-async fn plan_disks(
+/// Gathers the planning facts of every disk of `vm` that a snapshot holds: under `snap` for a
+/// copy, or against the live disks for a plan (where CBT answers only for a powered-off VM).
+/// `destination(disk, slot)` says what the destination holds of each disk.
+async fn disk_facts(
     ctx: &JobContext,
     vm: &Vm,
     snap: Option<&MoRef>,
-    previous: Option<&Manifest>,
+    mut destination: impl FnMut(&Disk, &str) -> Result<(Option<CommittedDisk>, Destination), OrchError>,
     warnings: &mut Vec<String>,
-) -> Result<Vec<DiskPlan>, OrchError> {
+) -> Result<Vec<DiskFacts>, OrchError> {
     let frozen = match snap {
         Some(s) => ctx.client.snapshot_disks(s).await?,
         None => vm.disks.clone(),
     };
     let can_query = snap.is_some() || vm.power_state.as_deref() == Some("poweredOff");
-    let chunk = std::num::NonZeroU64::new(u64::from(ctx.repo.config().chunk_size))
-        .ok_or_else(|| OrchError::Refused("the repository has no chunk size".into()))?;
     let mut out = Vec::new();
     for d in &vm.disks {
         if d.independent() || d.backing == vsphere::BackingKind::RdmPhysical {
@@ -311,10 +423,9 @@ async fn plan_disks(
             ));
             continue;
         }
-        let slot = d.bus_slot.clone().unwrap_or_else(|| format!("disk{}", d.key));
+        let slot = slot_of(d);
         let now = frozen.iter().find(|f| f.key == d.key);
-        let committed: Option<CommittedDisk> =
-            previous.and_then(|p| p.disks.iter().find(|e| e.name == slot)).and_then(|e| e.committed.clone());
+        let (committed, dest) = destination(d, &slot)?;
         let mut current = CurrentDisk {
             change_id: now.and_then(|f| f.change_id.as_deref()).map(ChangeId::parse),
             capacity: d.capacity,
@@ -325,36 +436,19 @@ async fn plan_disks(
             allocated: None,
             reverted: false,
         };
-        let destination = Destination { granularity: chunk, holds_data: committed.is_some() };
-        let spec_of = |current: &CurrentDisk, commit: Option<CommittedDisk>| DiskSpec {
-            name: slot.clone(),
-            capacity: d.capacity,
-            change_id: current.change_id.as_ref().map(|c| c.as_str().to_owned()),
-            committed: commit,
-        };
-        let changes = match cbt::incremental_base(committed.as_ref(), &current, destination) {
-            Ok(base) if !can_query => {
-                out.push(DiskPlan {
-                    disk: d.clone(),
-                    slot: slot.clone(),
-                    spec: spec_of(&current, None),
-                    plan: None,
-                    words: format!(
-                        "incremental since {} (its size is known only under the backup's snapshot: the VM is \
-                         powered on)",
-                        base.as_str()
-                    ),
-                });
-                continue;
-            }
+        let (changes, base) = match cbt::incremental_base(committed.as_ref(), &current, dest) {
+            Ok(base) if !can_query => (None, Some(base.as_str().to_owned())),
             Ok(base) => {
-                match ctx.client.query_changed_disk_areas(&vm.moref, snap, d.key, d.capacity, base.as_str()).await {
+                let asked =
+                    ctx.client.query_changed_disk_areas(&vm.moref, snap, d.key, d.capacity, base.as_str()).await;
+                let changes = match asked {
                     Ok(a) => Changes::Areas(a),
                     Err(e) => match e.fault() {
                         Some(f) => Changes::Fault(QueryFault { fault: f.type_name.clone(), message: e.to_string() }),
                         None => return Err(e.into()),
                     },
-                }
+                };
+                (Some(changes), Some(base.as_str().to_owned()))
             }
             Err(_) => {
                 // A full copy reads only what is allocated, when CBT can say.
@@ -364,17 +458,80 @@ async fn plan_disks(
                         Err(e) => warnings.push(format!("{slot}: allocated areas unknown ({e}); reading all of it")),
                     }
                 }
-                Changes::NotQueried
+                (Some(Changes::NotQueried), None)
             }
         };
-        let planned = cbt::plan(committed.as_ref(), &current, &changes, destination);
-        warnings.extend(planned.warnings.iter().map(|w| format!("{slot}: {w}")));
+        out.push(DiskFacts { disk: d.clone(), slot, committed, current, destination: dest, changes, base });
+    }
+    Ok(out)
+}
+
+/// One disk's plan for a backup.
+struct DiskPlan {
+    facts: DiskFacts,
+    spec: DiskSpec,
+    /// `None` when only a snapshot can tell.
+    plan: Option<CopyPlan>,
+    words: String,
+}
+
+/// The newest restore point of `vm` in the repository.
+async fn previous_point(repo: &Repo, vm: &Vm) -> Result<Option<Manifest>, OrchError> {
+    let Some(uuid) = vm.instance_uuid.clone() else { return Ok(None) };
+    let repo = repo.clone();
+    let points = blocking(move || repo.points()).await?;
+    Ok(points.into_iter().rev().find(|p| p.source.instance_uuid.as_deref() == Some(uuid.as_str())))
+}
+
+/// Plans every disk of a backup of `vm` into `repo` (see [`disk_facts`]).
+async fn plan_backup(
+    ctx: &JobContext,
+    repo: &Repo,
+    vm: &Vm,
+    snap: Option<&MoRef>,
+    previous: Option<&Manifest>,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<DiskPlan>, OrchError> {
+    let chunk = std::num::NonZeroU64::new(u64::from(repo.config().chunk_size))
+        .ok_or_else(|| OrchError::Refused("the repository has no chunk size".into()))?;
+    let facts = disk_facts(
+        ctx,
+        vm,
+        snap,
+        |_, slot| {
+            let committed =
+                previous.and_then(|p| p.disks.iter().find(|e| e.name == slot)).and_then(|e| e.committed.clone());
+            let holds_data = committed.is_some();
+            Ok((committed, Destination { granularity: chunk, holds_data }))
+        },
+        warnings,
+    )
+    .await?;
+    let mut out = Vec::new();
+    for f in facts {
+        let spec_of = |commit: Option<CommittedDisk>| DiskSpec {
+            name: f.slot.clone(),
+            capacity: f.disk.capacity,
+            change_id: f.current.change_id.as_ref().map(|c| c.as_str().to_owned()),
+            committed: commit,
+        };
+        let Some(changes) = &f.changes else {
+            let words = format!(
+                "incremental since {} (its size is known only under the backup's snapshot: the VM is powered on)",
+                f.base.as_deref().unwrap_or("?")
+            );
+            let spec = spec_of(None);
+            out.push(DiskPlan { facts: f, spec, plan: None, words });
+            continue;
+        };
+        let planned = cbt::plan(f.committed.as_ref(), &f.current, changes, f.destination);
+        warnings.extend(planned.warnings.iter().map(|w| format!("{}: {w}", f.slot)));
         let words = match &planned.plan {
             CopyPlan::Full { reason, .. } => format!("full ({reason})"),
             CopyPlan::Incremental { .. } => "incremental".to_owned(),
         };
-        let spec = spec_of(&current, Some(planned.commit.clone()));
-        out.push(DiskPlan { disk: d.clone(), slot, spec, plan: Some(planned.plan), words });
+        let spec = spec_of(Some(planned.commit.clone()));
+        out.push(DiskPlan { facts: f, spec, plan: Some(planned.plan), words });
     }
     Ok(out)
 }
@@ -408,6 +565,7 @@ pub struct VmPlan {
 /// Plans a backup of `vm` without creating a snapshot or changing anything: per disk, a full
 /// copy and its reason, or an incremental and (for a powered-off VM) its size.
 pub async fn plan_vm(ctx: &JobContext, vm: &MoRef) -> Result<VmPlan, OrchError> {
+    let repo = ctx.repo()?;
     let vm = one_vm(ctx, vm).await?;
     let mut out = VmPlan { vm: vm.name.clone(), ..VmPlan::default() };
     if vm.key_id.is_some() {
@@ -422,17 +580,30 @@ pub async fn plan_vm(ctx: &JobContext, vm: &MoRef) -> Result<VmPlan, OrchError> 
     if vm.cbt_enabled != Some(true) && vm.cbt_supported != Some(false) {
         out.warnings.push("CBT is off: the backup turns it on, and copies every disk in full".into());
     }
-    let previous = previous_point(ctx, &vm).await?;
+    let previous = previous_point(repo, &vm).await?;
     out.parent = previous.as_ref().map(|p| p.id.clone());
-    for p in plan_disks(ctx, &vm, None, previous.as_ref(), &mut out.warnings).await? {
+    for p in plan_backup(ctx, repo, &vm, None, previous.as_ref(), &mut out.warnings).await? {
         out.disks.push(DiskPlanReport {
-            name: p.slot,
-            capacity: p.disk.capacity,
+            name: p.facts.slot,
+            capacity: p.facts.disk.capacity,
             plan: p.words,
             read: p.plan.as_ref().map(|c| c.read().total_bytes()),
         });
     }
     Ok(out)
+}
+
+/// Opens the frozen base of one disk over HTTPS, as a pipeline source.
+async fn frozen_source(
+    reader: &vsphere::datastore::DatastoreReader,
+    datacenter: &str,
+    disk: &Disk,
+    snap: &MoRef,
+) -> Result<Arc<dyn pipeline::BlockSource>, OrchError> {
+    let source =
+        DatastoreSource::open(reader.clone(), datacenter, &disk.base_file_name, disk.capacity, snap.to_string())
+            .await?;
+    Ok(shared(source))
 }
 
 async fn copy_under(
@@ -442,13 +613,14 @@ async fn copy_under(
     consistency: Consistency,
     report: &mut VmReport,
 ) -> Result<Manifest, OrchError> {
-    let previous = previous_point(ctx, vm).await?;
-    let planned = plan_disks(ctx, vm, Some(snap), previous.as_ref(), &mut report.warnings).await?;
+    let repo = ctx.repo()?;
+    let previous = previous_point(repo, vm).await?;
+    let planned = plan_backup(ctx, repo, vm, Some(snap), previous.as_ref(), &mut report.warnings).await?;
     let datacenter = datacenter_of(&ctx.client, vm).await?;
     let parent = previous.as_ref().map(|p| p.id.clone());
     let specs: Vec<DiskSpec> = planned.iter().map(|p| p.spec.clone()).collect();
-    let repo = ctx.repo.clone();
-    let mut backup = blocking(move || repo.begin(parent.as_deref(), specs)).await?;
+    let r = repo.clone();
+    let mut backup = blocking(move || r.begin(parent.as_deref(), specs)).await?;
     let reader = ctx.client.datastore_reader()?;
     if let Some(vmx) = &vm.vmx_path {
         match read_file(&reader, &datacenter, vmx).await {
@@ -461,29 +633,21 @@ async fn copy_under(
     }
     for (n, p) in planned.into_iter().enumerate() {
         let Some(plan) = p.plan else {
-            return Err(OrchError::Refused(format!("{}: no plan under the snapshot", p.slot)));
+            return Err(OrchError::Refused(format!("{}: no plan under the snapshot", p.facts.slot)));
         };
         let full = matches!(plan, CopyPlan::Full { .. });
         let (read, zero) = match plan {
-            CopyPlan::Full { read, zero, .. } | CopyPlan::Incremental { read, zero, .. } => (read, zero),
+            CopyPlan::Full { read, zero, .. } | CopyPlan::Incremental { read, zero } => (read, zero),
         };
-        let sink = backup.sink(n).ok_or_else(|| OrchError::Refused(format!("no sink for {}", p.slot)))?;
+        let sink = backup.sink(n).ok_or_else(|| OrchError::Refused(format!("no sink for {}", p.facts.slot)))?;
         let copying = ctx.metrics.disk_copying();
-        let source = DatastoreSource::open(
-            reader.clone(),
-            &datacenter,
-            &p.disk.base_file_name,
-            p.disk.capacity,
-            snap.to_string(),
-        )
-        .await?;
         let job = DiskCopy {
             read,
             zero,
-            digests: Digests::zeros(sink.granularity().get(), p.disk.capacity),
+            digests: Digests::zeros(sink.granularity().get(), p.facts.disk.capacity),
             done: cbt::ExtentSet::new(),
             checkpoint: None,
-            source: shared(source),
+            source: frozen_source(&reader, &datacenter, &p.facts.disk, snap).await?,
             sink: sink.clone(),
         };
         let progress = Arc::new(Progress::child_of(ctx.metrics.progress.clone()));
@@ -493,7 +657,7 @@ async fn copy_under(
         ctx.metrics.disk_copied();
         let stats = sink.stats();
         report.disks.push(DiskReport {
-            name: p.slot,
+            name: p.facts.slot,
             full,
             plan: p.words,
             read: r.read,
@@ -503,6 +667,93 @@ async fn copy_under(
     }
     let source = SourceInfo { name: vm.name.clone(), instance_uuid: vm.instance_uuid.clone() };
     blocking(move || backup.finish(source, consistency)).await
+}
+
+/// Brings `vm`'s replica disks up to date from `snap`: per disk, the sync state says what the
+/// replica holds; CBT's changes since then are copied (all allocated data the first time, or
+/// when CBT cannot be trusted); the state is committed only after the replica is durable. A
+/// replica interrupted mid-copy stays marked dirty until a sync completes.
+async fn replicate_under(
+    ctx: &JobContext,
+    target: &ReplicaTarget,
+    vm: &Vm,
+    snap: &MoRef,
+    report: &mut VmReport,
+) -> Result<(), OrchError> {
+    let vcenter = ctx.client.content().about.instance_uuid.clone();
+    let vm_dir = target.vm_dir(vm);
+    std::fs::create_dir_all(&vm_dir)
+        .map_err(|e| OrchError::Refused(format!("cannot create {}: {e}", vm_dir.display())))?;
+    let path_of = |slot: &str| target.disk_path(vm, slot);
+    let key_of = |slot: &str| {
+        target
+            .key(&vcenter, vm, slot)
+            .ok_or_else(|| OrchError::Refused(format!("{} has no instance UUID to key its replica by", vm.name)))
+    };
+    let granularity = target.sink.granularity;
+    let facts = disk_facts(
+        ctx,
+        vm,
+        Some(snap),
+        |_, slot| {
+            let state = target.state.load(&key_of(slot)?)?;
+            let committed = state.as_ref().and_then(|s| s.committed.clone());
+            let holds_data = path_of(slot).metadata().is_ok_and(|m| m.len() > 0);
+            Ok((committed, Destination { granularity, holds_data }))
+        },
+        &mut report.warnings,
+    )
+    .await?;
+    let datacenter = datacenter_of(&ctx.client, vm).await?;
+    let reader = ctx.client.datastore_reader()?;
+    if let Some(vmx) = &vm.vmx_path {
+        match read_file(&reader, &datacenter, vmx).await {
+            Ok(data) => {
+                let file = vm_dir.join(vmx.rsplit('/').next().unwrap_or("vm.vmx"));
+                pipeline::state::write_atomic(&file, &data)?;
+            }
+            Err(e) => report.warnings.push(format!("the configuration file {vmx} was not captured: {e}")),
+        }
+    }
+    for f in facts {
+        let Some(changes) = f.changes else {
+            return Err(OrchError::Refused(format!("{}: no changes under the snapshot", f.slot)));
+        };
+        let (path, size, options) = (path_of(&f.slot), f.disk.capacity, target.sink);
+        let sink = blocking_block(move || FileSink::open(path, size, options)).await?;
+        let copying = ctx.metrics.disk_copying();
+        let job = SyncJob {
+            source: frozen_source(&reader, &datacenter, &f.disk, snap).await?,
+            sink: Arc::new(sink),
+            store: target.state.clone(),
+            key: key_of(&f.slot)?,
+            job: ctx.tag(),
+            current: f.current,
+            changes,
+        };
+        let progress = Arc::new(Progress::child_of(ctx.metrics.progress.clone()));
+        let out = sync(job, &ctx.engine, &ctx.options, progress).await?;
+        drop(copying);
+        ctx.metrics.disk_copied();
+        report.warnings.extend(out.warnings.iter().map(|w| format!("{}: {w}", f.slot)));
+        report.disks.push(DiskReport {
+            name: f.slot,
+            full: out.full_reason.is_some(),
+            plan: out.full_reason.map_or_else(|| "incremental".to_owned(), |r| format!("full ({r})")),
+            read: out.report.read,
+            stored_chunks: 0,
+            stored_bytes: out.report.written,
+        });
+    }
+    report.replica = Some(vm_dir);
+    Ok(())
+}
+
+/// Runs a block-layer call (opening a file sink) on the blocking pool.
+async fn blocking_block<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, pipeline::BlockError> + Send + 'static,
+) -> Result<T, OrchError> {
+    Ok(pipeline::blocking(f).await?)
 }
 
 /// Reads a small datastore file whole (a `.vmx`).

@@ -10,7 +10,7 @@ use tokio::sync::Semaphore;
 use vsphere::{Client, MoRef, Vm};
 
 use crate::OrchError;
-use crate::flow::{JobContext, VmReport, backup_vm, blocking};
+use crate::flow::{JobContext, VmReport, backup_vm};
 
 /// How a VM is named on the command line or in a job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,10 +124,8 @@ impl JobReport {
 /// and no restore point is written for them; VMs not yet begun are not touched.
 pub async fn run_job(ctx: &JobContext, vms: &[MoRef], concurrency: usize) -> Result<JobReport, OrchError> {
     let started = Instant::now();
-    let repo = ctx.repo.clone();
     let tag = ctx.tag();
-    let lease_tag = tag.clone();
-    let lease = blocking(move || repo.job_lease(&lease_tag)).await?;
+    let lease = ctx.lease().await?;
     let gate = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut set = tokio::task::JoinSet::new();
     for (n, vm) in vms.iter().enumerate() {

@@ -14,7 +14,10 @@ mod job;
 pub mod metrics;
 pub mod source;
 
-pub use flow::{DiskPlanReport, DiskReport, JobContext, SNAPSHOT_PREFIX, VmPlan, VmReport, backup_vm, plan_vm};
+pub use flow::{
+    DiskPlanReport, DiskReport, JobContext, ReplicaTarget, SNAPSHOT_PREFIX, Target, VmPlan, VmReport, backup_vm,
+    plan_vm,
+};
 pub use job::{JobReport, Outcome, Selector, run_job, select_vms, sweep_own_snapshots};
 pub use metrics::{Metrics, MetricsSnapshot};
 

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use orchestration::{JobContext, Outcome, Selector, backup_vm, plan_vm, run_job, select_vms};
+use orchestration::{JobContext, Outcome, ReplicaTarget, Selector, Target, backup_vm, plan_vm, run_job, select_vms};
 use pipeline::Engine;
 use repo::Repo;
 use testkit::noise;
@@ -392,4 +392,100 @@ async fn a_new_epoch_or_a_grown_disk_forces_a_full_copy_of_that_disk_only() {
     let point = r.point.unwrap();
     assert_eq!(repo.point(&point).unwrap().disks[0].capacity, 20 * MIB);
     restores_match(&sim, &client, &repo, "db", &point).await;
+}
+
+/// Every disk of `vm`'s replica matches the simulator's disk now.
+async fn replica_matches(sim: &Sim, client: &Client, target: &ReplicaTarget, vm: &str) {
+    let v = client.vms().await.unwrap().into_iter().find(|v| v.name == vm).unwrap();
+    for d in &v.disks {
+        let want = std::fs::read(sim.disk_path(vm, d.key).unwrap()).unwrap();
+        let slot = d.bus_slot.clone().unwrap();
+        let got = std::fs::read(target.disk_path(&v, &slot)).unwrap();
+        assert!(got == want, "{vm} {slot}: the replica differs from the simulator's disk");
+    }
+}
+
+fn replica_ctx(client: &Arc<Client>, target: &ReplicaTarget, job: &str) -> JobContext {
+    JobContext::with_target(
+        client.clone(),
+        Target::Replica(target.clone()),
+        "test-proxy",
+        job,
+        Arc::new(Engine::new(64 * MIB)),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_full_then_incremental_beside_backups_that_never_mix() {
+    let (dir, sim, client) = start().await;
+    let target = ReplicaTarget::open(dir.path().join("replicas")).unwrap();
+    let repo = Repo::init(dir.path().join("repo"), 1 << 20).unwrap();
+    let vms = client.vms().await.unwrap();
+    for v in &vms {
+        for (i, d) in v.disks.iter().enumerate() {
+            sim.write(&v.name, d.key, MIB, &noise(3 * MIB as usize, i as u64 + 20)).unwrap();
+        }
+    }
+    let refs: Vec<_> = vms.iter().map(|v| v.moref.clone()).collect();
+    let r = run_job(&replica_ctx(&client, &target, "r1"), &refs, 2).await.unwrap();
+    assert_eq!(r.outcome(), Outcome::All, "{r:?}");
+    for v in &r.vms {
+        assert!(v.disks.iter().all(|d| d.full) && v.replica.is_some() && v.snapshot_removed, "{v:?}");
+        assert!(v.disks.iter().all(|d| d.read == 3 * MIB), "only allocated data: {v:?}");
+        replica_matches(&sim, &client, &target, &v.vm).await;
+    }
+    let db = vms.iter().find(|v| v.name == "db").unwrap();
+    assert!(target.vm_dir(db).join("db.vmx").is_file(), "the .vmx beside the replica");
+
+    // A backup of the same VM into a repository: a state of its own, full the first time.
+    let b = backup_vm(&ctx(&client, &repo, "b1"), &db.moref).await;
+    assert!(b.error.is_none() && b.disks.iter().all(|d| d.full), "{b:?}");
+
+    // A small change: the replica's incremental copies only it.
+    sim.write("db", db.disks[0].key, 8 * MIB, &noise(5000, 31)).unwrap();
+    let r = backup_vm(&replica_ctx(&client, &target, "r2"), &db.moref).await;
+    assert!(r.error.is_none(), "{r:?}");
+    assert_eq!(r.disks.iter().map(|d| (d.full, d.read)).collect::<Vec<_>>(), [(false, MIB), (false, 0)], "{r:?}");
+    replica_matches(&sim, &client, &target, "db").await;
+    // And the repository's next backup still sees the change (its state never moved).
+    let b = backup_vm(&ctx(&client, &repo, "b2"), &db.moref).await;
+    assert_eq!(b.disks.iter().map(|d| (d.full, d.read)).collect::<Vec<_>>(), [(false, MIB), (false, 0)], "{b:?}");
+    restores_match(&sim, &client, &repo, "db", b.point.as_deref().unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_interrupted_mid_incremental_is_dirty_until_the_next_sync() {
+    let (dir, sim, client) = start().await;
+    let target = ReplicaTarget::open(dir.path().join("replicas")).unwrap();
+    let web = client.vms().await.unwrap().into_iter().find(|v| v.name == "web").unwrap();
+    sim.write("web", web.disks[0].key, 0, &noise(8 * MIB as usize, 40)).unwrap();
+    let r = backup_vm(&replica_ctx(&client, &target, "r1"), &web.moref).await;
+    assert!(r.error.is_none(), "{r:?}");
+    // The whole disk changes, and the sync is cancelled part-way.
+    sim.write("web", web.disks[0].key, 0, &noise(8 * MIB as usize, 41)).unwrap();
+    sim.faults(|f| f.datastore_delay = Duration::from_millis(100));
+    let mut c = replica_ctx(&client, &target, "r2");
+    c.options.in_flight = 1;
+    c.options.request_size = MIB;
+    let cancel = c.engine.cancel.clone();
+    let job = tokio::spawn({
+        let c = c.clone();
+        let m = web.moref.clone();
+        async move { backup_vm(&c, &m).await }
+    });
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    cancel.cancel();
+    let r = job.await.unwrap();
+    assert!(r.error.is_some() && r.replica.is_none() && r.snapshot_removed, "{r:?}");
+    sim.faults(|f| f.datastore_delay = Duration::ZERO);
+    let vcenter = client.content().about.instance_uuid.clone();
+    let key = target.key(&vcenter, &web, "scsi0:0").unwrap();
+    let state = target.state.load(&key).unwrap().unwrap();
+    assert!(!state.consistent() && state.dirty.is_some(), "reported dirty: {state:?}");
+
+    // The next sync makes it whole and identical.
+    let r = backup_vm(&replica_ctx(&client, &target, "r3"), &web.moref).await;
+    assert!(r.error.is_none(), "{r:?}");
+    assert!(r.warnings.iter().any(|w| w.contains("inconsistent")), "{r:?}");
+    replica_matches(&sim, &client, &target, "web").await;
 }

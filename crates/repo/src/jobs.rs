@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::lock::{self, Heartbeat, LockInfo, LockKind};
+use crate::lock::{self, Heartbeat, LockInfo, LockKind, LockTiming};
 use crate::store::Store;
 use crate::{Repo, RepoError};
 
@@ -41,13 +41,14 @@ fn check_name(job: &str) -> Result<(), RepoError> {
     }
 }
 
-impl Repo {
-    /// Takes the lease of `job`, or fails if a live job of that name holds it (a stale lease is
-    /// replaced, with a warning).
-    pub fn job_lease(&self, job: &str) -> Result<JobLease, RepoError> {
+impl JobLease {
+    /// Takes the lease of `job` in `store` (a repository's, or any directory a job's
+    /// destinations share), or fails if a live job of that name holds it; a stale lease is
+    /// replaced, with a warning.
+    pub fn take(store: Arc<dyn Store>, timing: LockTiming, job: &str) -> Result<Self, RepoError> {
         check_name(job)?;
         let name = format!("jobs/{job}.json");
-        if let Some((_, holder)) = self.live_jobs()?.into_iter().find(|(n, _)| n == job) {
+        if let Some((_, holder)) = live_jobs_in(&*store)?.into_iter().find(|(n, _)| n == job) {
             return Err(RepoError::Locked(format!(
                 "job {job} is already running (host {}, PID {})",
                 holder.host, holder.pid
@@ -61,23 +62,35 @@ impl Repo {
             purpose: format!("job {job}"),
             started: now,
             heartbeat: now,
-            expires_after: self.timing.expiry.as_secs().max(1),
+            expires_after: timing.expiry.as_secs().max(1),
         };
         let json = serde_json::to_vec_pretty(&info).map_err(|e| RepoError::Invalid(e.to_string()))?;
-        self.store.put(&name, &json)?;
-        let beat = Heartbeat::start(self.store.clone(), name.clone(), self.timing.heartbeat, move |now| {
+        store.put(&name, &json)?;
+        let beat = Heartbeat::start(store.clone(), name.clone(), timing.heartbeat, move |now| {
             serde_json::to_vec_pretty(&LockInfo { heartbeat: now, ..info.clone() }).ok()
         })?;
-        Ok(JobLease { store: self.store.clone(), name, beat: Some(beat) })
+        Ok(Self { store, name, beat: Some(beat) })
+    }
+}
+
+/// The jobs running now in `store`, by name, with their holders. Stale leases are removed on
+/// the way (with a warning); an unreadable lease counts as live, so nothing of it is removed.
+pub fn live_jobs_in(store: &dyn Store) -> Result<Vec<(String, LockInfo)>, RepoError> {
+    Ok(lock::live_in(store, "jobs", "job lease")?
+        .into_iter()
+        .filter_map(|(file, info)| file.strip_suffix(".json").map(|job| (job.to_owned(), info)))
+        .collect())
+}
+
+impl Repo {
+    /// Takes the lease of `job` in this repository (see [`JobLease::take`]).
+    pub fn job_lease(&self, job: &str) -> Result<JobLease, RepoError> {
+        JobLease::take(self.store.clone(), self.timing, job)
     }
 
-    /// The jobs running now, by name, with their holders. Stale leases are removed on the way
-    /// (with a warning); an unreadable lease counts as live, so nothing of it is removed.
+    /// The jobs running now, by name (see [`live_jobs_in`]).
     pub fn live_jobs(&self) -> Result<Vec<(String, LockInfo)>, RepoError> {
-        Ok(lock::live_in(&*self.store, "jobs", "job lease")?
-            .into_iter()
-            .filter_map(|(file, info)| file.strip_suffix(".json").map(|job| (job.to_owned(), info)))
-            .collect())
+        live_jobs_in(&*self.store)
     }
 }
 

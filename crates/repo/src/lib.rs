@@ -33,7 +33,7 @@ pub use format::{
     ChunkId, Consistency, DiskEntry, FORMAT, FileEntry, Index, Manifest, SourceInfo, ZERO, chunk_name, decode_chunk,
     decode_chunk_with, encode_chunk,
 };
-pub use jobs::JobLease;
+pub use jobs::{JobLease, live_jobs_in};
 pub use lock::{LockInfo, LockKind, LockTiming, RepoLock};
 pub use ops::{CopyReport, GcReport, PruneReport};
 pub use prune::Retention;
