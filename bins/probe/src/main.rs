@@ -1,7 +1,9 @@
 //! `probe`: checks disks and estates against what syncproxy supports, before anything runs.
 //! Today: `probe vmdk` describes a VMDK and can write it as raw; `probe vddk` checks a VDDK;
-//! `probe inventory` lists a vCenter's or ESXi host's VMs and disks.
+//! `probe inventory` lists a vCenter's or ESXi host's VMs and disks; `probe check` checks an
+//! estate against the support matrix.
 
+mod check_cmd;
 mod inventory_cmd;
 #[path = "../../proxy/src/server_args.rs"]
 mod server_args;
@@ -30,6 +32,11 @@ enum Command {
     Vddk(vddk_cmd::Args),
     /// Log in to vCenter or ESXi and list its VMs with their disks, CBT and snapshots.
     Inventory(inventory_cmd::Args),
+    /// Check an estate against the support matrix: versions, TLS, ports 443 and 902, hardware,
+    /// disk modes, RDM, shared disks, passthrough and USB devices, CBT, encryption, snapshots,
+    /// guest free space, VMware Tools, DRS and transports; pass, warn or fail with the reason and
+    /// the fix. Exit 0: nothing failed; 1: a check failed; 2: the probe could not run.
+    Check(check_cmd::Args),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +45,7 @@ fn main() -> ExitCode {
         Command::Vmdk(args) => vmdk_cmd::run(&args),
         Command::Vddk(args) => vddk_cmd::run(&args),
         Command::Inventory(args) => inventory_cmd::run(&args),
+        Command::Check(args) => return check_cmd::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,6 +12,7 @@ mod flow;
 pub mod hygiene;
 mod job;
 pub mod metrics;
+pub mod preflight;
 pub mod source;
 
 pub use flow::{

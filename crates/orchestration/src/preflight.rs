@@ -1,0 +1,700 @@
+//! The support matrix as findings: facts gathered from vCenter or ESXi (server, hosts,
+//! datastores, clusters, VMs) are checked one by one, each giving pass, warn or fail with a
+//! stable code, the reason and the fix. `probe check` prints them; the checks themselves are
+//! pure functions of the facts, so they are tested without a server.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use vsphere::facts::{Cluster, Datastore, Host};
+use vsphere::version::{ApiVersion, Support, support};
+use vsphere::{BackingKind, Client, MoRef, Vm};
+
+use crate::OrchError;
+use crate::hygiene::{OLD_SNAPSHOT, job_of, parse_server_time};
+
+/// How a check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    /// Fine.
+    Pass,
+    /// Works, with a caveat the operator should know.
+    Warn,
+    /// Will not work (or not safely) until fixed.
+    Fail,
+}
+
+/// One check's result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    /// A stable code (`vm.cbt_active`): scripts match on it; it never changes meaning.
+    pub code: &'static str,
+    /// Pass, warn or fail.
+    pub level: Level,
+    /// What it is about: `server`, `host esx1`, or a VM's name.
+    pub subject: String,
+    /// The disk's slot, for disk checks.
+    pub disk: Option<String>,
+    /// What was found.
+    pub reason: String,
+    /// What to do about it (empty on a pass).
+    pub fix: String,
+}
+
+/// The server the probe talked to.
+#[derive(Debug, Clone, Default)]
+pub struct ServerFacts {
+    /// `VirtualCenter` or `HostAgent`.
+    pub api_type: String,
+    /// `8.0.2.0`.
+    pub api_version: String,
+    /// `8.0.2`.
+    pub version: String,
+    /// The negotiated TLS version (`TLSv1_3`), when known.
+    pub tls_version: Option<String>,
+}
+
+/// What VDDK the proxy would use, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VddkFacts {
+    /// None was configured.
+    NotConfigured,
+    /// Loaded: its version (`8.0.2`).
+    Found(String),
+    /// Configured but could not be loaded: why.
+    Broken(String),
+}
+
+/// Everything the checks look at.
+#[derive(Debug, Clone, Default)]
+pub struct Estate {
+    /// The server.
+    pub server: ServerFacts,
+    /// ESXi hosts.
+    pub hosts: Vec<Host>,
+    /// Datastores.
+    pub datastores: Vec<Datastore>,
+    /// Clusters.
+    pub clusters: Vec<Cluster>,
+    /// The VMs to check.
+    pub vms: Vec<Vm>,
+    /// The server's clock.
+    pub now: Option<SystemTime>,
+}
+
+/// The snapshot depth at which a backup is refused (32 is the limit; ours needs one level).
+pub const MAX_SNAPSHOT_DEPTH: usize = 30;
+/// The free space a guest file system needs for quiescing (VSS, freeze journals).
+pub const MIN_GUEST_FREE: u64 = 100 << 20;
+const TWO_TB: u64 = 2 << 40;
+
+/// Reads the estate: the server, its hosts, datastores and clusters, and `vms` (every VM when
+/// `None`).
+pub async fn gather(client: &Client, vms: Option<Vec<Vm>>) -> Result<Estate, OrchError> {
+    let about = &client.content().about;
+    let server = ServerFacts {
+        api_type: about.api_type.clone(),
+        api_version: about.api_version.clone(),
+        version: about.version.clone(),
+        tls_version: client.server_tls().map(|t| t.version),
+    };
+    let vms = match vms {
+        Some(v) => v,
+        None => client.vms().await?,
+    };
+    let now = parse_server_time(&client.current_time().await?);
+    Ok(Estate {
+        server,
+        hosts: client.hosts().await?,
+        datastores: client.datastores().await?,
+        clusters: client.clusters().await.unwrap_or_default(),
+        vms,
+        now,
+    })
+}
+
+struct Out {
+    list: Vec<Finding>,
+}
+
+impl Out {
+    fn add(&mut self, code: &'static str, level: Level, subject: &str, disk: Option<&str>, reason: String, fix: &str) {
+        let fix = if level == Level::Pass { String::new() } else { fix.to_owned() };
+        self.list.push(Finding {
+            code,
+            level,
+            subject: subject.to_owned(),
+            disk: disk.map(str::to_owned),
+            reason,
+            fix,
+        });
+    }
+}
+
+/// Every check of the estate: the server, each host that runs a checked VM, each VM and disk.
+/// `live_jobs` are the jobs running now (their snapshots are not stale).
+pub fn check(estate: &Estate, vddk: &VddkFacts, live_jobs: &HashSet<String>) -> Vec<Finding> {
+    let mut out = Out { list: Vec::new() };
+    check_server(estate, &mut out);
+    let hosts: HashMap<&MoRef, &Host> = estate.hosts.iter().map(|h| (&h.moref, h)).collect();
+    let mut seen = HashSet::new();
+    for vm in &estate.vms {
+        if let Some(h) = vm.host.as_ref().and_then(|m| hosts.get(m))
+            && seen.insert(&h.moref)
+        {
+            check_host(h, &mut out);
+        }
+    }
+    for vm in &estate.vms {
+        check_vm(estate, vm, vddk, live_jobs, &mut out);
+    }
+    out.list
+}
+
+fn check_server(estate: &Estate, out: &mut Out) {
+    let s = &estate.server;
+    let (_, verdict) = support(&s.api_type, &s.api_version);
+    let what =
+        format!("{} {} (API {})", if s.api_type == "HostAgent" { "ESXi" } else { "vCenter" }, s.version, s.api_version);
+    match verdict {
+        Support::Supported => {
+            out.add("server.version", Level::Pass, "server", None, format!("{what} is supported"), "")
+        }
+        Support::Untested(why) => out.add(
+            "server.version",
+            Level::Warn,
+            "server",
+            None,
+            format!("{what}: {why}"),
+            "report problems with this version; it has not been tested",
+        ),
+        Support::Unsupported(why) => out.add(
+            "server.version",
+            Level::Fail,
+            "server",
+            None,
+            format!("{what}: {why}"),
+            "upgrade to vCenter 5.1 or later (ESXi 5.0 or later)",
+        ),
+    }
+    match s.tls_version.as_deref() {
+        Some(v) if v.contains("1_0") || v.contains("1_1") || v.contains("1.0") || v.contains("1.1") => out.add(
+            "server.tls",
+            Level::Warn,
+            "server",
+            None,
+            format!("the server speaks only {v}, which is broken cryptography"),
+            "upgrade the server; until then --legacy-tls allows it for this server only",
+        ),
+        Some(v) => out.add("server.tls", Level::Pass, "server", None, format!("TLS {v}"), ""),
+        None => out.add("server.tls", Level::Pass, "server", None, "TLS version not reported".into(), ""),
+    }
+}
+
+fn check_host(h: &Host, out: &mut Out) {
+    let subject = format!("host {}", h.name);
+    match h.version.as_deref().and_then(ApiVersion::parse) {
+        Some(v) if !v.at_least(5, 0) => out.add(
+            "host.version",
+            Level::Fail,
+            &subject,
+            None,
+            format!("ESXi {v} is older than 5.0"),
+            "upgrade the host to ESXi 5.0 or later",
+        ),
+        Some(v) if v.major() > 8 => out.add(
+            "host.version",
+            Level::Warn,
+            &subject,
+            None,
+            format!("ESXi {v} is newer than 8.0, the newest tested"),
+            "report problems with this version",
+        ),
+        Some(v) => out.add("host.version", Level::Pass, &subject, None, format!("ESXi {v}"), ""),
+        None => out.add(
+            "host.version",
+            Level::Warn,
+            &subject,
+            None,
+            format!("the host's version is unknown ({:?})", h.version),
+            "check that vCenter can reach the host",
+        ),
+    }
+    match h.connection_state.as_deref() {
+        Some("connected") | None => {}
+        Some(state) => out.add(
+            "host.connection",
+            Level::Fail,
+            &subject,
+            None,
+            format!("the host is {state}"),
+            "reconnect the host in vCenter",
+        ),
+    }
+}
+
+fn hardware(vm: &Vm) -> Option<u32> {
+    vm.hardware_version.as_deref()?.strip_prefix("vmx-")?.parse().ok()
+}
+
+fn check_vm(estate: &Estate, vm: &Vm, vddk: &VddkFacts, live_jobs: &HashSet<String>, out: &mut Out) {
+    let n = vm.name.as_str();
+    let host = vm.host.as_ref().and_then(|m| estate.hosts.iter().find(|h| &h.moref == m));
+    let hw = hardware(vm);
+    match hw {
+        Some(v) if v < 4 => out.add(
+            "vm.hardware",
+            Level::Fail,
+            n,
+            None,
+            format!("hardware version vmx-{v:02}"),
+            "upgrade the VM's hardware",
+        ),
+        Some(v) if v < 7 => out.add(
+            "vm.hardware",
+            Level::Warn,
+            n,
+            None,
+            format!("hardware version vmx-{v:02} has no CBT: every backup is a full copy"),
+            "upgrade the VM's hardware to vmx-07 or later",
+        ),
+        Some(v) => out.add("vm.hardware", Level::Pass, n, None, format!("hardware version vmx-{v:02}"), ""),
+        None => out.add(
+            "vm.hardware",
+            Level::Warn,
+            n,
+            None,
+            format!("hardware version unknown ({:?})", vm.hardware_version),
+            "check the VM's configuration",
+        ),
+    }
+    match vm.power_state.as_deref() {
+        Some("suspended") => out.add(
+            "vm.power",
+            Level::Warn,
+            n,
+            None,
+            "suspended: snapshots of a suspended VM include its memory on older hosts".into(),
+            "resume or power off the VM before backing it up",
+        ),
+        Some(p) => out.add("vm.power", Level::Pass, n, None, p.to_owned(), ""),
+        None => {}
+    }
+    if vm.pci_passthrough.is_empty() {
+        out.add("vm.pci_passthrough", Level::Pass, n, None, "no PCI passthrough devices".into(), "");
+    } else {
+        out.add(
+            "vm.pci_passthrough",
+            Level::Fail,
+            n,
+            None,
+            format!("{} PCI passthrough device(s): the VM cannot be snapshotted", vm.pci_passthrough.len()),
+            "remove the passthrough devices, or back this VM up from inside the guest",
+        );
+    }
+    if !vm.usb.is_empty() {
+        out.add(
+            "vm.usb",
+            Level::Warn,
+            n,
+            None,
+            format!("{} USB device(s): not backed up, and they do not follow a restore to another host", vm.usb.len()),
+            "reattach USB devices after a restore",
+        );
+    }
+    if vm.shared_bus_controllers.is_empty() {
+        out.add("vm.shared_bus", Level::Pass, n, None, "no SCSI bus sharing".into(), "");
+    } else {
+        out.add(
+            "vm.shared_bus",
+            Level::Fail,
+            n,
+            None,
+            "a SCSI controller shares its bus (a cluster node): such VMs cannot be snapshotted".into(),
+            "back the cluster's shared disks up another way; set bus sharing to none where possible",
+        );
+    }
+    if vm.key_id.is_some() {
+        let fix = if matches!(vddk, VddkFacts::Found(_)) {
+            "VDDK can read it with an encrypted proxy and Cryptographer.Access"
+        } else {
+            "configure VDDK (--vddk-libdir): HTTPS reads cannot decrypt"
+        };
+        out.add("vm.encryption", Level::Fail, n, None, "the VM is encrypted".into(), fix);
+    } else {
+        out.add("vm.encryption", Level::Pass, n, None, "not encrypted".into(), "");
+    }
+    check_snapshots(estate, vm, live_jobs, out);
+    if vm.consolidation_needed == Some(true) {
+        out.add(
+            "vm.consolidation",
+            Level::Warn,
+            n,
+            None,
+            "the VM needs disk consolidation (deltas left by a failed snapshot removal)".into(),
+            "consolidate the VM's disks; the backup consolidates after its own snapshot",
+        );
+    } else {
+        out.add("vm.consolidation", Level::Pass, n, None, "no consolidation needed".into(), "");
+    }
+    match vm.tools.as_deref() {
+        Some("guestToolsRunning" | "toolsOk") => {
+            out.add("vm.tools", Level::Pass, n, None, "VMware Tools run: backups are quiesced".into(), "")
+        }
+        other => out.add(
+            "vm.tools",
+            Level::Warn,
+            n,
+            None,
+            format!("VMware Tools are not running ({}): backups are crash-consistent", other.unwrap_or("unknown")),
+            "install and start VMware Tools for application-consistent backups",
+        ),
+    }
+    for g in &vm.guest_disks {
+        let level = if g.free < MIN_GUEST_FREE { Level::Warn } else { Level::Pass };
+        out.add(
+            "vm.guest_space",
+            level,
+            n,
+            None,
+            format!("{} has {} MiB free", g.path, g.free >> 20),
+            "free at least 100 MiB: quiescing needs room in the guest",
+        );
+    }
+    let cluster = host.and_then(|h| h.parent.as_ref()).and_then(|p| estate.clusters.iter().find(|c| &c.moref == p));
+    if let Some(c) = cluster
+        && c.drs_enabled == Some(true)
+        && c.drs_behavior.as_deref() == Some("fullyAutomated")
+    {
+        out.add(
+            "vm.drs",
+            Level::Warn,
+            n,
+            None,
+            format!("cluster {} moves VMs on its own (DRS fully automated): a VM may move during a backup", c.name),
+            "set a per-VM DRS override to manual during backup windows",
+        );
+    }
+    match (vm.cbt_supported, hw) {
+        (Some(false), _) => out.add(
+            "vm.cbt_supported",
+            Level::Warn,
+            n,
+            None,
+            "the VM cannot track changed blocks: every backup is a full copy".into(),
+            "upgrade the VM's hardware to vmx-07 or later",
+        ),
+        (_, Some(v)) if v < 7 => {}
+        _ => out.add("vm.cbt_supported", Level::Pass, n, None, "CBT is possible".into(), ""),
+    }
+    let all_ids = vm.disks.iter().all(|d| d.change_id.is_some());
+    match vm.cbt_enabled {
+        Some(true) if all_ids => {
+            out.add("vm.cbt_active", Level::Pass, n, None, "CBT is on with a change ID per disk".into(), "")
+        }
+        Some(true) => out.add(
+            "vm.cbt_active",
+            Level::Warn,
+            n,
+            None,
+            "CBT is on but not every disk has a change ID yet".into(),
+            "the first backup's snapshot activates it; nothing to do",
+        ),
+        _ => out.add(
+            "vm.cbt_active",
+            Level::Warn,
+            n,
+            None,
+            "CBT is off: the first backup turns it on and copies in full".into(),
+            "nothing to do, or enable CBT while the VM has no snapshots",
+        ),
+    }
+    for d in &vm.disks {
+        check_disk(estate, vm, d, host, vddk, out);
+    }
+}
+
+fn check_snapshots(estate: &Estate, vm: &Vm, live_jobs: &HashSet<String>, out: &mut Out) {
+    let n = vm.name.as_str();
+    let depth = vm.snapshot_depth();
+    let all = vm.all_snapshots();
+    let foreign: Vec<&str> = all.iter().filter(|s| job_of(&s.name).is_none()).map(|s| s.name.as_str()).collect();
+    if depth >= MAX_SNAPSHOT_DEPTH {
+        out.add(
+            "vm.snapshots",
+            Level::Fail,
+            n,
+            None,
+            format!("the snapshot chain is {depth} deep (the limit is 32)"),
+            "delete snapshots, then consolidate",
+        );
+    } else if !foreign.is_empty() {
+        out.add(
+            "vm.snapshots",
+            Level::Fail,
+            n,
+            None,
+            format!("{} snapshot(s) not made by syncproxy: {}", foreign.len(), foreign.join(", ")),
+            "delete them or let them be consolidated: backing up through a snapshot chain is not supported yet",
+        );
+    } else {
+        out.add("vm.snapshots", Level::Pass, n, None, format!("{} snapshot(s)", all.len()), "");
+    }
+    for s in all {
+        let age = estate.now.zip(parse_server_time(&s.create_time)).and_then(|(now, t)| now.duration_since(t).ok());
+        let age_text = age.map_or_else(
+            || "of unknown age".to_owned(),
+            |a| format!("{} old", humantime::format_duration(Duration::from_secs(a.as_secs()))),
+        );
+        if age.is_some_and(|a| a > OLD_SNAPSHOT) {
+            out.add(
+                "vm.snapshot_old",
+                Level::Warn,
+                n,
+                None,
+                format!("snapshot {:?} is {age_text} by the server's clock", s.name),
+                "delete snapshots older than a day: they grow and slow the VM",
+            );
+        }
+        if let Some(job) = job_of(&s.name) {
+            let (level, reason) = if live_jobs.contains(job) {
+                (Level::Pass, format!("snapshot {:?} ({age_text}) belongs to job {job}, running now", s.name))
+            } else {
+                (Level::Warn, format!("snapshot {:?} ({age_text}) was left by job {job}, which is not running", s.name))
+            };
+            out.add(
+                "vm.snapshot_stale",
+                level,
+                n,
+                None,
+                reason,
+                "the next backup removes it once it is older than the longest job",
+            );
+        }
+    }
+}
+
+fn check_disk(estate: &Estate, vm: &Vm, d: &vsphere::Disk, host: Option<&Host>, vddk: &VddkFacts, out: &mut Out) {
+    let n = vm.name.as_str();
+    let slot = d.bus_slot.clone().unwrap_or_else(|| format!("disk{}", d.key));
+    let s = Some(slot.as_str());
+    if d.independent() {
+        out.add(
+            "disk.mode",
+            Level::Warn,
+            n,
+            s,
+            format!("{} is {}: snapshots leave it out, so it is not backed up", d.label, d.mode),
+            "set the disk to dependent (persistent) mode if it must be backed up",
+        );
+    } else {
+        out.add("disk.mode", Level::Pass, n, s, d.mode.clone(), "");
+    }
+    match &d.backing {
+        BackingKind::RdmPhysical => out.add(
+            "disk.rdm",
+            Level::Fail,
+            n,
+            s,
+            "a physical-mode RDM: no snapshots, no CBT, not readable agentlessly".into(),
+            "convert it to virtual mode, or back the LUN up on the storage side",
+        ),
+        BackingKind::RdmVirtual => {
+            out.add("disk.rdm", Level::Pass, n, s, "a virtual-mode RDM (snapshots and CBT work)".into(), "")
+        }
+        _ => {}
+    }
+    if d.sharing.as_deref().is_some_and(|x| x != "sharingNone") {
+        out.add(
+            "disk.sharing",
+            Level::Fail,
+            n,
+            s,
+            format!("the disk is shared ({}) with other VMs", d.sharing.as_deref().unwrap_or("")),
+            "a shared (multi-writer) disk cannot be snapshotted: make it non-shared, or back it up another way",
+        );
+    }
+    let old_host =
+        host.and_then(|h| h.version.as_deref()).and_then(ApiVersion::parse).is_some_and(|v| !v.at_least(5, 5));
+    if d.capacity > TWO_TB && old_host {
+        out.add(
+            "disk.size",
+            Level::Fail,
+            n,
+            s,
+            format!("{} bytes, over 2 TB, on ESXi before 5.5", d.capacity),
+            "move the VM to ESXi 5.5 or later",
+        );
+    }
+    let ds = d.datastore.as_ref().and_then(|m| estate.datastores.iter().find(|x| &x.moref == m));
+    let kind = ds.and_then(|x| x.kind.clone()).unwrap_or_default();
+    let k = kind.to_ascii_lowercase();
+    if !kind.is_empty() {
+        if k == "vmfs" || k.starts_with("nfs") || k == "vsan" || k == "vvol" {
+            out.add("disk.cbt_storage", Level::Pass, n, s, format!("on {kind} storage, which tracks changes"), "");
+        } else {
+            out.add(
+                "disk.cbt_storage",
+                Level::Warn,
+                n,
+                s,
+                format!("on {kind} storage: changed-block tracking may not work there"),
+                "keep disks on VMFS or NFS datastores",
+            );
+        }
+    }
+    if vm.cbt_enabled == Some(true) && d.change_id.is_none() && !d.independent() {
+        out.add(
+            "disk.cbt",
+            Level::Warn,
+            n,
+            s,
+            "no change ID: CBT does not track this disk yet".into(),
+            "the next snapshot activates tracking; if it stays, reset CBT",
+        );
+    }
+    // Which transports reach the disk.
+    let mut ways = Vec::new();
+    let mut why_not = Vec::new();
+    if k == "vsan" || k == "vvol" {
+        why_not.push(format!("HTTPS: not for {kind} datastores"));
+    } else if d.key_id.is_some() || vm.key_id.is_some() {
+        why_not.push("HTTPS: not for encrypted disks".to_owned());
+    } else {
+        ways.push("HTTPS".to_owned());
+    }
+    match vddk {
+        VddkFacts::Found(v) => ways.push(format!("VDDK {v}")),
+        VddkFacts::NotConfigured => why_not.push("VDDK: not configured (--vddk-libdir)".into()),
+        VddkFacts::Broken(e) => why_not.push(format!("VDDK: {e}")),
+    }
+    let level = if ways.is_empty() { Level::Fail } else { Level::Pass };
+    let reason = if why_not.is_empty() {
+        format!("reachable by {}", ways.join(", "))
+    } else if ways.is_empty() {
+        format!("no transport reaches it ({})", why_not.join("; "))
+    } else {
+        format!("reachable by {} ({})", ways.join(", "), why_not.join("; "))
+    };
+    out.add("disk.transport", level, n, s, reason, "configure VDDK for this disk (--vddk-libdir)");
+}
+
+/// Whether `host:port` accepts a TCP connection within `timeout`.
+pub async fn reachable(host: &str, port: u16, timeout: Duration) -> Result<(), String> {
+    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host, port))).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {} s", timeout.as_secs_f64())),
+    }
+}
+
+/// Port checks: each host that runs a checked VM, on `https` (443: datastore reads straight
+/// from the host; through vCenter they still work, more slowly) and `nfc` (902: VDDK's NBD
+/// transport, needed only when VDDK is used).
+pub async fn check_ports(estate: &Estate, vddk: &VddkFacts, https: u16, nfc: u16, timeout: Duration) -> Vec<Finding> {
+    let mut out = Out { list: Vec::new() };
+    let involved: HashSet<&MoRef> = estate.vms.iter().filter_map(|v| v.host.as_ref()).collect();
+    let vcenter = estate.server.api_type == "VirtualCenter";
+    let uses_vddk = matches!(vddk, VddkFacts::Found(_));
+    for h in estate.hosts.iter().filter(|h| involved.contains(&h.moref)) {
+        let subject = format!("host {}", h.name);
+        let checks = [
+            ("host.port.https", https, "datastore reads straight from the host", !vcenter),
+            ("host.port.nfc", nfc, "VDDK's NBD transport (NFC)", uses_vddk),
+        ];
+        for (code, port, what, needed) in checks {
+            match reachable(&h.name, port, timeout).await {
+                Ok(()) => out.add(code, Level::Pass, &subject, None, format!("port {port} answers ({what})"), ""),
+                Err(e) => out.add(
+                    code,
+                    if needed { Level::Fail } else { Level::Warn },
+                    &subject,
+                    None,
+                    format!(
+                        "port {port} of {} cannot be reached: {e}; {what} will not work{}",
+                        h.name,
+                        if needed { "" } else { " (not needed by the configured transports)" }
+                    ),
+                    "open the port from the proxy to the host (firewall), and make the host's name resolve",
+                ),
+            }
+        }
+    }
+    out.list
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(name: &str) -> Vm {
+        Vm {
+            moref: MoRef::new("VirtualMachine", name),
+            name: name.into(),
+            instance_uuid: Some("u".into()),
+            bios_uuid: None,
+            hardware_version: Some("vmx-19".into()),
+            power_state: Some("poweredOn".into()),
+            connection_state: Some("connected".into()),
+            cbt_enabled: Some(true),
+            cbt_supported: Some(true),
+            consolidation_needed: Some(false),
+            key_id: None,
+            tools: Some("guestToolsRunning".into()),
+            guest_id: None,
+            vmx_path: None,
+            host: None,
+            disks: Vec::new(),
+            usb: Vec::new(),
+            pci_passthrough: Vec::new(),
+            shared_bus_controllers: Vec::new(),
+            snapshots: Vec::new(),
+            current_snapshot: None,
+            guest_disks: Vec::new(),
+        }
+    }
+
+    fn codes(f: &[Finding], level: Level) -> Vec<&'static str> {
+        f.iter().filter(|x| x.level == level).map(|x| x.code).collect()
+    }
+
+    #[test]
+    fn a_healthy_vm_passes_and_an_old_server_fails() {
+        let estate = Estate {
+            server: ServerFacts {
+                api_type: "VirtualCenter".into(),
+                api_version: "8.0.2.0".into(),
+                version: "8.0.2".into(),
+                tls_version: Some("TLSv1_3".into()),
+            },
+            vms: vec![vm("good")],
+            ..Estate::default()
+        };
+        let f = check(&estate, &VddkFacts::NotConfigured, &HashSet::new());
+        assert!(codes(&f, Level::Fail).is_empty() && codes(&f, Level::Warn).is_empty(), "{f:#?}");
+        let old = Estate {
+            server: ServerFacts { api_version: "5.0".into(), version: "5.0.0".into(), ..estate.server.clone() },
+            ..estate
+        };
+        let f = check(&old, &VddkFacts::NotConfigured, &HashSet::new());
+        assert_eq!(codes(&f, Level::Fail), ["server.version"], "{f:#?}");
+        assert!(f.iter().all(|x| x.level == Level::Pass || !x.fix.is_empty()), "every problem says its fix");
+    }
+
+    #[test]
+    fn hardware_power_tools_and_cbt_warn() {
+        let mut v = vm("old");
+        v.hardware_version = Some("vmx-04".into());
+        v.tools = Some("guestToolsNotRunning".into());
+        v.cbt_enabled = None;
+        v.power_state = Some("suspended".into());
+        let estate = Estate { vms: vec![v], ..Estate::default() };
+        let f = check(&estate, &VddkFacts::NotConfigured, &HashSet::new());
+        let warns = codes(&f, Level::Warn);
+        for c in ["vm.hardware", "vm.power", "vm.tools", "vm.cbt_active"] {
+            assert!(warns.contains(&c), "{c} in {warns:?}");
+        }
+    }
+}
