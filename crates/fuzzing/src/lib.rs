@@ -5,6 +5,7 @@
 //! on every committed seed and regression input (`tests/corpora.rs`).
 
 pub mod cbt;
+pub mod config;
 pub mod nbd;
 pub mod pipeline;
 pub mod repo;
@@ -29,6 +30,7 @@ pub const TARGETS: &[(&str, FuzzTarget)] = &[
     ("state_files", pipeline::state_files),
     ("soap_response", vsphere::soap_response),
     ("repo_files", repo::repo_files),
+    ("serve_config", config::serve_config),
 ];
 
 /// Runs `f` on `iterations` pseudo-random inputs of up to `max_len` bytes, from a fixed seed so

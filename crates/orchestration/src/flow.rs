@@ -112,6 +112,8 @@ pub struct JobContext {
     pub max_job: Duration,
     /// The process's counters.
     pub metrics: Arc<Metrics>,
+    /// How many VMs may run at once, over every job of the process.
+    pub limits: Arc<crate::Limits>,
 }
 
 impl JobContext {
@@ -132,6 +134,7 @@ impl JobContext {
             options: CopyOptions::default(),
             max_job: Duration::from_secs(24 * 3600),
             metrics: Arc::new(Metrics::default()),
+            limits: Arc::new(crate::Limits::default()),
         }
     }
 

@@ -3,10 +3,11 @@
 //! N backed up at once, and an outcome that says whether all, some or none succeeded. On
 //! cancellation (Ctrl-C) [`sweep_own_snapshots`] removes whatever snapshot the job still holds.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use vsphere::{Client, MoRef, Vm};
 
 use crate::OrchError;
@@ -85,6 +86,68 @@ pub async fn select_vms(client: &Client, selectors: &[Selector], all: bool) -> R
     Ok(out)
 }
 
+/// How many VMs may be worked on at once, over every job of a process: in all, per ESXi host,
+/// and per datastore (so one host's or one datastore's production I/O is not starved).
+#[derive(Debug)]
+pub struct Limits {
+    vms: Arc<Semaphore>,
+    per_host: Option<usize>,
+    per_datastore: Option<usize>,
+    gates: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::new(100, None, None)
+    }
+}
+
+impl Limits {
+    /// At most `vms` VMs at once, `per_host` on one host and `per_datastore` touching one
+    /// datastore.
+    pub fn new(vms: usize, per_host: Option<usize>, per_datastore: Option<usize>) -> Self {
+        Self { vms: Arc::new(Semaphore::new(vms.max(1))), per_host, per_datastore, gates: Mutex::default() }
+    }
+
+    fn gate(&self, key: String, n: usize) -> Arc<Semaphore> {
+        let mut g = self.gates.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.entry(key).or_insert_with(|| Arc::new(Semaphore::new(n.max(1)))).clone()
+    }
+
+    /// Waits until `vm` may start: a slot overall, on its host and on each of its datastores
+    /// (taken in one order, so two VMs never hold each other's).
+    pub async fn admit(&self, vm: Option<&Vm>) -> Vec<OwnedSemaphorePermit> {
+        let mut keys: Vec<(String, usize)> = Vec::new();
+        if let Some(vm) = vm {
+            if let (Some(n), Some(h)) = (self.per_host, &vm.host) {
+                keys.push((format!("host {}", h.value), n));
+            }
+            if let Some(n) = self.per_datastore {
+                let mut ds: Vec<String> = vm
+                    .disks
+                    .iter()
+                    .filter_map(|d| d.datastore.as_ref())
+                    .map(|d| format!("datastore {}", d.value))
+                    .collect();
+                ds.sort();
+                ds.dedup();
+                keys.extend(ds.into_iter().map(|k| (k, n)));
+            }
+        }
+        keys.sort();
+        let mut permits = Vec::new();
+        for (k, n) in keys {
+            if let Ok(p) = self.gate(k, n).acquire_owned().await {
+                permits.push(p);
+            }
+        }
+        if let Ok(p) = self.vms.clone().acquire_owned().await {
+            permits.push(p);
+        }
+        permits
+    }
+}
+
 /// Whether a job's VMs succeeded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -119,7 +182,8 @@ impl JobReport {
     }
 }
 
-/// Backs up `vms` under one job lease, at most `concurrency` at once. Cancelling the engine
+/// Backs up `vms` under one job lease, at most `concurrency` at once (and within the process's
+/// `ctx.limits`). Cancelling the engine
 /// (`ctx.engine.cancel`) stops it cleanly: copies under way stop, their snapshots are removed
 /// and no restore point is written for them; VMs not yet begun are not touched.
 pub async fn run_job(ctx: &JobContext, vms: &[MoRef], concurrency: usize) -> Result<JobReport, OrchError> {
@@ -127,11 +191,16 @@ pub async fn run_job(ctx: &JobContext, vms: &[MoRef], concurrency: usize) -> Res
     let tag = ctx.tag();
     let lease = ctx.lease().await?;
     let gate = Arc::new(Semaphore::new(concurrency.max(1)));
+    // Hosts and datastores, for the per-host and per-datastore limits.
+    let facts: HashMap<MoRef, Vm> =
+        ctx.client.vms_by_moref(vms).await?.into_iter().map(|v| (v.moref.clone(), v)).collect();
+    let facts = Arc::new(facts);
     let mut set = tokio::task::JoinSet::new();
     for (n, vm) in vms.iter().enumerate() {
-        let (ctx, vm, gate) = (ctx.clone(), vm.clone(), gate.clone());
+        let (ctx, vm, gate, facts) = (ctx.clone(), vm.clone(), gate.clone(), facts.clone());
         set.spawn(async move {
             let _permit = gate.acquire_owned().await;
+            let _admitted = ctx.limits.admit(facts.get(&vm)).await;
             if ctx.engine.cancel.is_cancelled() {
                 // Cancelled before it began: nothing was touched.
                 let r = VmReport {

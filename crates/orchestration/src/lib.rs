@@ -8,6 +8,7 @@
 //! removal and metrics (issue 8 continues: replication, VDDK and NBD transports, snapshot
 //! chains, resume, the daemon).
 
+pub mod config;
 mod flow;
 pub mod hygiene;
 mod job;
@@ -19,7 +20,7 @@ pub use flow::{
     DiskPlanReport, DiskReport, JobContext, ReplicaTarget, SNAPSHOT_PREFIX, Target, VmPlan, VmReport, backup_vm,
     plan_vm,
 };
-pub use job::{JobReport, Outcome, Selector, run_job, select_vms, sweep_own_snapshots};
+pub use job::{JobReport, Limits, Outcome, Selector, run_job, select_vms, sweep_own_snapshots};
 pub use metrics::{Metrics, MetricsSnapshot};
 
 /// Why a VM's backup could not run or finish.

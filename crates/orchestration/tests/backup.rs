@@ -489,3 +489,40 @@ async fn a_replica_interrupted_mid_incremental_is_dirty_until_the_next_sync() {
     assert!(r.warnings.iter().any(|w| w.contains("inconsistent")), "{r:?}");
     replica_matches(&sim, &client, &target, "web").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_host_and_per_datastore_limits_hold_across_jobs() {
+    vsphere::tls::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Sim::start(Config::small(6, 4 * MIB), &dir.path().join("sim"), SimTls::SelfSigned).await.unwrap();
+    let opts =
+        ConnectOptions { trust: Trust::Insecure, timeout: Duration::from_secs(20), ..ConnectOptions::new(&sim.url()) };
+    let client = Arc::new(Client::connect(&opts).await.unwrap());
+    client
+        .login(Credentials { user: "backup@vsphere.local".into(), password: Secret::new("simulated") })
+        .await
+        .unwrap();
+    let all = client.vms().await.unwrap();
+    for (i, v) in all.iter().enumerate() {
+        sim.write(&v.name, v.disks[0].key, 0, &noise(MIB as usize, i as u64 + 1)).unwrap();
+    }
+    sim.faults(|f| f.datastore_delay = Duration::from_millis(100));
+    let repo = Repo::init(dir.path().join("repo"), 1 << 20).unwrap();
+    let limits = Arc::new(orchestration::Limits::new(100, Some(2), None));
+    let metrics = Arc::new(orchestration::Metrics::default());
+    // Two jobs at once, three VMs each, one host: never more than two VMs copy at a time.
+    let mut jobs = Vec::new();
+    for (name, vms) in [("a", &all[..3]), ("b", &all[3..])] {
+        let mut c = ctx(&client, &repo, name);
+        c.limits = limits.clone();
+        c.metrics = metrics.clone();
+        let refs: Vec<_> = vms.iter().map(|v| v.moref.clone()).collect();
+        jobs.push(tokio::spawn(async move { run_job(&c, &refs, 10).await.unwrap() }));
+    }
+    for j in jobs {
+        assert_eq!(j.await.unwrap().outcome(), Outcome::All);
+    }
+    let m = metrics.snapshot();
+    assert_eq!(m.disks_copied, 6, "{m:?}");
+    assert!(m.disks_copying_peak <= 2 && m.disks_copying_peak >= 1, "per-host limit of 2: {m:?}");
+}

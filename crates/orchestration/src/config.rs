@@ -1,0 +1,495 @@
+//! The configuration of `proxy serve`, a TOML file: the proxy (listen address, token, limits,
+//! bandwidth), the vCenters (credentials from a file or the environment, never in the file
+//! itself) and the jobs (VMs, schedule, a repository or replica target, retention). Parsing
+//! never panics and checks everything it can without touching the network, naming what is
+//! wrong and where.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+
+/// What is wrong with a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Not TOML, or not the expected shape (with the line and column).
+    #[error("{0}")]
+    Syntax(String),
+    /// Well-formed, but not usable: every problem found, one per line.
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+}
+
+/// Parses a byte size with an optional K/M/G/T suffix (powers of 1024, `B`/`iB` optional):
+/// `4M`, `256MiB`, `1G`, `65536`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(digits);
+    let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a size (try 4M, 256MiB, 1G)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().trim_end_matches('b').trim_end_matches('i') {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use K, M, G or T)")),
+    };
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// When a job runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// `every 6h`: at this interval from the daemon's start.
+    Every(Duration),
+    /// `daily 02:30`: once a day at this UTC time (seconds after midnight).
+    Daily(u64),
+}
+
+impl Schedule {
+    /// Reads `every DURATION` (at least a second) or `daily HH:MM` (UTC).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        if let Some(d) = t.strip_prefix("every ") {
+            let d = humantime::parse_duration(d.trim()).map_err(|e| format!("{s:?}: {e}"))?;
+            if d < Duration::from_secs(1) {
+                return Err(format!("{s:?}: the interval must be at least a second"));
+            }
+            return Ok(Self::Every(d));
+        }
+        if let Some(hm) = t.strip_prefix("daily ") {
+            let (h, m) = hm.trim().split_once(':').ok_or_else(|| format!("{s:?}: write daily HH:MM"))?;
+            let (h, m): (u64, u64) = (
+                h.parse().map_err(|_| format!("{s:?}: the hour is not a number"))?,
+                m.parse().map_err(|_| format!("{s:?}: the minute is not a number"))?,
+            );
+            if h > 23 || m > 59 {
+                return Err(format!("{s:?}: no such time of day"));
+            }
+            return Ok(Self::Daily(h * 3600 + m * 60));
+        }
+        Err(format!("{s:?}: write \"every 6h\" or \"daily 02:30\" (UTC)"))
+    }
+
+    /// The first run strictly after `after`, for a daemon that started at `start`.
+    pub fn next_after(&self, start: SystemTime, after: SystemTime) -> SystemTime {
+        match *self {
+            Self::Every(d) => {
+                let since = after.duration_since(start).unwrap_or_default();
+                let n = since.as_nanos() / d.as_nanos().max(1) + 1;
+                let offset = d.saturating_mul(u32::try_from(n).unwrap_or(u32::MAX));
+                start.checked_add(offset).unwrap_or(after)
+            }
+            Self::Daily(at) => {
+                let now = after.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+                let midnight = now - now % 86_400;
+                let today = midnight + at;
+                let next = if today > now { today } else { today + 86_400 };
+                UNIX_EPOCH + Duration::from_secs(next)
+            }
+        }
+    }
+}
+
+/// `[proxy]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySection {
+    /// This proxy's ID in snapshot names (default: the host name).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Where the HTTP endpoint listens.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// A file whose first line is the bearer token every HTTP request must carry.
+    pub token_file: PathBuf,
+    /// Where the job history and replica state live.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// VMs backed up at once, over every job.
+    #[serde(default = "default_max_vms")]
+    pub max_vms: usize,
+    /// VMs at once per ESXi host.
+    #[serde(default)]
+    pub per_host: Option<usize>,
+    /// VMs at once per datastore.
+    #[serde(default)]
+    pub per_datastore: Option<usize>,
+    /// The memory cap for copy buffers (`256M`).
+    #[serde(default = "default_memory")]
+    pub memory: String,
+    /// Bytes per second over every copy (`200M`); none by default.
+    #[serde(default)]
+    pub rate: Option<String>,
+    /// Milliseconds slept after each request in each stream (0: full speed).
+    #[serde(default)]
+    pub release_cpu_time: u64,
+    /// The longest a job may run (`24h`).
+    #[serde(default = "default_max_job")]
+    pub max_job: String,
+    /// `text` or `json` log lines.
+    #[serde(default = "default_log_format")]
+    pub log_format: String,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:9480".into()
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/syncproxy")
+}
+fn default_max_vms() -> usize {
+    100
+}
+fn default_memory() -> String {
+    "256M".into()
+}
+fn default_max_job() -> String {
+    "24h".into()
+}
+fn default_log_format() -> String {
+    "text".into()
+}
+
+/// `[[vcenter]]`: a vCenter or ESXi host and how to log in to it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VcenterConfig {
+    /// What jobs call it.
+    pub name: String,
+    /// `https://HOST/sdk`.
+    pub url: String,
+    /// The user.
+    pub user: String,
+    /// A file whose first line is the password.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Or the environment variable that holds it.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// Trust the certificate by its SHA-1 or SHA-256 thumbprint.
+    #[serde(default)]
+    pub thumbprint: Option<String>,
+    /// Also trust this CA (PEM).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Do not verify the certificate (warned about on every start).
+    #[serde(default)]
+    pub insecure: bool,
+    /// Also accept TLS 1.0 and 1.1.
+    #[serde(default)]
+    pub legacy_tls: bool,
+}
+
+/// `retention` of a job: how many restore points to keep, as `proxy repo prune` counts.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// The newest N.
+    #[serde(default)]
+    pub keep_last: u32,
+    /// The newest in each of the last N hours.
+    #[serde(default)]
+    pub keep_hourly: u32,
+    /// ... days.
+    #[serde(default)]
+    pub keep_daily: u32,
+    /// ... weeks.
+    #[serde(default)]
+    pub keep_weekly: u32,
+    /// ... months.
+    #[serde(default)]
+    pub keep_monthly: u32,
+    /// ... years.
+    #[serde(default)]
+    pub keep_yearly: u32,
+}
+
+impl RetentionConfig {
+    /// As the repository counts it.
+    pub fn retention(&self) -> repo::Retention {
+        repo::Retention {
+            last: self.keep_last,
+            hourly: self.keep_hourly,
+            daily: self.keep_daily,
+            weekly: self.keep_weekly,
+            monthly: self.keep_monthly,
+            yearly: self.keep_yearly,
+        }
+    }
+}
+
+/// `[[job]]`: which VMs, when, and where to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    /// Its name (in snapshot names and the history: letters, digits, `.`, `_`, `-`).
+    pub name: String,
+    /// The `[[vcenter]]` it reads from.
+    pub vcenter: String,
+    /// VMs by name, moref, instance UUID or inventory path.
+    #[serde(default)]
+    pub vms: Vec<String>,
+    /// Every VM instead.
+    #[serde(default)]
+    pub all: bool,
+    /// `every 6h` or `daily 02:30` (UTC).
+    pub schedule: String,
+    /// A repository (a directory or `s3://bucket/prefix`) for restore points.
+    #[serde(default)]
+    pub repository: Option<String>,
+    /// Or a directory of replica disks.
+    #[serde(default)]
+    pub replica: Option<PathBuf>,
+    /// The repository's key file, if it is encrypted.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Allow a plain-HTTP S3 endpoint elsewhere than this machine.
+    #[serde(default)]
+    pub s3_allow_http: bool,
+    /// What a prune after each run keeps (repositories only).
+    #[serde(default)]
+    pub retention: Option<RetentionConfig>,
+}
+
+/// A whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// `[proxy]`.
+    pub proxy: ProxySection,
+    /// `[[vcenter]]`.
+    #[serde(default, rename = "vcenter")]
+    pub vcenters: Vec<VcenterConfig>,
+    /// `[[job]]`.
+    #[serde(default, rename = "job")]
+    pub jobs: Vec<JobConfig>,
+}
+
+/// The largest configuration file read (a config is text of a few kilobytes).
+pub const MAX_CONFIG_BYTES: usize = 1 << 20;
+
+fn file_name_ok(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && !s.starts_with('.')
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+impl ServeConfig {
+    /// Parses and checks a configuration.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        if text.len() > MAX_CONFIG_BYTES {
+            return Err(ConfigError::Syntax(format!(
+                "the configuration is {} bytes, more than {MAX_CONFIG_BYTES}",
+                text.len()
+            )));
+        }
+        let c: Self = toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        let problems = c.problems();
+        if problems.is_empty() { Ok(c) } else { Err(ConfigError::Invalid(problems)) }
+    }
+
+    /// Everything wrong that can be seen without the network or the file system.
+    fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let p = &self.proxy;
+        if p.listen.parse::<std::net::SocketAddr>().is_err() {
+            out.push(format!("[proxy] listen = {:?}: not an address and port (127.0.0.1:9480)", p.listen));
+        }
+        if let Some(id) = &p.id
+            && !file_name_ok(id)
+        {
+            out.push(format!("[proxy] id = {id:?}: use 1 to 64 letters, digits, '.', '_' or '-'"));
+        }
+        if p.max_vms == 0 || p.per_host == Some(0) || p.per_datastore == Some(0) {
+            out.push("[proxy] max_vms, per_host and per_datastore must be at least 1".into());
+        }
+        if let Err(e) = parse_size(&p.memory) {
+            out.push(format!("[proxy] memory: {e}"));
+        }
+        if let Some(r) = &p.rate
+            && let Err(e) = parse_size(r)
+        {
+            out.push(format!("[proxy] rate: {e}"));
+        }
+        if let Err(e) = humantime::parse_duration(&p.max_job) {
+            out.push(format!("[proxy] max_job = {:?}: {e}", p.max_job));
+        }
+        if !matches!(p.log_format.as_str(), "text" | "json") {
+            out.push(format!("[proxy] log_format = {:?}: use \"text\" or \"json\"", p.log_format));
+        }
+        let mut names = HashSet::new();
+        for v in &self.vcenters {
+            let at = format!("[[vcenter]] {:?}", v.name);
+            if !names.insert(v.name.as_str()) {
+                out.push(format!("{at}: the name is used twice"));
+            }
+            if !v.url.starts_with("https://") {
+                out.push(format!("{at}: url {:?} must start with https://", v.url));
+            }
+            if v.url.contains('@') {
+                out.push(format!("{at}: the url must not carry credentials; use password_file or password_env"));
+            }
+            match (&v.password_file, &v.password_env) {
+                (Some(_), Some(_)) => out.push(format!("{at}: give password_file or password_env, not both")),
+                (None, None) => out.push(format!("{at}: no password: give password_file or password_env")),
+                _ => {}
+            }
+            if v.insecure && (v.thumbprint.is_some() || v.ca_file.is_some()) {
+                out.push(format!("{at}: insecure contradicts thumbprint and ca_file"));
+            }
+            if let Some(t) = &v.thumbprint
+                && let Err(e) = vsphere::Thumbprint::parse(t)
+            {
+                out.push(format!("{at}: {e}"));
+            }
+        }
+        let mut jobs = HashSet::new();
+        for j in &self.jobs {
+            let at = format!("[[job]] {:?}", j.name);
+            if !file_name_ok(&j.name) {
+                out.push(format!("{at}: use 1 to 64 letters, digits, '.', '_' or '-' in a job name"));
+            }
+            if !jobs.insert(j.name.as_str()) {
+                out.push(format!("{at}: the name is used twice"));
+            }
+            if !names.contains(j.vcenter.as_str()) {
+                out.push(format!("{at}: no [[vcenter]] is named {:?}", j.vcenter));
+            }
+            if j.vms.is_empty() != j.all {
+                out.push(format!("{at}: name the VMs (vms = [...]) or set all = true, not both or neither"));
+            }
+            if let Err(e) = Schedule::parse(&j.schedule) {
+                out.push(format!("{at}: schedule {e}"));
+            }
+            match (&j.repository, &j.replica) {
+                (Some(_), Some(_)) => out.push(format!("{at}: give repository or replica, not both")),
+                (None, None) => out.push(format!("{at}: no target: give repository or replica")),
+                (None, Some(_)) if j.retention.is_some() || j.key_file.is_some() => {
+                    out.push(format!("{at}: retention and key_file apply to repositories only"));
+                }
+                _ => {}
+            }
+            if let Some(r) = &j.retention
+                && r.retention().keeps_nothing()
+            {
+                out.push(format!("{at}: a retention that keeps nothing would remove every restore point"));
+            }
+        }
+        out
+    }
+
+    /// The memory cap in bytes.
+    pub fn memory(&self) -> u64 {
+        parse_size(&self.proxy.memory).unwrap_or(256 << 20)
+    }
+
+    /// The global rate limit in bytes per second, if any.
+    pub fn rate(&self) -> Option<u64> {
+        self.proxy.rate.as_deref().and_then(|r| parse_size(r).ok())
+    }
+
+    /// The longest a job may run.
+    pub fn max_job(&self) -> Duration {
+        humantime::parse_duration(&self.proxy.max_job).unwrap_or(Duration::from_secs(24 * 3600))
+    }
+
+    /// The vCenter a job reads from.
+    pub fn vcenter(&self, name: &str) -> Option<&VcenterConfig> {
+        self.vcenters.iter().find(|v| v.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[proxy]
+id = "proxy1"
+token_file = "/etc/syncproxy/token"
+max_vms = 50
+per_host = 4
+rate = "200M"
+
+[[vcenter]]
+name = "vc1"
+url = "https://vc.example/sdk"
+user = "backup@vsphere.local"
+password_file = "/etc/syncproxy/vc1.pw"
+thumbprint = "AA:BB:CC:DD:EE:FF:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD"
+
+[[job]]
+name = "nightly"
+vcenter = "vc1"
+vms = ["db01", "DC1/vm/web"]
+schedule = "daily 02:30"
+repository = "/backups"
+retention = { keep_last = 7, keep_daily = 14 }
+
+[[job]]
+name = "dr"
+vcenter = "vc1"
+all = true
+schedule = "every 15m"
+replica = "/replicas"
+"#;
+
+    #[test]
+    fn a_good_configuration_parses() {
+        let c = ServeConfig::from_toml(GOOD).unwrap();
+        assert_eq!(c.jobs.len(), 2);
+        assert_eq!(c.rate(), Some(200 << 20));
+        assert_eq!(c.memory(), 256 << 20);
+        assert_eq!(c.proxy.listen, "127.0.0.1:9480");
+        assert_eq!(Schedule::parse(&c.jobs[1].schedule), Ok(Schedule::Every(Duration::from_secs(900))));
+    }
+
+    #[test]
+    fn every_problem_is_named_with_its_place() {
+        let bad = GOOD
+            .replace("password_file = \"/etc/syncproxy/vc1.pw\"", "")
+            .replace("daily 02:30", "daily 25:00")
+            .replace("vcenter = \"vc1\"\nall = true", "vcenter = \"vc9\"\nall = true")
+            .replace("rate = \"200M\"", "rate = \"fast\"");
+        let e = ServeConfig::from_toml(&bad).unwrap_err().to_string();
+        for want in ["no password", "25:00", "vc9", "rate"] {
+            assert!(e.contains(want), "{want} in {e}");
+        }
+        let e = ServeConfig::from_toml("[proxy]\ntoken_file = 1\n").unwrap_err().to_string();
+        assert!(e.contains("token_file"), "{e}");
+        let e = ServeConfig::from_toml(&GOOD.replace("max_vms", "max_vmz")).unwrap_err().to_string();
+        assert!(e.contains("max_vmz"), "unknown keys are refused: {e}");
+    }
+
+    #[test]
+    fn schedules() {
+        let start = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let every = Schedule::parse("every 1h").unwrap();
+        assert_eq!(every.next_after(start, start), start + Duration::from_secs(3600));
+        assert_eq!(every.next_after(start, start + Duration::from_secs(3700)), start + Duration::from_secs(7200));
+        let daily = Schedule::parse("daily 02:30").unwrap();
+        let day = 86_400 * 20_000;
+        let t = UNIX_EPOCH + Duration::from_secs(day + 3600);
+        assert_eq!(daily.next_after(start, t), UNIX_EPOCH + Duration::from_secs(day + 9000));
+        let t = UNIX_EPOCH + Duration::from_secs(day + 9000);
+        assert_eq!(daily.next_after(start, t), UNIX_EPOCH + Duration::from_secs(day + 86_400 + 9000));
+        for bad in ["weekly", "every 0s", "every x", "daily 7", "daily 24:00", "daily 1:60"] {
+            assert!(Schedule::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4M"), Ok(4 << 20));
+        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("512"), Ok(512));
+        assert!(parse_size("4X").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}
