@@ -1,12 +1,14 @@
 //! `proxy`: the syncproxy proxy. Today `backup` (VMs into a repository, or `--plan`),
 //! `replicate` (VMs' disks kept as replicas), `disk-copy` (the block pipeline as a command),
-//! the `repo` command tree and `demo`; serve joins them as issue 8 continues.
+//! the `repo` command tree, `serve` (the daemon) with `config check`, and `demo`.
 
 mod backup_cmd;
+mod config_cmd;
 mod demo;
 mod disk_copy;
 mod endpoints;
 mod repo_cmd;
+mod serve;
 mod server_args;
 mod size;
 
@@ -35,6 +37,15 @@ enum Command {
     /// Copy a disk like nbdcopy: SRC is a raw file, block device, VMDK or NBD URI; DST a file,
     /// block device or NBD URI. Only allocated data is read; an interrupted copy resumes.
     DiskCopy(disk_copy::Args),
+    /// Run as a daemon: each configured job on its schedule, stale snapshots removed at start,
+    /// job status, history and Prometheus metrics over HTTP behind a token; SIGTERM stops
+    /// gracefully, removing every snapshot.
+    Serve(serve::Args),
+    /// Work with a `serve` configuration file (`check`).
+    Config {
+        #[command(subcommand)]
+        command: config_cmd::ConfigCommand,
+    },
     /// Run the whole product on the embedded vSphere simulator: full and incremental backups
     /// of a few VMs, restores compared byte for byte, a summary. Nothing to set up.
     Demo(demo::Args),
@@ -72,6 +83,8 @@ fn main() -> ExitCode {
         Command::Replicate(args) => backup_cmd::run_replicate(&args),
         Command::DiskCopy(args) => disk_copy::run(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Serve(args) => serve::run(&args),
+        Command::Config { command } => config_cmd::run(&command),
         Command::Repo { command } => repo_cmd::run(command),
     }
 }

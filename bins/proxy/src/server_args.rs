@@ -43,6 +43,10 @@ pub(crate) struct ServerArgs {
     /// Seconds one call may take.
     #[arg(long, default_value_t = 300)]
     pub(crate) timeout: u64,
+    /// The environment variable holding the password (from a configuration file; the command
+    /// line always uses SYNCPROXY_PASSWORD).
+    #[arg(skip)]
+    pub(crate) password_env: Option<String>,
 }
 
 impl ServerArgs {
@@ -51,9 +55,10 @@ impl ServerArgs {
         if let Some(f) = &self.password_file {
             return Ok(Secret::from_file(f)?);
         }
-        match std::env::var(PASSWORD_ENV) {
+        let var = self.password_env.as_deref().unwrap_or(PASSWORD_ENV);
+        match std::env::var(var) {
             Ok(p) if !p.is_empty() => Ok(Secret::new(p)),
-            _ => bail!("no password: give --password-file FILE, or set {PASSWORD_ENV}"),
+            _ => bail!("no password: give --password-file FILE, or set {var}"),
         }
     }
 

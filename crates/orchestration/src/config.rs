@@ -125,7 +125,7 @@ pub struct ProxySection {
     pub rate: Option<String>,
     /// Milliseconds slept after each request in each stream (0: full speed).
     #[serde(default)]
-    pub release_cpu_time: u64,
+    pub release_cpu_time: u32,
     /// The longest a job may run (`24h`).
     #[serde(default = "default_max_job")]
     pub max_job: String,

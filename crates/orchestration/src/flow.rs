@@ -267,7 +267,7 @@ async fn datacenter_of(client: &Client, vm: &Vm) -> Result<String, OrchError> {
 
 /// Removes stale snapshots of ours from `vm` (see `hygiene`) and says what it did; returns
 /// whether anything was removed.
-async fn hygiene(ctx: &JobContext, vm: &Vm, report: &mut VmReport) -> Result<bool, OrchError> {
+pub(crate) async fn hygiene(ctx: &JobContext, vm: &Vm, report: &mut VmReport) -> Result<bool, OrchError> {
     if vm.snapshots.is_empty() {
         return Ok(false);
     }

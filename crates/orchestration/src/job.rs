@@ -11,7 +11,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use vsphere::{Client, MoRef, Vm};
 
 use crate::OrchError;
-use crate::flow::{JobContext, VmReport, backup_vm};
+use crate::flow::{JobContext, VmReport, backup_vm, hygiene};
 
 /// How a VM is named on the command line or in a job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -228,6 +228,20 @@ pub async fn run_job(ctx: &JobContext, vms: &[MoRef], concurrency: usize) -> Res
         vms: reports.into_iter().map(|(_, r)| r).collect(),
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Removes the stale snapshots of ours from `vms` (what a daemon does when it starts, before
+/// any job runs): per VM, what was removed and what was noticed.
+pub async fn clean_stale(ctx: &JobContext, vms: &[MoRef]) -> Result<Vec<VmReport>, OrchError> {
+    let mut out = Vec::new();
+    for vm in ctx.client.vms_by_moref(vms).await? {
+        let mut r = VmReport { vm: vm.name.clone(), snapshot_removed: true, ..VmReport::default() };
+        if let Err(e) = hygiene(ctx, &vm, &mut r).await {
+            r.error = Some(e.to_string());
+        }
+        out.push(r);
+    }
+    Ok(out)
 }
 
 /// Removes every snapshot named for this job from `vms` (after a cancelled job: a dropped

@@ -1,0 +1,532 @@
+//! `proxy serve --config FILE`: the daemon. It runs each configured job on its schedule (a
+//! repository backup with a prune after it, or a replica sync), removes stale snapshots of
+//! ours when it starts, and serves job status, history and Prometheus metrics over HTTP behind
+//! a bearer token. SIGTERM or Ctrl-C stops it gracefully: no new job starts, running copies
+//! stop, every snapshot is removed, and it exits 0.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use orchestration::config::{JobConfig, Schedule, ServeConfig, VcenterConfig};
+use orchestration::{
+    JobContext, JobReport, Limits, Metrics, Outcome, ReplicaTarget, Selector, Target, clean_stale, run_job, select_vms,
+    sweep_own_snapshots,
+};
+use pipeline::Engine;
+use pipeline::limit::{RateLimiter, ReleaseCpuTime};
+use repo::{Location, Repo, RepoKey, S3Config};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::server_args::ServerArgs;
+
+/// Options of `proxy serve`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// The configuration file (TOML; see `proxy config check`).
+    #[arg(long)]
+    config: PathBuf,
+}
+
+/// How many finished runs the daemon keeps in memory (the history file keeps them all).
+const HISTORY_IN_MEMORY: usize = 1000;
+
+pub(crate) fn run(args: &Args) -> ExitCode {
+    crate::block_on("serve", serve(args))
+}
+
+/// Reads and checks a configuration file (bounded: a configuration is small).
+pub(crate) fn load(path: &Path) -> Result<ServeConfig> {
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if meta.len() > orchestration::config::MAX_CONFIG_BYTES as u64 {
+        bail!("{} is {} bytes: not a configuration file", path.display(), meta.len());
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    ServeConfig::from_toml(&text).with_context(|| format!("{} is not a valid configuration", path.display()))
+}
+
+/// The token from its file (first line), refused when empty.
+pub(crate) fn read_token(path: &Path) -> Result<String> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read the token file {}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim().to_owned();
+    if token.len() < 16 {
+        bail!("the token in {} is shorter than 16 characters", path.display());
+    }
+    Ok(token)
+}
+
+/// How a configured vCenter is reached, as the command line would say it.
+pub(crate) fn server_args(v: &VcenterConfig) -> ServerArgs {
+    ServerArgs {
+        url: v.url.clone(),
+        user: v.user.clone(),
+        password_file: v.password_file.clone(),
+        thumbprint: v.thumbprint.clone(),
+        ca_file: v.ca_file.clone(),
+        insecure: v.insecure,
+        legacy_tls: v.legacy_tls,
+        timeout: 300,
+        password_env: v.password_env.clone(),
+    }
+}
+
+/// Opens a job's target.
+pub(crate) fn open_target(job: &JobConfig) -> Result<Target> {
+    if let Some(r) = &job.repository {
+        let key = job.key_file.as_deref().map(RepoKey::from_file).transpose()?;
+        let location =
+            Location { url: r.clone(), s3: S3Config { allow_http: job.s3_allow_http, ..S3Config::from_env() }, key };
+        return Ok(Target::Repository(Repo::open_at(&location)?));
+    }
+    match &job.replica {
+        Some(dir) => Ok(Target::Replica(ReplicaTarget::open(dir)?)),
+        None => bail!("job {} has no target", job.name),
+    }
+}
+
+/// One finished run, as the history keeps it.
+fn record(job: &str, started: SystemTime, report: Option<&JobReport>, error: Option<String>) -> Value {
+    let time = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+    let vms: Vec<Value> = report
+        .map(|r| {
+            r.vms
+                .iter()
+                .map(|v| {
+                    json!({
+                        "vm": v.vm,
+                        "result": if v.error.is_some() { "failed" } else if v.warnings.is_empty() { "ok" } else { "warning" },
+                        "restore_point": v.point,
+                        "replica": v.replica.as_ref().map(|p| p.display().to_string()),
+                        "consistency": v.consistency.map(|c| format!("{c:?}").to_lowercase()),
+                        "read": v.disks.iter().map(|d| d.read).sum::<u64>(),
+                        "stored": v.disks.iter().map(|d| d.stored_bytes).sum::<u64>(),
+                        "full_disks": v.disks.iter().filter(|d| d.full).count(),
+                        "disks": v.disks.len(),
+                        "warnings": v.warnings,
+                        "error": v.error,
+                        "snapshot_removed": v.snapshot_removed,
+                        "seconds": v.seconds,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let outcome = match (report.map(JobReport::outcome), &error) {
+        (_, Some(_)) | (None, None) => "failed",
+        (Some(Outcome::All), None) => "succeeded",
+        (Some(Outcome::Some), None) => "partial",
+        (Some(Outcome::None), None) => "failed",
+    };
+    json!({
+        "job": job,
+        "run": report.map(|r| r.job.clone()),
+        "started": time(started),
+        "finished": time(SystemTime::now()),
+        "outcome": outcome,
+        "error": error,
+        "vms": vms,
+    })
+}
+
+/// What the daemon shares between its schedulers and its HTTP endpoint.
+struct State {
+    proxy_id: String,
+    started: SystemTime,
+    metrics: Arc<Metrics>,
+    history: Mutex<VecDeque<Value>>,
+    history_file: PathBuf,
+    /// Per job: its schedule text, target, next run, and whether it runs now.
+    jobs: Mutex<HashMap<String, JobStatus>>,
+    /// Jobs asked to run now (`POST /jobs/NAME/run`).
+    triggers: HashMap<String, tokio::sync::Notify>,
+}
+
+#[derive(Debug, Clone)]
+struct JobStatus {
+    schedule: String,
+    target: String,
+    next: Option<SystemTime>,
+    running: bool,
+    last: Option<Value>,
+}
+
+impl State {
+    fn finish(&self, job: &str, rec: Value) {
+        match std::fs::OpenOptions::new().create(true).append(true).open(&self.history_file) {
+            Ok(mut f) => {
+                let line = format!("{rec}\n");
+                if let Err(e) = f.write_all(line.as_bytes()).and_then(|()| f.sync_data()) {
+                    tracing::warn!("cannot append to {}: {e}", self.history_file.display());
+                }
+            }
+            Err(e) => tracing::warn!("cannot open {}: {e}", self.history_file.display()),
+        }
+        if let Some(s) = self.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_mut(job) {
+            s.running = false;
+            s.last = Some(rec.clone());
+        }
+        let mut h = self.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        h.push_back(rec);
+        while h.len() > HISTORY_IN_MEMORY {
+            h.pop_front();
+        }
+    }
+
+    fn status(&self) -> Value {
+        let jobs = self.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut names: Vec<&String> = jobs.keys().collect();
+        names.sort();
+        let m = self.metrics.snapshot();
+        json!({
+            "proxy": self.proxy_id,
+            "started": humantime::format_rfc3339_seconds(self.started).to_string(),
+            "jobs": names.iter().map(|n| {
+                let s = &jobs[*n];
+                json!({
+                    "name": n,
+                    "schedule": s.schedule,
+                    "target": s.target,
+                    "running": s.running,
+                    "next_run": s.next.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                    "last": s.last,
+                })
+            }).collect::<Vec<_>>(),
+            "vms_running": m.vms_running,
+            "disks_copying": m.disks_copying,
+            "disks_copying_peak": m.disks_copying_peak,
+        })
+    }
+
+    fn prometheus(&self) -> String {
+        let mut text = self.metrics.render_prometheus();
+        let jobs = self.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        text.push_str("# HELP syncproxy_job_running Whether the job runs now.\n# TYPE syncproxy_job_running gauge\n");
+        let mut names: Vec<&String> = jobs.keys().collect();
+        names.sort();
+        for n in &names {
+            text.push_str(&format!("syncproxy_job_running{{job=\"{n}\"}} {}\n", u8::from(jobs[*n].running)));
+        }
+        text.push_str(
+            "# HELP syncproxy_job_last_succeeded Whether the job's last run backed up every VM.\n\
+             # TYPE syncproxy_job_last_succeeded gauge\n",
+        );
+        for n in &names {
+            if let Some(last) = &jobs[*n].last {
+                text.push_str(&format!(
+                    "syncproxy_job_last_succeeded{{job=\"{n}\"}} {}\n",
+                    u8::from(last["outcome"] == "succeeded")
+                ));
+            }
+        }
+        text
+    }
+}
+
+/// Everything one job needs to run again and again.
+struct Runner {
+    job: JobConfig,
+    vcenter: VcenterConfig,
+    schedule: Schedule,
+    proxy_id: String,
+    engine: Arc<Engine>,
+    options: pipeline::CopyOptions,
+    max_job: Duration,
+    max_vms: usize,
+    limits: Arc<Limits>,
+    metrics: Arc<Metrics>,
+}
+
+impl Runner {
+    /// Logs in and builds the context of one run.
+    async fn context(&self, run_id: &str) -> Result<(JobContext, Vec<vsphere::MoRef>)> {
+        let client = Arc::new(server_args(&self.vcenter).login().await?);
+        let selectors: Vec<Selector> = self.job.vms.iter().map(|v| Selector::parse(v)).collect();
+        let vms = select_vms(&client, &selectors, self.job.all).await?;
+        let target = open_target(&self.job)?;
+        let mut ctx = JobContext::with_target(
+            client,
+            target,
+            &self.proxy_id,
+            &format!("{}-{run_id}", self.job.name),
+            self.engine.clone(),
+        );
+        ctx.options = self.options.clone();
+        ctx.max_job = self.max_job;
+        ctx.limits = self.limits.clone();
+        ctx.metrics = self.metrics.clone();
+        Ok((ctx, vms.into_iter().map(|v| v.moref).collect()))
+    }
+
+    /// One run: the job, then (for a repository with retention) a prune.
+    async fn once(&self, run_id: &str) -> (Option<JobReport>, Option<String>) {
+        let (ctx, vms) = match self.context(run_id).await {
+            Ok(x) => x,
+            Err(e) => return (None, Some(format!("{e:#}"))),
+        };
+        tracing::info!(job = %self.job.name, run = %ctx.tag(), vms = vms.len(), "job starts");
+        let report = match run_job(&ctx, &vms, self.max_vms).await {
+            Ok(r) => r,
+            Err(e) => return (None, Some(e.to_string())),
+        };
+        let (swept, failed) = sweep_own_snapshots(&ctx, &vms).await;
+        for s in swept {
+            tracing::warn!(job = %self.job.name, "removed snapshot {s} after the run");
+        }
+        for f in failed {
+            tracing::error!(job = %self.job.name, "COULD NOT REMOVE SNAPSHOT {f}; the next run removes it");
+        }
+        for v in &report.vms {
+            match &v.error {
+                Some(e) => tracing::error!(job = %self.job.name, vm = %v.vm, "failed: {e}"),
+                None => tracing::info!(job = %self.job.name, vm = %v.vm, point = ?v.point, replica = ?v.replica,
+                    warnings = v.warnings.len(), seconds = v.seconds, "done"),
+            }
+        }
+        let mut error = None;
+        if let (Target::Repository(repo), Some(keep)) = (&ctx.target, &self.job.retention)
+            && report.outcome() != Outcome::None
+        {
+            let (repo, keep) = (repo.clone(), keep.retention());
+            match tokio::task::spawn_blocking(move || repo.prune(&keep, false)).await {
+                Ok(Ok(p)) => tracing::info!(job = %self.job.name, removed = p.removed.len(), "pruned"),
+                Ok(Err(e)) => error = Some(format!("the prune after the run failed: {e}")),
+                Err(e) => error = Some(format!("the prune after the run did not finish: {e}")),
+            }
+        }
+        tracing::info!(job = %self.job.name, outcome = ?report.outcome(), seconds = report.seconds, "job ends");
+        (Some(report), error)
+    }
+}
+
+/// Runs `runner` on its schedule until `stop` says so.
+async fn schedule_loop(runner: Arc<Runner>, state: Arc<State>, mut stop: watch::Receiver<bool>) {
+    let name = runner.job.name.clone();
+    let start = state.started;
+    let mut runs = 0u64;
+    loop {
+        let next = runner.schedule.next_after(start, SystemTime::now());
+        if let Some(s) = state.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_mut(&name) {
+            s.next = Some(next);
+        }
+        let wait = next.duration_since(SystemTime::now()).unwrap_or_default();
+        let trigger = state.triggers.get(&name);
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = async { match trigger { Some(t) => t.notified().await, None => std::future::pending().await } } => {}
+            _ = stop.changed() => {}
+        }
+        if *stop.borrow() {
+            return;
+        }
+        runs += 1;
+        if let Some(s) = state.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_mut(&name) {
+            s.running = true;
+        }
+        let started = SystemTime::now();
+        let stamp: String = humantime::format_rfc3339_seconds(started)
+            .to_string()
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .collect();
+        let (report, error) = runner.once(&format!("{stamp}-{runs}")).await;
+        state.finish(&name, record(&name, started, report.as_ref(), error));
+    }
+}
+
+fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+/// Compares in time independent of where the strings differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn route(state: &State, token: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let given = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !same(given.as_bytes(), token.as_bytes()) {
+        let mut r = text(StatusCode::UNAUTHORIZED, "text/plain", "a bearer token is required\n".into());
+        r.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, hyper::header::HeaderValue::from_static("Bearer"));
+        return r;
+    }
+    let path = req.uri().path();
+    match (req.method().as_str(), path) {
+        ("GET", "/metrics") => text(StatusCode::OK, "text/plain; version=0.0.4", state.prometheus()),
+        ("GET", "/status") => text(StatusCode::OK, "application/json", state.status().to_string()),
+        ("GET", "/history") => {
+            let h = state.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            text(StatusCode::OK, "application/json", Value::Array(h.iter().cloned().collect()).to_string())
+        }
+        ("POST", p) if p.starts_with("/jobs/") && p.ends_with("/run") => {
+            let name = &p["/jobs/".len()..p.len() - "/run".len()];
+            match state.triggers.get(name) {
+                Some(t) => {
+                    t.notify_one();
+                    text(StatusCode::ACCEPTED, "application/json", json!({"job": name, "queued": true}).to_string())
+                }
+                None => text(StatusCode::NOT_FOUND, "text/plain", format!("no job {name:?}\n")),
+            }
+        }
+        _ => {
+            text(StatusCode::NOT_FOUND, "text/plain", "GET /status, /history or /metrics; POST /jobs/NAME/run\n".into())
+        }
+    }
+}
+
+async fn http(listener: tokio::net::TcpListener, state: Arc<State>, token: String, mut stop: watch::Receiver<bool>) {
+    let token = Arc::new(token);
+    loop {
+        let (stream, _) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("accepting an HTTP connection: {e}");
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let (state, token) = (state.clone(), token.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let r = route(&state, &token, &req);
+                async move { Ok::<_, std::convert::Infallible>(r) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
+                tracing::debug!("HTTP connection: {e}");
+            }
+        });
+    }
+}
+
+fn init_logs(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SYNCPROXY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if format == "json" { builder.json().try_init() } else { builder.try_init() };
+}
+
+async fn serve(args: &Args) -> Result<ExitCode> {
+    let config = load(&args.config)?;
+    init_logs(&config.proxy.log_format);
+    let token = read_token(&config.proxy.token_file)?;
+    let listen: SocketAddr = config.proxy.listen.parse().context("[proxy] listen")?;
+    std::fs::create_dir_all(&config.proxy.state_dir)
+        .with_context(|| format!("cannot create {}", config.proxy.state_dir.display()))?;
+    vsphere::tls::install_crypto_provider();
+    let proxy_id = config.proxy.id.clone().unwrap_or_else(repo::lock::host_name);
+    let mut engine = Engine::new(config.memory());
+    if let Some(rate) = config.rate() {
+        engine.global_rate = Some(Arc::new(RateLimiter::new(rate)));
+    }
+    let engine = Arc::new(engine);
+    let options =
+        pipeline::CopyOptions { release_cpu_time: ReleaseCpuTime(config.proxy.release_cpu_time), ..Default::default() };
+    let limits = Arc::new(Limits::new(config.proxy.max_vms, config.proxy.per_host, config.proxy.per_datastore));
+    let metrics = Arc::new(Metrics::default());
+    let mut runners = Vec::new();
+    for job in &config.jobs {
+        let vcenter = config.vcenter(&job.vcenter).context("a job's vCenter")?.clone();
+        if vcenter.insecure {
+            tracing::warn!(vcenter = %vcenter.name, "insecure = true: the server's certificate is not checked");
+        }
+        runners.push(Arc::new(Runner {
+            job: job.clone(),
+            vcenter,
+            schedule: Schedule::parse(&job.schedule).map_err(anyhow::Error::msg)?,
+            proxy_id: proxy_id.clone(),
+            engine: engine.clone(),
+            options: options.clone(),
+            max_job: config.max_job(),
+            max_vms: config.proxy.max_vms,
+            limits: limits.clone(),
+            metrics: metrics.clone(),
+        }));
+    }
+    let jobs = config
+        .jobs
+        .iter()
+        .map(|j| {
+            let target = j.repository.clone().or_else(|| j.replica.as_ref().map(|p| p.display().to_string()));
+            let status = JobStatus {
+                schedule: j.schedule.clone(),
+                target: target.unwrap_or_default(),
+                next: None,
+                running: false,
+                last: None,
+            };
+            (j.name.clone(), status)
+        })
+        .collect();
+    let state = Arc::new(State {
+        proxy_id: proxy_id.clone(),
+        started: SystemTime::now(),
+        metrics: metrics.clone(),
+        history: Mutex::default(),
+        history_file: config.proxy.state_dir.join("history.jsonl"),
+        jobs: Mutex::new(jobs),
+        triggers: config.jobs.iter().map(|j| (j.name.clone(), tokio::sync::Notify::new())).collect(),
+    });
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    tracing::info!(proxy = %proxy_id, listen = %listener.local_addr()?, jobs = runners.len(), "serving");
+
+    // Before any job: what dead jobs of ours left behind goes.
+    for r in &runners {
+        match r.context("startup").await {
+            Ok((ctx, vms)) => match clean_stale(&ctx, &vms).await {
+                Ok(reports) => {
+                    for v in reports {
+                        for s in &v.stale_removed {
+                            tracing::warn!(job = %r.job.name, vm = %v.vm, "removed stale snapshot {s} at startup");
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(job = %r.job.name, "stale-snapshot check at startup failed: {e}"),
+            },
+            Err(e) => tracing::warn!(job = %r.job.name, "cannot reach its vCenter at startup: {e:#}"),
+        }
+    }
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    for r in runners {
+        tasks.spawn(schedule_loop(r, state.clone(), stop_rx.clone()));
+    }
+    let server = tokio::spawn(http(listener, state.clone(), token, stop_rx.clone()));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot watch for SIGTERM")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: stopping"),
+    }
+    // No new job starts; running copies stop; each job removes its snapshots as it ends.
+    let _ = stop_tx.send(true);
+    engine.cancel.cancel();
+    while tasks.join_next().await.is_some() {}
+    let _ = server.await;
+    tracing::info!("stopped; every job has ended and removed its snapshots");
+    Ok(ExitCode::SUCCESS)
+}
