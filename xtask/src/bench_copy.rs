@@ -21,6 +21,18 @@ pub(crate) struct Sample {
     server_cpu: f64,
 }
 
+impl Sample {
+    /// User + system seconds of the command and its children.
+    pub(crate) fn cpu(&self) -> f64 {
+        self.cpu
+    }
+
+    /// The largest peak RSS of the command and its children, in MiB.
+    pub(crate) fn rss_mib(&self) -> f64 {
+        self.rss_mib
+    }
+}
+
 /// Runs `script` under `sh -c` inside a Python wrapper that reports the children's resource
 /// use (std has no wait4 with rusage, and `unsafe` stays out of xtask).
 pub(crate) fn measure(script: &str, server: Option<u32>) -> Result<Sample> {

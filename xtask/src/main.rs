@@ -4,6 +4,7 @@ mod bench_copy;
 mod bench_repo;
 mod bench_vddk;
 mod bench_vmdk;
+mod bench_vms;
 mod boundaries;
 mod codegen;
 mod fuzz;
@@ -20,7 +21,7 @@ cargo xtask COMMAND
 
   ci                      everything CI checks: format, clippy, tests, tidy, crate boundaries,
                           every fuzz target for a short run, benches built and run once,
-                          `bench copy` and `bench repo` once on small images
+                          `bench copy`, `bench repo` and `bench vms` once on small inputs
   tidy                    the repository rules (module docs, no stubs, unsafe only in vddk crates)
   boundaries              the crate-boundary rules ARCHITECTURE.md states
   codegen [--check]       regenerate crates/vddk-sys/src/generated.rs (--check: fail if stale)
@@ -34,6 +35,9 @@ cargo xtask COMMAND
   bench repo              proxy repo backup against restic on a generated 2 GiB image: first
                           backup (throughput, stored size) and an incremental, durable,
                           alternating (BENCH_REPO_MIB, BENCH_REPO_ROUNDS; BENCH_REPO_SMALL=1)
+  bench vms               proxy backup --all of 100 VMs at once against the simulator: time, CPU,
+                          peak RSS, disks copying at once; full, then 1 % changed (BENCH_VMS,
+                          BENCH_VM_DISK_MIB, default 64; BENCH_VM_MEMORY, default 256M)
   bench-vddk              a 4 GiB disk read through the VDDK binding (fake library) against dd
                           (BENCH_VDDK_MIB, default 4096; BENCH_VDDK_ROUNDS, default 3)
   bench-vmdk              VMDK to raw: probe vmdk --to-raw against qemu-img convert, same files
@@ -62,6 +66,7 @@ fn main() -> Result<()> {
         Some("fuzz-seeds") => seeds::make(&root),
         Some("bench") if args.get(1).is_some_and(|a| a == "copy") => bench_copy::run(&root),
         Some("bench") if args.get(1).is_some_and(|a| a == "repo") => bench_repo::run(&root),
+        Some("bench") if args.get(1).is_some_and(|a| a == "vms") => bench_vms::run(&root),
         Some("bench") => cargo(
             &["bench", "--locked", "-p", "benches", "--"]
                 .iter()
@@ -115,6 +120,9 @@ fn ci(root: &Path) -> Result<()> {
     })?;
     step("bench repo (small, one round)", || {
         run(cargo_cmd(&["xtask", "bench", "repo"]).env("BENCH_REPO_SMALL", "1").env("BENCH_REPO_ROUNDS", "1"))
+    })?;
+    step("bench vms (10 VMs, once)", || {
+        run(cargo_cmd(&["xtask", "bench", "vms"]).env("BENCH_VMS", "10").env("BENCH_VM_DISK_MIB", "8"))
     })?;
     step("fuzz", || fuzz::run(root, None, fuzz_seconds))?;
     println!("xtask ci: every step passed");

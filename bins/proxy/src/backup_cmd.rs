@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use orchestration::{
-    JobContext, JobReport, Outcome, ReplicaTarget, Selector, Target, plan_vm, run_job, select_vms, sweep_own_snapshots,
+    JobContext, JobReport, Outcome, ReplicaTarget, Selector, Target, buffer_budget, plan_vm, run_job, select_vms,
+    sweep_own_snapshots,
 };
 use pipeline::Engine;
 use serde_json::json;
@@ -42,7 +43,8 @@ pub(crate) struct JobArgs {
     /// is older than this.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     max_job: Duration,
-    /// Cap on the memory used for copy buffers, for the whole process.
+    /// The memory budget of the whole process: copy buffers get what remains after about
+    /// 32 MiB plus 1 MiB per VM worked on at once.
     #[arg(long, default_value = "256M", value_parser = size::parse)]
     memory: u64,
     /// Print the result as JSON.
@@ -110,7 +112,7 @@ async fn job(args: &JobArgs, target: Target, plan_only: bool, what: &str) -> Res
         bail!("no VMs to {what}");
     }
     let proxy_id = args.proxy_id.clone().unwrap_or_else(host_name);
-    let engine = Arc::new(Engine::new(args.memory));
+    let engine = Arc::new(Engine::new(buffer_budget(args.memory, args.concurrency.min(vms.len()))));
     let mut ctx = JobContext::with_target(client.clone(), target, &proxy_id, &new_job_id()?, engine.clone());
     ctx.max_job = args.max_job;
     if plan_only {

@@ -64,8 +64,50 @@ fn estate(vms: usize, disk: u64) -> Config {
     c
 }
 
-async fn back_up_all(client: &Arc<Client>, repo: &Repo, job: &str, engine: &Arc<Engine>) -> Result<Vec<VmReport>> {
-    let ctx = JobContext::new(client.clone(), repo.clone(), "demo", job, engine.clone());
+/// Compares each disk of each VM's restore point in `reports` with the simulator's disk now,
+/// a piece at a time; returns the bytes compared.
+fn compare_all(sim: &Sim, vms: &[vsphere::Vm], repo: &Repo, reports: &[VmReport]) -> Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut compared = 0u64;
+    for r in reports {
+        let point = r.point.as_deref().context("a restore point")?;
+        let v = vms.iter().find(|v| v.name == r.vm).context("the VM")?;
+        for (n, d) in v.disks.iter().enumerate() {
+            let reader = repo.reader(point, n)?;
+            let file = std::fs::File::open(sim.disk_path(&v.name, d.key)?)?;
+            let mut want = vec![0u8; 4 << 20];
+            let mut at = 0;
+            while at < d.capacity {
+                let len = (d.capacity - at).min(4 << 20);
+                let want = &mut want[..usize::try_from(len)?];
+                file.read_exact_at(want, at)?;
+                if reader.read(at, len)? != *want {
+                    bail!("restore point {point} of {}, disk {n}, differs from the simulator's disk at {at}", v.name);
+                }
+                at += len;
+            }
+            compared += d.capacity;
+        }
+    }
+    Ok(compared)
+}
+
+/// This process's peak resident memory, from /proc.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
+}
+
+async fn back_up_all(
+    client: &Arc<Client>,
+    repo: &Repo,
+    job: &str,
+    engine: &Arc<Engine>,
+    metrics: &Arc<orchestration::Metrics>,
+) -> Result<Vec<VmReport>> {
+    let mut ctx = JobContext::new(client.clone(), repo.clone(), "demo", job, engine.clone());
+    ctx.metrics = metrics.clone();
     // Every VM at once, as a job does.
     let mut set = tokio::task::JoinSet::new();
     for v in client.vms().await? {
@@ -126,21 +168,14 @@ async fn demo(args: &Args) -> Result<ExitCode> {
     }
     let repo = Repo::init(dir.join("repo"), 1 << 20)?;
     let engine = Arc::new(Engine::new(256 * MIB));
+    let metrics = Arc::new(orchestration::Metrics::default());
 
     let t = Instant::now();
-    let full = back_up_all(&client, &repo, "full", &engine).await?;
+    let full = back_up_all(&client, &repo, "full", &engine, &metrics).await?;
     let full_secs = t.elapsed().as_secs_f64();
-    // What each disk holds now, to compare the restores with.
-    let contents = || -> Result<Vec<(String, usize, Vec<u8>)>> {
-        let mut out = Vec::new();
-        for v in &vms {
-            for (n, d) in v.disks.iter().enumerate() {
-                out.push((v.name.clone(), n, std::fs::read(sim.disk_path(&v.name, d.key)?)?));
-            }
-        }
-        Ok(out)
-    };
-    let at_full = contents()?;
+    // Every disk of every restore point is compared with the simulator's disk as it was when
+    // the point was made, before anything changes it.
+    let mut compared = compare_all(&sim, &vms, &repo, &full)?;
 
     // About 1 % of every disk changes.
     for (vi, v) in vms.iter().enumerate() {
@@ -150,24 +185,9 @@ async fn demo(args: &Args) -> Result<ExitCode> {
         }
     }
     let t = Instant::now();
-    let inc = back_up_all(&client, &repo, "incremental", &engine).await?;
+    let inc = back_up_all(&client, &repo, "incremental", &engine, &metrics).await?;
     let inc_secs = t.elapsed().as_secs_f64();
-    let at_inc = contents()?;
-
-    // Restore every disk of both restore points and compare.
-    let mut compared = 0u64;
-    for (reports, expected) in [(&full, &at_full), (&inc, &at_inc)] {
-        for r in reports {
-            let point = r.point.as_deref().context("a restore point")?;
-            for (vm, n, want) in expected.iter().filter(|(vm, _, _)| *vm == r.vm) {
-                let got = repo.reader(point, *n)?.read(0, want.len() as u64)?;
-                if got != *want {
-                    bail!("restore point {point} of {vm}, disk {n}, differs from the simulator's disk");
-                }
-                compared += want.len() as u64;
-            }
-        }
-    }
+    compared += compare_all(&sim, &vms, &repo, &inc)?;
     let verify = repo.verify()?;
     if !verify.damaged_points.is_empty() {
         bail!("verify found damage: {:?}", verify.damaged_points);
@@ -193,6 +213,14 @@ async fn demo(args: &Args) -> Result<ExitCode> {
          compared); verify clean; no snapshot left behind",
         vms.len(),
         total
+    );
+    println!(
+        "at most {} disks were in the copy phase at once; the copy buffers peaked at {} MiB of {} MiB; peak \
+         RSS of this process (the simulator included) {} MiB",
+        metrics.snapshot().disks_copying_peak,
+        engine.pool.peak() / MIB,
+        engine.pool.cap() / MIB,
+        peak_rss().map_or_else(|| "?".to_owned(), |b| (b / MIB).to_string())
     );
     for r in full.iter().chain(&inc) {
         for w in &r.warnings {

@@ -437,7 +437,8 @@ async fn serve(args: &Args) -> Result<ExitCode> {
         .with_context(|| format!("cannot create {}", config.proxy.state_dir.display()))?;
     vsphere::tls::install_crypto_provider();
     let proxy_id = config.proxy.id.clone().unwrap_or_else(repo::lock::host_name);
-    let mut engine = Engine::new(config.memory());
+    // The budget is the whole process's; the buffers get what the VMs at once leave.
+    let mut engine = Engine::new(orchestration::buffer_budget(config.memory(), config.proxy.max_vms));
     if let Some(rate) = config.rate() {
         engine.global_rate = Some(Arc::new(RateLimiter::new(rate)));
     }

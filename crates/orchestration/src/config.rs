@@ -117,7 +117,8 @@ pub struct ProxySection {
     /// VMs at once per datastore.
     #[serde(default)]
     pub per_datastore: Option<usize>,
-    /// The memory cap for copy buffers (`256M`).
+    /// The memory budget of the whole process (`256M`): copy buffers get what remains after
+    /// about 32 MiB plus 1 MiB per VM at once (`max_vms`).
     #[serde(default = "default_memory")]
     pub memory: String,
     /// Bytes per second over every copy (`200M`); none by default.

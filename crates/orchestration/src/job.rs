@@ -148,6 +148,22 @@ impl Limits {
     }
 }
 
+/// What a proxy process needs besides its copy buffers, measured with `cargo xtask bench vms`:
+/// about 32 MiB, plus about 1 MiB for each VM worked on at once (its session answers, plans,
+/// connections, and the repository's compressed chunks in flight).
+pub const BASE_RESERVE: u64 = 32 << 20;
+/// See [`BASE_RESERVE`].
+pub const PER_VM_RESERVE: u64 = 1 << 20;
+/// The copy buffers never get less than this.
+pub const MIN_BUFFERS: u64 = 16 << 20;
+
+/// The share of a whole-process memory budget left for copy buffers when `vms` VMs run at
+/// once, so the process as a whole stays within `memory`.
+pub fn buffer_budget(memory: u64, vms: usize) -> u64 {
+    let reserve = BASE_RESERVE + PER_VM_RESERVE.saturating_mul(vms as u64);
+    memory.saturating_sub(reserve).max(MIN_BUFFERS)
+}
+
 /// Whether a job's VMs succeeded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -267,6 +283,13 @@ pub async fn sweep_own_snapshots(ctx: &JobContext, vms: &[MoRef]) -> (Vec<String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_buffers_get_what_the_vms_leave_of_the_budget() {
+        assert_eq!(buffer_budget(256 << 20, 100), (256 - 32 - 100) << 20);
+        assert_eq!(buffer_budget(256 << 20, 1), (256 - 33) << 20);
+        assert_eq!(buffer_budget(64 << 20, 500), MIN_BUFFERS, "never below the floor");
+    }
 
     #[test]
     fn selectors_are_told_apart() {

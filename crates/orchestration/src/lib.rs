@@ -20,7 +20,10 @@ pub use flow::{
     DiskPlanReport, DiskReport, JobContext, ReplicaTarget, SNAPSHOT_PREFIX, Target, VmPlan, VmReport, backup_vm,
     plan_vm,
 };
-pub use job::{JobReport, Limits, Outcome, Selector, clean_stale, run_job, select_vms, sweep_own_snapshots};
+pub use job::{
+    BASE_RESERVE, JobReport, Limits, MIN_BUFFERS, Outcome, PER_VM_RESERVE, Selector, buffer_budget, clean_stale,
+    run_job, select_vms, sweep_own_snapshots,
+};
 pub use metrics::{Metrics, MetricsSnapshot};
 
 /// Why a VM's backup could not run or finish.

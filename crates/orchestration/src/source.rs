@@ -116,11 +116,8 @@ impl BlockSource for DatastoreSource {
             let mut delay = Duration::from_millis(100);
             let mut attempt = 0;
             loop {
-                match self.reader.read(&self.file, offset, len).await {
-                    Ok(data) => {
-                        buf.copy_from_slice(&data);
-                        return Ok(buf);
-                    }
+                match self.reader.read_into(&self.file, offset, &mut buf).await {
+                    Ok(()) => return Ok(buf),
                     Err(e) if e.retry() == vsphere::Retry::Backoff && attempt < 5 => {
                         tracing::warn!("{}: {e}; retrying in {delay:?}", self.name);
                         tokio::time::sleep(delay).await;

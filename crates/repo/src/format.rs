@@ -24,18 +24,40 @@ pub fn chunk_name(id: &ChunkId) -> String {
 
 /// Encodes a chunk: zstd when that is smaller, else stored.
 pub fn encode_chunk(plain: &[u8]) -> Vec<u8> {
+    // Compression contexts are reused across chunks and threads (a fresh one per chunk costs
+    // more than the chunk's own memory; one per thread would keep one in every thread the
+    // blocking pool ever used), and at most a few are kept.
+    static COMPRESSORS: std::sync::Mutex<Vec<zstd::bulk::Compressor<'static>>> = std::sync::Mutex::new(Vec::new());
+    const KEEP: usize = 16;
     let len = u32::try_from(plain.len()).unwrap_or(u32::MAX);
-    let compressed = zstd::bulk::compress(plain, 1).ok().filter(|c| c.len() < plain.len());
-    let (kind, payload): (u8, &[u8]) = match &compressed {
-        Some(c) => (1, c),
-        None => (0, plain),
-    };
-    let mut out = Vec::with_capacity(16 + payload.len());
+    let mut out = Vec::with_capacity(16 + plain.len());
     out.extend_from_slice(CHUNK_MAGIC);
-    out.extend_from_slice(&[kind, 0, 0, 0]);
+    out.extend_from_slice(&[1, 0, 0, 0]);
     out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(payload);
-    out
+    let taken = COMPRESSORS.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
+    let mut compressor = taken.or_else(|| zstd::bulk::Compressor::new(1).ok());
+    // Compressed straight after the header, in the room the data itself would take: kept only
+    // when it is smaller (a compression that does not fit fails, and the data is stored as it is).
+    let compressed = compressor.as_mut().and_then(|c| {
+        let mut cursor = std::io::Cursor::new(&mut out);
+        cursor.set_position(16);
+        c.compress_to_buffer(plain, &mut cursor).ok()
+    });
+    if let Some(c) = compressor {
+        let mut kept = COMPRESSORS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if kept.len() < KEEP {
+            kept.push(c);
+        }
+    }
+    match compressed {
+        Some(n) if n < plain.len() && out.len() == 16 + n => out,
+        _ => {
+            out.truncate(16);
+            out[8] = 0;
+            out.extend_from_slice(plain);
+            out
+        }
+    }
 }
 
 /// Decodes a chunk and checks it is the chunk `id` names, at most `max_len` bytes.

@@ -238,6 +238,17 @@ fn repo_err(what: &str, e: crate::RepoError) -> BlockError {
     }
 }
 
+/// Writes being hashed, compressed, sealed and stored at once in the whole process. Each holds
+/// a compressed copy of its chunks and a zstd context outside the copy engine's buffer pool;
+/// more of them than the cores can run (or than a store takes in parallel) only costs memory.
+fn encoders() -> &'static tokio::sync::Semaphore {
+    static ENCODERS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    ENCODERS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+        tokio::sync::Semaphore::new((cores * 2).max(8))
+    })
+}
+
 impl BlockSink for RepoSink {
     fn size(&self) -> u64 {
         self.lock().index.capacity
@@ -261,6 +272,7 @@ impl BlockSink for RepoSink {
         Box::pin(async move {
             let capacity = state.lock().unwrap_or_else(|p| p.into_inner()).index.capacity;
             check_range(&what, offset, data.len() as u64, capacity)?;
+            let _permit = encoders().acquire().await;
             blocking(move || write_range(&*store, &codec, &state, &what, offset, Some(&data), data.len() as u64)).await
         })
     }

@@ -358,4 +358,21 @@ async fn a_chain_too_deep_a_busy_vm_and_an_ignored_range() {
     let f = DatastoreFile::from_ds_path("DC1", "[ds1] db/db-flat.vmdk").unwrap();
     let e = r.read(&f, 4096, 4096).await.unwrap_err();
     assert!(e.to_string().contains("ignored the range"), "{e}");
+    // The same through the zero-copy read: the whole file would overflow the buffer, which
+    // bounds what the answer may take.
+    let mut buf = vec![0u8; 4096];
+    let e = r.read_into(&f, 4096, &mut buf).await.unwrap_err();
+    assert!(e.to_string().contains("ignored the range"), "{e}");
+    // Honoured ranges land in the buffer exactly.
+    sim.faults(|f| f.ignore_range = false);
+    for snap in vm_named(&c, "db").await.all_snapshots() {
+        c.remove_snapshot(&snap.moref, true).await.unwrap();
+    }
+    sim.write("db", db.disks[0].key, 8192, b"hello, range").unwrap();
+    let mut buf = vec![0u8; 12];
+    r.read_into(&f, 8192, &mut buf).await.unwrap();
+    assert_eq!(&buf, b"hello, range");
+    let mut past = vec![0u8; 10];
+    let e = r.read_into(&f, db.disks[0].capacity, &mut past).await.unwrap_err();
+    assert!(e.to_string().contains("416"), "{e}");
 }

@@ -195,32 +195,85 @@ impl Http {
         }
     }
 
-    /// Sends a request (its URI is a path; the host is filled in) and reads the whole answer,
-    /// refusing bodies larger than the pool's limit.
-    pub async fn send(&self, mut req: http::Request<Full<Bytes>>, context: &str) -> Result<Response, Error> {
+    /// Sends a request (its URI is a path; the host is filled in): the connection it went out
+    /// on (to hand back with [`Http::release`] once the body is read) and the answer.
+    async fn exchange(
+        &self,
+        mut req: http::Request<Full<Bytes>>,
+        context: &str,
+    ) -> Result<(SendRequest<Full<Bytes>>, http::Response<hyper::body::Incoming>), Error> {
         let host = http::HeaderValue::from_str(&self.endpoint.authority())
             .map_err(|_| Error::Config(format!("{} is not a valid host", self.endpoint.host)))?;
         req.headers_mut().insert(http::header::HOST, host);
+        let mut sender = self.sender().await?;
+        let resp = sender.send_request(req).await.map_err(|e| Error::Http {
+            context: context.to_owned(),
+            message: e.to_string(),
+            status: None,
+        })?;
+        Ok((sender, resp))
+    }
+
+    /// Keeps a connection whose answer was read whole, for the next request.
+    fn release(&self, sender: SendRequest<Full<Bytes>>) {
+        if !sender.is_closed() {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            if idle.len() < MAX_IDLE {
+                idle.push(sender);
+            }
+        }
+    }
+
+    /// Sends a request (its URI is a path; the host is filled in) and reads the whole answer,
+    /// refusing bodies larger than the pool's limit.
+    pub async fn send(&self, req: http::Request<Full<Bytes>>, context: &str) -> Result<Response, Error> {
         let work = async {
-            let mut sender = self.sender().await?;
-            let resp = sender.send_request(req).await.map_err(|e| Error::Http {
-                context: context.to_owned(),
-                message: e.to_string(),
-                status: None,
-            })?;
+            let (sender, resp) = self.exchange(req, context).await?;
             let (parts, body) = resp.into_parts();
             let body = Limited::new(body, self.max_body).collect().await.map_err(|e| Error::Http {
                 context: context.to_owned(),
                 message: format!("reading the answer: {e}"),
                 status: Some(parts.status.as_u16()),
             })?;
-            if !sender.is_closed() {
-                let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-                if idle.len() < MAX_IDLE {
-                    idle.push(sender);
-                }
-            }
+            self.release(sender);
             Ok(Response { status: parts.status.as_u16(), headers: parts.headers, body: body.to_bytes() })
+        };
+        tokio::time::timeout(self.timeout, work).await.map_err(|_| Error::Timeout(context.to_owned()))?
+    }
+
+    /// Sends a request and streams its answer's body straight into `buf` (no second copy of a
+    /// large read): the status, the headers, and how many bytes came. A body longer than `buf`
+    /// is an error, so `buf` bounds what the answer may allocate.
+    pub async fn send_into(
+        &self,
+        req: http::Request<Full<Bytes>>,
+        context: &str,
+        buf: &mut [u8],
+    ) -> Result<(u16, http::HeaderMap, usize), Error> {
+        let work = async {
+            let (sender, resp) = self.exchange(req, context).await?;
+            let (parts, mut body) = resp.into_parts();
+            let status = parts.status.as_u16();
+            let mut filled = 0usize;
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| Error::Http {
+                    context: context.to_owned(),
+                    message: format!("reading the answer: {e}"),
+                    status: Some(status),
+                })?;
+                let Ok(data) = frame.into_data() else { continue };
+                let end = filled + data.len();
+                let Some(dst) = buf.get_mut(filled..end) else {
+                    return Err(Error::Protocol(format!(
+                        "{context}: the answer is longer than the {} bytes asked for",
+                        buf.len()
+                    )));
+                };
+                dst.copy_from_slice(&data);
+                filled = end;
+            }
+            self.release(sender);
+            Ok((status, parts.headers, filled))
         };
         tokio::time::timeout(self.timeout, work).await.map_err(|_| Error::Timeout(context.to_owned()))?
     }
