@@ -39,6 +39,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(1u64 << shift).ok_or_else(|| format!("{s:?} is too large"))
 }
 
+/// The longest interval of an `every` schedule.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(366 * 86_400);
+
 /// When a job runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Schedule {
@@ -54,8 +57,8 @@ impl Schedule {
         let t = s.trim();
         if let Some(d) = t.strip_prefix("every ") {
             let d = humantime::parse_duration(d.trim()).map_err(|e| format!("{s:?}: {e}"))?;
-            if d < Duration::from_secs(1) {
-                return Err(format!("{s:?}: the interval must be at least a second"));
+            if d < Duration::from_secs(1) || d > MAX_INTERVAL {
+                return Err(format!("{s:?}: the interval must be between a second and a year"));
             }
             return Ok(Self::Every(d));
         }
@@ -80,7 +83,8 @@ impl Schedule {
                 let since = after.duration_since(start).unwrap_or_default();
                 let n = since.as_nanos() / d.as_nanos().max(1) + 1;
                 let offset = d.saturating_mul(u32::try_from(n).unwrap_or(u32::MAX));
-                start.checked_add(offset).unwrap_or(after)
+                // Past what the clock can say: an interval from now instead.
+                start.checked_add(offset).filter(|t| *t > after).or_else(|| after.checked_add(d)).unwrap_or(after)
             }
             Self::Daily(at) => {
                 let now = after.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
@@ -478,7 +482,7 @@ replica = "/replicas"
         assert_eq!(daily.next_after(start, t), UNIX_EPOCH + Duration::from_secs(day + 9000));
         let t = UNIX_EPOCH + Duration::from_secs(day + 9000);
         assert_eq!(daily.next_after(start, t), UNIX_EPOCH + Duration::from_secs(day + 86_400 + 9000));
-        for bad in ["weekly", "every 0s", "every x", "daily 7", "daily 24:00", "daily 1:60"] {
+        for bad in ["weekly", "every 0s", "every x", "daily 7", "daily 24:00", "daily 1:60", "every 3 32yr6y"] {
             assert!(Schedule::parse(bad).is_err(), "{bad}");
         }
     }
