@@ -50,6 +50,9 @@ pub(crate) struct JobArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+    /// No progress bars (a line every 10 seconds instead; also when not on a terminal).
+    #[arg(long)]
+    no_progress: bool,
 }
 
 /// Options of `proxy backup`.
@@ -120,6 +123,7 @@ async fn job(args: &JobArgs, target: Target, plan_only: bool, what: &str) -> Res
     }
     let refs: Vec<_> = vms.iter().map(|v| v.moref.clone()).collect();
     eprintln!("proxy {what}: job {} of {} VM(s), at most {} at once", ctx.tag(), refs.len(), args.concurrency);
+    let view = crate::progress_view::start(ctx.metrics.clone(), refs.len(), args.no_progress || args.json);
     let job = run_job(&ctx, &refs, args.concurrency);
     tokio::pin!(job);
     let report = tokio::select! {
@@ -136,6 +140,7 @@ async fn job(args: &JobArgs, target: Target, plan_only: bool, what: &str) -> Res
             }
         }
     };
+    drop(view);
     // Whatever ended the job, no snapshot of it may stay.
     let (swept, failed) = sweep_own_snapshots(&ctx, &refs).await;
     for s in &swept {

@@ -7,6 +7,7 @@ mod config_cmd;
 mod demo;
 mod disk_copy;
 mod endpoints;
+mod progress_view;
 mod repo_cmd;
 mod serve;
 mod server_args;

@@ -654,6 +654,7 @@ async fn copy_under(
             sink: sink.clone(),
         };
         let progress = Arc::new(Progress::child_of(ctx.metrics.progress.clone()));
+        let _shown = ctx.metrics.track(format!("{} {}", vm.name, p.facts.slot), progress.clone());
         let r = copy_disk(job, &ctx.engine, &ctx.options, progress).await?;
         sink.commit().await?;
         drop(copying);
@@ -735,6 +736,7 @@ async fn replicate_under(
             changes,
         };
         let progress = Arc::new(Progress::child_of(ctx.metrics.progress.clone()));
+        let _shown = ctx.metrics.track(format!("{} {}", vm.name, f.slot), progress.clone());
         let out = sync(job, &ctx.engine, &ctx.options, progress).await?;
         drop(copying);
         ctx.metrics.disk_copied();

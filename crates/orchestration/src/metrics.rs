@@ -3,8 +3,8 @@
 //! [`Progress`] that every disk's progress adds to).
 
 use std::fmt::Write as _;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use pipeline::progress::Progress;
 
@@ -22,6 +22,22 @@ pub struct Metrics {
     disks_copied: AtomicU64,
     snapshots_removed_stale: AtomicU64,
     snapshots_left: AtomicU64,
+    /// The disks in the copy phase now, by label, with their own progress.
+    active: Mutex<Vec<(u64, String, Arc<Progress>)>>,
+    next_id: AtomicU64,
+}
+
+/// A disk shown as copying until dropped.
+#[derive(Debug)]
+pub(crate) struct Tracked<'a> {
+    metrics: &'a Metrics,
+    id: u64,
+}
+
+impl Drop for Tracked<'_> {
+    fn drop(&mut self) {
+        self.metrics.active.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|(i, _, _)| *i != self.id);
+    }
 }
 
 /// A reading of [`Metrics`].
@@ -95,6 +111,18 @@ impl Metrics {
 
     pub(crate) fn snapshot_left(&self) {
         self.snapshots_left.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Shows a disk (`db01 scsi0:0`) as copying, with its progress, until the guard drops.
+    pub(crate) fn track(&self, label: String, progress: Arc<Progress>) -> Tracked<'_> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.active.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((id, label, progress));
+        Tracked { metrics: self, id }
+    }
+
+    /// The disks copying now: an ID (stable while it copies), its label and its progress.
+    pub fn active_disks(&self) -> Vec<(u64, String, Arc<Progress>)> {
+        self.active.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// The counters now.

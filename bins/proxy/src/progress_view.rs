@@ -1,0 +1,99 @@
+//! Progress of a backup or replication job for the operator: on a terminal, indicatif bars (one
+//! for the whole job with rate and ETA, one per disk in the copy phase); otherwise a plain line
+//! every 10 seconds, for logs.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::Duration;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use orchestration::Metrics;
+
+/// The running view; dropping it stops it and clears the bars.
+#[derive(Debug)]
+pub(crate) struct ProgressView {
+    task: tokio::task::JoinHandle<()>,
+    bars: Option<MultiProgress>,
+}
+
+impl Drop for ProgressView {
+    fn drop(&mut self) {
+        self.task.abort();
+        if let Some(m) = &self.bars {
+            let _ = m.clear();
+        }
+    }
+}
+
+fn style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar())
+}
+
+/// Starts showing the progress of `vms` VMs counted by `metrics`: bars when stderr is a
+/// terminal and `quiet` is false, plain lines otherwise.
+pub(crate) fn start(metrics: Arc<Metrics>, vms: usize, quiet: bool) -> ProgressView {
+    let done_vms = |m: &Metrics| {
+        let s = m.snapshot();
+        s.vms_succeeded + s.vms_warned + s.vms_failed
+    };
+    if quiet || !std::io::stderr().is_terminal() {
+        let task = tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                let p = metrics.progress.snapshot();
+                let s = metrics.snapshot();
+                let now = (done_vms(&metrics), p.done());
+                if last == Some(now) {
+                    continue;
+                }
+                last = Some(now);
+                eprintln!(
+                    "progress: {} of {vms} VMs done, {} disks copying, {} of {} MB, {:.1} MB/s",
+                    now.0,
+                    s.disks_copying,
+                    p.done() / 1_000_000,
+                    p.planned / 1_000_000,
+                    p.rate() / 1e6
+                );
+            }
+        });
+        return ProgressView { task, bars: None };
+    }
+    let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(5));
+    let total = multi.add(ProgressBar::new(0));
+    total.set_style(style("{msg:32} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}"));
+    let m2 = multi.clone();
+    let task = tokio::spawn(async move {
+        let mut shown: HashMap<u64, ProgressBar> = HashMap::new();
+        loop {
+            let p = metrics.progress.snapshot();
+            total.set_length(p.planned.max(1));
+            total.set_position(p.done().min(p.planned));
+            total.set_message(format!("{} of {vms} VMs done", done_vms(&metrics)));
+            let active = metrics.active_disks();
+            shown.retain(|id, bar| {
+                let alive = active.iter().any(|(i, _, _)| i == id);
+                if !alive {
+                    bar.finish_and_clear();
+                    m2.remove(bar);
+                }
+                alive
+            });
+            for (id, label, progress) in &active {
+                let bar = shown.entry(*id).or_insert_with(|| {
+                    let b = m2.add(ProgressBar::new(0));
+                    b.set_style(style("  {msg:30} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}"));
+                    b.set_message(label.clone());
+                    b
+                });
+                let d = progress.snapshot();
+                bar.set_length(d.planned.max(1));
+                bar.set_position(d.done().min(d.planned));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    ProgressView { task, bars: Some(multi) }
+}
