@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use orchestration::{
-    JobContext, JobReport, Outcome, ReplicaTarget, Selector, Target, buffer_budget, plan_vm, run_job, select_vms,
-    sweep_own_snapshots,
+    DiskFilter, JobContext, JobReport, Outcome, ReplicaTarget, Selector, Target, buffer_budget, plan_vm, run_job,
+    select_vms, sweep_own_snapshots,
 };
 use pipeline::Engine;
 use serde_json::json;
@@ -50,6 +50,13 @@ pub(crate) struct JobArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+    /// Copy only these disks of each VM, by slot (`scsi0:1`) or label (`Hard disk 2`);
+    /// repeatable.
+    #[arg(long)]
+    include_disk: Vec<String>,
+    /// Leave these disks out (wins over --include-disk); repeatable.
+    #[arg(long)]
+    exclude_disk: Vec<String>,
     /// No progress bars (a line every 10 seconds instead; also when not on a terminal).
     #[arg(long)]
     no_progress: bool,
@@ -118,6 +125,7 @@ async fn job(args: &JobArgs, target: Target, plan_only: bool, what: &str) -> Res
     let engine = Arc::new(Engine::new(buffer_budget(args.memory, args.concurrency.min(vms.len()))));
     let mut ctx = JobContext::with_target(client.clone(), target, &proxy_id, &new_job_id()?, engine.clone());
     ctx.max_job = args.max_job;
+    ctx.disks = DiskFilter { include: args.include_disk.clone(), exclude: args.exclude_disk.clone() };
     if plan_only {
         return plan(&ctx, &vms, args.json).await;
     }

@@ -263,6 +263,10 @@ impl Runner {
         );
         ctx.options = self.options.clone();
         ctx.max_job = self.max_job;
+        ctx.disks = orchestration::DiskFilter {
+            include: self.job.include_disks.clone(),
+            exclude: self.job.exclude_disks.clone(),
+        };
         ctx.limits = self.limits.clone();
         ctx.metrics = self.metrics.clone();
         Ok((ctx, vms.into_iter().map(|v| v.moref).collect()))

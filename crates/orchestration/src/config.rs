@@ -254,6 +254,12 @@ pub struct JobConfig {
     /// Allow a plain-HTTP S3 endpoint elsewhere than this machine.
     #[serde(default)]
     pub s3_allow_http: bool,
+    /// Copy only these disks of each VM (slot `scsi0:1` or label `Hard disk 2`).
+    #[serde(default)]
+    pub include_disks: Vec<String>,
+    /// Leave these disks out.
+    #[serde(default)]
+    pub exclude_disks: Vec<String>,
     /// What a prune after each run keeps (repositories only).
     #[serde(default)]
     pub retention: Option<RetentionConfig>,

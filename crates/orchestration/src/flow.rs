@@ -114,6 +114,27 @@ pub struct JobContext {
     pub metrics: Arc<Metrics>,
     /// How many VMs may run at once, over every job of the process.
     pub limits: Arc<crate::Limits>,
+    /// Which disks of each VM to copy.
+    pub disks: DiskFilter,
+}
+
+/// Which disks of a VM a job copies: by slot (`scsi0:1`) or label (`Hard disk 2`). Empty
+/// `include` means every disk; `exclude` wins over `include`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiskFilter {
+    /// Only these.
+    pub include: Vec<String>,
+    /// Never these.
+    pub exclude: Vec<String>,
+}
+
+impl DiskFilter {
+    /// Whether the disk in `slot` labelled `label` is copied.
+    pub fn wants(&self, slot: &str, label: &str) -> bool {
+        let named =
+            |list: &[String]| list.iter().any(|x| x.eq_ignore_ascii_case(slot) || x.eq_ignore_ascii_case(label));
+        (self.include.is_empty() || named(&self.include)) && !named(&self.exclude)
+    }
 }
 
 impl JobContext {
@@ -135,6 +156,7 @@ impl JobContext {
             max_job: Duration::from_secs(24 * 3600),
             metrics: Arc::new(Metrics::default()),
             limits: Arc::new(crate::Limits::default()),
+            disks: DiskFilter::default(),
         }
     }
 
@@ -427,6 +449,10 @@ async fn disk_facts(
             continue;
         }
         let slot = slot_of(d);
+        if !ctx.disks.wants(&slot, &d.label) {
+            warnings.push(format!("{slot} ({}) is left out by the job's disk selection", d.label));
+            continue;
+        }
         let now = frozen.iter().find(|f| f.key == d.key);
         let (committed, dest) = destination(d, &slot)?;
         let mut current = CurrentDisk {

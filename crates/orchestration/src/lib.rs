@@ -17,8 +17,8 @@ pub mod preflight;
 pub mod source;
 
 pub use flow::{
-    DiskPlanReport, DiskReport, JobContext, ReplicaTarget, SNAPSHOT_PREFIX, Target, VmPlan, VmReport, backup_vm,
-    plan_vm,
+    DiskFilter, DiskPlanReport, DiskReport, JobContext, ReplicaTarget, SNAPSHOT_PREFIX, Target, VmPlan, VmReport,
+    backup_vm, plan_vm,
 };
 pub use job::{
     BASE_RESERVE, JobReport, Limits, MIN_BUFFERS, Outcome, PER_VM_RESERVE, Selector, buffer_budget, clean_stale,

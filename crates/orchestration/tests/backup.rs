@@ -526,3 +526,28 @@ async fn per_host_and_per_datastore_limits_hold_across_jobs() {
     assert_eq!(m.disks_copied, 6, "{m:?}");
     assert!(m.disks_copying_peak <= 2 && m.disks_copying_peak >= 1, "per-host limit of 2: {m:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disks_are_included_and_excluded_by_slot_or_label() {
+    let (dir, sim, client) = start().await;
+    let repo = Repo::init(dir.path().join("repo"), 1 << 20).unwrap();
+    let db = client.vms().await.unwrap().into_iter().find(|v| v.name == "db").unwrap();
+    for d in &db.disks {
+        sim.write("db", d.key, 0, &noise(MIB as usize, u64::from(d.key.unsigned_abs()))).unwrap();
+    }
+    let mut c = ctx(&client, &repo, "x1");
+    c.disks = orchestration::DiskFilter { include: Vec::new(), exclude: vec!["scsi0:1".into()] };
+    let r = backup_vm(&c, &db.moref).await;
+    assert!(r.error.is_none(), "{r:?}");
+    assert_eq!(r.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["scsi0:0"], "{r:?}");
+    assert!(r.warnings.iter().any(|w| w.contains("scsi0:1") && w.contains("left out")), "{r:?}");
+    let m = repo.point(r.point.as_deref().unwrap()).unwrap();
+    assert_eq!(m.disks.len(), 1);
+    let want = std::fs::read(sim.disk_path("db", db.disks[0].key).unwrap()).unwrap();
+    assert!(repo.reader(&m.id, 0).unwrap().read(0, db.disks[0].capacity).unwrap() == want);
+    // By label, include wins only where exclude does not name the disk.
+    let label = db.disks[1].label.clone();
+    c.disks = orchestration::DiskFilter { include: vec![label], exclude: Vec::new() };
+    let r = backup_vm(&c, &db.moref).await;
+    assert_eq!(r.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["scsi0:1"], "{r:?}");
+}
