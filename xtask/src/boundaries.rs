@@ -60,9 +60,10 @@ const RULES: &[Rule] = &[
     },
     Rule {
         covers: |name| name == "orchestration",
-        // quick-xml comes with the vSphere client; this crate must not parse XML itself.
-        forbidden_deps: &["vddk-sys", "libloading"],
-        forbidden_source: &["VixDiskLib", "quick_xml::", "soapenv"],
+        // quick-xml comes with the vSphere client and vddk-sys with the safe VDDK binding; this
+        // crate must use neither itself: only `vddk`'s safe API.
+        forbidden_deps: &[],
+        forbidden_source: &["VixDiskLib", "vddk_sys::", "libloading::", "quick_xml::", "soapenv", "unsafe "],
         why: "orchestration orders the steps: SOAP is the vSphere client's, the C API the VDDK binding's",
     },
     Rule {

@@ -57,6 +57,13 @@ pub(crate) struct JobArgs {
     /// Leave these disks out (wins over --include-disk); repeatable.
     #[arg(long)]
     exclude_disk: Vec<String>,
+    /// Read disks through VMware's VDDK from this folder (the one holding `lib64/`) instead of
+    /// HTTPS datastore reads. VDDK is not shipped with syncproxy.
+    #[arg(long)]
+    vddk_libdir: Option<std::path::PathBuf>,
+    /// An InitEx configuration file for VDDK.
+    #[arg(long, requires = "vddk_libdir")]
+    vddk_config: Option<std::path::PathBuf>,
     /// No progress bars (a line every 10 seconds instead; also when not on a terminal).
     #[arg(long)]
     no_progress: bool,
@@ -86,17 +93,44 @@ pub(crate) struct ReplicateArgs {
 }
 
 pub(crate) fn run(args: &Args) -> ExitCode {
+    let vddk = match load_vddk(args.job.vddk_libdir.as_deref(), args.job.vddk_config.as_deref()) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("proxy backup: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     crate::block_on("backup", async {
         let repo = args.repo.open()?;
-        job(&args.job, Target::Repository(repo), args.plan, "backup").await
+        job(&args.job, Target::Repository(repo), args.plan, "backup", vddk).await
     })
 }
 
 pub(crate) fn run_replicate(args: &ReplicateArgs) -> ExitCode {
+    let vddk = match load_vddk(args.job.vddk_libdir.as_deref(), args.job.vddk_config.as_deref()) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("proxy replicate: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     crate::block_on("replicate", async {
         let target = ReplicaTarget::open(&args.dir)?;
-        job(&args.job, Target::Replica(target), false, "replicate").await
+        job(&args.job, Target::Replica(target), false, "replicate", vddk).await
     })
+}
+
+/// Loads and initialises VDDK from `libdir`, before any thread starts: VDDK finds its own
+/// libraries only on `LD_LIBRARY_PATH`, so the process re-executes itself once to set it.
+pub(crate) fn load_vddk(
+    libdir: Option<&std::path::Path>,
+    config: Option<&std::path::Path>,
+) -> Result<Option<Arc<vddk::Vddk>>> {
+    let Some(dir) = libdir else { return Ok(None) };
+    vddk::ensure_library_path(dir).context("cannot prepare LD_LIBRARY_PATH for VDDK")?;
+    let lib = vddk::Library::load(dir)?;
+    eprintln!("VDDK {} from {}", lib.version(), lib.path().display());
+    Ok(Some(Arc::new(lib.init(config)?)))
 }
 
 /// A job ID: the UTC time and 4 random bytes.
@@ -114,7 +148,13 @@ fn host_name() -> String {
     repo::lock::host_name()
 }
 
-async fn job(args: &JobArgs, target: Target, plan_only: bool, what: &str) -> Result<ExitCode> {
+async fn job(
+    args: &JobArgs,
+    target: Target,
+    plan_only: bool,
+    what: &str,
+    vddk: Option<Arc<vddk::Vddk>>,
+) -> Result<ExitCode> {
     let client = Arc::new(args.server.login().await?);
     let selectors: Vec<Selector> = args.vms.iter().map(|v| Selector::parse(v)).collect();
     let vms = select_vms(&client, &selectors, args.all).await?;
@@ -126,6 +166,7 @@ async fn job(args: &JobArgs, target: Target, plan_only: bool, what: &str) -> Res
     let mut ctx = JobContext::with_target(client.clone(), target, &proxy_id, &new_job_id()?, engine.clone());
     ctx.max_job = args.max_job;
     ctx.disks = DiskFilter { include: args.include_disk.clone(), exclude: args.exclude_disk.clone() };
+    ctx.vddk = vddk;
     if plan_only {
         return plan(&ctx, &vms, args.json).await;
     }
@@ -220,7 +261,7 @@ fn print_report(report: &JobReport, ctx: &JobContext, json: bool) -> Result<()> 
                     "replica": r.replica.as_ref().map(|p| p.display().to_string()),
                     "consistency": r.consistency.map(|c| format!("{c:?}").to_lowercase()),
                     "disks": r.disks.iter().map(|d| json!({
-                        "name": d.name, "full": d.full, "plan": d.plan, "read": d.read,
+                        "name": d.name, "full": d.full, "plan": d.plan, "read": d.read, "transport": d.transport,
                         "stored_chunks": d.stored_chunks, "stored_bytes": d.stored_bytes,
                     })).collect::<Vec<_>>(),
                     "warnings": r.warnings,

@@ -42,7 +42,17 @@ pub(crate) struct Args {
 const HISTORY_IN_MEMORY: usize = 1000;
 
 pub(crate) fn run(args: &Args) -> ExitCode {
-    crate::block_on("serve", serve(args))
+    // VDDK, when configured, is loaded before any thread starts (it may re-execute the process).
+    let vddk = match load(&args.config)
+        .and_then(|c| crate::backup_cmd::load_vddk(c.proxy.vddk_libdir.as_deref(), c.proxy.vddk_config.as_deref()))
+    {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("proxy serve: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    crate::block_on("serve", serve(args, vddk))
 }
 
 /// Reads and checks a configuration file (bounded: a configuration is small).
@@ -245,6 +255,7 @@ struct Runner {
     max_vms: usize,
     limits: Arc<Limits>,
     metrics: Arc<Metrics>,
+    vddk: Option<Arc<vddk::Vddk>>,
 }
 
 impl Runner {
@@ -269,6 +280,7 @@ impl Runner {
         };
         ctx.limits = self.limits.clone();
         ctx.metrics = self.metrics.clone();
+        ctx.vddk = self.vddk.clone();
         Ok((ctx, vms.into_iter().map(|v| v.moref).collect()))
     }
 
@@ -432,7 +444,7 @@ fn init_logs(format: &str) {
     let _ = if format == "json" { builder.json().try_init() } else { builder.try_init() };
 }
 
-async fn serve(args: &Args) -> Result<ExitCode> {
+async fn serve(args: &Args, vddk: Option<Arc<vddk::Vddk>>) -> Result<ExitCode> {
     let config = load(&args.config)?;
     init_logs(&config.proxy.log_format);
     let token = read_token(&config.proxy.token_file)?;
@@ -468,6 +480,7 @@ async fn serve(args: &Args) -> Result<ExitCode> {
             max_vms: config.proxy.max_vms,
             limits: limits.clone(),
             metrics: metrics.clone(),
+            vddk: vddk.clone(),
         }));
     }
     let jobs = config

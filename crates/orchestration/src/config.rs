@@ -134,6 +134,12 @@ pub struct ProxySection {
     /// The longest a job may run (`24h`).
     #[serde(default = "default_max_job")]
     pub max_job: String,
+    /// Read disks through VDDK from this folder instead of HTTPS datastore reads.
+    #[serde(default)]
+    pub vddk_libdir: Option<PathBuf>,
+    /// An InitEx configuration file for VDDK.
+    #[serde(default)]
+    pub vddk_config: Option<PathBuf>,
     /// `text` or `json` log lines.
     #[serde(default = "default_log_format")]
     pub log_format: String,

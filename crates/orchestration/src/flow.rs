@@ -116,6 +116,8 @@ pub struct JobContext {
     pub limits: Arc<crate::Limits>,
     /// Which disks of each VM to copy.
     pub disks: DiskFilter,
+    /// Read disks through VDDK instead of HTTPS datastore reads, when set.
+    pub vddk: Option<Arc<vddk::Vddk>>,
 }
 
 /// Which disks of a VM a job copies: by slot (`scsi0:1`) or label (`Hard disk 2`). Empty
@@ -157,6 +159,7 @@ impl JobContext {
             metrics: Arc::new(Metrics::default()),
             limits: Arc::new(crate::Limits::default()),
             disks: DiskFilter::default(),
+            vddk: None,
         }
     }
 
@@ -227,6 +230,8 @@ pub struct DiskReport {
     pub stored_chunks: u64,
     /// Their size in the repository.
     pub stored_bytes: u64,
+    /// How it was read: `https`, or `vddk:<mode>`.
+    pub transport: String,
 }
 
 /// What happened to one VM.
@@ -409,6 +414,8 @@ async fn run(ctx: &JobContext, vm_ref: &MoRef, report: &mut VmReport) -> Result<
 /// the changes since (when they can be asked).
 struct DiskFacts {
     disk: Disk,
+    /// The disk's file as the snapshot lists it (what VDDK opens under the snapshot).
+    frozen_file: String,
     slot: String,
     committed: Option<CommittedDisk>,
     current: CurrentDisk,
@@ -490,7 +497,17 @@ async fn disk_facts(
                 (Some(Changes::NotQueried), None)
             }
         };
-        out.push(DiskFacts { disk: d.clone(), slot, committed, current, destination: dest, changes, base });
+        let frozen_file = now.map_or_else(|| d.base_file_name.clone(), |f| f.file_name.clone());
+        out.push(DiskFacts {
+            disk: d.clone(),
+            frozen_file,
+            slot,
+            committed,
+            current,
+            destination: dest,
+            changes,
+            base,
+        });
     }
     Ok(out)
 }
@@ -622,17 +639,50 @@ pub async fn plan_vm(ctx: &JobContext, vm: &MoRef) -> Result<VmPlan, OrchError> 
     Ok(out)
 }
 
-/// Opens the frozen base of one disk over HTTPS, as a pipeline source.
-async fn frozen_source(
-    reader: &vsphere::datastore::DatastoreReader,
-    datacenter: &str,
-    disk: &Disk,
-    snap: &MoRef,
-) -> Result<Arc<dyn pipeline::BlockSource>, OrchError> {
-    let source =
-        DatastoreSource::open(reader.clone(), datacenter, &disk.base_file_name, disk.capacity, snap.to_string())
-            .await?;
-    Ok(shared(source))
+/// How a VM's frozen disks are read: over HTTPS from their datastore, or through VDDK.
+enum Reader {
+    Https { reader: vsphere::datastore::DatastoreReader, datacenter: String },
+    Vddk(Arc<crate::vddk_source::VddkVm>),
+}
+
+impl Reader {
+    /// Connects the VM's reader as of `snap` (VDDK when the job has it).
+    async fn for_vm(ctx: &JobContext, vm: &Vm, snap: &MoRef, datacenter: &str) -> Result<Self, OrchError> {
+        let Some(vddk) = ctx.vddk.clone() else {
+            return Ok(Self::Https { reader: ctx.client.datastore_reader()?, datacenter: datacenter.to_owned() });
+        };
+        let (client, vm, snap) = (ctx.client.clone(), vm.moref.clone(), snap.clone());
+        let conn = tokio::task::spawn_blocking(move || crate::vddk_source::VddkVm::connect(&vddk, &client, &vm, &snap))
+            .await
+            .map_err(|e| OrchError::Refused(format!("VDDK's connect did not finish: {e}")))??;
+        Ok(Self::Vddk(Arc::new(conn)))
+    }
+
+    /// Opens one frozen disk: the source and how it is read.
+    async fn open(&self, f: &DiskFacts, snap: &MoRef) -> Result<(Arc<dyn pipeline::BlockSource>, String), OrchError> {
+        match self {
+            Self::Https { reader, datacenter } => {
+                let source = DatastoreSource::open(
+                    reader.clone(),
+                    datacenter,
+                    &f.disk.base_file_name,
+                    f.disk.capacity,
+                    snap.to_string(),
+                )
+                .await?;
+                Ok((shared(source), "https".to_owned()))
+            }
+            Self::Vddk(conn) => {
+                let (conn, path, capacity, id) =
+                    (conn.clone(), f.frozen_file.clone(), f.disk.capacity, snap.to_string());
+                let source = tokio::task::spawn_blocking(move || conn.open(&path, capacity, id))
+                    .await
+                    .map_err(|e| OrchError::Refused(format!("VDDK's open did not finish: {e}")))??;
+                let how = format!("vddk:{}", source.transport());
+                Ok((Arc::new(source), how))
+            }
+        }
+    }
 }
 
 async fn copy_under(
@@ -651,6 +701,7 @@ async fn copy_under(
     let r = repo.clone();
     let mut backup = blocking(move || r.begin(parent.as_deref(), specs)).await?;
     let reader = ctx.client.datastore_reader()?;
+    let disks = Reader::for_vm(ctx, vm, snap, &datacenter).await?;
     if let Some(vmx) = &vm.vmx_path {
         match read_file(&reader, &datacenter, vmx).await {
             Ok(data) => {
@@ -670,13 +721,14 @@ async fn copy_under(
         };
         let sink = backup.sink(n).ok_or_else(|| OrchError::Refused(format!("no sink for {}", p.facts.slot)))?;
         let copying = ctx.metrics.disk_copying();
+        let (source, transport) = disks.open(&p.facts, snap).await?;
         let job = DiskCopy {
             read,
             zero,
             digests: Digests::zeros(sink.granularity().get(), p.facts.disk.capacity),
             done: cbt::ExtentSet::new(),
             checkpoint: None,
-            source: frozen_source(&reader, &datacenter, &p.facts.disk, snap).await?,
+            source,
             sink: sink.clone(),
         };
         let progress = Arc::new(Progress::child_of(ctx.metrics.progress.clone()));
@@ -693,6 +745,7 @@ async fn copy_under(
             read: r.read,
             stored_chunks: stats.stored_chunks,
             stored_bytes: stats.stored_bytes,
+            transport,
         });
     }
     let source = SourceInfo { name: vm.name.clone(), instance_uuid: vm.instance_uuid.clone() };
@@ -736,6 +789,7 @@ async fn replicate_under(
     .await?;
     let datacenter = datacenter_of(&ctx.client, vm).await?;
     let reader = ctx.client.datastore_reader()?;
+    let disks = Reader::for_vm(ctx, vm, snap, &datacenter).await?;
     if let Some(vmx) = &vm.vmx_path {
         match read_file(&reader, &datacenter, vmx).await {
             Ok(data) => {
@@ -745,15 +799,16 @@ async fn replicate_under(
             Err(e) => report.warnings.push(format!("the configuration file {vmx} was not captured: {e}")),
         }
     }
-    for f in facts {
-        let Some(changes) = f.changes else {
+    for mut f in facts {
+        let Some(changes) = f.changes.take() else {
             return Err(OrchError::Refused(format!("{}: no changes under the snapshot", f.slot)));
         };
         let (path, size, options) = (path_of(&f.slot), f.disk.capacity, target.sink);
         let sink = blocking_block(move || FileSink::open(path, size, options)).await?;
         let copying = ctx.metrics.disk_copying();
+        let (source, transport) = disks.open(&f, snap).await?;
         let job = SyncJob {
-            source: frozen_source(&reader, &datacenter, &f.disk, snap).await?,
+            source,
             sink: Arc::new(sink),
             store: target.state.clone(),
             key: key_of(&f.slot)?,
@@ -774,6 +829,7 @@ async fn replicate_under(
             read: out.report.read,
             stored_chunks: 0,
             stored_bytes: out.report.written,
+            transport,
         });
     }
     report.replica = Some(vm_dir);

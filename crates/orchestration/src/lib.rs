@@ -15,6 +15,7 @@ mod job;
 pub mod metrics;
 pub mod preflight;
 pub mod source;
+pub mod vddk_source;
 
 pub use flow::{
     DiskFilter, DiskPlanReport, DiskReport, JobContext, ReplicaTarget, SNAPSHOT_PREFIX, Target, VmPlan, VmReport,

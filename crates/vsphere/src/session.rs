@@ -260,6 +260,11 @@ impl Client {
         self.cookie.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The user this session logged in as, if it has.
+    pub fn user(&self) -> Option<String> {
+        self.credentials.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|c| c.user.clone())
+    }
+
     /// Logs in; the credentials are kept (in memory only) to log in again when the session
     /// expires.
     pub async fn login(&self, credentials: Credentials) -> Result<UserSession, Error> {

@@ -1,0 +1,151 @@
+//! A disk of a frozen snapshot read through VMware's VDDK, as a pipeline source: the proxy's
+//! vSphere session is handed to VDDK as a session cookie (no password leaves the process), the
+//! connection names the VM and the snapshot, and each disk is opened by the file name the
+//! snapshot's device list gives it. VDDK is loaded at run time (`--vddk-libdir`); it is never
+//! shipped.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::BytesMut;
+use pipeline::{BlockError, BlockSource, IoFuture, SourceAllocation};
+use vddk::{ConnectParams, Connection, Credentials, OpenFlags, Vddk};
+use vsphere::{Client, MoRef};
+
+use crate::OrchError;
+
+/// VDDK's connection to one VM as of one snapshot.
+#[derive(Debug)]
+pub struct VddkVm {
+    conn: Connection,
+}
+
+/// The `vmware_soap_session` cookie's value, without the name and quotes.
+fn cookie_value(header: &str) -> String {
+    let v = header.split(';').next().unwrap_or("").trim();
+    let v = v.strip_prefix("vmware_soap_session=").unwrap_or(v);
+    v.trim_matches('"').to_owned()
+}
+
+impl VddkVm {
+    /// Connects VDDK to `vm` as of `snapshot`, through the server `client` is logged in to,
+    /// reusing its session. Blocking (VDDK's connect is): call it off the async workers.
+    pub fn connect(vddk: &Vddk, client: &Client, vm: &MoRef, snapshot: &MoRef) -> Result<Self, OrchError> {
+        let endpoint = client.endpoint();
+        let tls = client.server_tls().ok_or_else(|| {
+            OrchError::Refused("VDDK needs the server's certificate thumbprint; none was seen".into())
+        })?;
+        let cookie =
+            client.session_cookie().ok_or_else(|| OrchError::Refused("VDDK needs a logged-in session".into()))?;
+        let params = ConnectParams {
+            server: Some(endpoint.host.clone()),
+            thumbprint: Some(tls.sha1.to_string()),
+            credentials: Some(Credentials::SessionCookie {
+                user: client.user().unwrap_or_default(),
+                cookie: cookie_value(&cookie),
+                key: None,
+            }),
+            vm_moref: Some(vm.value.clone()),
+            snapshot_moref: Some(snapshot.value.clone()),
+            transports: Vec::new(),
+            read_only: true,
+            port: Some(u32::from(endpoint.port)),
+            nfc_port: None,
+        };
+        let conn = vddk.connect(&params).map_err(|e| OrchError::Refused(format!("VDDK: {e}")))?;
+        Ok(Self { conn })
+    }
+
+    /// Opens one disk of the snapshot (its `[datastore] path` from the snapshot's devices).
+    /// Blocking.
+    pub fn open(&self, path: &str, capacity: u64, identity: String) -> Result<VddkSource, OrchError> {
+        let disk = self
+            .conn
+            .open(path, OpenFlags { read_only: true, ..Default::default() })
+            .map_err(|e| OrchError::Refused(format!("VDDK cannot open {path}: {e}")))?;
+        let size = disk.info().capacity();
+        if size < capacity {
+            return Err(OrchError::Refused(format!("{path}: VDDK says {size} bytes, the disk is {capacity}")));
+        }
+        Ok(VddkSource {
+            disk: Arc::new(disk),
+            name: path.to_owned(),
+            identity,
+            size: capacity,
+            spare: Mutex::default(),
+        })
+    }
+}
+
+/// One disk read through VDDK.
+#[derive(Debug)]
+pub struct VddkSource {
+    disk: Arc<vddk::Disk>,
+    name: String,
+    identity: String,
+    size: u64,
+    /// Read buffers VDDK's worker owns while it reads, kept for the next request (VDDK takes
+    /// owned buffers; at most a couple are kept).
+    spare: Mutex<Vec<Vec<u8>>>,
+}
+
+impl VddkSource {
+    /// The transport VDDK chose (`nbdssl`, `hotadd`, ...).
+    pub fn transport(&self) -> &str {
+        self.disk.transport()
+    }
+}
+
+impl BlockSource for VddkSource {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn describe(&self) -> String {
+        format!("vddk:{} ({})", self.name, self.disk.transport())
+    }
+
+    fn identity(&self) -> String {
+        self.identity.clone()
+    }
+
+    /// The allocation comes from CBT, as for every vSphere source.
+    fn allocation(&self) -> IoFuture<'_, Option<SourceAllocation>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    fn read_at(&self, offset: u64, mut buf: BytesMut) -> IoFuture<'_, BytesMut> {
+        Box::pin(async move {
+            let len = buf.len();
+            pipeline::check_range(&self.name, offset, len as u64, self.size)?;
+            if !offset.is_multiple_of(512) || !len.is_multiple_of(512) {
+                return Err(BlockError::Invalid(format!("{}: VDDK reads whole sectors ({offset}+{len})", self.name)));
+            }
+            let mut tmp =
+                self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop().unwrap_or_default();
+            tmp.resize(len, 0);
+            let reply = self
+                .disk
+                .read_request(offset / 512, tmp)
+                .map_err(|e| BlockError::Invalid(format!("{}: {e}", self.name)))?;
+            let data = reply
+                .await
+                .ok_or_else(|| BlockError::Invalid(format!("{}: VDDK's worker is gone", self.name)))?
+                .map_err(|e| BlockError::Invalid(format!("{}: {e}", self.name)))?;
+            buf.copy_from_slice(&data);
+            let mut spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if spare.len() < 2 {
+                spare.push(data);
+            }
+            Ok(buf)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_cookie_value_is_what_vddk_gets() {
+        assert_eq!(super::cookie_value("vmware_soap_session=\"52a1-b2\"; Path=/; HttpOnly"), "52a1-b2");
+        assert_eq!(super::cookie_value("52a1-b2"), "52a1-b2");
+    }
+}
