@@ -137,5 +137,8 @@ pub(crate) fn run(root: &Path) -> Result<()> {
         if budget.is_some_and(|b| peak <= b) { "within it" } else { "OVER IT" }
     );
     drop(sim);
+    drop(rt);
+    // The disks and the repository take gigabytes; nothing here is reused by the next run.
+    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     Ok(())
 }
