@@ -181,7 +181,7 @@ async fn ctrl_c_mid_copy_leaves_no_snapshot_and_an_intact_repository() {
     assert_eq!(code, 0, "{out}\n{err}");
     env.sim.write("web", web.disks[0].key, 0, &noise(32 * MIB_BYTES, 5)).unwrap();
     // Slow storage, so the copy is under way when the interrupt comes.
-    env.sim.faults(|f| f.datastore_delay = Duration::from_millis(150));
+    env.sim.faults(|f| f.datastore_delay = Duration::from_millis(1000));
     let mut c = env.proxy(&["web"]);
     c.stdout(Stdio::piped()).stderr(Stdio::piped());
     let child = c.spawn().unwrap();

@@ -344,6 +344,11 @@ async fn run(ctx: &JobContext, vm_ref: &MoRef, report: &mut VmReport) -> Result<
     if vm.key_id.is_some() {
         return Err(OrchError::Refused(format!("{} is encrypted: its disks cannot be read over HTTPS", vm.name)));
     }
+    if let Target::Replica(r) = &ctx.target
+        && let Some(adopted) = adoptable(ctx, r, &vm).await?
+    {
+        return resume_under(ctx, r, &vm, adopted, report).await;
+    }
     if vm.snapshot_depth() > 0 {
         let names: Vec<&str> = vm.all_snapshots().iter().map(|s| s.name.as_str()).collect();
         return Err(OrchError::Refused(format!(
@@ -389,7 +394,7 @@ async fn run(ctx: &JobContext, vm_ref: &MoRef, report: &mut VmReport) -> Result<
         Target::Repository(_) => {
             copy_under(ctx, &vm, &snap, consistency, report).await.map(|m| report.point = Some(m.id))
         }
-        Target::Replica(r) => replicate_under(ctx, r, &vm, &snap, report).await,
+        Target::Replica(r) => replicate_under(ctx, r, &vm, &snap, &ctx.tag(), report).await,
     };
     // Removed even when the copy failed; a Ctrl-C (the future dropped) is handled by the job,
     // which removes every snapshot named for it before it exits.
@@ -510,6 +515,70 @@ async fn disk_facts(
         });
     }
     Ok(out)
+}
+
+/// A snapshot of ours that a dead job left while copying into this replica target, with the
+/// checkpoint it left: the copy can go on under it.
+struct Adopted {
+    snap: MoRef,
+    name: String,
+    job: String,
+    quiesced: bool,
+}
+
+/// The snapshot of a dead job of ours that `vm` still has, when it is the VM's only snapshot and
+/// a checkpoint in `target` was taken under it by that job: the interrupted copy resumes under
+/// the very state it started from. Any other snapshot leaves the VM to the usual rules.
+async fn adoptable(ctx: &JobContext, target: &ReplicaTarget, vm: &Vm) -> Result<Option<Adopted>, OrchError> {
+    let [s] = vm.all_snapshots()[..] else { return Ok(None) };
+    let Some(job) = crate::hygiene::job_of(&s.name) else { return Ok(None) };
+    let leases = ctx.leases();
+    let live = blocking(move || repo::live_jobs_in(&*leases)).await?;
+    if job == ctx.tag() || live.iter().any(|(n, _)| n == job) {
+        return Ok(None);
+    }
+    let vcenter = ctx.client.content().about.instance_uuid.clone();
+    let identity = s.moref.to_string();
+    for d in &vm.disks {
+        let Some(key) = target.key(&vcenter, vm, &slot_of(d)) else { continue };
+        if let Some((cp, _)) = target.state.load_checkpoint(&key)?
+            && cp.job == job
+            && cp.source == identity
+        {
+            return Ok(Some(Adopted {
+                snap: s.moref.clone(),
+                name: s.name.clone(),
+                job: job.to_owned(),
+                quiesced: s.quiesced,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// Finishes the copy a dead job left under `adopted`, then removes its snapshot.
+async fn resume_under(
+    ctx: &JobContext,
+    target: &ReplicaTarget,
+    vm: &Vm,
+    adopted: Adopted,
+    report: &mut VmReport,
+) -> Result<(), OrchError> {
+    report.warnings.push(format!(
+        "resuming the copy that job {} left unfinished, under its snapshot {:?}",
+        adopted.job, adopted.name
+    ));
+    report.snapshot_removed = false;
+    report.consistency = Some(if adopted.quiesced { Consistency::Application } else { Consistency::Crash });
+    let copied = replicate_under(ctx, target, vm, &adopted.snap, &adopted.job, report).await;
+    match ctx.client.remove_snapshot(&adopted.snap, true).await {
+        Ok(()) => report.snapshot_removed = true,
+        Err(e) => report.warnings.push(format!(
+            "COULD NOT REMOVE SNAPSHOT {} ({}): {e}; the next run removes it",
+            adopted.name, adopted.snap
+        )),
+    }
+    copied
 }
 
 /// One disk's plan for a backup.
@@ -761,6 +830,7 @@ async fn replicate_under(
     target: &ReplicaTarget,
     vm: &Vm,
     snap: &MoRef,
+    job: &str,
     report: &mut VmReport,
 ) -> Result<(), OrchError> {
     let vcenter = ctx.client.content().about.instance_uuid.clone();
@@ -812,7 +882,7 @@ async fn replicate_under(
             sink: Arc::new(sink),
             store: target.state.clone(),
             key: key_of(&f.slot)?,
-            job: ctx.tag(),
+            job: job.to_owned(),
             current: f.current,
             changes,
         };
@@ -822,6 +892,9 @@ async fn replicate_under(
         drop(copying);
         ctx.metrics.disk_copied();
         report.warnings.extend(out.warnings.iter().map(|w| format!("{}: {w}", f.slot)));
+        if out.resumed {
+            report.warnings.push(format!("{}: resumed from its checkpoint", f.slot));
+        }
         report.disks.push(DiskReport {
             name: f.slot,
             full: out.full_reason.is_some(),

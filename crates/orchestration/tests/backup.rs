@@ -340,7 +340,7 @@ async fn a_hundred_vms_at_once_copy_together_under_the_memory_cap() {
     }
     let repo = Repo::init(dir.path().join("repo"), 1 << 20).unwrap();
     // Slow storage: each datastore read waits, so every copy is under way at the same time.
-    sim.faults(|f| f.datastore_delay = Duration::from_millis(300));
+    sim.faults(|f| f.datastore_delay = Duration::from_millis(1500));
     let cap = 256 * MIB;
     let c = JobContext::new(client.clone(), repo.clone(), "p", "hundred", Arc::new(Engine::new(cap)));
     let refs: Vec<_> = all.iter().map(|v| v.moref.clone()).collect();
@@ -473,7 +473,13 @@ async fn a_replica_interrupted_mid_incremental_is_dirty_until_the_next_sync() {
         let m = web.moref.clone();
         async move { backup_vm(&c, &m).await }
     });
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    // Cut once the copy has written into the replica.
+    for _ in 0..400 {
+        if c.metrics.snapshot().bytes_read >= 2 * MIB {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     cancel.cancel();
     let r = job.await.unwrap();
     assert!(r.error.is_some() && r.replica.is_none() && r.snapshot_removed, "{r:?}");
@@ -550,4 +556,60 @@ async fn disks_are_included_and_excluded_by_slot_or_label() {
     c.disks = orchestration::DiskFilter { include: vec![label], exclude: Vec::new() };
     let r = backup_vm(&c, &db.moref).await;
     assert_eq!(r.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["scsi0:1"], "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_left_by_a_dead_proxy_resumes_under_its_snapshot() {
+    let (dir, sim, client) = start().await;
+    let target = ReplicaTarget::open(dir.path().join("replicas")).unwrap();
+    let web = client.vms().await.unwrap().into_iter().find(|v| v.name == "web").unwrap();
+    sim.write("web", web.disks[0].key, 0, &noise(8 * MIB as usize, 60)).unwrap();
+    let r = backup_vm(&replica_ctx(&client, &target, "r1"), &web.moref).await;
+    assert!(r.error.is_none(), "{r:?}");
+
+    // The whole disk changes; the next sync is cut off part-way and, like a proxy killed
+    // mid-copy, leaves its snapshot behind (its removal fails) with a checkpoint.
+    sim.write("web", web.disks[0].key, 0, &noise(8 * MIB as usize, 61)).unwrap();
+    sim.faults(|f| f.datastore_delay = Duration::from_millis(100));
+    let mut c = replica_ctx(&client, &target, "r2");
+    c.options.in_flight = 1;
+    c.options.request_size = MIB;
+    c.options.checkpoint_bytes = MIB;
+    let cancel = c.engine.cancel.clone();
+    let job = tokio::spawn({
+        let (c, m) = (c.clone(), web.moref.clone());
+        async move { backup_vm(&c, &m).await }
+    });
+    // Cut once a few MiB are across (a checkpoint every MiB).
+    for _ in 0..400 {
+        if c.metrics.snapshot().bytes_read >= 3 * MIB {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    sim.faults(|f| f.fail_next_task = Some(SimFault::new("FileLocked", "the delta is locked")));
+    cancel.cancel();
+    let r = job.await.unwrap();
+    sim.faults(|f| f.datastore_delay = Duration::ZERO);
+    assert!(r.error.is_some() && !r.snapshot_removed, "{r:?}");
+    let left = client.vms().await.unwrap().into_iter().find(|v| v.name == "web").unwrap();
+    assert_eq!(left.all_snapshots().len(), 1, "the dead job's snapshot is still there");
+
+    // The next job adopts it: the copy goes on from the checkpoint, under the same frozen state.
+    let r = backup_vm(&replica_ctx(&client, &target, "r3"), &web.moref).await;
+    assert!(r.error.is_none(), "{r:?}");
+    assert!(r.warnings.iter().any(|w| w.contains("resuming the copy that job test-proxy-r2 left")), "{r:?}");
+    assert!(r.warnings.iter().any(|w| w.contains("resumed from its checkpoint")), "{r:?}");
+    let before = c.metrics.snapshot().bytes_read;
+    assert!(before > 0 && before < 8 * MIB, "the cut came mid-copy: {before}");
+    assert!(r.disks[0].read <= 8 * MIB - before + MIB, "only what was left, and one checkpoint interval: {r:?}");
+    assert!(r.snapshot_removed, "{r:?}");
+    // The replica holds the disk as it was frozen: the data now.
+    replica_matches(&sim, &client, &target, "web").await;
+    assert!(client.vms().await.unwrap().iter().all(|v| v.snapshots.is_empty()));
+    // And the next sync is an ordinary incremental.
+    sim.write("web", web.disks[0].key, 0, &noise(1000, 62)).unwrap();
+    let r = backup_vm(&replica_ctx(&client, &target, "r4"), &web.moref).await;
+    assert_eq!(r.disks.iter().map(|d| (d.full, d.read)).collect::<Vec<_>>(), [(false, MIB)], "{r:?}");
+    replica_matches(&sim, &client, &target, "web").await;
 }
