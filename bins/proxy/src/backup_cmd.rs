@@ -64,6 +64,11 @@ pub(crate) struct JobArgs {
     /// An InitEx configuration file for VDDK.
     #[arg(long, requires = "vddk_libdir")]
     vddk_config: Option<std::path::PathBuf>,
+    /// Read each disk from an NBD export you serve over the frozen disks (nbdkit's VDDK
+    /// plugin, for instance): a URI template with {vm}, {moref}, {uuid}, {snapshot} and {disk}
+    /// (`scsi0-1`), like `nbd+unix:///?socket=/run/sp/{moref}-{disk}.sock`.
+    #[arg(long, conflicts_with = "vddk_libdir")]
+    nbd_url: Option<String>,
     /// No progress bars (a line every 10 seconds instead; also when not on a terminal).
     #[arg(long)]
     no_progress: bool,
@@ -167,6 +172,7 @@ async fn job(
     ctx.max_job = args.max_job;
     ctx.disks = DiskFilter { include: args.include_disk.clone(), exclude: args.exclude_disk.clone() };
     ctx.vddk = vddk;
+    ctx.nbd = args.nbd_url.clone();
     if plan_only {
         return plan(&ctx, &vms, args.json).await;
     }

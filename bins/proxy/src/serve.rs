@@ -281,6 +281,7 @@ impl Runner {
         ctx.limits = self.limits.clone();
         ctx.metrics = self.metrics.clone();
         ctx.vddk = self.vddk.clone();
+        ctx.nbd = self.job.nbd_url.clone();
         Ok((ctx, vms.into_iter().map(|v| v.moref).collect()))
     }
 

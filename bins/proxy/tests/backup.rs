@@ -280,3 +280,45 @@ async fn backup_through_vddk_with_the_fake_library() {
     assert!(!err.contains("pw-from-file"), "the password never reaches VDDK's logs or ours");
     assert_eq!(env.snapshots().await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_from_nbd_exports_of_the_frozen_disks() {
+    let Some(qemu_nbd) = testkit::require_tool("qemu-nbd", "backup_from_nbd_exports_of_the_frozen_disks") else {
+        return;
+    };
+    let env = start().await;
+    Repo::init(env.dir.path().join("repo"), 1 << 20).unwrap();
+    let db = env.client.vms().await.unwrap().into_iter().find(|v| v.name == "db").unwrap();
+    // One qemu-nbd per disk, read-only over the disk's data, on a socket the template names.
+    let mut servers = Vec::new();
+    for (i, d) in db.disks.iter().enumerate() {
+        env.sim.write("db", d.key, 0, &noise(3 * MIB_BYTES, 70 + i as u64)).unwrap();
+        let slot = d.bus_slot.clone().unwrap().replace(':', "-");
+        let sock = env.dir.path().join(format!("{}-{slot}.sock", db.moref.value));
+        let image = env.sim.disk_path("db", d.key).unwrap();
+        servers.push(testkit::servers::Server::qemu_nbd(
+            &qemu_nbd,
+            &image,
+            testkit::servers::Listen::Unix(sock),
+            &["-r", "-f", "raw"],
+        ));
+    }
+    let template = format!("nbd+unix:///?socket={}/{{moref}}-{{disk}}.sock", env.dir.path().display());
+    let (code, out, err) = output(env.proxy(&["db", "--json", "--nbd-url", &template])).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let disks = j["vms"][0]["disks"].as_array().unwrap();
+    assert!(disks.iter().all(|d| d["transport"].as_str().unwrap().starts_with("nbd:")), "{disks:?}");
+    let point = j["vms"][0]["restore_point"].as_str().unwrap().to_owned();
+    for (n, d) in db.disks.iter().enumerate() {
+        let want = std::fs::read(env.sim.disk_path("db", d.key).unwrap()).unwrap();
+        assert!(env.repo().reader(&point, n).unwrap().read(0, d.capacity).unwrap() == want, "disk {n}");
+    }
+    // An export that is not there: the VM fails, naming it, and its snapshot is removed.
+    let bad = format!("nbd+unix:///?socket={}/nowhere-{{disk}}.sock", env.dir.path().display());
+    let (code, out, err) = output(env.proxy(&["db", "--nbd-url", &bad])).await;
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(out.contains("NBD export") && out.contains("nowhere-scsi0-0.sock"), "{out}");
+    drop(servers);
+    assert_eq!(env.snapshots().await, 0);
+}

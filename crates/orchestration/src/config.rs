@@ -260,6 +260,10 @@ pub struct JobConfig {
     /// Allow a plain-HTTP S3 endpoint elsewhere than this machine.
     #[serde(default)]
     pub s3_allow_http: bool,
+    /// Read each disk from an NBD export the operator serves: a URI template with `{vm}`,
+    /// `{moref}`, `{uuid}`, `{snapshot}` and `{disk}`.
+    #[serde(default)]
+    pub nbd_url: Option<String>,
     /// Copy only these disks of each VM (slot `scsi0:1` or label `Hard disk 2`).
     #[serde(default)]
     pub include_disks: Vec<String>,

@@ -118,6 +118,20 @@ pub struct JobContext {
     pub disks: DiskFilter,
     /// Read disks through VDDK instead of HTTPS datastore reads, when set.
     pub vddk: Option<Arc<vddk::Vddk>>,
+    /// Or read each disk from an NBD export: a URI template with `{vm}`, `{moref}`, `{uuid}`,
+    /// `{snapshot}` and `{disk}` (the slot, `scsi0-1`), for NBD servers the operator runs
+    /// (nbdkit's VDDK plugin, for instance) over the frozen disks.
+    pub nbd: Option<String>,
+}
+
+/// The NBD URI of one frozen disk, from a template.
+pub fn nbd_uri(template: &str, vm: &Vm, snapshot: &MoRef, slot: &str) -> String {
+    template
+        .replace("{vm}", &vm.name)
+        .replace("{moref}", &vm.moref.value)
+        .replace("{uuid}", vm.instance_uuid.as_deref().unwrap_or(""))
+        .replace("{snapshot}", &snapshot.value)
+        .replace("{disk}", &slot.replace(':', "-"))
 }
 
 /// Which disks of a VM a job copies: by slot (`scsi0:1`) or label (`Hard disk 2`). Empty
@@ -160,6 +174,7 @@ impl JobContext {
             limits: Arc::new(crate::Limits::default()),
             disks: DiskFilter::default(),
             vddk: None,
+            nbd: None,
         }
     }
 
@@ -708,15 +723,20 @@ pub async fn plan_vm(ctx: &JobContext, vm: &MoRef) -> Result<VmPlan, OrchError> 
     Ok(out)
 }
 
-/// How a VM's frozen disks are read: over HTTPS from their datastore, or through VDDK.
+/// How a VM's frozen disks are read: over HTTPS from their datastore, through VDDK, or from
+/// NBD exports the operator serves.
 enum Reader {
     Https { reader: vsphere::datastore::DatastoreReader, datacenter: String },
     Vddk(Arc<crate::vddk_source::VddkVm>),
+    Nbd { template: String, vm: Vm },
 }
 
 impl Reader {
     /// Connects the VM's reader as of `snap` (VDDK when the job has it).
     async fn for_vm(ctx: &JobContext, vm: &Vm, snap: &MoRef, datacenter: &str) -> Result<Self, OrchError> {
+        if let Some(template) = &ctx.nbd {
+            return Ok(Self::Nbd { template: template.clone(), vm: vm.clone() });
+        }
         let Some(vddk) = ctx.vddk.clone() else {
             return Ok(Self::Https { reader: ctx.client.datastore_reader()?, datacenter: datacenter.to_owned() });
         };
@@ -749,6 +769,21 @@ impl Reader {
                     .map_err(|e| OrchError::Refused(format!("VDDK's open did not finish: {e}")))??;
                 let how = format!("vddk:{}", source.transport());
                 Ok((Arc::new(source), how))
+            }
+            Self::Nbd { template, vm } => {
+                let uri = nbd_uri(template, vm, snap, &f.slot);
+                let source = pipeline::source::NbdSource::connect(&uri, 2, Some(snap.to_string()))
+                    .await
+                    .map_err(|e| OrchError::Refused(format!("{}: the NBD export {uri}: {e}", f.slot)))?;
+                if pipeline::BlockSource::size(&source) < f.disk.capacity {
+                    return Err(OrchError::Refused(format!(
+                        "{}: the NBD export {uri} holds {} bytes, the disk is {}",
+                        f.slot,
+                        pipeline::BlockSource::size(&source),
+                        f.disk.capacity
+                    )));
+                }
+                Ok((Arc::new(source), format!("nbd:{uri}")))
             }
         }
     }

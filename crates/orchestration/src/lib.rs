@@ -19,7 +19,7 @@ pub mod vddk_source;
 
 pub use flow::{
     DiskFilter, DiskPlanReport, DiskReport, JobContext, ReplicaTarget, SNAPSHOT_PREFIX, Target, VmPlan, VmReport,
-    backup_vm, plan_vm,
+    backup_vm, nbd_uri, plan_vm,
 };
 pub use job::{
     BASE_RESERVE, JobReport, Limits, MIN_BUFFERS, Outcome, PER_VM_RESERVE, Selector, buffer_budget, clean_stale,
