@@ -728,14 +728,14 @@ pub async fn plan_vm(ctx: &JobContext, vm: &MoRef) -> Result<VmPlan, OrchError> 
 enum Reader {
     Https { reader: vsphere::datastore::DatastoreReader, datacenter: String },
     Vddk(Arc<crate::vddk_source::VddkVm>),
-    Nbd { template: String, vm: Vm },
+    Nbd { template: String, vm: Box<Vm> },
 }
 
 impl Reader {
     /// Connects the VM's reader as of `snap` (VDDK when the job has it).
     async fn for_vm(ctx: &JobContext, vm: &Vm, snap: &MoRef, datacenter: &str) -> Result<Self, OrchError> {
         if let Some(template) = &ctx.nbd {
-            return Ok(Self::Nbd { template: template.clone(), vm: vm.clone() });
+            return Ok(Self::Nbd { template: template.clone(), vm: Box::new(vm.clone()) });
         }
         let Some(vddk) = ctx.vddk.clone() else {
             return Ok(Self::Https { reader: ctx.client.datastore_reader()?, datacenter: datacenter.to_owned() });
