@@ -138,6 +138,7 @@ impl Out {
 pub fn check(estate: &Estate, vddk: &VddkFacts, live_jobs: &HashSet<String>) -> Vec<Finding> {
     let mut out = Out { list: Vec::new() };
     check_server(estate, &mut out);
+    check_vddk(estate, vddk, &mut out);
     let hosts: HashMap<&MoRef, &Host> = estate.hosts.iter().map(|h| (&h.moref, h)).collect();
     let mut seen = HashSet::new();
     for vm in &estate.vms {
@@ -190,6 +191,67 @@ fn check_server(estate: &Estate, out: &mut Out) {
         ),
         Some(v) => out.add("server.tls", Level::Pass, "server", None, format!("TLS {v}"), ""),
         None => out.add("server.tls", Level::Pass, "server", None, "TLS version not reported".into(), ""),
+    }
+}
+
+/// Where a vSphere release stands in the order VDDK's support policy counts in.
+fn release_index(major: u32, minor: u32) -> Option<i64> {
+    Some(match (major, minor) {
+        (5, m) if m >= 5 => 0,
+        (6, 0..=4) => 1,
+        (6, 5..=6) => 2,
+        (6, _) => 3,
+        (7, _) => 4,
+        (8, _) => 5,
+        (9, _) => 6,
+        _ => return None,
+    })
+}
+
+/// VDDK N supports vSphere N-2 to N+1 (reference 1.8): VDDK 8.0 reads 6.7, 7.0 and 8.x. The
+/// library's soname gives its major version; `.so.6` is taken as 6.7, the last of that line.
+fn check_vddk(estate: &Estate, vddk: &VddkFacts, out: &mut Out) {
+    let VddkFacts::Found(v) = vddk else {
+        if let VddkFacts::Broken(e) = vddk {
+            out.add(
+                "vddk.compatible",
+                Level::Fail,
+                "server",
+                None,
+                format!("VDDK: {e}"),
+                "point --vddk-libdir at VDDK's folder",
+            );
+        }
+        return;
+    };
+    let major: Option<u32> = v.split('.').next().and_then(|m| m.trim().parse().ok());
+    let lib = major.and_then(|m| release_index(m, if m == 6 { 7 } else { 0 }));
+    let server = ApiVersion::parse(&estate.server.api_version).and_then(|a| release_index(a.major(), a.minor()));
+    match (lib, server) {
+        (Some(l), Some(s)) if (l - 2..=l + 1).contains(&s) => out.add(
+            "vddk.compatible",
+            Level::Pass,
+            "server",
+            None,
+            format!("VDDK {v} supports vSphere API {}", estate.server.api_version),
+            "",
+        ),
+        (Some(_), Some(_)) => out.add(
+            "vddk.compatible",
+            Level::Fail,
+            "server",
+            None,
+            format!("VDDK {v} does not support vSphere API {} (VDDK N supports N-2 to N+1)", estate.server.api_version),
+            "install the VDDK release that matches the vCenter",
+        ),
+        _ => out.add(
+            "vddk.compatible",
+            Level::Warn,
+            "server",
+            None,
+            format!("cannot tell whether VDDK {v} supports vSphere API {}", estate.server.api_version),
+            "check VMware's interoperability matrix",
+        ),
     }
 }
 
@@ -681,6 +743,29 @@ mod tests {
         let f = check(&old, &VddkFacts::NotConfigured, &HashSet::new());
         assert_eq!(codes(&f, Level::Fail), ["server.version"], "{f:#?}");
         assert!(f.iter().all(|x| x.level == Level::Pass || !x.fix.is_empty()), "every problem says its fix");
+    }
+
+    #[test]
+    fn vddk_n_supports_vsphere_n_minus_2_to_n_plus_1() {
+        let estate = |api: &str| Estate {
+            server: ServerFacts { api_type: "VirtualCenter".into(), api_version: api.into(), ..ServerFacts::default() },
+            ..Estate::default()
+        };
+        let level = |api: &str, v: &str| {
+            check(&estate(api), &VddkFacts::Found(v.into()), &HashSet::new())
+                .into_iter()
+                .find(|f| f.code == "vddk.compatible")
+                .map(|f| f.level)
+        };
+        assert_eq!(level("8.0.2.0", "8"), Some(Level::Pass));
+        assert_eq!(level("6.7.3", "8"), Some(Level::Pass));
+        assert_eq!(level("6.5", "8"), Some(Level::Fail));
+        assert_eq!(level("8.0", "6"), Some(Level::Fail));
+        assert_eq!(level("7.0.3.0", "6"), Some(Level::Pass), "6.7's VDDK reads 7.0");
+        assert_eq!(level("4.1", "8"), Some(Level::Warn));
+        assert_eq!(level("8.0", "x"), Some(Level::Warn));
+        let none = check(&estate("8.0"), &VddkFacts::NotConfigured, &HashSet::new());
+        assert!(none.iter().all(|f| f.code != "vddk.compatible"));
     }
 
     #[test]

@@ -20,6 +20,11 @@ impl ApiVersion {
         self.0.first().copied().unwrap_or(0)
     }
 
+    /// The minor number.
+    pub fn minor(&self) -> u32 {
+        self.at(1)
+    }
+
     fn at(&self, i: usize) -> u32 {
         self.0.get(i).copied().unwrap_or(0)
     }
