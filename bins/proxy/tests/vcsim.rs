@@ -1,7 +1,7 @@
 //! `proxy backup` against govmomi's vcsim, a vSphere server nobody here wrote: a VM whose disk
 //! file holds written data is backed up through HTTPS datastore reads (a full copy: vcsim has
 //! no CBT, which the backup notes), with the server trusted through its CA, and the restore
-//! matches the bytes written.
+//! matches the bytes written; a folder's inventory path selects every VM under it.
 
 use std::process::Command;
 
@@ -77,5 +77,24 @@ fn a_vcsim_vm_is_backed_up_over_https_datastore_reads() {
     let m = repo.point(point).unwrap();
     assert_eq!(m.source.name, "DC0_H0_VM0");
     assert!(m.files.iter().any(|f| f.name == "DC0_H0_VM0.vmx"), "{:?}", m.files);
+
+    // A folder names every VM under it: the plan covers all four of vcsim's.
+    let out = Command::new(env!("CARGO_BIN_EXE_proxy"))
+        .args(["backup", "--url", &sim.url, "--user", "backup", "--ca-file"])
+        .arg(&pki.ca)
+        .arg("--password-file")
+        .arg(&pw)
+        .arg(&repo_dir)
+        .args(["DC0/vm", "--plan", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let plans: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let mut names: Vec<&str> = plans.as_array().unwrap().iter().filter_map(|p| p["vm"].as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["DC0_C0_RP0_VM0", "DC0_C0_RP0_VM1", "DC0_H0_VM0", "DC0_H0_VM1"]);
+    let vm0 = plans.as_array().unwrap().iter().find(|p| p["vm"] == "DC0_H0_VM0").unwrap();
+    assert_eq!(vm0["parent"].as_str(), Some(point), "the next backup of it would start from this one");
     drop(sim);
 }

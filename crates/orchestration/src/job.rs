@@ -22,7 +22,7 @@ pub enum Selector {
     Moref(String),
     /// Its instance UUID (vCenter-unique).
     InstanceUuid(String),
-    /// Its inventory path (`DC1/vm/Folder/db01`).
+    /// Its inventory path (`DC1/vm/Folder/db01`), or a folder's: every VM under it.
     Path(String),
 }
 
@@ -62,6 +62,19 @@ pub async fn select_vms(client: &Client, selectors: &[Selector], all: bool) -> R
                 vms.iter().filter(|v| v.instance_uuid.as_deref().is_some_and(|x| x.eq_ignore_ascii_case(u))).collect()
             }
             Selector::Path(p) => match client.find_by_inventory_path(p).await? {
+                // A folder (or datacenter, cluster, pool): every VM under it.
+                Some(m) if m.kind != "VirtualMachine" => {
+                    let inside: Vec<MoRef> = client.vms_in(&m).await?.into_iter().map(|v| v.moref).collect();
+                    if inside.is_empty() {
+                        return Err(OrchError::Refused(format!("{p} ({m}) holds no VMs")));
+                    }
+                    for v in vms.iter().filter(|v| inside.contains(&v.moref)) {
+                        if !out.iter().any(|o| o.moref == v.moref) {
+                            out.push(v.clone());
+                        }
+                    }
+                    continue;
+                }
                 Some(m) => vms.iter().filter(|v| v.moref == m).collect(),
                 None => Vec::new(),
             },

@@ -224,6 +224,13 @@ impl Client {
         objs.iter().map(vm_from).collect()
     }
 
+    /// Every VM under a folder, datacenter, cluster or resource pool.
+    pub async fn vms_in(&self, container: &MoRef) -> Result<Vec<Vm>, Error> {
+        let api = ApiVersion::parse(&self.content().about.api_version);
+        let objs = self.inventory_in(container, "VirtualMachine", &vm_paths(api.as_ref())).await?;
+        objs.iter().map(vm_from).collect()
+    }
+
     /// Some VMs, by moref.
     pub async fn vms_by_moref(&self, morefs: &[MoRef]) -> Result<Vec<Vm>, Error> {
         let api = ApiVersion::parse(&self.content().about.api_version);

@@ -147,7 +147,18 @@ impl Client {
     /// Every object of `kind` in the inventory with the properties `paths`.
     pub async fn inventory(&self, kind: &str, paths: &[&str]) -> Result<Vec<ObjectContent>, Error> {
         let root = self.content().root_folder.clone();
-        let view = self.create_container_view(&root, &[kind]).await?;
+        self.inventory_in(&root, kind, paths).await
+    }
+
+    /// Every object of `kind` under `container` (a folder, datacenter, cluster or resource
+    /// pool, recursively) with the properties `paths`.
+    pub async fn inventory_in(
+        &self,
+        container: &MoRef,
+        kind: &str,
+        paths: &[&str],
+    ) -> Result<Vec<ObjectContent>, Error> {
+        let view = self.create_container_view(container, &[kind]).await?;
         let spec = FilterSpec {
             kind: kind.to_owned(),
             paths: paths.iter().map(|p| (*p).to_owned()).collect(),
