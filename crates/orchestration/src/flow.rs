@@ -806,14 +806,8 @@ async fn copy_under(
     let mut backup = blocking(move || r.begin(parent.as_deref(), specs)).await?;
     let reader = ctx.client.datastore_reader()?;
     let disks = Reader::for_vm(ctx, vm, snap, &datacenter).await?;
-    if let Some(vmx) = &vm.vmx_path {
-        match read_file(&reader, &datacenter, vmx).await {
-            Ok(data) => {
-                let file = vmx.rsplit('/').next().unwrap_or("vm.vmx").to_owned();
-                backup = blocking(move || backup.add_file(&file, &data).map(|()| backup)).await?;
-            }
-            Err(e) => report.warnings.push(format!("the configuration file {vmx} was not captured: {e}")),
-        }
+    for (file, data) in config_files(&reader, &datacenter, vm, report).await {
+        backup = blocking(move || backup.add_file(&file, &data).map(|()| backup)).await?;
     }
     for (n, p) in planned.into_iter().enumerate() {
         let Some(plan) = p.plan else {
@@ -895,14 +889,8 @@ async fn replicate_under(
     let datacenter = datacenter_of(&ctx.client, vm).await?;
     let reader = ctx.client.datastore_reader()?;
     let disks = Reader::for_vm(ctx, vm, snap, &datacenter).await?;
-    if let Some(vmx) = &vm.vmx_path {
-        match read_file(&reader, &datacenter, vmx).await {
-            Ok(data) => {
-                let file = vm_dir.join(vmx.rsplit('/').next().unwrap_or("vm.vmx"));
-                pipeline::state::write_atomic(&file, &data)?;
-            }
-            Err(e) => report.warnings.push(format!("the configuration file {vmx} was not captured: {e}")),
-        }
+    for (file, data) in config_files(&reader, &datacenter, vm, report).await {
+        pipeline::state::write_atomic(&vm_dir.join(file), &data)?;
     }
     for mut f in facts {
         let Some(changes) = f.changes.take() else {
@@ -949,6 +937,31 @@ async fn blocking_block<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, pipeline::BlockError> + Send + 'static,
 ) -> Result<T, OrchError> {
     Ok(pipeline::blocking(f).await?)
+}
+
+/// The VM's configuration files, by file name: its `.vmx` (a warning when it cannot be read)
+/// and the `.nvram` beside it (its firmware settings; a VM that never booted may have none).
+async fn config_files(
+    reader: &vsphere::datastore::DatastoreReader,
+    datacenter: &str,
+    vm: &Vm,
+    report: &mut VmReport,
+) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let Some(vmx) = &vm.vmx_path else { return out };
+    let name_of = |path: &str| path.rsplit('/').next().unwrap_or(path).trim_start_matches("] ").to_owned();
+    match read_file(reader, datacenter, vmx).await {
+        Ok(data) => out.push((name_of(vmx), data)),
+        Err(e) => report.warnings.push(format!("the configuration file {vmx} was not captured: {e}")),
+    }
+    if let Some(stem) = vmx.strip_suffix(".vmx") {
+        let nvram = format!("{stem}.nvram");
+        match read_file(reader, datacenter, &nvram).await {
+            Ok(data) => out.push((name_of(&nvram), data)),
+            Err(e) => tracing::info!("{}: no firmware settings captured ({nvram}: {e})", vm.name),
+        }
+    }
+    out
 }
 
 /// Reads a small datastore file whole (a `.vmx`).

@@ -104,8 +104,11 @@ async fn full_then_incremental_backups_of_multi_disk_vms() {
         let point = r.point.clone().unwrap();
         restores_match(&sim, &client, &repo, &v.name, &point).await;
         let m = repo.point(&point).unwrap();
-        assert_eq!(m.files.len(), 1, "the .vmx is captured");
-        assert!(String::from_utf8(repo.file(&m, &m.files[0].name).unwrap()).unwrap().contains(&v.name));
+        let names: Vec<&str> = m.files.iter().map(|f| f.name.as_str()).collect();
+        let (vmx, nvram) = (format!("{}.vmx", v.name), format!("{}.nvram", v.name));
+        assert_eq!(names, [vmx.as_str(), nvram.as_str()], "the .vmx and .nvram are captured");
+        assert!(String::from_utf8(repo.file(&m, &vmx).unwrap()).unwrap().contains(&v.name));
+        assert_eq!(repo.file(&m, &nvram).unwrap(), format!("NVRAM of {}\n", v.name).as_bytes());
         firsts.push(point);
     }
 
@@ -436,6 +439,7 @@ async fn replicas_full_then_incremental_beside_backups_that_never_mix() {
     }
     let db = vms.iter().find(|v| v.name == "db").unwrap();
     assert!(target.vm_dir(db).join("db.vmx").is_file(), "the .vmx beside the replica");
+    assert!(target.vm_dir(db).join("db.nvram").is_file(), "and the .nvram");
 
     // A backup of the same VM into a repository: a state of its own, full the first time.
     let b = backup_vm(&ctx(&client, &repo, "b1"), &db.moref).await;

@@ -345,6 +345,9 @@ impl World {
                         ));
                     }
                     std::fs::write(&vmx, text).map_err(|e| SimError::io(&vmx, e))?;
+                    // Its firmware settings (the BIOS or EFI variables), beside it.
+                    let nvram = vmx.with_extension("nvram");
+                    std::fs::write(&nvram, format!("NVRAM of {}\n", v.name)).map_err(|e| SimError::io(&nvram, e))?;
                 }
                 w.vm_ids.insert(moref.value.clone(), w.vms.len());
                 w.vms.push(VmState {
