@@ -13,22 +13,11 @@ use anyhow::{Context, Result, bail};
 use vsphere::{Client, ConnectOptions, Credentials, Secret, Thumbprint, Trust};
 use vsphere_sim::{Config, Sim, SimTls};
 
+use testkit::noise;
+
 use crate::bench_copy::{Sample, measure};
 
 const MIB: u64 = 1 << 20;
-
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 /// One backup of every VM: the measurement and what the proxy reported.
 fn backup(
@@ -51,20 +40,6 @@ fn backup(
         bail!("not every VM was backed up: {}", j["outcome"]);
     }
     Ok((s, j))
-}
-
-/// `256M` in MiB.
-fn orchestration_budget_mib(text: &str) -> Option<f64> {
-    let t = text.trim().trim_end_matches(['B', 'b', 'i']);
-    let (n, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
-    let n: f64 = n.parse().ok()?;
-    Some(match unit.to_ascii_uppercase().as_str() {
-        "" => n / 1048576.0,
-        "K" => n / 1024.0,
-        "M" => n,
-        "G" => n * 1024.0,
-        _ => return None,
-    })
 }
 
 pub(crate) fn run(root: &Path) -> Result<()> {
@@ -130,7 +105,7 @@ pub(crate) fn run(root: &Path) -> Result<()> {
         fj["vms"][0]["vm"],
         ir as f64 * 100.0 / fr.max(1) as f64
     );
-    let budget = orchestration_budget_mib(&memory);
+    let budget = orchestration::config::parse_size(&memory).ok().map(|b| b as f64 / MIB as f64);
     let peak = full.rss_mib().max(inc.rss_mib());
     println!(
         "memory budget of the whole proxy process: {memory} (--memory); peak RSS {peak:.0} MiB: {}",

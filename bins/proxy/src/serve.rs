@@ -43,16 +43,18 @@ const HISTORY_IN_MEMORY: usize = 1000;
 
 pub(crate) fn run(args: &Args) -> ExitCode {
     // VDDK, when configured, is loaded before any thread starts (it may re-execute the process).
-    let vddk = match load(&args.config)
-        .and_then(|c| crate::backup_cmd::load_vddk(c.proxy.vddk_libdir.as_deref(), c.proxy.vddk_config.as_deref()))
-    {
-        Ok(v) => v,
+    let loaded = load(&args.config).and_then(|c| {
+        let vddk = crate::backup_cmd::load_vddk(c.proxy.vddk_libdir.as_deref(), c.proxy.vddk_config.as_deref())?;
+        Ok((c, vddk))
+    });
+    let (config, vddk) = match loaded {
+        Ok(x) => x,
         Err(e) => {
             eprintln!("proxy serve: {e:#}");
             return ExitCode::FAILURE;
         }
     };
-    crate::block_on("serve", serve(args, vddk))
+    crate::block_on("serve", serve(config, vddk))
 }
 
 /// Reads and checks a configuration file (bounded: a configuration is small).
@@ -445,8 +447,7 @@ fn init_logs(format: &str) {
     let _ = if format == "json" { builder.json().try_init() } else { builder.try_init() };
 }
 
-async fn serve(args: &Args, vddk: Option<Arc<vddk::Vddk>>) -> Result<ExitCode> {
-    let config = load(&args.config)?;
+async fn serve(config: ServeConfig, vddk: Option<Arc<vddk::Vddk>>) -> Result<ExitCode> {
     init_logs(&config.proxy.log_format);
     let token = read_token(&config.proxy.token_file)?;
     let listen: SocketAddr = config.proxy.listen.parse().context("[proxy] listen")?;

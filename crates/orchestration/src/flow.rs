@@ -818,7 +818,8 @@ async fn copy_under(
             CopyPlan::Full { read, zero, .. } | CopyPlan::Incremental { read, zero } => (read, zero),
         };
         let sink = backup.sink(n).ok_or_else(|| OrchError::Refused(format!("no sink for {}", p.facts.slot)))?;
-        let copying = ctx.metrics.disk_copying();
+        let progress = Arc::new(Progress::child_of(ctx.metrics.progress.clone()));
+        let copying = ctx.metrics.track(format!("{} {}", vm.name, p.facts.slot), progress.clone());
         let (source, transport) = disks.open(&p.facts, snap).await?;
         let job = DiskCopy {
             read,
@@ -829,8 +830,6 @@ async fn copy_under(
             source,
             sink: sink.clone(),
         };
-        let progress = Arc::new(Progress::child_of(ctx.metrics.progress.clone()));
-        let _shown = ctx.metrics.track(format!("{} {}", vm.name, p.facts.slot), progress.clone());
         let r = copy_disk(job, &ctx.engine, &ctx.options, progress).await?;
         sink.commit().await?;
         drop(copying);
@@ -898,7 +897,8 @@ async fn replicate_under(
         };
         let (path, size, options) = (path_of(&f.slot), f.disk.capacity, target.sink);
         let sink = blocking_block(move || FileSink::open(path, size, options)).await?;
-        let copying = ctx.metrics.disk_copying();
+        let progress = Arc::new(Progress::child_of(ctx.metrics.progress.clone()));
+        let copying = ctx.metrics.track(format!("{} {}", vm.name, f.slot), progress.clone());
         let (source, transport) = disks.open(&f, snap).await?;
         let job = SyncJob {
             source,
@@ -909,8 +909,6 @@ async fn replicate_under(
             current: f.current,
             changes,
         };
-        let progress = Arc::new(Progress::child_of(ctx.metrics.progress.clone()));
-        let _shown = ctx.metrics.track(format!("{} {}", vm.name, f.slot), progress.clone());
         let out = sync(job, &ctx.engine, &ctx.options, progress).await?;
         drop(copying);
         ctx.metrics.disk_copied();

@@ -27,11 +27,12 @@ pub struct Metrics {
     next_id: AtomicU64,
 }
 
-/// A disk shown as copying until dropped.
+/// A disk in the copy phase, counted and shown with its progress, until dropped.
 #[derive(Debug)]
 pub(crate) struct Tracked<'a> {
     metrics: &'a Metrics,
     id: u64,
+    _copying: Running<'a>,
 }
 
 impl Drop for Tracked<'_> {
@@ -113,11 +114,13 @@ impl Metrics {
         self.snapshots_left.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Shows a disk (`db01 scsi0:0`) as copying, with its progress, until the guard drops.
+    /// Counts a disk (`db01 scsi0:0`) in the copy phase and shows it with its progress, until
+    /// the guard drops.
     pub(crate) fn track(&self, label: String, progress: Arc<Progress>) -> Tracked<'_> {
+        let copying = self.disk_copying();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.active.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((id, label, progress));
-        Tracked { metrics: self, id }
+        Tracked { metrics: self, id, _copying: copying }
     }
 
     /// The disks copying now: an ID (stable while it copies), its label and its progress.

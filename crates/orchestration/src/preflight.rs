@@ -257,24 +257,8 @@ fn check_vddk(estate: &Estate, vddk: &VddkFacts, out: &mut Out) {
 
 fn check_host(h: &Host, out: &mut Out) {
     let subject = format!("host {}", h.name);
-    match h.version.as_deref().and_then(ApiVersion::parse) {
-        Some(v) if !v.at_least(5, 0) => out.add(
-            "host.version",
-            Level::Fail,
-            &subject,
-            None,
-            format!("ESXi {v} is older than 5.0"),
-            "upgrade the host to ESXi 5.0 or later",
-        ),
-        Some(v) if v.major() > 8 => out.add(
-            "host.version",
-            Level::Warn,
-            &subject,
-            None,
-            format!("ESXi {v} is newer than 8.0, the newest tested"),
-            "report problems with this version",
-        ),
-        Some(v) => out.add("host.version", Level::Pass, &subject, None, format!("ESXi {v}"), ""),
+    // The host's product version judged by the same matrix as a standalone ESXi's API.
+    match h.version.as_deref().filter(|v| ApiVersion::parse(v).is_some()) {
         None => out.add(
             "host.version",
             Level::Warn,
@@ -283,6 +267,15 @@ fn check_host(h: &Host, out: &mut Out) {
             format!("the host's version is unknown ({:?})", h.version),
             "check that vCenter can reach the host",
         ),
+        Some(v) => match support("HostAgent", v).1 {
+            Support::Supported => out.add("host.version", Level::Pass, &subject, None, format!("ESXi {v}"), ""),
+            Support::Untested(why) => {
+                out.add("host.version", Level::Warn, &subject, None, why, "report problems with this version")
+            }
+            Support::Unsupported(why) => {
+                out.add("host.version", Level::Fail, &subject, None, why, "upgrade the host to ESXi 5.0 or later")
+            }
+        },
     }
     match h.connection_state.as_deref() {
         Some("connected") | None => {}

@@ -242,8 +242,9 @@ impl Http {
     }
 
     /// Sends a request and streams its answer's body straight into `buf` (no second copy of a
-    /// large read): the status, the headers, and how many bytes came. A body longer than `buf`
-    /// is an error, so `buf` bounds what the answer may allocate.
+    /// large read): the status, the headers, and how many bytes came. A successful body longer
+    /// than `buf` is an error, so `buf` bounds what the answer may allocate; the body of an
+    /// error status is read and dropped (0 bytes).
     pub async fn send_into(
         &self,
         req: http::Request<Full<Bytes>>,
@@ -262,6 +263,10 @@ impl Http {
                     status: Some(status),
                 })?;
                 let Ok(data) = frame.into_data() else { continue };
+                // An error's explanation is not the data asked for: read past it, keep nothing.
+                if !(200..300).contains(&status) {
+                    continue;
+                }
                 let end = filled + data.len();
                 let Some(dst) = buf.get_mut(filled..end) else {
                     return Err(Error::Protocol(format!(
