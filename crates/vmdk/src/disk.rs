@@ -1,9 +1,12 @@
 //! A virtual disk as a chain of layers: the descriptor (or sparse file) named by the caller, its
 //! extents, and its parents through `parentFileNameHint`, each checked by CID. Reads fall
-//! through a layer's unallocated grains to its parent; zeroed grains stop there.
+//! through a layer's unallocated grains to its parent; zeroed grains stop there. The files come
+//! through [`Files`]: the local file system, or anything else that reads at offsets (a
+//! datastore over HTTPS).
 
 use std::collections::HashSet;
 use std::fs::File;
+use std::io;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
@@ -27,6 +30,29 @@ pub enum PathPolicy {
     SameDirectory,
     /// Any path; for trusted local chains only.
     Anywhere,
+}
+
+/// Where a chain's files come from.
+pub trait Files {
+    /// Opens `path` for positioned reads.
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn ReadAt>>;
+
+    /// One name for every path that leads to the same file, so a chain that loops is caught.
+    fn identity(&self, path: &Path) -> io::Result<PathBuf>;
+}
+
+/// The local file system.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LocalFiles;
+
+impl Files for LocalFiles {
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn ReadAt>> {
+        Ok(Arc::new(File::open(path)?))
+    }
+
+    fn identity(&self, path: &Path) -> io::Result<PathBuf> {
+        std::fs::canonicalize(path)
+    }
 }
 
 /// One layer of a chain.
@@ -85,6 +111,11 @@ impl Disk {
     /// Opens the disk at `path` (a descriptor, or a monolithicSparse or streamOptimized file),
     /// with its parents.
     pub fn open(path: impl AsRef<Path>, policy: PathPolicy) -> Result<Self> {
+        Self::open_in(&LocalFiles, path, policy)
+    }
+
+    /// Opens the disk at `path` with its parents, every file read through `files`.
+    pub fn open_in(files: &dyn Files, path: impl AsRef<Path>, policy: PathPolicy) -> Result<Self> {
         let mut layers = Vec::new();
         let mut seen = HashSet::new();
         let mut next = Some(path.as_ref().to_path_buf());
@@ -96,11 +127,11 @@ impl Disk {
                     format!("a chain deeper than {MAX_CHAIN_DEPTH}"),
                 ));
             }
-            let canonical = std::fs::canonicalize(&path).map_err(|e| VmdkError::io(&path.display().to_string(), e))?;
+            let canonical = files.identity(&path).map_err(|e| VmdkError::io(&path.display().to_string(), e))?;
             if !seen.insert(canonical) {
                 return Err(VmdkError::corrupt(&path.display().to_string(), "the parent chain loops back on itself"));
             }
-            let layer = open_layer(&path, policy)?;
+            let layer = open_layer(files, &path, policy)?;
             let name = path.display().to_string();
             if let Some((cid, child)) = expected_cid.take() {
                 let actual = layer.descriptor.as_ref().and_then(Descriptor::cid);
@@ -259,17 +290,14 @@ fn read_flat(file: &dyn ReadAt, name: &str, at: u64, buf: &mut [u8]) -> Result<(
     Ok(())
 }
 
-fn open_file(path: &Path) -> Result<Arc<File>> {
-    File::open(path).map(Arc::new).map_err(|e| VmdkError::io(&path.display().to_string(), e))
-}
-
-fn open_layer(path: &Path, policy: PathPolicy) -> Result<Layer> {
+fn open_layer(files: &dyn Files, path: &Path, policy: PathPolicy) -> Result<Layer> {
+    let open_file = |p: &Path| files.open(p).map_err(|e| VmdkError::io(&p.display().to_string(), e));
     let name = path.display().to_string();
     let file = open_file(path)?;
     let mut magic = [0u8; 4];
-    let len = file.metadata().map_err(|e| VmdkError::io(&name, e))?.len();
+    let len = file.len();
     if len >= 4 {
-        crate::io::ReadAt::read_exact_at(&*file, &mut magic, 0).map_err(|e| VmdkError::io(&name, e))?;
+        file.read_exact_at(&mut magic, 0).map_err(|e| VmdkError::io(&name, e))?;
     }
     match u32::from_le_bytes(magic) {
         KDMV_MAGIC => {
@@ -301,7 +329,8 @@ fn open_layer(path: &Path, policy: PathPolicy) -> Result<Layer> {
             if len > crate::descriptor::MAX_DESCRIPTOR_BYTES as u64 {
                 return Err(VmdkError::corrupt(&name, "neither a sparse file nor a descriptor (too large for one)"));
             }
-            let raw = std::fs::read(path).map_err(|e| VmdkError::io(&name, e))?;
+            let mut raw = vec![0u8; crate::to_usize(len)];
+            file.read_exact_at(&mut raw, 0).map_err(|e| VmdkError::io(&name, e))?;
             let text = crate::descriptor::text_before_nul(&raw)
                 .ok_or_else(|| VmdkError::corrupt(&name, "neither a sparse file nor a UTF-8 descriptor"))?;
             let descriptor = Descriptor::parse(text, &name)?;

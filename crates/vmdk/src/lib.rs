@@ -42,7 +42,7 @@ pub use descriptor::{
     Access, Descriptor, ExtentKind, ExtentLine, MAX_DESCRIPTOR_BYTES, MAX_DISK_SECTORS, MAX_EXTENTS, NO_PARENT_CID,
     Value, parse_cid,
 };
-pub use disk::{Allocation, Disk, Layer, LayerExtent, MAX_CHAIN_DEPTH, PathPolicy};
+pub use disk::{Allocation, Disk, Files, Layer, LayerExtent, LocalFiles, MAX_CHAIN_DEPTH, PathPolicy};
 pub use error::{Result, VmdkError};
 pub use export::{ExportStats, export_raw, export_raw_of};
 pub use io::ReadAt;

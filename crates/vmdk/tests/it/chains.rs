@@ -99,12 +99,42 @@ fn chain_of(kind: Kind, test: &str) {
         (parent, parent_cid) = (name, cid);
     }
 
+    // The same chain through a `Files` that is not the file system (as a datastore over HTTPS
+    // is): every file held in memory, under names that exist nowhere on disk.
+    let memory = Memory(
+        std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|p| (Path::new("/nowhere").join(p.file_name().unwrap()), std::fs::read(&p).unwrap()))
+            .collect(),
+    );
+    let disk = Disk::open_in(&memory, Path::new("/nowhere").join(&parent), PathPolicy::SameDirectory).unwrap();
+    assert_eq!(disk.layers().len(), 3);
+    let want = std::fs::read(&truth).unwrap();
+    let mut got = vec![0u8; want.len()];
+    disk.read_at(&mut got, 0).unwrap();
+    assert!(got == want, "{kind:?}: the chain read through memory differs from the truth");
+
     // A CID that does not match is refused, naming both files.
     let bad = d.join("bad.vmdk");
     std::fs::write(&bad, delta_descriptor(kind, 7, 0xdead_beef, &parent, "snap1-delta.vmdk")).unwrap();
     match Disk::open(&bad, PathPolicy::SameDirectory) {
         Err(VmdkError::CidMismatch { expected: 0xdead_beef, .. }) => {}
         other => panic!("expected a CID mismatch, got {other:?}"),
+    }
+}
+
+/// Files held in memory by path.
+struct Memory(std::collections::HashMap<std::path::PathBuf, Vec<u8>>);
+
+impl vmdk::Files for Memory {
+    fn open(&self, path: &Path) -> std::io::Result<std::sync::Arc<dyn vmdk::ReadAt>> {
+        let bytes = self.0.get(path).ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))?;
+        Ok(std::sync::Arc::new(bytes.clone()))
+    }
+
+    fn identity(&self, path: &Path) -> std::io::Result<std::path::PathBuf> {
+        Ok(path.to_path_buf())
     }
 }
 
