@@ -90,7 +90,8 @@ pub struct HostConfig {
 pub struct DatastoreConfig {
     /// Its name.
     pub name: String,
-    /// `VMFS`, `NFS`, `vsan`.
+    /// `VMFS`, `NFS`, `vsan`. Snapshot deltas are SEsparse on VMFS (as VMFS 6 makes them) and
+    /// vmfsSparse elsewhere.
     #[serde(default = "default_ds_type", rename = "type")]
     pub kind: String,
 }

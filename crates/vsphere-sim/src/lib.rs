@@ -4,9 +4,10 @@
 //! freezes a readable view and advances the change ID (`<epoch>/<sequence>`); turning CBT off
 //! and on starts a new epoch; `QueryChangedDiskAreas` answers in windows (2 GiB by default) and
 //! `*` returns allocated areas; faults can be injected ([`Faults`]). Datastore `/folder` reads
-//! serve the disks (a base disk frozen under its oldest snapshot).
+//! serve the disks (a base disk frozen under its oldest snapshot, and the deltas between
+//! snapshots as ESXi keeps them: SEsparse on VMFS datastores, vmfsSparse on NFS).
 //!
-//! Not simulated: snapshot delta files on the datastore (their names exist, their bytes do not),
+//! Not simulated: the newest (running) delta's bytes (live writes go to the flat file),
 //! revert, memory snapshots and power operations through the API.
 
 mod config;

@@ -492,6 +492,7 @@ impl World {
             disks,
         });
         v.current = Some(moref.clone());
+        self.write_deltas(vm).map_err(|e| SimFault::new("FileFault", e.to_string()))?;
         Ok(moref)
     }
 
@@ -514,6 +515,82 @@ impl World {
             v.current = removed.parent.clone();
         }
         v.consolidation_needed |= leave;
+        self.write_deltas(vi).map_err(|e| SimFault::new("FileFault", e.to_string()))?;
+        Ok(())
+    }
+
+    /// Writes the delta files of `vm`'s snapshot chain as ESXi keeps them, so a reader of the
+    /// datastore sees what a backup product sees: under `n` snapshots, deltas `1..n` each hold
+    /// what changed between one snapshot and the next (`vm-000001.vmdk` over
+    /// `vm-000001-sesparse.vmdk` on VMFS, `vm-000001-delta.vmdk` on NFS), each naming its
+    /// parent by CID; the newest snapshot's file is the one the snapshot lists. Deltas past the
+    /// chain (after a removal) are deleted.
+    fn write_deltas(&self, vm: usize) -> Result<(), SimError> {
+        let v = &self.vms[vm];
+        let n = v.snapshots.len();
+        for d in v.disks.iter().filter(|d| !d.mode.starts_with("independent")) {
+            let sesparse = self.datastores[d.ds].extra != "NFS";
+            let frozen: Vec<&Path> = v
+                .snapshots
+                .iter()
+                .filter_map(|s| s.disks.iter().find(|f| f.key == d.key).map(|f| f.frozen.as_path()))
+                .collect();
+            let mut parent_cid = 0xffff_fffe_u32;
+            for k in 1..frozen.len() {
+                let cid = delta_cid(d.key, k);
+                let name = delta_name(&d.base_name, k);
+                let extent = format!(
+                    "{}-{}.vmdk",
+                    name.strip_suffix(".vmdk").unwrap_or(&name),
+                    if sesparse { "sesparse" } else { "delta" }
+                );
+                let parent = if k == 1 { d.base_name.clone() } else { delta_name(&d.base_name, k - 1) };
+                let (written, zeroed) =
+                    differences(frozen[k - 1], frozen[k], d.capacity).map_err(|e| SimError::io(frozen[k], e))?;
+                let view = File::open(frozen[k]).map_err(|e| SimError::io(frozen[k], e))?;
+                let path = self.ds_path(d.ds, &extent);
+                let mut out = std::io::BufWriter::new(File::create(&path).map_err(|e| SimError::io(&path, e))?);
+                let content =
+                    vmdk::DeltaContent { view: &view, capacity: d.capacity, written: &written, zeroed: &zeroed };
+                let wrote = if sesparse {
+                    vmdk::sesparse::write(&mut out, content)
+                } else {
+                    vmdk::cowd::write(&mut out, content, 1)
+                };
+                wrote.map_err(|e| SimError::io(&path, std::io::Error::other(e.to_string())))?;
+                std::io::Write::flush(&mut out).map_err(|e| SimError::io(&path, e))?;
+                let file = |p: &str| Path::new(p).file_name().and_then(|f| f.to_str()).unwrap_or(p).to_owned();
+                let text = format!(
+                    "# Disk DescriptorFile\nversion=1\nencoding=\"UTF-8\"\nCID={cid:08x}\nparentCID={parent_cid:08x}\n\
+                     isNativeSnapshot=\"no\"\ncreateType=\"{}\"\nparentFileNameHint=\"{}\"\n\n\
+                     # Extent description\nRW {} {} \"{}\"\n",
+                    if sesparse { "seSparse" } else { "vmfsSparse" },
+                    file(&parent),
+                    d.capacity / 512,
+                    if sesparse { "SESPARSE" } else { "VMFSSPARSE" },
+                    file(&extent),
+                );
+                let desc = self.ds_path(d.ds, &name);
+                std::fs::write(&desc, text).map_err(|e| SimError::io(&desc, e))?;
+                parent_cid = cid;
+            }
+            // Deltas of a longer chain that no longer exists.
+            for k in n.max(1).. {
+                let name = delta_name(&d.base_name, k);
+                let desc = self.ds_path(d.ds, &name);
+                if !desc.exists() {
+                    break;
+                }
+                let stem = name.strip_suffix(".vmdk").unwrap_or(&name).to_owned();
+                for gone in [
+                    desc,
+                    self.ds_path(d.ds, &format!("{stem}-sesparse.vmdk")),
+                    self.ds_path(d.ds, &format!("{stem}-delta.vmdk")),
+                ] {
+                    let _ = std::fs::remove_file(gone);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -658,6 +735,40 @@ impl World {
 }
 
 /// `vm/vm.vmdk` -> `vm/vm-00000N.vmdk`.
+/// The CID of a disk's `k`th delta: any number but the two reserved ones.
+fn delta_cid(key: i32, k: usize) -> u32 {
+    0x5100_0000 ^ (key.unsigned_abs() << 8) ^ u32::try_from(k).unwrap_or(0)
+}
+
+/// Where `new` differs from `old` (both raw images of `capacity` bytes), in 4 KiB blocks: the
+/// blocks that now hold data, and those that became zeros.
+fn differences(old: &Path, new: &Path, capacity: u64) -> std::io::Result<(ExtentSet, ExtentSet)> {
+    const BLOCK: usize = 4096;
+    let (a, b) = (File::open(old)?, File::open(new)?);
+    let candidates = allocated(old, capacity)?.union(&allocated(new, capacity)?);
+    let mut written = Vec::new();
+    let mut zeroed = Vec::new();
+    let (mut x, mut y) = (vec![0u8; BLOCK], vec![0u8; BLOCK]);
+    let g = std::num::NonZeroU64::new(BLOCK as u64).unwrap_or(std::num::NonZeroU64::MIN);
+    for e in candidates.align_outward(g, capacity).iter() {
+        let mut at = e.start();
+        while at < e.end() {
+            let n = usize::try_from(e.end() - at).map_or(BLOCK, |left| left.min(BLOCK));
+            a.read_exact_at(&mut x[..n], at)?;
+            b.read_exact_at(&mut y[..n], at)?;
+            if x[..n] != y[..n] {
+                if y[..n].iter().all(|&c| c == 0) {
+                    zeroed.push((at, n as u64));
+                } else {
+                    written.push((at, n as u64));
+                }
+            }
+            at += n as u64;
+        }
+    }
+    Ok((ExtentSet::from_ranges(written), ExtentSet::from_ranges(zeroed)))
+}
+
 fn delta_name(base: &str, n: usize) -> String {
     let stem = base.strip_suffix(".vmdk").unwrap_or(base);
     format!("{stem}-{n:06}.vmdk")
