@@ -84,6 +84,11 @@ cbt = true
 [[datacenter.vm.disk]]
 capacity = 1073741824
 [[datacenter.vm]]
+name = "deep"
+cbt = true
+[[datacenter.vm.disk]]
+capacity = 1048576
+[[datacenter.vm]]
 name = "leftover"
 cbt = true
 [[datacenter.vm.disk]]
@@ -117,6 +122,9 @@ async fn each_check_fails_or_warns_where_it_should_and_passes_a_healthy_vm() {
     // Another product's snapshot, 30 hours old; and one a dead job of ours left.
     client.create_snapshot(&by_name("snapped"), "VeeamSnapshot", "", false, None).await.unwrap();
     sim.age_snapshot("snapped", "VeeamSnapshot", Duration::from_secs(30 * 3600)).unwrap();
+    for i in 0..30 {
+        client.create_snapshot(&by_name("deep"), &format!("level{i}"), "", false, None).await.unwrap();
+    }
     client.create_snapshot(&by_name("leftover"), "syncproxy-p-deadjob", "", false, None).await.unwrap();
     // The host's ports answer (listeners stand in for ESXi's 443 and 902).
     let https = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -173,7 +181,8 @@ async fn each_check_fails_or_warns_where_it_should_and_passes_a_healthy_vm() {
         ("indep", "disk.mode", "warn"),
         ("rdm", "disk.rdm", "fail"),
         ("shared", "disk.sharing", "fail"),
-        ("snapped", "vm.snapshots", "fail"),
+        ("snapped", "vm.snapshots", "warn"),
+        ("deep", "vm.snapshots", "fail"),
         ("snapped", "vm.snapshot_old", "warn"),
         ("leftover", "vm.snapshots", "pass"),
         ("leftover", "vm.snapshot_stale", "warn"),

@@ -24,7 +24,7 @@ use vsphere::{Client, Disk, MoRef, Vm};
 use crate::OrchError;
 use crate::hygiene::{clean_vm, parse_server_time};
 use crate::metrics::Metrics;
-use crate::source::{DatastoreSource, shared};
+use crate::source::open_frozen;
 
 /// What every snapshot of ours is named with, first.
 pub const SNAPSHOT_PREFIX: &str = "syncproxy";
@@ -364,19 +364,38 @@ async fn run(ctx: &JobContext, vm_ref: &MoRef, report: &mut VmReport) -> Result<
     {
         return resume_under(ctx, r, &vm, adopted, report).await;
     }
-    if vm.snapshot_depth() > 0 {
-        let names: Vec<&str> = vm.all_snapshots().iter().map(|s| s.name.as_str()).collect();
+    // Another job's snapshot (running elsewhere, or dead but not stale yet): its removal would
+    // rewrite the chain under this copy, so the VM waits for it.
+    if let Some((s, job)) = vm.all_snapshots().iter().find_map(|s| Some((s, crate::hygiene::job_of(&s.name)?))) {
         return Err(OrchError::Refused(format!(
-            "{} has {} snapshot(s) ({}); backing up through a snapshot chain is not supported yet: remove or \
-             consolidate them first",
-            vm.name,
-            names.len(),
-            names.join(", ")
+            "{} has snapshot {:?} of syncproxy job {job}, which may still be running; it is removed once no \
+             lease names its job and it is older than the longest job (--max-job)",
+            vm.name, s.name
         )));
+    }
+    let depth = vm.snapshot_depth();
+    if depth >= crate::preflight::MAX_SNAPSHOT_DEPTH {
+        return Err(OrchError::Refused(format!(
+            "{}'s snapshot chain is {depth} deep; the limit is 32 and a backup needs one more level: delete \
+             snapshots, then consolidate",
+            vm.name
+        )));
+    }
+    if depth > 0 {
+        let names: Vec<&str> = vm.all_snapshots().iter().map(|s| s.name.as_str()).collect();
+        report.warnings.push(format!(
+            "the VM has {depth} older snapshot(s) ({}): its disks are read through their chain",
+            names.join(", ")
+        ));
     }
     if vm.cbt_enabled != Some(true) {
         if vm.cbt_supported == Some(false) {
             report.warnings.push("CBT is not supported: every backup reads the whole disk".into());
+        } else if depth > 0 {
+            // Enabled under a snapshot, CBT under-reports silently (reference §2.9).
+            report.warnings.push(
+                "CBT is off and is not turned on while the VM has snapshots: this backup reads every disk whole".into(),
+            );
         } else {
             // Only while the VM has no snapshots: enabled under one, CBT under-reports.
             ctx.client.set_change_tracking(&vm.moref, true).await?;
@@ -751,15 +770,10 @@ impl Reader {
     async fn open(&self, f: &DiskFacts, snap: &MoRef) -> Result<(Arc<dyn pipeline::BlockSource>, String), OrchError> {
         match self {
             Self::Https { reader, datacenter } => {
-                let source = DatastoreSource::open(
-                    reader.clone(),
-                    datacenter,
-                    &f.disk.base_file_name,
-                    f.disk.capacity,
-                    snap.to_string(),
-                )
-                .await?;
-                Ok((shared(source), "https".to_owned()))
+                let (source, layers) =
+                    open_frozen(reader.clone(), datacenter, &f.frozen_file, f.disk.capacity, snap.to_string()).await?;
+                let how = if layers == 1 { "https".to_owned() } else { format!("https, {layers} layers") };
+                Ok((source, how))
             }
             Self::Vddk(conn) => {
                 let (conn, path, capacity, id) =

@@ -488,11 +488,16 @@ fn check_snapshots(estate: &Estate, vm: &Vm, live_jobs: &HashSet<String>, out: &
     } else if !foreign.is_empty() {
         out.add(
             "vm.snapshots",
-            Level::Fail,
+            Level::Warn,
             n,
             None,
-            format!("{} snapshot(s) not made by syncproxy: {}", foreign.len(), foreign.join(", ")),
-            "delete them or let them be consolidated: backing up through a snapshot chain is not supported yet",
+            format!(
+                "{} snapshot(s) not made by syncproxy: {}; backups read through the chain (over HTTPS, each delta \
+                 layer is read in ranges), and CBT cannot be turned on while they exist",
+                foreign.len(),
+                foreign.join(", ")
+            ),
+            "delete snapshots nobody needs: every snapshot grows and slows the VM",
         );
     } else {
         out.add("vm.snapshots", Level::Pass, n, None, format!("{} snapshot(s)", all.len()), "");

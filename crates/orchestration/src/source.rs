@@ -1,8 +1,11 @@
 //! A disk of a frozen snapshot read over HTTPS from its datastore (`/folder` range reads), as a
-//! pipeline source. The disk's descriptor is read first and parsed by `vmdk`; today a single
-//! flat extent (a VMFS or monolithicFlat base disk, the layer a snapshot freezes) is read
-//! directly. Sparse and SEsparse layers over HTTPS are not read yet, and are refused by name.
+//! pipeline source. The disk's descriptor is read first and parsed by `vmdk`. A single flat
+//! extent with no parent (a VMFS or monolithicFlat base disk: the layer a VM's only snapshot
+//! freezes) is read straight into the pipeline's buffers. Anything else (the deltas of older
+//! snapshots over the base, in SEsparse or vmfsSparse, or sparse extents) is opened as a
+//! `vmdk::Disk` chain whose files are read in ranges over the same HTTPS connection.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,57 +40,83 @@ fn sibling(ds_path: &str, name: &str) -> String {
     }
 }
 
-/// Reads a whole small file.
-async fn read_small(reader: &DatastoreReader, file: &DatastoreFile, max: u64) -> Result<Vec<u8>, OrchError> {
-    let size = reader.size(file).await?;
-    if size > max {
-        return Err(OrchError::Refused(format!("{} is {size} bytes, more than a descriptor may be", file.path)));
+/// Reads `buf.len()` bytes at `offset` of `file`; busy hosts answer 503, so it backs off a
+/// little, a few times.
+async fn read_retrying(
+    reader: &DatastoreReader,
+    file: &DatastoreFile,
+    name: &str,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<(), vsphere::Error> {
+    let mut delay = Duration::from_millis(100);
+    let mut attempt = 0;
+    loop {
+        match reader.read_into(file, offset, buf).await {
+            Err(e) if e.retry() == vsphere::Retry::Backoff && attempt < 5 => {
+                tracing::warn!("{name}: {e}; retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                attempt += 1;
+            }
+            done => return done,
+        }
     }
-    Ok(reader.read(file, 0, size).await?.to_vec())
 }
 
-impl DatastoreSource {
-    /// Opens the disk whose descriptor is `ds_path` (`[ds1] vm/vm.vmdk`) in `datacenter`, as of
-    /// the frozen view `identity` (a snapshot's moref).
-    pub async fn open(
-        reader: DatastoreReader,
-        datacenter: &str,
-        ds_path: &str,
-        capacity: u64,
-        identity: String,
-    ) -> Result<Self, OrchError> {
-        let descriptor_file = DatastoreFile::from_ds_path(datacenter, ds_path)?;
-        let raw = read_small(&reader, &descriptor_file, MAX_DESCRIPTOR).await?;
-        let text = String::from_utf8(raw)
-            .map_err(|_| OrchError::Refused(format!("{ds_path} is not a text descriptor (a sparse disk?)")))?;
-        let d = vmdk::Descriptor::parse(&text, ds_path)?;
-        let [extent] = d.extents.as_slice() else {
-            return Err(OrchError::Refused(format!(
-                "{ds_path} has {} extents; reading several over HTTPS is not supported yet",
-                d.extents.len()
-            )));
-        };
-        if !matches!(extent.kind, vmdk::ExtentKind::Flat | vmdk::ExtentKind::Vmfs) || extent.offset.unwrap_or(0) != 0 {
-            return Err(OrchError::Refused(format!(
-                "{ds_path} is a {:?} extent; only flat disks are read over HTTPS so far",
-                extent.kind
-            )));
+/// Opens the frozen disk whose descriptor is `ds_path` (`[ds1] vm/vm.vmdk`, or a snapshot's
+/// `[ds1] vm/vm-000001.vmdk`) in `datacenter`, as of the frozen view `identity` (a snapshot's
+/// moref): read straight when it is one flat extent, else as a chain. Also says how many layers
+/// it has.
+pub async fn open_frozen(
+    reader: DatastoreReader,
+    datacenter: &str,
+    ds_path: &str,
+    capacity: u64,
+    identity: String,
+) -> Result<(Arc<dyn BlockSource>, usize), OrchError> {
+    let descriptor_file = DatastoreFile::from_ds_path(datacenter, ds_path)?;
+    let size = reader.size(&descriptor_file).await?;
+    let flat = if size <= MAX_DESCRIPTOR {
+        let raw = reader.read(&descriptor_file, 0, size).await?;
+        match std::str::from_utf8(&raw) {
+            Ok(text) => {
+                let d = vmdk::Descriptor::parse(text, ds_path)?;
+                single_flat_extent(&d).map(str::to_owned)
+            }
+            // A sparse file with its descriptor inside: a chain of one.
+            Err(_) => None,
         }
-        let extent_name = extent
-            .file
-            .as_deref()
-            .filter(|f| !f.contains('/') && !f.is_empty())
-            .ok_or_else(|| OrchError::Refused(format!("{ds_path}: its extent names no file beside it")))?;
-        let file = DatastoreFile::from_ds_path(datacenter, &sibling(ds_path, extent_name))?;
-        let size = reader.size(&file).await?;
-        let sectors = extent.sectors.saturating_mul(512);
-        if size < capacity || sectors < capacity {
-            return Err(OrchError::Refused(format!(
-                "{ds_path}: the extent holds {size} bytes ({sectors} by its descriptor), the disk is {capacity}"
-            )));
+    } else {
+        None
+    };
+    match flat {
+        Some(extent) => {
+            let file = DatastoreFile::from_ds_path(datacenter, &sibling(ds_path, &extent))?;
+            let size = reader.size(&file).await?;
+            if size < capacity {
+                return Err(OrchError::Refused(format!(
+                    "{ds_path}: its extent holds {size} bytes, the disk is {capacity}"
+                )));
+            }
+            Ok((Arc::new(DatastoreSource { reader, file, name: ds_path.to_owned(), identity, size: capacity }), 1))
         }
-        Ok(Self { reader, file, name: ds_path.to_owned(), identity, size: capacity })
+        None => {
+            let chain = ChainSource::open(reader, datacenter, ds_path, capacity, identity).await?;
+            let layers = chain.layers();
+            Ok((Arc::new(chain), layers))
+        }
     }
+}
+
+/// The file of a descriptor's only extent, when it is flat from its start with no parent and
+/// names a file beside the descriptor.
+fn single_flat_extent(d: &vmdk::Descriptor) -> Option<&str> {
+    let [extent] = d.extents.as_slice() else { return None };
+    let plain = matches!(extent.kind, vmdk::ExtentKind::Flat | vmdk::ExtentKind::Vmfs)
+        && extent.offset.unwrap_or(0) == 0
+        && d.parent_cid() == vmdk::NO_PARENT_CID;
+    extent.file.as_deref().filter(|f| plain && !f.contains('/') && !f.is_empty())
 }
 
 impl BlockSource for DatastoreSource {
@@ -112,28 +141,159 @@ impl BlockSource for DatastoreSource {
         Box::pin(async move {
             let len = buf.len() as u64;
             pipeline::check_range(&self.name, offset, len, self.size)?;
-            // Busy hosts answer 503: back off a little, a few times.
-            let mut delay = Duration::from_millis(100);
-            let mut attempt = 0;
-            loop {
-                match self.reader.read_into(&self.file, offset, &mut buf).await {
-                    Ok(()) => return Ok(buf),
-                    Err(e) if e.retry() == vsphere::Retry::Backoff && attempt < 5 => {
-                        tracing::warn!("{}: {e}; retrying in {delay:?}", self.name);
-                        tokio::time::sleep(delay).await;
-                        delay *= 2;
-                        attempt += 1;
-                    }
-                    Err(e) => return Err(BlockError::Invalid(format!("{}: {e}", self.name))),
-                }
-            }
+            read_retrying(&self.reader, &self.file, &self.name, offset, &mut buf)
+                .await
+                .map_err(|e| BlockError::Invalid(format!("{}: {e}", self.name)))?;
+            Ok(buf)
         })
     }
 }
 
-/// Shared, for the pipeline.
-pub(crate) fn shared(s: DatastoreSource) -> Arc<dyn BlockSource> {
-    Arc::new(s)
+/// A datastore's files as `vmdk` sees files: paths inside the datastore (`vm/vm.vmdk`), each
+/// read in ranges over HTTPS. Its reads block, so they run on blocking threads only.
+struct DatastoreFiles {
+    reader: DatastoreReader,
+    datacenter: String,
+    datastore: String,
+    runtime: tokio::runtime::Handle,
+}
+
+impl vmdk::Files for DatastoreFiles {
+    fn open(&self, path: &Path) -> std::io::Result<Arc<dyn vmdk::ReadAt>> {
+        let name = format!("[{}] {}", self.datastore, path.display());
+        let file = DatastoreFile::from_ds_path(&self.datacenter, &name).map_err(std::io::Error::other)?;
+        let len = self.runtime.block_on(self.reader.size(&file)).map_err(|e| match e {
+            vsphere::Error::Http { status: Some(404), .. } => {
+                std::io::Error::new(std::io::ErrorKind::NotFound, e.to_string())
+            }
+            e => std::io::Error::other(e),
+        })?;
+        Ok(Arc::new(DatastoreFileReader {
+            reader: self.reader.clone(),
+            file,
+            name,
+            len,
+            runtime: self.runtime.clone(),
+        }))
+    }
+
+    fn identity(&self, path: &Path) -> std::io::Result<PathBuf> {
+        // Descriptors' names are followed only beside them (no `..`), so the path is the file.
+        Ok(path.to_path_buf())
+    }
+}
+
+/// One datastore file read in ranges, as `vmdk` reads files.
+struct DatastoreFileReader {
+    reader: DatastoreReader,
+    file: DatastoreFile,
+    name: String,
+    len: u64,
+    runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for DatastoreFileReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({} bytes, over HTTPS)", self.name, self.len)
+    }
+}
+
+impl vmdk::ReadAt for DatastoreFileReader {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.runtime
+            .block_on(read_retrying(&self.reader, &self.file, &self.name, offset, buf))
+            .map_err(std::io::Error::other)
+    }
+}
+
+/// A frozen disk that is a chain of layers (snapshot deltas over a base), opened by `vmdk` with
+/// every file read over HTTPS.
+#[derive(Debug, Clone)]
+pub struct ChainSource {
+    disk: Arc<vmdk::Disk>,
+    name: String,
+    identity: String,
+    size: u64,
+}
+
+impl ChainSource {
+    /// Opens the chain whose top is `ds_path`; `capacity` is what vSphere says the disk holds.
+    pub async fn open(
+        reader: DatastoreReader,
+        datacenter: &str,
+        ds_path: &str,
+        capacity: u64,
+        identity: String,
+    ) -> Result<Self, OrchError> {
+        let (datastore, path) = ds_path
+            .strip_prefix('[')
+            .and_then(|p| p.split_once("] "))
+            .ok_or_else(|| OrchError::Refused(format!("{ds_path} is not a datastore path ([ds] dir/file.vmdk)")))?;
+        let files = DatastoreFiles {
+            reader,
+            datacenter: datacenter.to_owned(),
+            datastore: datastore.to_owned(),
+            runtime: tokio::runtime::Handle::current(),
+        };
+        let top = PathBuf::from(path);
+        let disk =
+            tokio::task::spawn_blocking(move || vmdk::Disk::open_in(&files, top, vmdk::PathPolicy::SameDirectory))
+                .await
+                .map_err(|e| OrchError::Refused(format!("opening {ds_path} did not finish: {e}")))??;
+        if disk.capacity() < capacity {
+            return Err(OrchError::Refused(format!(
+                "{ds_path}: the chain holds {} bytes, the disk is {capacity}",
+                disk.capacity()
+            )));
+        }
+        let layers = disk.layers().len();
+        tracing::info!("{ds_path}: reading a chain of {layers} layer(s) over HTTPS");
+        Ok(Self { disk: Arc::new(disk), name: ds_path.to_owned(), identity, size: capacity })
+    }
+
+    /// How many layers the chain has, the frozen top first.
+    pub fn layers(&self) -> usize {
+        self.disk.layers().len()
+    }
+}
+
+impl BlockSource for ChainSource {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn describe(&self) -> String {
+        format!("{} (a chain of {} layers)", self.name, self.layers())
+    }
+
+    fn identity(&self) -> String {
+        self.identity.clone()
+    }
+
+    /// The allocation comes from CBT, as for a flat disk.
+    fn allocation(&self) -> IoFuture<'_, Option<SourceAllocation>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    fn read_at(&self, offset: u64, mut buf: BytesMut) -> IoFuture<'_, BytesMut> {
+        let disk = self.disk.clone();
+        let name = self.name.clone();
+        Box::pin(async move {
+            pipeline::check_range(&name, offset, buf.len() as u64, self.size)?;
+            pipeline::blocking(move || {
+                disk.read_at(&mut buf, offset).map_err(|e| BlockError::Invalid(format!("{name}: {e}")))?;
+                Ok(buf)
+            })
+            .await
+        })
+    }
 }
 
 #[cfg(test)]

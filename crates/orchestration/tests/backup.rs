@@ -49,9 +49,14 @@ capacity = 8388608
 }
 
 async fn start() -> (tempfile::TempDir, Sim, Arc<Client>) {
+    start_with(estate()).await
+}
+
+/// The simulator of `estate` (its disks under `sim/` in the directory), logged in.
+async fn start_with(estate: Config) -> (tempfile::TempDir, Sim, Arc<Client>) {
     vsphere::tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
-    let sim = Sim::start(estate(), &dir.path().join("sim"), SimTls::SelfSigned).await.unwrap();
+    let sim = Sim::start(estate, &dir.path().join("sim"), SimTls::SelfSigned).await.unwrap();
     let opts =
         ConnectOptions { trust: Trust::Insecure, timeout: Duration::from_secs(20), ..ConnectOptions::new(&sim.url()) };
     let c = Client::connect(&opts).await.unwrap();
@@ -616,4 +621,91 @@ async fn a_copy_left_by_a_dead_proxy_resumes_under_its_snapshot() {
     let r = backup_vm(&replica_ctx(&client, &target, "r4"), &web.moref).await;
     assert_eq!(r.disks.iter().map(|d| (d.full, d.read)).collect::<Vec<_>>(), [(false, MIB)], "{r:?}");
     replica_matches(&sim, &client, &target, "web").await;
+}
+
+/// A VM under older snapshots (another product's, an operator's) is read through its delta
+/// chain over HTTPS: SEsparse deltas on VMFS, vmfsSparse on NFS, as the simulator writes them.
+/// Full then incremental, each restore exact; the older snapshots stay; with CBT off it is
+/// not turned on under them, and the copy is full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vms_under_older_snapshots_are_read_through_their_delta_chains() {
+    let cfg = Config::from_toml(
+        r#"
+user = "backup@vsphere.local"
+password = "s3cret"
+[[datacenter]]
+name = "DC1"
+[[datacenter.host]]
+name = "esx1"
+[[datacenter.datastore]]
+name = "vmfs1"
+type = "VMFS"
+[[datacenter.datastore]]
+name = "nfs1"
+type = "NFS"
+[[datacenter.vm]]
+name = "onvmfs"
+cbt = true
+[[datacenter.vm.disk]]
+capacity = 8388608
+datastore = "vmfs1"
+[[datacenter.vm]]
+name = "onnfs"
+cbt = true
+[[datacenter.vm.disk]]
+capacity = 8388608
+datastore = "nfs1"
+[[datacenter.vm]]
+name = "nocbt"
+cbt = false
+[[datacenter.vm.disk]]
+capacity = 8388608
+datastore = "vmfs1"
+"#,
+    )
+    .unwrap();
+    let (dir, sim, client) = start_with(cfg).await;
+    let root = dir.path().join("sim");
+    let repo = Repo::init(dir.path().join("repo"), 1 << 20).unwrap();
+    let vms = client.vms().await.unwrap();
+    for v in &vms {
+        let key = v.disks[0].key;
+        sim.write(&v.name, key, 0, &noise(2 * MIB as usize, 1)).unwrap();
+        client.create_snapshot(&v.moref, "before-upgrade", "an operator's", false, None).await.unwrap();
+        // Overwritten, zeroed and new data above the first snapshot.
+        sim.write(&v.name, key, 512 << 10, &noise(100 << 10, 2)).unwrap();
+        sim.write(&v.name, key, 0, &[0u8; 64 << 10]).unwrap();
+        sim.write(&v.name, key, 3 * MIB + 7, &noise(300 << 10, 3)).unwrap();
+        client.create_snapshot(&v.moref, "VeeamSnapshot", "another product's", false, None).await.unwrap();
+        sim.write(&v.name, key, 6 * MIB, &noise(MIB as usize, 4)).unwrap();
+        sim.write(&v.name, key, MIB + 3, &noise(4096, 5)).unwrap();
+    }
+    // The simulator keeps the deltas as ESXi does, in the format of the datastore.
+    assert!(root.join("vmfs1/onvmfs/onvmfs-000001-sesparse.vmdk").exists());
+    assert!(root.join("nfs1/onnfs/onnfs-000001-delta.vmdk").exists());
+
+    for v in &vms {
+        let r = backup_vm(&ctx(&client, &repo, "chain1"), &v.moref).await;
+        assert!(r.error.is_none(), "{r:?}");
+        assert!(r.snapshot_removed, "{r:?}");
+        assert!(r.warnings.iter().any(|w| w.contains("2 older snapshot(s)")), "{r:?}");
+        assert!(r.disks[0].full, "{r:?}");
+        assert_eq!(r.disks[0].transport, "https, 3 layers", "the base and two deltas: {r:?}");
+        restores_match(&sim, &client, &repo, &v.name, r.point.as_deref().unwrap()).await;
+        if v.name == "nocbt" {
+            assert!(r.warnings.iter().any(|w| w.contains("not turned on while the VM has snapshots")), "{r:?}");
+            assert_eq!(r.disks[0].read, 8 * MIB, "no CBT: the whole disk is read");
+        }
+        let after = client.vms_by_moref(std::slice::from_ref(&v.moref)).await.unwrap().pop().unwrap();
+        let names: Vec<&str> = after.all_snapshots().iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["before-upgrade", "VeeamSnapshot"], "only ours is removed");
+    }
+    // Changes under the chain: an incremental reads only them, and restores exactly.
+    for v in vms.iter().filter(|v| v.name != "nocbt") {
+        sim.write(&v.name, v.disks[0].key, 4 * MIB + 11, &noise(8192, 6)).unwrap();
+        let r = backup_vm(&ctx(&client, &repo, "chain2"), &v.moref).await;
+        assert!(r.error.is_none(), "{r:?}");
+        assert!(!r.disks[0].full && r.disks[0].read == MIB, "one changed chunk: {r:?}");
+        restores_match(&sim, &client, &repo, &v.name, r.point.as_deref().unwrap()).await;
+    }
 }
