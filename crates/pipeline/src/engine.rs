@@ -95,7 +95,27 @@ impl Engine {
     }
 }
 
-/// Where a copy saves its checkpoints.
+/// What a checkpoint records: the ranges durable at the destination, read from which frozen
+/// source under which plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Durable {
+    /// The source's frozen identity ([`crate::BlockSource::identity`]).
+    pub source: String,
+    /// A digest of the plan ([`plan_digest`]).
+    pub plan: String,
+    /// The ranges already durable.
+    pub done: ExtentSet,
+}
+
+/// Where a copy saves its checkpoints: a replica's state store ([`CheckpointTo`]), or any
+/// destination that keeps its own (a repository's backup in progress). Called on a blocking
+/// thread after the sink's flush, so everything in `durable.done` is durable.
+pub trait SaveCheckpoint: Send + Sync + std::fmt::Debug {
+    /// Records `durable`, with the sink's digests as of then.
+    fn save(&self, durable: &Durable, digests: &Digests) -> Result<(), BlockError>;
+}
+
+/// Checkpoints kept in a [`StateStore`], beside the destination's sync state.
 #[derive(Debug, Clone)]
 pub struct CheckpointTo {
     /// The store.
@@ -106,6 +126,21 @@ pub struct CheckpointTo {
     pub job: String,
     /// Whether the destination read as zeros when the job started.
     pub fresh: bool,
+}
+
+impl SaveCheckpoint for CheckpointTo {
+    fn save(&self, durable: &Durable, digests: &Digests) -> Result<(), BlockError> {
+        let cp = Checkpoint {
+            format: STATE_FORMAT,
+            key: self.key.clone(),
+            job: self.job.clone(),
+            source: durable.source.clone(),
+            plan: durable.plan.clone(),
+            done: durable.done.iter().map(|e| (e.start(), e.len())).collect(),
+            fresh: self.fresh,
+        };
+        self.store.save_checkpoint(&cp, digests)
+    }
 }
 
 /// One disk to copy.
@@ -124,7 +159,7 @@ pub struct DiskCopy {
     /// Ranges a checkpoint shows as durable already.
     pub done: ExtentSet,
     /// Where to checkpoint, if anywhere.
-    pub checkpoint: Option<CheckpointTo>,
+    pub checkpoint: Option<Arc<dyn SaveCheckpoint>>,
 }
 
 impl std::fmt::Debug for DiskCopy {
@@ -195,7 +230,7 @@ struct Disk {
     queue: Mutex<VecDeque<Work>>,
     done: Mutex<Done>,
     digests: Mutex<Digests>,
-    checkpoint: Option<(CheckpointTo, String)>,
+    checkpoint: Option<(Arc<dyn SaveCheckpoint>, String)>,
     checkpointing: tokio::sync::Mutex<()>,
     failed: AtomicBool,
 }
@@ -539,17 +574,9 @@ impl Disk {
             (d.set.clone(), self.digests.lock().unwrap_or_else(|p| p.into_inner()).clone())
         };
         self.sink.flush().await?;
-        let cp = Checkpoint {
-            format: STATE_FORMAT,
-            key: to.key.clone(),
-            job: to.job.clone(),
-            source: self.source.identity(),
-            plan: plan.clone(),
-            done: done.iter().map(|e| (e.start(), e.len())).collect(),
-            fresh: to.fresh,
-        };
-        let store = to.store.clone();
-        tokio::task::spawn_blocking(move || store.save_checkpoint(&cp, &digests))
+        let durable = Durable { source: self.source.identity(), plan: plan.clone(), done };
+        let to = to.clone();
+        tokio::task::spawn_blocking(move || to.save(&durable, &digests))
             .await
             .map_err(|e| BlockError::Invalid(format!("checkpoint task: {e}")))??;
         self.progress.checkpoint();

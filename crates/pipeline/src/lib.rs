@@ -18,7 +18,8 @@ pub mod state;
 pub mod conformance;
 
 pub use engine::{
-    Cancel, CheckpointTo, CopyOptions, CopyReport, DiskCopy, Engine, copy_disk, copy_disks, is_zero, plan_digest,
+    Cancel, CheckpointTo, CopyOptions, CopyReport, DiskCopy, Durable, Engine, SaveCheckpoint, copy_disk, copy_disks,
+    is_zero, plan_digest,
 };
 pub use error::BlockError;
 pub use io::{BlockSink, BlockSource, IoFuture, SourceAllocation, check_range};

@@ -153,7 +153,12 @@ pub async fn sync(
         zero,
         digests,
         done,
-        checkpoint: Some(CheckpointTo { store: store.clone(), key: job.key.clone(), job: job.job.clone(), fresh }),
+        checkpoint: Some(Arc::new(CheckpointTo {
+            store: store.clone(),
+            key: job.key.clone(),
+            job: job.job.clone(),
+            fresh,
+        })),
     };
     let report = copy_disk(disk, engine, options, progress).await?;
     job.sink.commit().await?;

@@ -17,6 +17,7 @@ pub mod prune;
 #[cfg(feature = "s3")]
 mod s3;
 mod s3config;
+mod session;
 mod sink;
 mod store;
 
@@ -40,6 +41,7 @@ pub use prune::Retention;
 #[cfg(feature = "s3")]
 pub use s3::S3Store;
 pub use s3config::S3Config;
+pub use session::{SESSION_FORMAT, Session};
 pub use sink::{RepoSink, SinkStats};
 pub use store::{Entry, Fs, LocalStore, RealFs, Store};
 
@@ -233,6 +235,8 @@ pub struct Backup {
     disks: Vec<DiskSpec>,
     sinks: Vec<Arc<RepoSink>>,
     files: Vec<FileEntry>,
+    /// The session its progress is kept in, if any (`session`).
+    session: Option<String>,
 }
 
 /// The largest configuration file a restore point takes (a `.vmx` is kilobytes, an `.nvram`
@@ -330,6 +334,11 @@ impl Backup {
         // Stopped first, so that no late heartbeat writes the registration back.
         drop(self.beat.take());
         self.repo.drop_registration(&m.id)?;
+        if let Some(key) = self.session.take()
+            && let Err(e) = self.repo.drop_session(&key)
+        {
+            tracing::warn!("backup {} finished, but its session {key} stays: {e}", m.id);
+        }
         Ok(m)
     }
 }
@@ -720,6 +729,7 @@ impl Repo {
             disks,
             sinks,
             files: Vec::new(),
+            session: None,
         })
     }
 

@@ -67,6 +67,14 @@ impl RepoSink {
         self.lock().stats
     }
 
+    /// Starts over from `index` (a session's, as an interrupted backup left it): the chunks it
+    /// references are known to be stored.
+    pub(crate) fn restart_from(&self, index: Index) {
+        let mut s = self.lock();
+        s.known = index.ids.iter().copied().filter(|i| *i != ZERO).collect();
+        s.index = index;
+    }
+
     /// The index as written so far.
     pub(crate) fn index_snapshot(&self) -> Index {
         self.lock().index.clone()

@@ -431,3 +431,70 @@ async fn configuration_files_travel_with_their_restore_point() {
     repo.gc(std::time::Duration::ZERO, false).unwrap();
     assert!(!stored.exists(), "the files of a removed restore point are collected");
 }
+
+/// A backup cut short after some checkpoints is finished from its session: the resumed copy
+/// reads only what was not durable, the restore point restores exactly, and the session is
+/// gone. A gc in between makes the session untrusted: the resume is refused, naming why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_backup_resumes_from_its_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, repo_dir) = (dir.path().join("disk.raw"), dir.path().join("repo"));
+    image(&img, 12 * MIB, 5);
+    let repo = Repo::init(&repo_dir, MIB32).unwrap();
+    let spec = || vec![DiskSpec { name: "disk0".into(), capacity: 12 * MIB, change_id: None, committed: None }];
+    let source: Arc<dyn BlockSource> = Arc::new(FileSource::open(&img).unwrap());
+    let options = CopyOptions { checkpoint_bytes: MIB, ..CopyOptions::default() };
+    let copy = |b: &repo::Backup, read: ExtentSet, done: ExtentSet| DiskCopy {
+        read,
+        zero: ExtentSet::new(),
+        digests: Digests::zeros(MIB, 12 * MIB),
+        done,
+        checkpoint: b.checkpointer(0),
+        source: source.clone(),
+        sink: b.sink(0).unwrap(),
+    };
+
+    // The first run copies 7 MiB of 12, checkpointing, then its process dies (no commit).
+    let mut b = repo.begin(None, spec()).unwrap();
+    assert!(b.checkpointer(0).is_none(), "no session, no checkpoints");
+    b.keep_progress("vc1-vm1", "job-a", "snapshot-7").unwrap();
+    let first = copy(&b, ExtentSet::full(7 * MIB), ExtentSet::new());
+    copy_disk(first, &Engine::new(64 * MIB), &options, Arc::new(Progress::default())).await.unwrap();
+    drop(b);
+    let s = repo.session("vc1-vm1").unwrap().expect("the session stays after the crash");
+    assert_eq!((s.job.as_str(), s.source.as_str(), s.parent.as_deref()), ("job-a", "snapshot-7", None));
+    assert!(repo.points().unwrap().is_empty());
+
+    // The next run resumes: what was durable is not read again.
+    let (b, done) = repo.resume("vc1-vm1", spec()).unwrap();
+    let durable = done[0].total_bytes();
+    // Requests finish in any order, and a checkpoint is skipped while another is being saved:
+    // some of the 7 MiB is durable, nothing beyond it.
+    assert!(durable >= MIB && done[0].difference(&ExtentSet::full(7 * MIB)).is_empty(), "{done:?}");
+    let r = copy_disk(
+        copy(&b, ExtentSet::full(12 * MIB), done[0].clone()),
+        &Engine::new(64 * MIB),
+        &options,
+        Arc::new(Progress::default()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.read, 12 * MIB - durable, "only what was not durable is read");
+    b.sink(0).unwrap().commit().await.unwrap();
+    let m = b.finish(SourceInfo { name: "vm1".into(), instance_uuid: None }, Consistency::Crash).unwrap();
+    let out = dir.path().join("restored.raw");
+    repo.restore_disk(&m.id, 0, &out).unwrap();
+    assert!(same(&img, &out), "the resumed restore point restores exactly");
+    assert!(repo.session("vc1-vm1").unwrap().is_none(), "finishing drops the session");
+
+    // A session across a gc is not trusted.
+    let mut b = repo.begin(Some(&m.id), spec()).unwrap();
+    b.keep_progress("vc1-vm1", "job-b", "snapshot-8").unwrap();
+    drop(b);
+    repo.gc(std::time::Duration::ZERO, false).unwrap();
+    let e = repo.resume("vc1-vm1", spec()).unwrap_err();
+    assert!(matches!(e, RepoError::Conflict(_)) && e.to_string().contains("a gc ran"), "{e}");
+    repo.drop_session("vc1-vm1").unwrap();
+    assert!(repo.session("vc1-vm1").unwrap().is_none());
+    assert!(matches!(repo.session("../etc"), Err(RepoError::Invalid(_))));
+}
