@@ -359,10 +359,8 @@ async fn run(ctx: &JobContext, vm_ref: &MoRef, report: &mut VmReport) -> Result<
     if vm.key_id.is_some() {
         return Err(OrchError::Refused(format!("{} is encrypted: its disks cannot be read over HTTPS", vm.name)));
     }
-    if let Target::Replica(r) = &ctx.target
-        && let Some(adopted) = adoptable(ctx, r, &vm).await?
-    {
-        return resume_under(ctx, r, &vm, adopted, report).await;
+    if let Some(adopted) = adoptable(ctx, &vm).await? {
+        return resume_under(ctx, &vm, adopted, report).await;
     }
     // Another job's snapshot (running elsewhere, or dead but not stale yet): its removal would
     // rewrite the chain under this copy, so the VM waits for it.
@@ -426,7 +424,7 @@ async fn run(ctx: &JobContext, vm_ref: &MoRef, report: &mut VmReport) -> Result<
     report.consistency = Some(consistency);
     let copied = match &ctx.target {
         Target::Repository(_) => {
-            copy_under(ctx, &vm, &snap, consistency, report).await.map(|m| report.point = Some(m.id))
+            copy_under(ctx, &vm, &snap, consistency, &ctx.tag(), report).await.map(|m| report.point = Some(m.id))
         }
         Target::Replica(r) => replicate_under(ctx, r, &vm, &snap, &ctx.tag(), report).await,
     };
@@ -561,9 +559,10 @@ struct Adopted {
 }
 
 /// The snapshot of a dead job of ours that `vm` still has, when it is the VM's only snapshot and
-/// a checkpoint in `target` was taken under it by that job: the interrupted copy resumes under
-/// the very state it started from. Any other snapshot leaves the VM to the usual rules.
-async fn adoptable(ctx: &JobContext, target: &ReplicaTarget, vm: &Vm) -> Result<Option<Adopted>, OrchError> {
+/// the target holds progress that job made under it (a replica's checkpoint, a repository's
+/// session): the interrupted copy resumes under the very state it started from. Any other
+/// snapshot leaves the VM to the usual rules.
+async fn adoptable(ctx: &JobContext, vm: &Vm) -> Result<Option<Adopted>, OrchError> {
     let [s] = vm.all_snapshots()[..] else { return Ok(None) };
     let Some(job) = crate::hygiene::job_of(&s.name) else { return Ok(None) };
     let leases = ctx.leases();
@@ -571,40 +570,51 @@ async fn adoptable(ctx: &JobContext, target: &ReplicaTarget, vm: &Vm) -> Result<
     if job == ctx.tag() || live.iter().any(|(n, _)| n == job) {
         return Ok(None);
     }
-    let vcenter = ctx.client.content().about.instance_uuid.clone();
     let identity = s.moref.to_string();
-    for d in &vm.disks {
-        let Some(key) = target.key(&vcenter, vm, &slot_of(d)) else { continue };
-        if let Some((cp, _)) = target.state.load_checkpoint(&key)?
-            && cp.job == job
-            && cp.source == identity
-        {
-            return Ok(Some(Adopted {
-                snap: s.moref.clone(),
-                name: s.name.clone(),
-                job: job.to_owned(),
-                quiesced: s.quiesced,
-            }));
+    let made_progress = match &ctx.target {
+        Target::Replica(target) => {
+            let vcenter = ctx.client.content().about.instance_uuid.clone();
+            let mut found = false;
+            for d in &vm.disks {
+                let Some(key) = target.key(&vcenter, vm, &slot_of(d)) else { continue };
+                if let Some((cp, _)) = target.state.load_checkpoint(&key)? {
+                    found |= cp.job == job && cp.source == identity;
+                }
+            }
+            found
         }
-    }
-    Ok(None)
+        Target::Repository(repo) => match session_key(ctx, vm) {
+            Some(key) => {
+                let repo = repo.clone();
+                let session = blocking(move || repo.session(&key)).await?;
+                session.is_some_and(|x| x.job == job && x.source == identity)
+            }
+            None => false,
+        },
+    };
+    Ok(made_progress.then(|| Adopted {
+        snap: s.moref.clone(),
+        name: s.name.clone(),
+        job: job.to_owned(),
+        quiesced: s.quiesced,
+    }))
 }
 
 /// Finishes the copy a dead job left under `adopted`, then removes its snapshot.
-async fn resume_under(
-    ctx: &JobContext,
-    target: &ReplicaTarget,
-    vm: &Vm,
-    adopted: Adopted,
-    report: &mut VmReport,
-) -> Result<(), OrchError> {
+async fn resume_under(ctx: &JobContext, vm: &Vm, adopted: Adopted, report: &mut VmReport) -> Result<(), OrchError> {
     report.warnings.push(format!(
         "resuming the copy that job {} left unfinished, under its snapshot {:?}",
         adopted.job, adopted.name
     ));
     report.snapshot_removed = false;
-    report.consistency = Some(if adopted.quiesced { Consistency::Application } else { Consistency::Crash });
-    let copied = replicate_under(ctx, target, vm, &adopted.snap, &adopted.job, report).await;
+    let consistency = if adopted.quiesced { Consistency::Application } else { Consistency::Crash };
+    report.consistency = Some(consistency);
+    let copied = match &ctx.target {
+        Target::Repository(_) => copy_under(ctx, vm, &adopted.snap, consistency, &adopted.job, report)
+            .await
+            .map(|m| report.point = Some(m.id)),
+        Target::Replica(r) => replicate_under(ctx, r, vm, &adopted.snap, &adopted.job, report).await,
+    };
     match ctx.client.remove_snapshot(&adopted.snap, true).await {
         Ok(()) => report.snapshot_removed = true,
         Err(e) => report.warnings.push(format!(
@@ -613,6 +623,19 @@ async fn resume_under(
         )),
     }
     copied
+}
+
+/// The repository session of `vm`'s backups: one per VM of one vCenter (none without an
+/// instance UUID to name it by).
+fn session_key(ctx: &JobContext, vm: &Vm) -> Option<String> {
+    let uuid = vm.instance_uuid.as_deref().filter(|u| !u.is_empty())?;
+    let vcenter = &ctx.client.content().about.instance_uuid;
+    let key: String = format!("{}-{uuid}", if vcenter.is_empty() { "esx" } else { vcenter })
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .take(128)
+        .collect();
+    Some(key)
 }
 
 /// One disk's plan for a backup.
@@ -808,6 +831,7 @@ async fn copy_under(
     vm: &Vm,
     snap: &MoRef,
     consistency: Consistency,
+    job: &str,
     report: &mut VmReport,
 ) -> Result<Manifest, OrchError> {
     let repo = ctx.repo()?;
@@ -816,8 +840,10 @@ async fn copy_under(
     let datacenter = datacenter_of(&ctx.client, vm).await?;
     let parent = previous.as_ref().map(|p| p.id.clone());
     let specs: Vec<DiskSpec> = planned.iter().map(|p| p.spec.clone()).collect();
-    let r = repo.clone();
-    let mut backup = blocking(move || r.begin(parent.as_deref(), specs)).await?;
+    let (r, key, job, source) = (repo.clone(), session_key(ctx, vm), job.to_owned(), snap.to_string());
+    let (mut backup, mut done, notes) =
+        blocking(move || begin_or_resume(&r, key.as_deref(), &job, &source, parent.as_deref(), specs)).await?;
+    report.warnings.extend(notes);
     let reader = ctx.client.datastore_reader()?;
     let disks = Reader::for_vm(ctx, vm, snap, &datacenter).await?;
     for (file, data) in config_files(&reader, &datacenter, vm, report).await {
@@ -839,12 +865,15 @@ async fn copy_under(
             read,
             zero,
             digests: Digests::zeros(sink.granularity().get(), p.facts.disk.capacity),
-            done: cbt::ExtentSet::new(),
-            checkpoint: None,
+            done: done.get_mut(n).map(std::mem::take).unwrap_or_default(),
+            checkpoint: backup.checkpointer(n),
             source,
             sink: sink.clone(),
         };
         let r = copy_disk(job, &ctx.engine, &ctx.options, progress).await?;
+        if r.resumed > 0 {
+            report.warnings.push(format!("{}: {} bytes were stored before the interruption", p.facts.slot, r.resumed));
+        }
         sink.commit().await?;
         drop(copying);
         ctx.metrics.disk_copied();
@@ -861,6 +890,45 @@ async fn copy_under(
     }
     let source = SourceInfo { name: vm.name.clone(), instance_uuid: vm.instance_uuid.clone() };
     blocking(move || backup.finish(source, consistency)).await
+}
+
+/// Begins the backup into `repo`, keeping its progress in session `key`; or finishes the backup
+/// that session holds, when `job` made it under the same frozen `source` on the same `parent`,
+/// returning per disk what is already stored. Any other session of the VM is dropped: its
+/// snapshot is gone, and the copy is planned again from the last restore point.
+fn begin_or_resume(
+    repo: &Repo,
+    key: Option<&str>,
+    job: &str,
+    source: &str,
+    parent: Option<&str>,
+    specs: Vec<DiskSpec>,
+) -> Result<(repo::Backup, Vec<cbt::ExtentSet>, Vec<String>), repo::RepoError> {
+    let none = vec![cbt::ExtentSet::new(); specs.len()];
+    let Some(key) = key else { return Ok((repo.begin(parent, specs)?, none, Vec::new())) };
+    let mut notes = Vec::new();
+    if let Some(s) = repo.session(key)? {
+        if s.job == job && s.source == source && s.parent.as_deref() == parent {
+            match repo.resume(key, specs.clone()) {
+                Ok((backup, done)) => {
+                    let stored: u64 = done.iter().map(cbt::ExtentSet::total_bytes).sum();
+                    notes.push(format!("finishing the backup job {job} began: {stored} bytes were already stored"));
+                    return Ok((backup, done, notes));
+                }
+                Err(repo::RepoError::Conflict(why)) => notes.push(why),
+                Err(e) => return Err(e),
+            }
+        } else {
+            notes.push(format!(
+                "dropped the unfinished backup of job {} (its snapshot is gone); planned from the last restore point",
+                s.job
+            ));
+        }
+        repo.drop_session(key)?;
+    }
+    let mut backup = repo.begin(parent, specs)?;
+    backup.keep_progress(key, job, source)?;
+    Ok((backup, none, notes))
 }
 
 /// Brings `vm`'s replica disks up to date from `snap`: per disk, the sync state says what the

@@ -567,6 +567,37 @@ async fn disks_are_included_and_excluded_by_slot_or_label() {
     assert_eq!(r.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["scsi0:1"], "{r:?}");
 }
 
+/// Runs `c` on `vm` slowly, a checkpoint every MiB, and cuts it once a few MiB are across, as a
+/// proxy killed mid-copy: its snapshot stays behind (the removal fails). Returns the bytes it
+/// read.
+async fn cut_mid_copy(sim: &Sim, client: &Client, mut c: JobContext, vm: &vsphere::MoRef) -> u64 {
+    sim.faults(|f| f.datastore_delay = Duration::from_millis(100));
+    c.options.in_flight = 1;
+    c.options.request_size = MIB;
+    c.options.checkpoint_bytes = MIB;
+    let cancel = c.engine.cancel.clone();
+    let job = tokio::spawn({
+        let (c, m) = (c.clone(), vm.clone());
+        async move { backup_vm(&c, &m).await }
+    });
+    for _ in 0..400 {
+        if c.metrics.snapshot().bytes_read >= 3 * MIB {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    sim.faults(|f| f.fail_next_task = Some(SimFault::new("FileLocked", "the delta is locked")));
+    cancel.cancel();
+    let r = job.await.unwrap();
+    sim.faults(|f| f.datastore_delay = Duration::ZERO);
+    assert!(r.error.is_some() && !r.snapshot_removed && r.point.is_none(), "{r:?}");
+    let left = client.vms_by_moref(std::slice::from_ref(vm)).await.unwrap().pop().unwrap();
+    assert_eq!(left.all_snapshots().len(), 1, "the dead job's snapshot is still there");
+    let read = c.metrics.snapshot().bytes_read;
+    assert!(read > 0 && read < 8 * MIB, "the cut came mid-copy: {read}");
+    read
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_left_by_a_dead_proxy_resumes_under_its_snapshot() {
     let (dir, sim, client) = start().await;
@@ -579,38 +610,14 @@ async fn a_copy_left_by_a_dead_proxy_resumes_under_its_snapshot() {
     // The whole disk changes; the next sync is cut off part-way and, like a proxy killed
     // mid-copy, leaves its snapshot behind (its removal fails) with a checkpoint.
     sim.write("web", web.disks[0].key, 0, &noise(8 * MIB as usize, 61)).unwrap();
-    sim.faults(|f| f.datastore_delay = Duration::from_millis(100));
-    let mut c = replica_ctx(&client, &target, "r2");
-    c.options.in_flight = 1;
-    c.options.request_size = MIB;
-    c.options.checkpoint_bytes = MIB;
-    let cancel = c.engine.cancel.clone();
-    let job = tokio::spawn({
-        let (c, m) = (c.clone(), web.moref.clone());
-        async move { backup_vm(&c, &m).await }
-    });
-    // Cut once a few MiB are across (a checkpoint every MiB).
-    for _ in 0..400 {
-        if c.metrics.snapshot().bytes_read >= 3 * MIB {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    sim.faults(|f| f.fail_next_task = Some(SimFault::new("FileLocked", "the delta is locked")));
-    cancel.cancel();
-    let r = job.await.unwrap();
-    sim.faults(|f| f.datastore_delay = Duration::ZERO);
-    assert!(r.error.is_some() && !r.snapshot_removed, "{r:?}");
-    let left = client.vms().await.unwrap().into_iter().find(|v| v.name == "web").unwrap();
-    assert_eq!(left.all_snapshots().len(), 1, "the dead job's snapshot is still there");
+    let c = replica_ctx(&client, &target, "r2");
+    let before = cut_mid_copy(&sim, &client, c, &web.moref).await;
 
     // The next job adopts it: the copy goes on from the checkpoint, under the same frozen state.
     let r = backup_vm(&replica_ctx(&client, &target, "r3"), &web.moref).await;
     assert!(r.error.is_none(), "{r:?}");
     assert!(r.warnings.iter().any(|w| w.contains("resuming the copy that job test-proxy-r2 left")), "{r:?}");
     assert!(r.warnings.iter().any(|w| w.contains("resumed from its checkpoint")), "{r:?}");
-    let before = c.metrics.snapshot().bytes_read;
-    assert!(before > 0 && before < 8 * MIB, "the cut came mid-copy: {before}");
     assert!(r.disks[0].read <= 8 * MIB - before + MIB, "only what was left, and one checkpoint interval: {r:?}");
     assert!(r.snapshot_removed, "{r:?}");
     // The replica holds the disk as it was frozen: the data now.
@@ -708,4 +715,49 @@ datastore = "vmfs1"
         assert!(!r.disks[0].full && r.disks[0].read == MIB, "one changed chunk: {r:?}");
         restores_match(&sim, &client, &repo, &v.name, r.point.as_deref().unwrap()).await;
     }
+}
+
+/// A repository backup cut short by a dead proxy is finished by the next run under the dead
+/// job's snapshot, from the session it kept: only what was not stored is read, the restore
+/// point builds on the same parent and restores exactly. A session whose snapshot is gone is
+/// dropped and the disk planned again from the last restore point.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_left_by_a_dead_proxy_is_finished_from_its_session() {
+    let (dir, sim, client) = start().await;
+    let repo = Repo::init(dir.path().join("repo"), 1 << 20).unwrap();
+    let sessions = dir.path().join("repo/sessions");
+    let web = client.vms().await.unwrap().into_iter().find(|v| v.name == "web").unwrap();
+    let key = web.disks[0].key;
+    sim.write("web", key, 0, &noise(8 * MIB as usize, 70)).unwrap();
+    let r = backup_vm(&ctx(&client, &repo, "b1"), &web.moref).await;
+    assert!(r.error.is_none(), "{r:?}");
+    let first = r.point.unwrap();
+    assert!(std::fs::read_dir(&sessions).unwrap().next().is_none(), "a finished backup leaves no session");
+
+    sim.write("web", key, 0, &noise(8 * MIB as usize, 71)).unwrap();
+    let before = cut_mid_copy(&sim, &client, ctx(&client, &repo, "b2"), &web.moref).await;
+    assert_eq!(repo.points().unwrap().len(), 1, "no restore point from the cut backup");
+    let r = backup_vm(&ctx(&client, &repo, "b3"), &web.moref).await;
+    assert!(r.error.is_none(), "{r:?}");
+    assert!(r.warnings.iter().any(|w| w.contains("resuming the copy that job test-proxy-b2 left")), "{r:?}");
+    assert!(r.warnings.iter().any(|w| w.contains("finishing the backup job test-proxy-b2 began")), "{r:?}");
+    assert!(r.warnings.iter().any(|w| w.contains("stored before the interruption")), "{r:?}");
+    assert!(r.disks[0].read <= 8 * MIB - before + MIB, "only what was left, and one checkpoint interval: {r:?}");
+    assert!(r.snapshot_removed, "{r:?}");
+    let point = r.point.unwrap();
+    assert_eq!(repo.point(&point).unwrap().parent.as_deref(), Some(first.as_str()));
+    restores_match(&sim, &client, &repo, "web", &point).await;
+    assert!(std::fs::read_dir(&sessions).unwrap().next().is_none(), "the session is gone once finished");
+
+    // Cut again, and this time the snapshot is removed by hand: nothing to resume under.
+    sim.write("web", key, 0, &noise(8 * MIB as usize, 72)).unwrap();
+    cut_mid_copy(&sim, &client, ctx(&client, &repo, "b4"), &web.moref).await;
+    let left = client.vms_by_moref(std::slice::from_ref(&web.moref)).await.unwrap().pop().unwrap();
+    client.remove_snapshot(&left.all_snapshots()[0].moref, true).await.unwrap();
+    let r = backup_vm(&ctx(&client, &repo, "b5"), &web.moref).await;
+    assert!(r.error.is_none(), "{r:?}");
+    assert!(r.warnings.iter().any(|w| w.contains("dropped the unfinished backup of job test-proxy-b4")), "{r:?}");
+    assert_eq!(r.disks[0].read, 8 * MIB, "planned again from the last restore point: {r:?}");
+    restores_match(&sim, &client, &repo, "web", r.point.as_deref().unwrap()).await;
+    assert!(client.vms().await.unwrap().iter().all(|v| v.snapshots.is_empty()));
 }

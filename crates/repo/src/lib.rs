@@ -583,7 +583,7 @@ impl Repo {
         for f in self.store.list(&format!("writers/{id}"))? {
             self.store.delete(&format!("writers/{id}/{}", f.name))?;
         }
-        Ok(())
+        self.store.delete(&format!("writers/{id}"))
     }
 
     pub(crate) fn put_manifest(&self, m: &Manifest) -> Result<(), RepoError> {

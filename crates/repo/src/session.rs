@@ -160,6 +160,7 @@ impl Repo {
         for f in self.store.list(&format!("sessions/{key}"))? {
             self.store.delete(&format!("sessions/{key}/{}", f.name))?;
         }
+        self.store.delete(&format!("sessions/{key}"))?;
         self.store.delete(&format!("sessions/{key}.json"))
     }
 

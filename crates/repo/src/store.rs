@@ -32,7 +32,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn exists(&self, name: &str) -> Result<bool, RepoError>;
     /// The files and folders directly inside the folder `dir`, sorted by name.
     fn list(&self, dir: &str) -> Result<Vec<Entry>, RepoError>;
-    /// Removes `name`; removing what is not there is not an error.
+    /// Removes `name`: a file, or a folder once it is empty (object stores have no folders to
+    /// remove); removing what is not there is not an error.
     fn delete(&self, name: &str) -> Result<(), RepoError>;
     /// Where it is, for messages.
     fn describe(&self) -> String;
@@ -63,7 +64,7 @@ pub trait Fs: Send + Sync + std::fmt::Debug {
     fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()>;
     /// Links `to` to `from`'s file; `AlreadyExists` when `to` exists.
     fn hard_link(&self, from: &Path, to: &Path) -> std::io::Result<()>;
-    /// Removes file `path`.
+    /// Removes file `path`, or folder `path` once it is empty.
     fn remove(&self, path: &Path) -> std::io::Result<()>;
     /// Reads file `path`.
     fn read(&self, path: &Path) -> std::io::Result<Vec<u8>>;
@@ -97,7 +98,10 @@ impl Fs for RealFs {
         std::fs::hard_link(from, to)
     }
     fn remove(&self, path: &Path) -> std::io::Result<()> {
-        std::fs::remove_file(path)
+        match std::fs::remove_file(path) {
+            Err(_) if path.is_dir() => std::fs::remove_dir(path),
+            done => done,
+        }
     }
     fn read(&self, path: &Path) -> std::io::Result<Vec<u8>> {
         std::fs::read(path)
