@@ -252,19 +252,22 @@ async fn replicate_keeps_replica_disks_identical() {
 async fn backup_through_vddk_with_the_fake_library() {
     let env = start().await;
     Repo::init(env.dir.path().join("repo"), 1 << 20).unwrap();
-    let db = env.client.vms().await.unwrap().into_iter().find(|v| v.name == "db").unwrap();
+    let vms = env.client.vms().await.unwrap();
     // The fake VDDK reads `[ds] path` as a raw file under FAKE_VDDK_DATASTORES: point each
-    // disk's name, as the snapshot lists it, at the simulator's data for that disk.
+    // disk's name, as the snapshot lists it, at the simulator's data for that disk. The
+    // encrypted VM, refused over HTTPS, is read through VDDK too.
     let root = env.dir.path().join("fake-datastores");
-    for (i, d) in db.disks.iter().enumerate() {
-        env.sim.write("db", d.key, MIB, &noise(2 * MIB_BYTES, 50 + i as u64)).unwrap();
-        let rel = d.base_file_name.replacen("[ds1] ", "", 1);
-        let link = root.join("ds1").join(rel);
-        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
-        std::os::unix::fs::symlink(env.sim.disk_path("db", d.key).unwrap(), &link).unwrap();
+    for v in vms.iter().filter(|v| v.name == "db" || v.name == "vault") {
+        for (i, d) in v.disks.iter().enumerate() {
+            env.sim.write(&v.name, d.key, 0, &noise(MIB_BYTES, 50 + i as u64)).unwrap();
+            let rel = d.base_file_name.replacen("[ds1] ", "", 1);
+            let link = root.join("ds1").join(rel);
+            std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+            std::os::unix::fs::symlink(env.sim.disk_path(&v.name, d.key).unwrap(), &link).unwrap();
+        }
     }
     let libdir = vddk_fake::libdir(vddk_fake::Fake::V8);
-    let mut c = env.proxy(&["db", "--json", "--vddk-libdir", libdir.to_str().unwrap()]);
+    let mut c = env.proxy(&["db", "vault", "--json", "--vddk-libdir", libdir.to_str().unwrap()]);
     c.env("FAKE_VDDK_DATASTORES", &root);
     let (code, out, err) = output(c).await;
     assert_eq!(code, 0, "{out}\n{err}");
@@ -272,10 +275,14 @@ async fn backup_through_vddk_with_the_fake_library() {
     let j: serde_json::Value = serde_json::from_str(&out).unwrap();
     let disks = j["vms"][0]["disks"].as_array().unwrap();
     assert!(disks.iter().all(|d| d["transport"].as_str().unwrap().starts_with("vddk:")), "{disks:?}");
-    let point = j["vms"][0]["restore_point"].as_str().unwrap().to_owned();
-    for (n, d) in db.disks.iter().enumerate() {
-        let want = std::fs::read(env.sim.disk_path("db", d.key).unwrap()).unwrap();
-        assert!(env.repo().reader(&point, n).unwrap().read(0, d.capacity).unwrap() == want, "disk {n}");
+    for (k, name) in ["db", "vault"].into_iter().enumerate() {
+        let v = vms.iter().find(|v| v.name == name).unwrap();
+        assert_eq!(j["vms"][k]["vm"].as_str(), Some(name), "{j}");
+        let point = j["vms"][k]["restore_point"].as_str().unwrap().to_owned();
+        for (n, d) in v.disks.iter().enumerate() {
+            let want = std::fs::read(env.sim.disk_path(name, d.key).unwrap()).unwrap();
+            assert!(env.repo().reader(&point, n).unwrap().read(0, d.capacity).unwrap() == want, "{name} disk {n}");
+        }
     }
     assert!(!err.contains("pw-from-file"), "the password never reaches VDDK's logs or ours");
     assert_eq!(env.snapshots().await, 0);

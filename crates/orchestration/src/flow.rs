@@ -356,8 +356,13 @@ async fn run(ctx: &JobContext, vm_ref: &MoRef, report: &mut VmReport) -> Result<
     if hygiene(ctx, &vm, report).await? {
         vm = one_vm(ctx, vm_ref).await?;
     }
-    if vm.key_id.is_some() {
-        return Err(OrchError::Refused(format!("{} is encrypted: its disks cannot be read over HTTPS", vm.name)));
+    // VDDK decrypts (given Cryptographer.Access), as does an NBD server built on it; the
+    // datastore holds only ciphertext.
+    if vm.key_id.is_some() && ctx.vddk.is_none() && ctx.nbd.is_none() {
+        return Err(OrchError::Refused(format!(
+            "{} is encrypted: its disks cannot be read over HTTPS; read it through VDDK (--vddk-libdir)",
+            vm.name
+        )));
     }
     if let Some(adopted) = adoptable(ctx, &vm).await? {
         return resume_under(ctx, &vm, adopted, report).await;
@@ -740,12 +745,13 @@ pub async fn plan_vm(ctx: &JobContext, vm: &MoRef) -> Result<VmPlan, OrchError> 
     let repo = ctx.repo()?;
     let vm = one_vm(ctx, vm).await?;
     let mut out = VmPlan { vm: vm.name.clone(), ..VmPlan::default() };
-    if vm.key_id.is_some() {
-        out.warnings.push("encrypted: refused (its disks cannot be read over HTTPS)".into());
+    if vm.key_id.is_some() && ctx.vddk.is_none() && ctx.nbd.is_none() {
+        out.warnings.push("encrypted: refused (its disks cannot be read over HTTPS; read it through VDDK)".into());
     }
     if vm.snapshot_depth() > 0 {
         out.warnings.push(format!(
-            "has {} snapshot(s): stale ones of ours would be removed, any other refuses the backup",
+            "has {} snapshot(s): stale ones of ours would be removed, a live job's refuses the backup, and \
+             the disks of any other are read through their chain",
             vm.all_snapshots().len()
         ));
     }

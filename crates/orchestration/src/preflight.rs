@@ -372,12 +372,13 @@ fn check_vm(estate: &Estate, vm: &Vm, vddk: &VddkFacts, live_jobs: &HashSet<Stri
         );
     }
     if vm.key_id.is_some() {
-        let fix = if matches!(vddk, VddkFacts::Found(_)) {
-            "VDDK can read it with an encrypted proxy and Cryptographer.Access"
+        // VDDK decrypts; the datastore holds only ciphertext.
+        let (level, fix) = if matches!(vddk, VddkFacts::Found(_)) {
+            (Level::Warn, "read through VDDK: the account needs Cryptographer.Access")
         } else {
-            "configure VDDK (--vddk-libdir): HTTPS reads cannot decrypt"
+            (Level::Fail, "configure VDDK (--vddk-libdir): HTTPS reads cannot decrypt")
         };
-        out.add("vm.encryption", Level::Fail, n, None, "the VM is encrypted".into(), fix);
+        out.add("vm.encryption", level, n, None, "the VM is encrypted".into(), fix);
     } else {
         out.add("vm.encryption", Level::Pass, n, None, "not encrypted".into(), "");
     }
