@@ -84,6 +84,18 @@ cbt = true
 [[datacenter.vm.disk]]
 capacity = 1073741824
 [[datacenter.vm]]
+name = "ancient"
+guest = "win95Guest"
+cbt = true
+[[datacenter.vm.disk]]
+capacity = 1048576
+[[datacenter.vm]]
+name = "oddguest"
+guest = "madeUpGuest"
+cbt = true
+[[datacenter.vm.disk]]
+capacity = 1048576
+[[datacenter.vm]]
 name = "deep"
 cbt = true
 [[datacenter.vm.disk]]
@@ -120,8 +132,10 @@ async fn each_check_fails_or_warns_where_it_should_and_passes_a_healthy_vm() {
     let vms = client.vms().await.unwrap();
     let by_name = |n: &str| vms.iter().find(|v| v.name == n).unwrap().moref.clone();
     // Another product's snapshot, 30 hours old; and one a dead job of ours left.
-    client.create_snapshot(&by_name("snapped"), "VeeamSnapshot", "", false, None).await.unwrap();
-    sim.age_snapshot("snapped", "VeeamSnapshot", Duration::from_secs(30 * 3600)).unwrap();
+    let veeam = "VEEAM BACKUP TEMPORARY SNAPSHOT";
+    let why = "Please do not delete this snapshot. It is being used by Veeam Backup.";
+    client.create_snapshot(&by_name("snapped"), veeam, why, false, None).await.unwrap();
+    sim.age_snapshot("snapped", veeam, Duration::from_secs(30 * 3600)).unwrap();
     for i in 0..30 {
         client.create_snapshot(&by_name("deep"), &format!("level{i}"), "", false, None).await.unwrap();
     }
@@ -182,6 +196,10 @@ async fn each_check_fails_or_warns_where_it_should_and_passes_a_healthy_vm() {
         ("rdm", "disk.rdm", "fail"),
         ("shared", "disk.sharing", "fail"),
         ("snapped", "vm.snapshots", "warn"),
+        ("snapped", "vm.foreign_backup", "warn"),
+        ("ancient", "vm.guest_os", "fail"),
+        ("oddguest", "vm.guest_os", "warn"),
+        ("healthy", "vm.guest_os", "pass"),
         ("deep", "vm.snapshots", "fail"),
         ("snapped", "vm.snapshot_old", "warn"),
         ("leftover", "vm.snapshots", "pass"),

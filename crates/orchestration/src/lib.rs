@@ -3,11 +3,12 @@
 //! pipeline and the repository; it owns the order of the steps, the promise that a snapshot of
 //! ours is removed on every path, and the hygiene that removes what a dead job left.
 //!
-//! Today: backup jobs into a repository over HTTPS datastore reads of flat base disks, for VMs
-//! without snapshots of their own; plans without touching anything; job leases, stale-snapshot
-//! removal and metrics (issue 8 continues: replication, VDDK and NBD transports, snapshot
-//! chains, resume, the daemon).
+//! Backups into a repository and replicas, over HTTPS datastore reads (flat disks and the delta
+//! chains of older snapshots), VDDK or NBD; plans that touch nothing; job leases, stale-snapshot
+//! removal, resuming what a dead proxy left, limits and metrics; the support matrix as
+//! findings (`preflight`), with the guest and backup-product lists kept as data (`catalog`).
 
+pub mod catalog;
 pub mod config;
 mod flow;
 pub mod hygiene;

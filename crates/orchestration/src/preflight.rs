@@ -12,6 +12,7 @@ use vsphere::version::{ApiVersion, Support, support};
 use vsphere::{BackingKind, Client, MoRef, Vm};
 
 use crate::OrchError;
+use crate::catalog::GuestSupport;
 use crate::hygiene::{OLD_SNAPSHOT, job_of, parse_server_time};
 
 /// How a check came out.
@@ -408,6 +409,7 @@ fn check_vm(estate: &Estate, vm: &Vm, vddk: &VddkFacts, live_jobs: &HashSet<Stri
             "install and start VMware Tools for application-consistent backups",
         ),
     }
+    check_guest_os(vm, out);
     for g in &vm.guest_disks {
         let level = if g.free < MIN_GUEST_FREE { Level::Warn } else { Level::Pass };
         out.add(
@@ -472,6 +474,42 @@ fn check_vm(estate: &Estate, vm: &Vm, vddk: &VddkFacts, live_jobs: &HashSet<Stri
     }
 }
 
+/// The guest operating system against the support list (`data/guest-os.toml`).
+fn check_guest_os(vm: &Vm, out: &mut Out) {
+    let n = vm.name.as_str();
+    let Some(id) = vm.guest_id.as_deref().filter(|g| !g.is_empty()) else {
+        out.add(
+            "vm.guest_os",
+            Level::Warn,
+            n,
+            None,
+            "the guest operating system is not set".into(),
+            "set the VM's guest OS in its settings",
+        );
+        return;
+    };
+    match crate::catalog::guest(id) {
+        Some(g) => {
+            let (level, fix) = match g.support {
+                GuestSupport::Supported => (Level::Pass, ""),
+                GuestSupport::CrashConsistent => {
+                    (Level::Warn, "expect crash-consistent restore points, or quiesce the applications with a hook")
+                }
+                GuestSupport::Unsupported => (Level::Fail, "back this guest up from inside, or accept untested copies"),
+            };
+            out.add("vm.guest_os", level, n, None, format!("{id} ({}): {}", g.family, g.note), fix);
+        }
+        None => out.add(
+            "vm.guest_os",
+            Level::Warn,
+            n,
+            None,
+            format!("{id} is not in the guest support list"),
+            "check the guest's support, then add it to data/guest-os.toml",
+        ),
+    }
+}
+
 fn check_snapshots(estate: &Estate, vm: &Vm, live_jobs: &HashSet<String>, out: &mut Out) {
     let n = vm.name.as_str();
     let depth = vm.snapshot_depth();
@@ -502,6 +540,18 @@ fn check_snapshots(estate: &Estate, vm: &Vm, live_jobs: &HashSet<String>, out: &
         );
     } else {
         out.add("vm.snapshots", Level::Pass, n, None, format!("{} snapshot(s)", all.len()), "");
+    }
+    for s in &all {
+        if let Some(product) = crate::catalog::product_of(&s.name, &s.description) {
+            out.add(
+                "vm.foreign_backup",
+                Level::Warn,
+                n,
+                None,
+                format!("snapshot {:?} was made by {product}, which backs this VM up too", s.name),
+                "back each VM up with one product: two that use CBT and snapshots on one VM get in each other's way",
+            );
+        }
     }
     for s in all {
         let age = estate.now.zip(parse_server_time(&s.create_time)).and_then(|(now, t)| now.duration_since(t).ok());
@@ -704,7 +754,7 @@ mod tests {
             consolidation_needed: Some(false),
             key_id: None,
             tools: Some("guestToolsRunning".into()),
-            guest_id: None,
+            guest_id: Some("ubuntu64Guest".into()),
             vmx_path: None,
             host: None,
             disks: Vec::new(),

@@ -121,6 +121,9 @@ pub struct VmConfig {
     /// `guestToolsRunning`, `guestToolsNotRunning`.
     #[serde(default = "default_tools")]
     pub tools: String,
+    /// The guest OS ID (`ubuntu64Guest`, `windows2019srv_64Guest`).
+    #[serde(default = "default_guest")]
+    pub guest: String,
     /// Encrypted (a key ID is reported).
     #[serde(default)]
     pub encrypted: bool,
@@ -140,6 +143,9 @@ fn default_power() -> String {
 }
 fn default_hw() -> String {
     "vmx-19".into()
+}
+fn default_guest() -> String {
+    "ubuntu64Guest".into()
 }
 fn default_tools() -> String {
     "guestToolsRunning".into()
@@ -207,6 +213,7 @@ impl Config {
                         hardware: default_hw(),
                         cbt: true,
                         tools: default_tools(),
+                        guest: default_guest(),
                         encrypted: false,
                         usb: 0,
                         pci: 0,

@@ -603,7 +603,7 @@ fn vm_property(w: &World, v: &VmState, p: &str) -> Result<Option<String>, SimFau
         "config.uuid" => s(&v.uuid),
         "config.instanceUuid" => s(&v.instance_uuid),
         "config.version" => s(&v.hardware),
-        "config.guestId" => s("otherLinux64Guest"),
+        "config.guestId" => s(&v.guest),
         "config.files.vmPathName" => {
             s(&format!("[{}] {}/{}.vmx", w.datastores[v.disks.first().map_or(0, |d| d.ds)].name, v.name, v.name))
         }
@@ -629,7 +629,7 @@ fn vm_property(w: &World, v: &VmState, p: &str) -> Result<Option<String>, SimFau
                 t("uuid", &v.uuid),
                 t("instanceUuid", &v.instance_uuid),
                 t("changeTrackingEnabled", v.cbt),
-                t("guestId", "otherLinux64Guest"),
+                t("guestId", &v.guest),
                 t("vmPathName", format!("[{ds}] {}/{}.vmx", v.name, v.name)),
                 t("numCPU", 2),
                 t("memoryMB", 4096),
