@@ -1,6 +1,7 @@
 //! `probe check`: runs every check of the support matrix against vCenter or ESXi, for every VM
 //! or the ones named, and prints pass, warn or fail per server, host, VM and disk, each with
-//! its reason and fix, as a table or `--json` with a stable code per finding. The exit code is
+//! its reason and fix, as a table or `--json` with a stable code per finding; the proxy host
+//! itself is checked too (OS, cores, memory, free space where it writes, throttling). The exit code is
 //! 0 when nothing failed, 1 when a check failed, 2 when the probe could not run.
 
 use std::collections::HashSet;
@@ -10,7 +11,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use orchestration::config::ServeConfig;
 use orchestration::preflight::{self, Finding, Level, VddkFacts};
+use orchestration::proxy_host::ProxyFacts;
 use orchestration::{Selector, select_vms};
 use serde_json::json;
 
@@ -36,6 +39,13 @@ pub(crate) struct Args {
     /// How long a port check waits.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     port_timeout: Duration,
+    /// Where the proxy writes backups or replicas: its free space is checked (repeatable).
+    #[arg(long)]
+    target: Vec<PathBuf>,
+    /// The `proxy serve` configuration: its VMs at once, `release_cpu_time` and the local
+    /// repositories and replica folders of its jobs are checked.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Only warnings and failures.
     #[arg(long)]
     problems: bool,
@@ -74,6 +84,26 @@ fn vddk_facts(libdir: Option<&std::path::Path>) -> VddkFacts {
     }
 }
 
+/// This host's facts, with the targets and throttling of `--config` when given.
+fn proxy_facts(args: &Args) -> Result<ProxyFacts> {
+    let mut targets = args.target.clone();
+    let (mut max_vms, mut release) = (100, 0);
+    if let Some(path) = &args.config {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let c = ServeConfig::from_toml(&text)
+            .with_context(|| format!("{} is not a valid configuration", path.display()))?;
+        (max_vms, release) = (c.proxy.max_vms, c.proxy.release_cpu_time);
+        for j in &c.jobs {
+            // Object storage has no free space to check.
+            targets.extend(j.repository.as_deref().filter(|r| !r.contains("://")).map(PathBuf::from));
+            targets.extend(j.replica.clone());
+        }
+        targets.sort();
+        targets.dedup();
+    }
+    Ok(ProxyFacts::gather(&targets, max_vms, release))
+}
+
 /// Runs the checks and prints them; returns whether any failed.
 async fn check(args: &Args, vddk: &VddkFacts) -> Result<bool> {
     let client = args.server.login().await?;
@@ -85,7 +115,8 @@ async fn check(args: &Args, vddk: &VddkFacts) -> Result<bool> {
             Some(select_vms(&client, &selectors, false).await?)
         };
         let estate = preflight::gather(&client, vms).await.context("cannot read the estate")?;
-        let mut findings = preflight::check(&estate, vddk, &HashSet::new());
+        let mut findings = preflight::check_proxy(&proxy_facts(args)?, &estate);
+        findings.extend(preflight::check(&estate, vddk, &HashSet::new()));
         findings.extend(preflight::check_ports(&estate, vddk, args.https_port, args.nfc_port, args.port_timeout).await);
         anyhow::Ok(findings)
     }

@@ -153,7 +153,8 @@ async fn each_check_fails_or_warns_where_it_should_and_passes_a_healthy_vm() {
         c
     };
     let (hp, np) = (https.local_addr().unwrap().port().to_string(), nfc.local_addr().unwrap().port().to_string());
-    let (code, out, err) = run(probe(&["--json", "--https-port", &hp, "--nfc-port", &np])).await;
+    let target = dir.path().to_str().unwrap().to_owned();
+    let (code, out, err) = run(probe(&["--json", "--https-port", &hp, "--nfc-port", &np, "--target", &target])).await;
     assert_eq!(code, 1, "something failed: {out}\n{err}");
     let j: serde_json::Value = serde_json::from_str(&out).unwrap();
     let mut got: HashMap<(String, String), Vec<String>> = HashMap::new();
@@ -208,6 +209,12 @@ async fn each_check_fails_or_warns_where_it_should_and_passes_a_healthy_vm() {
     ] {
         assert_eq!(level(subject, code), want, "{subject} {code}");
     }
+    // The proxy host is checked too; its levels depend on the machine, so only their presence
+    // and the free space of a real folder are asserted here (the rules are unit-tested).
+    for code in ["proxy.os", "proxy.cores", "proxy.memory", "proxy.free_space", "proxy.throttle"] {
+        assert!(got.contains_key(&("proxy".to_owned(), code.to_owned())), "no {code}: {out}");
+    }
+    assert_ne!(level("proxy", "proxy.free_space"), "fail", "{out}");
     let summary = &j["summary"];
     assert!(summary["fail"].as_u64().unwrap() >= 6 && summary["pass"].as_u64().unwrap() > 20, "{summary}");
 

@@ -15,6 +15,7 @@ pub mod hygiene;
 mod job;
 pub mod metrics;
 pub mod preflight;
+pub mod proxy_host;
 pub mod source;
 pub mod vddk_source;
 

@@ -195,6 +195,118 @@ fn check_server(estate: &Estate, out: &mut Out) {
     }
 }
 
+/// The cores and memory the proxy should have (the seed's Sync Proxy: 4 cores, 8 GB).
+pub const MIN_PROXY_CORES: usize = 4;
+/// See [`MIN_PROXY_CORES`].
+pub const MIN_PROXY_MEMORY: u64 = 8 << 30;
+/// Below this much free space where the proxy writes, nothing can be written safely.
+pub const MIN_TARGET_FREE: u64 = 1 << 30;
+
+/// Releases the proxy is tested on (`ID`, `VERSION_ID` of os-release).
+const TESTED_OS: &[(&str, &[&str])] = &[
+    ("ubuntu", &["22.04", "24.04"]),
+    ("debian", &["12", "13"]),
+    ("rhel", &["8", "9"]),
+    ("rocky", &["8", "9"]),
+    ("almalinux", &["8", "9"]),
+];
+
+/// The proxy host: its OS, cores and memory, free space where it writes against what the
+/// checked VMs' disks may need, and whether its throttling suits the VMs it runs at once.
+pub fn check_proxy(p: &crate::proxy_host::ProxyFacts, estate: &Estate) -> Vec<Finding> {
+    let mut out = Out { list: Vec::new() };
+    let s = "proxy";
+    let name = p.os_name.clone().unwrap_or_else(|| "an unknown Linux".into());
+    let major = |v: &str| v.split('.').next().unwrap_or(v).to_owned();
+    let tested = match (p.os_id.as_deref(), p.os_version.as_deref()) {
+        (Some(id), Some(v)) => TESTED_OS
+            .iter()
+            .any(|(i, vs)| *i == id && vs.iter().any(|t| *t == v || (!t.contains('.') && *t == major(v)))),
+        _ => false,
+    };
+    if tested {
+        out.add("proxy.os", Level::Pass, s, None, format!("{name}"), "");
+    } else {
+        out.add(
+            "proxy.os",
+            Level::Warn,
+            s,
+            None,
+            format!("{name} is not among the tested releases"),
+            "run the proxy on Ubuntu 22.04 or 24.04, Debian 12 or 13, or RHEL 8 or 9 (or a rebuild)",
+        );
+    }
+    let level = if p.cores >= MIN_PROXY_CORES { Level::Pass } else { Level::Warn };
+    out.add(
+        "proxy.cores",
+        level,
+        s,
+        None,
+        format!("{} core(s)", p.cores),
+        "give the proxy at least 4 cores: hashing and compression run on them",
+    );
+    match p.memory {
+        Some(m) => out.add(
+            "proxy.memory",
+            if m >= MIN_PROXY_MEMORY { Level::Pass } else { Level::Warn },
+            s,
+            None,
+            format!("{} MiB of memory", m >> 20),
+            "give the proxy at least 8 GB, or lower --memory and the VMs at once",
+        ),
+        None => out.add("proxy.memory", Level::Warn, s, None, "memory unknown".into(), "check /proc/meminfo"),
+    }
+    let need: u64 = estate.vms.iter().flat_map(|v| v.disks.iter()).map(|d| d.capacity).sum();
+    for (path, free) in &p.targets {
+        let (level, reason) = match free {
+            None => (Level::Warn, format!("{}: free space unknown", path.display())),
+            Some(f) if *f < MIN_TARGET_FREE => (Level::Fail, format!("{}: only {} MiB free", path.display(), f >> 20)),
+            Some(f) if *f < need => (
+                Level::Warn,
+                format!(
+                    "{}: {} GiB free; the checked VMs' disks hold up to {} GiB (a first full copy, before \
+                     compression and deduplication)",
+                    path.display(),
+                    f >> 30,
+                    need >> 30
+                ),
+            ),
+            Some(f) => (Level::Pass, format!("{}: {} GiB free", path.display(), f >> 30)),
+        };
+        out.add("proxy.free_space", level, s, None, reason, "free space there, or write somewhere larger");
+    }
+    let hosts: HashSet<&MoRef> = estate.vms.iter().filter_map(|v| v.host.as_ref()).collect();
+    let at_once = p.max_vms.min(estate.vms.len()).max(1);
+    let busy_hosts = hosts.len().min(at_once).max(1);
+    let t = p.release_cpu_time;
+    let (level, reason, fix) = if t == 0 && at_once > MIN_PROXY_CORES.max(p.cores) * 4 && busy_hosts > 1 {
+        (
+            Level::Warn,
+            format!(
+                "release_cpu_time is 0 with up to {at_once} VMs at once on {busy_hosts} hosts: the streams may \
+                 starve each other and the hosts' storage"
+            ),
+            format!("set release_cpu_time to the number of hosts read at once ({busy_hosts})"),
+        )
+    } else if t as usize > 4 * busy_hosts {
+        (
+            Level::Warn,
+            format!(
+                "release_cpu_time is {t} ms per request with {busy_hosts} host(s) read at once: slower than needed"
+            ),
+            format!("lower release_cpu_time to about {busy_hosts} (0 for full speed)"),
+        )
+    } else {
+        (
+            Level::Pass,
+            format!("release_cpu_time {t} ms per request, up to {at_once} VMs at once on {busy_hosts} host(s)"),
+            String::new(),
+        )
+    };
+    out.add("proxy.throttle", level, s, None, reason, &fix);
+    out.list
+}
+
 /// Where a vSphere release stands in the order VDDK's support policy counts in.
 fn release_index(major: u32, minor: u32) -> Option<i64> {
     Some(match (major, minor) {
@@ -767,6 +879,26 @@ mod tests {
         }
     }
 
+    fn disk_of(capacity: u64) -> vsphere::Disk {
+        vsphere::Disk {
+            key: 2000,
+            label: "Hard disk 1".into(),
+            capacity,
+            file_name: "[ds1] v/v.vmdk".into(),
+            base_file_name: "[ds1] v/v.vmdk".into(),
+            backing: BackingKind::Flat,
+            mode: "persistent".into(),
+            sharing: None,
+            change_id: Some("52 aa/1".into()),
+            thin: Some(true),
+            datastore: None,
+            controller_key: None,
+            unit_number: None,
+            bus_slot: Some("scsi0:0".into()),
+            key_id: None,
+        }
+    }
+
     fn codes(f: &[Finding], level: Level) -> Vec<&'static str> {
         f.iter().filter(|x| x.level == level).map(|x| x.code).collect()
     }
@@ -792,6 +924,48 @@ mod tests {
         let f = check(&old, &VddkFacts::NotConfigured, &HashSet::new());
         assert_eq!(codes(&f, Level::Fail), ["server.version"], "{f:#?}");
         assert!(f.iter().all(|x| x.level == Level::Pass || !x.fix.is_empty()), "every problem says its fix");
+    }
+
+    #[test]
+    fn the_proxy_host_is_judged_by_its_size_space_and_throttle() {
+        use crate::proxy_host::ProxyFacts;
+        let mut vms: Vec<Vm> = (0..40).map(|i| vm(&format!("v{i}"))).collect();
+        for (i, v) in vms.iter_mut().enumerate() {
+            v.host = Some(MoRef::new("HostSystem", &format!("host-{}", i % 5)));
+            v.disks.push(disk_of(10 << 30));
+        }
+        let estate = Estate { vms, ..Estate::default() };
+        let big = ProxyFacts {
+            os_id: Some("ubuntu".into()),
+            os_version: Some("24.04".into()),
+            os_name: Some("Ubuntu 24.04.1 LTS".into()),
+            cores: 8,
+            memory: Some(16 << 30),
+            targets: vec![("/big".into(), Some(1 << 40))],
+            max_vms: 100,
+            release_cpu_time: 5,
+        };
+        let f = check_proxy(&big, &estate);
+        assert!(f.iter().all(|x| x.level == Level::Pass), "{f:#?}");
+        let small = ProxyFacts {
+            os_id: Some("gentoo".into()),
+            cores: 2,
+            memory: Some(4 << 30),
+            targets: vec![("/tiny".into(), Some(100 << 20)), ("/half".into(), Some(200 << 30))],
+            release_cpu_time: 0,
+            ..big.clone()
+        };
+        let f = check_proxy(&small, &estate);
+        let level = |code: &str, n: usize| f.iter().filter(|x| x.code == code).nth(n).map(|x| x.level);
+        assert_eq!(level("proxy.os", 0), Some(Level::Warn));
+        assert_eq!(level("proxy.cores", 0), Some(Level::Warn));
+        assert_eq!(level("proxy.memory", 0), Some(Level::Warn));
+        assert_eq!(level("proxy.free_space", 0), Some(Level::Fail), "under 1 GiB: {f:#?}");
+        assert_eq!(level("proxy.free_space", 1), Some(Level::Warn), "less than the 400 GiB of disks");
+        assert_eq!(level("proxy.throttle", 0), Some(Level::Warn), "40 VMs on 5 hosts at full speed");
+        let slow = ProxyFacts { release_cpu_time: 100, ..big };
+        let f = check_proxy(&slow, &estate);
+        assert!(f.iter().any(|x| x.code == "proxy.throttle" && x.level == Level::Warn && x.fix.contains("about 5")));
     }
 
     #[test]
