@@ -225,7 +225,7 @@ pub fn check_proxy(p: &crate::proxy_host::ProxyFacts, estate: &Estate) -> Vec<Fi
         _ => false,
     };
     if tested {
-        out.add("proxy.os", Level::Pass, s, None, format!("{name}"), "");
+        out.add("proxy.os", Level::Pass, s, None, name, "");
     } else {
         out.add(
             "proxy.os",
