@@ -15,6 +15,15 @@ use vsphere_sim::{Config, Sim, SimTls};
 const ESTATE: &str = r#"
 user = "probe"
 password = "pw"
+# An older server that does not know Cryptographer.Access: asking about it would fail the
+# whole privilege check, so it is filtered out.
+unknown_privileges = ["Cryptographer.Access"]
+[[deny]]
+entity = "noperm"
+privileges = ["VirtualMachine.State.CreateSnapshot", "VirtualMachine.GuestOperations.Execute"]
+[[deny]]
+entity = "locked"
+privileges = ["Datastore.Browse"]
 [[datacenter]]
 name = "DC1"
 [[datacenter.host]]
@@ -22,6 +31,14 @@ name = "127.0.0.1"
 version = "8.0.2"
 [[datacenter.datastore]]
 name = "ds1"
+[[datacenter.datastore]]
+name = "locked"
+[[datacenter.vm]]
+name = "noperm"
+cbt = true
+[[datacenter.vm.disk]]
+capacity = 1048576
+datastore = "locked"
 [[datacenter.vm]]
 name = "healthy"
 cbt = true
@@ -198,6 +215,13 @@ async fn each_check_fails_or_warns_where_it_should_and_passes_a_healthy_vm() {
         ("shared", "disk.sharing", "fail"),
         ("snapped", "vm.snapshots", "warn"),
         ("snapped", "vm.foreign_backup", "warn"),
+        ("healthy", "vm.privileges", "pass"),
+        ("vault", "vm.privileges", "pass"),
+        ("noperm", "vm.privileges", "fail"),
+        ("noperm", "vm.privileges_guest", "warn"),
+        ("datastore locked", "datastore.privileges", "fail"),
+        ("datastore ds1", "datastore.privileges", "pass"),
+        ("server", "server.privileges", "pass"),
         ("ancient", "vm.guest_os", "fail"),
         ("oddguest", "vm.guest_os", "warn"),
         ("healthy", "vm.guest_os", "pass"),
@@ -266,5 +290,8 @@ fn runs_and_reports_on_vcsim_vms() {
     assert_eq!(server["level"], "pass", "vcsim speaks the vCenter 6.5 API: {server}");
     // vcsim's hosts have names nothing resolves: their ports are reported, not skipped.
     assert!(findings.iter().any(|f| f["code"] == "host.port.nfc"), "{stdout}");
+    // vcsim lists no privileges, so none can be asked about safely: that is said, as a warning.
+    let privileges = findings.iter().find(|f| f["code"] == "server.privileges").expect("privileges are reported");
+    assert!(privileges["level"] == "warn" && privileges["reason"] == "the server lists no privileges", "{privileges}");
     drop(sim);
 }

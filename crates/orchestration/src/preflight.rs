@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use vsphere::facts::{Cluster, Datastore, Host};
+use vsphere::privileges::Held;
 use vsphere::version::{ApiVersion, Support, support};
 use vsphere::{BackingKind, Client, MoRef, Vm};
 
@@ -83,6 +84,88 @@ pub struct Estate {
     pub vms: Vec<Vm>,
     /// The server's clock.
     pub now: Option<SystemTime>,
+    /// What the account may do where the backup acts.
+    pub privileges: PrivilegeFacts,
+}
+
+/// The account's privileges, per entity.
+#[derive(Debug, Clone, Default)]
+pub enum PrivilegeFacts {
+    /// Not asked.
+    #[default]
+    NotChecked,
+    /// Asking failed: why.
+    Failed(String),
+    /// What the session holds on each entity asked about.
+    Checked(HashMap<MoRef, Held>),
+}
+
+/// What a backup does to a VM: CBT, snapshots, disk reads (VDDK's leases and random access;
+/// HTTPS's file reads).
+pub const VM_PRIVILEGES: &[&str] = &[
+    "VirtualMachine.Config.ChangeTracking",
+    "VirtualMachine.Config.DiskLease",
+    "VirtualMachine.Provisioning.DiskRandomRead",
+    "VirtualMachine.Provisioning.DiskRandomAccess",
+    "VirtualMachine.Provisioning.GetVmFiles",
+    "VirtualMachine.State.CreateSnapshot",
+    "VirtualMachine.State.RemoveSnapshot",
+];
+/// Guest freeze scripts run through the guest operations API.
+pub const GUEST_PRIVILEGES: &[&str] = &[
+    "VirtualMachine.GuestOperations.Query",
+    "VirtualMachine.GuestOperations.Modify",
+    "VirtualMachine.GuestOperations.Execute",
+];
+/// Reading an encrypted VM's disks.
+pub const CRYPTO_PRIVILEGES: &[&str] = &["Cryptographer.Access"];
+/// Reading disk files from a datastore, and removing `-ctk.vmdk` files in a CBT reset.
+pub const DATASTORE_PRIVILEGES: &[&str] = &["Datastore.Browse", "Datastore.FileManagement"];
+/// VDDK's PrepareForAccess and EndAccess (they disable and enable a VM's relocation).
+pub const GLOBAL_PRIVILEGES: &[&str] = &["Global.DisableMethods", "Global.EnableMethods"];
+/// The per-VM DRS override that keeps a VM in place while it is read.
+pub const CLUSTER_PRIVILEGES: &[&str] = &["Host.Inventory.EditCluster"];
+
+/// Asks what the session holds on every entity the checked VMs' backups touch: each VM, its
+/// datastores, its host's cluster, and (on vCenter) the root folder.
+pub async fn gather_privileges(client: &Client, estate: &Estate) -> PrivilegeFacts {
+    let known = match client.privilege_ids().await {
+        Ok(k) if !k.is_empty() => k,
+        Ok(_) => return PrivilegeFacts::Failed("the server lists no privileges".into()),
+        Err(e) => return PrivilegeFacts::Failed(format!("cannot read the server's privilege list: {e}")),
+    };
+    let mut asks: Vec<(MoRef, Vec<&str>)> = Vec::new();
+    for vm in &estate.vms {
+        let mut want: Vec<&str> = VM_PRIVILEGES.iter().chain(GUEST_PRIVILEGES).copied().collect();
+        if vm.key_id.is_some() {
+            want.extend(CRYPTO_PRIVILEGES);
+        }
+        asks.push((vm.moref.clone(), want));
+    }
+    let datastores: HashSet<&MoRef> =
+        estate.vms.iter().flat_map(|v| v.disks.iter().filter_map(|d| d.datastore.as_ref())).collect();
+    asks.extend(datastores.into_iter().map(|d| (d.clone(), DATASTORE_PRIVILEGES.to_vec())));
+    let clusters: HashSet<&MoRef> = estate
+        .vms
+        .iter()
+        .filter_map(|v| v.host.as_ref())
+        .filter_map(|h| estate.hosts.iter().find(|x| &x.moref == h)?.parent.as_ref())
+        .filter(|p| p.kind == "ClusterComputeResource")
+        .collect();
+    asks.extend(clusters.into_iter().map(|c| (c.clone(), CLUSTER_PRIVILEGES.to_vec())));
+    if estate.server.api_type == "VirtualCenter" {
+        asks.push((client.content().root_folder.clone(), GLOBAL_PRIVILEGES.to_vec()));
+    }
+    let mut held = HashMap::new();
+    for (entity, want) in asks {
+        match client.has_privileges(&entity, &want, &known).await {
+            Ok(h) => {
+                held.insert(entity, h);
+            }
+            Err(e) => return PrivilegeFacts::Failed(format!("cannot check the privileges on {entity}: {e}")),
+        }
+    }
+    PrivilegeFacts::Checked(held)
 }
 
 /// The snapshot depth at which a backup is refused (32 is the limit; ours needs one level).
@@ -106,14 +189,17 @@ pub async fn gather(client: &Client, vms: Option<Vec<Vm>>) -> Result<Estate, Orc
         None => client.vms().await?,
     };
     let now = parse_server_time(&client.current_time().await?);
-    Ok(Estate {
+    let mut estate = Estate {
         server,
         hosts: client.hosts().await?,
         datastores: client.datastores().await?,
         clusters: client.clusters().await.unwrap_or_default(),
         vms,
         now,
-    })
+        privileges: PrivilegeFacts::NotChecked,
+    };
+    estate.privileges = gather_privileges(client, &estate).await;
+    Ok(estate)
 }
 
 struct Out {
@@ -152,7 +238,138 @@ pub fn check(estate: &Estate, vddk: &VddkFacts, live_jobs: &HashSet<String>) -> 
     for vm in &estate.vms {
         check_vm(estate, vm, vddk, live_jobs, &mut out);
     }
+    check_privileges(estate, vddk, &mut out);
     out.list
+}
+
+/// What the account lacks where the backup acts, by entity.
+fn check_privileges(estate: &Estate, vddk: &VddkFacts, out: &mut Out) {
+    let held = match &estate.privileges {
+        PrivilegeFacts::NotChecked => return,
+        PrivilegeFacts::Failed(why) => {
+            out.add(
+                "server.privileges",
+                Level::Warn,
+                "server",
+                None,
+                why.clone(),
+                "let the account read its own privileges (System.View), then check again",
+            );
+            return;
+        }
+        PrivilegeFacts::Checked(h) => h,
+    };
+    let note = |h: &Held| {
+        if h.unknown.is_empty() { String::new() } else { format!(" ({} unknown to this server)", h.unknown.join(", ")) }
+    };
+    let lacks = |what: &[&str], among: &[&str]| -> Vec<String> {
+        what.iter().filter(|p| among.contains(p)).map(|p| (*p).to_owned()).collect()
+    };
+    for vm in &estate.vms {
+        let Some(h) = held.get(&vm.moref) else { continue };
+        let missing = h.missing();
+        let required = [VM_PRIVILEGES, CRYPTO_PRIVILEGES].concat();
+        let needed = lacks(&missing, &required);
+        if needed.is_empty() {
+            out.add("vm.privileges", Level::Pass, &vm.name, None, format!("the account may back it up{}", note(h)), "");
+        } else {
+            out.add(
+                "vm.privileges",
+                Level::Fail,
+                &vm.name,
+                None,
+                format!("the account lacks {} on this VM", needed.join(", ")),
+                "grant them to the backup account's role on the VM (or a folder above it, propagated)",
+            );
+        }
+        let guest = lacks(&missing, GUEST_PRIVILEGES);
+        if !guest.is_empty() {
+            out.add(
+                "vm.privileges_guest",
+                Level::Warn,
+                &vm.name,
+                None,
+                format!("the account lacks {}: guest freeze scripts cannot run", guest.join(", ")),
+                "grant the guest operations privileges if this VM uses guest hooks",
+            );
+        }
+    }
+    let mut entities: Vec<(&MoRef, &Held)> = held.iter().collect();
+    entities.sort_by(|a, b| (&a.0.kind, &a.0.value).cmp(&(&b.0.kind, &b.0.value)));
+    for (entity, h) in entities {
+        let missing = h.missing();
+        match entity.kind.as_str() {
+            "Datastore" => {
+                let name =
+                    estate.datastores.iter().find(|d| &d.moref == entity).map_or(entity.value.as_str(), |d| &d.name);
+                let subject = format!("datastore {name}");
+                if missing.is_empty() {
+                    out.add(
+                        "datastore.privileges",
+                        Level::Pass,
+                        &subject,
+                        None,
+                        format!("browse and manage files{}", note(h)),
+                        "",
+                    );
+                } else {
+                    out.add(
+                        "datastore.privileges",
+                        Level::Fail,
+                        &subject,
+                        None,
+                        format!(
+                            "the account lacks {}: disks cannot be read over HTTPS, nor CBT files reset",
+                            missing.join(", ")
+                        ),
+                        "grant them on the datastore",
+                    );
+                }
+            }
+            "ClusterComputeResource" => {
+                let name =
+                    estate.clusters.iter().find(|c| &c.moref == entity).map_or(entity.value.as_str(), |c| &c.name);
+                let subject = format!("cluster {name}");
+                if missing.is_empty() {
+                    out.add(
+                        "cluster.privileges",
+                        Level::Pass,
+                        &subject,
+                        None,
+                        "may pin VMs against DRS moves".into(),
+                        "",
+                    );
+                } else {
+                    out.add(
+                        "cluster.privileges",
+                        Level::Warn,
+                        &subject,
+                        None,
+                        format!(
+                            "the account lacks {}: VMs are not pinned against DRS moves while read",
+                            missing.join(", ")
+                        ),
+                        "grant Host.Inventory.EditCluster on the cluster, or set its DRS to manual during backups",
+                    );
+                }
+            }
+            "Folder" => {
+                let level = match (missing.is_empty(), vddk) {
+                    (true, _) => Level::Pass,
+                    (false, VddkFacts::Found(_)) => Level::Fail,
+                    (false, _) => Level::Warn,
+                };
+                let reason = if missing.is_empty() {
+                    format!("global privileges held{}", note(h))
+                } else {
+                    format!("the account lacks {}: VDDK cannot prepare VMs for access", missing.join(", "))
+                };
+                out.add("server.privileges", level, "server", None, reason, "grant them at the vCenter root");
+            }
+            // VMs were judged above.
+            _ => {}
+        }
+    }
 }
 
 fn check_server(estate: &Estate, out: &mut Out) {

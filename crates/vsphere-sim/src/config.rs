@@ -35,6 +35,24 @@ pub struct Config {
     /// Datacenters.
     #[serde(default, rename = "datacenter")]
     pub datacenters: Vec<DatacenterConfig>,
+    /// Privileges the account lacks, per entity; it holds every other one everywhere.
+    #[serde(default, rename = "deny")]
+    pub denied: Vec<Denied>,
+    /// Privilege IDs this server does not know (an older release): absent from
+    /// `privilegeList`, and naming one in `HasPrivilegeOnEntity` fails the whole call.
+    #[serde(default)]
+    pub unknown_privileges: Vec<String>,
+}
+
+/// Privileges the account lacks on an entity.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Denied {
+    /// The entity by name (a VM, datastore, host, datacenter, `root` for the root folder), or
+    /// `*` for every entity.
+    pub entity: String,
+    /// Privilege IDs (`VirtualMachine.State.CreateSnapshot`).
+    pub privileges: Vec<String>,
 }
 
 fn default_api_type() -> String {
@@ -201,6 +219,8 @@ impl Config {
             qcda_window: default_window(),
             cbt_block: default_cbt_block(),
             page_limit: default_page_limit(),
+            denied: Vec::new(),
+            unknown_privileges: Vec::new(),
             datacenters: vec![DatacenterConfig {
                 name: "DC1".into(),
                 hosts: vec![HostConfig { name: "esx1.sim".into(), version: default_version() }],

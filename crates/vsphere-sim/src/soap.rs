@@ -199,6 +199,28 @@ fn dispatch(w: &mut World, state: &Shared, method: &str, this: Option<&MoRef>, c
             Some(obj) => start_task(w, state, method, obj.clone(), call),
             None => fault(&SimFault::new("InvalidRequest", "no _this"), None),
         },
+        "HasPrivilegeOnEntity" => {
+            let (Some(entity), Some(session)) = (call.child("entity").and_then(MoRef::from_element), text("sessionId"))
+            else {
+                return fault(&SimFault::new("InvalidArgument", "entity and sessionId are required"), this);
+            };
+            if !w.sessions.iter().any(|c| c.contains(&format!("\"{session}\""))) {
+                return fault(&SimFault::new("InvalidArgument", "sessionId names no session"), this);
+            }
+            let ids: Vec<String> = call.children_named("privId").map(|e| e.text.trim().to_owned()).collect();
+            if let Some(unknown) = ids.iter().find(|id| !w.privilege_ids().contains(&id.as_str())) {
+                return fault(&SimFault::new("InvalidArgument", format!("unknown privilege {unknown}")), this);
+            }
+            let name = w.entity_name(&entity);
+            let mut inner = String::new();
+            for id in &ids {
+                let denied = w.cfg.denied.iter().any(|d| {
+                    (d.entity == "*" || Some(d.entity.as_str()) == name.as_deref()) && d.privileges.contains(id)
+                });
+                inner.push_str(&t("returnval", !denied));
+            }
+            ok(method, &inner)
+        }
         "QueryChangedDiskAreas" => {
             let Some(vm) = this.and_then(|m| w.vm_index(m)) else {
                 return fault(&SimFault::new("ManagedObjectNotFound", "no such VM"), this);
@@ -331,12 +353,16 @@ fn service_content(w: &World) -> String {
     );
     let about = about.replace("</about>", &format!("{}</about>", t("instanceUuid", &w.instance_uuid)));
     format!(
-        "<returnval>{}{}{}{}{}{}{}{}</returnval>",
+        "<returnval>{}{}{}{}{}{}{}{}{}</returnval>",
         mo("rootFolder", &MoRef::new("Folder", root)),
         mo("propertyCollector", &MoRef::new("PropertyCollector", pc)),
         mo("viewManager", &MoRef::new("ViewManager", "ViewManager")),
         about,
         mo("sessionManager", &MoRef::new("SessionManager", sm)),
+        mo(
+            "authorizationManager",
+            &MoRef::new("AuthorizationManager", if esx { "ha-authmgr" } else { "AuthorizationManager" })
+        ),
         mo("taskManager", &MoRef::new("TaskManager", "TaskManager")),
         mo("searchIndex", &MoRef::new("SearchIndex", si)),
         mo("fileManager", &MoRef::new("FileManager", "FileManager")),
@@ -564,6 +590,26 @@ fn property(w: &World, obj: &MoRef, p: &str) -> Result<Option<String>, SimFault>
                 _ => Err(invalid_property(p)),
             }
         }
+        "AuthorizationManager" => match p {
+            "privilegeList" => {
+                let inner: String = w
+                    .privilege_ids()
+                    .iter()
+                    .map(|id| {
+                        let group = id.rsplit_once('.').map_or(*id, |(g, _)| g);
+                        format!(
+                            r#"<AuthorizationPrivilege xsi:type="AuthorizationPrivilege">{}{}{}{}</AuthorizationPrivilege>"#,
+                            t("privId", id),
+                            t("onParent", false),
+                            t("name", id),
+                            t("privGroupName", group)
+                        )
+                    })
+                    .collect();
+                Ok(Some(prop(p, "ArrayOfAuthorizationPrivilege", &inner)))
+            }
+            _ => Err(invalid_property(p)),
+        },
         "ServiceInstance" => match p {
             "content" => {
                 let sc = service_content(w);

@@ -396,6 +396,25 @@ impl World {
             .find_map(|(vi, v)| v.snapshots.iter().position(|s| s.moref == *snap).map(|si| (vi, si)))
     }
 
+    /// The privilege IDs this server knows: every one backup needs, less the configured
+    /// unknown ones.
+    pub(crate) fn privilege_ids(&self) -> Vec<&'static str> {
+        PRIVILEGES.iter().copied().filter(|p| !self.cfg.unknown_privileges.iter().any(|u| u == p)).collect()
+    }
+
+    /// An entity's name as the configuration names it (`root` for the root folder).
+    pub(crate) fn entity_name(&self, m: &MoRef) -> Option<String> {
+        if m.kind == "Folder" {
+            return Some("root".into());
+        }
+        let named = self.datastores.iter().chain(&self.hosts).chain(&self.datacenters);
+        named
+            .map(|n| (&n.moref, &n.name))
+            .chain(self.vms.iter().map(|v| (&v.moref, &v.name)))
+            .find(|(x, _)| *x == m)
+            .map(|(_, n)| n.clone())
+    }
+
     pub(crate) fn ds_path(&self, ds: usize, name: &str) -> PathBuf {
         self.root.join(&self.datastores[ds].name).join(name)
     }
@@ -737,6 +756,30 @@ impl World {
 }
 
 /// `vm/vm.vmdk` -> `vm/vm-00000N.vmdk`.
+/// The privileges the simulator knows (a real server knows a few hundred).
+const PRIVILEGES: &[&str] = &[
+    "System.Anonymous",
+    "System.View",
+    "System.Read",
+    "Global.DisableMethods",
+    "Global.EnableMethods",
+    "Global.Licenses",
+    "Datastore.Browse",
+    "Datastore.FileManagement",
+    "Host.Inventory.EditCluster",
+    "VirtualMachine.Config.ChangeTracking",
+    "VirtualMachine.Config.DiskLease",
+    "VirtualMachine.Provisioning.DiskRandomRead",
+    "VirtualMachine.Provisioning.DiskRandomAccess",
+    "VirtualMachine.Provisioning.GetVmFiles",
+    "VirtualMachine.State.CreateSnapshot",
+    "VirtualMachine.State.RemoveSnapshot",
+    "VirtualMachine.GuestOperations.Query",
+    "VirtualMachine.GuestOperations.Modify",
+    "VirtualMachine.GuestOperations.Execute",
+    "Cryptographer.Access",
+];
+
 /// The CID of a disk's `k`th delta: any number but the two reserved ones.
 fn delta_cid(key: i32, k: usize) -> u32 {
     0x5100_0000 ^ (key.unsigned_abs() << 8) ^ u32::try_from(k).unwrap_or(0)

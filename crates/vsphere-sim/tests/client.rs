@@ -376,3 +376,24 @@ async fn a_chain_too_deep_a_busy_vm_and_an_ignored_range() {
     let e = r.read_into(&f, db.disks[0].capacity, &mut past).await.unwrap_err();
     assert!(e.to_string().contains("416"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn privileges_are_read_per_entity_and_unknown_ids_are_never_asked() {
+    let mut cfg = estate();
+    cfg.unknown_privileges = vec!["Cryptographer.Access".into()];
+    cfg.denied = vec![vsphere_sim::Denied { entity: "db".into(), privileges: vec!["Datastore.Browse".into()] }];
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Sim::start(cfg, dir.path(), SimTls::SelfSigned).await.unwrap();
+    let c = login(&sim).await;
+    let known = c.privilege_ids().await.unwrap();
+    assert!(known.contains("VirtualMachine.State.CreateSnapshot") && !known.contains("Cryptographer.Access"));
+    let db = vm_named(&c, "db").await;
+    let want = ["Datastore.Browse", "VirtualMachine.State.CreateSnapshot", "Cryptographer.Access"];
+    let held = c.has_privileges(&db.moref, &want, &known).await.unwrap();
+    assert_eq!(held.missing(), ["Datastore.Browse"]);
+    assert_eq!(held.unknown, ["Cryptographer.Access"]);
+    // Asked unfiltered, the unknown ID fails the whole call, as on older servers.
+    let all: std::collections::HashSet<String> = want.iter().map(|s| (*s).to_owned()).collect();
+    let e = c.has_privileges(&db.moref, &want, &all).await.unwrap_err();
+    assert_eq!(e.fault().map(|f| f.kind), Some(FaultKind::InvalidArgument), "{e}");
+}

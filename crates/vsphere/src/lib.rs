@@ -5,9 +5,9 @@
 //! It speaks the small subset of the `urn:vim25` API a backup needs, written by hand: a
 //! generated binding of the whole API would be hundreds of thousands of lines.
 //!
-//! Not here yet (issue 4 continues): tasks and `WaitForUpdatesEx`, snapshots, CBT
-//! reconfiguration, `QueryChangedDiskAreas`, datastore HTTP reads, service tickets, host,
-//! datastore and cluster facts, the legacy TLS 1.0 path, and the simulator.
+//! Also: tasks and `WaitForUpdatesEx`, snapshots, CBT reconfiguration,
+//! `QueryChangedDiskAreas`, datastore HTTP reads and service tickets, host, datastore and
+//! cluster facts, the account's privileges, and the legacy TLS 1.0 path.
 
 pub mod datastore;
 pub mod error;
@@ -16,6 +16,7 @@ pub mod http;
 mod legacy;
 pub mod model;
 pub mod pc;
+pub mod privileges;
 pub mod session;
 pub mod soap;
 pub mod task;

@@ -116,6 +116,8 @@ pub struct ServiceContent {
     pub view_manager: Option<MoRef>,
     /// The session manager.
     pub session_manager: MoRef,
+    /// The authorization manager (privileges).
+    pub authorization_manager: Option<MoRef>,
     /// The search index.
     pub search_index: MoRef,
     /// The file manager.
@@ -137,6 +139,7 @@ impl ServiceContent {
             property_collector: need("propertyCollector")?,
             view_manager: m("viewManager"),
             session_manager: need("sessionManager")?,
+            authorization_manager: m("authorizationManager"),
             search_index: need("searchIndex")?,
             file_manager: m("fileManager"),
             task_manager: m("taskManager"),
@@ -173,6 +176,8 @@ pub struct Client {
     support: Support,
     cookie: Mutex<Option<String>>,
     credentials: Mutex<Option<Credentials>>,
+    /// The key of the current session (privilege checks name it).
+    session_key: Mutex<Option<String>>,
     limits: Limits,
 }
 
@@ -196,6 +201,7 @@ impl Client {
                 property_collector: MoRef::new("PropertyCollector", ""),
                 view_manager: None,
                 session_manager: MoRef::new("SessionManager", ""),
+                authorization_manager: None,
                 search_index: MoRef::new("SearchIndex", ""),
                 file_manager: None,
                 task_manager: None,
@@ -205,6 +211,7 @@ impl Client {
             support: Support::Supported,
             cookie: Mutex::new(None),
             credentials: Mutex::new(None),
+            session_key: Mutex::new(None),
             limits: options.limits,
         };
         let si = MoRef::new("ServiceInstance", "ServiceInstance");
@@ -260,6 +267,11 @@ impl Client {
         self.cookie.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The key of the current session, once logged in.
+    pub fn session_key(&self) -> Option<String> {
+        self.session_key.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// The user this session logged in as, if it has.
     pub fn user(&self) -> Option<String> {
         self.credentials.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|c| c.user.clone())
@@ -281,8 +293,10 @@ impl Client {
         if self.session_cookie().is_none() {
             return Err(Error::Protocol("Login succeeded but the server set no vmware_soap_session cookie".into()));
         }
+        let key = rv.text_of("key").unwrap_or_default().to_owned();
+        *self.session_key.lock().unwrap_or_else(|p| p.into_inner()) = Some(key.clone());
         Ok(UserSession {
-            key: rv.text_of("key").unwrap_or_default().to_owned(),
+            key,
             user_name: rv.text_of("userName").unwrap_or_default().to_owned(),
             full_name: rv.text_of("fullName").unwrap_or_default().to_owned(),
         })
