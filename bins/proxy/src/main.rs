@@ -3,6 +3,7 @@
 //! the `repo` command tree, `serve` (the daemon) with `config check`, and `demo`.
 
 mod backup_cmd;
+mod cbt_reset_cmd;
 mod config_cmd;
 mod demo;
 mod disk_copy;
@@ -35,6 +36,11 @@ enum Command {
     /// first time, then only what CBT says changed; a replica interrupted mid-sync is reported
     /// inconsistent until the next sync completes. Exit codes as for backup.
     Replicate(backup_cmd::ReplicateArgs),
+    /// Reset changed block tracking on VMs (the documented procedure for their power state),
+    /// check that every disk starts a new change-ID epoch, and mark the named repositories and
+    /// replica folders so the next copy of those disks is full. Refused under snapshots the
+    /// VM's owner made.
+    CbtReset(cbt_reset_cmd::Args),
     /// Copy a disk like nbdcopy: SRC is a raw file, block device, VMDK or NBD URI; DST a file,
     /// block device or NBD URI. Only allocated data is read; an interrupted copy resumes.
     DiskCopy(disk_copy::Args),
@@ -82,6 +88,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Backup(args) => backup_cmd::run(&args),
         Command::Replicate(args) => backup_cmd::run_replicate(&args),
+        Command::CbtReset(args) => cbt_reset_cmd::run(&args),
         Command::DiskCopy(args) => disk_copy::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Serve(args) => serve::run(&args),

@@ -329,3 +329,34 @@ async fn backup_from_nbd_exports_of_the_frozen_disks() {
     drop(servers);
     assert_eq!(env.snapshots().await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cbt_reset_resets_marks_and_refuses_under_foreign_snapshots() {
+    let env = start().await;
+    Repo::init(env.dir.path().join("repo"), 1 << 20).unwrap();
+    let repo = env.dir.path().join("repo");
+    let web = env.client.vms().await.unwrap().into_iter().find(|v| v.name == "web").unwrap();
+    let (code, out, err) = output(env.proxy(&["web"])).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let c = env.command("cbt-reset", std::path::Path::new("web"), &["--repository", repo.to_str().unwrap(), "--json"]);
+    let (code, out, err) = output(c).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let r = &j["vms"][0]["report"];
+    assert_eq!(r["form"], "running", "{j}");
+    let (before, after) = (r["disks"][0][1].as_str().unwrap(), r["disks"][0][2].as_str().unwrap());
+    assert_ne!(before.split('/').next(), after.split('/').next(), "a new epoch: {j}");
+    assert!(repo.join("resets").read_dir().unwrap().count() == 1, "the repository is marked");
+    // The next backup is full and clears the mark.
+    let (code, out, err) = output(env.proxy(&["web", "--json"])).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["vms"][0]["disks"][0]["full"], true, "{j}");
+    assert_eq!(repo.join("resets").read_dir().unwrap().count(), 0, "the mark is cleared");
+    // Under someone else's snapshot: not reset, exit 1, said why.
+    env.client.create_snapshot(&web.moref, "before-upgrade", "", false, None).await.unwrap();
+    let c = env.command("cbt-reset", std::path::Path::new("web"), &[]);
+    let (code, out, _) = output(c).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("NOT RESET") && out.contains("before-upgrade"), "{out}");
+}

@@ -295,15 +295,20 @@ pub async fn backup_vm(ctx: &JobContext, vm: &MoRef) -> VmReport {
 
 /// The datacenter whose datastores hold `vm`'s disks (its name is part of datastore paths).
 async fn datacenter_of(client: &Client, vm: &Vm) -> Result<String, OrchError> {
-    let dcs = client.datacenters().await?;
+    Ok(datacenter_for(client, vm).await?.name)
+}
+
+/// The datacenter whose datastores hold `vm`'s disks.
+pub(crate) async fn datacenter_for(client: &Client, vm: &Vm) -> Result<vsphere::facts::Datacenter, OrchError> {
+    let mut dcs = client.datacenters().await?;
     let ds = vm.disks.iter().find_map(|d| d.datastore.clone());
     let found = match &ds {
-        Some(ds) => dcs.iter().find(|dc| dc.datastores.contains(ds)),
-        None if dcs.len() == 1 => dcs.first(),
+        Some(ds) => dcs.iter().position(|dc| dc.datastores.contains(ds)),
+        None if dcs.len() == 1 => Some(0),
         None => None,
     };
     found
-        .map(|dc| dc.name.clone())
+        .map(|i| dcs.swap_remove(i))
         .ok_or_else(|| OrchError::Refused(format!("no datacenter holds the datastore of {}'s disks ({ds:?})", vm.name)))
 }
 
@@ -488,6 +493,7 @@ async fn disk_facts(
         None => vm.disks.clone(),
     };
     let can_query = snap.is_some() || vm.power_state.as_deref() == Some("poweredOff");
+    let resets = reset_slots(ctx, vm).await?;
     let mut out = Vec::new();
     for d in &vm.disks {
         if d.independent() || d.backing == vsphere::BackingKind::RdmPhysical {
@@ -503,7 +509,11 @@ async fn disk_facts(
             continue;
         }
         let now = frozen.iter().find(|f| f.key == d.key);
-        let (committed, dest) = destination(d, &slot)?;
+        let (mut committed, dest) = destination(d, &slot)?;
+        if committed.is_some() && (resets.contains(&slot) || resets.contains("*")) {
+            warnings.push(format!("{slot}: CBT was reset (proxy cbt-reset): this copy is full"));
+            committed = None;
+        }
         let mut current = CurrentDisk {
             change_id: now.and_then(|f| f.change_id.as_deref()).map(ChangeId::parse),
             capacity: d.capacity,
@@ -630,17 +640,39 @@ async fn resume_under(ctx: &JobContext, vm: &Vm, adopted: Adopted, report: &mut 
     copied
 }
 
-/// The repository session of `vm`'s backups: one per VM of one vCenter (none without an
-/// instance UUID to name it by).
-fn session_key(ctx: &JobContext, vm: &Vm) -> Option<String> {
+/// The name of `vm` in a target's per-VM records (sessions, reset marks): the vCenter's
+/// instance UUID and the VM's (none without an instance UUID to name it by).
+pub fn vm_key(client: &vsphere::Client, vm: &Vm) -> Option<String> {
     let uuid = vm.instance_uuid.as_deref().filter(|u| !u.is_empty())?;
-    let vcenter = &ctx.client.content().about.instance_uuid;
+    let vcenter = &client.content().about.instance_uuid;
     let key: String = format!("{}-{uuid}", if vcenter.is_empty() { "esx" } else { vcenter })
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
         .take(128)
         .collect();
     Some(key)
+}
+
+/// The repository session of `vm`'s backups.
+fn session_key(ctx: &JobContext, vm: &Vm) -> Option<String> {
+    vm_key(&ctx.client, vm)
+}
+
+/// The disks of `vm` whose next copy into this job's target must be full: `proxy cbt-reset`
+/// marked them.
+async fn reset_slots(ctx: &JobContext, vm: &Vm) -> Result<HashSet<String>, OrchError> {
+    let Some(key) = vm_key(&ctx.client, vm) else { return Ok(HashSet::new()) };
+    let store = ctx.leases();
+    blocking(move || crate::cbt_reset::reset_slots(&*store, &key)).await
+}
+
+/// Forgets `vm`'s reset mark in this job's target, once its disks were copied in full.
+async fn clear_reset(ctx: &JobContext, vm: &Vm, report: &mut VmReport) {
+    let Some(key) = vm_key(&ctx.client, vm) else { return };
+    let store = ctx.leases();
+    if let Err(e) = blocking(move || crate::cbt_reset::clear_reset(&*store, &key)).await {
+        report.warnings.push(format!("the CBT reset mark stays (the next copy is full again): {e}"));
+    }
 }
 
 /// One disk's plan for a backup.
@@ -895,7 +927,9 @@ async fn copy_under(
         });
     }
     let source = SourceInfo { name: vm.name.clone(), instance_uuid: vm.instance_uuid.clone() };
-    blocking(move || backup.finish(source, consistency)).await
+    let m = blocking(move || backup.finish(source, consistency)).await?;
+    clear_reset(ctx, vm, report).await;
+    Ok(m)
 }
 
 /// Begins the backup into `repo`, keeping its progress in session `key`; or finishes the backup
@@ -1015,6 +1049,7 @@ async fn replicate_under(
         });
     }
     report.replica = Some(vm_dir);
+    clear_reset(ctx, vm, report).await;
     Ok(())
 }
 

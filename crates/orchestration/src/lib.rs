@@ -9,6 +9,7 @@
 //! findings (`preflight`), with the guest and backup-product lists kept as data (`catalog`).
 
 pub mod catalog;
+pub mod cbt_reset;
 pub mod config;
 mod flow;
 pub mod hygiene;
@@ -21,7 +22,7 @@ pub mod vddk_source;
 
 pub use flow::{
     DiskFilter, DiskPlanReport, DiskReport, JobContext, ReplicaTarget, SNAPSHOT_PREFIX, Target, VmPlan, VmReport,
-    backup_vm, nbd_uri, plan_vm,
+    backup_vm, nbd_uri, plan_vm, vm_key,
 };
 pub use job::{
     BASE_RESERVE, JobReport, Limits, MIN_BUFFERS, Outcome, PER_VM_RESERVE, Selector, buffer_budget, clean_stale,

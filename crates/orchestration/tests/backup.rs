@@ -19,6 +19,14 @@ use vsphere_sim::{Config, Sim, SimFault, SimTls};
 
 const MIB: u64 = 1 << 20;
 
+/// One datacenter `DC1` with host `esx1`, the account `backup@vsphere.local`, and `rest`
+/// (datastores and VMs) as TOML.
+fn estate_with(rest: &str) -> Config {
+    let head = "user = \"backup@vsphere.local\"\npassword = \"s3cret\"\n[[datacenter]]\nname = \"DC1\"\n\
+                [[datacenter.host]]\nname = \"esx1\"\n";
+    Config::from_toml(&format!("{head}{rest}")).unwrap()
+}
+
 fn estate() -> Config {
     Config::from_toml(
         r#"
@@ -636,14 +644,8 @@ async fn a_copy_left_by_a_dead_proxy_resumes_under_its_snapshot() {
 /// not turned on under them, and the copy is full.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vms_under_older_snapshots_are_read_through_their_delta_chains() {
-    let cfg = Config::from_toml(
+    let cfg = estate_with(
         r#"
-user = "backup@vsphere.local"
-password = "s3cret"
-[[datacenter]]
-name = "DC1"
-[[datacenter.host]]
-name = "esx1"
 [[datacenter.datastore]]
 name = "vmfs1"
 type = "VMFS"
@@ -669,8 +671,7 @@ cbt = false
 capacity = 8388608
 datastore = "vmfs1"
 "#,
-    )
-    .unwrap();
+    );
     let (dir, sim, client) = start_with(cfg).await;
     let root = dir.path().join("sim");
     let repo = Repo::init(dir.path().join("repo"), 1 << 20).unwrap();
@@ -760,4 +761,87 @@ async fn a_backup_left_by_a_dead_proxy_is_finished_from_its_session() {
     assert_eq!(r.disks[0].read, 8 * MIB, "planned again from the last restore point: {r:?}");
     restores_match(&sim, &client, &repo, "web", r.point.as_deref().unwrap()).await;
     assert!(client.vms().await.unwrap().iter().all(|v| v.snapshots.is_empty()));
+}
+
+/// `cbt-reset` in both forms: a running VM (CBT off, a snapshot's stun, CBT on, another stun)
+/// and a powered-off one (CBT off, its `-ctk.vmdk` deleted, CBT on), each leaving a new epoch
+/// on every disk and no snapshot; a VM with someone else's snapshot refused. The repository
+/// it marks makes the next backup full, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cbt_reset_in_both_forms_gives_a_new_epoch_and_a_full_next_backup() {
+    let cfg = estate_with(
+        r#"
+[[datacenter.datastore]]
+name = "ds1"
+[[datacenter.vm]]
+name = "web"
+cbt = true
+[[datacenter.vm.disk]]
+capacity = 4194304
+[[datacenter.vm]]
+name = "cold"
+cbt = true
+power = "poweredOff"
+[[datacenter.vm.disk]]
+capacity = 4194304
+[[datacenter.vm]]
+name = "snapped"
+cbt = true
+[[datacenter.vm.disk]]
+capacity = 4194304
+"#,
+    );
+    let (dir, sim, client) = start_with(cfg).await;
+    let repo = Repo::init(dir.path().join("repo"), 1 << 20).unwrap();
+    let vms = client.vms().await.unwrap();
+    let by = |n: &str| vms.iter().find(|v| v.name == n).unwrap().clone();
+    let (web, cold, snapped) = (by("web"), by("cold"), by("snapped"));
+    for v in [&web, &cold] {
+        sim.write(&v.name, v.disks[0].key, 0, &noise(2 * MIB as usize, 90)).unwrap();
+        let r = backup_vm(&ctx(&client, &repo, "before"), &v.moref).await;
+        assert!(r.error.is_none(), "{r:?}");
+    }
+    let epoch = |c: Option<&str>| c.map(|c| c.split('/').next().unwrap().to_owned());
+    let marks = [repo.store().clone()];
+
+    // Powered off: turning CBT off and on again with the ctk file in place keeps the old
+    // tracking (the epoch stays): the reason the reset deletes it.
+    client.set_change_tracking(&cold.moref, false).await.unwrap();
+    client.set_change_tracking(&cold.moref, true).await.unwrap();
+    let again = client.vms_by_moref(std::slice::from_ref(&cold.moref)).await.unwrap().pop().unwrap();
+    assert_eq!(epoch(again.disks[0].change_id.as_deref()), epoch(cold.disks[0].change_id.as_deref()));
+    let r = orchestration::cbt_reset::cbt_reset(&client, &cold.moref, &marks).await.unwrap();
+    assert_eq!(r.form, "powered-off");
+    assert!(r.steps.iter().any(|s| s == "deleted [ds1] cold/cold-ctk.vmdk"), "{r:?}");
+    assert!(dir.path().join("sim/ds1/cold/cold-ctk.vmdk").exists(), "tracking starts over in a new file");
+
+    // Running: two stuns, no snapshot left.
+    let r2 = orchestration::cbt_reset::cbt_reset(&client, &web.moref, &marks).await.unwrap();
+    assert_eq!(r2.form, "running");
+    assert_eq!(r2.steps.iter().filter(|s| s.contains("a snapshot created and removed")).count(), 2, "{r2:?}");
+    for rep in [&r, &r2] {
+        for (slot, before, after) in &rep.disks {
+            assert!(after.is_some() && epoch(before.as_deref()) != epoch(after.as_deref()), "{slot}: {rep:?}");
+        }
+    }
+    assert!(client.vms().await.unwrap().iter().all(|v| v.snapshots.is_empty()));
+
+    // Someone else's snapshot: refused, nothing changed.
+    client.create_snapshot(&snapped.moref, "before-upgrade", "", false, None).await.unwrap();
+    let e = orchestration::cbt_reset::cbt_reset(&client, &snapped.moref, &marks).await.unwrap_err();
+    assert!(e.to_string().contains("before-upgrade"), "{e}");
+    let still = client.vms_by_moref(std::slice::from_ref(&snapped.moref)).await.unwrap().pop().unwrap();
+    assert_eq!(still.cbt_enabled, Some(true));
+
+    // The next backup of a reset VM is full, says why, and restores; the one after is an
+    // ordinary incremental.
+    for v in [&web, &cold] {
+        let r = backup_vm(&ctx(&client, &repo, "after"), &v.moref).await;
+        assert!(r.error.is_none(), "{r:?}");
+        assert!(r.disks[0].full && r.warnings.iter().any(|w| w.contains("CBT was reset")), "{r:?}");
+        restores_match(&sim, &client, &repo, &v.name, r.point.as_deref().unwrap()).await;
+        sim.write(&v.name, v.disks[0].key, MIB, &noise(1000, 91)).unwrap();
+        let r = backup_vm(&ctx(&client, &repo, "later"), &v.moref).await;
+        assert!(r.error.is_none() && !r.disks[0].full && r.disks[0].read == MIB, "{r:?}");
+    }
 }

@@ -195,7 +195,11 @@ fn dispatch(w: &mut World, state: &Shared, method: &str, this: Option<&MoRef>, c
             w.pages.remove(&text("token").unwrap_or_default());
             ok(method, "")
         }
-        "CreateSnapshot_Task" | "RemoveSnapshot_Task" | "ReconfigVM_Task" | "ConsolidateVMDisks_Task" => match this {
+        "CreateSnapshot_Task"
+        | "RemoveSnapshot_Task"
+        | "ReconfigVM_Task"
+        | "ConsolidateVMDisks_Task"
+        | "DeleteDatastoreFile_Task" => match this {
             Some(obj) => start_task(w, state, method, obj.clone(), call),
             None => fault(&SimFault::new("InvalidRequest", "no _this"), None),
         },
@@ -888,6 +892,14 @@ fn run_op(w: &mut World, method: &str, obj: &MoRef, call: &Element) -> Result<Op
             w.vms[vi].consolidation_needed = false;
             Ok(None)
         }
+        "DeleteDatastoreFile_Task" => {
+            let name = call.text_of("name").unwrap_or_default().trim().to_owned();
+            let dc = call
+                .child("datacenter")
+                .and_then(MoRef::from_element)
+                .ok_or_else(|| SimFault::new("InvalidArgument", "a datacenter is required"))?;
+            w.delete_datastore_file(&name, &dc).map(|()| None)
+        }
         _ => Err(SimFault::new("MethodNotFound", method)),
     }
 }
@@ -896,6 +908,7 @@ fn start_task(w: &mut World, state: &Shared, method: &str, obj: MoRef, call: &El
     // Faults about the object itself come back at once, as on real servers.
     let known = match method {
         "RemoveSnapshot_Task" => w.snapshot_owner(&obj).is_some(),
+        "DeleteDatastoreFile_Task" => obj.kind == "FileManager",
         _ => w.vm_index(&obj).is_some(),
     };
     if !known {
@@ -925,6 +938,7 @@ fn start_task(w: &mut World, state: &Shared, method: &str, obj: MoRef, call: &El
         "CreateSnapshot_Task" => "VirtualMachine.createSnapshot",
         "RemoveSnapshot_Task" => "vm.Snapshot.remove",
         "ReconfigVM_Task" => "VirtualMachine.reconfigure",
+        "DeleteDatastoreFile_Task" => "FileManager.deleteFile",
         _ => "VirtualMachine.consolidateDisks",
     };
     // TaskInfo.entity is a ManagedEntity: for a snapshot's removal, its VM (vcsim names the

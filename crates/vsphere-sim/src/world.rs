@@ -124,6 +124,9 @@ pub(crate) struct DiskState {
     /// `vm/vm-flat.vmdk`, inside the datastore: the live data.
     pub(crate) flat_name: String,
     pub(crate) track: Option<Track>,
+    /// The tracking a powered-off VM's `-ctk.vmdk` still holds after CBT was turned off: turned
+    /// on again with that file in place, ESXi carries on with it (the reason a reset deletes it).
+    pub(crate) parked: Option<Track>,
 }
 
 #[derive(Debug)]
@@ -328,7 +331,12 @@ impl World {
                         base_name,
                         flat_name,
                         track: tracked.then(|| Track::new(n * 31 + i as u64)),
+                        parked: None,
                     });
+                    if tracked {
+                        let ctk = root.join(&w.datastores[ds].name).join(ctk_name(&disks[disks.len() - 1].base_name));
+                        std::fs::write(&ctk, b"change tracking\n").map_err(|e| SimError::io(&ctk, e))?;
+                    }
                 }
                 // The VM's configuration file, as a backup captures it.
                 if let Some(first) = disks.first() {
@@ -659,24 +667,54 @@ impl World {
         Ok(())
     }
 
+    /// Turns CBT on or off. Each tracked disk has a `-ctk.vmdk` beside it. On a running VM, off
+    /// removes it (at the stun that follows) and on starts a new epoch. On a powered-off VM, off
+    /// leaves the file and the tracking in it; on again with the file still there resumes that
+    /// tracking, the same epoch; with the file deleted it starts a new one.
     pub(crate) fn set_cbt(&mut self, vm: usize, on: bool) {
         let n = self.id();
+        let paths: Vec<PathBuf> =
+            self.vms[vm].disks.iter().map(|d| self.ds_path(d.ds, &ctk_name(&d.base_name))).collect();
         let v = &mut self.vms[vm];
         let with_snapshots = !v.snapshots.is_empty();
+        let off = v.power == "poweredOff";
         if on && !v.cbt {
             for (i, d) in v.disks.iter_mut().enumerate() {
-                if d.backing != "rdm-physical" {
+                if d.backing == "rdm-physical" {
+                    continue;
+                }
+                let kept = d.parked.take().filter(|_| off && paths[i].exists());
+                d.track = Some(kept.unwrap_or_else(|| {
                     let mut t = Track::new(n * 31 + i as u64);
                     t.unreliable = with_snapshots;
-                    d.track = Some(t);
-                }
+                    t
+                }));
+                let _ = std::fs::write(&paths[i], b"change tracking\n");
             }
         } else if !on {
-            for d in &mut v.disks {
-                d.track = None;
+            for (i, d) in v.disks.iter_mut().enumerate() {
+                let t = d.track.take();
+                if off {
+                    d.parked = t.or(d.parked.take());
+                } else {
+                    d.parked = None;
+                    let _ = std::fs::remove_file(&paths[i]);
+                }
             }
         }
         v.cbt = on;
+    }
+
+    /// `DeleteDatastoreFile_Task`: removes `[ds] path` in the datacenter `dc`.
+    pub(crate) fn delete_datastore_file(&mut self, name: &str, dc: &MoRef) -> Result<(), SimFault> {
+        let not_found = || SimFault::new("FileNotFound", format!("File {name} was not found"));
+        let (ds, rel) = name.strip_prefix('[').and_then(|x| x.split_once("] ")).ok_or_else(not_found)?;
+        let dci = self.datacenters.iter().position(|d| d.moref == *dc).ok_or_else(not_found)?;
+        let dsi = self.datastores.iter().position(|d| d.dc == dci && d.name == ds).ok_or_else(not_found)?;
+        if rel.split('/').any(|c| c.is_empty() || c == "..") {
+            return Err(SimFault::new("InvalidDatastorePath", name.to_owned()));
+        }
+        std::fs::remove_file(self.ds_path(dsi, rel)).map_err(|_| not_found())
     }
 
     /// `QueryChangedDiskAreas`: one window of the answer.
@@ -779,6 +817,11 @@ const PRIVILEGES: &[&str] = &[
     "VirtualMachine.GuestOperations.Execute",
     "Cryptographer.Access",
 ];
+
+/// `vm/vm.vmdk`'s change tracking file, `vm/vm-ctk.vmdk`.
+pub(crate) fn ctk_name(base: &str) -> String {
+    format!("{}-ctk.vmdk", base.strip_suffix(".vmdk").unwrap_or(base))
+}
 
 /// The CID of a disk's `k`th delta: any number but the two reserved ones.
 fn delta_cid(key: i32, k: usize) -> u32 {

@@ -267,6 +267,19 @@ impl Client {
         self.run_task(req, None).await.map(|_| ())
     }
 
+    /// Deletes a datastore file (`[ds1] vm/vm-ctk.vmdk`) in `datacenter` through the file
+    /// manager.
+    pub async fn delete_datastore_file(&self, ds_path: &str, datacenter: &MoRef) -> Result<(), Error> {
+        let fm = self
+            .content()
+            .file_manager
+            .clone()
+            .ok_or_else(|| Error::Protocol("the server has no file manager".into()))?;
+        let mut req = Request::new("DeleteDatastoreFile_Task", &fm);
+        req.text("name", ds_path).moref("datacenter", datacenter);
+        self.run_task(req, None).await.map(|_| ())
+    }
+
     /// Merges orphaned delta disks (`runtime.consolidationNeeded`).
     pub async fn consolidate_disks(&self, vm: &MoRef) -> Result<(), Error> {
         self.run_task(Request::new("ConsolidateVMDisks_Task", vm), None).await.map(|_| ())
