@@ -33,6 +33,17 @@ version = "8.0.2"
 name = "ds1"
 [[datacenter.datastore]]
 name = "locked"
+[[datacenter.host]]
+name = "127.0.0.2"
+[[datacenter.cluster]]
+name = "C1"
+hosts = ["127.0.0.2"]
+[[datacenter.vm]]
+name = "roamer"
+host = "127.0.0.2"
+cbt = true
+[[datacenter.vm.disk]]
+capacity = 1048576
 [[datacenter.vm]]
 name = "noperm"
 cbt = true
@@ -222,6 +233,8 @@ async fn each_check_fails_or_warns_where_it_should_and_passes_a_healthy_vm() {
         ("datastore locked", "datastore.privileges", "fail"),
         ("datastore ds1", "datastore.privileges", "pass"),
         ("server", "server.privileges", "pass"),
+        ("roamer", "vm.drs", "warn"),
+        ("cluster C1", "cluster.privileges", "pass"),
         ("ancient", "vm.guest_os", "fail"),
         ("oddguest", "vm.guest_os", "warn"),
         ("healthy", "vm.guest_os", "pass"),

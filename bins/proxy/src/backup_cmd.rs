@@ -72,6 +72,10 @@ pub(crate) struct JobArgs {
     /// No progress bars (a line every 10 seconds instead; also when not on a terminal).
     #[arg(long)]
     no_progress: bool,
+    /// Leave VMs' DRS automation alone (by default a VM DRS could move is overridden to manual
+    /// while it is read, and put back after).
+    #[arg(long)]
+    no_drs_pin: bool,
 }
 
 /// Options of `proxy backup`.
@@ -173,6 +177,7 @@ async fn job(
     ctx.disks = DiskFilter { include: args.include_disk.clone(), exclude: args.exclude_disk.clone() };
     ctx.vddk = vddk;
     ctx.nbd = args.nbd_url.clone();
+    ctx.pin_drs = !args.no_drs_pin;
     if plan_only {
         return plan(&ctx, &vms, args.json).await;
     }

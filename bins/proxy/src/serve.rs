@@ -284,6 +284,7 @@ impl Runner {
         ctx.metrics = self.metrics.clone();
         ctx.vddk = self.vddk.clone();
         ctx.nbd = self.job.nbd_url.clone();
+        ctx.pin_drs = self.job.pin_drs;
         Ok((ctx, vms.into_iter().map(|v| v.moref).collect()))
     }
 

@@ -151,6 +151,9 @@ fn default_listen() -> String {
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/syncproxy")
 }
+fn default_pin_drs() -> bool {
+    true
+}
 fn default_max_vms() -> usize {
     100
 }
@@ -270,6 +273,9 @@ pub struct JobConfig {
     /// Leave these disks out.
     #[serde(default)]
     pub exclude_disks: Vec<String>,
+    /// Override each VM's DRS automation to manual while it is read (put back after).
+    #[serde(default = "default_pin_drs")]
+    pub pin_drs: bool,
     /// What a prune after each run keeps (repositories only).
     #[serde(default)]
     pub retention: Option<RetentionConfig>,

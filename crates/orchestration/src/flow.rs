@@ -122,6 +122,9 @@ pub struct JobContext {
     /// `{snapshot}` and `{disk}` (the slot, `scsi0-1`), for NBD servers the operator runs
     /// (nbdkit's VDDK plugin, for instance) over the frozen disks.
     pub nbd: Option<String>,
+    /// Override each VM's DRS automation to manual while it is read, where DRS could move it
+    /// (and put it back after); on by default.
+    pub pin_drs: bool,
 }
 
 /// The NBD URI of one frozen disk, from a template.
@@ -175,6 +178,7 @@ impl JobContext {
             disks: DiskFilter::default(),
             vddk: None,
             nbd: None,
+            pin_drs: true,
         }
     }
 
@@ -189,7 +193,7 @@ impl JobContext {
     }
 
     /// Where leases of jobs writing to this target live.
-    fn leases(&self) -> Arc<dyn Store> {
+    pub(crate) fn leases(&self) -> Arc<dyn Store> {
         match &self.target {
             Target::Repository(r) => r.store().clone(),
             Target::Replica(r) => r.leases.clone(),
@@ -356,6 +360,17 @@ fn position(slot: &str) -> DiskPosition {
 }
 
 async fn run(ctx: &JobContext, vm_ref: &MoRef, report: &mut VmReport) -> Result<(), OrchError> {
+    let vm = one_vm(ctx, vm_ref).await?;
+    crate::drs::restore_left(ctx, &vm, report).await?;
+    let pinned = crate::drs::pin(ctx, &vm, report).await?;
+    let r = run_vm(ctx, vm_ref, report).await;
+    if let Some(p) = pinned {
+        crate::drs::unpin(ctx, p, report).await;
+    }
+    r
+}
+
+async fn run_vm(ctx: &JobContext, vm_ref: &MoRef, report: &mut VmReport) -> Result<(), OrchError> {
     let mut vm = one_vm(ctx, vm_ref).await?;
     report.vm = vm.name.clone();
     if hygiene(ctx, &vm, report).await? {

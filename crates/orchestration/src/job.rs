@@ -274,7 +274,8 @@ pub async fn clean_stale(ctx: &JobContext, vms: &[MoRef]) -> Result<Vec<VmReport
 }
 
 /// Removes every snapshot named for this job from `vms` (after a cancelled job: a dropped
-/// backup future cannot remove its own). Returns what it removed and what it could not.
+/// backup future cannot remove its own), and puts back the DRS settings its flows overrode.
+/// Returns what it removed or put back, and what it could not.
 pub async fn sweep_own_snapshots(ctx: &JobContext, vms: &[MoRef]) -> (Vec<String>, Vec<String>) {
     let name = ctx.snapshot_name();
     let (mut removed, mut failed) = (Vec::new(), Vec::new());
@@ -282,13 +283,17 @@ pub async fn sweep_own_snapshots(ctx: &JobContext, vms: &[MoRef]) -> (Vec<String
         Ok(v) => v,
         Err(e) => return (removed, vec![format!("cannot list the job's VMs to remove its snapshots: {e}")]),
     };
-    for vm in found {
+    for vm in &found {
         for s in vm.all_snapshots().into_iter().filter(|s| s.name == name) {
             match ctx.client.remove_snapshot(&s.moref, true).await {
                 Ok(()) => removed.push(format!("{} of {}", s.name, vm.name)),
                 Err(e) => failed.push(format!("{} of {}: {e}", s.name, vm.name)),
             }
         }
+    }
+    // And the DRS overrides the dropped flows set.
+    for note in crate::drs::restore_job_pins(ctx, &found).await {
+        if note.starts_with("put back") { removed.push(note) } else { failed.push(note) }
     }
     (removed, failed)
 }

@@ -11,6 +11,7 @@
 pub mod catalog;
 pub mod cbt_reset;
 pub mod config;
+mod drs;
 mod flow;
 pub mod hygiene;
 mod job;

@@ -752,16 +752,21 @@ fn check_vm(estate: &Estate, vm: &Vm, vddk: &VddkFacts, live_jobs: &HashSet<Stri
     }
     let cluster = host.and_then(|h| h.parent.as_ref()).and_then(|p| estate.clusters.iter().find(|c| &c.moref == p));
     if let Some(c) = cluster
-        && c.drs_enabled == Some(true)
-        && c.drs_behavior.as_deref() == Some("fullyAutomated")
+        && c.may_move(&vm.moref)
     {
+        // The backup pins the VM (a per-VM override to manual) while it reads it, given
+        // Host.Inventory.EditCluster (`cluster.privileges` says whether the account has it).
         out.add(
             "vm.drs",
             Level::Warn,
             n,
             None,
-            format!("cluster {} moves VMs on its own (DRS fully automated): a VM may move during a backup", c.name),
-            "set a per-VM DRS override to manual during backup windows",
+            format!(
+                "cluster {} may move this VM on its own (DRS): backups override it to manual while they read, \
+                 and put it back",
+                c.name
+            ),
+            "grant Host.Inventory.EditCluster on the cluster so the override can be set, or keep DRS manual",
         );
     }
     match (vm.cbt_supported, hw) {

@@ -89,6 +89,32 @@ pub struct DatacenterConfig {
     /// VMs.
     #[serde(default, rename = "vm")]
     pub vms: Vec<VmConfig>,
+    /// Clusters of its hosts.
+    #[serde(default, rename = "cluster")]
+    pub clusters: Vec<ClusterConfig>,
+}
+
+/// A cluster: some of the datacenter's hosts, with DRS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Its name.
+    pub name: String,
+    /// Its hosts, by name.
+    pub hosts: Vec<String>,
+    /// DRS on.
+    #[serde(default = "default_true")]
+    pub drs: bool,
+    /// `manual`, `partiallyAutomated` or `fullyAutomated`.
+    #[serde(default = "default_drs_behavior")]
+    pub behavior: String,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_drs_behavior() -> String {
+    "fullyAutomated".into()
 }
 
 /// An ESXi host.
@@ -246,6 +272,7 @@ impl Config {
                         }],
                     })
                     .collect(),
+                clusters: Vec::new(),
             }],
         }
     }
@@ -283,6 +310,14 @@ impl Config {
                     && !dc.hosts.iter().any(|x| &x.name == h)
                 {
                     return bad(format!("{}: no host {h} in {}", vm.name, dc.name));
+                }
+            }
+            for c in &dc.clusters {
+                if let Some(h) = c.hosts.iter().find(|h| !dc.hosts.iter().any(|x| &x.name == *h)) {
+                    return bad(format!("cluster {}: no host {h} in {}", c.name, dc.name));
+                }
+                if !matches!(c.behavior.as_str(), "manual" | "partiallyAutomated" | "fullyAutomated") {
+                    return bad(format!("cluster {}: DRS behavior {:?}", c.name, c.behavior));
                 }
             }
         }

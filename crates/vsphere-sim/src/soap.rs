@@ -199,6 +199,7 @@ fn dispatch(w: &mut World, state: &Shared, method: &str, this: Option<&MoRef>, c
         | "RemoveSnapshot_Task"
         | "ReconfigVM_Task"
         | "ConsolidateVMDisks_Task"
+        | "ReconfigureComputeResource_Task"
         | "DeleteDatastoreFile_Task" => match this {
             Some(obj) => start_task(w, state, method, obj.clone(), call),
             None => fault(&SimFault::new("InvalidRequest", "no _this"), None),
@@ -389,6 +390,9 @@ fn members(w: &World, kinds: &[String]) -> Vec<MoRef> {
     if want("Datastore") {
         out.extend(w.datastores.iter().map(|d| d.moref.clone()));
     }
+    if want("ClusterComputeResource") || want("ComputeResource") {
+        out.extend(w.clusters.iter().map(|c| c.moref.clone()));
+    }
     if want("VirtualMachine") {
         out.extend(w.vms.iter().map(|v| v.moref.clone()));
     }
@@ -560,10 +564,13 @@ fn property(w: &World, obj: &MoRef, p: &str) -> Result<Option<String>, SimFault>
                 "config.product.version" | "summary.config.product.version" => s(&h.extra),
                 "config.product.apiVersion" => s(&w.cfg.api_version),
                 "runtime.connectionState" => Ok(Some(prop(p, "HostSystemConnectionState", "connected"))),
-                "parent" => Ok(Some(format!(
-                    "<propSet><name>{p}</name><val type=\"ComputeResource\" xsi:type=\"ManagedObjectReference\">domain-s{}</val></propSet>",
-                    h.dc
-                ))),
+                "parent" => Ok(Some(match w.clusters.iter().find(|c| c.hosts.contains(&h.moref)) {
+                    Some(c) => format!("<propSet><name>{p}</name>{}</propSet>", typed_mo("val", &c.moref)),
+                    None => format!(
+                        "<propSet><name>{p}</name><val type=\"ComputeResource\" xsi:type=\"ManagedObjectReference\">domain-s{}</val></propSet>",
+                        h.dc
+                    ),
+                })),
                 // The certificate vCenter holds for the host: PEM as signed bytes. The
                 // simulator is its own hosts, so this is its own certificate.
                 "config.certificate" => Ok(w.cert_pem.as_ref().map(|pem| {
@@ -590,6 +597,40 @@ fn property(w: &World, obj: &MoRef, p: &str) -> Result<Option<String>, SimFault>
                         .map(|x| typed_mo("ManagedObjectReference", &x.moref))
                         .collect();
                     Ok(Some(prop(p, "ArrayOfManagedObjectReference", &inner)))
+                }
+                _ => Err(invalid_property(p)),
+            }
+        }
+        "ClusterComputeResource" => {
+            let c = w
+                .clusters
+                .iter()
+                .find(|c| c.moref == *obj)
+                .ok_or_else(|| SimFault::new("ManagedObjectNotFound", "no such cluster"))?;
+            match p {
+                "name" => Ok(Some(prop(p, "xsd:string", &escape(&c.name)))),
+                "host" => {
+                    let inner: String = c.hosts.iter().map(|h| typed_mo("ManagedObjectReference", h)).collect();
+                    Ok(Some(prop(p, "ArrayOfManagedObjectReference", &inner)))
+                }
+                "configurationEx" => {
+                    let mut inner = format!(
+                        "<drsConfig>{}{}</drsConfig>",
+                        t("enabled", c.drs),
+                        t("defaultVmBehavior", &c.behavior)
+                    );
+                    for (vm, enabled, behavior) in &c.overrides {
+                        inner.push_str("<drsVmConfig>");
+                        inner.push_str(&mo("key", vm));
+                        if let Some(e) = enabled {
+                            inner.push_str(&t("enabled", e));
+                        }
+                        if let Some(b) = behavior {
+                            inner.push_str(&t("behavior", b));
+                        }
+                        inner.push_str("</drsVmConfig>");
+                    }
+                    Ok(Some(prop(p, "ClusterConfigInfoEx", &inner)))
                 }
                 _ => Err(invalid_property(p)),
             }
@@ -892,6 +933,28 @@ fn run_op(w: &mut World, method: &str, obj: &MoRef, call: &Element) -> Result<Op
             w.vms[vi].consolidation_needed = false;
             Ok(None)
         }
+        "ReconfigureComputeResource_Task" => {
+            let specs = call
+                .child("spec")
+                .map(|spec| {
+                    spec.children_named("drsVmConfigSpec")
+                        .map(|d| {
+                            let op = d.text_of("operation").unwrap_or_default().trim().to_owned();
+                            let info = d.child("info");
+                            let vm = info
+                                .and_then(|i| i.child("key"))
+                                .or_else(|| d.child("removeKey"))
+                                .and_then(MoRef::from_element)
+                                .unwrap_or_else(|| MoRef::new("VirtualMachine", ""));
+                            let enabled = info.and_then(|i| i.text_of("enabled")).map(|e| e.trim() == "true");
+                            let behavior = info.and_then(|i| i.text_of("behavior")).map(|b| b.trim().to_owned());
+                            (op, vm, enabled, behavior)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            w.reconfigure_cluster(obj, specs).map(|()| None)
+        }
         "DeleteDatastoreFile_Task" => {
             let name = call.text_of("name").unwrap_or_default().trim().to_owned();
             let dc = call
@@ -909,6 +972,7 @@ fn start_task(w: &mut World, state: &Shared, method: &str, obj: MoRef, call: &El
     let known = match method {
         "RemoveSnapshot_Task" => w.snapshot_owner(&obj).is_some(),
         "DeleteDatastoreFile_Task" => obj.kind == "FileManager",
+        "ReconfigureComputeResource_Task" => w.clusters.iter().any(|c| c.moref == obj),
         _ => w.vm_index(&obj).is_some(),
     };
     if !known {
@@ -939,6 +1003,7 @@ fn start_task(w: &mut World, state: &Shared, method: &str, obj: MoRef, call: &El
         "RemoveSnapshot_Task" => "vm.Snapshot.remove",
         "ReconfigVM_Task" => "VirtualMachine.reconfigure",
         "DeleteDatastoreFile_Task" => "FileManager.deleteFile",
+        "ReconfigureComputeResource_Task" => "ClusterComputeResource.reconfigureEx",
         _ => "VirtualMachine.consolidateDisks",
     };
     // TaskInfo.entity is a ManagedEntity: for a snapshot's removal, its VM (vcsim names the

@@ -180,6 +180,18 @@ pub(crate) struct Named {
     pub(crate) extra: String,
 }
 
+/// A cluster: its hosts, DRS, and per-VM DRS overrides.
+#[derive(Debug, Clone)]
+pub(crate) struct ClusterState {
+    pub(crate) moref: MoRef,
+    pub(crate) name: String,
+    pub(crate) hosts: Vec<MoRef>,
+    pub(crate) drs: bool,
+    pub(crate) behavior: String,
+    /// `(vm, enabled, behavior)`.
+    pub(crate) overrides: Vec<(MoRef, Option<bool>, Option<String>)>,
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct TaskRec {
     pub(crate) moref: MoRef,
@@ -210,6 +222,7 @@ pub(crate) struct World {
     pub(crate) datacenters: Vec<Named>,
     pub(crate) hosts: Vec<Named>,
     pub(crate) datastores: Vec<Named>,
+    pub(crate) clusters: Vec<ClusterState>,
     pub(crate) vms: Vec<VmState>,
     /// VM moref value -> index in `vms` (VMs are never removed).
     vm_ids: HashMap<String, usize>,
@@ -246,6 +259,7 @@ impl World {
             root: root.to_path_buf(),
             next: 100,
             sessions: HashSet::new(),
+            clusters: Vec::new(),
             datacenters: Vec::new(),
             hosts: Vec::new(),
             datastores: Vec::new(),
@@ -276,6 +290,23 @@ impl World {
                     name: h.name.clone(),
                     dc: di,
                     extra: h.version.clone(),
+                });
+            }
+            for c in &dc.clusters {
+                let id = format!("domain-c{}", w.id());
+                let hosts = w
+                    .hosts
+                    .iter()
+                    .filter(|h| h.dc == di && c.hosts.contains(&h.name))
+                    .map(|h| h.moref.clone())
+                    .collect();
+                w.clusters.push(ClusterState {
+                    moref: MoRef::new("ClusterComputeResource", &id),
+                    name: c.name.clone(),
+                    hosts,
+                    drs: c.drs,
+                    behavior: c.behavior.clone(),
+                    overrides: Vec::new(),
                 });
             }
             for d in &dc.datastores {
@@ -419,6 +450,7 @@ impl World {
         named
             .map(|n| (&n.moref, &n.name))
             .chain(self.vms.iter().map(|v| (&v.moref, &v.name)))
+            .chain(self.clusters.iter().map(|c| (&c.moref, &c.name)))
             .find(|(x, _)| *x == m)
             .map(|(_, n)| n.clone())
     }
@@ -703,6 +735,48 @@ impl World {
             }
         }
         v.cbt = on;
+    }
+
+    /// `ReconfigureComputeResource_Task` with `drsVmConfigSpec` entries: `(operation, vm,
+    /// enabled, behavior)`, applied in order as a vCenter does (add when absent, edit or remove
+    /// when present).
+    pub(crate) fn reconfigure_cluster(
+        &mut self,
+        cluster: &MoRef,
+        specs: Vec<(String, MoRef, Option<bool>, Option<String>)>,
+    ) -> Result<(), SimFault> {
+        let name = self.entity_name(cluster);
+        let denied = self.cfg.denied.iter().any(|d| {
+            (d.entity == "*" || Some(&d.entity) == name.as_ref())
+                && d.privileges.iter().any(|p| p == "Host.Inventory.EditCluster")
+        });
+        if denied {
+            return Err(SimFault::new("NoPermission", "Permission to perform this operation was denied."));
+        }
+        let c = self
+            .clusters
+            .iter_mut()
+            .find(|c| c.moref == *cluster)
+            .ok_or_else(|| SimFault::new("ManagedObjectNotFound", "no such cluster"))?;
+        for (op, vm, enabled, behavior) in specs {
+            let at = c.overrides.iter().position(|o| o.0 == vm);
+            match (op.as_str(), at) {
+                ("add", None) => c.overrides.push((vm, enabled, behavior)),
+                ("edit", Some(i)) => {
+                    c.overrides[i] = (vm, enabled.or(c.overrides[i].1), behavior.or(c.overrides[i].2.clone()))
+                }
+                ("remove", Some(i)) => {
+                    c.overrides.remove(i);
+                }
+                _ => {
+                    return Err(SimFault::new(
+                        "InvalidArgument",
+                        format!("drsVmConfigSpec {op} for {}: no such override, or one already", vm.value),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// `DeleteDatastoreFile_Task`: removes `[ds] path` in the datacenter `dc`.

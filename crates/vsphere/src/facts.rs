@@ -4,9 +4,9 @@
 //! datastore (datastore HTTPS paths name it).
 
 use crate::error::Error;
-use crate::pc::ObjectContent;
+use crate::pc::{FilterSpec, ObjectContent, Objects};
 use crate::session::Client;
-use crate::soap::MoRef;
+use crate::soap::{MoRef, Request};
 use crate::tls::{ServerTls, Thumbprint};
 use crate::xml::Element;
 
@@ -70,6 +70,46 @@ pub struct Cluster {
     pub drs_enabled: Option<bool>,
     /// `manual`, `partiallyAutomated`, `fullyAutomated`.
     pub drs_behavior: Option<String>,
+    /// Per-VM DRS overrides (`drsVmConfig`).
+    pub vm_overrides: Vec<DrsOverride>,
+}
+
+/// A VM's own DRS setting in its cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrsOverride {
+    /// The VM.
+    pub vm: MoRef,
+    /// Whether DRS acts on it at all.
+    pub enabled: Option<bool>,
+    /// `manual`, `partiallyAutomated`, `fullyAutomated`.
+    pub behavior: Option<String>,
+}
+
+impl Cluster {
+    /// Whether DRS may move `vm` on its own: DRS on, and neither the VM's override nor the
+    /// cluster's default says manual (or disabled).
+    pub fn may_move(&self, vm: &MoRef) -> bool {
+        if self.drs_enabled != Some(true) {
+            return false;
+        }
+        let own = self.vm_overrides.iter().find(|o| &o.vm == vm);
+        if own.is_some_and(|o| o.enabled == Some(false)) {
+            return false;
+        }
+        let behavior = own.and_then(|o| o.behavior.as_deref()).or(self.drs_behavior.as_deref());
+        behavior != Some("manual")
+    }
+}
+
+/// What to do to a VM's DRS override.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DrsChange {
+    /// Add one (the VM had none).
+    Add(DrsOverride),
+    /// Replace the VM's.
+    Edit(DrsOverride),
+    /// Remove the VM's.
+    Remove(MoRef),
 }
 
 fn some(e: Option<&Element>) -> Option<String> {
@@ -127,6 +167,54 @@ impl Client {
             .collect())
     }
 
+    /// The cluster `host` belongs to, if it is in one.
+    pub async fn cluster_of(&self, host: &MoRef) -> Result<Option<Cluster>, Error> {
+        let spec = |kind: &str, m: &MoRef, paths: &[&str]| FilterSpec {
+            kind: kind.to_owned(),
+            paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+            objects: Objects::List(vec![m.clone()]),
+        };
+        let h = self.retrieve(&spec("HostSystem", host, &["parent"])).await?;
+        let Some(parent) = h.first().and_then(|o| o.get("parent")).and_then(MoRef::from_element) else {
+            return Ok(None);
+        };
+        if parent.kind != "ClusterComputeResource" {
+            return Ok(None);
+        }
+        self.cluster(&parent).await
+    }
+
+    /// One cluster's DRS settings, if it exists.
+    pub async fn cluster(&self, cluster: &MoRef) -> Result<Option<Cluster>, Error> {
+        let spec = FilterSpec {
+            kind: "ClusterComputeResource".into(),
+            paths: vec!["name".into(), "configurationEx".into()],
+            objects: Objects::List(vec![cluster.clone()]),
+        };
+        Ok(self.retrieve(&spec).await?.first().map(cluster_from))
+    }
+
+    /// Adds, edits or removes a VM's DRS override in `cluster`
+    /// (`ReconfigureComputeResource_Task`, modifying only that entry).
+    pub async fn set_drs_override(&self, cluster: &MoRef, change: &DrsChange) -> Result<(), Error> {
+        let mut req = Request::new("ReconfigureComputeResource_Task", cluster);
+        req.open("spec", Some("ClusterConfigSpecEx")).open("drsVmConfigSpec", None);
+        let info = |req: &mut Request, op: &str, o: &DrsOverride| {
+            req.text("operation", op).open("info", None).moref("key", &o.vm);
+            req.opt("enabled", o.enabled).opt("behavior", o.behavior.as_deref());
+            req.close("info");
+        };
+        match change {
+            DrsChange::Add(o) => info(&mut req, "add", o),
+            DrsChange::Edit(o) => info(&mut req, "edit", o),
+            DrsChange::Remove(vm) => {
+                req.text("operation", "remove").any_moref("removeKey", vm);
+            }
+        }
+        req.close("drsVmConfigSpec").close("spec").text("modify", true);
+        self.run_task(req, None).await.map(|_| ())
+    }
+
     /// Every cluster with its DRS automation level.
     pub async fn clusters(&self) -> Result<Vec<Cluster>, Error> {
         let objs = self.inventory("ClusterComputeResource", &["name", "configurationEx"]).await?;
@@ -173,5 +261,19 @@ pub fn cluster_from(o: &ObjectContent) -> Cluster {
         name: o.text("name").unwrap_or_default().to_owned(),
         drs_enabled: drs.and_then(|d| d.text_of("enabled")).map(|t| t.trim() == "true"),
         drs_behavior: some(drs.and_then(|d| d.child("defaultVmBehavior"))),
+        vm_overrides: o
+            .get("configurationEx")
+            .map(|c| {
+                c.children_named("drsVmConfig")
+                    .filter_map(|v| {
+                        Some(DrsOverride {
+                            vm: v.child("key").and_then(MoRef::from_element)?,
+                            enabled: v.text_of("enabled").map(|t| t.trim() == "true"),
+                            behavior: some(v.child("behavior")),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }

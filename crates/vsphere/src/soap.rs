@@ -73,6 +73,17 @@ impl Request {
         self
     }
 
+    /// `<tag type="Kind" xsi:type="ManagedObjectReference">value</tag>`, where the WSDL says
+    /// `anyType` (an `ArrayUpdateSpec`'s `removeKey`).
+    pub fn any_moref(&mut self, tag: &str, m: &MoRef) -> &mut Self {
+        self.buf.push_str(&format!(
+            r#"<{tag} type="{}" xsi:type="ManagedObjectReference">{}</{tag}>"#,
+            escape(&m.kind),
+            escape(&m.value)
+        ));
+        self
+    }
+
     /// `<tag>value</tag>`, escaped.
     pub fn text(&mut self, tag: &str, value: impl Display) -> &mut Self {
         let v = value.to_string();

@@ -223,7 +223,7 @@ impl Client {
         }
     }
 
-    async fn run_task(&self, req: Request, cancel: Option<&AtomicBool>) -> Result<Option<Element>, Error> {
+    pub(crate) async fn run_task(&self, req: Request, cancel: Option<&AtomicBool>) -> Result<Option<Element>, Error> {
         let what = req.method().to_owned();
         let r = self.invoke(req).await?;
         let task = r
