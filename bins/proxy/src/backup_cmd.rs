@@ -72,6 +72,27 @@ pub(crate) struct JobArgs {
     /// No progress bars (a line every 10 seconds instead; also when not on a terminal).
     #[arg(long)]
     no_progress: bool,
+    /// A command run on the proxy (`sh -c`) before each VM's snapshot, with SYNCPROXY_VM and
+    /// SYNCPROXY_VM_MOREF set; if it fails, that VM is not backed up.
+    #[arg(long, conflicts_with = "pre_freeze_guest")]
+    pre_freeze: Option<String>,
+    /// A command run on the proxy after each VM's snapshot; a failure is reported loudly.
+    #[arg(long, conflicts_with = "post_thaw_guest")]
+    post_thaw: Option<String>,
+    /// A program (and its arguments) run in each guest through VMware Tools before the
+    /// snapshot, as the account in --guest-credentials.
+    #[arg(long, requires = "guest_credentials")]
+    pre_freeze_guest: Option<String>,
+    /// A program (and its arguments) run in each guest after the snapshot.
+    #[arg(long, requires = "guest_credentials")]
+    post_thaw_guest: Option<String>,
+    /// The guest account for guest hooks: a file with the user on the first line and the
+    /// password on the second.
+    #[arg(long)]
+    guest_credentials: Option<std::path::PathBuf>,
+    /// How long a hook may run.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    hook_timeout: Duration,
     /// Leave VMs' DRS automation alone (by default a VM DRS could move is overridden to manual
     /// while it is read, and put back after).
     #[arg(long)]
@@ -157,6 +178,29 @@ fn host_name() -> String {
     repo::lock::host_name()
 }
 
+/// The hooks the flags ask for: a command on the proxy, or a program in the guest (its path,
+/// then its arguments).
+fn hooks(args: &JobArgs) -> Result<orchestration::hooks::Hooks> {
+    use orchestration::hooks::{Hook, HookAction};
+    let make = |command: &Option<String>, guest: &Option<String>| -> Result<Option<Hook>> {
+        let action = match (command, guest) {
+            (Some(c), _) => HookAction::Proxy(c.clone()),
+            (None, Some(g)) => {
+                let (program, arguments) = g.trim().split_once(char::is_whitespace).unwrap_or((g.trim(), ""));
+                let path = args.guest_credentials.as_deref().context("guest hooks need --guest-credentials")?;
+                let auth = orchestration::hooks::guest_credentials(path).map_err(anyhow::Error::msg)?;
+                HookAction::Guest { program: program.to_owned(), arguments: arguments.trim().to_owned(), auth }
+            }
+            (None, None) => return Ok(None),
+        };
+        Ok(Some(Hook { action, timeout: args.hook_timeout }))
+    };
+    Ok(orchestration::hooks::Hooks {
+        pre_freeze: make(&args.pre_freeze, &args.pre_freeze_guest)?,
+        post_thaw: make(&args.post_thaw, &args.post_thaw_guest)?,
+    })
+}
+
 async fn job(
     args: &JobArgs,
     target: Target,
@@ -178,6 +222,7 @@ async fn job(
     ctx.vddk = vddk;
     ctx.nbd = args.nbd_url.clone();
     ctx.pin_drs = !args.no_drs_pin;
+    ctx.hooks = hooks(args)?;
     if plan_only {
         return plan(&ctx, &vms, args.json).await;
     }

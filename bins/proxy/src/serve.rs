@@ -285,6 +285,16 @@ impl Runner {
         ctx.vddk = self.vddk.clone();
         ctx.nbd = self.job.nbd_url.clone();
         ctx.pin_drs = self.job.pin_drs;
+        let cred = self.job.guest_credentials_file.as_deref();
+        let hook = |h: &Option<orchestration::config::HookConfig>, which: &str| {
+            h.as_ref()
+                .map(|h| h.hook(cred).map_err(|e| anyhow::anyhow!("job {}: {which}: {e}", self.job.name)))
+                .transpose()
+        };
+        ctx.hooks = orchestration::hooks::Hooks {
+            pre_freeze: hook(&self.job.pre_freeze, "pre_freeze")?,
+            post_thaw: hook(&self.job.post_thaw, "post_thaw")?,
+        };
         Ok((ctx, vms.into_iter().map(|v| v.moref).collect()))
     }
 

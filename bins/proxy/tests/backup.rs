@@ -360,3 +360,23 @@ async fn cbt_reset_resets_marks_and_refuses_under_foreign_snapshots() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("NOT RESET") && out.contains("before-upgrade"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freeze_hooks_from_the_command_line() {
+    let env = start().await;
+    Repo::init(env.dir.path().join("repo"), 1 << 20).unwrap();
+    let log = env.dir.path().join("hooks.log");
+    let record = format!("echo \"$SYNCPROXY_HOOK $SYNCPROXY_VM\" >> {}", log.display());
+    let (code, out, err) =
+        output(env.proxy(&["web", "--pre-freeze", &record, "--post-thaw", &record, "--hook-timeout", "30s"])).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "pre-freeze web\npost-thaw web\n");
+    let (code, out, err) = output(env.proxy(&["web", "--pre-freeze", "echo not now >&2; exit 3"])).await;
+    assert_eq!(code, 1, "none succeeded: {out}\n{err}");
+    assert!(out.contains("pre-freeze hook failed") && out.contains("not now"), "{out}\n{err}");
+    assert_eq!(env.snapshots().await, 0);
+    // A guest hook needs the guest account.
+    let (code, _, err) = output(env.proxy(&["web", "--pre-freeze-guest", "/bin/true"])).await;
+    assert_eq!(code, 2, "clap refuses it: {err}");
+    assert!(err.contains("--guest-credentials"), "{err}");
+}

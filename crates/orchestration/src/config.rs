@@ -276,9 +276,62 @@ pub struct JobConfig {
     /// Override each VM's DRS automation to manual while it is read (put back after).
     #[serde(default = "default_pin_drs")]
     pub pin_drs: bool,
+    /// Run before each VM's snapshot; its failure aborts that VM's backup.
+    #[serde(default)]
+    pub pre_freeze: Option<HookConfig>,
+    /// Run after each VM's snapshot; its failure is reported loudly.
+    #[serde(default)]
+    pub post_thaw: Option<HookConfig>,
+    /// The guest account for guest hooks: a file with the user on the first line and the
+    /// password on the second.
+    #[serde(default)]
+    pub guest_credentials_file: Option<PathBuf>,
     /// What a prune after each run keeps (repositories only).
     #[serde(default)]
     pub retention: Option<RetentionConfig>,
+}
+
+/// A freeze hook: a command on the proxy, or a program in the guest.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookConfig {
+    /// A command line run on the proxy (`sh -c`).
+    #[serde(default)]
+    pub command: Option<String>,
+    /// A program's path in the guest (run through VMware Tools).
+    #[serde(default)]
+    pub guest: Option<String>,
+    /// The guest program's arguments.
+    #[serde(default)]
+    pub arguments: String,
+    /// How long it may run (`5m`).
+    #[serde(default = "default_hook_timeout")]
+    pub timeout: String,
+}
+
+fn default_hook_timeout() -> String {
+    "5m".into()
+}
+
+impl HookConfig {
+    /// The hook, with the guest account read from `credentials` for a guest hook.
+    pub fn hook(&self, credentials: Option<&std::path::Path>) -> Result<crate::hooks::Hook, String> {
+        let timeout =
+            humantime::parse_duration(&self.timeout).map_err(|e| format!("timeout {:?}: {e}", self.timeout))?;
+        let action = match (&self.command, &self.guest) {
+            (Some(c), None) => crate::hooks::HookAction::Proxy(c.clone()),
+            (None, Some(program)) => {
+                let path = credentials.ok_or("a guest hook needs guest_credentials_file")?;
+                crate::hooks::HookAction::Guest {
+                    program: program.clone(),
+                    arguments: self.arguments.clone(),
+                    auth: crate::hooks::guest_credentials(path)?,
+                }
+            }
+            _ => return Err("give command (on the proxy) or guest (in the guest), one of them".into()),
+        };
+        Ok(crate::hooks::Hook { action, timeout })
+    }
 }
 
 /// A whole configuration.
@@ -400,6 +453,20 @@ impl ServeConfig {
                 }
                 _ => {}
             }
+            for (which, h) in [("pre_freeze", &j.pre_freeze), ("post_thaw", &j.post_thaw)] {
+                let Some(h) = h else { continue };
+                if h.command.is_some() == h.guest.is_some() {
+                    out.push(format!(
+                        "{at}: {which}: give command (on the proxy) or guest (in the guest), one of them"
+                    ));
+                }
+                if h.guest.is_some() && j.guest_credentials_file.is_none() {
+                    out.push(format!("{at}: {which}: a guest hook needs guest_credentials_file"));
+                }
+                if let Err(e) = humantime::parse_duration(&h.timeout) {
+                    out.push(format!("{at}: {which}: timeout {:?}: {e}", h.timeout));
+                }
+            }
             if let Some(r) = &j.retention
                 && r.retention().keeps_nothing()
             {
@@ -490,6 +557,26 @@ replica = "/replicas"
         assert!(e.contains("token_file"), "{e}");
         let e = ServeConfig::from_toml(&GOOD.replace("max_vms", "max_vmz")).unwrap_err().to_string();
         assert!(e.contains("max_vmz"), "unknown keys are refused: {e}");
+    }
+
+    #[test]
+    fn hooks_are_one_of_command_or_guest_and_guest_needs_credentials() {
+        let with = |hooks: &str| GOOD.replace("replica = \"/replicas\"", &format!("replica = \"/replicas\"\n{hooks}"));
+        let ok = ServeConfig::from_toml(&with(
+            "pin_drs = false\npre_freeze = { command = \"/usr/local/bin/freeze\", timeout = \"30s\" }\n\
+             post_thaw = { guest = \"/usr/bin/thaw\", arguments = \"--all\" }\nguest_credentials_file = \"/etc/g\"",
+        ))
+        .unwrap();
+        let j = &ok.jobs[1];
+        assert!(!j.pin_drs && ok.jobs[0].pin_drs, "pinning is on unless turned off");
+        let pre = j.pre_freeze.as_ref().unwrap().hook(None).unwrap();
+        assert_eq!(pre.timeout, Duration::from_secs(30));
+        let e = ServeConfig::from_toml(&with("pre_freeze = { command = \"a\", guest = \"b\" }")).unwrap_err();
+        assert!(e.to_string().contains("pre_freeze: give command"), "{e}");
+        let e = ServeConfig::from_toml(&with("post_thaw = { guest = \"/bin/thaw\" }")).unwrap_err();
+        assert!(e.to_string().contains("needs guest_credentials_file"), "{e}");
+        let e = ServeConfig::from_toml(&with("post_thaw = { command = \"x\", timeout = \"soon\" }")).unwrap_err();
+        assert!(e.to_string().contains("timeout \"soon\""), "{e}");
     }
 
     #[test]

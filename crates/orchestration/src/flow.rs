@@ -125,6 +125,8 @@ pub struct JobContext {
     /// Override each VM's DRS automation to manual while it is read, where DRS could move it
     /// (and put it back after); on by default.
     pub pin_drs: bool,
+    /// Freeze hooks around each VM's snapshot.
+    pub hooks: crate::hooks::Hooks,
 }
 
 /// The NBD URI of one frozen disk, from a template.
@@ -179,6 +181,7 @@ impl JobContext {
             vddk: None,
             nbd: None,
             pin_drs: true,
+            hooks: crate::hooks::Hooks::default(),
         }
     }
 
@@ -433,18 +436,30 @@ async fn run_vm(ctx: &JobContext, vm_ref: &MoRef, report: &mut VmReport) -> Resu
         ctx.job_id,
         humantime::format_rfc3339_seconds(std::time::SystemTime::now())
     );
-    let (snap, consistency) = match ctx.client.create_snapshot(&vm.moref, &name, &description, quiesce, None).await {
-        Ok(s) => (s, if quiesce { Consistency::Application } else { Consistency::Crash }),
+    if let Some(h) = &ctx.hooks.pre_freeze
+        && let Err(e) = crate::hooks::run_hook(&ctx.client, &vm, h, "pre-freeze").await
+    {
+        // What the hook froze before it failed is thawed all the same.
+        post_thaw(ctx, &vm, report).await;
+        return Err(OrchError::Refused(format!("the pre-freeze hook failed: {e}; no snapshot was taken")));
+    }
+    let created = match ctx.client.create_snapshot(&vm.moref, &name, &description, quiesce, None).await {
+        Ok(s) => Ok((s, if quiesce { Consistency::Application } else { Consistency::Crash })),
         // Only a quiescing failure (the guest could not freeze) falls back to crash-consistent.
         Err(e)
             if quiesce
                 && e.fault().is_some_and(|f| f.type_name.contains("Quiesce") || f.type_name.contains("Tools")) =>
         {
             report.warnings.push(format!("quiescing failed ({e}); this restore point is crash-consistent"));
-            (ctx.client.create_snapshot(&vm.moref, &name, &description, false, None).await?, Consistency::Crash)
+            ctx.client
+                .create_snapshot(&vm.moref, &name, &description, false, None)
+                .await
+                .map(|s| (s, Consistency::Crash))
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => Err(e),
     };
+    post_thaw(ctx, &vm, report).await;
+    let (snap, consistency) = created?;
     report.snapshot_removed = false;
     report.consistency = Some(consistency);
     let copied = match &ctx.target {
@@ -470,6 +485,17 @@ async fn run_vm(ctx: &JobContext, vm_ref: &MoRef, report: &mut VmReport) -> Resu
         }
     }
     copied
+}
+
+/// Runs the job's post-thaw hook, if any; a failure is reported loudly, and the backup goes on
+/// (the snapshot is taken: the data is consistent, the guest is what needs attention).
+async fn post_thaw(ctx: &JobContext, vm: &Vm, report: &mut VmReport) {
+    if let Some(h) = &ctx.hooks.post_thaw
+        && let Err(e) = crate::hooks::run_hook(&ctx.client, vm, h, "post-thaw").await
+    {
+        tracing::error!("{}: the post-thaw hook failed: {e}", vm.name);
+        report.warnings.push(format!("POST-THAW HOOK FAILED: {e}; check the guest's applications"));
+    }
 }
 
 /// What `cbt` plans one disk from: the disk, its slot, what the destination holds of it, and

@@ -13,6 +13,7 @@ pub mod cbt_reset;
 pub mod config;
 mod drs;
 mod flow;
+pub mod hooks;
 pub mod hygiene;
 mod job;
 pub mod metrics;

@@ -972,3 +972,112 @@ capacity = 4194304
     assert!(r.error.is_none() && !r.warnings.iter().any(|w| w.contains("DRS")), "{r:?}");
     assert!(client.vms().await.unwrap().iter().all(|v| v.snapshots.is_empty()));
 }
+
+/// Freeze hooks around the snapshot, on the proxy and in the guest: both run, in order, each
+/// knowing its VM; a failing or slow pre-freeze hook aborts the VM's backup with no snapshot
+/// taken (the post-thaw hook still thaws); a failing post-thaw hook is reported loudly while the
+/// backup completes; guest credentials never show in an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freeze_hooks_run_around_the_snapshot_and_a_failing_pre_freeze_aborts_cleanly() {
+    use orchestration::hooks::{Hook, HookAction, Hooks, guest_credentials};
+    let cfg = estate_with(
+        r#"
+[[datacenter.datastore]]
+name = "ds1"
+[[datacenter.vm]]
+name = "db"
+cbt = true
+guest_password = "guest-s3cret"
+[[datacenter.vm.disk]]
+capacity = 2097152
+[[datacenter.vm]]
+name = "notools"
+cbt = true
+tools = "guestToolsNotRunning"
+guest_password = "guest-s3cret"
+[[datacenter.vm.disk]]
+capacity = 2097152
+"#,
+    );
+    let (dir, sim, client) = start_with(cfg).await;
+    let repo = Repo::init(dir.path().join("repo"), 1 << 20).unwrap();
+    let vms = client.vms().await.unwrap();
+    let (db, notools) =
+        (vms.iter().find(|v| v.name == "db").unwrap(), vms.iter().find(|v| v.name == "notools").unwrap());
+    let log = dir.path().join("hooks.log");
+    let on_proxy =
+        |cmd: &str, ms: u64| Hook { action: HookAction::Proxy(cmd.to_owned()), timeout: Duration::from_millis(ms) };
+    let record = format!("echo \"$SYNCPROXY_HOOK $SYNCPROXY_VM $SYNCPROXY_VM_MOREF\" >> {}", log.display());
+    let with = |hooks: Hooks, job: &str| {
+        let mut c = ctx(&client, &repo, job);
+        c.hooks = hooks;
+        c
+    };
+    let snapshots = || async { client.vms().await.unwrap().iter().map(|v| v.all_snapshots().len()).sum::<usize>() };
+
+    // Both hooks on the proxy: run, in order, each knowing its VM.
+    let hooks = Hooks { pre_freeze: Some(on_proxy(&record, 5000)), post_thaw: Some(on_proxy(&record, 5000)) };
+    let r = backup_vm(&with(hooks, "h1"), &db.moref).await;
+    assert!(r.error.is_none() && r.point.is_some(), "{r:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text, format!("pre-freeze db {0}\npost-thaw db {0}\n", db.moref.value));
+
+    // A failing pre-freeze hook: no snapshot, no restore point, the reason, and still a thaw.
+    std::fs::remove_file(&log).unwrap();
+    let fail = "echo 'the database refused to freeze' >&2; exit 3";
+    let hooks = Hooks { pre_freeze: Some(on_proxy(fail, 5000)), post_thaw: Some(on_proxy(&record, 5000)) };
+    let points = repo.points().unwrap().len();
+    let r = backup_vm(&with(hooks, "h2"), &db.moref).await;
+    let e = r.error.clone().unwrap_or_default();
+    assert!(
+        e.contains("pre-freeze hook failed") && e.contains("refused to freeze") && e.contains("no snapshot"),
+        "{r:?}"
+    );
+    assert_eq!((repo.points().unwrap().len(), snapshots().await), (points, 0));
+    assert!(std::fs::read_to_string(&log).unwrap().starts_with("post-thaw db"), "thawed all the same");
+    // Too slow: ended, and the same.
+    let hooks = Hooks { pre_freeze: Some(on_proxy("sleep 30", 300)), post_thaw: None };
+    let r = backup_vm(&with(hooks, "h3"), &db.moref).await;
+    assert!(r.error.as_deref().is_some_and(|e| e.contains("ran longer than")), "{r:?}");
+    assert_eq!(snapshots().await, 0);
+    // A failing post-thaw hook: loud, and the backup completes.
+    let hooks = Hooks { pre_freeze: None, post_thaw: Some(on_proxy("exit 1", 5000)) };
+    let r = backup_vm(&with(hooks, "h4"), &db.moref).await;
+    assert!(r.error.is_none() && r.point.is_some(), "{r:?}");
+    assert!(r.warnings.iter().any(|w| w.starts_with("POST-THAW HOOK FAILED")), "{r:?}");
+
+    // In the guest, through VMware Tools, with credentials from a file.
+    let cred = dir.path().join("guest-cred");
+    std::fs::write(&cred, "root\nguest-s3cret\n").unwrap();
+    let auth = guest_credentials(&cred).unwrap();
+    let in_guest = |program: &str, args: &str, ms: u64, auth: &vsphere::guest::GuestAuth| Hook {
+        action: HookAction::Guest { program: program.into(), arguments: args.into(), auth: auth.clone() },
+        timeout: Duration::from_millis(ms),
+    };
+    let hooks = Hooks {
+        pre_freeze: Some(in_guest("/bin/true", "--freeze", 5000, &auth)),
+        post_thaw: Some(in_guest("/bin/true", "--thaw", 5000, &auth)),
+    };
+    let r = backup_vm(&with(hooks, "g1"), &db.moref).await;
+    assert!(r.error.is_none() && r.point.is_some(), "{r:?}");
+    let runs: Vec<String> = sim.guest_runs("db").unwrap().iter().map(|g| g.arguments.clone()).collect();
+    assert_eq!(runs, ["--freeze", "--thaw"]);
+    let hooks = Hooks { pre_freeze: Some(in_guest("/bin/false", "", 5000, &auth)), post_thaw: None };
+    let r = backup_vm(&with(hooks, "g2"), &db.moref).await;
+    assert!(r.error.as_deref().is_some_and(|e| e.contains("exited with 1")), "{r:?}");
+    let hooks = Hooks { pre_freeze: Some(in_guest("/bin/sleep", "30", 300, &auth)), post_thaw: None };
+    let r = backup_vm(&with(hooks, "g3"), &db.moref).await;
+    assert!(r.error.as_deref().is_some_and(|e| e.contains("ran longer than")), "{r:?}");
+    assert!(sim.guest_runs("db").unwrap().last().unwrap().terminated, "the slow program was ended");
+    let wrong = vsphere::guest::GuestAuth { user: "root".into(), password: vsphere::Secret::new("not-it") };
+    let hooks = Hooks { pre_freeze: Some(in_guest("/bin/true", "", 5000, &wrong)), post_thaw: None };
+    let r = backup_vm(&with(hooks, "g4"), &db.moref).await;
+    let e = r.error.clone().unwrap_or_default();
+    assert!(e.contains("InvalidGuestLogin") || e.contains("authenticate"), "{r:?}");
+    assert!(!e.contains("not-it") && !format!("{r:?}").contains("not-it"), "no password in errors");
+    let hooks = Hooks { pre_freeze: Some(in_guest("/bin/true", "", 5000, &auth)), post_thaw: None };
+    let r = backup_vm(&with(hooks, "g5"), &notools.moref).await;
+    assert!(r.error.as_deref().is_some_and(|e| e.contains("Tools")), "{r:?}");
+    assert_eq!(snapshots().await, 0);
+    assert!(guest_credentials(&dir.path().join("missing")).is_err());
+}

@@ -168,6 +168,11 @@ pub struct VmConfig {
     /// The guest OS ID (`ubuntu64Guest`, `windows2019srv_64Guest`).
     #[serde(default = "default_guest")]
     pub guest: String,
+    /// The password of the guest's `root` account for guest operations (none: every guest
+    /// login fails). Guest programs are simulated: `/bin/true` succeeds, `/bin/false` exits 1,
+    /// `/bin/sleep N` runs N seconds.
+    #[serde(default)]
+    pub guest_password: Option<String>,
     /// Encrypted (a key ID is reported).
     #[serde(default)]
     pub encrypted: bool,
@@ -260,6 +265,7 @@ impl Config {
                         cbt: true,
                         tools: default_tools(),
                         guest: default_guest(),
+                        guest_password: None,
                         encrypted: false,
                         usb: 0,
                         pci: 0,

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 
 pub use config::{ClusterConfig, Config, DatacenterConfig, DatastoreConfig, Denied, DiskConfig, HostConfig, VmConfig};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-pub use world::{Faults, SimFault};
+pub use world::{Faults, GuestRun, SimFault};
 
 /// Errors starting or driving the simulator.
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +171,13 @@ impl Sim {
         let mut w = self.world();
         let vi = w.vm_by_name(vm).ok_or_else(|| SimError::NoSuch(format!("VM {vm}")))?;
         w.grow_disk(vi, disk_key, capacity).map_err(|f| SimError::Refused(f.message))
+    }
+
+    /// The programs started in a VM's guest, in order.
+    pub fn guest_runs(&self, vm: &str) -> Result<Vec<GuestRun>, SimError> {
+        let w = self.world();
+        let vi = w.vm_by_name(vm).ok_or_else(|| SimError::NoSuch(format!("VM {vm}")))?;
+        Ok(w.vms[vi].guest_runs.clone())
     }
 
     /// Backdates a VM's snapshot by `age` (as if it had been taken that long ago), so tests

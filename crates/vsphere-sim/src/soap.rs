@@ -204,6 +204,63 @@ fn dispatch(w: &mut World, state: &Shared, method: &str, this: Option<&MoRef>, c
             Some(obj) => start_task(w, state, method, obj.clone(), call),
             None => fault(&SimFault::new("InvalidRequest", "no _this"), None),
         },
+        "StartProgramInGuest" | "ListProcessesInGuest" | "TerminateProcessInGuest" => {
+            let Some(vi) = call.child("vm").and_then(MoRef::from_element).and_then(|m| w.vm_index(&m)) else {
+                return fault(&SimFault::new("ManagedObjectNotFound", "no such VM"), this);
+            };
+            let auth = call.child("auth");
+            let user = auth.and_then(|a| a.text_of("username")).unwrap_or_default().trim().to_owned();
+            let password = auth.and_then(|a| a.text_of("password")).unwrap_or_default().to_owned();
+            match method {
+                "StartProgramInGuest" => {
+                    let spec = call.child("spec");
+                    let program = spec.and_then(|s| s.text_of("programPath")).unwrap_or_default().trim().to_owned();
+                    let args = spec.and_then(|s| s.text_of("arguments")).unwrap_or_default().to_owned();
+                    match w.start_guest_program(vi, &user, &password, &program, &args) {
+                        Ok(pid) => ok(method, &t("returnval", pid)),
+                        Err(f) => fault(&f, this),
+                    }
+                }
+                _ if user != "root" || w.vms[vi].guest_password.as_deref() != Some(password.as_str()) => fault(
+                    &SimFault::new("InvalidGuestLogin", "Failed to authenticate with the guest operating system"),
+                    this,
+                ),
+                "ListProcessesInGuest" => {
+                    let pids: Vec<i64> =
+                        call.children_named("pids").filter_map(|p| p.text.trim().parse().ok()).collect();
+                    let now = std::time::SystemTime::now();
+                    let mut inner = String::new();
+                    for r in w.vms[vi].guest_runs.iter().filter(|r| pids.is_empty() || pids.contains(&r.pid)) {
+                        let ended = r.terminated || r.ends <= now;
+                        let _ = write!(
+                            inner,
+                            "<returnval>{}{}{}{}{}",
+                            t("name", &r.program),
+                            t("pid", r.pid),
+                            t("owner", "root"),
+                            t("cmdLine", format!("{} {}", r.program, r.arguments)),
+                            t("startTime", iso_now())
+                        );
+                        if ended {
+                            let _ = write!(inner, "{}{}", t("endTime", iso_now()), t("exitCode", r.exit_code));
+                        }
+                        inner.push_str("</returnval>");
+                    }
+                    ok(method, &inner)
+                }
+                _ => {
+                    let pid: i64 = call.parse_of("pid").unwrap_or(-1);
+                    match w.vms[vi].guest_runs.iter_mut().find(|r| r.pid == pid) {
+                        Some(r) => {
+                            r.terminated = true;
+                            r.exit_code = -1;
+                            ok(method, "")
+                        }
+                        None => fault(&SimFault::new("GuestProcessNotFound", format!("no process {pid}")), this),
+                    }
+                }
+            }
+        }
         "HasPrivilegeOnEntity" => {
             let (Some(entity), Some(session)) = (call.child("entity").and_then(MoRef::from_element), text("sessionId"))
             else {
@@ -358,7 +415,7 @@ fn service_content(w: &World) -> String {
     );
     let about = about.replace("</about>", &format!("{}</about>", t("instanceUuid", &w.instance_uuid)));
     format!(
-        "<returnval>{}{}{}{}{}{}{}{}{}</returnval>",
+        "<returnval>{}{}{}{}{}{}{}{}{}{}</returnval>",
         mo("rootFolder", &MoRef::new("Folder", root)),
         mo("propertyCollector", &MoRef::new("PropertyCollector", pc)),
         mo("viewManager", &MoRef::new("ViewManager", "ViewManager")),
@@ -371,6 +428,7 @@ fn service_content(w: &World) -> String {
         mo("taskManager", &MoRef::new("TaskManager", "TaskManager")),
         mo("searchIndex", &MoRef::new("SearchIndex", si)),
         mo("fileManager", &MoRef::new("FileManager", "FileManager")),
+        mo("guestOperationsManager", &MoRef::new("GuestOperationsManager", "guestOperationsManager")),
     )
 }
 
@@ -635,6 +693,13 @@ fn property(w: &World, obj: &MoRef, p: &str) -> Result<Option<String>, SimFault>
                 _ => Err(invalid_property(p)),
             }
         }
+        "GuestOperationsManager" => match p {
+            "processManager" => Ok(Some(format!(
+                "<propSet><name>{p}</name>{}</propSet>",
+                typed_mo("val", &MoRef::new("GuestProcessManager", "guestOperationsProcessManager"))
+            ))),
+            _ => Err(invalid_property(p)),
+        },
         "AuthorizationManager" => match p {
             "privilegeList" => {
                 let inner: String = w

@@ -170,6 +170,26 @@ pub(crate) struct VmState {
     pub(crate) snapshots: Vec<SnapRec>,
     pub(crate) current: Option<MoRef>,
     pub(crate) consolidation_needed: bool,
+    pub(crate) guest_password: Option<String>,
+    /// Programs started in the guest, in order.
+    pub(crate) guest_runs: Vec<GuestRun>,
+}
+
+/// A program started in a guest through the guest operations API.
+#[derive(Debug, Clone)]
+pub struct GuestRun {
+    /// Its pid.
+    pub pid: i64,
+    /// The program's path.
+    pub program: String,
+    /// Its arguments.
+    pub arguments: String,
+    /// When it ends (or ended).
+    pub(crate) ends: SystemTime,
+    /// Its exit code once ended.
+    pub exit_code: i32,
+    /// Terminated before its end.
+    pub terminated: bool,
 }
 
 #[derive(Debug)]
@@ -409,6 +429,8 @@ impl World {
                     snapshots: Vec::new(),
                     current: None,
                     consolidation_needed: false,
+                    guest_password: v.guest_password.clone(),
+                    guest_runs: Vec::new(),
                 });
             }
         }
@@ -777,6 +799,42 @@ impl World {
             }
         }
         Ok(())
+    }
+
+    /// `StartProgramInGuest`: checks Tools and the guest login, then "runs" the program.
+    pub(crate) fn start_guest_program(
+        &mut self,
+        vm: usize,
+        user: &str,
+        password: &str,
+        program: &str,
+        arguments: &str,
+    ) -> Result<i64, SimFault> {
+        let pid = i64::try_from(self.id()).unwrap_or(i64::MAX);
+        let v = &mut self.vms[vm];
+        if v.power != "poweredOn" || v.tools != "guestToolsRunning" {
+            return Err(SimFault::new("GuestOperationsUnavailable", "VMware Tools are not running in the guest"));
+        }
+        if user != "root" || v.guest_password.as_deref() != Some(password) {
+            return Err(SimFault::new("InvalidGuestLogin", "Failed to authenticate with the guest operating system"));
+        }
+        let (seconds, exit_code) = match program {
+            "/bin/true" => (0, 0),
+            "/bin/false" => (0, 1),
+            "/bin/sleep" => (arguments.trim().parse::<u64>().unwrap_or(0), 0),
+            _ => {
+                return Err(SimFault::new("GuestPermissionDenied", format!("{program}: no such program in the guest")));
+            }
+        };
+        v.guest_runs.push(GuestRun {
+            pid,
+            program: program.to_owned(),
+            arguments: arguments.to_owned(),
+            ends: SystemTime::now() + Duration::from_secs(seconds),
+            exit_code,
+            terminated: false,
+        });
+        Ok(pid)
     }
 
     /// `DeleteDatastoreFile_Task`: removes `[ds] path` in the datacenter `dc`.

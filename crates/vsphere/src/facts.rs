@@ -169,13 +169,7 @@ impl Client {
 
     /// The cluster `host` belongs to, if it is in one.
     pub async fn cluster_of(&self, host: &MoRef) -> Result<Option<Cluster>, Error> {
-        let spec = |kind: &str, m: &MoRef, paths: &[&str]| FilterSpec {
-            kind: kind.to_owned(),
-            paths: paths.iter().map(|p| (*p).to_owned()).collect(),
-            objects: Objects::List(vec![m.clone()]),
-        };
-        let h = self.retrieve(&spec("HostSystem", host, &["parent"])).await?;
-        let Some(parent) = h.first().and_then(|o| o.get("parent")).and_then(MoRef::from_element) else {
+        let Some(parent) = self.property(host, "parent").await?.as_ref().and_then(MoRef::from_element) else {
             return Ok(None);
         };
         if parent.kind != "ClusterComputeResource" {

@@ -12,6 +12,7 @@
 pub mod datastore;
 pub mod error;
 pub mod facts;
+pub mod guest;
 pub mod http;
 mod legacy;
 pub mod model;

@@ -144,6 +144,17 @@ impl Client {
         self.invoke(Request::new("DestroyView", view)).await.map(|_| ())
     }
 
+    /// One property of one object, when the server has it.
+    pub async fn property(&self, obj: &MoRef, path: &str) -> Result<Option<Element>, Error> {
+        let spec = FilterSpec {
+            kind: obj.kind.clone(),
+            paths: vec![path.to_owned()],
+            objects: Objects::List(vec![obj.clone()]),
+        };
+        let mut objs = self.retrieve(&spec).await?;
+        Ok(objs.pop().and_then(|mut o| o.props.pop().filter(|(p, _)| p == path).map(|(_, v)| v)))
+    }
+
     /// Every object of `kind` in the inventory with the properties `paths`.
     pub async fn inventory(&self, kind: &str, paths: &[&str]) -> Result<Vec<ObjectContent>, Error> {
         let root = self.content().root_folder.clone();

@@ -6,7 +6,6 @@
 use std::collections::{BTreeMap, HashSet};
 
 use crate::error::Error;
-use crate::pc::{FilterSpec, Objects};
 use crate::session::Client;
 use crate::soap::{MoRef, Request};
 
@@ -35,13 +34,7 @@ impl Client {
             .authorization_manager
             .clone()
             .ok_or_else(|| Error::Protocol("the server has no authorization manager".into()))?;
-        let spec = FilterSpec {
-            kind: "AuthorizationManager".into(),
-            paths: vec!["privilegeList".into()],
-            objects: Objects::List(vec![auth]),
-        };
-        let objs = self.retrieve(&spec).await?;
-        let list = objs.first().and_then(|o| o.get("privilegeList"));
+        let list = self.property(&auth, "privilegeList").await?;
         Ok(list
             .map(|l| l.children.iter().filter_map(|p| p.text_of("privId")).map(|t| t.trim().to_owned()).collect())
             .unwrap_or_default())

@@ -37,7 +37,7 @@ impl Secret {
         Ok(Self(line.to_owned()))
     }
 
-    fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }
@@ -124,6 +124,8 @@ pub struct ServiceContent {
     pub file_manager: Option<MoRef>,
     /// The task manager.
     pub task_manager: Option<MoRef>,
+    /// The guest operations manager (vCenter and ESXi 5.0 and later).
+    pub guest_operations_manager: Option<MoRef>,
     /// What the server is.
     pub about: About,
 }
@@ -143,6 +145,7 @@ impl ServiceContent {
             search_index: need("searchIndex")?,
             file_manager: m("fileManager"),
             task_manager: m("taskManager"),
+            guest_operations_manager: m("guestOperationsManager"),
             about: About {
                 name: t("name"),
                 full_name: t("fullName"),
@@ -205,6 +208,7 @@ impl Client {
                 search_index: MoRef::new("SearchIndex", ""),
                 file_manager: None,
                 task_manager: None,
+                guest_operations_manager: None,
                 about: About::default(),
             },
             product: None,
