@@ -396,4 +396,10 @@ async fn privileges_are_read_per_entity_and_unknown_ids_are_never_asked() {
     let all: std::collections::HashSet<String> = want.iter().map(|s| (*s).to_owned()).collect();
     let e = c.has_privileges(&db.moref, &want, &all).await.unwrap_err();
     assert_eq!(e.fault().map(|f| f.kind), Some(FaultKind::InvalidArgument), "{e}");
+    // One per call, as for a server that lists none: the unknown one is set aside.
+    let held = c.has_privileges_one_by_one(&db.moref, &want).await.unwrap();
+    assert_eq!(
+        (held.missing(), held.unknown.clone()),
+        (vec!["Datastore.Browse"], vec!["Cryptographer.Access".to_owned()])
+    );
 }

@@ -76,4 +76,22 @@ impl Client {
         held.known = ask.iter().map(|p| (*p).to_owned()).zip(answers).collect();
         Ok(held)
     }
+
+    /// Which of `wanted` this session holds on `entity`, asking one privilege per call: for a
+    /// server whose `privilegeList` is empty, so unknown IDs cannot be filtered out first. An
+    /// ID the server refuses as invalid is counted unknown.
+    pub async fn has_privileges_one_by_one(&self, entity: &MoRef, wanted: &[&str]) -> Result<Held, Error> {
+        let mut held = Held::default();
+        for p in wanted {
+            let one: HashSet<String> = [(*p).to_owned()].into();
+            match self.has_privileges(entity, &[p], &one).await {
+                Ok(h) => held.known.extend(h.known),
+                Err(e) if e.fault().is_some_and(|f| f.kind == crate::FaultKind::InvalidArgument) => {
+                    held.unknown.push((*p).to_owned());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(held)
+    }
 }

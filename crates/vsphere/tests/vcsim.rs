@@ -1,6 +1,7 @@
 //! Conformance of our client against govmomi's vcsim, a vSphere server nobody here wrote:
 //! TLS trust in all three modes, login and its fault, the service content, the VM inventory
-//! through a container view, paging and the search index.
+//! through a container view, paging and the search index; snapshots and CBT; datastore reads;
+//! host, datastore and cluster facts; DRS overrides, privileges and file deletion.
 
 use std::time::Duration;
 
@@ -252,5 +253,54 @@ async fn hosts_datastores_and_drs_of_clusters() {
     // vcsim enables DRS and leaves defaultVmBehavior unset; the model keeps "unset" as None
     // rather than guessing a level.
     assert_eq!(clusters[0].drs_enabled, Some(true), "{clusters:?}");
+    c.logout().await.unwrap();
+}
+
+/// What `proxy` changes on a server, done against vcsim: a VM's DRS override added, edited and
+/// removed in its cluster (`ReconfigureComputeResource_Task`), a privilege question
+/// (`HasPrivilegeOnEntity`), and a datastore file deleted through the file manager (the CBT
+/// reset's `-ctk.vmdk`), with the fault for one not there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drs_overrides_and_datastore_file_deletion() {
+    use vsphere::facts::{DrsChange, DrsOverride};
+    let Some(s) = start("drs_overrides_and_datastore_file_deletion", &[]) else { return };
+    let c = Client::connect(&options(&s.sim.url, Trust::Insecure)).await.unwrap();
+    c.login(creds(PASSWORD)).await.unwrap();
+    let vm = c.vms().await.unwrap().into_iter().find(|v| v.name == "DC0_C0_RP0_VM0").unwrap();
+    let cluster = c.cluster_of(vm.host.as_ref().unwrap()).await.unwrap().expect("a cluster host");
+    assert_eq!(cluster.name, "DC0_C0");
+    let own = |cl: &vsphere::facts::Cluster| cl.vm_overrides.iter().find(|o| o.vm == vm.moref).cloned();
+    assert_eq!(own(&cluster), None);
+    let set =
+        |behavior: &str| DrsOverride { vm: vm.moref.clone(), enabled: Some(true), behavior: Some(behavior.into()) };
+    c.set_drs_override(&cluster.moref, &DrsChange::Add(set("manual"))).await.unwrap();
+    let now = c.cluster(&cluster.moref).await.unwrap().unwrap();
+    assert_eq!(own(&now).and_then(|o| o.behavior).as_deref(), Some("manual"), "{now:?}");
+    assert!(!now.may_move(&vm.moref));
+    c.set_drs_override(&cluster.moref, &DrsChange::Edit(set("partiallyAutomated"))).await.unwrap();
+    let now = c.cluster(&cluster.moref).await.unwrap().unwrap();
+    assert_eq!(own(&now).and_then(|o| o.behavior).as_deref(), Some("partiallyAutomated"), "{now:?}");
+    c.set_drs_override(&cluster.moref, &DrsChange::Remove(vm.moref.clone())).await.unwrap();
+    let now = c.cluster(&cluster.moref).await.unwrap().unwrap();
+    assert_eq!(own(&now), None, "{now:?}");
+
+    // vcsim lists no privileges (an empty privilegeList), but answers HasPrivilegeOnEntity for
+    // its administrator: our request is one a third party understands.
+    assert!(c.privilege_ids().await.unwrap().is_empty());
+    let asked = ["System.View", "VirtualMachine.State.CreateSnapshot"];
+    let known = asked.iter().map(|p| (*p).to_owned()).collect();
+    let held = c.has_privileges(&vm.moref, &asked, &known).await.unwrap();
+    assert_eq!((held.known.len(), held.missing().len()), (2, 0), "{held:?}");
+
+    let ds = c.inventory("Datastore", &["name", "info.url"]).await.unwrap();
+    let local = ds.iter().find(|d| d.text("name") == Some("LocalDS_0")).expect("LocalDS_0");
+    let root = std::path::PathBuf::from(local.text("info.url").unwrap());
+    let ctk = root.join("DC0_H0_VM0/disk1-ctk.vmdk");
+    std::fs::write(&ctk, b"change tracking").unwrap();
+    let dc = c.datacenters().await.unwrap().into_iter().find(|d| d.name == "DC0").unwrap();
+    c.delete_datastore_file("[LocalDS_0] DC0_H0_VM0/disk1-ctk.vmdk", &dc.moref).await.unwrap();
+    assert!(!ctk.exists(), "deleted through the file manager");
+    let e = c.delete_datastore_file("[LocalDS_0] DC0_H0_VM0/disk1-ctk.vmdk", &dc.moref).await.unwrap_err();
+    assert!(e.fault().is_some_and(|f| f.type_name.contains("NotFound")), "{e}");
     c.logout().await.unwrap();
 }
