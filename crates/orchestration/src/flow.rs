@@ -364,20 +364,20 @@ fn position(slot: &str) -> DiskPosition {
 
 async fn run(ctx: &JobContext, vm_ref: &MoRef, report: &mut VmReport) -> Result<(), OrchError> {
     let vm = one_vm(ctx, vm_ref).await?;
+    report.vm = vm.name.clone();
     crate::drs::restore_left(ctx, &vm, report).await?;
     let pinned = crate::drs::pin(ctx, &vm, report).await?;
-    let r = run_vm(ctx, vm_ref, report).await;
+    let r = run_vm(ctx, vm, report).await;
     if let Some(p) = pinned {
         crate::drs::unpin(ctx, p, report).await;
     }
     r
 }
 
-async fn run_vm(ctx: &JobContext, vm_ref: &MoRef, report: &mut VmReport) -> Result<(), OrchError> {
-    let mut vm = one_vm(ctx, vm_ref).await?;
-    report.vm = vm.name.clone();
+/// The flow of one VM, as fetched by [`run`].
+async fn run_vm(ctx: &JobContext, mut vm: Vm, report: &mut VmReport) -> Result<(), OrchError> {
     if hygiene(ctx, &vm, report).await? {
-        vm = one_vm(ctx, vm_ref).await?;
+        vm = one_vm(ctx, &vm.moref).await?;
     }
     // VDDK decrypts (given Cryptographer.Access), as does an NBD server built on it; the
     // datastore holds only ciphertext.
@@ -639,7 +639,7 @@ async fn adoptable(ctx: &JobContext, vm: &Vm) -> Result<Option<Adopted>, OrchErr
             }
             found
         }
-        Target::Repository(repo) => match session_key(ctx, vm) {
+        Target::Repository(repo) => match vm_key(&ctx.client, vm) {
             Some(key) => {
                 let repo = repo.clone();
                 let session = blocking(move || repo.session(&key)).await?;
@@ -692,11 +692,6 @@ pub fn vm_key(client: &vsphere::Client, vm: &Vm) -> Option<String> {
         .take(128)
         .collect();
     Some(key)
-}
-
-/// The repository session of `vm`'s backups.
-fn session_key(ctx: &JobContext, vm: &Vm) -> Option<String> {
-    vm_key(&ctx.client, vm)
 }
 
 /// The disks of `vm` whose next copy into this job's target must be full: `proxy cbt-reset`
@@ -919,7 +914,7 @@ async fn copy_under(
     let datacenter = datacenter_of(&ctx.client, vm).await?;
     let parent = previous.as_ref().map(|p| p.id.clone());
     let specs: Vec<DiskSpec> = planned.iter().map(|p| p.spec.clone()).collect();
-    let (r, key, job, source) = (repo.clone(), session_key(ctx, vm), job.to_owned(), snap.to_string());
+    let (r, key, job, source) = (repo.clone(), vm_key(&ctx.client, vm), job.to_owned(), snap.to_string());
     let (mut backup, mut done, notes) =
         blocking(move || begin_or_resume(&r, key.as_deref(), &job, &source, parent.as_deref(), specs)).await?;
     report.warnings.extend(notes);
