@@ -62,7 +62,12 @@ sys.exit(r.returncode)";
 
 /// User + system seconds a process (and its reaped threads) has used, from /proc.
 fn server_cpu(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    stat_cpu(&format!("/proc/{pid}/stat"))
+}
+
+/// User + system seconds from a `/proc/.../stat` file.
+fn stat_cpu(path: &str) -> Result<f64> {
+    let stat = std::fs::read_to_string(path)?;
     let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("").split_whitespace().collect();
     let ticks: f64 = fields.get(11).and_then(|s| s.parse().ok()).unwrap_or(0.0)
         + fields.get(12).and_then(|s| s.parse().ok()).unwrap_or(0.0);
@@ -277,11 +282,7 @@ fn own_cpu() -> Result<f64> {
 
 /// CPU-seconds the calling thread has used.
 fn thread_cpu() -> Result<f64> {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat")?;
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("").split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|s| s.parse().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|s| s.parse().ok()).unwrap_or(0.0);
-    Ok(ticks / 100.0)
+    stat_cpu("/proc/thread-self/stat")
 }
 
 /// The receiving side's CPU per GB for `bytes` sent through a Unix socket in 256 KiB writes
