@@ -82,14 +82,18 @@ pub(crate) fn new_image(path: &Path, size: u64, seed: u64) -> Result<Option<(Fil
     }
     let f = File::create(path)?;
     f.set_len(size)?;
+    Ok(Some((f, xorshift(seed))))
+}
+
+/// A deterministic pseudo-random generator (xorshift64) from `seed`.
+fn xorshift(seed: u64) -> impl FnMut() -> u64 {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let next = move || {
+    move || {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         x
-    };
-    Ok(Some((f, next)))
+    }
 }
 
 /// A deterministic sparse image: `data_mib` random 1 MiB extents at random 1 MiB slots.
@@ -313,13 +317,10 @@ fn receive_floor(bytes: u64) -> Result<f64> {
 }
 
 fn measure_floor(dir: &Path, bytes: u64) -> Result<Floor> {
-    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut next = xorshift(3);
     let mut chunk = vec![0u8; 4 << 20];
     for c in chunk.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.copy_from_slice(&x.to_le_bytes());
+        c.copy_from_slice(&next().to_le_bytes());
     }
     let path = dir.join("floor.raw");
     let f = File::create(&path)?;

@@ -129,8 +129,8 @@ pub const CLUSTER_PRIVILEGES: &[&str] = &["Host.Inventory.EditCluster"];
 /// Asks what the session holds on every entity the checked VMs' backups touch: each VM, its
 /// datastores, its host's cluster, and (on vCenter) the root folder.
 pub async fn gather_privileges(client: &Client, estate: &Estate) -> PrivilegeFacts {
-    // A server that lists no privileges (vcsim does) is asked one privilege per call, so an
-    // unknown one cannot fail the rest.
+    // A server that lists no privileges (vcsim does) is asked one privilege per call (the
+    // client does that for an empty list), so an unknown one cannot fail the rest.
     let known = match client.privilege_ids().await {
         Ok(k) => k,
         Err(e) => return PrivilegeFacts::Failed(format!("cannot read the server's privilege list: {e}")),
@@ -159,12 +159,7 @@ pub async fn gather_privileges(client: &Client, estate: &Estate) -> PrivilegeFac
     }
     let mut held = HashMap::new();
     for (entity, want) in asks {
-        let asked = if known.is_empty() {
-            client.has_privileges_one_by_one(&entity, &want).await
-        } else {
-            client.has_privileges(&entity, &want, &known).await
-        };
-        match asked {
+        match client.has_privileges(&entity, &want, &known).await {
             Ok(h) => {
                 held.insert(entity, h);
             }

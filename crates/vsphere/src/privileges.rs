@@ -41,27 +41,38 @@ impl Client {
     }
 
     /// Which of `wanted` this session holds on `entity`, asking only about the IDs in `known`
-    /// (from [`Client::privilege_ids`]).
+    /// (from [`Client::privilege_ids`]). An empty `known` (a server that lists no privileges,
+    /// as vcsim) means asking one privilege per call ([`Client::has_privileges_one_by_one`]).
     pub async fn has_privileges(
         &self,
         entity: &MoRef,
         wanted: &[&str],
         known: &HashSet<String>,
     ) -> Result<Held, Error> {
+        if known.is_empty() {
+            return self.has_privileges_one_by_one(entity, wanted).await;
+        }
+        let (ask, unknown): (Vec<&str>, Vec<&str>) = wanted.iter().partition(|p| known.contains(**p));
+        Ok(Held {
+            known: self.ask_privileges(entity, &ask).await?.into_iter().collect(),
+            unknown: unknown.iter().map(|p| (*p).to_owned()).collect(),
+        })
+    }
+
+    /// One `HasPrivilegeOnEntity` call about `ask`, each paired with its answer.
+    async fn ask_privileges(&self, entity: &MoRef, ask: &[&str]) -> Result<Vec<(String, bool)>, Error> {
+        if ask.is_empty() {
+            return Ok(Vec::new());
+        }
         let auth = self
             .content()
             .authorization_manager
             .clone()
             .ok_or_else(|| Error::Protocol("the server has no authorization manager".into()))?;
         let session = self.session_key().ok_or_else(|| Error::Protocol("not logged in".into()))?;
-        let (ask, unknown): (Vec<&str>, Vec<&str>) = wanted.iter().partition(|p| known.contains(**p));
-        let mut held = Held { unknown: unknown.iter().map(|p| (*p).to_owned()).collect(), ..Held::default() };
-        if ask.is_empty() {
-            return Ok(held);
-        }
         let mut req = Request::new("HasPrivilegeOnEntity", &auth);
         req.moref("entity", entity).text("sessionId", &session);
-        for p in &ask {
+        for p in ask {
             req.text("privId", p);
         }
         let r = self.invoke(req).await?;
@@ -73,8 +84,7 @@ impl Client {
                 ask.len()
             )));
         }
-        held.known = ask.iter().map(|p| (*p).to_owned()).zip(answers).collect();
-        Ok(held)
+        Ok(ask.iter().map(|p| (*p).to_owned()).zip(answers).collect())
     }
 
     /// Which of `wanted` this session holds on `entity`, asking one privilege per call: for a
@@ -83,9 +93,8 @@ impl Client {
     pub async fn has_privileges_one_by_one(&self, entity: &MoRef, wanted: &[&str]) -> Result<Held, Error> {
         let mut held = Held::default();
         for p in wanted {
-            let one: HashSet<String> = [(*p).to_owned()].into();
-            match self.has_privileges(entity, &[p], &one).await {
-                Ok(h) => held.known.extend(h.known),
+            match self.ask_privileges(entity, &[p]).await {
+                Ok(answer) => held.known.extend(answer),
                 Err(e) if e.fault().is_some_and(|f| f.kind == crate::FaultKind::InvalidArgument) => {
                     held.unknown.push((*p).to_owned());
                 }
