@@ -55,6 +55,8 @@ fn planning(c: &mut Criterion) {
         backing: "[ds1] vm/vm.vmdk".into(),
         allocated: Some(allocated),
         reverted: false,
+        fresh_snapshot: false,
+        forced: None,
     };
     // ESXi answers in windows of about 2 GiB.
     let pages = as_pages(&changed, capacity, 2 << 30);

@@ -142,6 +142,8 @@ async fn copy(args: &Args) -> Result<ExitCode> {
         backing: key.disk.clone(),
         allocated: None,
         reverted: false,
+        fresh_snapshot: false,
+        forced: None,
     };
     let job = SyncJob { source, sink, store, key, job: "disk-copy".into(), current, changes: cbt::Changes::NotQueried };
 

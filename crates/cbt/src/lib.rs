@@ -26,7 +26,7 @@ pub use areas::{AreasError, parse_areas};
 pub use change_id::{ChangeId, ChangeIdKind, Epoch, OpaqueReason};
 pub use extent::{Extent, ExtentSet, Split};
 pub use plan::{
-    BOUNDARY_BUG_BASE, Changes, CommittedDisk, CopyPlan, CurrentDisk, Destination, DiskPosition, FullReason,
+    BOUNDARY_BUG_BASE, Changes, CommittedDisk, CopyPlan, CurrentDisk, Destination, DiskPosition, Forced, FullReason,
     HostVersion, MIN_CBT_HARDWARE_VERSION, Planned, QueryFault, Taint, crossed_boundary, incremental_base,
     incremental_geometry, plan,
 };

@@ -417,6 +417,8 @@ impl SimDisk {
             backing: "[ds1] vm/vm.vmdk".into(),
             allocated,
             reverted: self.reverted,
+            fresh_snapshot: false,
+            forced: None,
         };
         let dest = Destination { granularity: self.granularity, holds_data: self.dest_holds_data };
         let changes = match incremental_base(self.committed.as_ref(), &current, dest) {

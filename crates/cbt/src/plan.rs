@@ -129,6 +129,24 @@ pub struct CurrentDisk {
     pub allocated: Option<ExtentSet>,
     /// Whether the VM was reverted to a snapshot since the last copy.
     pub reverted: bool,
+    /// Whether the change ID was read under a snapshot made for this copy. Every snapshot
+    /// advances a disk's change ID, so under a new one an ID equal to the committed one means
+    /// the tracking state was lost and restored (a vCenter or host restart, CBT turned off and
+    /// on): [`FullReason::ChangeIdRepeated`]. Against the live disks (a plan) it may be equal.
+    pub fresh_snapshot: bool,
+    /// A full copy the caller requires, whatever CBT says.
+    pub forced: Option<Forced>,
+}
+
+/// Why a caller requires a full copy of a disk, whatever its change IDs say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forced {
+    /// CBT was reset by the operator (`proxy cbt-reset`): the new epoch starts with a full
+    /// copy, and whatever tainted the old epoch does not carry over.
+    CbtReset,
+    /// This run found CBT off and turned it on: whatever was written while it was off is in
+    /// no change set.
+    CbtTurnedOn,
 }
 
 /// The result of asking `QueryChangedDiskAreas` for the changes since the committed change ID.
@@ -222,6 +240,11 @@ pub enum FullReason {
     RevertedToSnapshot,
     /// The epoch is tainted by a capacity boundary crossing on an affected host.
     TaintedEpoch(Taint),
+    /// A change ID under a new snapshot equal to the committed one: the tracking state was
+    /// lost and restored, so the changes since cannot be trusted.
+    ChangeIdRepeated(ChangeId),
+    /// The caller required it.
+    Forced(Forced),
     /// `QueryChangedDiskAreas` failed.
     QueryFault(QueryFault),
     /// The changed areas were not asked for.
@@ -267,6 +290,15 @@ impl fmt::Display for FullReason {
                  until CBT is reset",
                 t.boundary >> 30
             ),
+            Self::ChangeIdRepeated(id) => write!(
+                f,
+                "the new snapshot has the change ID of the previous copy ({id}): CBT's state was lost and \
+                 restored, so its changes cannot be trusted"
+            ),
+            Self::Forced(Forced::CbtReset) => write!(f, "CBT was reset (proxy cbt-reset)"),
+            Self::Forced(Forced::CbtTurnedOn) => {
+                write!(f, "CBT was off and this run turned it on: writes made while it was off are in no change set")
+            }
             Self::QueryFault(q) => write!(f, "QueryChangedDiskAreas failed: {}: {}", q.fault, q.message),
             Self::ChangesNotQueried => write!(f, "the changed areas were not queried"),
         }
@@ -337,6 +369,9 @@ pub fn incremental_base<'a>(
     destination: Destination,
 ) -> Result<&'a ChangeId, FullReason> {
     let Some(prev) = previous else { return Err(FullReason::NoPreviousState) };
+    if let Some(forced) = current.forced {
+        return Err(FullReason::Forced(forced));
+    }
     if !destination.holds_data {
         return Err(FullReason::DestinationEmpty);
     }
@@ -358,6 +393,9 @@ pub fn incremental_base<'a>(
         && c < p
     {
         return Err(FullReason::ChangeIdRegressed { previous: prev_id.clone(), current: cur_id.clone() });
+    }
+    if current.fresh_snapshot && prev_id == cur_id {
+        return Err(FullReason::ChangeIdRepeated(cur_id.clone()));
     }
     if prev.capacity != current.capacity {
         return Err(FullReason::CapacityChanged { previous: prev.capacity, current: current.capacity });
@@ -544,6 +582,10 @@ fn next_taint(previous: Option<&CommittedDisk>, current: &CurrentDisk, warnings:
             let epoch = current.change_id.as_ref().and_then(ChangeId::epoch);
             return Some(Taint { epoch, boundary, grown_from, host });
         }
+    }
+    if current.forced == Some(Forced::CbtReset) {
+        // The operator's reset is KB 2090639's own remedy: the old epoch's taint ends with it.
+        return None;
     }
     surviving_taint(previous?.taint.as_ref(), current)
 }

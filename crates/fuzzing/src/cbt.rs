@@ -152,6 +152,8 @@ fn check_plan(input: &PlanInput) {
         backing: backing(input.backing),
         allocated: allocated.clone(),
         reverted: input.reverted,
+        fresh_snapshot: false,
+        forced: None,
     };
     let previous = input.previous.as_ref().map(|p| CommittedDisk {
         change_id: p.id.build(),

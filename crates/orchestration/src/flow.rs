@@ -564,6 +564,8 @@ async fn disk_facts(
             backing: d.base_file_name.clone(),
             allocated: None,
             reverted: false,
+            fresh_snapshot: false,
+            forced: None,
         };
         let (changes, base) = match cbt::incremental_base(committed.as_ref(), &current, dest) {
             Ok(base) if !can_query => (None, Some(base.as_str().to_owned())),

@@ -113,6 +113,8 @@ fn current(size: u64, change_id: &str) -> CurrentDisk {
         backing: "[ds1] vm/vm.vmdk".into(),
         allocated: None,
         reverted: false,
+        fresh_snapshot: false,
+        forced: None,
     }
 }
 

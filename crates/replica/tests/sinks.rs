@@ -104,6 +104,8 @@ fn disk(size: u64) -> cbt::CurrentDisk {
         backing: "[ds] a.vmdk".into(),
         allocated: None,
         reverted: false,
+        fresh_snapshot: false,
+        forced: None,
     }
 }
 

@@ -4,7 +4,7 @@ use std::num::NonZeroU64;
 
 use cbt::{
     ChangeId, ChangedAreas, Changes, CommittedDisk, CopyPlan, CurrentDisk, Destination, DiskPosition, Epoch, ExtentSet,
-    FullReason, HostVersion, Planned, QueryFault, Taint, plan,
+    Forced, FullReason, HostVersion, Planned, QueryFault, Taint, plan,
 };
 
 const MIB: u64 = 1 << 20;
@@ -54,6 +54,8 @@ fn cur() -> CurrentDisk {
         // Allocated: the first 16 MiB and 40..48 MiB.
         allocated: Some(set(&[(0, 16 * MIB), (40 * MIB, 8 * MIB)])),
         reverted: false,
+        fresh_snapshot: false,
+        forced: None,
     }
 }
 
@@ -515,4 +517,93 @@ fn an_allocation_map_past_the_disk_is_cut_and_reported() {
         p.warnings,
         [cbt::CbtWarning::AreaPastCapacity { start: 60 * MIB, end: u128::from(68 * MIB), capacity: CAP }]
     );
+}
+
+#[test]
+fn a_change_id_repeated_under_a_new_snapshot_is_a_full_copy() {
+    // A vCenter restart handed back the committed change ID under a new snapshot: the changes
+    // since it cannot be trusted, whatever the query says.
+    let repeated = CurrentDisk { change_id: id(1, 5), fresh_snapshot: true, ..cur() };
+    check(Row {
+        name: "same change ID under a new snapshot",
+        prev: Some(prev()),
+        cur: repeated.clone(),
+        changes: areas(&[]),
+        dest: dest(4 * MIB, true),
+        want: Want::Full {
+            reason: |r| matches!(r, FullReason::ChangeIdRepeated(_)),
+            read: allocated(),
+            zero: unallocated(),
+        },
+        taint: None,
+    });
+    // Planned against the live disks (no new snapshot) the same ID is no warning sign.
+    check(Row {
+        name: "same change ID without a new snapshot",
+        prev: Some(prev()),
+        cur: CurrentDisk { fresh_snapshot: false, ..repeated },
+        changes: areas(&[]),
+        dest: dest(4 * MIB, true),
+        want: Want::Incremental { read: vec![], zero: vec![] },
+        taint: None,
+    });
+    // An opaque ID repeated is caught too.
+    let opaque = Some(ChangeId::parse("opaque-change-id"));
+    let p = plan(
+        Some(&CommittedDisk { change_id: opaque.clone(), ..prev() }),
+        &CurrentDisk { change_id: opaque, fresh_snapshot: true, ..cur() },
+        &areas(&[]),
+        dest(4 * MIB, true),
+    );
+    assert!(matches!(p.plan.full_reason(), Some(FullReason::ChangeIdRepeated(_))), "{:?}", p.plan);
+}
+
+#[test]
+fn a_forced_copy_is_full_with_its_reason_named() {
+    for forced in [Forced::CbtReset, Forced::CbtTurnedOn] {
+        let p = plan(
+            Some(&prev()),
+            &CurrentDisk { forced: Some(forced), fresh_snapshot: true, ..cur() },
+            &Changes::NotQueried,
+            dest(4 * MIB, true),
+        );
+        assert_eq!(p.plan.full_reason(), Some(&FullReason::Forced(forced)));
+        assert!(p.plan.full_reason().unwrap().to_string().contains("CBT"), "the reason names CBT");
+    }
+}
+
+#[test]
+fn a_reset_never_taints_the_new_epoch() {
+    // A 256 GiB disk whose old epoch was tainted on an old host, now on 6.5: after the reset
+    // (a new epoch, or one an opaque ID hides) the copy is full and the new epoch is clean.
+    let tainted = CommittedDisk {
+        capacity: 256 * GIB,
+        taint: Some(Taint { epoch: None, boundary: 256 * GIB, grown_from: None, host: host(5) }),
+        change_id: Some(ChangeId::parse("opaque-before")),
+        ..prev()
+    };
+    let big = CurrentDisk { capacity: 256 * GIB, host_version: host(6), allocated: None, ..cur() };
+    let reset = CurrentDisk {
+        change_id: Some(ChangeId::parse("opaque-after")),
+        forced: Some(Forced::CbtReset),
+        fresh_snapshot: true,
+        ..big.clone()
+    };
+    let first = plan(Some(&tainted), &reset, &Changes::NotQueried, dest(4 * MIB, true));
+    assert_eq!(first.plan.full_reason(), Some(&FullReason::Forced(Forced::CbtReset)));
+    assert_eq!(first.commit.taint, None, "the reset ends the taint");
+    let next = CurrentDisk { change_id: Some(ChangeId::parse("opaque-later")), fresh_snapshot: true, ..big };
+    let second = plan(Some(&first.commit), &next, &areas(&[(0, 1)]), dest(4 * MIB, true));
+    assert!(matches!(second.plan, CopyPlan::Incremental { .. }), "{:?}", second.plan);
+}
+
+#[test]
+fn a_large_disk_on_a_known_modern_host_gets_incrementals() {
+    let big = CurrentDisk { capacity: 256 * GIB, host_version: host(6), allocated: None, ..cur() };
+    let first = plan(None, &big, &Changes::NotQueried, dest(4 * MIB, false));
+    assert_eq!(first.commit.taint, None);
+    assert!(first.warnings.is_empty(), "{:?}", first.warnings);
+    let next = CurrentDisk { change_id: id(1, 7), fresh_snapshot: true, ..big };
+    let second = plan(Some(&first.commit), &next, &areas(&[(0, 1)]), dest(4 * MIB, true));
+    assert!(matches!(second.plan, CopyPlan::Incremental { .. }), "{:?}", second.plan);
 }
