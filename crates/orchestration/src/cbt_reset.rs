@@ -43,22 +43,50 @@ pub struct ResetMark {
     pub disks: Vec<String>,
     /// When (RFC 3339).
     pub time: String,
+    /// Why the next copy is full: absent for a reset, `cbt-turned-on` when a backup found CBT
+    /// off and turned it on (whatever was written while it was off is in no change set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
+
+/// The mark's reason when a backup turned CBT on.
+pub const TURNED_ON: &str = "cbt-turned-on";
 
 fn mark_name(key: &str) -> String {
     format!("resets/{key}.json")
 }
 
-/// The slots of `key`'s disks whose next copy must be full, from `store`'s reset mark.
-pub fn reset_slots(store: &dyn Store, key: &str) -> Result<HashSet<String>, repo::RepoError> {
-    let Some(raw) = store.get(&mark_name(key))? else { return Ok(HashSet::new()) };
+/// The slots of `key`'s disks whose next copy must be full (`*`: every disk), from `store`'s
+/// mark, and why.
+pub fn reset_slots(store: &dyn Store, key: &str) -> Result<(HashSet<String>, cbt::Forced), repo::RepoError> {
+    let Some(raw) = store.get(&mark_name(key))? else { return Ok((HashSet::new(), cbt::Forced::CbtReset)) };
     // A mark that cannot be read still says "reset": every disk is copied in full.
     let mark: ResetMark = serde_json::from_slice(&raw).unwrap_or_else(|_| ResetMark {
         vm: String::new(),
         disks: vec!["*".into()],
         time: String::new(),
+        reason: None,
     });
-    Ok(mark.disks.into_iter().collect())
+    let why = if mark.reason.as_deref() == Some(TURNED_ON) { cbt::Forced::CbtTurnedOn } else { cbt::Forced::CbtReset };
+    Ok((mark.disks.into_iter().collect(), why))
+}
+
+/// Marks every disk of `vm` (named `key` in the target) in `store` for a full copy because
+/// this run turns CBT on: written before CBT is turned on, so a run that dies in between still
+/// leaves the next one a full copy. An existing mark (a reset) is kept: it already says full.
+pub fn mark_turned_on(store: &dyn Store, key: &str, vm: &str) -> Result<(), repo::RepoError> {
+    if store.get(&mark_name(key))?.is_some() {
+        return Ok(());
+    }
+    let mark = ResetMark {
+        vm: vm.to_owned(),
+        disks: vec!["*".into()],
+        time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        reason: Some(TURNED_ON.to_owned()),
+    };
+    let json = serde_json::to_vec_pretty(&mark)
+        .map_err(|e| repo::RepoError::Corrupt(format!("a CBT mark could not be written: {e}")))?;
+    store.put(&mark_name(key), &json)
 }
 
 /// Removes `key`'s reset mark from `store` (its disks were copied in full).
@@ -174,6 +202,7 @@ pub async fn cbt_reset(client: &Client, vm: &MoRef, marks: &[Arc<dyn Store>]) ->
         vm: v.name.clone(),
         disks: report.disks.iter().map(|(s, _, _)| s.clone()).collect(),
         time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        reason: None,
     };
     let json = serde_json::to_vec_pretty(&mark).map_err(|e| OrchError::Refused(e.to_string()))?;
     let key = crate::flow::vm_key(client, &v);

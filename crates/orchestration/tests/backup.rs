@@ -1081,3 +1081,210 @@ capacity = 2097152
     assert_eq!(snapshots().await, 0);
     assert!(guest_credentials(&dir.path().join("missing")).is_err());
 }
+
+/// The newest restore point's disk `n` of `vm` holds `want` at `offset`.
+fn point_holds(repo: &Repo, point: &str, n: usize, offset: u64, want: &[u8]) {
+    let got = repo.reader(point, n).unwrap().read(offset, want.len() as u64).unwrap();
+    assert!(got == want, "{point} disk {n} at {offset} differs");
+}
+
+/// Trust, item 1: a 256 GiB thin disk on an ESXi 6.5 host gets an incremental on its second
+/// backup (the host's version is known, so the first sighting is not tainted), and again on
+/// the second backup after a CBT reset (the reset's full copy never re-taints).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_256_gib_disk_on_esxi_6_5_gets_incrementals_before_and_after_a_cbt_reset() {
+    let head = "user = \"backup@vsphere.local\"\npassword = \"s3cret\"\n[[datacenter]]\nname = \"DC1\"\n\
+                [[datacenter.host]]\nname = \"esx65\"\nversion = \"6.5.0\"\n";
+    let cfg = Config::from_toml(&format!(
+        "{head}[[datacenter.datastore]]\nname = \"ds1\"\n[[datacenter.vm]]\nname = \"big\"\ncbt = true\n\
+         [[datacenter.vm.disk]]\ncapacity = {}\n",
+        256u64 << 30
+    ))
+    .unwrap();
+    let (dir, sim, client) = start_with(cfg).await;
+    let repo = Repo::init(dir.path().join("repo"), 4 << 20).unwrap();
+    let big = client.vms().await.unwrap().into_iter().find(|v| v.name == "big").unwrap();
+    let key = big.disks[0].key;
+    let (a, b) = (noise(MIB as usize, 1), noise(4096, 2));
+    sim.write("big", key, 0, &a).unwrap();
+    sim.write("big", key, 200 << 30, &a).unwrap();
+    let r = backup_vm(&ctx(&client, &repo, "b1"), &big.moref).await;
+    assert!(r.error.is_none() && r.disks[0].full, "{r:?}");
+    assert!(!r.warnings.iter().any(|w| w.contains("2090639")), "the host's version is known: {r:?}");
+    sim.write("big", key, 100 << 30, &b).unwrap();
+    let r = backup_vm(&ctx(&client, &repo, "b2"), &big.moref).await;
+    assert!(r.error.is_none(), "{r:?}");
+    assert!(!r.disks[0].full && r.disks[0].plan == "incremental", "{r:?}");
+    assert_eq!(r.disks[0].read, 4 * MIB, "one chunk changed");
+    point_holds(&repo, r.point.as_deref().unwrap(), 0, 100 << 30, &b);
+
+    let marks = [repo.store().clone()];
+    orchestration::cbt_reset::cbt_reset(&client, &big.moref, &marks).await.unwrap();
+    let r = backup_vm(&ctx(&client, &repo, "b3"), &big.moref).await;
+    assert!(r.error.is_none() && r.disks[0].full && r.disks[0].plan.contains("cbt-reset"), "{r:?}");
+    sim.write("big", key, 50 << 30, &b).unwrap();
+    let r = backup_vm(&ctx(&client, &repo, "b4"), &big.moref).await;
+    assert!(r.error.is_none(), "{r:?}");
+    assert!(!r.disks[0].full, "the reset's new epoch is clean: {r:?}");
+    let point = r.point.unwrap();
+    for (offset, data) in [(0, &a[..]), (200 << 30, &a[..]), (100 << 30, &b[..]), (50 << 30, &b[..])] {
+        point_holds(&repo, &point, 0, offset, data);
+    }
+}
+
+/// Trust, item 2: a run that has to turn CBT on copies every disk in full (what was written
+/// while CBT was off is in no change set), and a change ID handed back unchanged under a new
+/// snapshot (a vCenter restart) is a full copy with its reason, never an empty incremental.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cbt_turned_on_or_a_repeated_change_id_means_a_full_copy() {
+    let cfg = estate_with(
+        "[[datacenter.datastore]]\nname = \"ds1\"\n[[datacenter.vm]]\nname = \"cold\"\ncbt = true\n\
+         power = \"poweredOff\"\n[[datacenter.vm.disk]]\ncapacity = 8388608\n",
+    );
+    let (dir, sim, client) = start_with(cfg).await;
+    let repo = Repo::init(dir.path().join("repo"), 1 << 20).unwrap();
+    let cold = client.vms().await.unwrap().into_iter().find(|v| v.name == "cold").unwrap();
+    let key = cold.disks[0].key;
+    sim.write("cold", key, 0, &noise(2 * MIB as usize, 3)).unwrap();
+    let r = backup_vm(&ctx(&client, &repo, "c1"), &cold.moref).await;
+    assert!(r.error.is_none(), "{r:?}");
+
+    // CBT off (the ctk file stays, as on a powered-off VM), a write nobody tracks, CBT found
+    // off by the next backup and turned on again: the old epoch resumes, blind to the write.
+    client.set_change_tracking(&cold.moref, false).await.unwrap();
+    sim.write("cold", key, 5 * MIB, &noise(4096, 4)).unwrap();
+    let r = backup_vm(&ctx(&client, &repo, "c2"), &cold.moref).await;
+    assert!(r.error.is_none(), "{r:?}");
+    assert!(r.warnings.iter().any(|w| w.contains("CBT was off")), "{r:?}");
+    assert!(r.disks[0].full && r.disks[0].plan.contains("turned it on"), "{r:?}");
+    restores_match(&sim, &client, &repo, "cold", r.point.as_deref().unwrap()).await;
+    // Then ordinary incrementals again.
+    sim.write("cold", key, 6 * MIB, &noise(4096, 5)).unwrap();
+    let r = backup_vm(&ctx(&client, &repo, "c3"), &cold.moref).await;
+    assert!(r.error.is_none() && !r.disks[0].full && r.disks[0].read == MIB, "{r:?}");
+    restores_match(&sim, &client, &repo, "cold", r.point.as_deref().unwrap()).await;
+
+    // A restart hands back the committed change ID under the next snapshot, the changes lost.
+    sim.write("cold", key, 7 * MIB, &noise(4096, 6)).unwrap();
+    sim.faults(|f| f.repeat_change_id = true);
+    let r = backup_vm(&ctx(&client, &repo, "c4"), &cold.moref).await;
+    assert!(r.error.is_none(), "{r:?}");
+    assert!(r.disks[0].full && r.disks[0].plan.contains("change ID of the previous copy"), "{r:?}");
+    restores_match(&sim, &client, &repo, "cold", r.point.as_deref().unwrap()).await;
+}
+
+/// Trust, item 3: a proxy killed after `CreateSnapshot` and before its first checkpoint left
+/// its snapshot and intent record, and no live lease: the next run removes the snapshot at
+/// once, whatever its age, and backs the VM up. A snapshot of a job that recorded no intent
+/// here (another target's) is still guarded by `--max-job`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_jobs_young_snapshot_is_removed_at_once_when_its_intent_is_recorded() {
+    let (dir, sim, client) = start().await;
+    let repo = Repo::init(dir.path().join("repo"), 1 << 20).unwrap();
+    let web = client.vms().await.unwrap().into_iter().find(|v| v.name == "web").unwrap();
+    sim.write("web", web.disks[0].key, 0, &noise(MIB as usize, 5)).unwrap();
+    let intent = orchestration::intent::Intent {
+        job: "test-proxy-dead".into(),
+        vm: web.moref.value.clone(),
+        vm_name: "web".into(),
+        snapshot: "syncproxy-test-proxy-dead".into(),
+        host: "here".into(),
+        pid: 1,
+        time: String::new(),
+    };
+    orchestration::intent::record(&**repo.store(), &intent).unwrap();
+    client.create_snapshot(&web.moref, "syncproxy-test-proxy-dead", "left", false, None).await.unwrap();
+    let r = backup_vm(&ctx(&client, &repo, "next"), &web.moref).await;
+    assert!(r.error.is_none(), "{r:?}");
+    assert_eq!(r.stale_removed, ["syncproxy-test-proxy-dead"], "{r:?}");
+    assert!(client.vms().await.unwrap().iter().all(|v| v.snapshots.is_empty()));
+    assert!(orchestration::intent::jobs_on(&**repo.store(), &web.moref.value).unwrap().is_empty(), "records forgotten");
+    restores_match(&sim, &client, &repo, "web", r.point.as_deref().unwrap()).await;
+
+    // No record here: another target's job, which may be alive; left until --max-job.
+    client.create_snapshot(&web.moref, "syncproxy-elsewhere-job", "", false, None).await.unwrap();
+    let r = backup_vm(&ctx(&client, &repo, "next2"), &web.moref).await;
+    assert!(r.error.is_some() && r.stale_removed.is_empty(), "{r:?}");
+    assert!(r.warnings.iter().any(|w| w.contains("left for now")), "{r:?}");
+}
+
+/// Trust, item 4: `CreateSnapshot_Task` that times out while the server still makes the
+/// snapshot: the job finds it by name, removes it, and says so; never "removed" when it was
+/// not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_made_after_its_creation_timed_out_is_found_and_removed() {
+    vsphere::tls::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Sim::start(estate(), &dir.path().join("sim"), SimTls::SelfSigned).await.unwrap();
+    let opts =
+        ConnectOptions { trust: Trust::Insecure, timeout: Duration::from_secs(2), ..ConnectOptions::new(&sim.url()) };
+    let c = Client::connect(&opts).await.unwrap();
+    c.login(Credentials { user: "backup@vsphere.local".into(), password: Secret::new("s3cret") }).await.unwrap();
+    let client = Arc::new(c);
+    let repo = Repo::init(dir.path().join("repo"), 1 << 20).unwrap();
+    let web = client.vms().await.unwrap().into_iter().find(|v| v.name == "web").unwrap();
+    sim.faults(|f| f.late_answer = Some(("CreateSnapshot_Task".into(), Duration::from_secs(5))));
+    let r = backup_vm(&ctx(&client, &repo, "slow"), &web.moref).await;
+    assert!(r.error.is_some() && r.point.is_none(), "{r:?}");
+    assert!(r.warnings.iter().any(|w| w.contains("was made although its creation failed")), "{r:?}");
+    assert!(r.snapshot_removed, "{r:?}");
+    assert!(client.vms().await.unwrap().iter().all(|v| v.snapshots.is_empty()), "nothing left");
+
+    // The snapshot appears only after the job looked (the task still runs): the report says
+    // it may be left, and the next run removes it at once.
+    sim.faults(|f| {
+        f.late_answer = Some(("CreateSnapshot_Task".into(), Duration::from_secs(5)));
+        f.task_delay = Duration::from_secs(3);
+    });
+    let r = backup_vm(&ctx(&client, &repo, "slower"), &web.moref).await;
+    assert!(r.error.is_some(), "{r:?}");
+    assert!(!r.snapshot_removed && r.warnings.iter().any(|w| w.contains("may still make it")), "{r:?}");
+    sim.faults(|f| f.task_delay = Duration::ZERO);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let r = backup_vm(&ctx(&client, &repo, "after"), &web.moref).await;
+    assert!(r.error.is_none(), "{r:?}");
+    assert_eq!(r.stale_removed.len(), 1, "{r:?}");
+    assert!(client.vms().await.unwrap().iter().all(|v| v.snapshots.is_empty()), "nothing left");
+}
+
+/// Trust, item 5: two jobs of one process that name the same VM at once: the second waits for
+/// the first, then runs; neither fails on the other's snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_jobs_naming_one_vm_take_turns() {
+    let (dir, sim, client) = start().await;
+    let repo = Repo::init(dir.path().join("repo"), 1 << 20).unwrap();
+    let web = client.vms().await.unwrap().into_iter().find(|v| v.name == "web").unwrap();
+    sim.write("web", web.disks[0].key, 0, &noise(4 * MIB as usize, 7)).unwrap();
+    sim.faults(|f| f.datastore_delay = Duration::from_millis(100));
+    let limits = Arc::new(orchestration::Limits::default());
+    let (mut a, mut b) = (ctx(&client, &repo, "ja"), ctx(&client, &repo, "jb"));
+    a.limits = limits.clone();
+    b.limits = limits;
+    let refs = [web.moref.clone()];
+    let (ra, rb) = tokio::join!(run_job(&a, &refs, 1), run_job(&b, &refs, 1));
+    for r in [ra.unwrap(), rb.unwrap()] {
+        assert_eq!(r.outcome(), Outcome::All, "{r:?}");
+    }
+    assert_eq!(repo.points().unwrap().len(), 2);
+}
+
+/// Trust, item 6: a job naming a VM that does not exist protects the others and reports the
+/// missing one as a failure of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_vm_fails_alone_and_the_others_are_backed_up() {
+    let (dir, _sim, client) = start().await;
+    let repo = Repo::init(dir.path().join("repo"), 1 << 20).unwrap();
+    let sel = [Selector::parse("web"), Selector::parse("deleted-vm"), Selector::parse("db")];
+    let s = orchestration::select(&client, &sel, false).await.unwrap();
+    assert_eq!(s.vms.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["web", "db"]);
+    assert_eq!(s.missing.len(), 1);
+    let c = ctx(&client, &repo, "m1");
+    let mut report = run_job(&c, &s.morefs(), 2).await.unwrap();
+    orchestration::report_missing(&c, &mut report, &s.missing);
+    assert_eq!(report.outcome(), Outcome::Some, "{report:?}");
+    let failed: Vec<_> = report.vms.iter().filter(|v| v.error.is_some()).collect();
+    assert_eq!(failed.len(), 1);
+    assert!(failed[0].error.as_deref().unwrap().contains("deleted-vm"), "{failed:?}");
+    assert_eq!(c.metrics.snapshot().vms_failed, 1);
+    assert_eq!(repo.points().unwrap().len(), 2);
+}

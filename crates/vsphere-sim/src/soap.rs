@@ -75,6 +75,16 @@ const OPEN: &[&str] = &["RetrieveServiceContent", "Login", "CurrentTime", "Retri
 
 pub(crate) async fn handle(state: &Shared, cookie: Option<&str>, body: &[u8]) -> Answer {
     let answer = answer(state, cookie, body).await;
+    let late = {
+        let mut w = lock(state);
+        match &w.faults.late_answer {
+            Some((method, _)) if answer.body.contains(&format!("<{method}Response")) => w.faults.late_answer.take(),
+            _ => None,
+        }
+    };
+    if let Some((_, delay)) = late {
+        tokio::time::sleep(delay).await;
+    }
     // SYNCPROXY_SIM_TRACE=DIR keeps the last answer to each method there (fuzz seeds, debugging).
     if let Some(dir) = std::env::var_os("SYNCPROXY_SIM_TRACE") {
         let method = answer.body.split("Response xmlns").next().and_then(|h| h.rsplit('<').next()).unwrap_or("Fault");

@@ -54,6 +54,13 @@ pub struct Faults {
     pub no_wait_for_updates: bool,
     /// The next snapshot removal leaves `consolidationNeeded` set.
     pub leave_consolidation: bool,
+    /// The answer to the next call of this method (`CreateSnapshot_Task`) comes this late,
+    /// after the call was carried out: a client that gives up meanwhile does not learn that it
+    /// was.
+    pub late_answer: Option<(String, Duration)>,
+    /// The next snapshot gets the change IDs of the one before (sequence numbers do not
+    /// advance), as after a vCenter restart that restored an older tracking state.
+    pub repeat_change_id: bool,
 }
 
 #[derive(Debug)]
@@ -533,6 +540,7 @@ impl World {
         let id = self.id();
         let moref = MoRef::new("VirtualMachineSnapshot", &format!("snapshot-{id}"));
         let depth = self.vms[vm].snapshots.len() + 1;
+        let repeat = std::mem::take(&mut self.faults.repeat_change_id);
         let mut disks = Vec::new();
         for di in 0..self.vms[vm].disks.len() {
             let (ds, flat, base, mode) = {
@@ -550,9 +558,14 @@ impl World {
             let d = &mut self.vms[vm].disks[di];
             let (change_id, seq) = match d.track.as_mut() {
                 Some(t) => {
-                    t.seq += 1;
                     let pending = std::mem::take(&mut t.pending);
-                    t.history.push((t.seq, pending));
+                    if repeat {
+                        // The changes since are lost with the state that was restored.
+                        drop(pending);
+                    } else {
+                        t.seq += 1;
+                        t.history.push((t.seq, pending));
+                    }
                     (Some(t.change_id()), t.seq)
                 }
                 None => (None, 0),
