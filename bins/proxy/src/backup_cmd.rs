@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use orchestration::{
-    DiskFilter, JobContext, JobReport, Outcome, ReplicaTarget, Selector, Target, buffer_budget, plan_vm, run_job,
-    select_vms, sweep_own_snapshots,
+    DiskFilter, JobContext, JobReport, Outcome, ReplicaTarget, Selector, Target, buffer_budget, plan_vm,
+    report_missing, run_job, select, sweep_own_snapshots,
 };
 use pipeline::Engine;
 use serde_json::json;
@@ -210,12 +210,17 @@ async fn job(
 ) -> Result<ExitCode> {
     let client = Arc::new(args.server.login().await?);
     let selectors: Vec<Selector> = args.vms.iter().map(|v| Selector::parse(v)).collect();
-    let vms = select_vms(&client, &selectors, args.all).await?;
-    if vms.is_empty() {
+    // A VM that is gone or misnamed fails on its own; the others are protected all the same.
+    let selection = select(&client, &selectors, args.all).await?;
+    for m in &selection.missing {
+        eprintln!("proxy {what}: {m}");
+    }
+    let vms = selection.vms;
+    if vms.is_empty() && selection.missing.is_empty() {
         bail!("no VMs to {what}");
     }
     let proxy_id = args.proxy_id.clone().unwrap_or_else(host_name);
-    let engine = Arc::new(Engine::new(buffer_budget(args.memory, args.concurrency.min(vms.len()))));
+    let engine = Arc::new(Engine::new(buffer_budget(args.memory, args.concurrency.min(vms.len().max(1)))));
     let mut ctx = JobContext::with_target(client.clone(), target, &proxy_id, &new_job_id()?, engine.clone());
     ctx.max_job = args.max_job;
     ctx.disks = DiskFilter { include: args.include_disk.clone(), exclude: args.exclude_disk.clone() };
@@ -231,7 +236,7 @@ async fn job(
     let view = crate::progress_view::start(ctx.metrics.clone(), refs.len(), args.no_progress || args.json);
     let job = run_job(&ctx, &refs, args.concurrency);
     tokio::pin!(job);
-    let report = tokio::select! {
+    let mut report = tokio::select! {
         r = &mut job => r?,
         _ = tokio::signal::ctrl_c() => {
             eprintln!("proxy {what}: interrupted: stopping the copies and removing the snapshots (Ctrl-C again to stop now)");
@@ -254,9 +259,10 @@ async fn job(
     for f in &failed {
         eprintln!("proxy {what}: COULD NOT REMOVE SNAPSHOT {f}; the next run removes it");
     }
-    if report.vms.is_empty() {
+    if report.vms.is_empty() && selection.missing.is_empty() {
         return Ok(ExitCode::FAILURE);
     }
+    report_missing(&ctx, &mut report, &selection.missing);
     print_report(&report, &ctx, args.json)?;
     Ok(match report.outcome() {
         Outcome::All if engine.cancel.is_cancelled() => ExitCode::from(3),

@@ -322,21 +322,68 @@ pub(crate) async fn datacenter_for(client: &Client, vm: &Vm) -> Result<vsphere::
 /// Removes stale snapshots of ours from `vm` (see `hygiene`) and says what it did; returns
 /// whether anything was removed.
 pub(crate) async fn hygiene(ctx: &JobContext, vm: &Vm, report: &mut VmReport) -> Result<bool, OrchError> {
-    if vm.snapshots.is_empty() {
-        return Ok(false);
-    }
-    let leases = ctx.leases();
-    let mut live: HashSet<String> =
-        blocking(move || repo::live_jobs_in(&*leases)).await?.into_iter().map(|(name, _)| name).collect();
+    let (leases, moref) = (ctx.leases(), vm.moref.value.clone());
+    let (running, recorded) =
+        blocking(move || Ok((repo::live_jobs_in(&*leases)?, crate::intent::jobs_on(&*leases, &moref)?))).await?;
+    let mut live: HashSet<String> = running.into_iter().map(|(name, _)| name).collect();
     live.insert(ctx.tag());
-    let now_text = ctx.client.current_time().await?;
-    let now = parse_server_time(&now_text)
-        .ok_or_else(|| OrchError::Refused(format!("the server's clock reads {now_text:?}, not a time")))?;
-    let h = clean_vm(&ctx.client, vm, &live, now, ctx.max_job, &ctx.metrics).await?;
-    report.warnings.extend(h.notes);
-    let removed = !h.removed.is_empty();
-    report.stale_removed = h.removed;
-    Ok(removed)
+    // A job that recorded its intent here and holds no live lease is dead.
+    let dead: HashSet<String> = recorded.into_iter().filter(|j| !live.contains(j)).collect();
+    let present: HashSet<&str> = vm.all_snapshots().iter().filter_map(|s| crate::hygiene::job_of(&s.name)).collect();
+    // Dead jobs whose snapshot is already gone: their records have served.
+    let mut done: Vec<String> = dead.iter().filter(|j| !present.contains(j.as_str())).cloned().collect();
+    let mut removed = Vec::new();
+    if !vm.snapshots.is_empty() {
+        let now_text = ctx.client.current_time().await?;
+        let now = parse_server_time(&now_text)
+            .ok_or_else(|| OrchError::Refused(format!("the server's clock reads {now_text:?}, not a time")))?;
+        let h = clean_vm(&ctx.client, vm, &live, &dead, now, ctx.max_job, &ctx.metrics).await?;
+        report.warnings.extend(h.notes);
+        done.extend(h.removed.iter().filter_map(|n| crate::hygiene::job_of(n)).map(str::to_owned));
+        removed = h.removed;
+    }
+    forget_intents(ctx, vm, done).await;
+    let any = !removed.is_empty();
+    report.stale_removed = removed;
+    Ok(any)
+}
+
+/// Records in the job's target, durably, that this job is about to snapshot `vm` as `name`.
+async fn record_intent(ctx: &JobContext, vm: &Vm, name: &str) -> Result<(), OrchError> {
+    let intent = crate::intent::Intent {
+        job: ctx.tag(),
+        vm: vm.moref.value.clone(),
+        vm_name: vm.name.clone(),
+        snapshot: name.to_owned(),
+        host: repo::lock::host_name(),
+        pid: std::process::id(),
+        time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+    };
+    let store = ctx.leases();
+    blocking(move || crate::intent::record(&*store, &intent)).await
+}
+
+/// Forgets the intents of `jobs` on `vm` (their snapshots are gone); a failure only leaves a
+/// record that the next run forgets.
+async fn forget_intents(ctx: &JobContext, vm: &Vm, jobs: Vec<String>) {
+    if jobs.is_empty() {
+        return;
+    }
+    let (store, moref) = (ctx.leases(), vm.moref.value.clone());
+    let r = blocking(move || jobs.iter().try_for_each(|j| crate::intent::forget(&*store, &moref, j))).await;
+    if let Err(e) = r {
+        tracing::warn!("{}: an intent record stays (the next run forgets it): {e}", vm.name);
+    }
+}
+
+/// Removes every snapshot of `vm` named `name`; returns how many there were.
+async fn remove_named(ctx: &JobContext, vm: &MoRef, name: &str) -> Result<usize, OrchError> {
+    let found = one_vm(ctx, vm).await?;
+    let mine: Vec<MoRef> = found.all_snapshots().iter().filter(|s| s.name == name).map(|s| s.moref.clone()).collect();
+    for s in &mine {
+        ctx.client.remove_snapshot(s, true).await?;
+    }
+    Ok(mine.len())
 }
 
 async fn one_vm(ctx: &JobContext, vm: &MoRef) -> Result<Vm, OrchError> {
@@ -376,6 +423,11 @@ async fn run(ctx: &JobContext, vm_ref: &MoRef, report: &mut VmReport) -> Result<
 
 /// The flow of one VM, as fetched by [`run`].
 async fn run_vm(ctx: &JobContext, mut vm: Vm, report: &mut VmReport) -> Result<(), OrchError> {
+    // A dead job's copy that made progress under its snapshot is finished under it; any other
+    // snapshot of a dead job goes first.
+    if let Some(adopted) = adoptable(ctx, &vm).await? {
+        return resume_under(ctx, &vm, adopted, report).await;
+    }
     if hygiene(ctx, &vm, report).await? {
         vm = one_vm(ctx, &vm.moref).await?;
     }
@@ -386,9 +438,6 @@ async fn run_vm(ctx: &JobContext, mut vm: Vm, report: &mut VmReport) -> Result<(
             "{} is encrypted: its disks cannot be read over HTTPS; read it through VDDK (--vddk-libdir)",
             vm.name
         )));
-    }
-    if let Some(adopted) = adoptable(ctx, &vm).await? {
-        return resume_under(ctx, &vm, adopted, report).await;
     }
     // Another job's snapshot (running elsewhere, or dead but not stale yet): its removal would
     // rewrite the chain under this copy, so the VM waits for it.
@@ -423,7 +472,13 @@ async fn run_vm(ctx: &JobContext, mut vm: Vm, report: &mut VmReport) -> Result<(
                 "CBT is off and is not turned on while the VM has snapshots: this backup reads every disk whole".into(),
             );
         } else {
-            // Only while the VM has no snapshots: enabled under one, CBT under-reports.
+            // Only while the VM has no snapshots: enabled under one, CBT under-reports. Marked
+            // first: whatever was written while CBT was off is in no change set, so every disk
+            // is copied in full, by this run or, if it dies, by the next.
+            if let Some(key) = vm_key(&ctx.client, &vm) {
+                let (store, name) = (ctx.leases(), vm.name.clone());
+                blocking(move || crate::cbt_reset::mark_turned_on(&*store, &key, &name)).await?;
+            }
             ctx.client.set_change_tracking(&vm.moref, true).await?;
             report.warnings.push("CBT was off: turned it on; this backup is full".into());
         }
@@ -443,6 +498,12 @@ async fn run_vm(ctx: &JobContext, mut vm: Vm, report: &mut VmReport) -> Result<(
         post_thaw(ctx, &vm, report).await;
         return Err(OrchError::Refused(format!("the pre-freeze hook failed: {e}; no snapshot was taken")));
     }
+    // Recorded before the snapshot is asked for: a successor that finds the snapshot and no
+    // live lease of this job removes it at once.
+    if let Err(e) = record_intent(ctx, &vm, &name).await {
+        post_thaw(ctx, &vm, report).await;
+        return Err(e);
+    }
     let created = match ctx.client.create_snapshot(&vm.moref, &name, &description, quiesce, None).await {
         Ok(s) => Ok((s, if quiesce { Consistency::Application } else { Consistency::Crash })),
         // Only a quiescing failure (the guest could not freeze) falls back to crash-consistent.
@@ -459,7 +520,10 @@ async fn run_vm(ctx: &JobContext, mut vm: Vm, report: &mut VmReport) -> Result<(
         Err(e) => Err(e),
     };
     post_thaw(ctx, &vm, report).await;
-    let (snap, consistency) = created?;
+    let (snap, consistency) = match created {
+        Ok(x) => x,
+        Err(e) => return Err(after_failed_create(ctx, &vm, &name, e, report).await),
+    };
     report.snapshot_removed = false;
     report.consistency = Some(consistency);
     let copied = match &ctx.target {
@@ -471,7 +535,10 @@ async fn run_vm(ctx: &JobContext, mut vm: Vm, report: &mut VmReport) -> Result<(
     // Removed even when the copy failed; a Ctrl-C (the future dropped) is handled by the job,
     // which removes every snapshot named for it before it exits.
     match ctx.client.remove_snapshot(&snap, true).await {
-        Ok(()) => report.snapshot_removed = true,
+        Ok(()) => {
+            report.snapshot_removed = true;
+            forget_intents(ctx, &vm, vec![ctx.tag()]).await;
+        }
         Err(e) => {
             report.warnings.push(format!("COULD NOT REMOVE SNAPSHOT {name} ({snap}): {e}; the next run removes it"))
         }
@@ -485,6 +552,44 @@ async fn run_vm(ctx: &JobContext, mut vm: Vm, report: &mut VmReport) -> Result<(
         }
     }
     copied
+}
+
+/// After `CreateSnapshot` failed: the server may have made the snapshot all the same (a call
+/// that timed out while the server worked on), so this job's snapshot is looked up by name and
+/// removed, and the report says what really happened. Returns the error to report.
+async fn after_failed_create(
+    ctx: &JobContext,
+    vm: &Vm,
+    name: &str,
+    e: vsphere::Error,
+    report: &mut VmReport,
+) -> OrchError {
+    // A fault is the server's own "no": the task failed and made nothing. Anything else (a
+    // timeout, a lost connection) leaves the outcome unknown.
+    let answered = e.fault().is_some();
+    match remove_named(ctx, &vm.moref, name).await {
+        Ok(0) if answered => forget_intents(ctx, vm, vec![ctx.tag()]).await,
+        Ok(0) => {
+            report.snapshot_removed = false;
+            report.warnings.push(format!(
+                "the snapshot {name:?} was asked for and the server did not answer ({e}): it may still make it;                  this job removes it when it ends, or else the next run does"
+            ));
+        }
+        Ok(n) => {
+            report
+                .warnings
+                .push(format!("the snapshot {name:?} was made although its creation failed ({e}): removed ({n})"));
+            forget_intents(ctx, vm, vec![ctx.tag()]).await;
+        }
+        Err(r) => {
+            report.snapshot_removed = false;
+            report.warnings.push(format!(
+                "COULD NOT CHECK OR REMOVE SNAPSHOT {name:?} after its creation failed ({e}): {r}; the next run \
+                 removes it"
+            ));
+        }
+    }
+    e.into()
 }
 
 /// Runs the job's post-thaw hook, if any; a failure is reported loudly, and the backup goes on
@@ -534,7 +639,8 @@ async fn disk_facts(
         None => vm.disks.clone(),
     };
     let can_query = snap.is_some() || vm.power_state.as_deref() == Some("poweredOff");
-    let resets = reset_slots(ctx, vm).await?;
+    let (resets, forced_by) = reset_slots(ctx, vm).await?;
+    let host_version = host_version(ctx, vm, warnings).await;
     let mut out = Vec::new();
     for d in &vm.disks {
         if d.independent() || d.backing == vsphere::BackingKind::RdmPhysical {
@@ -550,22 +656,26 @@ async fn disk_facts(
             continue;
         }
         let now = frozen.iter().find(|f| f.key == d.key);
-        let (mut committed, dest) = destination(d, &slot)?;
-        if committed.is_some() && (resets.contains(&slot) || resets.contains("*")) {
-            warnings.push(format!("{slot}: CBT was reset (proxy cbt-reset): this copy is full"));
-            committed = None;
+        let (committed, dest) = destination(d, &slot)?;
+        // The committed state stays: the planner needs it to see that the reset's new epoch is
+        // clean (dropping it would make a first sighting, tainted on an unknown host).
+        let forced = (resets.contains(&slot) || resets.contains("*")).then_some(forced_by);
+        if let Some(f) = forced {
+            warnings.push(format!("{slot}: {}: this copy is full", cbt::FullReason::Forced(f)));
         }
         let mut current = CurrentDisk {
             change_id: now.and_then(|f| f.change_id.as_deref()).map(ChangeId::parse),
             capacity: d.capacity,
             hardware_version: hardware_version(vm),
-            host_version: None,
+            host_version,
             position: position(&slot),
             backing: d.base_file_name.clone(),
             allocated: None,
             reverted: false,
-            fresh_snapshot: false,
-            forced: None,
+            // Under the snapshot this copy made (or a dead job's that it adopts): every
+            // snapshot advances the change ID, so an equal one cannot be trusted.
+            fresh_snapshot: snap.is_some(),
+            forced,
         };
         let (changes, base) = match cbt::incremental_base(committed.as_ref(), &current, dest) {
             Ok(base) if !can_query => (None, Some(base.as_str().to_owned())),
@@ -674,7 +784,10 @@ async fn resume_under(ctx: &JobContext, vm: &Vm, adopted: Adopted, report: &mut 
         Target::Replica(r) => replicate_under(ctx, r, vm, &adopted.snap, &adopted.job, report).await,
     };
     match ctx.client.remove_snapshot(&adopted.snap, true).await {
-        Ok(()) => report.snapshot_removed = true,
+        Ok(()) => {
+            report.snapshot_removed = true;
+            forget_intents(ctx, vm, vec![adopted.job.clone()]).await;
+        }
         Err(e) => report.warnings.push(format!(
             "COULD NOT REMOVE SNAPSHOT {} ({}): {e}; the next run removes it",
             adopted.name, adopted.snap
@@ -696,12 +809,40 @@ pub fn vm_key(client: &vsphere::Client, vm: &Vm) -> Option<String> {
     Some(key)
 }
 
-/// The disks of `vm` whose next copy into this job's target must be full: `proxy cbt-reset`
-/// marked them.
-async fn reset_slots(ctx: &JobContext, vm: &Vm) -> Result<HashSet<String>, OrchError> {
-    let Some(key) = vm_key(&ctx.client, vm) else { return Ok(HashSet::new()) };
+/// The disks of `vm` whose next copy into this job's target must be full, and why: `proxy
+/// cbt-reset` marked them, or a backup that turned CBT on did.
+async fn reset_slots(ctx: &JobContext, vm: &Vm) -> Result<(HashSet<String>, cbt::Forced), OrchError> {
+    let Some(key) = vm_key(&ctx.client, vm) else { return Ok((HashSet::new(), cbt::Forced::CbtReset)) };
     let store = ctx.leases();
     blocking(move || crate::cbt_reset::reset_slots(&*store, &key)).await
+}
+
+/// The version of the ESXi host that runs `vm` (`runtime.host`, `config.product.version`), for
+/// the planner's KB 2090639 rule; when it cannot be known, a warning says why, since on an
+/// unknown host a disk of 128 GiB or more is treated as affected.
+async fn host_version(ctx: &JobContext, vm: &Vm, warnings: &mut Vec<String>) -> Option<cbt::HostVersion> {
+    let why = match &vm.host {
+        None => "the server names no host for the VM".to_owned(),
+        Some(h) => match ctx.client.hosts().await {
+            Ok(hosts) => match hosts.into_iter().find(|x| &x.moref == h) {
+                Some(x) => match x.version.as_deref().map(|v| (v, cbt::HostVersion::parse(v))) {
+                    Some((_, Some(v))) => return Some(v),
+                    Some((text, None)) => format!("its host {h} reports the version {text:?}, which does not parse"),
+                    None => format!("its host {h} reports no version"),
+                },
+                None => format!("its host {h} is not among the server's hosts"),
+            },
+            Err(e) => format!("the hosts could not be listed: {e}"),
+        },
+    };
+    if vm.disks.iter().any(|d| d.capacity >= cbt::BOUNDARY_BUG_BASE) {
+        warnings.push(format!(
+            "the ESXi version of {}'s host is unknown ({why}): disks of 128 GiB or more are treated as on a host \
+             with the CBT boundary bug (KB 2090639) and copied in full",
+            vm.name
+        ));
+    }
+    None
 }
 
 /// Forgets `vm`'s reset mark in this job's target, once its disks were copied in full.

@@ -1,8 +1,9 @@
 //! Snapshot hygiene before each VM's backup (reference 2.13): a snapshot of ours is stale when
-//! the job named in it is no longer running (no live lease in the repository, which every
-//! proxy sharing it sees) and it is older than the longest allowed job; stale ones are removed,
-//! a live job's never. Any snapshot older than a day by the server's clock is reported, ours or
-//! not.
+//! the job named in it is no longer running (no live lease in the target, which every proxy
+//! sharing it sees) and either that job is known to be dead (it recorded its intent in this
+//! target: see `intent`) or the snapshot is older than the longest allowed job; stale ones are
+//! removed, a live job's never. Any snapshot older than a day by the server's clock is
+//! reported, ours or not.
 
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
@@ -55,11 +56,13 @@ pub fn job_of(snapshot_name: &str) -> Option<&str> {
 }
 
 /// Removes `vm`'s stale snapshots of ours; `live` holds the tags of running jobs (this one's
-/// among them), `now` is the server's clock, `max_job` the longest a job may run.
+/// among them), `dead` those of jobs known to be dead (whose snapshots go whatever their age),
+/// `now` is the server's clock, `max_job` the longest a job may run.
 pub async fn clean_vm(
     client: &Client,
     vm: &Vm,
     live: &HashSet<String>,
+    dead: &HashSet<String>,
     now: SystemTime,
     max_job: Duration,
     metrics: &Metrics,
@@ -81,10 +84,12 @@ pub async fn clean_vm(
         if live.contains(job) {
             continue;
         }
-        if age.is_none_or(|a| a <= max_job) {
+        let known_dead = dead.contains(job);
+        if !known_dead && age.is_none_or(|a| a <= max_job) {
             out.notes.push(format!(
                 "snapshot {:?} of {} is ours and its job is not running, but it is {age_text}, not older than the \
-                 longest job ({}): left for now",
+                 longest job ({}) and it was made for another target, so whether its job is dead cannot be \
+                 known here: left for now",
                 s.name,
                 vm.name,
                 humantime::format_duration(max_job)
@@ -93,8 +98,9 @@ pub async fn clean_vm(
         }
         match client.remove_snapshot(&s.moref, true).await {
             Ok(()) => {
+                let why = if known_dead { "its job died" } else { "older than the longest job" };
                 tracing::warn!(
-                    "removed stale snapshot {:?} of {} ({age_text}; job {job} is not running)",
+                    "removed stale snapshot {:?} of {} ({age_text}; job {job} is not running: {why})",
                     s.name,
                     vm.name
                 );

@@ -49,11 +49,39 @@ impl Selector {
 /// The VMs `selectors` name, each once, in the order named; `all` takes every VM. A selector
 /// that matches nothing, or a name that matches several VMs, is an error naming it.
 pub async fn select_vms(client: &Client, selectors: &[Selector], all: bool) -> Result<Vec<Vm>, OrchError> {
+    let s = select(client, selectors, all).await?;
+    match s.missing.into_iter().next() {
+        Some(why) => Err(OrchError::Refused(why)),
+        None => Ok(s.vms),
+    }
+}
+
+/// What a job's selectors found: the VMs, and why each selector that found none failed.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    /// The VMs, each once, in the order named.
+    pub vms: Vec<Vm>,
+    /// Per selector that matched no VM, or several: why, naming it.
+    pub missing: Vec<String>,
+}
+
+impl Selection {
+    /// The VMs' morefs.
+    pub fn morefs(&self) -> Vec<MoRef> {
+        self.vms.iter().map(|v| v.moref.clone()).collect()
+    }
+}
+
+/// Like [`select_vms`], but a selector that finds no VM (a VM deleted or renamed, a typo) does
+/// not stop the others: it is listed in [`Selection::missing`], for the job to report as a
+/// failure of its own while every VM found is protected.
+pub async fn select(client: &Client, selectors: &[Selector], all: bool) -> Result<Selection, OrchError> {
     let vms = client.vms().await?;
     if all {
-        return Ok(vms);
+        return Ok(Selection { vms, missing: Vec::new() });
     }
     let mut out: Vec<Vm> = Vec::new();
+    let mut missing = Vec::new();
     for s in selectors {
         let found: Vec<&Vm> = match s {
             Selector::Name(n) => vms.iter().filter(|v| &v.name == n).collect(),
@@ -66,7 +94,8 @@ pub async fn select_vms(client: &Client, selectors: &[Selector], all: bool) -> R
                 Some(m) if m.kind != "VirtualMachine" => {
                     let inside: Vec<MoRef> = client.vms_in(&m).await?.into_iter().map(|v| v.moref).collect();
                     if inside.is_empty() {
-                        return Err(OrchError::Refused(format!("{p} ({m}) holds no VMs")));
+                        missing.push(format!("{p} ({m}) holds no VMs"));
+                        continue;
                     }
                     for v in vms.iter().filter(|v| inside.contains(&v.moref)) {
                         if !out.iter().any(|o| o.moref == v.moref) {
@@ -80,7 +109,7 @@ pub async fn select_vms(client: &Client, selectors: &[Selector], all: bool) -> R
             },
         };
         match found.as_slice() {
-            [] => return Err(OrchError::Refused(format!("no VM matches {s:?}"))),
+            [] => missing.push(format!("no VM matches {s:?}")),
             [one] => {
                 if !out.iter().any(|v| v.moref == one.moref) {
                     out.push((*one).clone());
@@ -88,15 +117,29 @@ pub async fn select_vms(client: &Client, selectors: &[Selector], all: bool) -> R
             }
             many => {
                 let refs: Vec<String> = many.iter().map(|v| v.moref.value.clone()).collect();
-                return Err(OrchError::Refused(format!(
+                missing.push(format!(
                     "{s:?} matches {} VMs ({}): name one by moref or instance UUID",
                     many.len(),
                     refs.join(", ")
-                )));
+                ));
             }
         }
     }
-    Ok(out)
+    Ok(Selection { vms: out, missing })
+}
+
+/// Adds to `report` a failure for each selector of the job that found no VM, counted in the
+/// metrics like any failed VM, so an alert on failures sees it.
+pub fn report_missing(ctx: &JobContext, report: &mut JobReport, missing: &[String]) {
+    for why in missing {
+        ctx.metrics.vm_finished(true, false);
+        report.vms.push(VmReport {
+            vm: why.clone(),
+            error: Some(format!("{why}: not backed up (the job's other VMs were)")),
+            snapshot_removed: true,
+            ..VmReport::default()
+        });
+    }
 }
 
 /// How many VMs may be worked on at once, over every job of a process: in all, per ESXi host,
@@ -107,6 +150,8 @@ pub struct Limits {
     per_host: Option<usize>,
     per_datastore: Option<usize>,
     gates: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// One VM is worked on by one job of the process at a time: the others wait this long.
+    pub vm_wait: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -119,12 +164,33 @@ impl Limits {
     /// At most `vms` VMs at once, `per_host` on one host and `per_datastore` touching one
     /// datastore.
     pub fn new(vms: usize, per_host: Option<usize>, per_datastore: Option<usize>) -> Self {
-        Self { vms: Arc::new(Semaphore::new(vms.max(1))), per_host, per_datastore, gates: Mutex::default() }
+        Self {
+            vms: Arc::new(Semaphore::new(vms.max(1))),
+            per_host,
+            per_datastore,
+            gates: Mutex::default(),
+            vm_wait: std::time::Duration::from_secs(24 * 3600),
+        }
     }
 
     fn gate(&self, key: String, n: usize) -> Arc<Semaphore> {
         let mut g = self.gates.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         g.entry(key).or_insert_with(|| Arc::new(Semaphore::new(n.max(1)))).clone()
+    }
+
+    /// Waits until no other job of this process works on `vm` (two jobs naming one VM would
+    /// each find the other's snapshot), at most [`Limits::vm_wait`]; then the VM is this
+    /// caller's until the permit is dropped.
+    pub async fn claim_vm(&self, vm: &MoRef) -> Result<OwnedSemaphorePermit, OrchError> {
+        let gate = self.gate(format!("vm {}", vm.value), 1);
+        match tokio::time::timeout(self.vm_wait, gate.acquire_owned()).await {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(_)) => Err(OrchError::Refused(format!("{vm}: the per-VM gate closed"))),
+            Err(_) => Err(OrchError::Refused(format!(
+                "{vm}: another job of this proxy worked on it for longer than {} (the wait for it)",
+                humantime::format_duration(self.vm_wait)
+            ))),
+        }
     }
 
     /// Waits until `vm` may start: a slot overall, on its host and on each of its datastores
@@ -229,6 +295,20 @@ pub async fn run_job(ctx: &JobContext, vms: &[MoRef], concurrency: usize) -> Res
         let (ctx, vm, gate, facts) = (ctx.clone(), vm.clone(), gate.clone(), facts.clone());
         set.spawn(async move {
             let _permit = gate.acquire_owned().await;
+            // The VM first: a job that waits for it holds no host or datastore slot meanwhile.
+            let _mine = match ctx.limits.claim_vm(&vm).await {
+                Ok(p) => p,
+                Err(e) => {
+                    ctx.metrics.vm_finished(true, false);
+                    let r = VmReport {
+                        vm: facts.get(&vm).map_or_else(|| vm.to_string(), |v| v.name.clone()),
+                        error: Some(e.to_string()),
+                        snapshot_removed: true,
+                        ..VmReport::default()
+                    };
+                    return (n, r);
+                }
+            };
             let _admitted = ctx.limits.admit(facts.get(&vm)).await;
             if ctx.engine.cancel.is_cancelled() {
                 // Cancelled before it began: nothing was touched.

@@ -15,6 +15,7 @@ mod drs;
 mod flow;
 pub mod hooks;
 pub mod hygiene;
+pub mod intent;
 mod job;
 pub mod metrics;
 pub mod preflight;
@@ -27,8 +28,8 @@ pub use flow::{
     backup_vm, nbd_uri, plan_vm, vm_key,
 };
 pub use job::{
-    BASE_RESERVE, JobReport, Limits, MIN_BUFFERS, Outcome, PER_VM_RESERVE, Selector, buffer_budget, clean_stale,
-    run_job, select_vms, sweep_own_snapshots,
+    BASE_RESERVE, JobReport, Limits, MIN_BUFFERS, Outcome, PER_VM_RESERVE, Selection, Selector, buffer_budget,
+    clean_stale, report_missing, run_job, select, select_vms, sweep_own_snapshots,
 };
 pub use metrics::{Metrics, MetricsSnapshot};
 
