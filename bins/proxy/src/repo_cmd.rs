@@ -213,38 +213,25 @@ pub(crate) struct BackupArgs {
 }
 
 pub(crate) fn run(cmd: RepoCommand) -> ExitCode {
+    init_logs();
     crate::block_on("repo", dispatch(cmd))
+}
+
+/// Sends the repository's warnings (an unreadable restore point skipped, a lock that a
+/// read-only medium refuses, a key file others can read) to stderr; `SYNCPROXY_LOG` filters.
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SYNCPROXY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
 }
 
 async fn dispatch(cmd: RepoCommand) -> Result<ExitCode> {
     match cmd {
-        RepoCommand::Init { repo, chunk_size, encrypt } => {
-            let chunk = u32::try_from(chunk_size).context("--chunk-size is too large")?;
-            let key = match (&repo.key_file, encrypt) {
-                (Some(path), true) if !path.exists() => {
-                    let k = RepoKey::generate()?;
-                    k.write_new(path)?;
-                    eprintln!(
-                        "proxy repo: made the key file {}; keep a copy somewhere safe and apart from the \
-                         repository: without it, nothing in the repository can be restored",
-                        path.display()
-                    );
-                    Some(k)
-                }
-                (Some(path), true) => Some(RepoKey::from_file(path)?),
-                (Some(_), false) => bail!("--key-file at init needs --encrypt"),
-                (None, _) => None,
-            };
-            let loc = Location { url: repo.repo.clone(), s3: repo.s3(), key };
-            let r = Repo::init_at(&loc, chunk)?;
-            println!(
-                "initialised {}repository {} at {} (chunks of {chunk} bytes)",
-                if encrypt { "encrypted " } else { "" },
-                r.config().id,
-                repo.repo
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        RepoCommand::Init { repo, chunk_size, encrypt } => init(&repo, chunk_size, encrypt),
         RepoCommand::Backup(args) => backup(&args).await,
         RepoCommand::List { repo, json } => list(&repo.open()?, json),
         RepoCommand::Restore { repo, point, dst, disk, file } => {
@@ -306,6 +293,36 @@ async fn dispatch(cmd: RepoCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `init`: nothing is written (no key file either) unless the repository can be made.
+fn init(repo: &RepoArg, chunk_size: u64, encrypt: bool) -> Result<ExitCode> {
+    let chunk = u32::try_from(chunk_size).context("--chunk-size is too large")?;
+    let mut loc = Location { url: repo.repo.clone(), s3: repo.s3(), key: None };
+    let r = match (&repo.key_file, encrypt) {
+        (Some(path), true) if !path.exists() => {
+            let r = Repo::init_with_new_key(&loc, chunk, path)?;
+            eprintln!(
+                "proxy repo: made the key file {}; keep a copy somewhere safe and apart from the repository: \
+                 without it, nothing in the repository can be restored",
+                path.display()
+            );
+            r
+        }
+        (Some(path), true) => {
+            loc.key = Some(RepoKey::from_file(path)?);
+            Repo::init_at(&loc, chunk)?
+        }
+        (Some(_), false) => bail!("--key-file at init needs --encrypt"),
+        (None, _) => Repo::init_at(&loc, chunk)?,
+    };
+    println!(
+        "initialised {}repository {} at {} (chunks of {chunk} bytes)",
+        if encrypt { "encrypted " } else { "" },
+        r.config().id,
+        repo.repo
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn backup(args: &BackupArgs) -> Result<ExitCode> {

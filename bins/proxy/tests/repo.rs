@@ -261,3 +261,34 @@ fn vmdk_and_nbd_sources_nbd_restores_and_configuration_files() {
     drop(dst);
     same(Path::new(&target), Path::new(&img));
 }
+
+#[test]
+fn init_writes_no_key_unless_it_makes_the_repository_and_takes_a_bare_key_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let here = |args: &[&str]| proxy().current_dir(dir.path()).args(args).output().unwrap();
+    let err = |out: &Output| {
+        assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // A bare relative name, in the working directory.
+    ok(&here(&["repo", "init", "repo", "--encrypt", "--key-file", "k"]));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(dir.path().join("k")).unwrap().permissions().mode() & 0o777, 0o600);
+    ok(&here(&["repo", "list", "repo", "--key-file", "k"]));
+    // An existing repository, or a chunk size that cannot be: refused, and no key written.
+    let e = err(&here(&["repo", "init", "repo", "--encrypt", "--key-file", "k2"]));
+    assert!(e.contains("already holds a repository"), "{e}");
+    assert!(!dir.path().join("k2").exists(), "a new key for a repository that was not made");
+    let e = err(&here(&["repo", "init", "other", "--encrypt", "--key-file", "k3", "--chunk-size", "3M"]));
+    assert!(e.contains("chunk size"), "{e}");
+    assert!(!dir.path().join("k3").exists());
+    // A key file others can read works, with a warning that names it.
+    std::fs::set_permissions(dir.path().join("k"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = here(&["repo", "list", "repo", "--key-file", "k"]);
+    ok(&out);
+    let warned = String::from_utf8_lossy(&out.stderr);
+    assert!(warned.contains("key file k is open to its group or others"), "{warned}");
+    // An endless key file fails at once, with what was wrong.
+    let e = err(&here(&["repo", "list", "repo", "--key-file", "/dev/zero"]));
+    assert!(e.contains("/dev/zero: longer than 4096 bytes"), "{e}");
+}

@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-pub use codec::{Codec, RepoKey};
+pub use codec::{Codec, MAX_KEY_FILE, RepoKey};
 pub use format::{
     ChunkId, Consistency, DiskEntry, FORMAT, FileEntry, Index, Manifest, SourceInfo, ZERO, chunk_name, decode_chunk,
     decode_chunk_with, encode_chunk,
@@ -206,6 +206,14 @@ pub(crate) fn random_hex(bytes: usize) -> String {
 fn now_utc() -> (String, String) {
     let iso = humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string();
     (iso.replace(['-', ':', '.'], ""), iso)
+}
+
+/// Refuses a chunk size that is not a power of two from 64 KiB to 64 MiB.
+fn check_chunk_size(chunk_size: u32) -> Result<(), RepoError> {
+    if !(64 << 10..=64 << 20).contains(&chunk_size) || !chunk_size.is_power_of_two() {
+        return Err(RepoError::Invalid(format!("chunk size {chunk_size} is not a power of two from 64 KiB to 64 MiB")));
+    }
+    Ok(())
 }
 
 /// A disk to back up.
@@ -476,6 +484,49 @@ impl Repo {
         Self::init_with(location.store()?, chunk_size, location.key.as_ref())
     }
 
+    /// Makes a new repository at `location`, encrypted with a new key that is written to the
+    /// new file `key_file` (readable by its owner only). Nothing is written unless the
+    /// repository can be made: the chunk size, the key file's absence and the absence of a
+    /// repository are checked first; the key is written before the repository's `config`, so
+    /// no repository ever exists whose key was not saved; and should the repository still not
+    /// be made, the new key file, which then locks nothing, is removed again.
+    pub fn init_with_new_key(location: &Location, chunk_size: u32, key_file: &Path) -> Result<Self, RepoError> {
+        check_chunk_size(chunk_size)?;
+        if key_file.exists() {
+            return Err(RepoError::Invalid(format!("{} exists: a new key never replaces a file", key_file.display())));
+        }
+        let dir = key_file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if !dir.is_dir() {
+            return Err(RepoError::NotFound(format!(
+                "{}: no directory {} to write the key file in",
+                key_file.display(),
+                dir.display()
+            )));
+        }
+        let store = location.store()?;
+        if store.exists("config")? {
+            return Err(RepoError::Invalid(format!("{} already holds a repository", store.describe())));
+        }
+        let key = RepoKey::generate()?;
+        key.write_new(key_file)?;
+        let made = Self::init_with(store.clone(), chunk_size, Some(&key));
+        if made.is_err() {
+            // Kept when a config that this key opens may exist (it could not be read back).
+            let check = Codec::keyed(&key)?.key_check().map(str::to_owned);
+            let useless = match store.get("config") {
+                Ok(None) => true,
+                Ok(Some(raw)) => {
+                    serde_json::from_slice::<RepoConfig>(&raw).is_ok_and(|c| c.encryption.map(|e| e.key_check) != check)
+                }
+                Err(_) => false,
+            };
+            if useless && let Err(e) = std::fs::remove_file(key_file) {
+                tracing::warn!("cannot remove the unused key file {}: {e}", key_file.display());
+            }
+        }
+        made
+    }
+
     /// Makes a new, unencrypted repository in `store`, which must not hold one.
     pub fn init_in(store: Arc<dyn Store>, chunk_size: u32) -> Result<Self, RepoError> {
         Self::init_with(store, chunk_size, None)
@@ -483,11 +534,7 @@ impl Repo {
 
     /// Makes a new repository in `store`, encrypted with `key` when there is one.
     pub fn init_with(store: Arc<dyn Store>, chunk_size: u32, key: Option<&RepoKey>) -> Result<Self, RepoError> {
-        if !(64 << 10..=64 << 20).contains(&chunk_size) || !chunk_size.is_power_of_two() {
-            return Err(RepoError::Invalid(format!(
-                "chunk size {chunk_size} is not a power of two from 64 KiB to 64 MiB"
-            )));
-        }
+        check_chunk_size(chunk_size)?;
         let taken = || RepoError::Invalid(format!("{} already holds a repository", store.describe()));
         if store.exists("config")? {
             return Err(taken());

@@ -182,7 +182,8 @@ impl<F: Fs> LocalStore<F> {
 
 /// Fsyncs the directory holding `path`, so a rename or link in it is durable.
 pub(crate) fn sync_parent(path: &Path) -> Result<(), RepoError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    // A bare relative name (`key`) has the empty path as its parent: that is `.`.
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     RealFs.sync_dir(dir).map_err(|e| RepoError::io(dir, e))
 }
 
