@@ -243,25 +243,7 @@ async fn dispatch(cmd: RepoCommand) -> Result<ExitCode> {
         }
         RepoCommand::Verify { repo, json } => verify(&repo.open()?, json),
         RepoCommand::Prune { repo, keep, dry_run, json } => prune(&repo.open()?, &keep, dry_run, json),
-        RepoCommand::Gc { repo, grace, dry_run, json } => {
-            let r = repo.open()?.gc(grace, dry_run)?;
-            let verb = if dry_run { "would remove" } else { "removed" };
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"dry_run": dry_run, "chunks_in_use": r.chunks_in_use,
-                    "chunks_removed": r.chunks_removed, "chunks_in_grace": r.chunks_in_grace,
-                    "indexes_removed": r.indexes_removed, "registrations_removed": r.registrations_removed})
-                );
-            } else {
-                println!(
-                    "{} chunks in use; {verb} {} unused chunks, {} index folders and {} abandoned backup \
-                     registrations; {} unused chunks are within the grace period",
-                    r.chunks_in_use, r.chunks_removed, r.indexes_removed, r.registrations_removed, r.chunks_in_grace
-                );
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        RepoCommand::Gc { repo, grace, dry_run, json } => gc(&repo.open()?, grace, dry_run, json),
         RepoCommand::Copy { repo, dst, point, dst_key_file, json } => {
             let src = repo.open()?;
             let key = dst_key_file.as_deref().map(RepoKey::from_file).transpose()?;
@@ -553,6 +535,42 @@ fn verify(repo: &Repo, json: bool) -> Result<ExitCode> {
         );
     }
     Ok(if r.damaged_points.is_empty() && r.bad_chunks.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(2) })
+}
+
+/// `gc`: exits 2, naming them, while manifests that cannot be read keep it from sweeping.
+fn gc(repo: &Repo, grace: Duration, dry_run: bool, json: bool) -> Result<ExitCode> {
+    let r = repo.gc(grace, dry_run)?;
+    let verb = if dry_run { "would remove" } else { "removed" };
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"dry_run": dry_run, "chunks_in_use": r.chunks_in_use,
+            "chunks_removed": r.chunks_removed, "chunks_in_grace": r.chunks_in_grace,
+            "indexes_removed": r.indexes_removed, "registrations_removed": r.registrations_removed,
+            "temporaries_removed": r.temporaries_removed, "unreadable": r.unreadable})
+        );
+    } else {
+        for bad in &r.unreadable {
+            eprintln!("proxy repo gc: cannot read {bad}");
+        }
+        if !r.unreadable.is_empty() {
+            eprintln!(
+                "proxy repo gc: swept nothing: the chunks only an unreadable manifest names cannot be told from \
+                 garbage; restore those manifests (from a copy) or remove them, then run gc again"
+            );
+        }
+        println!(
+            "{} chunks in use; {verb} {} unused chunks, {} index folders, {} abandoned backup registrations and {} \
+             temporary files; {} unused chunks are within the grace period",
+            r.chunks_in_use,
+            r.chunks_removed,
+            r.indexes_removed,
+            r.registrations_removed,
+            r.temporaries_removed,
+            r.chunks_in_grace
+        );
+    }
+    Ok(if r.unreadable.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(2) })
 }
 
 fn prune(repo: &Repo, keep: &KeepArgs, dry_run: bool, json: bool) -> Result<ExitCode> {
