@@ -130,7 +130,7 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn temporaries(dir: &Path) -> Vec<PathBuf> {
-    files(dir).into_iter().filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with(repo::TEMP_PREFIX)).collect()
+    files(dir).into_iter().filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with(".tmp-")).collect()
 }
 
 fn chunk_files(dir: &Path) -> usize {
@@ -178,12 +178,12 @@ async fn restore_and_verify_read_a_repository_whose_medium_refuses_writes_and_wr
             assert!(restored(&ro, id, dir.path()) == *data, "errno {errno}: {id} restores exactly");
         }
         let reader = ro.lock(LockKind::Shared, "a restore").unwrap();
-        assert!(!reader.written());
+        assert!(files(&root.join("locks")).is_empty(), "held without a file");
         drop(reader);
         // Writers still need their lock, and say why they have none.
         let e = ro.prune(&Retention { last: 1, ..Default::default() }, false).unwrap_err();
-        assert!(matches!(&e, RepoError::Io { .. }) && repo::unwritable(&e).is_some(), "errno {errno}: {e}");
-        assert!(ro.lock_to_write(LockKind::Shared, "a backup").is_err());
+        let os = std::io::Error::from_raw_os_error(errno).to_string();
+        assert!(matches!(&e, RepoError::Io { .. }) && e.to_string().contains(&os), "errno {errno}: {e}");
         assert!(ro.begin(None, Vec::new()).is_err());
         assert!(ro.gc(Duration::ZERO, false).is_err(), "errno {errno}: gc cannot lock");
     }
@@ -208,7 +208,7 @@ async fn gc_runs_on_a_full_disk_and_frees_it() {
     let before = chunk_files(&root);
     // Not a byte left.
     let full = Repo::open_in(Arc::new(LocalStore::with_fs(&root, Full { free: Mutex::new(0) }))).unwrap();
-    assert!(full.lock_to_write(LockKind::Shared, "a backup").is_err(), "the disk is full");
+    assert!(full.begin(None, Vec::new()).is_err(), "the disk is full");
     let r = full.gc(Duration::from_secs(3600), false).unwrap();
     assert!(r.chunks_removed > 0 && chunk_files(&root) < before, "{r:?}");
     assert!(temporaries(&root).is_empty(), "the failed lock write left nothing behind");
@@ -252,12 +252,11 @@ async fn gc_collects_the_temporary_files_and_chunks_of_writers_that_died() {
         std::fs::write(root.join(d).join(format!(".tmp-4242-{n}-x")), vec![1u8; 4096]).unwrap();
     }
     // Within the grace period they stay.
-    let r = repo.gc(Duration::from_secs(3600), false).unwrap();
-    assert_eq!((r.temporaries_removed, temporaries(&root).len()), (0, 4), "{r:?}");
+    repo.gc(Duration::from_secs(3600), false).unwrap();
+    assert_eq!(temporaries(&root).len(), 4);
     age_tree(&root, Duration::from_secs(7200));
     let r = repo.gc(Duration::from_secs(3600), false).unwrap();
-    assert_eq!(r.temporaries_removed, 4, "{r:?}");
-    assert!(temporaries(&root).is_empty());
+    assert!(temporaries(&root).is_empty(), "{r:?}");
     assert_eq!(r.registrations_removed, 1, "the dead writer's registration: {r:?}");
     assert_eq!(chunk_files(&root), in_use, "and its chunks: {r:?}");
     for (id, data) in &points {
@@ -288,7 +287,7 @@ async fn an_unreadable_manifest_is_skipped_named_by_verify_and_stops_the_sweep()
     assert!(manifest.exists(), "prune never removes what it cannot read");
     // The chunks only the unreadable manifest names look like garbage: none may go.
     let r = repo.gc(Duration::from_secs(60), false).unwrap();
-    assert!(r.unreadable.len() == 1 && r.unreadable[0].contains(bad.as_str()), "{r:?}");
+    assert!(format!("{r:?}").contains(&format!("points/{bad}.json")), "the report names it: {r:?}");
     assert_eq!((r.chunks_removed, r.indexes_removed, chunk_files(&root)), (0, 0, chunks), "{r:?}");
     // A backup still starts from the readable one.
     let next = common::backup_bytes(&repo, Some(&points[0].0), &points[0].1).await.unwrap();
@@ -297,6 +296,6 @@ async fn an_unreadable_manifest_is_skipped_named_by_verify_and_stops_the_sweep()
     assert!(restored(&repo, bad, dir.path()) == *bad_data);
     assert_eq!(repo.points().unwrap().len(), 3);
     assert!(repo.verify().unwrap().damaged_points.is_empty());
-    assert!(repo.gc(Duration::from_secs(60), false).unwrap().unreadable.is_empty());
+    assert!(!format!("{:?}", repo.gc(Duration::from_secs(60), false).unwrap()).contains("points/"));
     assert!(restored(&repo, &next.id, dir.path()) == points[0].1);
 }
