@@ -574,7 +574,9 @@ impl Repo {
         if !store.put_new("config", &json)? {
             return Err(taken());
         }
-        if let Err(e) = store.put(GC_RESERVE, &reserve_bytes()) {
+        if store.file_system()
+            && let Err(e) = store.put(GC_RESERVE, &reserve_bytes())
+        {
             tracing::warn!("{}: no room for gc's reserve {GC_RESERVE}: {e}", store.describe());
         }
         Ok(Self { store, config, timing: LockTiming::default(), codec: Arc::new(codec) })

@@ -131,14 +131,18 @@ impl Repo {
     /// (`.tmp-*`, older than `grace`) are removed in any case: nothing ever references them.
     ///
     /// On a full disk gc first removes its reserve, so that it can write its lock and
-    /// generation, and makes it again once it has freed space.
+    /// generation, and makes it again once it has freed space. Object stores have neither
+    /// temporary files nor a reserve.
     pub fn gc(&self, grace: Duration, dry_run: bool) -> Result<GcReport, RepoError> {
-        let (lock, freed_reserve) = self.gc_lock()?;
+        let (_lock, freed_reserve) = self.gc_lock()?;
         let mut report = GcReport::default();
         let (points, unreadable) = self.points_and_unreadable()?;
         report.unreadable = unreadable.into_iter().map(|(name, why)| format!("{name}: {why}")).collect();
         if report.unreadable.is_empty() {
             self.mark_and_sweep(&points, grace, dry_run, &mut report)?;
+        }
+        if !self.store.file_system() {
+            return Ok(report);
         }
         for top in TOP_FOLDERS {
             self.collect_temporaries(top, grace, dry_run, &mut report)?;
@@ -148,7 +152,6 @@ impl Repo {
         {
             tracing::warn!("gc could not make its reserve {GC_RESERVE} again: {e}");
         }
-        drop(lock);
         Ok(report)
     }
 

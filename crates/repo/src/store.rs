@@ -43,6 +43,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn delete(&self, name: &str) -> Result<(), RepoError>;
     /// Where it is, for messages.
     fn describe(&self) -> String;
+    /// Whether it is a file system, where a writer that dies leaves temporary files and the
+    /// disk can fill up, rather than an object store, whose writes are atomic and whose space
+    /// does not run out.
+    fn file_system(&self) -> bool {
+        false
+    }
 }
 
 /// Checks a repository file name: relative, no empty, `.` or `..` parts. Names come from the
@@ -295,6 +301,10 @@ impl<F: Fs> Store for LocalStore<F> {
 
     fn describe(&self) -> String {
         self.root.display().to_string()
+    }
+
+    fn file_system(&self) -> bool {
+        true
     }
 }
 
