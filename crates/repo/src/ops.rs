@@ -145,7 +145,7 @@ impl Repo {
             return Ok(report);
         }
         for top in TOP_FOLDERS {
-            self.collect_temporaries(top, grace, dry_run, &mut report)?;
+            self.collect_temporaries(top, 2, grace, dry_run, &mut report)?;
         }
         if (freed_reserve || (!dry_run && !self.store.exists(GC_RESERVE)?))
             && let Err(e) = self.store.put(GC_RESERVE, &reserve_bytes())
@@ -155,10 +155,12 @@ impl Repo {
         Ok(report)
     }
 
-    /// Removes the temporary files under `dir` older than `grace`.
+    /// Removes the temporary files under `dir`, and its folders `depth` levels down (the
+    /// layout is no deeper; a loop of links could be), older than `grace`.
     fn collect_temporaries(
         &self,
         dir: &str,
+        depth: u32,
         grace: Duration,
         dry_run: bool,
         report: &mut GcReport,
@@ -166,7 +168,9 @@ impl Repo {
         for e in self.store.list_all(dir)? {
             let name = format!("{dir}/{}", e.name);
             if e.modified.is_none() {
-                self.collect_temporaries(&name, grace, dry_run, report)?;
+                if depth > 0 {
+                    self.collect_temporaries(&name, depth - 1, grace, dry_run, report)?;
+                }
             } else if e.name.starts_with(TEMP_PREFIX) && !young(e.modified, grace) {
                 if !dry_run {
                     self.store.delete(&name)?;
