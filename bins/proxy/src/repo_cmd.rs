@@ -213,38 +213,25 @@ pub(crate) struct BackupArgs {
 }
 
 pub(crate) fn run(cmd: RepoCommand) -> ExitCode {
+    init_logs();
     crate::block_on("repo", dispatch(cmd))
+}
+
+/// Sends the repository's warnings (an unreadable restore point skipped, a lock that a
+/// read-only medium refuses, a key file others can read) to stderr; `SYNCPROXY_LOG` filters.
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SYNCPROXY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
 }
 
 async fn dispatch(cmd: RepoCommand) -> Result<ExitCode> {
     match cmd {
-        RepoCommand::Init { repo, chunk_size, encrypt } => {
-            let chunk = u32::try_from(chunk_size).context("--chunk-size is too large")?;
-            let key = match (&repo.key_file, encrypt) {
-                (Some(path), true) if !path.exists() => {
-                    let k = RepoKey::generate()?;
-                    k.write_new(path)?;
-                    eprintln!(
-                        "proxy repo: made the key file {}; keep a copy somewhere safe and apart from the \
-                         repository: without it, nothing in the repository can be restored",
-                        path.display()
-                    );
-                    Some(k)
-                }
-                (Some(path), true) => Some(RepoKey::from_file(path)?),
-                (Some(_), false) => bail!("--key-file at init needs --encrypt"),
-                (None, _) => None,
-            };
-            let loc = Location { url: repo.repo.clone(), s3: repo.s3(), key };
-            let r = Repo::init_at(&loc, chunk)?;
-            println!(
-                "initialised {}repository {} at {} (chunks of {chunk} bytes)",
-                if encrypt { "encrypted " } else { "" },
-                r.config().id,
-                repo.repo
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        RepoCommand::Init { repo, chunk_size, encrypt } => init(&repo, chunk_size, encrypt),
         RepoCommand::Backup(args) => backup(&args).await,
         RepoCommand::List { repo, json } => list(&repo.open()?, json),
         RepoCommand::Restore { repo, point, dst, disk, file } => {
@@ -256,25 +243,7 @@ async fn dispatch(cmd: RepoCommand) -> Result<ExitCode> {
         }
         RepoCommand::Verify { repo, json } => verify(&repo.open()?, json),
         RepoCommand::Prune { repo, keep, dry_run, json } => prune(&repo.open()?, &keep, dry_run, json),
-        RepoCommand::Gc { repo, grace, dry_run, json } => {
-            let r = repo.open()?.gc(grace, dry_run)?;
-            let verb = if dry_run { "would remove" } else { "removed" };
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"dry_run": dry_run, "chunks_in_use": r.chunks_in_use,
-                    "chunks_removed": r.chunks_removed, "chunks_in_grace": r.chunks_in_grace,
-                    "indexes_removed": r.indexes_removed, "registrations_removed": r.registrations_removed})
-                );
-            } else {
-                println!(
-                    "{} chunks in use; {verb} {} unused chunks, {} index folders and {} abandoned backup \
-                     registrations; {} unused chunks are within the grace period",
-                    r.chunks_in_use, r.chunks_removed, r.indexes_removed, r.registrations_removed, r.chunks_in_grace
-                );
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        RepoCommand::Gc { repo, grace, dry_run, json } => gc(&repo.open()?, grace, dry_run, json),
         RepoCommand::Copy { repo, dst, point, dst_key_file, json } => {
             let src = repo.open()?;
             let key = dst_key_file.as_deref().map(RepoKey::from_file).transpose()?;
@@ -306,6 +275,36 @@ async fn dispatch(cmd: RepoCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `init`: nothing is written (no key file either) unless the repository can be made.
+fn init(repo: &RepoArg, chunk_size: u64, encrypt: bool) -> Result<ExitCode> {
+    let chunk = u32::try_from(chunk_size).context("--chunk-size is too large")?;
+    let mut loc = Location { url: repo.repo.clone(), s3: repo.s3(), key: None };
+    let r = match (&repo.key_file, encrypt) {
+        (Some(path), true) if !path.exists() => {
+            let r = Repo::init_with_new_key(&loc, chunk, path)?;
+            eprintln!(
+                "proxy repo: made the key file {}; keep a copy somewhere safe and apart from the repository: \
+                 without it, nothing in the repository can be restored",
+                path.display()
+            );
+            r
+        }
+        (Some(path), true) => {
+            loc.key = Some(RepoKey::from_file(path)?);
+            Repo::init_at(&loc, chunk)?
+        }
+        (Some(_), false) => bail!("--key-file at init needs --encrypt"),
+        (None, _) => Repo::init_at(&loc, chunk)?,
+    };
+    println!(
+        "initialised {}repository {} at {} (chunks of {chunk} bytes)",
+        if encrypt { "encrypted " } else { "" },
+        r.config().id,
+        repo.repo
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn backup(args: &BackupArgs) -> Result<ExitCode> {
@@ -536,6 +535,42 @@ fn verify(repo: &Repo, json: bool) -> Result<ExitCode> {
         );
     }
     Ok(if r.damaged_points.is_empty() && r.bad_chunks.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(2) })
+}
+
+/// `gc`: exits 2, naming them, while manifests that cannot be read keep it from sweeping.
+fn gc(repo: &Repo, grace: Duration, dry_run: bool, json: bool) -> Result<ExitCode> {
+    let r = repo.gc(grace, dry_run)?;
+    let verb = if dry_run { "would remove" } else { "removed" };
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"dry_run": dry_run, "chunks_in_use": r.chunks_in_use,
+            "chunks_removed": r.chunks_removed, "chunks_in_grace": r.chunks_in_grace,
+            "indexes_removed": r.indexes_removed, "registrations_removed": r.registrations_removed,
+            "temporaries_removed": r.temporaries_removed, "unreadable": r.unreadable})
+        );
+    } else {
+        for bad in &r.unreadable {
+            eprintln!("proxy repo gc: cannot read {bad}");
+        }
+        if !r.unreadable.is_empty() {
+            eprintln!(
+                "proxy repo gc: swept nothing: the chunks only an unreadable manifest names cannot be told from \
+                 garbage; restore those manifests (from a copy) or remove them, then run gc again"
+            );
+        }
+        println!(
+            "{} chunks in use; {verb} {} unused chunks, {} index folders, {} abandoned backup registrations and {} \
+             temporary files; {} unused chunks are within the grace period",
+            r.chunks_in_use,
+            r.chunks_removed,
+            r.indexes_removed,
+            r.registrations_removed,
+            r.temporaries_removed,
+            r.chunks_in_grace
+        );
+    }
+    Ok(if r.unreadable.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(2) })
 }
 
 fn prune(repo: &Repo, keep: &KeepArgs, dry_run: bool, json: bool) -> Result<ExitCode> {

@@ -38,6 +38,20 @@ fn same(a: &Path, b: &Path) {
     testkit::same_contents(a, b).unwrap().unwrap_or_else(|e| panic!("{} and {} differ: {e}", a.display(), b.display()));
 }
 
+/// Every file under `dir`.
+fn all_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() { out.extend(all_files(&p)) } else { out.push(p) }
+    }
+    out
+}
+
+fn chunk_count(repo: &str) -> usize {
+    all_files(&Path::new(repo).join("chunks")).len()
+}
+
 #[test]
 fn backup_incremental_restore_verify_prune_gc_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
@@ -179,8 +193,14 @@ fn backups_killed_at_random_moments_never_damage_a_restore_point() {
             );
         }
     }
-    // The locks the killed processes left are stale (their PIDs are gone): gc proceeds.
-    ok(&run(&["repo", "gc", &repo, "--grace", "0s"]));
+    // The locks the killed processes left are stale (their PIDs are gone): gc proceeds, and
+    // collects the temporary files and the chunks the killed backups left.
+    let gc = json(&run(&["repo", "gc", &repo, "--grace", "0s", "--json"]));
+    let left = all_files(Path::new(&repo));
+    let temporaries: Vec<_> = left.iter().filter(|p| p.to_string_lossy().contains("/.tmp-")).collect();
+    assert!(temporaries.is_empty(), "{temporaries:?}");
+    let chunks = left.iter().filter(|p| p.starts_with(Path::new(&repo).join("chunks"))).count();
+    assert_eq!(chunks as u64, gc["chunks_in_use"].as_u64().unwrap(), "{gc}");
     ok(&run(&["repo", "verify", &repo]));
     eprintln!("{killed} backups killed, {finished} finished; no restore point damaged");
     assert!(killed > 0, "the loop must kill some backups to test anything");
@@ -260,4 +280,134 @@ fn vmdk_and_nbd_sources_nbd_restores_and_configuration_files() {
     ok(&run(&["repo", "restore", &repo, "latest", &dst.uri()]));
     drop(dst);
     same(Path::new(&target), Path::new(&img));
+}
+
+#[test]
+fn init_writes_no_key_unless_it_makes_the_repository_and_takes_a_bare_key_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let here = |args: &[&str]| proxy().current_dir(dir.path()).args(args).output().unwrap();
+    let err = |out: &Output| {
+        assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // A bare relative name, in the working directory.
+    ok(&here(&["repo", "init", "repo", "--encrypt", "--key-file", "k"]));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(dir.path().join("k")).unwrap().permissions().mode() & 0o777, 0o600);
+    ok(&here(&["repo", "list", "repo", "--key-file", "k"]));
+    // An existing repository, or a chunk size that cannot be: refused, and no key written.
+    let e = err(&here(&["repo", "init", "repo", "--encrypt", "--key-file", "k2"]));
+    assert!(e.contains("already holds a repository"), "{e}");
+    assert!(!dir.path().join("k2").exists(), "a new key for a repository that was not made");
+    let e = err(&here(&["repo", "init", "other", "--encrypt", "--key-file", "k3", "--chunk-size", "3M"]));
+    assert!(e.contains("chunk size"), "{e}");
+    assert!(!dir.path().join("k3").exists());
+    // A key file others can read works, with a warning that names it.
+    std::fs::set_permissions(dir.path().join("k"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = here(&["repo", "list", "repo", "--key-file", "k"]);
+    ok(&out);
+    let warned = String::from_utf8_lossy(&out.stderr);
+    assert!(warned.contains("key file k is open to its group or others"), "{warned}");
+    // An endless key file fails at once, with what was wrong.
+    let e = err(&here(&["repo", "list", "repo", "--key-file", "/dev/zero"]));
+    assert!(e.contains("/dev/zero: longer than 4096 bytes"), "{e}");
+}
+
+#[test]
+fn one_unreadable_manifest_is_skipped_by_every_command_named_by_verify_and_stops_gc_sweeping() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n).display().to_string();
+    let (img, repo) = (d("disk.raw"), d("repo"));
+    image(Path::new(&img), 8 * MIB, 5);
+    ok(&run(&["repo", "init", &repo, "--chunk-size", "1M"]));
+    let first = json(&run(&["repo", "backup", &repo, &img, "--name", "vm1", "--json"]));
+    std::fs::copy(&img, d("v1.raw")).unwrap();
+    image(Path::new(&img), 8 * MIB, 6);
+    let second = json(&run(&["repo", "backup", &repo, &img, "--name", "vm1", "--json"]));
+    let bad = second["point"].as_str().unwrap();
+    let manifest = Path::new(&repo).join(format!("points/{bad}.json"));
+    let whole = std::fs::read(&manifest).unwrap();
+    std::fs::write(&manifest, &whole[..whole.len() / 2]).unwrap();
+    let named = |out: &Output| {
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(e.contains(&format!("points/{bad}.json")), "{e}");
+    };
+    let chunks = chunk_count(&repo);
+
+    let out = run(&["repo", "list", &repo, "--json"]);
+    assert_eq!(json(&out).as_array().unwrap().len(), 1);
+    named(&out);
+    let out = run(&["repo", "verify", &repo, "--json"]);
+    assert_eq!(out.status.code(), Some(2), "damage, as for a damaged chunk");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["damaged_points"][bad], serde_json::json!(["manifest"]), "{v}");
+    let out = run(&["repo", "prune", &repo, "--keep-last", "1", "--json"]);
+    assert!(json(&out)["removed"].as_array().unwrap().is_empty());
+    named(&out);
+    assert!(manifest.exists());
+    let out = run(&["repo", "gc", &repo, "--grace", "0s", "--json"]);
+    assert_eq!(out.status.code(), Some(2), "gc refuses to sweep");
+    let gc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(gc["unreadable"][0].as_str().unwrap().contains(bad), "{gc}");
+    assert_eq!((gc["chunks_removed"].as_u64(), chunk_count(&repo)), (Some(0), chunks), "{gc}");
+    let out = run(&["repo", "restore", &repo, "latest", &d("out.raw")]);
+    ok(&out);
+    named(&out);
+    same(Path::new(&d("out.raw")), Path::new(&d("v1.raw")));
+    let out = run(&["repo", "backup", &repo, &img, "--name", "vm1", "--json"]);
+    assert_eq!(json(&out)["parent"], first["point"]);
+    ok(&run(&["repo", "backup", &repo, &d("v1.raw"), "--name", "vm2"]));
+    // Repaired, it is a restore point like the others again.
+    std::fs::write(&manifest, &whole).unwrap();
+    ok(&run(&["repo", "restore", &repo, bad, &d("bad.raw")]));
+    ok(&run(&["repo", "verify", &repo]));
+    ok(&run(&["repo", "gc", &repo, "--grace", "0s"]));
+}
+
+#[test]
+fn restore_and_verify_work_on_a_repository_they_cannot_write() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n).display().to_string();
+    let (img, repo) = (d("disk.raw"), d("repo"));
+    image(Path::new(&img), 8 * MIB, 9);
+    ok(&run(&["repo", "init", &repo, "--chunk-size", "1M"]));
+    ok(&run(&["repo", "backup", &repo, &img, "--name", "vm1"]));
+    ok(&run(&["repo", "verify", &repo]));
+    let mode = |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    // Root writes whatever the modes say: then the commands run as nobody.
+    let root = std::fs::metadata(dir.path()).unwrap().uid() == 0;
+    mode(dir.path(), 0o755);
+    std::fs::create_dir(d("out")).unwrap();
+    mode(Path::new(&d("out")), 0o777);
+    let mut dirs = vec![std::path::PathBuf::from(&repo)];
+    dirs.extend(all_files(Path::new(&repo)).iter().filter_map(|f| f.parent().map(Path::to_path_buf)));
+    dirs.sort();
+    dirs.dedup();
+    for p in &dirs {
+        mode(p, 0o555);
+    }
+    let reader = |args: &[&str]| {
+        let mut c = proxy();
+        c.args(args);
+        if root {
+            c.uid(65534).gid(65534);
+        }
+        c.output().unwrap()
+    };
+    let out = reader(&["repo", "verify", &repo]);
+    ok(&out);
+    let warned = String::from_utf8_lossy(&out.stderr);
+    assert!(warned.contains("without a lock, because writing is not permitted"), "{warned}");
+    ok(&reader(&["repo", "restore", &repo, "latest", &d("out/out.raw")]));
+    same(Path::new(&d("out/out.raw")), Path::new(&img));
+    // Writers still need their lock.
+    assert!(!reader(&["repo", "backup", &repo, &img, "--name", "vm1"]).status.success());
+    assert!(!reader(&["repo", "gc", &repo]).status.success());
+    assert!(!reader(&["repo", "prune", &repo, "--keep-last", "1"]).status.success());
+    for p in &dirs {
+        mode(p, 0o755);
+    }
+    assert!(all_files(&Path::new(&repo).join("locks")).is_empty(), "no lock was left behind");
 }

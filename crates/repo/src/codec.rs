@@ -15,6 +15,9 @@ use crate::format::{ChunkId, ZERO};
 const SEAL_MAGIC: &[u8; 8] = b"SPSEAL01";
 const TAG_LEN: usize = 16;
 
+/// The most a key file may hold: a key is 65 bytes, with room for comments or whitespace.
+pub const MAX_KEY_FILE: u64 = 4096;
+
 /// A repository key. `Debug` never shows it.
 #[derive(Clone)]
 pub struct RepoKey([u8; 32]);
@@ -33,11 +36,35 @@ impl RepoKey {
         Ok(Self(k))
     }
 
-    /// Reads a key file (64 hex digits; surrounding whitespace ignored).
+    /// Reads a key file (64 hex digits; surrounding whitespace ignored). At most
+    /// [`MAX_KEY_FILE`] bytes are read, so a wrong path (`/dev/zero`, an image) fails at once
+    /// instead of filling memory. A key file that its group or others may read or write is
+    /// used, with a warning naming it (the key itself never appears in a message).
     pub fn from_file(path: &Path) -> Result<Self, RepoError> {
-        let text = std::fs::read_to_string(path).map_err(|e| RepoError::io(path, e))?;
-        let hex = text.trim();
+        use std::io::Read;
+        use std::os::unix::fs::PermissionsExt;
+        let f = std::fs::File::open(path).map_err(|e| RepoError::io(path, e))?;
+        if let Ok(meta) = f.metadata()
+            && meta.is_file()
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(
+                "the key file {} is open to its group or others (mode {:o}); make it readable by its owner \
+                 only (chmod 600)",
+                path.display(),
+                meta.permissions().mode() & 0o777
+            );
+        }
+        let mut raw = Vec::new();
+        f.take(MAX_KEY_FILE + 1).read_to_end(&mut raw).map_err(|e| RepoError::io(path, e))?;
         let bad = || RepoError::Invalid(format!("{}: not a syncproxy repository key (64 hex digits)", path.display()));
+        if raw.len() as u64 > MAX_KEY_FILE {
+            return Err(RepoError::Invalid(format!(
+                "{}: longer than {MAX_KEY_FILE} bytes, so not a syncproxy repository key (64 hex digits)",
+                path.display()
+            )));
+        }
+        let hex = std::str::from_utf8(&raw).map_err(|_| bad())?.trim();
         if hex.len() != 64 {
             return Err(bad());
         }
@@ -206,5 +233,23 @@ mod tests {
         std::fs::write(&p, "abc").unwrap();
         assert!(RepoKey::from_file(&p).unwrap_err().to_string().contains("64 hex digits"));
         assert_eq!(format!("{k:?}"), "RepoKey(<redacted>)");
+    }
+
+    #[test]
+    fn key_files_are_read_with_a_small_bound() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("key");
+        let k = RepoKey::generate().unwrap();
+        let hex: String = k.0.iter().map(|b| format!("{b:02x}")).collect();
+        // A key followed by more than a key file holds: refused, though the rest is whitespace.
+        std::fs::write(&p, format!("{hex}{}", " ".repeat(1 << 20))).unwrap();
+        let e = RepoKey::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("longer than 4096 bytes") && e.contains("key"), "{e}");
+        assert!(!e.contains(&hex), "{e}");
+        // An endless file fails at once (an unbounded read would fill memory instead).
+        let t = std::time::Instant::now();
+        let e = RepoKey::from_file(Path::new("/dev/zero")).unwrap_err().to_string();
+        assert!(e.contains("/dev/zero") && e.contains("longer than"), "{e}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
     }
 }

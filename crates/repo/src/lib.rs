@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-pub use codec::{Codec, RepoKey};
+pub use codec::{Codec, MAX_KEY_FILE, RepoKey};
 pub use format::{
     ChunkId, Consistency, DiskEntry, FORMAT, FileEntry, Index, Manifest, SourceInfo, ZERO, chunk_name, decode_chunk,
     decode_chunk_with, encode_chunk,
@@ -43,7 +43,7 @@ pub use s3::S3Store;
 pub use s3config::S3Config;
 pub use session::{SESSION_FORMAT, Session};
 pub use sink::{RepoSink, SinkStats};
-pub use store::{Entry, Fs, LocalStore, RealFs, Store};
+pub use store::{Entry, Fs, LocalStore, RealFs, Store, TEMP_PREFIX, unwritable};
 
 /// Everything that can go wrong with a repository.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +97,9 @@ impl RepoError {
         Self::Io { path: path.to_path_buf(), source }
     }
 }
+
+/// Manifests that cannot be read: their file names, and why.
+pub type Unreadable = Vec<(String, String)>;
 
 /// The repository's `config`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,6 +189,25 @@ pub(crate) struct Registration {
 /// start and its end checks that every chunk it references still exists.
 const GC_GENERATION: &str = "gc/generation";
 
+/// Space kept for gc: a file of [`GC_RESERVE_SIZE`] random (so incompressible) bytes, made by
+/// init and by each gc, that a gc finding the disk full removes so that it can write its lock
+/// and `gc/generation` before it frees anything.
+pub(crate) const GC_RESERVE: &str = "gc/reserve";
+
+/// How much space [`GC_RESERVE`] keeps: many times the few small files gc writes.
+pub(crate) const GC_RESERVE_SIZE: usize = 1 << 20;
+
+/// The contents of a new [`GC_RESERVE`].
+pub(crate) fn reserve_bytes() -> Vec<u8> {
+    let seed = random_hex(16);
+    let mut out = vec![0u8; GC_RESERVE_SIZE];
+    blake3::Hasher::new_derive_key("syncproxy repository 1 gc reserve")
+        .update(seed.as_bytes())
+        .finalize_xof()
+        .fill(&mut out);
+    out
+}
+
 /// `bytes` random bytes as hex (repository, restore-point, lock and gc-generation IDs), from
 /// the system's generator, the one the keys come from. Should it ever fail, time and PID are
 /// hashed instead: the IDs need to be unique, not secret.
@@ -206,6 +228,14 @@ pub(crate) fn random_hex(bytes: usize) -> String {
 fn now_utc() -> (String, String) {
     let iso = humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string();
     (iso.replace(['-', ':', '.'], ""), iso)
+}
+
+/// Refuses a chunk size that is not a power of two from 64 KiB to 64 MiB.
+fn check_chunk_size(chunk_size: u32) -> Result<(), RepoError> {
+    if !(64 << 10..=64 << 20).contains(&chunk_size) || !chunk_size.is_power_of_two() {
+        return Err(RepoError::Invalid(format!("chunk size {chunk_size} is not a power of two from 64 KiB to 64 MiB")));
+    }
+    Ok(())
 }
 
 /// A disk to back up.
@@ -459,7 +489,8 @@ pub struct VerifyReport {
     pub chunks_checked: u64,
     /// Damaged or missing chunks (their file names, and why).
     pub bad_chunks: Vec<(String, String)>,
-    /// Restore points that cannot be restored whole, with their damaged disks.
+    /// Restore points that cannot be restored whole, with their damaged disks (`manifest`
+    /// when the manifest itself cannot be read).
     pub damaged_points: BTreeMap<String, Vec<String>>,
 }
 
@@ -476,6 +507,49 @@ impl Repo {
         Self::init_with(location.store()?, chunk_size, location.key.as_ref())
     }
 
+    /// Makes a new repository at `location`, encrypted with a new key that is written to the
+    /// new file `key_file` (readable by its owner only). Nothing is written unless the
+    /// repository can be made: the chunk size, the key file's absence and the absence of a
+    /// repository are checked first; the key is written before the repository's `config`, so
+    /// no repository ever exists whose key was not saved; and should the repository still not
+    /// be made, the new key file, which then locks nothing, is removed again.
+    pub fn init_with_new_key(location: &Location, chunk_size: u32, key_file: &Path) -> Result<Self, RepoError> {
+        check_chunk_size(chunk_size)?;
+        if key_file.exists() {
+            return Err(RepoError::Invalid(format!("{} exists: a new key never replaces a file", key_file.display())));
+        }
+        let dir = key_file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if !dir.is_dir() {
+            return Err(RepoError::NotFound(format!(
+                "{}: no directory {} to write the key file in",
+                key_file.display(),
+                dir.display()
+            )));
+        }
+        let store = location.store()?;
+        if store.exists("config")? {
+            return Err(RepoError::Invalid(format!("{} already holds a repository", store.describe())));
+        }
+        let key = RepoKey::generate()?;
+        key.write_new(key_file)?;
+        let made = Self::init_with(store.clone(), chunk_size, Some(&key));
+        if made.is_err() {
+            // Kept when a config that this key opens may exist (it could not be read back).
+            let check = Codec::keyed(&key)?.key_check().map(str::to_owned);
+            let useless = match store.get("config") {
+                Ok(None) => true,
+                Ok(Some(raw)) => {
+                    serde_json::from_slice::<RepoConfig>(&raw).is_ok_and(|c| c.encryption.map(|e| e.key_check) != check)
+                }
+                Err(_) => false,
+            };
+            if useless && let Err(e) = std::fs::remove_file(key_file) {
+                tracing::warn!("cannot remove the unused key file {}: {e}", key_file.display());
+            }
+        }
+        made
+    }
+
     /// Makes a new, unencrypted repository in `store`, which must not hold one.
     pub fn init_in(store: Arc<dyn Store>, chunk_size: u32) -> Result<Self, RepoError> {
         Self::init_with(store, chunk_size, None)
@@ -483,11 +557,7 @@ impl Repo {
 
     /// Makes a new repository in `store`, encrypted with `key` when there is one.
     pub fn init_with(store: Arc<dyn Store>, chunk_size: u32, key: Option<&RepoKey>) -> Result<Self, RepoError> {
-        if !(64 << 10..=64 << 20).contains(&chunk_size) || !chunk_size.is_power_of_two() {
-            return Err(RepoError::Invalid(format!(
-                "chunk size {chunk_size} is not a power of two from 64 KiB to 64 MiB"
-            )));
-        }
+        check_chunk_size(chunk_size)?;
         let taken = || RepoError::Invalid(format!("{} already holds a repository", store.describe()));
         if store.exists("config")? {
             return Err(taken());
@@ -503,6 +573,11 @@ impl Repo {
         let json = serde_json::to_vec_pretty(&config).map_err(|e| RepoError::Invalid(e.to_string()))?;
         if !store.put_new("config", &json)? {
             return Err(taken());
+        }
+        if store.file_system()
+            && let Err(e) = store.put(GC_RESERVE, &reserve_bytes())
+        {
+            tracing::warn!("{}: no room for gc's reserve {GC_RESERVE}: {e}", store.describe());
         }
         Ok(Self { store, config, timing: LockTiming::default(), codec: Arc::new(codec) })
     }
@@ -580,7 +655,8 @@ impl Repo {
     /// Removes a backup's registration and the indexes its heartbeats saved.
     pub(crate) fn drop_registration(&self, id: &str) -> Result<(), RepoError> {
         self.store.delete(&format!("writers/{id}.json"))?;
-        for f in self.store.list(&format!("writers/{id}"))? {
+        // With the temporary files a heartbeat that died half-way left, or the folder stays.
+        for f in self.store.list_all(&format!("writers/{id}"))? {
             self.store.delete(&format!("writers/{id}/{}", f.name))?;
         }
         self.store.delete(&format!("writers/{id}"))
@@ -601,8 +677,19 @@ impl Repo {
         Index::decode(&self.codec.open(name, raw)?, name)
     }
 
-    /// Takes a lock on it.
+    /// Takes a lock on it. A shared lock taken here is a reader's (a restore, verify, the
+    /// source of a copy): on a medium that refuses the lock file (read-only, full), the reader
+    /// goes on with a warning ([`RepoLock::acquire_reading`]). Writers use
+    /// [`Repo::lock_to_write`].
     pub fn lock(&self, kind: LockKind, purpose: &str) -> Result<RepoLock, RepoError> {
+        match kind {
+            LockKind::Shared => RepoLock::acquire_reading(self.store.clone(), purpose, self.timing),
+            LockKind::Exclusive => self.lock_to_write(kind, purpose),
+        }
+    }
+
+    /// Takes a lock on it for a writer: it fails unless the lock file is written.
+    pub fn lock_to_write(&self, kind: LockKind, purpose: &str) -> Result<RepoLock, RepoError> {
         RepoLock::acquire(self.store.clone(), kind, purpose, self.timing)
     }
 
@@ -616,15 +703,37 @@ impl Repo {
         &self.config
     }
 
-    /// Every restore point, oldest first.
+    /// Every restore point, oldest first. A manifest that cannot be read (damaged, cut short,
+    /// of a newer format) is skipped with a warning naming it, so that one bad file stops
+    /// neither listing, restoring, pruning nor the backups of any source; `verify` reports it
+    /// as damage, and gc sweeps nothing while there is one ([`Repo::points_and_unreadable`]).
     pub fn points(&self) -> Result<Vec<Manifest>, RepoError> {
-        let mut out = Vec::new();
+        let (points, unreadable) = self.points_and_unreadable()?;
+        for (name, why) in unreadable {
+            tracing::warn!("skipping {name}, a restore point whose manifest cannot be read: {why}");
+        }
+        Ok(points)
+    }
+
+    /// Every restore point whose manifest can be read, oldest first, and the manifests that
+    /// cannot (their file names, and why). Only what is wrong with a manifest's contents makes
+    /// it unreadable; a store that cannot be read at all is an error.
+    pub fn points_and_unreadable(&self) -> Result<(Vec<Manifest>, Unreadable), RepoError> {
+        let (mut out, mut unreadable) = (Vec::new(), Vec::new());
         for e in self.store.list("points")? {
             let Some(id) = e.name.strip_suffix(".json") else { continue };
-            out.push(self.point(id)?);
+            match self.point(id) {
+                Ok(m) => out.push(m),
+                // Removed since the listing (a prune).
+                Err(RepoError::NotFound(_)) => {}
+                Err(err @ (RepoError::Corrupt(_) | RepoError::NewerFormat { .. })) => {
+                    unreadable.push((format!("points/{}", e.name), err.to_string()));
+                }
+                Err(err) => return Err(err),
+            }
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(out)
+        Ok((out, unreadable))
     }
 
     /// One restore point.
@@ -802,7 +911,13 @@ impl Repo {
         let _lock = self.lock(LockKind::Shared, "verify")?;
         let mut report = VerifyReport::default();
         let mut users: BTreeMap<ChunkId, Vec<(String, String)>> = BTreeMap::new();
-        for m in self.points()? {
+        let (points, unreadable) = self.points_and_unreadable()?;
+        for (name, why) in unreadable {
+            let id = name.trim_start_matches("points/").trim_end_matches(".json").to_owned();
+            report.bad_chunks.push((name, why));
+            report.damaged_points.entry(id).or_default().push("manifest".into());
+        }
+        for m in points {
             for f in &m.files {
                 if let Err(e) = self.file(&m, &f.name) {
                     report.bad_chunks.push((f.stored.clone(), e.to_string()));

@@ -1,6 +1,7 @@
 //! Repository locks, as files under `locks/` in the repository itself, so they work the same
 //! on a directory and on S3. Prune, verify, restores, copies, and backups at their start and
-//! end take shared locks; gc takes the exclusive one.
+//! end take shared locks; gc takes the exclusive one. Readers (restores, verify, a copy's
+//! source) go on with a warning where the medium refuses their lock file (read-only, full).
 //! Each lock names its holder (host, PID, what it does) and is refreshed by a heartbeat; a lock
 //! whose heartbeat is older than its expiry, or whose holder was a process on this host that is
 //! gone, is stale and is removed by the next taker, with a warning.
@@ -78,7 +79,7 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "unknown-host".into())
 }
 
-fn process_alive(pid: u32) -> bool {
+pub(crate) fn process_alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
@@ -143,12 +144,15 @@ impl Drop for Heartbeat {
     }
 }
 
-/// A held lock; dropping it releases it.
+/// A held lock; dropping it releases it. A reader's lock may be held without a file, when
+/// the medium refuses one ([`RepoLock::acquire_reading`]).
 #[derive(Debug)]
 pub struct RepoLock {
     store: Arc<dyn Store>,
     name: String,
     beat: Option<Heartbeat>,
+    /// Whether its file was written.
+    written: bool,
 }
 
 impl RepoLock {
@@ -189,7 +193,35 @@ impl RepoLock {
         let beat = Heartbeat::start(store.clone(), name.clone(), timing.heartbeat, move |now| {
             serde_json::to_vec_pretty(&LockInfo { heartbeat: now, ..info.clone() }).ok()
         })?;
-        Ok(Self { store, name, beat: Some(beat) })
+        Ok(Self { store, name, beat: Some(beat), written: true })
+    }
+
+    /// A reader's shared lock (a restore, verify, the source of a copy): like
+    /// [`RepoLock::acquire`], but when the lock file cannot be written because the medium is
+    /// read-only, not ours to write, or full (a WORM copy, a snapshot, a full disk), the reader
+    /// goes on without one, with a warning that says why. It still refuses while a live
+    /// exclusive lock (a gc) is in the way. Writers never go on without their lock.
+    pub fn acquire_reading(store: Arc<dyn Store>, purpose: &str, timing: LockTiming) -> Result<Self, RepoError> {
+        let err = match Self::acquire(store.clone(), LockKind::Shared, purpose, timing) {
+            Err(e) => e,
+            held => return held,
+        };
+        let Some(why) = crate::store::unwritable(&err) else { return Err(err) };
+        let in_way: Vec<String> = holders(&*store)?
+            .into_iter()
+            .filter(|(_, other)| other.kind == LockKind::Exclusive)
+            .map(|(_, other)| other.describe())
+            .collect();
+        if !in_way.is_empty() {
+            return Err(RepoError::Locked(format!("{} is locked by {}", store.describe(), in_way.join("; "))));
+        }
+        tracing::warn!("{purpose}: reading {} without a lock, because {why} ({err})", store.describe());
+        Ok(Self { store, name: String::new(), beat: None, written: false })
+    }
+
+    /// Whether its file was written (a reader on a read-only medium holds none).
+    pub fn written(&self) -> bool {
+        self.written
     }
 
     /// Like [`RepoLock::acquire`], but while the way is blocked it waits (up to
@@ -225,6 +257,9 @@ impl RepoLock {
 impl Drop for RepoLock {
     fn drop(&mut self) {
         drop(self.beat.take());
+        if !self.written {
+            return;
+        }
         if let Err(e) = self.store.delete(&self.name) {
             tracing::warn!("cannot release repository lock {}: {e}", self.name);
         }
@@ -250,7 +285,10 @@ pub(crate) fn live_in(store: &dyn Store, dir: &str, what: &str) -> Result<Vec<(S
             Ok(info) => match info.stale(now) {
                 Some(why) => {
                     tracing::warn!("removing the stale {what} of {}: {why}", info.describe());
-                    store.delete(&name)?;
+                    // Stale either way: a reader on a read-only medium cannot remove it.
+                    if let Err(e) = store.delete(&name) {
+                        tracing::warn!("cannot remove {name}: {e}");
+                    }
                 }
                 None => out.push((e.name, info)),
             },

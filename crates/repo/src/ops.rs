@@ -6,11 +6,11 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 
-use crate::GC_GENERATION;
 use crate::format::{ChunkId, Index, Manifest, ZERO, chunk_name, encode_chunk};
-use crate::lock::{LockKind, now_secs};
+use crate::lock::{LockKind, RepoLock, host_name, now_secs, process_alive};
 use crate::prune::{Decision, Retention, select};
-use crate::{Registration, Repo, RepoError, random_hex};
+use crate::store::{TEMP_PREFIX, full};
+use crate::{GC_GENERATION, GC_RESERVE, Registration, Repo, RepoError, random_hex, reserve_bytes};
 
 /// What a prune did (or would do).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -35,7 +35,16 @@ pub struct GcReport {
     /// Registrations of backups that ended without finishing, older than the grace period,
     /// removed.
     pub registrations_removed: u64,
+    /// Temporary files (`.tmp-*`) of writers that died, older than the grace period, removed.
+    pub temporaries_removed: u64,
+    /// Manifests that cannot be read (name: why); while there is one, nothing but temporary
+    /// files is removed.
+    pub unreadable: Vec<String>,
 }
+
+/// The repository's folders, where writers' temporary files may be left.
+const TOP_FOLDERS: [&str; 11] =
+    ["chunks", "indexes", "files", "points", "writers", "locks", "jobs", "pins", "resets", "sessions", "gc"];
 
 /// What a copy did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -66,7 +75,7 @@ impl Repo {
                 "the retention policy keeps nothing: a prune would remove every restore point".into(),
             ));
         }
-        let _lock = self.lock(LockKind::Shared, "prune")?;
+        let _lock = self.lock_to_write(LockKind::Shared, "prune")?;
         let decisions = select(&self.points()?, policy);
         let mut removed = Vec::new();
         for d in decisions.iter().filter(|d| d.reasons.is_empty()) {
@@ -84,6 +93,27 @@ impl Repo {
         Ok(())
     }
 
+    /// The exclusive lock, on a full disk too: when its file does not fit, gc removes its
+    /// reserve ([`GC_RESERVE`]) and tries again. Says whether it removed the reserve.
+    fn gc_lock(&self) -> Result<(RepoLock, bool), RepoError> {
+        match self.lock_to_write(LockKind::Exclusive, "gc") {
+            Err(e) if full(&e) => {
+                if !self.store.exists(GC_RESERVE)? {
+                    tracing::warn!(
+                        "gc cannot write its lock and the repository has no reserve ({GC_RESERVE}, made by init \
+                         and by each gc): free some space on {} by hand",
+                        self.store.describe()
+                    );
+                    return Err(e);
+                }
+                tracing::warn!("gc: {e}; removing the reserve {GC_RESERVE} kept for this, to write its lock");
+                self.store.delete(GC_RESERVE)?;
+                Ok((self.lock_to_write(LockKind::Exclusive, "gc")?, true))
+            }
+            other => Ok((other?, false)),
+        }
+    }
+
     /// Mark and sweep, under the exclusive lock. Backups keep copying meanwhile (they hold
     /// locks only at their start and end). Marks the chunks of every restore point, and of
     /// every registered backup whose heartbeat is fresh or that is younger than `grace` (its
@@ -93,19 +123,81 @@ impl Repo {
     /// one this sweep removes: the changed generation makes it check every chunk it references
     /// before it writes its manifest. An index that cannot be read stops the gc before
     /// anything is removed.
+    ///
+    /// While any manifest cannot be read, nothing is swept: such a manifest cannot name its
+    /// chunks, so a chunk only it references would look like garbage, and removing it would
+    /// make that restore point unrecoverable even once its manifest is repaired (from a copy,
+    /// say). The report names those manifests. Temporary files that dead writers left
+    /// (`.tmp-*`, older than `grace`) are removed in any case: nothing ever references them.
+    ///
+    /// On a full disk gc first removes its reserve, so that it can write its lock and
+    /// generation, and makes it again once it has freed space. Object stores have neither
+    /// temporary files nor a reserve.
     pub fn gc(&self, grace: Duration, dry_run: bool) -> Result<GcReport, RepoError> {
-        let _lock = self.lock(LockKind::Exclusive, "gc")?;
+        let (_lock, freed_reserve) = self.gc_lock()?;
         let mut report = GcReport::default();
+        let (points, unreadable) = self.points_and_unreadable()?;
+        report.unreadable = unreadable.into_iter().map(|(name, why)| format!("{name}: {why}")).collect();
+        if report.unreadable.is_empty() {
+            self.mark_and_sweep(&points, grace, dry_run, &mut report)?;
+        }
+        if !self.store.file_system() {
+            return Ok(report);
+        }
+        for top in TOP_FOLDERS {
+            self.collect_temporaries(top, 2, grace, dry_run, &mut report)?;
+        }
+        if (freed_reserve || (!dry_run && !self.store.exists(GC_RESERVE)?))
+            && let Err(e) = self.store.put(GC_RESERVE, &reserve_bytes())
+        {
+            tracing::warn!("gc could not make its reserve {GC_RESERVE} again: {e}");
+        }
+        Ok(report)
+    }
+
+    /// Removes the temporary files under `dir`, and its folders `depth` levels down (the
+    /// layout is no deeper; a loop of links could be), older than `grace`.
+    fn collect_temporaries(
+        &self,
+        dir: &str,
+        depth: u32,
+        grace: Duration,
+        dry_run: bool,
+        report: &mut GcReport,
+    ) -> Result<(), RepoError> {
+        for e in self.store.list_all(dir)? {
+            let name = format!("{dir}/{}", e.name);
+            if e.modified.is_none() {
+                if depth > 0 {
+                    self.collect_temporaries(&name, depth - 1, grace, dry_run, report)?;
+                }
+            } else if e.name.starts_with(TEMP_PREFIX) && !young(e.modified, grace) {
+                if !dry_run {
+                    self.store.delete(&name)?;
+                }
+                report.temporaries_removed += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn mark_and_sweep(
+        &self,
+        points: &[Manifest],
+        grace: Duration,
+        dry_run: bool,
+        report: &mut GcReport,
+    ) -> Result<(), RepoError> {
         let mut marked = BTreeSet::new();
-        let points = self.points()?;
         let live: BTreeSet<String> = points.iter().map(|m| m.id.clone()).collect();
-        for m in &points {
+        for m in points {
             for d in &m.disks {
                 self.index_chunks(&d.index, &mut marked)?;
             }
         }
         let mut registered = BTreeSet::new();
         let now = now_secs();
+        let here = host_name();
         for e in self.store.list("writers")? {
             // Folders of saved indexes are read through their registration.
             if e.modified.is_none() || !e.name.ends_with(".json") {
@@ -115,7 +207,9 @@ impl Repo {
             let Some(raw) = self.store.get(&name)? else { continue };
             let reg: Registration = serde_json::from_slice(&raw)
                 .map_err(|err| RepoError::Corrupt(format!("{name}: {err} (gc stops rather than guess)")))?;
-            let beating = now.saturating_sub(reg.heartbeat) <= self.timing.expiry.as_secs();
+            // A backup of this host whose process is gone beats no more, whatever its file says.
+            let gone = reg.host == here && !process_alive(reg.pid);
+            let beating = !gone && now.saturating_sub(reg.heartbeat) <= self.timing.expiry.as_secs();
             if !beating && now.saturating_sub(reg.started) >= grace.as_secs() && !young(e.modified, grace) {
                 if !dry_run {
                     self.drop_registration(&reg.id)?;
@@ -181,7 +275,7 @@ impl Repo {
                 }
             }
         }
-        Ok(report)
+        Ok(())
     }
 
     /// Copies restore points (all, or those named) to `dest`, which must use the same chunk
@@ -201,7 +295,7 @@ impl Repo {
             )));
         }
         let _src = self.lock(LockKind::Shared, "copy (source)")?;
-        let _dst = dest.lock(LockKind::Shared, "copy (destination)")?;
+        let _dst = dest.lock_to_write(LockKind::Shared, "copy (destination)")?;
         let mut report = CopyReport::default();
         let have: BTreeSet<String> = dest.points()?.into_iter().map(|m| m.id).collect();
         let mut sent = BTreeSet::new();

@@ -32,11 +32,23 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn exists(&self, name: &str) -> Result<bool, RepoError>;
     /// The files and folders directly inside the folder `dir`, sorted by name.
     fn list(&self, dir: &str) -> Result<Vec<Entry>, RepoError>;
+    /// Like [`Store::list`], with the temporary files too (names starting with `.tmp-`) that a
+    /// writer that died between writing and renaming leaves, for gc to collect. Object stores,
+    /// whose writes are atomic, have none.
+    fn list_all(&self, dir: &str) -> Result<Vec<Entry>, RepoError> {
+        self.list(dir)
+    }
     /// Removes `name`: a file, or a folder once it is empty (object stores have no folders to
     /// remove); removing what is not there is not an error.
     fn delete(&self, name: &str) -> Result<(), RepoError>;
     /// Where it is, for messages.
     fn describe(&self) -> String;
+    /// Whether it is a file system, where a writer that dies leaves temporary files and the
+    /// disk can fill up, rather than an object store, whose writes are atomic and whose space
+    /// does not run out.
+    fn file_system(&self) -> bool {
+        false
+    }
 }
 
 /// Checks a repository file name: relative, no empty, `.` or `..` parts. Names come from the
@@ -111,7 +123,12 @@ impl Fs for RealFs {
         for e in std::fs::read_dir(dir)? {
             let e = e?;
             let Some(name) = e.file_name().to_str().map(str::to_owned) else { continue };
-            let meta = e.metadata()?;
+            let meta = match e.metadata() {
+                Ok(m) => m,
+                // Renamed or removed since the listing (a writer's temporary file).
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(err) => return Err(err),
+            };
             out.push(Entry { name, modified: if meta.is_file() { meta.modified().ok() } else { None } });
         }
         Ok(out)
@@ -129,6 +146,28 @@ pub struct LocalStore<F: Fs = RealFs> {
 }
 
 static TMP: AtomicU64 = AtomicU64::new(0);
+
+/// How the names of temporary files begin (`.tmp-<pid>-<n>-<name>`).
+pub const TEMP_PREFIX: &str = ".tmp-";
+
+/// Whether an error is a full disk (or an exhausted quota).
+pub(crate) fn full(e: &RepoError) -> bool {
+    matches!(e, RepoError::Io { source, .. }
+        if matches!(source.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded))
+}
+
+/// Why an error means the store cannot take a write at all (a read-only medium, no write
+/// permission, a full disk or quota), if it does.
+pub fn unwritable(e: &RepoError) -> Option<&'static str> {
+    let RepoError::Io { source, .. } = e else { return None };
+    match source.kind() {
+        std::io::ErrorKind::ReadOnlyFilesystem => Some("the file system is read-only"),
+        std::io::ErrorKind::PermissionDenied => Some("writing is not permitted"),
+        std::io::ErrorKind::StorageFull => Some("the disk is full"),
+        std::io::ErrorKind::QuotaExceeded => Some("the disk quota is exhausted"),
+        _ => None,
+    }
+}
 
 impl LocalStore<RealFs> {
     /// The store rooted at `root` (which must exist).
@@ -168,9 +207,13 @@ impl<F: Fs> LocalStore<F> {
         let dir = path.parent().unwrap_or(&self.root);
         self.ensure_dir(dir)?;
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-        let tmp = dir.join(format!(".tmp-{}-{}-{name}", std::process::id(), TMP.fetch_add(1, Ordering::Relaxed)));
-        self.fs.write(&tmp, data).map_err(|e| RepoError::io(&tmp, e))?;
-        self.fs.sync_file(&tmp).map_err(|e| RepoError::io(&tmp, e))?;
+        let tmp =
+            dir.join(format!("{TEMP_PREFIX}{}-{}-{name}", std::process::id(), TMP.fetch_add(1, Ordering::Relaxed)));
+        if let Err(e) = self.fs.write(&tmp, data).and_then(|()| self.fs.sync_file(&tmp)) {
+            // A full disk leaves a partial file behind: never keep one.
+            let _ = self.fs.remove(&tmp);
+            return Err(RepoError::io(&tmp, e));
+        }
         Ok(tmp)
     }
 
@@ -182,7 +225,8 @@ impl<F: Fs> LocalStore<F> {
 
 /// Fsyncs the directory holding `path`, so a rename or link in it is durable.
 pub(crate) fn sync_parent(path: &Path) -> Result<(), RepoError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    // A bare relative name (`key`) has the empty path as its parent: that is `.`.
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     RealFs.sync_dir(dir).map_err(|e| RepoError::io(dir, e))
 }
 
@@ -208,7 +252,10 @@ impl<F: Fs> Store for LocalStore<F> {
     fn put(&self, name: &str, data: &[u8]) -> Result<(), RepoError> {
         let path = self.path(name)?;
         let tmp = self.temp(&path, data)?;
-        self.fs.rename(&tmp, &path).map_err(|e| RepoError::io(&path, e))?;
+        if let Err(e) = self.fs.rename(&tmp, &path) {
+            let _ = self.fs.remove(&tmp);
+            return Err(RepoError::io(&path, e));
+        }
         self.sync_parent(&path)
     }
 
@@ -226,14 +273,19 @@ impl<F: Fs> Store for LocalStore<F> {
     }
 
     fn list(&self, dir: &str) -> Result<Vec<Entry>, RepoError> {
+        let mut out = self.list_all(dir)?;
+        // Temporary files are half-written by definition.
+        out.retain(|e| !e.name.starts_with('.'));
+        Ok(out)
+    }
+
+    fn list_all(&self, dir: &str) -> Result<Vec<Entry>, RepoError> {
         let path = self.path(dir)?;
         let mut out = match self.fs.read_dir(&path) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(RepoError::io(&path, e)),
         };
-        // Temporary files are half-written by definition.
-        out.retain(|e| !e.name.starts_with('.'));
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
@@ -249,6 +301,10 @@ impl<F: Fs> Store for LocalStore<F> {
 
     fn describe(&self) -> String {
         self.root.display().to_string()
+    }
+
+    fn file_system(&self) -> bool {
+        true
     }
 }
 
