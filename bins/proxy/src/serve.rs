@@ -388,14 +388,25 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The credentials of an `Authorization` header of the Bearer scheme, whose name is
+/// case-insensitive (RFC 7235): `Bearer TOKEN`, `bearer TOKEN`.
+fn bearer(header: &[u8]) -> Option<&[u8]> {
+    let split = header.iter().position(|&b| b == b' ')?;
+    let (scheme, rest) = header.split_at(split);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return None;
+    }
+    Some(rest.trim_ascii())
+}
+
+/// `NAME` of `/jobs/NAME/run` (which may be empty: no job has that name).
+fn job_to_run(path: &str) -> Option<&str> {
+    path.strip_prefix("/jobs/").and_then(|r| r.strip_suffix("/run"))
+}
+
 fn route(state: &State, token: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let given = req
-        .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !same(given.as_bytes(), token.as_bytes()) {
+    let given = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| bearer(v.as_bytes())).unwrap_or(b"");
+    if !same(given, token.as_bytes()) {
         let mut r = text(StatusCode::UNAUTHORIZED, "text/plain", "a bearer token is required\n".into());
         r.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, hyper::header::HeaderValue::from_static("Bearer"));
         return r;
@@ -408,8 +419,8 @@ fn route(state: &State, token: &str, req: &Request<Incoming>) -> Response<Full<B
             let h = state.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             text(StatusCode::OK, "application/json", Value::Array(h.iter().cloned().collect()).to_string())
         }
-        ("POST", p) if p.starts_with("/jobs/") && p.ends_with("/run") => {
-            let name = &p["/jobs/".len()..p.len() - "/run".len()];
+        ("POST", p) if job_to_run(p).is_some() => {
+            let name = job_to_run(p).unwrap_or_default();
             match state.triggers.get(name) {
                 Some(t) => {
                     t.notify_one();

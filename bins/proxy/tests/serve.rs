@@ -212,3 +212,143 @@ replica = "{replicas}"
     assert!(log.contains("removed stale snapshot") && log.contains("SIGTERM"), "{log}");
     assert!(!log.contains("simulated") && !log.contains(TOKEN), "no secret in the log");
 }
+
+/// A `proxy serve` started for one test, killed when the test ends.
+struct Daemon {
+    child: std::process::Child,
+    addr: String,
+    log: std::path::PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    /// Writes a configuration in `d` (a token, `[proxy]` with `extra` lines, and a vCenter at
+    /// `vcenter` with a job when given) and starts the daemon on it, under `wrapper` when given
+    /// (`prlimit --nofile=...`).
+    fn start(d: &std::path::Path, extra: &str, vcenter: Option<&str>, wrapper: &[&str]) -> Self {
+        std::fs::write(d.join("token"), format!("{TOKEN}\n")).unwrap();
+        std::fs::write(d.join("pw"), "simulated\n").unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut config = format!(
+            "[proxy]\nid = \"p1\"\nlisten = \"{addr}\"\ntoken_file = \"{}\"\nstate_dir = \"{}\"\n{extra}\n",
+            d.join("token").display(),
+            d.join("state").display()
+        );
+        if let Some(url) = vcenter {
+            config.push_str(&format!(
+                "[[vcenter]]\nname = \"vc\"\nurl = \"{url}\"\nuser = \"u\"\npassword_file = \"{}\"\ninsecure = true\n\n\
+                 [[job]]\nname = \"nightly\"\nvcenter = \"vc\"\nall = true\nschedule = \"daily 03:00\"\nrepository = \"{}\"\n",
+                d.join("pw").display(),
+                d.join("repo").display()
+            ));
+        }
+        let cfg = d.join("proxy.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let log = d.join("daemon.log");
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(env!("CARGO_BIN_EXE_proxy"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_proxy")),
+        };
+        let child = cmd
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let daemon = Self { child, addr, log };
+        for _ in 0..200 {
+            if TcpStream::connect(&daemon.addr).is_ok() {
+                return daemon;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the daemon did not listen: {}", daemon.log());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Sends `request` as is; the status (0 when the server closed without answering) and the
+/// whole response. Gives up after 10 seconds.
+fn raw(addr: &str, request: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(request);
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("no answer to {:?}: {e}", String::from_utf8_lossy(&request[..request.len().min(80)])),
+        }
+    }
+    let out = String::from_utf8_lossy(&out).into_owned();
+    let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, out)
+}
+
+#[test]
+fn malformed_requests_get_4xx_and_never_panic_a_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    // The vCenter refuses connections: the job fails fast, which is not what this test is about.
+    let daemon = Daemon::start(dir.path(), "", Some("https://127.0.0.1:1/sdk"), &[]);
+    let a = daemon.addr.as_str();
+    let req = |method: &str, path: &str, auth: &str| {
+        raw(a, format!("{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").as_bytes())
+    };
+    let auth = format!("Authorization: Bearer {TOKEN}\r\n");
+    // Paths that look like a job's run, but name none.
+    for path in ["/jobs/run", "/jobs//run", "/jobs/run/run", "/jobs/", "/jobs/nightly/run/", "/jobs/%ff%00/run", "/"] {
+        let (code, out) = req("POST", path, &auth);
+        assert_eq!(code, 404, "POST {path}: {out}");
+    }
+    // The scheme's name is case-insensitive (RFC 7235).
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let (code, out) = req("GET", "/status", &format!("Authorization: {scheme} {TOKEN}\r\n"));
+        assert_eq!(code, 200, "{scheme}: {out}");
+    }
+    assert_eq!(req("POST", "/jobs/nightly/run", &format!("Authorization: bearer {TOKEN}\r\n")).0, 202);
+    // Credentials that are not the token, or not a bearer token at all.
+    for header in [
+        "Authorization: Bearer\r\n".to_owned(),
+        "Authorization: \r\n".to_owned(),
+        format!("Authorization: Basic {TOKEN}\r\n"),
+        format!("Authorization: Bearer{TOKEN}\r\n"),
+        format!("Authorization: Bearer {TOKEN}x\r\n"),
+        format!("Authorization: Bearer {}\r\n", "é".repeat(20)),
+    ] {
+        let (code, out) = req("GET", "/status", &header);
+        assert_eq!(code, 401, "{header:?}: {out}");
+    }
+    let (code, _) =
+        raw(a, b"GET /status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n");
+    assert!(code == 401 || code == 400, "non-UTF-8 credentials: {code}");
+    // Garbage: a 4xx or a close, never a hang.
+    for garbage in [
+        b"\x00\x01\x02 garbage \xff\r\n\r\n".to_vec(),
+        b"GET /status HTTP/9.9\r\n\r\n".to_vec(),
+        b"GET\r\n\r\n".to_vec(),
+    ] {
+        let (code, out) = raw(a, &garbage);
+        assert!(code == 0 || (400..500).contains(&code), "{code}: {out}");
+    }
+    assert_eq!(req("GET", "/status", &auth).0, 200, "still serving");
+    let log = daemon.log();
+    assert!(!log.contains("panicked"), "no worker panicked: {log}");
+}
