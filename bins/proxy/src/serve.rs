@@ -435,30 +435,157 @@ fn route(state: &State, token: &str, req: &Request<Incoming>) -> Response<Full<B
     }
 }
 
-async fn http(listener: tokio::net::TcpListener, state: Arc<State>, token: String, mut stop: watch::Receiver<bool>) {
+/// How the HTTP endpoint bounds its clients.
+#[derive(Debug, Clone, Copy)]
+struct HttpLimits {
+    /// Connections served at once; the rest wait in the listen backlog.
+    connections: usize,
+    /// The time to send a request's headers.
+    header_timeout: Duration,
+    /// The time a connection may go without a byte either way.
+    idle_timeout: Duration,
+}
+
+/// The first and the longest pause after a failed accept (out of descriptors: every retry
+/// would fail at once, spinning and filling the log).
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
+
+/// The largest request head read (hyper answers 431 past it).
+const MAX_REQUEST_HEAD: usize = 16 << 10;
+
+async fn http(
+    listener: tokio::net::TcpListener,
+    state: Arc<State>,
+    token: String,
+    limits: HttpLimits,
+    mut stop: watch::Receiver<bool>,
+) {
     let token = Arc::new(token);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.connections));
+    let mut backoff = Duration::ZERO;
     loop {
-        let (stream, _) = tokio::select! {
+        // A slot before accepting: past the cap, connections wait in the kernel's backlog.
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = stop.changed() => return,
+        };
+        let stream = tokio::select! {
             a = listener.accept() => match a {
-                Ok(a) => a,
+                Ok((stream, _)) => {
+                    backoff = Duration::ZERO;
+                    stream
+                }
                 Err(e) => {
-                    tracing::warn!("accepting an HTTP connection: {e}");
-                    continue;
+                    backoff = (backoff * 2).clamp(ACCEPT_BACKOFF.0, ACCEPT_BACKOFF.1);
+                    tracing::warn!("accepting an HTTP connection: {e}; pausing {} ms", backoff.as_millis());
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => continue,
+                        _ = stop.changed() => return,
+                    }
                 }
             },
             _ = stop.changed() => return,
         };
-        let (state, token) = (state.clone(), token.clone());
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let r = route(&state, &token, &req);
-                async move { Ok::<_, std::convert::Infallible>(r) }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
-                tracing::debug!("HTTP connection: {e}");
-            }
-        });
+        tokio::spawn(connection(stream, permit, state.clone(), token.clone(), limits));
+    }
+}
+
+/// Serves one connection, holding its slot, until it ends, sends no head in time, or goes idle.
+async fn connection(
+    stream: tokio::net::TcpStream,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    state: Arc<State>,
+    token: Arc<String>,
+    limits: HttpLimits,
+) {
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let r = route(&state, &token, &req);
+        async move { Ok::<_, std::convert::Infallible>(r) }
+    });
+    let last = Arc::new(Mutex::new(tokio::time::Instant::now()));
+    let io = hyper_util::rt::TokioIo::new(Watched { inner: stream, last: last.clone() });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(MAX_REQUEST_HEAD);
+    let conn = builder.serve_connection(io, service);
+    tokio::select! {
+        r = conn => if let Err(e) = r {
+            tracing::debug!("HTTP connection: {e}");
+        },
+        () = idle(&last, limits.idle_timeout) => tracing::debug!("HTTP connection idle: closed"),
+    }
+}
+
+/// Returns once nothing moved on a connection for `timeout`.
+async fn idle(last: &Mutex<tokio::time::Instant>, timeout: Duration) {
+    loop {
+        let deadline = *last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) + timeout;
+        if tokio::time::Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline).await;
+    }
+}
+
+/// A stream that notes when a byte last moved either way.
+struct Watched {
+    inner: tokio::net::TcpStream,
+    last: Arc<Mutex<tokio::time::Instant>>,
+}
+
+impl Watched {
+    fn moved(&self) {
+        *self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = tokio::time::Instant::now();
+    }
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.moved();
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            this.moved();
+        }
+        r
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -556,7 +683,12 @@ async fn serve(config: ServeConfig, vddk: Option<Arc<vddk::Vddk>>) -> Result<Exi
     for r in runners {
         tasks.spawn(schedule_loop(r, state.clone(), stop_rx.clone()));
     }
-    let server = tokio::spawn(http(listener, state.clone(), token, stop_rx.clone()));
+    let http_limits = HttpLimits {
+        connections: config.proxy.http_connections,
+        header_timeout: config.http_header_timeout(),
+        idle_timeout: config.http_idle_timeout(),
+    };
+    let server = tokio::spawn(http(listener, state.clone(), token, http_limits, stop_rx.clone()));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot watch for SIGTERM")?;

@@ -303,6 +303,19 @@ fn raw(addr: &str, request: &[u8]) -> (u16, String) {
     (status, out)
 }
 
+/// Whether the server closed `s` within `limit` (end of stream or reset, not a timeout).
+fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    }
+}
+
 #[test]
 fn malformed_requests_get_4xx_and_never_panic_a_worker() {
     let dir = tempfile::tempdir().unwrap();
@@ -339,11 +352,12 @@ fn malformed_requests_get_4xx_and_never_panic_a_worker() {
     let (code, _) =
         raw(a, b"GET /status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n");
     assert!(code == 401 || code == 400, "non-UTF-8 credentials: {code}");
-    // Garbage: a 4xx or a close, never a hang.
+    // Garbage, and a head too large: a 4xx or a close, never a hang.
     for garbage in [
         b"\x00\x01\x02 garbage \xff\r\n\r\n".to_vec(),
         b"GET /status HTTP/9.9\r\n\r\n".to_vec(),
         b"GET\r\n\r\n".to_vec(),
+        format!("GET /status HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(64 << 10)).into_bytes(),
     ] {
         let (code, out) = raw(a, &garbage);
         assert!(code == 0 || (400..500).contains(&code), "{code}: {out}");
@@ -351,4 +365,66 @@ fn malformed_requests_get_4xx_and_never_panic_a_worker() {
     assert_eq!(req("GET", "/status", &auth).0, 200, "still serving");
     let log = daemon.log();
     assert!(!log.contains("panicked"), "no worker panicked: {log}");
+}
+
+#[test]
+fn idle_connections_past_the_cap_wait_are_closed_and_status_still_answers() {
+    const CAP: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!("http_connections = {CAP}\nhttp_header_timeout = \"500ms\"\nhttp_idle_timeout = \"1s\"");
+    let daemon = Daemon::start(dir.path(), &extra, None, &[]);
+    let a = daemon.addr.as_str();
+    // Connections that never send a byte, and one that sends its head a byte at a time.
+    let mut idle: Vec<TcpStream> = (0..CAP + 50).map(|_| TcpStream::connect(a).unwrap()).collect();
+    let mut slow = TcpStream::connect(a).unwrap();
+    let trickle = std::thread::spawn(move || {
+        for b in b"GET /status HTTP/1.1\r\nHost: x\r\n".iter().cycle().take(200) {
+            if slow.write_all(&[*b]).is_err() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    });
+    let t = std::time::Instant::now();
+    let (code, out) = http(a, "GET", "/status", Some(TOKEN));
+    assert_eq!(code, 200, "{out}");
+    assert!(t.elapsed() < Duration::from_secs(20), "/status answered after {:?}", t.elapsed());
+    for (i, s) in idle.iter_mut().enumerate() {
+        assert!(closed_within(s, Duration::from_secs(10)), "idle connection {i} is still open");
+    }
+    assert!(trickle.join().unwrap(), "a head sent a byte at a time was cut off");
+    assert_eq!(http(a, "GET", "/status", Some(TOKEN)).0, 200);
+}
+
+#[test]
+fn accept_errors_back_off_and_the_daemon_recovers() {
+    let Some(prlimit) = testkit::require_tool("prlimit", "accept_errors_back_off_and_the_daemon_recovers") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // A cap above the descriptors the daemon may open: accepting fails with EMFILE.
+    let extra = "http_connections = 1000\nhttp_header_timeout = \"2s\"\nhttp_idle_timeout = \"2s\"";
+    let daemon = Daemon::start(dir.path(), extra, None, &[prlimit.to_str().unwrap(), "--nofile=64"]);
+    let a = daemon.addr.as_str();
+    let idle: Vec<TcpStream> = (0..100).map(|_| TcpStream::connect(a).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let complaints = daemon.log().matches("accepting an HTTP connection").count();
+    assert!((1..=20).contains(&complaints), "{complaints} lines about accept errors in 1.5 s");
+    // Once the idle connections time out, the endpoint serves again.
+    let mut answered = false;
+    for _ in 0..100 {
+        let mut s = TcpStream::connect(a).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ =
+            write!(s, "GET /status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n");
+        let mut out = String::new();
+        if s.read_to_string(&mut out).is_ok() && out.starts_with("HTTP/1.1 200") {
+            answered = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(idle);
+    assert!(answered, "/status answers again: {}", daemon.log().lines().take(20).collect::<Vec<_>>().join("\n"));
 }
