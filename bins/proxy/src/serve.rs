@@ -1,8 +1,9 @@
 //! `proxy serve --config FILE`: the daemon. It runs each configured job on its schedule (a
 //! repository backup with a prune after it, or a replica sync), removes stale snapshots of
-//! ours when it starts, and serves job status, history and Prometheus metrics over HTTP behind
-//! a bearer token. SIGTERM or Ctrl-C stops it gracefully: no new job starts, running copies
-//! stop, every snapshot is removed, and it exits 0.
+//! ours when it starts (in the background, per vCenter, before that vCenter's jobs), and
+//! serves job status, history and Prometheus metrics over HTTP behind a bearer token, with
+//! bounded connections and timeouts. SIGTERM or Ctrl-C stops it gracefully: no new job
+//! starts, running copies stop, every snapshot is removed, and it exits 0.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write as _;
@@ -339,8 +340,37 @@ impl Runner {
     }
 }
 
-/// Runs `runner` on its schedule until `stop` says so.
-async fn schedule_loop(runner: Arc<Runner>, state: Arc<State>, mut stop: watch::Receiver<bool>) {
+/// Removes the stale snapshots of ours that dead jobs left, job by job of one vCenter.
+async fn sweep_at_start(runners: &[Arc<Runner>]) {
+    for r in runners {
+        match r.context("startup").await {
+            Ok((ctx, vms)) => match clean_stale(&ctx, &vms).await {
+                Ok(reports) => {
+                    for v in reports {
+                        for s in &v.stale_removed {
+                            tracing::warn!(job = %r.job.name, vm = %v.vm, "removed stale snapshot {s} at startup");
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(job = %r.job.name, "stale-snapshot check at startup failed: {e}"),
+            },
+            Err(e) => tracing::warn!(job = %r.job.name, "cannot reach its vCenter at startup: {e:#}"),
+        }
+    }
+}
+
+/// Runs `runner` on its schedule, once its vCenter's startup sweep is over, until `stop` says
+/// so.
+async fn schedule_loop(
+    runner: Arc<Runner>,
+    state: Arc<State>,
+    mut swept: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    tokio::select! {
+        _ = swept.wait_for(|done| *done) => {}
+        _ = stop.changed() => return,
+    }
     let name = runner.job.name.clone();
     let start = state.started;
     let mut runs = 0u64;
@@ -598,6 +628,11 @@ fn init_logs(format: &str) {
 
 async fn serve(config: ServeConfig, vddk: Option<Arc<vddk::Vddk>>) -> Result<ExitCode> {
     init_logs(&config.proxy.log_format);
+    // Signals first: whatever happens next (a vCenter that never answers), SIGTERM stops it.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot watch for SIGTERM")?;
+    let mut interrupt =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).context("cannot watch for SIGINT")?;
     let token = read_token(&config.proxy.token_file)?;
     let listen: SocketAddr = config.proxy.listen.parse().context("[proxy] listen")?;
     std::fs::create_dir_all(&config.proxy.state_dir)
@@ -660,29 +695,7 @@ async fn serve(config: ServeConfig, vddk: Option<Arc<vddk::Vddk>>) -> Result<Exi
     });
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     tracing::info!(proxy = %proxy_id, listen = %listener.local_addr()?, jobs = runners.len(), "serving");
-
-    // Before any job: what dead jobs of ours left behind goes.
-    for r in &runners {
-        match r.context("startup").await {
-            Ok((ctx, vms)) => match clean_stale(&ctx, &vms).await {
-                Ok(reports) => {
-                    for v in reports {
-                        for s in &v.stale_removed {
-                            tracing::warn!(job = %r.job.name, vm = %v.vm, "removed stale snapshot {s} at startup");
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!(job = %r.job.name, "stale-snapshot check at startup failed: {e}"),
-            },
-            Err(e) => tracing::warn!(job = %r.job.name, "cannot reach its vCenter at startup: {e:#}"),
-        }
-    }
-
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut tasks = tokio::task::JoinSet::new();
-    for r in runners {
-        tasks.spawn(schedule_loop(r, state.clone(), stop_rx.clone()));
-    }
     let http_limits = HttpLimits {
         connections: config.proxy.http_connections,
         header_timeout: config.http_header_timeout(),
@@ -690,11 +703,32 @@ async fn serve(config: ServeConfig, vddk: Option<Arc<vddk::Vddk>>) -> Result<Exi
     };
     let server = tokio::spawn(http(listener, state.clone(), token, http_limits, stop_rx.clone()));
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot watch for SIGTERM")?;
+    // What dead jobs of ours left behind goes before each job's first run: per vCenter in the
+    // background, so one that hangs holds neither the endpoint nor the others' jobs.
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut vcenters: Vec<&str> = runners.iter().map(|r| r.vcenter.name.as_str()).collect();
+    vcenters.sort_unstable();
+    vcenters.dedup();
+    for name in vcenters {
+        let (swept_tx, swept_rx) = watch::channel(false);
+        let theirs: Vec<Arc<Runner>> = runners.iter().filter(|r| r.vcenter.name == name).cloned().collect();
+        for r in &theirs {
+            tasks.spawn(schedule_loop(r.clone(), state.clone(), swept_rx.clone(), stop_rx.clone()));
+        }
+        let mut stop = stop_rx.clone();
+        let name = name.to_owned();
+        tasks.spawn(async move {
+            tokio::select! {
+                () = sweep_at_start(&theirs) => {}
+                _ = stop.changed() => tracing::info!(vcenter = %name, "startup snapshot sweep stopped"),
+            }
+            let _ = swept_tx.send(true);
+        });
+    }
+
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: stopping"),
+        _ = interrupt.recv() => tracing::info!("interrupted: stopping"),
     }
     // No new job starts; running copies stop; each job removes its snapshots as it ends.
     let _ = stop_tx.send(true);

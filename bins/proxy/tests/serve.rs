@@ -280,6 +280,18 @@ impl Daemon {
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Waits up to `limit` for the daemon to exit.
+    fn wait(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let t = std::time::Instant::now();
+        while t.elapsed() < limit {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
 }
 
 /// Sends `request` as is; the status (0 when the server closed without answering) and the
@@ -427,4 +439,34 @@ fn accept_errors_back_off_and_the_daemon_recovers() {
     }
     drop(idle);
     assert!(answered, "/status answers again: {}", daemon.log().lines().take(20).collect::<Vec<_>>().join("\n"));
+}
+
+#[test]
+fn a_vcenter_that_never_answers_holds_neither_the_endpoint_nor_sigterm() {
+    // A "vCenter" that accepts connections and never says a word.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://{}/sdk", hung.local_addr().unwrap());
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in hung.incoming().take(16) {
+            let _ = seen_tx.send(());
+            held.push(s);
+        }
+        std::thread::sleep(Duration::from_secs(60));
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start(dir.path(), "", Some(&url), &[]);
+    seen_rx.recv_timeout(Duration::from_secs(10)).expect("the startup sweep reached the vCenter");
+    let t = std::time::Instant::now();
+    let mut s = TcpStream::connect(&daemon.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET /status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 200"), "/status while the sweep hangs: {out:?} after {:?}", t.elapsed());
+    assert!(Command::new("kill").args(["-TERM", &daemon.child.id().to_string()]).status().unwrap().success());
+    let exit = daemon.wait(Duration::from_secs(10)).expect("SIGTERM stops the daemon within seconds");
+    assert_eq!(exit.code(), Some(0), "the documented exit code: {}", daemon.log());
+    assert!(daemon.log().contains("SIGTERM"), "{}", daemon.log());
 }
