@@ -29,7 +29,7 @@ use repo::{Location, Repo, RepoKey, S3Config};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::server_args::ServerArgs;
+use crate::server_args::{ServerArgs, read_secret_file, secret_file_warning};
 
 /// Options of `proxy serve`.
 #[derive(Debug, clap::Args)]
@@ -60,23 +60,46 @@ pub(crate) fn run(args: &Args) -> ExitCode {
 
 /// Reads and checks a configuration file (bounded: a configuration is small).
 pub(crate) fn load(path: &Path) -> Result<ServeConfig> {
-    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
-    if meta.len() > orchestration::config::MAX_CONFIG_BYTES as u64 {
-        bail!("{} is {} bytes: not a configuration file", path.display(), meta.len());
+    let (config, problems) = load_with_problems(path)?;
+    if !problems.is_empty() {
+        bail!("{} is not a valid configuration: {}", path.display(), problems.join("\n"));
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    ServeConfig::from_toml(&text).with_context(|| format!("{} is not a valid configuration", path.display()))
+    Ok(config)
 }
 
-/// The token from its file (first line), refused when empty.
+/// Reads a configuration file with a bound, and parses it; every problem comes back with it.
+pub(crate) fn load_with_problems(path: &Path) -> Result<(ServeConfig, Vec<String>)> {
+    use std::io::Read as _;
+    let max = orchestration::config::MAX_CONFIG_BYTES as u64;
+    let file = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(max + 1).read_to_end(&mut bytes).with_context(|| format!("cannot read {}", path.display()))?;
+    if bytes.len() as u64 > max {
+        bail!("{} is larger than {max} bytes: not a configuration file", path.display());
+    }
+    let text = String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8 text", path.display()))?;
+    ServeConfig::from_toml_with_problems(&text)
+        .with_context(|| format!("{} is not a valid configuration", path.display()))
+}
+
+/// The token from its file (first line, the file read with a bound), refused when short.
 pub(crate) fn read_token(path: &Path) -> Result<String> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read the token file {}", path.display()))?;
-    let token = text.lines().next().unwrap_or("").trim().to_owned();
+    let token = read_secret_file(path, "token file")?.trim().to_owned();
     if token.len() < 16 {
         bail!("the token in {} is shorter than 16 characters", path.display());
     }
     Ok(token)
+}
+
+/// A warning for each secret file of `config` its group or others may read.
+pub(crate) fn secret_file_warnings(config: &ServeConfig) -> Vec<String> {
+    let token = secret_file_warning(&config.proxy.token_file, "token file");
+    let passwords = config
+        .vcenters
+        .iter()
+        .filter_map(|v| v.password_file.as_deref())
+        .map(|f| secret_file_warning(f, "password file"));
+    std::iter::once(token).chain(passwords).flatten().collect()
 }
 
 /// How a configured vCenter is reached, as the command line would say it.
@@ -91,6 +114,7 @@ pub(crate) fn server_args(v: &VcenterConfig) -> ServerArgs {
         legacy_tls: v.legacy_tls,
         timeout: 300,
         password_env: v.password_env.clone(),
+        permissions_warned: true,
     }
 }
 
@@ -634,6 +658,9 @@ async fn serve(config: ServeConfig, vddk: Option<Arc<vddk::Vddk>>) -> Result<Exi
     let mut interrupt =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).context("cannot watch for SIGINT")?;
     let token = read_token(&config.proxy.token_file)?;
+    for w in secret_file_warnings(&config) {
+        tracing::warn!("{w}");
+    }
     let listen: SocketAddr = config.proxy.listen.parse().context("[proxy] listen")?;
     std::fs::create_dir_all(&config.proxy.state_dir)
         .with_context(|| format!("cannot create {}", config.proxy.state_dir.display()))?;

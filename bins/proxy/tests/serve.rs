@@ -1,7 +1,9 @@
 //! `proxy serve` and `proxy config check` against the project's vSphere simulator: stale
 //! snapshots of a dead job removed at start, jobs run on request through the HTTP endpoint
 //! (status, history and metrics behind a bearer token), a prune after each backup, a replica
-//! job beside it, and SIGTERM mid-copy: exit 0, no snapshot left, the history kept.
+//! job beside it, and SIGTERM mid-copy: exit 0, no snapshot left, the history kept. Also the
+//! endpoint against hostile clients (garbage, idle and slow connections, descriptor
+//! exhaustion), a vCenter that never answers, and `config check` in one pass, side-effect free.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -469,4 +471,91 @@ fn a_vcenter_that_never_answers_holds_neither_the_endpoint_nor_sigterm() {
     let exit = daemon.wait(Duration::from_secs(10)).expect("SIGTERM stops the daemon within seconds");
     assert_eq!(exit.code(), Some(0), "the documented exit code: {}", daemon.log());
     assert!(daemon.log().contains("SIGTERM"), "{}", daemon.log());
+}
+
+#[test]
+fn config_check_names_every_problem_at_once_and_creates_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("big-pw"), vec![b'x'; 1 << 20]).unwrap();
+    let config = format!(
+        r#"
+[proxy]
+token_file = "{d}/no-token"
+state_dir = "{d}/state"
+max_vms = 9223372036854775807
+rate = "0"
+
+[[vcenter]]
+name = "vc"
+url = "https://vc.example/sdk"
+user = "u"
+password_file = "{d}/big-pw"
+
+[[vcenter]]
+name = "leaky"
+url = "https://admin:s3cret@vc.example/sdk"
+user = "u"
+password_file = "{d}/big-pw"
+
+[[job]]
+name = "nightly"
+vcenter = "vc"
+all = true
+schedule = "daily 03:00"
+repository = "{d}/new-repo"
+
+[[job]]
+name = "dr"
+vcenter = "vc"
+all = true
+schedule = "every 1h"
+replica = "{d}/new-replicas"
+"#,
+        d = d.display()
+    );
+    let cfg = d.join("proxy.toml");
+    std::fs::write(&cfg, &config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_proxy")).args(["config", "check"]).arg(&cfg).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    for want in [
+        "max_vms = 9223372036854775807",
+        "rate = \"0\"",
+        "must not carry credentials",
+        "token_file",
+        "larger than 64 KiB",
+        "no repository at",
+    ] {
+        assert!(err.contains(want), "{want} in one pass:\n{err}");
+    }
+    assert!(!err.contains("s3cret"), "{err}");
+    for made in ["new-repo", "new-replicas", "state"] {
+        assert!(!d.join(made).exists(), "config check created {made}");
+    }
+
+    // Usable (the replica folder is made by the first run, not by the check), but the token
+    // file is readable by others: a warning naming it, exit 0.
+    Repo::init(d.join("repo"), 1 << 20).unwrap();
+    std::fs::write(d.join("token"), format!("{TOKEN}\n")).unwrap();
+    std::fs::set_permissions(d.join("token"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(d.join("pw"), "pw\n").unwrap();
+    std::fs::set_permissions(d.join("pw"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let good = format!(
+        "[proxy]\ntoken_file = \"{d}/token\"\nstate_dir = \"{d}/state\"\n\n[[vcenter]]\nname = \"vc\"\n\
+         url = \"https://vc.example/sdk\"\nuser = \"u\"\npassword_file = \"{d}/pw\"\n\n[[job]]\nname = \"n\"\n\
+         vcenter = \"vc\"\nall = true\nschedule = \"daily 03:00\"\nrepository = \"{d}/repo\"\n\n\
+         [[job]]\nname = \"r\"\nvcenter = \"vc\"\nall = true\nschedule = \"every 1h\"\nreplica = \"{d}/replicas\"\n",
+        d = d.display()
+    );
+    std::fs::write(&cfg, good).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_proxy")).args(["config", "check"]).arg(&cfg).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let token = d.join("token").display().to_string();
+    assert!(err.contains("warning") && err.contains(&token) && err.contains("chmod 600"), "{err}");
+    assert!(!err.contains(&d.join("pw").display().to_string()), "no warning for a private file: {err}");
+    assert!(!err.contains(TOKEN), "{err}");
+    assert!(!d.join("replicas").exists() && !d.join("state").exists(), "config check created a folder");
 }
