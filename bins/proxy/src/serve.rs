@@ -99,7 +99,15 @@ pub(crate) fn secret_file_warnings(config: &ServeConfig) -> Vec<String> {
         .iter()
         .filter_map(|v| v.password_file.as_deref())
         .map(|f| secret_file_warning(f, "password file"));
-    std::iter::once(token).chain(passwords).flatten().collect()
+    let guests = config
+        .jobs
+        .iter()
+        .filter_map(|j| j.guest_credentials_file.as_deref())
+        .map(|f| secret_file_warning(f, "guest credentials file"));
+    let mut warnings: Vec<String> = std::iter::once(token).chain(passwords).chain(guests).flatten().collect();
+    warnings.sort();
+    warnings.dedup();
+    warnings
 }
 
 /// How a configured vCenter is reached, as the command line would say it.
