@@ -22,6 +22,13 @@ use crate::repo_cmd::RepoArg;
 use crate::server_args::ServerArgs;
 use crate::size;
 
+/// `--concurrency`: 1 to [`orchestration::config::MAX_AT_ONCE`] (past tokio's semaphore limit
+/// the job would panic).
+fn parse_concurrency(s: &str) -> Result<usize, String> {
+    let max = orchestration::config::MAX_AT_ONCE;
+    s.parse::<usize>().ok().filter(|n| (1..=max).contains(n)).ok_or_else(|| format!("use 1 to {max}"))
+}
+
 /// What `proxy backup` and `proxy replicate` share.
 #[derive(Debug, clap::Args)]
 pub(crate) struct JobArgs {
@@ -33,8 +40,8 @@ pub(crate) struct JobArgs {
     /// Every VM the account can see.
     #[arg(long, conflicts_with = "vms")]
     all: bool,
-    /// VMs worked on at once.
-    #[arg(long, default_value_t = 100)]
+    /// VMs worked on at once (1 to 10000).
+    #[arg(long, default_value_t = 100, value_parser = parse_concurrency)]
     concurrency: usize,
     /// This proxy's ID in snapshot names (default: the host name).
     #[arg(long)]

@@ -1,44 +1,80 @@
-//! `proxy config check FILE`: validates a `proxy serve` configuration without running anything
-//! that touches vSphere: the file itself, then what the proxy can check locally (the token, the
-//! password files or variables, the CA files, the key files, the targets), and prints what each
-//! job would do and when it runs next.
+//! `proxy config check FILE`: validates a `proxy serve` configuration without side effects
+//! (it creates no folder and contacts nothing: no vCenter, no S3): the file itself, then what
+//! the proxy can check locally (the token, the password files or variables, the CA files, the
+//! targets that already exist), naming every problem in one pass, warning about secret files
+//! others may read, and printing what each job would do and when it runs next.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::SystemTime;
 
-use orchestration::config::Schedule;
+use orchestration::config::{JobConfig, Schedule};
+use repo::{Location, Repo, RepoKey, S3Config};
 
-use crate::serve::{load, open_target, read_token};
+use crate::serve::{load_with_problems, read_token, secret_file_warnings};
+use crate::server_args::read_secret_file;
 
 /// Configuration commands.
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum ConfigCommand {
-    /// Check a configuration file: exit 0 when it is usable, 1 naming every problem when not.
+    /// Check a configuration file without side effects: exit 0 when it is usable, 1 naming
+    /// every problem when not.
     Check {
         /// The file.
         file: PathBuf,
     },
 }
 
+/// A folder that must be a directory if it exists (serve creates it when it does not).
+fn folder_problem(path: &Path) -> Option<String> {
+    (path.exists() && !path.is_dir()).then(|| format!("{} exists and is not a folder", path.display()))
+}
+
+/// What is wrong with a job's target, looked at without creating or contacting anything.
+fn target_problem(job: &JobConfig) -> Option<String> {
+    if let Some(url) = &job.repository {
+        if url.starts_with("s3://") {
+            // Opening it would contact the bucket; serve reports it at the first run.
+            return None;
+        }
+        if url.contains("://") {
+            return Some(format!("{url}: repositories are a local path or s3://"));
+        }
+        let path = Path::new(url);
+        if !path.is_dir() {
+            return Some(format!("no repository at {url} (create it with proxy repo init)"));
+        }
+        // Opening an existing local repository only reads it.
+        let key = match job.key_file.as_deref().map(RepoKey::from_file).transpose() {
+            Ok(k) => k,
+            Err(e) => return Some(format!("key_file: {e}")),
+        };
+        let location = Location { url: url.clone(), s3: S3Config::default(), key };
+        return Repo::open_at(&location).err().map(|e| e.to_string());
+    }
+    job.replica.as_deref().and_then(folder_problem)
+}
+
 pub(crate) fn run(cmd: &ConfigCommand) -> ExitCode {
     let ConfigCommand::Check { file } = cmd;
-    let config = match load(file) {
+    let (config, mut problems) = match load_with_problems(file) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("proxy config check: {e:#}");
             return ExitCode::FAILURE;
         }
     };
-    let mut problems = Vec::new();
     if let Err(e) = read_token(&config.proxy.token_file) {
         problems.push(format!("[proxy] token_file: {e:#}"));
     }
+    if let Some(p) = folder_problem(&config.proxy.state_dir) {
+        problems.push(format!("[proxy] state_dir: {p}"));
+    }
     for v in &config.vcenters {
         if let Some(f) = &v.password_file
-            && let Err(e) = vsphere::Secret::from_file(f)
+            && let Err(e) = read_secret_file(f, "password file")
         {
-            problems.push(format!("[[vcenter]] {:?}: {e}", v.name));
+            problems.push(format!("[[vcenter]] {:?}: {e:#}", v.name));
         }
         if let Some(var) = &v.password_env
             && std::env::var(var).map_or(true, |p| p.is_empty())
@@ -54,11 +90,12 @@ pub(crate) fn run(cmd: &ConfigCommand) -> ExitCode {
     let now = SystemTime::now();
     let mut lines = Vec::new();
     for j in &config.jobs {
-        if let Err(e) = open_target(j) {
-            problems.push(format!("[[job]] {:?}: its target cannot be opened: {e:#}", j.name));
+        if let Some(p) = target_problem(j) {
+            problems.push(format!("[[job]] {:?}: its target cannot be used: {p}", j.name));
         }
         let next = Schedule::parse(&j.schedule).map(|s| s.next_after(now, now)).unwrap_or(now);
         let what = match (&j.repository, &j.replica) {
+            (Some(r), _) if r.starts_with("s3://") => format!("backs up to {r} (not contacted by this check)"),
             (Some(r), _) => format!("backs up to {r}"),
             (_, Some(d)) => format!("replicates into {}", d.display()),
             _ => String::new(),
@@ -71,6 +108,9 @@ pub(crate) fn run(cmd: &ConfigCommand) -> ExitCode {
             j.schedule,
             humantime::format_rfc3339_seconds(next)
         ));
+    }
+    for w in secret_file_warnings(&config) {
+        eprintln!("proxy config check: warning: {w}");
     }
     if !problems.is_empty() {
         for p in &problems {

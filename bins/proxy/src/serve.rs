@@ -1,8 +1,9 @@
 //! `proxy serve --config FILE`: the daemon. It runs each configured job on its schedule (a
 //! repository backup with a prune after it, or a replica sync), removes stale snapshots of
-//! ours when it starts, and serves job status, history and Prometheus metrics over HTTP behind
-//! a bearer token. SIGTERM or Ctrl-C stops it gracefully: no new job starts, running copies
-//! stop, every snapshot is removed, and it exits 0.
+//! ours when it starts (in the background, per vCenter, before that vCenter's jobs), and
+//! serves job status, history and Prometheus metrics over HTTP behind a bearer token, with
+//! bounded connections and timeouts. SIGTERM or Ctrl-C stops it gracefully: no new job
+//! starts, running copies stop, every snapshot is removed, and it exits 0.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write as _;
@@ -28,7 +29,7 @@ use repo::{Location, Repo, RepoKey, S3Config};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::server_args::ServerArgs;
+use crate::server_args::{ServerArgs, read_secret_file, secret_file_warning};
 
 /// Options of `proxy serve`.
 #[derive(Debug, clap::Args)]
@@ -59,23 +60,54 @@ pub(crate) fn run(args: &Args) -> ExitCode {
 
 /// Reads and checks a configuration file (bounded: a configuration is small).
 pub(crate) fn load(path: &Path) -> Result<ServeConfig> {
-    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
-    if meta.len() > orchestration::config::MAX_CONFIG_BYTES as u64 {
-        bail!("{} is {} bytes: not a configuration file", path.display(), meta.len());
+    let (config, problems) = load_with_problems(path)?;
+    if !problems.is_empty() {
+        bail!("{} is not a valid configuration: {}", path.display(), problems.join("\n"));
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    ServeConfig::from_toml(&text).with_context(|| format!("{} is not a valid configuration", path.display()))
+    Ok(config)
 }
 
-/// The token from its file (first line), refused when empty.
+/// Reads a configuration file with a bound, and parses it; every problem comes back with it.
+pub(crate) fn load_with_problems(path: &Path) -> Result<(ServeConfig, Vec<String>)> {
+    use std::io::Read as _;
+    let max = orchestration::config::MAX_CONFIG_BYTES as u64;
+    let file = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(max + 1).read_to_end(&mut bytes).with_context(|| format!("cannot read {}", path.display()))?;
+    if bytes.len() as u64 > max {
+        bail!("{} is larger than {max} bytes: not a configuration file", path.display());
+    }
+    let text = String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8 text", path.display()))?;
+    ServeConfig::from_toml_with_problems(&text)
+        .with_context(|| format!("{} is not a valid configuration", path.display()))
+}
+
+/// The token from its file (first line, the file read with a bound), refused when short.
 pub(crate) fn read_token(path: &Path) -> Result<String> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read the token file {}", path.display()))?;
-    let token = text.lines().next().unwrap_or("").trim().to_owned();
+    let token = read_secret_file(path, "token file")?.trim().to_owned();
     if token.len() < 16 {
         bail!("the token in {} is shorter than 16 characters", path.display());
     }
     Ok(token)
+}
+
+/// A warning for each secret file of `config` its group or others may read.
+pub(crate) fn secret_file_warnings(config: &ServeConfig) -> Vec<String> {
+    let token = secret_file_warning(&config.proxy.token_file, "token file");
+    let passwords = config
+        .vcenters
+        .iter()
+        .filter_map(|v| v.password_file.as_deref())
+        .map(|f| secret_file_warning(f, "password file"));
+    let guests = config
+        .jobs
+        .iter()
+        .filter_map(|j| j.guest_credentials_file.as_deref())
+        .map(|f| secret_file_warning(f, "guest credentials file"));
+    let mut warnings: Vec<String> = std::iter::once(token).chain(passwords).chain(guests).flatten().collect();
+    warnings.sort();
+    warnings.dedup();
+    warnings
 }
 
 /// How a configured vCenter is reached, as the command line would say it.
@@ -90,6 +122,7 @@ pub(crate) fn server_args(v: &VcenterConfig) -> ServerArgs {
         legacy_tls: v.legacy_tls,
         timeout: 300,
         password_env: v.password_env.clone(),
+        permissions_warned: true,
     }
 }
 
@@ -339,8 +372,37 @@ impl Runner {
     }
 }
 
-/// Runs `runner` on its schedule until `stop` says so.
-async fn schedule_loop(runner: Arc<Runner>, state: Arc<State>, mut stop: watch::Receiver<bool>) {
+/// Removes the stale snapshots of ours that dead jobs left, job by job of one vCenter.
+async fn sweep_at_start(runners: &[Arc<Runner>]) {
+    for r in runners {
+        match r.context("startup").await {
+            Ok((ctx, vms)) => match clean_stale(&ctx, &vms).await {
+                Ok(reports) => {
+                    for v in reports {
+                        for s in &v.stale_removed {
+                            tracing::warn!(job = %r.job.name, vm = %v.vm, "removed stale snapshot {s} at startup");
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(job = %r.job.name, "stale-snapshot check at startup failed: {e}"),
+            },
+            Err(e) => tracing::warn!(job = %r.job.name, "cannot reach its vCenter at startup: {e:#}"),
+        }
+    }
+}
+
+/// Runs `runner` on its schedule, once its vCenter's startup sweep is over, until `stop` says
+/// so.
+async fn schedule_loop(
+    runner: Arc<Runner>,
+    state: Arc<State>,
+    mut swept: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    tokio::select! {
+        _ = swept.wait_for(|done| *done) => {}
+        _ = stop.changed() => return,
+    }
     let name = runner.job.name.clone();
     let start = state.started;
     let mut runs = 0u64;
@@ -388,14 +450,25 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The credentials of an `Authorization` header of the Bearer scheme, whose name is
+/// case-insensitive (RFC 7235): `Bearer TOKEN`, `bearer TOKEN`.
+fn bearer(header: &[u8]) -> Option<&[u8]> {
+    let split = header.iter().position(|&b| b == b' ')?;
+    let (scheme, rest) = header.split_at(split);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return None;
+    }
+    Some(rest.trim_ascii())
+}
+
+/// `NAME` of `/jobs/NAME/run` (which may be empty: no job has that name).
+fn job_to_run(path: &str) -> Option<&str> {
+    path.strip_prefix("/jobs/").and_then(|r| r.strip_suffix("/run"))
+}
+
 fn route(state: &State, token: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let given = req
-        .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !same(given.as_bytes(), token.as_bytes()) {
+    let given = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| bearer(v.as_bytes())).unwrap_or(b"");
+    if !same(given, token.as_bytes()) {
         let mut r = text(StatusCode::UNAUTHORIZED, "text/plain", "a bearer token is required\n".into());
         r.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, hyper::header::HeaderValue::from_static("Bearer"));
         return r;
@@ -408,8 +481,8 @@ fn route(state: &State, token: &str, req: &Request<Incoming>) -> Response<Full<B
             let h = state.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             text(StatusCode::OK, "application/json", Value::Array(h.iter().cloned().collect()).to_string())
         }
-        ("POST", p) if p.starts_with("/jobs/") && p.ends_with("/run") => {
-            let name = &p["/jobs/".len()..p.len() - "/run".len()];
+        ("POST", p) if job_to_run(p).is_some() => {
+            let name = job_to_run(p).unwrap_or_default();
             match state.triggers.get(name) {
                 Some(t) => {
                     t.notify_one();
@@ -424,30 +497,157 @@ fn route(state: &State, token: &str, req: &Request<Incoming>) -> Response<Full<B
     }
 }
 
-async fn http(listener: tokio::net::TcpListener, state: Arc<State>, token: String, mut stop: watch::Receiver<bool>) {
+/// How the HTTP endpoint bounds its clients.
+#[derive(Debug, Clone, Copy)]
+struct HttpLimits {
+    /// Connections served at once; the rest wait in the listen backlog.
+    connections: usize,
+    /// The time to send a request's headers.
+    header_timeout: Duration,
+    /// The time a connection may go without a byte either way.
+    idle_timeout: Duration,
+}
+
+/// The first and the longest pause after a failed accept (out of descriptors: every retry
+/// would fail at once, spinning and filling the log).
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
+
+/// The largest request head read (hyper answers 431 past it).
+const MAX_REQUEST_HEAD: usize = 16 << 10;
+
+async fn http(
+    listener: tokio::net::TcpListener,
+    state: Arc<State>,
+    token: String,
+    limits: HttpLimits,
+    mut stop: watch::Receiver<bool>,
+) {
     let token = Arc::new(token);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.connections));
+    let mut backoff = Duration::ZERO;
     loop {
-        let (stream, _) = tokio::select! {
+        // A slot before accepting: past the cap, connections wait in the kernel's backlog.
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = stop.changed() => return,
+        };
+        let stream = tokio::select! {
             a = listener.accept() => match a {
-                Ok(a) => a,
+                Ok((stream, _)) => {
+                    backoff = Duration::ZERO;
+                    stream
+                }
                 Err(e) => {
-                    tracing::warn!("accepting an HTTP connection: {e}");
-                    continue;
+                    backoff = (backoff * 2).clamp(ACCEPT_BACKOFF.0, ACCEPT_BACKOFF.1);
+                    tracing::warn!("accepting an HTTP connection: {e}; pausing {} ms", backoff.as_millis());
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => continue,
+                        _ = stop.changed() => return,
+                    }
                 }
             },
             _ = stop.changed() => return,
         };
-        let (state, token) = (state.clone(), token.clone());
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let r = route(&state, &token, &req);
-                async move { Ok::<_, std::convert::Infallible>(r) }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
-                tracing::debug!("HTTP connection: {e}");
-            }
-        });
+        tokio::spawn(connection(stream, permit, state.clone(), token.clone(), limits));
+    }
+}
+
+/// Serves one connection, holding its slot, until it ends, sends no head in time, or goes idle.
+async fn connection(
+    stream: tokio::net::TcpStream,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    state: Arc<State>,
+    token: Arc<String>,
+    limits: HttpLimits,
+) {
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let r = route(&state, &token, &req);
+        async move { Ok::<_, std::convert::Infallible>(r) }
+    });
+    let last = Arc::new(Mutex::new(tokio::time::Instant::now()));
+    let io = hyper_util::rt::TokioIo::new(Watched { inner: stream, last: last.clone() });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(MAX_REQUEST_HEAD);
+    let conn = builder.serve_connection(io, service);
+    tokio::select! {
+        r = conn => if let Err(e) = r {
+            tracing::debug!("HTTP connection: {e}");
+        },
+        () = idle(&last, limits.idle_timeout) => tracing::debug!("HTTP connection idle: closed"),
+    }
+}
+
+/// Returns once nothing moved on a connection for `timeout`.
+async fn idle(last: &Mutex<tokio::time::Instant>, timeout: Duration) {
+    loop {
+        let deadline = *last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) + timeout;
+        if tokio::time::Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline).await;
+    }
+}
+
+/// A stream that notes when a byte last moved either way.
+struct Watched {
+    inner: tokio::net::TcpStream,
+    last: Arc<Mutex<tokio::time::Instant>>,
+}
+
+impl Watched {
+    fn moved(&self) {
+        *self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = tokio::time::Instant::now();
+    }
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.moved();
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            this.moved();
+        }
+        r
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -460,7 +660,15 @@ fn init_logs(format: &str) {
 
 async fn serve(config: ServeConfig, vddk: Option<Arc<vddk::Vddk>>) -> Result<ExitCode> {
     init_logs(&config.proxy.log_format);
+    // Signals first: whatever happens next (a vCenter that never answers), SIGTERM stops it.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot watch for SIGTERM")?;
+    let mut interrupt =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).context("cannot watch for SIGINT")?;
     let token = read_token(&config.proxy.token_file)?;
+    for w in secret_file_warnings(&config) {
+        tracing::warn!("{w}");
+    }
     let listen: SocketAddr = config.proxy.listen.parse().context("[proxy] listen")?;
     std::fs::create_dir_all(&config.proxy.state_dir)
         .with_context(|| format!("cannot create {}", config.proxy.state_dir.display()))?;
@@ -522,36 +730,40 @@ async fn serve(config: ServeConfig, vddk: Option<Arc<vddk::Vddk>>) -> Result<Exi
     });
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     tracing::info!(proxy = %proxy_id, listen = %listener.local_addr()?, jobs = runners.len(), "serving");
-
-    // Before any job: what dead jobs of ours left behind goes.
-    for r in &runners {
-        match r.context("startup").await {
-            Ok((ctx, vms)) => match clean_stale(&ctx, &vms).await {
-                Ok(reports) => {
-                    for v in reports {
-                        for s in &v.stale_removed {
-                            tracing::warn!(job = %r.job.name, vm = %v.vm, "removed stale snapshot {s} at startup");
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!(job = %r.job.name, "stale-snapshot check at startup failed: {e}"),
-            },
-            Err(e) => tracing::warn!(job = %r.job.name, "cannot reach its vCenter at startup: {e:#}"),
-        }
-    }
-
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut tasks = tokio::task::JoinSet::new();
-    for r in runners {
-        tasks.spawn(schedule_loop(r, state.clone(), stop_rx.clone()));
-    }
-    let server = tokio::spawn(http(listener, state.clone(), token, stop_rx.clone()));
+    let http_limits = HttpLimits {
+        connections: config.proxy.http_connections,
+        header_timeout: config.http_header_timeout(),
+        idle_timeout: config.http_idle_timeout(),
+    };
+    let server = tokio::spawn(http(listener, state.clone(), token, http_limits, stop_rx.clone()));
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot watch for SIGTERM")?;
+    // What dead jobs of ours left behind goes before each job's first run: per vCenter in the
+    // background, so one that hangs holds neither the endpoint nor the others' jobs.
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut vcenters: Vec<&str> = runners.iter().map(|r| r.vcenter.name.as_str()).collect();
+    vcenters.sort_unstable();
+    vcenters.dedup();
+    for name in vcenters {
+        let (swept_tx, swept_rx) = watch::channel(false);
+        let theirs: Vec<Arc<Runner>> = runners.iter().filter(|r| r.vcenter.name == name).cloned().collect();
+        for r in &theirs {
+            tasks.spawn(schedule_loop(r.clone(), state.clone(), swept_rx.clone(), stop_rx.clone()));
+        }
+        let mut stop = stop_rx.clone();
+        let name = name.to_owned();
+        tasks.spawn(async move {
+            tokio::select! {
+                () = sweep_at_start(&theirs) => {}
+                _ = stop.changed() => tracing::info!(vcenter = %name, "startup snapshot sweep stopped"),
+            }
+            let _ = swept_tx.send(true);
+        });
+    }
+
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: stopping"),
+        _ = interrupt.recv() => tracing::info!("interrupted: stopping"),
     }
     // No new job starts; running copies stop; each job removes its snapshots as it ends.
     let _ = stop_tx.send(true);

@@ -1,9 +1,11 @@
-//! How `proxy` and `probe` reach and trust a vSphere server from the command line: the URL,
-//! the user, the password from a file or the environment (never an argument), and the TLS
-//! trust (system CAs, an extra CA, a pinned thumbprint, or a loud `--insecure`). Included by
-//! `probe` from here with `#[path]`.
+//! How `proxy` and `probe` reach and trust a vSphere server from the command line: the URL
+//! (never with credentials in it), the user, the password from a file read with a bound (warned
+//! about when others may read it) or the environment (never an argument), and the TLS trust
+//! (system CAs, an extra CA, a pinned thumbprint, or a loud `--insecure`). Included by `probe`
+//! from here with `#[path]`.
 
-use std::path::PathBuf;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -11,6 +13,51 @@ use vsphere::{Client, ConnectOptions, Credentials, Secret, Thumbprint, Trust};
 
 /// The environment variable a password may come from instead of `--password-file`.
 pub(crate) const PASSWORD_ENV: &str = "SYNCPROXY_PASSWORD";
+
+/// The largest secret file read: a password or token is one line, and a wrong path such as
+/// `/dev/zero` must not fill the memory.
+pub(crate) const MAX_SECRET_BYTES: u64 = 64 << 10;
+
+/// The first line of a secret file (`what` says which, for messages), read with a bound;
+/// empty or larger than [`MAX_SECRET_BYTES`] is an error naming the file, never quoting it.
+pub(crate) fn read_secret_file(path: &Path, what: &str) -> Result<String> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot read the {what} {}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_SECRET_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("cannot read the {what} {}", path.display()))?;
+    if bytes.len() as u64 > MAX_SECRET_BYTES {
+        bail!("the {what} {} is larger than {} KiB: not a {what}", path.display(), MAX_SECRET_BYTES >> 10);
+    }
+    let Ok(text) = String::from_utf8(bytes) else {
+        bail!("the {what} {} is not UTF-8 text", path.display());
+    };
+    let line = text.lines().next().unwrap_or_default();
+    if line.is_empty() {
+        bail!("the {what} {} is empty", path.display());
+    }
+    Ok(line.to_owned())
+}
+
+/// A warning when a secret file may be read by its group or by others.
+pub(crate) fn secret_file_warning(path: &Path, what: &str) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "the {what} {} may be read by its group or others (mode {:04o}); chmod 600 it",
+            path.display(),
+            mode & 0o7777
+        )
+    })
+}
+
+/// Whether `url` carries a user or password (`https://user:pass@vc/sdk`), which is refused and
+/// never repeated.
+pub(crate) fn url_has_credentials(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.split(['/', '?', '#']).next().unwrap_or_default().contains('@')
+}
 
 /// How to reach and trust a vSphere server (shared by every command that talks to one).
 #[derive(Debug, Clone, clap::Args)]
@@ -47,13 +94,21 @@ pub(crate) struct ServerArgs {
     /// line always uses SYNCPROXY_PASSWORD).
     #[arg(skip)]
     pub(crate) password_env: Option<String>,
+    /// The caller already warned about the password file's permissions (the daemon, once at
+    /// start rather than at every login).
+    #[arg(skip)]
+    pub(crate) permissions_warned: bool,
 }
 
 impl ServerArgs {
     /// The password: from `--password-file`, else from SYNCPROXY_PASSWORD.
     fn password(&self) -> Result<Secret> {
         if let Some(f) = &self.password_file {
-            return Ok(Secret::from_file(f)?);
+            let password = read_secret_file(f, "password file")?;
+            if let Some(w) = secret_file_warning(f, "password file").filter(|_| !self.permissions_warned) {
+                eprintln!("{}: WARNING: {w}", env!("CARGO_BIN_NAME"));
+            }
+            return Ok(Secret::new(password));
         }
         let var = self.password_env.as_deref().unwrap_or(PASSWORD_ENV);
         match std::env::var(var) {
@@ -64,6 +119,9 @@ impl ServerArgs {
 
     /// Connects and logs in.
     pub(crate) async fn login(&self) -> Result<Client> {
+        if url_has_credentials(&self.url) {
+            bail!("the server's URL must not carry credentials (user:password@); give --user and --password-file");
+        }
         vsphere::tls::install_crypto_provider();
         let trust = if self.insecure {
             eprintln!("{}: WARNING: --insecure: the server's certificate is not checked", env!("CARGO_BIN_NAME"));

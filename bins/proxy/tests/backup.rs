@@ -484,3 +484,54 @@ async fn backups_and_replications_killed_at_random_moments_leave_nothing_behind(
     }
     assert!(env.repo().verify().unwrap().damaged_points.is_empty());
 }
+
+/// `proxy backup ... ARGS` against nothing that answers (port 9 on this machine); the exit
+/// code and standard error.
+fn backup_offline(d: &std::path::Path, url: &str, args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_proxy"))
+        .args(["backup", "--url", url, "--user", "u", "--insecure", "--timeout", "5"])
+        .args(args)
+        .arg(d.join("repo"))
+        .arg("vm1")
+        .env_remove("SYNCPROXY_PASSWORD")
+        .output()
+        .unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn server_arguments_bound_secret_files_and_refuse_credentials_in_urls() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    Repo::init(d.join("repo"), 1 << 20).unwrap();
+    let pw = d.join("pw");
+    std::fs::write(&pw, "secret-pw\n").unwrap();
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let pw_arg = pw.to_str().unwrap();
+    // Credentials in the URL: refused, and never repeated.
+    let (code, err) = backup_offline(d, "https://admin:s3cret@127.0.0.1:9/sdk", &["--password-file", pw_arg]);
+    assert_ne!(code, 0);
+    assert!(err.contains("must not carry credentials") && !err.contains("s3cret"), "{err}");
+    // A password file far larger than a password: a clear error naming it, read with a bound.
+    let big = d.join("big");
+    std::fs::write(&big, vec![b'x'; 1 << 20]).unwrap();
+    std::fs::set_permissions(&big, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, err) = backup_offline(d, "https://127.0.0.1:9/sdk", &["--password-file", big.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("larger than 64 KiB") && err.contains(big.to_str().unwrap()), "{err}");
+    // A password file others may read: a warning naming it.
+    let (_, err) = backup_offline(d, "https://127.0.0.1:9/sdk", &["--password-file", pw_arg]);
+    assert!(!err.contains("chmod 600"), "no warning for a private file: {err}");
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (_, err) = backup_offline(d, "https://127.0.0.1:9/sdk", &["--password-file", pw_arg]);
+    assert!(err.contains("WARNING") && err.contains("chmod 600") && err.contains(pw_arg), "{err}");
+    assert!(!err.contains("secret-pw"), "{err}");
+    // --concurrency that would panic the job (or mean nothing): a usage error.
+    for n in ["0", "9223372036854775807"] {
+        let (code, err) =
+            backup_offline(d, "https://127.0.0.1:9/sdk", &["--password-file", pw_arg, "--concurrency", n]);
+        assert_eq!(code, 2, "--concurrency {n}: {err}");
+        assert!(err.contains("use 1 to 10000"), "{err}");
+    }
+}

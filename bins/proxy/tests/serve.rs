@@ -1,7 +1,9 @@
 //! `proxy serve` and `proxy config check` against the project's vSphere simulator: stale
 //! snapshots of a dead job removed at start, jobs run on request through the HTTP endpoint
 //! (status, history and metrics behind a bearer token), a prune after each backup, a replica
-//! job beside it, and SIGTERM mid-copy: exit 0, no snapshot left, the history kept.
+//! job beside it, and SIGTERM mid-copy: exit 0, no snapshot left, the history kept. Also the
+//! endpoint against hostile clients (garbage, idle and slow connections, descriptor
+//! exhaustion), a vCenter that never answers, and `config check` in one pass, side-effect free.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -211,4 +213,349 @@ replica = "{replicas}"
     assert!(serde_json::from_str::<serde_json::Value>(first).is_ok(), "JSON log lines: {first}");
     assert!(log.contains("removed stale snapshot") && log.contains("SIGTERM"), "{log}");
     assert!(!log.contains("simulated") && !log.contains(TOKEN), "no secret in the log");
+}
+
+/// A `proxy serve` started for one test, killed when the test ends.
+struct Daemon {
+    child: std::process::Child,
+    addr: String,
+    log: std::path::PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    /// Writes a configuration in `d` (a token, `[proxy]` with `extra` lines, and a vCenter at
+    /// `vcenter` with a job when given) and starts the daemon on it, under `wrapper` when given
+    /// (`prlimit --nofile=...`).
+    fn start(d: &std::path::Path, extra: &str, vcenter: Option<&str>, wrapper: &[&str]) -> Self {
+        std::fs::write(d.join("token"), format!("{TOKEN}\n")).unwrap();
+        std::fs::write(d.join("pw"), "simulated\n").unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut config = format!(
+            "[proxy]\nid = \"p1\"\nlisten = \"{addr}\"\ntoken_file = \"{}\"\nstate_dir = \"{}\"\n{extra}\n",
+            d.join("token").display(),
+            d.join("state").display()
+        );
+        if let Some(url) = vcenter {
+            config.push_str(&format!(
+                "[[vcenter]]\nname = \"vc\"\nurl = \"{url}\"\nuser = \"u\"\npassword_file = \"{}\"\ninsecure = true\n\n\
+                 [[job]]\nname = \"nightly\"\nvcenter = \"vc\"\nall = true\nschedule = \"daily 03:00\"\nrepository = \"{}\"\n",
+                d.join("pw").display(),
+                d.join("repo").display()
+            ));
+        }
+        let cfg = d.join("proxy.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let log = d.join("daemon.log");
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(env!("CARGO_BIN_EXE_proxy"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_proxy")),
+        };
+        let child = cmd
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let daemon = Self { child, addr, log };
+        for _ in 0..200 {
+            if TcpStream::connect(&daemon.addr).is_ok() {
+                return daemon;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the daemon did not listen: {}", daemon.log());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits up to `limit` for the daemon to exit.
+    fn wait(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let t = std::time::Instant::now();
+        while t.elapsed() < limit {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+/// Sends `request` as is; the status (0 when the server closed without answering) and the
+/// whole response. Gives up after 10 seconds.
+fn raw(addr: &str, request: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(request);
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("no answer to {:?}: {e}", String::from_utf8_lossy(&request[..request.len().min(80)])),
+        }
+    }
+    let out = String::from_utf8_lossy(&out).into_owned();
+    let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, out)
+}
+
+/// Whether the server closed `s` within `limit` (end of stream or reset, not a timeout).
+fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    }
+}
+
+#[test]
+fn malformed_requests_get_4xx_and_never_panic_a_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    // The vCenter refuses connections: the job fails fast, which is not what this test is about.
+    let daemon = Daemon::start(dir.path(), "", Some("https://127.0.0.1:1/sdk"), &[]);
+    let a = daemon.addr.as_str();
+    let req = |method: &str, path: &str, auth: &str| {
+        raw(a, format!("{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").as_bytes())
+    };
+    let auth = format!("Authorization: Bearer {TOKEN}\r\n");
+    // Paths that look like a job's run, but name none.
+    for path in ["/jobs/run", "/jobs//run", "/jobs/run/run", "/jobs/", "/jobs/nightly/run/", "/jobs/%ff%00/run", "/"] {
+        let (code, out) = req("POST", path, &auth);
+        assert_eq!(code, 404, "POST {path}: {out}");
+    }
+    // The scheme's name is case-insensitive (RFC 7235).
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let (code, out) = req("GET", "/status", &format!("Authorization: {scheme} {TOKEN}\r\n"));
+        assert_eq!(code, 200, "{scheme}: {out}");
+    }
+    assert_eq!(req("POST", "/jobs/nightly/run", &format!("Authorization: bearer {TOKEN}\r\n")).0, 202);
+    // Credentials that are not the token, or not a bearer token at all.
+    for header in [
+        "Authorization: Bearer\r\n".to_owned(),
+        "Authorization: \r\n".to_owned(),
+        format!("Authorization: Basic {TOKEN}\r\n"),
+        format!("Authorization: Bearer{TOKEN}\r\n"),
+        format!("Authorization: Bearer {TOKEN}x\r\n"),
+        format!("Authorization: Bearer {}\r\n", "é".repeat(20)),
+    ] {
+        let (code, out) = req("GET", "/status", &header);
+        assert_eq!(code, 401, "{header:?}: {out}");
+    }
+    let (code, _) =
+        raw(a, b"GET /status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n");
+    assert!(code == 401 || code == 400, "non-UTF-8 credentials: {code}");
+    // Garbage, and a head too large: a 4xx or a close, never a hang.
+    for garbage in [
+        b"\x00\x01\x02 garbage \xff\r\n\r\n".to_vec(),
+        b"GET /status HTTP/9.9\r\n\r\n".to_vec(),
+        b"GET\r\n\r\n".to_vec(),
+        format!("GET /status HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(64 << 10)).into_bytes(),
+    ] {
+        let (code, out) = raw(a, &garbage);
+        assert!(code == 0 || (400..500).contains(&code), "{code}: {out}");
+    }
+    assert_eq!(req("GET", "/status", &auth).0, 200, "still serving");
+    let log = daemon.log();
+    assert!(!log.contains("panicked"), "no worker panicked: {log}");
+}
+
+#[test]
+fn idle_connections_past_the_cap_wait_are_closed_and_status_still_answers() {
+    const CAP: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!("http_connections = {CAP}\nhttp_header_timeout = \"500ms\"\nhttp_idle_timeout = \"1s\"");
+    let daemon = Daemon::start(dir.path(), &extra, None, &[]);
+    let a = daemon.addr.as_str();
+    // Connections that never send a byte, and one that sends its head a byte at a time.
+    let mut idle: Vec<TcpStream> = (0..CAP + 50).map(|_| TcpStream::connect(a).unwrap()).collect();
+    let mut slow = TcpStream::connect(a).unwrap();
+    let trickle = std::thread::spawn(move || {
+        for b in b"GET /status HTTP/1.1\r\nHost: x\r\n".iter().cycle().take(200) {
+            if slow.write_all(&[*b]).is_err() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    });
+    let t = std::time::Instant::now();
+    let (code, out) = http(a, "GET", "/status", Some(TOKEN));
+    assert_eq!(code, 200, "{out}");
+    assert!(t.elapsed() < Duration::from_secs(20), "/status answered after {:?}", t.elapsed());
+    for (i, s) in idle.iter_mut().enumerate() {
+        assert!(closed_within(s, Duration::from_secs(10)), "idle connection {i} is still open");
+    }
+    assert!(trickle.join().unwrap(), "a head sent a byte at a time was cut off");
+    assert_eq!(http(a, "GET", "/status", Some(TOKEN)).0, 200);
+}
+
+#[test]
+fn accept_errors_back_off_and_the_daemon_recovers() {
+    let Some(prlimit) = testkit::require_tool("prlimit", "accept_errors_back_off_and_the_daemon_recovers") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // A cap above the descriptors the daemon may open: accepting fails with EMFILE.
+    let extra = "http_connections = 1000\nhttp_header_timeout = \"2s\"\nhttp_idle_timeout = \"2s\"";
+    let daemon = Daemon::start(dir.path(), extra, None, &[prlimit.to_str().unwrap(), "--nofile=64"]);
+    let a = daemon.addr.as_str();
+    let idle: Vec<TcpStream> = (0..100).map(|_| TcpStream::connect(a).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let complaints = daemon.log().matches("accepting an HTTP connection").count();
+    assert!((1..=20).contains(&complaints), "{complaints} lines about accept errors in 1.5 s");
+    // Once the idle connections time out, the endpoint serves again.
+    let mut answered = false;
+    for _ in 0..100 {
+        let mut s = TcpStream::connect(a).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ =
+            write!(s, "GET /status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n");
+        let mut out = String::new();
+        if s.read_to_string(&mut out).is_ok() && out.starts_with("HTTP/1.1 200") {
+            answered = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(idle);
+    assert!(answered, "/status answers again: {}", daemon.log().lines().take(20).collect::<Vec<_>>().join("\n"));
+}
+
+#[test]
+fn a_vcenter_that_never_answers_holds_neither_the_endpoint_nor_sigterm() {
+    // A "vCenter" that accepts connections and never says a word.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://{}/sdk", hung.local_addr().unwrap());
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in hung.incoming().take(16) {
+            let _ = seen_tx.send(());
+            held.push(s);
+        }
+        std::thread::sleep(Duration::from_secs(60));
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start(dir.path(), "", Some(&url), &[]);
+    seen_rx.recv_timeout(Duration::from_secs(10)).expect("the startup sweep reached the vCenter");
+    let t = std::time::Instant::now();
+    let mut s = TcpStream::connect(&daemon.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET /status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 200"), "/status while the sweep hangs: {out:?} after {:?}", t.elapsed());
+    assert!(Command::new("kill").args(["-TERM", &daemon.child.id().to_string()]).status().unwrap().success());
+    let exit = daemon.wait(Duration::from_secs(10)).expect("SIGTERM stops the daemon within seconds");
+    assert_eq!(exit.code(), Some(0), "the documented exit code: {}", daemon.log());
+    assert!(daemon.log().contains("SIGTERM"), "{}", daemon.log());
+}
+
+#[test]
+fn config_check_names_every_problem_at_once_and_creates_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("big-pw"), vec![b'x'; 1 << 20]).unwrap();
+    let config = format!(
+        r#"
+[proxy]
+token_file = "{d}/no-token"
+state_dir = "{d}/state"
+max_vms = 9223372036854775807
+rate = "0"
+
+[[vcenter]]
+name = "vc"
+url = "https://vc.example/sdk"
+user = "u"
+password_file = "{d}/big-pw"
+
+[[vcenter]]
+name = "leaky"
+url = "https://admin:s3cret@vc.example/sdk"
+user = "u"
+password_file = "{d}/big-pw"
+
+[[job]]
+name = "nightly"
+vcenter = "vc"
+all = true
+schedule = "daily 03:00"
+repository = "{d}/new-repo"
+
+[[job]]
+name = "dr"
+vcenter = "vc"
+all = true
+schedule = "every 1h"
+replica = "{d}/new-replicas"
+"#,
+        d = d.display()
+    );
+    let cfg = d.join("proxy.toml");
+    std::fs::write(&cfg, &config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_proxy")).args(["config", "check"]).arg(&cfg).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    for want in [
+        "max_vms = 9223372036854775807",
+        "rate = \"0\"",
+        "must not carry credentials",
+        "token_file",
+        "larger than 64 KiB",
+        "no repository at",
+    ] {
+        assert!(err.contains(want), "{want} in one pass:\n{err}");
+    }
+    assert!(!err.contains("s3cret"), "{err}");
+    for made in ["new-repo", "new-replicas", "state"] {
+        assert!(!d.join(made).exists(), "config check created {made}");
+    }
+
+    // Usable (the replica folder is made by the first run, not by the check), but the token
+    // file is readable by others: a warning naming it, exit 0.
+    Repo::init(d.join("repo"), 1 << 20).unwrap();
+    std::fs::write(d.join("token"), format!("{TOKEN}\n")).unwrap();
+    std::fs::set_permissions(d.join("token"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(d.join("pw"), "pw\n").unwrap();
+    std::fs::set_permissions(d.join("pw"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let good = format!(
+        "[proxy]\ntoken_file = \"{d}/token\"\nstate_dir = \"{d}/state\"\n\n[[vcenter]]\nname = \"vc\"\n\
+         url = \"https://vc.example/sdk\"\nuser = \"u\"\npassword_file = \"{d}/pw\"\n\n[[job]]\nname = \"n\"\n\
+         vcenter = \"vc\"\nall = true\nschedule = \"daily 03:00\"\nrepository = \"{d}/repo\"\n\n\
+         [[job]]\nname = \"r\"\nvcenter = \"vc\"\nall = true\nschedule = \"every 1h\"\nreplica = \"{d}/replicas\"\n",
+        d = d.display()
+    );
+    std::fs::write(&cfg, good).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_proxy")).args(["config", "check"]).arg(&cfg).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let token = d.join("token").display().to_string();
+    assert!(err.contains("warning") && err.contains(&token) && err.contains("chmod 600"), "{err}");
+    assert!(!err.contains(&d.join("pw").display().to_string()), "no warning for a private file: {err}");
+    assert!(!err.contains(TOKEN), "{err}");
+    assert!(!d.join("replicas").exists() && !d.join("state").exists(), "config check created a folder");
 }

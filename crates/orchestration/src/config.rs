@@ -143,6 +143,16 @@ pub struct ProxySection {
     /// `text` or `json` log lines.
     #[serde(default = "default_log_format")]
     pub log_format: String,
+    /// HTTP connections served at once; past them, new connections wait in the listen backlog.
+    #[serde(default = "default_http_connections")]
+    pub http_connections: usize,
+    /// How long a client may take to send a request's headers (`10s`), on a new connection
+    /// and between requests of a kept-alive one.
+    #[serde(default = "default_http_header_timeout")]
+    pub http_header_timeout: String,
+    /// How long an HTTP connection may go without a byte in either direction (`60s`).
+    #[serde(default = "default_http_idle_timeout")]
+    pub http_idle_timeout: String,
 }
 
 fn default_listen() -> String {
@@ -165,6 +175,15 @@ fn default_max_job() -> String {
 }
 fn default_log_format() -> String {
     "text".into()
+}
+fn default_http_connections() -> usize {
+    64
+}
+fn default_http_header_timeout() -> String {
+    "10s".into()
+}
+fn default_http_idle_timeout() -> String {
+    "60s".into()
 }
 
 /// `[[vcenter]]`: a vCenter or ESXi host and how to log in to it.
@@ -358,9 +377,40 @@ fn file_name_ok(s: &str) -> bool {
         && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
+/// The most VMs at once (`max_vms`, `per_host`, `per_datastore`, `--concurrency`): far above
+/// what one proxy can copy, far below what would overflow a semaphore.
+pub const MAX_AT_ONCE: usize = 10_000;
+
+/// The most HTTP connections at once `http_connections` may allow.
+pub const MAX_HTTP_CONNECTIONS: usize = 10_000;
+
+/// Whether `url` carries a user or password (`https://user:pass@vc/sdk`), which must never be
+/// accepted nor repeated in a message.
+pub fn url_has_credentials(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.split(['/', '?', '#']).next().unwrap_or_default().contains('@')
+}
+
+/// An HTTP timeout (`10s`, `500ms`): between 100 milliseconds and an hour.
+pub fn http_timeout(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text.trim()).map_err(|e| format!("{text:?}: {e}"))?;
+    if d < Duration::from_millis(100) || d > Duration::from_secs(3600) {
+        return Err(format!("{text:?}: use 100ms to 1h"));
+    }
+    Ok(d)
+}
+
 impl ServeConfig {
     /// Parses and checks a configuration.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let (c, problems) = Self::from_toml_with_problems(text)?;
+        if problems.is_empty() { Ok(c) } else { Err(ConfigError::Invalid(problems)) }
+    }
+
+    /// Parses a configuration and names every problem it has without refusing it, for a check
+    /// that goes on to look at files and reports everything in one pass. Only a file that is
+    /// not TOML of the right shape is an error.
+    pub fn from_toml_with_problems(text: &str) -> Result<(Self, Vec<String>), ConfigError> {
         if text.len() > MAX_CONFIG_BYTES {
             return Err(ConfigError::Syntax(format!(
                 "the configuration is {} bytes, more than {MAX_CONFIG_BYTES}",
@@ -369,7 +419,7 @@ impl ServeConfig {
         }
         let c: Self = toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
         let problems = c.problems();
-        if problems.is_empty() { Ok(c) } else { Err(ConfigError::Invalid(problems)) }
+        Ok((c, problems))
     }
 
     /// Everything wrong that can be seen without the network or the file system.
@@ -384,16 +434,30 @@ impl ServeConfig {
         {
             out.push(format!("[proxy] id = {id:?}: use 1 to 64 letters, digits, '.', '_' or '-'"));
         }
-        if p.max_vms == 0 || p.per_host == Some(0) || p.per_datastore == Some(0) {
-            out.push("[proxy] max_vms, per_host and per_datastore must be at least 1".into());
+        for (key, n) in [("max_vms", Some(p.max_vms)), ("per_host", p.per_host), ("per_datastore", p.per_datastore)] {
+            if let Some(n) = n
+                && !(1..=MAX_AT_ONCE).contains(&n)
+            {
+                out.push(format!("[proxy] {key} = {n}: use 1 to {MAX_AT_ONCE}"));
+            }
+        }
+        if !(1..=MAX_HTTP_CONNECTIONS).contains(&p.http_connections) {
+            out.push(format!("[proxy] http_connections = {}: use 1 to {MAX_HTTP_CONNECTIONS}", p.http_connections));
+        }
+        for (key, text) in
+            [("http_header_timeout", &p.http_header_timeout), ("http_idle_timeout", &p.http_idle_timeout)]
+        {
+            if let Err(e) = http_timeout(text) {
+                out.push(format!("[proxy] {key}: {e}"));
+            }
         }
         if let Err(e) = parse_size(&p.memory) {
             out.push(format!("[proxy] memory: {e}"));
         }
-        if let Some(r) = &p.rate
-            && let Err(e) = parse_size(r)
-        {
-            out.push(format!("[proxy] rate: {e}"));
+        match p.rate.as_deref().map(parse_size) {
+            Some(Err(e)) => out.push(format!("[proxy] rate: {e}")),
+            Some(Ok(0)) => out.push("[proxy] rate = \"0\" would stop every copy: leave rate out for no limit".into()),
+            _ => {}
         }
         if let Err(e) = humantime::parse_duration(&p.max_job) {
             out.push(format!("[proxy] max_job = {:?}: {e}", p.max_job));
@@ -407,11 +471,13 @@ impl ServeConfig {
             if !names.insert(v.name.as_str()) {
                 out.push(format!("{at}: the name is used twice"));
             }
-            if !v.url.starts_with("https://") {
+            // A URL with credentials in it is never repeated, here or anywhere else.
+            if url_has_credentials(&v.url) {
+                out.push(format!(
+                    "{at}: the url must not carry credentials; use user and password_file or password_env"
+                ));
+            } else if !v.url.starts_with("https://") {
                 out.push(format!("{at}: url {:?} must start with https://", v.url));
-            }
-            if v.url.contains('@') {
-                out.push(format!("{at}: the url must not carry credentials; use password_file or password_env"));
             }
             match (&v.password_file, &v.password_env) {
                 (Some(_), Some(_)) => out.push(format!("{at}: give password_file or password_env, not both")),
@@ -491,6 +557,16 @@ impl ServeConfig {
         humantime::parse_duration(&self.proxy.max_job).unwrap_or(Duration::from_secs(24 * 3600))
     }
 
+    /// How long an HTTP client may take to send a request's headers.
+    pub fn http_header_timeout(&self) -> Duration {
+        http_timeout(&self.proxy.http_header_timeout).unwrap_or(Duration::from_secs(10))
+    }
+
+    /// How long an HTTP connection may stay without traffic.
+    pub fn http_idle_timeout(&self) -> Duration {
+        http_timeout(&self.proxy.http_idle_timeout).unwrap_or(Duration::from_secs(60))
+    }
+
     /// The vCenter a job reads from.
     pub fn vcenter(&self, name: &str) -> Option<&VcenterConfig> {
         self.vcenters.iter().find(|v| v.name == name)
@@ -557,6 +633,43 @@ replica = "/replicas"
         assert!(e.contains("token_file"), "{e}");
         let e = ServeConfig::from_toml(&GOOD.replace("max_vms", "max_vmz")).unwrap_err().to_string();
         assert!(e.contains("max_vmz"), "unknown keys are refused: {e}");
+    }
+
+    #[test]
+    fn values_that_would_panic_or_stall_the_daemon_are_refused_all_at_once() {
+        let bad = GOOD
+            .replace("max_vms = 50", "max_vms = 9223372036854775807")
+            .replace("per_host = 4", "per_host = 0\nper_datastore = 10001")
+            .replace("rate = \"200M\"", "rate = \"0\"\nhttp_connections = 0\nhttp_header_timeout = \"0s\"");
+        let e = ServeConfig::from_toml(&bad).unwrap_err().to_string();
+        for want in [
+            "max_vms = 9223372036854775807",
+            "per_host = 0",
+            "per_datastore = 10001",
+            "rate = \"0\"",
+            "http_connections = 0",
+            "http_header_timeout",
+        ] {
+            assert!(e.contains(want), "{want} in {e}");
+        }
+        let (c, problems) = ServeConfig::from_toml_with_problems(&bad).unwrap();
+        assert_eq!(problems.len(), 6, "{problems:?}");
+        assert_eq!(c.jobs.len(), 2, "the configuration comes back with its problems");
+        let ok = GOOD.replace("rate = \"200M\"", "http_connections = 8\nhttp_header_timeout = \"500ms\"");
+        let c = ServeConfig::from_toml(&ok).unwrap();
+        assert_eq!(c.http_header_timeout(), Duration::from_millis(500));
+        assert_eq!(c.http_idle_timeout(), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_url_with_credentials_is_refused_without_repeating_them() {
+        for url in ["https://admin:s3cret@vc.example/sdk", "http://admin:s3cret@vc.example/sdk", "s3cret@vc.example"] {
+            let bad = GOOD.replace("https://vc.example/sdk", url);
+            let e = ServeConfig::from_toml(&bad).unwrap_err().to_string();
+            assert!(e.contains("must not carry credentials"), "{url}: {e}");
+            assert!(!e.contains("s3cret"), "{url} repeated: {e}");
+        }
+        assert!(!url_has_credentials("https://vc.example/sdk?user=a@b"));
     }
 
     #[test]

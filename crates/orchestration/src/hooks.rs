@@ -54,7 +54,17 @@ const MAX_STDERR: usize = 2048;
 /// Reads a guest account from a file: the user name on the first line, the password on the
 /// second. Errors name the file, never its contents.
 pub fn guest_credentials(path: &Path) -> Result<GuestAuth, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    use std::io::Read as _;
+    // Two short lines: a bound, so a wrong path such as /dev/zero cannot fill the memory.
+    const MAX: u64 = 64 << 10;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX + 1).read_to_end(&mut bytes))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if bytes.len() as u64 > MAX {
+        return Err(format!("{}: larger than {} KiB: not a credentials file", path.display(), MAX >> 10));
+    }
+    let text = String::from_utf8(bytes).map_err(|_| format!("{}: not UTF-8 text", path.display()))?;
     let mut lines = text.lines();
     match (lines.next().map(str::trim).filter(|u| !u.is_empty()), lines.next()) {
         (Some(user), Some(password)) if !password.is_empty() => {
@@ -115,5 +125,22 @@ async fn run_on_proxy(command: &str, vm: &Vm, phase: &str, timeout: Duration) ->
                 if tail.is_empty() { String::new() } else { format!(": {tail}") }
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_credentials_file_is_read_with_a_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'x'; 1 << 20]).unwrap();
+        let e = guest_credentials(&big).unwrap_err();
+        assert!(e.contains("larger than 64 KiB") && e.contains("big"), "{e}");
+        let ok = dir.path().join("ok");
+        std::fs::write(&ok, "root\npw\n").unwrap();
+        assert_eq!(guest_credentials(&ok).unwrap().user, "root");
     }
 }
