@@ -219,8 +219,8 @@ async fn job(
     let selectors: Vec<Selector> = args.vms.iter().map(|v| Selector::parse(v)).collect();
     // A VM that is gone or misnamed fails on its own; the others are protected all the same.
     let selection = select(&client, &selectors, args.all).await?;
-    for m in &selection.missing {
-        eprintln!("proxy {what}: {m}");
+    for (_, why) in &selection.missing {
+        eprintln!("proxy {what}: {why}");
     }
     let vms = selection.vms;
     if vms.is_empty() && selection.missing.is_empty() {

@@ -20,8 +20,8 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use orchestration::config::{JobConfig, Schedule, ServeConfig, VcenterConfig};
 use orchestration::{
-    JobContext, JobReport, Limits, Metrics, Outcome, ReplicaTarget, Selector, Target, clean_stale, run_job, select_vms,
-    sweep_own_snapshots,
+    JobContext, JobReport, Limits, Metrics, Outcome, ReplicaTarget, Selector, Target, clean_stale, report_missing,
+    run_job, select, sweep_own_snapshots,
 };
 use pipeline::Engine;
 use pipeline::limit::{RateLimiter, ReleaseCpuTime};
@@ -294,11 +294,12 @@ struct Runner {
 }
 
 impl Runner {
-    /// Logs in and builds the context of one run.
-    async fn context(&self, run_id: &str) -> Result<(JobContext, Vec<vsphere::MoRef>)> {
+    /// Logs in and builds the context of one run: its VMs, and why each selector that found
+    /// none failed (a deleted VM fails alone; the others run).
+    async fn context(&self, run_id: &str) -> Result<(JobContext, Vec<vsphere::MoRef>, Vec<(String, String)>)> {
         let client = Arc::new(server_args(&self.vcenter).login().await?);
         let selectors: Vec<Selector> = self.job.vms.iter().map(|v| Selector::parse(v)).collect();
-        let vms = select_vms(&client, &selectors, self.job.all).await?;
+        let selection = select(&client, &selectors, self.job.all).await?;
         let target = open_target(&self.job)?;
         let mut ctx = JobContext::with_target(
             client,
@@ -328,20 +329,21 @@ impl Runner {
             pre_freeze: hook(&self.job.pre_freeze, "pre_freeze")?,
             post_thaw: hook(&self.job.post_thaw, "post_thaw")?,
         };
-        Ok((ctx, vms.into_iter().map(|v| v.moref).collect()))
+        Ok((ctx, selection.morefs(), selection.missing))
     }
 
     /// One run: the job, then (for a repository with retention) a prune.
     async fn once(&self, run_id: &str) -> (Option<JobReport>, Option<String>) {
-        let (ctx, vms) = match self.context(run_id).await {
+        let (ctx, vms, missing) = match self.context(run_id).await {
             Ok(x) => x,
             Err(e) => return (None, Some(format!("{e:#}"))),
         };
         tracing::info!(job = %self.job.name, run = %ctx.tag(), vms = vms.len(), "job starts");
-        let report = match run_job(&ctx, &vms, self.max_vms).await {
+        let mut report = match run_job(&ctx, &vms, self.max_vms).await {
             Ok(r) => r,
             Err(e) => return (None, Some(e.to_string())),
         };
+        report_missing(&ctx, &mut report, &missing);
         let (swept, failed) = sweep_own_snapshots(&ctx, &vms).await;
         for s in swept {
             tracing::warn!(job = %self.job.name, "removed snapshot {s} after the run");
@@ -376,7 +378,7 @@ impl Runner {
 async fn sweep_at_start(runners: &[Arc<Runner>]) {
     for r in runners {
         match r.context("startup").await {
-            Ok((ctx, vms)) => match clean_stale(&ctx, &vms).await {
+            Ok((ctx, vms, _)) => match clean_stale(&ctx, &vms).await {
                 Ok(reports) => {
                     for v in reports {
                         for s in &v.stale_removed {

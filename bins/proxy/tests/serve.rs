@@ -111,6 +111,13 @@ vcenter = "sim"
 vms = ["{vm0}"]
 schedule = "daily 03:00"
 replica = "{replicas}"
+
+[[job]]
+name = "partly-gone"
+vcenter = "sim"
+vms = ["deleted-vm", "{vm1}"]
+schedule = "daily 04:00"
+repository = "{repo}"
 "#,
         token = d.join("token").display(),
         state = d.join("state").display(),
@@ -119,6 +126,7 @@ replica = "{replicas}"
         thumb = Thumbprint::sha256_of(sim.certificate().unwrap()),
         repo = d.join("repo").display(),
         vm0 = vms[0].name,
+        vm1 = vms[1].name,
         replicas = d.join("replicas").display(),
     );
     let cfg = d.join("proxy.toml");
@@ -191,6 +199,15 @@ replica = "{replicas}"
     ] {
         assert!(metrics.contains(want), "{want} in\n{metrics}");
     }
+    // A job naming a deleted VM: the other VM is backed up, the missing one fails alone.
+    assert_eq!(http(&addr, "POST", "/jobs/partly-gone/run", Some(TOKEN)).0, 202);
+    let a = addr.clone();
+    wait_for("the job naming a deleted VM", move || last_outcome(&a, "partly-gone").is_some()).await;
+    assert_eq!(last_outcome(&addr, "partly-gone").as_deref(), Some("partial"), "{}", status(&addr));
+    let (_, history) = http(&addr, "GET", "/history", Some(TOKEN));
+    assert!(history.contains(r#""vm":"deleted-vm""#) && history.contains(&vms[1].name), "{history}");
+    let (_, metrics) = http(&addr, "GET", "/metrics", Some(TOKEN));
+    assert!(metrics.contains("syncproxy_vms_failed_total 1"), "{metrics}");
 
     // SIGTERM mid-copy: it stops, removes the snapshot and exits 0.
     sim.faults(|f| f.datastore_delay = Duration::from_millis(300));
@@ -206,7 +223,7 @@ replica = "{replicas}"
     assert!(client.vms().await.unwrap().iter().all(|v| v.snapshots.is_empty()), "no snapshot left");
     assert!(repo.verify().unwrap().damaged_points.is_empty());
     let history = std::fs::read_to_string(d.join("state/history.jsonl")).unwrap();
-    assert_eq!(history.lines().count(), 4, "three finished runs and the interrupted one: {history}");
+    assert_eq!(history.lines().count(), 5, "four finished runs and the interrupted one: {history}");
     assert!(!history.contains("simulated"), "no password in the history");
     let log = std::fs::read_to_string(d.join("daemon.log")).unwrap();
     let first = log.lines().next().unwrap_or_default();

@@ -27,6 +27,13 @@ pub enum Selector {
 }
 
 impl Selector {
+    /// The selector as it was typed.
+    pub fn text(&self) -> &str {
+        match self {
+            Self::Name(t) | Self::Moref(t) | Self::InstanceUuid(t) | Self::Path(t) => t,
+        }
+    }
+
     /// Reads `vm-42`, a UUID, a path with `/`, or else a name.
     pub fn parse(text: &str) -> Self {
         let t = text.trim();
@@ -51,7 +58,7 @@ impl Selector {
 pub async fn select_vms(client: &Client, selectors: &[Selector], all: bool) -> Result<Vec<Vm>, OrchError> {
     let s = select(client, selectors, all).await?;
     match s.missing.into_iter().next() {
-        Some(why) => Err(OrchError::Refused(why)),
+        Some((_, why)) => Err(OrchError::Refused(why)),
         None => Ok(s.vms),
     }
 }
@@ -61,8 +68,8 @@ pub async fn select_vms(client: &Client, selectors: &[Selector], all: bool) -> R
 pub struct Selection {
     /// The VMs, each once, in the order named.
     pub vms: Vec<Vm>,
-    /// Per selector that matched no VM, or several: why, naming it.
-    pub missing: Vec<String>,
+    /// Per selector that matched no VM, or several: the selector as typed, and why.
+    pub missing: Vec<(String, String)>,
 }
 
 impl Selection {
@@ -94,7 +101,7 @@ pub async fn select(client: &Client, selectors: &[Selector], all: bool) -> Resul
                 Some(m) if m.kind != "VirtualMachine" => {
                     let inside: Vec<MoRef> = client.vms_in(&m).await?.into_iter().map(|v| v.moref).collect();
                     if inside.is_empty() {
-                        missing.push(format!("{p} ({m}) holds no VMs"));
+                        missing.push((s.text().to_owned(), format!("{p} ({m}) holds no VMs")));
                         continue;
                     }
                     for v in vms.iter().filter(|v| inside.contains(&v.moref)) {
@@ -109,7 +116,7 @@ pub async fn select(client: &Client, selectors: &[Selector], all: bool) -> Resul
             },
         };
         match found.as_slice() {
-            [] => missing.push(format!("no VM matches {s:?}")),
+            [] => missing.push((s.text().to_owned(), format!("no VM matches {s:?}"))),
             [one] => {
                 if !out.iter().any(|v| v.moref == one.moref) {
                     out.push((*one).clone());
@@ -117,10 +124,13 @@ pub async fn select(client: &Client, selectors: &[Selector], all: bool) -> Resul
             }
             many => {
                 let refs: Vec<String> = many.iter().map(|v| v.moref.value.clone()).collect();
-                missing.push(format!(
-                    "{s:?} matches {} VMs ({}): name one by moref or instance UUID",
-                    many.len(),
-                    refs.join(", ")
+                missing.push((
+                    s.text().to_owned(),
+                    format!(
+                        "{s:?} matches {} VMs ({}): name one by moref or instance UUID",
+                        many.len(),
+                        refs.join(", ")
+                    ),
                 ));
             }
         }
@@ -130,11 +140,11 @@ pub async fn select(client: &Client, selectors: &[Selector], all: bool) -> Resul
 
 /// Adds to `report` a failure for each selector of the job that found no VM, counted in the
 /// metrics like any failed VM, so an alert on failures sees it.
-pub fn report_missing(ctx: &JobContext, report: &mut JobReport, missing: &[String]) {
-    for why in missing {
+pub fn report_missing(ctx: &JobContext, report: &mut JobReport, missing: &[(String, String)]) {
+    for (selector, why) in missing {
         ctx.metrics.vm_finished(true, false);
         report.vms.push(VmReport {
-            vm: why.clone(),
+            vm: selector.clone(),
             error: Some(format!("{why}: not backed up (the job's other VMs were)")),
             snapshot_removed: true,
             ..VmReport::default()

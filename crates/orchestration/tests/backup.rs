@@ -1284,7 +1284,7 @@ async fn a_missing_vm_fails_alone_and_the_others_are_backed_up() {
     assert_eq!(report.outcome(), Outcome::Some, "{report:?}");
     let failed: Vec<_> = report.vms.iter().filter(|v| v.error.is_some()).collect();
     assert_eq!(failed.len(), 1);
-    assert!(failed[0].error.as_deref().unwrap().contains("deleted-vm"), "{failed:?}");
+    assert!(failed[0].error.as_deref().unwrap().contains("deleted-vm") && failed[0].vm == "deleted-vm", "{failed:?}");
     assert_eq!(c.metrics.snapshot().vms_failed, 1);
     assert_eq!(repo.points().unwrap().len(), 2);
 }
