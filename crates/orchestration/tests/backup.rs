@@ -62,11 +62,15 @@ async fn start() -> (tempfile::TempDir, Sim, Arc<Client>) {
 
 /// The simulator of `estate` (its disks under `sim/` in the directory), logged in.
 async fn start_with(estate: Config) -> (tempfile::TempDir, Sim, Arc<Client>) {
+    start_timed(estate, Duration::from_secs(20)).await
+}
+
+/// The same, with the client's `timeout`.
+async fn start_timed(estate: Config, timeout: Duration) -> (tempfile::TempDir, Sim, Arc<Client>) {
     vsphere::tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
     let sim = Sim::start(estate, &dir.path().join("sim"), SimTls::SelfSigned).await.unwrap();
-    let opts =
-        ConnectOptions { trust: Trust::Insecure, timeout: Duration::from_secs(20), ..ConnectOptions::new(&sim.url()) };
+    let opts = ConnectOptions { trust: Trust::Insecure, timeout, ..ConnectOptions::new(&sim.url()) };
     let c = Client::connect(&opts).await.unwrap();
     c.login(Credentials { user: "backup@vsphere.local".into(), password: Secret::new("s3cret") }).await.unwrap();
     (dir, sim, Arc::new(c))
@@ -1213,14 +1217,7 @@ async fn a_dead_jobs_young_snapshot_is_removed_at_once_when_its_intent_is_record
 /// not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_made_after_its_creation_timed_out_is_found_and_removed() {
-    vsphere::tls::install_crypto_provider();
-    let dir = tempfile::tempdir().unwrap();
-    let sim = Sim::start(estate(), &dir.path().join("sim"), SimTls::SelfSigned).await.unwrap();
-    let opts =
-        ConnectOptions { trust: Trust::Insecure, timeout: Duration::from_secs(2), ..ConnectOptions::new(&sim.url()) };
-    let c = Client::connect(&opts).await.unwrap();
-    c.login(Credentials { user: "backup@vsphere.local".into(), password: Secret::new("s3cret") }).await.unwrap();
-    let client = Arc::new(c);
+    let (dir, sim, client) = start_timed(estate(), Duration::from_secs(2)).await;
     let repo = Repo::init(dir.path().join("repo"), 1 << 20).unwrap();
     let web = client.vms().await.unwrap().into_iter().find(|v| v.name == "web").unwrap();
     sim.faults(|f| f.late_answer = Some(("CreateSnapshot_Task".into(), Duration::from_secs(5))));
