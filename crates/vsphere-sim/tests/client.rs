@@ -318,6 +318,15 @@ async fn host_and_datastore_facts_and_a_direct_read_from_the_host() {
     assert_eq!(hosts.len(), 1);
     let h = &hosts[0];
     assert_eq!((h.name.as_str(), h.version.as_deref()), ("esx1", Some("7.0.3")));
+    // One host's version by moref, and that of a VM's host, without reading every host.
+    assert_eq!(c.host_version(&h.moref).await.unwrap().as_deref(), Some("7.0.3"));
+    let db = vm_named(&c, "db").await;
+    assert_eq!(db.host.as_ref(), Some(&h.moref));
+    let calls = sim.calls();
+    assert_eq!(c.vm_host_version(&db.moref).await.unwrap().as_deref(), Some("7.0.3"));
+    assert_eq!(sim.calls() - calls, 2, "runtime.host, then config.product.version");
+    let gone = c.host_version(&MoRef::new("HostSystem", "host-404")).await.unwrap_err();
+    assert_eq!(gone.fault().map(|f| f.kind), Some(FaultKind::ManagedObjectNotFound), "{gone}");
     // vCenter vouches for the host's certificate: its thumbprint is what a direct read pins.
     let thumb = h.thumbprint.clone().expect("the host's certificate");
     assert_eq!(thumb, c.server_tls().unwrap().sha1);
