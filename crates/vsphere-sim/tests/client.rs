@@ -191,11 +191,9 @@ async fn datastore_reads_see_the_frozen_base() {
     assert_eq!(&r.read(&f, 0, 19).await.unwrap()[..], b"before the snapshot");
     c.remove_snapshot(&s, true).await.unwrap();
     assert_eq!(&r.read(&f, 0, 19).await.unwrap()[..], b"AFTER  the snapshot");
-    // Busy host: 503, retried with back-off by callers.
-    sim.faults(|f| f.http_503 = 1);
-    let e = r.read(&f, 0, 10).await.unwrap_err();
-    assert_eq!((e.retry(), matches!(e, vsphere::Error::Http { status: Some(503), .. })), (Retry::Backoff, true), "{e}");
-    assert_eq!(r.read(&f, 0, 5).await.unwrap().len(), 5);
+    // Busy host: 503, retried with back-off by the client within its timeout.
+    sim.faults(|f| f.http_503 = 2);
+    assert_eq!(&r.read(&f, 0, 5).await.unwrap()[..], b"AFTER");
     let e = r.read(&f, 8 * MIB, 10).await.unwrap_err();
     assert!(e.to_string().contains("416"), "{e}");
 }
@@ -243,13 +241,29 @@ async fn injected_faults_come_back_typed() {
     assert_eq!(e.fault().map(|f| f.kind), Some(FaultKind::RequestCanceled), "{e}");
     assert_eq!(vm_named(&c, "db").await.snapshot_depth(), 0);
 
-    // Slow answers past the client's timeout: a Timeout, retried with back-off.
+    // Slow answers past the client's timeout: a Timeout naming the call, never retried (the
+    // timeout is the deadline of the call with its retries).
     sim.faults(|f| f.delay = Duration::from_secs(3));
     let impatient =
         ConnectOptions { trust: Trust::Insecure, timeout: Duration::from_secs(1), ..ConnectOptions::new(&sim.url()) };
     let e = Client::connect(&impatient).await.unwrap_err();
-    assert!(matches!(e, vsphere::Error::Timeout(_)), "{e}");
-    assert_eq!(e.retry(), Retry::Backoff);
+    assert!(matches!(&e, vsphere::Error::Timeout { operation, .. } if operation == "RetrieveServiceContent"), "{e}");
+    assert_eq!(e.retry(), Retry::Never);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_longer_than_the_timeout_is_waited_for_in_waits_shorter_than_it() {
+    let (_d, sim) = sim().await;
+    // The timeout bounds each call, so no WaitForUpdatesEx may block on the server that long.
+    let opts =
+        ConnectOptions { trust: Trust::Insecure, timeout: Duration::from_secs(2), ..ConnectOptions::new(&sim.url()) };
+    let c = Client::connect(&opts).await.unwrap();
+    c.login(Credentials { user: "backup@vsphere.local".into(), password: Secret::new("s3cret") }).await.unwrap();
+    let db = vm_named(&c, "db").await;
+    sim.faults(|f| f.task_delay = Duration::from_secs(5));
+    let s = c.create_snapshot(&db.moref, "long", "", false, None).await.unwrap();
+    sim.faults(|f| f.task_delay = Duration::ZERO);
+    c.remove_snapshot(&s, true).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -304,6 +318,15 @@ async fn host_and_datastore_facts_and_a_direct_read_from_the_host() {
     assert_eq!(hosts.len(), 1);
     let h = &hosts[0];
     assert_eq!((h.name.as_str(), h.version.as_deref()), ("esx1", Some("7.0.3")));
+    // One host's version by moref, and that of a VM's host, without reading every host.
+    assert_eq!(c.host_version(&h.moref).await.unwrap().as_deref(), Some("7.0.3"));
+    let db = vm_named(&c, "db").await;
+    assert_eq!(db.host.as_ref(), Some(&h.moref));
+    let calls = sim.calls();
+    assert_eq!(c.vm_host_version(&db.moref).await.unwrap().as_deref(), Some("7.0.3"));
+    assert_eq!(sim.calls() - calls, 2, "runtime.host, then config.product.version");
+    let gone = c.host_version(&MoRef::new("HostSystem", "host-404")).await.unwrap_err();
+    assert_eq!(gone.fault().map(|f| f.kind), Some(FaultKind::ManagedObjectNotFound), "{gone}");
     // vCenter vouches for the host's certificate: its thumbprint is what a direct read pins.
     let thumb = h.thumbprint.clone().expect("the host's certificate");
     assert_eq!(thumb, c.server_tls().unwrap().sha1);

@@ -1,7 +1,8 @@
 //! Datastore files over HTTPS (`/folder/<path>?dcPath=..&dsName=..`): `HEAD` for the size and
 //! ranged `GET`s, through vCenter with the session cookie or straight from the ESXi host with
 //! a generic service ticket, trusted by the host's own thumbprint. A `200` answer to a ranged
-//! request means the range was ignored, and is never taken as the range.
+//! request means the range was ignored, and is never taken as the range. A read is retried
+//! after a busy answer or a lost connection, all within the client's timeout.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,8 +10,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 
-use crate::error::Error;
-use crate::http::{Endpoint, Http};
+use crate::error::{Error, Retry};
+use crate::http::{Deadline, Endpoint, Http, Retries};
 use crate::session::Client;
 use crate::soap::Request;
 use crate::tls::{Thumbprint, Trust};
@@ -88,11 +89,20 @@ impl DatastoreReader {
     /// The file's size (`HEAD`). A directory listing (HTML) is refused by name. ESXi answers
     /// files as `application/octet-stream`; vcsim by extension (`application/x-vmdk-disk`).
     pub async fn size(&self, file: &DatastoreFile) -> Result<u64, Error> {
-        let r = self.request(http::Method::HEAD, file, None).await?;
+        let deadline = Deadline::after(self.http.timeout());
         let what = || format!("HEAD {}", file.path);
-        if r.status != 200 {
-            return Err(status_error(&what(), r.status));
-        }
+        let operation = what();
+        let mut retries = Retries::new(deadline, &operation);
+        let r = loop {
+            let attempt = self.request(http::Method::HEAD, file, deadline).await.and_then(|r| match r.status {
+                200 => Ok(r),
+                s => Err(status_error(&what(), s)),
+            });
+            match attempt {
+                Ok(r) => break r,
+                Err(e) => retries.after(e, |e| e.retry() == Retry::Backoff).await?,
+            }
+        };
         let kind = r.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
         if kind.starts_with("text/html") {
             return Err(Error::Protocol(format!("{}: the server answers {kind:?}: a directory, not a file", what())));
@@ -122,6 +132,27 @@ impl DatastoreReader {
         }
         let last = offset.checked_add(len - 1).ok_or_else(|| Error::Config("the range overflows".into()))?;
         let what = format!("GET {} bytes {offset}-{last}", file.path);
+        let deadline = Deadline::after(self.http.timeout());
+        let mut retries = Retries::new(deadline, &what);
+        loop {
+            match self.read_once(file, offset, last, buf, &what, deadline).await {
+                Ok(()) => return Ok(()),
+                Err(e) => retries.after(e, |e| e.retry() == Retry::Backoff).await?,
+            }
+        }
+    }
+
+    /// One attempt of [`DatastoreReader::read_into`].
+    async fn read_once(
+        &self,
+        file: &DatastoreFile,
+        offset: u64,
+        last: u64,
+        buf: &mut [u8],
+        what: &str,
+        deadline: Deadline,
+    ) -> Result<(), Error> {
+        let len = buf.len() as u64;
         let req = http::Request::builder()
             .method(http::Method::GET)
             .uri(file.url_path())
@@ -129,7 +160,8 @@ impl DatastoreReader {
             .header(http::header::RANGE, format!("bytes={offset}-{last}"))
             .body(Full::new(Bytes::new()))
             .map_err(|e| Error::Config(format!("building a datastore request for {}: {e}", file.path)))?;
-        let (status, headers, filled) = match self.http.send_into(req, &format!("datastore {}", file.path), buf).await {
+        let context = format!("datastore {}", file.path);
+        let (status, headers, filled) = match self.http.send_into(req, &context, buf, deadline).await {
             Ok(x) => x,
             // A 200 with the whole file overflows the buffer: say what happened.
             Err(Error::Protocol(m)) if m.contains("longer than") => {
@@ -147,7 +179,7 @@ impl DatastoreReader {
                 Ok(())
             }
             200 => Err(Error::Protocol(format!("{what}: the server ignored the range and sent the whole file"))),
-            s => Err(status_error(&what, s)),
+            s => Err(status_error(what, s)),
         }
     }
 
@@ -155,17 +187,15 @@ impl DatastoreReader {
         &self,
         method: http::Method,
         file: &DatastoreFile,
-        range: Option<(u64, u64)>,
+        deadline: Deadline,
     ) -> Result<crate::http::Response, Error> {
-        let mut b =
-            http::Request::builder().method(method).uri(file.url_path()).header(http::header::COOKIE, &self.cookie);
-        if let Some((a, z)) = range {
-            b = b.header(http::header::RANGE, format!("bytes={a}-{z}"));
-        }
-        let req = b
+        let req = http::Request::builder()
+            .method(method)
+            .uri(file.url_path())
+            .header(http::header::COOKIE, &self.cookie)
             .body(Full::new(Bytes::new()))
             .map_err(|e| Error::Config(format!("building a datastore request for {}: {e}", file.path)))?;
-        self.http.send(req, &format!("datastore {}", file.path)).await
+        self.http.send_by(req, &format!("datastore {}", file.path), deadline).await
     }
 }
 

@@ -178,9 +178,19 @@ pub enum Error {
         /// The status, when there was one.
         status: Option<u16>,
     },
-    /// The answer took too long.
-    #[error("{0} timed out")]
-    Timeout(String),
+    /// The server did not answer within the client's timeout: a deadline for the whole
+    /// operation, its attempts, the pauses between them and a re-login included. Retrying it
+    /// would only stretch that deadline, so it is never retried.
+    #[error("{operation}: the server did not answer within {} s{}", after.as_secs_f64(), last.as_deref().map(|l| format!(" (last: {l})")).unwrap_or_default())]
+    Timeout {
+        /// The operation (the SOAP method, or the datastore file read).
+        operation: String,
+        /// The timeout that passed.
+        after: std::time::Duration,
+        /// The last failure before the deadline passed, if an attempt failed (a refused
+        /// connection, a busy answer).
+        last: Option<String>,
+    },
     /// The answer is not well-formed XML.
     #[error("{context}: {source}")]
     Xml {
@@ -216,11 +226,20 @@ impl Error {
         }
     }
 
+    /// Whether the server surely did not act on the request, so sending it again cannot do
+    /// anything twice (not even create a task twice): the connection was never made, or the
+    /// server answered that it is busy. The client retries these itself, within its deadline.
+    pub fn not_acted_on(&self) -> bool {
+        matches!(self, Self::Io { .. } | Self::Http { status: Some(503 | 429), .. })
+    }
+
     /// Whether to retry: every variant and every fault kind is decided here, in one place.
     pub fn retry(&self) -> Retry {
         match self {
-            Self::Config(_) | Self::Tls { .. } | Self::Xml { .. } | Self::Protocol(_) => Retry::Never,
-            Self::Io { .. } | Self::Timeout(_) => Retry::Backoff,
+            Self::Config(_) | Self::Tls { .. } | Self::Xml { .. } | Self::Protocol(_) | Self::Timeout { .. } => {
+                Retry::Never
+            }
+            Self::Io { .. } => Retry::Backoff,
             Self::Http { status, .. } => match status {
                 Some(503 | 502 | 504 | 429) | None => Retry::Backoff,
                 Some(_) => Retry::Never,

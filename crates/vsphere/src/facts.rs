@@ -145,6 +145,24 @@ impl Client {
         Ok(objs.iter().map(host_from).collect())
     }
 
+    /// One host's product version (`config.product.version`, `8.0.2`) by its moref: a single
+    /// property read, where [`Client::hosts`] reads every host. `None` when the server has no
+    /// version for it (a host never connected); a moref the server does not know is a
+    /// `ManagedObjectNotFound` fault.
+    pub async fn host_version(&self, host: &MoRef) -> Result<Option<String>, Error> {
+        Ok(some(self.property(host, "config.product.version").await?.as_ref()))
+    }
+
+    /// The product version of the host `vm` runs on (its `runtime.host`, then that host's
+    /// version): two property reads. `None` when the VM is on no host or the host has no
+    /// version.
+    pub async fn vm_host_version(&self, vm: &MoRef) -> Result<Option<String>, Error> {
+        let Some(host) = self.property(vm, "runtime.host").await?.as_ref().and_then(MoRef::from_element) else {
+            return Ok(None);
+        };
+        self.host_version(&host).await
+    }
+
     /// Every datastore with its type and, for VMFS, its version.
     pub async fn datastores(&self) -> Result<Vec<Datastore>, Error> {
         let objs = self.inventory("Datastore", &["name", "summary", "info"]).await?;

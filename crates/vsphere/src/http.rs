@@ -1,6 +1,8 @@
 //! HTTPS to one vSphere endpoint on hyper 1.x: a small pool of kept-alive connections, TLS
-//! through rustls with the chosen trust, bounded bodies and timeouts, and what the server's
-//! TLS looked like.
+//! through rustls with the chosen trust, bounded bodies, and what the server's TLS looked like.
+//! The timeout is a [`Deadline`] for a whole operation: its attempts, the back-off between
+//! them and a re-login all fit in it, so a dead server fails within the timeout, not within
+//! some multiple of it.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -60,6 +62,86 @@ impl Endpoint {
         } else {
             format!("{}:{}", self.host, self.port)
         }
+    }
+}
+
+/// When a whole operation must be over: every attempt, the pauses between them and a
+/// re-login count against it.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    at: tokio::time::Instant,
+    budget: Duration,
+}
+
+impl Deadline {
+    /// `budget` from now.
+    pub fn after(budget: Duration) -> Self {
+        Self { at: tokio::time::Instant::now() + budget, budget }
+    }
+
+    /// The time left (zero once it has passed).
+    pub fn remaining(&self) -> Duration {
+        self.at.saturating_duration_since(tokio::time::Instant::now())
+    }
+
+    /// The error saying `operation` got no answer in time, with the last failure seen.
+    pub(crate) fn expired(&self, operation: &str, last: Option<&Error>) -> Error {
+        Error::Timeout { operation: operation.to_owned(), after: self.budget, last: last.map(ToString::to_string) }
+    }
+
+    /// Runs `work` until the deadline.
+    async fn bound<T>(&self, operation: &str, work: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
+        tokio::time::timeout_at(self.at, work).await.unwrap_or_else(|_| Err(self.expired(operation, None)))
+    }
+}
+
+/// The first pause before a retry; each one doubles it, up to [`MAX_PAUSE`].
+const FIRST_PAUSE: Duration = Duration::from_millis(100);
+/// The longest pause between two attempts.
+const MAX_PAUSE: Duration = Duration::from_secs(5);
+
+/// The retries of one operation within its deadline: after each failed attempt,
+/// [`Retries::after`] pauses (longer each time) and lets another attempt go, or says what to
+/// return: the error itself when it is not worth retrying, a timeout naming the last failure
+/// once the deadline has passed.
+#[derive(Debug)]
+pub(crate) struct Retries<'a> {
+    deadline: Deadline,
+    operation: &'a str,
+    pause: Duration,
+    last: Option<Error>,
+}
+
+impl<'a> Retries<'a> {
+    /// Retries of `operation` until `deadline`.
+    pub(crate) fn new(deadline: Deadline, operation: &'a str) -> Self {
+        Self { deadline, operation, pause: FIRST_PAUSE, last: None }
+    }
+
+    /// After an attempt failed with `e`: `Ok` once it is time for the next attempt, else the
+    /// error to give up with.
+    pub(crate) async fn after(&mut self, e: Error, retryable: impl Fn(&Error) -> bool) -> Result<(), Error> {
+        if !retryable(&e) {
+            return Err(match e {
+                // An attempt cut short by the deadline: named as the operation, with what
+                // failed before it.
+                Error::Timeout { last: None, .. } => self.deadline.expired(self.operation, self.last.as_ref()),
+                e => e,
+            });
+        }
+        let left = self.deadline.remaining();
+        if left.is_zero() {
+            return Err(self.deadline.expired(self.operation, Some(&e)));
+        }
+        let wait = self.pause.min(left);
+        tracing::warn!("{}: {e}; retrying in {wait:?}", self.operation);
+        tokio::time::sleep(wait).await;
+        if self.deadline.remaining().is_zero() {
+            return Err(self.deadline.expired(self.operation, Some(&e)));
+        }
+        self.pause = (self.pause * 2).min(MAX_PAUSE);
+        self.last = Some(e);
+        Ok(())
     }
 }
 
@@ -132,6 +214,11 @@ impl Http {
     /// The endpoint.
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
+    }
+
+    /// The timeout: how long one operation may take, its retries included.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// The server's TLS as seen on the last connection made.
@@ -225,8 +312,18 @@ impl Http {
     }
 
     /// Sends a request (its URI is a path; the host is filled in) and reads the whole answer,
-    /// refusing bodies larger than the pool's limit.
+    /// refusing bodies larger than the pool's limit: one attempt, within the timeout.
     pub async fn send(&self, req: http::Request<Full<Bytes>>, context: &str) -> Result<Response, Error> {
+        self.send_by(req, context, Deadline::after(self.timeout)).await
+    }
+
+    /// The same, one attempt of an operation that must be over by `deadline`.
+    pub async fn send_by(
+        &self,
+        req: http::Request<Full<Bytes>>,
+        context: &str,
+        deadline: Deadline,
+    ) -> Result<Response, Error> {
         let work = async {
             let (sender, resp) = self.exchange(req, context).await?;
             let (parts, body) = resp.into_parts();
@@ -238,18 +335,20 @@ impl Http {
             self.release(sender);
             Ok(Response { status: parts.status.as_u16(), headers: parts.headers, body: body.to_bytes() })
         };
-        tokio::time::timeout(self.timeout, work).await.map_err(|_| Error::Timeout(context.to_owned()))?
+        deadline.bound(context, work).await
     }
 
     /// Sends a request and streams its answer's body straight into `buf` (no second copy of a
     /// large read): the status, the headers, and how many bytes came. A successful body longer
     /// than `buf` is an error, so `buf` bounds what the answer may allocate; the body of an
-    /// error status is read and dropped (0 bytes).
+    /// error status is read and dropped (0 bytes). One attempt, which must be over by
+    /// `deadline`.
     pub async fn send_into(
         &self,
         req: http::Request<Full<Bytes>>,
         context: &str,
         buf: &mut [u8],
+        deadline: Deadline,
     ) -> Result<(u16, http::HeaderMap, usize), Error> {
         let work = async {
             let (sender, resp) = self.exchange(req, context).await?;
@@ -280,7 +379,7 @@ impl Http {
             self.release(sender);
             Ok((status, parts.headers, filled))
         };
-        tokio::time::timeout(self.timeout, work).await.map_err(|_| Error::Timeout(context.to_owned()))?
+        deadline.bound(context, work).await
     }
 }
 

@@ -60,7 +60,7 @@ impl Client {
             // vcsim (and some real servers) report an expired session per property, in
             // missingSet, rather than as a fault.
             Err(e) if e.fault().is_some_and(|f| f.kind == FaultKind::NotAuthenticated) && self.can_relogin() => {
-                self.relogin("RetrievePropertiesEx").await?;
+                self.relogin("RetrievePropertiesEx", self.deadline()).await?;
                 self.retrieve_once(spec).await
             }
             r => r,

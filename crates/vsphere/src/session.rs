@@ -1,5 +1,7 @@
 //! The session: `RetrieveServiceContent`, `Login`/`Logout`, the `vmware_soap_session`
-//! cookie, and one re-login and retry when the server says `NotAuthenticated`.
+//! cookie, and one re-login and retry when the server says `NotAuthenticated`. A call is sent
+//! again after a refused connection or a busy answer; the timeout bounds the whole call, those
+//! retries and the re-login included.
 
 use std::fmt;
 use std::sync::Mutex;
@@ -9,7 +11,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 
 use crate::error::{Error, FaultKind};
-use crate::http::{Endpoint, Http};
+use crate::http::{Deadline, Endpoint, Http, Retries};
 use crate::soap::{MoRef, Request, parse_response};
 use crate::tls::{ServerTls, Trust};
 use crate::version::{Product, Support, support};
@@ -64,7 +66,7 @@ pub struct ConnectOptions {
     pub url: String,
     /// How its certificate is trusted.
     pub trust: Trust,
-    /// The longest a call may take.
+    /// The longest a call may take, its retries, their back-off and a re-login included.
     pub timeout: Duration,
     /// Parser limits for answers.
     pub limits: Limits,
@@ -266,6 +268,16 @@ impl Client {
         self.http.endpoint()
     }
 
+    /// The timeout: how long one call may take, its retries and a re-login included.
+    pub fn timeout(&self) -> Duration {
+        self.http.timeout()
+    }
+
+    /// The deadline of a call starting now.
+    pub(crate) fn deadline(&self) -> Deadline {
+        Deadline::after(self.http.timeout())
+    }
+
     /// The session cookie (`vmware_soap_session="..."`), for datastore reads and VDDK.
     pub fn session_cookie(&self) -> Option<String> {
         self.cookie.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -284,15 +296,15 @@ impl Client {
     /// Logs in; the credentials are kept (in memory only) to log in again when the session
     /// expires.
     pub async fn login(&self, credentials: Credentials) -> Result<UserSession, Error> {
-        let session = self.login_once(&credentials).await?;
+        let session = self.login_once(&credentials, self.deadline()).await?;
         *self.credentials.lock().unwrap_or_else(|p| p.into_inner()) = Some(credentials);
         Ok(session)
     }
 
-    async fn login_once(&self, c: &Credentials) -> Result<UserSession, Error> {
+    async fn login_once(&self, c: &Credentials, deadline: Deadline) -> Result<UserSession, Error> {
         let mut req = Request::new("Login", &self.content.session_manager);
         req.text("userName", &c.user).text("password", c.password.expose());
-        let r = self.call(req).await?;
+        let r = self.call_by(req, deadline).await?;
         let rv = r.child("returnval").ok_or_else(|| Error::Protocol("Login returned no session".into()))?;
         if self.session_cookie().is_none() {
             return Err(Error::Protocol("Login succeeded but the server set no vmware_soap_session cookie".into()));
@@ -314,15 +326,23 @@ impl Client {
         r.map(|_| ())
     }
 
-    /// Calls a method; on `NotAuthenticated`, logs in again and retries once.
+    /// Calls a method; on `NotAuthenticated`, logs in again and retries once. The timeout is
+    /// the deadline of all of it: a server that does not answer in time is a
+    /// [`Error::Timeout`] naming the method.
     pub async fn invoke(&self, req: Request) -> Result<Element, Error> {
+        let deadline = self.deadline();
         let method = req.method().to_owned();
         let this = req.this().clone();
         let body = req.finish();
-        match self.post(&method, &this, body.clone()).await {
+        match self.post_retrying(&method, &this, &body, deadline).await {
             Err(e) if e.fault().is_some_and(|f| f.kind == FaultKind::NotAuthenticated) && self.can_relogin() => {
-                self.relogin(&method).await?;
-                self.post(&method, &this, body).await
+                self.relogin(&method, deadline).await.map_err(|e| match e {
+                    Error::Timeout { after, last, .. } => {
+                        Error::Timeout { operation: format!("{method} (logging in again)"), after, last }
+                    }
+                    e => e,
+                })?;
+                self.post_retrying(&method, &this, &body, deadline).await
             }
             r => r,
         }
@@ -333,8 +353,8 @@ impl Client {
         self.credentials.lock().unwrap_or_else(|p| p.into_inner()).is_some()
     }
 
-    /// Logs in again with the kept credentials (after a `NotAuthenticated`).
-    pub(crate) async fn relogin(&self, method: &str) -> Result<(), Error> {
+    /// Logs in again with the kept credentials (after a `NotAuthenticated`), by `deadline`.
+    pub(crate) async fn relogin(&self, method: &str, deadline: Deadline) -> Result<(), Error> {
         let creds = self.credentials.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let Some(c) = creds else {
             return Err(Error::Protocol(format!(
@@ -343,16 +363,38 @@ impl Client {
         };
         tracing::info!("{}: session expired; logging in again", self.http.endpoint().host);
         self.cookie.lock().unwrap_or_else(|p| p.into_inner()).take();
-        self.login_once(&c).await.map(|_| ())
+        self.login_once(&c, deadline).await.map(|_| ())
     }
 
     async fn call(&self, req: Request) -> Result<Element, Error> {
-        let method = req.method().to_owned();
-        let this = req.this().clone();
-        self.post(&method, &this, req.finish()).await
+        self.call_by(req, self.deadline()).await
     }
 
-    async fn post(&self, method: &str, this: &MoRef, body: String) -> Result<Element, Error> {
+    async fn call_by(&self, req: Request, deadline: Deadline) -> Result<Element, Error> {
+        let method = req.method().to_owned();
+        let this = req.this().clone();
+        self.post_retrying(&method, &this, &req.finish(), deadline).await
+    }
+
+    /// Posts a call, again after a refused connection or a busy answer (the server did not
+    /// act on it, so even a task is never created twice), until `deadline`.
+    async fn post_retrying(
+        &self,
+        method: &str,
+        this: &MoRef,
+        body: &str,
+        deadline: Deadline,
+    ) -> Result<Element, Error> {
+        let mut retries = Retries::new(deadline, method);
+        loop {
+            match self.post(method, this, body.to_owned(), deadline).await {
+                Err(e) => retries.after(e, Error::not_acted_on).await?,
+                done => return done,
+            }
+        }
+    }
+
+    async fn post(&self, method: &str, this: &MoRef, body: String, deadline: Deadline) -> Result<Element, Error> {
         let endpoint = self.http.endpoint();
         let version = &self.content.about.api_version;
         let action = if version.is_empty() { "urn:vim25".to_owned() } else { format!("urn:vim25/{version}") };
@@ -366,7 +408,7 @@ impl Client {
         let req = b
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| Error::Config(format!("building the {method} request: {e}")))?;
-        let resp = self.http.send(req, method).await?;
+        let resp = self.http.send_by(req, method, deadline).await?;
         for v in resp.headers.get_all(http::header::SET_COOKIE) {
             if let Some(c) = v.to_str().ok().and_then(soap_session_cookie) {
                 *self.cookie.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);

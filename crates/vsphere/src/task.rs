@@ -86,8 +86,8 @@ impl Seen {
     }
 }
 
-/// How long one `WaitForUpdatesEx` call may block on the server.
-const WAIT_SECONDS: u32 = 60;
+/// How long one `WaitForUpdatesEx` call may block on the server, at most.
+const WAIT_SECONDS: u64 = 60;
 
 impl Client {
     /// Waits for `task` to finish and returns its result (a snapshot's moref, for one). When
@@ -167,8 +167,10 @@ impl Client {
             }
             let mut req = Request::new("WaitForUpdatesEx", pc);
             req.text("version", &version).open("options", None);
-            // Short waits while a cancel may come, so it is seen promptly.
-            let wait = if cancel.is_some() && !cancelled { 2 } else { WAIT_SECONDS };
+            // Short waits while a cancel may come, so it is seen promptly; never as long as the
+            // timeout, which bounds each call: a long task is many short waits.
+            let most = (self.timeout().as_secs() / 2).clamp(1, WAIT_SECONDS);
+            let wait = if cancel.is_some() && !cancelled { most.min(2) } else { most };
             req.text("maxWaitSeconds", wait).close("options");
             let r = self.invoke(req).await?;
             let Some(set) = r.child("returnval") else { continue };
