@@ -823,16 +823,13 @@ async fn reset_slots(ctx: &JobContext, vm: &Vm) -> Result<(HashSet<String>, cbt:
 async fn host_version(ctx: &JobContext, vm: &Vm, warnings: &mut Vec<String>) -> Option<cbt::HostVersion> {
     let why = match &vm.host {
         None => "the server names no host for the VM".to_owned(),
-        Some(h) => match ctx.client.hosts().await {
-            Ok(hosts) => match hosts.into_iter().find(|x| &x.moref == h) {
-                Some(x) => match x.version.as_deref().map(|v| (v, cbt::HostVersion::parse(v))) {
-                    Some((_, Some(v))) => return Some(v),
-                    Some((text, None)) => format!("its host {h} reports the version {text:?}, which does not parse"),
-                    None => format!("its host {h} reports no version"),
-                },
-                None => format!("its host {h} is not among the server's hosts"),
+        Some(h) => match ctx.client.host_version(h).await {
+            Ok(Some(text)) => match cbt::HostVersion::parse(&text) {
+                Some(v) => return Some(v),
+                None => format!("its host {h} reports the version {text:?}, which does not parse"),
             },
-            Err(e) => format!("the hosts could not be listed: {e}"),
+            Ok(None) => format!("its host {h} reports no version"),
+            Err(e) => format!("its host {h} could not be asked: {e}"),
         },
     };
     if vm.disks.iter().any(|d| d.capacity >= cbt::BOUNDARY_BUG_BASE) {
