@@ -567,6 +567,9 @@ async fn after_failed_create(
     // A fault is the server's own "no": the task failed and made nothing. Anything else (a
     // timeout, a lost connection) leaves the outcome unknown.
     let answered = e.fault().is_some();
+    if !answered {
+        wait_for_creations(ctx, vm, report).await;
+    }
     match remove_named(ctx, &vm.moref, name).await {
         Ok(0) if answered => forget_intents(ctx, vm, vec![ctx.tag()]).await,
         Ok(0) => {
@@ -590,6 +593,33 @@ async fn after_failed_create(
         }
     }
     e.into()
+}
+
+/// The longest a job waits for a snapshot creation the server still runs after the call that
+/// asked for it went unanswered.
+const CREATION_WAIT: Duration = Duration::from_secs(15 * 60);
+
+/// Waits (at most [`CREATION_WAIT`]) for the snapshot creations the server still runs on `vm`,
+/// as its `recentTask` lists them, so that what they make can be removed now.
+async fn wait_for_creations(ctx: &JobContext, vm: &Vm, report: &mut VmReport) {
+    let tasks = match ctx.client.recent_tasks(&vm.moref).await {
+        Ok(t) => t,
+        Err(e) => {
+            report.warnings.push(format!("the VM's recent tasks could not be read ({e})"));
+            return;
+        }
+    };
+    for t in tasks.iter().filter(|t| t.running() && t.description_id == "VirtualMachine.createSnapshot") {
+        tracing::info!("{}: waiting for the snapshot creation {} the server still runs", vm.name, t.moref);
+        match tokio::time::timeout(CREATION_WAIT, ctx.client.wait_task(&t.moref, "CreateSnapshot_Task", None)).await {
+            Ok(_) => {}
+            Err(_) => report.warnings.push(format!(
+                "the snapshot creation {} still ran after {}",
+                t.moref,
+                humantime::format_duration(CREATION_WAIT)
+            )),
+        }
+    }
 }
 
 /// Runs the job's post-thaw hook, if any; a failure is reported loudly, and the backup goes on

@@ -833,6 +833,13 @@ fn vm_property(w: &World, v: &VmState, p: &str) -> Result<Option<String>, SimFau
                 seen.iter().map(|d| typed_mo("ManagedObjectReference", &w.datastores[*d].moref)).collect();
             Ok(Some(prop(p, "ArrayOfManagedObjectReference", &inner)))
         }
+        // The tasks on this VM (the simulator keeps them all; a server keeps the last minutes').
+        "recentTask" => {
+            let mut tasks: Vec<&MoRef> = w.tasks.values().filter(|t| t.entity == v.moref).map(|t| &t.moref).collect();
+            tasks.sort_by_key(|m| m.value.trim_start_matches("task-").parse::<u64>().unwrap_or(0));
+            let inner: String = tasks.into_iter().map(|m| typed_mo("ManagedObjectReference", m)).collect();
+            Ok(Some(prop(p, "ArrayOfManagedObjectReference", &inner)))
+        }
         "snapshot" => {
             if v.snapshots.is_empty() {
                 return Ok(None);

@@ -28,6 +28,24 @@ pub enum TaskState {
     Error,
 }
 
+/// A task from an entity's `recentTask`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecentTask {
+    /// The task.
+    pub moref: MoRef,
+    /// What it does (`VirtualMachine.createSnapshot`).
+    pub description_id: String,
+    /// Its state, when the server gave one this client knows.
+    pub state: Option<TaskState>,
+}
+
+impl RecentTask {
+    /// Whether it has yet to finish.
+    pub fn running(&self) -> bool {
+        matches!(self.state, Some(TaskState::Queued | TaskState::Running))
+    }
+}
+
 impl TaskState {
     fn parse(s: &str) -> Option<Self> {
         match s.trim() {
@@ -216,6 +234,28 @@ impl Client {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(2));
         }
+    }
+
+    /// The tasks the server lists in `entity`'s `recentTask` (running ones, and those finished
+    /// in the last minutes), with what each does (`VirtualMachine.createSnapshot`) and its
+    /// state: how a caller whose call went unanswered learns whether the server works on it.
+    pub async fn recent_tasks(&self, entity: &MoRef) -> Result<Vec<RecentTask>, Error> {
+        let Some(list) = self.property(entity, "recentTask").await? else { return Ok(Vec::new()) };
+        let tasks: Vec<MoRef> = list.children.iter().filter_map(MoRef::from_element).collect();
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let spec = FilterSpec { kind: "Task".into(), paths: vec!["info".into()], objects: Objects::List(tasks) };
+        let mut out = Vec::new();
+        for o in self.retrieve(&spec).await? {
+            let Some(info) = o.get("info") else { continue };
+            out.push(RecentTask {
+                moref: o.obj.clone(),
+                description_id: info.text_of("descriptionId").unwrap_or_default().to_owned(),
+                state: info.text_of("state").and_then(TaskState::parse),
+            });
+        }
+        Ok(out)
     }
 
     /// Asks a task to cancel (it may finish anyway); failures are logged, not returned.

@@ -180,6 +180,10 @@ async fn cbt_snapshots_and_their_faults() {
     assert_eq!(all.len(), 1);
     assert_eq!((all[0].moref.clone(), all[0].name.as_str()), (snap.clone(), name));
     assert_eq!(v.current_snapshot.as_ref(), Some(&snap));
+    // The VM's recent tasks can be read (vcsim drops finished ones at once; a vCenter keeps
+    // them for minutes): none still runs.
+    let recent = c.recent_tasks(&vm).await.unwrap();
+    assert!(recent.iter().all(|t| !t.running()), "{recent:?}");
     c.remove_snapshot(&snap, true).await.unwrap();
     assert_eq!(one(&c, &vm).await.snapshot_depth(), 0);
 
