@@ -223,3 +223,44 @@ fn a_replica_killed_while_being_updated_is_reported_inconsistent_until_a_copy_co
     assert!(state_json()["dirty"].is_null());
     same(&src, &dst);
 }
+
+/// Puts one undeclared windows-1252 byte into the embedded descriptor of the hosted sparse
+/// file at `path` (a comment line, changed in place).
+fn spoil_embedded_descriptor(path: &Path) {
+    let mut img = std::fs::read(path).unwrap();
+    let sector = |at: usize| u64::from_le_bytes(img[at..at + 8].try_into().unwrap()) as usize * 512;
+    let (start, len) = (sector(28), sector(36));
+    let from = b"# Disk DescriptorFile";
+    let at = img[start..start + len].windows(from.len()).position(|w| w == from).unwrap() + start;
+    img[at + 17] = 0xe9; // "# Disk Descriptor\xe9ile"
+    std::fs::write(path, img).unwrap();
+}
+
+#[test]
+fn a_vmdk_delta_whose_descriptor_cannot_be_read_is_refused_not_copied_as_zeros() {
+    let test = "a_vmdk_delta_whose_descriptor_cannot_be_read_is_refused_not_copied_as_zeros";
+    let Some(qemu_img) = require_tool("qemu-img", test) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    image(&d("base.raw"), 8 * MIB, 13);
+    testkit::run(Command::new(&qemu_img).args(["convert", "-O", "vmdk"]).arg(d("base.raw")).arg(d("base.vmdk")));
+    testkit::run(
+        Command::new(&qemu_img).args(["create", "-f", "vmdk", "-F", "vmdk", "-b", "base.vmdk"]).arg(d("delta.vmdk")),
+    );
+    // Sound, the delta reads as its parent.
+    summary(&proxy().arg("disk-copy").arg(d("delta.vmdk")).arg(d("good.raw")).arg("--json").output().unwrap());
+    same(&d("base.raw"), &d("good.raw"));
+
+    spoil_embedded_descriptor(&d("delta.vmdk"));
+    let out = proxy().arg("disk-copy").arg(d("delta.vmdk")).arg(d("bad.raw")).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "disk-copy of a delta cut from its parent succeeded: {err}");
+    assert!(err.contains("delta.vmdk") && err.contains("not UTF-8: byte 0xe9"), "{err}");
+
+    let repo = d("repo");
+    assert!(proxy().args(["repo", "init", "--chunk-size", "1M"]).arg(&repo).status().unwrap().success());
+    let out = proxy().args(["repo", "backup"]).arg(&repo).arg(d("delta.vmdk")).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "repo backup of a delta cut from its parent succeeded: {err}");
+    assert!(err.contains("delta.vmdk") && err.contains("not UTF-8"), "{err}");
+}
