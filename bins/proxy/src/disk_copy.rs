@@ -65,7 +65,8 @@ pub(crate) struct Args {
     /// Checkpoint every this many bytes copied.
     #[arg(long, default_value = "256M", value_parser = size::parse)]
     checkpoint_every: u64,
-    /// Open VMDK parents anywhere, not only beside the child (trusted local chains).
+    /// Follow a VMDK's file names anywhere (absolute paths, `..`, symbolic links out of the
+    /// descriptor's directory), not only beside it; only for trusted local chains.
     #[arg(long)]
     any_path: bool,
     /// Skip the BLAKE3 digest per block (saves about 0.23 CPU-seconds per GB; nothing to

@@ -204,7 +204,8 @@ pub(crate) struct BackupArgs {
     /// NBD connections, used only when the server offers multi-conn.
     #[arg(long, default_value_t = 2)]
     connections: usize,
-    /// Open VMDK parents anywhere, not only beside the child (trusted local chains).
+    /// Follow a VMDK's file names anywhere (absolute paths, `..`, symbolic links out of the
+    /// descriptor's directory), not only beside it; only for trusted local chains.
     #[arg(long)]
     any_path: bool,
     /// Print the summary as JSON.
