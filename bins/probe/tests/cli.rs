@@ -63,7 +63,7 @@ fn a_file_that_is_not_a_vmdk_gets_a_clear_error() {
 /// (NUL-padded to the area the header gives it).
 fn patch_embedded_descriptor(path: &std::path::Path, edit: impl Fn(&[u8]) -> Vec<u8>) {
     let mut img = std::fs::read(path).unwrap();
-    let sector = |at: usize| u64::from_le_bytes(img[at..at + 8].try_into().unwrap()) as usize * 512;
+    let sector = |at: usize| usize::try_from(u64::from_le_bytes(img[at..at + 8].try_into().unwrap())).unwrap() * 512;
     let (start, len) = (sector(28), sector(36));
     let area = &img[start..start + len];
     let text = &area[..area.iter().position(|&b| b == 0).unwrap_or(len)];
