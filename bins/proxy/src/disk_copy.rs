@@ -101,11 +101,32 @@ fn state_dir(args: &Args) -> Result<PathBuf> {
     Ok(base.join("syncproxy/disk-copy"))
 }
 
+/// Refuses a copy whose destination is its source, by any path (a link, another name of the
+/// same inode, two nodes of one block device): it would write over the bytes it has yet to read.
+fn refuse_same_file(src: &str, dst: &str) -> Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    if Uri::is_uri(src) || Uri::is_uri(dst) {
+        return Ok(());
+    }
+    if let (Ok(a), Ok(b)) = (std::fs::metadata(src), std::fs::metadata(dst))
+        && ((a.dev(), a.ino()) == (b.dev(), b.ino())
+            || (a.file_type().is_block_device() && b.file_type().is_block_device() && a.rdev() == b.rdev()))
+    {
+        bail!(
+            "{src} and {dst} are the same file (device {}, inode {}): a copy onto its own source would destroy it",
+            a.dev(),
+            a.ino()
+        );
+    }
+    Ok(())
+}
+
 async fn copy(args: &Args) -> Result<ExitCode> {
     let granularity = NonZeroU64::new(args.granularity).context("--granularity must not be 0")?;
     if args.requests == 0 {
         bail!("--requests must be at least 1");
     }
+    refuse_same_file(&args.src, &args.dst)?;
     let source = endpoints::open_source(
         &args.src,
         &endpoints::SourceOptions {

@@ -228,7 +228,7 @@ fn a_replica_killed_while_being_updated_is_reported_inconsistent_until_a_copy_co
 /// file at `path` (a comment line, changed in place).
 fn spoil_embedded_descriptor(path: &Path) {
     let mut img = std::fs::read(path).unwrap();
-    let sector = |at: usize| u64::from_le_bytes(img[at..at + 8].try_into().unwrap()) as usize * 512;
+    let sector = |at: usize| usize::try_from(u64::from_le_bytes(img[at..at + 8].try_into().unwrap())).unwrap() * 512;
     let (start, len) = (sector(28), sector(36));
     let from = b"# Disk DescriptorFile";
     let at = img[start..start + len].windows(from.len()).position(|w| w == from).unwrap() + start;
@@ -263,4 +263,23 @@ fn a_vmdk_delta_whose_descriptor_cannot_be_read_is_refused_not_copied_as_zeros()
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "repo backup of a delta cut from its parent succeeded: {err}");
     assert!(err.contains("delta.vmdk") && err.contains("not UTF-8"), "{err}");
+}
+
+#[test]
+fn a_copy_onto_its_own_source_is_refused_by_any_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    image(&src, 8 * MIB, 17);
+    let before = std::fs::read(&src).unwrap();
+    std::fs::hard_link(&src, dir.path().join("hard.raw")).unwrap();
+    std::os::unix::fs::symlink("src.raw", dir.path().join("soft.raw")).unwrap();
+    let same_dir = dir.path().join(".").join("src.raw");
+    for dst in [src.clone(), dir.path().join("hard.raw"), dir.path().join("soft.raw"), same_dir] {
+        let out = proxy().arg("disk-copy").arg(&src).arg(&dst).arg("--no-progress").output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{}: a copy onto its own source succeeded", dst.display());
+        assert!(err.contains("are the same file"), "{}: {err}", dst.display());
+    }
+    assert_eq!(std::fs::read(&src).unwrap(), before, "the source is untouched");
+    assert!(!dir.path().join("src.raw.syncproxy").exists(), "nothing was started");
 }
