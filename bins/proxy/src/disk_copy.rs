@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use nbd_wire::Uri;
 use pipeline::limit::{RateLimiter, ReleaseCpuTime};
 use pipeline::progress::Progress;
-use pipeline::replicate::{SyncJob, sync};
+use pipeline::replicate::{ResumeCheck, SyncJob, sync};
 use pipeline::state::{StateStore, SyncKey};
 use pipeline::{BlockError, CopyOptions, Engine};
 
@@ -217,9 +217,15 @@ async fn copy(args: &Args) -> Result<ExitCode> {
     let r = &outcome.report;
     let secs = r.elapsed.as_secs_f64();
     let rate = if secs > 0.0 { (r.written + r.zero) as f64 / secs / 1e6 } else { 0.0 };
+    let (checked, changed) = match outcome.resume_check {
+        Some(ResumeCheck::Verified { checked, changed }) => (Some(checked), Some(changed)),
+        _ => (None, None),
+    };
     if args.json {
         let v = serde_json::json!({
             "copied": r.written, "zero": r.zero, "read": r.read, "resumed": outcome.resumed,
+            "resume_check": outcome.resume_check.map(ResumeCheck::as_str),
+            "resume_checked_bytes": checked, "resume_changed_bytes": changed,
             "was_inconsistent": outcome.was_dirty,
             "resumed_bytes": r.resumed, "retries": r.retries, "checkpoints": r.checkpoints,
             "seconds": secs, "mb_per_s": rate, "peak_buffer_bytes": engine.pool.peak(),
@@ -232,7 +238,17 @@ async fn copy(args: &Args) -> Result<ExitCode> {
             r.written,
             r.zero,
             r.read,
-            if outcome.resumed { format!(" after resuming ({} bytes were done)", r.resumed) } else { String::new() },
+            match outcome.resume_check {
+                Some(ResumeCheck::Frozen) => format!(" after resuming ({} bytes were done)", r.resumed),
+                Some(ResumeCheck::Verified { checked, changed }) => format!(
+                    " after resuming ({checked} bytes done before were read again, as the source may have been \
+                     written since; {changed} bytes of them had changed and were copied again)"
+                ),
+                Some(ResumeCheck::StartedOver) => " from the start (the source may have been written since the \
+                     interrupted copy, and without digests its copied ranges could not be checked)"
+                    .to_owned(),
+                None => String::new(),
+            },
         );
     }
     Ok(ExitCode::SUCCESS)

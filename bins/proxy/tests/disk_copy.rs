@@ -283,3 +283,85 @@ fn a_copy_onto_its_own_source_is_refused_by_any_path() {
     assert_eq!(std::fs::read(&src).unwrap(), before, "the source is untouched");
     assert!(!dir.path().join("src.raw.syncproxy").exists(), "nothing was started");
 }
+
+/// The ranges the checkpoint in `state` shows as done.
+fn checkpoint_ranges(state: &Path) -> Vec<(u64, u64)> {
+    for e in std::fs::read_dir(state).unwrap() {
+        let p = e.unwrap().path();
+        if p.to_string_lossy().ends_with(".checkpoint.json") {
+            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+            return v["done"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| (r[0].as_u64().unwrap(), r[1].as_u64().unwrap()))
+                .collect();
+        }
+    }
+    panic!("no checkpoint in {}", state.display());
+}
+
+#[test]
+fn a_resume_from_a_source_written_meanwhile_rechecks_what_was_done_and_ends_equal_to_it() {
+    let test = "a_resume_from_a_source_written_meanwhile_rechecks_what_was_done_and_ends_equal_to_it";
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    let mut kinds = vec!["file"];
+    let nbdkit = require_tool("nbdkit", test);
+    if nbdkit.is_some() {
+        kinds.push("nbd");
+    }
+    for kind in kinds {
+        let data = image(&src, 128 * MIB, 23);
+        // nbdkit serves the file read-only, and sees it change.
+        let server = nbdkit.as_ref().filter(|_| kind == "nbd").map(|k| {
+            let file = format!("file={}", src.display());
+            Server::nbdkit(k, Listen::Tcp(free_port()), &["-r", "file", &file])
+        });
+        let from = server.as_ref().map_or_else(|| src.display().to_string(), Server::uri);
+        let dst = dir.path().join(format!("{kind}.raw"));
+        let state = dir.path().join(format!("{kind}.raw.syncproxy"));
+        let mut child = proxy()
+            .arg("disk-copy")
+            .arg(&from)
+            .arg(&dst)
+            .args(["--rate", "32M", "--checkpoint-every", "4M", "--no-progress"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while checkpoint_done(&state).is_none_or(|d| d < data / 4) {
+            assert!(child.try_wait().unwrap().is_none(), "{kind}: the copy finished before it could be killed");
+            assert!(started.elapsed() < Duration::from_secs(60), "{kind}: no checkpoint past a quarter");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        // The source is written where the copy had been, in place (its allocation stays), and
+        // a file's modification time is set back: nothing in its identity shows the change.
+        let f = File::options().write(true).read(true).open(&src).unwrap();
+        let mtime = f.metadata().unwrap().modified().unwrap();
+        let mut changed = 0;
+        for (start, len) in checkpoint_ranges(&state) {
+            for mib in (start.div_ceil(MIB)..(start + len) / MIB).take(3) {
+                let mut b = [0u8; 1];
+                f.read_exact_at(&mut b, mib * MIB + 12345).unwrap();
+                if b[0] != 0 {
+                    f.write_all_at(&[!b[0]], mib * MIB + 12345).unwrap();
+                    changed += 1;
+                }
+            }
+        }
+        assert!(changed > 0, "{kind}: the checkpoint covers data to change");
+        f.set_times(std::fs::FileTimes::new().set_modified(mtime)).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+
+        let s = summary(&proxy().arg("disk-copy").arg(&from).arg(&dst).arg("--json").output().unwrap());
+        testkit::same_contents(&src, &dst).unwrap().unwrap_or_else(|e| panic!("{kind}: a mixed image: {e}"));
+        assert_eq!(s["resumed"], true, "{kind}: {s}");
+        assert_eq!(s["resume_check"], "verified", "{kind}: {s}");
+        assert_eq!(s["resume_changed_bytes"], changed * MIB, "{kind}: {s}");
+    }
+}
