@@ -477,6 +477,23 @@ mod tests {
     }
 
     #[test]
+    fn declared_encodings_decode_and_anything_else_is_refused_without_panicking() {
+        let text = b"version=1\r\n  ENCODING = windows-1252\r\nddb.x = \"\x80\x81\x9f\xe9\xff\"\0junk\xff";
+        let d = decode_text(text, "x").unwrap();
+        assert!(d.ends_with("\"\u{20ac}\u{81}\u{178}\u{e9}\u{ff}\""), "{d:?}");
+        assert!(matches!(decode_text(b"version=1\n\xe9", "x"), Err(VmdkError::Corrupt { .. })));
+        assert!(matches!(decode_text(b"encoding=\"GBK\"\n\xe9", "x"), Err(VmdkError::Unsupported { .. })));
+        assert_eq!(decode_text(b"encoding=\"GBK\"\nversion=1", "x").unwrap(), "encoding=\"GBK\"\nversion=1");
+        // Every byte value, under every label, decodes or is refused; nothing panics.
+        let all: Vec<u8> = (1..=255).collect();
+        let labels: [&[u8]; 5] =
+            [b"", b"encoding=\"UTF-8\"\n", b"encoding=\"windows-1252\"\n", b"encoding=\"x\"\n", b"encoding=\xff\n"];
+        for label in labels {
+            let _ = decode_text(&[label, &all].concat(), "x");
+        }
+    }
+
+    #[test]
     fn table_of_refusals() {
         let cases = [
             ("CID=1\ncreateType=\"x\"\n", "no `version`"),
