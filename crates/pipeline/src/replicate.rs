@@ -187,6 +187,12 @@ pub async fn sync(
             if job.source.frozen() {
                 resume_check = Some(ResumeCheck::Frozen);
             } else {
+                tracing::info!(
+                    "{} may have been written since the interrupted copy: reading the {} bytes it had done again \
+                     to check them against their digests",
+                    job.source.describe(),
+                    done.total_bytes()
+                );
                 let (kept, checked) = verify_done(&*job.source, &done, &cp_digests, options).await?;
                 let changed = done.total_bytes() - kept.total_bytes();
                 if changed > 0 {
