@@ -122,3 +122,27 @@ fn a_delta_with_an_unreadable_descriptor_fails_and_a_windows_1252_one_keeps_its_
     assert_eq!(v["chain"].as_array().unwrap().len(), 2, "{json}");
     same_contents(&out, &raw).unwrap().unwrap();
 }
+
+#[test]
+fn an_extent_linked_out_of_the_descriptors_directory_needs_any_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, elsewhere) = (dir.path().join("vm"), dir.path().join("elsewhere"));
+    std::fs::create_dir_all(&vm).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::fs::write(elsewhere.join("secret.raw"), vec![7u8; 4096]).unwrap();
+    std::os::unix::fs::symlink("../elsewhere/secret.raw", vm.join("disk-flat.vmdk")).unwrap();
+    let desc = vm.join("disk.vmdk");
+    std::fs::write(
+        &desc,
+        "version=1\nCID=00000001\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\nRW 8 FLAT \"disk-flat.vmdk\" 0\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out.raw");
+    let o = probe().arg("vmdk").arg(&desc).arg("--to-raw").arg(&out).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("symbolic link") && err.contains("--any-path"), "{err}");
+    assert!(!out.exists(), "nothing written");
+    run(probe().arg("vmdk").arg(&desc).arg("--to-raw").arg(&out).arg("--any-path"));
+    assert_eq!(std::fs::read(&out).unwrap(), vec![7u8; 4096]);
+}

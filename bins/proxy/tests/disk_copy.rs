@@ -365,3 +365,40 @@ fn a_resume_from_a_source_written_meanwhile_rechecks_what_was_done_and_ends_equa
         assert_eq!(s["resume_changed_bytes"], changed * MIB, "{kind}: {s}");
     }
 }
+
+#[test]
+fn a_vmdk_extent_linked_out_of_its_directory_needs_any_path_in_disk_copy_and_repo_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    std::fs::create_dir_all(d("vm")).unwrap();
+    std::fs::create_dir_all(d("elsewhere")).unwrap();
+    image(&d("elsewhere/secret.raw"), 4 * MIB, 29);
+    std::os::unix::fs::symlink("../elsewhere/secret.raw", d("vm/disk-flat.vmdk")).unwrap();
+    std::fs::write(
+        d("vm/disk.vmdk"),
+        "version=1\nCID=00000001\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\nRW 8192 FLAT \"disk-flat.vmdk\" 0\n",
+    )
+    .unwrap();
+    let refused = |out: std::process::Output, what: &str| {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what} followed a link out of the directory");
+        assert!(err.contains("symbolic link") && err.contains("--any-path"), "{what}: {err}");
+    };
+    refused(proxy().arg("disk-copy").arg(d("vm/disk.vmdk")).arg(d("out.raw")).output().unwrap(), "disk-copy");
+    summary(
+        &proxy()
+            .arg("disk-copy")
+            .arg(d("vm/disk.vmdk"))
+            .arg(d("out.raw"))
+            .args(["--any-path", "--json"])
+            .output()
+            .unwrap(),
+    );
+    same(&d("elsewhere/secret.raw"), &d("out.raw"));
+
+    let repo = d("repo");
+    assert!(proxy().args(["repo", "init", "--chunk-size", "1M"]).arg(&repo).status().unwrap().success());
+    refused(proxy().args(["repo", "backup"]).arg(&repo).arg(d("vm/disk.vmdk")).output().unwrap(), "repo backup");
+    let out = proxy().args(["repo", "backup"]).arg(&repo).arg(d("vm/disk.vmdk")).arg("--any-path").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
