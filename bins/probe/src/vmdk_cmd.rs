@@ -24,7 +24,8 @@ pub(crate) struct Args {
     /// Reader threads for --to-raw (default: the number of CPUs).
     #[arg(long)]
     threads: Option<usize>,
-    /// Follow file names in descriptors anywhere (absolute paths, `..`); only for trusted files.
+    /// Follow a VMDK's file names anywhere (absolute paths, `..`, symbolic links out of the
+    /// descriptor's directory), not only beside it; only for trusted local chains.
     #[arg(long)]
     any_path: bool,
 }

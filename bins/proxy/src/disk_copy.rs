@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use nbd_wire::Uri;
 use pipeline::limit::{RateLimiter, ReleaseCpuTime};
 use pipeline::progress::Progress;
-use pipeline::replicate::{SyncJob, sync};
+use pipeline::replicate::{ResumeCheck, SyncJob, sync};
 use pipeline::state::{StateStore, SyncKey};
 use pipeline::{BlockError, CopyOptions, Engine};
 
@@ -65,7 +65,8 @@ pub(crate) struct Args {
     /// Checkpoint every this many bytes copied.
     #[arg(long, default_value = "256M", value_parser = size::parse)]
     checkpoint_every: u64,
-    /// Open VMDK parents anywhere, not only beside the child (trusted local chains).
+    /// Follow a VMDK's file names anywhere (absolute paths, `..`, symbolic links out of the
+    /// descriptor's directory), not only beside it; only for trusted local chains.
     #[arg(long)]
     any_path: bool,
     /// Skip the BLAKE3 digest per block (saves about 0.23 CPU-seconds per GB; nothing to
@@ -100,11 +101,32 @@ fn state_dir(args: &Args) -> Result<PathBuf> {
     Ok(base.join("syncproxy/disk-copy"))
 }
 
+/// Refuses a copy whose destination is its source, by any path (a link, another name of the
+/// same inode, two nodes of one block device): it would write over the bytes it has yet to read.
+fn refuse_same_file(src: &str, dst: &str) -> Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    if Uri::is_uri(src) || Uri::is_uri(dst) {
+        return Ok(());
+    }
+    if let (Ok(a), Ok(b)) = (std::fs::metadata(src), std::fs::metadata(dst))
+        && ((a.dev(), a.ino()) == (b.dev(), b.ino())
+            || (a.file_type().is_block_device() && b.file_type().is_block_device() && a.rdev() == b.rdev()))
+    {
+        bail!(
+            "{src} and {dst} are the same file (device {}, inode {}): a copy onto its own source would destroy it",
+            a.dev(),
+            a.ino()
+        );
+    }
+    Ok(())
+}
+
 async fn copy(args: &Args) -> Result<ExitCode> {
     let granularity = NonZeroU64::new(args.granularity).context("--granularity must not be 0")?;
     if args.requests == 0 {
         bail!("--requests must be at least 1");
     }
+    refuse_same_file(&args.src, &args.dst)?;
     let source = endpoints::open_source(
         &args.src,
         &endpoints::SourceOptions {
@@ -197,9 +219,15 @@ async fn copy(args: &Args) -> Result<ExitCode> {
     let r = &outcome.report;
     let secs = r.elapsed.as_secs_f64();
     let rate = if secs > 0.0 { (r.written + r.zero) as f64 / secs / 1e6 } else { 0.0 };
+    let (checked, changed) = match outcome.resume_check {
+        Some(ResumeCheck::Verified { checked, changed }) => (Some(checked), Some(changed)),
+        _ => (None, None),
+    };
     if args.json {
         let v = serde_json::json!({
             "copied": r.written, "zero": r.zero, "read": r.read, "resumed": outcome.resumed,
+            "resume_check": outcome.resume_check.map(ResumeCheck::as_str),
+            "resume_checked_bytes": checked, "resume_changed_bytes": changed,
             "was_inconsistent": outcome.was_dirty,
             "resumed_bytes": r.resumed, "retries": r.retries, "checkpoints": r.checkpoints,
             "seconds": secs, "mb_per_s": rate, "peak_buffer_bytes": engine.pool.peak(),
@@ -212,7 +240,17 @@ async fn copy(args: &Args) -> Result<ExitCode> {
             r.written,
             r.zero,
             r.read,
-            if outcome.resumed { format!(" after resuming ({} bytes were done)", r.resumed) } else { String::new() },
+            match outcome.resume_check {
+                Some(ResumeCheck::Frozen) => format!(" after resuming ({} bytes were done)", r.resumed),
+                Some(ResumeCheck::Verified { checked, changed }) => format!(
+                    " after resuming ({checked} bytes done before were read again, as the source may have been \
+                     written since; {changed} bytes of them had changed and were copied again)"
+                ),
+                Some(ResumeCheck::StartedOver) => " from the start (the source may have been written since the \
+                     interrupted copy, and without digests its copied ranges could not be checked)"
+                    .to_owned(),
+                None => String::new(),
+            },
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -78,7 +78,10 @@ pub(crate) enum RepoCommand {
         json: bool,
     },
     /// Restore a disk of a restore point to a raw file (sparse), a block device, an NBD
-    /// export, or a streamOptimized VMDK (when DST ends in `.vmdk`).
+    /// export, or a streamOptimized VMDK (when DST ends in `.vmdk`). A file is written beside
+    /// DST under a temporary name and renamed over DST only once complete and synced, so a
+    /// failed restore leaves DST as it was; a block device or an NBD export is written in
+    /// place, and a failed restore leaves it partly written.
     Restore {
         #[command(flatten)]
         repo: RepoArg,
@@ -86,6 +89,10 @@ pub(crate) enum RepoCommand {
         point: String,
         /// Where to.
         dst: String,
+        /// Replace DST when it is an existing file (a block device or NBD export needs no
+        /// --force: it is written in place).
+        #[arg(long)]
+        force: bool,
         /// Which disk of the restore point.
         #[arg(long, default_value_t = 0)]
         disk: usize,
@@ -204,7 +211,8 @@ pub(crate) struct BackupArgs {
     /// NBD connections, used only when the server offers multi-conn.
     #[arg(long, default_value_t = 2)]
     connections: usize,
-    /// Open VMDK parents anywhere, not only beside the child (trusted local chains).
+    /// Follow a VMDK's file names anywhere (absolute paths, `..`, symbolic links out of the
+    /// descriptor's directory), not only beside it; only for trusted local chains.
     #[arg(long)]
     any_path: bool,
     /// Print the summary as JSON.
@@ -234,11 +242,11 @@ async fn dispatch(cmd: RepoCommand) -> Result<ExitCode> {
         RepoCommand::Init { repo, chunk_size, encrypt } => init(&repo, chunk_size, encrypt),
         RepoCommand::Backup(args) => backup(&args).await,
         RepoCommand::List { repo, json } => list(&repo.open()?, json),
-        RepoCommand::Restore { repo, point, dst, disk, file } => {
+        RepoCommand::Restore { repo, point, dst, disk, file, force } => {
             let r = repo.open()?;
             match file {
                 Some(name) => restore_file(&r, &point, &name, Path::new(&dst)),
-                None => restore(&r, &point, &dst, disk).await,
+                None => restore(&r, &point, &dst, disk, force).await,
             }
         }
         RepoCommand::Verify { repo, json } => verify(&repo.open()?, json),
@@ -467,30 +475,104 @@ fn restore_file(repo: &Repo, point: &str, name: &str, dst: &Path) -> Result<Exit
     Ok(ExitCode::SUCCESS)
 }
 
-async fn restore(repo: &Repo, point: &str, dst: &str, disk: usize) -> Result<ExitCode> {
+/// Where a disk restore writes.
+enum RestoreTarget {
+    /// A block device or an NBD export, written in place.
+    InPlace,
+    /// A file, written as `tmp` beside `target` and renamed over it at the end.
+    File { target: PathBuf, tmp: PathBuf, permissions: Option<std::fs::Permissions> },
+}
+
+/// Decides where a restore to `dst` writes: in place on a device or an NBD export; through a
+/// temporary file beside it otherwise, over an existing file only with `force`.
+fn restore_target(dst: &str) -> Result<RestoreTarget> {
+    if Uri::is_uri(dst) {
+        return Ok(RestoreTarget::InPlace);
+    }
+    let path = Path::new(dst);
+    let (target, permissions) = match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => bail!("{dst} is a directory; name the file to restore to"),
+        Ok(m) if !m.is_file() => return Ok(RestoreTarget::InPlace),
+        // Through a link, the file it leads to is the one replaced.
+        Ok(m) => (std::fs::canonicalize(path).with_context(|| format!("resolving {dst}"))?, Some(m.permissions())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (path.to_path_buf(), None),
+        Err(e) => return Err(e).with_context(|| format!("examining {dst}")),
+    };
+    let name = target.file_name().with_context(|| format!("{dst} names no file"))?.to_string_lossy();
+    let tmp = target.with_file_name(format!(".{name}.restore-{}.tmp", std::process::id()));
+    Ok(RestoreTarget::File { target, tmp, permissions })
+}
+
+async fn restore(repo: &Repo, point: &str, dst: &str, disk: usize, force: bool) -> Result<ExitCode> {
+    let target = restore_target(dst)?;
+    if let RestoreTarget::File { permissions: Some(_), .. } = &target
+        && !force
+    {
+        bail!("{dst} exists; pass --force to replace it (it is replaced only once the restore is complete)");
+    }
     let id = point_id(repo, point)?;
     let _lock = repo.lock(repo::LockKind::Shared, &format!("restore of {id}"))?;
     let reader = repo.reader(&id, disk)?;
-    let size = reader.size();
-    if !Uri::is_uri(dst) && dst.to_ascii_lowercase().ends_with(".vmdk") {
-        let alloc = reader.allocation().await?.map(|a| a.data);
-        let out = Path::new(dst);
-        let extent = out.file_name().map_or_else(|| "disk.vmdk".into(), |n| n.to_string_lossy().into_owned());
-        let stats = tokio::task::spawn_blocking({
-            let out = out.to_path_buf();
-            move || -> Result<vmdk::StreamStats> {
-                let f = std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?;
-                let mut w = BufWriter::new(f);
-                let stats = vmdk::write_stream_optimized(&mut w, &AsReadAt(reader), size, alloc.as_ref(), &extent)?;
-                let f = w.into_inner().map_err(|e| e.into_error())?;
-                f.sync_all()?;
-                Ok(stats)
-            }
-        })
-        .await??;
-        println!("restored {id} disk {disk} to {dst} (streamOptimized VMDK, {} bytes)", stats.file_bytes);
+    let RestoreTarget::File { target, tmp, permissions } = target else {
+        let report = restore_disk(reader, dst).await?;
+        println!(
+            "restored {id} disk {disk} to {dst} (in place): {} bytes of data, {} bytes of zeros",
+            report.written, report.zero
+        );
         return Ok(ExitCode::SUCCESS);
+    };
+    let written = async {
+        let what = if dst.to_ascii_lowercase().ends_with(".vmdk") {
+            // The descriptor names the extent by the file's final name.
+            let extent = target.file_name().map_or_else(|| "disk.vmdk".into(), |n| n.to_string_lossy().into_owned());
+            let stats = restore_vmdk(reader, tmp.clone(), extent).await?;
+            format!("streamOptimized VMDK, {} bytes", stats.file_bytes)
+        } else {
+            let report = restore_disk(reader, &tmp.display().to_string()).await?;
+            format!("{} bytes of data, {} bytes of zeros", report.written, report.zero)
+        };
+        if let Some(p) = permissions {
+            std::fs::set_permissions(&tmp, p)
+                .with_context(|| format!("setting the permissions of {}", tmp.display()))?;
+        }
+        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).with_context(|| format!("syncing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &target)
+            .with_context(|| format!("renaming {} onto {}", tmp.display(), target.display()))?;
+        pipeline::state::sync_dir(&target)?;
+        anyhow::Ok(what)
     }
+    .await;
+    match written {
+        Ok(what) => {
+            println!("restored {id} disk {disk} to {dst}: {what}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e.context(format!("restoring {id} disk {disk}: {dst} is left as it was")))
+        }
+    }
+}
+
+/// Writes a restore point's disk as a streamOptimized VMDK at `out`.
+async fn restore_vmdk(reader: repo::PointReader, out: PathBuf, extent: String) -> Result<vmdk::StreamStats> {
+    let size = reader.size();
+    let alloc = reader.allocation().await?.map(|a| a.data);
+    tokio::task::spawn_blocking(move || -> Result<vmdk::StreamStats> {
+        let f = std::fs::File::create_new(&out).with_context(|| format!("creating {}", out.display()))?;
+        let mut w = BufWriter::new(f);
+        let stats = vmdk::write_stream_optimized(&mut w, &AsReadAt(reader), size, alloc.as_ref(), &extent)?;
+        let f = w.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        Ok(stats)
+    })
+    .await?
+}
+
+/// Copies a restore point's disk onto `dst` (a file, block device or NBD export) through the
+/// pipeline, and commits the sink.
+async fn restore_disk(reader: repo::PointReader, dst: &str) -> Result<pipeline::CopyReport> {
+    let size = reader.size();
     let granularity = NonZeroU64::new(1 << 20).context("granularity")?;
     let sink = endpoints::open_sink(dst, size, granularity, &endpoints::SinkOptions::default()).await?;
     let source: Arc<dyn BlockSource> = Arc::new(reader);
@@ -507,8 +589,7 @@ async fn restore(repo: &Repo, point: &str, dst: &str, disk: usize) -> Result<Exi
     let report =
         copy_disk(job, &Engine::new(256 << 20), &CopyOptions::default(), Arc::new(Progress::default())).await?;
     sink.commit().await?;
-    println!("restored {id} disk {disk} to {dst}: {} bytes of data, {} bytes of zeros", report.written, report.zero);
-    Ok(ExitCode::SUCCESS)
+    Ok(report)
 }
 
 fn verify(repo: &Repo, json: bool) -> Result<ExitCode> {

@@ -223,3 +223,182 @@ fn a_replica_killed_while_being_updated_is_reported_inconsistent_until_a_copy_co
     assert!(state_json()["dirty"].is_null());
     same(&src, &dst);
 }
+
+/// Puts one undeclared windows-1252 byte into the embedded descriptor of the hosted sparse
+/// file at `path` (a comment line, changed in place).
+fn spoil_embedded_descriptor(path: &Path) {
+    let mut img = std::fs::read(path).unwrap();
+    let sector = |at: usize| usize::try_from(u64::from_le_bytes(img[at..at + 8].try_into().unwrap())).unwrap() * 512;
+    let (start, len) = (sector(28), sector(36));
+    let from = b"# Disk DescriptorFile";
+    let at = img[start..start + len].windows(from.len()).position(|w| w == from).unwrap() + start;
+    img[at + 17] = 0xe9; // "# Disk Descriptor\xe9ile"
+    std::fs::write(path, img).unwrap();
+}
+
+#[test]
+fn a_vmdk_delta_whose_descriptor_cannot_be_read_is_refused_not_copied_as_zeros() {
+    let test = "a_vmdk_delta_whose_descriptor_cannot_be_read_is_refused_not_copied_as_zeros";
+    let Some(qemu_img) = require_tool("qemu-img", test) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    image(&d("base.raw"), 8 * MIB, 13);
+    testkit::run(Command::new(&qemu_img).args(["convert", "-O", "vmdk"]).arg(d("base.raw")).arg(d("base.vmdk")));
+    testkit::run(
+        Command::new(&qemu_img).args(["create", "-f", "vmdk", "-F", "vmdk", "-b", "base.vmdk"]).arg(d("delta.vmdk")),
+    );
+    // Sound, the delta reads as its parent.
+    summary(&proxy().arg("disk-copy").arg(d("delta.vmdk")).arg(d("good.raw")).arg("--json").output().unwrap());
+    same(&d("base.raw"), &d("good.raw"));
+
+    spoil_embedded_descriptor(&d("delta.vmdk"));
+    let out = proxy().arg("disk-copy").arg(d("delta.vmdk")).arg(d("bad.raw")).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "disk-copy of a delta cut from its parent succeeded: {err}");
+    assert!(err.contains("delta.vmdk") && err.contains("not UTF-8: byte 0xe9"), "{err}");
+
+    let repo = d("repo");
+    assert!(proxy().args(["repo", "init", "--chunk-size", "1M"]).arg(&repo).status().unwrap().success());
+    let out = proxy().args(["repo", "backup"]).arg(&repo).arg(d("delta.vmdk")).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "repo backup of a delta cut from its parent succeeded: {err}");
+    assert!(err.contains("delta.vmdk") && err.contains("not UTF-8"), "{err}");
+}
+
+#[test]
+fn a_copy_onto_its_own_source_is_refused_by_any_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    image(&src, 8 * MIB, 17);
+    let before = std::fs::read(&src).unwrap();
+    std::fs::hard_link(&src, dir.path().join("hard.raw")).unwrap();
+    std::os::unix::fs::symlink("src.raw", dir.path().join("soft.raw")).unwrap();
+    let same_dir = dir.path().join(".").join("src.raw");
+    for dst in [src.clone(), dir.path().join("hard.raw"), dir.path().join("soft.raw"), same_dir] {
+        let out = proxy().arg("disk-copy").arg(&src).arg(&dst).arg("--no-progress").output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{}: a copy onto its own source succeeded", dst.display());
+        assert!(err.contains("are the same file"), "{}: {err}", dst.display());
+    }
+    assert_eq!(std::fs::read(&src).unwrap(), before, "the source is untouched");
+    assert!(!dir.path().join("src.raw.syncproxy").exists(), "nothing was started");
+}
+
+/// The ranges the checkpoint in `state` shows as done.
+fn checkpoint_ranges(state: &Path) -> Vec<(u64, u64)> {
+    for e in std::fs::read_dir(state).unwrap() {
+        let p = e.unwrap().path();
+        if p.to_string_lossy().ends_with(".checkpoint.json") {
+            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+            return v["done"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| (r[0].as_u64().unwrap(), r[1].as_u64().unwrap()))
+                .collect();
+        }
+    }
+    panic!("no checkpoint in {}", state.display());
+}
+
+#[test]
+fn a_resume_from_a_source_written_meanwhile_rechecks_what_was_done_and_ends_equal_to_it() {
+    let test = "a_resume_from_a_source_written_meanwhile_rechecks_what_was_done_and_ends_equal_to_it";
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    let mut kinds = vec!["file"];
+    let nbdkit = require_tool("nbdkit", test);
+    if nbdkit.is_some() {
+        kinds.push("nbd");
+    }
+    for kind in kinds {
+        let data = image(&src, 128 * MIB, 23);
+        // nbdkit serves the file read-only, and sees it change.
+        let server = nbdkit.as_ref().filter(|_| kind == "nbd").map(|k| {
+            let file = format!("file={}", src.display());
+            Server::nbdkit(k, Listen::Tcp(free_port()), &["-r", "file", &file])
+        });
+        let from = server.as_ref().map_or_else(|| src.display().to_string(), Server::uri);
+        let dst = dir.path().join(format!("{kind}.raw"));
+        let state = dir.path().join(format!("{kind}.raw.syncproxy"));
+        let mut child = proxy()
+            .arg("disk-copy")
+            .arg(&from)
+            .arg(&dst)
+            .args(["--rate", "32M", "--checkpoint-every", "4M", "--no-progress"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while checkpoint_done(&state).is_none_or(|d| d < data / 4) {
+            assert!(child.try_wait().unwrap().is_none(), "{kind}: the copy finished before it could be killed");
+            assert!(started.elapsed() < Duration::from_secs(60), "{kind}: no checkpoint past a quarter");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        // The source is written where the copy had been, in place (its allocation stays), and
+        // a file's modification time is set back: nothing in its identity shows the change.
+        let f = File::options().write(true).read(true).open(&src).unwrap();
+        let mtime = f.metadata().unwrap().modified().unwrap();
+        let mut changed = 0;
+        for (start, len) in checkpoint_ranges(&state) {
+            for mib in (start.div_ceil(MIB)..(start + len) / MIB).take(3) {
+                let mut b = [0u8; 1];
+                f.read_exact_at(&mut b, mib * MIB + 12345).unwrap();
+                if b[0] != 0 {
+                    f.write_all_at(&[!b[0]], mib * MIB + 12345).unwrap();
+                    changed += 1;
+                }
+            }
+        }
+        assert!(changed > 0, "{kind}: the checkpoint covers data to change");
+        f.set_times(std::fs::FileTimes::new().set_modified(mtime)).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+
+        let s = summary(&proxy().arg("disk-copy").arg(&from).arg(&dst).arg("--json").output().unwrap());
+        testkit::same_contents(&src, &dst).unwrap().unwrap_or_else(|e| panic!("{kind}: a mixed image: {e}"));
+        assert_eq!(s["resumed"], true, "{kind}: {s}");
+        assert_eq!(s["resume_check"], "verified", "{kind}: {s}");
+        assert_eq!(s["resume_changed_bytes"], changed * MIB, "{kind}: {s}");
+    }
+}
+
+#[test]
+fn a_vmdk_extent_linked_out_of_its_directory_needs_any_path_in_disk_copy_and_repo_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    std::fs::create_dir_all(d("vm")).unwrap();
+    std::fs::create_dir_all(d("elsewhere")).unwrap();
+    image(&d("elsewhere/secret.raw"), 4 * MIB, 29);
+    std::os::unix::fs::symlink("../elsewhere/secret.raw", d("vm/disk-flat.vmdk")).unwrap();
+    std::fs::write(
+        d("vm/disk.vmdk"),
+        "version=1\nCID=00000001\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\nRW 8192 FLAT \"disk-flat.vmdk\" 0\n",
+    )
+    .unwrap();
+    let refused = |out: std::process::Output, what: &str| {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what} followed a link out of the directory");
+        assert!(err.contains("symbolic link") && err.contains("--any-path"), "{what}: {err}");
+    };
+    refused(proxy().arg("disk-copy").arg(d("vm/disk.vmdk")).arg(d("out.raw")).output().unwrap(), "disk-copy");
+    summary(
+        &proxy()
+            .arg("disk-copy")
+            .arg(d("vm/disk.vmdk"))
+            .arg(d("out.raw"))
+            .args(["--any-path", "--json"])
+            .output()
+            .unwrap(),
+    );
+    same(&d("elsewhere/secret.raw"), &d("out.raw"));
+
+    let repo = d("repo");
+    assert!(proxy().args(["repo", "init", "--chunk-size", "1M"]).arg(&repo).status().unwrap().success());
+    refused(proxy().args(["repo", "backup"]).arg(&repo).arg(d("vm/disk.vmdk")).output().unwrap(), "repo backup");
+    let out = proxy().args(["repo", "backup"]).arg(&repo).arg(d("vm/disk.vmdk")).arg("--any-path").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

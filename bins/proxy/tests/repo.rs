@@ -411,3 +411,57 @@ fn restore_and_verify_work_on_a_repository_they_cannot_write() {
     }
     assert!(all_files(&Path::new(&repo).join("locks")).is_empty(), "no lock was left behind");
 }
+
+#[test]
+fn a_failed_restore_leaves_the_target_as_it_was_and_replacing_a_file_needs_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n).display().to_string();
+    let (img, repo) = (d("disk.raw"), d("repo"));
+    image(Path::new(&img), 16 * MIB, 31);
+    ok(&run(&["repo", "init", &repo, "--chunk-size", "1M"]));
+    ok(&run(&["repo", "backup", &repo, &img, "--name", "vm"]));
+    let entries = || {
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+
+    // An existing file is replaced only with --force.
+    let old = vec![0xab; MIB as usize];
+    std::fs::write(d("out.raw"), &old).unwrap();
+    let e = run(&["repo", "restore", &repo, "latest", &d("out.raw")]);
+    assert!(!e.status.success(), "a restore over an existing file without --force succeeded");
+    assert!(String::from_utf8_lossy(&e.stderr).contains("--force"), "{}", String::from_utf8_lossy(&e.stderr));
+    assert_eq!(std::fs::read(d("out.raw")).unwrap(), old, "refused, the file is untouched");
+    ok(&run(&["repo", "restore", &repo, "latest", &d("out.raw"), "--force"]));
+    same(Path::new(&d("out.raw")), Path::new(&img));
+
+    // A chunk that fails its check half-way: the restore fails, the existing file is as it
+    // was, a new one never appears, and no temporary file is left behind.
+    std::fs::write(d("out.raw"), &old).unwrap();
+    let before = entries();
+    let point = json(&run(&["repo", "list", &repo, "--json"]))[0]["id"].as_str().unwrap().to_owned();
+    let ix = std::fs::read(Path::new(&repo).join(format!("indexes/{point}/0.idx"))).unwrap();
+    // The last chunk that holds data (entries follow a 32-byte header; a checksum ends the file).
+    let last = ix[32..ix.len() - 32].chunks(32).rev().find(|c| c.iter().any(|&b| b != 0)).unwrap();
+    let name: String = last.iter().map(|b| format!("{b:02x}")).collect();
+    let chunk = Path::new(&repo).join(format!("chunks/{}/{name}", &name[..2]));
+    let mut bytes = std::fs::read(&chunk).unwrap();
+    *bytes.last_mut().unwrap() ^= 1;
+    std::fs::write(&chunk, &bytes).unwrap();
+    for (target, force) in [(d("out.raw"), true), (d("new.raw"), false), (d("new.vmdk"), false)] {
+        let mut args = vec!["repo", "restore", &repo, "latest", &target];
+        if force {
+            args.push("--force");
+        }
+        let e = run(&args);
+        let err = String::from_utf8_lossy(&e.stderr);
+        assert!(!e.status.success(), "{target}: a restore from a damaged chunk succeeded");
+        assert!(err.contains("is left as it was"), "{target}: {err}");
+        assert_eq!(entries(), before, "{target}: nothing appears or is left behind");
+    }
+    assert_eq!(std::fs::read(d("out.raw")).unwrap(), old, "the failed restore left the file as it was");
+}

@@ -132,6 +132,11 @@ impl BlockSource for DatastoreSource {
         self.identity.clone()
     }
 
+    /// Read from a snapshot, which nothing writes.
+    fn frozen(&self) -> bool {
+        true
+    }
+
     /// The allocation comes from CBT (`QueryChangedDiskAreas` with `*`), not from the file.
     fn allocation(&self) -> IoFuture<'_, Option<SourceAllocation>> {
         Box::pin(async { Ok(None) })
@@ -275,6 +280,11 @@ impl BlockSource for ChainSource {
 
     fn identity(&self) -> String {
         self.identity.clone()
+    }
+
+    /// Read from a snapshot, which nothing writes.
+    fn frozen(&self) -> bool {
+        true
     }
 
     /// The allocation comes from CBT, as for a flat disk.

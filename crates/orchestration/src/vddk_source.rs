@@ -108,6 +108,11 @@ impl BlockSource for VddkSource {
         self.identity.clone()
     }
 
+    /// Read from a snapshot, which nothing writes.
+    fn frozen(&self) -> bool {
+        true
+    }
+
     /// The allocation comes from CBT, as for every vSphere source.
     fn allocation(&self) -> IoFuture<'_, Option<SourceAllocation>> {
         Box::pin(async { Ok(None) })

@@ -25,6 +25,8 @@ pub struct MemSource {
     pub fail_reads: AtomicU32,
     /// The identity it reports.
     pub identity: String,
+    /// Whether it claims its identity proves it frozen (true: a snapshot in memory).
+    pub frozen: bool,
 }
 
 impl MemSource {
@@ -43,6 +45,7 @@ impl MemSource {
             allocation: Some(SourceAllocation { data: set, zero: ExtentSet::new() }),
             fail_reads: AtomicU32::new(0),
             identity: "mem:1".into(),
+            frozen: true,
         }
     }
 }
@@ -56,6 +59,9 @@ impl BlockSource for MemSource {
     }
     fn identity(&self) -> String {
         self.identity.clone()
+    }
+    fn frozen(&self) -> bool {
+        self.frozen
     }
     fn allocation(&self) -> IoFuture<'_, Option<SourceAllocation>> {
         Box::pin(async move { Ok(self.allocation.clone()) })

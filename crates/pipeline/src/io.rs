@@ -38,6 +38,15 @@ pub trait BlockSource: Send + Sync {
     /// bytes (a snapshot ID; for a file, its device, inode, size and modification time).
     fn identity(&self) -> String;
 
+    /// Whether [`identity`](Self::identity) proves the bytes unchanged since a checkpoint that
+    /// recorded it: a snapshot, a VMDK chain with its CIDs, a restore point. A source that
+    /// anyone may write under the same identity (a block device, an NBD export without a
+    /// snapshot ID, a raw file) is not frozen, and a copy resumed from it re-reads the ranges
+    /// the checkpoint shows as done and checks them against their digests.
+    fn frozen(&self) -> bool {
+        false
+    }
+
     /// The largest request it serves well, when it has a limit (an NBD server's maximum).
     fn max_request(&self) -> Option<u64> {
         None

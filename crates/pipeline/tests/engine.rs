@@ -10,7 +10,7 @@ use cbt::{ChangeId, ChangedAreas, Changes, CurrentDisk, DiskPosition, ExtentSet}
 use pipeline::conformance::{MemSink, MemSource, pattern};
 use pipeline::limit::RateLimiter;
 use pipeline::progress::Progress;
-use pipeline::replicate::{SyncJob, sync};
+use pipeline::replicate::{ResumeCheck, SyncJob, sync};
 use pipeline::state::{Digests, StateStore, SyncKey};
 use pipeline::{BlockError, BlockSink, BlockSource, CopyOptions, DiskCopy, Engine, copy_disk};
 
@@ -273,6 +273,7 @@ async fn a_cancelled_copy_resumes_from_its_checkpoint_on_the_same_snapshot_only(
             .await
             .unwrap();
     assert!(resumed.resumed);
+    assert_eq!(resumed.resume_check, Some(ResumeCheck::Frozen), "a snapshot is trusted, not re-read");
     assert_eq!(resumed.report.read, size - done);
     assert_eq!(sink.contents(), data);
     assert_eq!(resumed.report.digests.as_ref().unwrap().blocks, digests_of(&data, MIB));
@@ -365,4 +366,97 @@ async fn release_cpu_time_sleeps_after_each_request_in_each_stream() {
     let ms = t0.elapsed().as_millis();
     assert!((200..=260).contains(&ms), "took {ms} ms");
     assert_eq!(sink.contents(), data);
+}
+
+/// Runs `src` to `sink` as job `id` and cancels it once half is written; returns the bytes its
+/// checkpoint shows as done.
+async fn cancelled_half_way(src: Arc<MemSource>, sink: Arc<MemSink>, store: &StateStore, opts: &CopyOptions) -> u64 {
+    let size = src.size();
+    let engine = Engine::new(64 * MIB);
+    let opts = CopyOptions { job_rate: Some(Arc::new(RateLimiter::new(32 * MIB))), ..opts.clone() };
+    let (cancel, progress) = (engine.cancel.clone(), Arc::new(Progress::default()));
+    let p = progress.clone();
+    tokio::spawn(async move {
+        while p.snapshot().written < size / 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        cancel.cancel();
+    });
+    let key = job(src.clone(), sink.clone(), store, "j1", 3, Changes::NotQueried).key;
+    let err = sync(job(src, sink, store, "j1", 3, Changes::NotQueried), &engine, &opts, progress).await.unwrap_err();
+    assert!(matches!(err, BlockError::Cancelled));
+    store.load_checkpoint(&key).unwrap().expect("a checkpoint").0.done_set().total_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_from_a_source_that_may_have_changed_rechecks_what_was_done_or_starts_over() {
+    let size = 16 * MIB;
+    let v1 = pattern(size as usize, 40);
+    // A block device written while the copy was down: the same identity, other bytes in the
+    // first two MiB (which the interrupted copy had done) and nowhere else.
+    let mut v2 = v1.clone();
+    v2[100..200].fill(0xee);
+    v2[(MIB + MIB / 2) as usize] ^= 1;
+    let device = |data: &[u8]| Arc::new(MemSource { frozen: false, allocation: None, ..MemSource::new(data.to_vec()) });
+    let opts = CopyOptions { request_size: MIB, in_flight: 2, checkpoint_bytes: 2 * MIB, ..CopyOptions::default() };
+
+    // With digests: the done ranges are read again; the two changed blocks are copied again.
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path()).unwrap();
+    let sink = Arc::new(MemSink::new(size as usize, MIB));
+    let done = cancelled_half_way(device(&v1), sink.clone(), &store, &opts).await;
+    assert!(done >= 2 * MIB, "the first two MiB were done: {done}");
+    let out = sync(
+        job(device(&v2), sink.clone(), &store, "j1", 3, Changes::NotQueried),
+        &Engine::new(64 * MIB),
+        &opts,
+        Arc::default(),
+    )
+    .await
+    .unwrap();
+    assert!(out.resumed);
+    assert_eq!(out.resume_check, Some(ResumeCheck::Verified { checked: done, changed: 2 * MIB }));
+    assert_eq!(out.report.read, size - done + 2 * MIB);
+    assert!(sink.contents() == v2, "the resumed copy equals the source as it is now");
+    assert!(out.warnings.iter().any(|w| w.contains("changed in memory source since")), "{:?}", out.warnings);
+
+    // Without digests nothing can be checked: the copy starts over.
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path()).unwrap();
+    let sink = Arc::new(MemSink::new(size as usize, MIB));
+    let bare = CopyOptions { digests: false, ..opts.clone() };
+    cancelled_half_way(device(&v1), sink.clone(), &store, &bare).await;
+    let out = sync(
+        job(device(&v2), sink.clone(), &store, "j1", 3, Changes::NotQueried),
+        &Engine::new(64 * MIB),
+        &bare,
+        Arc::default(),
+    )
+    .await
+    .unwrap();
+    assert!(!out.resumed);
+    assert_eq!(out.resume_check, Some(ResumeCheck::StartedOver));
+    assert_eq!(out.report.read, size);
+    assert!(sink.contents() == v2);
+
+    // Its allocation changed too (the first two MiB are now a hole), so the plan did: the copy
+    // that started on a zeroed destination left data there, which must be zeroed now.
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path()).unwrap();
+    let sink = Arc::new(MemSink::new(size as usize, MIB));
+    cancelled_half_way(device(&v1), sink.clone(), &store, &opts).await;
+    let mut v3 = v1.clone();
+    v3[..(2 * MIB) as usize].fill(0);
+    let holed = Arc::new(MemSource { frozen: false, ..MemSource::new(v3.clone()) });
+    let out = sync(
+        job(holed, sink.clone(), &store, "j1", 3, Changes::NotQueried),
+        &Engine::new(64 * MIB),
+        &opts,
+        Arc::default(),
+    )
+    .await
+    .unwrap();
+    assert!(!out.resumed);
+    assert!(out.warnings.iter().any(|w| w.contains("the plan changed")), "{:?}", out.warnings);
+    assert!(sink.contents() == v3, "the hole is zeroed on the destination");
 }

@@ -432,6 +432,10 @@ impl pipeline::BlockSource for PointReader {
         self.name.clone()
     }
 
+    fn frozen(&self) -> bool {
+        true
+    }
+
     /// Zero chunks are known zeros; every other chunk is data.
     fn allocation(&self) -> pipeline::IoFuture<'_, Option<pipeline::SourceAllocation>> {
         let chunk = u64::from(self.index.chunk_size);

@@ -2,6 +2,7 @@
 //! database, parsed with fixed caps from untrusted text and formatted so that a parse of the
 //! output gives the same descriptor back.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use crate::error::{Result, VmdkError};
@@ -256,10 +257,71 @@ impl Descriptor {
 }
 
 /// Descriptor text from raw bytes: everything before the first NUL (descriptors, embedded or
-/// standalone, are NUL-padded to a sector), which must be UTF-8.
-pub(crate) fn text_before_nul(raw: &[u8]) -> Option<&str> {
+/// standalone, are NUL-padded to a sector), decoded as the descriptor's `encoding` key says.
+/// ESXi writes `UTF-8`; older hosted products wrote `windows-1252` (read here as the WHATWG
+/// label does, ISO-8859-1 included). Without the key the text must be UTF-8; under any other
+/// declared encoding it must be ASCII. `file` names the file in errors.
+pub(crate) fn decode_text<'a>(raw: &'a [u8], file: &str) -> Result<Cow<'a, str>> {
     let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-    std::str::from_utf8(&raw[..end]).ok()
+    let raw = &raw[..end];
+    let declared = declared_encoding(raw);
+    let label = declared.as_deref().map(str::to_ascii_lowercase);
+    match label.as_deref() {
+        Some("windows-1252" | "cp1252" | "iso-8859-1" | "iso8859-1" | "latin1" | "us-ascii" | "ascii") => {
+            Ok(Cow::Owned(raw.iter().map(|&b| windows_1252(b)).collect()))
+        }
+        None | Some("utf-8" | "utf8") => std::str::from_utf8(raw).map(Cow::Borrowed).map_err(|e| {
+            let said = declared
+                .as_deref()
+                .map_or_else(|| "declares no encoding".to_owned(), |d| format!("declares encoding {d:?}"));
+            VmdkError::corrupt(
+                file,
+                format!(
+                    "the descriptor {said} but is not UTF-8: byte {:#04x} at offset {}",
+                    raw[e.valid_up_to()],
+                    e.valid_up_to()
+                ),
+            )
+        }),
+        Some(_) => match raw.iter().position(|b| !b.is_ascii()) {
+            None => Ok(Cow::Borrowed(std::str::from_utf8(raw).unwrap_or_default())),
+            Some(at) => Err(VmdkError::unsupported(
+                file,
+                format!(
+                    "the descriptor's encoding {:?} (non-ASCII byte {:#04x} at offset {at}); UTF-8 and windows-1252 are read",
+                    declared.unwrap_or_default(),
+                    raw[at]
+                ),
+            )),
+        },
+    }
+}
+
+/// The value of the `encoding` key, found in the raw bytes before they can be decoded.
+fn declared_encoding(raw: &[u8]) -> Option<String> {
+    raw.split(|&b| b == b'\n').find_map(|line| {
+        let (key, value) = line.trim_ascii().split_at_checked(8)?;
+        if !key.eq_ignore_ascii_case(b"encoding") {
+            return None;
+        }
+        let value = value.trim_ascii().strip_prefix(b"=")?.trim_ascii();
+        let value = value.strip_prefix(b"\"").and_then(|v| v.strip_suffix(b"\"")).unwrap_or(value);
+        Some(String::from_utf8_lossy(value).into_owned())
+    })
+}
+
+/// One windows-1252 byte as a character: Latin-1, except the printable characters at
+/// 0x80-0x9F (the five bytes windows-1252 leaves undefined map to C1 controls, as in WHATWG).
+fn windows_1252(b: u8) -> char {
+    const HIGH: [u16; 32] = [
+        0x20ac, 0x0081, 0x201a, 0x0192, 0x201e, 0x2026, 0x2020, 0x2021, 0x02c6, 0x2030, 0x0160, 0x2039, 0x0152, 0x008d,
+        0x017d, 0x008f, 0x0090, 0x2018, 0x2019, 0x201c, 0x201d, 0x2022, 0x2013, 0x2014, 0x02dc, 0x2122, 0x0161, 0x203a,
+        0x0153, 0x009d, 0x017e, 0x0178,
+    ];
+    match b {
+        0x80..=0x9f => char::from_u32(u32::from(HIGH[usize::from(b - 0x80)])).unwrap_or('\u{fffd}'),
+        _ => char::from(b),
+    }
 }
 
 /// Reads a CID: up to 8 hex digits (VMware pads to 8; qemu does not).
@@ -412,6 +474,23 @@ mod tests {
         assert_eq!(d.extents[2].offset, Some(63));
         assert_eq!(d.extents[2].extra, ["partitionUUID", "1234"]);
         assert_eq!(Descriptor::parse(&d.to_string(), "d.vmdk").unwrap(), d);
+    }
+
+    #[test]
+    fn declared_encodings_decode_and_anything_else_is_refused_without_panicking() {
+        let text = b"version=1\r\n  ENCODING = windows-1252\r\nddb.x = \"\x80\x81\x9f\xe9\xff\"\0junk\xff";
+        let d = decode_text(text, "x").unwrap();
+        assert!(d.ends_with("\"\u{20ac}\u{81}\u{178}\u{e9}\u{ff}\""), "{d:?}");
+        assert!(matches!(decode_text(b"version=1\n\xe9", "x"), Err(VmdkError::Corrupt { .. })));
+        assert!(matches!(decode_text(b"encoding=\"GBK\"\n\xe9", "x"), Err(VmdkError::Unsupported { .. })));
+        assert_eq!(decode_text(b"encoding=\"GBK\"\nversion=1", "x").unwrap(), "encoding=\"GBK\"\nversion=1");
+        // Every byte value, under every label, decodes or is refused; nothing panics.
+        let all: Vec<u8> = (1..=255).collect();
+        let labels: [&[u8]; 5] =
+            [b"", b"encoding=\"UTF-8\"\n", b"encoding=\"windows-1252\"\n", b"encoding=\"x\"\n", b"encoding=\xff\n"];
+        for label in labels {
+            let _ = decode_text(&[label, &all].concat(), "x");
+        }
     }
 
     #[test]

@@ -150,7 +150,7 @@ impl Disk {
                 let hint = d
                     .parent_file_name_hint()
                     .ok_or_else(|| VmdkError::corrupt(&name, "has a parentCID but no parentFileNameHint"))?;
-                next = Some(resolve(&path, hint, policy)?);
+                next = Some(resolve(files, &path, hint, policy)?);
                 expected_cid = Some((d.parent_cid(), name.clone()));
             }
             layers.push(layer);
@@ -301,7 +301,7 @@ fn open_layer(files: &dyn Files, path: &Path, policy: PathPolicy) -> Result<Laye
     }
     match u32::from_le_bytes(magic) {
         KDMV_MAGIC => {
-            let k = KdmvExtent::open(file.clone(), &name)?;
+            let k = KdmvExtent::open_layer(file.clone(), &name)?;
             let create_type = k.descriptor().map_or("monolithicSparse", Descriptor::create_type).to_owned();
             let len = k.header.capacity * 512;
             let extent = LayerExtent {
@@ -331,15 +331,14 @@ fn open_layer(files: &dyn Files, path: &Path, policy: PathPolicy) -> Result<Laye
             }
             let mut raw = vec![0u8; crate::to_usize(len)];
             file.read_exact_at(&mut raw, 0).map_err(|e| VmdkError::io(&name, e))?;
-            let text = crate::descriptor::text_before_nul(&raw)
-                .ok_or_else(|| VmdkError::corrupt(&name, "neither a sparse file nor a UTF-8 descriptor"))?;
-            let descriptor = Descriptor::parse(text, &name)?;
+            let text = crate::descriptor::decode_text(&raw, &name)?;
+            let descriptor = Descriptor::parse(&text, &name)?;
             let mut extents = Vec::new();
             let mut warnings = Vec::new();
             let mut start = 0u64;
             for line in &descriptor.extents {
                 let len = line.sectors * 512;
-                let file_path = line.file.as_deref().map(|f| resolve(path, f, policy)).transpose()?;
+                let file_path = line.file.as_deref().map(|f| resolve(files, path, f, policy)).transpose()?;
                 let ext_name = file_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
                 let source = match (line.kind, &file_path) {
                     (ExtentKind::Zero, _) => Source::Zero,
@@ -389,20 +388,36 @@ fn open_layer(files: &dyn Files, path: &Path, policy: PathPolicy) -> Result<Laye
 }
 
 /// A file name from a descriptor, resolved against the directory of `from`, within `policy`.
-fn resolve(from: &Path, name: &str, policy: PathPolicy) -> Result<PathBuf> {
-    let refuse =
-        |why: &str| VmdkError::Path { file: from.display().to_string(), name: name.to_owned(), why: why.to_owned() };
+/// Under [`PathPolicy::SameDirectory`] the name must stay inside that directory both as written
+/// (no absolute path, no `..`) and as the file system resolves it: a symbolic link (the file or
+/// a directory on the way) that leads out is refused too.
+fn resolve(files: &dyn Files, from: &Path, name: &str, policy: PathPolicy) -> Result<PathBuf> {
+    let refuse = |why: String| VmdkError::Path { file: from.display().to_string(), name: name.to_owned(), why };
     if name.chars().any(char::is_control) {
-        return Err(refuse("it contains a control character"));
+        return Err(refuse("it contains a control character".into()));
     }
     let candidate = Path::new(name);
+    let dir = from.parent().unwrap_or(Path::new("."));
+    let joined = dir.join(candidate);
     if policy == PathPolicy::SameDirectory {
         if candidate.is_absolute() {
-            return Err(refuse("absolute paths are not followed (PathPolicy::SameDirectory)"));
+            return Err(refuse("absolute paths are not followed (PathPolicy::SameDirectory)".into()));
         }
         if candidate.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
-            return Err(refuse("`..` is not followed (PathPolicy::SameDirectory)"));
+            return Err(refuse("`..` is not followed (PathPolicy::SameDirectory)".into()));
+        }
+        let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+        let home = files.identity(dir).map_err(|e| VmdkError::io(&dir.display().to_string(), e))?;
+        let target = files.identity(&joined).map_err(|e| VmdkError::io(&joined.display().to_string(), e))?;
+        // A name that resolves to itself was not redirected: as written, it is inside.
+        if target != joined && !target.starts_with(&home) {
+            return Err(refuse(format!(
+                "it leads to {} through a symbolic link, outside {} (PathPolicy::SameDirectory; --any-path \
+                 follows it)",
+                target.display(),
+                home.display()
+            )));
         }
     }
-    Ok(from.parent().unwrap_or(Path::new(".")).join(candidate))
+    Ok(joined)
 }

@@ -159,17 +159,30 @@ pub struct KdmvExtent {
 }
 
 impl KdmvExtent {
-    /// Opens a hosted sparse file.
+    /// Opens a hosted sparse file as an extent that a descriptor names (a piece of a split
+    /// disk): its own embedded descriptor, if any, is not the one that counts, so a broken one
+    /// is only a warning.
     pub fn open(file: Arc<dyn ReadAt>, name: &str) -> Result<Self> {
+        Self::open_as(file, name, false)
+    }
+
+    /// Opens a hosted sparse file that stands for a whole layer (a monolithicSparse or
+    /// streamOptimized file, or a delta): its embedded descriptor carries the CID and the link
+    /// to a parent, so one the header points at must be readable. Read past it, a delta would
+    /// lose its parent and read as zeros where the parent holds data.
+    pub fn open_layer(file: Arc<dyn ReadAt>, name: &str) -> Result<Self> {
+        Self::open_as(file, name, true)
+    }
+
+    fn open_as(file: Arc<dyn ReadAt>, name: &str, layer: bool) -> Result<Self> {
         let file_len = file.len();
         let mut first = [0u8; 512];
         file.read_exact_at(&mut first, 0).map_err(|e| VmdkError::io(name, e))?;
         let mut header = SparseHeader::parse(&first, name)?;
         let mut warnings = Vec::new();
-        // Pieces of a split disk carry an empty descriptor area; a broken one is not fatal
-        // either, since the descriptor that names this extent is the one that counts.
         let descriptor = match read_embedded_descriptor(&*file, &header, name) {
             Ok(d) => d,
+            Err(e) if layer => return Err(e),
             Err(e) => {
                 warnings.push(format!("embedded descriptor ignored: {e}"));
                 None
@@ -291,10 +304,9 @@ fn read_embedded_descriptor(file: &dyn ReadAt, header: &SparseHeader, name: &str
     };
     let mut raw = vec![0u8; usize::try_from(bytes).unwrap_or(0)];
     file.read_exact_at(&mut raw, start).map_err(|e| VmdkError::io(name, e))?;
-    let text = crate::descriptor::text_before_nul(&raw)
-        .ok_or_else(|| VmdkError::corrupt(name, "embedded descriptor is not UTF-8"))?;
+    let text = crate::descriptor::decode_text(&raw, name)?;
     if text.trim().is_empty() {
         return Ok(None);
     }
-    Descriptor::parse(text, name).map(Some)
+    Descriptor::parse(&text, name).map(Some)
 }

@@ -37,6 +37,10 @@ impl FileSource {
             rustix::fs::seek(&file, SeekFrom::End(0))
                 .map_err(|e| BlockError::io(format!("sizing {}", path.display()), e.into()))?
         };
+        // Device, inode, size and modification time tell another file or a written one apart
+        // most of the time, but prove nothing: a block device's node keeps its time while the
+        // device is written, and a file's time can be set back. So a file source is never
+        // `frozen`: a resumed copy checks what it had done against its digests.
         let identity = format!("file:{}:{}:{}:{}.{}", meta.dev(), meta.ino(), size, meta.mtime(), meta.mtime_nsec());
         Ok(Self { file: Arc::new(file), path, size, identity, regular })
     }

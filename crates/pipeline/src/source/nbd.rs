@@ -74,16 +74,20 @@ pub const DEFAULT_WIRE_REQUEST: u64 = 256 << 10;
 pub struct NbdSource {
     pool: NbdPool,
     identity: String,
+    /// Whether the identity was given (a snapshot ID) rather than made from the URI.
+    frozen: bool,
     wire_request: u64,
 }
 
 impl NbdSource {
     /// Connects to `uri`. NBD cannot prove an export is frozen, so `identity` (a snapshot ID,
-    /// or at least the URI) is what a resumed copy compares.
+    /// or at least the URI) is what a resumed copy compares. Only a given identity makes the
+    /// source [`frozen`](BlockSource::frozen): the caller vouches that it names a snapshot.
     pub async fn connect(uri: &str, connections: usize, identity: Option<String>) -> Result<Self, BlockError> {
         let pool = NbdPool::connect(uri, connections).await?;
+        let frozen = identity.is_some();
         let identity = identity.unwrap_or_else(|| format!("nbd:{uri}:{}", pool.export().size));
-        Ok(Self { pool, identity, wire_request: DEFAULT_WIRE_REQUEST })
+        Ok(Self { pool, identity, frozen, wire_request: DEFAULT_WIRE_REQUEST })
     }
 
     /// Sets the size of one read on the wire (clamped to what the server accepts).
@@ -109,6 +113,10 @@ impl BlockSource for NbdSource {
 
     fn identity(&self) -> String {
         self.identity.clone()
+    }
+
+    fn frozen(&self) -> bool {
+        self.frozen
     }
 
     fn max_request(&self) -> Option<u64> {

@@ -25,9 +25,13 @@ impl VmdkSource {
         let name = path.display().to_string();
         let disk = vmdk::Disk::open(path, policy)
             .map_err(|source| BlockError::Vmdk { what: format!("opening {name}"), source })?;
-        // The chain's files as they are now: a resumed copy must see the same ones.
+        // The chain's files as they are now, and each layer's CID (which VMware and qemu change
+        // on the first write to a layer): a resumed copy must see the same ones.
         let mut identity = String::from("vmdk");
         for layer in disk.layers() {
+            if let Some(cid) = layer.descriptor.as_ref().and_then(vmdk::Descriptor::cid) {
+                identity.push_str(&format!(":cid={cid:08x}"));
+            }
             let files = std::iter::once(&layer.path).chain(layer.extents.iter().filter_map(|e| e.file.as_ref()));
             for p in files {
                 let meta = std::fs::metadata(p).map_err(|e| BlockError::io(format!("examining {}", p.display()), e))?;
@@ -49,6 +53,12 @@ impl BlockSource for VmdkSource {
 
     fn identity(&self) -> String {
         self.identity.clone()
+    }
+
+    /// The CIDs and the files' times and sizes in the identity: a layer written since changes
+    /// them.
+    fn frozen(&self) -> bool {
+        true
     }
 
     fn allocation(&self) -> IoFuture<'_, Option<SourceAllocation>> {

@@ -181,3 +181,124 @@ fn a_stream_claiming_huge_grains_fails_without_allocating_them() {
     let err = r.next_grain().unwrap_err().to_string();
     assert!(err.contains("ends inside"), "{err}");
 }
+
+/// A delta as one hosted sparse file: the tiny image (first grain data, second unallocated)
+/// with `descriptor` over its embedded descriptor area (sectors 1 and 2), and a flat parent
+/// `base.vmdk` (CID 0000abcd) that reads as 0x5a everywhere.
+fn delta_over_flat_parent(d: &std::path::Path, descriptor: &[u8]) -> std::path::PathBuf {
+    std::fs::write(
+        d.join("base.vmdk"),
+        "version=1\nCID=0000abcd\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\nRW 256 FLAT \"base-flat.vmdk\" 0\n",
+    )
+    .unwrap();
+    std::fs::write(d.join("base-flat.vmdk"), vec![0x5a; 128 << 10]).unwrap();
+    let mut img = tiny_sparse_image();
+    img[512..1536].fill(0);
+    img[512..512 + descriptor.len()].copy_from_slice(descriptor);
+    let path = d.join("delta.vmdk");
+    std::fs::write(&path, img).unwrap();
+    path
+}
+
+fn delta_descriptor(encoding: Option<&str>, ddb_line: &[u8]) -> Vec<u8> {
+    let mut t = b"# Disk DescriptorFile\nversion=1\n".to_vec();
+    if let Some(e) = encoding {
+        t.extend_from_slice(format!("encoding=\"{e}\"\n").as_bytes());
+    }
+    t.extend_from_slice(
+        b"CID=00001234\nparentCID=0000abcd\ncreateType=\"monolithicSparse\"\nparentFileNameHint=\"base.vmdk\"\n\n\
+          RW 256 SPARSE \"delta.vmdk\"\n\n# The Disk Data Base\n#DDB\n\n",
+    );
+    t.extend_from_slice(ddb_line);
+    t.push(b'\n');
+    t
+}
+
+#[test]
+fn a_delta_whose_embedded_descriptor_cannot_be_read_is_refused_not_cut_from_its_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // windows-1252, as older hosted products declare it: é (0xe9) and € (0x80) decode, and the
+    // parent's bytes show through the delta's unallocated grain.
+    let path = delta_over_flat_parent(d, &delta_descriptor(Some("windows-1252"), b"ddb.comment = \"caf\xe9 \x80\""));
+    let disk = Disk::open(&path, PathPolicy::SameDirectory).unwrap();
+    assert_eq!(disk.layers().len(), 2, "the delta keeps its parent");
+    let top = disk.layers()[0].descriptor.as_ref().unwrap();
+    assert_eq!(top.ddb("ddb.comment"), Some("caf\u{e9} \u{20ac}"));
+    let mut buf = vec![0u8; 128 << 10];
+    disk.read_at(&mut buf, 0).unwrap();
+    assert!(buf[..64 << 10].iter().enumerate().all(|(i, &b)| b == i as u8), "the delta's own grain");
+    assert!(buf[64 << 10..].iter().all(|&b| b == 0x5a), "the parent's bytes under the unallocated grain");
+
+    // The same byte without a declared encoding, or under a declared UTF-8, is an error that
+    // names the file and the offset; so is a line that does not parse.
+    let cases: [(Option<&str>, &[u8], &str); 4] = [
+        (None, b"ddb.comment = \"caf\xe9\"", "declares no encoding but is not UTF-8: byte 0xe9"),
+        (Some("UTF-8"), b"ddb.comment = \"caf\xe9\"", "declares encoding \"UTF-8\" but is not UTF-8"),
+        (Some("Shift_JIS"), b"ddb.comment = \"\x83\x65\"", "unsupported: the descriptor's encoding \"Shift_JIS\""),
+        (Some("UTF-8"), b"ddb.comment = \"unterminated", "descriptor line"),
+    ];
+    for (encoding, line, expected) in cases {
+        let path = delta_over_flat_parent(d, &delta_descriptor(encoding, line));
+        let err = Disk::open(&path, PathPolicy::SameDirectory).unwrap_err().to_string();
+        assert!(err.contains(expected) && err.contains("delta.vmdk"), "{encoding:?}: {err}");
+    }
+
+    // A piece of a split disk is named by its descriptor, which is the one that counts: its
+    // own broken embedded descriptor stays a warning.
+    delta_over_flat_parent(d, b"version=1\ncreateType=\"x\"\nnonsense\n");
+    std::fs::write(
+        d.join("split.vmdk"),
+        "version=1\nCID=1\nparentCID=ffffffff\ncreateType=\"twoGbMaxExtentSparse\"\nRW 256 SPARSE \"delta.vmdk\"\n",
+    )
+    .unwrap();
+    let split = Disk::open(d.join("split.vmdk"), PathPolicy::SameDirectory).unwrap();
+    assert!(split.warnings().iter().any(|w| w.contains("embedded descriptor ignored")), "{:?}", split.warnings());
+}
+
+#[test]
+fn a_symbolic_link_out_of_the_descriptors_directory_is_refused_unless_any_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let (inside, outside) = (dir.path().join("vm"), dir.path().join("elsewhere"));
+    std::fs::create_dir_all(&inside).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("secret.raw"), vec![7u8; 4096]).unwrap();
+    std::fs::write(inside.join("data.raw"), vec![1u8; 4096]).unwrap();
+    std::os::unix::fs::symlink("../elsewhere/secret.raw", inside.join("link.raw")).unwrap();
+    std::os::unix::fs::symlink("data.raw", inside.join("alias.raw")).unwrap();
+    std::os::unix::fs::symlink("../elsewhere", inside.join("sub")).unwrap();
+    let desc = |extent: &str, parent: &str| {
+        let link = if parent.is_empty() {
+            "parentCID=ffffffff\n".to_owned()
+        } else {
+            format!("parentCID=00000001\nparentFileNameHint=\"{parent}\"\n")
+        };
+        format!("version=1\nCID=00000002\n{link}createType=\"monolithicFlat\"\nRW 8 FLAT \"{extent}\" 0\n")
+    };
+    // Names in a parent reached through a link resolve beside the link, as qemu resolves them.
+    std::fs::write(
+        outside.join("base.vmdk"),
+        "version=1\nCID=00000001\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\nRW 8 FLAT \"data.raw\" 0\n",
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("../elsewhere/base.vmdk", inside.join("base.vmdk")).unwrap();
+    std::fs::write(inside.join("link.vmdk"), desc("link.raw", "")).unwrap();
+    std::fs::write(inside.join("subdir.vmdk"), desc("sub/secret.raw", "")).unwrap();
+    std::fs::write(inside.join("parent.vmdk"), desc("data.raw", "base.vmdk")).unwrap();
+    std::fs::write(inside.join("alias.vmdk"), desc("alias.raw", "")).unwrap();
+    for name in ["link.vmdk", "subdir.vmdk", "parent.vmdk"] {
+        match Disk::open(inside.join(name), PathPolicy::SameDirectory) {
+            Err(e @ VmdkError::Path { .. }) => {
+                let text = e.to_string();
+                assert!(text.contains("symbolic link") && text.contains("elsewhere"), "{name}: {text}");
+            }
+            other => panic!("{name}: expected a refused path, got {other:?}"),
+        }
+        assert!(Disk::open(inside.join(name), PathPolicy::Anywhere).is_ok(), "{name} under PathPolicy::Anywhere");
+    }
+    // A link that stays inside the directory is followed.
+    let disk = Disk::open(inside.join("alias.vmdk"), PathPolicy::SameDirectory).unwrap();
+    let mut buf = [0u8; 4096];
+    disk.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, [1u8; 4096]);
+}
