@@ -1,5 +1,6 @@
 //! Repository rules that no compiler checks: module docs, no stubs or ignored tests, `unsafe`
-//! only in the VDDK crates, `anyhow` only in binaries, and every crate in the codemap.
+//! only in the VDDK crates, `anyhow` only in binaries, every crate in the codemap, and no path
+//! that leaves the repository (a clone must need nothing beside it).
 
 use std::path::{Path, PathBuf};
 
@@ -56,6 +57,19 @@ fn problems(root: &Path) -> Result<Vec<String>> {
                 .push(format!("{rel}: library crates own typed errors (thiserror); anyhow is for bins/ and xtask/"));
         }
     }
+    let mut outward = rust_files(root)?;
+    for name in [".ci/run", "README.md", "ARCHITECTURE.md"] {
+        outward.push(root.join(name));
+    }
+    for file in outward {
+        let rel = file.strip_prefix(root).unwrap_or(&file).display().to_string();
+        let Ok(text) = std::fs::read_to_string(&file) else { continue };
+        for (n, line) in text.lines().enumerate() {
+            if let Some(path) = outside_path(line) {
+                problems.push(format!("{rel}:{}: `{path}` is outside the repository; a clone does not have it", n + 1));
+            }
+        }
+    }
     let architecture = std::fs::read_to_string(root.join("ARCHITECTURE.md")).unwrap_or_default();
     for dir in ["crates", "bins"] {
         for name in subdirs(&root.join(dir))? {
@@ -65,6 +79,15 @@ fn problems(root: &Path) -> Result<Vec<String>> {
         }
     }
     Ok(problems)
+}
+
+/// A path in `line` that names the `shared` folder beside the repository, if any.
+/// Spelled in pieces so that this file does not trip over itself.
+fn outside_path(line: &str) -> Option<&str> {
+    let at = line.find(concat!("..", "/shared"))?;
+    let rest = &line[at..];
+    let end = rest.find(|c: char| c.is_whitespace() || matches!(c, '`' | '"' | '\'' | ')')).unwrap_or(rest.len());
+    Some(&rest[..end])
 }
 
 fn subdirs(dir: &Path) -> Result<Vec<String>> {
@@ -122,6 +145,15 @@ mod tests {
         let root = crate::project_root();
         let problems = problems(&root).unwrap();
         assert!(problems.is_empty(), "tidy:\n  {}", problems.join("\n  "));
+    }
+
+    #[test]
+    fn only_paths_beside_the_repository_are_outside_it() {
+        let beside = concat!("bash ..", "/shared/peers/vcsim/setup.sh");
+        assert_eq!(outside_path(beside), Some(concat!("..", "/shared/peers/vcsim/setup.sh")));
+        for fine in ["let a: Arc<Mutex<u8>> = x;", "a shared disk", "include_str!(\"../tests/a.xml\")", "--shared=8"] {
+            assert_eq!(outside_path(fine), None, "{fine}");
+        }
     }
 
     #[test]
