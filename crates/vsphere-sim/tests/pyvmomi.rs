@@ -7,10 +7,14 @@ use std::process::Command;
 
 use vsphere_sim::{Config, Sim, SimTls};
 
-/// Where pyvmomi is: `$SYNCPROXY_PYTHONPATH` (what `.ci/run` installs into), else wherever
-/// python3 finds it.
+/// Where pyvmomi is: `$SYNCPROXY_PYTHONPATH`, else the cache folder `.ci/run` installs it into
+/// (`$XDG_CACHE_HOME/syncproxy-py` or `~/.cache/syncproxy-py`), else wherever python3 finds it.
 fn pythonpath() -> Option<String> {
-    let path = std::env::var("SYNCPROXY_PYTHONPATH").unwrap_or_default();
+    let cache = std::env::var("XDG_CACHE_HOME")
+        .ok()
+        .or_else(|| std::env::var("HOME").ok().map(|h| format!("{h}/.cache")))
+        .map(|c| format!("{c}/syncproxy-py"));
+    let path = std::env::var("SYNCPROXY_PYTHONPATH").ok().or(cache).unwrap_or_default();
     let ok = Command::new("python3")
         .env("PYTHONPATH", &path)
         .args(["-c", "import pyVmomi"])
