@@ -9,6 +9,7 @@ mod boundaries;
 mod codegen;
 mod fuzz;
 mod seeds;
+mod setup;
 mod tidy;
 
 use std::path::{Path, PathBuf};
@@ -22,6 +23,7 @@ cargo xtask COMMAND
   ci                      everything CI checks: format, clippy, tests, tidy, crate boundaries,
                           every fuzz target for a short run, benches built and run once,
                           `bench copy`, `bench repo` and `bench vms` once on small inputs
+  setup --check           list the peers the tests need that are missing (exit 1 if any)
   tidy                    the repository rules (module docs, no stubs, unsafe only in vddk crates)
   boundaries              the crate-boundary rules ARCHITECTURE.md states
   codegen [--check]       regenerate crates/vddk-sys/src/generated.rs (--check: fail if stale)
@@ -52,6 +54,7 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("ci") => ci(&root),
         Some("tidy") => tidy::check(&root),
+        Some("setup") if args.get(1).is_some_and(|a| a == "--check") => setup::check(),
         Some("boundaries") => boundaries::check(&root),
         Some("fuzz") => {
             let seconds = match args.get(2) {
