@@ -507,10 +507,7 @@ async fn run_vm(ctx: &JobContext, mut vm: Vm, report: &mut VmReport) -> Result<(
     let created = match ctx.client.create_snapshot(&vm.moref, &name, &description, quiesce, None).await {
         Ok(s) => Ok((s, if quiesce { Consistency::Application } else { Consistency::Crash })),
         // Only a quiescing failure (the guest could not freeze) falls back to crash-consistent.
-        Err(e)
-            if quiesce
-                && e.fault().is_some_and(|f| f.type_name.contains("Quiesce") || f.type_name.contains("Tools")) =>
-        {
+        Err(e) if quiesce && e.is_quiesce_fault() => {
             report.warnings.push(format!("quiescing failed ({e}); this restore point is crash-consistent"));
             ctx.client
                 .create_snapshot(&vm.moref, &name, &description, false, None)

@@ -1,5 +1,6 @@
 //! The client's errors: transport, TLS, XML and vSphere faults with their kind and context,
-//! and the one place that decides whether an error is retried.
+//! the one place that decides whether an error is retried, and which faults say the guest
+//! could not be quiesced.
 
 use crate::xml::{Element, XmlError};
 
@@ -112,7 +113,30 @@ impl std::fmt::Display for Fault {
     }
 }
 
+/// Every fault type of the API that says quiescing failed, or that VMware Tools could not
+/// quiesce the guest (unavailable, being installed or upgraded).
+const QUIESCE_FAULTS: &[&str] = &[
+    "ApplicationQuiesceFault",
+    "FilesystemQuiesceFault",
+    "QuiesceDatastoreIOForHAFailed",
+    "ToolsUnavailable",
+    "ToolsInstallationInProgress",
+    "VmToolsUpgradeFault",
+    "ToolsAlreadyUpgraded",
+    "ToolsAutoUpgradeNotSupported",
+    "ToolsImageCopyFailed",
+    "ToolsImageNotAvailable",
+    "ToolsImageSignatureCheckFailed",
+    "ToolsUpgradeCancelled",
+];
+
 impl Fault {
+    /// Whether the fault says the guest could not be quiesced (its quiescing failed, or VMware
+    /// Tools could not do it), so that a snapshot without quiescing may still be taken.
+    pub fn is_quiesce(&self) -> bool {
+        QUIESCE_FAULTS.contains(&self.type_name.as_str())
+    }
+
     /// A fault from its detail element (`<XxxFault xsi:type="Xxx">` or a `fault` child of a
     /// `LocalizedMethodFault`), with the message found beside it.
     pub fn from_detail(detail: Option<&Element>, message: &str, method: &str, object: Option<&str>) -> Self {
@@ -226,6 +250,12 @@ impl Error {
         }
     }
 
+    /// Whether the server raised a fault (directly or through a task) saying the guest could
+    /// not be quiesced: see [`Fault::is_quiesce`].
+    pub fn is_quiesce_fault(&self) -> bool {
+        self.fault().is_some_and(Fault::is_quiesce)
+    }
+
     /// Whether the server surely did not act on the request, so sending it again cannot do
     /// anything twice (not even create a task twice): the connection was never made, or the
     /// server answered that it is busy. The client retries these itself, within its deadline.
@@ -279,6 +309,24 @@ mod tests {
         let na = Fault::from_detail(None, "", "X", None);
         let na = Fault { kind: FaultKind::NotAuthenticated, ..na };
         assert_eq!(Error::Fault(Box::new(na)).retry(), Retry::Relogin);
+    }
+
+    #[test]
+    fn quiesce_faults_are_told_by_their_type_name() {
+        let fault = |t: &str| {
+            let f = Fault::from_detail(None, "", "CreateSnapshot_Task", Some("vm-1"));
+            Fault { kind: FaultKind::of(t), type_name: t.into(), ..f }
+        };
+        for t in ["ApplicationQuiesceFault", "FilesystemQuiesceFault", "ToolsUnavailable", "ToolsUpgradeCancelled"] {
+            let task =
+                Error::Task { task: "task-1".into(), name: "CreateSnapshot_Task".into(), fault: Box::new(fault(t)) };
+            assert!(task.is_quiesce_fault(), "{t}");
+            assert!(Error::Fault(Box::new(fault(t))).is_quiesce_fault(), "{t}");
+        }
+        for t in ["SnapshotFault", "InvalidPowerState", "NoPermission", "Quiesce", "GuestOperationsUnavailable"] {
+            assert!(!Error::Fault(Box::new(fault(t))).is_quiesce_fault(), "{t}");
+        }
+        assert!(!Error::Protocol("ApplicationQuiesceFault".into()).is_quiesce_fault());
     }
 
     #[test]
