@@ -90,7 +90,7 @@ const RULES: &[Rule] = &[
             "vmdk::Descriptor",
             "vmdk::Files",
         ],
-        why: "the simulator answers the protocol on its own: it shares only the XML tree and MoRef with the client",
+        why: "the simulator answers the protocol on its own: it shares only the XML tree, MoRef and the API's enumerated values with the client",
     },
     Rule {
         covers: |_| true,

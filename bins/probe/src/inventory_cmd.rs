@@ -8,7 +8,7 @@ use crate::server_args::ServerArgs;
 use crate::vmdk_cmd::human;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
-use vsphere::{BackingKind, Vm};
+use vsphere::{BackingKind, DrsBehavior, PowerState, Vm};
 
 /// Arguments of `probe inventory`.
 #[derive(Debug, clap::Args)]
@@ -91,7 +91,7 @@ async fn inventory(args: &Args) -> Result<()> {
             out,
             "cluster {} (DRS {})",
             c.name,
-            c.drs_behavior.as_deref().unwrap_or(if c.drs_enabled == Some(true) { "on" } else { "off" })
+            c.drs_behavior.as_ref().map_or(if c.drs_enabled == Some(true) { "on" } else { "off" }, DrsBehavior::as_str)
         )?;
     }
     writeln!(out, "{} VMs\n", vms.len())?;
@@ -106,7 +106,7 @@ async fn inventory(args: &Args) -> Result<()> {
             out,
             "{:<28} {:<10} {:<8} {:<5} {:<6} {}",
             vm.name,
-            vm.power_state.as_deref().unwrap_or("-"),
+            vm.power_state.as_ref().map_or("-", PowerState::as_str),
             vm.hardware_version.as_deref().unwrap_or("-"),
             cbt,
             vm.all_snapshots().len(),

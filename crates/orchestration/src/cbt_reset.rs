@@ -12,7 +12,7 @@ use std::sync::Arc;
 use cbt::ChangeId;
 use repo::Store;
 use serde::{Deserialize, Serialize};
-use vsphere::{Client, MoRef, Vm};
+use vsphere::{Client, MoRef, PowerState, Vm};
 
 use crate::OrchError;
 
@@ -141,8 +141,8 @@ pub async fn cbt_reset(client: &Client, vm: &MoRef, marks: &[Arc<dyn Store>]) ->
     let disks: Vec<&vsphere::Disk> =
         v.disks.iter().filter(|d| !d.independent() && d.backing != vsphere::BackingKind::RdmPhysical).collect();
     let before: Vec<(String, Option<String>)> = disks.iter().map(|d| (slot(d), d.change_id.clone())).collect();
-    match v.power_state.as_deref() {
-        Some("poweredOff") => {
+    match &v.power_state {
+        Some(PowerState::PoweredOff) => {
             report.form = "powered-off";
             let datacenter = crate::flow::datacenter_for(client, &v).await?.moref;
             client.set_change_tracking(vm, false).await?;
@@ -163,7 +163,7 @@ pub async fn cbt_reset(client: &Client, vm: &MoRef, marks: &[Arc<dyn Store>]) ->
             client.set_change_tracking(vm, true).await?;
             report.steps.push("CBT turned on".into());
         }
-        Some("poweredOn") => {
+        Some(PowerState::PoweredOn) => {
             report.form = "running";
             client.set_change_tracking(vm, false).await?;
             report.steps.push("CBT turned off".into());
@@ -176,7 +176,7 @@ pub async fn cbt_reset(client: &Client, vm: &MoRef, marks: &[Arc<dyn Store>]) ->
             return Err(OrchError::Refused(format!(
                 "{} is {}: reset CBT on a running or powered-off VM",
                 v.name,
-                other.unwrap_or("in an unknown power state")
+                other.as_ref().map_or("in an unknown power state", PowerState::as_str)
             )));
         }
     }

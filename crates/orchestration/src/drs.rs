@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 use vsphere::facts::{Cluster, DrsChange, DrsOverride};
-use vsphere::{MoRef, Vm};
+use vsphere::{DrsBehavior, MoRef, Vm};
 
 use crate::OrchError;
 use crate::flow::{JobContext, VmReport, blocking, vm_key};
@@ -22,7 +22,7 @@ struct PinRecord {
     /// The VM's moref value.
     vm: String,
     /// The VM's override before (none: it had none).
-    previous: Option<(Option<bool>, Option<String>)>,
+    previous: Option<(Option<bool>, Option<DrsBehavior>)>,
     /// When (RFC 3339).
     time: String,
 }
@@ -108,7 +108,7 @@ pub(crate) async fn pin(ctx: &JobContext, vm: &Vm, report: &mut VmReport) -> Res
     };
     // The record first: a crash after the change leaves what is needed to undo it.
     save(ctx, &key, &record).await?;
-    let manual = DrsOverride { vm: vm.moref.clone(), enabled: Some(true), behavior: Some("manual".into()) };
+    let manual = DrsOverride { vm: vm.moref.clone(), enabled: Some(true), behavior: Some(DrsBehavior::Manual) };
     let change = if own.is_some() { DrsChange::Edit(manual) } else { DrsChange::Add(manual) };
     match ctx.client.set_drs_override(&cluster.moref, &change).await {
         Ok(()) => {

@@ -483,7 +483,7 @@ async fn run_vm(ctx: &JobContext, mut vm: Vm, report: &mut VmReport) -> Result<(
             report.warnings.push("CBT was off: turned it on; this backup is full".into());
         }
     }
-    let quiesce = matches!(vm.tools.as_deref(), Some("guestToolsRunning" | "toolsOk"));
+    let quiesce = vm.tools.as_ref().is_some_and(vsphere::ToolsRunningStatus::running);
     let name = ctx.snapshot_name();
     let description = format!(
         "made by syncproxy proxy {} for job {} at {}; removed when the backup ends",
@@ -665,7 +665,7 @@ async fn disk_facts(
         Some(s) => ctx.client.snapshot_disks(s).await?,
         None => vm.disks.clone(),
     };
-    let can_query = snap.is_some() || vm.power_state.as_deref() == Some("poweredOff");
+    let can_query = snap.is_some() || vm.power_state == Some(vsphere::PowerState::PoweredOff);
     let (resets, forced_by) = reset_slots(ctx, vm).await?;
     let host_version = host_version(ctx, vm, warnings).await;
     let mut out = Vec::new();

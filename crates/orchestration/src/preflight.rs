@@ -10,7 +10,7 @@ use serde::Serialize;
 use vsphere::facts::{Cluster, Datastore, Host};
 use vsphere::privileges::Held;
 use vsphere::version::{ApiVersion, Support, support};
-use vsphere::{BackingKind, Client, MoRef, Vm};
+use vsphere::{BackingKind, Client, ConnectionState, MoRef, PowerState, ToolsRunningStatus, Vm};
 
 use crate::OrchError;
 use crate::catalog::GuestSupport;
@@ -608,8 +608,8 @@ fn check_host(h: &Host, out: &mut Out) {
             }
         },
     }
-    match h.connection_state.as_deref() {
-        Some("connected") | None => {}
+    match &h.connection_state {
+        Some(ConnectionState::Connected) | None => {}
         Some(state) => out.add(
             "host.connection",
             Level::Fail,
@@ -656,8 +656,8 @@ fn check_vm(estate: &Estate, vm: &Vm, vddk: &VddkFacts, live_jobs: &HashSet<Stri
             "check the VM's configuration",
         ),
     }
-    match vm.power_state.as_deref() {
-        Some("suspended") => out.add(
+    match &vm.power_state {
+        Some(PowerState::Suspended) => out.add(
             "vm.power",
             Level::Warn,
             n,
@@ -665,7 +665,7 @@ fn check_vm(estate: &Estate, vm: &Vm, vddk: &VddkFacts, live_jobs: &HashSet<Stri
             "suspended: snapshots of a suspended VM include its memory on older hosts".into(),
             "resume or power off the VM before backing it up",
         ),
-        Some(p) => out.add("vm.power", Level::Pass, n, None, p.to_owned(), ""),
+        Some(p) => out.add("vm.power", Level::Pass, n, None, p.to_string(), ""),
         None => {}
     }
     if vm.pci_passthrough.is_empty() {
@@ -726,8 +726,8 @@ fn check_vm(estate: &Estate, vm: &Vm, vddk: &VddkFacts, live_jobs: &HashSet<Stri
     } else {
         out.add("vm.consolidation", Level::Pass, n, None, "no consolidation needed".into(), "");
     }
-    match vm.tools.as_deref() {
-        Some("guestToolsRunning" | "toolsOk") => {
+    match &vm.tools {
+        Some(t) if t.running() => {
             out.add("vm.tools", Level::Pass, n, None, "VMware Tools run: backups are quiesced".into(), "")
         }
         other => out.add(
@@ -735,7 +735,10 @@ fn check_vm(estate: &Estate, vm: &Vm, vddk: &VddkFacts, live_jobs: &HashSet<Stri
             Level::Warn,
             n,
             None,
-            format!("VMware Tools are not running ({}): backups are crash-consistent", other.unwrap_or("unknown")),
+            format!(
+                "VMware Tools are not running ({}): backups are crash-consistent",
+                other.as_ref().map_or("unknown", ToolsRunningStatus::as_str)
+            ),
             "install and start VMware Tools for application-consistent backups",
         ),
     }
@@ -936,7 +939,7 @@ fn check_disk(estate: &Estate, vm: &Vm, d: &vsphere::Disk, host: Option<&Host>, 
             "set the disk to dependent (persistent) mode if it must be backed up",
         );
     } else {
-        out.add("disk.mode", Level::Pass, n, s, d.mode.clone(), "");
+        out.add("disk.mode", Level::Pass, n, s, d.mode.to_string(), "");
     }
     match &d.backing {
         BackingKind::RdmPhysical => out.add(

@@ -898,7 +898,10 @@ capacity = 4194304
         let (client, cl, vm) = (client.clone(), cluster.moref.clone(), vm.moref.clone());
         async move {
             let c = client.cluster(&cl).await.unwrap().unwrap();
-            c.vm_overrides.into_iter().find(|o| o.vm == vm).map(|o| o.behavior.unwrap_or_default())
+            c.vm_overrides
+                .into_iter()
+                .find(|o| o.vm == vm)
+                .map(|o| o.behavior.map(|b| b.to_string()).unwrap_or_default())
         }
     };
     for v in [&a, &b, &c] {

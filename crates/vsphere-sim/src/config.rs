@@ -2,6 +2,7 @@
 //! its datacenters, hosts, datastores and VMs with their disks and devices.
 
 use serde::Deserialize;
+use vsphere::{DiskMode, DrsBehavior, PowerState, ToolsRunningStatus};
 
 use crate::SimError;
 
@@ -107,14 +108,14 @@ pub struct ClusterConfig {
     pub drs: bool,
     /// `manual`, `partiallyAutomated` or `fullyAutomated`.
     #[serde(default = "default_drs_behavior")]
-    pub behavior: String,
+    pub behavior: DrsBehavior,
 }
 
 fn default_true() -> bool {
     true
 }
-fn default_drs_behavior() -> String {
-    "fullyAutomated".into()
+fn default_drs_behavior() -> DrsBehavior {
+    DrsBehavior::FullyAutomated
 }
 
 /// An ESXi host.
@@ -155,7 +156,7 @@ pub struct VmConfig {
     pub host: Option<String>,
     /// `poweredOn`, `poweredOff` or `suspended`.
     #[serde(default = "default_power")]
-    pub power: String,
+    pub power: PowerState,
     /// `vmx-19`.
     #[serde(default = "default_hw")]
     pub hardware: String,
@@ -164,7 +165,7 @@ pub struct VmConfig {
     pub cbt: bool,
     /// `guestToolsRunning`, `guestToolsNotRunning`.
     #[serde(default = "default_tools")]
-    pub tools: String,
+    pub tools: ToolsRunningStatus,
     /// The guest OS ID (`ubuntu64Guest`, `windows2019srv_64Guest`).
     #[serde(default = "default_guest")]
     pub guest: String,
@@ -187,8 +188,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
 }
 
-fn default_power() -> String {
-    "poweredOn".into()
+fn default_power() -> PowerState {
+    PowerState::PoweredOn
 }
 fn default_hw() -> String {
     "vmx-19".into()
@@ -196,8 +197,8 @@ fn default_hw() -> String {
 fn default_guest() -> String {
     "ubuntu64Guest".into()
 }
-fn default_tools() -> String {
-    "guestToolsRunning".into()
+fn default_tools() -> ToolsRunningStatus {
+    ToolsRunningStatus::Running
 }
 
 /// A virtual disk: a real sparse file of `capacity` bytes.
@@ -211,7 +212,7 @@ pub struct DiskConfig {
     pub datastore: Option<String>,
     /// `persistent`, `independent_persistent`, ...
     #[serde(default = "default_mode")]
-    pub mode: String,
+    pub mode: DiskMode,
     /// `flat`, `sesparse`, `rdm-physical`, `rdm-virtual`.
     #[serde(default = "default_backing")]
     pub backing: String,
@@ -220,8 +221,8 @@ pub struct DiskConfig {
     pub sharing: String,
 }
 
-fn default_mode() -> String {
-    "persistent".into()
+fn default_mode() -> DiskMode {
+    DiskMode::Persistent
 }
 fn default_backing() -> String {
     "flat".into()
@@ -322,8 +323,8 @@ impl Config {
                 if let Some(h) = c.hosts.iter().find(|h| !dc.hosts.iter().any(|x| &x.name == *h)) {
                     return bad(format!("cluster {}: no host {h} in {}", c.name, dc.name));
                 }
-                if !matches!(c.behavior.as_str(), "manual" | "partiallyAutomated" | "fullyAutomated") {
-                    return bad(format!("cluster {}: DRS behavior {:?}", c.name, c.behavior));
+                if let DrsBehavior::Other(b) = &c.behavior {
+                    return bad(format!("cluster {}: DRS behavior {b:?}", c.name));
                 }
             }
         }

@@ -152,10 +152,10 @@ impl Sim {
     }
 
     /// Sets a VM's power state (`poweredOn`, `poweredOff`, `suspended`).
-    pub fn set_power(&self, vm: &str, state: &str) -> Result<(), SimError> {
+    pub fn set_power(&self, vm: &str, state: impl Into<vsphere::PowerState>) -> Result<(), SimError> {
         let mut w = self.world();
         let vi = w.vm_by_name(vm).ok_or_else(|| SimError::NoSuch(format!("VM {vm}")))?;
-        w.vms[vi].power = state.to_owned();
+        w.vms[vi].power = state.into();
         Ok(())
     }
 

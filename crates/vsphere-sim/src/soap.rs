@@ -6,8 +6,8 @@ use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use vsphere::MoRef;
 use vsphere::xml::{self, Element, Limits, Ns, escape};
+use vsphere::{ConnectionState, DrsBehavior, MoRef};
 
 use crate::world::{Collector, SimFault, TaskRec, VmState, World, iso_now};
 
@@ -631,7 +631,9 @@ fn property(w: &World, obj: &MoRef, p: &str) -> Result<Option<String>, SimFault>
                 "name" => s(&h.name),
                 "config.product.version" | "summary.config.product.version" => s(&h.extra),
                 "config.product.apiVersion" => s(&w.cfg.api_version),
-                "runtime.connectionState" => Ok(Some(prop(p, "HostSystemConnectionState", "connected"))),
+                "runtime.connectionState" => {
+                    Ok(Some(prop(p, "HostSystemConnectionState", ConnectionState::Connected.as_str())))
+                }
                 "parent" => Ok(Some(match w.clusters.iter().find(|c| c.hosts.contains(&h.moref)) {
                     Some(c) => format!("<propSet><name>{p}</name>{}</propSet>", typed_mo("val", &c.moref)),
                     None => format!(
@@ -807,13 +809,15 @@ fn vm_property(w: &World, v: &VmState, p: &str) -> Result<Option<String>, SimFau
             );
             Ok(Some(prop(p, "VirtualMachineConfigInfo", &inner)))
         }
-        "runtime.powerState" => Ok(Some(prop(p, "VirtualMachinePowerState", &v.power))),
-        "runtime.connectionState" => Ok(Some(prop(p, "VirtualMachineConnectionState", "connected"))),
+        "runtime.powerState" => Ok(Some(prop(p, "VirtualMachinePowerState", v.power.as_str()))),
+        "runtime.connectionState" => {
+            Ok(Some(prop(p, "VirtualMachineConnectionState", ConnectionState::Connected.as_str())))
+        }
         "runtime.consolidationNeeded" => b(v.consolidation_needed),
         "runtime.host" => {
             Ok(Some(format!("<propSet><name>{p}</name>{}</propSet>", typed_mo("val", &w.hosts[v.host].moref))))
         }
-        "guest.toolsRunningStatus" => s(&v.tools),
+        "guest.toolsRunningStatus" => s(v.tools.as_str()),
         "guest.disk" => {
             let cap: u64 = v.disks.iter().map(|d| d.capacity).sum();
             Ok(Some(prop(
@@ -1029,7 +1033,8 @@ fn run_op(w: &mut World, method: &str, obj: &MoRef, call: &Element) -> Result<Op
                                 .and_then(MoRef::from_element)
                                 .unwrap_or_else(|| MoRef::new("VirtualMachine", ""));
                             let enabled = info.and_then(|i| i.text_of("enabled")).map(|e| e.trim() == "true");
-                            let behavior = info.and_then(|i| i.text_of("behavior")).map(|b| b.trim().to_owned());
+                            let behavior =
+                                info.and_then(|i| i.text_of("behavior")).map(|b| DrsBehavior::parse(b.trim()));
                             (op, vm, enabled, behavior)
                         })
                         .collect()

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cbt::{Extent, ExtentSet};
-use vsphere::MoRef;
+use vsphere::{DiskMode, DrsBehavior, MoRef, PowerState, ToolsRunningStatus};
 
 use crate::SimError;
 use crate::config::Config;
@@ -123,7 +123,7 @@ pub(crate) struct DiskState {
     pub(crate) unit: i32,
     pub(crate) capacity: u64,
     pub(crate) ds: usize,
-    pub(crate) mode: String,
+    pub(crate) mode: DiskMode,
     pub(crate) backing: String,
     pub(crate) sharing: String,
     /// `vm/vm.vmdk`, inside the datastore.
@@ -165,10 +165,10 @@ pub(crate) struct VmState {
     pub(crate) host: usize,
     pub(crate) uuid: String,
     pub(crate) instance_uuid: String,
-    pub(crate) power: String,
+    pub(crate) power: PowerState,
     pub(crate) hardware: String,
     pub(crate) cbt: bool,
-    pub(crate) tools: String,
+    pub(crate) tools: ToolsRunningStatus,
     pub(crate) guest: String,
     pub(crate) key_id: Option<String>,
     pub(crate) usb: u32,
@@ -214,9 +214,9 @@ pub(crate) struct ClusterState {
     pub(crate) name: String,
     pub(crate) hosts: Vec<MoRef>,
     pub(crate) drs: bool,
-    pub(crate) behavior: String,
+    pub(crate) behavior: DrsBehavior,
     /// `(vm, enabled, behavior)`.
-    pub(crate) overrides: Vec<(MoRef, Option<bool>, Option<String>)>,
+    pub(crate) overrides: Vec<(MoRef, Option<bool>, Option<DrsBehavior>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -547,7 +547,7 @@ impl World {
                 let d = &self.vms[vm].disks[di];
                 (d.ds, d.flat_name.clone(), d.base_name.clone(), d.mode.clone())
             };
-            if mode.starts_with("independent") {
+            if mode.independent() {
                 continue;
             }
             let live = self.ds_path(ds, &flat);
@@ -574,7 +574,8 @@ impl World {
                 format!("[{}] {}", self.datastores[ds].name, delta_name(&base, depth - 1).replace("-000000", ""));
             disks.push(SnapDisk { key: d.key, frozen, change_id, seq, file_name });
         }
-        let quiesced = quiesce && self.vms[vm].power == "poweredOn" && self.vms[vm].tools == "guestToolsRunning";
+        let quiesced =
+            quiesce && self.vms[vm].power == PowerState::PoweredOn && self.vms[vm].tools == ToolsRunningStatus::Running;
         let parent = self.vms[vm].current.clone();
         let v = &mut self.vms[vm];
         v.snapshots.push(SnapRec {
@@ -624,7 +625,7 @@ impl World {
     fn write_deltas(&self, vm: usize) -> Result<(), SimError> {
         let v = &self.vms[vm];
         let n = v.snapshots.len();
-        for d in v.disks.iter().filter(|d| !d.mode.starts_with("independent")) {
+        for d in v.disks.iter().filter(|d| !d.mode.independent()) {
             let sesparse = self.datastores[d.ds].extra != "NFS";
             let frozen: Vec<&Path> = v
                 .snapshots
@@ -744,7 +745,7 @@ impl World {
             self.vms[vm].disks.iter().map(|d| self.ds_path(d.ds, &ctk_name(&d.base_name))).collect();
         let v = &mut self.vms[vm];
         let with_snapshots = !v.snapshots.is_empty();
-        let off = v.power == "poweredOff";
+        let off = v.power == PowerState::PoweredOff;
         if on && !v.cbt {
             for (i, d) in v.disks.iter_mut().enumerate() {
                 if d.backing == "rdm-physical" {
@@ -778,7 +779,7 @@ impl World {
     pub(crate) fn reconfigure_cluster(
         &mut self,
         cluster: &MoRef,
-        specs: Vec<(String, MoRef, Option<bool>, Option<String>)>,
+        specs: Vec<(String, MoRef, Option<bool>, Option<DrsBehavior>)>,
     ) -> Result<(), SimFault> {
         let name = self.entity_name(cluster);
         let denied = self.cfg.denied.iter().any(|d| {
@@ -825,7 +826,7 @@ impl World {
     ) -> Result<i64, SimFault> {
         let pid = i64::try_from(self.id()).unwrap_or(i64::MAX);
         let v = &mut self.vms[vm];
-        if v.power != "poweredOn" || v.tools != "guestToolsRunning" {
+        if v.power != PowerState::PoweredOn || v.tools != ToolsRunningStatus::Running {
             return Err(SimFault::new("GuestOperationsUnavailable", "VMware Tools are not running in the guest"));
         }
         if user != "root" || v.guest_password.as_deref() != Some(password) {
@@ -900,7 +901,7 @@ impl World {
                 let sd = rec.disks.iter().find(|x| x.key == key).ok_or_else(file_fault)?;
                 (sd.frozen.clone(), sd.seq)
             }
-            None if v.power == "poweredOff" => (self.ds_path(d.ds, &d.flat_name), t.seq),
+            None if v.power == PowerState::PoweredOff => (self.ds_path(d.ds, &d.flat_name), t.seq),
             None => return Err(SimFault::new("InvalidState", "the VM is powered on: name a snapshot")),
         };
         let end = start.saturating_add(self.cfg.qcda_window).min(d.capacity);

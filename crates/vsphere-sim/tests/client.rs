@@ -112,7 +112,7 @@ async fn login_and_a_paged_inventory_with_every_fact() {
     assert!(db.disks[1].independent());
     let gpu = vms.iter().find(|v| v.name == "gpu").unwrap();
     assert_eq!(gpu.pci_passthrough.len(), 1);
-    assert_eq!(gpu.power_state.as_deref(), Some("poweredOff"));
+    assert_eq!(gpu.power_state.as_ref().map(vsphere::PowerState::as_str), Some("poweredOff"));
     let by_uuid = c.find_vm_by_uuid(db.instance_uuid.as_deref().unwrap(), true).await.unwrap();
     assert_eq!(by_uuid.as_ref(), Some(&db.moref));
     assert_eq!(c.find_by_inventory_path("DC1/vm/gpu").await.unwrap(), Some(gpu.moref.clone()));

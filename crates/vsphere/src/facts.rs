@@ -3,6 +3,7 @@
 //! datastore types and versions, clusters' DRS automation, and which datacenter holds each
 //! datastore (datastore HTTPS paths name it).
 
+use crate::enums::{ConnectionState, DrsBehavior};
 use crate::error::Error;
 use crate::pc::{FilterSpec, ObjectContent, Objects};
 use crate::session::Client;
@@ -22,7 +23,7 @@ pub struct Host {
     /// Its API version.
     pub api_version: Option<String>,
     /// `connected`, `disconnected`, `notResponding`.
-    pub connection_state: Option<String>,
+    pub connection_state: Option<ConnectionState>,
     /// The SHA-1 thumbprint of the certificate vCenter holds for it.
     pub thumbprint: Option<Thumbprint>,
     /// The cluster or compute resource it belongs to.
@@ -69,7 +70,7 @@ pub struct Cluster {
     /// DRS on.
     pub drs_enabled: Option<bool>,
     /// `manual`, `partiallyAutomated`, `fullyAutomated`.
-    pub drs_behavior: Option<String>,
+    pub drs_behavior: Option<DrsBehavior>,
     /// Per-VM DRS overrides (`drsVmConfig`).
     pub vm_overrides: Vec<DrsOverride>,
 }
@@ -82,7 +83,7 @@ pub struct DrsOverride {
     /// Whether DRS acts on it at all.
     pub enabled: Option<bool>,
     /// `manual`, `partiallyAutomated`, `fullyAutomated`.
-    pub behavior: Option<String>,
+    pub behavior: Option<DrsBehavior>,
 }
 
 impl Cluster {
@@ -96,8 +97,8 @@ impl Cluster {
         if own.is_some_and(|o| o.enabled == Some(false)) {
             return false;
         }
-        let behavior = own.and_then(|o| o.behavior.as_deref()).or(self.drs_behavior.as_deref());
-        behavior != Some("manual")
+        let behavior = own.and_then(|o| o.behavior.as_ref()).or(self.drs_behavior.as_ref());
+        behavior != Some(&DrsBehavior::Manual)
     }
 }
 
@@ -213,7 +214,7 @@ impl Client {
         req.open("spec", Some("ClusterConfigSpecEx")).open("drsVmConfigSpec", None);
         let info = |req: &mut Request, op: &str, o: &DrsOverride| {
             req.text("operation", op).open("info", None).moref("key", &o.vm);
-            req.opt("enabled", o.enabled).opt("behavior", o.behavior.as_deref());
+            req.opt("enabled", o.enabled).opt("behavior", o.behavior.as_ref());
             req.close("info");
         };
         match change {
@@ -241,7 +242,7 @@ pub fn host_from(o: &ObjectContent) -> Host {
         name: o.text("name").unwrap_or_default().to_owned(),
         version: some(o.get("config.product.version")),
         api_version: some(o.get("config.product.apiVersion")),
-        connection_state: some(o.get("runtime.connectionState")),
+        connection_state: some(o.get("runtime.connectionState")).map(ConnectionState::from),
         thumbprint: o
             .get("config.certificate")
             .and_then(certificate_der)
@@ -272,7 +273,7 @@ pub fn cluster_from(o: &ObjectContent) -> Cluster {
         moref: o.obj.clone(),
         name: o.text("name").unwrap_or_default().to_owned(),
         drs_enabled: drs.and_then(|d| d.text_of("enabled")).map(|t| t.trim() == "true"),
-        drs_behavior: some(drs.and_then(|d| d.child("defaultVmBehavior"))),
+        drs_behavior: some(drs.and_then(|d| d.child("defaultVmBehavior"))).map(DrsBehavior::from),
         vm_overrides: o
             .get("configurationEx")
             .map(|c| {
@@ -281,7 +282,7 @@ pub fn cluster_from(o: &ObjectContent) -> Cluster {
                         Some(DrsOverride {
                             vm: v.child("key").and_then(MoRef::from_element)?,
                             enabled: v.text_of("enabled").map(|t| t.trim() == "true"),
-                            behavior: some(v.child("behavior")),
+                            behavior: some(v.child("behavior")).map(DrsBehavior::from),
                         })
                     })
                     .collect()

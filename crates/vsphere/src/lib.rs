@@ -10,6 +10,7 @@
 //! cluster facts, the account's privileges, and the legacy TLS 1.0 path.
 
 pub mod datastore;
+pub mod enums;
 pub mod error;
 pub mod facts;
 pub mod guest;
@@ -25,6 +26,7 @@ pub mod tls;
 pub mod version;
 pub mod xml;
 
+pub use enums::{ConnectionState, DiskMode, DrsBehavior, PowerState, ToolsRunningStatus};
 pub use error::{Error, Fault, FaultKind, Retry};
 pub use model::{BackingKind, Disk, Vm};
 pub use session::{Client, ConnectOptions, Credentials, Secret};

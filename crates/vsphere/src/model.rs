@@ -2,6 +2,7 @@
 //! identity, power and CBT state, disks with their backing kind, mode, sharing and change ID,
 //! USB and PCI passthrough devices, the snapshot tree, encryption, Tools and guest free space.
 
+use crate::enums::{ConnectionState, DiskMode, PowerState, ToolsRunningStatus};
 use crate::error::Error;
 use crate::pc::ObjectContent;
 use crate::session::Client;
@@ -44,7 +45,7 @@ pub struct Disk {
     /// The storage kind.
     pub backing: BackingKind,
     /// `persistent`, `independent_persistent`, ...
-    pub mode: String,
+    pub mode: DiskMode,
     /// `sharingNone` or `sharingMultiWriter`.
     pub sharing: Option<String>,
     /// The CBT change ID of this state, if CBT is on.
@@ -66,7 +67,7 @@ pub struct Disk {
 impl Disk {
     /// Independent disks are left out of snapshots, so they cannot be backed up this way.
     pub fn independent(&self) -> bool {
-        self.mode.starts_with("independent")
+        self.mode.independent()
     }
 }
 
@@ -136,9 +137,9 @@ pub struct Vm {
     /// `vmx-19`.
     pub hardware_version: Option<String>,
     /// `poweredOn`, `poweredOff`, `suspended`.
-    pub power_state: Option<String>,
+    pub power_state: Option<PowerState>,
     /// `connected`, ...
-    pub connection_state: Option<String>,
+    pub connection_state: Option<ConnectionState>,
     /// Whether CBT is on; `None` when the server leaves it out (vcsim until it is set).
     pub cbt_enabled: Option<bool>,
     /// Whether the VM can do CBT at all.
@@ -147,8 +148,8 @@ pub struct Vm {
     pub consolidation_needed: Option<bool>,
     /// The VM's encryption key ID, if encrypted.
     pub key_id: Option<String>,
-    /// `toolsOk`, `toolsNotRunning`, ... (`guest.toolsRunningStatus`).
-    pub tools: Option<String>,
+    /// `guestToolsRunning`, `guestToolsNotRunning`, ... (`guest.toolsRunningStatus`).
+    pub tools: Option<ToolsRunningStatus>,
     /// The guest OS ID.
     pub guest_id: Option<String>,
     /// `[ds] vm/vm.vmx`.
@@ -284,13 +285,13 @@ pub fn vm_from(o: &ObjectContent) -> Result<Vm, Error> {
         instance_uuid: t("config.instanceUuid"),
         bios_uuid: t("config.uuid"),
         hardware_version: t("config.version"),
-        power_state: t("runtime.powerState"),
-        connection_state: t("runtime.connectionState"),
+        power_state: t("runtime.powerState").map(PowerState::from),
+        connection_state: t("runtime.connectionState").map(ConnectionState::from),
         cbt_enabled: bool_of(o.get("config.changeTrackingEnabled")),
         cbt_supported: bool_of(o.get("capability.changeTrackingSupported")),
         consolidation_needed: bool_of(o.get("runtime.consolidationNeeded")),
         key_id: o.get("config.keyId").and_then(|k| some_text(k.text_of("keyId"))),
-        tools: t("guest.toolsRunningStatus"),
+        tools: t("guest.toolsRunningStatus").map(ToolsRunningStatus::from),
         guest_id: t("config.guestId"),
         vmx_path: t("config.files.vmPathName"),
         host: o.get("runtime.host").and_then(MoRef::from_element),
@@ -410,7 +411,7 @@ fn disk_from(d: &Element, buses: &std::collections::HashMap<i32, String>) -> Dis
         base_file_name: base.and_then(|x| some_text(x.text_of("fileName"))).unwrap_or_else(|| file_name.clone()),
         file_name,
         backing,
-        mode: bt("diskMode").unwrap_or_else(|| "persistent".into()),
+        mode: bt("diskMode").map_or(DiskMode::Persistent, DiskMode::from),
         sharing: bt("sharing"),
         change_id: bt("changeId"),
         thin: bool_of(b.and_then(|b| b.child("thinProvisioned"))),

@@ -4,17 +4,22 @@
 //! encryption, guest disks, a property the account may not read, and a page token.
 
 use vsphere::model::vm_from;
-use vsphere::pc::parse_result;
+use vsphere::pc::{ObjectContent, parse_result};
 use vsphere::soap::{MoRef, parse_response};
 use vsphere::xml::Limits;
-use vsphere::{BackingKind, FaultKind};
+use vsphere::{BackingKind, DiskMode, FaultKind, PowerState, ToolsRunningStatus};
 
-#[test]
-fn every_backup_relevant_fact_is_read() {
+/// The objects of the recorded answer, and its page token.
+fn recorded() -> (Vec<ObjectContent>, Option<String>) {
     let body = include_bytes!("data/retrieve-vms.xml");
     let pc = MoRef::new("PropertyCollector", "propertyCollector");
     let r = parse_response(body, "RetrievePropertiesEx", &pc, Limits::default()).unwrap();
-    let (objects, token) = parse_result(&r).unwrap();
+    parse_result(&r).unwrap()
+}
+
+#[test]
+fn every_backup_relevant_fact_is_read() {
+    let (objects, token) = recorded();
     assert_eq!(token.as_deref(), Some("page-2"));
     assert_eq!(objects.len(), 2);
     let o = &objects[0];
@@ -71,4 +76,16 @@ fn every_backup_relevant_fact_is_read() {
 
     let empty = vm_from(&objects[1]).unwrap();
     assert_eq!((empty.name.as_str(), empty.disks.len(), empty.cbt_enabled), ("empty", 0, None));
+}
+
+#[test]
+fn states_are_typed() {
+    let (objects, _) = recorded();
+    let vm = vm_from(&objects[0]).unwrap();
+    assert_eq!(vm.power_state, Some(PowerState::PoweredOn));
+    assert_eq!(vm.tools, Some(ToolsRunningStatus::Running));
+    assert_eq!(vm.connection_state, None, "not in the answer");
+
+    assert_eq!(vm.disks[1].mode, DiskMode::IndependentPersistent);
+    assert_eq!(vm.disks[0].mode, DiskMode::Persistent);
 }

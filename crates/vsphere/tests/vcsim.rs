@@ -102,7 +102,7 @@ async fn login_inventory_search_and_logout() {
     assert_eq!(names, ["DC0_C0_RP0_VM0", "DC0_C0_RP0_VM1", "DC0_H0_VM0", "DC0_H0_VM1"]);
     for vm in &vms {
         assert!(vm.instance_uuid.is_some(), "{vm:?}");
-        assert_eq!(vm.power_state.as_deref(), Some("poweredOn"));
+        assert_eq!(vm.power_state.as_ref().map(vsphere::PowerState::as_str), Some("poweredOn"));
         assert!(vm.hardware_version.as_deref().is_some_and(|v| v.starts_with("vmx-")));
         assert_eq!(vm.disks.len(), 1, "{vm:?}");
         let d = &vm.disks[0];
@@ -244,7 +244,8 @@ async fn hosts_datastores_and_drs_of_clusters() {
     let hosts = c.hosts().await.unwrap();
     assert_eq!(hosts.len(), 4, "DC0_H0 and the cluster's three");
     assert!(
-        hosts.iter().all(|h| h.version.is_some() && h.connection_state.as_deref() == Some("connected")),
+        hosts.iter().all(|h| h.version.is_some()
+            && h.connection_state.as_ref().map(vsphere::ConnectionState::as_str) == Some("connected")),
         "{hosts:?}"
     );
     let ds = c.datastores().await.unwrap();
@@ -279,11 +280,19 @@ async fn drs_overrides_and_datastore_file_deletion() {
         |behavior: &str| DrsOverride { vm: vm.moref.clone(), enabled: Some(true), behavior: Some(behavior.into()) };
     c.set_drs_override(&cluster.moref, &DrsChange::Add(set("manual"))).await.unwrap();
     let now = c.cluster(&cluster.moref).await.unwrap().unwrap();
-    assert_eq!(own(&now).and_then(|o| o.behavior).as_deref(), Some("manual"), "{now:?}");
+    assert_eq!(
+        own(&now).and_then(|o| o.behavior).as_ref().map(vsphere::DrsBehavior::as_str),
+        Some("manual"),
+        "{now:?}"
+    );
     assert!(!now.may_move(&vm.moref));
     c.set_drs_override(&cluster.moref, &DrsChange::Edit(set("partiallyAutomated"))).await.unwrap();
     let now = c.cluster(&cluster.moref).await.unwrap().unwrap();
-    assert_eq!(own(&now).and_then(|o| o.behavior).as_deref(), Some("partiallyAutomated"), "{now:?}");
+    assert_eq!(
+        own(&now).and_then(|o| o.behavior).as_ref().map(vsphere::DrsBehavior::as_str),
+        Some("partiallyAutomated"),
+        "{now:?}"
+    );
     c.set_drs_override(&cluster.moref, &DrsChange::Remove(vm.moref.clone())).await.unwrap();
     let now = c.cluster(&cluster.moref).await.unwrap().unwrap();
     assert_eq!(own(&now), None, "{now:?}");
