@@ -138,8 +138,8 @@ pub async fn cbt_reset(client: &Client, vm: &MoRef, marks: &[Arc<dyn Store>]) ->
     if v.cbt_supported == Some(false) {
         return Err(OrchError::Refused(format!("{} cannot track changes (hardware vmx-07 or later needed)", v.name)));
     }
-    let disks: Vec<&vsphere::Disk> =
-        v.disks.iter().filter(|d| !d.independent() && d.backing != vsphere::BackingKind::RdmPhysical).collect();
+    // Disks no snapshot holds are left alone (`probe check` and the backup name them).
+    let disks: Vec<&vsphere::Disk> = v.disks.iter().filter(|d| d.copyable().is_ok()).collect();
     let before: Vec<(String, Option<String>)> = disks.iter().map(|d| (slot(d), d.change_id.clone())).collect();
     match &v.power_state {
         Some(PowerState::PoweredOff) => {

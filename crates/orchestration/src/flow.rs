@@ -670,11 +670,8 @@ async fn disk_facts(
     let host_version = host_version(ctx, vm, warnings).await;
     let mut out = Vec::new();
     for d in &vm.disks {
-        if d.independent() || d.backing == vsphere::BackingKind::RdmPhysical {
-            warnings.push(format!(
-                "{} ({}) is skipped: independent and physical-mode RDM disks are not in snapshots",
-                d.label, d.file_name
-            ));
+        if let Err(why) = d.copyable() {
+            warnings.push(format!("{} ({}) is {why}", d.label, d.file_name));
             continue;
         }
         let slot = slot_of(d);

@@ -10,7 +10,7 @@ use serde::Serialize;
 use vsphere::facts::{Cluster, Datastore, Host};
 use vsphere::privileges::Held;
 use vsphere::version::{ApiVersion, Support, support};
-use vsphere::{BackingKind, Client, ConnectionState, MoRef, PowerState, ToolsRunningStatus, Vm};
+use vsphere::{BackingKind, Client, ConnectionState, MoRef, NotCopyable, PowerState, ToolsRunningStatus, Vm};
 
 use crate::OrchError;
 use crate::catalog::GuestSupport;
@@ -929,31 +929,23 @@ fn check_disk(estate: &Estate, vm: &Vm, d: &vsphere::Disk, host: Option<&Host>, 
     let n = vm.name.as_str();
     let slot = d.bus_slot.clone().unwrap_or_else(|| format!("disk{}", d.key));
     let s = Some(slot.as_str());
-    if d.independent() {
-        out.add(
-            "disk.mode",
-            Level::Warn,
-            n,
-            s,
-            format!("{} is {}: snapshots leave it out, so it is not backed up", d.label, d.mode),
-            "set the disk to dependent (persistent) mode if it must be backed up",
-        );
-    } else {
+    if !d.independent() {
         out.add("disk.mode", Level::Pass, n, s, d.mode.to_string(), "");
     }
-    match &d.backing {
-        BackingKind::RdmPhysical => out.add(
-            "disk.rdm",
-            Level::Fail,
-            n,
-            s,
-            "a physical-mode RDM: no snapshots, no CBT, not readable agentlessly".into(),
-            "convert it to virtual mode, or back the LUN up on the storage side",
-        ),
-        BackingKind::RdmVirtual => {
-            out.add("disk.rdm", Level::Pass, n, s, "a virtual-mode RDM (snapshots and CBT work)".into(), "")
-        }
-        _ => {}
+    // Whether the disk can be copied at all: the rule the backup and `cbt-reset` follow too.
+    for why in d.not_copyable() {
+        let (code, level, fix) = match why {
+            NotCopyable::Independent(_) => {
+                ("disk.mode", Level::Warn, "set the disk to dependent (persistent) mode if it must be backed up")
+            }
+            NotCopyable::RdmPhysical => {
+                ("disk.rdm", Level::Fail, "convert it to virtual mode, or back the LUN up on the storage side")
+            }
+        };
+        out.add(code, level, n, s, format!("{} is {why}", d.label), fix);
+    }
+    if d.backing == BackingKind::RdmVirtual {
+        out.add("disk.rdm", Level::Pass, n, s, "a virtual-mode RDM (snapshots and CBT work)".into(), "");
     }
     if d.sharing.as_deref().is_some_and(|x| x != "sharingNone") {
         out.add(

@@ -28,7 +28,7 @@ pub mod xml;
 
 pub use enums::{ConnectionState, DiskMode, DrsBehavior, PowerState, ToolsRunningStatus};
 pub use error::{Error, Fault, FaultKind, Retry};
-pub use model::{BackingKind, Disk, Vm};
+pub use model::{BackingKind, Disk, NotCopyable, Vm};
 pub use session::{Client, ConnectOptions, Credentials, Secret};
 pub use soap::MoRef;
 pub use tls::{Thumbprint, Trust};

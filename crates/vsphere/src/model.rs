@@ -1,6 +1,7 @@
 //! The typed VM model backup and `probe` need, read from property-collector answers:
 //! identity, power and CBT state, disks with their backing kind, mode, sharing and change ID,
-//! USB and PCI passthrough devices, the snapshot tree, encryption, Tools and guest free space.
+//! USB and PCI passthrough devices, the snapshot tree, encryption, Tools and guest free space;
+//! and the one rule that says whether and why a disk can be copied from a snapshot.
 
 use crate::enums::{ConnectionState, DiskMode, PowerState, ToolsRunningStatus};
 use crate::error::Error;
@@ -64,10 +65,41 @@ pub struct Disk {
     pub key_id: Option<String>,
 }
 
+/// Why a disk cannot be copied from a snapshot. The one rule, with one wording, that the
+/// backup flow (which skips the disk), `cbt-reset` (which leaves it alone) and `probe check`
+/// (which reports it) share.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotCopyable {
+    /// Independent disks are left out of snapshots.
+    #[error("independent ({0}): snapshots leave it out, so it is not backed up")]
+    Independent(DiskMode),
+    /// A physical-mode RDM cannot be snapshotted, tracked or read from a datastore.
+    #[error("a physical-mode RDM: no snapshots, no CBT, not readable agentlessly, so it is not backed up")]
+    RdmPhysical,
+}
+
 impl Disk {
     /// Independent disks are left out of snapshots, so they cannot be backed up this way.
     pub fn independent(&self) -> bool {
         self.mode.independent()
+    }
+
+    /// Every reason this disk cannot be copied from a snapshot, in the order [`Disk::copyable`]
+    /// names them; none when it can be.
+    pub fn not_copyable(&self) -> Vec<NotCopyable> {
+        let mut out = Vec::new();
+        if self.independent() {
+            out.push(NotCopyable::Independent(self.mode.clone()));
+        }
+        if self.backing == BackingKind::RdmPhysical {
+            out.push(NotCopyable::RdmPhysical);
+        }
+        out
+    }
+
+    /// Whether this disk can be copied from a snapshot, and if not, why (the first reason).
+    pub fn copyable(&self) -> Result<(), NotCopyable> {
+        self.not_copyable().into_iter().next().map_or(Ok(()), Err)
     }
 }
 

@@ -7,7 +7,7 @@ use vsphere::model::vm_from;
 use vsphere::pc::{ObjectContent, parse_result};
 use vsphere::soap::{MoRef, parse_response};
 use vsphere::xml::Limits;
-use vsphere::{BackingKind, DiskMode, FaultKind, PowerState, ToolsRunningStatus};
+use vsphere::{BackingKind, DiskMode, FaultKind, NotCopyable, PowerState, ToolsRunningStatus};
 
 /// The objects of the recorded answer, and its page token.
 fn recorded() -> (Vec<ObjectContent>, Option<String>) {
@@ -79,13 +79,28 @@ fn every_backup_relevant_fact_is_read() {
 }
 
 #[test]
-fn states_are_typed() {
+fn states_are_typed_and_one_rule_says_which_disks_can_be_copied() {
     let (objects, _) = recorded();
     let vm = vm_from(&objects[0]).unwrap();
     assert_eq!(vm.power_state, Some(PowerState::PoweredOn));
     assert_eq!(vm.tools, Some(ToolsRunningStatus::Running));
     assert_eq!(vm.connection_state, None, "not in the answer");
 
-    assert_eq!(vm.disks[1].mode, DiskMode::IndependentPersistent);
-    assert_eq!(vm.disks[0].mode, DiskMode::Persistent);
+    // The physical RDM is independent too: both reasons, the independence first.
+    let rdm = &vm.disks[1];
+    assert_eq!(rdm.mode, DiskMode::IndependentPersistent);
+    assert_eq!(
+        rdm.not_copyable(),
+        [NotCopyable::Independent(DiskMode::IndependentPersistent), NotCopyable::RdmPhysical]
+    );
+    let why = rdm.copyable().unwrap_err();
+    assert_eq!(why.to_string(), "independent (independent_persistent): snapshots leave it out, so it is not backed up");
+    // A snapshot chain, SEsparse, a multi-writer disk and an unknown backing are all copied.
+    for d in [&vm.disks[0], &vm.disks[2], &vm.disks[3], &vm.disks[4]] {
+        assert_eq!(d.copyable(), Ok(()), "{}", d.label);
+    }
+    let mut physical = rdm.clone();
+    physical.mode = DiskMode::Persistent;
+    assert_eq!(physical.copyable(), Err(NotCopyable::RdmPhysical));
+    assert!(physical.copyable().unwrap_err().to_string().starts_with("a physical-mode RDM: no snapshots"));
 }
