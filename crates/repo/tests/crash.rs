@@ -9,7 +9,7 @@ use std::time::Duration;
 
 mod common;
 
-use repo::crashfs::CrashFs;
+use durable::crashfs::CrashFs;
 use repo::{Fs, LocalStore, Manifest, Repo, RepoError, Retention, Store};
 
 const CHUNK: u32 = 64 << 10;
