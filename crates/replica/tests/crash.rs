@@ -58,14 +58,13 @@ fn sequence(fs: &Arc<CrashFs>, open: &dyn Fn(Arc<CrashFs>) -> StateStore, made: 
     fs.create_dir("/state".as_ref()).map_err(|x| e(&x))?;
     fs.sync_dir("/".as_ref()).map_err(|x| e(&x))?;
     let store = open(fs.clone());
-    for (seq, job, made) in [(1, "j1", &mut made.first), (2, "j2", &mut made.second)] {
+    for (seq, job, made) in [(1u8, "j1", &mut made.first), (2, "j2", &mut made.second)] {
         store.mark_dirty(&key(), G, job).map_err(|x| e(&x))?;
         let cp = CheckpointTo { store: store.clone(), key: key(), job: job.into(), fresh: seq == 1 };
         let durable =
             Durable { source: format!("snap-{seq}"), plan: "p".into(), done: ExtentSet::from_ranges([(0, G)]) };
         cp.save(&durable, &digests(seq + 100)).map_err(|x| e(&x))?;
-        let seed = u8::try_from(seq).unwrap();
-        store.commit(&key(), committed(seq.into()), G, Some(&digests(seed))).map_err(|x| e(&x))?;
+        store.commit(&key(), committed(seq.into()), G, Some(&digests(seq))).map_err(|x| e(&x))?;
         *made = true;
     }
     Ok(())

@@ -144,7 +144,7 @@ fn write_range(
             let mut buf = if current == ZERO {
                 vec![0u8; usize::try_from(chunk_len).unwrap_or(0)]
             } else {
-                crate::get_chunk(store, codec, &current, chunk).map_err(|e| repo_err(what, e.into()))?
+                crate::get_chunk(store, codec, &current, chunk).map_err(|e| repo_err(what, e))?
             };
             let within = usize::try_from(at - chunk_start).unwrap_or(0);
             let n = to - from;
@@ -208,7 +208,7 @@ fn put_unless(
     if store.exists(&name).map_err(|e| repo_err(what, e.into()))? {
         return Ok(Some(0));
     }
-    let enc = codec.seal(&name, encode_chunk(piece)).map_err(|e| repo_err(what, e.into()))?;
+    let enc = codec.seal(&name, encode_chunk(piece)).map_err(|e| repo_err(what, e))?;
     let created = store.put_new(&name, &enc).map_err(|e| repo_err(what, e.into()))?;
     Ok(Some(if created { enc.len() as u64 } else { 0 }))
 }
@@ -305,7 +305,7 @@ impl BlockSink for RepoSink {
             (self.store.clone(), self.codec.clone(), self.state.clone(), self.index_name.clone(), self.describe());
         Box::pin(blocking(move || {
             let plain = state.lock().unwrap_or_else(|p| p.into_inner()).index.encode();
-            let bytes = codec.seal(&name, plain).map_err(|e| repo_err(&what, e.into()))?;
+            let bytes = codec.seal(&name, plain).map_err(|e| repo_err(&what, e))?;
             store.put(&name, &bytes).map_err(|e| repo_err(&what, e.into()))?;
             state.lock().unwrap_or_else(|p| p.into_inner()).committed = Some(blake3::hash(&bytes).to_hex().to_string());
             Ok(())
