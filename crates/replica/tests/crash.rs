@@ -7,8 +7,8 @@
 use std::sync::Arc;
 
 use cbt::{ChangeId, CommittedDisk, DiskPosition, ExtentSet};
-use durable::crashfs::CrashFs;
-use durable::{Entry, Fs, LocalStore};
+use durable::crashfs::{CrashFs, Forgetful, Skip};
+use durable::{Fs, LocalStore};
 use pipeline::{Digests, Durable, SaveCheckpoint};
 use replica::state::{CheckpointTo, StateStore, SyncKey};
 
@@ -130,43 +130,9 @@ fn a_power_cut_at_any_step_leaves_the_old_commit_or_the_new() {
 fn the_simulation_catches_state_written_without_fsyncs() {
     // A file system that drops file fsyncs: a state renamed into place comes back empty after a
     // power cut, and the check must notice. This proves the loop above can fail.
-    #[derive(Debug)]
-    struct NoFileSync(Arc<CrashFs>);
-    impl Fs for NoFileSync {
-        fn write(&self, p: &std::path::Path, d: &[u8]) -> std::io::Result<()> {
-            self.0.write(p, d)
-        }
-        fn sync_file(&self, _: &std::path::Path) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn sync_dir(&self, p: &std::path::Path) -> std::io::Result<()> {
-            self.0.sync_dir(p)
-        }
-        fn create_dir(&self, p: &std::path::Path) -> std::io::Result<()> {
-            self.0.create_dir(p)
-        }
-        fn rename(&self, a: &std::path::Path, b: &std::path::Path) -> std::io::Result<()> {
-            self.0.rename(a, b)
-        }
-        fn hard_link(&self, a: &std::path::Path, b: &std::path::Path) -> std::io::Result<()> {
-            self.0.hard_link(a, b)
-        }
-        fn remove(&self, p: &std::path::Path) -> std::io::Result<()> {
-            self.0.remove(p)
-        }
-        fn read(&self, p: &std::path::Path) -> std::io::Result<Vec<u8>> {
-            self.0.read(p)
-        }
-        fn read_dir(&self, p: &std::path::Path) -> std::io::Result<Vec<Entry>> {
-            self.0.read_dir(p)
-        }
-        fn exists(&self, p: &std::path::Path) -> bool {
-            self.0.exists(p)
-        }
-    }
     let fs = Arc::new(CrashFs::new());
     let mut made = Made::default();
-    sequence(&fs, &|fs| state_on(NoFileSync(fs)), &mut made).unwrap();
+    sequence(&fs, &|fs| state_on(Forgetful { fs, skip: Skip::FileSyncs }), &mut made).unwrap();
     fs.crash();
     let err = check(&state_on(fs), &made).unwrap_err();
     assert!(err.contains("does not read"), "{err}");
