@@ -182,7 +182,7 @@ fn new_job_id() -> Result<String> {
 }
 
 fn host_name() -> String {
-    repo::lock::host_name()
+    durable::host_name()
 }
 
 /// The hooks the flags ask for: a command on the proxy, or a program in the guest (its path,

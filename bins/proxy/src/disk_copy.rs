@@ -12,9 +12,9 @@ use anyhow::{Context, Result, bail};
 use nbd_wire::Uri;
 use pipeline::limit::{RateLimiter, ReleaseCpuTime};
 use pipeline::progress::Progress;
-use pipeline::replicate::{ResumeCheck, SyncJob, sync};
-use pipeline::state::{StateStore, SyncKey};
 use pipeline::{BlockError, CopyOptions, Engine};
+use replica::replicate::{ResumeCheck, SyncJob, sync};
+use replica::state::{StateStore, SyncKey};
 
 use crate::{endpoints, size};
 

@@ -13,8 +13,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use cbt::ExtentSet;
 use nbd_wire::Uri;
+use pipeline::Digests;
 use pipeline::progress::Progress;
-use pipeline::state::Digests;
 use pipeline::{BlockSink, BlockSource, CopyOptions, DiskCopy, Engine, copy_disk};
 use repo::{Consistency, DiskSpec, Location, Repo, RepoKey, Retention, S3Config, SourceInfo};
 
@@ -538,7 +538,7 @@ async fn restore(repo: &Repo, point: &str, dst: &str, disk: usize, force: bool) 
         std::fs::File::open(&tmp).and_then(|f| f.sync_all()).with_context(|| format!("syncing {}", tmp.display()))?;
         std::fs::rename(&tmp, &target)
             .with_context(|| format!("renaming {} onto {}", tmp.display(), target.display()))?;
-        pipeline::state::sync_dir(&target)?;
+        durable::sync_parent(&target)?;
         anyhow::Ok(what)
     }
     .await;

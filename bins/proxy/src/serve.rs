@@ -675,7 +675,7 @@ async fn serve(config: ServeConfig, vddk: Option<Arc<vddk::Vddk>>) -> Result<Exi
     std::fs::create_dir_all(&config.proxy.state_dir)
         .with_context(|| format!("cannot create {}", config.proxy.state_dir.display()))?;
     vsphere::tls::install_crypto_provider();
-    let proxy_id = config.proxy.id.clone().unwrap_or_else(repo::lock::host_name);
+    let proxy_id = config.proxy.id.clone().unwrap_or_else(durable::host_name);
     // The budget is the whole process's; the buffers get what the VMs at once leave.
     let mut engine = Engine::new(orchestration::buffer_budget(config.memory(), config.proxy.max_vms));
     if let Some(rate) = config.rate() {

@@ -1,7 +1,8 @@
 //! Fuzz entry points for what the pipeline reads back from disk and the command line: digest
 //! files, sync-state and checkpoint JSON, and NBD URIs.
 
-use pipeline::state::{Checkpoint, Digests, SyncState};
+use pipeline::Digests;
+use replica::state::{Checkpoint, SyncState};
 
 /// Decodes `data` as a digest file and as state JSON; nothing may panic, a decoded digest file
 /// re-encodes to the same bytes and never holds more digests than its bytes can carry.

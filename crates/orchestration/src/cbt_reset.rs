@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use cbt::ChangeId;
-use repo::Store;
+use durable::Store;
 use serde::{Deserialize, Serialize};
 use vsphere::{Client, MoRef, PowerState, Vm};
 
@@ -58,7 +58,7 @@ fn mark_name(key: &str) -> String {
 
 /// The slots of `key`'s disks whose next copy must be full (`*`: every disk), from `store`'s
 /// mark, and why.
-pub fn reset_slots(store: &dyn Store, key: &str) -> Result<(HashSet<String>, cbt::Forced), repo::RepoError> {
+pub fn reset_slots(store: &dyn Store, key: &str) -> Result<(HashSet<String>, cbt::Forced), durable::Error> {
     let Some(raw) = store.get(&mark_name(key))? else { return Ok((HashSet::new(), cbt::Forced::CbtReset)) };
     // A mark that cannot be read still says "reset": every disk is copied in full.
     let mark: ResetMark = serde_json::from_slice(&raw).unwrap_or_else(|_| ResetMark {
@@ -74,7 +74,7 @@ pub fn reset_slots(store: &dyn Store, key: &str) -> Result<(HashSet<String>, cbt
 /// Marks every disk of `vm` (named `key` in the target) in `store` for a full copy because
 /// this run turns CBT on: written before CBT is turned on, so a run that dies in between still
 /// leaves the next one a full copy. An existing mark (a reset) is kept: it already says full.
-pub fn mark_turned_on(store: &dyn Store, key: &str, vm: &str) -> Result<(), repo::RepoError> {
+pub fn mark_turned_on(store: &dyn Store, key: &str, vm: &str) -> Result<(), durable::Error> {
     if store.get(&mark_name(key))?.is_some() {
         return Ok(());
     }
@@ -85,12 +85,12 @@ pub fn mark_turned_on(store: &dyn Store, key: &str, vm: &str) -> Result<(), repo
         reason: Some(TURNED_ON.to_owned()),
     };
     let json = serde_json::to_vec_pretty(&mark)
-        .map_err(|e| repo::RepoError::Corrupt(format!("a CBT mark could not be written: {e}")))?;
+        .map_err(|e| durable::Error::Invalid(format!("a CBT mark could not be written: {e}")))?;
     store.put(&mark_name(key), &json)
 }
 
 /// Removes `key`'s reset mark from `store` (its disks were copied in full).
-pub fn clear_reset(store: &dyn Store, key: &str) -> Result<(), repo::RepoError> {
+pub fn clear_reset(store: &dyn Store, key: &str) -> Result<(), durable::Error> {
     store.delete(&mark_name(key))
 }
 

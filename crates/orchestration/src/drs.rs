@@ -77,7 +77,7 @@ pub(crate) async fn restore_left(ctx: &JobContext, vm: &Vm, report: &mut VmRepor
     let Some(key) = vm_key(&ctx.client, vm) else { return Ok(()) };
     let Some(r) = load(ctx, &key).await? else { return Ok(()) };
     let leases = ctx.leases();
-    let live = blocking(move || repo::live_jobs_in(&*leases)).await?;
+    let live = blocking(move || durable::live_jobs_in(&*leases)).await?;
     if r.job != ctx.tag() && live.iter().any(|(n, _)| *n == r.job) {
         return Ok(());
     }

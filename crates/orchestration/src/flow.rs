@@ -12,12 +12,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cbt::{ChangeId, Changes, CommittedDisk, CopyPlan, CurrentDisk, Destination, DiskPosition, QueryFault};
+use durable::{JobLease, LocalStore, LockTiming, Store};
 use pipeline::progress::Progress;
-use pipeline::replicate::{SyncJob, sync};
-use pipeline::state::{Digests, StateStore, SyncKey};
-use pipeline::{BlockSink, CopyOptions, DiskCopy, Engine, copy_disk};
+use pipeline::{BlockSink, CopyOptions, Digests, DiskCopy, Engine, copy_disk};
+use replica::replicate::{SyncJob, sync};
+use replica::state::{StateStore, SyncKey};
 use replica::{FileSink, FileSinkOptions};
-use repo::{Consistency, DiskSpec, JobLease, LocalStore, LockTiming, Manifest, Repo, SourceInfo, Store};
+use repo::{Consistency, DiskSpec, Manifest, Repo, SourceInfo};
 use vsphere::datastore::DatastoreFile;
 use vsphere::{Client, Disk, MoRef, Vm};
 
@@ -226,15 +227,12 @@ impl JobContext {
     }
 }
 
-/// Runs a repository call on the blocking pool (the repository is synchronous, and on S3 it
-/// waits for the network).
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, repo::RepoError> + Send + 'static,
+/// Runs a repository, lease or block-layer call on the blocking pool (the repository is
+/// synchronous, and on S3 it waits for the network).
+pub(crate) async fn blocking<T: Send + 'static, E: Into<OrchError> + Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, OrchError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| OrchError::Refused(format!("a repository call did not finish: {e}")))?
-        .map_err(OrchError::from)
+    pipeline::blocking_as(move || f().map_err(Into::into)).await
 }
 
 /// What happened to one disk.
@@ -323,8 +321,10 @@ pub(crate) async fn datacenter_for(client: &Client, vm: &Vm) -> Result<vsphere::
 /// whether anything was removed.
 pub(crate) async fn hygiene(ctx: &JobContext, vm: &Vm, report: &mut VmReport) -> Result<bool, OrchError> {
     let (leases, moref) = (ctx.leases(), vm.moref.value.clone());
-    let (running, recorded) =
-        blocking(move || Ok((repo::live_jobs_in(&*leases)?, crate::intent::jobs_on(&*leases, &moref)?))).await?;
+    let (running, recorded) = blocking(move || {
+        Ok::<_, durable::Error>((durable::live_jobs_in(&*leases)?, crate::intent::jobs_on(&*leases, &moref)?))
+    })
+    .await?;
     let mut live: HashSet<String> = running.into_iter().map(|(name, _)| name).collect();
     live.insert(ctx.tag());
     // A job that recorded its intent here and holds no live lease is dead.
@@ -355,7 +355,7 @@ async fn record_intent(ctx: &JobContext, vm: &Vm, name: &str) -> Result<(), Orch
         vm: vm.moref.value.clone(),
         vm_name: vm.name.clone(),
         snapshot: name.to_owned(),
-        host: repo::lock::host_name(),
+        host: durable::host_name(),
         pid: std::process::id(),
         time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
     };
@@ -758,7 +758,7 @@ async fn adoptable(ctx: &JobContext, vm: &Vm) -> Result<Option<Adopted>, OrchErr
     let [s] = vm.all_snapshots()[..] else { return Ok(None) };
     let Some(job) = crate::hygiene::job_of(&s.name) else { return Ok(None) };
     let leases = ctx.leases();
-    let live = blocking(move || repo::live_jobs_in(&*leases)).await?;
+    let live = blocking(move || durable::live_jobs_in(&*leases)).await?;
     if job == ctx.tag() || live.iter().any(|(n, _)| n == job) {
         return Ok(None);
     }
@@ -1211,14 +1211,14 @@ async fn replicate_under(
     let reader = ctx.client.datastore_reader()?;
     let disks = Reader::for_vm(ctx, vm, snap, &datacenter).await?;
     for (file, data) in config_files(&reader, &datacenter, vm, report).await {
-        pipeline::state::write_atomic(&vm_dir.join(file), &data)?;
+        durable::write_atomic(&vm_dir.join(file), &data)?;
     }
     for mut f in facts {
         let Some(changes) = f.changes.take() else {
             return Err(OrchError::Refused(format!("{}: no changes under the snapshot", f.slot)));
         };
         let (path, size, options) = (path_of(&f.slot), f.disk.capacity, target.sink);
-        let sink = blocking_block(move || FileSink::open(path, size, options)).await?;
+        let sink = blocking(move || FileSink::open(path, size, options)).await?;
         let progress = Arc::new(Progress::child_of(ctx.metrics.progress.clone()));
         let copying = ctx.metrics.track(format!("{} {}", vm.name, f.slot), progress.clone());
         let (source, transport) = disks.open(&f, snap).await?;
@@ -1251,13 +1251,6 @@ async fn replicate_under(
     report.replica = Some(vm_dir);
     clear_reset(ctx, vm, report).await;
     Ok(())
-}
-
-/// Runs a block-layer call (opening a file sink) on the blocking pool.
-async fn blocking_block<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, pipeline::BlockError> + Send + 'static,
-) -> Result<T, OrchError> {
-    Ok(pipeline::blocking(f).await?)
 }
 
 /// The VM's configuration files, by file name: its `.vmx` (a warning when it cannot be read)

@@ -12,7 +12,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use repo::{RepoError, Store};
+use durable::Store;
 
 const DIR: &str = "intents";
 
@@ -40,20 +40,20 @@ fn name(vm: &str, job: &str) -> String {
 }
 
 /// Records `intent` durably (before the snapshot is asked for).
-pub fn record(store: &dyn Store, intent: &Intent) -> Result<(), RepoError> {
+pub fn record(store: &dyn Store, intent: &Intent) -> Result<(), durable::Error> {
     let data = serde_json::to_vec_pretty(intent)
-        .map_err(|e| RepoError::Corrupt(format!("an intent record could not be written: {e}")))?;
+        .map_err(|e| durable::Error::Invalid(format!("an intent record could not be written: {e}")))?;
     store.put(&name(&intent.vm, &intent.job), &data)
 }
 
 /// Forgets the intent of `job` on the VM `vm` (its snapshot is gone).
-pub fn forget(store: &dyn Store, vm: &str, job: &str) -> Result<(), RepoError> {
+pub fn forget(store: &dyn Store, vm: &str, job: &str) -> Result<(), durable::Error> {
     store.delete(&name(vm, job))
 }
 
 /// The tags of the jobs that recorded an intent on the VM `vm` in `store`. A record that cannot
 /// be read still names its job (its file name does): it counts.
-pub fn jobs_on(store: &dyn Store, vm: &str) -> Result<Vec<String>, RepoError> {
+pub fn jobs_on(store: &dyn Store, vm: &str) -> Result<Vec<String>, durable::Error> {
     let prefix = format!("{vm}.");
     Ok(store
         .list(DIR)?
@@ -72,7 +72,7 @@ mod tests {
     #[test]
     fn records_are_found_per_vm_and_forgotten() {
         let d = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(repo::LocalStore::new(d.path()));
+        let store: Arc<dyn Store> = Arc::new(durable::LocalStore::new(d.path()));
         let intent = |vm: &str, job: &str| Intent {
             job: job.into(),
             vm: vm.into(),

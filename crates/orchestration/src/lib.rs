@@ -45,6 +45,10 @@ pub enum OrchError {
     /// A copy failed.
     #[error(transparent)]
     Block(#[from] pipeline::BlockError),
+    /// A durable file (a lease, an intent record, a replica's configuration file) could not be
+    /// read or written.
+    #[error(transparent)]
+    Durable(#[from] durable::Error),
     /// A disk descriptor could not be read.
     #[error(transparent)]
     Vmdk(#[from] vmdk::VmdkError),

@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use cbt::{Extent, ExtentSet};
 
+use crate::digest::{Digests, zero_digest};
 use crate::limit::{RateLimiter, ReleaseCpuTime};
 use crate::pool::BufferPool;
 use crate::progress::Progress;
-use crate::state::{Checkpoint, Digests, STATE_FORMAT, StateStore, SyncKey, zero_digest};
 use crate::{BlockError, BlockSink, BlockSource};
 
 /// How a copy runs.
@@ -107,40 +107,12 @@ pub struct Durable {
     pub done: ExtentSet,
 }
 
-/// Where a copy saves its checkpoints: a replica's state store ([`CheckpointTo`]), or any
+/// Where a copy saves its checkpoints: a replica's state store (`replica::CheckpointTo`), or any
 /// destination that keeps its own (a repository's backup in progress). Called on a blocking
 /// thread after the sink's flush, so everything in `durable.done` is durable.
 pub trait SaveCheckpoint: Send + Sync + std::fmt::Debug {
     /// Records `durable`, with the sink's digests as of then.
     fn save(&self, durable: &Durable, digests: &Digests) -> Result<(), BlockError>;
-}
-
-/// Checkpoints kept in a [`StateStore`], beside the destination's sync state.
-#[derive(Debug, Clone)]
-pub struct CheckpointTo {
-    /// The store.
-    pub store: StateStore,
-    /// The destination's key.
-    pub key: SyncKey,
-    /// The job.
-    pub job: String,
-    /// Whether the destination read as zeros when the job started.
-    pub fresh: bool,
-}
-
-impl SaveCheckpoint for CheckpointTo {
-    fn save(&self, durable: &Durable, digests: &Digests) -> Result<(), BlockError> {
-        let cp = Checkpoint {
-            format: STATE_FORMAT,
-            key: self.key.clone(),
-            job: self.job.clone(),
-            source: durable.source.clone(),
-            plan: durable.plan.clone(),
-            done: durable.done.iter().map(|e| (e.start(), e.len())).collect(),
-            fresh: self.fresh,
-        };
-        self.store.save_checkpoint(&cp, digests)
-    }
 }
 
 /// One disk to copy.

@@ -1,25 +1,26 @@
-//! The transport-neutral block pipeline: [`BlockSource`] and [`BlockSink`], a copy engine that
-//! moves a `cbt` plan between them under one process-wide memory cap, sync state that only a
-//! commit writes, checkpoints for resume, and the replication flow built from them.
+//! The transport-neutral block pipeline: [`BlockSource`] and [`BlockSink`], and a copy engine
+//! that moves a `cbt` plan between them under one process-wide memory cap, keeping per-block
+//! [`Digests`] and saving checkpoints through [`SaveCheckpoint`] for resume.
 //!
-//! It knows nothing of vSphere or VDDK: those plug in as sources from their own crates.
+//! It knows nothing of vSphere or VDDK: those plug in as sources from their own crates. Sync
+//! state and the replication flow are the replica's (`replica::state`, `replica::replicate`).
 
+mod digest;
 mod engine;
 mod error;
 mod io;
 pub mod limit;
 pub mod pool;
 pub mod progress;
-pub mod replicate;
 pub mod source;
-pub mod state;
 
 #[cfg(feature = "test-utils")]
 pub mod conformance;
 
+pub use digest::{Digests, zero_digest};
 pub use engine::{
-    Cancel, CheckpointTo, CopyOptions, CopyReport, DiskCopy, Durable, Engine, SaveCheckpoint, copy_disk, copy_disks,
-    is_zero, plan_digest,
+    Cancel, CopyOptions, CopyReport, DiskCopy, Durable, Engine, SaveCheckpoint, copy_disk, copy_disks, is_zero,
+    plan_digest,
 };
 pub use error::BlockError;
 pub use io::{BlockSink, BlockSource, IoFuture, SourceAllocation, check_range};
@@ -29,5 +30,13 @@ pub use io::{BlockSink, BlockSource, IoFuture, SourceAllocation, check_range};
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, BlockError> + Send + 'static,
 ) -> Result<T, BlockError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| BlockError::Invalid(format!("blocking task: {e}")))?
+    blocking_as(f).await
+}
+
+/// [`blocking`] for work whose error is the caller's own type (any that a [`BlockError`]
+/// converts into): a repository call, a lease.
+pub async fn blocking_as<T: Send + 'static, E: From<BlockError> + Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, E> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| E::from(BlockError::Invalid(format!("blocking task: {e}"))))?
 }

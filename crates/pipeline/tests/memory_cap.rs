@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use cbt::ExtentSet;
+use pipeline::Digests;
 use pipeline::progress::Progress;
-use pipeline::state::Digests;
 use pipeline::{BlockSink, BlockSource, CopyOptions, DiskCopy, Engine, IoFuture, SourceAllocation, copy_disks};
 
 const MIB: u64 = 1 << 20;

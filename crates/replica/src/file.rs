@@ -212,7 +212,7 @@ impl BlockSink for FileSink {
         Box::pin(blocking(move || {
             file.sync_all().map_err(|e| BlockError::io(format!("syncing {}", path.display()), e))?;
             if created {
-                pipeline::state::sync_dir(&path)?;
+                durable::sync_parent(&path).map_err(|e| BlockError::io("syncing the directory", e.into()))?;
             }
             Ok(())
         }))

@@ -1,11 +1,12 @@
-//! The target writer: sinks that hold a replica of a disk, for the block pipeline. A sparse
-//! raw file or block device ([`FileSink`]) and an NBD export ([`NbdSink`]).
-//!
-//! Sinks know how to write, zero and make durable; the sync state beside a replica is the
-//! pipeline's (`pipeline::state`), written only after a sink's commit.
+//! The replica target: sinks that hold a replica of a disk, for the block pipeline (a sparse
+//! raw file or block device, [`FileSink`], and an NBD export, [`NbdSink`]), the sync state
+//! beside a replica ([`state`]), written through `durable` only after a sink's commit, and the
+//! replication flow that plans, copies, checkpoints and commits one disk ([`replicate`]).
 
 mod file;
 mod nbd;
+pub mod replicate;
+pub mod state;
 
 pub use file::{FileSink, FileSinkOptions};
 pub use nbd::NbdSink;

@@ -9,10 +9,10 @@ use std::sync::Arc;
 
 use pipeline::conformance::{MemSink, check_sink};
 use pipeline::progress::Progress;
-use pipeline::replicate::{SyncJob, sync};
 use pipeline::source::NbdSource;
-use pipeline::state::{StateStore, SyncKey};
 use pipeline::{BlockError, BlockSink, BlockSource, CopyOptions, Engine};
+use replica::replicate::{SyncJob, sync};
+use replica::state::{StateStore, SyncKey};
 use replica::{FileSink, FileSinkOptions, NbdSink};
 use testkit::require_tool;
 use testkit::servers::{Listen, Server, free_port};

@@ -87,7 +87,7 @@ impl RepoKey {
             .map_err(|e| RepoError::io(path, e))?;
         let hex: String = self.0.iter().map(|b| format!("{b:02x}")).collect();
         f.write_all(format!("{hex}\n").as_bytes()).and_then(|()| f.sync_all()).map_err(|e| RepoError::io(path, e))?;
-        crate::store::sync_parent(path)
+        Ok(durable::sync_parent(path)?)
     }
 }
 

@@ -5,12 +5,11 @@
 //! A repository lives in a local directory ([`LocalStore`]) or in S3-compatible object storage
 //! ([`S3Store`]). Backups go through the block pipeline ([`RepoSink`]) under a shared lock;
 //! `ops` has prune, gc (under the exclusive lock) and copy; `codec` encrypts when a key is
-//! given; `jobs` holds the leases that tell a live job from a dead one.
+//! given. The store, its atomic writes, and the job leases that tell a live job from a dead one
+//! are `durable`'s, shared with the replica.
 
 mod codec;
-pub mod crashfs;
 mod format;
-mod jobs;
 pub mod lock;
 mod ops;
 pub mod prune;
@@ -19,7 +18,6 @@ mod s3;
 mod s3config;
 mod session;
 mod sink;
-mod store;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -34,8 +32,9 @@ pub use format::{
     ChunkId, Consistency, DiskEntry, FORMAT, FileEntry, Index, Manifest, SourceInfo, ZERO, chunk_name, decode_chunk,
     decode_chunk_with, encode_chunk,
 };
-pub use jobs::{JobLease, live_jobs_in};
-pub use lock::{LockInfo, LockKind, LockTiming, RepoLock};
+// The store and lock types of this crate's API are `durable`'s.
+pub use durable::{Entry, Fs, JobLease, LocalStore, LockInfo, LockKind, LockTiming, RealFs, Store, TEMP_PREFIX};
+pub use lock::RepoLock;
 pub use ops::{CopyReport, GcReport, PruneReport};
 pub use prune::Retention;
 #[cfg(feature = "s3")]
@@ -43,7 +42,6 @@ pub use s3::S3Store;
 pub use s3config::S3Config;
 pub use session::{SESSION_FORMAT, Session};
 pub use sink::{RepoSink, SinkStats};
-pub use store::{Entry, Fs, LocalStore, RealFs, Store, TEMP_PREFIX, unwritable};
 
 /// Everything that can go wrong with a repository.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +94,32 @@ impl RepoError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         Self::Io { path: path.to_path_buf(), source }
     }
+}
+
+impl From<durable::Error> for RepoError {
+    fn from(e: durable::Error) -> Self {
+        match e {
+            durable::Error::Io { path, source } => Self::Io { path, source },
+            durable::Error::BadName(name) => Self::Corrupt(format!("{name:?} is not a repository file name")),
+            durable::Error::Locked(why) => Self::Locked(why),
+            durable::Error::Invalid(why) => Self::Invalid(why),
+            durable::Error::Remote(why) => Self::Remote(why),
+            e @ durable::Error::Spawn(_) => Self::Invalid(e.to_string()),
+        }
+    }
+}
+
+/// Whether an error is a full disk (or an exhausted quota).
+pub(crate) fn full(e: &RepoError) -> bool {
+    matches!(e, RepoError::Io { source, .. }
+        if matches!(source.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded))
+}
+
+/// Why an error means the store cannot take a write at all (a read-only medium, no write
+/// permission, a full disk or quota), if it does.
+pub fn unwritable(e: &RepoError) -> Option<&'static str> {
+    let RepoError::Io { source, .. } = e else { return None };
+    durable::unwritable(source)
 }
 
 /// Manifests that cannot be read: their file names, and why.
@@ -256,7 +280,7 @@ pub struct DiskSpec {
 #[derive(Debug)]
 pub struct Backup {
     repo: Repo,
-    beat: Option<lock::Heartbeat>,
+    beat: Option<durable::Heartbeat>,
     /// What [`GC_GENERATION`] said when the backup began.
     generation: Option<Vec<u8>>,
     id: String,
@@ -663,13 +687,13 @@ impl Repo {
         for f in self.store.list_all(&format!("writers/{id}"))? {
             self.store.delete(&format!("writers/{id}/{}", f.name))?;
         }
-        self.store.delete(&format!("writers/{id}"))
+        Ok(self.store.delete(&format!("writers/{id}"))?)
     }
 
     pub(crate) fn put_manifest(&self, m: &Manifest) -> Result<(), RepoError> {
         let name = format!("points/{}.json", m.id);
         let json = serde_json::to_vec_pretty(m).map_err(|e| RepoError::Invalid(e.to_string()))?;
-        self.store.put(&name, &self.codec.seal(&name, json)?)
+        Ok(self.store.put(&name, &self.codec.seal(&name, json)?)?)
     }
 
     /// An index file's contents, checked against `blake3` (of the stored bytes) and opened.
@@ -772,10 +796,10 @@ impl Repo {
             // No gc may be half-way through while the backup registers and reads its parent.
             let _lock = self.lock_waiting(LockKind::Shared, &format!("backup {id} (starting)"))?;
             let parent_m = parent.map(|p| self.point(p)).transpose()?;
-            let now = lock::now_secs();
+            let now = durable::now_secs();
             let reg = Registration {
                 id: id.clone(),
-                host: lock::host_name(),
+                host: durable::host_name(),
                 pid: std::process::id(),
                 started: now,
                 parent: parent.map(str::to_owned),
@@ -811,7 +835,7 @@ impl Repo {
         // keeps the chunks of a backup that runs longer than its grace period.
         let (store, codec, snap_sinks, snap_id) = (self.store.clone(), self.codec.clone(), sinks.clone(), id.clone());
         let last = std::sync::Mutex::new(vec![SinkStats::default(); snap_sinks.len()]);
-        let beat = lock::Heartbeat::start(
+        let beat = durable::Heartbeat::start(
             self.store.clone(),
             format!("writers/{id}.json"),
             self.timing.heartbeat,
@@ -823,7 +847,7 @@ impl Repo {
                         continue;
                     }
                     let name = format!("writers/{snap_id}/{n}.idx");
-                    let saved = codec.seal(&name, s.index_snapshot().encode()).and_then(|b| store.put(&name, &b));
+                    let saved = codec.seal(&name, s.index_snapshot().encode()).and_then(|b| Ok(store.put(&name, &b)?));
                     match saved {
                         Ok(()) => last[n] = stats,
                         Err(e) => tracing::warn!("cannot save {name}: {e}"),
@@ -905,7 +929,7 @@ impl Repo {
             written += data.len() as u64;
         }
         f.sync_all().map_err(|e| RepoError::io(out, e))?;
-        store::sync_parent(out)?;
+        durable::sync_parent(out)?;
         Ok(written)
     }
 

@@ -7,142 +7,11 @@
 //! gone, is stale and is removed by the next taker, with a warning.
 
 use std::sync::Arc;
-use std::sync::mpsc::{RecvTimeoutError, Sender};
-use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use durable::{Heartbeat, LockInfo, LockKind, LockTiming, Store, host_name, live_in, now_secs};
 
 use crate::RepoError;
-use crate::store::Store;
-
-/// Shared or exclusive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LockKind {
-    /// Many at once (backups, prune).
-    Shared,
-    /// Alone (gc).
-    Exclusive,
-}
-
-/// What a lock file says.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LockInfo {
-    /// Shared or exclusive.
-    pub kind: LockKind,
-    /// The holder's host name.
-    pub host: String,
-    /// The holder's process ID.
-    pub pid: u32,
-    /// What the holder does (`backup of db01`, `gc`).
-    pub purpose: String,
-    /// Seconds since the Unix epoch when it was taken.
-    pub started: u64,
-    /// Seconds since the Unix epoch of the last heartbeat.
-    pub heartbeat: u64,
-    /// Seconds after the last heartbeat at which it is stale.
-    pub expires_after: u64,
-}
-
-impl LockInfo {
-    /// Why it is stale, if it is.
-    pub fn stale(&self, now: u64) -> Option<String> {
-        if now.saturating_sub(self.heartbeat) > self.expires_after {
-            return Some(format!("no heartbeat for {} s", now.saturating_sub(self.heartbeat)));
-        }
-        if self.host == host_name() && !process_alive(self.pid) {
-            return Some(format!("process {} is gone", self.pid));
-        }
-        None
-    }
-
-    fn describe(&self) -> String {
-        format!("{} (host {}, PID {}, since {})", self.purpose, self.host, self.pid, unix_to_text(self.started))
-    }
-}
-
-fn unix_to_text(secs: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
-}
-
-pub(crate) fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-/// This host's name (for lock files: which machine holds it).
-pub fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "unknown-host".into())
-}
-
-pub(crate) fn process_alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// How locks are timed.
-#[derive(Debug, Clone, Copy)]
-pub struct LockTiming {
-    /// How often the holder refreshes its lock.
-    pub heartbeat: Duration,
-    /// How long after the last heartbeat a lock is stale.
-    pub expiry: Duration,
-    /// How long a backup waits for a gc to finish before giving up.
-    pub max_wait: Duration,
-}
-
-impl Default for LockTiming {
-    fn default() -> Self {
-        Self {
-            heartbeat: Duration::from_secs(60),
-            expiry: Duration::from_secs(300),
-            max_wait: Duration::from_secs(3600),
-        }
-    }
-}
-
-/// Rewrites a file every interval until dropped (a lock's or a registration's heartbeat).
-#[derive(Debug)]
-pub(crate) struct Heartbeat {
-    stop: Option<Sender<()>>,
-    beat: Option<JoinHandle<()>>,
-}
-
-impl Heartbeat {
-    /// Every `every`, writes `render(now)` to `name`.
-    pub(crate) fn start(
-        store: Arc<dyn Store>,
-        name: String,
-        every: Duration,
-        render: impl Fn(u64) -> Option<Vec<u8>> + Send + 'static,
-    ) -> Result<Self, RepoError> {
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let beat = std::thread::Builder::new()
-            .name("repo-heartbeat".into())
-            .spawn(move || {
-                while let Err(RecvTimeoutError::Timeout) = rx.recv_timeout(every) {
-                    let Some(bytes) = render(now_secs()) else { return };
-                    if let Err(e) = store.put(&name, &bytes) {
-                        tracing::warn!("cannot refresh {name}: {e}");
-                    }
-                }
-            })
-            .map_err(|e| RepoError::Invalid(format!("cannot start a heartbeat: {e}")))?;
-        Ok(Self { stop: Some(tx), beat: Some(beat) })
-    }
-}
-
-impl Drop for Heartbeat {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(b) = self.beat.take() {
-            let _ = b.join();
-        }
-    }
-}
 
 /// A held lock; dropping it releases it. A reader's lock may be held without a file, when
 /// the medium refuses one ([`RepoLock::acquire_reading`]).
@@ -206,7 +75,7 @@ impl RepoLock {
             Err(e) => e,
             held => return held,
         };
-        let Some(why) = crate::store::unwritable(&err) else { return Err(err) };
+        let Some(why) = crate::unwritable(&err) else { return Err(err) };
         let in_way: Vec<String> = holders(&*store)?
             .into_iter()
             .filter(|(_, other)| other.kind == LockKind::Exclusive)
@@ -272,41 +141,16 @@ pub fn holders(store: &dyn Store) -> Result<Vec<(String, LockInfo)>, RepoError> 
     Ok(live_in(store, "locks", "repository lock")?.into_iter().map(|(n, info)| (format!("locks/{n}"), info)).collect())
 }
 
-/// The live lock-like files of `dir` (their names inside it, and holders): stale ones are
-/// removed with a warning; an unreadable one counts as a live exclusive holder that never
-/// expires, so nothing it may guard is touched.
-pub(crate) fn live_in(store: &dyn Store, dir: &str, what: &str) -> Result<Vec<(String, LockInfo)>, RepoError> {
-    let now = now_secs();
-    let mut out = Vec::new();
-    for e in store.list(dir)? {
-        let name = format!("{dir}/{}", e.name);
-        let Some(raw) = store.get(&name)? else { continue };
-        match serde_json::from_slice::<LockInfo>(&raw) {
-            Ok(info) => match info.stale(now) {
-                Some(why) => {
-                    tracing::warn!("removing the stale {what} of {}: {why}", info.describe());
-                    // Stale either way: a reader on a read-only medium cannot remove it.
-                    if let Err(e) = store.delete(&name) {
-                        tracing::warn!("cannot remove {name}: {e}");
-                    }
-                }
-                None => out.push((e.name, info)),
-            },
-            Err(err) => {
-                let info = LockInfo {
-                    kind: LockKind::Exclusive,
-                    host: "?".into(),
-                    pid: 0,
-                    purpose: format!("an unreadable {what} file {name} ({err}; remove it by hand if no job runs)"),
-                    started: 0,
-                    heartbeat: now,
-                    expires_after: u64::MAX,
-                };
-                out.push((e.name, info));
-            }
-        }
+impl crate::Repo {
+    /// Takes the lease of `job` in this repository (see [`durable::JobLease::take`]).
+    pub fn job_lease(&self, job: &str) -> Result<durable::JobLease, RepoError> {
+        Ok(durable::JobLease::take(self.store().clone(), self.timing, job)?)
     }
-    Ok(out)
+
+    /// The jobs running now, by name (see [`durable::live_jobs_in`]).
+    pub fn live_jobs(&self) -> Result<Vec<(String, LockInfo)>, RepoError> {
+        Ok(durable::live_jobs_in(&**self.store())?)
+    }
 }
 
 #[cfg(test)]

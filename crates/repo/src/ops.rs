@@ -6,10 +6,12 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 
+use durable::{LockKind, TEMP_PREFIX, host_name, now_secs, process_alive};
+
 use crate::format::{ChunkId, Index, Manifest, ZERO, chunk_name, encode_chunk};
-use crate::lock::{LockKind, RepoLock, host_name, now_secs, process_alive};
+use crate::full;
+use crate::lock::RepoLock;
 use crate::prune::{Decision, Retention, select};
-use crate::store::{TEMP_PREFIX, full};
 use crate::{GC_GENERATION, GC_RESERVE, Registration, Repo, RepoError, random_hex, reserve_bytes};
 
 /// What a prune did (or would do).

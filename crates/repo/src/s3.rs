@@ -12,7 +12,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 
 use crate::RepoError;
 use crate::S3Config;
-use crate::store::{Entry, Store, check_name};
+use durable::{Entry, Store, check_name};
 
 /// A repository under `s3://bucket/prefix`.
 #[derive(Debug)]
@@ -34,8 +34,8 @@ impl Drop for S3Store {
     }
 }
 
-fn s3_err(what: &str, e: object_store::Error) -> RepoError {
-    RepoError::Remote(format!("{what}: {e}"))
+fn s3_err(what: &str, e: object_store::Error) -> durable::Error {
+    durable::Error::Remote(format!("{what}: {e}"))
 }
 
 /// Whether an endpoint URL points at this machine.
@@ -96,10 +96,10 @@ impl S3Store {
         Ok(Self { url: url.trim_end_matches('/').to_owned(), prefix, s3: Arc::new(s3), rt: Some(rt) })
     }
 
-    fn key(&self, name: &str) -> Result<ObjPath, RepoError> {
+    fn key(&self, name: &str) -> Result<ObjPath, durable::Error> {
         check_name(name)?;
         let full = if self.prefix.is_empty() { name.to_owned() } else { format!("{}/{name}", self.prefix) };
-        ObjPath::parse(&full).map_err(|e| RepoError::Invalid(format!("{full}: {e}")))
+        ObjPath::parse(&full).map_err(|e| durable::Error::Invalid(format!("{full}: {e}")))
     }
 
     /// Runs `f` on the store's runtime and waits for it, from any thread (async or not).
@@ -121,7 +121,7 @@ impl S3Store {
 }
 
 impl Store for S3Store {
-    fn put_new(&self, name: &str, data: &[u8]) -> Result<bool, RepoError> {
+    fn put_new(&self, name: &str, data: &[u8]) -> Result<bool, durable::Error> {
         let (s3, key, payload) = (self.s3.clone(), self.key(name)?, PutPayload::from(data.to_vec()));
         let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
         match self.run(async move { s3.put_opts(&key, payload, opts).await }) {
@@ -131,12 +131,12 @@ impl Store for S3Store {
         }
     }
 
-    fn put(&self, name: &str, data: &[u8]) -> Result<(), RepoError> {
+    fn put(&self, name: &str, data: &[u8]) -> Result<(), durable::Error> {
         let (s3, key, payload) = (self.s3.clone(), self.key(name)?, PutPayload::from(data.to_vec()));
         self.run(async move { s3.put(&key, payload).await }).map(|_| ()).map_err(|e| s3_err(name, e))
     }
 
-    fn get(&self, name: &str) -> Result<Option<Vec<u8>>, RepoError> {
+    fn get(&self, name: &str) -> Result<Option<Vec<u8>>, durable::Error> {
         let (s3, key) = (self.s3.clone(), self.key(name)?);
         match self.run(async move { s3.get(&key).await?.bytes().await }) {
             Ok(b) => Ok(Some(b.to_vec())),
@@ -145,7 +145,7 @@ impl Store for S3Store {
         }
     }
 
-    fn exists(&self, name: &str) -> Result<bool, RepoError> {
+    fn exists(&self, name: &str) -> Result<bool, durable::Error> {
         let (s3, key) = (self.s3.clone(), self.key(name)?);
         match self.run(async move { s3.head(&key).await }) {
             Ok(_) => Ok(true),
@@ -154,7 +154,7 @@ impl Store for S3Store {
         }
     }
 
-    fn list(&self, dir: &str) -> Result<Vec<Entry>, RepoError> {
+    fn list(&self, dir: &str) -> Result<Vec<Entry>, durable::Error> {
         let (s3, key) = (self.s3.clone(), self.key(dir)?);
         let prefix = key.clone();
         let listed =
@@ -173,7 +173,7 @@ impl Store for S3Store {
         Ok(out)
     }
 
-    fn delete(&self, name: &str) -> Result<(), RepoError> {
+    fn delete(&self, name: &str) -> Result<(), durable::Error> {
         let (s3, key) = (self.s3.clone(), self.key(name)?);
         match self.run(async move { s3.delete(&key).await }) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),

@@ -12,15 +12,15 @@
 use std::sync::Arc;
 
 use cbt::ExtentSet;
-use pipeline::state::Digests;
+use pipeline::Digests;
 use pipeline::{BlockError, Durable, SaveCheckpoint};
 use serde::{Deserialize, Serialize};
 
 use crate::codec::Codec;
 use crate::format::Index;
 use crate::sink::RepoSink;
-use crate::store::Store;
 use crate::{Backup, DiskSpec, Repo, RepoError};
+use durable::Store;
 
 /// The session format this code writes and reads.
 pub const SESSION_FORMAT: u32 = 1;
@@ -96,13 +96,15 @@ impl SaveCheckpoint for SessionCheckpoint {
         // by a resume).
         let idx = format!("sessions/{}/{}.idx", self.key, self.n);
         let sealed = self.codec.seal(&idx, self.sink.index_snapshot().encode()).map_err(fail)?;
-        self.store.put(&idx, &sealed).map_err(fail)?;
+        self.store.put(&idx, &sealed).map_err(|e| fail(e.into()))?;
         let progress = DiskProgress {
             format: SESSION_FORMAT,
             plan: durable.plan.clone(),
             done: durable.done.iter().map(|e| (e.start(), e.len())).collect(),
         };
-        self.store.put(&format!("sessions/{}/{}.json", self.key, self.n), &json(&progress).map_err(fail)?).map_err(fail)
+        self.store
+            .put(&format!("sessions/{}/{}.json", self.key, self.n), &json(&progress).map_err(fail)?)
+            .map_err(|e| fail(e.into()))
     }
 }
 
@@ -161,7 +163,7 @@ impl Repo {
             self.store.delete(&format!("sessions/{key}/{}", f.name))?;
         }
         self.store.delete(&format!("sessions/{key}"))?;
-        self.store.delete(&format!("sessions/{key}.json"))
+        Ok(self.store.delete(&format!("sessions/{key}.json"))?)
     }
 
     /// Begins a backup that finishes session `key`: a new backup of `disks` on the session's

@@ -12,7 +12,7 @@ use pipeline::{BlockError, BlockSink, IoFuture, blocking, check_range};
 
 use crate::codec::Codec;
 use crate::format::{ChunkId, Index, ZERO, chunk_name, encode_chunk};
-use crate::store::Store;
+use durable::Store;
 
 /// Counts of what a sink stored.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -205,11 +205,11 @@ fn put_unless(
     }
     let name = chunk_name(id);
     // Only chunks the repository lacks are compressed and sealed.
-    if store.exists(&name).map_err(|e| repo_err(what, e))? {
+    if store.exists(&name).map_err(|e| repo_err(what, e.into()))? {
         return Ok(Some(0));
     }
     let enc = codec.seal(&name, encode_chunk(piece)).map_err(|e| repo_err(what, e))?;
-    let created = store.put_new(&name, &enc).map_err(|e| repo_err(what, e))?;
+    let created = store.put_new(&name, &enc).map_err(|e| repo_err(what, e.into()))?;
     Ok(Some(if created { enc.len() as u64 } else { 0 }))
 }
 
@@ -306,7 +306,7 @@ impl BlockSink for RepoSink {
         Box::pin(blocking(move || {
             let plain = state.lock().unwrap_or_else(|p| p.into_inner()).index.encode();
             let bytes = codec.seal(&name, plain).map_err(|e| repo_err(&what, e))?;
-            store.put(&name, &bytes).map_err(|e| repo_err(&what, e))?;
+            store.put(&name, &bytes).map_err(|e| repo_err(&what, e.into()))?;
             state.lock().unwrap_or_else(|p| p.into_inner()).committed = Some(blake3::hash(&bytes).to_hex().to_string());
             Ok(())
         }))

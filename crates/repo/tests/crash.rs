@@ -9,7 +9,7 @@ use std::time::Duration;
 
 mod common;
 
-use repo::crashfs::CrashFs;
+use durable::crashfs::{CrashFs, Forgetful, Skip};
 use repo::{Fs, LocalStore, Manifest, Repo, RepoError, Retention, Store};
 
 const CHUNK: u32 = 64 << 10;
@@ -120,44 +120,14 @@ async fn a_power_cut_at_any_step_damages_no_restore_point() {
 async fn the_simulation_catches_a_store_that_skips_an_fsync() {
     // A file system that drops directory fsyncs: the sequence then loses restore points it
     // reported as made, and the check must notice. This proves the loop above can fail.
-    #[derive(Debug)]
-    struct NoDirSync(Arc<CrashFs>);
-    impl Fs for NoDirSync {
-        fn write(&self, p: &std::path::Path, d: &[u8]) -> std::io::Result<()> {
-            self.0.write(p, d)
-        }
-        fn sync_file(&self, p: &std::path::Path) -> std::io::Result<()> {
-            self.0.sync_file(p)
-        }
-        fn sync_dir(&self, _: &std::path::Path) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn create_dir(&self, p: &std::path::Path) -> std::io::Result<()> {
-            self.0.create_dir(p)
-        }
-        fn rename(&self, a: &std::path::Path, b: &std::path::Path) -> std::io::Result<()> {
-            self.0.rename(a, b)
-        }
-        fn hard_link(&self, a: &std::path::Path, b: &std::path::Path) -> std::io::Result<()> {
-            self.0.hard_link(a, b)
-        }
-        fn remove(&self, p: &std::path::Path) -> std::io::Result<()> {
-            self.0.remove(p)
-        }
-        fn read(&self, p: &std::path::Path) -> std::io::Result<Vec<u8>> {
-            self.0.read(p)
-        }
-        fn read_dir(&self, p: &std::path::Path) -> std::io::Result<Vec<repo::Entry>> {
-            self.0.read_dir(p)
-        }
-        fn exists(&self, p: &std::path::Path) -> bool {
-            self.0.exists(p)
-        }
-    }
     let fs = Arc::new(CrashFs::new());
     fs.create_dir("/repo".as_ref()).unwrap();
     fs.sync_dir("/".as_ref()).unwrap();
-    let repo = Repo::init_in(Arc::new(LocalStore::with_fs("/repo", NoDirSync(fs.clone()))), CHUNK).unwrap();
+    let repo = Repo::init_in(
+        Arc::new(LocalStore::with_fs("/repo", Forgetful { fs: fs.clone(), skip: Skip::DirSyncs })),
+        CHUNK,
+    )
+    .unwrap();
     let m = backup(&repo, None, &image(4 * CHUNK as usize, 1)).await.unwrap();
     drop(repo);
     fs.crash();

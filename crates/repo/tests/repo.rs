@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use cbt::ExtentSet;
-use pipeline::state::Digests;
+use pipeline::Digests;
 use pipeline::{
     BlockSink, BlockSource, CopyOptions, DiskCopy, Engine, copy_disk, progress::Progress, source::FileSource,
 };

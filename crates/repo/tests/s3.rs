@@ -23,25 +23,25 @@ struct Interrupted {
 }
 
 impl Store for Interrupted {
-    fn put_new(&self, name: &str, data: &[u8]) -> Result<bool, RepoError> {
+    fn put_new(&self, name: &str, data: &[u8]) -> Result<bool, durable::Error> {
         if self.left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_err() {
-            return Err(RepoError::Remote(format!("{name}: connection reset (simulated)")));
+            return Err(durable::Error::Remote(format!("{name}: connection reset (simulated)")));
         }
         self.inner.put_new(name, data)
     }
-    fn put(&self, name: &str, data: &[u8]) -> Result<(), RepoError> {
+    fn put(&self, name: &str, data: &[u8]) -> Result<(), durable::Error> {
         self.inner.put(name, data)
     }
-    fn get(&self, name: &str) -> Result<Option<Vec<u8>>, RepoError> {
+    fn get(&self, name: &str) -> Result<Option<Vec<u8>>, durable::Error> {
         self.inner.get(name)
     }
-    fn exists(&self, name: &str) -> Result<bool, RepoError> {
+    fn exists(&self, name: &str) -> Result<bool, durable::Error> {
         self.inner.exists(name)
     }
-    fn list(&self, dir: &str) -> Result<Vec<Entry>, RepoError> {
+    fn list(&self, dir: &str) -> Result<Vec<Entry>, durable::Error> {
         self.inner.list(dir)
     }
-    fn delete(&self, name: &str) -> Result<(), RepoError> {
+    fn delete(&self, name: &str) -> Result<(), durable::Error> {
         self.inner.delete(name)
     }
     fn describe(&self) -> String {

@@ -1,16 +1,16 @@
 //! Sync state, one concept for every destination: what a destination durably holds of one
 //! disk, keyed by (vCenter, VM, disk, destination), plus the per-block digests and the
-//! checkpoints of copies in progress. Files are written tmp + fsync + rename, directory synced.
+//! checkpoints of copies in progress. Files are written through a `durable` store (tmp +
+//! fsync + rename, directory synced), so a crash leaves each file old or new, never torn.
 
-use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cbt::{CommittedDisk, ExtentSet};
+use durable::{LocalStore, Store};
+use pipeline::{BlockError, Digests, Durable, SaveCheckpoint};
 use serde::{Deserialize, Serialize};
-
-use crate::BlockError;
 
 /// The format of state and checkpoint files; a newer one is refused, not misread.
 pub const STATE_FORMAT: u32 = 1;
@@ -77,82 +77,6 @@ impl SyncState {
     }
 }
 
-/// A BLAKE3 digest per block of a disk, block `i` covering `[i × granularity, …)` (the last one
-/// may be short).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Digests {
-    /// The block size.
-    pub granularity: u64,
-    /// The disk size.
-    pub capacity: u64,
-    /// One digest per block.
-    pub blocks: Vec<[u8; 32]>,
-}
-
-const DIGESTS_MAGIC: &[u8; 8] = b"SPDIGST1";
-
-impl Digests {
-    /// Digests of a disk that reads as zeros everywhere.
-    pub fn zeros(granularity: u64, capacity: u64) -> Self {
-        let count = capacity.div_ceil(granularity);
-        let full = zero_digest(granularity);
-        let mut blocks = vec![full; usize::try_from(count).unwrap_or(0)];
-        let tail = capacity % granularity;
-        if tail != 0
-            && let Some(last) = blocks.last_mut()
-        {
-            *last = zero_digest(tail);
-        }
-        Self { granularity, capacity, blocks }
-    }
-
-    /// The encoded form: magic, granularity, capacity, then the digests.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(24 + self.blocks.len() * 32);
-        out.extend_from_slice(DIGESTS_MAGIC);
-        out.extend_from_slice(&self.granularity.to_le_bytes());
-        out.extend_from_slice(&self.capacity.to_le_bytes());
-        for b in &self.blocks {
-            out.extend_from_slice(b);
-        }
-        out
-    }
-
-    /// Decodes [`Digests::encode`]'s output, checking that the length is exactly what the
-    /// header implies before allocating anything.
-    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        let header = bytes.get(..24).ok_or("shorter than its header")?;
-        if &header[..8] != DIGESTS_MAGIC {
-            return Err("not a digest file (bad magic)".into());
-        }
-        let granularity = u64::from_le_bytes(header[8..16].try_into().map_err(|_| "header")?);
-        let capacity = u64::from_le_bytes(header[16..24].try_into().map_err(|_| "header")?);
-        if granularity == 0 {
-            return Err("granularity 0".into());
-        }
-        let count = capacity.div_ceil(granularity);
-        let body = &bytes[24..];
-        if body.len() as u64 != count.saturating_mul(32) {
-            return Err(format!("{} bytes of digests for {count} blocks", body.len()));
-        }
-        let blocks = body.chunks_exact(32).map(|c| c.try_into().unwrap_or([0; 32])).collect();
-        Ok(Self { granularity, capacity, blocks })
-    }
-}
-
-/// The digest of `len` zero bytes.
-pub fn zero_digest(len: u64) -> [u8; 32] {
-    let mut h = blake3::Hasher::new();
-    let zeros = [0u8; 64 << 10];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(zeros.len() as u64);
-        h.update(&zeros[..usize::try_from(n).unwrap_or(0)]);
-        left -= n;
-    }
-    *h.finalize().as_bytes()
-}
-
 /// What a copy in progress has made durable, so a restart of the same job on the same frozen
 /// source continues from here.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,7 +87,7 @@ pub struct Checkpoint {
     pub key: SyncKey,
     /// The job.
     pub job: String,
-    /// The source's frozen identity ([`crate::BlockSource::identity`]).
+    /// The source's frozen identity ([`pipeline::BlockSource::identity`]).
     pub source: String,
     /// A digest of the plan; a different plan cannot reuse the progress of another.
     pub plan: String,
@@ -184,7 +108,7 @@ impl Checkpoint {
 /// A directory of sync states, digests and checkpoints.
 #[derive(Debug, Clone)]
 pub struct StateStore {
-    dir: PathBuf,
+    store: Arc<dyn Store>,
 }
 
 fn now() -> u64 {
@@ -195,26 +119,38 @@ impl StateStore {
     /// A store in `dir`, created if missing.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, BlockError> {
         let dir = dir.into();
-        fs::create_dir_all(&dir)
+        std::fs::create_dir_all(&dir)
             .map_err(|e| BlockError::io(format!("creating state directory {}", dir.display()), e))?;
-        Ok(Self { dir })
+        Ok(Self::in_store(Arc::new(LocalStore::new(dir))))
     }
 
-    /// The directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// The states in `store` (a directory on the real file system, or in tests on the
+    /// crash-simulating one).
+    pub fn in_store(store: Arc<dyn Store>) -> Self {
+        Self { store }
     }
 
-    fn path(&self, key: &SyncKey, suffix: &str) -> PathBuf {
-        self.dir.join(format!("{}.{suffix}", key.stem()))
+    /// A state file's name in the store.
+    fn name(key: &SyncKey, suffix: &str) -> String {
+        format!("{}.{suffix}", key.stem())
     }
 
-    fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, BlockError> {
-        let bytes = match fs::read(path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(BlockError::io(format!("reading {}", path.display()), e)),
-        };
+    /// A state file's path, for messages.
+    fn path(&self, name: &str) -> PathBuf {
+        Path::new(&self.store.describe()).join(name)
+    }
+
+    /// Runs a store call, saying what it was doing on which file when it fails.
+    fn call<T>(&self, what: &str, name: &str, r: Result<T, durable::Error>) -> Result<T, BlockError> {
+        r.map_err(|e| match e {
+            durable::Error::Io { path, source } => BlockError::io(format!("{what} {}", path.display()), source),
+            e => BlockError::State { path: self.path(name), message: format!("{what}: {e}") },
+        })
+    }
+
+    fn read_json<T: for<'de> Deserialize<'de>>(&self, name: &str) -> Result<Option<T>, BlockError> {
+        let path = &self.path(name);
+        let Some(bytes) = self.call("reading", name, self.store.get(name))? else { return Ok(None) };
         let format = serde_json::from_slice::<serde_json::Value>(&bytes)
             .map_err(|e| BlockError::State { path: path.into(), message: format!("not JSON: {e}") })?
             .get("format")
@@ -243,24 +179,25 @@ impl StateStore {
 
     /// The state of `key`, if any.
     pub fn load(&self, key: &SyncKey) -> Result<Option<SyncState>, BlockError> {
-        let path = self.path(key, "state.json");
-        let state: Option<SyncState> = Self::read_json(&path)?;
+        let name = Self::name(key, "state.json");
+        let state: Option<SyncState> = self.read_json(&name)?;
         if let Some(s) = &state {
-            Self::check_key(&path, &s.key, key)?;
+            Self::check_key(&self.path(&name), &s.key, key)?;
         }
         Ok(state)
     }
 
     /// The committed digests of `key`, if any.
     pub fn load_digests(&self, key: &SyncKey) -> Result<Option<Digests>, BlockError> {
-        self.read_digests(&self.path(key, "digests"))
+        self.read_digests(&Self::name(key, "digests"))
     }
 
-    fn read_digests(&self, path: &Path) -> Result<Option<Digests>, BlockError> {
-        match fs::read(path) {
-            Ok(b) => Digests::decode(&b).map(Some).map_err(|message| BlockError::State { path: path.into(), message }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(BlockError::io(format!("reading {}", path.display()), e)),
+    fn read_digests(&self, name: &str) -> Result<Option<Digests>, BlockError> {
+        match self.call("reading", name, self.store.get(name))? {
+            Some(b) => {
+                Digests::decode(&b).map(Some).map_err(|message| BlockError::State { path: self.path(name), message })
+            }
+            None => Ok(None),
         }
     }
 
@@ -282,14 +219,10 @@ impl StateStore {
         granularity: u64,
         digests: Option<&Digests>,
     ) -> Result<SyncState, BlockError> {
-        let path = self.path(key, "digests");
+        let name = Self::name(key, "digests");
         match digests {
-            Some(d) => write_atomic(&path, &d.encode())?,
-            None => match fs::remove_file(&path) {
-                Ok(()) => sync_dir(&path)?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(BlockError::io(format!("removing {}", path.display()), e)),
-            },
+            Some(d) => self.call("writing", &name, self.store.put(&name, &d.encode()))?,
+            None => self.call("removing", &name, self.store.delete(&name))?,
         }
         let state = SyncState {
             format: STATE_FORMAT,
@@ -306,85 +239,77 @@ impl StateStore {
 
     fn save(&self, state: &SyncState) -> Result<(), BlockError> {
         let json = serde_json::to_vec_pretty(state).map_err(|e| BlockError::Invalid(e.to_string()))?;
-        write_atomic(&self.path(&state.key, "state.json"), &json)
+        let name = Self::name(&state.key, "state.json");
+        self.call("writing", &name, self.store.put(&name, &json))
     }
 
     /// The checkpoint of an interrupted copy to `key`, with the digests it had computed.
     pub fn load_checkpoint(&self, key: &SyncKey) -> Result<Option<(Checkpoint, Digests)>, BlockError> {
-        let path = self.path(key, "checkpoint.json");
-        let Some(cp) = Self::read_json::<Checkpoint>(&path)? else { return Ok(None) };
-        Self::check_key(&path, &cp.key, key)?;
-        let dpath = self.path(key, "checkpoint.digests");
-        match self.read_digests(&dpath)? {
+        let name = Self::name(key, "checkpoint.json");
+        let Some(cp) = self.read_json::<Checkpoint>(&name)? else { return Ok(None) };
+        Self::check_key(&self.path(&name), &cp.key, key)?;
+        let dname = Self::name(key, "checkpoint.digests");
+        match self.read_digests(&dname)? {
             Some(d) => Ok(Some((cp, d))),
-            None => Err(BlockError::State { path: dpath, message: "missing beside its checkpoint".into() }),
+            None => Err(BlockError::State { path: self.path(&dname), message: "missing beside its checkpoint".into() }),
         }
     }
 
     /// Saves a checkpoint. The caller has flushed the sink first, so everything in `done` is
     /// durable. The digests go first: a checkpoint never names digests that were not written.
     pub fn save_checkpoint(&self, cp: &Checkpoint, digests: &Digests) -> Result<(), BlockError> {
-        write_atomic(&self.path(&cp.key, "checkpoint.digests"), &digests.encode())?;
+        let dname = Self::name(&cp.key, "checkpoint.digests");
+        self.call("writing", &dname, self.store.put(&dname, &digests.encode()))?;
         let json = serde_json::to_vec(cp).map_err(|e| BlockError::Invalid(e.to_string()))?;
-        write_atomic(&self.path(&cp.key, "checkpoint.json"), &json)
+        let name = Self::name(&cp.key, "checkpoint.json");
+        self.call("writing", &name, self.store.put(&name, &json))
     }
 
     /// Forgets a checkpoint (after a commit, or when its snapshot is gone).
     pub fn drop_checkpoint(&self, key: &SyncKey) -> Result<(), BlockError> {
         for suffix in ["checkpoint.json", "checkpoint.digests"] {
-            let path = self.path(key, suffix);
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(BlockError::io(format!("removing {}", path.display()), e)),
-            }
+            let name = Self::name(key, suffix);
+            self.call("removing", &name, self.store.delete(&name))?;
         }
         Ok(())
     }
 }
 
-/// Writes `bytes` to `path` so that a crash leaves either the old file or the new one: a
-/// temporary file, fsynced, renamed over, and the directory fsynced.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), BlockError> {
-    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
-    let io = |what: &str, e| BlockError::io(format!("{what} {}", tmp.display()), e);
-    let mut f = fs::File::create(&tmp).map_err(|e| io("creating", e))?;
-    f.write_all(bytes).map_err(|e| io("writing", e))?;
-    f.sync_all().map_err(|e| io("syncing", e))?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(|e| BlockError::io(format!("renaming onto {}", path.display()), e))?;
-    sync_dir(path)
+/// Checkpoints kept in a [`StateStore`], beside the destination's sync state.
+#[derive(Debug, Clone)]
+pub struct CheckpointTo {
+    /// The store.
+    pub store: StateStore,
+    /// The destination's key.
+    pub key: SyncKey,
+    /// The job.
+    pub job: String,
+    /// Whether the destination read as zeros when the job started.
+    pub fresh: bool,
 }
 
-/// Fsyncs the directory holding `path`, so a new or renamed entry survives a crash.
-pub fn sync_dir(path: &Path) -> Result<(), BlockError> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| BlockError::io(format!("syncing directory {}", dir.display()), e))
+impl SaveCheckpoint for CheckpointTo {
+    fn save(&self, durable: &Durable, digests: &Digests) -> Result<(), BlockError> {
+        let cp = Checkpoint {
+            format: STATE_FORMAT,
+            key: self.key.clone(),
+            job: self.job.clone(),
+            source: durable.source.clone(),
+            plan: durable.plan.clone(),
+            done: durable.done.iter().map(|e| (e.start(), e.len())).collect(),
+            fresh: self.fresh,
+        };
+        self.store.save_checkpoint(&cp, digests)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn key(d: &str) -> SyncKey {
         SyncKey { vcenter: "vc".into(), vm: "vm".into(), disk: "2000".into(), destination: d.into() }
-    }
-
-    #[test]
-    fn digests_round_trip_and_refuse_bad_lengths() {
-        let d = Digests::zeros(1 << 20, (3 << 20) + 5);
-        assert_eq!(d.blocks.len(), 4);
-        assert_eq!(d.blocks[3], *blake3::hash(&[0; 5]).as_bytes());
-        assert_eq!(Digests::decode(&d.encode()).unwrap(), d);
-        let mut bad = d.encode();
-        bad.pop();
-        assert!(Digests::decode(&bad).unwrap_err().contains("for 4 blocks"));
-        // A header claiming a huge disk with no body allocates nothing and is refused.
-        let mut huge = Digests::zeros(1, 0).encode();
-        huge[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(Digests::decode(&huge).is_err());
     }
 
     #[test]

@@ -322,6 +322,58 @@ impl Fs for std::sync::Arc<CrashFs> {
     }
 }
 
+/// Which fsyncs a [`Forgetful`] file system leaves out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// Files' contents are never made durable.
+    FileSyncs,
+    /// Directories' names are never made durable.
+    DirSyncs,
+}
+
+/// A [`CrashFs`] that quietly skips one kind of fsync: a store on it loses what it reported as
+/// written at a power cut, which a crash test must notice (proof that the test can fail).
+#[derive(Debug)]
+pub struct Forgetful {
+    /// The file system underneath.
+    pub fs: std::sync::Arc<CrashFs>,
+    /// The fsyncs it skips.
+    pub skip: Skip,
+}
+
+impl Fs for Forgetful {
+    fn write(&self, path: &Path, data: &[u8]) -> std::io::Result<()> {
+        self.fs.write(path, data)
+    }
+    fn sync_file(&self, path: &Path) -> std::io::Result<()> {
+        if self.skip == Skip::FileSyncs { Ok(()) } else { self.fs.sync_file(path) }
+    }
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        if self.skip == Skip::DirSyncs { Ok(()) } else { self.fs.sync_dir(dir) }
+    }
+    fn create_dir(&self, dir: &Path) -> std::io::Result<()> {
+        self.fs.create_dir(dir)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        self.fs.rename(from, to)
+    }
+    fn hard_link(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        self.fs.hard_link(from, to)
+    }
+    fn remove(&self, path: &Path) -> std::io::Result<()> {
+        self.fs.remove(path)
+    }
+    fn read(&self, path: &Path) -> std::io::Result<Vec<u8>> {
+        self.fs.read(path)
+    }
+    fn read_dir(&self, dir: &Path) -> std::io::Result<Vec<Entry>> {
+        self.fs.read_dir(dir)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        self.fs.exists(path)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

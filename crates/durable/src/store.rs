@@ -1,15 +1,15 @@
-//! Where a repository's files live. [`LocalStore`], a directory, writes every file to a
+//! Named files written atomically. [`LocalStore`], a directory, writes every file to a
 //! temporary name, fsyncs it, moves it into place and fsyncs the directory (and the parent of
-//! any directory it creates); chunks are created only if absent (a hard link, which fails when
-//! the name exists), so nothing is overwritten. The file system under it is a [`Fs`], so the
-//! crash-simulating one of `crashfs` can stand in for the real one in tests.
+//! any directory it creates); [`Store::put_new`] creates a file only if absent (a hard link,
+//! which fails when the name exists), so nothing is overwritten. The file system under it is a
+//! [`Fs`], so the crash-simulating one of `crashfs` can stand in for the real one in tests.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
-use crate::RepoError;
+use crate::Error;
 
 /// One name in a folder of a store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,27 +20,27 @@ pub struct Entry {
     pub modified: Option<SystemTime>,
 }
 
-/// A repository's storage: named files, written atomically.
+/// Storage of named files, written atomically (a repository's, a replica's sync states).
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// Creates `name` with `data` unless it exists; says whether it created it.
-    fn put_new(&self, name: &str, data: &[u8]) -> Result<bool, RepoError>;
+    fn put_new(&self, name: &str, data: &[u8]) -> Result<bool, Error>;
     /// Writes `name` with `data`, replacing it atomically.
-    fn put(&self, name: &str, data: &[u8]) -> Result<(), RepoError>;
+    fn put(&self, name: &str, data: &[u8]) -> Result<(), Error>;
     /// Reads `name`; `None` when it does not exist.
-    fn get(&self, name: &str) -> Result<Option<Vec<u8>>, RepoError>;
+    fn get(&self, name: &str) -> Result<Option<Vec<u8>>, Error>;
     /// Whether `name` exists.
-    fn exists(&self, name: &str) -> Result<bool, RepoError>;
+    fn exists(&self, name: &str) -> Result<bool, Error>;
     /// The files and folders directly inside the folder `dir`, sorted by name.
-    fn list(&self, dir: &str) -> Result<Vec<Entry>, RepoError>;
+    fn list(&self, dir: &str) -> Result<Vec<Entry>, Error>;
     /// Like [`Store::list`], with the temporary files too (names starting with `.tmp-`) that a
     /// writer that died between writing and renaming leaves, for gc to collect. Object stores,
     /// whose writes are atomic, have none.
-    fn list_all(&self, dir: &str) -> Result<Vec<Entry>, RepoError> {
+    fn list_all(&self, dir: &str) -> Result<Vec<Entry>, Error> {
         self.list(dir)
     }
     /// Removes `name`: a file, or a folder once it is empty (object stores have no folders to
     /// remove); removing what is not there is not an error.
-    fn delete(&self, name: &str) -> Result<(), RepoError>;
+    fn delete(&self, name: &str) -> Result<(), Error>;
     /// Where it is, for messages.
     fn describe(&self) -> String;
     /// Whether it is a file system, where a writer that dies leaves temporary files and the
@@ -51,12 +51,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// Checks a repository file name: relative, no empty, `.` or `..` parts. Names come from the
-/// repository itself, but an index or manifest could be tampered with: nothing may leave the
-/// root.
-pub(crate) fn check_name(name: &str) -> Result<(), RepoError> {
+/// Checks a store file name: relative, no empty, `.` or `..` parts. Names come from the
+/// store's owner, but an index or manifest could be tampered with: nothing may leave the root.
+pub fn check_name(name: &str) -> Result<(), Error> {
     if name.is_empty() || name.starts_with('/') || name.split('/').any(|p| p.is_empty() || p == "." || p == "..") {
-        return Err(RepoError::Corrupt(format!("{name:?} is not a repository file name")));
+        return Err(Error::BadName(name.to_owned()));
     }
     Ok(())
 }
@@ -138,7 +137,7 @@ impl Fs for RealFs {
     }
 }
 
-/// A repository in a local directory.
+/// A store in a local directory.
 #[derive(Debug)]
 pub struct LocalStore<F: Fs = RealFs> {
     root: PathBuf,
@@ -149,25 +148,6 @@ static TMP: AtomicU64 = AtomicU64::new(0);
 
 /// How the names of temporary files begin (`.tmp-<pid>-<n>-<name>`).
 pub const TEMP_PREFIX: &str = ".tmp-";
-
-/// Whether an error is a full disk (or an exhausted quota).
-pub(crate) fn full(e: &RepoError) -> bool {
-    matches!(e, RepoError::Io { source, .. }
-        if matches!(source.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded))
-}
-
-/// Why an error means the store cannot take a write at all (a read-only medium, no write
-/// permission, a full disk or quota), if it does.
-pub fn unwritable(e: &RepoError) -> Option<&'static str> {
-    let RepoError::Io { source, .. } = e else { return None };
-    match source.kind() {
-        std::io::ErrorKind::ReadOnlyFilesystem => Some("the file system is read-only"),
-        std::io::ErrorKind::PermissionDenied => Some("writing is not permitted"),
-        std::io::ErrorKind::StorageFull => Some("the disk is full"),
-        std::io::ErrorKind::QuotaExceeded => Some("the disk quota is exhausted"),
-        _ => None,
-    }
-}
 
 impl LocalStore<RealFs> {
     /// The store rooted at `root` (which must exist).
@@ -182,28 +162,28 @@ impl<F: Fs> LocalStore<F> {
         Self { root: root.as_ref().to_path_buf(), fs }
     }
 
-    fn path(&self, name: &str) -> Result<PathBuf, RepoError> {
+    fn path(&self, name: &str) -> Result<PathBuf, Error> {
         check_name(name)?;
         Ok(self.root.join(name))
     }
 
     /// Creates `dir` and any missing parents below the root, fsyncing the parent of each one
     /// it creates (a new directory is a name in its parent, lost in a crash like any other).
-    fn ensure_dir(&self, dir: &Path) -> Result<(), RepoError> {
+    fn ensure_dir(&self, dir: &Path) -> Result<(), Error> {
         if dir == self.root || self.fs.exists(dir) {
             return Ok(());
         }
         let parent = dir.parent().unwrap_or(&self.root);
         self.ensure_dir(parent)?;
         match self.fs.create_dir(dir) {
-            Ok(()) => self.fs.sync_dir(parent).map_err(|e| RepoError::io(parent, e)),
+            Ok(()) => self.fs.sync_dir(parent).map_err(|e| Error::io(parent, e)),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-            Err(e) => Err(RepoError::io(dir, e)),
+            Err(e) => Err(Error::io(dir, e)),
         }
     }
 
     /// Writes `data` to a temporary file beside `path`, fsynced; returns its path.
-    fn temp(&self, path: &Path, data: &[u8]) -> Result<PathBuf, RepoError> {
+    fn temp(&self, path: &Path, data: &[u8]) -> Result<PathBuf, Error> {
         let dir = path.parent().unwrap_or(&self.root);
         self.ensure_dir(dir)?;
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
@@ -212,26 +192,40 @@ impl<F: Fs> LocalStore<F> {
         if let Err(e) = self.fs.write(&tmp, data).and_then(|()| self.fs.sync_file(&tmp)) {
             // A full disk leaves a partial file behind: never keep one.
             let _ = self.fs.remove(&tmp);
-            return Err(RepoError::io(&tmp, e));
+            return Err(Error::io(&tmp, e));
         }
         Ok(tmp)
     }
 
-    fn sync_parent(&self, path: &Path) -> Result<(), RepoError> {
+    fn sync_parent(&self, path: &Path) -> Result<(), Error> {
         let dir = path.parent().unwrap_or(&self.root);
-        self.fs.sync_dir(dir).map_err(|e| RepoError::io(dir, e))
+        self.fs.sync_dir(dir).map_err(|e| Error::io(dir, e))
     }
 }
 
-/// Fsyncs the directory holding `path`, so a rename or link in it is durable.
-pub(crate) fn sync_parent(path: &Path) -> Result<(), RepoError> {
-    // A bare relative name (`key`) has the empty path as its parent: that is `.`.
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    RealFs.sync_dir(dir).map_err(|e| RepoError::io(dir, e))
+/// Fsyncs the directory holding `path`, so a rename or link in it (or a file created there)
+/// is durable.
+pub fn sync_parent(path: &Path) -> Result<(), Error> {
+    let dir = parent(path);
+    RealFs.sync_dir(dir).map_err(|e| Error::io(dir, e))
+}
+
+/// The directory holding `path`: a bare relative name (`key`) has the empty path as its
+/// parent, which is `.`.
+fn parent(path: &Path) -> &Path {
+    path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
+/// Writes `data` to `path` so that a crash leaves either the old file or the new one: a
+/// temporary file beside it, fsynced, renamed over it, and the directory fsynced (the
+/// [`LocalStore`] write, for a file outside any store).
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
+    let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| Error::BadName(path.display().to_string()))?;
+    LocalStore::new(parent(path)).put(name, data)
 }
 
 impl<F: Fs> Store for LocalStore<F> {
-    fn put_new(&self, name: &str, data: &[u8]) -> Result<bool, RepoError> {
+    fn put_new(&self, name: &str, data: &[u8]) -> Result<bool, Error> {
         let path = self.path(name)?;
         if self.fs.exists(&path) {
             return Ok(false);
@@ -245,57 +239,57 @@ impl<F: Fs> Store for LocalStore<F> {
                 Ok(true)
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(RepoError::io(&path, e)),
+            Err(e) => Err(Error::io(&path, e)),
         }
     }
 
-    fn put(&self, name: &str, data: &[u8]) -> Result<(), RepoError> {
+    fn put(&self, name: &str, data: &[u8]) -> Result<(), Error> {
         let path = self.path(name)?;
         let tmp = self.temp(&path, data)?;
         if let Err(e) = self.fs.rename(&tmp, &path) {
             let _ = self.fs.remove(&tmp);
-            return Err(RepoError::io(&path, e));
+            return Err(Error::io(&path, e));
         }
         self.sync_parent(&path)
     }
 
-    fn get(&self, name: &str) -> Result<Option<Vec<u8>>, RepoError> {
+    fn get(&self, name: &str) -> Result<Option<Vec<u8>>, Error> {
         let path = self.path(name)?;
         match self.fs.read(&path) {
             Ok(d) => Ok(Some(d)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(RepoError::io(&path, e)),
+            Err(e) => Err(Error::io(&path, e)),
         }
     }
 
-    fn exists(&self, name: &str) -> Result<bool, RepoError> {
+    fn exists(&self, name: &str) -> Result<bool, Error> {
         Ok(self.fs.exists(&self.path(name)?))
     }
 
-    fn list(&self, dir: &str) -> Result<Vec<Entry>, RepoError> {
+    fn list(&self, dir: &str) -> Result<Vec<Entry>, Error> {
         let mut out = self.list_all(dir)?;
         // Temporary files are half-written by definition.
         out.retain(|e| !e.name.starts_with('.'));
         Ok(out)
     }
 
-    fn list_all(&self, dir: &str) -> Result<Vec<Entry>, RepoError> {
+    fn list_all(&self, dir: &str) -> Result<Vec<Entry>, Error> {
         let path = self.path(dir)?;
         let mut out = match self.fs.read_dir(&path) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(RepoError::io(&path, e)),
+            Err(e) => return Err(Error::io(&path, e)),
         };
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
 
-    fn delete(&self, name: &str) -> Result<(), RepoError> {
+    fn delete(&self, name: &str) -> Result<(), Error> {
         let path = self.path(name)?;
         match self.fs.remove(&path) {
             Ok(()) => self.sync_parent(&path),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(RepoError::io(&path, e)),
+            Err(e) => Err(Error::io(&path, e)),
         }
     }
 

@@ -8,11 +8,12 @@ use bytes::BytesMut;
 
 use cbt::{Changes, CopyPlan, CurrentDisk, Destination, FullReason};
 
-use crate::progress::Progress;
-use crate::state::{Digests, StateStore, SyncKey, SyncState};
-use crate::{
-    BlockError, BlockSink, BlockSource, CheckpointTo, CopyOptions, CopyReport, DiskCopy, Engine, copy_disk, plan_digest,
+use pipeline::progress::Progress;
+use pipeline::{
+    BlockError, BlockSink, BlockSource, CopyOptions, CopyReport, Digests, DiskCopy, Engine, copy_disk, plan_digest,
 };
+
+use crate::state::{CheckpointTo, StateStore, SyncKey, SyncState};
 
 /// One disk to bring up to date at one destination.
 pub struct SyncJob {
@@ -264,7 +265,7 @@ async fn on_store<T: Send + 'static>(
     f: impl FnOnce(&StateStore, &SyncKey) -> Result<T, BlockError> + Send + 'static,
 ) -> Result<T, BlockError> {
     let (s, k) = (store.clone(), key.clone());
-    crate::blocking(move || f(&s, &k)).await
+    pipeline::blocking(move || f(&s, &k)).await
 }
 
 /// Reads again the blocks of `done` and keeps those whose bytes still have the digest in
@@ -300,7 +301,7 @@ async fn verify_done(
                 .map(|b| usize::try_from(b).ok().and_then(|b| digests.blocks.get(b)).copied().unwrap_or([0; 32]))
                 .collect();
             let g_usize = usize::try_from(g).unwrap_or(usize::MAX);
-            let same: Vec<bool> = crate::blocking(move || {
+            let same: Vec<bool> = pipeline::blocking(move || {
                 Ok(buf.chunks(g_usize).zip(recorded).map(|(c, d)| *blake3::hash(c).as_bytes() == d).collect())
             })
             .await?;
