@@ -11,7 +11,6 @@ pub mod limit;
 pub mod pool;
 pub mod progress;
 pub mod replicate;
-pub mod source;
 pub mod state;
 
 #[cfg(feature = "test-utils")]

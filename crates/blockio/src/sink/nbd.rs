@@ -4,8 +4,9 @@
 use std::num::NonZeroU64;
 
 use bytes::Bytes;
-use pipeline::source::NbdPool;
 use pipeline::{BlockError, BlockSink, IoFuture, check_range};
+
+use crate::source::NbdPool;
 
 /// An NBD export to write into.
 #[derive(Debug)]

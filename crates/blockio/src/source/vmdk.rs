@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 
-use crate::blocking;
-use crate::{BlockError, BlockSource, IoFuture, SourceAllocation, check_range};
+use pipeline::blocking;
+use pipeline::{BlockError, BlockSource, IoFuture, SourceAllocation, check_range};
 
 /// An opened VMDK chain.
 #[derive(Debug)]

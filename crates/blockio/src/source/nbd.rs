@@ -8,7 +8,7 @@ use bytes::BytesMut;
 use cbt::{Extent, ExtentSet};
 use nbd_wire::{Client, Export, Uri};
 
-use crate::{BlockError, BlockSource, IoFuture, SourceAllocation, check_range};
+use pipeline::{BlockError, BlockSource, IoFuture, SourceAllocation, check_range};
 
 /// Connections to one export, used round-robin.
 #[derive(Debug)]

@@ -11,7 +11,7 @@ use pipeline::{BlockError, BlockSource, IoFuture, SourceAllocation};
 use vddk::{ConnectParams, Connection, Credentials, OpenFlags, Vddk};
 use vsphere::{Client, MoRef};
 
-use crate::OrchError;
+use crate::OpenError as OrchError;
 
 /// VDDK's connection to one VM as of one snapshot.
 #[derive(Debug)]

@@ -7,13 +7,12 @@ use std::num::NonZeroU64;
 use std::path::Path;
 use std::sync::Arc;
 
+use blockio::{FileSink, FileSinkOptions, NbdSink, NbdSource};
 use pipeline::conformance::{MemSink, check_sink};
 use pipeline::progress::Progress;
 use pipeline::replicate::{SyncJob, sync};
-use pipeline::source::NbdSource;
 use pipeline::state::{StateStore, SyncKey};
 use pipeline::{BlockError, BlockSink, BlockSource, CopyOptions, Engine};
-use replica::{FileSink, FileSinkOptions, NbdSink};
 use testkit::require_tool;
 use testkit::servers::{Listen, Server, free_port};
 
