@@ -125,6 +125,10 @@ impl BlockSource for VddkSource {
             if !offset.is_multiple_of(512) || !len.is_multiple_of(512) {
                 return Err(BlockError::Invalid(format!("{}: VDDK reads whole sectors ({offset}+{len})", self.name)));
             }
+            if len == 0 {
+                // VDDK refuses a read of no sectors; there is nothing to ask it for.
+                return Ok(buf);
+            }
             let mut tmp =
                 self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop().unwrap_or_default();
             tmp.resize(len, 0);
