@@ -42,9 +42,67 @@ const RULES: &[Rule] = &[
     },
     Rule {
         covers: |name| name == "pipeline",
-        forbidden_deps: &["vddk", "vddk-sys", "libloading", "hyper", "quick-xml", "rustls", "replica", "durable"],
-        forbidden_source: &["vixDiskLib", "VixDiskLib"],
-        why: "the pipeline is transport-neutral: no VDDK, no vSphere, no sink of its own beyond tests, no state files",
+        forbidden_deps: &[
+            "nbd-wire",
+            "vmdk",
+            "vsphere",
+            "vddk",
+            "vddk-sys",
+            "libloading",
+            "hyper",
+            "quick-xml",
+            "rustls",
+            "blockio",
+            "vsphere-io",
+            "repo",
+            "replica",
+            "orchestration",
+            "durable",
+        ],
+        forbidden_source: &[
+            "vixDiskLib",
+            "VixDiskLib",
+            "nbd_wire::",
+            "vmdk::",
+            "vsphere::",
+            "vddk::",
+            "repo::",
+            "orchestration::",
+        ],
+        why: "the pipeline is transport-neutral: traits and engine only, no transport, no source or sink of its own beyond tests, no target, no state files",
+    },
+    Rule {
+        covers: |name| name == "blockio",
+        forbidden_deps: &[
+            "vsphere",
+            "vddk",
+            "vddk-sys",
+            "libloading",
+            "hyper",
+            "quick-xml",
+            "rustls",
+            "repo",
+            "replica",
+            "orchestration",
+        ],
+        forbidden_source: &["VixDiskLib", "vsphere::", "vddk::", "repo::", "replica::", "orchestration::"],
+        why: "sources and sinks at the edge move bytes for the pipeline: no vSphere, no VDDK, no target, no job",
+    },
+    Rule {
+        covers: |name| name == "vsphere-io",
+        // vddk-sys comes with the safe VDDK binding; this crate must use only `vddk`'s safe API.
+        forbidden_deps: &["repo", "replica", "orchestration"],
+        forbidden_source: &[
+            "VixDiskLib",
+            "vddk_sys::",
+            "libloading::",
+            "quick_xml::",
+            "unsafe ",
+            "repo::",
+            "replica::",
+            "orchestration::",
+        ],
+        why: "the vSphere sources read frozen disks for the pipeline: no target, no job, SOAP and the C API stay in their crates",
     },
     Rule {
         covers: |name| name == "replica",
@@ -94,9 +152,9 @@ const RULES: &[Rule] = &[
     },
     Rule {
         covers: |name| name == "repo",
-        // hyper and quick-xml come with object_store's S3 client, nbd-wire and vmdk with the
-        // pipeline's sources: the repository must not use them itself.
-        forbidden_deps: &["vsphere", "vddk", "vddk-sys", "libloading"],
+        // hyper and quick-xml come with object_store's S3 client: the repository must not use
+        // them itself.
+        forbidden_deps: &["vsphere", "vddk", "vddk-sys", "libloading", "nbd-wire", "vmdk", "blockio", "vsphere-io"],
         forbidden_source: &["VixDiskLib", "nbd_wire::", "vmdk::", "vsphere::"],
         why: "the repository stores disks it is given through the pipeline: it uses no vSphere, VDDK, NBD or VMDK itself",
     },

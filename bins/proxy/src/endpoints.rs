@@ -7,11 +7,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Result;
+use blockio::{FileSink, FileSinkOptions, FileSource, NbdSink, NbdSource, NullSink, VmdkSource};
 use nbd_wire::Uri;
 use pipeline::BlockSink;
 use pipeline::BlockSource;
-use pipeline::source::{FileSource, NbdSource, VmdkSource};
-use replica::{FileSink, FileSinkOptions, NbdSink, NullSink};
 
 /// How to open a source.
 #[derive(Debug, Clone)]

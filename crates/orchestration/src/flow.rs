@@ -11,21 +11,21 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use blockio::{FileSink, FileSinkOptions};
 use cbt::{ChangeId, Changes, CommittedDisk, CopyPlan, CurrentDisk, Destination, DiskPosition, QueryFault};
 use durable::{JobLease, LocalStore, LockTiming, Store};
 use pipeline::progress::Progress;
 use pipeline::{BlockSink, CopyOptions, Digests, DiskCopy, Engine, copy_disk};
 use replica::replicate::{SyncJob, sync};
 use replica::state::{StateStore, SyncKey};
-use replica::{FileSink, FileSinkOptions};
 use repo::{Consistency, DiskSpec, Manifest, Repo, SourceInfo};
 use vsphere::datastore::DatastoreFile;
 use vsphere::{Client, Disk, MoRef, Vm};
+use vsphere_io::open_frozen;
 
 use crate::OrchError;
 use crate::hygiene::{clean_vm, parse_server_time};
 use crate::metrics::Metrics;
-use crate::source::open_frozen;
 
 /// What every snapshot of ours is named with, first.
 pub const SNAPSHOT_PREFIX: &str = "syncproxy";
@@ -1007,7 +1007,7 @@ pub async fn plan_vm(ctx: &JobContext, vm: &MoRef) -> Result<VmPlan, OrchError> 
 /// NBD exports the operator serves.
 enum Reader {
     Https { reader: vsphere::datastore::DatastoreReader, datacenter: String },
-    Vddk(Arc<crate::vddk_source::VddkVm>),
+    Vddk(Arc<vsphere_io::VddkVm>),
     Nbd { template: String, vm: Box<Vm> },
 }
 
@@ -1021,7 +1021,7 @@ impl Reader {
             return Ok(Self::Https { reader: ctx.client.datastore_reader()?, datacenter: datacenter.to_owned() });
         };
         let (client, vm, snap) = (ctx.client.clone(), vm.moref.clone(), snap.clone());
-        let conn = tokio::task::spawn_blocking(move || crate::vddk_source::VddkVm::connect(&vddk, &client, &vm, &snap))
+        let conn = tokio::task::spawn_blocking(move || vsphere_io::VddkVm::connect(&vddk, &client, &vm, &snap))
             .await
             .map_err(|e| OrchError::Refused(format!("VDDK's connect did not finish: {e}")))??;
         Ok(Self::Vddk(Arc::new(conn)))
@@ -1047,7 +1047,7 @@ impl Reader {
             }
             Self::Nbd { template, vm } => {
                 let uri = nbd_uri(template, vm, snap, &f.slot);
-                let source = pipeline::source::NbdSource::connect(&uri, 2, Some(snap.to_string()))
+                let source = blockio::NbdSource::connect(&uri, 2, Some(snap.to_string()))
                     .await
                     .map_err(|e| OrchError::Refused(format!("{}: the NBD export {uri}: {e}", f.slot)))?;
                 if pipeline::BlockSource::size(&source) < f.disk.capacity {

@@ -20,8 +20,6 @@ mod job;
 pub mod metrics;
 pub mod preflight;
 pub mod proxy_host;
-pub mod source;
-pub mod vddk_source;
 
 pub use flow::{
     DiskFilter, DiskPlanReport, DiskReport, JobContext, ReplicaTarget, SNAPSHOT_PREFIX, Target, VmPlan, VmReport,
@@ -55,4 +53,14 @@ pub enum OrchError {
     /// The VM or disk is outside what this flow supports, with the reason.
     #[error("{0}")]
     Refused(String),
+}
+
+impl From<vsphere_io::OpenError> for OrchError {
+    fn from(e: vsphere_io::OpenError) -> Self {
+        match e {
+            vsphere_io::OpenError::Vsphere(e) => Self::Vsphere(e),
+            vsphere_io::OpenError::Vmdk(e) => Self::Vmdk(e),
+            vsphere_io::OpenError::Refused(why) => Self::Refused(why),
+        }
+    }
 }

@@ -190,12 +190,24 @@ macro_rules! ensure {
 
 /// Checks a source against the bytes it should hold: size, allocation (every non-zero byte
 /// inside `data`, nothing non-zero inside `zero`), aligned and odd reads, a read that ends at
-/// the last byte, refusal of reads past the end, and a stable identity.
+/// the last byte, refusal of reads past the end, and an identity and a frozen claim that no
+/// read changes.
 pub async fn check_source(src: &dyn BlockSource, expected: &[u8]) -> Result<(), String> {
+    check_source_in_units(src, expected, 1).await
+}
+
+/// [`check_source`] for a source that reads only whole units of `unit` bytes (VDDK reads whole
+/// 512-byte sectors): its odd reads are whole units, and it must refuse a read of part of a
+/// unit with [`BlockError::Invalid`]. `expected` is a whole number of units, of 4096 bytes at
+/// most.
+pub async fn check_source_in_units(src: &dyn BlockSource, expected: &[u8], unit: u64) -> Result<(), String> {
     let size = expected.len() as u64;
+    let u = unit.max(1);
+    ensure!(u <= 4096 && size.is_multiple_of(u) && size >= 2 * u, "the expected bytes are not whole units of {u}");
     ensure!(src.size() == size, "size {} != {size}", src.size());
     ensure!(!src.describe().is_empty(), "no description");
-    ensure!(src.identity() == src.identity() && !src.identity().is_empty(), "identity unstable or empty");
+    let (identity, frozen) = (src.identity(), src.frozen());
+    ensure!(src.identity() == identity && !identity.is_empty(), "identity unstable or empty");
     if let Some(a) = src.allocation().await.map_err(|e| format!("allocation: {e}"))? {
         ensure!(a.data.intersection(&a.zero).is_empty(), "data and zero overlap");
         let outside = a.data.complement(size);
@@ -221,8 +233,11 @@ pub async fn check_source(src: &dyn BlockSource, expected: &[u8]) -> Result<(), 
         ensure!(got[..] == expected[a..a + got.len()] && got.len() as u64 == n, "read at {at} differs");
         at += n;
     }
-    // Odd reads, and the very end.
-    for (offset, len) in [(512u64, 4096u64), (4095, 1), (size - 1, 1), (size.saturating_sub(70000), 70000), (0, 0)] {
+    // Odd reads, and the very end (for units of 1: 4095+1, the last byte, the last 70000).
+    let tail = 70000 / u * u;
+    for (offset, len) in
+        [(512.max(u), 4096.max(u)), (4096 - u, u), (size - u, u), (size.saturating_sub(tail), tail), (0, 0)]
+    {
         let got = src
             .read_at(offset, BytesMut::zeroed(usize::try_from(len).unwrap_or(0)))
             .await
@@ -230,12 +245,22 @@ pub async fn check_source(src: &dyn BlockSource, expected: &[u8]) -> Result<(), 
         let o = usize::try_from(offset).unwrap_or(0);
         ensure!(got[..] == expected[o..o + got.len()], "read {len} at {offset} differs");
     }
-    for (offset, len) in [(size, 1u64), (size - 1, 2), (u64::MAX - 1, 4)] {
+    for (offset, len) in [(size, u), (size - u, 2 * u), (u64::MAX - 1, 4)] {
         match src.read_at(offset, BytesMut::zeroed(usize::try_from(len).unwrap_or(0))).await {
             Err(BlockError::Invalid(_)) => {}
             other => return Err(format!("read {len} at {offset} past the end: {other:?}")),
         }
     }
+    if u > 1 {
+        for (offset, len) in [(1, u), (0, u + 1), (u - 1, u)] {
+            match src.read_at(offset, BytesMut::zeroed(usize::try_from(len).unwrap_or(0))).await {
+                Err(BlockError::Invalid(_)) => {}
+                other => return Err(format!("read {len} at {offset}, part of a unit of {u}: {other:?}")),
+            }
+        }
+    }
+    ensure!(src.identity() == identity, "identity changed by reading: {identity} then {}", src.identity());
+    ensure!(src.frozen() == frozen, "the frozen claim changed by reading");
     Ok(())
 }
 

@@ -14,23 +14,17 @@ pub enum BlockError {
         #[source]
         source: std::io::Error,
     },
-    /// An NBD request failed.
+    /// A transport's request failed (an NBD request, a VMDK read), classified by the crate
+    /// that speaks it: the pipeline knows no transport's error type.
     #[error("{what}: {source}")]
-    Nbd {
+    Transport {
         /// What was being done.
         what: String,
-        /// The NBD failure.
+        /// The transport's failure.
         #[source]
-        source: nbd_wire::NbdError,
-    },
-    /// A VMDK could not be read.
-    #[error("{what}: {source}")]
-    Vmdk {
-        /// What was being done.
-        what: String,
-        /// The VMDK failure.
-        #[source]
-        source: vmdk::VmdkError,
+        source: Box<dyn std::error::Error + Send + Sync>,
+        /// Whether the transport says the same request may succeed if tried again.
+        retryable: bool,
     },
     /// A request the source or sink cannot serve (outside the disk, misaligned, too large).
     #[error("{0}")]
@@ -66,11 +60,6 @@ impl BlockError {
         Self::Io { what: what.into(), source }
     }
 
-    /// An NBD failure with what was being done.
-    pub fn nbd(what: impl Into<String>, source: nbd_wire::NbdError) -> Self {
-        Self::Nbd { what: what.into(), source }
-    }
-
     /// Whether trying the same request again may succeed.
     pub fn is_retryable(&self) -> bool {
         use std::io::ErrorKind as K;
@@ -81,13 +70,10 @@ impl BlockError {
                     K::Interrupted | K::TimedOut | K::WouldBlock | K::ConnectionReset | K::ConnectionAborted
                 ) || source.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error())
             }
-            Self::Nbd { source, .. } => source.is_retryable(),
-            Self::Vmdk { .. }
-            | Self::Invalid(_)
-            | Self::Mismatch(_)
-            | Self::State { .. }
-            | Self::Cancelled
-            | Self::Exhausted { .. } => false,
+            Self::Transport { retryable, .. } => *retryable,
+            Self::Invalid(_) | Self::Mismatch(_) | Self::State { .. } | Self::Cancelled | Self::Exhausted { .. } => {
+                false
+            }
         }
     }
 }

@@ -12,7 +12,6 @@ mod io;
 pub mod limit;
 pub mod pool;
 pub mod progress;
-pub mod source;
 
 #[cfg(feature = "test-utils")]
 pub mod conformance;

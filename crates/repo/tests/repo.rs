@@ -7,11 +7,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use blockio::FileSource;
 use cbt::ExtentSet;
 use pipeline::Digests;
-use pipeline::{
-    BlockSink, BlockSource, CopyOptions, DiskCopy, Engine, copy_disk, progress::Progress, source::FileSource,
-};
+use pipeline::{BlockSink, BlockSource, CopyOptions, DiskCopy, Engine, copy_disk, progress::Progress};
 use repo::{Consistency, DiskSpec, Repo, RepoError, SourceInfo};
 
 const MIB: u64 = 1 << 20;

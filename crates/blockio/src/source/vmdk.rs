@@ -7,8 +7,10 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 
-use crate::blocking;
-use crate::{BlockError, BlockSource, IoFuture, SourceAllocation, check_range};
+use pipeline::blocking;
+use pipeline::{BlockError, BlockSource, IoFuture, SourceAllocation, check_range};
+
+use crate::vmdk_error;
 
 /// An opened VMDK chain.
 #[derive(Debug)]
@@ -23,8 +25,7 @@ impl VmdkSource {
     pub fn open(path: impl AsRef<Path>, policy: vmdk::PathPolicy) -> Result<Self, BlockError> {
         let path = path.as_ref();
         let name = path.display().to_string();
-        let disk = vmdk::Disk::open(path, policy)
-            .map_err(|source| BlockError::Vmdk { what: format!("opening {name}"), source })?;
+        let disk = vmdk::Disk::open(path, policy).map_err(|source| vmdk_error(format!("opening {name}"), source))?;
         // The chain's files as they are now, and each layer's CID (which VMware and qemu change
         // on the first write to a layer): a resumed copy must see the same ones.
         let mut identity = String::from("vmdk");
@@ -64,7 +65,7 @@ impl BlockSource for VmdkSource {
     fn allocation(&self) -> IoFuture<'_, Option<SourceAllocation>> {
         let (disk, name) = (self.disk.clone(), self.name.clone());
         Box::pin(blocking(move || {
-            let a = disk.allocation().map_err(|source| BlockError::Vmdk { what: format!("mapping {name}"), source })?;
+            let a = disk.allocation().map_err(|source| vmdk_error(format!("mapping {name}"), source))?;
             Ok(Some(SourceAllocation { data: a.data, zero: a.zero }))
         }))
     }
@@ -75,7 +76,7 @@ impl BlockSource for VmdkSource {
             check_range(&name, offset, buf.len() as u64, disk.capacity())?;
             blocking(move || {
                 disk.read_at(&mut buf, offset)
-                    .map_err(|source| BlockError::Vmdk { what: format!("reading {name} at byte {offset}"), source })?;
+                    .map_err(|source| vmdk_error(format!("reading {name} at byte {offset}"), source))?;
                 Ok(buf)
             })
             .await

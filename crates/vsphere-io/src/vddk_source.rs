@@ -11,7 +11,7 @@ use pipeline::{BlockError, BlockSource, IoFuture, SourceAllocation};
 use vddk::{ConnectParams, Connection, Credentials, OpenFlags, Vddk};
 use vsphere::{Client, MoRef};
 
-use crate::OrchError;
+use crate::OpenError as OrchError;
 
 /// VDDK's connection to one VM as of one snapshot.
 #[derive(Debug)]
@@ -124,6 +124,10 @@ impl BlockSource for VddkSource {
             pipeline::check_range(&self.name, offset, len as u64, self.size)?;
             if !offset.is_multiple_of(512) || !len.is_multiple_of(512) {
                 return Err(BlockError::Invalid(format!("{}: VDDK reads whole sectors ({offset}+{len})", self.name)));
+            }
+            if len == 0 {
+                // VDDK refuses a read of no sectors; there is nothing to ask it for.
+                return Ok(buf);
             }
             let mut tmp =
                 self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop().unwrap_or_default();

@@ -6,10 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
+use blockio::{FileSink, FileSinkOptions, FileSource};
 use pipeline::conformance::{check_sink, check_source, pattern};
-use pipeline::source::FileSource;
 use pipeline::{BlockSink, BlockSource};
-use replica::{FileSink, FileSinkOptions};
 use testkit::require_tool;
 
 /// A loop device over a file, detached when dropped.

@@ -13,7 +13,7 @@ use bytes::BytesMut;
 use pipeline::{BlockError, BlockSource, IoFuture, SourceAllocation};
 use vsphere::datastore::{DatastoreFile, DatastoreReader};
 
-use crate::OrchError;
+use crate::OpenError as OrchError;
 
 /// The largest descriptor read (a descriptor is text of a few hundred bytes).
 const MAX_DESCRIPTOR: u64 = vmdk::MAX_DESCRIPTOR_BYTES as u64;

@@ -4,8 +4,10 @@
 use std::num::NonZeroU64;
 
 use bytes::Bytes;
-use pipeline::source::NbdPool;
 use pipeline::{BlockError, BlockSink, IoFuture, check_range};
+
+use crate::nbd_error;
+use crate::source::NbdPool;
 
 /// An NBD export to write into.
 #[derive(Debug)]
@@ -74,7 +76,7 @@ impl BlockSink for NbdSink {
                     .client()
                     .write(at, piece, false)
                     .await
-                    .map_err(|e| BlockError::nbd(format!("writing {} at byte {at}", self.pool.uri()), e))?;
+                    .map_err(|e| nbd_error(format!("writing {} at byte {at}", self.pool.uri()), e))?;
                 at += piece.len() as u64;
             }
             Ok(())
@@ -96,7 +98,7 @@ impl BlockSink for NbdSink {
                 } else {
                     c.write(at, &zeros[..usize::try_from(n).unwrap_or(0)], false).await
                 };
-                r.map_err(|e| BlockError::nbd(format!("zeroing {} at byte {at}", self.pool.uri()), e))?;
+                r.map_err(|e| nbd_error(format!("zeroing {} at byte {at}", self.pool.uri()), e))?;
                 at += n;
             }
             Ok(())
@@ -106,10 +108,7 @@ impl BlockSink for NbdSink {
     fn flush(&self) -> IoFuture<'_, ()> {
         Box::pin(async move {
             // With multi-conn one flush covers every connection; without it there is one.
-            self.pool.clients()[0]
-                .flush()
-                .await
-                .map_err(|e| BlockError::nbd(format!("flushing {}", self.pool.uri()), e))
+            self.pool.clients()[0].flush().await.map_err(|e| nbd_error(format!("flushing {}", self.pool.uri()), e))
         })
     }
 }

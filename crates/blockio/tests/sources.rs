@@ -6,9 +6,9 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use blockio::{FileSource, NbdSource, VmdkSource};
 use pipeline::BlockSource;
 use pipeline::conformance::{MemSource, check_source, pattern};
-use pipeline::source::{FileSource, NbdSource, VmdkSource};
 use testkit::require_tool;
 use testkit::servers::{Listen, Server, free_port};
 

@@ -10,8 +10,8 @@ use bytes::BytesMut;
 use cbt::ExtentSet;
 use rustix::fs::SeekFrom;
 
-use crate::blocking;
-use crate::{BlockError, BlockSource, IoFuture, SourceAllocation, check_range};
+use pipeline::blocking;
+use pipeline::{BlockError, BlockSource, IoFuture, SourceAllocation, check_range};
 
 /// A raw image file or a block device, read-only.
 #[derive(Debug)]

@@ -8,7 +8,9 @@ use bytes::BytesMut;
 use cbt::{Extent, ExtentSet};
 use nbd_wire::{Client, Export, Uri};
 
-use crate::{BlockError, BlockSource, IoFuture, SourceAllocation, check_range};
+use pipeline::{BlockError, BlockSource, IoFuture, SourceAllocation, check_range};
+
+use crate::nbd_error;
 
 /// Connections to one export, used round-robin.
 #[derive(Debug)]
@@ -25,14 +27,14 @@ impl NbdPool {
         let parsed = Uri::parse(uri).map_err(BlockError::Invalid)?;
         let first = Client::connect(&parsed.target, &parsed.export)
             .await
-            .map_err(|e| BlockError::nbd(format!("connecting to {uri}"), e))?;
+            .map_err(|e| nbd_error(format!("connecting to {uri}"), e))?;
         let want = if first.export().multi_conn() { connections.max(1) } else { 1 };
         let mut clients = vec![first];
         while clients.len() < want {
             clients.push(
                 Client::connect(&parsed.target, &parsed.export)
                     .await
-                    .map_err(|e| BlockError::nbd(format!("connecting to {uri}"), e))?,
+                    .map_err(|e| nbd_error(format!("connecting to {uri}"), e))?,
             );
         }
         Ok(Self { clients, next: AtomicUsize::new(0), uri: uri.to_owned() })
@@ -138,7 +140,7 @@ impl BlockSource for NbdSource {
                     .client()
                     .block_status(at, len)
                     .await
-                    .map_err(|e| BlockError::nbd(format!("block status of {} at byte {at}", self.pool.uri), e))?;
+                    .map_err(|e| nbd_error(format!("block status of {} at byte {at}", self.pool.uri), e))?;
                 let mut next = at;
                 for e in extents {
                     let end = e.offset.saturating_add(e.length).min(size);
@@ -149,7 +151,7 @@ impl BlockSource for NbdSource {
                     next = next.max(end);
                 }
                 if next <= at {
-                    return Err(BlockError::nbd(
+                    return Err(nbd_error(
                         format!("block status of {}", self.pool.uri),
                         nbd_wire::NbdError::Protocol(format!("no progress at byte {at}")),
                     ));
@@ -170,7 +172,7 @@ impl BlockSource for NbdSource {
                     .client()
                     .read_into(at, b)
                     .await
-                    .map_err(|e| BlockError::nbd(format!("reading {} at byte {at}", self.pool.uri), e))
+                    .map_err(|e| nbd_error(format!("reading {} at byte {at}", self.pool.uri), e))
             };
             if buf.len() <= piece {
                 return read(offset, buf).await;
