@@ -7,9 +7,13 @@
 //!
 //! restic always encrypts (AES-256-CTR and Poly1305), so the first backup is also measured into
 //! an encrypted repository of ours (AES-256-GCM, keyed chunk names).
+//!
+//! Each first backup of ours also runs with the hidden `--hash-twice` (the copy engine's digest
+//! and then the chunk ID, as before the repository took the engine's digest as its ID), into a
+//! repository of its own, so one run shows the CPU per GB both ways.
 
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -81,10 +85,13 @@ pub(crate) fn run(root: &Path) -> Result<()> {
         crate::output(Command::new("sh").args(["-c", &format!("command -v {tool}")]))
             .with_context(|| format!("bench repo needs {tool} (apt: restic, python3, coreutils)"))?;
     }
-    let dir = root.join("target/bench-repo");
+    // Where cargo builds: CARGO_TARGET_DIR when set (relative to the root), else `target`.
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |d| root.join(PathBuf::from(d)));
+    let dir = target.join("bench-repo");
     std::fs::create_dir_all(&dir)?;
     crate::cargo(&["build", "--release", "--locked", "-p", "proxy"])?;
-    let proxy = root.join("target/release/proxy").display().to_string();
+    let proxy = target.join("release/proxy").display().to_string();
     let base = dir.join(format!("img-{mib}m.raw"));
     println!("making a {mib} MiB image (60 % of MiBs hold data, half of each compressible) in {}", dir.display());
     make_image(&base, mib * MIB, 60, 7)?;
@@ -95,8 +102,12 @@ pub(crate) fn run(root: &Path) -> Result<()> {
     let (mut ours_full, mut restic_full, mut ours_inc, mut ours_rescan, mut restic_inc) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut ours_enc_full = Vec::new();
+    // CPU seconds of the first backups: ours plain and encrypted, each hashing once and (as
+    // before) twice, and restic's.
+    let (mut cpu_plain, mut cpu_plain_twice, mut cpu_enc, mut cpu_enc_twice, mut cpu_restic) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut ours_size, mut ours_enc_size, mut restic_size, mut ours_read) = (0, 0, 0, 0u64);
-    let key = dir.join("bench.key");
+    let (key, key_twice) = (dir.join("bench.key"), dir.join("bench-twice.key"));
     let run_ours = |repo: &Path, extra: &str| -> Result<Sample> {
         measure(&format!("{proxy} repo backup {} {} --name vm {extra} && sync", repo.display(), img.display()), None)
     };
@@ -105,21 +116,26 @@ pub(crate) fn run(root: &Path) -> Result<()> {
     };
     for round in 0..rounds {
         let (ours, ours_enc, theirs) = (dir.join("repo-ours"), dir.join("repo-ours-enc"), dir.join("repo-restic"));
-        for d in [&ours, &ours_enc, &theirs] {
+        let (twice, enc_twice) = (dir.join("repo-ours-twice"), dir.join("repo-ours-enc-twice"));
+        for d in [&ours, &ours_enc, &theirs, &twice, &enc_twice] {
             let _ = std::fs::remove_dir_all(d);
         }
-        let _ = std::fs::remove_file(&key);
-        crate::output(Command::new(&proxy).args([
-            "repo",
-            "init",
-            &ours_enc.display().to_string(),
-            "--encrypt",
-            "--key-file",
-            &key.display().to_string(),
-        ]))?;
+        for (repo, key) in [(&ours_enc, &key), (&enc_twice, &key_twice)] {
+            let _ = std::fs::remove_file(key);
+            crate::output(Command::new(&proxy).args([
+                "repo",
+                "init",
+                &repo.display().to_string(),
+                "--encrypt",
+                "--key-file",
+                &key.display().to_string(),
+            ]))?;
+        }
         std::fs::copy(&base, &img)?;
         crate::run(&mut Command::new("sync"))?;
-        crate::output(Command::new(&proxy).args(["repo", "init", &ours.display().to_string()]))?;
+        for repo in [&ours, &twice] {
+            crate::output(Command::new(&proxy).args(["repo", "init", &repo.display().to_string()]))?;
+        }
         crate::output(
             Command::new("sh")
                 .args(["-c", &format!("{restic_env}restic -q -r {} init --repository-version 2", theirs.display())]),
@@ -128,10 +144,26 @@ pub(crate) fn run(root: &Path) -> Result<()> {
         let order = if round % 2 == 0 { [true, false] } else { [false, true] };
         for ours_turn in order {
             if ours_turn {
-                ours_full.push(run_ours(&ours, "")?.wall);
-                ours_enc_full.push(run_ours(&ours_enc, &format!("--key-file {}", key.display()))?.wall);
+                // Once and twice alternate who goes first too.
+                let enc_args = format!("--key-file {}", key.display());
+                let enc_twice_args = format!("--key-file {} --hash-twice", key_twice.display());
+                for twice_turn in if round % 2 == 0 { [false, true] } else { [true, false] } {
+                    if twice_turn {
+                        cpu_plain_twice.push(run_ours(&twice, "--hash-twice")?.cpu());
+                        cpu_enc_twice.push(run_ours(&enc_twice, &enc_twice_args)?.cpu());
+                    } else {
+                        let s = run_ours(&ours, "")?;
+                        ours_full.push(s.wall);
+                        cpu_plain.push(s.cpu());
+                        let s = run_ours(&ours_enc, &enc_args)?;
+                        ours_enc_full.push(s.wall);
+                        cpu_enc.push(s.cpu());
+                    }
+                }
             } else {
-                restic_full.push(run_restic(&theirs)?.wall);
+                let s = run_restic(&theirs)?;
+                restic_full.push(s.wall);
+                cpu_restic.push(s.cpu());
             }
         }
         ours_size = du(&ours)?;
@@ -181,6 +213,15 @@ pub(crate) fn run(root: &Path) -> Result<()> {
         ours_size as f64 / restic_size as f64,
         ours_enc_size as f64 / restic_size as f64
     );
+    let gb = (mib * MIB) as f64 / 1e9;
+    let (cp, cpt) = (median(&mut cpu_plain) / gb, median(&mut cpu_plain_twice) / gb);
+    let (ce, cet, cr) = (median(&mut cpu_enc) / gb, median(&mut cpu_enc_twice) / gb, median(&mut cpu_restic) / gb);
+    println!("\nCPU (user + system) per GB of disk, first backup, median of {rounds}:");
+    println!("  proxy repo backup, plain, one hash        {cp:6.3} s/GB");
+    println!("  ... --hash-twice (engine digest + chunk ID) {cpt:6.3} s/GB  (one hash saves {:.3} s/GB)", cpt - cp);
+    println!("  proxy repo backup, encrypted (keyed ID)  {ce:6.3} s/GB");
+    println!("  ... --hash-twice (plain digest + keyed ID) {cet:6.3} s/GB  (one hash saves {:.3} s/GB)", cet - ce);
+    println!("  restic backup                            {cr:6.3} s/GB");
     println!("\nincremental after {changes} scattered 4 KiB writes, durable:");
     println!(
         "  proxy repo backup --changed   {oi:7.2} s  read {ours_read} bytes ({} chunks of 4 MiB)",

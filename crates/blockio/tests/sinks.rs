@@ -7,8 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use blockio::{FileSink, FileSinkOptions, NbdSink};
-use pipeline::conformance::{MemSink, check_sink};
 use pipeline::BlockSink;
+use pipeline::conformance::{MemSink, check_sink};
 use testkit::require_tool;
 use testkit::servers::{Listen, Server, free_port};
 

@@ -1108,7 +1108,10 @@ async fn copy_under(
             source,
             sink: sink.clone(),
         };
-        let r = copy_disk(job, &ctx.engine, &ctx.options, progress).await?;
+        // A restore point keeps no digests of its own; a plain repository's sink takes them
+        // as its chunk IDs anyway, an encrypted one's are keyed.
+        let options = CopyOptions { digests: false, ..ctx.options.clone() };
+        let r = copy_disk(job, &ctx.engine, &options, progress).await?;
         if r.resumed > 0 {
             report.warnings.push(format!("{}: {} bytes were stored before the interruption", p.facts.slot, r.resumed));
         }

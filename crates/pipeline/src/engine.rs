@@ -1,7 +1,8 @@
 //! The copy engine: moves a plan's extents from a source to a sink with many requests in
 //! flight per disk and many disks at once, buffers from one bounded pool, zero detection,
-//! a BLAKE3 digest per sink block, rate limits, retries with backoff, clean cancellation and
-//! checkpoints that let an interrupted copy resume.
+//! a BLAKE3 digest per sink block (when the copy keeps them or the sink uses them), rate
+//! limits, retries with backoff, clean cancellation and checkpoints that let an interrupted
+//! copy resume.
 
 use std::collections::VecDeque;
 use std::num::NonZeroU64;
@@ -39,7 +40,8 @@ pub struct CopyOptions {
     pub detect_zeroes: bool,
     /// Keep a BLAKE3 digest per sink block (about 0.23 CPU-seconds per GB on the machines the
     /// bench runs on). Without them the report has none, and the replication flow plans the
-    /// next sync in full.
+    /// next sync in full. A sink that [uses digests](BlockSink::uses_digests) gets them
+    /// either way (it would hash the same bytes itself otherwise), so for it they cost nothing.
     pub digests: bool,
 }
 
@@ -195,6 +197,8 @@ struct Disk {
     granularity: NonZeroU64,
     /// The digest of one all-zero block, computed once.
     zero_block: [u8; 32],
+    /// Whether the sink takes each block's digest with its data.
+    sink_digests: bool,
     known_zero: bool,
     engine: Engine,
     options: CopyOptions,
@@ -267,6 +271,7 @@ pub async fn copy_disk(
     });
     let disk = Arc::new(Disk {
         known_zero: job.sink.known_zero(),
+        sink_digests: job.sink.uses_digests(),
         source: job.source,
         sink: job.sink,
         granularity: sink_g,
@@ -442,7 +447,8 @@ impl Disk {
         // millisecond or more, so it runs off the async threads, which keep the sockets moving.
         let g = usize::try_from(self.granularity.get()).unwrap_or(usize::MAX);
         let first_block = offset / self.granularity.get();
-        let (detect, zero_block, digests) = (self.options.detect_zeroes, self.zero_block, self.options.digests);
+        let digests = self.options.digests || self.sink_digests;
+        let (detect, zero_block) = (self.options.detect_zeroes, self.zero_block);
         let (buf, zero_flags, hashes) = tokio::task::spawn_blocking(move || {
             let mut zero_flags = Vec::with_capacity(buf.len().div_ceil(g));
             let mut hashes = Vec::with_capacity(buf.len().div_ceil(g));
@@ -477,7 +483,13 @@ impl Disk {
                 }
                 self.progress.zero(plen);
             } else {
-                self.retrying("writing", || self.sink.write_at(at, whole.slice(a..b))).await?;
+                // The run starts on a block boundary, so its blocks' digests are `hashes[i..j]`.
+                let run = &hashes[i..j];
+                self.retrying("writing", || match self.sink_digests {
+                    true => self.sink.write_at_digested(at, whole.slice(a..b), run),
+                    false => self.sink.write_at(at, whole.slice(a..b)),
+                })
+                .await?;
                 self.progress.written(plen);
             }
             i = j;

@@ -17,6 +17,9 @@ use crate::BlockError;
 /// time (`dyn BlockSource`). One allocation per request of megabytes costs nothing.
 pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BlockError>> + Send + 'a>>;
 
+/// The BLAKE3 digest of one sink block's bytes (`blake3::hash`), as the engine computes it.
+pub type BlockDigest = [u8; 32];
+
 /// Where a source's bytes are, as far as it knows.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SourceAllocation {
@@ -82,6 +85,24 @@ pub trait BlockSink: Send + Sync {
     /// retry can send it again); a sink drops its references before the future completes, so
     /// the buffer can go back to the pool.
     fn write_at(&self, offset: u64, data: Bytes) -> IoFuture<'_, ()>;
+
+    /// Whether the sink would hash the blocks it is written anyway and can take their digests
+    /// instead ([`write_at_digested`](Self::write_at_digested)), so the engine computes them
+    /// for it even when the copy keeps none (a plain repository, whose chunk IDs are plain
+    /// BLAKE3 of the chunk's bytes).
+    fn uses_digests(&self) -> bool {
+        false
+    }
+
+    /// [`write_at`](Self::write_at), with the digest of each sink block `data` covers:
+    /// `offset` is a multiple of [`granularity`](Self::granularity), and `digests[k]` is the
+    /// [`BlockDigest`] of `data[k × granularity ..]` up to the next block boundary or the end of
+    /// `data`. The engine calls it only on a sink that [`uses_digests`](Self::uses_digests);
+    /// the default ignores them.
+    fn write_at_digested(&self, offset: u64, data: Bytes, digests: &[BlockDigest]) -> IoFuture<'_, ()> {
+        let _ = digests;
+        self.write_at(offset, data)
+    }
 
     /// Makes `[offset, offset + length)` read as zeros, without sending zeros when the
     /// transport allows (a punched hole, `NBD_CMD_WRITE_ZEROES`; never a TRIM, whose

@@ -22,7 +22,7 @@ pub use engine::{
     plan_digest,
 };
 pub use error::BlockError;
-pub use io::{BlockSink, BlockSource, IoFuture, SourceAllocation, check_range};
+pub use io::{BlockDigest, BlockSink, BlockSource, IoFuture, SourceAllocation, check_range};
 
 /// Runs blocking work (file I/O, fsync, state files) on tokio's blocking threads, off the async
 /// ones, for every source, sink and state operation that is not async by nature.

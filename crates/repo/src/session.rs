@@ -89,6 +89,8 @@ struct SessionCheckpoint {
 }
 
 impl SaveCheckpoint for SessionCheckpoint {
+    /// The copy's digest table is not kept: the index saved here holds the chunk IDs, which in
+    /// a plain repository are those very digests (the sink took them as IDs).
     fn save(&self, durable: &Durable, _digests: &Digests) -> Result<(), BlockError> {
         let fail = |e: RepoError| BlockError::Invalid(format!("saving the progress of session {}: {e}", self.key));
         // The index first: everything `done` names is in it (writes finish before they count as

@@ -2,13 +2,20 @@
 //! stored once (compressed) if the repository lacks it, and recorded in the disk's index; the
 //! index is written at the sink's commit. Incrementals start from the parent's index, so the
 //! result is a synthetic full.
+//!
+//! The sink's granularity is the chunk size, so the copy engine's blocks are its chunks, and a
+//! plain repository's chunk ID is the plain BLAKE3 of the chunk's bytes, which is exactly the
+//! engine's block digest: a plain sink takes the digests written with the data
+//! ([`BlockSink::write_at_digested`]) and hashes nothing itself. An encrypted repository's IDs
+//! are keyed, so it hashes every chunk (once: the copy keeps no digests of its own).
 
 use std::collections::HashSet;
 use std::num::NonZeroU64;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use pipeline::{BlockError, BlockSink, IoFuture, blocking, check_range};
+use pipeline::{BlockDigest, BlockError, BlockSink, IoFuture, blocking, check_range, is_zero};
 
 use crate::codec::Codec;
 use crate::format::{ChunkId, Index, ZERO, chunk_name, encode_chunk};
@@ -41,6 +48,8 @@ pub struct RepoSink {
     name: String,
     index_name: String,
     fresh: bool,
+    /// Ignore the digests written with the data (see [`RepoSink::hash_chunks_again`]).
+    rehash: AtomicBool,
     state: Arc<Mutex<State>>,
 }
 
@@ -55,7 +64,21 @@ impl RepoSink {
     ) -> Self {
         let known = start.ids.iter().copied().filter(|i| *i != ZERO).collect();
         let state = State { index: start, known, stats: SinkStats::default(), committed: None };
-        Self { store, codec, name, index_name, fresh, state: Arc::new(Mutex::new(state)) }
+        Self {
+            store,
+            codec,
+            name,
+            index_name,
+            fresh,
+            rehash: AtomicBool::new(false),
+            state: Arc::new(Mutex::new(state)),
+        }
+    }
+
+    /// Hashes every chunk itself, ignoring the copy engine's digests, as before the sink took
+    /// them: only so that `cargo xtask bench repo` can measure both ways in one run.
+    pub fn hash_chunks_again(&self) {
+        self.rehash.store(true, Ordering::Relaxed);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -104,19 +127,36 @@ impl RepoSink {
     fn chunk_size(&self) -> u64 {
         u64::from(self.lock().index.chunk_size)
     }
+
+    /// Writes `data` at `offset`, naming whole chunks by `digests` when there are some.
+    fn write(&self, offset: u64, data: Bytes, digests: Vec<BlockDigest>) -> IoFuture<'_, ()> {
+        let (store, codec, state, what) = (self.store.clone(), self.codec.clone(), self.state.clone(), self.describe());
+        Box::pin(async move {
+            let capacity = state.lock().unwrap_or_else(|p| p.into_inner()).index.capacity;
+            check_range(&what, offset, data.len() as u64, capacity)?;
+            let _permit = encoders().acquire().await;
+            blocking(move || {
+                let len = data.len() as u64;
+                write_range(&*store, &codec, &state, &what, offset, Some((&data, &digests)), len)
+            })
+            .await
+        })
+    }
 }
 
 /// Writes `data` (or zeros, for `None`) over `[offset, offset + len)`. Whole chunks are hashed
 /// and stored without holding the lock (the pipeline writes only whole chunks); a partial
 /// chunk is read, patched and stored again under the lock, so two partial writes to one chunk
-/// cannot lose each other's bytes.
+/// cannot lose each other's bytes. `data` comes with the plain BLAKE3 of each chunk it covers,
+/// or none (`offset` is on a chunk boundary when there are some); a whole chunk's ID is then
+/// its digest, with no second hash of its bytes.
 fn write_range(
     store: &dyn Store,
     codec: &Codec,
     state: &Mutex<State>,
     what: &str,
     offset: u64,
-    data: Option<&[u8]>,
+    data: Option<(&[u8], &[BlockDigest])>,
     len: u64,
 ) -> Result<(), BlockError> {
     let (chunk, capacity) = {
@@ -135,7 +175,14 @@ fn write_range(
         let slot = usize::try_from(slot).unwrap_or(usize::MAX);
         if at == chunk_start && piece_end == chunk_start + chunk_len {
             match data {
-                Some(d) => store_chunk(store, codec, state, what, slot, &d[from..to])?,
+                Some((d, digests)) => {
+                    // Digest `k` covers `d[k × chunk ..]` to the next chunk boundary or the end
+                    // of `d`: this piece exactly, unless the caller broke that rule.
+                    let digest = digests
+                        .get(from / usize::try_from(chunk).unwrap_or(usize::MAX))
+                        .filter(|_| (to - from) as u64 == chunk.min((d.len() - from) as u64));
+                    store_chunk(store, codec, state, what, slot, &d[from..to], digest)?
+                }
                 None => set_id(state, what, slot, ZERO, None)?,
             }
         } else {
@@ -149,7 +196,7 @@ fn write_range(
             let within = usize::try_from(at - chunk_start).unwrap_or(0);
             let n = to - from;
             match data {
-                Some(d) => buf[within..within + n].copy_from_slice(&d[from..to]),
+                Some((d, _)) => buf[within..within + n].copy_from_slice(&d[from..to]),
                 None => buf[within..within + n].fill(0),
             }
             // Still under the lock: a concurrent partial write to this chunk waits, so neither
@@ -161,6 +208,22 @@ fn write_range(
     Ok(())
 }
 
+/// A whole chunk's ID. Given `digest`, the plain BLAKE3 of `piece` (the engine's digest of the
+/// same block), a plain repository's ID is that digest ([`ZERO`] for zeros) with no second
+/// hash; an encrypted repository's is keyed, so it is hashed here whatever is given.
+fn chunk_id(codec: &Codec, piece: &[u8], digest: Option<&BlockDigest>) -> ChunkId {
+    match digest {
+        Some(_) if is_zero(piece) => ZERO,
+        Some(d) if !codec.encrypted() => {
+            // Tests (debug builds) check every digest taken; a wrong one would name a chunk
+            // by other bytes, which `verify` and every read of it then report as damaged.
+            debug_assert_eq!(*d, codec.chunk_id(piece), "a block digest that is not the chunk's plain BLAKE3");
+            *d
+        }
+        _ => codec.chunk_id(piece),
+    }
+}
+
 /// Stores one whole chunk's bytes (unless known) and points the index at it.
 fn store_chunk(
     store: &dyn Store,
@@ -169,8 +232,9 @@ fn store_chunk(
     what: &str,
     slot: usize,
     piece: &[u8],
+    digest: Option<&BlockDigest>,
 ) -> Result<(), BlockError> {
-    let id = codec.chunk_id(piece);
+    let id = chunk_id(codec, piece, digest);
     let known = id == ZERO || state.lock().unwrap_or_else(|p| p.into_inner()).known.contains(&id);
     let stored = put_unless(store, codec, what, &id, piece, known)?;
     set_id(state, what, slot, id, stored)
@@ -276,13 +340,21 @@ impl BlockSink for RepoSink {
     }
 
     fn write_at(&self, offset: u64, data: Bytes) -> IoFuture<'_, ()> {
-        let (store, codec, state, what) = (self.store.clone(), self.codec.clone(), self.state.clone(), self.describe());
-        Box::pin(async move {
-            let capacity = state.lock().unwrap_or_else(|p| p.into_inner()).index.capacity;
-            check_range(&what, offset, data.len() as u64, capacity)?;
-            let _permit = encoders().acquire().await;
-            blocking(move || write_range(&*store, &codec, &state, &what, offset, Some(&data), data.len() as u64)).await
-        })
+        self.write(offset, data, Vec::new())
+    }
+
+    /// A plain repository names chunks by their plain BLAKE3, the engine's block digest.
+    fn uses_digests(&self) -> bool {
+        !self.codec.encrypted() && !self.rehash.load(Ordering::Relaxed)
+    }
+
+    fn write_at_digested(&self, offset: u64, data: Bytes, digests: &[BlockDigest]) -> IoFuture<'_, ()> {
+        let g = self.chunk_size();
+        // Digests that do not line up with the chunks (or an encrypted repository) are not
+        // used: the chunks are hashed here instead.
+        let fits = offset.is_multiple_of(g) && digests.len() as u64 == (data.len() as u64).div_ceil(g);
+        let digests = if fits && self.uses_digests() { digests.to_vec() } else { Vec::new() };
+        self.write(offset, data, digests)
     }
 
     fn write_zeroes(&self, offset: u64, length: u64) -> IoFuture<'_, ()> {
