@@ -267,15 +267,15 @@ pub(crate) fn install(root: &Path) -> Result<()> {
         did += 1;
     }
 
-    let still: Vec<&str> = peers.iter().filter(|p| !(p.present)(&places)).map(|p| p.name).collect();
+    if did == 0 {
+        println!("setup: nothing to install, every peer is present ({} checked)", peers.len());
+        return Ok(());
+    }
+    let still: Vec<&str> = missing.iter().filter(|p| !(p.present)(&places)).map(|p| p.name).collect();
     if !still.is_empty() {
         bail!("still missing after installing: {}", still.join(", "));
     }
-    if did == 0 {
-        println!("setup: nothing to install, every peer is present ({} checked)", peers.len());
-    } else {
-        println!("setup: installed {did} thing(s) in {:.0?}; every peer is present", started.elapsed());
-    }
+    println!("setup: installed {did} thing(s) in {:.0?}; every peer is present", started.elapsed());
     Ok(())
 }
 
@@ -299,7 +299,7 @@ fn pip_target(name: &str, places: &Places) -> Result<PathBuf> {
 fn pip_install(package: &str, target: &Path) -> Result<()> {
     let pip = |extra: &[&str]| {
         Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--root-user-action=ignore"])
             .args(extra)
             .arg("--target")
             .arg(target)
