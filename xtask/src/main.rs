@@ -23,7 +23,9 @@ cargo xtask COMMAND
   ci                      everything CI checks: format, clippy, tests, tidy, crate boundaries,
                           every fuzz target for a short run, benches built and run once,
                           `bench copy`, `bench repo` and `bench vms` once on small inputs
-  setup --check           list the peers the tests need that are missing (exit 1 if any)
+  setup                   install every peer the tests, demo, benches and drills use (apt packages,
+                          vcsim, pyvmomi, SeaweedFS, cargo-fuzz); says what and why; idempotent
+  setup --check           list the peers that are missing, install nothing (exit 1 if any)
   tidy                    the repository rules (module docs, no stubs, unsafe only in vddk crates)
   boundaries              the crate-boundary rules ARCHITECTURE.md states
   codegen [--check]       regenerate crates/vddk-sys/src/generated.rs (--check: fail if stale)
@@ -55,6 +57,7 @@ fn main() -> Result<()> {
         Some("ci") => ci(&root),
         Some("tidy") => tidy::check(&root),
         Some("setup") if args.get(1).is_some_and(|a| a == "--check") => setup::check(),
+        Some("setup") if args.len() == 1 => setup::install(&root),
         Some("boundaries") => boundaries::check(&root),
         Some("fuzz") => {
             let seconds = match args.get(2) {
@@ -105,17 +108,24 @@ fn ci(root: &Path) -> Result<()> {
     })?;
     // --all-targets builds the benches too and runs each once (criterion's test mode).
     // Tests that need a missing outside tool record themselves here (they fail under CI=true).
-    let skip_log = root.join("target/skipped-tests.log");
+    // The log lives in the target folder, wherever CARGO_TARGET_DIR puts it.
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    std::fs::create_dir_all(&target).with_context(|| format!("creating {}", target.display()))?;
+    let skip_log = target.join("skipped-tests.log");
     let _ = std::fs::remove_file(&skip_log);
     let skip_env = [("SYNCPROXY_SKIP_LOG", skip_log.as_os_str())];
-    step("tests", || {
+    let tested = step("tests", || {
         run(cargo_cmd(&["test", "--locked", "--workspace", "--all-targets"]).envs(skip_env))?;
         run(cargo_cmd(&["test", "--locked", "--workspace", "--doc"]).envs(skip_env))
-    })?;
+    });
     let skipped = std::fs::read_to_string(&skip_log).unwrap_or_default();
-    if !skipped.is_empty() {
-        println!("SKIPPED {} test(s) for want of an outside tool:\n{skipped}", skipped.lines().count());
+    let skipped_count = skipped.lines().count();
+    if skipped_count > 0 {
+        println!(
+            "SKIPPED {skipped_count} test(s) for want of an outside tool (`cargo xtask setup` installs them):\n{skipped}"
+        );
     }
+    tested?;
     // The copy bench on small images, once: it must keep working, but its figures come from a
     // full `cargo xtask bench copy` on a quiet machine.
     step("bench copy (small, one round)", || {
@@ -128,7 +138,7 @@ fn ci(root: &Path) -> Result<()> {
         run(cargo_cmd(&["xtask", "bench", "vms"]).env("BENCH_VMS", "10").env("BENCH_VM_DISK_MIB", "8"))
     })?;
     step("fuzz", || fuzz::run(root, None, fuzz_seconds))?;
-    println!("xtask ci: every step passed");
+    println!("xtask ci: every step passed; {skipped_count} test(s) skipped for want of an outside tool");
     Ok(())
 }
 

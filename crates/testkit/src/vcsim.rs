@@ -1,13 +1,13 @@
-//! govmomi's vSphere simulator (vcsim), built from `tests/peers/vcsim/` by `.ci/run`, as a
-//! process for conformance tests: started on a free port, stopped with SIGTERM when dropped
+//! govmomi's vSphere simulator (vcsim), built from `tests/peers/vcsim/` by `cargo xtask setup`,
+//! as a process for conformance tests: started on a free port, stopped with SIGTERM when dropped
 //! (SIGKILL would leave its datastore folders behind).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
-/// Where the vcsim binary is: `$SYNCPROXY_VCSIM`, else the cache folder `.ci/run` builds it in. Skips the
-/// test (fails it under `CI=true`) when there is none.
+/// Where the vcsim binary is: `$SYNCPROXY_VCSIM`, else the cache folder `cargo xtask setup` builds
+/// it in. Skips the test (fails it under `CI=true`) when there is none.
 pub fn find(test: &str) -> Option<PathBuf> {
     let candidates = [
         std::env::var_os("SYNCPROXY_VCSIM").map(PathBuf::from),
@@ -16,7 +16,7 @@ pub fn find(test: &str) -> Option<PathBuf> {
     ];
     let found = candidates.into_iter().flatten().find(|p| p.is_file());
     if found.is_none() {
-        crate::skip(test, "vcsim is not built (run .ci/run, which builds tests/peers/vcsim/, or set SYNCPROXY_VCSIM)");
+        crate::skip(test, "vcsim is not built (`cargo xtask setup` builds tests/peers/vcsim/; or set SYNCPROXY_VCSIM)");
     }
     found
 }

@@ -7,8 +7,8 @@ use std::process::Command;
 
 use vsphere_sim::{Config, Sim, SimTls};
 
-/// Where pyvmomi is: `$SYNCPROXY_PYTHONPATH`, else the cache folder `.ci/run` installs it into
-/// (`$XDG_CACHE_HOME/syncproxy-py` or `~/.cache/syncproxy-py`), else wherever python3 finds it.
+/// Where pyvmomi is: `$SYNCPROXY_PYTHONPATH`, else the cache folder `cargo xtask setup` installs it
+/// into (`$XDG_CACHE_HOME/syncproxy-py` or `~/.cache/syncproxy-py`), else wherever python3 finds it.
 fn pythonpath() -> Option<String> {
     let cache = std::env::var("XDG_CACHE_HOME")
         .ok()
@@ -23,7 +23,7 @@ fn pythonpath() -> Option<String> {
     if !ok {
         testkit::skip(
             "pyvmomi_against_the_simulator",
-            "pyvmomi is not installed (pip install --target DIR pyvmomi; SYNCPROXY_PYTHONPATH=DIR)",
+            "pyvmomi is not installed (`cargo xtask setup` installs it; or SYNCPROXY_PYTHONPATH=DIR)",
         );
     }
     ok.then_some(path)
