@@ -109,7 +109,7 @@ fn ci(root: &Path) -> Result<()> {
     // --all-targets builds the benches too and runs each once (criterion's test mode).
     // Tests that need a missing outside tool record themselves here (they fail under CI=true).
     // The log lives in the target folder, wherever CARGO_TARGET_DIR puts it.
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let target = target_dir(root);
     std::fs::create_dir_all(&target).with_context(|| format!("creating {}", target.display()))?;
     let skip_log = target.join("skipped-tests.log");
     let _ = std::fs::remove_file(&skip_log);
@@ -191,6 +191,11 @@ fn timed(cmd: &mut Command) -> Result<f64> {
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// Where cargo builds: `CARGO_TARGET_DIR` when set (relative to the root), else `target`.
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |d| root.join(PathBuf::from(d)))
 }
 
 fn project_root() -> PathBuf {
