@@ -7,11 +7,31 @@
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
-use pipeline::{BlockError, BlockSource, IoFuture, SourceAllocation};
+use pipeline::{BlockError, BlockSource, ErrorKind, IoFuture, SourceAllocation};
 use vddk::{ConnectParams, Connection, Credentials, OpenFlags, Vddk};
 use vsphere::{Client, MoRef};
 
 use crate::OpenError as OrchError;
+
+/// The kind of a VDDK failure, decided by its [`vddk::ErrorClass`]: a busy object or a network
+/// failure is transient, and the copy engine retries it; a read past the end or an argument
+/// refused is invalid input; refused credentials and the rest are fatal (the engine cannot log
+/// in again).
+fn vddk_kind(e: &vddk::VddkError) -> ErrorKind {
+    use vddk::ErrorClass as C;
+    match e {
+        vddk::VddkError::Call { class, .. } => match class {
+            C::Busy | C::Network => ErrorKind::Transient,
+            C::OutOfRange => ErrorKind::InvalidInput,
+            C::Authentication | C::Fatal => ErrorKind::Fatal,
+        },
+        vddk::VddkError::Invalid(_) => ErrorKind::InvalidInput,
+        vddk::VddkError::NotFound { .. }
+        | vddk::VddkError::MissingSymbol { .. }
+        | vddk::VddkError::AlreadyInitialised
+        | vddk::VddkError::WorkerGone => ErrorKind::Fatal,
+    }
+}
 
 /// VDDK's connection to one VM as of one snapshot.
 #[derive(Debug)]
@@ -123,7 +143,9 @@ impl BlockSource for VddkSource {
             let len = buf.len();
             pipeline::check_range(&self.name, offset, len as u64, self.size)?;
             if !offset.is_multiple_of(512) || !len.is_multiple_of(512) {
-                return Err(BlockError::Invalid(format!("{}: VDDK reads whole sectors ({offset}+{len})", self.name)));
+                return Err(
+                    BlockError::invalid(format!("{}: VDDK reads whole sectors", self.name)).at(offset, len as u64)
+                );
             }
             if len == 0 {
                 // VDDK refuses a read of no sectors; there is nothing to ask it for.
@@ -132,14 +154,13 @@ impl BlockSource for VddkSource {
             let mut tmp =
                 self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop().unwrap_or_default();
             tmp.resize(len, 0);
-            let reply = self
-                .disk
-                .read_request(offset / 512, tmp)
-                .map_err(|e| BlockError::Invalid(format!("{}: {e}", self.name)))?;
-            let data = reply
-                .await
-                .ok_or_else(|| BlockError::Invalid(format!("{}: VDDK's worker is gone", self.name)))?
-                .map_err(|e| BlockError::Invalid(format!("{}: {e}", self.name)))?;
+            let failed = |e: vddk::VddkError| {
+                BlockError::new(vddk_kind(&e), format!("reading {}", self.describe()))
+                    .at(offset, len as u64)
+                    .with_source(e)
+            };
+            let reply = self.disk.read_request(offset / 512, tmp).map_err(failed)?;
+            let data = reply.await.ok_or(vddk::VddkError::WorkerGone).map_err(failed)?.map_err(failed)?;
             buf.copy_from_slice(&data);
             let mut spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if spare.len() < 2 {
