@@ -267,4 +267,35 @@ mod tests {
         let secret = S3Config { secret_key: Some("hunter2".into()), ..Default::default() };
         assert!(!format!("{secret:?}").contains("hunter2"));
     }
+
+    #[test]
+    fn object_store_failures_get_the_kind_the_engine_acts_on() {
+        use object_store::Error as E;
+        use object_store::client::{HttpError, HttpErrorKind as H};
+        use pipeline::ErrorKind as K;
+        let kind = |e: E| RepoError::from(s3_err("chunks/ab/abcd", e)).kind();
+        let generic = |source: Box<dyn std::error::Error + Send + Sync>| E::Generic { store: "S3", source };
+        let http = |k| generic(Box::new(HttpError::new(k, std::io::Error::other("tcp"))));
+        // The server down or restarting, a dropped request, a timeout: retried by the engine.
+        assert_eq!(kind(http(H::Connect)), K::Transient);
+        assert_eq!(kind(http(H::Request)), K::Transient);
+        assert_eq!(kind(http(H::Timeout)), K::Transient);
+        assert_eq!(kind(http(H::Decode)), K::Fatal);
+        // A busy or failing server past object_store's own retries; a bad request.
+        let status =
+            |s: &str| generic(format!("Error performing PUT - Server returned non-2xx status code: {s}").into());
+        assert_eq!(kind(status("503 Service Unavailable: ")), K::Transient);
+        assert_eq!(kind(status("429 Too Many Requests: ")), K::Transient);
+        assert_eq!(kind(status("400 Bad Request: ")), K::Fatal);
+        assert_eq!(kind(generic("no status here".into())), K::Fatal);
+        // Refused credentials, a missing object, an unusable path.
+        let path = || "restart/chunks/ab/abcd".to_owned();
+        assert_eq!(kind(E::PermissionDenied { path: path(), source: "403".into() }), K::Fatal);
+        assert_eq!(kind(E::Unauthenticated { path: path(), source: "401".into() }), K::Fatal);
+        assert_eq!(kind(E::NotFound { path: path(), source: "404".into() }), K::NotFound);
+        assert_eq!(kind(E::NotSupported { source: "no".into() }), K::InvalidInput);
+        // The message keeps what was being done and the store's own words.
+        let e = RepoError::from(s3_err("chunks/ab/abcd", http(H::Connect))).to_string();
+        assert!(e.starts_with("object storage: chunks/ab/abcd: ") && e.contains("tcp"), "{e}");
+    }
 }

@@ -42,11 +42,12 @@ fn sibling(ds_path: &str, name: &str) -> String {
 
 /// The kind of a datastore read's failure, decided by [`vsphere::Error::retry`]: what the
 /// client would back off from (a busy host's 503, a lost connection) is transient, and the
-/// copy engine retries it; a missing file is not found; a range the file does not have is
-/// invalid input; the rest (refused access, a timeout, a broken answer) is fatal.
+/// copy engine retries it; so is a timeout, which for one read of one attempt is the host
+/// being slow, not an operation's deadline. A missing file is not found; a range the file
+/// does not have is invalid input; the rest (refused access, a broken answer) is fatal.
 fn vsphere_kind(e: &vsphere::Error) -> ErrorKind {
     match (e.retry(), e) {
-        (vsphere::Retry::Backoff, _) => ErrorKind::Transient,
+        (vsphere::Retry::Backoff, _) | (_, vsphere::Error::Timeout { .. }) => ErrorKind::Transient,
         (_, vsphere::Error::Http { status: Some(404), .. }) => ErrorKind::NotFound,
         (_, vsphere::Error::Http { status: Some(416), .. } | vsphere::Error::Config(_)) => ErrorKind::InvalidInput,
         (vsphere::Retry::Relogin | vsphere::Retry::Never, _) => ErrorKind::Fatal,
@@ -322,12 +323,32 @@ impl BlockSource for ChainSource {
 
 #[cfg(test)]
 mod tests {
-    use super::sibling;
+    use super::{sibling, vsphere_kind};
+    use pipeline::ErrorKind;
 
     #[test]
     fn extents_are_found_beside_their_descriptor() {
         assert_eq!(sibling("[ds1] vm/vm.vmdk", "vm-flat.vmdk"), "[ds1] vm/vm-flat.vmdk");
         assert_eq!(sibling("[ds1] a/b/vm.vmdk", "x.vmdk"), "[ds1] a/b/x.vmdk");
         assert_eq!(sibling("[ds1] vm.vmdk", "vm-flat.vmdk"), "[ds1] vm-flat.vmdk");
+    }
+
+    #[test]
+    fn datastore_read_failures_get_the_kind_the_engine_acts_on() {
+        let http = |status| vsphere::Error::Http { context: "GET".into(), message: "x".into(), status: Some(status) };
+        for s in [503, 502, 504, 429] {
+            assert_eq!(vsphere_kind(&http(s)), ErrorKind::Transient, "{s}");
+        }
+        assert_eq!(vsphere_kind(&http(404)), ErrorKind::NotFound);
+        assert_eq!(vsphere_kind(&http(416)), ErrorKind::InvalidInput);
+        assert_eq!(vsphere_kind(&http(403)), ErrorKind::Fatal);
+        assert_eq!(vsphere_kind(&http(401)), ErrorKind::Fatal);
+        let reset = vsphere::Error::Io { context: "GET".into(), source: std::io::ErrorKind::ConnectionReset.into() };
+        assert_eq!(vsphere_kind(&reset), ErrorKind::Transient);
+        let slow =
+            vsphere::Error::Timeout { operation: "GET".into(), after: std::time::Duration::from_secs(20), last: None };
+        assert_eq!(vsphere_kind(&slow), ErrorKind::Transient);
+        assert_eq!(vsphere_kind(&vsphere::Error::Protocol("no Content-Range".into())), ErrorKind::Fatal);
+        assert_eq!(vsphere_kind(&vsphere::Error::Config("the range overflows".into())), ErrorKind::InvalidInput);
     }
 }

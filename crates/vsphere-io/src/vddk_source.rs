@@ -178,4 +178,26 @@ mod tests {
         assert_eq!(super::cookie_value("vmware_soap_session=\"52a1-b2\"; Path=/; HttpOnly"), "52a1-b2");
         assert_eq!(super::cookie_value("52a1-b2"), "52a1-b2");
     }
+
+    #[test]
+    fn vddk_failures_get_the_kind_of_their_error_class() {
+        use pipeline::ErrorKind;
+        let call = |code: u16| vddk::VddkError::Call {
+            op: "Read",
+            code,
+            raw: u64::from(code),
+            text: "x".into(),
+            class: vddk::ErrorClass::of(code),
+        };
+        // OBJECT_IS_BUSY, FILE_ALREADY_LOCKED, HOST_TCP_CONN_LOST.
+        for code in [5, 15, 14010] {
+            assert_eq!(super::vddk_kind(&call(code)), ErrorKind::Transient, "{code}");
+        }
+        // DISK_OUTOFRANGE; AUTHENTICATION_FAIL (the engine cannot log in again); FILE_ERROR.
+        assert_eq!(super::vddk_kind(&call(16007)), ErrorKind::InvalidInput);
+        assert_eq!(super::vddk_kind(&call(35)), ErrorKind::Fatal);
+        assert_eq!(super::vddk_kind(&call(7)), ErrorKind::Fatal);
+        assert_eq!(super::vddk_kind(&vddk::VddkError::Invalid("odd".into())), ErrorKind::InvalidInput);
+        assert_eq!(super::vddk_kind(&vddk::VddkError::WorkerGone), ErrorKind::Fatal);
+    }
 }
