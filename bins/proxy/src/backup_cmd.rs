@@ -129,31 +129,24 @@ pub(crate) struct ReplicateArgs {
 }
 
 pub(crate) fn run(args: &Args) -> ExitCode {
-    let vddk = match load_vddk(args.job.vddk_libdir.as_deref(), args.job.vddk_config.as_deref()) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("proxy backup: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    crate::block_on("backup", async {
-        let repo = args.repo.open()?;
-        job(&args.job, Target::Repository(repo), args.plan, "backup", vddk).await
-    })
+    command("backup", &args.job, args.plan, || Ok(Target::Repository(args.repo.open()?)))
 }
 
 pub(crate) fn run_replicate(args: &ReplicateArgs) -> ExitCode {
-    let vddk = match load_vddk(args.job.vddk_libdir.as_deref(), args.job.vddk_config.as_deref()) {
+    command("replicate", &args.job, false, || Ok(Target::Replica(ReplicaTarget::open(&args.dir)?)))
+}
+
+/// `proxy backup` or `proxy replicate` (`what`): VDDK loaded first (before any thread starts),
+/// then the target opened and the job run.
+fn command(what: &str, args: &JobArgs, plan_only: bool, open_target: impl FnOnce() -> Result<Target>) -> ExitCode {
+    let vddk = match load_vddk(args.vddk_libdir.as_deref(), args.vddk_config.as_deref()) {
         Ok(v) => v,
         Err(e) => {
-            eprintln!("proxy replicate: {e:#}");
+            eprintln!("proxy {what}: {e:#}");
             return ExitCode::FAILURE;
         }
     };
-    crate::block_on("replicate", async {
-        let target = ReplicaTarget::open(&args.dir)?;
-        job(&args.job, Target::Replica(target), false, "replicate", vddk).await
-    })
+    crate::block_on(what, async { job(args, open_target()?, plan_only, what, vddk).await })
 }
 
 /// Loads and initialises VDDK from `libdir`, before any thread starts: VDDK finds its own

@@ -19,12 +19,9 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use orchestration::config::{JobConfig, Schedule, ServeConfig, VcenterConfig};
-use orchestration::{
-    Buffers, Job, JobEvent, JobReport, JobSpec, Limits, Metrics, Outcome, ReplicaTarget, Selector, Target,
-};
+use orchestration::{Buffers, Job, JobEvent, JobReport, JobSpec, Limits, Metrics, Outcome, Selector, Target};
 use pipeline::Engine;
 use pipeline::limit::{RateLimiter, ReleaseCpuTime};
-use repo::{Location, Repo, RepoKey, S3Config};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
@@ -122,20 +119,6 @@ pub(crate) fn server_args(v: &VcenterConfig) -> ServerArgs {
         timeout: 300,
         password_env: v.password_env.clone(),
         permissions_warned: true,
-    }
-}
-
-/// Opens a job's target.
-pub(crate) fn open_target(job: &JobConfig) -> Result<Target> {
-    if let Some(r) = &job.repository {
-        let key = job.key_file.as_deref().map(RepoKey::from_file).transpose()?;
-        let location =
-            Location { url: r.clone(), s3: S3Config { allow_http: job.s3_allow_http, ..S3Config::from_env() }, key };
-        return Ok(Target::Repository(Repo::open_at(&location)?));
-    }
-    match &job.replica {
-        Some(dir) => Ok(Target::Replica(ReplicaTarget::open(dir)?)),
-        None => bail!("job {} has no target", job.name),
     }
 }
 
@@ -273,12 +256,6 @@ impl Runner {
     /// What one run is: the VMs of the job, on its vCenter, with the process's shared engine,
     /// limits and counters.
     fn spec(&self, run_id: &str) -> Result<JobSpec> {
-        let cred = self.job.guest_credentials_file.as_deref();
-        let hook = |h: &Option<orchestration::config::HookConfig>, which: &str| {
-            h.as_ref()
-                .map(|h| h.hook(cred).map_err(|e| anyhow::anyhow!("job {}: {which}: {e}", self.job.name)))
-                .transpose()
-        };
         Ok(JobSpec {
             login: server_args(&self.vcenter).login_spec()?,
             selectors: self.job.vms.iter().map(|v| Selector::parse(v)).collect(),
@@ -298,16 +275,13 @@ impl Runner {
             vddk: self.vddk.clone(),
             nbd: self.job.nbd_url.clone(),
             pin_drs: self.job.pin_drs,
-            hooks: orchestration::hooks::Hooks {
-                pre_freeze: hook(&self.job.pre_freeze, "pre_freeze")?,
-                post_thaw: hook(&self.job.post_thaw, "post_thaw")?,
-            },
+            hooks: self.job.hooks()?,
         })
     }
 
     /// Logs in and selects one run's VMs (a deleted VM fails alone; the others run).
     async fn prepare(&self, run_id: &str) -> Result<Job> {
-        Job::prepare(self.spec(run_id)?, || open_target(&self.job)).await
+        Ok(Job::prepare(self.spec(run_id)?, || self.job.open_target()).await?)
     }
 
     /// One run: the job, then (for a repository with retention) a prune.
