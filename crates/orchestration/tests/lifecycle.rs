@@ -18,30 +18,10 @@ use vsphere_sim::{Config, Sim, SimTls};
 
 const MIB: u64 = 1 << 20;
 
-fn estate() -> Config {
-    Config::from_toml(
-        r#"
-user = "backup@vsphere.local"
-password = "s3cret"
-[[datacenter]]
-name = "DC1"
-[[datacenter.host]]
-name = "esx1"
-[[datacenter.datastore]]
-name = "ds1"
-[[datacenter.vm]]
-name = "db"
-[[datacenter.vm.disk]]
-capacity = 16777216
-"#,
-    )
-    .unwrap()
-}
-
 async fn start() -> (tempfile::TempDir, Sim, Repo) {
     vsphere::tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
-    let sim = Sim::start(estate(), &dir.path().join("sim"), SimTls::SelfSigned).await.unwrap();
+    let sim = Sim::start(Config::small(1, 16 * MIB), &dir.path().join("sim"), SimTls::SelfSigned).await.unwrap();
     let repo = Repo::init(dir.path().join("repo"), 1 << 20).unwrap();
     (dir, sim, repo)
 }
@@ -82,10 +62,11 @@ fn spec(login: Login, vms: &[&str], engine: Arc<Engine>) -> JobSpec {
 async fn a_refused_login_is_typed_and_never_carries_the_password() {
     let (_dir, sim, repo) = start().await;
     let engine = Arc::new(Engine::new(64 * MIB));
-    let err =
-        Job::prepare(spec(login(&sim, "wrong-one"), &["db"], engine), || Ok::<_, OrchError>(Target::Repository(repo)))
-            .await
-            .unwrap_err();
+    let err = Job::prepare(spec(login(&sim, "wrong-one"), &["vm00000"], engine), || {
+        Ok::<_, OrchError>(Target::Repository(repo))
+    })
+    .await
+    .unwrap_err();
     assert!(matches!(err, OrchError::LoginRefused { .. }), "{err:?}");
     let text = err.to_string();
     assert!(text.contains("cannot log in to") && text.contains("backup@vsphere.local"), "{text}");
@@ -96,7 +77,7 @@ async fn a_refused_login_is_typed_and_never_carries_the_password() {
 async fn a_vm_that_is_gone_fails_alone_and_the_others_are_backed_up() {
     let (_dir, sim, repo) = start().await;
     let engine = Arc::new(Engine::new(64 * MIB));
-    let job = Job::prepare(spec(login(&sim, "s3cret"), &["db", "deleted-vm"], engine), || {
+    let job = Job::prepare(spec(login(&sim, "simulated"), &["vm00000", "deleted-vm"], engine), || {
         Ok::<_, OrchError>(Target::Repository(repo.clone()))
     })
     .await
@@ -116,7 +97,7 @@ async fn a_vm_that_is_gone_fails_alone_and_the_others_are_backed_up() {
     assert!(!run.abandoned);
     assert_eq!(run.report.outcome(), Outcome::Some);
     let names: Vec<&str> = run.report.vms.iter().map(|v| v.vm.as_str()).collect();
-    assert_eq!(names, ["db", "deleted-vm"]);
+    assert_eq!(names, ["vm00000", "deleted-vm"]);
     assert!(run.report.vms[0].error.is_none() && run.report.vms[0].point.is_some(), "{:?}", run.report.vms[0]);
     assert!(run.report.vms[1].error.as_deref().is_some_and(|e| e.contains("not backed up")));
     assert_eq!(repo.points().unwrap().len(), 1);
@@ -131,13 +112,13 @@ async fn an_abandoned_run_still_sweeps_its_snapshot() {
     // 16 MiB at 2 MiB/s: the copy is under way long enough to be abandoned mid-way.
     let mut engine = Engine::new(64 * MIB);
     engine.global_rate = Some(Arc::new(RateLimiter::new(2 * MIB)));
-    let job = Job::prepare(spec(login(&sim, "s3cret"), &["db"], Arc::new(engine)), || {
+    let job = Job::prepare(spec(login(&sim, "simulated"), &["vm00000"], Arc::new(engine)), || {
         Ok::<_, OrchError>(Target::Repository(repo.clone()))
     })
     .await
     .unwrap();
     let disk = job.selection.vms[0].disks[0].key;
-    sim.write("db", disk, 0, &testkit::noise(16 << 20, 7)).unwrap();
+    sim.write("vm00000", disk, 0, &testkit::noise(16 << 20, 7)).unwrap();
     let client = job.ctx.client.clone();
     let vms = job.morefs();
     let ours = format!("{SNAPSHOT_PREFIX}-test-proxy-j1");
