@@ -134,7 +134,8 @@ pub struct ServerConfig {
     /// A client that sends nothing for this long, during negotiation or with no request in
     /// flight, is disconnected; so is one that does not read its replies for this long.
     pub idle_timeout: Duration,
-    /// Largest READ or BLOCK_STATUS length accepted (also advertised as the maximum block size).
+    /// Largest READ accepted (also advertised as the maximum block size; BLOCK_STATUS may ask
+    /// for more, and is answered for a prefix of at most 65,536 extents).
     pub max_request: u32,
     /// Requests of one connection served at once.
     pub requests_in_flight: usize,
@@ -617,7 +618,8 @@ async fn transmission<R, W>(
             cmd::READ | cmd::BLOCK_STATUS => {
                 let problem = if req.length == 0 {
                     Some((errno::EINVAL, "empty request"))
-                } else if req.length > config.max_request {
+                } else if req.kind == cmd::READ && req.length > config.max_request {
+                    // Block status carries no data: clients may map more than a block at once.
                     Some((errno::EOVERFLOW, "request larger than the maximum block size"))
                 } else if !in_range {
                     Some((errno::EINVAL, "request outside the export"))

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nbd_wire::proto::{self, chunk, cmd, errno, opt, rep, state, tflag};
-use nbd_wire::server::{ExportSource, MemoryExport, Server, ServerConfig};
+use nbd_wire::server::{BoxFuture, ExportError, ExportSource, MemoryExport, Server, ServerConfig};
 use nbd_wire::{Client, NbdError, Target};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -28,6 +28,24 @@ fn image() -> Vec<u8> {
     all
 }
 
+/// A large export that is all hole (reads as zeros), without the memory.
+struct Zeros(u64);
+
+impl ExportSource for Zeros {
+    fn size(&self) -> u64 {
+        self.0
+    }
+    fn read_at<'a>(&'a self, _: u64, buf: &'a mut [u8]) -> BoxFuture<'a, Result<(), ExportError>> {
+        buf.fill(0);
+        Box::pin(async { Ok(()) })
+    }
+    fn block_status(&self, _: u64, length: u32) -> BoxFuture<'_, Result<Vec<(u32, u32)>, ExportError>> {
+        Box::pin(async move { Ok(vec![(length, state::HOLE | state::ZERO)]) })
+    }
+}
+
+const BIG: u64 = 5 << 30;
+
 struct Served {
     server: Server,
     socket: PathBuf,
@@ -45,6 +63,7 @@ async fn serve(config: ServerConfig) -> Served {
         vec![
             ("disk".into(), Arc::new(MemoryExport::new(truth.clone(), 4096)) as Arc<dyn ExportSource>),
             ("small".into(), small),
+            ("big".into(), Arc::new(Zeros(BIG))),
         ],
     );
     server.serve_unix(&socket).await.unwrap();
@@ -92,6 +111,11 @@ async fn our_client_reads_data_holes_and_block_status() {
         assert!(matches!(client.read(SIZE, 1).await, Err(NbdError::OutOfRange { .. })));
         client.disconnect().await.unwrap();
     }
+    // Block status beyond the maximum block size: answered, as the protocol allows.
+    let big = Client::connect(&Target::Unix(s.socket.clone()), "big").await.unwrap();
+    let all = big.block_status(MIB, u32::MAX).await.unwrap();
+    assert_eq!((all[0].offset, all[0].length, all[0].flags), (MIB, u64::from(u32::MAX), state::HOLE | state::ZERO));
+    assert!(matches!(big.read(0, (32 << 20) + 1).await, Err(NbdError::Server { errno: errno::EOVERFLOW, .. })));
     let small = Client::connect(&Target::Unix(s.socket.clone()), "small").await.unwrap();
     assert_eq!(&small.read(4000, 96).await.unwrap()[..], &[7u8; 96][..]);
     let e = Client::connect(&Target::Unix(s.socket.clone()), "nope").await.unwrap_err();
@@ -199,7 +223,7 @@ async fn the_protocol_as_the_spec_says() {
     let mut c = Raw::connect(&s.socket, 3).await;
     let list = c.option(opt::LIST, &[]).await;
     let names: Vec<_> = list.iter().filter(|(k, _)| *k == rep::SERVER).map(|(_, p)| p[4..].to_vec()).collect();
-    assert_eq!(names, [b"disk".to_vec(), b"small".to_vec()]);
+    assert_eq!(names, [b"big".to_vec(), b"disk".to_vec(), b"small".to_vec()]);
     assert_eq!(c.option(opt::LIST, b"x").await[0].0, rep::ERR_INVALID);
     assert_eq!(c.option(opt::STARTTLS, &[]).await[0].0, rep::ERR_UNSUP, "TLS is not offered yet");
     assert_eq!(c.option(77, b"whatever").await[0].0, rep::ERR_UNSUP);
@@ -318,6 +342,7 @@ async fn nbdinfo_sees_the_exports_and_the_holes() {
     let list = run(nbdinfo.clone(), vec!["--list".into(), uri(&s.socket, "")]).await;
     assert!(list.contains("export=\"disk\"") && list.contains("export=\"small\""), "{list}");
     // The map: data where the image has it, holes (state 3) elsewhere.
+    let nbdinfo_big = nbdinfo.clone();
     let map = run(nbdinfo, vec!["--map".into(), uri(&s.socket, "disk")]).await;
     let rows: Vec<(u64, u64, u32)> = map
         .lines()
@@ -335,6 +360,11 @@ async fn nbdinfo_sees_the_exports_and_the_holes() {
         (7 * MIB + 12288, MIB - 12288, 3),
     ];
     assert_eq!(rows, expect, "{map}");
+    // A map larger than the maximum block size is answered too (in requests of up to 4 GiB).
+    let map = run(nbdinfo_big, vec!["--map".into(), uri(&s.socket, "big")]).await;
+    let rows: Vec<Vec<&str>> = map.lines().map(|l| l.split_whitespace().collect()).collect();
+    let total: u64 = rows.iter().map(|r| r[1].parse::<u64>().unwrap()).sum();
+    assert!(total == BIG && rows.iter().all(|r| r[2] == "3"), "{map}");
     s.server.shutdown().await;
 }
 
