@@ -131,8 +131,9 @@ impl ExportSource for MemoryExport {
 pub struct ServerConfig {
     /// Connections served at once; more are closed as soon as they are accepted.
     pub max_connections: usize,
-    /// A client that sends nothing for this long, during negotiation or with no request in
-    /// flight, is disconnected; so is one that does not read its replies for this long.
+    /// A client that has not finished negotiating after this long, or sends nothing for this
+    /// long with no request in flight, is disconnected; so is one that does not read its
+    /// replies for this long.
     pub idle_timeout: Duration,
     /// Largest READ accepted (also advertised as the maximum block size; BLOCK_STATUS may ask
     /// for more, and is answered for a prefix of at most 65,536 extents).
@@ -304,7 +305,11 @@ impl Server {
         let mut w = w;
         let negotiated = tokio::select! {
             _ = shutdown.wait_for(|&s| s) => return,
-            n = negotiate(&self.inner, &mut r, &mut w) => n,
+            // A whole negotiation within the idle timeout: a client trickling bytes cannot hold
+            // a connection for longer.
+            n = tokio::time::timeout(self.inner.config.idle_timeout, negotiate(&self.inner, &mut r, &mut w)) => {
+                n.unwrap_or_else(|_| Err(NbdError::Io(timed_out())))
+            }
         };
         let Ok(Some(session)) = negotiated else {
             let _ = w.shutdown().await;

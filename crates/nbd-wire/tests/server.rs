@@ -518,6 +518,7 @@ async fn a_thousand_connections_are_bounded_and_idle_ones_dropped() {
     let served: Vec<UnixStream> = outcomes.into_iter().filter(|(hello, _)| *hello).map(|(_, c)| c).collect();
     assert!(!served.is_empty() && served.len() <= 64, "{} connections served", served.len());
     let grown = rss_kib().saturating_sub(before);
+    eprintln!("1,000 connections: {} served, RSS grew by {grown} KiB", served.len());
     assert!(grown < 64 << 10, "RSS grew by {grown} KiB for 1,000 connections");
     // The served ones say nothing; they are dropped after the idle timeout...
     let closed = testkit::join_all(served.into_iter().map(|mut c| async move {
@@ -527,11 +528,29 @@ async fn a_thousand_connections_are_bounded_and_idle_ones_dropped() {
     .await;
     assert!(closed.iter().all(|&c| c), "an idle client was kept");
     let waited = started.elapsed();
+    eprintln!("idle clients dropped {waited:?} after connecting");
     assert!(waited >= idle && waited < idle * 4, "idle clients dropped after {waited:?}");
     // ...and a normal client is served at once.
     let t = Instant::now();
     still_serves(&s.socket, &s.truth).await;
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    eprintln!("a normal client served in {:?}", t.elapsed());
+
+    // A client trickling its options a byte at a time is still dropped.
+    let mut trickle = UnixStream::connect(&s.socket).await.unwrap();
+    trickle.read_exact(&mut [0u8; 18]).await.unwrap();
+    let t = Instant::now();
+    let mut bytes = 3u32.to_be_bytes().to_vec();
+    bytes.extend(std::iter::repeat_n(proto::encode_option(opt::LIST, &[]), 100).flatten());
+    for b in bytes {
+        if trickle.write_all(&[b]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let dropped = t.elapsed();
+    assert!(dropped < idle + Duration::from_secs(1), "a trickling client was kept for {dropped:?}");
+    eprintln!("trickling client dropped after {dropped:?}");
 
     // Idle after negotiation too; a client with a request in flight is not idle.
     let client = Client::connect(&Target::Unix(s.socket.clone()), "disk").await.unwrap();
