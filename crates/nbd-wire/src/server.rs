@@ -1,8 +1,8 @@
 //! An async NBD server: fixed-newstyle negotiation (`NBD_OPT_GO`/`INFO`/`LIST`, the old
 //! `NBD_OPT_EXPORT_NAME`, structured replies, `base:allocation`), then requests served from an
-//! [`ExportSource`] with bounded concurrency and replies written one at a time. Every export is
-//! read-only. Connections are bounded, idle clients are dropped, and a client's garbage ends
-//! its own connection only.
+//! [`ExportSource`] with bounded concurrency and replies written one at a time. Exports are
+//! read-only unless their source says it takes writes. Connections are bounded, idle clients
+//! are dropped, and a client's garbage ends its own connection only.
 //!
 //! TLS is not offered yet: `NBD_OPT_STARTTLS` is answered `NBD_REP_ERR_UNSUP`, so the server
 //! only binds loopback addresses and Unix sockets unless [`ServerConfig::allow_remote`] says
@@ -53,7 +53,7 @@ impl ExportError {
     }
 }
 
-/// What an export serves: a read-only disk of a fixed size.
+/// What an export serves: a disk of a fixed size, read-only unless [`ExportSource::writable`].
 pub trait ExportSource: Send + Sync {
     /// Size in bytes.
     fn size(&self) -> u64;
@@ -69,32 +69,75 @@ pub trait ExportSource: Send + Sync {
         let _ = offset;
         Box::pin(async move { Ok(vec![(length, 0)]) })
     }
+
+    /// Whether clients may write. The default is no: the server refuses writes with `EPERM`.
+    fn writable(&self) -> bool {
+        false
+    }
+
+    /// Writes `data` at `offset` (inside the export); called only when [`Self::writable`].
+    fn write_at<'a>(&'a self, offset: u64, data: &'a [u8]) -> BoxFuture<'a, Result<(), ExportError>> {
+        let _ = (offset, data);
+        Box::pin(async { Err(ExportError::Errno { errno: errno::EPERM, message: "read-only export".into() }) })
+    }
+
+    /// Writes `length` zeros at `offset`; the default writes them in pieces of up to 1 MiB.
+    fn write_zeroes(&self, offset: u64, length: u32) -> BoxFuture<'_, Result<(), ExportError>> {
+        Box::pin(async move {
+            let piece = length.min(1 << 20);
+            let zeros = vec![0u8; piece as usize];
+            let mut done = 0u32;
+            while done < length {
+                let n = (length - done).min(piece);
+                self.write_at(offset + u64::from(done), &zeros[..n as usize]).await?;
+                done += n;
+            }
+            Ok(())
+        })
+    }
+
+    /// Makes every write completed so far durable, whichever connection made it (the server
+    /// advertises multi-conn, which promises that). The default has nothing to do.
+    fn flush(&self) -> BoxFuture<'_, Result<(), ExportError>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// An export held in memory; whole blocks of zeros are reported as holes. For tests, fuzzing,
 /// and small images.
 #[derive(Debug, Clone)]
 pub struct MemoryExport {
-    data: Arc<Vec<u8>>,
+    data: Arc<std::sync::RwLock<Vec<u8>>>,
     block: usize,
+    writable: bool,
 }
 
 impl MemoryExport {
-    /// Serves `data`, reporting holes by blocks of `block` bytes (at least 1).
+    /// Serves `data` read-only, reporting holes by blocks of `block` bytes (at least 1).
     pub fn new(data: Vec<u8>, block: usize) -> Self {
-        Self { data: Arc::new(data), block: block.max(1) }
+        Self { data: Arc::new(std::sync::RwLock::new(data)), block: block.max(1), writable: false }
+    }
+
+    /// Serves `data` and takes writes into it.
+    pub fn writable(data: Vec<u8>, block: usize) -> Self {
+        Self { writable: true, ..Self::new(data, block) }
+    }
+
+    fn data(&self) -> std::sync::RwLockReadGuard<'_, Vec<u8>> {
+        self.data.read().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 impl ExportSource for MemoryExport {
     fn size(&self) -> u64 {
-        self.data.len() as u64
+        self.data().len() as u64
     }
 
     fn read_at<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> BoxFuture<'a, Result<(), ExportError>> {
         Box::pin(async move {
-            let start = usize::try_from(offset).ok().filter(|&s| s <= self.data.len());
-            match start.and_then(|s| self.data.get(s..s + buf.len())) {
+            let data = self.data();
+            let start = usize::try_from(offset).ok().filter(|&s| s <= data.len());
+            match start.and_then(|s| data.get(s..s + buf.len())) {
                 Some(src) => {
                     buf.copy_from_slice(src);
                     Ok(())
@@ -106,14 +149,14 @@ impl ExportSource for MemoryExport {
 
     fn block_status(&self, offset: u64, length: u32) -> BoxFuture<'_, Result<Vec<(u32, u32)>, ExportError>> {
         Box::pin(async move {
-            let start = usize::try_from(offset).unwrap_or(usize::MAX).min(self.data.len());
-            let end = start.saturating_add(length as usize).min(self.data.len());
+            let data = self.data();
+            let start = usize::try_from(offset).unwrap_or(usize::MAX).min(data.len());
+            let end = start.saturating_add(length as usize).min(data.len());
             let mut out: Vec<(u32, u32)> = Vec::new();
             let mut at = start;
             while at < end {
                 let block_end = ((at / self.block + 1) * self.block).min(end);
-                let flags =
-                    if self.data[at..block_end].iter().all(|&b| b == 0) { state::HOLE | state::ZERO } else { 0 };
+                let flags = if data[at..block_end].iter().all(|&b| b == 0) { state::HOLE | state::ZERO } else { 0 };
                 let len = u32::try_from(block_end - at).unwrap_or(u32::MAX);
                 match out.last_mut() {
                     Some((l, f)) if *f == flags => *l += len,
@@ -122,6 +165,24 @@ impl ExportSource for MemoryExport {
                 at = block_end;
             }
             Ok(out)
+        })
+    }
+
+    fn writable(&self) -> bool {
+        self.writable
+    }
+
+    fn write_at<'a>(&'a self, offset: u64, src: &'a [u8]) -> BoxFuture<'a, Result<(), ExportError>> {
+        Box::pin(async move {
+            let mut data = self.data.write().unwrap_or_else(|p| p.into_inner());
+            let start = usize::try_from(offset).ok().filter(|&s| self.writable && s <= data.len());
+            match start.and_then(|s| data.get_mut(s..s + src.len())) {
+                Some(dst) => {
+                    dst.copy_from_slice(src);
+                    Ok(())
+                }
+                None => Err(ExportError::Errno { errno: errno::EPERM, message: "not writable there".into() }),
+            }
         })
     }
 }
@@ -401,9 +462,10 @@ impl Inner {
         self.exports.get_key_value(name).map(|(k, v)| (k.as_str(), v))
     }
 
-    fn flags(&self, structured: bool) -> u16 {
+    fn flags(export: &dyn ExportSource, structured: bool) -> u16 {
         let df = if structured { tflag::SEND_DF } else { 0 };
-        tflag::HAS_FLAGS | tflag::READ_ONLY | tflag::SEND_FLUSH | tflag::CAN_MULTI_CONN | df
+        let access = if export.writable() { tflag::SEND_FUA | tflag::SEND_WRITE_ZEROES } else { tflag::READ_ONLY };
+        tflag::HAS_FLAGS | tflag::SEND_FLUSH | tflag::CAN_MULTI_CONN | df | access
     }
 }
 
@@ -448,7 +510,7 @@ where
                 // No error reply exists for this option: an unknown export closes.
                 let name = String::from_utf8_lossy(&data);
                 let Some((_, export)) = inner.export(&name) else { return Ok(None) };
-                out = proto::encode_export_name_reply(export.size(), inner.flags(structured), no_zeroes);
+                out = proto::encode_export_name_reply(export.size(), Inner::flags(&**export, structured), no_zeroes);
                 chosen = Some(export.clone());
             }
             opt::ABORT => {
@@ -470,7 +532,10 @@ where
                     None => out = reply(rep::ERR_UNKNOWN, b"no such export"),
                     Some((name, export)) => {
                         let size = export.size();
-                        out.extend(reply(rep::INFO, &proto::encode_info_export(size, inner.flags(structured))));
+                        out.extend(reply(
+                            rep::INFO,
+                            &proto::encode_info_export(size, Inner::flags(&**export, structured)),
+                        ));
                         if req.infos.contains(&info::NAME) {
                             out.extend(reply(rep::INFO, &proto::encode_info_name(name)));
                         }
@@ -602,9 +667,11 @@ async fn transmission<R, W>(
         let Ok(req) = proto::parse_request(&header) else { break };
         let size = session.export.size();
         let in_range = req.offset.checked_add(u64::from(req.length)).is_some_and(|end| end <= size);
+        let writable = session.export.writable();
+        let read_only = (errno::EPERM, "read-only export");
         match req.kind {
             cmd::DISC => break,
-            cmd::WRITE => {
+            cmd::WRITE if !writable || !in_range || req.length == 0 || req.length > config.max_request => {
                 // The payload follows the header: skip it (bounded), or close if it is too large.
                 if req.length > config.max_request {
                     break;
@@ -614,12 +681,46 @@ async fn transmission<R, W>(
                     Ok(n) if n == u64::from(req.length) => {}
                     _ => break,
                 }
-                replies.error(&req, session.structured, errno::EPERM, "read-only export").await;
+                let (e, why) = if writable { (errno::EINVAL, "bad write range") } else { read_only };
+                replies.error(&req, session.structured, e, why).await;
             }
-            cmd::WRITE_ZEROES | cmd::TRIM => {
-                replies.error(&req, session.structured, errno::EPERM, "read-only export").await;
+            cmd::WRITE => {
+                // Counted against the server's memory like a read, until the write is done.
+                let Ok(bytes) = inner.buffered.clone().acquire_many_owned(req.length).await else { break };
+                let mut data = vec![0u8; req.length as usize];
+                if within(config.idle_timeout, r.read_exact(&mut data)).await.is_err() {
+                    break;
+                }
+                let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+                let (replies, session) = (replies.clone(), session.clone());
+                tasks.spawn(async move {
+                    let done = session.export.write_at(req.offset, &data).await;
+                    drop(bytes);
+                    plain_reply(&replies, &session, &req, done).await;
+                    drop(permit);
+                });
             }
-            cmd::FLUSH | cmd::CACHE => replies.send(&[&proto::encode_simple_reply(req.cookie, 0)]).await,
+            cmd::WRITE_ZEROES | cmd::TRIM if !writable => {
+                replies.error(&req, session.structured, read_only.0, read_only.1).await;
+            }
+            cmd::WRITE_ZEROES | cmd::TRIM if !in_range => {
+                replies.error(&req, session.structured, errno::EINVAL, "request outside the export").await;
+            }
+            // TRIM is advisory: keeping the data is a valid way to honour it.
+            cmd::TRIM | cmd::CACHE => replies.send(&[&proto::encode_simple_reply(req.cookie, 0)]).await,
+            cmd::WRITE_ZEROES | cmd::FLUSH => {
+                let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+                let (replies, session) = (replies.clone(), session.clone());
+                tasks.spawn(async move {
+                    let done = if req.kind == cmd::FLUSH {
+                        session.export.flush().await
+                    } else {
+                        session.export.write_zeroes(req.offset, req.length).await
+                    };
+                    plain_reply(&replies, &session, &req, done).await;
+                    drop(permit);
+                });
+            }
             cmd::READ | cmd::BLOCK_STATUS => {
                 let problem = if req.length == 0 {
                     Some((errno::EINVAL, "empty request"))
@@ -664,6 +765,24 @@ async fn transmission<R, W>(
     while tasks.join_next().await.is_some() {}
     let mut w = replies.writer.lock().await;
     let _ = within(config.idle_timeout, w.shutdown()).await;
+}
+
+/// Answers a request that returns no data: after a FUA write, flushes first.
+async fn plain_reply<W: AsyncWrite + Unpin>(
+    replies: &Replies<W>,
+    session: &Session,
+    req: &Request,
+    done: Result<(), ExportError>,
+) {
+    let fua = req.flags & cflag::FUA != 0 && req.kind != cmd::FLUSH;
+    let done = match done {
+        Ok(()) if fua => session.export.flush().await,
+        d => d,
+    };
+    match done {
+        Ok(()) => replies.send(&[&proto::encode_simple_reply(req.cookie, 0)]).await,
+        Err(e) => replies.error(req, session.structured, e.errno(), &e.to_string()).await,
+    }
 }
 
 /// Extents covering `[offset, offset+length)` from the source (the first call's only, with

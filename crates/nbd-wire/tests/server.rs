@@ -138,6 +138,44 @@ async fn our_client_reads_data_holes_and_block_status() {
     assert!(Client::connect(&Target::Unix(s.socket.clone()), "disk").await.is_err());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writable_export_takes_writes_from_our_client_and_nbdcopy() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("rw.sock");
+    let server = Server::new(
+        ServerConfig::default(),
+        vec![("rw".into(), Arc::new(MemoryExport::writable(vec![0u8; SIZE as usize], 4096)) as Arc<dyn ExportSource>)],
+    );
+    server.serve_unix(&socket).await.unwrap();
+    let target = Target::Unix(socket.clone());
+    let a = Client::connect(&target, "rw").await.unwrap();
+    let e = *a.export();
+    assert!(!e.read_only() && e.multi_conn() && e.flags & tflag::SEND_FUA != 0, "{e:?}");
+    let pattern: Vec<u8> = (0..3 * MIB).map(|i| (i % 253) as u8 + 1).collect();
+    a.write(MIB, &pattern[..2 * MIB as usize], true).await.unwrap();
+    a.write(3 * MIB, &pattern[2 * MIB as usize..], false).await.unwrap();
+    a.write_zeroes(2 * MIB, 4096).await.unwrap();
+    a.flush().await.unwrap();
+    let mut truth = vec![0u8; SIZE as usize];
+    truth[MIB as usize..4 * MIB as usize].copy_from_slice(&pattern);
+    truth[2 * MIB as usize..2 * MIB as usize + 4096].fill(0);
+    // Another connection sees every write (multi-conn), holes included.
+    let b = Client::connect(&target, "rw").await.unwrap();
+    assert!(read_all(&b).await == truth, "a second connection reads other data");
+    let status = b.block_status(2 * MIB, 8192).await.unwrap();
+    assert_eq!(status[0].flags, state::HOLE | state::ZERO, "the zeroed block: {status:?}");
+    assert!(matches!(b.write(SIZE - 1, b"xy", false).await, Err(NbdError::OutOfRange { .. })));
+
+    // nbdcopy writes a whole image into it.
+    if let Some(nbdcopy) = testkit::require_tool("nbdcopy", "a_writable_export_takes_writes_from_nbdcopy") {
+        let file = dir.path().join("src.raw");
+        std::fs::write(&file, image()).unwrap();
+        run(nbdcopy, vec![file.display().to_string(), uri(&socket, "rw")]).await;
+        assert!(read_all(&b).await == image(), "nbdcopy's writes did not land");
+    }
+    server.shutdown().await;
+}
+
 /// A hand-written client, to see exactly what the server sends.
 struct Raw(UnixStream);
 
