@@ -31,18 +31,17 @@ pub fn reply(data: &[u8]) {
     }
 }
 
-/// The export every fuzzed server session serves, as `"disk"` (and the default export):
-/// 16 KiB of data, a hole, and data again.
-fn fuzz_server() -> &'static nbd_wire::server::Server {
-    static SERVER: std::sync::OnceLock<nbd_wire::server::Server> = std::sync::OnceLock::new();
-    SERVER.get_or_init(|| {
-        let mut disk = vec![0u8; 16 << 10];
-        disk[..4096].fill(0xa5);
-        disk[12 << 10..].fill(0x5a);
-        let export: std::sync::Arc<dyn nbd_wire::server::ExportSource> =
-            std::sync::Arc::new(nbd_wire::server::MemoryExport::new(disk, 4096));
-        nbd_wire::server::Server::new(nbd_wire::server::ServerConfig::default(), vec![("disk".into(), export)])
-    })
+/// A server for one fuzzed session, fresh each time so that writes do not carry over between
+/// inputs: `"disk"` (read-only, also the default export) and `"rw"` (writable), each 16 KiB of
+/// data, a hole, and data again.
+fn fuzz_server() -> nbd_wire::server::Server {
+    use nbd_wire::server::{ExportSource, MemoryExport, Server, ServerConfig};
+    let mut disk = vec![0u8; 16 << 10];
+    disk[..4096].fill(0xa5);
+    disk[12 << 10..].fill(0x5a);
+    let read_only: std::sync::Arc<dyn ExportSource> = std::sync::Arc::new(MemoryExport::new(disk.clone(), 4096));
+    let writable: std::sync::Arc<dyn ExportSource> = std::sync::Arc::new(MemoryExport::writable(disk, 4096));
+    Server::new(ServerConfig::default(), vec![("disk".into(), read_only), ("rw".into(), writable)])
 }
 
 /// Parses `data` every way a server parses a client's bytes, then runs a whole server session
@@ -89,6 +88,12 @@ mod tests {
     #[test]
     fn server_seeds_reach_what_they_are_for() {
         let server = super::fuzz_server();
+        // Writes land, and are read back (the session's runtime runs requests in order).
+        let out = server.session_from_bytes(&seed("writes"));
+        assert!(contains(&out, &proto::encode_simple_reply(2, 0)), "the write failed");
+        let mut back = proto::encode_simple_reply(5, 0).to_vec();
+        back.extend_from_slice(&[0x11; 512]);
+        assert!(contains(&out, &back), "the write is not read back");
         // The structured session gets chunks (a hole among them) and a refused write.
         let out = server.session_from_bytes(&seed("structured-session"));
         assert!(contains(&out, &STRUCTURED_REPLY_MAGIC.to_be_bytes()));
