@@ -248,7 +248,8 @@ struct Inner {
     sockets: Mutex<Vec<PathBuf>>,
 }
 
-/// An NBD server for named read-only exports. Clones share listeners, limits and shutdown.
+/// An NBD server for named exports. Clones share listeners, limits and shutdown; dropping
+/// them does not stop the listeners, [`Server::shutdown`] does.
 #[derive(Clone)]
 pub struct Server {
     inner: Arc<Inner>,
@@ -373,7 +374,7 @@ impl Server {
             }
         };
         let Ok(Some(session)) = negotiated else {
-            let _ = w.shutdown().await;
+            let _ = within(self.inner.config.idle_timeout, w.shutdown()).await;
             return;
         };
         transmission(&self.inner, session, r, w, shutdown).await;
