@@ -26,6 +26,7 @@ pub const TARGETS: &[(&str, FuzzTarget)] = &[
     ("vmdk_cowd", vmdk::cowd),
     ("vmdk_sesparse", vmdk::sesparse),
     ("nbd_reply", nbd::reply),
+    ("nbd_server", nbd::server),
     ("nbd_uri", pipeline::nbd_uri),
     ("state_files", pipeline::state_files),
     ("soap_response", vsphere::soap_response),

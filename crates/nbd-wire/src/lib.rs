@@ -1,13 +1,17 @@
-//! NBD (network block device) for syncproxy: the wire protocol as pure, fuzzable functions
-//! ([`proto`]), and an async client ([`Client`]) with fixed-newstyle negotiation, structured
-//! replies, `base:allocation` block status and many requests in flight. A server will grow
-//! beside it (instant recovery serves restore points over NBD).
+//! NBD (network block device) for syncproxy: the wire protocol of both sides as pure, fuzzable
+//! functions ([`proto`]); an async client ([`Client`]) with fixed-newstyle negotiation,
+//! structured replies, `base:allocation` block status and many requests in flight; and an
+//! async server ([`server::Server`]) for instant recovery, which serves named
+//! [`server::ExportSource`]s (read-only unless a source takes writes) on Unix sockets and
+//! loopback TCP with holes as holes, bounded connections, requests and memory, and idle
+//! time-outs. TLS is not offered yet.
 //!
 //! The `nbd` crate on crates.io is synchronous and has neither structured replies nor block
 //! status, so this crate writes its own (see ARCHITECTURE.md).
 
 mod client;
 pub mod proto;
+pub mod server;
 mod uri;
 
 pub use client::{Client, Export, Extent, Target};
