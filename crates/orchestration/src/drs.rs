@@ -10,7 +10,9 @@ use vsphere::facts::{Cluster, DrsChange, DrsOverride};
 use vsphere::{DrsBehavior, MoRef, Vm};
 
 use crate::OrchError;
-use crate::flow::{JobContext, VmReport, blocking, vm_key};
+use crate::context::JobContext;
+use crate::report::VmReport;
+use crate::support::{blocking, vm_key};
 
 /// What a pin changed, to put back.
 #[derive(Debug, Clone, Serialize, Deserialize)]

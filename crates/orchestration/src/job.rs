@@ -11,7 +11,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use vsphere::{Client, MoRef, Vm};
 
 use crate::OrchError;
-use crate::flow::{JobContext, VmReport, backup_vm, hygiene};
+use crate::context::JobContext;
+use crate::flow::backup_vm;
+use crate::hygiene::hygiene;
+use crate::report::VmReport;
 
 /// How a VM is named on the command line or in a job.
 #[derive(Debug, Clone, PartialEq, Eq)]

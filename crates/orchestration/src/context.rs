@@ -1,0 +1,152 @@
+//! What a job shares across its VMs ([`JobContext`]): the session, the target, the copy engine
+//! and options, the limits and counters, the disk selection, how disks are read, the hooks; and
+//! the names this job gives its lease and snapshots.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use durable::{JobLease, LockTiming, Store};
+use pipeline::{CopyOptions, Engine};
+use repo::Repo;
+use vsphere::{Client, MoRef, Vm};
+
+use crate::OrchError;
+use crate::metrics::Metrics;
+use crate::support::blocking;
+use crate::target::Target;
+
+/// What every snapshot of ours is named with, first.
+pub const SNAPSHOT_PREFIX: &str = "syncproxy";
+
+/// What a job shares across its VMs.
+#[derive(Debug, Clone)]
+pub struct JobContext {
+    /// A logged-in session.
+    pub client: Arc<Client>,
+    /// Where the VMs go (and where running jobs hold their leases).
+    pub target: Target,
+    /// This proxy's ID (in snapshot names).
+    pub proxy_id: String,
+    /// This job's ID (in snapshot names); unique per run.
+    pub job_id: String,
+    /// The copy engine (one buffer pool for the process).
+    pub engine: Arc<Engine>,
+    /// How copies run.
+    pub options: CopyOptions,
+    /// The longest a job may run: an orphaned snapshot of ours younger than this is left alone.
+    pub max_job: Duration,
+    /// The process's counters.
+    pub metrics: Arc<Metrics>,
+    /// How many VMs may run at once, over every job of the process.
+    pub limits: Arc<crate::Limits>,
+    /// Which disks of each VM to copy.
+    pub disks: DiskFilter,
+    /// Read disks through VDDK instead of HTTPS datastore reads, when set.
+    pub vddk: Option<Arc<vddk::Vddk>>,
+    /// Or read each disk from an NBD export: a URI template with `{vm}`, `{moref}`, `{uuid}`,
+    /// `{snapshot}` and `{disk}` (the slot, `scsi0-1`), for NBD servers the operator runs
+    /// (nbdkit's VDDK plugin, for instance) over the frozen disks.
+    pub nbd: Option<String>,
+    /// Override each VM's DRS automation to manual while it is read, where DRS could move it
+    /// (and put it back after); on by default.
+    pub pin_drs: bool,
+    /// Freeze hooks around each VM's snapshot.
+    pub hooks: crate::hooks::Hooks,
+}
+
+/// The NBD URI of one frozen disk, from a template.
+pub fn nbd_uri(template: &str, vm: &Vm, snapshot: &MoRef, slot: &str) -> String {
+    template
+        .replace("{vm}", &vm.name)
+        .replace("{moref}", &vm.moref.value)
+        .replace("{uuid}", vm.instance_uuid.as_deref().unwrap_or(""))
+        .replace("{snapshot}", &snapshot.value)
+        .replace("{disk}", &slot.replace(':', "-"))
+}
+
+/// Which disks of a VM a job copies: by slot (`scsi0:1`) or label (`Hard disk 2`). Empty
+/// `include` means every disk; `exclude` wins over `include`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiskFilter {
+    /// Only these.
+    pub include: Vec<String>,
+    /// Never these.
+    pub exclude: Vec<String>,
+}
+
+impl DiskFilter {
+    /// Whether the disk in `slot` labelled `label` is copied.
+    pub fn wants(&self, slot: &str, label: &str) -> bool {
+        let named =
+            |list: &[String]| list.iter().any(|x| x.eq_ignore_ascii_case(slot) || x.eq_ignore_ascii_case(label));
+        (self.include.is_empty() || named(&self.include)) && !named(&self.exclude)
+    }
+}
+
+impl JobContext {
+    /// A backup job into `repo`, with default copy options, a 24-hour longest job and fresh
+    /// counters.
+    pub fn new(client: Arc<Client>, repo: Repo, proxy_id: &str, job_id: &str, engine: Arc<Engine>) -> Self {
+        Self::with_target(client, Target::Repository(repo), proxy_id, job_id, engine)
+    }
+
+    /// A job to `target`, with default copy options, a 24-hour longest job and fresh counters.
+    pub fn with_target(client: Arc<Client>, target: Target, proxy_id: &str, job_id: &str, engine: Arc<Engine>) -> Self {
+        Self {
+            client,
+            target,
+            proxy_id: proxy_id.to_owned(),
+            job_id: job_id.to_owned(),
+            engine,
+            options: CopyOptions::default(),
+            max_job: Duration::from_secs(24 * 3600),
+            metrics: Arc::new(Metrics::default()),
+            limits: Arc::new(crate::Limits::default()),
+            disks: DiskFilter::default(),
+            vddk: None,
+            nbd: None,
+            pin_drs: true,
+            hooks: crate::hooks::Hooks::default(),
+        }
+    }
+
+    /// `<proxy>-<job>`: the job's lease name, and what its snapshots are named after.
+    pub fn tag(&self) -> String {
+        format!("{}-{}", self.proxy_id, self.job_id)
+    }
+
+    /// The name of this job's snapshots.
+    pub fn snapshot_name(&self) -> String {
+        format!("{SNAPSHOT_PREFIX}-{}", self.tag())
+    }
+
+    /// Where leases of jobs writing to this target live.
+    pub(crate) fn leases(&self) -> Arc<dyn Store> {
+        match &self.target {
+            Target::Repository(r) => r.store().clone(),
+            Target::Replica(r) => r.leases.clone(),
+        }
+    }
+
+    /// Takes this job's lease.
+    pub(crate) async fn lease(&self) -> Result<JobLease, OrchError> {
+        let tag = self.tag();
+        match &self.target {
+            Target::Repository(r) => {
+                let r = r.clone();
+                blocking(move || r.job_lease(&tag)).await
+            }
+            Target::Replica(r) => {
+                let store = r.leases.clone();
+                blocking(move || JobLease::take(store, LockTiming::default(), &tag)).await
+            }
+        }
+    }
+
+    pub(crate) fn repo(&self) -> Result<&Repo, OrchError> {
+        match &self.target {
+            Target::Repository(r) => Ok(r),
+            Target::Replica(_) => Err(OrchError::Refused("this job writes replicas, not restore points".into())),
+        }
+    }
+}

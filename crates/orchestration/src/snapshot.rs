@@ -1,0 +1,128 @@
+//! This job's snapshot around the copy: its intent recorded first, the post-thaw hook, a failed
+//! creation looked into (the server may have made it all the same), and removal by name.
+
+use std::time::Duration;
+
+use vsphere::{MoRef, Vm};
+
+use crate::OrchError;
+use crate::context::JobContext;
+use crate::report::VmReport;
+use crate::support::{blocking, one_vm};
+
+/// Records in the job's target, durably, that this job is about to snapshot `vm` as `name`.
+pub(crate) async fn record_intent(ctx: &JobContext, vm: &Vm, name: &str) -> Result<(), OrchError> {
+    let intent = crate::intent::Intent {
+        job: ctx.tag(),
+        vm: vm.moref.value.clone(),
+        vm_name: vm.name.clone(),
+        snapshot: name.to_owned(),
+        host: durable::host_name(),
+        pid: std::process::id(),
+        time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+    };
+    let store = ctx.leases();
+    blocking(move || crate::intent::record(&*store, &intent)).await
+}
+
+/// Forgets the intents of `jobs` on `vm` (their snapshots are gone); a failure only leaves a
+/// record that the next run forgets.
+pub(crate) async fn forget_intents(ctx: &JobContext, vm: &Vm, jobs: Vec<String>) {
+    if jobs.is_empty() {
+        return;
+    }
+    let (store, moref) = (ctx.leases(), vm.moref.value.clone());
+    let r = blocking(move || jobs.iter().try_for_each(|j| crate::intent::forget(&*store, &moref, j))).await;
+    if let Err(e) = r {
+        tracing::warn!("{}: an intent record stays (the next run forgets it): {e}", vm.name);
+    }
+}
+
+/// Removes every snapshot of `vm` named `name`; returns how many there were.
+pub(crate) async fn remove_named(ctx: &JobContext, vm: &MoRef, name: &str) -> Result<usize, OrchError> {
+    let found = one_vm(&ctx.client, vm).await?;
+    let mine: Vec<MoRef> = found.all_snapshots().iter().filter(|s| s.name == name).map(|s| s.moref.clone()).collect();
+    for s in &mine {
+        ctx.client.remove_snapshot(s, true).await?;
+    }
+    Ok(mine.len())
+}
+
+/// After `CreateSnapshot` failed: the server may have made the snapshot all the same (a call
+/// that timed out while the server worked on), so this job's snapshot is looked up by name and
+/// removed, and the report says what really happened. Returns the error to report.
+pub(crate) async fn after_failed_create(
+    ctx: &JobContext,
+    vm: &Vm,
+    name: &str,
+    e: vsphere::Error,
+    report: &mut VmReport,
+) -> OrchError {
+    // A fault is the server's own "no": the task failed and made nothing. Anything else (a
+    // timeout, a lost connection) leaves the outcome unknown.
+    let answered = e.fault().is_some();
+    if !answered {
+        wait_for_creations(ctx, vm, report).await;
+    }
+    match remove_named(ctx, &vm.moref, name).await {
+        Ok(0) if answered => forget_intents(ctx, vm, vec![ctx.tag()]).await,
+        Ok(0) => {
+            report.snapshot_removed = false;
+            report.warnings.push(format!(
+                "the snapshot {name:?} was asked for and the server did not answer ({e}): it may still make it;                  this job removes it when it ends, or else the next run does"
+            ));
+        }
+        Ok(n) => {
+            report
+                .warnings
+                .push(format!("the snapshot {name:?} was made although its creation failed ({e}): removed ({n})"));
+            forget_intents(ctx, vm, vec![ctx.tag()]).await;
+        }
+        Err(r) => {
+            report.snapshot_removed = false;
+            report.warnings.push(format!(
+                "COULD NOT CHECK OR REMOVE SNAPSHOT {name:?} after its creation failed ({e}): {r}; the next run \
+                 removes it"
+            ));
+        }
+    }
+    e.into()
+}
+
+/// The longest a job waits for a snapshot creation the server still runs after the call that
+/// asked for it went unanswered.
+pub(crate) const CREATION_WAIT: Duration = Duration::from_secs(15 * 60);
+
+/// Waits (at most [`CREATION_WAIT`]) for the snapshot creations the server still runs on `vm`,
+/// as its `recentTask` lists them, so that what they make can be removed now.
+pub(crate) async fn wait_for_creations(ctx: &JobContext, vm: &Vm, report: &mut VmReport) {
+    let tasks = match ctx.client.recent_tasks(&vm.moref).await {
+        Ok(t) => t,
+        Err(e) => {
+            report.warnings.push(format!("the VM's recent tasks could not be read ({e})"));
+            return;
+        }
+    };
+    for t in tasks.iter().filter(|t| t.running() && t.description_id == "VirtualMachine.createSnapshot") {
+        tracing::info!("{}: waiting for the snapshot creation {} the server still runs", vm.name, t.moref);
+        match tokio::time::timeout(CREATION_WAIT, ctx.client.wait_task(&t.moref, "CreateSnapshot_Task", None)).await {
+            Ok(_) => {}
+            Err(_) => report.warnings.push(format!(
+                "the snapshot creation {} still ran after {}",
+                t.moref,
+                humantime::format_duration(CREATION_WAIT)
+            )),
+        }
+    }
+}
+
+/// Runs the job's post-thaw hook, if any; a failure is reported loudly, and the backup goes on
+/// (the snapshot is taken: the data is consistent, the guest is what needs attention).
+pub(crate) async fn post_thaw(ctx: &JobContext, vm: &Vm, report: &mut VmReport) {
+    if let Some(h) = &ctx.hooks.post_thaw
+        && let Err(e) = crate::hooks::run_hook(&ctx.client, vm, h, "post-thaw").await
+    {
+        tracing::error!("{}: the post-thaw hook failed: {e}", vm.name);
+        report.warnings.push(format!("POST-THAW HOOK FAILED: {e}; check the guest's applications"));
+    }
+}
