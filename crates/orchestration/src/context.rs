@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use durable::{JobLease, LockTiming, Store};
+use durable::{JobLease, Store};
 use pipeline::{CopyOptions, Engine};
 use repo::Repo;
 use vsphere::{Client, MoRef, Vm};
@@ -13,7 +13,7 @@ use vsphere::{Client, MoRef, Vm};
 use crate::OrchError;
 use crate::metrics::Metrics;
 use crate::support::blocking;
-use crate::target::Target;
+use crate::target::{Target, VmWrite};
 
 /// What every snapshot of ours is named with, first.
 pub const SNAPSHOT_PREFIX: &str = "syncproxy";
@@ -122,31 +122,23 @@ impl JobContext {
 
     /// Where leases of jobs writing to this target live.
     pub(crate) fn leases(&self) -> Arc<dyn Store> {
-        match &self.target {
-            Target::Repository(r) => r.store().clone(),
-            Target::Replica(r) => r.leases.clone(),
-        }
+        self.target.backend().leases()
+    }
+
+    /// The vCenter's instance UUID (part of the keys of per-VM records).
+    pub(crate) fn vcenter(&self) -> String {
+        self.client.content().about.instance_uuid.clone()
+    }
+
+    /// Opens the copy (or plan) of `vm` in the target.
+    pub(crate) async fn open_vm(&self, vm: &Vm) -> Result<Box<dyn VmWrite>, OrchError> {
+        let (vcenter, target, vm) = (self.vcenter(), self.target.clone(), vm.clone());
+        blocking(move || target.backend().open_vm(&vcenter, &vm)).await
     }
 
     /// Takes this job's lease.
     pub(crate) async fn lease(&self) -> Result<JobLease, OrchError> {
-        let tag = self.tag();
-        match &self.target {
-            Target::Repository(r) => {
-                let r = r.clone();
-                blocking(move || r.job_lease(&tag)).await
-            }
-            Target::Replica(r) => {
-                let store = r.leases.clone();
-                blocking(move || JobLease::take(store, LockTiming::default(), &tag)).await
-            }
-        }
-    }
-
-    pub(crate) fn repo(&self) -> Result<&Repo, OrchError> {
-        match &self.target {
-            Target::Repository(r) => Ok(r),
-            Target::Replica(_) => Err(OrchError::Refused("this job writes replicas, not restore points".into())),
-        }
+        let (tag, target) = (self.tag(), self.target.clone());
+        blocking(move || target.backend().lease(&tag)).await
     }
 }

@@ -12,13 +12,11 @@ use vsphere::{MoRef, Vm};
 
 use crate::OrchError;
 use crate::context::JobContext;
-use crate::copy::{copy_under, replicate_under};
+use crate::copy::copy_vm;
 use crate::hygiene::hygiene;
-use crate::plan::slot_of;
 use crate::report::VmReport;
 use crate::snapshot::{after_failed_create, forget_intents, post_thaw, record_intent};
 use crate::support::{blocking, one_vm, vm_key};
-use crate::target::Target;
 
 /// Backs up one VM into the job's repository, or brings its replica disks up to date. Never
 /// leaves its snapshot behind on purpose: it is removed on success and on failure alike (a
@@ -153,12 +151,7 @@ async fn run_vm(ctx: &JobContext, mut vm: Vm, report: &mut VmReport) -> Result<(
     };
     report.snapshot_removed = false;
     report.consistency = Some(consistency);
-    let copied = match &ctx.target {
-        Target::Repository(_) => {
-            copy_under(ctx, &vm, &snap, consistency, &ctx.tag(), report).await.map(|m| report.point = Some(m.id))
-        }
-        Target::Replica(r) => replicate_under(ctx, r, &vm, &snap, &ctx.tag(), report).await,
-    };
+    let copied = copy_vm(ctx, &vm, &snap, consistency, &ctx.tag(), report).await.map(|c| report.committed(c));
     // Removed even when the copy failed; a Ctrl-C (the future dropped) is handled by the job,
     // which removes every snapshot named for it before it exits.
     match ctx.client.remove_snapshot(&snap, true).await {
@@ -202,28 +195,9 @@ async fn adoptable(ctx: &JobContext, vm: &Vm) -> Result<Option<Adopted>, OrchErr
     if job == ctx.tag() || live.iter().any(|(n, _)| n == job) {
         return Ok(None);
     }
-    let identity = s.moref.to_string();
-    let made_progress = match &ctx.target {
-        Target::Replica(target) => {
-            let vcenter = ctx.client.content().about.instance_uuid.clone();
-            let mut found = false;
-            for d in &vm.disks {
-                let Some(key) = target.key(&vcenter, vm, &slot_of(d)) else { continue };
-                if let Some((cp, _)) = target.state.load_checkpoint(&key)? {
-                    found |= cp.job == job && cp.source == identity;
-                }
-            }
-            found
-        }
-        Target::Repository(repo) => match vm_key(&ctx.client, vm) {
-            Some(key) => {
-                let repo = repo.clone();
-                let session = blocking(move || repo.session(&key)).await?;
-                session.is_some_and(|x| x.job == job && x.source == identity)
-            }
-            None => false,
-        },
-    };
+    let (vcenter, target, v) = (ctx.vcenter(), ctx.target.clone(), vm.clone());
+    let (job_name, identity) = (job.to_owned(), s.moref.to_string());
+    let made_progress = blocking(move || target.backend().progress_of(&vcenter, &v, &job_name, &identity)).await?;
     Ok(made_progress.then(|| Adopted {
         snap: s.moref.clone(),
         name: s.name.clone(),
@@ -241,12 +215,7 @@ async fn resume_under(ctx: &JobContext, vm: &Vm, adopted: Adopted, report: &mut 
     report.snapshot_removed = false;
     let consistency = if adopted.quiesced { Consistency::Application } else { Consistency::Crash };
     report.consistency = Some(consistency);
-    let copied = match &ctx.target {
-        Target::Repository(_) => copy_under(ctx, vm, &adopted.snap, consistency, &adopted.job, report)
-            .await
-            .map(|m| report.point = Some(m.id)),
-        Target::Replica(r) => replicate_under(ctx, r, vm, &adopted.snap, &adopted.job, report).await,
-    };
+    let copied = copy_vm(ctx, vm, &adopted.snap, consistency, &adopted.job, report).await.map(|c| report.committed(c));
     match ctx.client.remove_snapshot(&adopted.snap, true).await {
         Ok(()) => {
             report.snapshot_removed = true;

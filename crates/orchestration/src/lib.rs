@@ -13,6 +13,7 @@ pub mod cbt_reset;
 pub mod config;
 mod context;
 mod copy;
+mod disk;
 mod drs;
 mod flow;
 pub mod hooks;

@@ -1,52 +1,16 @@
 //! Planning: per disk, the facts `cbt` plans from (what the target holds of it, the disk as it
-//! is now, the changes since), and for a backup into a repository the plan of every disk;
-//! [`plan_vm`] says what a backup would copy without touching anything.
+//! is now, the changes since, the marks that force a full copy, the host's version); and
+//! [`plan_vm`], which says what a backup would copy without touching anything.
 
 use std::collections::HashSet;
 
-use cbt::{ChangeId, Changes, CommittedDisk, CopyPlan, CurrentDisk, Destination, DiskPosition, QueryFault};
-use repo::{DiskSpec, Manifest, Repo};
+use cbt::{ChangeId, Changes, CommittedDisk, CurrentDisk, Destination, QueryFault};
 use vsphere::{Disk, MoRef, Vm};
 
 use crate::OrchError;
 use crate::context::JobContext;
+use crate::disk::{DiskFacts, hardware_version, plan_disk, position, slot_of};
 use crate::support::{blocking, one_vm, vm_key};
-
-fn hardware_version(vm: &Vm) -> u32 {
-    vm.hardware_version.as_deref().and_then(|v| v.strip_prefix("vmx-")).and_then(|n| n.parse().ok()).unwrap_or(0)
-}
-
-/// `scsi0:1` as a position.
-fn position(slot: &str) -> DiskPosition {
-    let (ctl, unit) = slot.split_once(':').unwrap_or((slot, "0"));
-    let digits = ctl.find(|c: char| c.is_ascii_digit()).unwrap_or(ctl.len());
-    DiskPosition {
-        controller: ctl[..digits].to_owned(),
-        bus: ctl[digits..].parse().unwrap_or(0),
-        unit: unit.parse().unwrap_or(0),
-    }
-}
-
-/// What `cbt` plans one disk from: the disk, its slot, what the destination holds of it, and
-/// the changes since (when they can be asked).
-pub(crate) struct DiskFacts {
-    pub(crate) disk: Disk,
-    /// The disk's file as the snapshot lists it (what VDDK opens under the snapshot).
-    pub(crate) frozen_file: String,
-    pub(crate) slot: String,
-    pub(crate) committed: Option<CommittedDisk>,
-    pub(crate) current: CurrentDisk,
-    pub(crate) destination: Destination,
-    /// `None` when only a snapshot can tell (a planning run on a powered-on VM); then `base`
-    /// says since which change ID.
-    pub(crate) changes: Option<Changes>,
-    pub(crate) base: Option<String>,
-}
-
-/// The slot of a disk (`scsi0:1`), its stable name in restore points and replicas.
-pub(crate) fn slot_of(d: &Disk) -> String {
-    d.bus_slot.clone().unwrap_or_else(|| format!("disk{}", d.key))
-}
 
 /// Gathers the planning facts of every disk of `vm` that a snapshot holds: under `snap` for a
 /// copy, or against the live disks for a plan (where CBT answers only for a powered-off VM).
@@ -171,76 +135,6 @@ async fn host_version(ctx: &JobContext, vm: &Vm, warnings: &mut Vec<String>) -> 
     None
 }
 
-/// One disk's plan for a backup.
-pub(crate) struct DiskPlan {
-    pub(crate) facts: DiskFacts,
-    pub(crate) spec: DiskSpec,
-    /// `None` when only a snapshot can tell.
-    pub(crate) plan: Option<CopyPlan>,
-    pub(crate) words: String,
-}
-
-/// The newest restore point of `vm` in the repository.
-pub(crate) async fn previous_point(repo: &Repo, vm: &Vm) -> Result<Option<Manifest>, OrchError> {
-    let Some(uuid) = vm.instance_uuid.clone() else { return Ok(None) };
-    let repo = repo.clone();
-    let points = blocking(move || repo.points()).await?;
-    Ok(points.into_iter().rev().find(|p| p.source.instance_uuid.as_deref() == Some(uuid.as_str())))
-}
-
-/// Plans every disk of a backup of `vm` into `repo` (see [`disk_facts`]).
-pub(crate) async fn plan_backup(
-    ctx: &JobContext,
-    repo: &Repo,
-    vm: &Vm,
-    snap: Option<&MoRef>,
-    previous: Option<&Manifest>,
-    warnings: &mut Vec<String>,
-) -> Result<Vec<DiskPlan>, OrchError> {
-    let chunk = std::num::NonZeroU64::new(u64::from(repo.config().chunk_size))
-        .ok_or_else(|| OrchError::Refused("the repository has no chunk size".into()))?;
-    let facts = disk_facts(
-        ctx,
-        vm,
-        snap,
-        |_, slot| {
-            let committed =
-                previous.and_then(|p| p.disks.iter().find(|e| e.name == slot)).and_then(|e| e.committed.clone());
-            let holds_data = committed.is_some();
-            Ok((committed, Destination { granularity: chunk, holds_data }))
-        },
-        warnings,
-    )
-    .await?;
-    let mut out = Vec::new();
-    for f in facts {
-        let spec_of = |commit: Option<CommittedDisk>| DiskSpec {
-            name: f.slot.clone(),
-            capacity: f.disk.capacity,
-            change_id: f.current.change_id.as_ref().map(|c| c.as_str().to_owned()),
-            committed: commit,
-        };
-        let Some(changes) = &f.changes else {
-            let words = format!(
-                "incremental since {} (its size is known only under the backup's snapshot: the VM is powered on)",
-                f.base.as_deref().unwrap_or("?")
-            );
-            let spec = spec_of(None);
-            out.push(DiskPlan { facts: f, spec, plan: None, words });
-            continue;
-        };
-        let planned = cbt::plan(f.committed.as_ref(), &f.current, changes, f.destination);
-        warnings.extend(planned.warnings.iter().map(|w| format!("{}: {w}", f.slot)));
-        let words = match &planned.plan {
-            CopyPlan::Full { reason, .. } => format!("full ({reason})"),
-            CopyPlan::Incremental { .. } => "incremental".to_owned(),
-        };
-        let spec = spec_of(Some(planned.commit.clone()));
-        out.push(DiskPlan { facts: f, spec, plan: Some(planned.plan), words });
-    }
-    Ok(out)
-}
-
 /// What a backup of one disk would copy, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskPlanReport {
@@ -270,7 +164,9 @@ pub struct VmPlan {
 /// Plans a backup of `vm` without creating a snapshot or changing anything: per disk, a full
 /// copy and its reason, or an incremental and (for a powered-off VM) its size.
 pub async fn plan_vm(ctx: &JobContext, vm: &MoRef) -> Result<VmPlan, OrchError> {
-    let repo = ctx.repo()?;
+    if ctx.target.repository().is_none() {
+        return Err(OrchError::Refused("this job writes replicas, not restore points".into()));
+    }
     let vm = one_vm(&ctx.client, vm).await?;
     let mut out = VmPlan { vm: vm.name.clone(), ..VmPlan::default() };
     if vm.key_id.is_some() && ctx.vddk.is_none() && ctx.nbd.is_none() {
@@ -286,12 +182,13 @@ pub async fn plan_vm(ctx: &JobContext, vm: &MoRef) -> Result<VmPlan, OrchError> 
     if vm.cbt_enabled != Some(true) && vm.cbt_supported != Some(false) {
         out.warnings.push("CBT is off: the backup turns it on, and copies every disk in full".into());
     }
-    let previous = previous_point(repo, &vm).await?;
-    out.parent = previous.as_ref().map(|p| p.id.clone());
-    for p in plan_backup(ctx, repo, &vm, None, previous.as_ref(), &mut out.warnings).await? {
+    let held = ctx.open_vm(&vm).await?;
+    out.parent = held.parent().map(str::to_owned);
+    for f in disk_facts(ctx, &vm, None, |_, slot| held.committed(slot), &mut out.warnings).await? {
+        let p = plan_disk(&f, &mut out.warnings);
         out.disks.push(DiskPlanReport {
-            name: p.facts.slot,
-            capacity: p.facts.disk.capacity,
+            name: f.slot,
+            capacity: f.disk.capacity,
             plan: p.words,
             read: p.plan.as_ref().map(|c| c.read().total_bytes()),
         });

@@ -8,7 +8,7 @@ use vsphere_io::open_frozen;
 
 use crate::OrchError;
 use crate::context::{JobContext, nbd_uri};
-use crate::plan::DiskFacts;
+use crate::disk::DiskFacts;
 
 /// How a VM's frozen disks are read: over HTTPS from their datastore, through VDDK, or from
 /// NBD exports the operator serves.

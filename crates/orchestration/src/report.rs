@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use repo::Consistency;
 use serde::{Deserialize, Serialize};
 
+use crate::target::Committed;
+
 /// What happened to one disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskReport {
@@ -48,6 +50,16 @@ pub struct VmReport {
     pub stale_removed: Vec<String>,
     /// How long it took.
     pub seconds: f64,
+}
+
+impl VmReport {
+    /// Records what the copy committed.
+    pub(crate) fn committed(&mut self, c: Committed) {
+        match c {
+            Committed::Point(id) => self.point = Some(id),
+            Committed::Replica(dir) => self.replica = Some(dir),
+        }
+    }
 }
 
 #[cfg(test)]

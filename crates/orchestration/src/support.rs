@@ -28,8 +28,12 @@ pub(crate) async fn datacenter_for(client: &Client, vm: &Vm) -> Result<vsphere::
 /// The name of `vm` in a target's per-VM records (sessions, reset marks): the vCenter's
 /// instance UUID and the VM's (none without an instance UUID to name it by).
 pub fn vm_key(client: &vsphere::Client, vm: &Vm) -> Option<String> {
+    vm_key_in(&client.content().about.instance_uuid, vm)
+}
+
+/// [`vm_key`], from the vCenter's instance UUID.
+pub(crate) fn vm_key_in(vcenter: &str, vm: &Vm) -> Option<String> {
     let uuid = vm.instance_uuid.as_deref().filter(|u| !u.is_empty())?;
-    let vcenter = &client.content().about.instance_uuid;
     let key: String = format!("{}-{uuid}", if vcenter.is_empty() { "esx" } else { vcenter })
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
