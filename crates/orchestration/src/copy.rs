@@ -38,7 +38,7 @@ pub(crate) async fn copy_vm(
     report.warnings.extend(notes);
     let reader = ctx.client.datastore_reader()?;
     let disks = Reader::for_vm(ctx, vm, snap, &datacenter).await?;
-    for (file, data) in config_files(&reader, &datacenter, vm, report).await {
+    for (file, data) in config_files(&reader, &datacenter, vm, &mut report.warnings).await {
         w = blocking(move || w.add_file(&file, &data).map(|()| w)).await?;
     }
     for (n, facts) in facts.into_iter().enumerate() {
@@ -62,15 +62,15 @@ pub(crate) async fn copy_vm(
     }
     let source = SourceInfo { name: vm.name.clone(), instance_uuid: vm.instance_uuid.clone() };
     let committed = blocking(move || w.finish(source, consistency)).await?;
-    clear_reset(ctx, vm, report).await;
+    report.warnings.extend(clear_reset(ctx, vm).await);
     Ok(committed)
 }
 
-/// Forgets `vm`'s reset mark in this job's target, once its disks were copied in full.
-async fn clear_reset(ctx: &JobContext, vm: &Vm, report: &mut VmReport) {
-    let Some(key) = vm_key(&ctx.client, vm) else { return };
+/// Forgets `vm`'s reset mark in this job's target, once its disks were copied in full; says so
+/// when the mark stays.
+async fn clear_reset(ctx: &JobContext, vm: &Vm) -> Option<String> {
+    let key = vm_key(&ctx.client, vm)?;
     let store = ctx.leases();
-    if let Err(e) = blocking(move || crate::cbt_reset::clear_reset(&*store, &key)).await {
-        report.warnings.push(format!("the CBT reset mark stays (the next copy is full again): {e}"));
-    }
+    let e = blocking(move || crate::cbt_reset::clear_reset(&*store, &key)).await.err()?;
+    Some(format!("the CBT reset mark stays (the next copy is full again): {e}"))
 }

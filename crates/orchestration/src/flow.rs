@@ -40,11 +40,11 @@ pub async fn backup_vm(ctx: &JobContext, vm: &MoRef) -> VmReport {
 async fn run(ctx: &JobContext, vm_ref: &MoRef, report: &mut VmReport) -> Result<(), OrchError> {
     let vm = one_vm(&ctx.client, vm_ref).await?;
     report.vm = vm.name.clone();
-    crate::drs::restore_left(ctx, &vm, report).await?;
-    let pinned = crate::drs::pin(ctx, &vm, report).await?;
+    report.warnings.extend(crate::drs::restore_left(ctx, &vm).await?);
+    let pinned = crate::drs::pin(ctx, &vm, &mut report.warnings).await?;
     let r = run_vm(ctx, vm, report).await;
     if let Some(p) = pinned {
-        crate::drs::unpin(ctx, p, report).await;
+        report.warnings.extend(crate::drs::unpin(ctx, p).await);
     }
     r
 }
@@ -123,13 +123,13 @@ async fn run_vm(ctx: &JobContext, mut vm: Vm, report: &mut VmReport) -> Result<(
         && let Err(e) = crate::hooks::run_hook(&ctx.client, &vm, h, "pre-freeze").await
     {
         // What the hook froze before it failed is thawed all the same.
-        post_thaw(ctx, &vm, report).await;
+        report.warnings.extend(post_thaw(ctx, &vm).await);
         return Err(OrchError::Refused(format!("the pre-freeze hook failed: {e}; no snapshot was taken")));
     }
     // Recorded before the snapshot is asked for: a successor that finds the snapshot and no
     // live lease of this job removes it at once.
     if let Err(e) = record_intent(ctx, &vm, &name).await {
-        post_thaw(ctx, &vm, report).await;
+        report.warnings.extend(post_thaw(ctx, &vm).await);
         return Err(e);
     }
     let created = match ctx.client.create_snapshot(&vm.moref, &name, &description, quiesce, None).await {
@@ -144,10 +144,16 @@ async fn run_vm(ctx: &JobContext, mut vm: Vm, report: &mut VmReport) -> Result<(
         }
         Err(e) => Err(e),
     };
-    post_thaw(ctx, &vm, report).await;
+    report.warnings.extend(post_thaw(ctx, &vm).await);
     let (snap, consistency) = match created {
         Ok(x) => x,
-        Err(e) => return Err(after_failed_create(ctx, &vm, &name, e, report).await),
+        Err(e) => {
+            let (e, left) = after_failed_create(ctx, &vm, &name, e, &mut report.warnings).await;
+            if left {
+                report.snapshot_removed = false;
+            }
+            return Err(e);
+        }
     };
     report.snapshot_removed = false;
     report.consistency = Some(consistency);

@@ -7,7 +7,6 @@ use vsphere::{MoRef, Vm};
 
 use crate::OrchError;
 use crate::context::JobContext;
-use crate::report::VmReport;
 use crate::support::{blocking, one_vm};
 
 /// Records in the job's target, durably, that this job is about to snapshot `vm` as `name`.
@@ -50,43 +49,43 @@ pub(crate) async fn remove_named(ctx: &JobContext, vm: &MoRef, name: &str) -> Re
 
 /// After `CreateSnapshot` failed: the server may have made the snapshot all the same (a call
 /// that timed out while the server worked on), so this job's snapshot is looked up by name and
-/// removed, and the report says what really happened. Returns the error to report.
+/// removed, and `warnings` say what really happened. Returns the error to report, and whether
+/// the snapshot may be left (made and not removed, or not known).
 pub(crate) async fn after_failed_create(
     ctx: &JobContext,
     vm: &Vm,
     name: &str,
     e: vsphere::Error,
-    report: &mut VmReport,
-) -> OrchError {
+    warnings: &mut Vec<String>,
+) -> (OrchError, bool) {
     // A fault is the server's own "no": the task failed and made nothing. Anything else (a
     // timeout, a lost connection) leaves the outcome unknown.
     let answered = e.fault().is_some();
     if !answered {
-        wait_for_creations(ctx, vm, report).await;
+        wait_for_creations(ctx, vm, warnings).await;
     }
+    let mut left = false;
     match remove_named(ctx, &vm.moref, name).await {
         Ok(0) if answered => forget_intents(ctx, vm, vec![ctx.tag()]).await,
         Ok(0) => {
-            report.snapshot_removed = false;
-            report.warnings.push(format!(
+            left = true;
+            warnings.push(format!(
                 "the snapshot {name:?} was asked for and the server did not answer ({e}): it may still make it;                  this job removes it when it ends, or else the next run does"
             ));
         }
         Ok(n) => {
-            report
-                .warnings
-                .push(format!("the snapshot {name:?} was made although its creation failed ({e}): removed ({n})"));
+            warnings.push(format!("the snapshot {name:?} was made although its creation failed ({e}): removed ({n})"));
             forget_intents(ctx, vm, vec![ctx.tag()]).await;
         }
         Err(r) => {
-            report.snapshot_removed = false;
-            report.warnings.push(format!(
+            left = true;
+            warnings.push(format!(
                 "COULD NOT CHECK OR REMOVE SNAPSHOT {name:?} after its creation failed ({e}): {r}; the next run \
                  removes it"
             ));
         }
     }
-    e.into()
+    (e.into(), left)
 }
 
 /// The longest a job waits for a snapshot creation the server still runs after the call that
@@ -95,11 +94,11 @@ pub(crate) const CREATION_WAIT: Duration = Duration::from_secs(15 * 60);
 
 /// Waits (at most [`CREATION_WAIT`]) for the snapshot creations the server still runs on `vm`,
 /// as its `recentTask` lists them, so that what they make can be removed now.
-pub(crate) async fn wait_for_creations(ctx: &JobContext, vm: &Vm, report: &mut VmReport) {
+pub(crate) async fn wait_for_creations(ctx: &JobContext, vm: &Vm, warnings: &mut Vec<String>) {
     let tasks = match ctx.client.recent_tasks(&vm.moref).await {
         Ok(t) => t,
         Err(e) => {
-            report.warnings.push(format!("the VM's recent tasks could not be read ({e})"));
+            warnings.push(format!("the VM's recent tasks could not be read ({e})"));
             return;
         }
     };
@@ -107,7 +106,7 @@ pub(crate) async fn wait_for_creations(ctx: &JobContext, vm: &Vm, report: &mut V
         tracing::info!("{}: waiting for the snapshot creation {} the server still runs", vm.name, t.moref);
         match tokio::time::timeout(CREATION_WAIT, ctx.client.wait_task(&t.moref, "CreateSnapshot_Task", None)).await {
             Ok(_) => {}
-            Err(_) => report.warnings.push(format!(
+            Err(_) => warnings.push(format!(
                 "the snapshot creation {} still ran after {}",
                 t.moref,
                 humantime::format_duration(CREATION_WAIT)
@@ -116,13 +115,12 @@ pub(crate) async fn wait_for_creations(ctx: &JobContext, vm: &Vm, report: &mut V
     }
 }
 
-/// Runs the job's post-thaw hook, if any; a failure is reported loudly, and the backup goes on
-/// (the snapshot is taken: the data is consistent, the guest is what needs attention).
-pub(crate) async fn post_thaw(ctx: &JobContext, vm: &Vm, report: &mut VmReport) {
-    if let Some(h) = &ctx.hooks.post_thaw
-        && let Err(e) = crate::hooks::run_hook(&ctx.client, vm, h, "post-thaw").await
-    {
-        tracing::error!("{}: the post-thaw hook failed: {e}", vm.name);
-        report.warnings.push(format!("POST-THAW HOOK FAILED: {e}; check the guest's applications"));
-    }
+/// Runs the job's post-thaw hook, if any; a failure is returned as a loud warning, and the
+/// backup goes on (the snapshot is taken: the data is consistent, the guest is what needs
+/// attention).
+pub(crate) async fn post_thaw(ctx: &JobContext, vm: &Vm) -> Option<String> {
+    let h = ctx.hooks.post_thaw.as_ref()?;
+    let e = crate::hooks::run_hook(&ctx.client, vm, h, "post-thaw").await.err()?;
+    tracing::error!("{}: the post-thaw hook failed: {e}", vm.name);
+    Some(format!("POST-THAW HOOK FAILED: {e}; check the guest's applications"))
 }

@@ -4,22 +4,22 @@ use vsphere::Vm;
 use vsphere::datastore::DatastoreFile;
 
 use crate::OrchError;
-use crate::report::VmReport;
 
 /// The VM's configuration files, by file name: its `.vmx` (a warning when it cannot be read)
-/// and the `.nvram` beside it (its firmware settings; a VM that never booted may have none).
+/// and the `.nvram` beside it (its firmware settings; a VM that never booted may have none). The
+/// warning goes to `warnings`.
 pub(crate) async fn config_files(
     reader: &vsphere::datastore::DatastoreReader,
     datacenter: &str,
     vm: &Vm,
-    report: &mut VmReport,
+    warnings: &mut Vec<String>,
 ) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
     let Some(vmx) = &vm.vmx_path else { return out };
     let name_of = |path: &str| path.rsplit('/').next().unwrap_or(path).trim_start_matches("] ").to_owned();
     match read_file(reader, datacenter, vmx).await {
         Ok(data) => out.push((name_of(vmx), data)),
-        Err(e) => report.warnings.push(format!("the configuration file {vmx} was not captured: {e}")),
+        Err(e) => warnings.push(format!("the configuration file {vmx} was not captured: {e}")),
     }
     if let Some(stem) = vmx.strip_suffix(".vmx") {
         let nvram = format!("{stem}.nvram");
