@@ -16,6 +16,7 @@ mod copy;
 mod disk;
 mod drs;
 mod flow;
+mod gate;
 pub mod hooks;
 pub mod hygiene;
 pub mod intent;

@@ -1,8 +1,10 @@
-//! This job's snapshot around the copy: its intent recorded first, the post-thaw hook, a failed
-//! creation looked into (the server may have made it all the same), and removal by name.
+//! This job's snapshot around the copy: taken between the freeze hooks with its intent recorded
+//! first, a failed creation looked into (the server may have made it all the same), removed
+//! with its intent forgotten, and the disks consolidated when the server asks.
 
 use std::time::Duration;
 
+use repo::Consistency;
 use vsphere::{MoRef, Vm};
 
 use crate::OrchError;
@@ -45,6 +47,89 @@ pub(crate) async fn remove_named(ctx: &JobContext, vm: &MoRef, name: &str) -> Re
         ctx.client.remove_snapshot(s, true).await?;
     }
     Ok(mine.len())
+}
+
+/// Takes this job's snapshot of `vm`, between the freeze hooks, quiesced when VMware Tools run
+/// (crash-consistent when the guest cannot freeze), its intent recorded first. On failure,
+/// returns the error and whether a snapshot may be left (see [`after_failed_create`]).
+pub(crate) async fn take(
+    ctx: &JobContext,
+    vm: &Vm,
+    warnings: &mut Vec<String>,
+) -> Result<(MoRef, Consistency), (OrchError, bool)> {
+    let quiesce = vm.tools.as_ref().is_some_and(vsphere::ToolsRunningStatus::running);
+    let name = ctx.snapshot_name();
+    let description = format!(
+        "made by syncproxy proxy {} for job {} at {}; removed when the backup ends",
+        ctx.proxy_id,
+        ctx.job_id,
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+    );
+    if let Some(h) = &ctx.hooks.pre_freeze
+        && let Err(e) = crate::hooks::run_hook(&ctx.client, vm, h, "pre-freeze").await
+    {
+        // What the hook froze before it failed is thawed all the same.
+        warnings.extend(post_thaw(ctx, vm).await);
+        return Err((OrchError::Refused(format!("the pre-freeze hook failed: {e}; no snapshot was taken")), false));
+    }
+    // Recorded before the snapshot is asked for: a successor that finds the snapshot and no
+    // live lease of this job removes it at once.
+    if let Err(e) = record_intent(ctx, vm, &name).await {
+        warnings.extend(post_thaw(ctx, vm).await);
+        return Err((e, false));
+    }
+    let created = match ctx.client.create_snapshot(&vm.moref, &name, &description, quiesce, None).await {
+        Ok(s) => Ok((s, if quiesce { Consistency::Application } else { Consistency::Crash })),
+        // Only a quiescing failure (the guest could not freeze) falls back to crash-consistent.
+        Err(e) if quiesce && e.is_quiesce_fault() => {
+            warnings.push(format!("quiescing failed ({e}); this restore point is crash-consistent"));
+            ctx.client
+                .create_snapshot(&vm.moref, &name, &description, false, None)
+                .await
+                .map(|s| (s, Consistency::Crash))
+        }
+        Err(e) => Err(e),
+    };
+    warnings.extend(post_thaw(ctx, vm).await);
+    match created {
+        Ok(x) => Ok(x),
+        Err(e) => Err(after_failed_create(ctx, vm, &name, e, warnings).await),
+    }
+}
+
+/// Removes the snapshot `snap` (named `name`) that `job` made for its copy, and forgets the
+/// job's intent on `vm`; returns whether it is gone (if not, a loud warning says so, and the
+/// next run removes it).
+pub(crate) async fn release(
+    ctx: &JobContext,
+    vm: &Vm,
+    snap: &MoRef,
+    name: &str,
+    job: &str,
+    warnings: &mut Vec<String>,
+) -> bool {
+    match ctx.client.remove_snapshot(snap, true).await {
+        Ok(()) => {
+            forget_intents(ctx, vm, vec![job.to_owned()]).await;
+            true
+        }
+        Err(e) => {
+            warnings.push(format!("COULD NOT REMOVE SNAPSHOT {name} ({snap}): {e}; the next run removes it"));
+            false
+        }
+    }
+}
+
+/// Consolidates `vm`'s disks when the server asks for it (after a snapshot's removal).
+pub(crate) async fn consolidate(ctx: &JobContext, vm: &Vm, warnings: &mut Vec<String>) {
+    if let Ok(after) = one_vm(&ctx.client, &vm.moref).await
+        && after.consolidation_needed == Some(true)
+    {
+        match ctx.client.consolidate_disks(&vm.moref).await {
+            Ok(()) => warnings.push("the server asked for disk consolidation: done".into()),
+            Err(e) => warnings.push(format!("disk consolidation needed and failed: {e}")),
+        }
+    }
 }
 
 /// After `CreateSnapshot` failed: the server may have made the snapshot all the same (a call
