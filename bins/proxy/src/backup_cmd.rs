@@ -228,19 +228,20 @@ async fn job(
     }
     let proxy_id = args.proxy_id.clone().unwrap_or_else(host_name);
     let engine = Arc::new(Engine::new(buffer_budget(args.memory, args.concurrency.min(vms.len().max(1)))));
-    let mut ctx = JobContext::with_target(client.clone(), target, &proxy_id, &new_job_id()?, engine.clone());
-    ctx.max_job = args.max_job;
-    ctx.disks = DiskFilter { include: args.include_disk.clone(), exclude: args.exclude_disk.clone() };
-    ctx.vddk = vddk;
-    ctx.nbd = args.nbd_url.clone();
-    ctx.pin_drs = !args.no_drs_pin;
-    ctx.hooks = hooks(args)?;
+    let ctx = JobContext::builder(client.clone(), target, &proxy_id, &new_job_id()?, engine.clone())
+        .max_job(args.max_job)
+        .disks(DiskFilter { include: args.include_disk.clone(), exclude: args.exclude_disk.clone() })
+        .vddk(vddk)
+        .nbd(args.nbd_url.clone())
+        .pin_drs(!args.no_drs_pin)
+        .hooks(hooks(args)?)
+        .build();
     if plan_only {
         return plan(&ctx, &vms, args.json).await;
     }
     let refs: Vec<_> = vms.iter().map(|v| v.moref.clone()).collect();
     eprintln!("proxy {what}: job {} of {} VM(s), at most {} at once", ctx.tag(), refs.len(), args.concurrency);
-    let view = crate::progress_view::start(ctx.metrics.clone(), refs.len(), args.no_progress || args.json);
+    let view = crate::progress_view::start(ctx.metrics().clone(), refs.len(), args.no_progress || args.json);
     let job = run_job(&ctx, &refs, args.concurrency);
     tokio::pin!(job);
     let mut report = tokio::select! {
@@ -317,7 +318,7 @@ async fn plan(ctx: &JobContext, vms: &[vsphere::Vm], json: bool) -> Result<ExitC
 
 fn print_report(report: &JobReport, ctx: &JobContext, json: bool) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    let m = ctx.metrics.snapshot();
+    let m = ctx.metrics().snapshot();
     if json {
         let vms: Vec<_> = report
             .vms

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use orchestration::{JobContext, VmReport, backup_vm};
+use orchestration::{JobContext, Target, VmReport, backup_vm};
 use pipeline::Engine;
 use repo::Repo;
 use vsphere::{Client, ConnectOptions, Credentials, Secret, Trust};
@@ -106,8 +106,9 @@ async fn back_up_all(
     engine: &Arc<Engine>,
     metrics: &Arc<orchestration::Metrics>,
 ) -> Result<Vec<VmReport>> {
-    let mut ctx = JobContext::new(client.clone(), repo.clone(), "demo", job, engine.clone());
-    ctx.metrics = metrics.clone();
+    let ctx = JobContext::builder(client.clone(), Target::Repository(repo.clone()), "demo", job, engine.clone())
+        .metrics(metrics.clone())
+        .build();
     // Every VM at once, as a job does.
     let mut set = tokio::task::JoinSet::new();
     for v in client.vms().await? {

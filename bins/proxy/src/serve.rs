@@ -301,34 +301,36 @@ impl Runner {
         let selectors: Vec<Selector> = self.job.vms.iter().map(|v| Selector::parse(v)).collect();
         let selection = select(&client, &selectors, self.job.all).await?;
         let target = open_target(&self.job)?;
-        let mut ctx = JobContext::with_target(
-            client,
-            target,
-            &self.proxy_id,
-            &format!("{}-{run_id}", self.job.name),
-            self.engine.clone(),
-        );
-        ctx.options = self.options.clone();
-        ctx.max_job = self.max_job;
-        ctx.disks = orchestration::DiskFilter {
-            include: self.job.include_disks.clone(),
-            exclude: self.job.exclude_disks.clone(),
-        };
-        ctx.limits = self.limits.clone();
-        ctx.metrics = self.metrics.clone();
-        ctx.vddk = self.vddk.clone();
-        ctx.nbd = self.job.nbd_url.clone();
-        ctx.pin_drs = self.job.pin_drs;
         let cred = self.job.guest_credentials_file.as_deref();
         let hook = |h: &Option<orchestration::config::HookConfig>, which: &str| {
             h.as_ref()
                 .map(|h| h.hook(cred).map_err(|e| anyhow::anyhow!("job {}: {which}: {e}", self.job.name)))
                 .transpose()
         };
-        ctx.hooks = orchestration::hooks::Hooks {
+        let hooks = orchestration::hooks::Hooks {
             pre_freeze: hook(&self.job.pre_freeze, "pre_freeze")?,
             post_thaw: hook(&self.job.post_thaw, "post_thaw")?,
         };
+        let ctx = JobContext::builder(
+            client,
+            target,
+            &self.proxy_id,
+            &format!("{}-{run_id}", self.job.name),
+            self.engine.clone(),
+        )
+        .options(self.options.clone())
+        .max_job(self.max_job)
+        .disks(orchestration::DiskFilter {
+            include: self.job.include_disks.clone(),
+            exclude: self.job.exclude_disks.clone(),
+        })
+        .limits(self.limits.clone())
+        .metrics(self.metrics.clone())
+        .vddk(self.vddk.clone())
+        .nbd(self.job.nbd_url.clone())
+        .pin_drs(self.job.pin_drs)
+        .hooks(hooks)
+        .build();
         Ok((ctx, selection.morefs(), selection.missing))
     }
 
@@ -359,7 +361,7 @@ impl Runner {
             }
         }
         let mut error = None;
-        if let (Target::Repository(repo), Some(keep)) = (&ctx.target, &self.job.retention)
+        if let (Target::Repository(repo), Some(keep)) = (ctx.target(), &self.job.retention)
             && report.outcome() != Outcome::None
         {
             let (repo, keep) = (repo.clone(), keep.retention());

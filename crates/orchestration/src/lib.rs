@@ -32,7 +32,7 @@ mod support;
 mod target;
 mod vmx;
 
-pub use context::{DiskFilter, JobContext, SNAPSHOT_PREFIX, nbd_uri};
+pub use context::{DiskFilter, JobContext, JobContextBuilder, SNAPSHOT_PREFIX, nbd_uri};
 pub use flow::backup_vm;
 pub use job::{
     BASE_RESERVE, JobReport, Limits, MIN_BUFFERS, Outcome, PER_VM_RESERVE, Selection, Selector, buffer_budget,
