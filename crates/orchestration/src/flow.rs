@@ -3,7 +3,8 @@
 //! finished), preflight, CBT on when allowed, a snapshot named for this proxy and job (quiesced
 //! when VMware Tools run), the copy (`copy`), and the snapshot removed on every path, with
 //! consolidation when the server asks for it. What each step does lives in its own module:
-//! `context`, `plan`, `copy`, `read`, `vmx`, `snapshot`, `hygiene`, `drs`.
+//! `hygiene`, `drs`, `gate`, `snapshot`, `copy` (over the job's `target`, with `plan`, `read`
+//! and `vmx`); what the job shares is in `context`.
 
 use std::time::Instant;
 
