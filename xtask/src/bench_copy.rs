@@ -365,7 +365,7 @@ pub(crate) fn run(root: &Path) -> Result<()> {
     let rounds: usize =
         std::env::var("BENCH_COPY_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(if small { 1 } else { 3 });
     let (big, small_img) = if small { (512 * MIB, 256 * MIB) } else { (16 << 30, 4 << 30) };
-    let dir = root.join("target/bench-copy");
+    let dir = crate::target_dir(root).join("bench-copy");
     std::fs::create_dir_all(&dir)?;
     let shm = PathBuf::from("/dev/shm/syncproxy-bench");
     // Images (data only), one output at a time, an NBD target and slack.
@@ -389,7 +389,7 @@ pub(crate) fn run(root: &Path) -> Result<()> {
             .with_context(|| format!("bench copy needs {tool} (apt: libnbd-bin, nbdkit, qemu-utils, python3)"))?;
     }
     crate::cargo(&["build", "--release", "--locked", "-p", "proxy"])?;
-    let proxy = root.join("target/release/proxy");
+    let proxy = crate::target_dir(root).join("release/proxy");
     let proxy = proxy.display();
 
     // Named by size, so the small CI run never replaces the full-size images.

@@ -13,7 +13,7 @@
 //! repository of its own, so one run shows the CPU per GB both ways.
 
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -85,9 +85,7 @@ pub(crate) fn run(root: &Path) -> Result<()> {
         crate::output(Command::new("sh").args(["-c", &format!("command -v {tool}")]))
             .with_context(|| format!("bench repo needs {tool} (apt: restic, python3, coreutils)"))?;
     }
-    // Where cargo builds: CARGO_TARGET_DIR when set (relative to the root), else `target`.
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |d| root.join(PathBuf::from(d)));
+    let target = crate::target_dir(root);
     let dir = target.join("bench-repo");
     std::fs::create_dir_all(&dir)?;
     crate::cargo(&["build", "--release", "--locked", "-p", "proxy"])?;

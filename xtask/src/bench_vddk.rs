@@ -13,8 +13,8 @@ pub(crate) fn run(root: &std::path::Path) -> Result<()> {
     let rounds: usize = std::env::var("BENCH_VDDK_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     let size = mib << 20;
     crate::cargo(&["build", "--release", "--locked", "-p", "probe"])?;
-    let probe = root.join("target/release/probe");
-    let dir = root.join("target/bench-vddk");
+    let probe = crate::target_dir(root).join("release/probe");
+    let dir = crate::target_dir(root).join("bench-vddk");
     std::fs::create_dir_all(&dir)?;
     let disk = dir.join(format!("disk-{mib}m.raw"));
     if !disk.metadata().is_ok_and(|m| m.len() == size) {

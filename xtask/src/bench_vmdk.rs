@@ -45,10 +45,10 @@ fn make_source(path: &Path, size: u64) -> Result<()> {
 pub(crate) fn run(root: &Path) -> Result<()> {
     let size: u64 = std::env::var("BENCH_VMDK_MIB").ok().and_then(|s| s.parse().ok()).unwrap_or(1024) << 20;
     let rounds: usize = std::env::var("BENCH_VMDK_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
-    let dir = root.join("target/bench-vmdk");
+    let dir = crate::target_dir(root).join("bench-vmdk");
     std::fs::create_dir_all(&dir)?;
     crate::cargo(&["build", "--release", "--locked", "-p", "probe"])?;
-    let probe = root.join("target/release/probe");
+    let probe = crate::target_dir(root).join("release/probe");
     let mib = size >> 20;
     let src = dir.join(format!("src-{mib}m.raw"));
     make_source(&src, size)?;

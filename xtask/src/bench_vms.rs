@@ -47,8 +47,9 @@ pub(crate) fn run(root: &Path) -> Result<()> {
     let disk_mib: u64 = std::env::var("BENCH_VM_DISK_MIB").ok().and_then(|s| s.parse().ok()).unwrap_or(64);
     let memory = std::env::var("BENCH_VM_MEMORY").unwrap_or_else(|_| "256M".into());
     crate::cargo(&["build", "--release", "--locked", "-p", "proxy"])?;
-    let proxy = root.join("target/release/proxy").display().to_string();
-    let dir = root.join("target/bench-vms");
+    let target = crate::target_dir(root);
+    let proxy = target.join("release/proxy").display().to_string();
+    let dir = target.join("bench-vms");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

@@ -224,6 +224,23 @@ pub(crate) fn check(root: &Path) -> Result<()> {
             }
         }
     }
+    // A production proxy (`--no-default-features`) carries no simulator.
+    let production = crate::output(Command::new("cargo").args([
+        "tree",
+        "--locked",
+        "-p",
+        "proxy",
+        "--no-default-features",
+        "-e",
+        "normal",
+        "--prefix",
+        "none",
+        "--format",
+        "{p}",
+    ]))?;
+    if production.lines().any(|l| l.split_whitespace().next() == Some("vsphere-sim")) {
+        problems.push("bins/proxy without default features depends on vsphere-sim: the simulator and `demo` belong behind the `sim` feature, so a production build leaves them out".into());
+    }
     if !problems.is_empty() {
         bail!("crate boundaries broken:\n  {}", problems.join("\n  "));
     }

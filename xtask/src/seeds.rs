@@ -22,7 +22,7 @@ fn small_raw(path: &Path) -> Result<()> {
 
 pub(crate) fn make(root: &Path) -> Result<()> {
     let seeds = root.join("fuzz/seeds");
-    let tmp = root.join("target/fuzz-seeds");
+    let tmp = crate::target_dir(root).join("fuzz-seeds");
     std::fs::create_dir_all(&tmp)?;
     let raw = tmp.join("small.raw");
     small_raw(&raw)?;

@@ -12,10 +12,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use orchestration::{
-    DiskFilter, JobContext, JobReport, Outcome, ReplicaTarget, Selector, Target, buffer_budget, plan_vm,
-    report_missing, run_job, select, sweep_own_snapshots,
+    Buffers, DiskFilter, Job, JobContext, JobEvent, JobReport, JobSpec, Outcome, ReplicaTarget, Selector, Target,
+    plan_vm, vm_result,
 };
-use pipeline::Engine;
 use serde_json::json;
 
 use crate::repo_cmd::RepoArg;
@@ -130,31 +129,24 @@ pub(crate) struct ReplicateArgs {
 }
 
 pub(crate) fn run(args: &Args) -> ExitCode {
-    let vddk = match load_vddk(args.job.vddk_libdir.as_deref(), args.job.vddk_config.as_deref()) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("proxy backup: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    crate::block_on("backup", async {
-        let repo = args.repo.open()?;
-        job(&args.job, Target::Repository(repo), args.plan, "backup", vddk).await
-    })
+    command("backup", &args.job, args.plan, || Ok(Target::Repository(args.repo.open()?)))
 }
 
 pub(crate) fn run_replicate(args: &ReplicateArgs) -> ExitCode {
-    let vddk = match load_vddk(args.job.vddk_libdir.as_deref(), args.job.vddk_config.as_deref()) {
+    command("replicate", &args.job, false, || Ok(Target::Replica(ReplicaTarget::open(&args.dir)?)))
+}
+
+/// `proxy backup` or `proxy replicate` (`what`): VDDK loaded first (before any thread starts),
+/// then the target opened and the job run.
+fn command(what: &str, args: &JobArgs, plan_only: bool, open_target: impl FnOnce() -> Result<Target>) -> ExitCode {
+    let vddk = match load_vddk(args.vddk_libdir.as_deref(), args.vddk_config.as_deref()) {
         Ok(v) => v,
         Err(e) => {
-            eprintln!("proxy replicate: {e:#}");
+            eprintln!("proxy {what}: {e:#}");
             return ExitCode::FAILURE;
         }
     };
-    crate::block_on("replicate", async {
-        let target = ReplicaTarget::open(&args.dir)?;
-        job(&args.job, Target::Replica(target), false, "replicate", vddk).await
-    })
+    crate::block_on(what, async { job(args, open_target()?, plan_only, what, vddk).await })
 }
 
 /// Loads and initialises VDDK from `libdir`, before any thread starts: VDDK finds its own
@@ -179,10 +171,6 @@ fn new_job_id() -> Result<String> {
     let t = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let stamp: String = t.chars().filter(char::is_ascii_alphanumeric).collect();
     Ok(format!("{stamp}-{}", r.iter().map(|b| format!("{b:02x}")).collect::<String>()))
-}
-
-fn host_name() -> String {
-    durable::host_name()
 }
 
 /// The hooks the flags ask for: a command on the proxy, or a program in the guest (its path,
@@ -215,65 +203,69 @@ async fn job(
     what: &str,
     vddk: Option<Arc<vddk::Vddk>>,
 ) -> Result<ExitCode> {
-    let client = Arc::new(args.server.login().await?);
-    let selectors: Vec<Selector> = args.vms.iter().map(|v| Selector::parse(v)).collect();
+    let spec = JobSpec {
+        login: args.server.login_spec()?,
+        selectors: args.vms.iter().map(|v| Selector::parse(v)).collect(),
+        all: args.all,
+        proxy_id: args.proxy_id.clone().unwrap_or_else(durable::host_name),
+        job_id: new_job_id()?,
+        concurrency: args.concurrency,
+        buffers: Buffers::Memory(args.memory),
+        options: None,
+        limits: None,
+        metrics: None,
+        max_job: args.max_job,
+        disks: DiskFilter { include: args.include_disk.clone(), exclude: args.exclude_disk.clone() },
+        vddk,
+        nbd: args.nbd_url.clone(),
+        pin_drs: !args.no_drs_pin,
+        hooks: hooks(args)?,
+    };
     // A VM that is gone or misnamed fails on its own; the others are protected all the same.
-    let selection = select(&client, &selectors, args.all).await?;
-    for (_, why) in &selection.missing {
+    let job = Job::prepare(spec, || Ok::<_, anyhow::Error>(target)).await?;
+    for (_, why) in &job.selection.missing {
         eprintln!("proxy {what}: {why}");
     }
-    let vms = selection.vms;
-    if vms.is_empty() && selection.missing.is_empty() {
+    if job.selection.vms.is_empty() && job.selection.missing.is_empty() {
         bail!("no VMs to {what}");
     }
-    let proxy_id = args.proxy_id.clone().unwrap_or_else(host_name);
-    let engine = Arc::new(Engine::new(buffer_budget(args.memory, args.concurrency.min(vms.len().max(1)))));
-    let ctx = JobContext::builder(client.clone(), target, &proxy_id, &new_job_id()?, engine.clone())
-        .max_job(args.max_job)
-        .disks(DiskFilter { include: args.include_disk.clone(), exclude: args.exclude_disk.clone() })
-        .vddk(vddk)
-        .nbd(args.nbd_url.clone())
-        .pin_drs(!args.no_drs_pin)
-        .hooks(hooks(args)?)
-        .build();
     if plan_only {
-        return plan(&ctx, &vms, args.json).await;
+        return plan(&job.ctx, &job.selection.vms, args.json).await;
     }
-    let refs: Vec<_> = vms.iter().map(|v| v.moref.clone()).collect();
-    eprintln!("proxy {what}: job {} of {} VM(s), at most {} at once", ctx.tag(), refs.len(), args.concurrency);
-    let view = crate::progress_view::start(ctx.metrics().clone(), refs.len(), args.no_progress || args.json);
-    let job = run_job(&ctx, &refs, args.concurrency);
-    tokio::pin!(job);
-    let mut report = tokio::select! {
-        r = &mut job => r?,
-        _ = tokio::signal::ctrl_c() => {
-            eprintln!("proxy {what}: interrupted: stopping the copies and removing the snapshots (Ctrl-C again to stop now)");
-            engine.cancel.cancel();
-            tokio::select! {
-                r = &mut job => r?,
-                _ = tokio::signal::ctrl_c() => {
-                    eprintln!("proxy {what}: stopping now");
-                    JobReport { job: ctx.tag(), vms: Vec::new(), seconds: 0.0 }
-                }
-            }
-        }
+    let cancel = job.ctx.engine().cancel.clone();
+    let abandon = async {
+        let _ = tokio::signal::ctrl_c().await;
+        eprintln!(
+            "proxy {what}: interrupted: stopping the copies and removing the snapshots (Ctrl-C again to stop now)"
+        );
+        cancel.cancel();
+        let _ = tokio::signal::ctrl_c().await;
+        eprintln!("proxy {what}: stopping now");
     };
-    drop(view);
-    // Whatever ended the job, no snapshot of it may stay.
-    let (swept, failed) = sweep_own_snapshots(&ctx, &refs).await;
-    for s in &swept {
+    let mut view = None;
+    let run = job
+        .run(abandon, |event| match event {
+            JobEvent::Started { tag, vms, concurrency } => {
+                eprintln!("proxy {what}: job {tag} of {vms} VM(s), at most {concurrency} at once");
+                let quiet = args.no_progress || args.json;
+                view = Some(crate::progress_view::start(job.ctx.metrics().clone(), vms, quiet));
+            }
+            JobEvent::Copied => view = None,
+        })
+        .await?;
+    for s in &run.swept {
         eprintln!("proxy {what}: removed snapshot {s}");
     }
-    for f in &failed {
+    for f in &run.unswept {
         eprintln!("proxy {what}: COULD NOT REMOVE SNAPSHOT {f}; the next run removes it");
     }
-    if report.vms.is_empty() && selection.missing.is_empty() {
+    let report = run.report;
+    if report.vms.is_empty() {
         return Ok(ExitCode::FAILURE);
     }
-    report_missing(&ctx, &mut report, &selection.missing);
-    print_report(&report, &ctx, args.json)?;
+    print_report(&report, &job.ctx, args.json)?;
     Ok(match report.outcome() {
-        Outcome::All if engine.cancel.is_cancelled() => ExitCode::from(3),
+        Outcome::All if job.ctx.engine().cancel.is_cancelled() => ExitCode::from(3),
         Outcome::All => ExitCode::SUCCESS,
         Outcome::Some => ExitCode::from(3),
         Outcome::None => ExitCode::FAILURE,
@@ -320,37 +312,7 @@ fn print_report(report: &JobReport, ctx: &JobContext, json: bool) -> Result<()> 
     let mut out = std::io::stdout().lock();
     let m = ctx.metrics().snapshot();
     if json {
-        let vms: Vec<_> = report
-            .vms
-            .iter()
-            .map(|r| {
-                json!({
-                    "vm": r.vm,
-                    "result": if r.error.is_some() { "failed" } else if r.warnings.is_empty() { "ok" } else { "warning" },
-                    "restore_point": r.point,
-                    "replica": r.replica.as_ref().map(|p| p.display().to_string()),
-                    "consistency": r.consistency.map(|c| format!("{c:?}").to_lowercase()),
-                    "disks": r.disks.iter().map(|d| json!({
-                        "name": d.name, "full": d.full, "plan": d.plan, "read": d.read, "transport": d.transport,
-                        "stored_chunks": d.stored_chunks, "stored_bytes": d.stored_bytes,
-                    })).collect::<Vec<_>>(),
-                    "warnings": r.warnings,
-                    "error": r.error,
-                    "snapshot_removed": r.snapshot_removed,
-                    "stale_snapshots_removed": r.stale_removed,
-                    "seconds": r.seconds,
-                })
-            })
-            .collect();
-        let j = json!({
-            "job": report.job,
-            "outcome": format!("{:?}", report.outcome()).to_lowercase(),
-            "seconds": report.seconds,
-            "vms": vms,
-            "disks_copying_peak": m.disks_copying_peak,
-            "bytes_read": m.bytes_read,
-        });
-        writeln!(out, "{}", serde_json::to_string_pretty(&j)?)?;
+        writeln!(out, "{}", serde_json::to_string_pretty(&report.to_json(&m))?)?;
         return Ok(());
     }
     writeln!(
@@ -359,12 +321,9 @@ fn print_report(report: &JobReport, ctx: &JobContext, json: bool) -> Result<()> 
         "VM", "result", "consistency", "disks", "read", "stored", "seconds"
     )?;
     for r in &report.vms {
-        let result = if r.error.is_some() {
-            "FAILED"
-        } else if r.warnings.is_empty() {
-            "ok"
-        } else {
-            "warning"
+        let result = match vm_result(r) {
+            "failed" => "FAILED",
+            word => word,
         };
         let consistency = match r.consistency {
             Some(repo::Consistency::Application) => "application",

@@ -10,10 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use orchestration::{JobContext, Target, VmReport, backup_vm};
+use orchestration::hooks::Hooks;
+use orchestration::{Buffers, DiskFilter, Job, JobSpec, Limits, Login, Target, VmReport};
 use pipeline::Engine;
 use repo::Repo;
-use vsphere::{Client, ConnectOptions, Credentials, Secret, Trust};
+use vsphere::{ConnectOptions, Credentials, Secret, Trust};
 use vsphere_sim::{Config, Sim, SimTls};
 
 const MIB: u64 = 1 << 20;
@@ -99,23 +100,36 @@ fn peak_rss() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
 }
 
+/// Backs up every VM of the simulator at once, as a job named `job`.
 async fn back_up_all(
-    client: &Arc<Client>,
+    login: &Login,
     repo: &Repo,
     job: &str,
     engine: &Arc<Engine>,
     metrics: &Arc<orchestration::Metrics>,
+    vms: usize,
 ) -> Result<Vec<VmReport>> {
-    let ctx = JobContext::builder(client.clone(), Target::Repository(repo.clone()), "demo", job, engine.clone())
-        .metrics(metrics.clone())
-        .build();
-    // Every VM at once, as a job does.
-    let mut set = tokio::task::JoinSet::new();
-    for v in client.vms().await? {
-        let ctx = ctx.clone();
-        set.spawn(async move { backup_vm(&ctx, &v.moref).await });
-    }
-    let mut reports = set.join_all().await;
+    let spec = JobSpec {
+        login: login.clone(),
+        selectors: Vec::new(),
+        all: true,
+        proxy_id: "demo".into(),
+        job_id: job.into(),
+        concurrency: vms,
+        buffers: Buffers::Shared(engine.clone()),
+        options: None,
+        limits: Some(Arc::new(Limits::new(vms, None, None))),
+        metrics: Some(metrics.clone()),
+        max_job: Duration::from_secs(24 * 3600),
+        disks: DiskFilter::default(),
+        vddk: None,
+        nbd: None,
+        pin_drs: true,
+        hooks: Hooks::default(),
+    };
+    let job = Job::prepare(spec, || Ok::<_, anyhow::Error>(Target::Repository(repo.clone()))).await?;
+    let run = job.run(std::future::pending(), |_| {}).await?;
+    let mut reports = run.report.vms;
     reports.sort_by(|a, b| a.vm.cmp(&b.vm));
     for r in &reports {
         if let Some(e) = &r.error {
@@ -144,13 +158,16 @@ async fn demo(args: &Args) -> Result<ExitCode> {
         disk / 4 / MIB
     );
     let sim = Sim::start(estate(args.vms, disk), &dir.join("sim"), SimTls::SelfSigned).await?;
-    let opts = ConnectOptions {
+    let options = ConnectOptions {
         trust: Trust::Pinned(vsphere::Thumbprint::sha256_of(sim.certificate().context("the simulator's certificate")?)),
         timeout: Duration::from_secs(30),
         ..ConnectOptions::new(&sim.url())
     };
-    let client = Arc::new(Client::connect(&opts).await?);
-    client.login(Credentials { user: "backup@vsphere.local".into(), password: Secret::new("simulated") }).await?;
+    let login = Login {
+        options,
+        credentials: Credentials { user: "backup@vsphere.local".into(), password: Secret::new("simulated") },
+    };
+    let client = login.clone().client().await?;
     let vms = client.vms().await?;
     // Data in about 40 % of each disk's MiBs.
     for (vi, v) in vms.iter().enumerate() {
@@ -172,7 +189,7 @@ async fn demo(args: &Args) -> Result<ExitCode> {
     let metrics = Arc::new(orchestration::Metrics::default());
 
     let t = Instant::now();
-    let full = back_up_all(&client, &repo, "full", &engine, &metrics).await?;
+    let full = back_up_all(&login, &repo, "full", &engine, &metrics, vms.len()).await?;
     let full_secs = t.elapsed().as_secs_f64();
     // Every disk of every restore point is compared with the simulator's disk as it was when
     // the point was made, before anything changes it.
@@ -186,7 +203,7 @@ async fn demo(args: &Args) -> Result<ExitCode> {
         }
     }
     let t = Instant::now();
-    let inc = back_up_all(&client, &repo, "incremental", &engine, &metrics).await?;
+    let inc = back_up_all(&login, &repo, "incremental", &engine, &metrics, vms.len()).await?;
     let inc_secs = t.elapsed().as_secs_f64();
     compared += compare_all(&sim, &vms, &repo, &inc)?;
     let verify = repo.verify()?;

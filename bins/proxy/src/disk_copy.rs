@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use nbd_wire::Uri;
 use pipeline::limit::{RateLimiter, ReleaseCpuTime};
 use pipeline::progress::Progress;
-use pipeline::{BlockError, CopyOptions, Engine};
+use pipeline::{CopyOptions, Engine, ErrorKind};
 use replica::replicate::{ResumeCheck, SyncJob, sync};
 use replica::state::{StateStore, SyncKey};
 
@@ -207,7 +207,7 @@ async fn copy(args: &Args) -> Result<ExitCode> {
     }
     let outcome = match result {
         Ok(o) => o,
-        Err(BlockError::Cancelled) => {
+        Err(e) if e.kind() == ErrorKind::Cancelled => {
             eprintln!("proxy disk-copy: cancelled; run the same command again to resume");
             return Ok(ExitCode::from(130));
         }

@@ -1,10 +1,12 @@
 //! `proxy`: the syncproxy proxy. Today `backup` (VMs into a repository, or `--plan`),
 //! `replicate` (VMs' disks kept as replicas), `disk-copy` (the block pipeline as a command),
-//! the `repo` command tree, `serve` (the daemon) with `config check`, and `demo`.
+//! the `repo` command tree, `serve` (the daemon) with `config check`, and `demo` (with the
+//! default `sim` feature, which a production build leaves out).
 
 mod backup_cmd;
 mod cbt_reset_cmd;
 mod config_cmd;
+#[cfg(feature = "sim")]
 mod demo;
 mod disk_copy;
 mod endpoints;
@@ -55,6 +57,7 @@ enum Command {
     },
     /// Run the whole product on the embedded vSphere simulator: full and incremental backups
     /// of a few VMs, restores compared byte for byte, a summary. Nothing to set up.
+    #[cfg(feature = "sim")]
     Demo(demo::Args),
     /// Work with a backup repository (a directory or s3://bucket/prefix): init, backup, list,
     /// restore, verify, prune, gc, copy.
@@ -90,6 +93,7 @@ fn main() -> ExitCode {
         Command::Replicate(args) => backup_cmd::run_replicate(&args),
         Command::CbtReset(args) => cbt_reset_cmd::run(&args),
         Command::DiskCopy(args) => disk_copy::run(&args),
+        #[cfg(feature = "sim")]
         Command::Demo(args) => demo::run(&args),
         Command::Serve(args) => serve::run(&args),
         Command::Config { command } => config_cmd::run(&command),

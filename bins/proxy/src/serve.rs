@@ -19,13 +19,9 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use orchestration::config::{JobConfig, Schedule, ServeConfig, VcenterConfig};
-use orchestration::{
-    JobContext, JobReport, Limits, Metrics, Outcome, ReplicaTarget, Selector, Target, clean_stale, report_missing,
-    run_job, select, sweep_own_snapshots,
-};
+use orchestration::{Buffers, Job, JobEvent, JobReport, JobSpec, Limits, Metrics, Outcome, Selector, Target};
 use pipeline::Engine;
 use pipeline::limit::{RateLimiter, ReleaseCpuTime};
-use repo::{Location, Repo, RepoKey, S3Config};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
@@ -126,47 +122,10 @@ pub(crate) fn server_args(v: &VcenterConfig) -> ServerArgs {
     }
 }
 
-/// Opens a job's target.
-pub(crate) fn open_target(job: &JobConfig) -> Result<Target> {
-    if let Some(r) = &job.repository {
-        let key = job.key_file.as_deref().map(RepoKey::from_file).transpose()?;
-        let location =
-            Location { url: r.clone(), s3: S3Config { allow_http: job.s3_allow_http, ..S3Config::from_env() }, key };
-        return Ok(Target::Repository(Repo::open_at(&location)?));
-    }
-    match &job.replica {
-        Some(dir) => Ok(Target::Replica(ReplicaTarget::open(dir)?)),
-        None => bail!("job {} has no target", job.name),
-    }
-}
-
 /// One finished run, as the history keeps it.
 fn record(job: &str, started: SystemTime, report: Option<&JobReport>, error: Option<String>) -> Value {
     let time = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
-    let vms: Vec<Value> = report
-        .map(|r| {
-            r.vms
-                .iter()
-                .map(|v| {
-                    json!({
-                        "vm": v.vm,
-                        "result": if v.error.is_some() { "failed" } else if v.warnings.is_empty() { "ok" } else { "warning" },
-                        "restore_point": v.point,
-                        "replica": v.replica.as_ref().map(|p| p.display().to_string()),
-                        "consistency": v.consistency.map(|c| format!("{c:?}").to_lowercase()),
-                        "read": v.disks.iter().map(|d| d.read).sum::<u64>(),
-                        "stored": v.disks.iter().map(|d| d.stored_bytes).sum::<u64>(),
-                        "full_disks": v.disks.iter().filter(|d| d.full).count(),
-                        "disks": v.disks.len(),
-                        "warnings": v.warnings,
-                        "error": v.error,
-                        "snapshot_removed": v.snapshot_removed,
-                        "seconds": v.seconds,
-                    })
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let vms = report.map(JobReport::vm_totals).unwrap_or_default();
     let outcome = match (report.map(JobReport::outcome), &error) {
         (_, Some(_)) | (None, None) => "failed",
         (Some(Outcome::All), None) => "succeeded",
@@ -294,72 +253,69 @@ struct Runner {
 }
 
 impl Runner {
-    /// Logs in and builds the context of one run: its VMs, and why each selector that found
-    /// none failed (a deleted VM fails alone; the others run).
-    async fn context(&self, run_id: &str) -> Result<(JobContext, Vec<vsphere::MoRef>, Vec<(String, String)>)> {
-        let client = Arc::new(server_args(&self.vcenter).login().await?);
-        let selectors: Vec<Selector> = self.job.vms.iter().map(|v| Selector::parse(v)).collect();
-        let selection = select(&client, &selectors, self.job.all).await?;
-        let target = open_target(&self.job)?;
-        let cred = self.job.guest_credentials_file.as_deref();
-        let hook = |h: &Option<orchestration::config::HookConfig>, which: &str| {
-            h.as_ref()
-                .map(|h| h.hook(cred).map_err(|e| anyhow::anyhow!("job {}: {which}: {e}", self.job.name)))
-                .transpose()
-        };
-        let hooks = orchestration::hooks::Hooks {
-            pre_freeze: hook(&self.job.pre_freeze, "pre_freeze")?,
-            post_thaw: hook(&self.job.post_thaw, "post_thaw")?,
-        };
-        let ctx = JobContext::builder(
-            client,
-            target,
-            &self.proxy_id,
-            &format!("{}-{run_id}", self.job.name),
-            self.engine.clone(),
-        )
-        .options(self.options.clone())
-        .max_job(self.max_job)
-        .disks(orchestration::DiskFilter {
-            include: self.job.include_disks.clone(),
-            exclude: self.job.exclude_disks.clone(),
+    /// What one run is: the VMs of the job, on its vCenter, with the process's shared engine,
+    /// limits and counters.
+    fn spec(&self, run_id: &str) -> Result<JobSpec> {
+        Ok(JobSpec {
+            login: server_args(&self.vcenter).login_spec()?,
+            selectors: self.job.vms.iter().map(|v| Selector::parse(v)).collect(),
+            all: self.job.all,
+            proxy_id: self.proxy_id.clone(),
+            job_id: format!("{}-{run_id}", self.job.name),
+            concurrency: self.max_vms,
+            buffers: Buffers::Shared(self.engine.clone()),
+            options: Some(self.options.clone()),
+            limits: Some(self.limits.clone()),
+            metrics: Some(self.metrics.clone()),
+            max_job: self.max_job,
+            disks: orchestration::DiskFilter {
+                include: self.job.include_disks.clone(),
+                exclude: self.job.exclude_disks.clone(),
+            },
+            vddk: self.vddk.clone(),
+            nbd: self.job.nbd_url.clone(),
+            pin_drs: self.job.pin_drs,
+            hooks: self.job.hooks()?,
         })
-        .limits(self.limits.clone())
-        .metrics(self.metrics.clone())
-        .vddk(self.vddk.clone())
-        .nbd(self.job.nbd_url.clone())
-        .pin_drs(self.job.pin_drs)
-        .hooks(hooks)
-        .build();
-        Ok((ctx, selection.morefs(), selection.missing))
+    }
+
+    /// Logs in and selects one run's VMs (a deleted VM fails alone; the others run).
+    async fn prepare(&self, run_id: &str) -> Result<Job> {
+        Ok(Job::prepare(self.spec(run_id)?, || self.job.open_target()).await?)
     }
 
     /// One run: the job, then (for a repository with retention) a prune.
     async fn once(&self, run_id: &str) -> (Option<JobReport>, Option<String>) {
-        let (ctx, vms, missing) = match self.context(run_id).await {
+        let job = match self.prepare(run_id).await {
             Ok(x) => x,
             Err(e) => return (None, Some(format!("{e:#}"))),
         };
-        tracing::info!(job = %self.job.name, run = %ctx.tag(), vms = vms.len(), "job starts");
-        let mut report = match run_job(&ctx, &vms, self.max_vms).await {
+        let name = &self.job.name;
+        let started = |e: JobEvent<'_>| {
+            if let JobEvent::Started { tag, vms, .. } = e {
+                tracing::info!(job = %name, run = %tag, vms, "job starts");
+            }
+        };
+        // SIGTERM cancels the engine: the copies stop and the run ends on its own.
+        let run = match job.run(std::future::pending(), started).await {
             Ok(r) => r,
             Err(e) => return (None, Some(e.to_string())),
         };
-        report_missing(&ctx, &mut report, &missing);
-        let (swept, failed) = sweep_own_snapshots(&ctx, &vms).await;
-        for s in swept {
-            tracing::warn!(job = %self.job.name, "removed snapshot {s} after the run");
+        for s in run.swept {
+            tracing::warn!(job = %name, "removed snapshot {s} after the run");
         }
-        for f in failed {
-            tracing::error!(job = %self.job.name, "COULD NOT REMOVE SNAPSHOT {f}; the next run removes it");
+        for f in run.unswept {
+            tracing::error!(job = %name, "COULD NOT REMOVE SNAPSHOT {f}; the next run removes it");
         }
+        let report = run.report;
         for v in &report.vms {
             match &v.error {
-                Some(e) => tracing::error!(job = %self.job.name, vm = %v.vm, "failed: {e}"),
-                None => tracing::info!(job = %self.job.name, vm = %v.vm, point = ?v.point, replica = ?v.replica,
+                Some(e) => tracing::error!(job = %name, vm = %v.vm, "failed: {e}"),
+                None => tracing::info!(job = %name, vm = %v.vm, point = ?v.point, replica = ?v.replica,
                     warnings = v.warnings.len(), seconds = v.seconds, "done"),
             }
         }
+        let ctx = &job.ctx;
         let mut error = None;
         if let (Target::Repository(repo), Some(keep)) = (ctx.target(), &self.job.retention)
             && report.outcome() != Outcome::None
@@ -379,8 +335,8 @@ impl Runner {
 /// Removes the stale snapshots of ours that dead jobs left, job by job of one vCenter.
 async fn sweep_at_start(runners: &[Arc<Runner>]) {
     for r in runners {
-        match r.context("startup").await {
-            Ok((ctx, vms, _)) => match clean_stale(&ctx, &vms).await {
+        match r.prepare("startup").await {
+            Ok(job) => match job.clean_stale().await {
                 Ok(reports) => {
                     for v in reports {
                         for s in &v.stale_removed {

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use orchestration::Login;
 use vsphere::{Client, ConnectOptions, Credentials, Secret, Thumbprint, Trust};
 
 /// The environment variable a password may come from instead of `--password-file`.
@@ -117,8 +118,8 @@ impl ServerArgs {
         }
     }
 
-    /// Connects and logs in.
-    pub(crate) async fn login(&self) -> Result<Client> {
+    /// How to connect and log in: the trust, the password (read now) and the timeout.
+    pub(crate) fn login_spec(&self) -> Result<Login> {
         if url_has_credentials(&self.url) {
             bail!("the server's URL must not carry credentials (user:password@); give --user and --password-file");
         }
@@ -138,11 +139,11 @@ impl ServerArgs {
             legacy_tls: self.legacy_tls,
             ..ConnectOptions::new(&self.url)
         };
-        let client = Client::connect(&options).await.with_context(|| format!("cannot reach {}", self.url))?;
-        client
-            .login(Credentials { user: self.user.clone(), password })
-            .await
-            .with_context(|| format!("cannot log in to {} as {}", self.url, self.user))?;
-        Ok(client)
+        Ok(Login { options, credentials: Credentials { user: self.user.clone(), password } })
+    }
+
+    /// Connects and logs in.
+    pub(crate) async fn login(&self) -> Result<Client> {
+        Ok(self.login_spec()?.client().await?)
     }
 }

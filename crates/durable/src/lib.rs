@@ -40,9 +40,17 @@ pub enum Error {
     /// A request that makes no sense (a job name that is no file name).
     #[error("{0}")]
     Invalid(String),
-    /// An object store answered with an error.
-    #[error("object storage: {0}")]
-    Remote(String),
+    /// An object store answered with an error, or could not be reached. The store classifies
+    /// it once, as the kind of `source`: a refused, reset or timed-out connection or a busy
+    /// server (`ResourceBusy`) may pass, a missing object or bucket is `NotFound`, refused
+    /// credentials are `PermissionDenied`.
+    #[error("object storage: {what}: {source}")]
+    Remote {
+        /// The object or operation.
+        what: String,
+        /// The store's error, of the kind the store decided.
+        source: std::io::Error,
+    },
     /// The thread that refreshes a lock or lease could not be started.
     #[error("cannot start a heartbeat: {0}")]
     Spawn(#[source] std::io::Error),
@@ -70,6 +78,7 @@ impl From<Error> for std::io::Error {
         match e {
             Error::Io { path, source } => Self::new(source.kind(), format!("{}: {source}", path.display())),
             Error::Spawn(source) => source,
+            Error::Remote { what, source } => Self::new(source.kind(), format!("object storage: {what}: {source}")),
             e => Self::other(e),
         }
     }

@@ -353,6 +353,40 @@ impl HookConfig {
     }
 }
 
+impl JobConfig {
+    /// Opens the job's target: its repository (a directory or `s3://`, with its key file and
+    /// the S3 settings of the environment) or its replica folder.
+    pub fn open_target(&self) -> Result<crate::Target, crate::OrchError> {
+        if let Some(r) = &self.repository {
+            let key = self.key_file.as_deref().map(repo::RepoKey::from_file).transpose()?;
+            let s3 = repo::S3Config { allow_http: self.s3_allow_http, ..repo::S3Config::from_env() };
+            let location = repo::Location { url: r.clone(), s3, key };
+            return Ok(crate::Target::Repository(repo::Repo::open_at(&location)?));
+        }
+        match &self.replica {
+            Some(dir) => Ok(crate::Target::Replica(crate::ReplicaTarget::open(dir)?)),
+            None => Err(crate::OrchError::Refused(format!("job {} has no target", self.name))),
+        }
+    }
+
+    /// The job's freeze and thaw hooks; a problem names the job and the hook.
+    pub fn hooks(&self) -> Result<crate::hooks::Hooks, crate::OrchError> {
+        let credentials = self.guest_credentials_file.as_deref();
+        let hook = |h: &Option<HookConfig>, which: &str| {
+            h.as_ref()
+                .map(|h| {
+                    h.hook(credentials)
+                        .map_err(|e| crate::OrchError::Refused(format!("job {}: {which}: {e}", self.name)))
+                })
+                .transpose()
+        };
+        Ok(crate::hooks::Hooks {
+            pre_freeze: hook(&self.pre_freeze, "pre_freeze")?,
+            post_thaw: hook(&self.post_thaw, "post_thaw")?,
+        })
+    }
+}
+
 /// A whole configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

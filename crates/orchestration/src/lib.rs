@@ -21,6 +21,7 @@ pub mod hooks;
 pub mod hygiene;
 pub mod intent;
 mod job;
+pub mod lifecycle;
 pub mod metrics;
 mod plan;
 pub mod preflight;
@@ -38,6 +39,7 @@ pub use job::{
     BASE_RESERVE, JobReport, Limits, MIN_BUFFERS, Outcome, PER_VM_RESERVE, Selection, Selector, buffer_budget,
     clean_stale, report_missing, run_job, select, select_vms, sweep_own_snapshots,
 };
+pub use lifecycle::{Buffers, Job, JobEvent, JobRun, JobSpec, Login, vm_result};
 pub use metrics::{Metrics, MetricsSnapshot};
 pub use plan::{DiskPlanReport, VmPlan, plan_vm};
 pub use report::{DiskReport, VmReport};
@@ -63,6 +65,26 @@ pub enum OrchError {
     /// A disk descriptor could not be read.
     #[error(transparent)]
     Vmdk(#[from] vmdk::VmdkError),
+    /// The vSphere server could not be reached.
+    #[error("cannot reach {url}")]
+    Unreachable {
+        /// The server's URL.
+        url: String,
+        /// Why.
+        #[source]
+        source: vsphere::Error,
+    },
+    /// The server refused the login (the password is never part of it).
+    #[error("cannot log in to {url} as {user}")]
+    LoginRefused {
+        /// The server's URL.
+        url: String,
+        /// The user.
+        user: String,
+        /// Why.
+        #[source]
+        source: vsphere::Error,
+    },
     /// The VM or disk is outside what this flow supports, with the reason.
     #[error("{0}")]
     Refused(String),

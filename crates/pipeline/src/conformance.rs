@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use bytes::{Bytes, BytesMut};
 use cbt::ExtentSet;
 
-use crate::{BlockError, BlockSink, BlockSource, IoFuture, SourceAllocation, check_range};
+use crate::{BlockError, BlockSink, BlockSource, ErrorKind, IoFuture, SourceAllocation, check_range};
 
 fn eio(what: &str) -> BlockError {
     BlockError::io(what, std::io::Error::from_raw_os_error(5))
@@ -198,7 +198,7 @@ pub async fn check_source(src: &dyn BlockSource, expected: &[u8]) -> Result<(), 
 
 /// [`check_source`] for a source that reads only whole units of `unit` bytes (VDDK reads whole
 /// 512-byte sectors): its odd reads are whole units, and it must refuse a read of part of a
-/// unit with [`BlockError::Invalid`]. `expected` is a whole number of units, of 4096 bytes at
+/// unit with [`ErrorKind::InvalidInput`]. `expected` is a whole number of units, of 4096 bytes at
 /// most.
 pub async fn check_source_in_units(src: &dyn BlockSource, expected: &[u8], unit: u64) -> Result<(), String> {
     let size = expected.len() as u64;
@@ -247,14 +247,14 @@ pub async fn check_source_in_units(src: &dyn BlockSource, expected: &[u8], unit:
     }
     for (offset, len) in [(size, u), (size - u, 2 * u), (u64::MAX - 1, 4)] {
         match src.read_at(offset, BytesMut::zeroed(usize::try_from(len).unwrap_or(0))).await {
-            Err(BlockError::Invalid(_)) => {}
+            Err(e) if e.kind() == ErrorKind::InvalidInput => {}
             other => return Err(format!("read {len} at {offset} past the end: {other:?}")),
         }
     }
     if u > 1 {
         for (offset, len) in [(1, u), (0, u + 1), (u - 1, u)] {
             match src.read_at(offset, BytesMut::zeroed(usize::try_from(len).unwrap_or(0))).await {
-                Err(BlockError::Invalid(_)) => {}
+                Err(e) if e.kind() == ErrorKind::InvalidInput => {}
                 other => return Err(format!("read {len} at {offset}, part of a unit of {u}: {other:?}")),
             }
         }
@@ -317,11 +317,11 @@ pub async fn check_sink(
     model[n - 4096..].fill(7);
     for (offset, len) in [(size, 4096u64), (size - 4096, 8192)] {
         match sink.write_at(offset, Bytes::from(vec![1u8; usize::try_from(len).unwrap_or(0)])).await {
-            Err(BlockError::Invalid(_)) => {}
+            Err(e) if e.kind() == ErrorKind::InvalidInput => {}
             other => return Err(format!("write {len} at {offset} past the end: {other:?}")),
         }
         match sink.write_zeroes(offset, len).await {
-            Err(BlockError::Invalid(_)) => {}
+            Err(e) if e.kind() == ErrorKind::InvalidInput => {}
             other => return Err(format!("zeroing {len} at {offset} past the end: {other:?}")),
         }
     }

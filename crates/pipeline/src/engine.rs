@@ -17,7 +17,12 @@ use crate::digest::{Digests, zero_digest};
 use crate::limit::{RateLimiter, ReleaseCpuTime};
 use crate::pool::BufferPool;
 use crate::progress::Progress;
-use crate::{BlockError, BlockSink, BlockSource};
+use crate::{BlockError, BlockSink, BlockSource, ErrorKind};
+
+/// How long a job's copies keep retrying a request that fails transiently
+/// ([`CopyOptions::retry_for`]): long enough for a busy host to calm down or an S3 gateway or
+/// NBD server to restart. The default options leave it at zero, `retries` alone deciding.
+pub const PATIENCE: Duration = Duration::from_secs(120);
 
 /// How a copy runs.
 #[derive(Debug, Clone)]
@@ -26,8 +31,13 @@ pub struct CopyOptions {
     pub request_size: u64,
     /// Requests in flight per disk.
     pub in_flight: usize,
-    /// Retries of a retryable failure before the copy fails.
+    /// Retries of a transient failure ([`ErrorKind::Transient`]) before the copy fails, at
+    /// least.
     pub retries: u32,
+    /// And beyond `retries`, how long a request may keep failing transiently before the copy
+    /// fails: the engine's patience, for a server restarting (an S3 gateway, an NBD export).
+    /// Zero: `retries` alone decides.
+    pub retry_for: Duration,
     /// The first backoff; each retry doubles it, up to 5 s.
     pub backoff: Duration,
     /// Checkpoint after this many bytes completed since the last checkpoint.
@@ -51,6 +61,7 @@ impl Default for CopyOptions {
             request_size: 4 << 20,
             in_flight: 8,
             retries: 5,
+            retry_for: Duration::ZERO,
             backoff: Duration::from_millis(100),
             checkpoint_bytes: 256 << 20,
             job_rate: None,
@@ -62,7 +73,7 @@ impl Default for CopyOptions {
 }
 
 /// A flag that stops copies cleanly: requests in flight finish, the progress is checkpointed,
-/// and the copy returns [`BlockError::Cancelled`].
+/// and the copy returns an error of kind [`ErrorKind::Cancelled`].
 #[derive(Debug, Clone, Default)]
 pub struct Cancel(Arc<AtomicBool>);
 
@@ -227,7 +238,7 @@ pub async fn copy_disk(
     let started = Instant::now();
     let sink_g = job.sink.granularity();
     if job.source.size() > job.sink.size() {
-        return Err(BlockError::Mismatch(format!(
+        return Err(BlockError::invalid(format!(
             "{} ({} bytes) does not fit in {} ({} bytes)",
             job.source.describe(),
             job.source.size(),
@@ -236,7 +247,7 @@ pub async fn copy_disk(
         )));
     }
     if job.digests.granularity != sink_g.get() || job.digests.capacity != job.source.size() {
-        return Err(BlockError::Mismatch(format!(
+        return Err(BlockError::invalid(format!(
             "the digests describe {} bytes in {}-byte blocks, the copy {} bytes in {}-byte blocks",
             job.digests.capacity,
             job.digests.granularity,
@@ -294,7 +305,7 @@ pub async fn copy_disk(
     }
     let mut first_error = None;
     while let Some(r) = workers.join_next().await {
-        let r = r.unwrap_or_else(|e| Err(BlockError::Invalid(format!("a copy worker panicked: {e}"))));
+        let r = r.unwrap_or_else(|e| Err(BlockError::fatal("a copy worker panicked").with_source(e)));
         if let Err(e) = r {
             disk.failed.store(true, Ordering::SeqCst);
             first_error.get_or_insert(e);
@@ -306,7 +317,7 @@ pub async fn copy_disk(
         if let Err(e) = disk.save_checkpoint(true).await {
             tracing::warn!("could not save the checkpoint of {}: {e}", disk.sink.describe());
         }
-        return Err(first_error.unwrap_or(BlockError::Cancelled));
+        return Err(first_error.unwrap_or_else(BlockError::cancelled));
     }
     let counts = disk.progress.snapshot();
     let digests = options.digests.then(|| disk.digests.lock().unwrap_or_else(|p| p.into_inner()).clone());
@@ -335,13 +346,13 @@ pub async fn copy_disks(
     for job in jobs {
         let (gate, engine, options, progress) = (gate.clone(), engine.clone(), options.clone(), progress.clone());
         tasks.push(tokio::spawn(async move {
-            let _slot = gate.acquire_owned().await.map_err(|_| BlockError::Cancelled)?;
+            let _slot = gate.acquire_owned().await.map_err(|_| BlockError::cancelled())?;
             copy_disk(job, &engine, &options, progress).await
         }));
     }
     let mut out = Vec::new();
     for t in tasks {
-        out.push(t.await.unwrap_or_else(|e| Err(BlockError::Invalid(format!("a copy task panicked: {e}")))));
+        out.push(t.await.unwrap_or_else(|e| Err(BlockError::fatal("a copy task panicked").with_source(e))));
     }
     out
 }
@@ -465,7 +476,7 @@ impl Disk {
             (buf, zero_flags, hashes)
         })
         .await
-        .map_err(|e| BlockError::Invalid(format!("hashing task: {e}")))?;
+        .map_err(|e| BlockError::fatal("a hashing task").with_source(e))?;
         // Runs of equal flags become one write or one zeroing each, as slices of one buffer.
         let whole = buf.freeze();
         let mut i = 0;
@@ -507,22 +518,32 @@ impl Disk {
         Ok(whole.try_into_mut().unwrap_or_default())
     }
 
+    /// The engine's one retry loop: a [`ErrorKind::Transient`] failure is tried again after a
+    /// backoff that doubles up to 5 s, at least `retries` times and for at least `retry_for`;
+    /// any other kind fails at once. Every request it wraps is idempotent: reads, writes of
+    /// the same bytes to the same place, zeroing, flushes.
     async fn retrying<'a, T, F>(&'a self, what: &str, mut attempt: F) -> Result<T, BlockError>
     where
         F: FnMut() -> crate::IoFuture<'a, T>,
     {
         let mut tries = 0u32;
+        let mut failing_since = None;
         loop {
             match attempt().await {
                 Ok(v) => return Ok(v),
-                Err(e) if e.is_retryable() && tries < self.options.retries && !self.stopping() => {
+                Err(e)
+                    if e.kind() == ErrorKind::Transient && !self.stopping() && {
+                        let since = *failing_since.get_or_insert_with(Instant::now);
+                        tries < self.options.retries || since.elapsed() < self.options.retry_for
+                    } =>
+                {
                     let wait = self.options.backoff.saturating_mul(1 << tries.min(6)).min(Duration::from_secs(5));
                     tracing::warn!("{what} {}: {e}; retrying in {wait:?}", self.source.describe());
                     self.progress.retry();
                     tries += 1;
                     tokio::time::sleep(wait).await;
                 }
-                Err(e) if tries > 0 => return Err(BlockError::Exhausted { attempts: tries + 1, source: Box::new(e) }),
+                Err(e) if tries > 0 => return Err(e.gave_up_after(tries + 1)),
                 Err(e) => return Err(e),
             }
         }
@@ -557,12 +578,13 @@ impl Disk {
             d.since_checkpoint = 0;
             (d.set.clone(), self.digests.lock().unwrap_or_else(|p| p.into_inner()).clone())
         };
-        self.sink.flush().await?;
+        // A flush makes durable what was written; asking again is harmless.
+        self.retrying("flushing", || self.sink.flush()).await?;
         let durable = Durable { source: self.source.identity(), plan: plan.clone(), done };
         let to = to.clone();
         tokio::task::spawn_blocking(move || to.save(&durable, &digests))
             .await
-            .map_err(|e| BlockError::Invalid(format!("checkpoint task: {e}")))??;
+            .map_err(|e| BlockError::fatal("a checkpoint task").with_source(e))??;
         self.progress.checkpoint();
         Ok(())
     }

@@ -60,7 +60,7 @@ pub trait BlockSource: Send + Sync {
     fn allocation(&self) -> IoFuture<'_, Option<SourceAllocation>>;
 
     /// Fills `buf` (its whole length) from `offset` and hands it back. The range is inside
-    /// the disk; a source refuses anything else with [`BlockError::Invalid`].
+    /// the disk; a source refuses anything else with [`crate::ErrorKind::InvalidInput`].
     fn read_at(&self, offset: u64, buf: BytesMut) -> IoFuture<'_, BytesMut>;
 }
 
@@ -123,6 +123,6 @@ pub trait BlockSink: Send + Sync {
 pub fn check_range(what: &str, offset: u64, length: u64, size: u64) -> Result<(), BlockError> {
     match offset.checked_add(length) {
         Some(end) if end <= size => Ok(()),
-        _ => Err(BlockError::Invalid(format!("{what}: [{offset}, +{length}) is outside the disk of {size} bytes"))),
+        _ => Err(BlockError::invalid(format!("{what}: [{offset}, +{length}) is outside the disk of {size} bytes"))),
     }
 }

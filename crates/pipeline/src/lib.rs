@@ -18,10 +18,10 @@ pub mod conformance;
 
 pub use digest::{Digests, zero_digest};
 pub use engine::{
-    Cancel, CopyOptions, CopyReport, DiskCopy, Durable, Engine, SaveCheckpoint, copy_disk, copy_disks, is_zero,
-    plan_digest,
+    Cancel, CopyOptions, CopyReport, DiskCopy, Durable, Engine, PATIENCE, SaveCheckpoint, copy_disk, copy_disks,
+    is_zero, plan_digest,
 };
-pub use error::BlockError;
+pub use error::{BlockError, Cause, ErrorKind};
 pub use io::{BlockDigest, BlockSink, BlockSource, IoFuture, SourceAllocation, check_range};
 
 /// Runs blocking work (file I/O, fsync, state files) on tokio's blocking threads, off the async
@@ -37,5 +37,5 @@ pub async fn blocking<T: Send + 'static>(
 pub async fn blocking_as<T: Send + 'static, E: From<BlockError> + Send + 'static>(
     f: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, E> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| E::from(BlockError::Invalid(format!("blocking task: {e}"))))?
+    tokio::task::spawn_blocking(f).await.map_err(|e| E::from(BlockError::fatal("a blocking task").with_source(e)))?
 }

@@ -105,7 +105,7 @@ pub async fn sync(
     let g = job.sink.granularity();
     let capacity = job.current.capacity;
     if capacity != job.source.size() {
-        return Err(BlockError::Mismatch(format!(
+        return Err(BlockError::invalid(format!(
             "the disk's capacity is {capacity} bytes but {} has {}",
             job.source.describe(),
             job.source.size()

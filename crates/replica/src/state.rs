@@ -144,7 +144,7 @@ impl StateStore {
     fn call<T>(&self, what: &str, name: &str, r: Result<T, durable::Error>) -> Result<T, BlockError> {
         r.map_err(|e| match e {
             durable::Error::Io { path, source } => BlockError::io(format!("{what} {}", path.display()), source),
-            e => BlockError::State { path: self.path(name), message: format!("{what}: {e}") },
+            e => BlockError::state(&self.path(name), format!("{what}: {e}")),
         })
     }
 
@@ -152,27 +152,25 @@ impl StateStore {
         let path = &self.path(name);
         let Some(bytes) = self.call("reading", name, self.store.get(name))? else { return Ok(None) };
         let format = serde_json::from_slice::<serde_json::Value>(&bytes)
-            .map_err(|e| BlockError::State { path: path.into(), message: format!("not JSON: {e}") })?
+            .map_err(|e| BlockError::state(path, format!("not JSON: {e}")))?
             .get("format")
             .and_then(serde_json::Value::as_u64);
         match format {
             Some(f) if f == u64::from(STATE_FORMAT) => {}
             Some(f) => {
-                return Err(BlockError::State {
-                    path: path.into(),
-                    message: format!("format {f}, but this build reads format {STATE_FORMAT}; use a newer syncproxy"),
-                });
+                return Err(BlockError::state(
+                    path,
+                    format!("format {f}, but this build reads format {STATE_FORMAT}; use a newer syncproxy"),
+                ));
             }
-            None => return Err(BlockError::State { path: path.into(), message: "no format number".into() }),
+            None => return Err(BlockError::state(path, "no format number")),
         }
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| BlockError::State { path: path.into(), message: e.to_string() })
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| BlockError::state(path, e.to_string()))
     }
 
     fn check_key(path: &Path, found: &SyncKey, key: &SyncKey) -> Result<(), BlockError> {
         if found != key {
-            return Err(BlockError::State { path: path.into(), message: format!("holds {found:?}, not {key:?}") });
+            return Err(BlockError::state(path, format!("holds {found:?}, not {key:?}")));
         }
         Ok(())
     }
@@ -194,9 +192,7 @@ impl StateStore {
 
     fn read_digests(&self, name: &str) -> Result<Option<Digests>, BlockError> {
         match self.call("reading", name, self.store.get(name))? {
-            Some(b) => {
-                Digests::decode(&b).map(Some).map_err(|message| BlockError::State { path: self.path(name), message })
-            }
+            Some(b) => Digests::decode(&b).map(Some).map_err(|message| BlockError::state(&self.path(name), message)),
             None => Ok(None),
         }
     }
@@ -238,7 +234,8 @@ impl StateStore {
     }
 
     fn save(&self, state: &SyncState) -> Result<(), BlockError> {
-        let json = serde_json::to_vec_pretty(state).map_err(|e| BlockError::Invalid(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(state).map_err(|e| BlockError::fatal("encoding sync state").with_source(e))?;
         let name = Self::name(&state.key, "state.json");
         self.call("writing", &name, self.store.put(&name, &json))
     }
@@ -251,7 +248,7 @@ impl StateStore {
         let dname = Self::name(key, "checkpoint.digests");
         match self.read_digests(&dname)? {
             Some(d) => Ok(Some((cp, d))),
-            None => Err(BlockError::State { path: self.path(&dname), message: "missing beside its checkpoint".into() }),
+            None => Err(BlockError::state(&self.path(&dname), "missing beside its checkpoint")),
         }
     }
 
@@ -260,7 +257,7 @@ impl StateStore {
     pub fn save_checkpoint(&self, cp: &Checkpoint, digests: &Digests) -> Result<(), BlockError> {
         let dname = Self::name(&cp.key, "checkpoint.digests");
         self.call("writing", &dname, self.store.put(&dname, &digests.encode()))?;
-        let json = serde_json::to_vec(cp).map_err(|e| BlockError::Invalid(e.to_string()))?;
+        let json = serde_json::to_vec(cp).map_err(|e| BlockError::fatal("encoding a checkpoint").with_source(e))?;
         let name = Self::name(&cp.key, "checkpoint.json");
         self.call("writing", &name, self.store.put(&name, &json))
     }

@@ -85,14 +85,39 @@ pub enum RepoError {
     /// Another job holds a lock in the way.
     #[error("{0}")]
     Locked(String),
-    /// The object store answered with an error.
-    #[error("object storage: {0}")]
-    Remote(String),
+    /// The object store answered with an error, or could not be reached; the kind of `source`
+    /// is the store's classification (see `durable::Error::Remote`).
+    #[error("object storage: {what}: {source}")]
+    Remote {
+        /// The object or operation.
+        what: String,
+        /// The store's error.
+        source: std::io::Error,
+    },
 }
 
 impl RepoError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         Self::Io { path: path.to_path_buf(), source }
+    }
+
+    /// What a copy into or out of the repository does about it: the one place repository
+    /// errors are classified.
+    pub fn kind(&self) -> pipeline::ErrorKind {
+        use pipeline::ErrorKind as K;
+        match self {
+            Self::Io { source, .. } | Self::Remote { source, .. } => K::of_io(source),
+            Self::NotFound(_) => K::NotFound,
+            Self::Invalid(_) => K::InvalidInput,
+            // Damaged or foreign data, a missing or wrong key, a gc or another job in the
+            // way: the copy cannot go on; the job may be run again.
+            Self::NewerFormat { .. }
+            | Self::Corrupt(_)
+            | Self::KeyNeeded(_)
+            | Self::WrongKey(_)
+            | Self::Conflict(_)
+            | Self::Locked(_) => K::Fatal,
+        }
     }
 }
 
@@ -103,7 +128,7 @@ impl From<durable::Error> for RepoError {
             durable::Error::BadName(name) => Self::Corrupt(format!("{name:?} is not a repository file name")),
             durable::Error::Locked(why) => Self::Locked(why),
             durable::Error::Invalid(why) => Self::Invalid(why),
-            durable::Error::Remote(why) => Self::Remote(why),
+            durable::Error::Remote { what, source } => Self::Remote { what, source },
             e @ durable::Error::Spawn(_) => Self::Invalid(e.to_string()),
         }
     }
@@ -479,9 +504,10 @@ impl pipeline::BlockSource for PointReader {
     fn read_at(&self, offset: u64, mut buf: bytes::BytesMut) -> pipeline::IoFuture<'_, bytes::BytesMut> {
         let me = self.clone();
         Box::pin(pipeline::blocking(move || {
-            let data = me
-                .read(offset, buf.len() as u64)
-                .map_err(|e| pipeline::BlockError::Invalid(format!("{}: {e}", me.name)))?;
+            let len = buf.len() as u64;
+            let data = me.read(offset, len).map_err(|e| {
+                pipeline::BlockError::new(e.kind(), format!("reading {}", me.name)).at(offset, len).with_source(e)
+            })?;
             buf.copy_from_slice(&data);
             Ok(buf)
         }))

@@ -34,8 +34,59 @@ impl Drop for S3Store {
     }
 }
 
+/// An object store error, classified once, as the kind of the I/O error it becomes (which
+/// `pipeline::ErrorKind::of_io` reads): what object_store's own retries did not get past, a
+/// connection refused, reset or timed out or a busy server (a 5xx or 429 answer), is
+/// transient; a missing object or bucket is not found; a bad path or an unsupported call is
+/// invalid input; refused credentials and the rest are fatal.
 fn s3_err(what: &str, e: object_store::Error) -> durable::Error {
-    durable::Error::Remote(format!("{what}: {e}"))
+    durable::Error::Remote { what: what.to_owned(), source: std::io::Error::new(s3_kind(&e), e) }
+}
+
+/// The I/O error kind that says what can be done about `e` (see [`s3_err`]).
+fn s3_kind(e: &object_store::Error) -> std::io::ErrorKind {
+    use object_store::Error as E;
+    use std::io::ErrorKind as K;
+    match e {
+        E::NotFound { .. } => K::NotFound,
+        E::InvalidPath { .. } | E::NotSupported { .. } | E::UnknownConfigurationKey { .. } => K::InvalidInput,
+        E::PermissionDenied { .. } | E::Unauthenticated { .. } => K::PermissionDenied,
+        E::Generic { source, .. } => generic_kind(source.as_ref()),
+        _ => K::Other,
+    }
+}
+
+/// The kind of object_store's catch-all error, from its causes: the HTTP client's failure to
+/// connect or to finish a request, or the server's status (object_store names no type for
+/// it, so it is read from the message: `... status code: 503 ...`).
+fn generic_kind(source: &(dyn std::error::Error + 'static)) -> std::io::ErrorKind {
+    use object_store::client::HttpErrorKind as H;
+    use std::io::ErrorKind as K;
+    let mut cause = Some(source);
+    while let Some(c) = cause {
+        if let Some(h) = c.downcast_ref::<object_store::client::HttpError>() {
+            return match h.kind() {
+                H::Connect => K::ConnectionRefused,
+                H::Request | H::Interrupted => K::ConnectionReset,
+                H::Timeout => K::TimedOut,
+                _ => K::Other,
+            };
+        }
+        if let Some(status) = status_in(&c.to_string()) {
+            return match status {
+                429 | 500..=599 => K::ResourceBusy,
+                _ => K::Other,
+            };
+        }
+        cause = c.source();
+    }
+    K::Other
+}
+
+/// The HTTP status in object_store's message for a non-2xx answer, if it is one.
+fn status_in(message: &str) -> Option<u16> {
+    let (_, rest) = message.split_once("status code: ")?;
+    rest.get(..3)?.parse().ok()
 }
 
 /// Whether an endpoint URL points at this machine.
@@ -85,6 +136,9 @@ impl S3Store {
                 tracing::warn!("S3 endpoint {ep} is plain HTTP, not TLS: backup data travels unencrypted");
                 b = b.with_allow_http(true);
             }
+        }
+        if let Some(n) = config.request_retries {
+            b = b.with_retry(object_store::RetryConfig { max_retries: n, ..Default::default() });
         }
         let s3 = b.build().map_err(|e| s3_err(url, e))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -212,5 +266,36 @@ mod tests {
         assert!(S3Store::open("s3://b/p", &S3Config { allow_http: true, ..far }).is_ok());
         let secret = S3Config { secret_key: Some("hunter2".into()), ..Default::default() };
         assert!(!format!("{secret:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn object_store_failures_get_the_kind_the_engine_acts_on() {
+        use object_store::Error as E;
+        use object_store::client::{HttpError, HttpErrorKind as H};
+        use pipeline::ErrorKind as K;
+        let kind = |e: E| RepoError::from(s3_err("chunks/ab/abcd", e)).kind();
+        let generic = |source: Box<dyn std::error::Error + Send + Sync>| E::Generic { store: "S3", source };
+        let http = |k| generic(Box::new(HttpError::new(k, std::io::Error::other("tcp"))));
+        // The server down or restarting, a dropped request, a timeout: retried by the engine.
+        assert_eq!(kind(http(H::Connect)), K::Transient);
+        assert_eq!(kind(http(H::Request)), K::Transient);
+        assert_eq!(kind(http(H::Timeout)), K::Transient);
+        assert_eq!(kind(http(H::Decode)), K::Fatal);
+        // A busy or failing server past object_store's own retries; a bad request.
+        let status =
+            |s: &str| generic(format!("Error performing PUT - Server returned non-2xx status code: {s}").into());
+        assert_eq!(kind(status("503 Service Unavailable: ")), K::Transient);
+        assert_eq!(kind(status("429 Too Many Requests: ")), K::Transient);
+        assert_eq!(kind(status("400 Bad Request: ")), K::Fatal);
+        assert_eq!(kind(generic("no status here".into())), K::Fatal);
+        // Refused credentials, a missing object, an unusable path.
+        let path = || "restart/chunks/ab/abcd".to_owned();
+        assert_eq!(kind(E::PermissionDenied { path: path(), source: "403".into() }), K::Fatal);
+        assert_eq!(kind(E::Unauthenticated { path: path(), source: "401".into() }), K::Fatal);
+        assert_eq!(kind(E::NotFound { path: path(), source: "404".into() }), K::NotFound);
+        assert_eq!(kind(E::NotSupported { source: "no".into() }), K::InvalidInput);
+        // The message keeps what was being done and the store's own words.
+        let e = RepoError::from(s3_err("chunks/ab/abcd", http(H::Connect))).to_string();
+        assert!(e.starts_with("object storage: chunks/ab/abcd: ") && e.contains("tcp"), "{e}");
     }
 }

@@ -15,6 +15,10 @@ pub struct S3Config {
     pub region: Option<String>,
     /// Allow a plain-HTTP endpoint that is not on this machine.
     pub allow_http: bool,
+    /// How often object_store retries a failed request itself before the error reaches the
+    /// caller (the copy engine retries transient ones again); `None`: its default, 10 times
+    /// within 3 minutes.
+    pub request_retries: Option<usize>,
 }
 
 impl std::fmt::Debug for S3Config {
@@ -25,6 +29,7 @@ impl std::fmt::Debug for S3Config {
             .field("secret_key", &self.secret_key.as_ref().map(|_| "<redacted>"))
             .field("region", &self.region)
             .field("allow_http", &self.allow_http)
+            .field("request_retries", &self.request_retries)
             .finish()
     }
 }
@@ -40,6 +45,7 @@ impl S3Config {
             secret_key: var(&["AWS_SECRET_ACCESS_KEY"]),
             region: var(&["AWS_REGION", "AWS_DEFAULT_REGION"]),
             allow_http: false,
+            request_retries: None,
         }
     }
 }

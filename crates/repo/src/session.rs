@@ -92,7 +92,9 @@ impl SaveCheckpoint for SessionCheckpoint {
     /// The copy's digest table is not kept: the index saved here holds the chunk IDs, which in
     /// a plain repository are those very digests (the sink took them as IDs).
     fn save(&self, durable: &Durable, _digests: &Digests) -> Result<(), BlockError> {
-        let fail = |e: RepoError| BlockError::Invalid(format!("saving the progress of session {}: {e}", self.key));
+        let fail = |e: RepoError| {
+            BlockError::new(e.kind(), format!("saving the progress of session {}", self.key)).with_source(e)
+        };
         // The index first: everything `done` names is in it (writes finish before they count as
         // done; a slot written since is the same frozen source's data, and is simply rewritten
         // by a resume).

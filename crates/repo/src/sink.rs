@@ -135,11 +135,10 @@ impl RepoSink {
             let capacity = state.lock().unwrap_or_else(|p| p.into_inner()).index.capacity;
             check_range(&what, offset, data.len() as u64, capacity)?;
             let _permit = encoders().acquire().await;
-            blocking(move || {
-                let len = data.len() as u64;
-                write_range(&*store, &codec, &state, &what, offset, Some((&data, &digests)), len)
-            })
-            .await
+            let len = data.len() as u64;
+            blocking(move || write_range(&*store, &codec, &state, &what, offset, Some((&data, &digests)), len))
+                .await
+                .map_err(|e| e.at(offset, len))
         })
     }
 }
@@ -299,15 +298,14 @@ fn record(s: &mut State, what: &str, slot: usize, id: ChunkId, stored: Option<u6
             *e = id;
             Ok(())
         }
-        None => Err(BlockError::Invalid(format!("{what}: chunk {slot} is past the end"))),
+        None => Err(BlockError::invalid(format!("{what}: chunk {slot} is past the end"))),
     }
 }
 
+/// A repository failure while writing to `what`, of the kind [`crate::RepoError::kind`] says:
+/// an S3 server restarting is transient, so the engine retries the write.
 fn repo_err(what: &str, e: crate::RepoError) -> BlockError {
-    match e {
-        crate::RepoError::Io { path, source } => BlockError::io(format!("{what} ({})", path.display()), source),
-        other => BlockError::Invalid(format!("{what}: {other}")),
-    }
+    BlockError::new(e.kind(), format!("writing {what}")).with_source(e)
 }
 
 /// Writes being hashed, compressed, sealed and stored at once in the whole process. Each holds
@@ -362,7 +360,9 @@ impl BlockSink for RepoSink {
         Box::pin(async move {
             let capacity = state.lock().unwrap_or_else(|p| p.into_inner()).index.capacity;
             check_range(&what, offset, length, capacity)?;
-            blocking(move || write_range(&*store, &codec, &state, &what, offset, None, length)).await
+            blocking(move || write_range(&*store, &codec, &state, &what, offset, None, length))
+                .await
+                .map_err(|e| e.at(offset, length))
         })
     }
 

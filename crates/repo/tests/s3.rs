@@ -25,7 +25,8 @@ struct Interrupted {
 impl Store for Interrupted {
     fn put_new(&self, name: &str, data: &[u8]) -> Result<bool, durable::Error> {
         if self.left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_err() {
-            return Err(durable::Error::Remote(format!("{name}: connection reset (simulated)")));
+            let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset (simulated)");
+            return Err(durable::Error::Remote { what: name.to_owned(), source: reset });
         }
         self.inner.put_new(name, data)
     }
@@ -61,6 +62,7 @@ async fn copy_to_s3_resumes_and_the_repository_works_on_s3() {
         secret_key: Some(testkit::s3::SECRET_KEY.into()),
         region: None,
         allow_http: false,
+        request_retries: None,
     };
     let key = RepoKey::generate().unwrap();
     let at = |prefix: &str| Location {

@@ -8,8 +8,9 @@
  *   - QueryAllocatedBlocks only on the thread that opened the disk;
  *   - whole-sector buffers (counts are sectors; reads past the end fail like VDDK's).
  * Failure injection comes from the vmxSpec of the connection, after the moref:
- *   "moref=vm-1;fail-read=N;lose-connection=N;delay-us=N;async-thread=1"
- * fail-read: the Nth read (1-based) fails with VIX_E_FILE_ERROR; lose-connection: from the Nth
+ *   "moref=vm-1;fail-read=N;busy-read=N;lose-connection=N;delay-us=N;async-thread=1"
+ * fail-read: the Nth read (1-based) fails with VIX_E_FILE_ERROR; busy-read: the Nth read fails
+ * with VIX_E_OBJECT_IS_BUSY (a transient failure: the next read succeeds); lose-connection: from the Nth
  * read on, every read fails with VIX_E_HOST_TCP_CONN_LOST; delay-us: every read sleeps first;
  * async-thread: ReadAsync completes on another thread instead of before returning.
  * Built twice: as libvixDiskLib.so.8, and with FAKE_VDDK6 as libvixDiskLib.so.6 without the
@@ -32,6 +33,7 @@
 #define VIX_OK 0
 #define VIX_E_FAIL 1
 #define VIX_E_INVALID_ARG 3
+#define VIX_E_OBJECT_IS_BUSY 5
 #define VIX_E_FILE_NOT_FOUND 4
 #define VIX_E_NOT_SUPPORTED 6
 #define VIX_E_FILE_ERROR 7
@@ -84,7 +86,7 @@ static void enter_open_close(const char *op) {
 static void leave_open_close(void) { atomic_store(&open_close_busy, 0); }
 
 struct conn {
-  long fail_read, lose_connection, delay_us;
+  long fail_read, busy_read, lose_connection, delay_us;
   int async_thread;
   char transport[16];
 };
@@ -165,6 +167,7 @@ VixError VixDiskLib_ConnectEx(const VixDiskLibConnectParams *p, Bool readOnly, c
     struct conn *c = calloc(1, sizeof *c);
     const char *spec = p ? p->vmxSpec : NULL;
     c->fail_read = option(spec, "fail-read=");
+    c->busy_read = option(spec, "busy-read=");
     c->lose_connection = option(spec, "lose-connection=");
     c->delay_us = option(spec, "delay-us=");
     c->async_thread = (int)option(spec, "async-thread=");
@@ -314,6 +317,8 @@ static VixError do_read(struct handle *h, uint64_t start, uint64_t n, uint8_t *b
     return VIX_E_HOST_TCP_CONN_LOST;
   if (c->fail_read && count == c->fail_read)
     return VIX_E_FILE_ERROR;
+  if (c->busy_read && count == c->busy_read)
+    return VIX_E_OBJECT_IS_BUSY;
   if (start > h->sectors || n > h->sectors - start)
     return VIX_E_DISK_OUTOFRANGE;
   uint64_t done = 0, want = n * 512;

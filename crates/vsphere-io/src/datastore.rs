@@ -7,10 +7,10 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::BytesMut;
-use pipeline::{BlockError, BlockSource, IoFuture, SourceAllocation};
+use pipeline::{BlockError, BlockSource, ErrorKind, IoFuture, SourceAllocation};
 use vsphere::datastore::{DatastoreFile, DatastoreReader};
 
 use crate::OpenError as OrchError;
@@ -40,27 +40,17 @@ fn sibling(ds_path: &str, name: &str) -> String {
     }
 }
 
-/// Reads `buf.len()` bytes at `offset` of `file`; busy hosts answer 503, so it backs off a
-/// little, a few times.
-async fn read_retrying(
-    reader: &DatastoreReader,
-    file: &DatastoreFile,
-    name: &str,
-    offset: u64,
-    buf: &mut [u8],
-) -> Result<(), vsphere::Error> {
-    let mut delay = Duration::from_millis(100);
-    let mut attempt = 0;
-    loop {
-        match reader.read_into(file, offset, buf).await {
-            Err(e) if e.retry() == vsphere::Retry::Backoff && attempt < 5 => {
-                tracing::warn!("{name}: {e}; retrying in {delay:?}");
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-                attempt += 1;
-            }
-            done => return done,
-        }
+/// The kind of a datastore read's failure, decided by [`vsphere::Error::retry`]: what the
+/// client would back off from (a busy host's 503, a lost connection) is transient, and the
+/// copy engine retries it; so is a timeout, which for one read of one attempt is the host
+/// being slow, not an operation's deadline. A missing file is not found; a range the file
+/// does not have is invalid input; the rest (refused access, a broken answer) is fatal.
+fn vsphere_kind(e: &vsphere::Error) -> ErrorKind {
+    match (e.retry(), e) {
+        (vsphere::Retry::Backoff, _) | (_, vsphere::Error::Timeout { .. }) => ErrorKind::Transient,
+        (_, vsphere::Error::Http { status: Some(404), .. }) => ErrorKind::NotFound,
+        (_, vsphere::Error::Http { status: Some(416), .. } | vsphere::Error::Config(_)) => ErrorKind::InvalidInput,
+        (vsphere::Retry::Relogin | vsphere::Retry::Never, _) => ErrorKind::Fatal,
     }
 }
 
@@ -146,9 +136,10 @@ impl BlockSource for DatastoreSource {
         Box::pin(async move {
             let len = buf.len() as u64;
             pipeline::check_range(&self.name, offset, len, self.size)?;
-            read_retrying(&self.reader, &self.file, &self.name, offset, &mut buf)
-                .await
-                .map_err(|e| BlockError::Invalid(format!("{}: {e}", self.name)))?;
+            // One attempt: the engine retries what is transient, with its own patience.
+            self.reader.read_into_once(&self.file, offset, &mut buf).await.map_err(|e| {
+                BlockError::new(vsphere_kind(&e), format!("reading {}", self.name)).at(offset, len).with_source(e)
+            })?;
             Ok(buf)
         })
     }
@@ -161,6 +152,8 @@ struct DatastoreFiles {
     datacenter: String,
     datastore: String,
     runtime: tokio::runtime::Handle,
+    /// Set once the chain is open: from then on its files are read for the copy engine.
+    opened: Arc<AtomicBool>,
 }
 
 impl vmdk::Files for DatastoreFiles {
@@ -179,6 +172,7 @@ impl vmdk::Files for DatastoreFiles {
             name,
             len,
             runtime: self.runtime.clone(),
+            opened: self.opened.clone(),
         }))
     }
 
@@ -195,6 +189,7 @@ struct DatastoreFileReader {
     name: String,
     len: u64,
     runtime: tokio::runtime::Handle,
+    opened: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for DatastoreFileReader {
@@ -212,9 +207,15 @@ impl vmdk::ReadAt for DatastoreFileReader {
         if buf.is_empty() {
             return Ok(());
         }
-        self.runtime
-            .block_on(read_retrying(&self.reader, &self.file, &self.name, offset, buf))
-            .map_err(std::io::Error::other)
+        // While the chain is opened, outside the copy engine, with the client's retries within
+        // its timeout; once it is open, one attempt, as for a flat disk: the engine retries what
+        // `ChainSource::read_at` classifies as transient.
+        let read = if self.opened.load(Ordering::Acquire) {
+            self.runtime.block_on(self.reader.read_into_once(&self.file, offset, buf))
+        } else {
+            self.runtime.block_on(self.reader.read_into(&self.file, offset, buf))
+        };
+        read.map_err(std::io::Error::other)
     }
 }
 
@@ -246,7 +247,9 @@ impl ChainSource {
             datacenter: datacenter.to_owned(),
             datastore: datastore.to_owned(),
             runtime: tokio::runtime::Handle::current(),
+            opened: Arc::new(AtomicBool::new(false)),
         };
+        let opened = files.opened.clone();
         let top = PathBuf::from(path);
         let disk =
             tokio::task::spawn_blocking(move || vmdk::Disk::open_in(&files, top, vmdk::PathPolicy::SameDirectory))
@@ -258,6 +261,7 @@ impl ChainSource {
                 disk.capacity()
             )));
         }
+        opened.store(true, Ordering::Release);
         let layers = disk.layers().len();
         tracing::info!("{ds_path}: reading a chain of {layers} layer(s) over HTTPS");
         Ok(Self { disk: Arc::new(disk), name: ds_path.to_owned(), identity, size: capacity })
@@ -298,7 +302,18 @@ impl BlockSource for ChainSource {
         Box::pin(async move {
             pipeline::check_range(&name, offset, buf.len() as u64, self.size)?;
             pipeline::blocking(move || {
-                disk.read_at(&mut buf, offset).map_err(|e| BlockError::Invalid(format!("{name}: {e}")))?;
+                let len = buf.len() as u64;
+                disk.read_at(&mut buf, offset).map_err(|e| {
+                    // A datastore read's failure inside is classified as one, else as VMDK's.
+                    let kind = match &e {
+                        vmdk::VmdkError::Io { error, .. } => {
+                            error.get_ref().and_then(|c| c.downcast_ref::<vsphere::Error>()).map(vsphere_kind)
+                        }
+                        _ => None,
+                    };
+                    let kind = kind.unwrap_or_else(|| blockio::vmdk_kind(&e));
+                    BlockError::new(kind, format!("reading {name}")).at(offset, len).with_source(e)
+                })?;
                 Ok(buf)
             })
             .await
@@ -308,12 +323,32 @@ impl BlockSource for ChainSource {
 
 #[cfg(test)]
 mod tests {
-    use super::sibling;
+    use super::{sibling, vsphere_kind};
+    use pipeline::ErrorKind;
 
     #[test]
     fn extents_are_found_beside_their_descriptor() {
         assert_eq!(sibling("[ds1] vm/vm.vmdk", "vm-flat.vmdk"), "[ds1] vm/vm-flat.vmdk");
         assert_eq!(sibling("[ds1] a/b/vm.vmdk", "x.vmdk"), "[ds1] a/b/x.vmdk");
         assert_eq!(sibling("[ds1] vm.vmdk", "vm-flat.vmdk"), "[ds1] vm-flat.vmdk");
+    }
+
+    #[test]
+    fn datastore_read_failures_get_the_kind_the_engine_acts_on() {
+        let http = |status| vsphere::Error::Http { context: "GET".into(), message: "x".into(), status: Some(status) };
+        for s in [503, 502, 504, 429] {
+            assert_eq!(vsphere_kind(&http(s)), ErrorKind::Transient, "{s}");
+        }
+        assert_eq!(vsphere_kind(&http(404)), ErrorKind::NotFound);
+        assert_eq!(vsphere_kind(&http(416)), ErrorKind::InvalidInput);
+        assert_eq!(vsphere_kind(&http(403)), ErrorKind::Fatal);
+        assert_eq!(vsphere_kind(&http(401)), ErrorKind::Fatal);
+        let reset = vsphere::Error::Io { context: "GET".into(), source: std::io::ErrorKind::ConnectionReset.into() };
+        assert_eq!(vsphere_kind(&reset), ErrorKind::Transient);
+        let slow =
+            vsphere::Error::Timeout { operation: "GET".into(), after: std::time::Duration::from_secs(20), last: None };
+        assert_eq!(vsphere_kind(&slow), ErrorKind::Transient);
+        assert_eq!(vsphere_kind(&vsphere::Error::Protocol("no Content-Range".into())), ErrorKind::Fatal);
+        assert_eq!(vsphere_kind(&vsphere::Error::Config("the range overflows".into())), ErrorKind::InvalidInput);
     }
 }

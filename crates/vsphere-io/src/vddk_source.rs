@@ -7,11 +7,31 @@
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
-use pipeline::{BlockError, BlockSource, IoFuture, SourceAllocation};
+use pipeline::{BlockError, BlockSource, ErrorKind, IoFuture, SourceAllocation};
 use vddk::{ConnectParams, Connection, Credentials, OpenFlags, Vddk};
 use vsphere::{Client, MoRef};
 
 use crate::OpenError as OrchError;
+
+/// The kind of a VDDK failure, decided by its [`vddk::ErrorClass`]: a busy object or a network
+/// failure is transient, and the copy engine retries it; a read past the end or an argument
+/// refused is invalid input; refused credentials and the rest are fatal (the engine cannot log
+/// in again).
+fn vddk_kind(e: &vddk::VddkError) -> ErrorKind {
+    use vddk::ErrorClass as C;
+    match e {
+        vddk::VddkError::Call { class, .. } => match class {
+            C::Busy | C::Network => ErrorKind::Transient,
+            C::OutOfRange => ErrorKind::InvalidInput,
+            C::Authentication | C::Fatal => ErrorKind::Fatal,
+        },
+        vddk::VddkError::Invalid(_) => ErrorKind::InvalidInput,
+        vddk::VddkError::NotFound { .. }
+        | vddk::VddkError::MissingSymbol { .. }
+        | vddk::VddkError::AlreadyInitialised
+        | vddk::VddkError::WorkerGone => ErrorKind::Fatal,
+    }
+}
 
 /// VDDK's connection to one VM as of one snapshot.
 #[derive(Debug)]
@@ -123,7 +143,9 @@ impl BlockSource for VddkSource {
             let len = buf.len();
             pipeline::check_range(&self.name, offset, len as u64, self.size)?;
             if !offset.is_multiple_of(512) || !len.is_multiple_of(512) {
-                return Err(BlockError::Invalid(format!("{}: VDDK reads whole sectors ({offset}+{len})", self.name)));
+                return Err(
+                    BlockError::invalid(format!("{}: VDDK reads whole sectors", self.name)).at(offset, len as u64)
+                );
             }
             if len == 0 {
                 // VDDK refuses a read of no sectors; there is nothing to ask it for.
@@ -132,14 +154,13 @@ impl BlockSource for VddkSource {
             let mut tmp =
                 self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop().unwrap_or_default();
             tmp.resize(len, 0);
-            let reply = self
-                .disk
-                .read_request(offset / 512, tmp)
-                .map_err(|e| BlockError::Invalid(format!("{}: {e}", self.name)))?;
-            let data = reply
-                .await
-                .ok_or_else(|| BlockError::Invalid(format!("{}: VDDK's worker is gone", self.name)))?
-                .map_err(|e| BlockError::Invalid(format!("{}: {e}", self.name)))?;
+            let failed = |e: vddk::VddkError| {
+                BlockError::new(vddk_kind(&e), format!("reading {}", self.describe()))
+                    .at(offset, len as u64)
+                    .with_source(e)
+            };
+            let reply = self.disk.read_request(offset / 512, tmp).map_err(failed)?;
+            let data = reply.await.ok_or(vddk::VddkError::WorkerGone).map_err(failed)?.map_err(failed)?;
             buf.copy_from_slice(&data);
             let mut spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if spare.len() < 2 {
@@ -156,5 +177,27 @@ mod tests {
     fn the_cookie_value_is_what_vddk_gets() {
         assert_eq!(super::cookie_value("vmware_soap_session=\"52a1-b2\"; Path=/; HttpOnly"), "52a1-b2");
         assert_eq!(super::cookie_value("52a1-b2"), "52a1-b2");
+    }
+
+    #[test]
+    fn vddk_failures_get_the_kind_of_their_error_class() {
+        use pipeline::ErrorKind;
+        let call = |code: u16| vddk::VddkError::Call {
+            op: "Read",
+            code,
+            raw: u64::from(code),
+            text: "x".into(),
+            class: vddk::ErrorClass::of(code),
+        };
+        // OBJECT_IS_BUSY, FILE_ALREADY_LOCKED, HOST_TCP_CONN_LOST.
+        for code in [5, 15, 14010] {
+            assert_eq!(super::vddk_kind(&call(code)), ErrorKind::Transient, "{code}");
+        }
+        // DISK_OUTOFRANGE; AUTHENTICATION_FAIL (the engine cannot log in again); FILE_ERROR.
+        assert_eq!(super::vddk_kind(&call(16007)), ErrorKind::InvalidInput);
+        assert_eq!(super::vddk_kind(&call(35)), ErrorKind::Fatal);
+        assert_eq!(super::vddk_kind(&call(7)), ErrorKind::Fatal);
+        assert_eq!(super::vddk_kind(&vddk::VddkError::Invalid("odd".into())), ErrorKind::InvalidInput);
+        assert_eq!(super::vddk_kind(&vddk::VddkError::WorkerGone), ErrorKind::Fatal);
     }
 }

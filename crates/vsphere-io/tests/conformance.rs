@@ -4,77 +4,19 @@
 //! simulator's session. Each is written to after the snapshot, so a source that read the live
 //! disk rather than the frozen one would fail.
 
-use std::sync::{Arc, OnceLock};
+mod common;
 
+use common::{live, start, vddk, vm};
 use pipeline::conformance::{check_source, check_source_in_units, pattern};
-use vsphere::{Client, ConnectOptions, Credentials, MoRef, Secret, Trust, Vm};
-use vsphere_sim::{Config, Sim, SimTls};
+use vsphere::{Client, MoRef, Vm};
 
 const MIB: usize = 1 << 20;
-
-/// One datacenter `DC1` with the datastores `ds1` (default), `vmfs1` and `nfs1`, and one
-/// 8 MiB disk per VM: `flat` on ds1, `onvmfs` on vmfs1, `onnfs` on nfs1.
-fn estate() -> Config {
-    Config::from_toml(
-        r#"
-user = "backup@vsphere.local"
-password = "s3cret"
-[[datacenter]]
-name = "DC1"
-[[datacenter.host]]
-name = "esx1"
-[[datacenter.datastore]]
-name = "ds1"
-[[datacenter.datastore]]
-name = "vmfs1"
-type = "VMFS"
-[[datacenter.datastore]]
-name = "nfs1"
-type = "NFS"
-[[datacenter.vm]]
-name = "flat"
-[[datacenter.vm.disk]]
-capacity = 8388608
-[[datacenter.vm]]
-name = "onvmfs"
-[[datacenter.vm.disk]]
-capacity = 8388608
-datastore = "vmfs1"
-[[datacenter.vm]]
-name = "onnfs"
-[[datacenter.vm.disk]]
-capacity = 8388608
-datastore = "nfs1"
-"#,
-    )
-    .unwrap()
-}
-
-/// The simulator (its datastores under `sim/` in the directory), logged in.
-async fn start() -> (tempfile::TempDir, Sim, Arc<Client>) {
-    vsphere::tls::install_crypto_provider();
-    let dir = tempfile::tempdir().unwrap();
-    let sim = Sim::start(estate(), &dir.path().join("sim"), SimTls::SelfSigned).await.unwrap();
-    let opts = ConnectOptions { trust: Trust::Insecure, ..ConnectOptions::new(&sim.url()) };
-    let c = Client::connect(&opts).await.unwrap();
-    c.login(Credentials { user: "backup@vsphere.local".into(), password: Secret::new("s3cret") }).await.unwrap();
-    (dir, sim, Arc::new(c))
-}
-
-async fn vm(client: &Client, name: &str) -> Vm {
-    client.vms().await.unwrap().into_iter().find(|v| v.name == name).unwrap()
-}
 
 /// Takes a snapshot of `v` and returns it with the file its only disk is frozen in.
 async fn freeze(client: &Client, v: &Vm) -> (MoRef, String) {
     let snap = client.create_snapshot(&v.moref, "conformance", "", false, None).await.unwrap();
     let disks = client.snapshot_disks(&snap).await.unwrap();
     (snap, disks[0].file_name.clone())
-}
-
-/// The live contents of `v`'s only disk.
-fn live(sim: &Sim, v: &Vm) -> Vec<u8> {
-    std::fs::read(sim.disk_path(&v.name, v.disks[0].key).unwrap()).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,12 +59,6 @@ async fn delta_chains_read_over_https_pass_the_source_suite() {
         assert_eq!(layers, 2, "{name}: the base and the older snapshot's delta");
         check_source(&*src, &expected).await.unwrap_or_else(|e| panic!("{name}: {e}"));
     }
-}
-
-/// VDDK initialises once per process.
-fn vddk() -> &'static vddk::Vddk {
-    static VDDK: OnceLock<vddk::Vddk> = OnceLock::new();
-    VDDK.get_or_init(|| vddk::Library::load(&vddk_fake::libdir(vddk_fake::Fake::V8)).unwrap().init(None).unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -126,12 +126,7 @@ impl DatastoreReader {
     /// Reads `buf.len()` bytes at `offset` straight into `buf` (a ranged `GET`, answered 206
     /// with a matching `Content-Range`): what a disk copy uses, so a read holds one buffer.
     pub async fn read_into(&self, file: &DatastoreFile, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
-        let len = buf.len() as u64;
-        if len == 0 {
-            return Ok(());
-        }
-        let last = offset.checked_add(len - 1).ok_or_else(|| Error::Config("the range overflows".into()))?;
-        let what = format!("GET {} bytes {offset}-{last}", file.path);
+        let Some((last, what)) = last_byte(file, offset, buf.len())? else { return Ok(()) };
         let deadline = Deadline::after(self.http.timeout());
         let mut retries = Retries::new(deadline, &what);
         loop {
@@ -140,6 +135,14 @@ impl DatastoreReader {
                 Err(e) => retries.after(e, |e| e.retry() == Retry::Backoff).await?,
             }
         }
+    }
+
+    /// [`DatastoreReader::read_into`] without its retries: one attempt, within the client's
+    /// timeout, whose busy answer or lost connection comes back at once, for a caller that
+    /// retries with a policy of its own (the copy engine).
+    pub async fn read_into_once(&self, file: &DatastoreFile, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
+        let Some((last, what)) = last_byte(file, offset, buf.len())? else { return Ok(()) };
+        self.read_once(file, offset, last, buf, &what, Deadline::after(self.http.timeout())).await
     }
 
     /// One attempt of [`DatastoreReader::read_into`].
@@ -197,6 +200,14 @@ impl DatastoreReader {
             .map_err(|e| Error::Config(format!("building a datastore request for {}: {e}", file.path)))?;
         self.http.send_by(req, &format!("datastore {}", file.path), deadline).await
     }
+}
+
+/// The last byte of a read of `len` bytes at `offset` and how to name the read, or `None` for
+/// an empty read.
+fn last_byte(file: &DatastoreFile, offset: u64, len: usize) -> Result<Option<(u64, String)>, Error> {
+    let Some(minus_one) = (len as u64).checked_sub(1) else { return Ok(None) };
+    let last = offset.checked_add(minus_one).ok_or_else(|| Error::Config("the range overflows".into()))?;
+    Ok(Some((last, format!("GET {} bytes {offset}-{last}", file.path))))
 }
 
 fn status_error(what: &str, status: u16) -> Error {

@@ -52,7 +52,7 @@ impl FileSink {
         let path = path.as_ref().to_path_buf();
         let p = path.display().to_string();
         if !options.granularity.get().is_multiple_of(DIRECT_ALIGN) {
-            return Err(BlockError::Invalid(format!("granularity {} is not a multiple of 4096", options.granularity)));
+            return Err(BlockError::invalid(format!("granularity {} is not a multiple of 4096", options.granularity)));
         }
         let existed = path.exists();
         let file = OpenOptions::new()
@@ -69,7 +69,7 @@ impl FileSink {
             let have = rustix::fs::seek(&file, rustix::fs::SeekFrom::End(0))
                 .map_err(|e| BlockError::io(format!("sizing {p}"), e.into()))?;
             if have < size {
-                return Err(BlockError::Mismatch(format!("{p} holds {have} bytes, the disk needs {size}")));
+                return Err(BlockError::invalid(format!("{p} holds {have} bytes, the disk needs {size}")));
             }
         } else {
             created |= meta.len() == 0;
@@ -149,7 +149,7 @@ impl BlockSink for FileSink {
         let (file, direct, path) = (self.file.clone(), self.direct.clone(), self.describe());
         Box::pin(async move {
             check_range(&path, offset, data.len() as u64, self.size)?;
-            let _turn = self.writers.acquire().await.map_err(|_| BlockError::Invalid("writer gate closed".into()))?;
+            let _turn = self.writers.acquire().await.map_err(|_| BlockError::fatal("the writer gate is closed"))?;
             blocking(move || {
                 let aligned = data.as_ptr().addr().is_multiple_of(4096)
                     && offset.is_multiple_of(DIRECT_ALIGN)
@@ -159,7 +159,7 @@ impl BlockSink for FileSink {
                     _ => &file,
                 };
                 f.write_all_at(&data, offset)
-                    .map_err(|e| BlockError::io(format!("writing {path} at byte {offset}"), e))?;
+                    .map_err(|e| BlockError::io(format!("writing {path}"), e).at(offset, data.len() as u64))?;
                 if direct.is_none() {
                     // Start writing this range out now (DONTNEED begins writeback without
                     // waiting, then drops what is clean): the disk works during the copy rather
@@ -193,9 +193,9 @@ impl BlockSink for FileSink {
                     Ok(()) => Ok(()),
                     Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
                         write_zero_bytes(&file, offset, length)
-                            .map_err(|e| BlockError::io(format!("zeroing {path} at byte {offset}"), e))
+                            .map_err(|e| BlockError::io(format!("zeroing {path}"), e).at(offset, length))
                     }
-                    Err(e) => Err(BlockError::io(format!("zeroing {path} at byte {offset}"), e.into())),
+                    Err(e) => Err(BlockError::io(format!("zeroing {path}"), e.into()).at(offset, length)),
                 }
             })
             .await

@@ -29,16 +29,16 @@ impl NbdSink {
     ) -> Result<Self, BlockError> {
         let pool = NbdPool::connect(uri, connections).await?;
         if pool.export().read_only() {
-            return Err(BlockError::Invalid(format!("{uri} is read-only")));
+            return Err(BlockError::invalid(format!("{uri} is read-only")));
         }
         if pool.export().flags & nbd_wire::proto::tflag::SEND_FLUSH == 0 {
-            return Err(BlockError::Invalid(format!(
+            return Err(BlockError::invalid(format!(
                 "{uri} cannot flush, so nothing written to it could be called durable"
             )));
         }
         let min = pool.export().block_size.map_or(1, |(min, _, _)| u64::from(min));
         if !granularity.get().is_multiple_of(min) {
-            return Err(BlockError::Invalid(format!(
+            return Err(BlockError::invalid(format!(
                 "granularity {granularity} is not a multiple of {uri}'s block size {min}"
             )));
         }
@@ -76,7 +76,7 @@ impl BlockSink for NbdSink {
                     .client()
                     .write(at, piece, false)
                     .await
-                    .map_err(|e| nbd_error(format!("writing {} at byte {at}", self.pool.uri()), e))?;
+                    .map_err(|e| nbd_error(format!("writing {}", self.pool.uri()), e).at(at, piece.len() as u64))?;
                 at += piece.len() as u64;
             }
             Ok(())
@@ -98,7 +98,7 @@ impl BlockSink for NbdSink {
                 } else {
                     c.write(at, &zeros[..usize::try_from(n).unwrap_or(0)], false).await
                 };
-                r.map_err(|e| nbd_error(format!("zeroing {} at byte {at}", self.pool.uri()), e))?;
+                r.map_err(|e| nbd_error(format!("zeroing {}", self.pool.uri()), e).at(at, n))?;
                 at += n;
             }
             Ok(())

@@ -84,8 +84,9 @@ impl BlockSource for FileSource {
             check_range(&self.describe(), offset, buf.len() as u64, self.size)?;
             let path = self.describe();
             blocking(move || {
+                let len = buf.len() as u64;
                 file.read_exact_at(&mut buf, offset)
-                    .map_err(|e| BlockError::io(format!("reading {path} at byte {offset}"), e))?;
+                    .map_err(|e| BlockError::io(format!("reading {path}"), e).at(offset, len))?;
                 Ok(buf)
             })
             .await

@@ -24,7 +24,7 @@ impl NbdPool {
     /// Connects to `uri` with up to `connections` connections: more than one only when the
     /// server says all of them see the same data (multi-conn).
     pub async fn connect(uri: &str, connections: usize) -> Result<Self, BlockError> {
-        let parsed = Uri::parse(uri).map_err(BlockError::Invalid)?;
+        let parsed = Uri::parse(uri).map_err(BlockError::invalid)?;
         let first = Client::connect(&parsed.target, &parsed.export)
             .await
             .map_err(|e| nbd_error(format!("connecting to {uri}"), e))?;
@@ -135,12 +135,10 @@ impl BlockSource for NbdSource {
             let mut at = 0;
             while at < size {
                 let len = u32::try_from((size - at).min(1 << 31)).unwrap_or(1 << 31);
-                let extents = self
-                    .pool
-                    .client()
-                    .block_status(at, len)
-                    .await
-                    .map_err(|e| nbd_error(format!("block status of {} at byte {at}", self.pool.uri), e))?;
+                let extents =
+                    self.pool.client().block_status(at, len).await.map_err(|e| {
+                        nbd_error(format!("block status of {}", self.pool.uri), e).at(at, u64::from(len))
+                    })?;
                 let mut next = at;
                 for e in extents {
                     let end = e.offset.saturating_add(e.length).min(size);
@@ -168,11 +166,12 @@ impl BlockSource for NbdSource {
             let piece = self.wire_request.min(self.pool.max_payload().unwrap_or(32 << 20));
             let piece = usize::try_from(piece).unwrap_or(usize::MAX);
             let read = |at: u64, b: BytesMut| async move {
+                let len = b.len() as u64;
                 self.pool
                     .client()
                     .read_into(at, b)
                     .await
-                    .map_err(|e| nbd_error(format!("reading {} at byte {at}", self.pool.uri), e))
+                    .map_err(|e| nbd_error(format!("reading {}", self.pool.uri), e).at(at, len))
             };
             if buf.len() <= piece {
                 return read(offset, buf).await;

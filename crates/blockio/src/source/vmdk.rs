@@ -25,7 +25,7 @@ impl VmdkSource {
     pub fn open(path: impl AsRef<Path>, policy: vmdk::PathPolicy) -> Result<Self, BlockError> {
         let path = path.as_ref();
         let name = path.display().to_string();
-        let disk = vmdk::Disk::open(path, policy).map_err(|source| vmdk_error(format!("opening {name}"), source))?;
+        let disk = vmdk::Disk::open(path, policy).map_err(|e| vmdk_error(format!("opening {name}"), e))?;
         // The chain's files as they are now, and each layer's CID (which VMware and qemu change
         // on the first write to a layer): a resumed copy must see the same ones.
         let mut identity = String::from("vmdk");
@@ -65,7 +65,7 @@ impl BlockSource for VmdkSource {
     fn allocation(&self) -> IoFuture<'_, Option<SourceAllocation>> {
         let (disk, name) = (self.disk.clone(), self.name.clone());
         Box::pin(blocking(move || {
-            let a = disk.allocation().map_err(|source| vmdk_error(format!("mapping {name}"), source))?;
+            let a = disk.allocation().map_err(|e| vmdk_error(format!("mapping {name}"), e))?;
             Ok(Some(SourceAllocation { data: a.data, zero: a.zero }))
         }))
     }
@@ -75,8 +75,8 @@ impl BlockSource for VmdkSource {
         Box::pin(async move {
             check_range(&name, offset, buf.len() as u64, disk.capacity())?;
             blocking(move || {
-                disk.read_at(&mut buf, offset)
-                    .map_err(|source| vmdk_error(format!("reading {name} at byte {offset}"), source))?;
+                let len = buf.len() as u64;
+                disk.read_at(&mut buf, offset).map_err(|e| vmdk_error(format!("reading {name}"), e).at(offset, len))?;
                 Ok(buf)
             })
             .await
