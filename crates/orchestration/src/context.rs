@@ -11,6 +11,7 @@ use repo::Repo;
 use vsphere::{Client, MoRef, Vm};
 
 use crate::OrchError;
+use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::support::blocking;
 use crate::target::{Target, VmWrite};
@@ -39,7 +40,7 @@ pub struct JobContext {
     /// The process's counters.
     pub(crate) metrics: Arc<Metrics>,
     /// How many VMs may run at once, over every job of the process.
-    pub(crate) limits: Arc<crate::Limits>,
+    pub(crate) limits: Arc<Limits>,
     /// Which disks of each VM to copy.
     pub(crate) disks: DiskFilter,
     /// Read disks through VDDK instead of HTTPS datastore reads, when set.
@@ -81,7 +82,7 @@ impl JobContextBuilder {
     }
 
     /// How many VMs may run at once, over every job of the process.
-    pub fn limits(mut self, limits: Arc<crate::Limits>) -> Self {
+    pub fn limits(mut self, limits: Arc<Limits>) -> Self {
         self.0.limits = limits;
         self
     }
@@ -174,7 +175,7 @@ impl JobContext {
             options: CopyOptions::default(),
             max_job: Duration::from_secs(24 * 3600),
             metrics: Arc::new(Metrics::default()),
-            limits: Arc::new(crate::Limits::default()),
+            limits: Arc::new(Limits::default()),
             disks: DiskFilter::default(),
             vddk: None,
             nbd: None,
@@ -229,7 +230,7 @@ impl JobContext {
     }
 
     /// How many VMs may run at once, over every job of the process.
-    pub fn limits(&self) -> &Arc<crate::Limits> {
+    pub fn limits(&self) -> &Arc<Limits> {
         &self.limits
     }
 

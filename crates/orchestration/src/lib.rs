@@ -22,6 +22,7 @@ pub mod hygiene;
 pub mod intent;
 mod job;
 pub mod lifecycle;
+mod limits;
 pub mod metrics;
 mod plan;
 pub mod preflight;
@@ -36,10 +37,11 @@ mod vmx;
 pub use context::{DiskFilter, JobContext, JobContextBuilder, SNAPSHOT_PREFIX, nbd_uri};
 pub use flow::backup_vm;
 pub use job::{
-    BASE_RESERVE, JobReport, Limits, MIN_BUFFERS, Outcome, PER_VM_RESERVE, Selection, Selector, buffer_budget,
-    clean_stale, report_missing, run_job, select, select_vms, sweep_own_snapshots,
+    BASE_RESERVE, JobReport, MIN_BUFFERS, Outcome, PER_VM_RESERVE, Selection, Selector, buffer_budget, clean_stale,
+    report_missing, run_job, select, select_vms, sweep_own_snapshots,
 };
 pub use lifecycle::{Buffers, Job, JobEvent, JobRun, JobSpec, Login, vm_result};
+pub use limits::Limits;
 pub use metrics::{Metrics, MetricsSnapshot};
 pub use plan::{DiskPlanReport, VmPlan, plan_vm};
 pub use report::{DiskReport, VmReport};
