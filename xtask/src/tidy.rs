@@ -1,6 +1,7 @@
 //! Repository rules that no compiler checks: module docs, no stubs or ignored tests, `unsafe`
-//! only in the VDDK crates, `anyhow` only in binaries, every crate in the codemap, and no path
-//! that leaves the repository in any text file it holds (a clone must need nothing beside it).
+//! only in the VDDK crates, `anyhow` only in binaries, only orchestration's `job` importing its
+//! `flow`, every crate in the codemap, and no path that leaves the repository in any text file
+//! it holds (a clone must need nothing beside it).
 
 use std::path::{Path, PathBuf};
 
@@ -42,6 +43,14 @@ fn problems(root: &Path) -> Result<Vec<String>> {
             if text.contains(needle) {
                 problems.push(format!("{rel}: {why}"));
             }
+        }
+        // The per-VM flow is the top of orchestration: only the job runs it. A lower module
+        // (drs, cbt_reset, the targets, the copy) that imported it would make a circle again.
+        let orchestration = rel.starts_with("crates/orchestration/src/");
+        if orchestration && !rel.starts_with("crates/orchestration/src/job") && text.contains("crate::flow") {
+            problems.push(format!(
+                "{rel}: only `job` imports `flow` (the order of a VM's steps); move what is shared lower"
+            ));
         }
         let in_vddk = rel.starts_with("crates/vddk");
         if !in_vddk && unsafe_marks.iter().any(|m| text.contains(m)) {
@@ -197,15 +206,25 @@ mod tests {
         )
         .unwrap();
         std::fs::write(dir.join("crates/foo/Cargo.toml"), "[dependencies]\nanyhow = \"1\"\n").unwrap();
+        std::fs::create_dir_all(dir.join("crates/orchestration/src")).unwrap();
+        std::fs::write(dir.join("crates/orchestration/src/drs.rs"), "//! DRS.\nuse crate::flow::blocking;\n").unwrap();
         std::fs::create_dir_all(dir.join(".ci")).unwrap();
         std::fs::write(dir.join(".ci/run"), concat!("bash ..", "/shared/setup.sh\n")).unwrap();
         std::fs::create_dir_all(dir.join("tests/peers")).unwrap();
         std::fs::write(dir.join("tests/peers/main.go"), concat!("// from /wo", "rk/shared/x.go\n")).unwrap();
         let found = problems(&dir).unwrap().join("\n");
         std::fs::remove_dir_all(&dir).unwrap();
-        for expected in
-            ["`//!`", "todo!", "ignored test", "`unsafe`", "anyhow", "`crates/foo`", ".ci/run:1", "main.go:1"]
-        {
+        for expected in [
+            "`//!`",
+            "todo!",
+            "ignored test",
+            "`unsafe`",
+            "anyhow",
+            "`crates/foo`",
+            ".ci/run:1",
+            "main.go:1",
+            "drs.rs: only `job`",
+        ] {
             assert!(found.contains(expected), "tidy missed {expected}:\n{found}");
         }
     }

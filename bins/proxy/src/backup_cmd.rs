@@ -232,7 +232,7 @@ async fn job(
     if plan_only {
         return plan(&job.ctx, &job.selection.vms, args.json).await;
     }
-    let cancel = job.ctx.engine.cancel.clone();
+    let cancel = job.ctx.engine().cancel.clone();
     let abandon = async {
         let _ = tokio::signal::ctrl_c().await;
         eprintln!(
@@ -248,7 +248,7 @@ async fn job(
             JobEvent::Started { tag, vms, concurrency } => {
                 eprintln!("proxy {what}: job {tag} of {vms} VM(s), at most {concurrency} at once");
                 let quiet = args.no_progress || args.json;
-                view = Some(crate::progress_view::start(job.ctx.metrics.clone(), vms, quiet));
+                view = Some(crate::progress_view::start(job.ctx.metrics().clone(), vms, quiet));
             }
             JobEvent::Copied => view = None,
         })
@@ -265,7 +265,7 @@ async fn job(
     }
     print_report(&report, &job.ctx, args.json)?;
     Ok(match report.outcome() {
-        Outcome::All if job.ctx.engine.cancel.is_cancelled() => ExitCode::from(3),
+        Outcome::All if job.ctx.engine().cancel.is_cancelled() => ExitCode::from(3),
         Outcome::All => ExitCode::SUCCESS,
         Outcome::Some => ExitCode::from(3),
         Outcome::None => ExitCode::FAILURE,
@@ -310,7 +310,7 @@ async fn plan(ctx: &JobContext, vms: &[vsphere::Vm], json: bool) -> Result<ExitC
 
 fn print_report(report: &JobReport, ctx: &JobContext, json: bool) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    let m = ctx.metrics.snapshot();
+    let m = ctx.metrics().snapshot();
     if json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report.to_json(&m))?)?;
         return Ok(());

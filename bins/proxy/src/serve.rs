@@ -317,7 +317,7 @@ impl Runner {
         }
         let ctx = &job.ctx;
         let mut error = None;
-        if let (Target::Repository(repo), Some(keep)) = (&ctx.target, &self.job.retention)
+        if let (Target::Repository(repo), Some(keep)) = (ctx.target(), &self.job.retention)
             && report.outcome() != Outcome::None
         {
             let (repo, keep) = (repo.clone(), keep.retention());

@@ -144,7 +144,7 @@ pub async fn cbt_reset(client: &Client, vm: &MoRef, marks: &[Arc<dyn Store>]) ->
     match &v.power_state {
         Some(PowerState::PoweredOff) => {
             report.form = "powered-off";
-            let datacenter = crate::flow::datacenter_for(client, &v).await?.moref;
+            let datacenter = crate::support::datacenter_for(client, &v).await?.moref;
             client.set_change_tracking(vm, false).await?;
             report.steps.push("CBT turned off".into());
             for d in &disks {
@@ -205,14 +205,14 @@ pub async fn cbt_reset(client: &Client, vm: &MoRef, marks: &[Arc<dyn Store>]) ->
         reason: None,
     };
     let json = serde_json::to_vec_pretty(&mark).map_err(|e| OrchError::Refused(e.to_string()))?;
-    let key = crate::flow::vm_key(client, &v);
+    let key = crate::support::vm_key(client, &v);
     for store in marks {
         let key = key
             .clone()
             .ok_or_else(|| OrchError::Refused(format!("{} has no instance UUID to mark its backups by", v.name)))?;
         let what = store.describe();
         let (store, json) = (store.clone(), json.clone());
-        crate::flow::blocking(move || store.put(&mark_name(&key), &json)).await?;
+        crate::support::blocking(move || store.put(&mark_name(&key), &json)).await?;
         report.steps.push(format!("marked the next copy of its disks as full in {what}"));
     }
     Ok(report)

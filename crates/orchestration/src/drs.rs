@@ -10,7 +10,8 @@ use vsphere::facts::{Cluster, DrsChange, DrsOverride};
 use vsphere::{DrsBehavior, MoRef, Vm};
 
 use crate::OrchError;
-use crate::flow::{JobContext, VmReport, blocking, vm_key};
+use crate::context::JobContext;
+use crate::support::{blocking, vm_key};
 
 /// What a pin changed, to put back.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -72,24 +73,24 @@ async fn put_back(ctx: &JobContext, r: &PinRecord) -> Result<(), OrchError> {
 }
 
 /// Puts back the DRS setting a dead job's pin left on `vm` (its record names a job that holds
-/// no lease).
-pub(crate) async fn restore_left(ctx: &JobContext, vm: &Vm, report: &mut VmReport) -> Result<(), OrchError> {
-    let Some(key) = vm_key(&ctx.client, vm) else { return Ok(()) };
-    let Some(r) = load(ctx, &key).await? else { return Ok(()) };
+/// no lease); says so when it did.
+pub(crate) async fn restore_left(ctx: &JobContext, vm: &Vm) -> Result<Option<String>, OrchError> {
+    let Some(key) = vm_key(&ctx.client, vm) else { return Ok(None) };
+    let Some(r) = load(ctx, &key).await? else { return Ok(None) };
     let leases = ctx.leases();
     let live = blocking(move || durable::live_jobs_in(&*leases)).await?;
     if r.job != ctx.tag() && live.iter().any(|(n, _)| *n == r.job) {
-        return Ok(());
+        return Ok(None);
     }
     put_back(ctx, &r).await?;
     forget(ctx, &key).await?;
-    report.warnings.push(format!("put back the DRS setting job {} left overridden", r.job));
-    Ok(())
+    Ok(Some(format!("put back the DRS setting job {} left overridden", r.job)))
 }
 
 /// Overrides `vm`'s DRS automation to manual while it is read, when DRS could move it and the
-/// job pins (`JobContext::pin_drs`). Without the privilege to, the copy goes on, with a warning.
-pub(crate) async fn pin(ctx: &JobContext, vm: &Vm, report: &mut VmReport) -> Result<Option<Pinned>, OrchError> {
+/// job pins (`JobContext::pin_drs`). Without the privilege to, the copy goes on, with a warning
+/// in `warnings` (as is a pin that was set).
+pub(crate) async fn pin(ctx: &JobContext, vm: &Vm, warnings: &mut Vec<String>) -> Result<Option<Pinned>, OrchError> {
     if !ctx.pin_drs {
         return Ok(None);
     }
@@ -112,12 +113,12 @@ pub(crate) async fn pin(ctx: &JobContext, vm: &Vm, report: &mut VmReport) -> Res
     let change = if own.is_some() { DrsChange::Edit(manual) } else { DrsChange::Add(manual) };
     match ctx.client.set_drs_override(&cluster.moref, &change).await {
         Ok(()) => {
-            report.warnings.push(format!("DRS set to manual for this VM in cluster {} while it is read", cluster.name));
+            warnings.push(format!("DRS set to manual for this VM in cluster {} while it is read", cluster.name));
             Ok(Some(Pinned { key, record }))
         }
         Err(e) => {
             forget(ctx, &key).await?;
-            report.warnings.push(format!(
+            warnings.push(format!(
                 "DRS may move this VM during the copy: its override could not be set ({e}); grant \
                  Host.Inventory.EditCluster on cluster {}",
                 cluster.name
@@ -127,15 +128,14 @@ pub(crate) async fn pin(ctx: &JobContext, vm: &Vm, report: &mut VmReport) -> Res
     }
 }
 
-/// Puts back what [`pin`] changed.
-pub(crate) async fn unpin(ctx: &JobContext, pinned: Pinned, report: &mut VmReport) {
+/// Puts back what [`pin`] changed; says so loudly when it could not.
+pub(crate) async fn unpin(ctx: &JobContext, pinned: Pinned) -> Option<String> {
     let done = async {
         put_back(ctx, &pinned.record).await?;
         forget(ctx, &pinned.key).await
     };
-    if let Err(e) = done.await {
-        report.warnings.push(format!("COULD NOT PUT BACK THE VM'S DRS SETTING: {e}; the next run does"));
-    }
+    let e = done.await.err()?;
+    Some(format!("COULD NOT PUT BACK THE VM'S DRS SETTING: {e}; the next run does"))
 }
 
 /// Puts back every DRS setting this job changed on `vms` (after a cancel, when the per-VM flows

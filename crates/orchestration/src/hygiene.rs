@@ -10,8 +10,12 @@ use std::time::{Duration, SystemTime};
 
 use vsphere::{Client, Vm};
 
+use crate::OrchError;
+use crate::context::{JobContext, SNAPSHOT_PREFIX};
 use crate::metrics::Metrics;
-use crate::{OrchError, SNAPSHOT_PREFIX};
+use crate::report::VmReport;
+use crate::snapshot::forget_intents;
+use crate::support::blocking;
 
 /// Snapshots older than this are reported, whoever made them.
 pub const OLD_SNAPSHOT: Duration = Duration::from_secs(24 * 3600);
@@ -111,6 +115,37 @@ pub async fn clean_vm(
         }
     }
     Ok(out)
+}
+
+/// Removes stale snapshots of ours from `vm` (see `hygiene`) and says what it did; returns
+/// whether anything was removed.
+pub(crate) async fn hygiene(ctx: &JobContext, vm: &Vm, report: &mut VmReport) -> Result<bool, OrchError> {
+    let (leases, moref) = (ctx.leases(), vm.moref.value.clone());
+    let (running, recorded) = blocking(move || {
+        Ok::<_, durable::Error>((durable::live_jobs_in(&*leases)?, crate::intent::jobs_on(&*leases, &moref)?))
+    })
+    .await?;
+    let mut live: HashSet<String> = running.into_iter().map(|(name, _)| name).collect();
+    live.insert(ctx.tag());
+    // A job that recorded its intent here and holds no live lease is dead.
+    let dead: HashSet<String> = recorded.into_iter().filter(|j| !live.contains(j)).collect();
+    let present: HashSet<&str> = vm.all_snapshots().iter().filter_map(|s| crate::hygiene::job_of(&s.name)).collect();
+    // Dead jobs whose snapshot is already gone: their records have served.
+    let mut done: Vec<String> = dead.iter().filter(|j| !present.contains(j.as_str())).cloned().collect();
+    let mut removed = Vec::new();
+    if !vm.snapshots.is_empty() {
+        let now_text = ctx.client.current_time().await?;
+        let now = parse_server_time(&now_text)
+            .ok_or_else(|| OrchError::Refused(format!("the server's clock reads {now_text:?}, not a time")))?;
+        let h = clean_vm(&ctx.client, vm, &live, &dead, now, ctx.max_job, &ctx.metrics).await?;
+        report.warnings.extend(h.notes);
+        done.extend(h.removed.iter().filter_map(|n| crate::hygiene::job_of(n)).map(str::to_owned));
+        removed = h.removed;
+    }
+    forget_intents(ctx, vm, done).await;
+    let any = !removed.is_empty();
+    report.stale_removed = removed;
+    Ok(any)
 }
 
 #[cfg(test)]

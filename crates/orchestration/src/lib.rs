@@ -11,27 +11,42 @@
 pub mod catalog;
 pub mod cbt_reset;
 pub mod config;
+mod context;
+mod copy;
+mod disk;
 mod drs;
 mod flow;
+mod gate;
 pub mod hooks;
 pub mod hygiene;
 pub mod intent;
 mod job;
 pub mod lifecycle;
+mod limits;
 pub mod metrics;
+mod plan;
 pub mod preflight;
 pub mod proxy_host;
+mod read;
+mod report;
+mod snapshot;
+mod support;
+mod target;
+mod vmx;
 
-pub use flow::{
-    DiskFilter, DiskPlanReport, DiskReport, JobContext, ReplicaTarget, SNAPSHOT_PREFIX, Target, VmPlan, VmReport,
-    backup_vm, nbd_uri, plan_vm, vm_key,
-};
+pub use context::{DiskFilter, JobContext, JobContextBuilder, SNAPSHOT_PREFIX, nbd_uri};
+pub use flow::backup_vm;
 pub use job::{
-    BASE_RESERVE, JobReport, Limits, MIN_BUFFERS, Outcome, PER_VM_RESERVE, Selection, Selector, buffer_budget,
-    clean_stale, report_missing, run_job, select, select_vms, sweep_own_snapshots,
+    BASE_RESERVE, JobReport, MIN_BUFFERS, Outcome, PER_VM_RESERVE, Selection, Selector, buffer_budget, clean_stale,
+    report_missing, run_job, select, select_vms, sweep_own_snapshots,
 };
 pub use lifecycle::{Buffers, Job, JobEvent, JobRun, JobSpec, Login, vm_result};
+pub use limits::Limits;
 pub use metrics::{Metrics, MetricsSnapshot};
+pub use plan::{DiskPlanReport, VmPlan, plan_vm};
+pub use report::{DiskReport, VmReport};
+pub use support::vm_key;
+pub use target::{ReplicaTarget, Target};
 
 /// Why a VM's backup could not run or finish.
 #[derive(Debug, thiserror::Error)]

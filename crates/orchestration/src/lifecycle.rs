@@ -14,11 +14,14 @@ use serde_json::Value;
 use vsphere::{Client, ConnectOptions, Credentials, MoRef};
 
 use crate::OrchError;
-use crate::flow::{DiskFilter, JobContext, Target, VmReport};
+use crate::context::{DiskFilter, JobContext};
 use crate::hooks::Hooks;
-use crate::job::{JobReport, Limits, Selection, Selector, buffer_budget, clean_stale, report_missing};
+use crate::job::{JobReport, Selection, Selector, buffer_budget, clean_stale, report_missing};
 use crate::job::{run_job, select, sweep_own_snapshots};
+use crate::limits::Limits;
 use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::report::VmReport;
+use crate::target::Target;
 
 /// How to reach and log in to a vSphere server.
 #[derive(Debug, Clone)]
@@ -131,23 +134,23 @@ pub struct JobRun {
 
 /// The context of a job: the one place a [`JobContext`] is built from a [`JobSpec`].
 fn context(spec: JobSpec, client: Arc<Client>, target: Target, engine: Arc<Engine>) -> JobContext {
-    let mut ctx = JobContext::with_target(client, target, &spec.proxy_id, &spec.job_id, engine);
+    let mut b = JobContext::builder(client, target, &spec.proxy_id, &spec.job_id, engine)
+        .max_job(spec.max_job)
+        .disks(spec.disks)
+        .vddk(spec.vddk)
+        .nbd(spec.nbd)
+        .pin_drs(spec.pin_drs)
+        .hooks(spec.hooks);
     if let Some(options) = spec.options {
-        ctx.options = options;
+        b = b.options(options);
     }
     if let Some(limits) = spec.limits {
-        ctx.limits = limits;
+        b = b.limits(limits);
     }
     if let Some(metrics) = spec.metrics {
-        ctx.metrics = metrics;
+        b = b.metrics(metrics);
     }
-    ctx.max_job = spec.max_job;
-    ctx.disks = spec.disks;
-    ctx.vddk = spec.vddk;
-    ctx.nbd = spec.nbd;
-    ctx.pin_drs = spec.pin_drs;
-    ctx.hooks = spec.hooks;
-    ctx
+    b.build()
 }
 
 impl Job {
@@ -347,7 +350,7 @@ impl JobReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flow::DiskReport;
+    use crate::report::DiskReport;
 
     fn report() -> JobReport {
         let disk = |full, read| DiskReport {

@@ -10,8 +10,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use orchestration::{JobContext, Outcome, ReplicaTarget, Selector, Target, backup_vm, plan_vm, run_job, select_vms};
-use pipeline::Engine;
+use orchestration::{
+    JobContext, JobContextBuilder, Outcome, ReplicaTarget, Selector, Target, backup_vm, plan_vm, run_job, select_vms,
+};
+use pipeline::{CopyOptions, Engine};
 use repo::Repo;
 use testkit::noise;
 use vsphere::{Client, ConnectOptions, Credentials, Secret, Trust};
@@ -78,6 +80,16 @@ async fn start_timed(estate: Config, timeout: Duration) -> (tempfile::TempDir, S
 
 fn ctx(client: &Arc<Client>, repo: &Repo, job: &str) -> JobContext {
     JobContext::new(client.clone(), repo.clone(), "test-proxy", job, Arc::new(Engine::new(64 * MIB)))
+}
+
+fn builder(client: &Arc<Client>, repo: &Repo, job: &str) -> JobContextBuilder {
+    JobContext::builder(
+        client.clone(),
+        Target::Repository(repo.clone()),
+        "test-proxy",
+        job,
+        Arc::new(Engine::new(64 * MIB)),
+    )
 }
 
 /// Every disk of every restore point of `vm` matches the simulator's disk now.
@@ -247,8 +259,7 @@ async fn stale_snapshots_of_dead_jobs_go_and_live_ones_stay() {
 
     // A dead job's snapshot younger than the longest job is left alone too.
     drop(live);
-    let mut c = ctx(&client, &repo, "j2");
-    c.max_job = Duration::from_secs(72 * 3600);
+    let c = builder(&client, &repo, "j2").max_job(Duration::from_secs(72 * 3600)).build();
     let r = backup_vm(&c, &web.moref).await;
     assert!(r.stale_removed.is_empty() && r.error.is_some(), "{r:?}");
     assert!(r.warnings.iter().any(|w| w.contains("left for now")), "{r:?}");
@@ -257,7 +268,7 @@ async fn stale_snapshots_of_dead_jobs_go_and_live_ones_stay() {
     let r = backup_vm(&c, &web.moref).await;
     assert_eq!(r.stale_removed, ["syncproxy-other-live"], "{r:?}");
     assert!(r.error.is_none(), "{r:?}");
-    assert_eq!(c.metrics.snapshot().snapshots_removed_stale, 1);
+    assert_eq!(c.metrics().snapshot().snapshots_removed_stale, 1);
     restores_match(&sim, &client, &repo, "web", r.point.as_deref().unwrap()).await;
 }
 
@@ -366,16 +377,16 @@ async fn a_hundred_vms_at_once_copy_together_under_the_memory_cap() {
     let refs: Vec<_> = all.iter().map(|v| v.moref.clone()).collect();
     let r = run_job(&c, &refs, vms).await.unwrap();
     assert_eq!(r.outcome(), Outcome::All, "{:?}", r.vms.iter().find(|v| v.error.is_some()));
-    let m = c.metrics.snapshot();
+    let m = c.metrics().snapshot();
     assert!(m.disks_copying_peak >= vms as u64, "peak of disks copying at once: {m:?}");
     assert_eq!((m.disks_copying, m.vms_running, m.disks_copied), (0, 0, vms as u64), "{m:?}");
     assert_eq!(m.bytes_read, vms as u64 * 2 * MIB, "{m:?}");
-    assert!(c.engine.pool.peak() <= cap, "the buffer pool stayed under its cap: {}", c.engine.pool.peak());
+    assert!(c.engine().pool.peak() <= cap, "the buffer pool stayed under its cap: {}", c.engine().pool.peak());
     println!(
         "{vms} VMs in {:.2} s; {} disks copying at peak; pool peak {} MiB",
         r.seconds,
         m.disks_copying_peak,
-        c.engine.pool.peak() / MIB
+        c.engine().pool.peak() / MIB
     );
 }
 
@@ -426,13 +437,22 @@ async fn replica_matches(sim: &Sim, client: &Client, target: &ReplicaTarget, vm:
 }
 
 fn replica_ctx(client: &Arc<Client>, target: &ReplicaTarget, job: &str) -> JobContext {
-    JobContext::with_target(
+    replica_builder(client, target, job).build()
+}
+
+fn replica_builder(client: &Arc<Client>, target: &ReplicaTarget, job: &str) -> JobContextBuilder {
+    JobContext::builder(
         client.clone(),
         Target::Replica(target.clone()),
         "test-proxy",
         job,
         Arc::new(Engine::new(64 * MIB)),
     )
+}
+
+/// Copy options that make a copy slow enough to cut: one request of 1 MiB at a time.
+fn one_at_a_time() -> CopyOptions {
+    CopyOptions { in_flight: 1, request_size: MIB, ..CopyOptions::default() }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -485,10 +505,8 @@ async fn a_replica_interrupted_mid_incremental_is_dirty_until_the_next_sync() {
     // The whole disk changes, and the sync is cancelled part-way.
     sim.write("web", web.disks[0].key, 0, &noise(8 * MIB as usize, 41)).unwrap();
     sim.faults(|f| f.datastore_delay = Duration::from_millis(100));
-    let mut c = replica_ctx(&client, &target, "r2");
-    c.options.in_flight = 1;
-    c.options.request_size = MIB;
-    let cancel = c.engine.cancel.clone();
+    let c = replica_builder(&client, &target, "r2").options(one_at_a_time()).build();
+    let cancel = c.engine().cancel.clone();
     let job = tokio::spawn({
         let c = c.clone();
         let m = web.moref.clone();
@@ -496,7 +514,7 @@ async fn a_replica_interrupted_mid_incremental_is_dirty_until_the_next_sync() {
     });
     // Cut once the copy has written into the replica.
     for _ in 0..400 {
-        if c.metrics.snapshot().bytes_read >= 2 * MIB {
+        if c.metrics().snapshot().bytes_read >= 2 * MIB {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -540,9 +558,7 @@ async fn per_host_and_per_datastore_limits_hold_across_jobs() {
     // Two jobs at once, three VMs each, one host: never more than two VMs copy at a time.
     let mut jobs = Vec::new();
     for (name, vms) in [("a", &all[..3]), ("b", &all[3..])] {
-        let mut c = ctx(&client, &repo, name);
-        c.limits = limits.clone();
-        c.metrics = metrics.clone();
+        let c = builder(&client, &repo, name).limits(limits.clone()).metrics(metrics.clone()).build();
         let refs: Vec<_> = vms.iter().map(|v| v.moref.clone()).collect();
         jobs.push(tokio::spawn(async move { run_job(&c, &refs, 10).await.unwrap() }));
     }
@@ -562,8 +578,8 @@ async fn disks_are_included_and_excluded_by_slot_or_label() {
     for d in &db.disks {
         sim.write("db", d.key, 0, &noise(MIB as usize, u64::from(d.key.unsigned_abs()))).unwrap();
     }
-    let mut c = ctx(&client, &repo, "x1");
-    c.disks = orchestration::DiskFilter { include: Vec::new(), exclude: vec!["scsi0:1".into()] };
+    let only = |disks| builder(&client, &repo, "x1").disks(disks).build();
+    let c = only(orchestration::DiskFilter { include: Vec::new(), exclude: vec!["scsi0:1".into()] });
     let r = backup_vm(&c, &db.moref).await;
     assert!(r.error.is_none(), "{r:?}");
     assert_eq!(r.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["scsi0:0"], "{r:?}");
@@ -574,7 +590,7 @@ async fn disks_are_included_and_excluded_by_slot_or_label() {
     assert!(repo.reader(&m.id, 0).unwrap().read(0, db.disks[0].capacity).unwrap() == want);
     // By label, include wins only where exclude does not name the disk.
     let label = db.disks[1].label.clone();
-    c.disks = orchestration::DiskFilter { include: vec![label], exclude: Vec::new() };
+    let c = only(orchestration::DiskFilter { include: vec![label], exclude: Vec::new() });
     let r = backup_vm(&c, &db.moref).await;
     assert_eq!(r.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["scsi0:1"], "{r:?}");
 }
@@ -582,18 +598,16 @@ async fn disks_are_included_and_excluded_by_slot_or_label() {
 /// Runs `c` on `vm` slowly, a checkpoint every MiB, and cuts it once a few MiB are across, as a
 /// proxy killed mid-copy: its snapshot stays behind (the removal fails). Returns the bytes it
 /// read.
-async fn cut_mid_copy(sim: &Sim, client: &Client, mut c: JobContext, vm: &vsphere::MoRef) -> u64 {
+async fn cut_mid_copy(sim: &Sim, client: &Client, c: JobContextBuilder, vm: &vsphere::MoRef) -> u64 {
     sim.faults(|f| f.datastore_delay = Duration::from_millis(100));
-    c.options.in_flight = 1;
-    c.options.request_size = MIB;
-    c.options.checkpoint_bytes = MIB;
-    let cancel = c.engine.cancel.clone();
+    let c = c.options(CopyOptions { checkpoint_bytes: MIB, ..one_at_a_time() }).build();
+    let cancel = c.engine().cancel.clone();
     let job = tokio::spawn({
         let (c, m) = (c.clone(), vm.clone());
         async move { backup_vm(&c, &m).await }
     });
     for _ in 0..400 {
-        if c.metrics.snapshot().bytes_read >= 3 * MIB {
+        if c.metrics().snapshot().bytes_read >= 3 * MIB {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -605,7 +619,7 @@ async fn cut_mid_copy(sim: &Sim, client: &Client, mut c: JobContext, vm: &vspher
     assert!(r.error.is_some() && !r.snapshot_removed && r.point.is_none(), "{r:?}");
     let left = client.vms_by_moref(std::slice::from_ref(vm)).await.unwrap().pop().unwrap();
     assert_eq!(left.all_snapshots().len(), 1, "the dead job's snapshot is still there");
-    let read = c.metrics.snapshot().bytes_read;
+    let read = c.metrics().snapshot().bytes_read;
     assert!(read > 0 && read < 8 * MIB, "the cut came mid-copy: {read}");
     read
 }
@@ -622,7 +636,7 @@ async fn a_copy_left_by_a_dead_proxy_resumes_under_its_snapshot() {
     // The whole disk changes; the next sync is cut off part-way and, like a proxy killed
     // mid-copy, leaves its snapshot behind (its removal fails) with a checkpoint.
     sim.write("web", web.disks[0].key, 0, &noise(8 * MIB as usize, 61)).unwrap();
-    let c = replica_ctx(&client, &target, "r2");
+    let c = replica_builder(&client, &target, "r2");
     let before = cut_mid_copy(&sim, &client, c, &web.moref).await;
 
     // The next job adopts it: the copy goes on from the checkpoint, under the same frozen state.
@@ -740,7 +754,7 @@ async fn a_backup_left_by_a_dead_proxy_is_finished_from_its_session() {
     assert!(std::fs::read_dir(&sessions).unwrap().next().is_none(), "a finished backup leaves no session");
 
     sim.write("web", key, 0, &noise(8 * MIB as usize, 71)).unwrap();
-    let before = cut_mid_copy(&sim, &client, ctx(&client, &repo, "b2"), &web.moref).await;
+    let before = cut_mid_copy(&sim, &client, builder(&client, &repo, "b2"), &web.moref).await;
     assert_eq!(repo.points().unwrap().len(), 1, "no restore point from the cut backup");
     let r = backup_vm(&ctx(&client, &repo, "b3"), &web.moref).await;
     assert!(r.error.is_none(), "{r:?}");
@@ -756,7 +770,7 @@ async fn a_backup_left_by_a_dead_proxy_is_finished_from_its_session() {
 
     // Cut again, and this time the snapshot is removed by hand: nothing to resume under.
     sim.write("web", key, 0, &noise(8 * MIB as usize, 72)).unwrap();
-    cut_mid_copy(&sim, &client, ctx(&client, &repo, "b4"), &web.moref).await;
+    cut_mid_copy(&sim, &client, builder(&client, &repo, "b4"), &web.moref).await;
     let left = client.vms_by_moref(std::slice::from_ref(&web.moref)).await.unwrap().pop().unwrap();
     client.remove_snapshot(&left.all_snapshots()[0].moref, true).await.unwrap();
     let r = backup_vm(&ctx(&client, &repo, "b5"), &web.moref).await;
@@ -973,8 +987,7 @@ capacity = 4194304
     let r = backup_vm(&ctx(&client, &repo, "p5"), &c.moref).await;
     assert!(r.error.is_none() && r.warnings.iter().any(|w| w.contains("DRS may move this VM")), "{r:?}");
     // Turned off: nothing is pinned.
-    let mut off = ctx(&client, &repo, "p6");
-    off.pin_drs = false;
+    let off = builder(&client, &repo, "p6").pin_drs(false).build();
     let r = backup_vm(&off, &a.moref).await;
     assert!(r.error.is_none() && !r.warnings.iter().any(|w| w.contains("DRS")), "{r:?}");
     assert!(client.vms().await.unwrap().iter().all(|v| v.snapshots.is_empty()));
@@ -1015,11 +1028,7 @@ capacity = 2097152
     let on_proxy =
         |cmd: &str, ms: u64| Hook { action: HookAction::Proxy(cmd.to_owned()), timeout: Duration::from_millis(ms) };
     let record = format!("echo \"$SYNCPROXY_HOOK $SYNCPROXY_VM $SYNCPROXY_VM_MOREF\" >> {}", log.display());
-    let with = |hooks: Hooks, job: &str| {
-        let mut c = ctx(&client, &repo, job);
-        c.hooks = hooks;
-        c
-    };
+    let with = |hooks: Hooks, job: &str| builder(&client, &repo, job).hooks(hooks).build();
     let snapshots = || async { client.vms().await.unwrap().iter().map(|v| v.all_snapshots().len()).sum::<usize>() };
 
     // Both hooks on the proxy: run, in order, each knowing its VM.
@@ -1255,9 +1264,8 @@ async fn two_jobs_naming_one_vm_take_turns() {
     sim.write("web", web.disks[0].key, 0, &noise(4 * MIB as usize, 7)).unwrap();
     sim.faults(|f| f.datastore_delay = Duration::from_millis(100));
     let limits = Arc::new(orchestration::Limits::default());
-    let (mut a, mut b) = (ctx(&client, &repo, "ja"), ctx(&client, &repo, "jb"));
-    a.limits = limits.clone();
-    b.limits = limits;
+    let a = builder(&client, &repo, "ja").limits(limits.clone()).build();
+    let b = builder(&client, &repo, "jb").limits(limits).build();
     let refs = [web.moref.clone()];
     let (ra, rb) = tokio::join!(run_job(&a, &refs, 1), run_job(&b, &refs, 1));
     for r in [ra.unwrap(), rb.unwrap()] {
@@ -1283,6 +1291,6 @@ async fn a_missing_vm_fails_alone_and_the_others_are_backed_up() {
     let failed: Vec<_> = report.vms.iter().filter(|v| v.error.is_some()).collect();
     assert_eq!(failed.len(), 1);
     assert!(failed[0].error.as_deref().unwrap().contains("deleted-vm") && failed[0].vm == "deleted-vm", "{failed:?}");
-    assert_eq!(c.metrics.snapshot().vms_failed, 1);
+    assert_eq!(c.metrics().snapshot().vms_failed, 1);
     assert_eq!(repo.points().unwrap().len(), 2);
 }

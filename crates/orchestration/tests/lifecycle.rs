@@ -101,7 +101,7 @@ async fn a_vm_that_is_gone_fails_alone_and_the_others_are_backed_up() {
     assert!(run.report.vms[0].error.is_none() && run.report.vms[0].point.is_some(), "{:?}", run.report.vms[0]);
     assert!(run.report.vms[1].error.as_deref().is_some_and(|e| e.contains("not backed up")));
     assert_eq!(repo.points().unwrap().len(), 1);
-    let json = run.report.to_json(&job.ctx.metrics.snapshot());
+    let json = run.report.to_json(&job.ctx.metrics().snapshot());
     assert_eq!(json["outcome"], "some");
     assert_eq!(json["vms"][1]["result"], "failed");
 }
@@ -119,7 +119,7 @@ async fn an_abandoned_run_still_sweeps_its_snapshot() {
     .unwrap();
     let disk = job.selection.vms[0].disks[0].key;
     sim.write("vm00000", disk, 0, &testkit::noise(16 << 20, 7)).unwrap();
-    let client = job.ctx.client.clone();
+    let client = job.ctx.client().clone();
     let vms = job.morefs();
     let ours = format!("{SNAPSHOT_PREFIX}-test-proxy-j1");
     let snapshot_taken = async {
