@@ -390,7 +390,12 @@ async fn backup(args: &BackupArgs) -> Result<ExitCode> {
     };
     let engine = Engine::new(args.memory);
     // The copy keeps no digests: a plain repository's sink takes them as its chunk IDs anyway.
-    let options = CopyOptions { in_flight: args.requests, digests: args.hash_twice, ..CopyOptions::default() };
+    let options = CopyOptions {
+        in_flight: args.requests,
+        digests: args.hash_twice,
+        retry_for: pipeline::PATIENCE,
+        ..CopyOptions::default()
+    };
     let report = copy_disk(job, &engine, &options, Arc::new(Progress::default())).await?;
     sink.commit().await?;
     let stats = repo_sink.stats();

@@ -641,7 +641,11 @@ async fn serve(config: ServeConfig, vddk: Option<Arc<vddk::Vddk>>) -> Result<Exi
     }
     let engine = Arc::new(engine);
     let options =
-        pipeline::CopyOptions { release_cpu_time: ReleaseCpuTime(config.proxy.release_cpu_time), ..Default::default() };
+        pipeline::CopyOptions {
+        release_cpu_time: ReleaseCpuTime(config.proxy.release_cpu_time),
+        retry_for: pipeline::PATIENCE,
+        ..Default::default()
+    };
     let limits = Arc::new(Limits::new(config.proxy.max_vms, config.proxy.per_host, config.proxy.per_datastore));
     let metrics = Arc::new(Metrics::default());
     let mut runners = Vec::new();

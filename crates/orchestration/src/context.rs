@@ -33,7 +33,8 @@ pub struct JobContext {
     pub(crate) job_id: String,
     /// The copy engine (one buffer pool for the process).
     pub(crate) engine: Arc<Engine>,
-    /// How copies run.
+    /// How copies run; by default a transient failure is retried for [`pipeline::PATIENCE`], so a
+    /// busy host or an S3 gateway that restarts does not fail the job.
     pub(crate) options: CopyOptions,
     /// The longest a job may run: an orphaned snapshot of ours younger than this is left alone.
     pub(crate) max_job: Duration,
@@ -172,7 +173,7 @@ impl JobContext {
             proxy_id: proxy_id.to_owned(),
             job_id: job_id.to_owned(),
             engine,
-            options: CopyOptions::default(),
+            options: CopyOptions { retry_for: pipeline::PATIENCE, ..CopyOptions::default() },
             max_job: Duration::from_secs(24 * 3600),
             metrics: Arc::new(Metrics::default()),
             limits: Arc::new(Limits::default()),
