@@ -640,8 +640,7 @@ async fn serve(config: ServeConfig, vddk: Option<Arc<vddk::Vddk>>) -> Result<Exi
         engine.global_rate = Some(Arc::new(RateLimiter::new(rate)));
     }
     let engine = Arc::new(engine);
-    let options =
-        pipeline::CopyOptions {
+    let options = pipeline::CopyOptions {
         release_cpu_time: ReleaseCpuTime(config.proxy.release_cpu_time),
         retry_for: pipeline::PATIENCE,
         ..Default::default()
