@@ -122,15 +122,22 @@ fn bad_input_is_named() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown unit"));
 }
 
+/// The state file in `state` whose name ends with `suffix`: the one the store renamed into
+/// place, never a writer's temporary file (`.tmp-<pid>-<n>-<name>`, see `durable::TEMP_PREFIX`).
+/// A temporary file ends the same way, and one a killed copy left behind holds progress that was
+/// never saved: the resumed copy does not read it, so neither may the test.
+fn state_file(state: &Path, suffix: &str) -> Option<PathBuf> {
+    std::fs::read_dir(state).ok()?.filter_map(Result::ok).map(|e| e.path()).find(|p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.ends_with(suffix) && !n.starts_with(durable::TEMP_PREFIX))
+    })
+}
+
 fn checkpoint_done(state: &Path) -> Option<u64> {
-    for e in std::fs::read_dir(state).ok()? {
-        let p = e.ok()?.path();
-        if p.to_string_lossy().ends_with(".checkpoint.json") {
-            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).ok()?).ok()?;
-            return Some(v["done"].as_array()?.iter().map(|r| r[1].as_u64().unwrap_or(0)).sum());
-        }
-    }
-    None
+    let p = state_file(state, ".checkpoint.json")?;
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
+    Some(v["done"].as_array()?.iter().map(|r| r[1].as_u64().unwrap_or(0)).sum())
 }
 
 #[test]
@@ -188,11 +195,7 @@ fn a_replica_killed_while_being_updated_is_reported_inconsistent_until_a_copy_co
     summary(&proxy().arg("disk-copy").arg(&src).arg(&dst).arg("--json").output().unwrap());
     let state = dir.path().join("dst.raw.syncproxy");
     let state_json = || -> serde_json::Value {
-        let p = std::fs::read_dir(&state)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| p.to_string_lossy().ends_with(".state.json"))
-            .unwrap();
+        let p = state_file(&state, ".state.json").unwrap();
         serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
     };
     assert!(state_json()["dirty"].is_null());
@@ -286,19 +289,9 @@ fn a_copy_onto_its_own_source_is_refused_by_any_path() {
 
 /// The ranges the checkpoint in `state` shows as done.
 fn checkpoint_ranges(state: &Path) -> Vec<(u64, u64)> {
-    for e in std::fs::read_dir(state).unwrap() {
-        let p = e.unwrap().path();
-        if p.to_string_lossy().ends_with(".checkpoint.json") {
-            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
-            return v["done"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|r| (r[0].as_u64().unwrap(), r[1].as_u64().unwrap()))
-                .collect();
-        }
-    }
-    panic!("no checkpoint in {}", state.display());
+    let p = state_file(state, ".checkpoint.json").unwrap_or_else(|| panic!("no checkpoint in {}", state.display()));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    v["done"].as_array().unwrap().iter().map(|r| (r[0].as_u64().unwrap(), r[1].as_u64().unwrap())).collect()
 }
 
 #[test]
