@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 pub use lease::{
     Heartbeat, JobLease, LockInfo, LockKind, LockTiming, host_name, live_in, live_jobs_in, now_secs, process_alive,
 };
-pub use store::{Entry, Fs, LocalStore, RealFs, Store, TEMP_PREFIX, check_name, sync_parent, write_atomic};
+pub use store::{
+    Entry, Fs, LocalStore, RealFs, Store, TEMP_PREFIX, check_name, sync_parent, temp_writer, write_atomic,
+};
 
 /// Why a durable write, a store call, a lock or a lease failed.
 #[derive(Debug, thiserror::Error)]

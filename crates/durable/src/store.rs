@@ -30,7 +30,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn get(&self, name: &str) -> Result<Option<Vec<u8>>, Error>;
     /// Whether `name` exists.
     fn exists(&self, name: &str) -> Result<bool, Error>;
-    /// The files and folders directly inside the folder `dir`, sorted by name.
+    /// The files and folders directly inside the folder `dir` (`""`: the root), sorted by name.
     fn list(&self, dir: &str) -> Result<Vec<Entry>, Error>;
     /// Like [`Store::list`], with the temporary files too (names starting with `.tmp-`) that a
     /// writer that died between writing and renaming leaves, for gc to collect. Object stores,
@@ -148,6 +148,15 @@ static TMP: AtomicU64 = AtomicU64::new(0);
 
 /// How the names of temporary files begin (`.tmp-<pid>-<n>-<name>`).
 pub const TEMP_PREFIX: &str = ".tmp-";
+
+/// The writer's process ID and the file a temporary file was to become, from its name
+/// (`.tmp-<pid>-<n>-<name>`); `None` for any other name.
+pub fn temp_writer(name: &str) -> Option<(u32, &str)> {
+    let mut parts = name.strip_prefix(TEMP_PREFIX)?.splitn(3, '-');
+    let pid = parts.next()?.parse().ok()?;
+    let _n: u64 = parts.next()?.parse().ok()?;
+    Some((pid, parts.next()?))
+}
 
 impl LocalStore<RealFs> {
     /// The store rooted at `root` (which must exist).
@@ -274,7 +283,7 @@ impl<F: Fs> Store for LocalStore<F> {
     }
 
     fn list_all(&self, dir: &str) -> Result<Vec<Entry>, Error> {
-        let path = self.path(dir)?;
+        let path = if dir.is_empty() { self.root.clone() } else { self.path(dir)? };
         let mut out = match self.fs.read_dir(&path) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -305,6 +314,14 @@ impl<F: Fs> Store for LocalStore<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_temporary_file_names_its_writer_and_what_it_was_to_become() {
+        assert_eq!(temp_writer(".tmp-123-7-a.b-c.json"), Some((123, "a.b-c.json")));
+        for name in ["a.json", ".tmp-x-7-a.json", ".tmp-123-a.json", ".tmp-123-7", ".tmp-99999999999-1-a"] {
+            assert_eq!(temp_writer(name), None, "{name}");
+        }
+    }
 
     #[test]
     fn create_only_never_overwrites_and_names_stay_inside() {

@@ -230,7 +230,24 @@ impl StateStore {
         };
         self.save(&state)?;
         self.drop_checkpoint(key)?;
+        self.sweep_temps(key);
         Ok(state)
+    }
+
+    /// Removes the temporary files that writers of `key`'s files left when they were killed
+    /// between writing and renaming (their process is gone): never read, but nothing else would
+    /// ever collect them. Best effort: litter left behind costs a few bytes, nothing more.
+    fn sweep_temps(&self, key: &SyncKey) {
+        let own = format!("{}.", key.stem());
+        let Ok(entries) = self.store.list_all("") else { return };
+        for e in entries {
+            if let Some((pid, name)) = durable::temp_writer(&e.name)
+                && name.starts_with(&own)
+                && !durable::process_alive(pid)
+            {
+                let _ = self.store.delete(&e.name);
+            }
+        }
     }
 
     fn save(&self, state: &SyncState) -> Result<(), BlockError> {
@@ -307,6 +324,34 @@ mod tests {
 
     fn key(d: &str) -> SyncKey {
         SyncKey { vcenter: "vc".into(), vm: "vm".into(), disk: "2000".into(), destination: d.into() }
+    }
+
+    #[test]
+    fn a_commit_removes_what_killed_writers_of_its_own_files_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let (mine, other) = (key("/replicas/a.raw"), key("/replicas/b.raw"));
+        // PIDs above Linux's limit (2^22) belong to no process; ours is alive.
+        let dead_mine = format!(".tmp-4000000000-3-{}.checkpoint.json", mine.stem());
+        let live_mine = format!(".tmp-{}-4-{}.checkpoint.json", std::process::id(), mine.stem());
+        let dead_other = format!(".tmp-4000000000-5-{}.checkpoint.json", other.stem());
+        for name in [&dead_mine, &live_mine, &dead_other] {
+            fs::write(dir.path().join(name), b"{").unwrap();
+        }
+        store.mark_dirty(&mine, 1 << 20, "job-1").unwrap();
+        let committed = cbt::CommittedDisk {
+            change_id: None,
+            capacity: 1 << 20,
+            hardware_version: 14,
+            position: cbt::DiskPosition { controller: "scsi".into(), bus: 0, unit: 0 },
+            backing: "[ds] a.vmdk".into(),
+            host_version: None,
+            taint: None,
+        };
+        store.commit(&mine, committed, 1 << 20, None).unwrap();
+        assert!(!dir.path().join(&dead_mine).exists(), "a dead writer's file of this key stays");
+        assert!(dir.path().join(&live_mine).exists(), "a live writer's file was removed");
+        assert!(dir.path().join(&dead_other).exists(), "another key's file was removed");
     }
 
     #[test]
