@@ -361,6 +361,13 @@ fn installed_version(package: &str) -> Option<String> {
 
 /// Whether an apt source already names `suite`.
 fn apt_has_suite(suite: &str) -> bool {
+    apt_sources().iter().any(|text| {
+        text.lines().filter(|l| !l.trim_start().starts_with('#')).any(|l| l.split_whitespace().any(|w| w == suite))
+    })
+}
+
+/// The texts of apt's source files, the one-line `.list` ones and the deb822 `.sources` ones.
+fn apt_sources() -> Vec<String> {
     let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
     if let Ok(entries) = std::fs::read_dir("/etc/apt/sources.list.d") {
         files.extend(
@@ -370,9 +377,42 @@ fn apt_has_suite(suite: &str) -> bool {
                 .filter(|p| p.extension().is_some_and(|e| e == "list" || e == "sources")),
         );
     }
-    files.iter().filter_map(|f| std::fs::read_to_string(f).ok()).any(|text| {
-        text.lines().filter(|l| !l.trim_start().starts_with('#')).any(|l| l.split_whitespace().any(|w| w == suite))
-    })
+    files.iter().filter_map(|f| std::fs::read_to_string(f).ok()).collect()
+}
+
+/// The mirror this system's apt takes the release `codename` itself from, as its source files
+/// say (a deb822 stanza whose `Suites` name it, or a one-line `deb` entry), so backports come
+/// from the same place and no host is written into this script.
+fn release_mirror(sources: &[String], codename: &str) -> Option<String> {
+    for text in sources {
+        for stanza in text.split("\n\n") {
+            let field = |name: &str| {
+                stanza.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(':')).map(str::trim))
+            };
+            let is_deb = field("Types").is_some_and(|t| t.split_whitespace().any(|t| t == "deb"));
+            if is_deb
+                && field("Suites").is_some_and(|s| s.split_whitespace().any(|s| s == codename))
+                && let Some(uri) = field("URIs").and_then(|u| u.split_whitespace().next())
+            {
+                return Some(uri.to_owned());
+            }
+        }
+        for line in text.lines().map(str::trim).filter(|l| l.starts_with("deb ")) {
+            // `deb [options] URI suite components...`
+            let rest = line["deb ".len()..].trim_start();
+            let rest = match rest.strip_prefix('[') {
+                Some(r) => r.split_once(']').map_or("", |(_, r)| r),
+                None => rest,
+            };
+            let mut words = rest.split_whitespace();
+            if let (Some(uri), Some(suite)) = (words.next(), words.next())
+                && suite == codename
+            {
+                return Some(uri.to_owned());
+            }
+        }
+    }
+    None
 }
 
 /// `sudo` when not root (said once, before the first use), nothing when root.
@@ -448,9 +488,13 @@ fn apt_install(apt: &[(&'static str, &Peer)]) -> Result<()> {
         println!("setup: taking seabios from {suite}: the qemu-system-x86 there needs a newer one than the release's");
         if !apt_has_suite(suite) {
             let file = format!("/etc/apt/sources.list.d/syncproxy-{suite}.sources");
-            println!("setup: adding {suite} to apt's sources ({file}): qemu-utils came from there");
+            let codename = suite.trim_end_matches("-backports");
+            let Some(mirror) = release_mirror(&apt_sources(), codename) else {
+                bail!("apt's sources name no mirror for {codename}, so {suite} cannot be added beside it");
+            };
+            println!("setup: adding {suite} from {mirror} to apt's sources ({file}): qemu-utils came from there");
             let text = format!(
-                "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: {suite}\nComponents: main\n\
+                "Types: deb\nURIs: {mirror}\nSuites: {suite}\nComponents: main\n\
                  Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
             );
             let mut tee = sudo.command("tee").arg(&file).stdin(Stdio::piped()).stdout(Stdio::null()).spawn()?;
@@ -467,4 +511,23 @@ fn apt_install(apt: &[(&'static str, &Peer)]) -> Result<()> {
             .arg("--no-remove")
             .args(&args),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::release_mirror;
+
+    #[test]
+    fn backports_come_from_the_mirror_apt_already_uses_for_the_release() {
+        let deb822 = "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\n\
+                      Components: main\n\nTypes: deb\nURIs: http://mirror.example/debian-security\n\
+                      Suites: bookworm-security\nComponents: main\n";
+        assert_eq!(release_mirror(&[deb822.into()], "bookworm").as_deref(), Some("http://mirror.example/debian"));
+        let list = "# deb http://old.example/debian bookworm main\n\
+                    deb [arch=amd64 signed-by=/k.gpg] http://list.example/debian bookworm main\n";
+        assert_eq!(release_mirror(&[list.into()], "bookworm").as_deref(), Some("http://list.example/debian"));
+        assert_eq!(release_mirror(&[deb822.into(), list.into()], "trixie"), None);
+        let src_only = "Types: deb-src\nURIs: http://src.example/debian\nSuites: bookworm\n";
+        assert_eq!(release_mirror(&[src_only.into()], "bookworm"), None);
+    }
 }
