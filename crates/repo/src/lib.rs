@@ -9,6 +9,7 @@
 //! are `durable`'s, shared with the replica.
 
 mod codec;
+mod drills;
 mod format;
 pub mod lock;
 mod ops;
@@ -28,6 +29,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 pub use codec::{Codec, MAX_KEY_FILE, RepoKey};
+pub use drills::{DrillRecord, MAX_DRILL_FILE};
 pub use format::{
     ChunkId, Consistency, DiskEntry, FORMAT, FileEntry, Index, Manifest, SourceInfo, ZERO, chunk_name, decode_chunk,
     decode_chunk_with, encode_chunk,

@@ -257,8 +257,8 @@ impl Repo {
                 report.chunks_removed += 1;
             }
         }
-        // Index and configuration-file folders of restore points that are gone.
-        for top in ["indexes", "files"] {
+        // Index, configuration-file and drill-report folders of restore points that are gone.
+        for top in ["indexes", "files", "drills"] {
             for dir in self.store.list(top)? {
                 if live.contains(&dir.name) || registered.contains(&dir.name) {
                     continue;
