@@ -427,11 +427,22 @@ async fn backup(args: &BackupArgs) -> Result<ExitCode> {
 
 fn list(repo: &Repo, json: bool) -> Result<ExitCode> {
     let points = repo.points()?;
+    let drills: Vec<Vec<repo::DrillRecord>> =
+        points.iter().map(|p| repo.drill_reports(&p.id)).collect::<Result<_, _>>()?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&points)?);
+        // Each manifest as it is stored, with the drills of the point beside it.
+        let mut out = Vec::new();
+        for (p, d) in points.iter().zip(&drills) {
+            let mut v = serde_json::to_value(p)?;
+            if let Some(o) = v.as_object_mut() {
+                o.insert("drills".into(), serde_json::to_value(d)?);
+            }
+            out.push(v);
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
-    for p in &points {
+    for (p, drills) in points.iter().zip(&drills) {
         let size: u64 = p.disks.iter().map(|d| d.capacity).sum();
         let stored: u64 = p.disks.iter().map(|d| d.stored_bytes).sum();
         let files: Vec<&str> = p.files.iter().map(|f| f.name.as_str()).collect();
@@ -444,6 +455,16 @@ fn list(repo: &Repo, json: bool) -> Result<ExitCode> {
             p.source.name,
             if files.is_empty() { String::new() } else { format!("  files: {}", files.join(", ")) }
         );
+        if let Some(d) = drills.last() {
+            println!(
+                "    drill {}: {}{} ({}{})",
+                d.time,
+                if d.passed { "passed" } else { "FAILED" },
+                d.boot_seconds.map(|s| format!(", booted in {s:.1} s")).unwrap_or_default(),
+                d.summary,
+                if drills.len() > 1 { format!("; {} drills in all", drills.len()) } else { String::new() }
+            );
+        }
     }
     if points.is_empty() {
         println!("no restore points");

@@ -387,6 +387,91 @@ impl JobConfig {
     }
 }
 
+/// `[[drill]]`: DR drills of a repository's newest restore points, on a schedule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrillConfig {
+    /// Its name (in the history and the metrics: letters, digits, `.`, `_`, `-`).
+    pub name: String,
+    /// The repository (a directory or `s3://bucket/prefix`) whose points are drilled.
+    pub repository: String,
+    /// The repository's key file, if it is encrypted.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Allow a plain-HTTP S3 endpoint elsewhere than this machine.
+    #[serde(default)]
+    pub s3_allow_http: bool,
+    /// `every 168h` or `daily 03:00` (UTC).
+    pub schedule: String,
+    /// The VMs (by the name their restore points carry) whose newest point is drilled; empty
+    /// means every VM in the repository.
+    #[serde(default)]
+    pub vms: Vec<String>,
+    /// Each drill's time limit.
+    #[serde(default = "default_drill_timeout")]
+    pub timeout: String,
+    /// `auto`, `kvm` or `tcg`.
+    #[serde(default = "default_accel")]
+    pub accel: String,
+    /// The boot disk's controller for the drill only (`sata`, `nvme`, `virtio`).
+    #[serde(default)]
+    pub boot_controller: Option<String>,
+    /// Texts whose appearance on the serial console passes the drill (default: a login
+    /// prompt).
+    #[serde(default)]
+    pub expect: Vec<String>,
+}
+
+fn default_drill_timeout() -> String {
+    "10m".into()
+}
+
+fn default_accel() -> String {
+    "auto".into()
+}
+
+impl DrillConfig {
+    /// Opens its repository.
+    pub fn open_repository(&self) -> Result<repo::Repo, crate::OrchError> {
+        let key = self.key_file.as_deref().map(repo::RepoKey::from_file).transpose()?;
+        let s3 = repo::S3Config { allow_http: self.s3_allow_http, ..repo::S3Config::from_env() };
+        Ok(repo::Repo::open_at(&repo::Location { url: self.repository.clone(), s3, key })?)
+    }
+
+    /// Each drill's time limit.
+    pub fn timeout(&self) -> Duration {
+        humantime::parse_duration(&self.timeout).unwrap_or(Duration::from_secs(600))
+    }
+
+    fn problems(&self, out: &mut Vec<String>) {
+        let at = format!("[[drill]] {:?}", self.name);
+        if !file_name_ok(&self.name) {
+            out.push(format!("{at}: use 1 to 64 letters, digits, '.', '_' or '-' in a drill's name"));
+        }
+        if let Err(e) = Schedule::parse(&self.schedule) {
+            out.push(format!("{at}: schedule {e}"));
+        }
+        match humantime::parse_duration(&self.timeout) {
+            Err(e) => out.push(format!("{at}: timeout {:?}: {e}", self.timeout)),
+            Ok(d) if d < Duration::from_secs(10) || d > Duration::from_secs(24 * 3600) => {
+                out.push(format!("{at}: timeout {:?}: use 10s to 24h", self.timeout));
+            }
+            Ok(_) => {}
+        }
+        if !matches!(self.accel.as_str(), "auto" | "kvm" | "tcg") {
+            out.push(format!("{at}: accel = {:?}: use \"auto\", \"kvm\" or \"tcg\"", self.accel));
+        }
+        if let Some(b) = &self.boot_controller
+            && !matches!(b.as_str(), "sata" | "nvme" | "virtio")
+        {
+            out.push(format!("{at}: boot_controller = {b:?}: use \"sata\", \"nvme\" or \"virtio\""));
+        }
+        if self.expect.iter().any(String::is_empty) {
+            out.push(format!("{at}: an empty expect text would match any console"));
+        }
+    }
+}
+
 /// A whole configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -399,6 +484,9 @@ pub struct ServeConfig {
     /// `[[job]]`.
     #[serde(default, rename = "job")]
     pub jobs: Vec<JobConfig>,
+    /// `[[drill]]`.
+    #[serde(default, rename = "drill")]
+    pub drills: Vec<DrillConfig>,
 }
 
 /// The largest configuration file read (a config is text of a few kilobytes).
@@ -573,6 +661,13 @@ impl ServeConfig {
                 out.push(format!("{at}: a retention that keeps nothing would remove every restore point"));
             }
         }
+        for d in &self.drills {
+            d.problems(&mut out);
+            // Drills and jobs share the history, the metrics and `POST /jobs/NAME/run`.
+            if !jobs.insert(d.name.as_str()) {
+                out.push(format!("[[drill]] {:?}: the name is used twice (by a job or a drill)", d.name));
+            }
+        }
         out
     }
 
@@ -724,6 +819,32 @@ replica = "/replicas"
         assert!(e.to_string().contains("needs guest_credentials_file"), "{e}");
         let e = ServeConfig::from_toml(&with("post_thaw = { command = \"x\", timeout = \"soon\" }")).unwrap_err();
         assert!(e.to_string().contains("timeout \"soon\""), "{e}");
+    }
+
+    const DRILL: &str = r#"
+[[drill]]
+name = "weekly-drill"
+repository = "/backups"
+schedule = "every 168h"
+vms = ["db01"]
+boot_controller = "sata"
+"#;
+
+    #[test]
+    fn drills_parse_with_defaults_and_their_problems_are_named() {
+        let c = ServeConfig::from_toml(&format!("{GOOD}{DRILL}")).unwrap();
+        assert_eq!(c.drills.len(), 1);
+        let d = &c.drills[0];
+        assert_eq!((d.accel.as_str(), d.timeout()), ("auto", Duration::from_secs(600)));
+        assert_eq!(d.boot_controller.as_deref(), Some("sata"));
+        let bad = DRILL
+            .replace("weekly-drill", "nightly")
+            .replace("every 168h", "weekly")
+            .replace("boot_controller = \"sata\"", "boot_controller = \"pvscsi\"\naccel = \"hvf\"\ntimeout = \"1s\"");
+        let e = ServeConfig::from_toml(&format!("{GOOD}{bad}")).unwrap_err().to_string();
+        for want in ["used twice", "schedule", "pvscsi", "hvf", "use 10s to 24h"] {
+            assert!(e.contains(want), "{want} in {e}");
+        }
     }
 
     #[test]
