@@ -32,7 +32,8 @@ pub enum Variant {
     /// SYSLINUX on FAT, BIOS (SeaBIOS), the boot disk on SATA (AHCI).
     Bios,
     /// SYSLINUX's EFI loader as `\EFI\BOOT\BOOTX64.EFI` on an EFI system partition, EFI (OVMF),
-    /// the boot disk on SATA (AHCI).
+    /// the boot disk on SATA (AHCI). Not on LSI SAS: Debian's OVMF has no boot driver for
+    /// `mptsas1068` (nor for `pvscsi`) and falls to its shell.
     Efi,
     /// Like [`Variant::Bios`], the boot disk on a VMware paravirtual SCSI controller.
     BiosPvscsi,
