@@ -48,6 +48,17 @@ pub enum Controller {
     Pvscsi,
 }
 
+impl Controller {
+    /// Its name as a `.vmx` (`scsi0.virtualDev`) and the simulator's `controller` spell it:
+    /// `sata` or `pvscsi`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Controller::Sata => "sata",
+            Controller::Pvscsi => "pvscsi",
+        }
+    }
+}
+
 impl Variant {
     /// Every variant.
     pub const ALL: [Variant; 3] = [Variant::Bios, Variant::Efi, Variant::BiosPvscsi];
@@ -263,6 +274,21 @@ fn slot(variant: Variant) -> &'static str {
     }
 }
 
+/// The `.vmx` lines of a variant's VM besides its controller and disk: firmware, memory, CPUs,
+/// guest OS (what a simulated VM's `vmx_extra` takes).
+pub fn vmx_hardware(variant: Variant) -> String {
+    let mut v = String::new();
+    for (k, val) in [
+        ("guestOS", "debian12-64"),
+        ("firmware", if variant.efi() { "efi" } else { "bios" }),
+        ("memsize", "256"),
+        ("numvcpus", "1"),
+    ] {
+        let _ = writeln!(v, "{k} = \"{val}\"");
+    }
+    v
+}
+
 /// A `.vmx` for a VM whose only disk is this variant's, named `file_name`.
 pub fn vmx(variant: Variant, file_name: &str) -> String {
     let mut v = String::new();
@@ -273,10 +299,6 @@ pub fn vmx(variant: Variant, file_name: &str) -> String {
     line("config.version", "8");
     line("virtualHW.version", "19");
     line("displayName", &format!("syncproxy-bootdisk-{}", variant.name()));
-    line("guestOS", "debian12-64");
-    line("firmware", if variant.efi() { "efi" } else { "bios" });
-    line("memsize", "256");
-    line("numvcpus", "1");
     match variant.controller() {
         Controller::Sata => line("sata0.present", "TRUE"),
         Controller::Pvscsi => {
@@ -287,7 +309,7 @@ pub fn vmx(variant: Variant, file_name: &str) -> String {
     let slot = slot(variant);
     line(&format!("{slot}.present"), "TRUE");
     line(&format!("{slot}.fileName"), file_name);
-    v
+    v + &vmx_hardware(variant)
 }
 
 fn hex(bytes: &[u8]) -> String {
