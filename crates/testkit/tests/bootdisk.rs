@@ -3,9 +3,13 @@
 //! the build wrote; prints each boot's time to the marker.
 
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use testkit::bootdisk::{self, Variant};
+
+/// One boot at a time: TCG guests competing for the cores would time each other.
+static ONE_BOOT: Mutex<()> = Mutex::new(());
 
 fn boots(variant: Variant, test: &str) {
     let Some(qemu) = testkit::require_tool("qemu-system-x86_64", test) else { return };
@@ -16,6 +20,7 @@ fn boots(variant: Variant, test: &str) {
     let Some(disk) = bootdisk::require(variant, test) else { return };
     assert_eq!(std::fs::metadata(&disk.path).expect("the image").len(), disk.size);
     let dir = tempfile::tempdir().expect("a temp dir");
+    let _one = ONE_BOOT.lock().unwrap_or_else(|p| p.into_inner());
     let boot = bootdisk::boot_bare(&disk, &qemu, dir.path(), Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("{test}: {e}"));
     assert_eq!(
