@@ -93,6 +93,11 @@ fn repository(dir: &Path) -> (PathBuf, PathBuf, String) {
     (repo, image, v["point"].as_str().unwrap().to_owned())
 }
 
+/// `qemu-img compare` of a raw file and an export: it fails the test unless they are equal.
+fn compare(file: &Path, uri: &str) {
+    testkit::run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", file.to_str().unwrap(), uri]));
+}
+
 /// The holes `nbdinfo --map` shows, as (offset, length).
 fn mapped_holes(uri: &str) -> Vec<(u64, u64)> {
     let out = testkit::run(Command::new("nbdinfo").args(["--map", "--json", uri]));
@@ -137,15 +142,7 @@ fn a_restore_point_served_compares_copies_and_maps_like_the_image() {
     let e = Exporting::start(&[repo.to_str().unwrap(), "latest", "--socket", socket.to_str().unwrap()], 1);
     assert_eq!(e.uris[0].0, "vm");
     assert_eq!(e.uri(), format!("nbd+unix:///vm?socket={}", socket.display()));
-    testkit::run(Command::new("qemu-img").args([
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        image.to_str().unwrap(),
-        e.uri(),
-    ]));
+    compare(&image, e.uri());
     let copy = dir.path().join("copy.raw");
     testkit::run(Command::new("nbdcopy").args([e.uri(), copy.to_str().unwrap()]));
     testkit::same_contents(&image, &copy).unwrap().unwrap();
@@ -157,15 +154,7 @@ fn a_restore_point_served_compares_copies_and_maps_like_the_image() {
     assert!(ok && rest.is_empty(), "{stderr}");
     assert!(!socket.exists(), "the socket is removed at stop");
     let e = Exporting::start(&[repo.to_str().unwrap(), &id, "--disk", "0", "--socket", socket.to_str().unwrap()], 1);
-    testkit::run(Command::new("qemu-img").args([
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        image.to_str().unwrap(),
-        e.uri(),
-    ]));
+    compare(&image, e.uri());
     assert!(e.stop().2);
     // A non-loopback address needs --allow-remote.
     let out = proxy().args(["export", repo.to_str().unwrap(), "latest", "--listen", "0.0.0.0:0"]).output().unwrap();
@@ -302,7 +291,7 @@ fn a_replica_disk_serves_as_the_file_it_is() {
     let e = Exporting::start(&["--replica", vm.to_str().unwrap(), "--socket", socket.to_str().unwrap()], 2);
     assert_eq!(e.uris.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["scsi0:0", "scsi0:1"]);
     for ((_, uri), file) in e.uris.iter().zip([&a, &b]) {
-        testkit::run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", file.to_str().unwrap(), uri]));
+        compare(file, uri);
         assert_eq!(mapped_holes(uri), zero_mibs(file));
     }
     let ro = Command::new("qemu-io").args(["-f", "raw", "-c", "write 0 4096", e.uri()]).output().unwrap();

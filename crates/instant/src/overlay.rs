@@ -116,6 +116,16 @@ impl Overlay {
         }
     }
 
+    /// Whether the block at `at` is ours, and where the run of blocks like it ends (by `end`).
+    fn run_from(&self, at: u64, end: u64) -> (bool, u64) {
+        let ours = self.is_ours(at / self.block);
+        let mut stop = end.min((at / self.block + 1) * self.block);
+        while stop < end && self.is_ours(stop / self.block) == ours {
+            stop = end.min((stop / self.block + 1) * self.block);
+        }
+        (ours, stop)
+    }
+
     fn stripe(&self, block: u64) -> &tokio::sync::Mutex<()> {
         &self.stripes[usize::try_from(block % STRIPES as u64).unwrap_or(0)]
     }
@@ -197,11 +207,7 @@ impl ExportSource for Overlay {
             let mut at = offset;
             // Runs of blocks that are all ours, or all the base's.
             while at < end {
-                let ours = self.is_ours(at / self.block);
-                let mut stop = end.min((at / self.block + 1) * self.block);
-                while stop < end && self.is_ours(stop / self.block) == ours {
-                    stop = end.min((stop / self.block + 1) * self.block);
-                }
+                let (ours, stop) = self.run_from(at, end);
                 let (o, n) = (usize::try_from(at - offset).unwrap_or(0), usize::try_from(stop - at).unwrap_or(0));
                 if ours {
                     buf[o..o + n].copy_from_slice(&self.pread(at, n).await?);
@@ -220,11 +226,7 @@ impl ExportSource for Overlay {
             let mut out: Vec<(u32, u32)> = Vec::new();
             let mut at = offset;
             while at < end {
-                let ours = self.is_ours(at / self.block);
-                let mut stop = end.min((at / self.block + 1) * self.block);
-                while stop < end && self.is_ours(stop / self.block) == ours {
-                    stop = end.min((stop / self.block + 1) * self.block);
-                }
+                let (ours, stop) = self.run_from(at, end);
                 let len = u32::try_from(stop - at).unwrap_or(u32::MAX);
                 let got = if ours { vec![(len, 0)] } else { self.base.block_status(at, len).await? };
                 let covered: u64 = got.iter().map(|&(l, _)| u64::from(l)).sum();
