@@ -149,6 +149,22 @@ impl Overlay {
         .map_err(errno_of)
     }
 
+    /// Makes `[at, at + len)` of the file read as zeros: a punched hole (no space taken), or
+    /// zeros written where the file system cannot punch.
+    async fn punch(&self, at: u64, len: usize) -> Result<(), ExportError> {
+        use rustix::fs::{FallocateFlags, fallocate};
+        let file = self.file.clone();
+        let punched = tokio::task::spawn_blocking(move || {
+            fallocate(&*file, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, at, len as u64)
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+        match punched {
+            Ok(()) => Ok(()),
+            Err(_) => self.pwrite(vec![0u8; len], at).await,
+        }
+    }
+
     /// Writes `piece` (or zeros, for `None`, of `len` bytes) at `at`, inside block `block`.
     async fn write_piece(&self, block: u64, at: u64, piece: Option<&[u8]>, len: usize) -> Result<(), ExportError> {
         let start = block * self.block;
@@ -156,7 +172,10 @@ impl Overlay {
         let whole = at == start && len as u64 == block_len;
         let bytes = || piece.map_or_else(|| vec![0u8; len], <[u8]>::to_vec);
         if whole || self.is_ours(block) {
-            self.pwrite(bytes(), at).await?;
+            match piece {
+                Some(p) => self.pwrite(p.to_vec(), at).await?,
+                None => self.punch(at, len).await?,
+            }
             self.mark(block);
             return Ok(());
         }
