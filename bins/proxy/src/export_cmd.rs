@@ -18,6 +18,8 @@ use crate::size;
 
 /// Options of `proxy export`.
 #[derive(Debug, clap::Args)]
+#[command(override_usage = "proxy export [OPTIONS] REPO POINT (--socket PATH | --listen ADDR)\n       \
+                            proxy export [OPTIONS] --replica PATH (--socket PATH | --listen ADDR)")]
 pub(crate) struct Args {
     #[command(flatten)]
     repo: Option<RepoArg>,
