@@ -10,6 +10,7 @@
 //! Not simulated: the newest (running) delta's bytes (live writes go to the flat file),
 //! revert, memory snapshots and power operations through the API.
 
+pub mod bootdisk;
 mod config;
 mod server;
 mod soap;
