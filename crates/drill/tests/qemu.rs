@@ -1,0 +1,146 @@
+//! Drills under a real QEMU of disks served by qemu-nbd: an empty disk never shows a login
+//! prompt, so the drill fails with a reason, yet keeps a screenshot and a report; a cancelled
+//! drill stops at once. Either way no QEMU and no overlay is left behind.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use drill::{Accel, Cancel, Check, DrillDisk, DrillError, DrillSpec, Network};
+use testkit::require_tool;
+use testkit::servers::{Listen, Server};
+
+const BIOS_SATA: &str = "firmware = \"bios\"\nmemsize = \"128\"\nnumvcpus = \"1\"\nsata0.present = \"TRUE\"\n\
+                         sata0:0.present = \"TRUE\"\nsata0:0.fileName = \"empty.vmdk\"\n";
+
+/// The tools a drill needs, or `None` after a loud skip.
+fn tools(test: &str) -> Option<std::path::PathBuf> {
+    require_tool("qemu-system-x86_64", test)?;
+    require_tool("qemu-img", test)?;
+    require_tool("qemu-nbd", test)
+}
+
+/// An empty 16 MiB raw disk, served read-only by qemu-nbd on a Unix socket in `dir`.
+fn serve_empty_disk(qemu_nbd: &Path, dir: &Path) -> Server {
+    let image = dir.join("empty.raw");
+    std::fs::File::create(&image).unwrap().set_len(16 << 20).unwrap();
+    Server::qemu_nbd(qemu_nbd, &image, Listen::Unix(dir.join("nbd.sock")), &["-r"])
+}
+
+fn spec(server: &Server, work_dir: &Path, timeout: Duration) -> DrillSpec {
+    DrillSpec {
+        name: "empty @ test".into(),
+        vmx: BIOS_SATA.into(),
+        disks: vec![DrillDisk { slot: "sata0:0".into(), uri: server.uri() }],
+        accel: Accel::Auto,
+        boot_controller: None,
+        checks: Vec::new(),
+        network: Network::None,
+        timeout,
+        work_dir: work_dir.to_owned(),
+    }
+}
+
+/// No QEMU whose command line names `work_dir`, and nothing left in it.
+fn nothing_left(work_dir: &Path) {
+    let pgrep = std::process::Command::new("pgrep").arg("-f").arg(work_dir).output().unwrap();
+    assert!(pgrep.stdout.is_empty(), "a QEMU is left: {}", String::from_utf8_lossy(&pgrep.stdout));
+    if work_dir.exists() {
+        let left: Vec<_> = std::fs::read_dir(work_dir).unwrap().map(|e| e.unwrap().path()).collect();
+        assert!(left.is_empty(), "left in the work folder: {left:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_of_an_empty_disk_fails_with_a_reason_and_keeps_the_evidence() {
+    let Some(qemu_nbd) = tools("drill_of_an_empty_disk_fails_with_a_reason_and_keeps_the_evidence") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_empty_disk(&qemu_nbd, dir.path());
+    let work_dir = dir.path().join("vm");
+    let mut s = spec(&server, &work_dir, Duration::from_secs(20));
+    s.checks = vec![Check::serial("login:")];
+    let t = Instant::now();
+    let said = std::sync::Mutex::new(Vec::new());
+    let report =
+        drill::run_with_progress(&s, Cancel::new(), &|l| said.lock().unwrap().push(l.to_owned())).await.unwrap();
+    let took = t.elapsed();
+    eprintln!("drill of an empty disk: {:.1} s; {}", took.as_secs_f64(), report.summary());
+    assert!(took < Duration::from_secs(25), "the drill's limit holds: {took:?}");
+    assert!(!report.passed);
+    let reason = report.reason.clone().unwrap();
+    assert!(reason.contains("serial \"login:\"") && reason.contains("not on the serial console"), "{reason}");
+    assert_eq!(report.accel, "tcg", "kvm_intel/kvm_amd are not loaded on these machines");
+    assert_eq!((report.machine.as_str(), report.firmware.as_str()), ("q35", "SeaBIOS"));
+    assert_eq!(report.checks.len(), 1);
+    assert!(report.boot_seconds.is_none());
+    let png = report.screenshot_png.as_deref().expect("a screenshot");
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 100, "{} bytes", png.len());
+    assert!(report.serial_tail.len() <= drill::SERIAL_TAIL_BYTES);
+    assert!(said.lock().unwrap().iter().any(|l| l.starts_with("starting QEMU")));
+    let back = drill::DrillReport::from_json(&report.to_json()).unwrap();
+    assert_eq!((back.passed, back.reason.as_deref()), (false, Some(reason.as_str())));
+    assert!(report.to_html().contains("data:image/png;base64,iVBORw0KGgo"));
+    nothing_left(&work_dir);
+    assert!(!work_dir.exists(), "the work folder the drill made is removed");
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_drill_stops_qemu_and_removes_its_overlays() {
+    let Some(qemu_nbd) = tools("a_cancelled_drill_stops_qemu_and_removes_its_overlays") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_empty_disk(&qemu_nbd, dir.path());
+    let work_dir = dir.path().join("work");
+    std::fs::create_dir(&work_dir).unwrap();
+    let s = spec(&server, &work_dir, Duration::from_secs(120));
+    let cancel = Cancel::new();
+    let later = cancel.clone();
+    let w = work_dir.clone();
+    let watcher = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        // QEMU is running and its overlay exists when the cancel comes.
+        let overlays = std::fs::read_dir(&w)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "qcow2"))
+            .count();
+        let running = std::process::Command::new("pgrep").arg("-f").arg(&w).output().unwrap().stdout;
+        later.cancel();
+        (overlays, !running.is_empty())
+    });
+    let t = Instant::now();
+    let e = drill::run(&s, cancel).await.unwrap_err();
+    let took = t.elapsed();
+    assert!(matches!(e, DrillError::Cancelled), "{e}");
+    assert_eq!(watcher.await.unwrap(), (1, true), "an overlay and a QEMU existed before the cancel");
+    assert!(took < Duration::from_secs(10), "cancelled at 3 s, stopped at {took:?}");
+    nothing_left(&work_dir);
+    assert!(work_dir.exists(), "a work folder the caller made stays");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_export_is_an_overlay_error_and_leaves_nothing() {
+    let Some(_) = tools("an_unreachable_export_is_an_overlay_error_and_leaves_nothing") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let work_dir = dir.path().join("vm");
+    let mut s = DrillSpec {
+        name: "gone".into(),
+        vmx: BIOS_SATA.into(),
+        disks: vec![DrillDisk {
+            slot: "sata0:0".into(),
+            uri: format!("nbd+unix:///?socket={}", dir.path().join("nobody.sock").display()),
+        }],
+        accel: Accel::Tcg,
+        boot_controller: None,
+        checks: Vec::new(),
+        network: Network::None,
+        timeout: Duration::from_secs(30),
+        work_dir: work_dir.clone(),
+    };
+    let e = drill::run(&s, Cancel::new()).await.unwrap_err();
+    assert!(matches!(&e, DrillError::Overlay { slot, .. } if slot == "sata0:0"), "{e}");
+    nothing_left(&work_dir);
+    assert!(!work_dir.exists());
+    // Refused by the plan before anything is made.
+    s.vmx = s.vmx.replace("bios", "efi").replace("sata0.present = \"TRUE\"", "sata0.present = \"FALSE\"");
+    assert!(matches!(drill::run(&s, Cancel::new()).await, Err(DrillError::Refused { .. })));
+    assert!(!work_dir.exists());
+}
