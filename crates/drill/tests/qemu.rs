@@ -144,3 +144,20 @@ async fn an_unreachable_export_is_an_overlay_error_and_leaves_nothing() {
     assert!(matches!(drill::run(&s, Cancel::new()).await, Err(DrillError::Refused { .. })));
     assert!(!work_dir.exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_efi_drill_runs_ovmf_on_a_private_variable_store() {
+    let Some(qemu_nbd) = tools("an_efi_drill_runs_ovmf_on_a_private_variable_store") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_empty_disk(&qemu_nbd, dir.path());
+    let work_dir = dir.path().join("vm");
+    let mut s = spec(&server, &work_dir, Duration::from_secs(20));
+    s.vmx = BIOS_SATA.replace("bios", "efi");
+    let report = drill::run(&s, Cancel::new()).await.unwrap();
+    eprintln!("EFI drill of an empty disk: {:.1} s; {}", report.seconds, report.summary());
+    assert_eq!(report.firmware, "OVMF");
+    assert!(!report.passed && report.reason.as_deref().unwrap_or_default().contains("login:"), "{report:?}");
+    assert!(report.screenshot_png.as_deref().is_some_and(|p| p.starts_with(b"\x89PNG\r\n\x1a\n")));
+    nothing_left(&work_dir);
+    drop(server);
+}
