@@ -98,6 +98,23 @@ impl HostFacts {
         }
     }
 
+    /// The facts of a Debian host with QEMU, qemu-img, SeaBIOS and OVMF at their usual paths,
+    /// 8 GiB of memory and only a paravirtual KVM (`kvm_pvm`), as on the machines here: for
+    /// tests and fuzzing of plans, which read none of these files.
+    pub fn example() -> HostFacts {
+        HostFacts {
+            kvm_modules: vec!["kvm_pvm".into(), "kvm".into()],
+            qemu: Some("/usr/bin/qemu-system-x86_64".into()),
+            qemu_img: Some("/usr/bin/qemu-img".into()),
+            seabios: Some("/usr/share/seabios/bios-256k.bin".into()),
+            ovmf_code: Some("/usr/share/OVMF/OVMF_CODE_4M.fd".into()),
+            ovmf_vars: Some("/usr/share/OVMF/OVMF_VARS_4M.fd".into()),
+            ovmf_secure_code: Some("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd".into()),
+            ovmf_secure_vars: Some("/usr/share/OVMF/OVMF_VARS_4M.ms.fd".into()),
+            memory_mib: Some(8192),
+        }
+    }
+
     /// Whether the host's KVM can run a guest: `kvm_intel` or `kvm_amd` is loaded. A
     /// `/dev/kvm` that opens is not enough (a paravirtual `kvm_pvm` cannot boot firmware).
     pub fn kvm_usable(&self) -> bool {

@@ -538,17 +538,7 @@ mod tests {
     use crate::DrillDisk;
 
     fn host() -> HostFacts {
-        HostFacts {
-            kvm_modules: vec!["kvm_pvm".into(), "kvm".into()],
-            qemu: Some("/usr/bin/qemu-system-x86_64".into()),
-            qemu_img: Some("/usr/bin/qemu-img".into()),
-            seabios: Some("/usr/share/seabios/bios-256k.bin".into()),
-            ovmf_code: Some("/usr/share/OVMF/OVMF_CODE_4M.fd".into()),
-            ovmf_vars: Some("/usr/share/OVMF/OVMF_VARS_4M.fd".into()),
-            ovmf_secure_code: Some("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd".into()),
-            ovmf_secure_vars: Some("/usr/share/OVMF/OVMF_VARS_4M.ms.fd".into()),
-            memory_mib: Some(8192),
-        }
+        HostFacts::example()
     }
 
     fn spec(vmx: &str, slots: &[&str]) -> DrillSpec {

@@ -232,11 +232,12 @@ impl Console {
     }
 }
 
-async fn output_text(cmd: &mut Command) -> std::io::Result<(bool, String)> {
+/// Runs `cmd` to its end: its exit status and its output (error output first).
+async fn output_text(cmd: &mut Command) -> std::io::Result<(std::process::ExitStatus, String)> {
     let out = cmd.stdin(Stdio::null()).kill_on_drop(true).output().await?;
     let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stdout));
-    Ok((out.status.success(), text.trim().to_owned()))
+    Ok((out.status, text.trim().to_owned()))
 }
 
 fn free_loopback_port() -> Result<u16, DrillError> {
@@ -276,7 +277,7 @@ async fn drive(
         )
         .await
         .map_err(DrillError::io(format!("cannot run {}", plan.qemu_img.display())))?;
-        if !ok {
+        if !ok.success() {
             return Err(DrillError::Overlay { slot: o.slot.clone(), stderr: text });
         }
     }
@@ -319,8 +320,11 @@ async fn drive(
             }
             return Err(DrillError::QemuStart { stderr: format!("{} ({status})", vm.stderr_text()) });
         }
+        // QMP greets before the devices are made; the machine runs once `query-status`
+        // answers (QEMU exits instead when it refuses a device).
         if plan.qmp_socket.exists()
-            && let Ok(q) = Qmp::connect(&plan.qmp_socket, Duration::from_secs(5)).await
+            && let Ok(mut q) = Qmp::connect(&plan.qmp_socket, Duration::from_secs(5)).await
+            && q.execute_within(Duration::from_secs(5), "query-status", None).await.is_ok()
         {
             vm.qmp = Some(q);
             break;
@@ -467,6 +471,7 @@ async fn tcp_check(vm: &mut Vm, guest: u16, host: u16, limit_at: Instant) -> (bo
         };
         // The forward accepts before the guest does: the guest answered only when QEMU shows
         // the connection established; it refused when QEMU closes ours.
+        last = format!("the guest did not answer a connection to port {guest}");
         for _ in 0..10 {
             tokio::time::sleep(Duration::from_millis(300)).await;
             if let Some(q) = vm.qmp.as_mut()
@@ -536,10 +541,37 @@ async fn script_check(spec: &DrillSpec, plan: &QemuPlan, path: &Path, limit_at: 
     match tokio::time::timeout_at(limit_at, output_text(&mut cmd)).await {
         Err(_) => (false, "it did not finish in time (stopped)".to_owned()),
         Ok(Err(e)) => (false, format!("it cannot be run: {e}")),
-        Ok(Ok((ok, text))) => {
+        Ok(Ok((status, text))) => {
             let tail = last_chars(&text, 400);
             let said = if tail.is_empty() { String::new() } else { format!(": {tail}") };
-            (ok, format!("{}{said}", if ok { "exited 0" } else { "failed" }))
+            (status.success(), format!("{status}{said}"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_console_finds_patterns_across_reads_and_keeps_a_bounded_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let mut console = Console::new(path.clone(), vec![b"login:".to_vec(), b"never".to_vec()]);
+        console.poll().await;
+        assert!(console.seen("login:").is_none(), "no file yet");
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(&vec![b'x'; SERIAL_TAIL_BYTES * 2]).unwrap();
+        f.write_all(b"debian log").unwrap();
+        console.poll().await;
+        assert!(console.seen("login:").is_none());
+        f.write_all(b"in: \r\n").unwrap();
+        console.poll().await;
+        assert!(console.seen("login:").is_some(), "the pattern spans two reads");
+        assert!(console.seen("never").is_none());
+        assert_eq!(console.tail.len(), SERIAL_TAIL_BYTES);
+        assert!(console.tail_text().ends_with("debian login: \r\n"));
     }
 }

@@ -109,6 +109,7 @@ async fn a_cancelled_drill_stops_qemu_and_removes_its_overlays() {
     let t = Instant::now();
     let e = drill::run(&s, cancel).await.unwrap_err();
     let took = t.elapsed();
+    eprintln!("cancelled at 3 s, returned after {:.1} s", took.as_secs_f64());
     assert!(matches!(e, DrillError::Cancelled), "{e}");
     assert_eq!(watcher.await.unwrap(), (1, true), "an overlay and a QEMU existed before the cancel");
     assert!(took < Duration::from_secs(10), "cancelled at 3 s, stopped at {took:?}");
@@ -160,4 +161,98 @@ async fn an_efi_drill_runs_ovmf_on_a_private_variable_store() {
     assert!(report.screenshot_png.as_deref().is_some_and(|p| p.starts_with(b"\x89PNG\r\n\x1a\n")));
     nothing_left(&work_dir);
     drop(server);
+}
+
+/// A drill whose only check is a script that passes at once: it ends as soon as QEMU runs,
+/// so it proves cheaply that QEMU accepts the plan's devices.
+fn starts(
+    server: &Server,
+    dir: &Path,
+    vmx: &str,
+    slot: &str,
+    boot: Option<drill::BootController>,
+) -> drill::DrillReport {
+    let work_dir = dir.join(format!("vm-{}", slot.replace(':', "-")));
+    let mut s = spec(server, &work_dir, Duration::from_secs(30));
+    s.vmx = vmx.into();
+    s.disks[0].slot = slot.into();
+    s.boot_controller = boot;
+    s.checks = vec![Check::script("/bin/true")];
+    let report = tokio::runtime::Handle::current()
+        .block_on(drill::run(&s, Cancel::new()))
+        .unwrap_or_else(|e| panic!("{slot} {boot:?}: {e}"));
+    nothing_left(&work_dir);
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_accepts_every_controller_mapping() {
+    let Some(qemu_nbd) = tools("qemu_accepts_every_controller_mapping") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_empty_disk(&qemu_nbd, dir.path());
+    let cases: &[(&str, &str, &str, Option<drill::BootController>)] = &[
+        ("bios", "scsi0.virtualDev = \"pvscsi\"", "scsi0:0", None),
+        ("bios", "scsi0.virtualDev = \"lsisas1068\"", "scsi0:3", None),
+        ("bios", "scsi1.virtualDev = \"lsilogic\"", "scsi1:1", None),
+        ("efi", "nvme0.present = \"TRUE\"", "nvme0:0", None),
+        ("bios", "", "ide1:1", None),
+        ("efi", "scsi0.virtualDev = \"pvscsi\"", "scsi0:0", Some(drill::BootController::Sata)),
+        ("efi", "scsi0.virtualDev = \"pvscsi\"", "scsi0:0", Some(drill::BootController::Nvme)),
+        (
+            "efi",
+            "scsi0.virtualDev = \"pvscsi\"\nuefi.secureBoot.enabled = \"TRUE\"",
+            "scsi0:0",
+            Some(drill::BootController::Virtio),
+        ),
+    ];
+    let dir_path = dir.path().to_owned();
+    tokio::task::spawn_blocking(move || {
+        for (firmware, controller, slot, boot) in cases {
+            let vmx = format!(
+                "firmware = \"{firmware}\"\nmemsize = \"128\"\n{controller}\n{slot}.present = \"TRUE\"\n{slot}.fileName = \"d.vmdk\"\n"
+            );
+            let t = Instant::now();
+            let r = starts(&server, &dir_path, &vmx, slot, *boot);
+            eprintln!("{firmware} {slot} {boot:?}: {} ({:.1} s)", r.summary(), t.elapsed().as_secs_f64());
+            assert!(r.passed, "{slot} {boot:?}: {r:?}");
+            assert!(r.checks[0].detail.contains("exit status: 0"), "{:?}", r.checks);
+            assert_eq!(r.substitutions.len(), usize::from(boot.is_some()), "{:?}", r.substitutions);
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_get_the_drill_s_facts_and_silent_agents_and_ports_fail() {
+    let Some(qemu_nbd) = tools("scripts_get_the_drill_s_facts_and_silent_agents_and_ports_fail") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_empty_disk(&qemu_nbd, dir.path());
+    let script = dir.path().join("check.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\n[ -S \"$DRILL_QMP_SOCKET\" ] && [ -S \"$DRILL_QGA_SOCKET\" ] && [ -f \"$DRILL_SERIAL_LOG\" ] && \
+         [ -n \"$DRILL_TCP_22\" ] && echo \"facts ok $DRILL_TCP_22\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let work_dir = dir.path().join("vm");
+    let mut s = spec(&server, &work_dir, Duration::from_secs(40));
+    s.vmx = format!("{BIOS_SATA}ethernet0.virtualDev = \"e1000\"\n");
+    s.network = Network::Isolated;
+    s.checks = vec![
+        Check::script(&script),
+        Check::guest_ping().with_timeout(Duration::from_secs(3)),
+        Check::tcp_port(22).with_timeout(Duration::from_secs(3)),
+    ];
+    let report = drill::run(&s, Cancel::new()).await.unwrap();
+    eprintln!("{}", report.to_json());
+    assert!(!report.passed);
+    let [script, ping, tcp] = &report.checks[..] else { panic!("{:?}", report.checks) };
+    assert!(script.passed && script.detail.contains("facts ok 127.0.0.1:"), "{script:?}");
+    assert!(!ping.passed && ping.detail.contains("did not answer"), "{ping:?}");
+    assert!(!tcp.passed && tcp.detail.contains("the guest did not answer a connection to port 22"), "{tcp:?}");
+    assert!(report.reason.as_deref().unwrap().starts_with("guest-ping: "), "{:?}", report.reason);
+    assert!(report.screenshot_png.is_some());
+    nothing_left(&work_dir);
 }

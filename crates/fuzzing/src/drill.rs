@@ -25,17 +25,7 @@ pub fn vmx(data: &[u8]) {
     for d in &hw.disks {
         assert!(hw.controller_of(d.slot).is_some(), "every disk has its controller");
     }
-    let host = HostFacts {
-        kvm_modules: vec!["kvm_pvm".into()],
-        qemu: Some("/usr/bin/qemu-system-x86_64".into()),
-        qemu_img: Some("/usr/bin/qemu-img".into()),
-        seabios: Some("/usr/share/seabios/bios-256k.bin".into()),
-        ovmf_code: Some("/usr/share/OVMF/OVMF_CODE_4M.fd".into()),
-        ovmf_vars: Some("/usr/share/OVMF/OVMF_VARS_4M.fd".into()),
-        ovmf_secure_code: Some("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd".into()),
-        ovmf_secure_vars: Some("/usr/share/OVMF/OVMF_VARS_4M.ms.fd".into()),
-        memory_mib: Some(4096),
-    };
+    let host = HostFacts::example();
     let spec = DrillSpec {
         name: "fuzz".into(),
         vmx: text.into_owned(),
