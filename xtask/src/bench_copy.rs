@@ -21,7 +21,7 @@ pub(crate) struct Sample {
     pub(crate) wall: f64,
     cpu: f64,
     rss_mib: f64,
-    server_cpu: f64,
+    pub(crate) server_cpu: f64,
 }
 
 impl Sample {

@@ -24,7 +24,7 @@ const MIB: u64 = 1 << 20;
 
 /// A disk-like image: `data_pct` % of its MiBs hold data, and each of those is half random
 /// bytes and half text-like runs (so compression has something to find, as on real disks).
-fn make_image(path: &Path, size: u64, data_pct: u64, seed: u64) -> Result<()> {
+pub(crate) fn make_image(path: &Path, size: u64, data_pct: u64, seed: u64) -> Result<()> {
     let Some((f, mut next)) = new_image(path, size, seed)? else { return Ok(()) };
     let mut block = vec![0u8; 1 << 20];
     let text = b"syncproxy restore point of a virtual disk, block after block; ";

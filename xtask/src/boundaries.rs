@@ -159,6 +159,12 @@ const RULES: &[Rule] = &[
         why: "the repository stores disks it is given through the pipeline: it uses no vSphere, VDDK, NBD or VMDK itself",
     },
     Rule {
+        covers: |name| name == "instant",
+        forbidden_deps: &["vsphere", "vsphere-io", "orchestration", "quick-xml", "vddk", "vddk-sys", "libloading"],
+        forbidden_source: &["VixDiskLib", "vsphere::", "orchestration::", "qemu-system", "soapenv"],
+        why: "instant recovery serves restore points and replicas as bytes: no vSphere, VDDK, SOAP or QEMU",
+    },
+    Rule {
         covers: |name| name == "vsphere-sim",
         // It writes snapshot deltas with vmdk's writers (whose output qemu-img, an independent
         // reader, checks in vmdk's own tests), but never reads VMDK with vmdk's reader: a

@@ -1,6 +1,7 @@
 //! The project's automation entry point: `cargo xtask ci` is what CI and the README run.
 
 mod bench_copy;
+mod bench_export;
 mod bench_repo;
 mod bench_vddk;
 mod bench_vmdk;
@@ -40,6 +41,9 @@ cargo xtask COMMAND
   bench repo              proxy repo backup against restic on a generated 2 GiB image: first
                           backup (throughput, stored size) and an incremental, durable,
                           alternating (BENCH_REPO_MIB, BENCH_REPO_ROUNDS; BENCH_REPO_SMALL=1)
+  bench export            proxy export (from a repository, and --replica) against qemu-nbd on a
+                          generated 512 MiB image: time to first byte and nbdcopy throughput
+                          (BENCH_EXPORT_MIB, BENCH_EXPORT_ROUNDS, default 3)
   bench vms               proxy backup --all of 100 VMs at once against the simulator: time, CPU,
                           peak RSS, disks copying at once; full, then 1 % changed (BENCH_VMS,
                           BENCH_VM_DISK_MIB, default 64; BENCH_VM_MEMORY, default 256M)
@@ -74,6 +78,7 @@ fn main() -> Result<()> {
         Some("bench") if args.get(1).is_some_and(|a| a == "copy") => bench_copy::run(&root),
         Some("bench") if args.get(1).is_some_and(|a| a == "repo") => bench_repo::run(&root),
         Some("bench") if args.get(1).is_some_and(|a| a == "vms") => bench_vms::run(&root),
+        Some("bench") if args.get(1).is_some_and(|a| a == "export") => bench_export::run(&root),
         Some("bench") => cargo(
             &["bench", "--locked", "-p", "benches", "--"]
                 .iter()

@@ -1,7 +1,8 @@
 //! `cargo xtask setup`: installs every peer the tests, the demo, the benches and the drills use,
 //! on Debian 12 and Ubuntu 24.04 (system packages, vcsim built from `tests/peers/vcsim/`,
-//! pyvmomi and SeaweedFS into the user's cache, cargo-fuzz, clippy and rustfmt), saying what it
-//! installs and why; `--check` only lists what is missing and exits 1 if anything is.
+//! pyvmomi and SeaweedFS into the user's cache, the Debian kernel package the boot-disk
+//! fixtures are built from, cargo-fuzz, clippy and rustfmt), saying what it installs and why;
+//! `--check` only lists what is missing and exits 1 if anything is.
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -24,6 +25,9 @@ struct Places {
     vcsim: PathBuf,
     pyvmomi: PathBuf,
     weed: PathBuf,
+    /// Where the boot-disk fixtures and the kernel package they are built from are kept (the
+    /// test kit's `bootdisk` looks there).
+    fixtures: PathBuf,
 }
 
 impl Places {
@@ -40,6 +44,7 @@ impl Places {
             vcsim: var("SYNCPROXY_VCSIM").unwrap_or_else(|| cache.join("vcsim/vcsim")),
             pyvmomi: var("SYNCPROXY_PYTHONPATH").unwrap_or_else(|| cache.join("syncproxy-py")),
             weed: var("SYNCPROXY_WEED").unwrap_or_else(|| cache.join("syncproxy-s3/bin/weed")),
+            fixtures: cache.join("syncproxy-fixtures"),
         }
     }
 }
@@ -57,6 +62,8 @@ enum Source {
     Cargo,
     /// `rustup component add`.
     Rustup(&'static str),
+    /// The current Debian kernel package, downloaded (not installed) with `apt-get download`.
+    KernelDeb,
 }
 
 /// One thing the tests, demo, benches or drills run.
@@ -72,7 +79,7 @@ struct Peer {
 
 /// Every peer, in install order (system packages first: the rest need go, pip or cargo).
 fn peers() -> Vec<Peer> {
-    use Source::{Apt, Cargo, Pip, Rustup, Vcsim};
+    use Source::{Apt, Cargo, KernelDeb, Pip, Rustup, Vcsim};
     let peer = |name, why, present, source| Peer { name, why, present, source };
     vec![
         peer(
@@ -132,6 +139,37 @@ fn peers() -> Vec<Peer> {
             |_| Path::new("/usr/share/seabios/bios-256k.bin").is_file(),
             Apt("seabios"),
         ),
+        peer(
+            "mtools",
+            "writes the FAT file systems of the boot-disk fixtures",
+            |_| on_path("mformat") && on_path("mcopy"),
+            Apt("mtools"),
+        ),
+        peer("syslinux", "makes the BIOS boot-disk fixtures bootable", |_| on_path("syslinux"), Apt("syslinux")),
+        peer(
+            "SYSLINUX files",
+            "the boot-disk fixtures' MBR code and EFI loader modules",
+            |_| Path::new("/usr/lib/syslinux/mbr/mbr.bin").is_file(),
+            Apt("syslinux-common"),
+        ),
+        peer(
+            "SYSLINUX EFI loader",
+            "boots the EFI boot-disk fixture",
+            |_| Path::new("/usr/lib/SYSLINUX.EFI/efi64/syslinux.efi").is_file(),
+            Apt("syslinux-efi"),
+        ),
+        peer(
+            "busybox-static",
+            "the boot-disk fixtures' init (no C library in their initramfs)",
+            |_| installed_version("busybox-static").is_some(),
+            Apt("busybox-static"),
+        ),
+        peer(
+            "kernel package",
+            "the Debian kernel and driver modules the boot-disk fixtures boot",
+            |p| kernel_deb_present(&p.fixtures),
+            KernelDeb,
+        ),
         peer("vcsim", "govmomi's vSphere simulator for the conformance tests", |p| p.vcsim.is_file(), Vcsim),
         peer(
             "pyvmomi",
@@ -159,6 +197,46 @@ fn peers() -> Vec<Peer> {
 /// Whether `program args` runs and succeeds.
 fn runs(program: &str, args: &[&str]) -> bool {
     Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+/// Whether `tool` is a file in one of `PATH`'s folders.
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+}
+
+/// The kernel package `linux-image-amd64` depends on now (`linux-image-6.1.0-57-amd64`), as
+/// `apt-cache depends` says.
+fn current_kernel_package() -> Option<String> {
+    let out = Command::new("apt-cache").args(["depends", "linux-image-amd64"]).output().ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let name = l.trim().strip_prefix("Depends:")?.trim();
+        (name.starts_with("linux-image-") && name.ends_with("-amd64")).then(|| name.to_owned())
+    })
+}
+
+/// Whether `dir` holds the current kernel package's `.deb` (any `linux-image-*-amd64_*.deb`
+/// when apt cannot say which is current).
+fn kernel_deb_present(dir: &Path) -> bool {
+    let current = current_kernel_package();
+    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    entries.flatten().any(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some((package, _)) = name.split_once('_') else { return false };
+        name.ends_with("_amd64.deb")
+            && match &current {
+                Some(c) => package == c,
+                None => package.starts_with("linux-image-") && package.ends_with("-amd64"),
+            }
+    })
+}
+
+/// `apt-get download`s the current kernel package into `dir` (no root needed, nothing installed).
+fn download_kernel(dir: &Path) -> Result<()> {
+    let package = current_kernel_package()
+        .context("apt-cache names no linux-image-*-amd64 package that linux-image-amd64 depends on")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    crate::run(Command::new("apt-get").args(["download", "-q", &package]).current_dir(dir))
+        .with_context(|| format!("apt-get could not download {package}"))
 }
 
 /// Whether a libclang shared library is where bindgen looks for it on Debian and Ubuntu.
@@ -208,6 +286,7 @@ fn install_hint(source: Source) -> String {
         Source::Pip(package) => format!("PyPI {package}"),
         Source::Cargo => format!("cargo install cargo-fuzz {CARGO_FUZZ}"),
         Source::Rustup(component) => format!("rustup component {component}"),
+        Source::KernelDeb => "apt-get download of linux-image-amd64's kernel into the fixtures cache".into(),
     }
 }
 
@@ -257,6 +336,15 @@ pub(crate) fn install(root: &Path) -> Result<()> {
                 println!("setup: adding the rustup component {component}: {}", peer.why);
                 crate::run(Command::new("rustup").args(["component", "add", component]))
                     .with_context(|| format!("the toolchain lacks {component} and rustup could not add it"))?;
+                did += 1;
+            }
+            Source::KernelDeb => {
+                println!(
+                    "setup: downloading the current Debian kernel package into {} (not installing it): {}",
+                    places.fixtures.display(),
+                    peer.why
+                );
+                download_kernel(&places.fixtures)?;
                 did += 1;
             }
         }

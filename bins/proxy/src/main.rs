@@ -10,6 +10,7 @@ mod config_cmd;
 mod demo;
 mod disk_copy;
 mod endpoints;
+mod export_cmd;
 mod progress_view;
 mod repo_cmd;
 mod serve;
@@ -65,6 +66,12 @@ enum Command {
         #[command(subcommand)]
         command: repo_cmd::RepoCommand,
     },
+    /// Instant recovery: serve the disks of a restore point (REPO POINT) or of a replica
+    /// (--replica PATH) over NBD, named by slot, until Ctrl-C or SIGTERM, printing each disk's
+    /// URI. Read-only unless --writable (a copy-on-write overlay per disk, discarded at stop
+    /// unless --commit stores it as a new restore point). No TLS yet: loopback and Unix
+    /// sockets only unless --allow-remote.
+    Export(export_cmd::Args),
 }
 
 /// Runs a command's future on a multi-threaded runtime; an error is printed as
@@ -98,5 +105,6 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(&args),
         Command::Config { command } => config_cmd::run(&command),
         Command::Repo { command } => repo_cmd::run(command),
+        Command::Export(args) => export_cmd::run(&args),
     }
 }

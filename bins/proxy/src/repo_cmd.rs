@@ -26,7 +26,7 @@ use crate::size;
 pub(crate) struct RepoArg {
     /// The repository: a directory, or `s3://bucket/prefix` (endpoint and keys from
     /// `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`).
-    repo: String,
+    pub(crate) repo: String,
     /// Allow a plain-HTTP S3 endpoint that is not on this machine (the data would cross the
     /// network unencrypted).
     #[arg(long)]
@@ -231,7 +231,7 @@ pub(crate) fn run(cmd: RepoCommand) -> ExitCode {
 
 /// Sends the repository's warnings (an unreadable restore point skipped, a lock that a
 /// read-only medium refuses, a key file others can read) to stderr; `SYNCPROXY_LOG` filters.
-fn init_logs() {
+pub(crate) fn init_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SYNCPROXY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
@@ -488,7 +488,7 @@ impl vmdk::ReadAt for AsReadAt {
 }
 
 /// The restore point `point` names (`latest`: the newest).
-fn point_id(repo: &Repo, point: &str) -> Result<String> {
+pub(crate) fn point_id(repo: &Repo, point: &str) -> Result<String> {
     Ok(if point == "latest" {
         repo.points()?.pop().context("the repository has no restore points")?.id
     } else {

@@ -2,6 +2,7 @@
 //! skip loudly elsewhere), NBD servers, running commands, and comparing files. Dev-dependency
 //! only.
 
+pub mod bootdisk;
 pub mod pki;
 pub mod s3;
 pub mod servers;

@@ -186,6 +186,47 @@ pub struct VmConfig {
     /// Disks.
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskConfig>,
+    /// The controller its disks hang on (none: a PVSCSI controller, not named in the `.vmx`).
+    /// Given, the device list reports it and the `.vmx` names it and each disk's slot.
+    #[serde(default)]
+    pub controller: Option<ControllerKind>,
+    /// Lines appended as they are to the VM's `.vmx` (`firmware = "efi"`, `memsize = "256"`).
+    #[serde(default)]
+    pub vmx_extra: Option<String>,
+}
+
+/// A disk controller model, as a `.vmx` names it (`scsi0.virtualDev`, or `sata`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ControllerKind {
+    /// VMware paravirtual SCSI (`scsi0`, `ParaVirtualSCSIController`).
+    Pvscsi,
+    /// LSI Logic SAS (`scsi0`, `VirtualLsiLogicSASController`).
+    Lsisas1068,
+    /// LSI Logic parallel (`scsi0`, `VirtualLsiLogicController`).
+    Lsilogic,
+    /// AHCI (`sata0`, `VirtualAHCIController`).
+    Sata,
+}
+
+impl ControllerKind {
+    /// The `.vmx` bus prefix: `scsi` or `sata`.
+    pub fn bus(self) -> &'static str {
+        match self {
+            ControllerKind::Sata => "sata",
+            _ => "scsi",
+        }
+    }
+
+    /// The `scsiN.virtualDev` value (none for SATA).
+    pub fn virtual_dev(self) -> Option<&'static str> {
+        match self {
+            ControllerKind::Pvscsi => Some("pvscsi"),
+            ControllerKind::Lsisas1068 => Some("lsisas1068"),
+            ControllerKind::Lsilogic => Some("lsilogic"),
+            ControllerKind::Sata => None,
+        }
+    }
 }
 
 fn default_power() -> PowerState {
@@ -205,8 +246,12 @@ fn default_tools() -> ToolsRunningStatus {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
-    /// Bytes.
+    /// Bytes (0 with an `image`: the image's size).
+    #[serde(default)]
     pub capacity: u64,
+    /// A raw image whose bytes are the disk's initial content (its zero MiBs stay holes).
+    #[serde(default)]
+    pub image: Option<std::path::PathBuf>,
     /// The datastore (by name; the datacenter's first if absent).
     #[serde(default)]
     pub datastore: Option<String>,
@@ -272,11 +317,14 @@ impl Config {
                         pci: 0,
                         disks: vec![DiskConfig {
                             capacity: disk_size,
+                            image: None,
                             datastore: None,
                             mode: default_mode(),
                             backing: default_backing(),
                             sharing: default_sharing(),
                         }],
+                        controller: None,
+                        vmx_extra: None,
                     })
                     .collect(),
                 clusters: Vec::new(),
@@ -304,7 +352,7 @@ impl Config {
             }
             for vm in &dc.vms {
                 for d in &vm.disks {
-                    if d.capacity == 0 || d.capacity % 512 != 0 {
+                    if (d.capacity == 0 && d.image.is_none()) || d.capacity % 512 != 0 {
                         return bad(format!("{}: disk sizes must be positive multiples of 512", vm.name));
                     }
                     if let Some(ds) = &d.datastore

@@ -19,7 +19,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-pub use config::{ClusterConfig, Config, DatacenterConfig, DatastoreConfig, Denied, DiskConfig, HostConfig, VmConfig};
+pub use config::{
+    ClusterConfig, Config, ControllerKind, DatacenterConfig, DatastoreConfig, Denied, DiskConfig, HostConfig, VmConfig,
+};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 pub use world::{Faults, GuestRun, SimFault};
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use vsphere::xml::{self, Element, Limits, Ns, escape};
 use vsphere::{ConnectionState, DrsBehavior, MoRef};
 
+use crate::config::ControllerKind;
 use crate::world::{Collector, SimFault, TaskRec, VmState, World, iso_now};
 
 /// What a handler answers: the HTTP status, a session cookie to set, the body.
@@ -879,8 +880,19 @@ fn snapshot_trees(v: &VmState, parent: Option<&MoRef>) -> String {
 
 /// The VM's devices now (`snap` None) or as of one of its snapshots.
 fn devices(w: &World, v: &VmState, snap: Option<usize>) -> String {
-    let mut out = String::from(
-        r#"<VirtualDevice xsi:type="ParaVirtualSCSIController"><key>1000</key><deviceInfo><label>SCSI controller 0</label><summary>VMware paravirtual SCSI</summary></deviceInfo><busNumber>0</busNumber><sharedBus>noSharing</sharedBus><scsiCtlrUnitNumber>7</scsiCtlrUnitNumber></VirtualDevice>"#,
+    let (controller_key, kind, label, summary) = match v.controller.unwrap_or(ControllerKind::Pvscsi) {
+        ControllerKind::Pvscsi => (1000, "ParaVirtualSCSIController", "SCSI controller 0", "VMware paravirtual SCSI"),
+        ControllerKind::Lsisas1068 => (1000, "VirtualLsiLogicSASController", "SCSI controller 0", "LSI Logic SAS"),
+        ControllerKind::Lsilogic => (1000, "VirtualLsiLogicController", "SCSI controller 0", "LSI Logic"),
+        ControllerKind::Sata => (15000, "VirtualAHCIController", "SATA controller 0", "AHCI"),
+    };
+    let scsi_unit = if controller_key == 1000 {
+        "<sharedBus>noSharing</sharedBus><scsiCtlrUnitNumber>7</scsiCtlrUnitNumber>"
+    } else {
+        ""
+    };
+    let mut out = format!(
+        r#"<VirtualDevice xsi:type="{kind}"><key>{controller_key}</key><deviceInfo><label>{label}</label><summary>{summary}</summary></deviceInfo><busNumber>0</busNumber>{scsi_unit}</VirtualDevice>"#,
     );
     for d in &v.disks {
         let ds = &w.datastores[d.ds];
@@ -938,7 +950,7 @@ fn devices(w: &World, v: &VmState, snap: Option<usize>) -> String {
         };
         let _ = write!(
             out,
-            r#"<VirtualDevice xsi:type="VirtualDisk"><key>{}</key><deviceInfo><label>Hard disk {}</label><summary>{} KB</summary></deviceInfo>{backing}<controllerKey>1000</controllerKey><unitNumber>{}</unitNumber><capacityInKB>{}</capacityInKB><capacityInBytes>{}</capacityInBytes></VirtualDevice>"#,
+            r#"<VirtualDevice xsi:type="VirtualDisk"><key>{}</key><deviceInfo><label>Hard disk {}</label><summary>{} KB</summary></deviceInfo>{backing}<controllerKey>{controller_key}</controllerKey><unitNumber>{}</unitNumber><capacityInKB>{}</capacityInKB><capacityInBytes>{}</capacityInBytes></VirtualDevice>"#,
             d.key,
             d.key - 1999,
             d.capacity / 1024,

@@ -13,7 +13,7 @@ use cbt::{Extent, ExtentSet};
 use vsphere::{DiskMode, DrsBehavior, MoRef, PowerState, ToolsRunningStatus};
 
 use crate::SimError;
-use crate::config::Config;
+use crate::config::{Config, ControllerKind};
 
 /// A fault the simulator answers with: its type and message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,6 +180,8 @@ pub(crate) struct VmState {
     pub(crate) guest_password: Option<String>,
     /// Programs started in the guest, in order.
     pub(crate) guest_runs: Vec<GuestRun>,
+    /// The disks' controller as configured (none: PVSCSI).
+    pub(crate) controller: Option<ControllerKind>,
 }
 
 /// A program started in a guest through the guest operations API.
@@ -371,17 +373,23 @@ impl World {
                     std::fs::create_dir_all(&dir).map_err(|e| SimError::io(&dir, e))?;
                     let flat = root.join(&w.datastores[ds].name).join(&flat_name);
                     let f = File::create(&flat).map_err(|e| SimError::io(&flat, e))?;
-                    f.set_len(d.capacity).map_err(|e| SimError::io(&flat, e))?;
+                    let capacity = match &d.image {
+                        Some(image) => fill_from_image(&f, image, d.capacity).map_err(|e| {
+                            SimError::Config(format!("{}: disk image {}: {e}", v.name, image.display()))
+                        })?,
+                        None => d.capacity,
+                    };
+                    f.set_len(capacity).map_err(|e| SimError::io(&flat, e))?;
                     let dpath = root.join(&w.datastores[ds].name).join(&base_name);
-                    std::fs::write(&dpath, descriptor(&stem, d.capacity)).map_err(|e| SimError::io(&dpath, e))?;
-                    // Unit 7 is the SCSI controller's own.
+                    std::fs::write(&dpath, descriptor(&stem, capacity)).map_err(|e| SimError::io(&dpath, e))?;
+                    // Unit 7 is a SCSI controller's own.
                     let di = i32::try_from(i).map_err(|_| SimError::Config(format!("{}: too many disks", v.name)))?;
-                    let unit = if di >= 7 { di + 1 } else { di };
+                    let unit = if di >= 7 && v.controller != Some(ControllerKind::Sata) { di + 1 } else { di };
                     let tracked = v.cbt && d.backing != "rdm-physical";
                     disks.push(DiskState {
                         key: 2000 + di,
                         unit,
-                        capacity: d.capacity,
+                        capacity,
                         ds,
                         mode: d.mode.clone(),
                         backing: d.backing.clone(),
@@ -404,12 +412,28 @@ impl World {
                         v.name,
                         v.hardware.trim_start_matches("vmx-")
                     );
+                    let bus = v.controller.map_or("scsi", ControllerKind::bus);
+                    if let Some(c) = v.controller {
+                        text.push_str(&format!("{bus}0.present = \"TRUE\"\n"));
+                        if let Some(dev) = c.virtual_dev() {
+                            text.push_str(&format!("{bus}0.virtualDev = \"{dev}\"\n"));
+                        }
+                    }
                     for d in &disks {
+                        if v.controller.is_some() {
+                            text.push_str(&format!("{bus}0:{}.present = \"TRUE\"\n", d.unit));
+                        }
                         text.push_str(&format!(
-                            "scsi0:{}.fileName = \"{}\"\n",
+                            "{bus}0:{}.fileName = \"{}\"\n",
                             d.unit,
                             d.base_name.rsplit('/').next().unwrap_or("")
                         ));
+                    }
+                    if let Some(extra) = &v.vmx_extra {
+                        text.push_str(extra);
+                        if !extra.ends_with('\n') {
+                            text.push('\n');
+                        }
                     }
                     std::fs::write(&vmx, text).map_err(|e| SimError::io(&vmx, e))?;
                     // Its firmware settings (the BIOS or EFI variables), beside it.
@@ -438,6 +462,7 @@ impl World {
                     consolidation_needed: false,
                     guest_password: v.guest_password.clone(),
                     guest_runs: Vec::new(),
+                    controller: v.controller,
                 });
             }
         }
@@ -972,6 +997,32 @@ pub(crate) fn ctk_name(base: &str) -> String {
 /// The CID of a disk's `k`th delta: any number but the two reserved ones.
 fn delta_cid(key: i32, k: usize) -> u32 {
     0x5100_0000 ^ (key.unsigned_abs() << 8) ^ u32::try_from(k).unwrap_or(0)
+}
+
+/// Copies a raw image into a new disk file, leaving its all-zero MiBs as holes; returns the
+/// disk's capacity: `capacity`, or the image's size when that is 0.
+fn fill_from_image(disk: &File, image: &Path, capacity: u64) -> Result<u64, String> {
+    let src = File::open(image).map_err(|e| e.to_string())?;
+    let len = src.metadata().map_err(|e| e.to_string())?.len();
+    let capacity = if capacity == 0 { len } else { capacity };
+    if capacity == 0 || capacity % 512 != 0 {
+        return Err(format!("{capacity} bytes is not a positive multiple of 512"));
+    }
+    if len > capacity {
+        return Err(format!("{len} bytes do not fit a {capacity}-byte disk"));
+    }
+    const PIECE: u64 = 1 << 20;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < len {
+        let n = usize::try_from(PIECE.min(len - at)).unwrap_or(buf.len());
+        src.read_exact_at(&mut buf[..n], at).map_err(|e| e.to_string())?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            disk.write_all_at(&buf[..n], at).map_err(|e| e.to_string())?;
+        }
+        at += PIECE;
+    }
+    Ok(capacity)
 }
 
 /// Where `new` differs from `old` (both raw images of `capacity` bytes), in 4 KiB blocks: the

@@ -426,3 +426,63 @@ async fn privileges_are_read_per_entity_and_unknown_ids_are_never_asked() {
         (vec!["Datastore.Browse"], vec!["Cryptographer.Access".to_owned()])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_made_from_an_image_serves_its_bytes_on_its_controller() {
+    vsphere::tls::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    // Data, a hole and a short tail: the image's size need not be whole MiBs.
+    let image = dir.path().join("boot.img");
+    let len = 3 * MIB + 4096;
+    testkit::sparse_image(&image, 4 * MIB, 7);
+    std::fs::OpenOptions::new().write(true).open(&image).unwrap().set_len(len).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::File::options().write(true).open(&image).unwrap(),
+        b"tail",
+        len - 4,
+    )
+    .unwrap();
+    let want = std::fs::read(&image).unwrap();
+    let mut cfg = estate();
+    let mut boot = cfg.datacenters[0].vms[1].clone();
+    boot.name = "boot".into();
+    boot.disks[0].capacity = 0;
+    boot.disks[0].image = Some(image.clone());
+    boot.controller = Some(vsphere_sim::ControllerKind::Sata);
+    boot.vmx_extra = Some("firmware = \"efi\"\nmemsize = \"256\"".into());
+    let mut bigger = boot.clone();
+    bigger.name = "bigger".into();
+    bigger.disks[0].capacity = 8 * MIB;
+    bigger.controller = None;
+    bigger.vmx_extra = None;
+    cfg.datacenters[0].vms.extend([boot, bigger]);
+    let sim = Sim::start(cfg, &dir.path().join("sim"), SimTls::SelfSigned).await.unwrap();
+    let c = login(&sim).await;
+    let r = c.datastore_reader().unwrap();
+
+    let vm = vm_named(&c, "boot").await;
+    assert_eq!((vm.disks[0].capacity, vm.disks[0].bus_slot.as_deref()), (len, Some("sata0:0")));
+    let flat = DatastoreFile::from_ds_path("DC1", "[ds1] boot/boot-flat.vmdk").unwrap();
+    assert!(r.read(&flat, 0, len).await.unwrap() == want, "the disk is the image");
+    let vmx = DatastoreFile::from_ds_path("DC1", "[ds1] boot/boot.vmx").unwrap();
+    let vmx = String::from_utf8(r.read(&vmx, 0, r.size(&vmx).await.unwrap()).await.unwrap().to_vec()).unwrap();
+    for line in
+        ["sata0.present = \"TRUE\"\n", "sata0:0.fileName = \"boot.vmdk\"\n", "firmware = \"efi\"\nmemsize = \"256\"\n"]
+    {
+        assert!(vmx.contains(line), "{line:?} in\n{vmx}");
+    }
+
+    // A capacity beyond the image: the image, then zeros; the default controller is PVSCSI.
+    let vm = vm_named(&c, "bigger").await;
+    assert_eq!((vm.disks[0].capacity, vm.disks[0].bus_slot.as_deref()), (8 * MIB, Some("scsi0:0")));
+    let flat = DatastoreFile::from_ds_path("DC1", "[ds1] bigger/bigger-flat.vmdk").unwrap();
+    let got = r.read(&flat, 0, 8 * MIB).await.unwrap();
+    assert!(got[..want.len()] == want[..] && got[want.len()..].iter().all(|&b| b == 0));
+
+    // An image larger than the capacity given is refused, naming the VM.
+    let mut cfg = estate();
+    cfg.datacenters[0].vms[1].disks[0].image = Some(image);
+    cfg.datacenters[0].vms[1].disks[0].capacity = MIB;
+    let e = Sim::start(cfg, &dir.path().join("sim2"), SimTls::SelfSigned).await.unwrap_err().to_string();
+    assert!(e.contains("gpu") && e.contains("do not fit"), "{e}");
+}
