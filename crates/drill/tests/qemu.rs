@@ -256,3 +256,34 @@ async fn scripts_get_the_drill_s_facts_and_silent_agents_and_ports_fail() {
     assert!(report.screenshot_png.is_some());
     nothing_left(&work_dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drills_of_the_boot_disk_fixtures_see_the_marker_and_the_guest_s_hash() {
+    let test = "drills_of_the_boot_disk_fixtures_see_the_marker_and_the_guest_s_hash";
+    let Some(qemu_nbd) = tools(test) else { return };
+    for variant in testkit::bootdisk::Variant::ALL {
+        let Some(disk) = testkit::bootdisk::require(variant, test) else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::qemu_nbd(&qemu_nbd, &disk.path, Listen::Unix(dir.path().join("nbd.sock")), &["-r"]);
+        let work_dir = dir.path().join("vm");
+        let s = DrillSpec {
+            name: format!("fixture {}", variant.name()),
+            vmx: disk.vmx.clone(),
+            disks: vec![DrillDisk { slot: disk.slot.clone(), uri: server.uri() }],
+            accel: Accel::Auto,
+            boot_controller: None,
+            checks: vec![Check::serial(&disk.marker), Check::serial(disk.payload_line())],
+            network: Network::None,
+            timeout: Duration::from_secs(120),
+            work_dir: work_dir.clone(),
+        };
+        let report = drill::run(&s, Cancel::new()).await.unwrap();
+        eprintln!("{}: {} in {:.1} s", variant.name(), report.summary(), report.seconds);
+        assert!(report.passed, "{}", report.to_json());
+        assert_eq!(report.firmware, if variant.efi() { "OVMF" } else { "SeaBIOS" });
+        assert!(report.serial_tail.contains(&disk.payload_line()), "the guest read the served bytes");
+        assert!(report.boot_seconds.is_some_and(|s| s > 0.0));
+        assert!(report.screenshot_png.as_deref().is_some_and(|p| p.starts_with(b"\x89PNG\r\n\x1a\n")));
+        nothing_left(&work_dir);
+    }
+}
