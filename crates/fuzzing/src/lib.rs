@@ -6,6 +6,7 @@
 
 pub mod cbt;
 pub mod config;
+pub mod drill;
 pub mod nbd;
 pub mod pipeline;
 pub mod repo;
@@ -32,6 +33,7 @@ pub const TARGETS: &[(&str, FuzzTarget)] = &[
     ("soap_response", vsphere::soap_response),
     ("repo_files", repo::repo_files),
     ("serve_config", config::serve_config),
+    ("vmx", drill::vmx),
 ];
 
 /// Runs `f` on `iterations` pseudo-random inputs of up to `max_len` bytes, from a fixed seed so
