@@ -9,11 +9,13 @@ mod config_cmd;
 #[cfg(feature = "sim")]
 mod demo;
 mod disk_copy;
+mod drill_cmd;
 mod endpoints;
 mod export_cmd;
 mod progress_view;
 mod repo_cmd;
 mod serve;
+mod serve_drill;
 mod server_args;
 mod size;
 
@@ -72,6 +74,11 @@ enum Command {
     /// unless --commit stores it as a new restore point). No TLS yet: loopback and Unix
     /// sockets only unless --allow-remote.
     Export(export_cmd::Args),
+    /// Prove a restore point boots: its disks served from the repository over NBD, the VM
+    /// booted in isolation under QEMU on its own VMware hardware (from the captured `.vmx`),
+    /// checks run (a login prompt by default), a screenshot taken, and the report kept beside
+    /// the point. Exit code 0: every check passed; 2: a check failed; 1: no drill was possible.
+    Drill(drill_cmd::Args),
 }
 
 /// Runs a command's future on a multi-threaded runtime; an error is printed as
@@ -106,5 +113,6 @@ fn main() -> ExitCode {
         Command::Config { command } => config_cmd::run(&command),
         Command::Repo { command } => repo_cmd::run(command),
         Command::Export(args) => export_cmd::run(&args),
+        Command::Drill(args) => drill_cmd::run(&args),
     }
 }

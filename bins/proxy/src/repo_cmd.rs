@@ -457,12 +457,10 @@ fn list(repo: &Repo, json: bool) -> Result<ExitCode> {
         );
         if let Some(d) = drills.last() {
             println!(
-                "    drill {}: {}{} ({}{})",
+                "    drill {}: {}{}",
                 d.time,
-                if d.passed { "passed" } else { "FAILED" },
-                d.boot_seconds.map(|s| format!(", booted in {s:.1} s")).unwrap_or_default(),
                 d.summary,
-                if drills.len() > 1 { format!("; {} drills in all", drills.len()) } else { String::new() }
+                if drills.len() > 1 { format!(" ({} drills in all)", drills.len()) } else { String::new() }
             );
         }
     }

@@ -2,8 +2,10 @@
 //! repository backup with a prune after it, or a replica sync), removes stale snapshots of
 //! ours when it starts (in the background, per vCenter, before that vCenter's jobs), and
 //! serves job status, history and Prometheus metrics over HTTP behind a bearer token, with
-//! bounded connections and timeouts. SIGTERM or Ctrl-C stops it gracefully: no new job
-//! starts, running copies stop, every snapshot is removed, and it exits 0.
+//! bounded connections and timeouts. Drill jobs (`[[drill]]`) boot the newest restore point of
+//! each chosen VM on their own schedule (`serve_drill`). SIGTERM or Ctrl-C stops it
+//! gracefully: no new job starts, running copies stop, every snapshot is removed, a drill's VM
+//! is stopped, and it exits 0.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write as _;
@@ -25,6 +27,7 @@ use pipeline::limit::{RateLimiter, ReleaseCpuTime};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+use crate::serve_drill::{DrillRunner, DrillStats};
 use crate::server_args::{ServerArgs, read_secret_file, secret_file_warning};
 
 /// Options of `proxy serve`.
@@ -154,6 +157,8 @@ struct State {
     jobs: Mutex<HashMap<String, JobStatus>>,
     /// Jobs asked to run now (`POST /jobs/NAME/run`).
     triggers: HashMap<String, tokio::sync::Notify>,
+    /// The last drill of each VM.
+    drills: DrillStats,
 }
 
 #[derive(Debug, Clone)]
@@ -175,6 +180,9 @@ impl State {
                 }
             }
             Err(e) => tracing::warn!("cannot open {}: {e}", self.history_file.display()),
+        }
+        if rec["kind"] == "drill" {
+            self.drills.record(&rec);
         }
         if let Some(s) = self.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_mut(job) {
             s.running = false;
@@ -233,6 +241,7 @@ impl State {
                 ));
             }
         }
+        text.push_str(&self.drills.prometheus());
         text
     }
 }
@@ -351,10 +360,44 @@ async fn sweep_at_start(runners: &[Arc<Runner>]) {
     }
 }
 
-/// Runs `runner` on its schedule, once its vCenter's startup sweep is over, until `stop` says
-/// so.
+/// What a schedule runs: a backup or replica job, or a drill.
+#[derive(Clone)]
+enum Work {
+    Job(Arc<Runner>),
+    Drill(Arc<DrillRunner>),
+}
+
+impl Work {
+    fn name(&self) -> &str {
+        match self {
+            Self::Job(r) => &r.job.name,
+            Self::Drill(d) => &d.config.name,
+        }
+    }
+
+    fn schedule(&self) -> &Schedule {
+        match self {
+            Self::Job(r) => &r.schedule,
+            Self::Drill(d) => &d.schedule,
+        }
+    }
+
+    /// One run, as the history records it.
+    async fn once(&self, run_id: &str, started: SystemTime, stop: watch::Receiver<bool>) -> Value {
+        match self {
+            Self::Job(r) => {
+                let (report, error) = r.once(run_id).await;
+                record(&r.job.name, started, report.as_ref(), error)
+            }
+            Self::Drill(d) => d.once(started, stop).await,
+        }
+    }
+}
+
+/// Runs `work` on its schedule, once its vCenter's startup sweep is over (`swept`), until
+/// `stop` says so.
 async fn schedule_loop(
-    runner: Arc<Runner>,
+    work: Work,
     state: Arc<State>,
     mut swept: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
@@ -363,11 +406,11 @@ async fn schedule_loop(
         _ = swept.wait_for(|done| *done) => {}
         _ = stop.changed() => return,
     }
-    let name = runner.job.name.clone();
+    let name = work.name().to_owned();
     let start = state.started;
     let mut runs = 0u64;
     loop {
-        let next = runner.schedule.next_after(start, SystemTime::now());
+        let next = work.schedule().next_after(start, SystemTime::now());
         if let Some(s) = state.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_mut(&name) {
             s.next = Some(next);
         }
@@ -391,8 +434,8 @@ async fn schedule_loop(
             .chars()
             .filter(char::is_ascii_alphanumeric)
             .collect();
-        let (report, error) = runner.once(&format!("{stamp}-{runs}")).await;
-        state.finish(&name, record(&name, started, report.as_ref(), error));
+        let rec = work.once(&format!("{stamp}-{runs}"), started, stop.clone()).await;
+        state.finish(&name, rec);
     }
 }
 
@@ -667,20 +710,33 @@ async fn serve(config: ServeConfig, vddk: Option<Arc<vddk::Vddk>>) -> Result<Exi
             vddk: vddk.clone(),
         }));
     }
+    let mut drills = Vec::new();
+    for d in &config.drills {
+        drills.push(Arc::new(DrillRunner {
+            config: d.clone(),
+            schedule: Schedule::parse(&d.schedule).map_err(anyhow::Error::msg)?,
+            work_root: config.proxy.state_dir.join("drills"),
+        }));
+    }
+    if !drills.is_empty() {
+        let root = config.proxy.state_dir.join("drills");
+        std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
+    }
+    let status = |schedule: &str, target: String| JobStatus {
+        schedule: schedule.to_owned(),
+        target,
+        next: None,
+        running: false,
+        last: None,
+    };
     let jobs = config
         .jobs
         .iter()
         .map(|j| {
             let target = j.repository.clone().or_else(|| j.replica.as_ref().map(|p| p.display().to_string()));
-            let status = JobStatus {
-                schedule: j.schedule.clone(),
-                target: target.unwrap_or_default(),
-                next: None,
-                running: false,
-                last: None,
-            };
-            (j.name.clone(), status)
+            (j.name.clone(), status(&j.schedule, target.unwrap_or_default()))
         })
+        .chain(config.drills.iter().map(|d| (d.name.clone(), status(&d.schedule, d.repository.clone()))))
         .collect();
     let state = Arc::new(State {
         proxy_id: proxy_id.clone(),
@@ -689,10 +745,17 @@ async fn serve(config: ServeConfig, vddk: Option<Arc<vddk::Vddk>>) -> Result<Exi
         history: Mutex::default(),
         history_file: config.proxy.state_dir.join("history.jsonl"),
         jobs: Mutex::new(jobs),
-        triggers: config.jobs.iter().map(|j| (j.name.clone(), tokio::sync::Notify::new())).collect(),
+        triggers: config
+            .jobs
+            .iter()
+            .map(|j| &j.name)
+            .chain(config.drills.iter().map(|d| &d.name))
+            .map(|n| (n.clone(), tokio::sync::Notify::new()))
+            .collect(),
+        drills: DrillStats::default(),
     });
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
-    tracing::info!(proxy = %proxy_id, listen = %listener.local_addr()?, jobs = runners.len(), "serving");
+    tracing::info!(proxy = %proxy_id, listen = %listener.local_addr()?, jobs = runners.len(), drills = drills.len(), "serving");
     let (stop_tx, stop_rx) = watch::channel(false);
     let http_limits = HttpLimits {
         connections: config.proxy.http_connections,
@@ -711,7 +774,7 @@ async fn serve(config: ServeConfig, vddk: Option<Arc<vddk::Vddk>>) -> Result<Exi
         let (swept_tx, swept_rx) = watch::channel(false);
         let theirs: Vec<Arc<Runner>> = runners.iter().filter(|r| r.vcenter.name == name).cloned().collect();
         for r in &theirs {
-            tasks.spawn(schedule_loop(r.clone(), state.clone(), swept_rx.clone(), stop_rx.clone()));
+            tasks.spawn(schedule_loop(Work::Job(r.clone()), state.clone(), swept_rx.clone(), stop_rx.clone()));
         }
         let mut stop = stop_rx.clone();
         let name = name.to_owned();
@@ -722,6 +785,12 @@ async fn serve(config: ServeConfig, vddk: Option<Arc<vddk::Vddk>>) -> Result<Exi
             }
             let _ = swept_tx.send(true);
         });
+    }
+
+    // Drills touch no vCenter: nothing to sweep before them.
+    let (_no_sweep_tx, no_sweep) = watch::channel(true);
+    for d in drills {
+        tasks.spawn(schedule_loop(Work::Drill(d), state.clone(), no_sweep.clone(), stop_rx.clone()));
     }
 
     tokio::select! {

@@ -14,6 +14,7 @@ pub mod config;
 mod context;
 mod copy;
 mod disk;
+pub mod drill_job;
 mod drs;
 mod flow;
 mod gate;
@@ -90,6 +91,15 @@ pub enum OrchError {
     /// The VM or disk is outside what this flow supports, with the reason.
     #[error("{0}")]
     Refused(String),
+    /// A restore point could not be served for instant recovery.
+    #[error(transparent)]
+    Instant(#[from] instant::InstantError),
+    /// Serving disks over NBD failed.
+    #[error(transparent)]
+    Nbd(#[from] nbd_wire::NbdError),
+    /// A drill could not be attempted (QEMU missing, a plan refused, its work folder).
+    #[error(transparent)]
+    Drill(#[from] drill::DrillError),
 }
 
 impl From<vsphere_io::OpenError> for OrchError {
