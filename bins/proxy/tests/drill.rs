@@ -202,10 +202,11 @@ async fn an_efi_vm_on_pvscsi_gets_the_firmware_limit_at_once_not_a_hang() {
 /// Where the kernel starts in a fixture: the bzImage header's `HdrS` at 0x202 of a sector.
 fn kernel_offset(image: &Path) -> u64 {
     let data = std::fs::read(image).unwrap();
-    (0..data.len() as u64 / 512)
+    let at = (0..data.len() / 512)
         .map(|s| s * 512)
-        .find(|&at| data.get(at as usize + 0x202..at as usize + 0x206) == Some(b"HdrS"))
-        .expect("a kernel in the fixture")
+        .find(|&at| data.get(at + 0x202..at + 0x206) == Some(b"HdrS"))
+        .expect("a kernel in the fixture");
+    at as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,7 +219,7 @@ async fn a_damaged_kernel_chunk_fails_the_drill_naming_it_and_verify_names_it_to
     let repo = Repo::open(env.repo_path()).unwrap();
     let index = repo.index(&point, 0).unwrap();
     let slot = kernel_offset(&guests[0].disk.path) / u64::from(index.chunk_size);
-    let chunk = repo::chunk_name(&index.ids[slot as usize]);
+    let chunk = repo::chunk_name(&index.ids[usize::try_from(slot).unwrap()]);
     let file = env.repo_path().join(&chunk);
     let mut bytes = std::fs::read(&file).unwrap();
     let mid = bytes.len() / 2;
