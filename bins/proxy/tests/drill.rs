@@ -4,7 +4,7 @@
 //! guest prints the hash of what it read, which must be the original disk's. An EFI VM on
 //! PVSCSI gets the firmware's limit in one line, not a hang; a point whose kernel chunk is
 //! damaged fails its drill naming that chunk (and `repo verify` names it too); Ctrl-C stops
-//! the VM and leaves nothing behind.
+//! the VM and leaves nothing behind, and SIGKILL takes the VM with it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -266,4 +266,24 @@ async fn ctrl_c_mid_boot_stops_the_vm_and_leaves_nothing_behind() {
         env.assert_nothing_left();
     }
     assert!(Repo::open(env.repo_path()).unwrap().drill_reports(&point.id).unwrap().is_empty());
+
+    // SIGKILL runs no clean-up: QEMU dies with the proxy all the same, and the next drill
+    // removes the work folder the dead one left.
+    let mut c = env.drill(&point.id, &["--expect", "never printed", "--timeout", "3m", "--no-keep"]);
+    c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    let mut child = c.spawn().unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    child.kill().unwrap();
+    tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    let tmp = env.tmp().display().to_string();
+    let t = Instant::now();
+    while !Command::new("pgrep").args(["-f", &tmp]).output().unwrap().stdout.is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(10), "QEMU outlived the proxy killed with SIGKILL");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(std::fs::read_dir(env.tmp()).unwrap().count(), 1, "the dead drill's folder is there until the next");
+    let (code, out, err) =
+        output(env.drill(&point.id, &["--expect", &guests[0].disk.marker, "--timeout", "3m", "--no-keep"])).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    env.assert_nothing_left();
 }

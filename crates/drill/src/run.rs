@@ -286,7 +286,7 @@ async fn drive(
 
     vm.stage = "starting QEMU";
     progress("starting QEMU");
-    let mut child = Command::new(&plan.qemu)
+    let mut child = qemu_command(&plan.qemu)
         .args(&plan.args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -546,6 +546,22 @@ async fn script_check(spec: &DrillSpec, plan: &QemuPlan, path: &Path, limit_at: 
             let said = if tail.is_empty() { String::new() } else { format!(": {tail}") };
             (status.success(), format!("{status}{said}"))
         }
+    }
+}
+
+/// QEMU's command: under `setpriv --pdeathsig KILL` where util-linux has it, so that a
+/// proxy killed with SIGKILL (which runs no clean-up) takes its VM with it instead of
+/// leaving a guest running on the host; the kernel sends the signal when the thread that
+/// started QEMU ends, and the drill starts it from a thread that lives as long as the run.
+fn qemu_command(qemu: &Path) -> Command {
+    let setpriv = ["/usr/bin/setpriv", "/bin/setpriv"].into_iter().map(Path::new).find(|p| p.is_file());
+    match setpriv {
+        Some(setpriv) => {
+            let mut c = Command::new(setpriv);
+            c.args(["--pdeathsig", "KILL", "--"]).arg(qemu);
+            c
+        }
+        None => Command::new(qemu),
     }
 }
 

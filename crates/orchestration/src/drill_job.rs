@@ -80,7 +80,12 @@ pub async fn run_drill(
         }
     };
 
+    sweep_stale(&options.work_root);
     let work = tempfile_dir(&options.work_root, &manifest.id)?;
+    // Who owns the folder, so that a later drill can tell it from one of a live process.
+    let owner = work.path().join(OWNER);
+    std::fs::write(&owner, process_identity(std::process::id()).unwrap_or_default())
+        .map_err(|e| OrchError::Refused(format!("cannot write {}: {e}", owner.display())))?;
     let socket = work.path().join("nbd.sock");
     let mut exports: Vec<(String, Arc<instant::PointExport>)> = Vec::new();
     for (n, d) in manifest.disks.iter().enumerate() {
@@ -185,9 +190,78 @@ fn disk_slots(manifest: &Manifest, vmx: &str) -> Result<Vec<String>, OrchError> 
         .collect()
 }
 
+/// The prefix of a drill's work folder.
+const WORK_PREFIX: &str = "syncproxy-drill-";
+/// The file in a work folder naming the process that made it.
+const OWNER: &str = "owner";
+
+/// A process as `/proc` knows it: its ID and start time (in clock ticks since boot), which
+/// together tell it from a later process that reuses the ID.
+fn process_identity(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: the fields follow the last `)`.
+    let after = &stat[stat.rfind(')')? + 1..];
+    let start = after.split_whitespace().nth(19)?;
+    Some(format!("{pid} {start}"))
+}
+
+/// Removes the work folders of drills whose process is gone (killed with SIGKILL: its QEMU
+/// died with it, but its overlays and logs stayed). A folder whose owner still runs, or that
+/// names no owner, is left alone.
+fn sweep_stale(root: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    for e in entries.flatten() {
+        if !e.file_name().to_string_lossy().starts_with(WORK_PREFIX) {
+            continue;
+        }
+        let Ok(owner) = std::fs::read_to_string(e.path().join(OWNER)) else { continue };
+        let alive = owner
+            .split_whitespace()
+            .next()
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .and_then(process_identity)
+            .is_some_and(|now| now == owner.trim());
+        if !alive {
+            match std::fs::remove_dir_all(e.path()) {
+                Ok(()) => tracing::warn!("removed {}, left by a drill whose process is gone", e.path().display()),
+                Err(err) => tracing::warn!("cannot remove {}, left by a dead drill: {err}", e.path().display()),
+            }
+        }
+    }
+}
+
 fn tempfile_dir(root: &std::path::Path, id: &str) -> Result<tempfile::TempDir, OrchError> {
     tempfile::Builder::new()
-        .prefix(&format!("syncproxy-drill-{id}-"))
+        .prefix(&format!("{WORK_PREFIX}{id}-"))
         .tempdir_in(root)
         .map_err(|e| OrchError::Refused(format!("cannot make a work folder under {}: {e}", root.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folders_of_dead_drills_are_swept_and_live_or_foreign_ones_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let make = |name: &str, owner: Option<String>| {
+            let d = root.path().join(name);
+            std::fs::create_dir(&d).unwrap();
+            std::fs::write(d.join("overlay.qcow2"), b"x").unwrap();
+            if let Some(o) = owner {
+                std::fs::write(d.join(OWNER), o).unwrap();
+            }
+            d
+        };
+        let me = process_identity(std::process::id()).unwrap();
+        let live = make("syncproxy-drill-a-1", Some(me.clone()));
+        // The same ID with another start time: a process that reused a dead drill's ID.
+        let reused = make("syncproxy-drill-b-2", Some(format!("{} 1", std::process::id())));
+        let gone = make("syncproxy-drill-c-3", Some("4194304 7".into()));
+        let unowned = make("syncproxy-drill-d-4", None);
+        let foreign = make("someone-else", Some("4194304 7".into()));
+        sweep_stale(root.path());
+        assert!(live.exists() && unowned.exists() && foreign.exists());
+        assert!(!reused.exists() && !gone.exists());
+    }
 }
