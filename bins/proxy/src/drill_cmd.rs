@@ -19,7 +19,8 @@ use crate::repo_cmd::{RepoArg, point_id};
 pub(crate) struct Args {
     #[command(flatten)]
     repo: RepoArg,
-    /// The restore point: its ID, or `latest`.
+    /// The restore point: its ID (or a unique prefix), `VM@latest`, `VM@2026-12-01`, or `latest`
+    /// when the repository holds one VM.
     point: String,
     /// The accelerator: `auto` takes KVM only where the host's KVM can run a guest
     /// (kvm_intel or kvm_amd loaded), else TCG; `kvm` fails at once where it cannot.

@@ -85,7 +85,8 @@ pub(crate) enum RepoCommand {
     Restore {
         #[command(flatten)]
         repo: RepoArg,
-        /// The restore point's ID, or `latest`.
+        /// The restore point: its ID (or a unique prefix), `VM@latest`, `VM@2026-12-01`, or
+        /// `latest` when the repository holds one VM.
         point: String,
         /// Where to.
         dst: String,
@@ -485,13 +486,10 @@ impl vmdk::ReadAt for AsReadAt {
     }
 }
 
-/// The restore point `point` names (`latest`: the newest).
+/// The restore point `point` names: an ID or a unique prefix of one, `VM@latest`, `VM@DATE`,
+/// or `latest` where the repository holds one VM's points only.
 pub(crate) fn point_id(repo: &Repo, point: &str) -> Result<String> {
-    Ok(if point == "latest" {
-        repo.points()?.pop().context("the repository has no restore points")?.id
-    } else {
-        point.to_owned()
-    })
+    Ok(repo.resolve_point(point)?.id)
 }
 
 fn restore_file(repo: &Repo, point: &str, name: &str, dst: &Path) -> Result<ExitCode> {

@@ -8,6 +8,7 @@
 //! given. The store, its atomic writes, and the job leases that tell a live job from a dead one
 //! are `durable`'s, shared with the replica.
 
+pub mod address;
 mod codec;
 mod drills;
 mod format;
