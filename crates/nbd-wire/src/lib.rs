@@ -17,6 +17,8 @@ pub mod tls;
 mod uri;
 
 pub use client::{Client, Export, Extent, Target};
+/// The TLS library of [`server::ServerConfig::tls`], so users name the same version.
+pub use rustls;
 pub use uri::{DEFAULT_PORT, Uri};
 
 #[cfg(test)]
