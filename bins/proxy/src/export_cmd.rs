@@ -2,7 +2,8 @@
 //! NBD, named by slot, until Ctrl-C or SIGTERM; prints each disk's NBD URI. Read-only unless
 //! `--writable`, which puts a copy-on-write overlay per disk in a temporary folder apart from
 //! the repository and the replica; at stop the overlays are stored as a new restore point
-//! (`--commit`) or discarded.
+//! (`--commit`) or discarded. With `--tls-cert`/`--tls-key` every client must speak TLS
+//! (`nbds://` URIs), with client certificates from `--tls-client-ca` when given.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,7 @@ use instant::{CacheConfig, FileExport, Overlay, PointExport};
 use nbd_wire::server::{ExportSource, Server, ServerConfig};
 
 use crate::repo_cmd::{self, RepoArg};
+use crate::server_args::secret_file_warning;
 use crate::size;
 
 /// Options of `proxy export`.
@@ -36,15 +38,25 @@ pub(crate) struct Args {
     /// Listen on a new Unix socket at this path (removed at stop).
     #[arg(long, required_unless_present = "listen", conflicts_with = "listen")]
     socket: Option<PathBuf>,
-    /// Listen on TCP at this address (`127.0.0.1:10809`; port 0 picks one). There is no TLS
-    /// yet: anything but a loopback address needs --allow-remote, and the disks then cross
-    /// the network unencrypted and unauthenticated.
+    /// Listen on TCP at this address (`127.0.0.1:10809`; port 0 picks one). Without TLS,
+    /// anything but a loopback address needs --allow-remote, and the disks then cross the
+    /// network unencrypted and unauthenticated.
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Allow --listen on an address other than loopback (no TLS: anyone who can reach it reads
-    /// the disks).
+    /// Allow --listen on an address other than loopback without TLS (anyone who can reach it
+    /// reads the disks).
     #[arg(long)]
     allow_remote: bool,
+    /// Serve over TLS with this certificate chain (PEM): every client must start TLS before
+    /// anything else, and a non-loopback --listen needs no --allow-remote.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert; a warning when others may read it.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require TLS clients to present a certificate signed by this CA (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Take writes, into a copy-on-write overlay per disk (never into the repository or the
     /// replica); discarded at stop unless --commit.
     #[arg(long)]
@@ -123,6 +135,17 @@ fn escape(s: &str) -> String {
     out
 }
 
+/// The TLS configuration of `--tls-cert`, `--tls-key` and `--tls-client-ca`, if given; warns
+/// when the key file may be read by others. Errors name the files, never what is in them.
+fn tls_config(args: &Args) -> Result<Option<Arc<nbd_wire::rustls::ServerConfig>>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else { return Ok(None) };
+    if let Some(w) = secret_file_warning(key, "TLS key") {
+        eprintln!("proxy export: WARNING: {w}");
+    }
+    let config = nbd_wire::tls::server_config(cert, key, args.tls_client_ca.as_deref())?;
+    Ok(Some(config))
+}
+
 /// Refuses an overlay folder inside `protected` (the repository or the replica).
 fn check_apart(overlay_dir: &Path, protected: &Path) -> Result<()> {
     let (o, p) = (std::fs::canonicalize(overlay_dir), std::fs::canonicalize(protected));
@@ -143,9 +166,11 @@ async fn serve(args: &Args) -> Result<ExitCode> {
     if let Some(a) = args.listen
         && !a.ip().is_loopback()
         && !args.allow_remote
+        && args.tls_cert.is_none()
     {
-        bail!("--listen {a} is not a loopback address: without TLS (not supported yet) that needs --allow-remote");
+        bail!("--listen {a} is not a loopback address: that needs TLS (--tls-cert, --tls-key) or --allow-remote");
     }
+    let tls = tls_config(args)?;
     let cache = CacheConfig { max_bytes: args.cache, read_ahead_chunks: args.read_ahead };
     let overlay_dir = args.overlay_dir.clone().unwrap_or_else(std::env::temp_dir);
     let mut disks: Vec<Served> = Vec::new();
@@ -201,17 +226,19 @@ async fn serve(args: &Args) -> Result<ExitCode> {
             d.overlay = Some(o);
         }
     }
-    let config = ServerConfig { allow_remote: args.allow_remote, ..ServerConfig::default() };
+    let tls_required = tls.is_some();
+    let config = ServerConfig { allow_remote: args.allow_remote, tls, tls_required, ..ServerConfig::default() };
+    let scheme = if tls_required { "nbds" } else { "nbd" };
     let server = Server::new(config, disks.iter().map(|d| (d.name.clone(), d.export.clone())).collect());
     let uri_of: Box<dyn Fn(&str) -> String> = match (&args.socket, args.listen) {
         (Some(path), _) => {
             server.serve_unix(path).await.with_context(|| format!("listening on {}", path.display()))?;
             let socket = escape(&path.display().to_string());
-            Box::new(move |name| format!("nbd+unix:///{}?socket={socket}", escape(name)))
+            Box::new(move |name| format!("{scheme}+unix:///{}?socket={socket}", escape(name)))
         }
         (None, Some(addr)) => {
             let bound = server.serve_tcp(addr).await.with_context(|| format!("listening on {addr}"))?;
-            Box::new(move |name| format!("nbd://{bound}/{}", escape(name)))
+            Box::new(move |name| format!("{scheme}://{bound}/{}", escape(name)))
         }
         (None, None) => bail!("--socket PATH or --listen ADDR"),
     };

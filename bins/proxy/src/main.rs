@@ -71,8 +71,9 @@ enum Command {
     /// Instant recovery: serve the disks of a restore point (REPO POINT) or of a replica
     /// (--replica PATH) over NBD, named by slot, until Ctrl-C or SIGTERM, printing each disk's
     /// URI. Read-only unless --writable (a copy-on-write overlay per disk, discarded at stop
-    /// unless --commit stores it as a new restore point). No TLS yet: loopback and Unix
-    /// sockets only unless --allow-remote.
+    /// unless --commit stores it as a new restore point). With --tls-cert and --tls-key every
+    /// client must use TLS (nbds://); without, loopback and Unix sockets only unless
+    /// --allow-remote.
     Export(export_cmd::Args),
     /// Prove a restore point boots: its disks served from the repository over NBD, the VM
     /// booted in isolation under QEMU on its own VMware hardware (from the captured `.vmx`),

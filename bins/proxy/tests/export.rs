@@ -2,7 +2,9 @@
 //! socket compares equal with `qemu-img compare`, copies byte for byte with `nbdcopy`, shows its
 //! holes in `nbdinfo --map`; a damaged chunk fails its reads with EIO and is named at stop; a
 //! writable export written with `qemu-io` and stopped with `--commit` yields a restore point
-//! that restores to what the export showed; a replica's raw file serves as it is.
+//! that restores to what the export showed; a replica's raw file serves as it is; a TLS export
+//! serves `nbdinfo`, `nbdcopy` and `qemu-img` over TLS and refuses plaintext clients and client
+//! certificates from another CA.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -297,4 +299,82 @@ fn a_replica_disk_serves_as_the_file_it_is() {
     let ro = Command::new("qemu-io").args(["-f", "raw", "-c", "write 0 4096", e.uri()]).output().unwrap();
     assert!(!ro.status.success(), "a replica is served read-only");
     assert!(e.stop().2);
+}
+
+/// A folder laid out as libnbd and QEMU look for TLS files: `ca-cert.pem`, and
+/// `client-cert.pem` and `client-key.pem` when `client` is given.
+fn tls_dir(dir: &Path, ca: &Path, client: Option<(&Path, &Path)>) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(ca, dir.join("ca-cert.pem")).unwrap();
+    if let Some((cert, key)) = client {
+        std::fs::copy(cert, dir.join("client-cert.pem")).unwrap();
+        std::fs::copy(key, dir.join("client-key.pem")).unwrap();
+    }
+    dir.to_owned()
+}
+
+/// `nbdinfo --size` of `uri` with the TLS files of `certs`: the size, or `None` when refused.
+fn tls_size(uri: &str, certs: &Path) -> Option<u64> {
+    let uri = format!("{uri}?tls-certificates={}", certs.display());
+    let out = Command::new("nbdinfo").args(["--size", &uri]).output().unwrap();
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().parse().unwrap())
+}
+
+#[test]
+fn a_tls_export_serves_tls_clients_only() {
+    let test = "a_tls_export_serves_tls_clients_only";
+    let Some(()) = tools(test) else { return };
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let (repo, image, _) = repository(dir.path());
+    let (pki_dir, other_dir) = (dir.path().join("pki"), dir.path().join("other"));
+    std::fs::create_dir_all(&pki_dir).unwrap();
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let pki = testkit::pki::TestPki::create(&pki_dir);
+    let other = testkit::pki::TestPki::create(&other_dir);
+    std::fs::set_permissions(&pki.key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let tls = ["--tls-cert", pki.cert.to_str().unwrap(), "--tls-key", pki.key.to_str().unwrap()];
+    let e = Exporting::start(&[&[repo.to_str().unwrap(), "latest", "--listen", "127.0.0.1:0"][..], &tls].concat(), 1);
+    let uri = e.uri().to_owned();
+    assert!(uri.starts_with("nbds://127.0.0.1:") && uri.ends_with("/vm"), "{uri}");
+    let server_only = tls_dir(&dir.path().join("certs"), &pki.ca, None);
+    assert_eq!(tls_size(&uri, &server_only), Some(32 * MIB));
+    // The bytes over TLS: nbdcopy to a file, and qemu-img compare with QEMU's TLS.
+    let copy = dir.path().join("copy.raw");
+    let with_certs = format!("{uri}?tls-certificates={}", server_only.display());
+    testkit::run(Command::new("nbdcopy").args([&with_certs, copy.to_str().unwrap()]));
+    testkit::same_contents(&image, &copy).unwrap().unwrap();
+    let port = uri.trim_start_matches("nbds://127.0.0.1:").trim_end_matches("/vm");
+    testkit::run(Command::new("qemu-img").args([
+        "compare",
+        "--object",
+        &format!("tls-creds-x509,id=tls0,endpoint=client,dir={}", server_only.display()),
+        "--image-opts",
+        &format!("driver=raw,file.filename={}", image.display()),
+        &format!("driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export=vm,tls-creds=tls0"),
+    ]));
+    // A plaintext client is refused, and so is one that does not trust the server's CA.
+    let plain = uri.replacen("nbds://", "nbd://", 1);
+    assert!(!Command::new("nbdinfo").args(["--size", &plain]).output().unwrap().status.success());
+    assert_eq!(tls_size(&uri, &tls_dir(&dir.path().join("wrong-ca"), &other.ca, None)), None);
+    let (rest, stderr, ok) = e.stop();
+    assert!(ok && rest.is_empty(), "{stderr}");
+    assert!(stderr.contains("WARNING") && stderr.contains("TLS key"), "a readable key is warned about: {stderr}");
+    let key_text = std::fs::read_to_string(&pki.key).unwrap();
+    assert!(!stderr.contains(key_text.lines().nth(1).unwrap()), "key material in the output");
+
+    // With a client CA, on every address (no --allow-remote needed with TLS): only clients with
+    // a certificate from that CA are served.
+    std::fs::set_permissions(&pki.key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let args = [repo.to_str().unwrap(), "latest", "--listen", "0.0.0.0:0", "--tls-client-ca", pki.ca.to_str().unwrap()];
+    let e = Exporting::start(&[&args[..], &tls].concat(), 1);
+    let uri = e.uri().replacen("0.0.0.0", "127.0.0.1", 1);
+    assert!(uri.starts_with("nbds://127.0.0.1:"), "{uri}");
+    let ours = tls_dir(&dir.path().join("ours"), &pki.ca, Some((&pki.client_cert, &pki.client_key)));
+    let foreign = tls_dir(&dir.path().join("foreign"), &pki.ca, Some((&other.client_cert, &other.client_key)));
+    assert_eq!(tls_size(&uri, &ours), Some(32 * MIB));
+    assert_eq!(tls_size(&uri, &server_only), None, "no client certificate");
+    assert_eq!(tls_size(&uri, &foreign), None, "a client certificate from another CA");
+    let (_, stderr, ok) = e.stop();
+    assert!(ok && !stderr.contains("WARNING"), "{stderr}");
 }

@@ -4,7 +4,8 @@
 //! async server ([`server::Server`]) for instant recovery, which serves named
 //! [`server::ExportSource`]s (read-only unless a source takes writes) on Unix sockets and
 //! loopback TCP with holes as holes, bounded connections, requests and memory, and idle
-//! time-outs. TLS is not offered yet.
+//! time-outs, with optional or required TLS ([`tls`], rustls) for exports that leave the
+//! machine.
 //!
 //! The `nbd` crate on crates.io is synchronous and has neither structured replies nor block
 //! status, so this crate writes its own (see ARCHITECTURE.md).
@@ -12,9 +13,12 @@
 mod client;
 pub mod proto;
 pub mod server;
+pub mod tls;
 mod uri;
 
 pub use client::{Client, Export, Extent, Target};
+/// The TLS library of [`server::ServerConfig::tls`], so users name the same version.
+pub use rustls;
 pub use uri::{DEFAULT_PORT, Uri};
 
 #[cfg(test)]

@@ -4,10 +4,15 @@
 //! read-only unless their source says it takes writes. Connections are bounded, idle clients
 //! are dropped, and a client's garbage ends its own connection only.
 //!
-//! TLS is not offered yet: `NBD_OPT_STARTTLS` is answered `NBD_REP_ERR_UNSUP`, so the server
-//! only binds loopback addresses and Unix sockets unless [`ServerConfig::allow_remote`] says
-//! otherwise. The hook for TLS is [`negotiate`]'s `STARTTLS` arm, which would swap the stream
-//! for a rustls one before the remaining options.
+//! TLS is optional ([`ServerConfig::tls`], made by [`crate::tls::server_config`]): a client
+//! sends `NBD_OPT_STARTTLS`, the server acknowledges it, the TLS handshake follows on the same
+//! stream and the remaining options (negotiated afresh) and requests go over TLS. With
+//! [`ServerConfig::tls_required`] every other option before TLS is answered
+//! `NBD_REP_ERR_TLS_REQD` (`NBD_OPT_EXPORT_NAME`, which has no error reply, closes). Without
+//! TLS, `NBD_OPT_STARTTLS` is answered `NBD_REP_ERR_UNSUP`. The server binds only loopback
+//! addresses and Unix sockets unless TLS is required or [`ServerConfig::allow_remote`] says
+//! otherwise. The handshake counts against the negotiation's idle timeout, and a failed one
+//! ends its own connection only.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -206,8 +211,30 @@ pub struct ServerConfig {
     /// Options accepted in one negotiation before the client is disconnected.
     pub max_options: u32,
     /// Whether [`Server::serve_tcp`] may bind an address other than loopback. Off by default:
-    /// without TLS an export should not leave the machine unless someone says so.
+    /// without TLS an export should not leave the machine unless someone says so. Not needed
+    /// when TLS is required.
     pub allow_remote: bool,
+    /// TLS offered through `NBD_OPT_STARTTLS` (see [`crate::tls::server_config`]); none by
+    /// default.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Whether clients must start TLS before anything else (the NBD spec's "TLS mandatory");
+    /// needs [`Self::tls`].
+    pub tls_required: bool,
+}
+
+impl ServerConfig {
+    /// Whether every client must speak TLS before it sees an export.
+    fn tls_enforced(&self) -> bool {
+        self.tls.is_some() && self.tls_required
+    }
+
+    /// Refuses `tls_required` without a TLS configuration (no client could ever connect).
+    fn check_tls(&self) -> Result<(), NbdError> {
+        if self.tls_required && self.tls.is_none() {
+            return Err(NbdError::Unsupported("ServerConfig::tls_required without ServerConfig::tls"));
+        }
+        Ok(())
+    }
 }
 
 impl Default for ServerConfig {
@@ -220,6 +247,8 @@ impl Default for ServerConfig {
             max_buffered: 256 << 20,
             max_options: 256,
             allow_remote: false,
+            tls: None,
+            tls_required: false,
         }
     }
 }
@@ -287,6 +316,7 @@ impl Server {
     /// Listens on a Unix socket at `path` (which must not exist); the socket is removed at
     /// shutdown.
     pub async fn serve_unix(&self, path: &Path) -> Result<(), NbdError> {
+        self.inner.config.check_tls()?;
         let listener = tokio::net::UnixListener::bind(path)?;
         self.inner.sockets.lock().unwrap_or_else(|p| p.into_inner()).push(path.to_owned());
         self.spawn_accept_loop(listener);
@@ -294,11 +324,13 @@ impl Server {
     }
 
     /// Listens on TCP at `addr` (port 0 picks one) and returns the bound address. Only loopback
-    /// addresses unless the config's `allow_remote` is set.
+    /// addresses unless TLS is required or the config's `allow_remote` is set.
     pub async fn serve_tcp(&self, addr: SocketAddr) -> Result<SocketAddr, NbdError> {
-        if !addr.ip().is_loopback() && !self.inner.config.allow_remote {
+        let config = &self.inner.config;
+        config.check_tls()?;
+        if !addr.ip().is_loopback() && !config.allow_remote && !config.tls_enforced() {
             return Err(NbdError::Unsupported(
-                "serving NBD on a non-loopback address without ServerConfig::allow_remote",
+                "serving NBD on a non-loopback address without TLS required or ServerConfig::allow_remote",
             ));
         }
         let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -356,28 +388,57 @@ impl Server {
     /// limit), until it disconnects, breaks the protocol, idles out or the server shuts down.
     pub async fn serve_connection<R, W>(&self, r: R, w: W)
     where
-        R: AsyncRead + Send + Unpin,
+        R: AsyncRead + Send + Unpin + 'static,
         W: AsyncWrite + Send + Unpin + 'static,
     {
         let mut shutdown = self.inner.shutdown.subscribe();
         if *shutdown.borrow() {
             return;
         }
+        let idle = self.inner.config.idle_timeout;
+        // A whole negotiation, TLS handshake included, within the idle timeout: a client
+        // trickling bytes cannot hold a connection for longer.
+        let deadline = tokio::time::Instant::now() + idle;
         let mut r = BufReader::with_capacity(16 << 10, r);
         let mut w = w;
+        let plain = async {
+            let no_zeroes = greet(&self.inner, &mut r, &mut w).await?;
+            let mut limits = Limits { no_zeroes, options_left: self.inner.config.max_options };
+            negotiate(&self.inner, &mut r, &mut w, &mut limits, false).await.map(|n| (n, limits))
+        };
         let negotiated = tokio::select! {
             _ = shutdown.wait_for(|&s| s) => return,
-            // A whole negotiation within the idle timeout: a client trickling bytes cannot hold
-            // a connection for longer.
-            n = tokio::time::timeout(self.inner.config.idle_timeout, negotiate(&self.inner, &mut r, &mut w)) => {
-                n.unwrap_or_else(|_| Err(NbdError::Io(timed_out())))
+            n = tokio::time::timeout_at(deadline, plain) => n.unwrap_or_else(|_| Err(NbdError::Io(timed_out()))),
+        };
+        let (session, mut limits) = match negotiated {
+            Ok((Negotiated::Session(session), _)) => return transmission(&self.inner, session, r, w, shutdown).await,
+            Ok((Negotiated::StartTls(tls), limits)) => (tls, limits),
+            Ok((Negotiated::Ended, _)) | Err(_) => {
+                let _ = within(idle, w.shutdown()).await;
+                return;
             }
         };
-        let Ok(Some(session)) = negotiated else {
-            let _ = within(self.inner.config.idle_timeout, w.shutdown()).await;
-            return;
+        // STARTTLS was acknowledged: the handshake, then the options again, over TLS.
+        let secure = async {
+            let stream = tokio_rustls::TlsAcceptor::from(session).accept(tokio::io::join(r, w)).await?;
+            let (tr, mut tw) = tokio::io::split(stream);
+            let mut tr = BufReader::with_capacity(16 << 10, tr);
+            match negotiate(&self.inner, &mut tr, &mut tw, &mut limits, true).await? {
+                Negotiated::Session(s) => Ok(Some((s, tr, tw))),
+                Negotiated::StartTls(_) | Negotiated::Ended => {
+                    let _ = within(idle, tw.shutdown()).await;
+                    Ok(None)
+                }
+            }
         };
-        transmission(&self.inner, session, r, w, shutdown).await;
+        let negotiated: Result<_, NbdError> = tokio::select! {
+            _ = shutdown.wait_for(|&s| s) => return,
+            n = tokio::time::timeout_at(deadline, secure) => n.unwrap_or_else(|_| Err(NbdError::Io(timed_out()))),
+        };
+        // A failed handshake or negotiation drops the stream, which closes the connection.
+        if let Ok(Some((session, tr, tw))) = negotiated {
+            transmission(&self.inner, session, tr, tw, shutdown).await;
+        }
     }
 
     /// Runs one whole session over `input` (the client's bytes, then end of file) on a
@@ -388,7 +449,7 @@ impl Server {
             return Vec::new();
         };
         let out = Arc::new(Mutex::new(Vec::new()));
-        rt.block_on(self.serve_connection(input, SharedVec(out.clone())));
+        rt.block_on(self.serve_connection(std::io::Cursor::new(input.to_vec()), SharedVec(out.clone())));
         std::mem::take(&mut *out.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
@@ -470,10 +531,27 @@ impl Inner {
     }
 }
 
-/// Fixed-newstyle negotiation; `None` when the client ended it (ABORT, an unknown export under
-/// `EXPORT_NAME`). Errors are I/O errors, time-outs and protocol violations, after which the
-/// connection is closed.
-async fn negotiate<R, W>(inner: &Inner, r: &mut R, w: &mut W) -> Result<Option<Session>, NbdError>
+/// What the options phase ended with.
+enum Negotiated {
+    /// The client chose an export.
+    Session(Session),
+    /// STARTTLS was acknowledged: the handshake comes next, with this configuration.
+    StartTls(Arc<rustls::ServerConfig>),
+    /// The client ended it (ABORT, an unknown export or one asked for before TLS under
+    /// `EXPORT_NAME`).
+    Ended,
+}
+
+/// What one connection's negotiation carries across a STARTTLS.
+struct Limits {
+    /// The client asked for no zero padding after `NBD_OPT_EXPORT_NAME`.
+    no_zeroes: bool,
+    /// Options the client may still send.
+    options_left: u32,
+}
+
+/// Sends the fixed-newstyle hello and reads the client's flags: whether it wants no zeroes.
+async fn greet<R, W>(inner: &Inner, r: &mut R, w: &mut W) -> Result<bool, NbdError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -486,9 +564,29 @@ where
     .await?;
     let mut flags = [0u8; 4];
     within(idle, r.read_exact(&mut flags)).await?;
-    let no_zeroes = proto::parse_client_flags(&flags)?;
+    proto::parse_client_flags(&flags)
+}
+
+/// The options of a fixed-newstyle negotiation, before TLS (`secure` false) or after it.
+/// Errors are I/O errors, time-outs and protocol violations, after which the connection is
+/// closed.
+async fn negotiate<R, W>(
+    inner: &Inner,
+    r: &mut R,
+    w: &mut W,
+    limits: &mut Limits,
+    secure: bool,
+) -> Result<Negotiated, NbdError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let idle = inner.config.idle_timeout;
+    let no_zeroes = limits.no_zeroes;
+    let tls_first = inner.config.tls_enforced() && !secure;
     let (mut structured, mut allocation) = (false, false);
-    for _ in 0..inner.config.max_options {
+    while limits.options_left > 0 {
+        limits.options_left -= 1;
         let mut header = [0u8; 16];
         within(idle, r.read_exact(&mut header)).await?;
         let (option, len) = proto::parse_option_header(&header)?;
@@ -507,26 +605,36 @@ where
         let mut out = Vec::new();
         let mut chosen = None;
         match option {
+            // No error reply exists for this option: before a required TLS it closes.
+            opt::EXPORT_NAME if tls_first => return Ok(Negotiated::Ended),
             opt::EXPORT_NAME => {
                 // No error reply exists for this option: an unknown export closes.
                 let name = String::from_utf8_lossy(&data);
-                let Some((_, export)) = inner.export(&name) else { return Ok(None) };
+                let Some((_, export)) = inner.export(&name) else { return Ok(Negotiated::Ended) };
                 out = proto::encode_export_name_reply(export.size(), Inner::flags(&**export, structured), no_zeroes);
                 chosen = Some(export.clone());
             }
             opt::ABORT => {
                 out = reply(rep::ACK, &[]);
                 let _ = within(idle, async { w.write_all(&out).await.and(w.flush().await) }).await;
-                return Ok(None);
+                return Ok(Negotiated::Ended);
             }
+            opt::STARTTLS => match (&inner.config.tls, secure) {
+                (None, _) => out = reply(rep::ERR_UNSUP, b"TLS is not offered by this server"),
+                (Some(_), true) => out = reply(rep::ERR_INVALID, b"TLS is already in use"),
+                (Some(_), false) if !data.is_empty() => out = reply(rep::ERR_INVALID, b"this option takes no data"),
+                (Some(tls), false) => {
+                    within(idle, async { w.write_all(&reply(rep::ACK, &[])).await.and(w.flush().await) }).await?;
+                    return Ok(Negotiated::StartTls(tls.clone()));
+                }
+            },
+            _ if tls_first => out = reply(rep::ERR_TLS_REQD, b"this server requires TLS first (NBD_OPT_STARTTLS)"),
             opt::LIST if data.is_empty() => {
                 for name in inner.exports.keys() {
                     out.extend(reply(rep::SERVER, &proto::encode_rep_server(name)));
                 }
                 out.extend(reply(rep::ACK, &[]));
             }
-            // The TLS hook: a rustls upgrade of `r` and `w` would go here.
-            opt::STARTTLS => out = reply(rep::ERR_UNSUP, b"TLS is not offered by this server"),
             opt::INFO | opt::GO => match proto::parse_export_request(&data) {
                 Err(e) => out = reply(rep::ERR_INVALID, e.to_string().as_bytes()),
                 Ok(req) => match inner.export(&req.name) {
@@ -581,7 +689,7 @@ where
         }
         within(idle, async { w.write_all(&out).await.and(w.flush().await) }).await?;
         if let Some(export) = chosen {
-            return Ok(Some(Session { export, structured, allocation }));
+            return Ok(Negotiated::Session(Session { export, structured, allocation }));
         }
     }
     Err(NbdError::Protocol(format!("more than {} options", inner.config.max_options)))

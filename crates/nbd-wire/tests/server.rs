@@ -1,7 +1,7 @@
 //! The NBD server: an in-memory export with holes read back by our client, by a hand-written
 //! client at the protocol level, and by real clients (nbdinfo, nbdcopy, qemu-img); and its
 //! robustness against garbage, clients that vanish mid-request, a thousand connections at once
-//! and idle clients.
+//! and idle clients; STARTTLS and required TLS with rustls clients.
 #![expect(clippy::cast_possible_truncation, reason = "test sizes are small")]
 
 use std::path::{Path, PathBuf};
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use nbd_wire::proto::{self, chunk, cmd, errno, opt, rep, state, tflag};
 use nbd_wire::server::{BoxFuture, ExportError, ExportSource, MemoryExport, Server, ServerConfig};
 use nbd_wire::{Client, NbdError, Target};
+use testkit::pki::TestPki;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -177,11 +178,18 @@ async fn a_writable_export_takes_writes_from_our_client_and_nbdcopy() {
 }
 
 /// A hand-written client, to see exactly what the server sends.
-struct Raw(UnixStream);
+/// A hand-written client, on a Unix socket unless said otherwise (TCP, TLS).
+struct Raw<S = UnixStream>(S);
 
 impl Raw {
     async fn connect(socket: &Path, client_flags: u32) -> Self {
-        let mut s = UnixStream::connect(socket).await.unwrap();
+        Raw::greet(UnixStream::connect(socket).await.unwrap(), client_flags).await
+    }
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Raw<S> {
+    /// Reads the server's hello on `s` and sends `client_flags`.
+    async fn greet(mut s: S, client_flags: u32) -> Self {
         let mut hello = [0u8; 18];
         s.read_exact(&mut hello).await.unwrap();
         assert_eq!(&hello[..16], &proto::encode_server_hello(0)[..16]);
@@ -612,4 +620,164 @@ fn a_whole_session_from_bytes() {
     let simple = [&proto::encode_simple_reply(7, 0)[..], &[1u8; 8]].concat();
     assert!(out.ends_with(&simple), "{out:?}");
     assert!(server.session_from_bytes(b"garbage").len() == 18, "only the hello before the bad flags");
+}
+
+/// A server of the test image over loopback TCP with TLS (required or optional), asking for
+/// client certificates from `pki`'s CA when `client_auth`.
+async fn serve_tls(pki: &TestPki, required: bool, client_auth: bool) -> (Server, std::net::SocketAddr) {
+    let tls = nbd_wire::tls::server_config(&pki.cert, &pki.key, client_auth.then_some(pki.ca.as_path())).unwrap();
+    let config = ServerConfig {
+        tls: Some(tls),
+        tls_required: required,
+        idle_timeout: Duration::from_secs(2),
+        ..ServerConfig::default()
+    };
+    let disk = Arc::new(MemoryExport::new(image(), 4096)) as Arc<dyn ExportSource>;
+    let server = Server::new(config, vec![("disk".into(), disk)]);
+    let addr = server.serve_tcp("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    (server, addr)
+}
+
+/// A rustls client trusting `ca`, presenting `client` (certificate, key) when given.
+fn tls_client(ca: &Path, client: Option<(&Path, &Path)>) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_file_iter(cert).unwrap().map(Result::unwrap).collect();
+            builder.with_client_auth_cert(chain, PrivateKeyDer::from_pem_file(key).unwrap()).unwrap()
+        }
+    };
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+type TlsRaw = Raw<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+/// Connects over TCP, sends STARTTLS (acknowledged) and does the handshake.
+async fn raw_tls(addr: std::net::SocketAddr, connector: &tokio_rustls::TlsConnector) -> std::io::Result<TlsRaw> {
+    let mut plain = Raw::greet(tokio::net::TcpStream::connect(addr).await.unwrap(), 3).await;
+    assert_eq!(plain.option(opt::STARTTLS, &[]).await, [(rep::ACK, vec![])]);
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    Ok(Raw(connector.connect(name, plain.0).await?))
+}
+
+/// Whether the server refused this TLS client: the handshake failed, or (TLS 1.3 checks the
+/// client's certificate after the client finished) the first option gets no reply.
+async fn refused(attempt: std::io::Result<TlsRaw>) -> bool {
+    let Ok(mut c) = attempt else { return true };
+    if c.0.write_all(&proto::encode_option(opt::LIST, &[])).await.is_err() {
+        return true;
+    }
+    // A served client would read the LIST reply (before the idle timeout closes it).
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), c.0.read_to_end(&mut rest)).await.is_ok();
+    ended && rest.is_empty()
+}
+
+/// The server closes `s` within a few seconds, after sending whatever it sends (a TLS alert).
+async fn ends(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> bool {
+    let mut rest = Vec::new();
+    matches!(tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await, Ok(Ok(_) | Err(_)))
+}
+
+/// Over TLS: a read of the first 4 KiB, in one data chunk, equals the image.
+async fn reads_the_image(c: &mut TlsRaw) {
+    assert_eq!(c.option(opt::STRUCTURED_REPLY, &[]).await, [(rep::ACK, vec![])]);
+    assert_eq!(c.option(opt::GO, &go_data("disk")).await.last().unwrap().0, rep::ACK);
+    c.request(cmd::READ, proto::cflag::DF, 0, 4096, 1).await;
+    let (cookie, flags, kind, p) = c.chunk().await.unwrap();
+    assert_eq!((cookie, flags, kind), (1, chunk::FLAG_DONE, chunk::OFFSET_DATA));
+    assert!(p[8..] == image()[..4096], "the bytes over TLS differ");
+    c.request(cmd::DISC, 0, 0, 0, 2).await;
+    assert!(c.closed().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_upgrades_the_stream_and_negotiation_starts_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::create(dir.path());
+    let (server, addr) = serve_tls(&pki, false, false).await;
+    // TLS offered but optional: a plaintext client is still served.
+    let plain = Client::connect(&Target::Tcp(addr.to_string()), "disk").await.unwrap();
+    assert!(plain.read(0, 4096).await.unwrap()[..] == image()[..4096]);
+    // Options before STARTTLS are forgotten: structured replies must be asked for again.
+    let connector = tls_client(&pki.ca, None);
+    let mut before = Raw::greet(tokio::net::TcpStream::connect(addr).await.unwrap(), 3).await;
+    assert_eq!(before.option(opt::STRUCTURED_REPLY, &[]).await, [(rep::ACK, vec![])]);
+    assert_eq!(before.option(opt::STARTTLS, b"x").await[0].0, rep::ERR_INVALID, "STARTTLS takes no data");
+    assert_eq!(before.option(opt::STARTTLS, &[]).await, [(rep::ACK, vec![])]);
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut c = Raw(connector.connect(name, before.0).await.unwrap());
+    assert_eq!(c.option(opt::STARTTLS, &[]).await[0].0, rep::ERR_INVALID, "TLS twice");
+    let meta = c.option(opt::SET_META_CONTEXT, &meta_data("disk", &["base:allocation"])).await;
+    assert_eq!(meta[0].0, rep::ERR_INVALID, "structured replies were negotiated before TLS only");
+    let list = c.option(opt::LIST, &[]).await;
+    assert_eq!(list.iter().filter(|(k, _)| *k == rep::SERVER).count(), 1);
+    reads_the_image(&mut c).await;
+    // Garbage instead of a handshake, or no handshake at all, ends that connection only (the
+    // silent one within the idle timeout).
+    let mut garbage = Raw::greet(tokio::net::TcpStream::connect(addr).await.unwrap(), 3).await;
+    assert_eq!(garbage.option(opt::STARTTLS, &[]).await, [(rep::ACK, vec![])]);
+    garbage.0.write_all(&[0x16, 3, 1, 0xff, 0xff]).await.unwrap();
+    garbage.0.write_all(&[0xAB; 512]).await.unwrap();
+    let mut silent = Raw::greet(tokio::net::TcpStream::connect(addr).await.unwrap(), 3).await;
+    assert_eq!(silent.option(opt::STARTTLS, &[]).await, [(rep::ACK, vec![])]);
+    assert!(ends(&mut garbage.0).await && ends(&mut silent.0).await);
+    reads_the_image(&mut raw_tls(addr, &connector).await.unwrap()).await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_tls_refuses_plaintext_and_foreign_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::create(dir.path());
+    let (server, addr) = serve_tls(&pki, true, false).await;
+    let mut c = Raw::greet(tokio::net::TcpStream::connect(addr).await.unwrap(), 3).await;
+    for (option, data) in [
+        (opt::LIST, vec![]),
+        (opt::STRUCTURED_REPLY, vec![]),
+        (opt::INFO, go_data("disk")),
+        (opt::GO, go_data("disk")),
+        (77, b"whatever".to_vec()),
+    ] {
+        assert_eq!(c.option(option, &data).await[0].0, rep::ERR_TLS_REQD, "option {option}");
+    }
+    assert_eq!(c.option(opt::ABORT, &[]).await, [(rep::ACK, vec![])]);
+    assert!(c.closed().await);
+    let mut old = Raw::greet(tokio::net::TcpStream::connect(addr).await.unwrap(), 3).await;
+    old.0.write_all(&proto::encode_option(opt::EXPORT_NAME, b"disk")).await.unwrap();
+    assert!(old.closed().await, "EXPORT_NAME before TLS closes");
+    let e = Client::connect(&Target::Tcp(addr.to_string()), "disk").await.unwrap_err();
+    assert!(matches!(e, NbdError::Refused { code: rep::ERR_TLS_REQD, .. }), "{e}");
+    reads_the_image(&mut raw_tls(addr, &tls_client(&pki.ca, None)).await.unwrap()).await;
+    // With TLS required a non-loopback address needs no allow_remote; optional TLS does.
+    server.serve_tcp("0.0.0.0:0".parse().unwrap()).await.unwrap();
+    server.shutdown().await;
+    let (optional, _) = serve_tls(&pki, false, false).await;
+    assert!(matches!(optional.serve_tcp("0.0.0.0:0".parse().unwrap()).await, Err(NbdError::Unsupported(_))));
+    optional.shutdown().await;
+    let nothing = Server::new(ServerConfig { tls_required: true, ..ServerConfig::default() }, vec![]);
+    assert!(matches!(nothing.serve_unix(&dir.path().join("s")).await, Err(NbdError::Unsupported(_))));
+
+    // Client certificates: none, or one from another CA, is refused; ours is served.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = TestPki::create(other_dir.path());
+    let (server, addr) = serve_tls(&pki, true, true).await;
+    assert!(refused(raw_tls(addr, &tls_client(&pki.ca, None)).await).await, "no client certificate");
+    let foreign = tls_client(&pki.ca, Some((&other.client_cert, &other.client_key)));
+    assert!(refused(raw_tls(addr, &foreign).await).await, "a client certificate from another CA");
+    let ours = tls_client(&pki.ca, Some((&pki.client_cert, &pki.client_key)));
+    assert!(!refused(raw_tls(addr, &ours).await).await, "the check tells a served client from a refused one");
+    reads_the_image(&mut raw_tls(addr, &ours).await.unwrap()).await;
+    server.shutdown().await;
 }
