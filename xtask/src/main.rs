@@ -1,6 +1,7 @@
 //! The project's automation entry point: `cargo xtask ci` is what CI and the README run.
 
 mod bench_copy;
+mod bench_drill;
 mod bench_export;
 mod bench_repo;
 mod bench_vddk;
@@ -24,7 +25,8 @@ cargo xtask COMMAND
   ci                      everything CI checks: format, clippy (and the proxy built without
                           its simulator), tests, tidy, crate boundaries,
                           every fuzz target for a short run, benches built and run once,
-                          `bench copy`, `bench repo` and `bench vms` once on small inputs
+                          `bench copy`, `bench repo`, `bench vms` and `bench drill` once on
+                          small inputs
   setup                   install every peer the tests, demo, benches and drills use (apt packages,
                           vcsim, pyvmomi, SeaweedFS, cargo-fuzz); says what and why; idempotent
   setup --check           list the peers that are missing, install nothing (exit 1 if any)
@@ -44,6 +46,9 @@ cargo xtask COMMAND
   bench export            proxy export (from a repository, and --replica) against qemu-nbd on a
                           generated 512 MiB image: time to first byte and nbdcopy throughput
                           (BENCH_EXPORT_MIB, BENCH_EXPORT_ROUNDS, default 3)
+  bench drill             proxy drill of a repository restore point against bare qemu booting the
+                          same raw disk, to the guest's marker, TCG, for the BIOS, EFI and
+                          BIOS-pvscsi fixtures, alternating (BENCH_DRILL_ROUNDS, default 3)
   bench vms               proxy backup --all of 100 VMs at once against the simulator: time, CPU,
                           peak RSS, disks copying at once; full, then 1 % changed (BENCH_VMS,
                           BENCH_VM_DISK_MIB, default 64; BENCH_VM_MEMORY, default 256M)
@@ -79,6 +84,7 @@ fn main() -> Result<()> {
         Some("bench") if args.get(1).is_some_and(|a| a == "repo") => bench_repo::run(&root),
         Some("bench") if args.get(1).is_some_and(|a| a == "vms") => bench_vms::run(&root),
         Some("bench") if args.get(1).is_some_and(|a| a == "export") => bench_export::run(&root),
+        Some("bench") if args.get(1).is_some_and(|a| a == "drill") => bench_drill::run(&root),
         Some("bench") => cargo(
             &["bench", "--locked", "-p", "benches", "--"]
                 .iter()
@@ -148,6 +154,7 @@ fn ci(root: &Path) -> Result<()> {
     step("bench vms (10 VMs, once)", || {
         run(cargo_cmd(&["xtask", "bench", "vms"]).env("BENCH_VMS", "10").env("BENCH_VM_DISK_MIB", "8"))
     })?;
+    step("bench drill (one round)", || run(cargo_cmd(&["xtask", "bench", "drill"]).env("BENCH_DRILL_ROUNDS", "1")))?;
     step("fuzz", || fuzz::run(root, None, fuzz_seconds))?;
     println!("xtask ci: every step passed; {skipped_count} test(s) skipped for want of an outside tool");
     Ok(())

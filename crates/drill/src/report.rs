@@ -41,6 +41,11 @@ pub struct DrillReport {
     pub checks: Vec<CheckResult>,
     /// Seconds from QEMU's start to the first serial pattern, when it appeared.
     pub boot_seconds: Option<f64>,
+    /// When QEMU was started, milliseconds since the Unix epoch (absent when it never was):
+    /// with `boot_seconds`, when the guest came up, for comparing with clocks outside the
+    /// drill (the time from a command's start to the marker, say).
+    #[serde(default)]
+    pub qemu_started_unix_ms: Option<u64>,
     /// The drill's whole time, seconds.
     pub seconds: f64,
     /// The end of the serial console's log (at most [`SERIAL_TAIL_BYTES`]).
@@ -71,6 +76,7 @@ impl DrillReport {
             substitutions: Vec::new(),
             checks: Vec::new(),
             boot_seconds: None,
+            qemu_started_unix_ms: None,
             seconds: 0.0,
             serial_tail: String::new(),
             screenshot_png: None,
@@ -226,6 +232,7 @@ mod tests {
             detail: "seen".into(),
         });
         r.boot_seconds = Some(5.25);
+        r.qemu_started_unix_ms = Some(1_796_472_000_250);
         r.passed = true;
         r.serial_tail = "Debian login: \u{1b}[0m".into();
         r.screenshot_png = Some(b"\x89PNG\r\n\x1a\nrest".to_vec());
@@ -259,6 +266,11 @@ mod tests {
         assert!(!json.contains("screenshot"), "{json}");
         let back = DrillReport::from_json(&json).unwrap();
         assert_eq!(back, DrillReport { screenshot_png: None, ..r.clone() });
+        assert!(json.contains("\"qemu_started_unix_ms\": 1796472000250"), "{json}");
+        // Reports kept before QEMU's start was recorded still read.
+        let old = json.replace("\"qemu_started_unix_ms\": 1796472000250,", "");
+        assert_ne!(old, json);
+        assert_eq!(DrillReport::from_json(&old).unwrap().qemu_started_unix_ms, None);
         let html = r.to_html();
         assert!(html.contains("data:image/png;base64,iVBORw0KGgpyZXN0"), "{html}");
         assert!(html.contains("web &lt;1&gt; @ p") && !html.contains("<1>"));

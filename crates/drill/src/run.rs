@@ -240,6 +240,11 @@ async fn output_text(cmd: &mut Command) -> std::io::Result<(std::process::ExitSt
     Ok((out.status, text.trim().to_owned()))
 }
 
+/// Milliseconds since the Unix epoch (`None` for a clock set before it, or absurdly late).
+fn unix_ms(t: SystemTime) -> Option<u64> {
+    t.duration_since(SystemTime::UNIX_EPOCH).ok().and_then(|d| u64::try_from(d.as_millis()).ok())
+}
+
 fn free_loopback_port() -> Result<u16, DrillError> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(DrillError::io("cannot find a free loopback port"))?;
     Ok(l.local_addr().map_err(DrillError::io("cannot find a free loopback port"))?.port())
@@ -295,6 +300,7 @@ async fn drive(
         .spawn()
         .map_err(|e| DrillError::QemuStart { stderr: format!("cannot run {}: {e}", plan.qemu.display()) })?;
     let started = Instant::now();
+    report.qemu_started_unix_ms = unix_ms(SystemTime::now());
     let drain = child.stderr.take().map(|mut err| {
         let sink = vm.stderr.clone();
         tokio::spawn(async move {

@@ -163,6 +163,10 @@ async fn an_efi_drill_runs_ovmf_on_a_private_variable_store() {
     drop(server);
 }
 
+fn unix_ms() -> u64 {
+    u64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()).unwrap()
+}
+
 /// A drill whose only check is a script that passes at once: it ends as soon as QEMU runs,
 /// so it proves cheaply that QEMU accepts the plan's devices.
 fn starts(
@@ -178,9 +182,13 @@ fn starts(
     s.disks[0].slot = slot.into();
     s.boot_controller = boot;
     s.checks = vec![Check::script("/bin/true")];
+    let before = unix_ms();
     let report = tokio::runtime::Handle::current()
         .block_on(drill::run(&s, Cancel::new()))
         .unwrap_or_else(|e| panic!("{slot} {boot:?}: {e}"));
+    let after = unix_ms();
+    let started = report.qemu_started_unix_ms.unwrap_or_else(|| panic!("{slot}: no QEMU start in {report:?}"));
+    assert!(before <= started && started <= after, "{slot}: QEMU started at {started}, not in [{before}, {after}]");
     nothing_left(&work_dir);
     report
 }
