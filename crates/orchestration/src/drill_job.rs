@@ -81,12 +81,20 @@ pub async fn run_drill(
     };
 
     sweep_stale(&options.work_root);
-    let work = tempfile_dir(&options.work_root, &manifest.id)?;
+    let work = tempfile_dir(&options.work_root)?;
     // Who owns the folder, so that a later drill can tell it from one of a live process.
     let owner = work.path().join(OWNER);
     std::fs::write(&owner, process_identity(std::process::id()).unwrap_or_default())
         .map_err(|e| OrchError::Refused(format!("cannot write {}: {e}", owner.display())))?;
     let socket = work.path().join("nbd.sock");
+    // A Unix socket's path holds at most 107 bytes; QEMU's sockets go one folder deeper.
+    if socket.as_os_str().len() > 90 {
+        return Err(OrchError::Refused(format!(
+            "the drill's work folder {} is too long for the Unix sockets it needs (at most about 80 \
+             characters): point TMPDIR at a shorter folder",
+            work.path().display()
+        )));
+    }
     let mut exports: Vec<(String, Arc<instant::PointExport>)> = Vec::new();
     for (n, d) in manifest.disks.iter().enumerate() {
         let e = instant::PointExport::open(repo, &manifest.id, n, options.cache)?;
@@ -230,9 +238,11 @@ fn sweep_stale(root: &std::path::Path) {
     }
 }
 
-fn tempfile_dir(root: &std::path::Path, id: &str) -> Result<tempfile::TempDir, OrchError> {
+fn tempfile_dir(root: &std::path::Path) -> Result<tempfile::TempDir, OrchError> {
     tempfile::Builder::new()
-        .prefix(&format!("{WORK_PREFIX}{id}-"))
+        // The point's ID is in the owner file and the report: the name stays short, for the
+        // sockets inside.
+        .prefix(WORK_PREFIX)
         .tempdir_in(root)
         .map_err(|e| OrchError::Refused(format!("cannot make a work folder under {}: {e}", root.display())))
 }
