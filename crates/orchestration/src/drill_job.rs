@@ -81,12 +81,18 @@ pub async fn run_drill(
     };
 
     sweep_stale(&options.work_root);
-    let work = tempfile_dir(&options.work_root, &manifest.id)?;
+    let work = tempfile_dir(&options.work_root)?;
     // Who owns the folder, so that a later drill can tell it from one of a live process.
     let owner = work.path().join(OWNER);
     std::fs::write(&owner, process_identity(std::process::id()).unwrap_or_default())
         .map_err(|e| OrchError::Refused(format!("cannot write {}: {e}", owner.display())))?;
     let socket = work.path().join("nbd.sock");
+    if socket.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(OrchError::Refused(format!(
+            "the drill's work folder {} is too long a path for a Unix socket: use a shorter one",
+            work.path().display()
+        )));
+    }
     let mut exports: Vec<(String, Arc<instant::PointExport>)> = Vec::new();
     for (n, d) in manifest.disks.iter().enumerate() {
         let e = instant::PointExport::open(repo, &manifest.id, n, options.cache)?;
@@ -230,9 +236,14 @@ fn sweep_stale(root: &std::path::Path) {
     }
 }
 
-fn tempfile_dir(root: &std::path::Path, id: &str) -> Result<tempfile::TempDir, OrchError> {
+/// The longest Unix socket path (`sun_path` holds 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// A work folder under `root`, its name short (no point ID in it): the sockets in it must fit
+/// a Unix socket's path under a root of some length (`serve`'s state folder).
+fn tempfile_dir(root: &std::path::Path) -> Result<tempfile::TempDir, OrchError> {
     tempfile::Builder::new()
-        .prefix(&format!("{WORK_PREFIX}{id}-"))
+        .prefix(WORK_PREFIX)
         .tempdir_in(root)
         .map_err(|e| OrchError::Refused(format!("cannot make a work folder under {}: {e}", root.display())))
 }
