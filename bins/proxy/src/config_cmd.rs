@@ -1,8 +1,9 @@
 //! `proxy config check FILE`: validates a `proxy serve` configuration without side effects
 //! (it creates no folder and contacts nothing: no vCenter, no S3): the file itself, then what
 //! the proxy can check locally (the token, the password files or variables, the CA files, the
-//! targets that already exist), naming every problem in one pass, warning about secret files
-//! others may read, and printing what each job would do and when it runs next.
+//! targets and drilled repositories that already exist), naming every problem in one pass,
+//! warning about secret files others may read, and printing what each job and drill would do
+//! and when it runs next.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -30,29 +31,40 @@ fn folder_problem(path: &Path) -> Option<String> {
     (path.exists() && !path.is_dir()).then(|| format!("{} exists and is not a folder", path.display()))
 }
 
+/// What is wrong with the repository at `url` (a job's target or a drill's source), looked at
+/// without creating or contacting anything.
+fn repository_problem(url: &str, key_file: Option<&Path>) -> Option<String> {
+    if url.starts_with("s3://") {
+        // Opening it would contact the bucket; serve reports it at the first run.
+        return None;
+    }
+    if url.contains("://") {
+        return Some(format!("{url}: repositories are a local path or s3://"));
+    }
+    if !Path::new(url).is_dir() {
+        return Some(format!("no repository at {url} (create it with proxy repo init)"));
+    }
+    // Opening an existing local repository only reads it.
+    let key = match key_file.map(RepoKey::from_file).transpose() {
+        Ok(k) => k,
+        Err(e) => return Some(format!("key_file: {e}")),
+    };
+    let location = Location { url: url.to_owned(), s3: S3Config::default(), key };
+    Repo::open_at(&location).err().map(|e| e.to_string())
+}
+
 /// What is wrong with a job's target, looked at without creating or contacting anything.
 fn target_problem(job: &JobConfig) -> Option<String> {
-    if let Some(url) = &job.repository {
-        if url.starts_with("s3://") {
-            // Opening it would contact the bucket; serve reports it at the first run.
-            return None;
-        }
-        if url.contains("://") {
-            return Some(format!("{url}: repositories are a local path or s3://"));
-        }
-        let path = Path::new(url);
-        if !path.is_dir() {
-            return Some(format!("no repository at {url} (create it with proxy repo init)"));
-        }
-        // Opening an existing local repository only reads it.
-        let key = match job.key_file.as_deref().map(RepoKey::from_file).transpose() {
-            Ok(k) => k,
-            Err(e) => return Some(format!("key_file: {e}")),
-        };
-        let location = Location { url: url.clone(), s3: S3Config::default(), key };
-        return Repo::open_at(&location).err().map(|e| e.to_string());
+    match &job.repository {
+        Some(url) => repository_problem(url, job.key_file.as_deref()),
+        None => job.replica.as_deref().and_then(folder_problem),
     }
-    job.replica.as_deref().and_then(folder_problem)
+}
+
+/// When `schedule` next runs from now, as the listing says it.
+fn next_run(schedule: &str, now: SystemTime) -> String {
+    let next = Schedule::parse(schedule).map(|s| s.next_after(now, now)).unwrap_or(now);
+    humantime::format_rfc3339_seconds(next).to_string()
 }
 
 pub(crate) fn run(cmd: &ConfigCommand) -> ExitCode {
@@ -93,7 +105,6 @@ pub(crate) fn run(cmd: &ConfigCommand) -> ExitCode {
         if let Some(p) = target_problem(j) {
             problems.push(format!("[[job]] {:?}: its target cannot be used: {p}", j.name));
         }
-        let next = Schedule::parse(&j.schedule).map(|s| s.next_after(now, now)).unwrap_or(now);
         let what = match (&j.repository, &j.replica) {
             (Some(r), _) if r.starts_with("s3://") => format!("backs up to {r} (not contacted by this check)"),
             (Some(r), _) => format!("backs up to {r}"),
@@ -106,7 +117,21 @@ pub(crate) fn run(cmd: &ConfigCommand) -> ExitCode {
             j.name,
             j.vcenter,
             j.schedule,
-            humantime::format_rfc3339_seconds(next)
+            next_run(&j.schedule, now)
+        ));
+    }
+    for d in &config.drills {
+        if let Some(p) = repository_problem(&d.repository, d.key_file.as_deref()) {
+            problems.push(format!("[[drill]] {:?}: its repository cannot be used: {p}", d.name));
+        }
+        let from = if d.repository.starts_with("s3://") { " (not contacted by this check)" } else { "" };
+        let vms = if d.vms.is_empty() { "every VM".to_owned() } else { d.vms.join(", ") };
+        lines.push(format!(
+            "drill {}: boots the newest point of {vms} in {}{from}, {}; next run {}",
+            d.name,
+            d.repository,
+            d.schedule,
+            next_run(&d.schedule, now)
         ));
     }
     for w in secret_file_warnings(&config) {
@@ -121,6 +146,12 @@ pub(crate) fn run(cmd: &ConfigCommand) -> ExitCode {
     for l in lines {
         println!("{l}");
     }
-    println!("{}: usable ({} vCenter(s), {} job(s))", file.display(), config.vcenters.len(), config.jobs.len());
+    println!(
+        "{}: usable ({} vCenter(s), {} job(s), {} drill(s))",
+        file.display(),
+        config.vcenters.len(),
+        config.jobs.len(),
+        config.drills.len()
+    );
     ExitCode::SUCCESS
 }

@@ -4,6 +4,9 @@
 //! job beside it, and SIGTERM mid-copy: exit 0, no snapshot left, the history kept. Also the
 //! endpoint against hostile clients (garbage, idle and slow connections, descriptor
 //! exhaustion), a vCenter that never answers, and `config check` in one pass, side-effect free.
+//! Drill jobs: a simulated VM holding the BIOS boot-disk fixture, backed up, then drilled on
+//! request (passed and failed runs in the history, the metrics and the repository), and
+//! SIGTERM mid-drill leaving no QEMU and no work folder.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -247,8 +250,8 @@ impl Drop for Daemon {
 }
 
 impl Daemon {
-    /// Writes a configuration in `d` (a token, `[proxy]` with `extra` lines, and a vCenter at
-    /// `vcenter` with a job when given) and starts the daemon on it, under `wrapper` when given
+    /// Writes a configuration in `d` (a token, `[proxy]` with `extra` lines, which may go on
+    /// with tables such as `[[drill]]`, and a vCenter at `vcenter` with a job when given) and starts the daemon on it, under `wrapper` when given
     /// (`prlimit --nofile=...`).
     fn start(d: &std::path::Path, extra: &str, vcenter: Option<&str>, wrapper: &[&str]) -> Self {
         std::fs::write(d.join("token"), format!("{TOKEN}\n")).unwrap();
@@ -575,4 +578,203 @@ replica = "{d}/new-replicas"
     assert!(!err.contains(&d.join("pw").display().to_string()), "no warning for a private file: {err}");
     assert!(!err.contains(TOKEN), "{err}");
     assert!(!d.join("replicas").exists() && !d.join("state").exists(), "config check created a folder");
+}
+
+/// A repository holding one restore point of a simulated VM ("bios") whose disk is the BIOS
+/// boot-disk fixture, backed up with `proxy backup`; `None` (skipped loudly, failed under
+/// CI) when QEMU or the fixture's packages are missing.
+async fn bootable_point(d: &std::path::Path, test: &str) -> Option<(testkit::bootdisk::BootDisk, repo::Manifest)> {
+    use testkit::bootdisk::{self, Variant};
+    testkit::require_tool("qemu-system-x86_64", test)?;
+    testkit::require_tool("qemu-img", test)?;
+    let disk = bootdisk::require(Variant::Bios, test)?;
+    vsphere::tls::install_crypto_provider();
+    let toml = format!(
+        "user = \"backup@vsphere.local\"\npassword = \"pw\"\n[[datacenter]]\nname = \"DC1\"\n\
+         [[datacenter.host]]\nname = \"esx1\"\n[[datacenter.datastore]]\nname = \"ds1\"\n\
+         [[datacenter.vm]]\nname = \"bios\"\ncbt = true\ncontroller = \"sata\"\nvmx_extra = '''\n{}'''\n\
+         [[datacenter.vm.disk]]\nimage = \"{}\"\n",
+        bootdisk::vmx_hardware(Variant::Bios),
+        disk.path.display()
+    );
+    let sim = Sim::start(Config::from_toml(&toml).unwrap(), &d.join("sim"), SimTls::SelfSigned).await.unwrap();
+    let thumbprint = Thumbprint::sha256_of(sim.certificate().unwrap()).to_string();
+    Repo::init(d.join("repo"), 1 << 20).unwrap();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_proxy"));
+    c.args(["backup", "--url", &sim.url(), "--user", "backup@vsphere.local", "--thumbprint", &thumbprint])
+        .arg(d.join("repo"))
+        .arg("bios")
+        .env("SYNCPROXY_PASSWORD", "pw");
+    let out = tokio::task::spawn_blocking(move || c.output().unwrap()).await.unwrap();
+    assert!(
+        out.status.success(),
+        "backup: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let point = Repo::open(d.join("repo")).unwrap().points().unwrap().pop().unwrap();
+    assert!(point.files.iter().any(|f| f.name.ends_with(".vmx")), "the .vmx was captured: {point:?}");
+    Some((disk, point))
+}
+
+/// A `[[drill]]` of the repository in `d`, far from its next scheduled run.
+fn drill_section(d: &std::path::Path, name: &str, expect: &str, timeout: &str) -> String {
+    format!(
+        "\n[[drill]]\nname = \"{name}\"\nrepository = \"{}\"\nschedule = \"every 24h\"\nvms = [\"bios\"]\n\
+         timeout = \"{timeout}\"\nexpect = [\"{expect}\"]\n",
+        d.join("repo").display()
+    )
+}
+
+/// The daemon's history, once a run of `job` is in it (polled for up to `limit`).
+async fn run_of(addr: &str, job: &str, limit: Duration) -> serde_json::Value {
+    let t = std::time::Instant::now();
+    while t.elapsed() < limit {
+        let (code, body) = http(addr, "GET", "/history", Some(TOKEN));
+        assert_eq!(code, 200, "{body}");
+        let history: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if let Some(run) = history.as_array().unwrap().iter().find(|r| r["job"] == job) {
+            return run.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("no run of {job} in the history after {limit:?}");
+}
+
+/// The QEMU processes whose arguments name `dir`.
+fn qemus_under(dir: &std::path::Path) -> String {
+    let ps = Command::new("pgrep").args(["-a", "-f", &format!("qemu-system.*{}", dir.display())]).output().unwrap();
+    String::from_utf8_lossy(&ps.stdout).into_owned()
+}
+
+/// What is left in the daemon's drill work folder.
+fn drill_leftovers(d: &std::path::Path) -> Vec<std::ffi::OsString> {
+    std::fs::read_dir(d.join("state/drills")).unwrap().map(|e| e.unwrap().file_name()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_jobs_boot_the_newest_point_and_report_in_history_metrics_and_the_repository() {
+    let test = "drill_jobs_boot_the_newest_point_and_report_in_history_metrics_and_the_repository";
+    // A state folder with a long path, as an operator may choose: the drill's sockets under it
+    // must still fit a Unix socket's 108 bytes.
+    let dir = tempfile::Builder::new().prefix("a-state-folder-named-at-some-length-").tempdir().unwrap();
+    let d = dir.path();
+    let Some((disk, point)) = bootable_point(d, test).await else { return };
+    let extra = format!(
+        "{}{}",
+        drill_section(d, "weekly", &disk.marker, "5m"),
+        drill_section(d, "never", "a line this guest never prints", "20s")
+    );
+    let daemon = Daemon::start(d, &extra, None, &[]);
+    let addr = daemon.addr.clone();
+
+    // config check opens the drilled repository and lists each drill; a missing one is named.
+    let cfg = d.join("proxy.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_proxy")).args(["config", "check"]).arg(&cfg).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("drill weekly: boots the newest point of bios in") && text.contains("2 drill(s)"), "{text}");
+    let bad = d.join("bad.toml");
+    let config = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&bad, config.replacen(&d.join("repo").display().to_string(), "/nonexistent/repo", 1)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_proxy")).args(["config", "check"]).arg(&bad).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("[[drill]] \"weekly\"") && err.contains("no repository at /nonexistent/repo"), "{err}");
+
+    // The drill that passes: its run in the history, the VM's entry with its boot time.
+    let (code, body) = http(&addr, "POST", "/jobs/weekly/run", Some(TOKEN));
+    assert_eq!(code, 202, "{body}");
+    let run = run_of(&addr, "weekly", Duration::from_secs(360)).await;
+    assert_eq!(run["kind"], "drill", "{run}");
+    assert_eq!(run["outcome"], "succeeded", "{run}\n{}", daemon.log());
+    let drills = run["drills"].as_array().unwrap();
+    assert_eq!(drills.len(), 1, "{run}");
+    assert_eq!(drills[0]["vm"], "bios");
+    assert_eq!(drills[0]["point"], point.id.as_str(), "the newest point: {run}");
+    assert_eq!(drills[0]["passed"], true, "{run}");
+    assert!(drills[0]["boot_seconds"].as_f64().is_some_and(|s| s > 0.0), "{run}");
+    let s = status(&addr);
+    let weekly = s["jobs"].as_array().unwrap().iter().find(|j| j["name"] == "weekly").unwrap().clone();
+    assert_eq!(weekly["running"], false, "{s}");
+    assert_eq!(weekly["last"]["outcome"], "succeeded", "{s}");
+    assert!(weekly["next_run"].is_string(), "{s}");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let (_, metrics) = http(&addr, "GET", "/metrics", Some(TOKEN));
+    assert!(metrics.contains("syncproxy_drill_last_passed{job=\"weekly\",vm=\"bios\"} 1"), "{metrics}");
+    assert!(metrics.contains("syncproxy_job_last_succeeded{job=\"weekly\"} 1"), "{metrics}");
+    let at: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("syncproxy_drill_last_success_timestamp_seconds{job=\"weekly\",vm=\"bios\"} "))
+        .unwrap_or_else(|| panic!("a last-success timestamp in\n{metrics}"))
+        .parse()
+        .unwrap();
+    assert!(now.abs_diff(at) < 600, "the last success is now ({now}), not {at}");
+    // The report is kept beside the point, and listed.
+    let kept = Repo::open(d.join("repo")).unwrap().drill_reports(&point.id).unwrap();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(kept[0].passed && kept[0].boot_seconds.is_some(), "{kept:?}");
+    assert_eq!(drills[0]["report"], kept[0].stored_html.as_str(), "{run}");
+    let out = Command::new(env!("CARGO_BIN_EXE_proxy")).args(["repo", "list"]).arg(d.join("repo")).output().unwrap();
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && list.contains("drill "), "{list}");
+    assert!(drill_leftovers(d).is_empty(), "work folders left: {:?}", drill_leftovers(d));
+    assert!(qemus_under(&d.join("state")).is_empty(), "a QEMU still runs: {}", qemus_under(&d.join("state")));
+
+    // The drill whose text never appears: a failed job, and the daemon serves on.
+    assert_eq!(http(&addr, "POST", "/jobs/never/run", Some(TOKEN)).0, 202);
+    let run = run_of(&addr, "never", Duration::from_secs(120)).await;
+    assert_eq!(run["outcome"], "failed", "{run}");
+    assert_eq!(run["drills"][0]["passed"], false, "{run}");
+    // The guest powers off after its lines: the reason names the text it never printed.
+    let reason = run["drills"][0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("a line this guest never prints"), "the reason names the check: {run}");
+    let (code, metrics) = http(&addr, "GET", "/metrics", Some(TOKEN));
+    assert_eq!(code, 200, "still serving");
+    assert!(metrics.contains("syncproxy_drill_last_passed{job=\"never\",vm=\"bios\"} 0"), "{metrics}");
+    assert!(metrics.contains("syncproxy_job_last_succeeded{job=\"never\"} 0"), "{metrics}");
+    assert!(
+        !metrics.contains("syncproxy_drill_last_success_timestamp_seconds{job=\"never\""),
+        "no success to date: {metrics}"
+    );
+    assert!(metrics.contains("syncproxy_drill_last_passed{job=\"weekly\",vm=\"bios\"} 1"), "{metrics}");
+    let kept = Repo::open(d.join("repo")).unwrap().drill_reports(&point.id).unwrap();
+    assert_eq!(kept.iter().filter(|r| !r.passed).count(), 1, "the failure is kept too: {kept:?}");
+    assert!(drill_leftovers(d).is_empty(), "work folders left: {:?}", drill_leftovers(d));
+    assert!(qemus_under(&d.join("state")).is_empty(), "a QEMU still runs: {}", qemus_under(&d.join("state")));
+    let history = std::fs::read_to_string(d.join("state/history.jsonl")).unwrap();
+    assert_eq!(history.lines().count(), 2, "{history}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_drill_stops_the_daemon_its_vm_and_leaves_no_work_folder() {
+    let test = "sigterm_mid_drill_stops_the_daemon_its_vm_and_leaves_no_work_folder";
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let Some((_, point)) = bootable_point(d, test).await else { return };
+    let mut daemon = Daemon::start(d, &drill_section(d, "weekly", "a line this guest never prints", "5m"), None, &[]);
+    assert_eq!(http(&daemon.addr, "POST", "/jobs/weekly/run", Some(TOKEN)).0, 202);
+    let state = d.join("state");
+    let t = std::time::Instant::now();
+    while qemus_under(&state).is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(60), "no QEMU started: {}", daemon.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Mid-boot.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(Command::new("kill").args(["-TERM", &daemon.child.id().to_string()]).status().unwrap().success());
+    let t = std::time::Instant::now();
+    let exit = daemon.wait(Duration::from_secs(30)).expect("SIGTERM stops the daemon mid-drill within seconds");
+    assert_eq!(exit.code(), Some(0), "{}", daemon.log());
+    assert!(t.elapsed() < Duration::from_secs(20), "stopped promptly: {:?}", t.elapsed());
+    assert!(qemus_under(&state).is_empty(), "a QEMU of the drill still runs: {}", qemus_under(&state));
+    assert!(drill_leftovers(d).is_empty(), "work folders left: {:?}", drill_leftovers(d));
+    // The interrupted run is in the history, and not as a pass; no report was kept of it.
+    let history = std::fs::read_to_string(state.join("history.jsonl")).unwrap();
+    let run: serde_json::Value = serde_json::from_str(history.lines().last().unwrap()).unwrap();
+    assert_eq!(run["job"], "weekly", "{history}");
+    assert_eq!(run["outcome"], "failed", "{history}");
+    assert_eq!(run["drills"][0]["passed"], false, "{history}");
+    assert!(run["error"].as_str().is_some_and(|e| e.contains("stopped")), "said to be stopped: {history}");
+    assert!(Repo::open(d.join("repo")).unwrap().drill_reports(&point.id).unwrap().is_empty());
 }

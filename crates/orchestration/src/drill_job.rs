@@ -87,11 +87,9 @@ pub async fn run_drill(
     std::fs::write(&owner, process_identity(std::process::id()).unwrap_or_default())
         .map_err(|e| OrchError::Refused(format!("cannot write {}: {e}", owner.display())))?;
     let socket = work.path().join("nbd.sock");
-    // A Unix socket's path holds at most 107 bytes; QEMU's sockets go one folder deeper.
-    if socket.as_os_str().len() > 90 {
+    if socket.as_os_str().len() > MAX_SOCKET_PATH {
         return Err(OrchError::Refused(format!(
-            "the drill's work folder {} is too long for the Unix sockets it needs (at most about 80 \
-             characters): point TMPDIR at a shorter folder",
+            "the drill's work folder {} is too long a path for a Unix socket: use a shorter one",
             work.path().display()
         )));
     }
@@ -238,10 +236,13 @@ fn sweep_stale(root: &std::path::Path) {
     }
 }
 
+/// The longest Unix socket path (`sun_path` holds 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// A work folder under `root`, its name short (no point ID in it): the sockets in it must fit
+/// a Unix socket's path under a root of some length (`serve`'s state folder).
 fn tempfile_dir(root: &std::path::Path) -> Result<tempfile::TempDir, OrchError> {
     tempfile::Builder::new()
-        // The point's ID is in the owner file and the report: the name stays short, for the
-        // sockets inside.
         .prefix(WORK_PREFIX)
         .tempdir_in(root)
         .map_err(|e| OrchError::Refused(format!("cannot make a work folder under {}: {e}", root.display())))
