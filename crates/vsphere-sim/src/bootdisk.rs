@@ -1,6 +1,8 @@
 //! Small bootable raw disks for drill tests, built from Debian packages: a Debian kernel and a
 //! busybox initramfs whose `/init` loads the disk controller's drivers, prints a marker on the
-//! serial console, hashes a payload region of its own disk, prints the hash and powers off.
+//! serial console, hashes a payload region of its own disk, prints the hash and powers off; a VM
+//! with an e1000 NIC first brings it up on QEMU's user-mode network, serves a page on port 80,
+//! tries to reach the host, says whether it could, and stays up a while for network checks.
 //! Built once per content and kept under `${XDG_CACHE_HOME:-~/.cache}/syncproxy-fixtures`.
 
 use std::fmt::Write as _;
@@ -23,7 +25,14 @@ const PART_END: u64 = 48 * MIB;
 pub const PAYLOAD_OFFSET: u64 = 48 * MIB;
 /// How long the payload is, in bytes.
 pub const PAYLOAD_LEN: u64 = 8 * MIB;
-/// Bumped whenever the layout or the init script changes, so cached disks are rebuilt.
+/// Where a test may write a TCP port (ASCII digits, then a newline): a guest with a network
+/// tries to reach that port on QEMU's user-mode host address ([`NET_GATEWAY`]) and prints
+/// [`NET_ESCAPED`] when it connects, else [`NET_CONTAINED`]. Past the payload, so the hash the
+/// guest prints does not change.
+pub const PROBE_OFFSET: u64 = PAYLOAD_OFFSET + PAYLOAD_LEN;
+const _: () = assert!(PROBE_OFFSET + 512 <= DISK_SIZE);
+/// Bumped whenever the layout changes, so cached disks are rebuilt (the init script and the
+/// module lists are part of the cache key by content).
 const BUILD_REVISION: &str = "bootdisk-1";
 
 /// Which firmware and boot controller a disk is made for.
@@ -85,11 +94,12 @@ impl Variant {
         }
     }
 
-    /// The kernel modules the guest loads (their dependencies come along).
+    /// The kernel modules the guest loads (their dependencies come along): the controller's and
+    /// the NIC's.
     fn modules(self) -> &'static [&'static str] {
         match self.controller() {
-            Controller::Sata => &["ahci", "sd_mod"],
-            Controller::Pvscsi => &["vmw_pvscsi", "sd_mod"],
+            Controller::Sata => &["ahci", "sd_mod", "e1000"],
+            Controller::Pvscsi => &["vmw_pvscsi", "sd_mod", "e1000"],
         }
     }
 }
@@ -125,6 +135,17 @@ impl BootDisk {
 pub const PAYLOAD_PREFIX: &str = "SYNCPROXY-PAYLOAD-SHA256";
 /// What the guest prints before the variant's name once it is up.
 pub const MARKER_PREFIX: &str = "SYNCPROXY-BOOT-OK";
+/// What a guest with a NIC prints once its address is set and its web server (port 80, a page
+/// holding its boot marker) runs; it then stays up two minutes before powering off.
+pub const NET_UP: &str = "SYNCPROXY-NET-UP";
+/// What a guest prints when it reached the port written at [`PROBE_OFFSET`] on the host.
+pub const NET_ESCAPED: &str = "SYNCPROXY-NET-ESCAPED";
+/// What a guest prints when it could not reach that port.
+pub const NET_CONTAINED: &str = "SYNCPROXY-NET-CONTAINED";
+/// The guest's static address on QEMU's user-mode network, with its prefix length.
+pub const NET_ADDRESS: &str = "10.0.2.15/24";
+/// QEMU's user-mode gateway, which stands for the host.
+pub const NET_GATEWAY: &str = "10.0.2.2";
 
 /// Why a disk could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +230,8 @@ pub fn build(variant: Variant) -> Result<BootDisk, BuildError> {
     let mut key = Sha256::new();
     key.update(BUILD_REVISION.as_bytes());
     key.update(variant.name().as_bytes());
+    key.update(init_script(variant, &[]).as_bytes());
+    key.update(variant.modules().join(",").as_bytes());
     key.update(deb.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
     key.update(&busybox);
     key.update(&mbr);
@@ -386,12 +409,13 @@ struct Kernel {
     modules: PathBuf,
 }
 
-/// The module folders extracted from the package: enough for the SATA, SCSI and SAS drivers
-/// and everything they depend on.
-const MODULE_DIRS: [&str; 6] = [
+/// The module folders extracted from the package: enough for the SATA, SCSI and SAS drivers,
+/// the e1000 NIC's, and everything they depend on.
+const MODULE_DIRS: [&str; 7] = [
     "kernel/drivers/scsi",
     "kernel/drivers/ata",
     "kernel/drivers/message",
+    "kernel/drivers/net/ethernet/intel/e1000",
     "kernel/block",
     "kernel/lib",
     "kernel/crypto",
@@ -399,7 +423,10 @@ const MODULE_DIRS: [&str; 6] = [
 
 fn extract_kernel(cache: &Path, deb: &Path) -> Result<Kernel, BuildError> {
     let stem = deb.file_stem().and_then(|s| s.to_str()).unwrap_or("kernel");
-    let dir = cache.join(format!("{stem}.extracted"));
+    // Named by the folders it holds: a build that needs others extracts afresh, beside the
+    // folders older builds (still) use.
+    let dirs = hex(&Sha256::digest(MODULE_DIRS.join(",").as_bytes())[..4]);
+    let dir = cache.join(format!("{stem}.{dirs}.extracted"));
     if !dir.is_dir() {
         tool("dpkg-deb", "dpkg")?;
         let tmp = unique(cache, "extract");
@@ -495,7 +522,8 @@ fn load_order(
     Ok(out)
 }
 
-/// The guest's `/init`.
+/// The guest's `/init`: the drivers, the marker, the payload's hash; with a NIC, the network
+/// (see [`NET_UP`], [`PROBE_OFFSET`]); then power-off.
 fn init_script(variant: Variant, modules: &[(String, PathBuf)]) -> String {
     let loads: String = modules.iter().map(|(name, _)| format!("insmod /lib/modules/{name}.ko\n")).collect();
     format!(
@@ -513,11 +541,34 @@ fi
 echo "{MARKER_PREFIX} {name}"
 sum=$(dd if=/dev/sda bs=1048576 skip={skip} count={count} 2>/dev/null | sha256sum)
 echo "{PAYLOAD_PREFIX} ${{sum%% *}}"
+if [ -e /sys/class/net/eth0 ]; then
+  ip link set lo up
+  ip addr add {NET_ADDRESS} dev eth0
+  ip link set eth0 up
+  ip route add default via {NET_GATEWAY}
+  i=0
+  while [ "$(cat /sys/class/net/eth0/carrier 2>/dev/null)" != 1 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+  mkdir -p /www
+  echo "{MARKER_PREFIX} {name}" > /www/index.html
+  httpd -p 80 -h /www
+  port=$(dd if=/dev/sda bs=512 skip={probe} count=1 2>/dev/null | head -n 1 | tr -cd 0-9)
+  if [ -n "$port" ]; then
+    # Bounded by `timeout`: busybox 1.35's `wget -T` crashes.
+    if timeout 10 wget -q -O /dev/null "http://{NET_GATEWAY}:$port/"; then
+      echo "{NET_ESCAPED}"
+    else
+      echo "{NET_CONTAINED}"
+    fi
+  fi
+  echo "{NET_UP}"
+  sleep 120
+fi
 poweroff -f
 "#,
         name = variant.name(),
         skip = PAYLOAD_OFFSET / MIB,
         count = PAYLOAD_LEN / MIB,
+        probe = PROBE_OFFSET / 512,
     )
 }
 
