@@ -14,6 +14,7 @@ mod endpoints;
 mod export_cmd;
 mod progress_view;
 mod repo_cmd;
+mod restore_cmd;
 mod serve;
 mod serve_drill;
 mod server_args;
@@ -80,6 +81,12 @@ enum Command {
     /// checks run (a login prompt by default), a screenshot taken, and the report kept beside
     /// the point. Exit code 0: every check passed; 2: a check failed; 1: no drill was possible.
     Drill(drill_cmd::Args),
+    /// Put a restore point back into vSphere as a new VM: each disk uploaded over HTTPS as a
+    /// sparse VMDK and converted on the datastore, the VM created from the captured `.vmx`
+    /// (new UUID and MACs, NICs disconnected unless asked), the disks read back and compared,
+    /// and only then given its name. Nothing existing is overwritten; a failed or killed
+    /// restore leaves nothing once the next restore has swept. Exit 0 restored, 1 not.
+    Restore(restore_cmd::Args),
 }
 
 /// Runs a command's future on a multi-threaded runtime; an error is printed as
@@ -115,5 +122,6 @@ fn main() -> ExitCode {
         Command::Repo { command } => repo_cmd::run(command),
         Command::Export(args) => export_cmd::run(&args),
         Command::Drill(args) => drill_cmd::run(&args),
+        Command::Restore(args) => restore_cmd::run(&args),
     }
 }

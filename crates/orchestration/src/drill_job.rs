@@ -203,7 +203,7 @@ const OWNER: &str = "owner";
 
 /// A process as `/proc` knows it: its ID and start time (in clock ticks since boot), which
 /// together tell it from a later process that reuses the ID.
-fn process_identity(pid: u32) -> Option<String> {
+pub(crate) fn process_identity(pid: u32) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name is in parentheses and may hold spaces: the fields follow the last `)`.
     let after = &stat[stat.rfind(')')? + 1..];

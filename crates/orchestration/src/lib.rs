@@ -28,6 +28,8 @@ pub mod metrics;
 mod plan;
 pub mod preflight;
 pub mod proxy_host;
+pub mod restore_job;
+pub mod restore_plan;
 mod read;
 mod report;
 mod snapshot;
@@ -45,7 +47,7 @@ pub use lifecycle::{Buffers, Job, JobEvent, JobRun, JobSpec, Login, vm_result};
 pub use limits::Limits;
 pub use metrics::{Metrics, MetricsSnapshot};
 pub use plan::{DiskPlanReport, VmPlan, plan_vm};
-pub use report::{DiskReport, VmReport};
+pub use report::{DiskReport, VmReport, human_bytes};
 pub use support::vm_key;
 pub use target::{ReplicaTarget, Target};
 

@@ -1,0 +1,633 @@
+//! A restore point put back into vSphere as a new VM: each disk uploaded as a hosted sparse
+//! VMDK through the datastore's `/folder` interface and converted on the datastore, the VM
+//! created from the captured `.vmx` under a temporary name, the disks read back and compared
+//! with the point, and the rename to its real name as the commit. What a failed or killed
+//! restore made is removed at once, or by the next restore's sweep from its intent record.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use repo::{Manifest, PointReader, Repo};
+use serde::{Deserialize, Serialize};
+use vsphere::datastore::DatastoreFile;
+use vsphere::provision::{Placement, Provisioning};
+use vsphere::{Client, MoRef};
+
+use crate::OrchError;
+use crate::report::human_bytes;
+use crate::restore_plan::{NewVm, vm_spec};
+
+/// The prefix of a VM that a restore has not finished: it is ours, and incomplete.
+pub const TEMP_PREFIX: &str = "syncproxy-restoring-";
+
+/// How much of the restored disks is read back and compared with the restore point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verify {
+    /// The first and last MiB and a sample of the data (the default).
+    Sample,
+    /// Every byte.
+    Full,
+}
+
+/// Where and how to restore.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    /// The new VM's name.
+    pub name: String,
+    /// The datacenter (`None`: the only one).
+    pub datacenter: Option<String>,
+    /// A host for the VM.
+    pub host: Option<String>,
+    /// A cluster for the VM.
+    pub cluster: Option<String>,
+    /// A resource pool.
+    pub pool: Option<String>,
+    /// A VM folder, as an inventory path under the datacenter's VM folder.
+    pub folder: Option<String>,
+    /// The datastore of the VM and its disks (`None`: the only one).
+    pub datastore: Option<String>,
+    /// The disks' provisioning.
+    pub provisioning: Provisioning,
+    /// Source port group → target network name.
+    pub networks: Vec<(String, String)>,
+    /// Connect the NICs.
+    pub connect_nics: bool,
+    /// Keep UUIDs and MAC addresses.
+    pub keep_identity: bool,
+    /// Power the VM on once restored.
+    pub power_on: bool,
+    /// How much to read back.
+    pub verify: Verify,
+    /// Where intent records live (`restores/` under it).
+    pub state_dir: PathBuf,
+    /// The VM's configuration for a point with none captured.
+    pub vmx: Option<String>,
+}
+
+/// One restored disk.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoredDisk {
+    /// Its slot.
+    pub slot: String,
+    /// Its datastore path.
+    pub file: String,
+    /// Its size.
+    pub capacity: u64,
+    /// Bytes sent over HTTPS (the sparse file).
+    pub uploaded: u64,
+    /// Bytes of data in it.
+    pub data: u64,
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreOutcome {
+    /// The restore point.
+    pub point: String,
+    /// The VM, by moref value.
+    pub vm: String,
+    /// Its name.
+    pub name: String,
+    /// The data path, in words.
+    pub path: String,
+    /// The disks.
+    pub disks: Vec<RestoredDisk>,
+    /// Bytes read back and compared.
+    pub verified: u64,
+    /// Seconds spent uploading and converting.
+    pub upload_seconds: f64,
+    /// Whether it was powered on.
+    pub powered_on: bool,
+    /// Defaults taken, what was left out, and anything swept first.
+    pub notes: Vec<String>,
+}
+
+/// A step of a restore, for progress.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// What is being done.
+    pub step: String,
+    /// Bytes done of the step.
+    pub done: u64,
+    /// Bytes the step moves.
+    pub total: u64,
+}
+
+/// What a restore is about to do, kept until it is done so a later run can undo it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Intent {
+    id: String,
+    /// `pid start-time` of the process doing it.
+    owner: String,
+    server: String,
+    datacenter: String,
+    datacenter_name: String,
+    name: String,
+    temp_name: String,
+    folders: Vec<String>,
+    vm: Option<String>,
+    complete: bool,
+}
+
+fn intents_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("restores")
+}
+
+fn save(state_dir: &Path, intent: &Intent) -> Result<(), OrchError> {
+    let dir = intents_dir(state_dir);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| OrchError::Refused(format!("cannot make the restore state folder {}: {e}", dir.display())))?;
+    let data = serde_json::to_vec_pretty(intent)
+        .map_err(|e| OrchError::Refused(format!("a restore intent could not be encoded: {e}")))?;
+    durable::write_atomic(&dir.join(format!("{}.json", intent.id)), &data)?;
+    Ok(())
+}
+
+fn forget(state_dir: &Path, id: &str) {
+    let path = intents_dir(state_dir).join(format!("{id}.json"));
+    if let Err(e) = std::fs::remove_file(&path) {
+        tracing::warn!("cannot remove the restore record {}: {e}", path.display());
+    }
+}
+
+/// Removes what dead restores against `client`'s server left: VMs still under their temporary
+/// name and the folders they made. Returns what it did, in words. A record whose process still
+/// runs is left alone.
+pub async fn sweep(client: &Client, state_dir: &Path) -> Result<Vec<String>, OrchError> {
+    let dir = intents_dir(state_dir);
+    let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(Vec::new()) };
+    let server = client.endpoint().to_string();
+    let mut done = Vec::new();
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let Ok(data) = std::fs::read(&path) else { continue };
+        let Ok(intent) = serde_json::from_slice::<Intent>(&data) else {
+            done.push(format!("{} is not a restore record: left alone", path.display()));
+            continue;
+        };
+        if intent.server != server || owner_alive(&intent.owner) {
+            continue;
+        }
+        undo(client, &intent, &mut done).await?;
+        forget(state_dir, &intent.id);
+    }
+    Ok(done)
+}
+
+fn owner_alive(owner: &str) -> bool {
+    owner
+        .split_whitespace()
+        .next()
+        .and_then(|pid| pid.parse::<u32>().ok())
+        .and_then(crate::drill_job::process_identity)
+        .is_some_and(|now| now == owner.trim())
+}
+
+/// Undoes an unfinished restore: its VM destroyed (only while it has its temporary name), its
+/// folders deleted. A finished one is only forgotten.
+async fn undo(client: &Client, intent: &Intent, done: &mut Vec<String>) -> Result<(), OrchError> {
+    let datacenter = MoRef::new("Datacenter", &intent.datacenter);
+    let vm = match &intent.vm {
+        Some(v) => Some(MoRef::new("VirtualMachine", v)),
+        None => find_vm_named(client, &intent.temp_name).await?,
+    };
+    if let Some(vm) = &vm {
+        match client.hardware(vm).await {
+            Ok(hw) if hw.name == intent.name && intent.vm.is_some() => {
+                done.push(format!("restore {} had finished: VM {} kept", intent.id, intent.name));
+                return Ok(());
+            }
+            Ok(hw) if hw.name == intent.temp_name => {
+                let _ = client.power_off(vm).await;
+                client.destroy(vm).await?;
+                done.push(format!("removed VM {} ({vm}), left by an unfinished restore", intent.temp_name));
+            }
+            Ok(hw) => {
+                done.push(format!(
+                    "restore {}: VM {vm} is now named {:?}, not ours to remove: left alone",
+                    intent.id, hw.name
+                ));
+                return Ok(());
+            }
+            // Gone already (destroyed before the record was forgotten).
+            Err(_) => {}
+        }
+    }
+    if intent.complete {
+        return Ok(());
+    }
+    for folder in &intent.folders {
+        match client.delete_datastore_file(folder, &datacenter).await {
+            Ok(()) => done.push(format!("removed {folder}, left by an unfinished restore")),
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn is_not_found(e: &vsphere::Error) -> bool {
+    let text = e.to_string();
+    text.contains("FileNotFound") || text.contains("not found") || text.contains("404")
+}
+
+async fn find_vm_named(client: &Client, name: &str) -> Result<Option<MoRef>, OrchError> {
+    Ok(client.vms().await?.into_iter().find(|v| v.name == name).map(|v| v.moref))
+}
+
+/// A short random ID for a restore's records and temporary names.
+fn new_id() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let mixed = (nanos as u64 ^ u64::from(std::process::id()).rotate_left(32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    format!("{:08x}", mixed >> 32)
+}
+
+/// Restores point `point` of `repo` as a new VM through `client`. On any error and on cancel,
+/// what it made is removed before it returns; if the process dies instead, the next restore's
+/// [`sweep`] removes it.
+pub async fn restore_new_vm(
+    client: &Client,
+    repo: &Repo,
+    point: &str,
+    options: &RestoreOptions,
+    progress: &(dyn Fn(Progress) + Sync),
+    cancel: &AtomicBool,
+) -> Result<RestoreOutcome, OrchError> {
+    let manifest = repo.point(point)?;
+    let vmx = match &options.vmx {
+        Some(text) => text.clone(),
+        None => {
+            let f = manifest.files.iter().find(|f| f.name.ends_with(".vmx")).ok_or_else(|| {
+                OrchError::Refused(format!(
+                    "restore point {} has no captured .vmx: a new VM needs its configuration (give one with --vmx)",
+                    manifest.id
+                ))
+            })?;
+            String::from_utf8_lossy(&repo.file(&manifest, &f.name)?).into_owned()
+        }
+    };
+    let mut notes = sweep(client, &options.state_dir).await?;
+
+    let placement = client
+        .placement(
+            options.datacenter.as_deref(),
+            options.host.as_deref(),
+            options.cluster.as_deref(),
+            options.pool.as_deref(),
+            options.folder.as_deref(),
+        )
+        .await?;
+    let datastore = pick_datastore(client, options.datastore.as_deref(), &manifest).await?;
+    let networks = map_networks(client, &placement, &options.networks).await?;
+    if find_vm_named(client, &options.name).await?.is_some() {
+        return Err(OrchError::Refused(format!(
+            "a VM named {:?} exists already: nothing is overwritten (choose another --name)",
+            options.name
+        )));
+    }
+    let folder = format!("[{datastore}] {}", options.name);
+    let reader = client.datastore_reader()?;
+    if exists(&reader, &placement.datacenter_name, &folder).await? {
+        return Err(OrchError::Refused(format!(
+            "{folder} exists already on the datastore: nothing is overwritten (choose another --name, or remove it)"
+        )));
+    }
+
+    let id = new_id();
+    let mut intent = Intent {
+        id: id.clone(),
+        owner: crate::drill_job::process_identity(std::process::id()).unwrap_or_default(),
+        server: client.endpoint().to_string(),
+        datacenter: placement.datacenter.value.clone(),
+        datacenter_name: placement.datacenter_name.clone(),
+        name: options.name.clone(),
+        temp_name: format!("{TEMP_PREFIX}{id}-{}", options.name),
+        folders: vec![folder.clone()],
+        vm: None,
+        complete: false,
+    };
+    save(&options.state_dir, &intent)?;
+    let ran = restore_steps(
+        client,
+        repo,
+        &manifest,
+        &vmx,
+        options,
+        &placement,
+        &datastore,
+        networks,
+        &mut intent,
+        progress,
+        cancel,
+    )
+    .await;
+    match ran {
+        Ok(mut outcome) => {
+            forget(&options.state_dir, &id);
+            notes.append(&mut outcome.notes);
+            outcome.notes = notes;
+            Ok(outcome)
+        }
+        Err(e) => {
+            let mut undone = Vec::new();
+            match undo(client, &intent, &mut undone).await {
+                Ok(()) => forget(&options.state_dir, &id),
+                Err(u) => tracing::warn!("restore {id} could not be undone now ({u}); the next restore sweeps it"),
+            }
+            for line in undone {
+                tracing::info!("{line}");
+            }
+            Err(e)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn restore_steps(
+    client: &Client,
+    repo: &Repo,
+    manifest: &Manifest,
+    vmx: &str,
+    options: &RestoreOptions,
+    placement: &Placement,
+    datastore: &str,
+    networks: Vec<(String, (String, MoRef))>,
+    intent: &mut Intent,
+    progress: &(dyn Fn(Progress) + Sync),
+    cancel: &AtomicBool,
+) -> Result<RestoreOutcome, OrchError> {
+    let check = || {
+        if cancel.load(Ordering::Relaxed) {
+            Err(OrchError::Refused("the restore was cancelled".into()))
+        } else {
+            Ok(())
+        }
+    };
+    let name = &options.name;
+    let folder = format!("[{datastore}] {name}");
+    client.make_directory(&folder, &placement.datacenter).await?;
+    let writer = client.datastore_writer()?;
+    let started = Instant::now();
+    let mut disks = Vec::new();
+    for (n, d) in manifest.disks.iter().enumerate() {
+        check()?;
+        let reader = repo.reader(&manifest.id, n)?;
+        let data = allocation(&reader).await?;
+        let layout = vmdk::SparseLayout::new(d.capacity, &data)?;
+        let upload = format!("{folder}/{name}-upload-{n}.vmdk");
+        let file = if n == 0 { format!("{folder}/{name}.vmdk") } else { format!("{folder}/{name}_{n}.vmdk") };
+        let step = format!("disk {} ({}): upload", d.name, human_bytes(d.capacity));
+        let body = sparse_body(reader.clone(), layout.clone(), step.clone(), progress);
+        let target = DatastoreFile::from_ds_path(&placement.datacenter_name, &upload)?;
+        writer.put(&target, layout.len(), body).await?;
+        check()?;
+        progress(Progress { step: format!("disk {}: converting on the datastore", d.name), done: 0, total: 0 });
+        client.copy_virtual_disk(&upload, &file, &placement.datacenter, options.provisioning, Some(cancel)).await?;
+        client.delete_datastore_file(&upload, &placement.datacenter).await?;
+        disks.push(RestoredDisk {
+            slot: d.name.clone(),
+            file,
+            capacity: d.capacity,
+            uploaded: layout.len(),
+            data: layout.data_bytes(),
+        });
+    }
+    let upload_seconds = started.elapsed().as_secs_f64();
+    check()?;
+
+    let new = NewVm {
+        name: intent.temp_name.clone(),
+        vmx_path: format!("{folder}/{name}.vmx"),
+        disks: disks.iter().map(|d| (d.slot.clone(), d.capacity, d.file.clone())).collect(),
+        networks,
+        connect_nics: options.connect_nics,
+        keep_identity: options.keep_identity,
+    };
+    let (spec, notes) = vm_spec(vmx, &new)?;
+    let vm = client.create_vm(placement, &spec).await?;
+    intent.vm = Some(vm.value.clone());
+    save(&options.state_dir, intent)?;
+
+    let mut verified = 0;
+    for (n, d) in disks.iter().enumerate() {
+        check()?;
+        let point = repo.reader(&manifest.id, n)?;
+        verified += verify_disk(client, &placement.datacenter_name, d, &point, options.verify, progress).await?;
+    }
+    check()?;
+
+    // The commit: from here the VM is the restore's result, not its leftover.
+    client.rename(&vm, name).await?;
+    intent.complete = true;
+    save(&options.state_dir, intent)?;
+    let mut notes = notes;
+    let powered_on = if options.power_on {
+        match client.power_on(&vm).await {
+            Ok(()) => true,
+            Err(e) => {
+                notes.push(format!("the VM was restored but did not power on: {e}"));
+                false
+            }
+        }
+    } else {
+        false
+    };
+    Ok(RestoreOutcome {
+        point: manifest.id.clone(),
+        vm: vm.value.clone(),
+        name: name.clone(),
+        path: "datastore upload: a hosted sparse VMDK per disk over HTTPS (/folder PUT), converted on the datastore \
+               (CopyVirtualDisk)"
+            .into(),
+        disks,
+        verified,
+        upload_seconds,
+        powered_on,
+        notes,
+    })
+}
+
+/// The data extents of a point's disk (zero chunks are holes).
+async fn allocation(reader: &PointReader) -> Result<cbt::ExtentSet, OrchError> {
+    let a = pipeline::BlockSource::allocation(reader).await?;
+    Ok(a.map(|a| a.data).unwrap_or_else(|| cbt::ExtentSet::from_ranges([(0, reader.size())])))
+}
+
+/// The bytes of a hosted sparse VMDK of `reader`'s disk, produced as they are sent.
+fn sparse_body(
+    reader: PointReader,
+    layout: vmdk::SparseLayout,
+    step: String,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> vsphere::datastore::Body {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let total = layout.len();
+    progress(Progress { step: step.clone(), done: 0, total });
+    tokio::task::spawn_blocking(move || {
+        let send = |b: Result<Bytes, std::io::Error>| tx.blocking_send(b).is_ok();
+        if !send(Ok(Bytes::from(layout.prefix()))) {
+            return;
+        }
+        // Grains come in disk order; neighbours are read together, up to 4 MiB at a time.
+        let mut pending: Option<(u64, u64)> = None;
+        let flush = |run: (u64, u64)| -> bool {
+            match reader.read(run.0, run.1) {
+                Ok(mut data) => {
+                    let want = usize::try_from(padded(run.1)).unwrap_or(usize::MAX);
+                    data.resize(want, 0);
+                    send(Ok(Bytes::from(data)))
+                }
+                Err(e) => {
+                    send(Err(std::io::Error::other(format!("reading the restore point at byte {}: {e}", run.0))));
+                    false
+                }
+            }
+        };
+        for (offset, len) in layout.grains() {
+            pending = match pending {
+                Some((start, l)) if start + padded(l) == offset && l + len <= 4 << 20 && l % vmdk::SparseLayout::GRAIN == 0 => {
+                    Some((start, l + len))
+                }
+                Some(run) => {
+                    if !flush(run) {
+                        return;
+                    }
+                    Some((offset, len))
+                }
+                None => Some((offset, len)),
+            };
+        }
+        if let Some(run) = pending {
+            flush(run);
+        }
+    });
+    vsphere::datastore::Body::from_receiver(rx)
+}
+
+/// A run's length in the file: whole grains.
+fn padded(len: u64) -> u64 {
+    len.div_ceil(vmdk::SparseLayout::GRAIN) * vmdk::SparseLayout::GRAIN
+}
+
+/// Reads the restored disk back and compares it with the point: a sample, or every byte.
+async fn verify_disk(
+    client: &Client,
+    datacenter_name: &str,
+    disk: &RestoredDisk,
+    point: &PointReader,
+    verify: Verify,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<u64, OrchError> {
+    let reader = client.datastore_reader()?;
+    let (restored, _) =
+        vsphere_io::open_frozen(reader, datacenter_name, &disk.file, disk.capacity, format!("restored {}", disk.file))
+            .await
+            .map_err(|e| OrchError::Refused(format!("cannot read back {}: {e}", disk.file)))?;
+    const PIECE: u64 = 1 << 20;
+    let cap = disk.capacity;
+    let mut offsets: Vec<u64> = match verify {
+        Verify::Full => (0..cap.div_ceil(PIECE)).map(|n| n * PIECE).collect(),
+        Verify::Sample => {
+            let data = allocation(point).await?;
+            let mut v = vec![0, cap.saturating_sub(PIECE) / PIECE * PIECE];
+            let extents: Vec<(u64, u64)> = data.iter().collect();
+            let mut x = cap ^ 0x9e37_79b9_7f4a_7c15;
+            for _ in 0..32.min(extents.len() * 4) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let (start, len) = extents[(x % extents.len() as u64) as usize];
+                v.push((start + x % len.max(1)) / PIECE * PIECE);
+            }
+            v.sort_unstable();
+            v.dedup();
+            v
+        }
+    };
+    offsets.retain(|o| *o < cap);
+    let total = offsets.len() as u64 * PIECE;
+    let step = format!("disk {}: verify", disk.slot);
+    let mut done = 0;
+    for offset in offsets {
+        let len = PIECE.min(cap - offset);
+        let mut buf = bytes::BytesMut::zeroed(usize::try_from(len).unwrap_or(0));
+        buf = restored.read_at(offset, buf).await?;
+        let want = point.read(offset, len)?;
+        if buf[..] != want[..] {
+            return Err(OrchError::Refused(format!(
+                "the restored {} differs from the restore point in the MiB at byte {offset}",
+                disk.file
+            )));
+        }
+        done += len;
+        progress(Progress { step: step.clone(), done, total });
+    }
+    Ok(done)
+}
+
+async fn exists(reader: &vsphere::datastore::DatastoreReader, dc: &str, ds_path: &str) -> Result<bool, OrchError> {
+    let file = DatastoreFile::from_ds_path(dc, ds_path)?;
+    match reader.size(&file).await {
+        Ok(_) => Ok(true),
+        Err(vsphere::Error::Http { status: Some(404), .. }) => Ok(false),
+        // A directory answers with a listing.
+        Err(vsphere::Error::Protocol(_)) => Ok(true),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn pick_datastore(client: &Client, wanted: Option<&str>, manifest: &Manifest) -> Result<String, OrchError> {
+    let all = client.datastores().await?;
+    let names: Vec<&str> = all.iter().map(|d| d.name.as_str()).collect();
+    let ds = match wanted {
+        Some(w) => all.iter().find(|d| d.name == w).ok_or_else(|| {
+            OrchError::Refused(format!("no datastore named {w:?}; there are: {}", names.join(", ")))
+        })?,
+        None if all.len() == 1 => &all[0],
+        None => {
+            return Err(OrchError::Refused(format!(
+                "several datastores: choose one with --datastore ({})",
+                names.join(", ")
+            )));
+        }
+    };
+    let need: u64 = manifest.disks.iter().map(|d| d.capacity).sum();
+    if let Some(free) = ds.free
+        && free < need / 8
+    {
+        return Err(OrchError::Refused(format!(
+            "datastore {} has {} free, too little for disks of {} (their data may need up to that)",
+            ds.name,
+            human_bytes(free),
+            human_bytes(need)
+        )));
+    }
+    Ok(ds.name.clone())
+}
+
+async fn map_networks(
+    client: &Client,
+    placement: &Placement,
+    mapping: &[(String, String)],
+) -> Result<Vec<(String, (String, MoRef))>, OrchError> {
+    if mapping.is_empty() {
+        return Ok(Vec::new());
+    }
+    let all = client.networks(&placement.datacenter).await?;
+    mapping
+        .iter()
+        .map(|(from, to)| {
+            let n = all.iter().find(|n| &n.name == to).ok_or_else(|| {
+                let names: Vec<&str> = all.iter().map(|n| n.name.as_str()).collect();
+                OrchError::Refused(format!("no network named {to:?} in the datacenter; there are: {}", names.join(", ")))
+            })?;
+            Ok((from.clone(), (n.name.clone(), n.moref.clone())))
+        })
+        .collect()
+}
+
