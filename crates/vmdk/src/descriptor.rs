@@ -297,6 +297,33 @@ pub(crate) fn decode_text<'a>(raw: &'a [u8], file: &str) -> Result<Cow<'a, str>>
     }
 }
 
+/// The controller an embedded descriptor we write names, which sets its BIOS geometry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Adapter {
+    /// IDE: 16 heads, at most 65535 cylinders (what our streamOptimized files say).
+    Ide,
+    /// LSI Logic SCSI: 255 heads, as VMware gives SCSI disks, cylinders unbounded.
+    LsiLogic,
+}
+
+/// The descriptor embedded in a hosted sparse file we write: one `SPARSE` extent of `sectors`
+/// named `extent_name`, no parent, and the geometry VMware tools expect for `adapter`.
+pub(crate) fn embedded_descriptor(create_type: &str, sectors: u64, extent_name: &str, adapter: Adapter) -> String {
+    // A content ID derived from the size and name: stable for the same input.
+    let seed = sectors.to_le_bytes().into_iter().chain(extent_name.bytes());
+    let cid = seed.fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    let (heads, cylinders, adapter) = match adapter {
+        Adapter::Ide => (16, (sectors / (16 * 63)).clamp(1, 65535), "ide"),
+        Adapter::LsiLogic => (255, (sectors / (255 * 63)).max(1), "lsilogic"),
+    };
+    format!(
+        "# Disk DescriptorFile\nversion=1\nCID={cid:08x}\nparentCID=ffffffff\ncreateType=\"{create_type}\"\n\n\
+         # Extent description\nRW {sectors} SPARSE \"{extent_name}\"\n\n\
+         # The Disk Data Base\n#DDB\n\nddb.virtualHWVersion = \"4\"\nddb.geometry.cylinders = \"{cylinders}\"\n\
+         ddb.geometry.heads = \"{heads}\"\nddb.geometry.sectors = \"63\"\nddb.adapterType = \"{adapter}\"\n"
+    )
+}
+
 /// The value of the `encoding` key, found in the raw bytes before they can be decoded.
 fn declared_encoding(raw: &[u8]) -> Option<String> {
     raw.split(|&b| b == b'\n').find_map(|line| {

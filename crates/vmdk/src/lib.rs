@@ -5,8 +5,10 @@
 //!   streamOptimized file, with its extents (FLAT, VMFS, SPARSE, ZERO, VMFSSPARSE, SESPARSE) and
 //!   its parent chain (CID-checked), read at any offset; [`Disk::allocation`] says where data is.
 //! - [`StreamReader`]: a streamOptimized file read front to back, as an export delivers it.
-//! - Writers: [`write_stream_optimized`], and COWD ([`cowd::write`]) and SEsparse
-//!   ([`sesparse::write`]) snapshot deltas, so chains can be built for tests and simulators.
+//! - Writers: [`write_stream_optimized`]; [`SparseLayout`], a monolithicSparse file whose size
+//!   is known before it is streamed (an upload with a `Content-Length`); and COWD
+//!   ([`cowd::write`]) and SEsparse ([`sesparse::write`]) snapshot deltas, so chains can be
+//!   built for tests and simulators.
 //! - [`export_raw`]: a disk's contents as a sparse raw image.
 //!
 //! All input is treated as hostile: every offset and size from a file is checked before use,
@@ -23,6 +25,7 @@ mod io;
 pub mod kdmv;
 pub mod sesparse;
 mod sparse_file;
+mod sparse_layout;
 mod stream;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
@@ -48,4 +51,5 @@ pub use export::{ExportStats, export_raw, export_raw_of};
 pub use io::ReadAt;
 pub use kdmv::{KdmvExtent, SparseHeader};
 pub use sparse_file::{SparseFile, SparseKind};
+pub use sparse_layout::SparseLayout;
 pub use stream::{StreamGrain, StreamReader, StreamStats, write_stream_optimized};

@@ -5,6 +5,7 @@ use std::io::{Read, Write};
 
 use cbt::ExtentSet;
 
+use crate::descriptor::{Adapter, embedded_descriptor};
 use crate::error::{Result, VmdkError};
 use crate::grains::inflate_capped;
 use crate::io::ReadAt;
@@ -162,9 +163,11 @@ pub struct StreamStats {
 }
 
 /// Sectors per grain in what we write (qemu's and VMware's default, 64 KiB).
-const GRAIN_SECTORS: u64 = 128;
-const GTES: u64 = 512;
-const DESCRIPTOR_SECTORS: u64 = 20;
+pub(crate) const GRAIN_SECTORS: u64 = 128;
+/// Entries per grain table in what we write (qemu's and VMware's).
+pub(crate) const GTES: u64 = 512;
+/// Sectors reserved for the embedded descriptor in what we write (qemu's 20).
+pub(crate) const DESCRIPTOR_SECTORS: u64 = 20;
 /// First grain sector: header, descriptor, padding to a grain.
 const OVERHEAD: u64 = 128;
 
@@ -203,7 +206,7 @@ pub fn write_stream_optimized(
         compress_algorithm: 1,
     };
     w.put(&header.to_bytes())?;
-    let descriptor = stream_descriptor(sectors, extent_name);
+    let descriptor = embedded_descriptor("streamOptimized", sectors, extent_name, Adapter::Ide);
     let mut desc = descriptor.into_bytes();
     if desc.len() as u64 > DESCRIPTOR_SECTORS * 512 {
         return Err(VmdkError::unsupported(name, "a descriptor longer than 20 sectors"));
@@ -274,20 +277,6 @@ fn marker(val: u64, kind: u32) -> [u8; 512] {
     m[..8].copy_from_slice(&val.to_le_bytes());
     m[12..16].copy_from_slice(&kind.to_le_bytes());
     m
-}
-
-/// The embedded descriptor of a stream we write, with the geometry VMware tools expect.
-fn stream_descriptor(sectors: u64, extent_name: &str) -> String {
-    // A content ID derived from the size and name: stable for the same input.
-    let seed = sectors.to_le_bytes().into_iter().chain(extent_name.bytes());
-    let cid = seed.fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
-    let cylinders = (sectors / (16 * 63)).clamp(1, 65535);
-    format!(
-        "# Disk DescriptorFile\nversion=1\nCID={cid:08x}\nparentCID=ffffffff\ncreateType=\"streamOptimized\"\n\n\
-         # Extent description\nRW {sectors} SPARSE \"{extent_name}\"\n\n\
-         # The Disk Data Base\n#DDB\n\nddb.virtualHWVersion = \"4\"\nddb.geometry.cylinders = \"{cylinders}\"\n\
-         ddb.geometry.heads = \"16\"\nddb.geometry.sectors = \"63\"\nddb.adapterType = \"ide\"\n"
-    )
 }
 
 /// Counts what is written, so sector numbers are known without seeking.

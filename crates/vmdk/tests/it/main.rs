@@ -5,6 +5,7 @@
 mod chains;
 mod hostile;
 mod qemu;
+mod sparse;
 mod stream;
 
 use std::path::{Path, PathBuf};
