@@ -1,14 +1,20 @@
-//! Datastore files over HTTPS (`/folder/<path>?dcPath=..&dsName=..`): `HEAD` for the size and
-//! ranged `GET`s, through vCenter with the session cookie or straight from the ESXi host with
+//! Datastore files over HTTPS (`/folder/<path>?dcPath=..&dsName=..`): `HEAD` for the size,
+//! ranged `GET`s and whole-file `PUT`s streamed from the caller's body, through vCenter with the session cookie or straight from the ESXi host with
 //! a generic service ticket, trusted by the host's own thumbprint. A `200` answer to a ranged
 //! request means the range was ignored, and is never taken as the range. A read is retried
-//! after a busy answer or a lost connection, all within the client's timeout.
+//! after a busy answer or a lost connection, all within the client's timeout; an upload is
+//! never retried (its body is consumed as it goes), and is bounded by progress, not by time.
 
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use futures_core::Stream;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, SizeHint};
 
 use crate::error::{Error, Retry};
 use crate::http::{Deadline, Endpoint, Http, Retries};
@@ -25,6 +31,24 @@ pub struct Ticket {
     pub host_name: Option<String>,
     /// The host's SHA-1 thumbprint, if the server said.
     pub ssl_thumbprint: Option<String>,
+}
+
+/// What a service ticket lets its holder do with the URL it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TicketMethod {
+    /// Read it (`httpGet`).
+    HttpGet,
+    /// Upload it (`httpPut`).
+    HttpPut,
+}
+
+impl TicketMethod {
+    fn wire(self) -> &'static str {
+        match self {
+            Self::HttpGet => "httpGet",
+            Self::HttpPut => "httpPut",
+        }
+    }
 }
 
 /// Where one datastore file is.
@@ -214,7 +238,7 @@ fn status_error(what: &str, status: u16) -> Error {
     let why = match status {
         404 => "no such file",
         416 => "the range lies beyond the end of the file",
-        401 | 403 => "not allowed (session, ticket or privilege Datastore.Browse)",
+        401 | 403 => "not allowed (session, ticket or privilege Datastore.Browse, or FileManagement to write)",
         503 => "the host is busy; try again with fewer requests at once",
         _ => "unexpected answer",
     };
@@ -231,9 +255,14 @@ impl Client {
 
     /// A ticket for one `httpGet` of `url` straight from the ESXi host holding it.
     pub async fn acquire_ticket(&self, url: &str) -> Result<Ticket, Error> {
+        self.acquire_ticket_for(url, TicketMethod::HttpGet).await
+    }
+
+    /// A ticket for one request of `method` on `url` straight to the ESXi host holding it.
+    pub async fn acquire_ticket_for(&self, url: &str, method: TicketMethod) -> Result<Ticket, Error> {
         let mut req = Request::new("AcquireGenericServiceTicket", &self.content().session_manager);
         req.open("spec", Some("SessionManagerHttpServiceRequestSpec"))
-            .text("method", "httpGet")
+            .text("method", method.wire())
             .text("url", url)
             .close("spec");
         let r = self.invoke(req).await?;
@@ -257,9 +286,161 @@ impl Client {
         ticket: &Ticket,
         timeout: Duration,
     ) -> Result<DatastoreReader, Error> {
-        let endpoint = Endpoint::parse(host)?;
-        let http = Http::new(endpoint, &Trust::Pinned(thumbprint.clone()), timeout, 64 << 20)?;
-        Ok(DatastoreReader { http: Arc::new(http), cookie: format!("vmware_cgi_ticket={}", ticket.id) })
+        let (http, cookie) = host_http(host, thumbprint, ticket, timeout)?;
+        Ok(DatastoreReader { http, cookie })
+    }
+
+    /// Datastore uploads (`/folder` PUT) through this server, with the session cookie.
+    pub fn datastore_writer(&self) -> Result<DatastoreWriter, Error> {
+        let cookie = self
+            .session_cookie()
+            .ok_or_else(|| Error::Protocol("datastore uploads need a logged-in session".into()))?;
+        Ok(DatastoreWriter { http: self.http_arc(), cookie })
+    }
+
+    /// Uploads straight to the ESXi host at `host` with `ticket` (one acquired for
+    /// [`TicketMethod::HttpPut`] of the file's URL), trusting the host by `thumbprint`.
+    pub fn host_datastore_writer(
+        &self,
+        host: &str,
+        thumbprint: &Thumbprint,
+        ticket: &Ticket,
+        timeout: Duration,
+    ) -> Result<DatastoreWriter, Error> {
+        let (http, cookie) = host_http(host, thumbprint, ticket, timeout)?;
+        Ok(DatastoreWriter { http, cookie })
+    }
+}
+
+/// Connections to an ESXi host trusted by its thumbprint, and the ticket's cookie.
+fn host_http(
+    host: &str,
+    thumbprint: &Thumbprint,
+    ticket: &Ticket,
+    timeout: Duration,
+) -> Result<(Arc<Http>, String), Error> {
+    let endpoint = Endpoint::parse(host)?;
+    let http = Http::new(endpoint, &Trust::Pinned(thumbprint.clone()), timeout, 64 << 20)?;
+    Ok((Arc::new(http), format!("vmware_cgi_ticket={}", ticket.id)))
+}
+
+/// Uploads whole datastore files to one server (vCenter, or an ESXi host through a ticket).
+#[derive(Debug, Clone)]
+pub struct DatastoreWriter {
+    http: Arc<Http>,
+    cookie: String,
+}
+
+impl DatastoreWriter {
+    /// PUTs a whole file of exactly `len` bytes streamed from `body` (`Content-Length: len`,
+    /// `Content-Type: application/octet-stream`), holding no more of it than a frame at a time;
+    /// 200 or 201 is success. A body that fails, or yields fewer or more bytes than `len`, is
+    /// an [`Error::Body`] and the request is cut short (the server may keep a partial file:
+    /// put it again or delete it). Never retried: the body is consumed as it goes. No deadline
+    /// bounds the whole upload (a large file takes its time); it fails with a timeout when no
+    /// byte moves, or no answer comes, for the client's timeout.
+    pub async fn put(
+        &self,
+        file: &DatastoreFile,
+        len: u64,
+        body: impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+    ) -> Result<(), Error> {
+        let what = format!("PUT {}", file.path);
+        let progress = Arc::new(Progress::default());
+        let body = Counted { stream: Box::pin(body), len, sent: 0, progress: progress.clone() };
+        let req = http::Request::builder()
+            .method(http::Method::PUT)
+            .uri(file.url_path())
+            .header(http::header::COOKIE, &self.cookie)
+            .header(http::header::CONTENT_TYPE, "application/octet-stream")
+            .header(http::header::CONTENT_LENGTH, len)
+            .body(body.boxed_unsync())
+            .map_err(|e| Error::Config(format!("building a datastore upload of {}: {e}", file.path)))?;
+        let exchange = async {
+            let (sender, resp) = self.http.exchange(req, &what).await?;
+            self.http.read_answer(sender, resp, &what).await
+        };
+        let mut exchange = std::pin::pin!(exchange);
+        let idle = self.http.timeout();
+        let mut seen = 0;
+        let answer = loop {
+            if let Ok(r) = tokio::time::timeout(idle, &mut exchange).await {
+                break r;
+            }
+            let now = progress.sent.load(Ordering::Relaxed);
+            if now == seen {
+                return Err(Error::Timeout {
+                    operation: what.clone(),
+                    after: idle,
+                    last: Some(format!("{now} of {len} bytes sent, then nothing moved")),
+                });
+            }
+            seen = now;
+        };
+        // The body's own failure says more than the broken request it caused.
+        if let Some(source) = progress.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(Error::Body { context: what.clone(), source });
+        }
+        match answer?.status {
+            200 | 201 => Ok(()),
+            s => Err(status_error(&what, s)),
+        }
+    }
+}
+
+/// How far an upload's body got, and why it failed if it did.
+#[derive(Debug, Default)]
+struct Progress {
+    sent: AtomicU64,
+    failure: Mutex<Option<std::io::Error>>,
+}
+
+/// An upload's body: the caller's stream, held to the length announced.
+struct Counted {
+    stream: Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>>,
+    len: u64,
+    sent: u64,
+    progress: Arc<Progress>,
+}
+
+impl Counted {
+    /// Records why the body failed and hands hyper an error that ends the request.
+    fn fail(&self, e: std::io::Error) -> Box<dyn std::error::Error + Send + Sync> {
+        let copy = std::io::Error::new(e.kind(), e.to_string());
+        *self.progress.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+        Box::new(copy)
+    }
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let wrong = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+        match ready!(this.stream.as_mut().poll_next(cx)) {
+            Some(Ok(data)) => {
+                let sent = this.sent.saturating_add(data.len() as u64);
+                if sent > this.len {
+                    let m = format!("the body yields more than the {} bytes announced", this.len);
+                    return Poll::Ready(Some(Err(this.fail(wrong(m)))));
+                }
+                this.sent = sent;
+                this.progress.sent.store(sent, Ordering::Relaxed);
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(this.fail(e)))),
+            None if this.sent < this.len => {
+                let m = format!("the body ended after {} of the {} bytes announced", this.sent, this.len);
+                Poll::Ready(Some(Err(this.fail(wrong(m)))))
+            }
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.len.saturating_sub(self.sent))
     }
 }
 

@@ -226,6 +226,15 @@ pub enum Error {
     /// The answer is XML but not what the API promises.
     #[error("{0}")]
     Protocol(String),
+    /// The body handed to an upload failed, or yielded more or fewer bytes than announced:
+    /// the caller's source is at fault, not the server, and the upload did not complete.
+    #[error("{context}: {source}")]
+    Body {
+        /// Which upload.
+        context: String,
+        /// What the body did (its own error, or `InvalidData` for a wrong length).
+        source: std::io::Error,
+    },
     /// The server raised a fault.
     #[error("{0}")]
     Fault(Box<Fault>),
@@ -266,9 +275,12 @@ impl Error {
     /// Whether to retry: every variant and every fault kind is decided here, in one place.
     pub fn retry(&self) -> Retry {
         match self {
-            Self::Config(_) | Self::Tls { .. } | Self::Xml { .. } | Self::Protocol(_) | Self::Timeout { .. } => {
-                Retry::Never
-            }
+            Self::Config(_)
+            | Self::Tls { .. }
+            | Self::Xml { .. }
+            | Self::Protocol(_)
+            | Self::Timeout { .. }
+            | Self::Body { .. } => Retry::Never,
             Self::Io { .. } => Retry::Backoff,
             Self::Http { status, .. } => match status {
                 Some(503 | 502 | 504 | 429) | None => Retry::Backoff,

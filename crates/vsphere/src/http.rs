@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
@@ -145,6 +146,15 @@ impl<'a> Retries<'a> {
     }
 }
 
+/// A request body: a whole one ([`Full`]) or a stream (an upload), boxed so that one pool of
+/// connections carries both.
+pub type Body = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// A whole body as a [`Body`].
+pub(crate) fn full(req: http::Request<Full<Bytes>>) -> http::Request<Body> {
+    req.map(|b| b.map_err(|never| match never {}).boxed_unsync())
+}
+
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
@@ -165,7 +175,7 @@ pub struct Http {
     endpoint: Endpoint,
     tls: Option<Arc<rustls::ClientConfig>>,
     legacy: Option<crate::legacy::Legacy>,
-    idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
+    idle: Mutex<Vec<SendRequest<Body>>>,
     seen: Mutex<Option<ServerTls>>,
     timeout: Duration,
     max_body: usize,
@@ -226,7 +236,7 @@ impl Http {
         self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, Error> {
+    async fn connect(&self) -> Result<SendRequest<Body>, Error> {
         let what = format!("connecting to {}", self.endpoint.authority());
         let tcp = TcpStream::connect((self.endpoint.host.trim_matches(['[', ']']), self.endpoint.port))
             .await
@@ -267,7 +277,7 @@ impl Http {
         Ok(sender)
     }
 
-    async fn sender(&self) -> Result<SendRequest<Full<Bytes>>, Error> {
+    async fn sender(&self) -> Result<SendRequest<Body>, Error> {
         loop {
             let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
             match idle {
@@ -284,11 +294,11 @@ impl Http {
 
     /// Sends a request (its URI is a path; the host is filled in): the connection it went out
     /// on (to hand back with [`Http::release`] once the body is read) and the answer.
-    async fn exchange(
+    pub(crate) async fn exchange(
         &self,
-        mut req: http::Request<Full<Bytes>>,
+        mut req: http::Request<Body>,
         context: &str,
-    ) -> Result<(SendRequest<Full<Bytes>>, http::Response<hyper::body::Incoming>), Error> {
+    ) -> Result<(SendRequest<Body>, http::Response<hyper::body::Incoming>), Error> {
         let host = http::HeaderValue::from_str(&self.endpoint.authority())
             .map_err(|_| Error::Config(format!("{} is not a valid host", self.endpoint.host)))?;
         req.headers_mut().insert(http::header::HOST, host);
@@ -302,7 +312,7 @@ impl Http {
     }
 
     /// Keeps a connection whose answer was read whole, for the next request.
-    fn release(&self, sender: SendRequest<Full<Bytes>>) {
+    pub(crate) fn release(&self, sender: SendRequest<Body>) {
         if !sender.is_closed() {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             if idle.len() < MAX_IDLE {
@@ -325,17 +335,27 @@ impl Http {
         deadline: Deadline,
     ) -> Result<Response, Error> {
         let work = async {
-            let (sender, resp) = self.exchange(req, context).await?;
-            let (parts, body) = resp.into_parts();
-            let body = Limited::new(body, self.max_body).collect().await.map_err(|e| Error::Http {
-                context: context.to_owned(),
-                message: format!("reading the answer: {e}"),
-                status: Some(parts.status.as_u16()),
-            })?;
-            self.release(sender);
-            Ok(Response { status: parts.status.as_u16(), headers: parts.headers, body: body.to_bytes() })
+            let (sender, resp) = self.exchange(full(req), context).await?;
+            self.read_answer(sender, resp, context).await
         };
         deadline.bound(context, work).await
+    }
+
+    /// Reads an answer's body whole (up to the pool's limit) and hands the connection back.
+    pub(crate) async fn read_answer(
+        &self,
+        sender: SendRequest<Body>,
+        resp: http::Response<hyper::body::Incoming>,
+        context: &str,
+    ) -> Result<Response, Error> {
+        let (parts, body) = resp.into_parts();
+        let body = Limited::new(body, self.max_body).collect().await.map_err(|e| Error::Http {
+            context: context.to_owned(),
+            message: format!("reading the answer: {e}"),
+            status: Some(parts.status.as_u16()),
+        })?;
+        self.release(sender);
+        Ok(Response { status: parts.status.as_u16(), headers: parts.headers, body: body.to_bytes() })
     }
 
     /// Sends a request and streams its answer's body straight into `buf` (no second copy of a
@@ -351,7 +371,7 @@ impl Http {
         deadline: Deadline,
     ) -> Result<(u16, http::HeaderMap, usize), Error> {
         let work = async {
-            let (sender, resp) = self.exchange(req, context).await?;
+            let (sender, resp) = self.exchange(full(req), context).await?;
             let (parts, mut body) = resp.into_parts();
             let status = parts.status.as_u16();
             let mut filled = 0usize;

@@ -7,7 +7,9 @@
 //!
 //! Also: tasks and `WaitForUpdatesEx`, snapshots, CBT reconfiguration,
 //! `QueryChangedDiskAreas`, datastore HTTP reads and service tickets, host, datastore and
-//! cluster facts, the account's privileges, and the legacy TLS 1.0 path.
+//! cluster facts, the account's privileges, and the legacy TLS 1.0 path; and the calls a
+//! restore needs (`provision`): placement, networks, VM creation and registration, disks
+//! attached, copied and made, power, rename, destroy, and datastore uploads.
 
 pub mod datastore;
 pub mod enums;
@@ -19,6 +21,7 @@ mod legacy;
 pub mod model;
 pub mod pc;
 pub mod privileges;
+pub mod provision;
 pub mod session;
 pub mod soap;
 pub mod task;

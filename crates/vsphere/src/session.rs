@@ -124,6 +124,8 @@ pub struct ServiceContent {
     pub search_index: MoRef,
     /// The file manager.
     pub file_manager: Option<MoRef>,
+    /// The virtual disk manager (create, copy and delete disks).
+    pub virtual_disk_manager: Option<MoRef>,
     /// The task manager.
     pub task_manager: Option<MoRef>,
     /// The guest operations manager (vCenter and ESXi 5.0 and later).
@@ -146,6 +148,7 @@ impl ServiceContent {
             authorization_manager: m("authorizationManager"),
             search_index: need("searchIndex")?,
             file_manager: m("fileManager"),
+            virtual_disk_manager: m("virtualDiskManager"),
             task_manager: m("taskManager"),
             guest_operations_manager: m("guestOperationsManager"),
             about: About {
@@ -209,6 +212,7 @@ impl Client {
                 authorization_manager: None,
                 search_index: MoRef::new("SearchIndex", ""),
                 file_manager: None,
+                virtual_disk_manager: None,
                 task_manager: None,
                 guest_operations_manager: None,
                 about: About::default(),

@@ -91,6 +91,13 @@ impl Request {
         self
     }
 
+    /// Escaped text inside the element opened last (one with attributes, such as
+    /// `<value xsi:type="xsd:string">`).
+    pub fn content(&mut self, value: impl Display) -> &mut Self {
+        self.buf.push_str(&escape(&value.to_string()));
+        self
+    }
+
     /// `<tag>` when `value` is there; nothing otherwise (optional parameters are omitted).
     pub fn opt(&mut self, tag: &str, value: Option<impl Display>) -> &mut Self {
         if let Some(v) = value {

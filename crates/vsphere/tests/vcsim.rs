@@ -10,16 +10,16 @@ use testkit::vcsim::{Vcsim, find};
 use vsphere::tls::ServerTls;
 use vsphere::{Client, ConnectOptions, Credentials, FaultKind, Secret, Thumbprint, Trust};
 
-const USER: &str = "backup@vsphere.local";
-const PASSWORD: &str = "s3cret&<pass>";
+pub(crate) const USER: &str = "backup@vsphere.local";
+pub(crate) const PASSWORD: &str = "s3cret&<pass>";
 
-struct Sim {
+pub(crate) struct Sim {
     _dir: tempfile::TempDir,
     pki: TestPki,
     sim: Vcsim,
 }
 
-fn start(test: &str, extra: &[&str]) -> Option<Sim> {
+pub(crate) fn start(test: &str, extra: &[&str]) -> Option<Sim> {
     vsphere::tls::install_crypto_provider();
     let bin = find(test)?;
     let dir = tempfile::tempdir().unwrap();
@@ -31,11 +31,11 @@ fn start(test: &str, extra: &[&str]) -> Option<Sim> {
     Some(Sim { _dir: dir, pki, sim })
 }
 
-fn options(url: &str, trust: Trust) -> ConnectOptions {
+pub(crate) fn options(url: &str, trust: Trust) -> ConnectOptions {
     ConnectOptions { trust, timeout: Duration::from_secs(30), ..ConnectOptions::new(url) }
 }
 
-fn creds(password: &str) -> Credentials {
+pub(crate) fn creds(password: &str) -> Credentials {
     Credentials { user: USER.into(), password: Secret::new(password) }
 }
 
@@ -317,3 +317,6 @@ async fn drs_overrides_and_datastore_file_deletion() {
     assert!(e.fault().is_some_and(|f| f.type_name.contains("NotFound")), "{e}");
     c.logout().await.unwrap();
 }
+
+#[path = "vcsim/restore.rs"]
+mod restore;
