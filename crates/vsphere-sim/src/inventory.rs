@@ -32,7 +32,7 @@ fn not_found(what: &str) -> SimFault {
 /// A property of the restore-side inventory, or `None` when `obj`'s type or `p` is not one of
 /// these (the caller answers it then).
 pub(crate) fn property(w: &World, obj: &MoRef, p: &str) -> Option<Result<Option<String>, SimFault>> {
-    let root = w.esx().then_some("ha-folder-root").unwrap_or("group-d1");
+    let root = if w.esx() { "ha-folder-root" } else { "group-d1" };
     match obj.kind.as_str() {
         "Folder" if obj.value == root => Some(match p {
             "name" => Ok(text(p, "Datacenters")),
@@ -179,6 +179,18 @@ pub(crate) fn vm_property(w: &World, v: &VmState, p: &str) -> Option<String> {
         "config.files" => prop(p, "VirtualMachineFileInfo", &t("vmPathName", vm_path(w, v))),
         "config.files.vmPathName" => text(p, &vm_path(w, v))?,
         "summary.config.name" => text(p, &v.name)?,
+        // The whole runtime, as pyvmomi's `vm.runtime` asks for it.
+        "runtime" => prop(
+            p,
+            "VirtualMachineRuntimeInfo",
+            &format!(
+                "{}{}{}{}",
+                crate::soap::mo("host", &w.hosts[v.host].moref),
+                t("connectionState", "connected"),
+                t("powerState", v.power.as_str()),
+                t("consolidationNeeded", v.consolidation_needed)
+            ),
+        ),
         _ => return None,
     })
 }

@@ -41,6 +41,13 @@ struct NewDisk {
     create: bool,
 }
 
+impl NewDisk {
+    /// A disk's files; its key and slot are set once planned.
+    fn at(ds: usize, base: String, flat: String, capacity: u64, create: bool) -> Self {
+        Self { key: 0, controller_key: 0, unit: 0, ds, base, flat, capacity, mode: DiskMode::Persistent, create }
+    }
+}
+
 /// A checked set of device changes, not yet carried out.
 #[derive(Debug, Default)]
 struct Plan {
@@ -609,17 +616,7 @@ impl World {
         }
         self.require(&self.datastores[ds].moref, "Datastore.AllocateSpace")?;
         let flat = format!("{}-flat.vmdk", base.strip_suffix(".vmdk").unwrap_or(&base));
-        Ok(NewDisk {
-            key: 0,
-            controller_key: 0,
-            unit: 0,
-            ds,
-            base,
-            flat,
-            capacity,
-            mode: DiskMode::Persistent,
-            create: true,
-        })
+        Ok(NewDisk::at(ds, base, flat, capacity, true))
     }
 
     /// An existing disk, as a VM would be given it: a VMFS (or flat) descriptor over one
@@ -656,17 +653,7 @@ impl World {
             .and_then(|p| p.to_str())
             .map(str::to_owned)
             .ok_or_else(|| SimFault::new("InvalidDiskFormat", format!("{file_name}: its extent is elsewhere")))?;
-        Ok(NewDisk {
-            key: 0,
-            controller_key: 0,
-            unit: 0,
-            ds,
-            base,
-            flat,
-            capacity: disk.capacity(),
-            mode: DiskMode::Persistent,
-            create: false,
-        })
+        Ok(NewDisk::at(ds, base, flat, disk.capacity(), false))
     }
 
     /// A network adapter as asked (`was`: the one being edited).
@@ -879,7 +866,7 @@ impl World {
     /// `VirtualDiskManager.CreateVirtualDisk_Task`: an empty thin disk (every `diskType` is
     /// made thin: the simulator keeps no preallocated disks).
     pub(crate) fn create_virtual_disk(&self, name: &str, dc: Option<&MoRef>, capacity: u64) -> Result<(), SimFault> {
-        if capacity == 0 || capacity % 512 != 0 {
+        if capacity == 0 || !capacity.is_multiple_of(512) {
             return Err(SimFault::new("InvalidArgument", format!("capacity {capacity} bytes"))
                 .with_detail("<invalidProperty>spec.capacityKb</invalidProperty>"));
         }
@@ -912,13 +899,13 @@ impl World {
         }
         let data = disk.allocation().map_err(|e| SimFault::new("InvalidDiskFormat", format!("{source}: {e}")))?.data;
         write_flat_disk(&desc, &flat, disk.capacity(), |out| {
-            const PIECE: u64 = 1 << 20;
+            const PIECE: usize = 1 << 20;
             const GRAIN: usize = 64 << 10;
-            let mut buf = vec![0u8; PIECE as usize];
+            let mut buf = vec![0u8; PIECE];
             for e in data.clamp(disk.capacity()).iter() {
                 let mut at = e.start();
                 while at < e.end() {
-                    let n = usize::try_from((e.end() - at).min(PIECE)).unwrap_or(GRAIN);
+                    let n = usize::try_from(e.end() - at).map_or(PIECE, |left| left.min(PIECE));
                     disk.read_at(&mut buf[..n], at)
                         .map_err(|e| SimFault::new("InvalidDiskFormat", format!("{source}: {e}")))?;
                     for (k, g) in buf[..n].chunks(GRAIN).enumerate() {

@@ -146,7 +146,10 @@ fn decode(s: &str) -> Option<String> {
 /// The datastore file a `/folder` request names (its datastore index and path there), after
 /// the checks every such request passes: authentication, injected 503s, the parameters, and
 /// no hidden or escaping path component.
-fn locate(w: &mut World, req: &http::Request<Incoming>, rest: &str) -> Result<(usize, String), Resp> {
+/// A request refused: its status and why.
+type Refusal = (u16, &'static str);
+
+fn locate(w: &mut World, req: &http::Request<Incoming>, rest: &str) -> Result<(usize, String), Refusal> {
     let query = req.uri().query().unwrap_or("");
     let param = |k: &str| {
         query.split('&').find_map(|p| p.split_once('=').filter(|(n, _)| *n == k).and_then(|(_, v)| decode(v)))
@@ -154,24 +157,24 @@ fn locate(w: &mut World, req: &http::Request<Incoming>, rest: &str) -> Result<(u
     let authed = cookie_of(req, "vmware_soap_session").is_some_and(|c| w.sessions.contains(&c))
         || cookie_of(req, "vmware_cgi_ticket").is_some_and(|c| c.starts_with("vmware_cgi_ticket=cst-"));
     if !authed {
-        return Err(plain(401, "not authenticated"));
+        return Err((401, "not authenticated"));
     }
     if w.faults.http_503 > 0 {
         w.faults.http_503 -= 1;
-        return Err(plain(503, "busy"));
+        return Err((503, "busy"));
     }
     let (Some(ds), Some(dc), Some(rel)) = (param("dsName"), param("dcPath"), decode(rest)) else {
-        return Err(plain(400, "need dsName and dcPath"));
+        return Err((400, "need dsName and dcPath"));
     };
     let Some(dsi) = w.datastores.iter().position(|d| d.name == ds && w.datacenters[d.dc].name == dc) else {
-        return Err(plain(404, "no such datastore"));
+        return Err((404, "no such datastore"));
     };
     let hidden = Path::new(&rel).components().any(|c| match c {
         Component::Normal(n) => n.to_str().is_none_or(|n| n.starts_with('.')),
         _ => true,
     });
     if hidden || rel.is_empty() {
-        return Err(plain(404, "no such file"));
+        return Err((404, "no such file"));
     }
     Ok((dsi, rel))
 }
@@ -185,7 +188,7 @@ fn folder(state: &Shared, req: &http::Request<Incoming>, rest: &str) -> Resp {
         ignore_range = w.faults.ignore_range;
         let (dsi, rel) = match locate(&mut w, req, rest) {
             Ok(x) => x,
-            Err(r) => return r,
+            Err((status, why)) => return plain(status, why),
         };
         // A disk under snapshots: its base is frozen as of the oldest snapshot.
         let frozen = w.vms.iter().find_map(|v| {
@@ -249,37 +252,26 @@ fn folder(state: &Shared, req: &http::Request<Incoming>, rest: &str) -> Resp {
 /// replaced one; 413 past the configured `max_upload`; 403 without `Datastore.FileManagement`
 /// on the datastore, or for a disk file of a powered-on VM (ESXi locks those).
 async fn put(state: &Shared, req: http::Request<Incoming>, rest: &str) -> Resp {
-    let (target, temp, cap) = {
-        let mut w = state.lock().unwrap_or_else(|p| p.into_inner());
-        let (dsi, rel) = match locate(&mut w, &req, rest) {
-            Ok(x) => x,
-            Err(r) => return r,
-        };
-        if w.require(&w.datastores[dsi].moref, "Datastore.FileManagement").is_err() {
-            return plain(403, "no permission to write this datastore");
-        }
-        let locked = w.vms.iter().any(|v| {
-            v.power != vsphere::PowerState::PoweredOff
-                && v.disks.iter().any(|d| d.ds == dsi && [&d.base_name, &d.flat_name].contains(&&rel))
-        });
-        if locked {
-            return plain(403, "the file is locked by a running VM");
-        }
-        let target = w.ds_path(dsi, &rel);
-        let n = w.id();
-        let name = target.file_name().and_then(|f| f.to_str()).unwrap_or("upload").to_owned();
-        (target.clone(), target.with_file_name(format!(".{name}.upload-{n}")), w.cfg.max_upload)
-    };
-    if !target.parent().is_some_and(Path::is_dir) {
-        return plain(404, "no such folder: make it first");
-    }
-    if target.is_dir() {
-        return plain(409, "a folder of that name exists");
-    }
+    let cap = state.lock().unwrap_or_else(|p| p.into_inner()).cfg.max_upload;
     let declared = req.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|l| l > cap) {
         return plain(413, format!("uploads are limited to {cap} bytes"));
     }
+    let (target, temp) = match put_target(state, &req, rest) {
+        Ok(x) => x,
+        Err((status, why)) => {
+            // Read the body before refusing, so a client still sending sees the answer.
+            let mut body = req.into_body();
+            let mut n = 0u64;
+            while let Some(Ok(frame)) = body.frame().await {
+                n += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if n > cap {
+                    break;
+                }
+            }
+            return plain(status, why);
+        }
+    };
     let existed = target.exists();
     let wrote = receive(req.into_body(), &temp, cap, declared).await;
     let done =
@@ -291,6 +283,33 @@ async fn put(state: &Shared, req: http::Request<Incoming>, rest: &str) -> Resp {
             plain(status, why)
         }
     }
+}
+
+/// Where an upload goes (the file, and the hidden file it is received into), or the refusal.
+fn put_target(state: &Shared, req: &http::Request<Incoming>, rest: &str) -> Result<(PathBuf, PathBuf), Refusal> {
+    let mut w = state.lock().unwrap_or_else(|p| p.into_inner());
+    let (dsi, rel) = locate(&mut w, req, rest)?;
+    if w.require(&w.datastores[dsi].moref, "Datastore.FileManagement").is_err() {
+        return Err((403, "no permission to write this datastore"));
+    }
+    let locked = w.vms.iter().any(|v| {
+        v.power != vsphere::PowerState::PoweredOff
+            && v.disks.iter().any(|d| d.ds == dsi && [&d.base_name, &d.flat_name].contains(&&rel))
+    });
+    if locked {
+        return Err((403, "the file is locked by a running VM"));
+    }
+    let target = w.ds_path(dsi, &rel);
+    if !target.parent().is_some_and(Path::is_dir) {
+        return Err((404, "no such folder: make it first"));
+    }
+    if target.is_dir() {
+        return Err((409, "a folder of that name exists"));
+    }
+    let n = w.id();
+    let name = target.file_name().and_then(|f| f.to_str()).unwrap_or("upload").to_owned();
+    let temp = target.with_file_name(format!(".{name}.upload-{n}"));
+    Ok((target, temp))
 }
 
 /// Streams a request body into `path`: at most `cap` bytes, exactly `declared` when given.

@@ -1222,8 +1222,14 @@ fn start_task(w: &mut World, state: &Shared, method: &str, obj: MoRef, call: &El
     };
     // TaskInfo.entity is a ManagedEntity: for a snapshot's removal, its VM (vcsim names the
     // snapshot there, which pyvmomi refuses).
+    // A virtual disk's task is its datacenter's (the disk manager is no ManagedEntity).
     let entity = match w.snapshot_owner(&obj) {
         Some((vi, _)) => w.vms[vi].moref.clone(),
+        None if obj.kind == "VirtualDiskManager" => ["datacenter", "sourceDatacenter"]
+            .iter()
+            .find_map(|tag| call.child(tag).and_then(MoRef::from_element))
+            .or_else(|| w.datacenters.first().map(|d| d.moref.clone()))
+            .unwrap_or_else(|| obj.clone()),
         None => obj.clone(),
     };
     let mut rec = TaskRec {

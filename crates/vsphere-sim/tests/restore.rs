@@ -14,6 +14,8 @@ use vsphere::{Client, ConnectOptions, Credentials, MoRef, Secret, Trust};
 use vsphere_sim::{Config, NetworkConfig, Sim, SimTls};
 
 const MIB: u64 = 1 << 20;
+/// A MiB as an index.
+const MI: usize = 1 << 20;
 
 fn estate() -> Config {
     let mut c = Config::small(1, MIB);
@@ -137,9 +139,9 @@ fn qemu_img() -> bool {
 
 /// A 4 MiB raw image with data at 0 and at 3 MiB, and the same as monolithicSparse.
 fn images(dir: &Path) -> (Vec<u8>, Vec<u8>) {
-    let mut raw = vec![0u8; 4 * MIB as usize];
+    let mut raw = vec![0u8; 4 * MI];
     raw[..4096].fill(0x11);
-    raw[3 * MIB as usize..3 * MIB as usize + 100].fill(0x22);
+    raw[3 * MI..3 * MI + 100].fill(0x22);
     std::fs::write(dir.join("src.raw"), &raw).unwrap();
     let st = std::process::Command::new("qemu-img")
         .args(["convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=monolithicSparse"])
@@ -363,7 +365,7 @@ async fn a_restore_through_the_api() {
     sim.write("restored", 2001, 2 * MIB, &[7u8; 512]).unwrap();
     let ch = c.query_changed_disk_areas(&vm, None, 2001, 4 * MIB, &id).await.unwrap();
     assert_eq!(ch.areas, cbt::ExtentSet::from_ranges([(2 * MIB, 64 << 10)]));
-    assert_eq!(&std::fs::read(&flat).unwrap()[2 * MIB as usize..2 * MIB as usize + 4], &[7; 4]);
+    assert_eq!(&std::fs::read(&flat).unwrap()[2 * MI..2 * MI + 4], &[7; 4]);
 
     // Power: on, on again, destroy while on, off.
     let on = |m: &str| Request::new(m, &vm);
