@@ -167,15 +167,16 @@ const RULES: &[Rule] = &[
     Rule {
         covers: |name| name == "vsphere-sim",
         // It writes snapshot deltas with vmdk's writers (whose output qemu-img, an independent
-        // reader, checks in vmdk's own tests), but never reads VMDK with vmdk's reader: a
-        // misreading shared by the backup and the simulator would pass unnoticed.
+        // reader, checks in vmdk's own tests). It reads VMDK with `vmdk::Disk` only where a
+        // restore hands it disks to convert (`CopyVirtualDisk_Task`) or attach, as ESXi reads
+        // them; it never parses descriptors or streams itself, and backups read what it
+        // writes, not what it reads.
         forbidden_deps: &["vddk", "vddk-sys", "libloading", "pipeline", "replica", "nbd-wire", "ring"],
         forbidden_source: &[
             "vsphere::pc::",
             "vsphere::model::",
             "vsphere::task::",
             "vsphere::session::",
-            "vmdk::Disk",
             "vmdk::StreamReader",
             "vmdk::Descriptor",
             "vmdk::Files",

@@ -43,14 +43,19 @@ pub struct Config {
     /// `privilegeList`, and naming one in `HasPrivilegeOnEntity` fails the whole call.
     #[serde(default)]
     pub unknown_privileges: Vec<String>,
+    /// The largest file a datastore upload (`/folder` PUT) may write, in bytes; a bigger one
+    /// is refused (413) and nothing of it is kept.
+    #[serde(default = "default_max_upload")]
+    pub max_upload: u64,
 }
 
 /// Privileges the account lacks on an entity.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Denied {
-    /// The entity by name (a VM, datastore, host, datacenter, `root` for the root folder), or
-    /// `*` for every entity.
+    /// The entity by name (a VM, datastore, host, datacenter, network, `root` for the root
+    /// folder, `vm` for a datacenter's VM folder, `Resources` for a resource pool), or `*` for
+    /// every entity.
     pub entity: String,
     /// Privilege IDs (`VirtualMachine.State.CreateSnapshot`).
     pub privileges: Vec<String>,
@@ -74,6 +79,9 @@ fn default_page_limit() -> usize {
 fn default_cbt_block() -> u64 {
     64 << 10
 }
+fn default_max_upload() -> u64 {
+    64 << 30
+}
 
 /// A datacenter.
 #[derive(Debug, Clone, Deserialize)]
@@ -93,6 +101,18 @@ pub struct DatacenterConfig {
     /// Clusters of its hosts.
     #[serde(default, rename = "cluster")]
     pub clusters: Vec<ClusterConfig>,
+    /// Standard port groups (`Network` objects) on every host of the datacenter; none
+    /// configured: one called `VM Network`, as a fresh ESXi has.
+    #[serde(default, rename = "network")]
+    pub networks: Vec<NetworkConfig>,
+}
+
+/// A standard port group: a `Network` a VM's NIC can be on.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Its name (`VM Network`).
+    pub name: String,
 }
 
 /// A cluster: some of the datacenter's hosts, with DRS.
@@ -298,6 +318,7 @@ impl Config {
             page_limit: default_page_limit(),
             denied: Vec::new(),
             unknown_privileges: Vec::new(),
+            max_upload: default_max_upload(),
             datacenters: vec![DatacenterConfig {
                 name: "DC1".into(),
                 hosts: vec![HostConfig { name: "esx1.sim".into(), version: default_version() }],
@@ -328,6 +349,7 @@ impl Config {
                     })
                     .collect(),
                 clusters: Vec::new(),
+                networks: Vec::new(),
             }],
         }
     }
@@ -365,6 +387,11 @@ impl Config {
                     && !dc.hosts.iter().any(|x| &x.name == h)
                 {
                     return bad(format!("{}: no host {h} in {}", vm.name, dc.name));
+                }
+            }
+            for (i, n) in dc.networks.iter().enumerate() {
+                if n.name.is_empty() || dc.networks[..i].iter().any(|m| m.name == n.name) {
+                    return bad(format!("datacenter {}: network names must be non-empty and unique", dc.name));
                 }
             }
             for c in &dc.clusters {

@@ -12,8 +12,13 @@
 
 pub mod bootdisk;
 mod config;
+mod devices;
+mod inventory;
+mod provision;
 mod server;
 mod soap;
+mod spec;
+mod vmx;
 mod world;
 
 use std::net::SocketAddr;
@@ -21,7 +26,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 pub use config::{
-    ClusterConfig, Config, ControllerKind, DatacenterConfig, DatastoreConfig, Denied, DiskConfig, HostConfig, VmConfig,
+    ClusterConfig, Config, ControllerKind, DatacenterConfig, DatastoreConfig, Denied, DiskConfig, HostConfig,
+    NetworkConfig, VmConfig,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 pub use world::{Faults, GuestRun, SimFault};

@@ -15,6 +15,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::soap::{Shared, handle};
+use crate::world::World;
 
 type Resp = http::Response<Full<Bytes>>;
 
@@ -108,13 +109,19 @@ async fn route(state: &Shared, req: http::Request<Incoming>) -> Resp {
         return r;
     }
     if let Some(rest) = path.strip_prefix("/folder/")
-        && (req.method() == http::Method::GET || req.method() == http::Method::HEAD)
+        && (req.method() == http::Method::GET
+            || req.method() == http::Method::HEAD
+            || req.method() == http::Method::PUT)
     {
         let delay = state.lock().unwrap_or_else(|p| p.into_inner()).faults.datastore_delay;
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        return folder(state, &req, rest);
+        let rest = rest.to_owned();
+        if req.method() == http::Method::PUT {
+            return put(state, req, &rest).await;
+        }
+        return folder(state, &req, &rest);
     }
     plain(404, "not found")
 }
@@ -136,40 +143,53 @@ fn decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-fn folder(state: &Shared, req: &http::Request<Incoming>, rest: &str) -> Resp {
-    let head = req.method() == http::Method::HEAD;
+/// The datastore file a `/folder` request names (its datastore index and path there), after
+/// the checks every such request passes: authentication, injected 503s, the parameters, and
+/// no hidden or escaping path component.
+/// A request refused: its status and why.
+type Refusal = (u16, &'static str);
+
+fn locate(w: &mut World, req: &http::Request<Incoming>, rest: &str) -> Result<(usize, String), Refusal> {
     let query = req.uri().query().unwrap_or("");
     let param = |k: &str| {
         query.split('&').find_map(|p| p.split_once('=').filter(|(n, _)| *n == k).and_then(|(_, v)| decode(v)))
     };
+    let authed = cookie_of(req, "vmware_soap_session").is_some_and(|c| w.sessions.contains(&c))
+        || cookie_of(req, "vmware_cgi_ticket").is_some_and(|c| c.starts_with("vmware_cgi_ticket=cst-"));
+    if !authed {
+        return Err((401, "not authenticated"));
+    }
+    if w.faults.http_503 > 0 {
+        w.faults.http_503 -= 1;
+        return Err((503, "busy"));
+    }
+    let (Some(ds), Some(dc), Some(rel)) = (param("dsName"), param("dcPath"), decode(rest)) else {
+        return Err((400, "need dsName and dcPath"));
+    };
+    let Some(dsi) = w.datastores.iter().position(|d| d.name == ds && w.datacenters[d.dc].name == dc) else {
+        return Err((404, "no such datastore"));
+    };
+    let hidden = Path::new(&rel).components().any(|c| match c {
+        Component::Normal(n) => n.to_str().is_none_or(|n| n.starts_with('.')),
+        _ => true,
+    });
+    if hidden || rel.is_empty() {
+        return Err((404, "no such file"));
+    }
+    Ok((dsi, rel))
+}
+
+fn folder(state: &Shared, req: &http::Request<Incoming>, rest: &str) -> Resp {
+    let head = req.method() == http::Method::HEAD;
     let file: PathBuf;
     let ignore_range;
     {
         let mut w = state.lock().unwrap_or_else(|p| p.into_inner());
-        let authed = cookie_of(req, "vmware_soap_session").is_some_and(|c| w.sessions.contains(&c))
-            || cookie_of(req, "vmware_cgi_ticket").is_some_and(|c| c.starts_with("vmware_cgi_ticket=cst-"));
-        if !authed {
-            return plain(401, "not authenticated");
-        }
         ignore_range = w.faults.ignore_range;
-        if w.faults.http_503 > 0 {
-            w.faults.http_503 -= 1;
-            return plain(503, "busy");
-        }
-        let (Some(ds), Some(dc), Some(rel)) = (param("dsName"), param("dcPath"), decode(rest)) else {
-            return plain(400, "need dsName and dcPath");
+        let (dsi, rel) = match locate(&mut w, req, rest) {
+            Ok(x) => x,
+            Err((status, why)) => return plain(status, why),
         };
-        let Some(dsi) = w.datastores.iter().position(|d| d.name == ds && w.datacenters[d.dc].name == dc) else {
-            return plain(404, "no such datastore");
-        };
-        let relp = Path::new(&rel);
-        let hidden = relp.components().any(|c| match c {
-            Component::Normal(n) => n.to_str().is_none_or(|n| n.starts_with('.')),
-            _ => true,
-        });
-        if hidden {
-            return plain(404, "no such file");
-        }
         // A disk under snapshots: its base is frozen as of the oldest snapshot.
         let frozen = w.vms.iter().find_map(|v| {
             let d = v.disks.iter().find(|d| d.ds == dsi && d.flat_name == rel)?;
@@ -224,4 +244,91 @@ fn folder(state: &Shared, req: &http::Request<Incoming>, rest: &str) -> Resp {
         h.insert(http::header::CONTENT_RANGE, v);
     }
     r
+}
+
+/// `PUT /folder/<path>`: writes the whole file, streamed to a hidden file beside it and renamed
+/// into place once complete (an upload cut short leaves nothing). As on ESXi the folder must
+/// exist (404 otherwise: `FileManager.MakeDirectory` makes it). 201 for a new file, 200 for a
+/// replaced one; 413 past the configured `max_upload`; 403 without `Datastore.FileManagement`
+/// on the datastore, or for a disk file of a powered-on VM (ESXi locks those).
+async fn put(state: &Shared, req: http::Request<Incoming>, rest: &str) -> Resp {
+    let cap = state.lock().unwrap_or_else(|p| p.into_inner()).cfg.max_upload;
+    let declared = req.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|l| l > cap) {
+        return plain(413, format!("uploads are limited to {cap} bytes"));
+    }
+    let (target, temp) = match put_target(state, &req, rest) {
+        Ok(x) => x,
+        Err((status, why)) => {
+            // Read the body before refusing, so a client still sending sees the answer.
+            let mut body = req.into_body();
+            let mut n = 0u64;
+            while let Some(Ok(frame)) = body.frame().await {
+                n += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if n > cap {
+                    break;
+                }
+            }
+            return plain(status, why);
+        }
+    };
+    let existed = target.exists();
+    let wrote = receive(req.into_body(), &temp, cap, declared).await;
+    let done =
+        wrote.and_then(|()| std::fs::rename(&temp, &target).map_err(|e| (500, format!("keeping the upload: {e}"))));
+    match done {
+        Ok(()) => plain(if existed { 200 } else { 201 }, ""),
+        Err((status, why)) => {
+            let _ = std::fs::remove_file(&temp);
+            plain(status, why)
+        }
+    }
+}
+
+/// Where an upload goes (the file, and the hidden file it is received into), or the refusal.
+fn put_target(state: &Shared, req: &http::Request<Incoming>, rest: &str) -> Result<(PathBuf, PathBuf), Refusal> {
+    let mut w = state.lock().unwrap_or_else(|p| p.into_inner());
+    let (dsi, rel) = locate(&mut w, req, rest)?;
+    if w.require(&w.datastores[dsi].moref, "Datastore.FileManagement").is_err() {
+        return Err((403, "no permission to write this datastore"));
+    }
+    let locked = w.vms.iter().any(|v| {
+        v.power != vsphere::PowerState::PoweredOff
+            && v.disks.iter().any(|d| d.ds == dsi && [&d.base_name, &d.flat_name].contains(&&rel))
+    });
+    if locked {
+        return Err((403, "the file is locked by a running VM"));
+    }
+    let target = w.ds_path(dsi, &rel);
+    if !target.parent().is_some_and(Path::is_dir) {
+        return Err((404, "no such folder: make it first"));
+    }
+    if target.is_dir() {
+        return Err((409, "a folder of that name exists"));
+    }
+    let n = w.id();
+    let name = target.file_name().and_then(|f| f.to_str()).unwrap_or("upload").to_owned();
+    let temp = target.with_file_name(format!(".{name}.upload-{n}"));
+    Ok((target, temp))
+}
+
+/// Streams a request body into `path`: at most `cap` bytes, exactly `declared` when given.
+async fn receive(mut body: Incoming, path: &Path, cap: u64, declared: Option<u64>) -> Result<(), (u16, String)> {
+    use tokio::io::AsyncWriteExt as _;
+    let mut out = tokio::fs::File::create(path).await.map_err(|e| (500, format!("creating the file: {e}")))?;
+    let mut n = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| (400, format!("reading the upload: {e}")))?;
+        let Ok(data) = frame.into_data() else { continue };
+        n += data.len() as u64;
+        if n > cap {
+            return Err((413, format!("uploads are limited to {cap} bytes")));
+        }
+        out.write_all(&data).await.map_err(|e| (500, format!("writing the file: {e}")))?;
+    }
+    if declared.is_some_and(|d| d != n) {
+        return Err((400, format!("{n} bytes came of the {declared:?} announced")));
+    }
+    out.flush().await.map_err(|e| (500, format!("writing the file: {e}")))?;
+    out.sync_all().await.map_err(|e| (500, format!("writing the file: {e}")))
 }

@@ -9,7 +9,6 @@ use std::time::Duration;
 use vsphere::xml::{self, Element, Limits, Ns, escape};
 use vsphere::{ConnectionState, DrsBehavior, MoRef};
 
-use crate::config::ControllerKind;
 use crate::world::{Collector, SimFault, TaskRec, VmState, World, iso_now};
 
 /// What a handler answers: the HTTP status, a session cookie to set, the body.
@@ -34,8 +33,13 @@ fn ok(method: &str, inner: &str) -> Answer {
 }
 
 fn fault_detail(f: &SimFault, obj: Option<&MoRef>) -> String {
+    if !f.detail.is_empty() {
+        return f.detail.clone();
+    }
     match f.kind.as_str() {
-        "FileFault" | "FileNotFound" | "FileLocked" | "NoDiskSpace" => format!("<file>{}</file>", escape(&f.message)),
+        "FileFault" | "FileNotFound" | "FileLocked" | "NoDiskSpace" | "FileAlreadyExists" => {
+            format!("<file>{}</file>", escape(&f.message))
+        }
         "ManagedObjectNotFound" | "NotAuthenticated" => obj.map(|o| mo("obj", o)).unwrap_or_default(),
         "InvalidArgument" => "<invalidProperty>changeId</invalidProperty>".into(),
         _ => String::new(),
@@ -52,15 +56,15 @@ fn fault(f: &SimFault, obj: Option<&MoRef>) -> Answer {
     Answer { status: 500, set_cookie: None, body: envelope(&inner) }
 }
 
-fn mo(tag: &str, m: &MoRef) -> String {
+pub(crate) fn mo(tag: &str, m: &MoRef) -> String {
     format!(r#"<{tag} type="{}">{}</{tag}>"#, escape(&m.kind), escape(&m.value))
 }
 
-fn typed_mo(tag: &str, m: &MoRef) -> String {
+pub(crate) fn typed_mo(tag: &str, m: &MoRef) -> String {
     format!(r#"<{tag} type="{}" xsi:type="ManagedObjectReference">{}</{tag}>"#, escape(&m.kind), escape(&m.value))
 }
 
-fn t(tag: &str, v: impl std::fmt::Display) -> String {
+pub(crate) fn t(tag: &str, v: impl std::fmt::Display) -> String {
     format!("<{tag}>{}</{tag}>", escape(&v.to_string()))
 }
 
@@ -169,10 +173,9 @@ fn dispatch(w: &mut World, state: &Shared, method: &str, this: Option<&MoRef>, c
         "Logout" => ok(method, ""),
         "CreateContainerView" => {
             let kinds: Vec<String> = call.children_named("type").map(|e| e.text.trim().to_owned()).collect();
-            let members = members(w, &kinds);
             let n = w.id();
             let id = format!("session[{}]view-{n}", w.instance_uuid);
-            w.views.insert(id.clone(), members);
+            w.views.insert(id.clone(), kinds);
             ok(method, &mo("returnval", &MoRef::new("ContainerView", &id)))
         }
         "DestroyView" => {
@@ -211,7 +214,16 @@ fn dispatch(w: &mut World, state: &Shared, method: &str, this: Option<&MoRef>, c
         | "ReconfigVM_Task"
         | "ConsolidateVMDisks_Task"
         | "ReconfigureComputeResource_Task"
-        | "DeleteDatastoreFile_Task" => match this {
+        | "DeleteDatastoreFile_Task"
+        | "CreateVM_Task"
+        | "RegisterVM_Task"
+        | "PowerOnVM_Task"
+        | "PowerOffVM_Task"
+        | "Destroy_Task"
+        | "Rename_Task"
+        | "CreateVirtualDisk_Task"
+        | "CopyVirtualDisk_Task"
+        | "DeleteVirtualDisk_Task" => match this {
             Some(obj) => start_task(w, state, method, obj.clone(), call),
             None => fault(&SimFault::new("InvalidRequest", "no _this"), None),
         },
@@ -394,6 +406,23 @@ fn dispatch(w: &mut World, state: &Shared, method: &str, this: Option<&MoRef>, c
                 Err(f) => fault(&f, Some(obj)),
             }
         }
+        "MakeDirectory" => {
+            let dc = call.child("datacenter").and_then(MoRef::from_element);
+            let parents = text("createParentDirectories").is_some_and(|p| p == "true");
+            match w.make_directory(&text("name").unwrap_or_default(), dc.as_ref(), parents) {
+                Ok(()) => ok(method, ""),
+                Err(f) => fault(&f, this),
+            }
+        }
+        "UnregisterVM" => {
+            let Some(vi) = this.and_then(|m| w.vm_index(m)) else {
+                return fault(&SimFault::new("ManagedObjectNotFound", "no such VM"), this);
+            };
+            match w.unregister_vm(vi) {
+                Ok(()) => ok(method, ""),
+                Err(f) => fault(&f, this),
+            }
+        }
         "AcquireGenericServiceTicket" => {
             let id = format!("cst-{:016x}", w.id().wrapping_mul(0xbf58_476d_1ce4_e5b9));
             ok(method, &format!("<returnval>{}</returnval>", t("id", id)))
@@ -426,7 +455,7 @@ fn service_content(w: &World) -> String {
     );
     let about = about.replace("</about>", &format!("{}</about>", t("instanceUuid", &w.instance_uuid)));
     format!(
-        "<returnval>{}{}{}{}{}{}{}{}{}{}</returnval>",
+        "<returnval>{}{}{}{}{}{}{}{}{}{}{}</returnval>",
         mo("rootFolder", &MoRef::new("Folder", root)),
         mo("propertyCollector", &MoRef::new("PropertyCollector", pc)),
         mo("viewManager", &MoRef::new("ViewManager", "ViewManager")),
@@ -439,6 +468,10 @@ fn service_content(w: &World) -> String {
         mo("taskManager", &MoRef::new("TaskManager", "TaskManager")),
         mo("searchIndex", &MoRef::new("SearchIndex", si)),
         mo("fileManager", &MoRef::new("FileManager", "FileManager")),
+        mo(
+            "virtualDiskManager",
+            &MoRef::new("VirtualDiskManager", if esx { "ha-vdiskmanager" } else { "VirtualDiskManager" })
+        ),
         mo("guestOperationsManager", &MoRef::new("GuestOperationsManager", "guestOperationsManager")),
     )
 }
@@ -465,6 +498,12 @@ fn members(w: &World, kinds: &[String]) -> Vec<MoRef> {
     if want("VirtualMachine") {
         out.extend(w.vms.iter().map(|v| v.moref.clone()));
     }
+    if want("Network") {
+        out.extend(w.networks.iter().map(|n| n.moref.clone()));
+    }
+    if want("ResourcePool") {
+        out.extend(w.pools().into_iter().map(|p| p.moref));
+    }
     out
 }
 
@@ -487,7 +526,7 @@ fn retrieve(w: &mut World, method: &str, call: &Element) -> Answer {
             }
             // One level of traversal: a container view's `view`.
             if os.children_named("selectSet").any(|s| s.text_of("path").is_some_and(|p| p.trim() == "view")) {
-                targets.extend(w.views.get(&obj.value).cloned().unwrap_or_default());
+                targets.extend(w.views.get(&obj.value).map(|k| members(w, k)).unwrap_or_default());
             }
             for target in targets {
                 let Some((_, paths, _)) = wanted.iter().find(|(k, _, _)| *k == target.kind) else { continue };
@@ -531,7 +570,7 @@ fn page(w: &mut World, mut rest: Vec<String>, size: usize) -> String {
     inner
 }
 
-fn prop(name: &str, ty: &str, val: &str) -> String {
+pub(crate) fn prop(name: &str, ty: &str, val: &str) -> String {
     format!(r#"<propSet><name>{name}</name><val xsi:type="{ty}">{val}</val></propSet>"#)
 }
 
@@ -550,6 +589,9 @@ fn invalid_property(p: &str) -> SimFault {
 }
 
 fn property(w: &World, obj: &MoRef, p: &str) -> Result<Option<String>, SimFault> {
+    if let Some(answer) = crate::inventory::property(w, obj, p) {
+        return answer;
+    }
     let s = |v: &str| Ok(Some(prop(p, "xsd:string", &escape(v))));
     match obj.kind.as_str() {
         "VirtualMachine" => {
@@ -745,9 +787,9 @@ fn property(w: &World, obj: &MoRef, p: &str) -> Result<Option<String>, SimFault>
         },
         "ContainerView" => match p {
             "view" => {
-                let m =
+                let kinds =
                     w.views.get(&obj.value).ok_or_else(|| SimFault::new("ManagedObjectNotFound", "no such view"))?;
-                let inner: String = m.iter().map(|x| typed_mo("ManagedObjectReference", x)).collect();
+                let inner: String = members(w, kinds).iter().map(|x| typed_mo("ManagedObjectReference", x)).collect();
                 Ok(Some(prop(p, "ArrayOfManagedObjectReference", &inner)))
             }
             _ => Err(invalid_property(p)),
@@ -767,15 +809,15 @@ fn property(w: &World, obj: &MoRef, p: &str) -> Result<Option<String>, SimFault>
 fn vm_property(w: &World, v: &VmState, p: &str) -> Result<Option<String>, SimFault> {
     let s = |x: &str| Ok(Some(prop(p, "xsd:string", &escape(x))));
     let b = |x: bool| Ok(Some(prop(p, "xsd:boolean", if x { "true" } else { "false" })));
+    if let Some(x) = crate::inventory::vm_property(w, v, p) {
+        return Ok(Some(x));
+    }
     match p {
         "name" => s(&v.name),
         "config.uuid" => s(&v.uuid),
         "config.instanceUuid" => s(&v.instance_uuid),
         "config.version" => s(&v.hardware),
         "config.guestId" => s(&v.guest),
-        "config.files.vmPathName" => {
-            s(&format!("[{}] {}/{}.vmx", w.datastores[v.disks.first().map_or(0, |d| d.ds)].name, v.name, v.name))
-        }
         "config.changeTrackingEnabled" => b(v.cbt),
         "capability.changeTrackingSupported" => {
             b(v.hardware.trim_start_matches("vmx-").parse::<u32>().is_ok_and(|n| n >= 7))
@@ -786,30 +828,7 @@ fn vm_property(w: &World, v: &VmState, p: &str) -> Result<Option<String>, SimFau
             .map(|k| prop(p, "CryptoKeyId", &format!("{}<providerId><id>sim-kms</id></providerId>", t("keyId", k))))),
         "config.hardware.device" => Ok(Some(prop(p, "ArrayOfVirtualDevice", &devices(w, v, None)))),
         // The whole configuration, as pyvmomi's `vm.config` asks for it.
-        "config" => {
-            let ds = &w.datastores[v.disks.first().map_or(0, |d| d.ds)].name;
-            let inner = format!(
-                "{}{}{}{}{}{}{}{}{}<files>{}</files><hardware>{}{}{}</hardware>{}",
-                t("changeVersion", "1"),
-                t("modified", iso_now()),
-                t("name", &v.name),
-                t("guestFullName", "Other Linux (64-bit)"),
-                t("version", &v.hardware),
-                t("uuid", &v.uuid),
-                t("instanceUuid", &v.instance_uuid),
-                t("changeTrackingEnabled", v.cbt),
-                t("guestId", &v.guest),
-                t("vmPathName", format!("[{ds}] {}/{}.vmx", v.name, v.name)),
-                t("numCPU", 2),
-                t("memoryMB", 4096),
-                devices(w, v, None).replace("<VirtualDevice ", "<device ").replace("</VirtualDevice>", "</device>"),
-                v.key_id
-                    .as_ref()
-                    .map(|k| format!("<keyId>{}<providerId><id>sim-kms</id></providerId></keyId>", t("keyId", k)))
-                    .unwrap_or_default(),
-            );
-            Ok(Some(prop(p, "VirtualMachineConfigInfo", &inner)))
-        }
+        "config" => Ok(Some(prop(p, "VirtualMachineConfigInfo", &crate::inventory::config(w, v)))),
         "runtime.powerState" => Ok(Some(prop(p, "VirtualMachinePowerState", v.power.as_str()))),
         "runtime.connectionState" => {
             Ok(Some(prop(p, "VirtualMachineConnectionState", ConnectionState::Connected.as_str())))
@@ -879,22 +898,27 @@ fn snapshot_trees(v: &VmState, parent: Option<&MoRef>) -> String {
 }
 
 /// The VM's devices now (`snap` None) or as of one of its snapshots.
-fn devices(w: &World, v: &VmState, snap: Option<usize>) -> String {
-    let (controller_key, kind, label, summary) = match v.controller.unwrap_or(ControllerKind::Pvscsi) {
-        ControllerKind::Pvscsi => (1000, "ParaVirtualSCSIController", "SCSI controller 0", "VMware paravirtual SCSI"),
-        ControllerKind::Lsisas1068 => (1000, "VirtualLsiLogicSASController", "SCSI controller 0", "LSI Logic SAS"),
-        ControllerKind::Lsilogic => (1000, "VirtualLsiLogicController", "SCSI controller 0", "LSI Logic"),
-        ControllerKind::Sata => (15000, "VirtualAHCIController", "SATA controller 0", "AHCI"),
-    };
-    let scsi_unit = if controller_key == 1000 {
-        "<sharedBus>noSharing</sharedBus><scsiCtlrUnitNumber>7</scsiCtlrUnitNumber>"
-    } else {
-        ""
-    };
-    let mut out = format!(
-        r#"<VirtualDevice xsi:type="{kind}"><key>{controller_key}</key><deviceInfo><label>{label}</label><summary>{summary}</summary></deviceInfo><busNumber>0</busNumber>{scsi_unit}</VirtualDevice>"#,
-    );
-    for d in &v.disks {
+pub(crate) fn devices(w: &World, v: &VmState, snap: Option<usize>) -> String {
+    let mut out = String::new();
+    for c in &v.controllers {
+        let scsi_unit = if c.kind.bus() == "scsi" {
+            "<sharedBus>noSharing</sharedBus><scsiCtlrUnitNumber>7</scsiCtlrUnitNumber>"
+        } else {
+            ""
+        };
+        let attached: String =
+            v.disks.iter().filter(|d| d.controller_key == c.key).map(|d| t("device", d.key)).collect();
+        let _ = write!(
+            out,
+            r#"<VirtualDevice xsi:type="{}"><key>{}</key><deviceInfo><label>{}</label><summary>{}</summary></deviceInfo><busNumber>{}</busNumber>{attached}{scsi_unit}</VirtualDevice>"#,
+            c.kind.wire(),
+            c.key,
+            c.kind.label(c.bus),
+            c.kind.summary(),
+            c.bus,
+        );
+    }
+    for (i, d) in v.disks.iter().enumerate() {
         let ds = &w.datastores[d.ds];
         let (file, change_id) = match snap {
             Some(si) => {
@@ -950,13 +974,42 @@ fn devices(w: &World, v: &VmState, snap: Option<usize>) -> String {
         };
         let _ = write!(
             out,
-            r#"<VirtualDevice xsi:type="VirtualDisk"><key>{}</key><deviceInfo><label>Hard disk {}</label><summary>{} KB</summary></deviceInfo>{backing}<controllerKey>{controller_key}</controllerKey><unitNumber>{}</unitNumber><capacityInKB>{}</capacityInKB><capacityInBytes>{}</capacityInBytes></VirtualDevice>"#,
+            r#"<VirtualDevice xsi:type="VirtualDisk"><key>{}</key><deviceInfo><label>Hard disk {}</label><summary>{} KB</summary></deviceInfo>{backing}<controllerKey>{}</controllerKey><unitNumber>{}</unitNumber><capacityInKB>{}</capacityInKB><capacityInBytes>{}</capacityInBytes></VirtualDevice>"#,
             d.key,
-            d.key - 1999,
+            i + 1,
             d.capacity / 1024,
+            d.controller_key,
             d.unit,
             d.capacity / 1024,
             d.capacity
+        );
+    }
+    for (i, n) in v.nics.iter().enumerate() {
+        let net = n.network.map(|x| &w.networks[x]);
+        let backing = net
+            .map(|x| {
+                format!(
+                    r#"<backing xsi:type="VirtualEthernetCardNetworkBackingInfo">{}{}</backing>"#,
+                    t("deviceName", &x.name),
+                    mo("network", &x.moref)
+                )
+            })
+            .unwrap_or_default();
+        let _ = write!(
+            out,
+            r#"<VirtualDevice xsi:type="{}"><key>{}</key><deviceInfo><label>Network adapter {}</label><summary>{}</summary></deviceInfo>{backing}<connectable>{}{}{}{}</connectable><controllerKey>100</controllerKey><unitNumber>{}</unitNumber>{}{}{}</VirtualDevice>"#,
+            n.kind.wire(),
+            n.key,
+            i + 1,
+            escape(net.map_or("", |x| x.name.as_str())),
+            t("startConnected", n.start_connected),
+            t("allowGuestControl", n.allow_guest_control),
+            t("connected", n.connected),
+            t("status", if n.connected { "ok" } else { "untried" }),
+            7 + i,
+            t("addressType", &n.address_type),
+            t("macAddress", &n.mac),
+            t("wakeOnLanEnabled", true),
         );
     }
     for i in 0..v.usb {
@@ -1021,10 +1074,59 @@ fn run_op(w: &mut World, method: &str, obj: &MoRef, call: &Element) -> Result<Op
         "RemoveSnapshot_Task" => w.remove_snapshot(obj).map(|()| None),
         "ReconfigVM_Task" => {
             let vi = vm()?;
-            if let Some(on) = call.child("spec").and_then(|s| s.text_of("changeTrackingEnabled")) {
-                w.set_cbt(vi, on.trim() == "true");
+            let spec = call.child("spec").map(crate::spec::vm_spec).transpose()?.unwrap_or_default();
+            w.reconfigure_vm(vi, &spec).map(|()| None)
+        }
+        "CreateVM_Task" | "RegisterVM_Task" => {
+            let pool = call
+                .child("pool")
+                .and_then(MoRef::from_element)
+                .ok_or_else(|| SimFault::new("InvalidArgument", "a resource pool is required"))?;
+            let host = call.child("host").and_then(MoRef::from_element);
+            if method == "CreateVM_Task" {
+                let spec = crate::spec::vm_spec(
+                    call.child("config").ok_or_else(|| SimFault::new("InvalidArgument", "a config is required"))?,
+                )?;
+                w.create_vm(obj, spec, &pool, host.as_ref(), None).map(Some)
+            } else {
+                if call.text_of("asTemplate").is_some_and(|t| t.trim() == "true") {
+                    return Err(SimFault::new("NotSupported", "the simulator has no templates"));
+                }
+                let path = call.text_of("path").unwrap_or_default().trim().to_owned();
+                let name = call.text_of("name").map(str::trim);
+                w.register_vm(obj, &path, name, &pool, host.as_ref()).map(Some)
             }
-            Ok(None)
+        }
+        "PowerOnVM_Task" | "PowerOffVM_Task" => {
+            let vi = vm()?;
+            w.set_power_api(vi, method == "PowerOnVM_Task").map(|()| None)
+        }
+        "Destroy_Task" => {
+            let vi = vm()?;
+            w.destroy_vm(vi).map(|()| None)
+        }
+        "Rename_Task" => {
+            let vi = vm()?;
+            w.rename_vm(vi, call.text_of("newName").unwrap_or_default()).map(|()| None)
+        }
+        "CreateVirtualDisk_Task" | "CopyVirtualDisk_Task" | "DeleteVirtualDisk_Task" => {
+            let dc = |tag: &str| call.child(tag).and_then(MoRef::from_element);
+            let name = |tag: &str| call.text_of(tag).unwrap_or_default().trim().to_owned();
+            match method {
+                "CreateVirtualDisk_Task" => {
+                    let kb: u64 = call.child("spec").and_then(|s| s.parse_of("capacityKb")).unwrap_or(0);
+                    w.create_virtual_disk(&name("name"), dc("datacenter").as_ref(), kb.saturating_mul(1024))
+                }
+                "CopyVirtualDisk_Task" => w.copy_virtual_disk(
+                    &name("sourceName"),
+                    dc("sourceDatacenter").as_ref(),
+                    &name("destName"),
+                    dc("destDatacenter").as_ref(),
+                    call.text_of("force").is_some_and(|f| f.trim() == "true"),
+                ),
+                _ => w.delete_virtual_disk(&name("name"), dc("datacenter").as_ref()),
+            }
+            .map(|()| None)
         }
         "ConsolidateVMDisks_Task" => {
             let vi = vm()?;
@@ -1072,6 +1174,10 @@ fn start_task(w: &mut World, state: &Shared, method: &str, obj: MoRef, call: &El
         "RemoveSnapshot_Task" => w.snapshot_owner(&obj).is_some(),
         "DeleteDatastoreFile_Task" => obj.kind == "FileManager",
         "ReconfigureComputeResource_Task" => w.clusters.iter().any(|c| c.moref == obj),
+        "CreateVM_Task" | "RegisterVM_Task" => w.folder_dc(&obj).is_some(),
+        "CreateVirtualDisk_Task" | "CopyVirtualDisk_Task" | "DeleteVirtualDisk_Task" => {
+            obj.kind == "VirtualDiskManager"
+        }
         _ => w.vm_index(&obj).is_some(),
     };
     if !known {
@@ -1103,12 +1209,27 @@ fn start_task(w: &mut World, state: &Shared, method: &str, obj: MoRef, call: &El
         "ReconfigVM_Task" => "VirtualMachine.reconfigure",
         "DeleteDatastoreFile_Task" => "FileManager.deleteFile",
         "ReconfigureComputeResource_Task" => "ClusterComputeResource.reconfigureEx",
+        "CreateVM_Task" => "Folder.createVm",
+        "RegisterVM_Task" => "Folder.registerVm",
+        "PowerOnVM_Task" => "VirtualMachine.powerOn",
+        "PowerOffVM_Task" => "VirtualMachine.powerOff",
+        "Destroy_Task" => "VirtualMachine.destroy",
+        "Rename_Task" => "VirtualMachine.rename",
+        "CreateVirtualDisk_Task" => "VirtualDiskManager.createVirtualDisk",
+        "CopyVirtualDisk_Task" => "VirtualDiskManager.copyVirtualDisk",
+        "DeleteVirtualDisk_Task" => "VirtualDiskManager.deleteVirtualDisk",
         _ => "VirtualMachine.consolidateDisks",
     };
     // TaskInfo.entity is a ManagedEntity: for a snapshot's removal, its VM (vcsim names the
     // snapshot there, which pyvmomi refuses).
+    // A virtual disk's task is its datacenter's (the disk manager is no ManagedEntity).
     let entity = match w.snapshot_owner(&obj) {
         Some((vi, _)) => w.vms[vi].moref.clone(),
+        None if obj.kind == "VirtualDiskManager" => ["datacenter", "sourceDatacenter"]
+            .iter()
+            .find_map(|tag| call.child(tag).and_then(MoRef::from_element))
+            .or_else(|| w.datacenters.first().map(|d| d.moref.clone()))
+            .unwrap_or_else(|| obj.clone()),
         None => obj.clone(),
     };
     let mut rec = TaskRec {

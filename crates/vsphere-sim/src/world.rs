@@ -14,6 +14,7 @@ use vsphere::{DiskMode, DrsBehavior, MoRef, PowerState, ToolsRunningStatus};
 
 use crate::SimError;
 use crate::config::{Config, ControllerKind};
+use crate::devices::{Controller, CtrlKind, Nic};
 
 /// A fault the simulator answers with: its type and message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,12 +23,20 @@ pub struct SimFault {
     pub kind: String,
     /// The message.
     pub message: String,
+    /// The fault's own fields as XML (`<file>...</file>`); empty: the usual ones for its kind.
+    pub detail: String,
 }
 
 impl SimFault {
     /// A fault.
     pub fn new(kind: &str, message: impl Into<String>) -> Self {
-        Self { kind: kind.to_owned(), message: message.into() }
+        Self { kind: kind.to_owned(), message: message.into(), detail: String::new() }
+    }
+
+    /// The same fault with these fields (XML, in WSDL order).
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = detail.into();
+        self
     }
 }
 
@@ -75,7 +84,7 @@ pub(crate) struct Track {
 }
 
 impl Track {
-    fn new(n: u64) -> Self {
+    pub(crate) fn new(n: u64) -> Self {
         let mut epoch = [0u8; 16];
         let mut x = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ now_nanos();
         for b in &mut epoch {
@@ -97,7 +106,7 @@ impl Track {
     }
 }
 
-fn now_nanos() -> u64 {
+pub(crate) fn now_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_nanos() & u128::from(u64::MAX)).unwrap_or(0))
@@ -106,7 +115,7 @@ fn now_nanos() -> u64 {
 
 /// The server's clock as ISO 8601.
 /// The descriptor of a VMFS flat disk `<stem>.vmdk` over `<stem>-flat.vmdk`.
-fn descriptor(stem: &str, capacity: u64) -> String {
+pub(crate) fn descriptor(stem: &str, capacity: u64) -> String {
     format!(
         "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"vmfs\"\n\nRW {} VMFS \"{stem}-flat.vmdk\"\n",
         capacity / 512
@@ -120,6 +129,8 @@ pub(crate) fn iso_now() -> String {
 #[derive(Debug)]
 pub(crate) struct DiskState {
     pub(crate) key: i32,
+    /// The key of the controller it hangs on.
+    pub(crate) controller_key: i32,
     pub(crate) unit: i32,
     pub(crate) capacity: u64,
     pub(crate) ds: usize,
@@ -177,11 +188,26 @@ pub(crate) struct VmState {
     pub(crate) snapshots: Vec<SnapRec>,
     pub(crate) current: Option<MoRef>,
     pub(crate) consolidation_needed: bool,
+    /// Made through the API (`CreateVM_Task`, `RegisterVM_Task`): its `.vmx` follows its
+    /// configuration. A configured VM's `.vmx` stays as the estate wrote it.
+    pub(crate) api_made: bool,
     pub(crate) guest_password: Option<String>,
     /// Programs started in the guest, in order.
     pub(crate) guest_runs: Vec<GuestRun>,
-    /// The disks' controller as configured (none: PVSCSI).
-    pub(crate) controller: Option<ControllerKind>,
+    /// Disk controllers (a configured VM has one).
+    pub(crate) controllers: Vec<Controller>,
+    pub(crate) nics: Vec<Nic>,
+    pub(crate) num_cpus: u32,
+    pub(crate) cores_per_socket: Option<u32>,
+    pub(crate) memory_mb: u64,
+    /// `bios` or `efi`.
+    pub(crate) firmware: String,
+    /// `config.extraConfig` as set through the API.
+    pub(crate) extra_config: Vec<(String, String)>,
+    /// The `.vmx`: its datastore and its path there (`vm/vm.vmx`).
+    pub(crate) vmx: (usize, String),
+    /// The resource pool it runs in.
+    pub(crate) pool: MoRef,
 }
 
 /// A program started in a guest through the guest operations API.
@@ -252,10 +278,14 @@ pub(crate) struct World {
     pub(crate) hosts: Vec<Named>,
     pub(crate) datastores: Vec<Named>,
     pub(crate) clusters: Vec<ClusterState>,
+    /// Standard port groups (`extra`: unused).
+    pub(crate) networks: Vec<Named>,
     pub(crate) vms: Vec<VmState>,
-    /// VM moref value -> index in `vms` (VMs are never removed).
+    /// VM moref value -> index in `vms`, rebuilt when a VM is removed.
     vm_ids: HashMap<String, usize>,
-    pub(crate) views: HashMap<String, Vec<MoRef>>,
+    /// Container view -> the managed object types it lists (its members are looked up live,
+    /// as a server's views follow the inventory).
+    pub(crate) views: HashMap<String, Vec<String>>,
     pub(crate) tasks: HashMap<String, TaskRec>,
     pub(crate) collectors: HashMap<String, Collector>,
     /// Token -> the objects still to send, and the page size the client asked for.
@@ -266,7 +296,7 @@ pub(crate) struct World {
     pub(crate) cert_pem: Option<String>,
 }
 
-fn uuid_of(n: u64, salt: u64) -> String {
+pub(crate) fn uuid_of(n: u64, salt: u64) -> String {
     let a = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ salt;
     let b = a.rotate_left(17).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     format!(
@@ -292,6 +322,7 @@ impl World {
             datacenters: Vec::new(),
             hosts: Vec::new(),
             datastores: Vec::new(),
+            networks: Vec::new(),
             vms: Vec::new(),
             vm_ids: HashMap::new(),
             views: HashMap::new(),
@@ -338,6 +369,17 @@ impl World {
                     overrides: Vec::new(),
                 });
             }
+            let default_network = [crate::config::NetworkConfig { name: "VM Network".into() }];
+            let networks = if dc.networks.is_empty() { &default_network[..] } else { &dc.networks };
+            for n in networks {
+                let id = if esx { format!("HaNetwork-{}", n.name) } else { format!("network-{}", w.id()) };
+                w.networks.push(Named {
+                    moref: MoRef::new("Network", &id),
+                    name: n.name.clone(),
+                    dc: di,
+                    extra: String::new(),
+                });
+            }
             for d in &dc.datastores {
                 let dir = root.join(&d.name);
                 std::fs::create_dir_all(&dir).map_err(|e| SimError::io(&dir, e))?;
@@ -358,6 +400,8 @@ impl World {
                     .or_else(|| w.hosts.iter().position(|x| x.dc == di))
                     .unwrap_or(0);
                 let moref = MoRef::new("VirtualMachine", &if esx { n.to_string() } else { format!("vm-{n}") });
+                let kind = v.controller.map_or(CtrlKind::Pvscsi, CtrlKind::from);
+                let ctrl = Controller { key: kind.base_key(), kind, bus: 0 };
                 let mut disks = Vec::new();
                 for (i, d) in v.disks.iter().enumerate() {
                     let ds = d
@@ -388,6 +432,7 @@ impl World {
                     let tracked = v.cbt && d.backing != "rdm-physical";
                     disks.push(DiskState {
                         key: 2000 + di,
+                        controller_key: ctrl.key,
                         unit,
                         capacity,
                         ds,
@@ -440,8 +485,15 @@ impl World {
                     let nvram = vmx.with_extension("nvram");
                     std::fs::write(&nvram, format!("NVRAM of {}\n", v.name)).map_err(|e| SimError::io(&nvram, e))?;
                 }
-                w.vm_ids.insert(moref.value.clone(), w.vms.len());
-                w.vms.push(VmState {
+                let firmware = v
+                    .vmx_extra
+                    .as_deref()
+                    .and_then(|x| crate::vmx::Vmx::parse(x).ok())
+                    .and_then(|x| x.get("firmware").map(str::to_owned))
+                    .unwrap_or_else(|| "bios".into());
+                let vmx = (disks.first().map_or(0, |d| d.ds), format!("{0}/{0}.vmx", v.name));
+                let pool = w.pool_of_host(host);
+                w.push_vm(VmState {
                     moref,
                     name: v.name.clone(),
                     dc: di,
@@ -460,9 +512,18 @@ impl World {
                     snapshots: Vec::new(),
                     current: None,
                     consolidation_needed: false,
+                    api_made: false,
                     guest_password: v.guest_password.clone(),
                     guest_runs: Vec::new(),
-                    controller: v.controller,
+                    controllers: vec![ctrl],
+                    nics: Vec::new(),
+                    num_cpus: 2,
+                    cores_per_socket: None,
+                    memory_mb: 4096,
+                    firmware,
+                    extra_config: Vec::new(),
+                    vmx,
+                    pool,
                 });
             }
         }
@@ -472,6 +533,17 @@ impl World {
     pub(crate) fn id(&mut self) -> u64 {
         self.next += 1;
         self.next
+    }
+
+    /// Adds a VM to the inventory.
+    pub(crate) fn push_vm(&mut self, v: VmState) {
+        self.vm_ids.insert(v.moref.value.clone(), self.vms.len());
+        self.vms.push(v);
+    }
+
+    /// Rebuilds the moref index after a VM left `vms`.
+    pub(crate) fn reindex_vms(&mut self) {
+        self.vm_ids = self.vms.iter().enumerate().map(|(i, v)| (v.moref.value.clone(), i)).collect();
     }
 
     pub(crate) fn vm_index(&self, moref: &MoRef) -> Option<usize> {
@@ -498,9 +570,12 @@ impl World {
     /// An entity's name as the configuration names it (`root` for the root folder).
     pub(crate) fn entity_name(&self, m: &MoRef) -> Option<String> {
         if m.kind == "Folder" {
-            return Some("root".into());
+            return Some(if self.folder_dc(m).is_some() { "vm" } else { "root" }.into());
         }
-        let named = self.datastores.iter().chain(&self.hosts).chain(&self.datacenters);
+        if m.kind == "ResourcePool" {
+            return Some("Resources".into());
+        }
+        let named = self.datastores.iter().chain(&self.hosts).chain(&self.datacenters).chain(&self.networks);
         named
             .map(|n| (&n.moref, &n.name))
             .chain(self.vms.iter().map(|v| (&v.moref, &v.name)))
@@ -647,7 +722,7 @@ impl World {
     /// `vm-000001-sesparse.vmdk` on VMFS, `vm-000001-delta.vmdk` on NFS), each naming its
     /// parent by CID; the newest snapshot's file is the one the snapshot lists. Deltas past the
     /// chain (after a removal) are deleted.
-    fn write_deltas(&self, vm: usize) -> Result<(), SimError> {
+    pub(crate) fn write_deltas(&self, vm: usize) -> Result<(), SimError> {
         let v = &self.vms[vm];
         let n = v.snapshots.len();
         for d in v.disks.iter().filter(|d| !d.mode.independent()) {
@@ -806,14 +881,7 @@ impl World {
         cluster: &MoRef,
         specs: Vec<(String, MoRef, Option<bool>, Option<DrsBehavior>)>,
     ) -> Result<(), SimFault> {
-        let name = self.entity_name(cluster);
-        let denied = self.cfg.denied.iter().any(|d| {
-            (d.entity == "*" || Some(&d.entity) == name.as_ref())
-                && d.privileges.iter().any(|p| p == "Host.Inventory.EditCluster")
-        });
-        if denied {
-            return Err(SimFault::new("NoPermission", "Permission to perform this operation was denied."));
-        }
+        self.require(cluster, "Host.Inventory.EditCluster")?;
         let c = self
             .clusters
             .iter_mut()
@@ -973,9 +1041,23 @@ const PRIVILEGES: &[&str] = &[
     "Global.DisableMethods",
     "Global.EnableMethods",
     "Global.Licenses",
+    "Datastore.AllocateSpace",
     "Datastore.Browse",
     "Datastore.FileManagement",
     "Host.Inventory.EditCluster",
+    "Network.Assign",
+    "Resource.AssignVMToPool",
+    "VirtualMachine.Config.AddExistingDisk",
+    "VirtualMachine.Config.AddNewDisk",
+    "VirtualMachine.Config.RemoveDisk",
+    "VirtualMachine.Config.EditDevice",
+    "VirtualMachine.Config.Rename",
+    "VirtualMachine.Inventory.Create",
+    "VirtualMachine.Inventory.Register",
+    "VirtualMachine.Inventory.Delete",
+    "VirtualMachine.Inventory.Unregister",
+    "VirtualMachine.Interact.PowerOn",
+    "VirtualMachine.Interact.PowerOff",
     "VirtualMachine.Config.ChangeTracking",
     "VirtualMachine.Config.DiskLease",
     "VirtualMachine.Provisioning.DiskRandomRead",

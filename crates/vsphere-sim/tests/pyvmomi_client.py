@@ -13,11 +13,17 @@ from pyVim.task import WaitForTask
 from pyVmomi import vim
 
 
-def main():
+def connect():
+    """Logs in as HOST PORT USER PASSWORD_FILE (the first arguments) say: (si, host, port)."""
     host, port, user, pw_file = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     with open(pw_file) as f:
         pwd = f.readline().rstrip("\n")
     si = SmartConnect(host=host, port=port, user=user, pwd=pwd, disableSslCertValidation=True)
+    return si, host, port
+
+
+def main():
+    si, host, port = connect()
     out = {}
     try:
         content = si.RetrieveContent()
