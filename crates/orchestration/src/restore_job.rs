@@ -158,7 +158,7 @@ fn forget(state_dir: &Path, id: &str) {
 pub async fn sweep(client: &Client, state_dir: &Path) -> Result<Vec<String>, OrchError> {
     let dir = intents_dir(state_dir);
     let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(Vec::new()) };
-    let server = client.endpoint().to_string();
+    let server = client.endpoint().authority();
     let mut done = Vec::new();
     for e in entries.flatten() {
         let path = e.path();
@@ -302,7 +302,7 @@ pub async fn restore_new_vm(
     let mut intent = Intent {
         id: id.clone(),
         owner: crate::drill_job::process_identity(std::process::id()).unwrap_or_default(),
-        server: client.endpoint().to_string(),
+        server: client.endpoint().authority(),
         datacenter: placement.datacenter.value.clone(),
         datacenter_name: placement.datacenter_name.clone(),
         name: options.name.clone(),
@@ -464,7 +464,7 @@ fn sparse_body(
     layout: vmdk::SparseLayout,
     step: String,
     progress: &(dyn Fn(Progress) + Sync),
-) -> vsphere::datastore::Body {
+) -> ReceiverBody {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     let total = layout.len();
     progress(Progress { step: step.clone(), done: 0, total });
@@ -506,7 +506,20 @@ fn sparse_body(
             flush(run);
         }
     });
-    vsphere::datastore::Body::from_receiver(rx)
+    ReceiverBody(rx)
+}
+
+/// An upload's body as its bytes are produced on another thread.
+struct ReceiverBody(tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>);
+
+impl futures_core::Stream for ReceiverBody {
+    type Item = Result<Bytes, std::io::Error>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
+    }
 }
 
 /// A run's length in the file: whole grains.
@@ -535,7 +548,7 @@ async fn verify_disk(
         Verify::Sample => {
             let data = allocation(point).await?;
             let mut v = vec![0, cap.saturating_sub(PIECE) / PIECE * PIECE];
-            let extents: Vec<(u64, u64)> = data.iter().collect();
+            let extents: Vec<(u64, u64)> = data.iter().map(|e| (e.start(), e.len())).collect();
             let mut x = cap ^ 0x9e37_79b9_7f4a_7c15;
             for _ in 0..32.min(extents.len() * 4) {
                 x ^= x << 13;
