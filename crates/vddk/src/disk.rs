@@ -172,13 +172,24 @@ impl Disk {
 
     /// Writes `buf` (whole sectors) at `sector`; returns the buffer for reuse.
     pub fn write(&self, sector: u64, buf: Vec<u8>) -> Result<Vec<u8>, VddkError> {
+        self.write_request(sector, buf)?.wait().ok_or(VddkError::WorkerGone)?
+    }
+
+    /// The same write, as a future (for the block pipeline's sinks); the worker does the work,
+    /// in the order the requests were made.
+    pub fn write_request(&self, sector: u64, buf: Vec<u8>) -> Result<ReplyRx<Result<Vec<u8>, VddkError>>, VddkError> {
         check_sectors(buf.len())?;
-        self.send(|reply| Command::Write { sector, buf, reply })?.wait().ok_or(VddkError::WorkerGone)?
+        self.send(|reply| Command::Write { sector, buf, reply })
     }
 
     /// `Wait` then `Flush`.
     pub fn flush(&self) -> Result<(), VddkError> {
-        self.send(|reply| Command::Flush { reply })?.wait().ok_or(VddkError::WorkerGone)?
+        self.flush_request()?.wait().ok_or(VddkError::WorkerGone)?
+    }
+
+    /// The same flush, as a future: it runs after every request made before it.
+    pub fn flush_request(&self) -> Result<ReplyRx<Result<(), VddkError>>, VddkError> {
+        self.send(|reply| Command::Flush { reply })
     }
 
     /// The allocated ranges `(first sector, sectors)` of `[start, start+count)` at `chunk`

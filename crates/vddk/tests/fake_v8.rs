@@ -96,6 +96,18 @@ fn metadata_and_errors() {
     disk.flush().unwrap();
     let on_disk = std::fs::read(&path).unwrap();
     assert_eq!(&on_disk[100 * 512..100 * 512 + 1024], &pattern[..]);
+    // Writes and a flush queued as futures, before any is awaited: the worker runs them in
+    // order, so the second write to sector 300 wins and the flush follows both.
+    let first = disk.write_request(300, vec![1; 1024]).unwrap();
+    let second = disk.write_request(300, vec![2; 512]).unwrap();
+    let flushed = disk.flush_request().unwrap();
+    assert!(matches!(disk.write_request(0, vec![0; 100]), Err(VddkError::Invalid(_))));
+    block_on(flushed).unwrap().unwrap();
+    assert_eq!(block_on(second).unwrap().unwrap(), vec![2; 512]);
+    assert_eq!(block_on(first).unwrap().unwrap().len(), 1024);
+    let on_disk = std::fs::read(&path).unwrap();
+    assert!(on_disk[300 * 512..301 * 512].iter().all(|&b| b == 2), "the later write wins");
+    assert!(on_disk[301 * 512..302 * 512].iter().all(|&b| b == 1));
     let missing = conn.open("/nonexistent/disk.vmdk", OpenFlags::default()).unwrap_err();
     assert!(missing.to_string().contains("VixDiskLib_Open failed"), "{missing}");
 }

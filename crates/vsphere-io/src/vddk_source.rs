@@ -17,7 +17,7 @@ use crate::OpenError as OrchError;
 /// failure is transient, and the copy engine retries it; a read past the end or an argument
 /// refused is invalid input; refused credentials and the rest are fatal (the engine cannot log
 /// in again).
-fn vddk_kind(e: &vddk::VddkError) -> ErrorKind {
+pub(crate) fn vddk_kind(e: &vddk::VddkError) -> ErrorKind {
     use vddk::ErrorClass as C;
     match e {
         vddk::VddkError::Call { class, .. } => match class {
@@ -46,54 +46,74 @@ fn cookie_value(header: &str) -> String {
     v.trim_matches('"').to_owned()
 }
 
+/// Connects VDDK to `vm` through the server `client` is logged in to, reusing its session (as
+/// a cookie: no password is handed over). As of `snapshot`, read-only, for reading; with no
+/// snapshot, read-write, for writing into the VM's current disks. Blocking (VDDK's connect is).
+pub(crate) fn connect_vm(
+    vddk: &Vddk,
+    client: &Client,
+    vm: &MoRef,
+    snapshot: Option<&MoRef>,
+) -> Result<Connection, OrchError> {
+    let endpoint = client.endpoint();
+    let tls = client
+        .server_tls()
+        .ok_or_else(|| OrchError::Refused("VDDK needs the server's certificate thumbprint; none was seen".into()))?;
+    let cookie = client.session_cookie().ok_or_else(|| OrchError::Refused("VDDK needs a logged-in session".into()))?;
+    let params = ConnectParams {
+        server: Some(endpoint.host.clone()),
+        thumbprint: Some(tls.sha1.to_string()),
+        credentials: Some(Credentials::SessionCookie {
+            user: client.user().unwrap_or_default(),
+            cookie: cookie_value(&cookie),
+            key: None,
+        }),
+        vm_moref: Some(vm.value.clone()),
+        snapshot_moref: snapshot.map(|s| s.value.clone()),
+        transports: Vec::new(),
+        read_only: snapshot.is_some(),
+        port: Some(u32::from(endpoint.port)),
+        nfc_port: None,
+    };
+    vddk.connect(&params).map_err(|e| OrchError::Refused(format!("VDDK: {e}")))
+}
+
 impl VddkVm {
-    /// Connects VDDK to `vm` as of `snapshot`, through the server `client` is logged in to,
-    /// reusing its session. Blocking (VDDK's connect is): call it off the async workers.
+    /// Connects VDDK to `vm` as of `snapshot`, read-only, through the server `client` is
+    /// logged in to, reusing its session. Blocking (VDDK's connect is): call it off the async
+    /// workers.
     pub fn connect(vddk: &Vddk, client: &Client, vm: &MoRef, snapshot: &MoRef) -> Result<Self, OrchError> {
-        let endpoint = client.endpoint();
-        let tls = client.server_tls().ok_or_else(|| {
-            OrchError::Refused("VDDK needs the server's certificate thumbprint; none was seen".into())
-        })?;
-        let cookie =
-            client.session_cookie().ok_or_else(|| OrchError::Refused("VDDK needs a logged-in session".into()))?;
-        let params = ConnectParams {
-            server: Some(endpoint.host.clone()),
-            thumbprint: Some(tls.sha1.to_string()),
-            credentials: Some(Credentials::SessionCookie {
-                user: client.user().unwrap_or_default(),
-                cookie: cookie_value(&cookie),
-                key: None,
-            }),
-            vm_moref: Some(vm.value.clone()),
-            snapshot_moref: Some(snapshot.value.clone()),
-            transports: Vec::new(),
-            read_only: true,
-            port: Some(u32::from(endpoint.port)),
-            nfc_port: None,
-        };
-        let conn = vddk.connect(&params).map_err(|e| OrchError::Refused(format!("VDDK: {e}")))?;
-        Ok(Self { conn })
+        Ok(Self { conn: connect_vm(vddk, client, vm, Some(snapshot))? })
     }
 
     /// Opens one disk of the snapshot (its `[datastore] path` from the snapshot's devices).
     /// Blocking.
     pub fn open(&self, path: &str, capacity: u64, identity: String) -> Result<VddkSource, OrchError> {
-        let disk = self
-            .conn
-            .open(path, OpenFlags { read_only: true, ..Default::default() })
-            .map_err(|e| OrchError::Refused(format!("VDDK cannot open {path}: {e}")))?;
-        let size = disk.info().capacity();
-        if size < capacity {
-            return Err(OrchError::Refused(format!("{path}: VDDK says {size} bytes, the disk is {capacity}")));
-        }
+        let disk = open_disk(&self.conn, path, capacity, OpenFlags { read_only: true, ..Default::default() })?;
         Ok(VddkSource {
             disk: Arc::new(disk),
             name: path.to_owned(),
             identity,
             size: capacity,
-            spare: Mutex::default(),
+            spare: Spare::default(),
         })
     }
+}
+
+/// Opens the disk at `path` (`[datastore] path`) on `conn`, which must hold at least `capacity`
+/// bytes. Blocking.
+pub(crate) fn open_disk(
+    conn: &Connection,
+    path: &str,
+    capacity: u64,
+    flags: OpenFlags,
+) -> Result<vddk::Disk, OrchError> {
+    let disk = conn.open(path, flags).map_err(|e| OrchError::Refused(format!("VDDK cannot open {path}: {e}")))?;
+    let size = disk.info().capacity();
+    if size < capacity {
+        return Err(OrchError::Refused(format!("{path}: VDDK says {size} bytes, the disk is {capacity}")));
+    }
+    Ok(disk)
 }
 
 /// One disk read through VDDK.
@@ -103,9 +123,28 @@ pub struct VddkSource {
     name: String,
     identity: String,
     size: u64,
-    /// Read buffers VDDK's worker owns while it reads, kept for the next request (VDDK takes
-    /// owned buffers; at most a couple are kept).
-    spare: Mutex<Vec<Vec<u8>>>,
+    /// Read buffers VDDK's worker owns while it reads, kept for the next request.
+    spare: Spare,
+}
+
+/// Buffers a disk's worker owned for one request, kept for the next (VDDK's worker takes owned
+/// buffers; at most a couple are kept).
+#[derive(Debug, Default)]
+pub(crate) struct Spare(Mutex<Vec<Vec<u8>>>);
+
+impl Spare {
+    /// A kept buffer, or a new empty one.
+    pub(crate) fn take(&self) -> Vec<u8> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop().unwrap_or_default()
+    }
+
+    /// Keeps `buf` for the next request, unless enough are kept.
+    pub(crate) fn keep(&self, buf: Vec<u8>) {
+        let mut spare = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if spare.len() < 2 {
+            spare.push(buf);
+        }
+    }
 }
 
 impl VddkSource {
@@ -151,8 +190,7 @@ impl BlockSource for VddkSource {
                 // VDDK refuses a read of no sectors; there is nothing to ask it for.
                 return Ok(buf);
             }
-            let mut tmp =
-                self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop().unwrap_or_default();
+            let mut tmp = self.spare.take();
             tmp.resize(len, 0);
             let failed = |e: vddk::VddkError| {
                 BlockError::new(vddk_kind(&e), format!("reading {}", self.describe()))
@@ -162,10 +200,7 @@ impl BlockSource for VddkSource {
             let reply = self.disk.read_request(offset / 512, tmp).map_err(failed)?;
             let data = reply.await.ok_or(vddk::VddkError::WorkerGone).map_err(failed)?.map_err(failed)?;
             buf.copy_from_slice(&data);
-            let mut spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if spare.len() < 2 {
-                spare.push(data);
-            }
+            self.spare.keep(data);
             Ok(buf)
         })
     }
