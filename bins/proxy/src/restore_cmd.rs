@@ -205,4 +205,3 @@ async fn restore(args: &Args) -> Result<ExitCode> {
     );
     Ok(ExitCode::SUCCESS)
 }
-

@@ -110,14 +110,10 @@ impl Env {
     fn backup(&self) -> String {
         let repo = self.repo_path();
         if !repo.exists() {
-            let out = Command::new(env!("CARGO_BIN_EXE_proxy"))
-                .args(["repo", "init"])
-                .arg(&repo)
-                .output()
-                .unwrap();
+            let out = Command::new(env!("CARGO_BIN_EXE_proxy")).args(["repo", "init"]).arg(&repo).output().unwrap();
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         }
-        let out = self.proxy(&["backup", "--repo", repo.to_str().unwrap(), "db"]).output().unwrap();
+        let out = self.proxy(&["backup", repo.to_str().unwrap(), "db"]).output().unwrap();
         assert!(out.status.success(), "backup: {}", String::from_utf8_lossy(&out.stderr));
         let r = Repo::open(&repo).unwrap();
         r.points().unwrap().last().unwrap().id.clone()
@@ -183,8 +179,14 @@ async fn a_changed_vm_is_restored_as_a_new_vm_identical_to_its_point() {
     assert_eq!(hw.disks.len(), 3);
     let units: Vec<i32> = hw.disks.iter().map(|d| d.unit).collect();
     assert_eq!(units, vec![0, 1, 2]);
-    assert!(matches!(hw.controllers.iter().find(|c| c.bus == 0 && c.key >= 1000 && c.key < 1100).map(|c| &c.kind),
-        Some(vsphere::provision::ControllerKind::LsiLogicSas)), "{:?}", hw.controllers);
+    assert!(
+        matches!(
+            hw.controllers.iter().find(|c| c.bus == 0 && c.key >= 1000 && c.key < 1100).map(|c| &c.kind),
+            Some(vsphere::provision::ControllerKind::LsiLogicSas)
+        ),
+        "{:?}",
+        hw.controllers
+    );
     assert_eq!(hw.nics.len(), 1);
     assert!(!hw.nics[0].connected);
     assert_ne!(hw.nics[0].mac.as_deref(), Some("00:50:56:01:02:03"), "a copy gets a new MAC");
@@ -250,7 +252,9 @@ async fn restores_killed_at_random_moments_leave_a_complete_vm_or_nothing() {
     }
     let leftovers: Vec<String> = folders(&env.ds_dir())
         .into_iter()
-        .filter(|f| f.starts_with("syncproxy") || (!names.contains(f) && !["db", "timed", "after"].contains(&f.as_str())))
+        .filter(|f| {
+            f.starts_with("syncproxy") || (!names.contains(f) && !["db", "timed", "after"].contains(&f.as_str()))
+        })
         .collect();
     assert!(leftovers.is_empty(), "folders left: {leftovers:?}");
     let vms: Vec<String> = env.client.vms().await.unwrap().into_iter().map(|v| v.name).collect();

@@ -490,7 +490,9 @@ fn sparse_body(
         };
         for (offset, len) in layout.grains() {
             pending = match pending {
-                Some((start, l)) if start + padded(l) == offset && l + len <= 4 << 20 && l % vmdk::SparseLayout::GRAIN == 0 => {
+                Some((start, l))
+                    if start + padded(l) == offset && l + len <= 4 << 20 && l % vmdk::SparseLayout::GRAIN == 0 =>
+                {
                     Some((start, l + len))
                 }
                 Some(run) => {
@@ -598,9 +600,10 @@ async fn pick_datastore(client: &Client, wanted: Option<&str>, manifest: &Manife
     let all = client.datastores().await?;
     let names: Vec<&str> = all.iter().map(|d| d.name.as_str()).collect();
     let ds = match wanted {
-        Some(w) => all.iter().find(|d| d.name == w).ok_or_else(|| {
-            OrchError::Refused(format!("no datastore named {w:?}; there are: {}", names.join(", ")))
-        })?,
+        Some(w) => all
+            .iter()
+            .find(|d| d.name == w)
+            .ok_or_else(|| OrchError::Refused(format!("no datastore named {w:?}; there are: {}", names.join(", "))))?,
         None if all.len() == 1 => &all[0],
         None => {
             return Err(OrchError::Refused(format!(
@@ -637,10 +640,12 @@ async fn map_networks(
         .map(|(from, to)| {
             let n = all.iter().find(|n| &n.name == to).ok_or_else(|| {
                 let names: Vec<&str> = all.iter().map(|n| n.name.as_str()).collect();
-                OrchError::Refused(format!("no network named {to:?} in the datacenter; there are: {}", names.join(", ")))
+                OrchError::Refused(format!(
+                    "no network named {to:?} in the datacenter; there are: {}",
+                    names.join(", ")
+                ))
             })?;
             Ok((from.clone(), (n.name.clone(), n.moref.clone())))
         })
         .collect()
 }
-

@@ -65,6 +65,7 @@ pub(crate) fn property(w: &World, obj: &MoRef, p: &str) -> Option<Result<Option<
                 "vmFolder" => one(p, &w.vm_folder(dc)),
                 "hostFolder" => one(p, &w.host_folder(dc)),
                 "network" => many(p, w.networks.iter().filter(|n| n.dc == dc).map(|n| &n.moref)),
+                "parent" => one(p, &MoRef::new("Folder", root)),
                 _ => return None,
             }))
         }

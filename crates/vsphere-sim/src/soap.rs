@@ -495,6 +495,11 @@ fn members(w: &World, kinds: &[String]) -> Vec<MoRef> {
     if want("ClusterComputeResource") || want("ComputeResource") {
         out.extend(w.clusters.iter().map(|c| c.moref.clone()));
     }
+    // A ComputeResource view holds the standalone hosts' compute resources too (a cluster is
+    // one as well).
+    if want("ComputeResource") {
+        out.extend(w.pools().into_iter().map(|p| p.owner).filter(|o| o.kind == "ComputeResource"));
+    }
     if want("VirtualMachine") {
         out.extend(w.vms.iter().map(|v| v.moref.clone()));
     }

@@ -953,7 +953,13 @@ impl World {
         if rel.split('/').any(|c| c.is_empty() || c == "..") {
             return Err(SimFault::new("InvalidDatastorePath", name.to_owned()));
         }
-        std::fs::remove_file(self.ds_path(dsi, rel)).map_err(|_| not_found())
+        // A folder goes with everything in it, as on ESXi.
+        let path = self.ds_path(dsi, rel);
+        if path.is_dir() {
+            return std::fs::remove_dir_all(&path)
+                .map_err(|e| SimFault::new("CannotDeleteFile", format!("{name}: {e}")));
+        }
+        std::fs::remove_file(path).map_err(|_| not_found())
     }
 
     /// `QueryChangedDiskAreas`: one window of the answer.
