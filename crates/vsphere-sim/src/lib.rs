@@ -7,8 +7,16 @@
 //! serve the disks (a base disk frozen under its oldest snapshot, and the deltas between
 //! snapshots as ESXi keeps them: SEsparse on VMFS datastores, vmfsSparse on NFS).
 //!
+//! A restore can target it (see `provision`): `/folder` PUT (the folder must exist, as on
+//! ESXi), `MakeDirectory`, `CreateVM_Task` and `RegisterVM_Task` (a `.vmx` written and read,
+//! see `vmx`), device add/remove/edit through `ReconfigVM_Task`, `Create/Copy/DeleteVirtualDisk_Task`,
+//! power on/off, `Destroy_Task`, `UnregisterVM`, `Rename_Task`, named port groups (`Network`).
+//! `QueryChangedDiskAreas` without a snapshot answers for a powered-off VM and is
+//! `InvalidState` on a running one.
+//!
 //! Not simulated: the newest (running) delta's bytes (live writes go to the flat file),
-//! revert, memory snapshots and power operations through the API.
+//! revert, memory snapshots, templates, preallocated disks (every disk is thin), device
+//! changes on a VM with snapshots, distributed port groups.
 
 pub mod bootdisk;
 mod config;
