@@ -199,9 +199,15 @@ async fn restore(args: &Args) -> Result<ExitCode> {
         outcome.vm,
         outcome.point,
         started.elapsed().as_secs_f64(),
-        human_bytes((sent as f64 / outcome.upload_seconds.max(0.001)) as u64),
+        human_bytes(per_second(sent, outcome.upload_seconds)),
         human_bytes(outcome.verified),
         if outcome.powered_on { "; powered on" } else { "" }
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Bytes per second, whole.
+fn per_second(bytes: u64, seconds: f64) -> u64 {
+    let millis = u64::try_from(std::time::Duration::from_secs_f64(seconds.max(0.001)).as_millis()).unwrap_or(u64::MAX);
+    bytes.saturating_mul(1000) / millis.max(1)
 }

@@ -77,7 +77,7 @@ async fn start() -> Env {
 /// A pattern that differs per disk and per MiB, with holes between.
 fn fill(sim: &Sim, vm: &str, key: i32, capacity: u64, salt: u8) {
     for mib in (0..capacity / MIB).step_by(2) {
-        let byte = salt.wrapping_mul(31).wrapping_add(mib as u8) | 1;
+        let byte = salt.wrapping_mul(31).wrapping_add(mib.to_le_bytes()[0]) | 1;
         sim.write(vm, key, mib * MIB + 4096, &vec![byte; 200_000]).unwrap();
     }
 }
@@ -214,7 +214,7 @@ async fn restores_killed_at_random_moments_leave_a_complete_vm_or_nothing() {
     let t = Instant::now();
     let out = env.restore(&point, "timed", &["--datastore", "ds1"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let whole = t.elapsed().as_millis() as u64;
+    let whole = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
     let rounds: u64 = std::env::var("SYNCPROXY_RESTORE_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(8).max(1);
     let mut seed = 0x2545_f491_4f6c_dd1d_u64 ^ whole;
     let mut names = Vec::new();

@@ -62,6 +62,18 @@ impl VmReport {
     }
 }
 
+/// Bytes in binary units for people (`1.5 GiB`); exact counts belong in `--json`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,16 +104,4 @@ mod tests {
         assert!(json.contains("\"consistency\":\"application\""), "{json}");
         assert_eq!(serde_json::from_str::<VmReport>(&json).unwrap(), r);
     }
-}
-
-/// Bytes in binary units for people (`1.5 GiB`); exact counts belong in `--json`.
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
 }

@@ -243,7 +243,8 @@ async fn find_vm_named(client: &Client, name: &str) -> Result<Option<MoRef>, Orc
 /// A short random ID for a restore's records and temporary names.
 fn new_id() -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    let mixed = (nanos as u64 ^ u64::from(std::process::id()).rotate_left(32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let low = u64::try_from(nanos & u128::from(u64::MAX)).unwrap_or(0);
+    let mixed = (low ^ u64::from(std::process::id()).rotate_left(32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     format!("{:08x}", mixed >> 32)
 }
 
@@ -347,7 +348,7 @@ pub async fn restore_new_vm(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+#[expect(clippy::too_many_arguments, reason = "the steps of one restore share its resolved facts")]
 async fn restore_steps(
     client: &Client,
     repo: &Repo,
@@ -556,7 +557,7 @@ async fn verify_disk(
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                let (start, len) = extents[(x % extents.len() as u64) as usize];
+                let (start, len) = extents[usize::try_from(x % extents.len() as u64).unwrap_or(0)];
                 v.push((start + x % len.max(1)) / PIECE * PIECE);
             }
             v.sort_unstable();
