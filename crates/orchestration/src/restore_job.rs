@@ -378,7 +378,8 @@ async fn restore_steps(
     for (n, d) in manifest.disks.iter().enumerate() {
         check()?;
         let reader = repo.reader(&manifest.id, n)?;
-        let data = allocation(&reader).await?;
+        progress(Progress { step: format!("disk {}: finding its data", d.name), done: 0, total: 0 });
+        let data = nonzero_grains(reader.clone(), allocation(&reader).await?).await?;
         let layout = vmdk::SparseLayout::new(d.capacity, &data)?;
         let upload = format!("{folder}/{name}-upload-{n}.vmdk");
         let file = if n == 0 { format!("{folder}/{name}.vmdk") } else { format!("{folder}/{name}_{n}.vmdk") };
@@ -457,6 +458,35 @@ async fn restore_steps(
 async fn allocation(reader: &PointReader) -> Result<cbt::ExtentSet, OrchError> {
     let a = pipeline::BlockSource::allocation(reader).await?;
     Ok(a.map(|a| a.data).unwrap_or_else(|| cbt::ExtentSet::from_ranges([(0, reader.size())])))
+}
+
+/// The 64 KiB grains of `data` that hold a byte other than zero: only those are sent, so
+/// zeros inside a stored chunk stay holes on the datastore. It reads the data once more from
+/// the repository (a local read) to save sending zeros over the network.
+async fn nonzero_grains(reader: PointReader, data: cbt::ExtentSet) -> Result<cbt::ExtentSet, OrchError> {
+    const GRAIN: u64 = vmdk::SparseLayout::GRAIN;
+    const PIECE: u64 = 64 * GRAIN;
+    let found = tokio::task::spawn_blocking(move || -> Result<Vec<(u64, u64)>, repo::RepoError> {
+        let cap = reader.size();
+        let mut out = Vec::new();
+        for e in data.iter() {
+            let mut at = e.start() / GRAIN * GRAIN;
+            while at < e.end() {
+                let len = PIECE.min(cap - at).min(e.end().div_ceil(GRAIN) * GRAIN - at);
+                let bytes = reader.read(at, len)?;
+                for (n, grain) in bytes.chunks(usize::try_from(GRAIN).unwrap_or(usize::MAX)).enumerate() {
+                    if grain.iter().any(|b| *b != 0) {
+                        out.push((at + n as u64 * GRAIN, grain.len() as u64));
+                    }
+                }
+                at += len;
+            }
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| OrchError::Refused(format!("the scan of a disk's data stopped: {e}")))??;
+    Ok(cbt::ExtentSet::from_ranges(found))
 }
 
 /// The bytes of a hosted sparse VMDK of `reader`'s disk, produced as they are sent.
