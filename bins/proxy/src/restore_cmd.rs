@@ -1,9 +1,11 @@
-//! `proxy restore REPO POINT --url .. --name NEW`: a restore point put back into vSphere as a
-//! new VM, its disks uploaded over HTTPS and converted on the datastore, its configuration
-//! from the captured `.vmx`, read back and compared before it gets its name.
+//! `proxy restore REPO POINT --url ..`: a restore point put back into vSphere, as a new VM
+//! (`--name`: disks uploaded over HTTPS and converted on the datastore, its configuration from
+//! the captured `.vmx`, read back and compared before it gets its name), into the original VM
+//! (`--in-place`: Quick Rollback through VDDK, or whole disks swapped in), or one disk added to
+//! a VM (`--disk SLOT --attach-to VM`).
 //!
 //! Exit codes: 0 restored (and verified); 1 nothing restored (what was made is removed, or
-//! named for the next run's sweep).
+//! named for the next run's sweep; an interrupted write in place is named until run again).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -13,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use orchestration::restore_inplace::{self, AttachOptions, InPlaceOptions};
 use orchestration::restore_job::{Progress, RestoreOptions, Verify};
 use vsphere::provision::Provisioning;
 
@@ -31,8 +34,36 @@ pub(crate) struct Args {
     #[command(flatten)]
     server: ServerArgs,
     /// The new VM's name (refused when a VM or datastore folder of that name exists).
+    #[arg(long, required_unless_present_any = ["in_place", "attach_to"], conflicts_with_all = ["in_place", "attach_to"])]
+    name: Option<String>,
+    /// Write the point back into the VM it came from (or `--vm`): Quick Rollback (only what CBT
+    /// says changed since the point) with `--vddk-libdir`, else whole disks uploaded and
+    /// swapped in. Refused while the VM runs, unless `--power-off`.
+    #[arg(long, conflicts_with = "attach_to")]
+    in_place: bool,
+    /// With `--in-place`: the VM to write into (default: the point's VM, by instance UUID).
+    #[arg(long, requires = "in_place")]
+    vm: Option<String>,
+    /// The point's disks to restore, by slot (`scsi0:1`) or position; repeatable. With
+    /// `--in-place`, only these are written (default: all); with `--attach-to`, exactly one.
     #[arg(long)]
-    name: String,
+    disk: Vec<String>,
+    /// Add the point's disk `--disk` to this VM as a new disk (to copy files off it).
+    #[arg(long, requires = "disk")]
+    attach_to: Option<String>,
+    /// With `--in-place`: power a running VM off first.
+    #[arg(long, requires = "in_place")]
+    power_off: bool,
+    /// With `--in-place`: write every byte, even where CBT could name what changed.
+    #[arg(long, requires = "in_place")]
+    full: bool,
+    /// Write through VMware's VDDK from this folder (the one holding `lib64/`): how
+    /// `--in-place` writes only what changed. VDDK is not shipped with syncproxy.
+    #[arg(long, requires = "in_place")]
+    vddk_libdir: Option<PathBuf>,
+    /// An InitEx configuration file for VDDK.
+    #[arg(long, requires = "vddk_libdir")]
+    vddk_config: Option<PathBuf>,
     /// The datacenter (default: the only one).
     #[arg(long)]
     datacenter: Option<String>,
@@ -112,47 +143,20 @@ pub(crate) fn default_state_dir() -> Result<PathBuf> {
 
 pub(crate) fn run(args: &Args) -> ExitCode {
     crate::repo_cmd::init_logs();
-    crate::block_on("restore", restore(args))
+    let vddk = match crate::backup_cmd::load_vddk(args.vddk_libdir.as_deref(), args.vddk_config.as_deref()) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("proxy restore: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    crate::block_on("restore", restore(args, vddk))
 }
 
-async fn restore(args: &Args) -> Result<ExitCode> {
-    let repo = args.repo.open()?;
-    let id = point_id(&repo, &args.point)?;
-    let options = RestoreOptions {
-        name: args.name.clone(),
-        datacenter: args.datacenter.clone(),
-        host: args.host.clone(),
-        cluster: args.cluster.clone(),
-        pool: args.pool.clone(),
-        folder: args.folder.clone(),
-        datastore: args.datastore.clone(),
-        provisioning: args.provisioning,
-        networks: args.network.clone(),
-        connect_nics: args.connect_nics,
-        keep_identity: args.keep_identity,
-        power_on: args.power_on,
-        verify: if args.verify { Verify::Full } else { Verify::Sample },
-        state_dir: match &args.state_dir {
-            Some(d) => d.clone(),
-            None => default_state_dir()?,
-        },
-        vmx: match &args.vmx {
-            Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?),
-            None => None,
-        },
-    };
-    let client = args.server.login().await?;
-    let cancel = Arc::new(AtomicBool::new(false));
-    let on_signal = cancel.clone();
-    let watcher = tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("proxy restore: interrupted; removing what this restore made");
-            on_signal.store(true, Ordering::Relaxed);
-        }
-    });
-    let quiet = args.json;
+/// Prints a restore's progress on stderr: a line per step, a rewritten line per byte count.
+fn progress_printer(quiet: bool) -> impl Fn(Progress) + Sync {
     let last = std::sync::Mutex::new((String::new(), Instant::now()));
-    let progress = move |p: Progress| {
+    move |p: Progress| {
         if quiet {
             return;
         }
@@ -172,15 +176,54 @@ async fn restore(args: &Args) -> Result<ExitCode> {
             }
             let _ = std::io::stderr().flush();
         }
+    }
+}
+
+fn state_dir(args: &Args) -> Result<PathBuf> {
+    match &args.state_dir {
+        Some(d) => Ok(d.clone()),
+        None => default_state_dir(),
+    }
+}
+
+async fn restore(args: &Args, vddk: Option<Arc<vddk::Vddk>>) -> Result<ExitCode> {
+    let repo = args.repo.open()?;
+    let id = point_id(&repo, &args.point)?;
+    let verify = if args.verify { Verify::Full } else { Verify::Sample };
+    let Some(name) = &args.name else {
+        return into_existing(args, &repo, &id, vddk, verify).await;
     };
+    let options = RestoreOptions {
+        name: name.clone(),
+        datacenter: args.datacenter.clone(),
+        host: args.host.clone(),
+        cluster: args.cluster.clone(),
+        pool: args.pool.clone(),
+        folder: args.folder.clone(),
+        datastore: args.datastore.clone(),
+        provisioning: args.provisioning,
+        networks: args.network.clone(),
+        connect_nics: args.connect_nics,
+        keep_identity: args.keep_identity,
+        power_on: args.power_on,
+        verify,
+        state_dir: state_dir(args)?,
+        vmx: match &args.vmx {
+            Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?),
+            None => None,
+        },
+    };
+    let client = args.server.login().await?;
+    let (cancel, watcher) = cancel_on_signal();
+    let progress = progress_printer(args.json);
     if !args.json {
-        eprintln!("proxy restore: restoring point {id} as VM {:?}", args.name);
+        eprintln!("proxy restore: restoring point {id} as VM {name:?}");
     }
     let started = Instant::now();
     let outcome = orchestration::restore_job::restore_new_vm(&client, &repo, &id, &options, &progress, &cancel).await;
     watcher.abort();
     let _ = client.logout().await;
-    let outcome = outcome.with_context(|| format!("restore of point {id} as {:?}", args.name))?;
+    let outcome = outcome.with_context(|| format!("restore of point {id} as {name:?}"))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&outcome)?);
         return Ok(ExitCode::SUCCESS);
@@ -200,6 +243,97 @@ async fn restore(args: &Args) -> Result<ExitCode> {
         outcome.point,
         started.elapsed().as_secs_f64(),
         human_bytes(per_second(sent, outcome.upload_seconds)),
+        human_bytes(outcome.verified),
+        if outcome.powered_on { "; powered on" } else { "" }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Stops the restore cleanly on Ctrl-C: what it made is removed before it returns.
+fn cancel_on_signal() -> (Arc<AtomicBool>, tokio::task::JoinHandle<()>) {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let on_signal = cancel.clone();
+    let watcher = tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("proxy restore: interrupted; removing what this restore made");
+            on_signal.store(true, Ordering::Relaxed);
+        }
+    });
+    (cancel, watcher)
+}
+
+/// `--in-place` and `--attach-to`: into a VM that exists.
+async fn into_existing(
+    args: &Args,
+    repo: &repo::Repo,
+    id: &str,
+    vddk: Option<Arc<vddk::Vddk>>,
+    verify: Verify,
+) -> Result<ExitCode> {
+    let client = Arc::new(args.server.login().await?);
+    let (cancel, watcher) = cancel_on_signal();
+    let progress = progress_printer(args.json);
+    let started = Instant::now();
+    let outcome = if let Some(target) = &args.attach_to {
+        let [disk] = args.disk.as_slice() else { bail!("--attach-to takes exactly one --disk") };
+        if !args.json {
+            eprintln!("proxy restore: adding disk {disk} of point {id} to VM {target:?}");
+        }
+        let options = AttachOptions {
+            vm: target.clone(),
+            disk: disk.clone(),
+            datastore: args.datastore.clone(),
+            provisioning: args.provisioning,
+            verify,
+            state_dir: state_dir(args)?,
+        };
+        restore_inplace::attach_disk(&client, repo, id, &options, &progress, &cancel).await
+    } else {
+        if !args.json {
+            eprintln!("proxy restore: writing point {id} back into its VM");
+        }
+        let options = InPlaceOptions {
+            vm: args.vm.clone(),
+            disks: args.disk.clone(),
+            power_off: args.power_off,
+            power_on: args.power_on,
+            vddk,
+            full: args.full,
+            provisioning: args.provisioning,
+            verify,
+            state_dir: state_dir(args)?,
+        };
+        restore_inplace::restore_in_place(&client, repo, id, &options, &progress, &cancel).await
+    };
+    watcher.abort();
+    let _ = client.logout().await;
+    let outcome = outcome.with_context(|| format!("restore of point {id}"))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&outcome)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for n in &outcome.notes {
+        println!("note: {n}");
+    }
+    for d in &outcome.disks {
+        let what = match d.changed {
+            Some(c) => {
+                format!("{} changed since the point, {} written", human_bytes(c), human_bytes(d.written + d.zeroed))
+            }
+            None => format!("{} written", human_bytes(d.written + d.zeroed)),
+        };
+        println!("  {:<10} {}  {}: {what}", d.slot, d.file, d.method);
+        if let Some(why) = &d.full_reason {
+            println!("             whole disk, because {why}");
+        }
+    }
+    println!("data path: {}", outcome.path);
+    println!(
+        "restored point {} into VM {} ({}) in {:.1} s; {} read back and equal{}",
+        outcome.point,
+        outcome.name,
+        outcome.vm,
+        started.elapsed().as_secs_f64(),
         human_bytes(outcome.verified),
         if outcome.powered_on { "; powered on" } else { "" }
     );

@@ -2,7 +2,11 @@
 //! changed, and restored as a new VM (disks byte-identical to the restore point, hardware as
 //! its `.vmx` says, NICs disconnected, a new identity); nothing existing overwritten; and
 //! restores killed at random moments leaving, once the next restore has swept, each VM
-//! complete or absent with no folder of theirs left on the datastore.
+//! complete or absent with no folder of theirs left on the datastore. Into the original VM:
+//! Quick Rollback through the fake VDDK writing only what CBT says changed since the point
+//! (and a full write for comparison), whole disks swapped in without VDDK (also killed at
+//! random moments: the VM keeps all its old disks or gets all the point's), and one disk of
+//! the point attached to another VM.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -44,6 +48,11 @@ ethernet0.generatedAddress = "00:50:56:01:02:03"
 capacity = 16777216
 [[datacenter.vm.disk]]
 capacity = 8388608
+[[datacenter.vm.disk]]
+capacity = 4194304
+[[datacenter.vm]]
+name = "app"
+cbt = true
 [[datacenter.vm.disk]]
 capacity = 4194304
 "#,
@@ -142,6 +151,81 @@ impl Env {
     }
 }
 
+impl Env {
+    /// `proxy restore REPO POINT` with `extra`, its output and JSON (when it printed some).
+    fn run(&self, point: &str, extra: &[&str], vddk: Option<&Path>) -> (i32, serde_json::Value, String) {
+        let repo = self.repo_path();
+        let mut args = vec!["restore", repo.to_str().unwrap(), point];
+        args.extend_from_slice(extra);
+        let mut c = self.proxy(&args);
+        if let Some(root) = vddk {
+            let libdir = vddk_fake::libdir(vddk_fake::Fake::V8);
+            c.arg("--vddk-libdir").arg(libdir).env("FAKE_VDDK_DATASTORES", root);
+        }
+        let out = c.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let json = serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null);
+        (out.status.code().unwrap_or(-1), json, format!("{stdout}\n{stderr}"))
+    }
+
+    /// VM `vm` as the server has it now.
+    async fn vm(&self, vm: &str) -> vsphere::Vm {
+        self.client.vms().await.unwrap().into_iter().find(|v| v.name == vm).unwrap()
+    }
+
+    /// VM `vm`'s disk files, in slot order.
+    async fn disk_files(&self, vm: &str) -> Vec<String> {
+        self.vm(vm).await.disks.into_iter().map(|d| d.base_file_name).collect()
+    }
+
+    /// VM `vm`'s disks as the fake VDDK finds them: `[ds1] path` under the folder returned, a
+    /// link to the simulator's data for each.
+    async fn expose(&self, vm: &str) -> PathBuf {
+        let root = self.dir.path().join("fake-datastores");
+        let v = self.vm(vm).await;
+        for d in &v.disks {
+            let link = root.join("ds1").join(d.base_file_name.strip_prefix("[ds1] ").unwrap());
+            std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(self.sim.disk_path(vm, d.key).unwrap(), &link).unwrap();
+        }
+        root
+    }
+
+    /// VM `vm`'s disks (in slot order) hold point `point`'s disks `slots`, byte for byte.
+    async fn assert_vm_holds(&self, vm: &str, point: &str, slots: &[usize]) {
+        let repo = Repo::open(self.repo_path()).unwrap();
+        let m = repo.point(point).unwrap();
+        let v = self.vm(vm).await;
+        for &n in slots {
+            let d = v.disks.iter().find(|d| d.bus_slot.as_deref() == Some(m.disks[n].name.as_str())).unwrap();
+            let got = std::fs::read(self.sim.disk_path(vm, d.key).unwrap()).unwrap();
+            let want = repo.reader(point, n).unwrap().read(0, m.disks[n].capacity).unwrap();
+            assert!(got == want, "disk {} of {vm} differs from point {point}", m.disks[n].name);
+        }
+    }
+}
+
+/// The next number of a xorshift sequence.
+fn next(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+/// Scattered writes after the point: `count` pieces of 4 KiB on disk `key`.
+fn scatter(sim: &Sim, vm: &str, key: i32, capacity: u64, count: u64, salt: u64) -> u64 {
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64 ^ salt;
+    for _ in 0..count {
+        next(&mut x);
+        let at = (x % (capacity / 4096)) * 4096;
+        sim.write(vm, key, at, &[u8::try_from(x % 251).unwrap() | 1; 4096]).unwrap();
+    }
+    count * 4096
+}
+
 fn folders(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
@@ -219,9 +303,7 @@ async fn restores_killed_at_random_moments_leave_a_complete_vm_or_nothing() {
     let mut seed = 0x2545_f491_4f6c_dd1d_u64 ^ whole;
     let mut names = Vec::new();
     for round in 0..rounds {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
+        next(&mut seed);
         let name = format!("k{round}");
         let repo = env.repo_path();
         let mut child = env
@@ -253,7 +335,7 @@ async fn restores_killed_at_random_moments_leave_a_complete_vm_or_nothing() {
     let leftovers: Vec<String> = folders(&env.ds_dir())
         .into_iter()
         .filter(|f| {
-            f.starts_with("syncproxy") || (!names.contains(f) && !["db", "timed", "after"].contains(&f.as_str()))
+            f.starts_with("syncproxy") || (!names.contains(f) && !["db", "app", "timed", "after"].contains(&f.as_str()))
         })
         .collect();
     assert!(leftovers.is_empty(), "folders left: {leftovers:?}");
@@ -263,4 +345,167 @@ async fn restores_killed_at_random_moments_leave_a_complete_vm_or_nothing() {
     let records = env.dir.path().join("state/syncproxy/restores");
     let left: Vec<_> = std::fs::read_dir(&records).map(|d| d.flatten().collect()).unwrap_or_default();
     assert!(left.is_empty(), "restore records left: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_rollback_writes_back_only_what_changed_since_the_point() {
+    let env = start().await;
+    for (key, cap, salt) in [(2000, 16 * MIB, 7u8), (2001, 8 * MIB, 8), (2002, 4 * MIB, 9)] {
+        fill(&env.sim, "db", key, cap, salt);
+    }
+    let point = env.backup();
+    // After the point: scattered writes on two disks, none on the third.
+    let changed = scatter(&env.sim, "db", 2000, 16 * MIB, 40, 1) + scatter(&env.sim, "db", 2001, 8 * MIB, 5, 2);
+    let root = env.expose("db").await;
+
+    // A running VM is refused, and nothing is written.
+    let (code, _, out) = env.run(&point, &["--in-place", "--json"], Some(&root));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("not powered off") && out.contains("--power-off"), "{out}");
+
+    let (code, j, out) = env.run(&point, &["--in-place", "--power-off", "--json"], Some(&root));
+    assert_eq!(code, 0, "{out}");
+    assert!(j["path"].as_str().unwrap().starts_with("VDDK writes"), "{j}");
+    let disks = j["disks"].as_array().unwrap();
+    assert!(disks.iter().all(|d| d["method"] == "quick-rollback"), "{j}");
+    let written: u64 = disks.iter().map(|d| d["written"].as_u64().unwrap() + d["zeroed"].as_u64().unwrap()).sum();
+    let named: u64 = disks.iter().map(|d| d["changed"].as_u64().unwrap()).sum();
+    assert!(named >= changed && named <= changed + 45 * 64 * 1024, "CBT named {named} for {changed} written");
+    assert!(written <= 45 * 64 * 1024, "Quick Rollback wrote {written} bytes for 45 changed blocks");
+    assert_eq!(disks[2]["written"].as_u64(), Some(0), "the unchanged disk is not written: {j}");
+    env.assert_vm_holds("db", &point, &[0, 1, 2]).await;
+
+    // The same restore with every byte written, for the comparison.
+    scatter(&env.sim, "db", 2000, 16 * MIB, 40, 3);
+    let (code, j, out) = env.run(&point, &["--in-place", "--full", "--json"], Some(&root));
+    assert_eq!(code, 0, "{out}");
+    let full: u64 = j["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["written"].as_u64().unwrap() + d["zeroed"].as_u64().unwrap())
+        .sum();
+    assert_eq!(full, 28 * MIB, "a full write covers every disk whole: {j}");
+    assert!(j["disks"][0]["full_reason"].as_str().unwrap().contains("--full"), "{j}");
+    env.assert_vm_holds("db", &point, &[0, 1, 2]).await;
+    eprintln!("Quick Rollback wrote {written} bytes ({named} named changed by CBT); a full write {full}");
+
+    // The next backup reads the disks whole, with the reason said.
+    let repo = env.repo_path();
+    let out = env.proxy(&["backup", repo.to_str().unwrap(), "db", "--json"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("restored in place"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_vddk_whole_disks_are_swapped_in_and_the_old_ones_removed() {
+    let env = start().await;
+    for (key, cap, salt) in [(2000, 16 * MIB, 10u8), (2001, 8 * MIB, 11), (2002, 4 * MIB, 12)] {
+        fill(&env.sim, "db", key, cap, salt);
+    }
+    let point = env.backup();
+    scatter(&env.sim, "db", 2001, 8 * MIB, 10, 4);
+    let before = env.disk_files("db").await;
+    let (code, j, out) = env.run(&point, &["--in-place", "--power-off", "--disk", "scsi0:1", "--json"], None);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(j["disks"].as_array().unwrap().len(), 1, "{j}");
+    assert_eq!(j["disks"][0]["method"], "swapped-in", "{j}");
+    env.assert_vm_holds("db", &point, &[1]).await;
+    let after = env.disk_files("db").await;
+    assert_eq!(
+        (after[0].as_str(), after[2].as_str()),
+        (before[0].as_str(), before[2].as_str()),
+        "only scsi0:1 changes"
+    );
+    assert_ne!(after[1], before[1]);
+    let old = env.ds_dir().join(before[1].strip_prefix("[ds1] ").unwrap());
+    assert!(!old.exists(), "the replaced disk {} is removed", old.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swaps_killed_at_random_moments_leave_the_old_disks_or_the_points() {
+    let env = start().await;
+    for (key, cap, salt) in [(2000, 16 * MIB, 13u8), (2001, 8 * MIB, 14), (2002, 4 * MIB, 15)] {
+        fill(&env.sim, "db", key, cap, salt);
+    }
+    let point = env.backup();
+    let repo = env.repo_path();
+    let t = Instant::now();
+    let (code, _, out) = env.run(&point, &["--in-place", "--power-off"], None);
+    assert_eq!(code, 0, "{out}");
+    let whole = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let rounds: u64 = std::env::var("SYNCPROXY_RESTORE_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(8).max(1);
+    let mut seed = 0x1234_5678_9abc_def1_u64 ^ whole;
+    let mut kept = 0;
+    for round in 0..rounds {
+        // Each round starts from a state that differs from the point (the keys change with
+        // each swap).
+        let first = env.vm("db").await.disks[0].key;
+        scatter(&env.sim, "db", first, 16 * MIB, 4, round);
+        let old: Vec<Vec<u8>> = {
+            let v = env.vm("db").await;
+            v.disks.iter().map(|d| std::fs::read(env.sim.disk_path("db", d.key).unwrap()).unwrap()).collect()
+        };
+        next(&mut seed);
+        let mut child = env
+            .proxy(&["restore", repo.to_str().unwrap(), &point, "--in-place", "--power-off"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(seed % (whole + 200)));
+        let _ = child.kill();
+        let _ = child.wait();
+        // The next run's sweep: every restore sweeps first; this one then stops, refused (the
+        // point has no such disk), so what is checked is the sweep's work alone.
+        let (code, _, out) = env.run(&point, &["--disk", "scsi9:9", "--attach-to", "app"], None);
+        assert!(code == 1 && out.contains("no disk \"scsi9:9\""), "round {round}: {out}");
+        let v = env.vm("db").await;
+        let now: Vec<Vec<u8>> =
+            v.disks.iter().map(|d| std::fs::read(env.sim.disk_path("db", d.key).unwrap()).unwrap()).collect();
+        if now == old {
+            kept += 1;
+        } else {
+            env.assert_vm_holds("db", &point, &[0, 1, 2]).await;
+        }
+        // No file of ours is left beside the VM: its folder holds its disks and its own files.
+        let disks: Vec<String> =
+            v.disks.iter().map(|d| d.base_file_name.strip_prefix("[ds1] db/").unwrap().to_owned()).collect();
+        for f in std::fs::read_dir(env.ds_dir().join("db")).unwrap().flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            if name.contains("-restored-") || name.contains("-upload-") {
+                let stem = name.replace("-flat.vmdk", ".vmdk").replace("-ctk.vmdk", ".vmdk");
+                assert!(disks.contains(&stem), "round {round}: {name} is left beside the VM ({disks:?})");
+            }
+        }
+        let _ = env.client.power_on(&v.moref).await;
+    }
+    eprintln!("{rounds} killed swaps: {kept} left the old disks, {} the point's", rounds - kept);
+    let records = env.dir.path().join("state/syncproxy/restores");
+    let left: Vec<_> = std::fs::read_dir(&records).map(|d| d.flatten().collect()).unwrap_or_default();
+    assert!(left.is_empty(), "restore records left: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_disk_of_a_point_is_attached_to_another_vm() {
+    let env = start().await;
+    fill(&env.sim, "db", 2001, 8 * MIB, 16);
+    let point = env.backup();
+    let (code, j, out) = env.run(&point, &["--disk", "scsi0:1", "--attach-to", "app", "--json"], None);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(j["disks"][0]["method"], "attached", "{j}");
+    let app = env.vm("app").await;
+    assert_eq!(app.disks.len(), 2, "{:?}", app.disks);
+    let repo = Repo::open(env.repo_path()).unwrap();
+    let want = repo.reader(&point, 1).unwrap().read(0, 8 * MIB).unwrap();
+    let got = std::fs::read(env.sim.disk_path("app", app.disks[1].key).unwrap()).unwrap();
+    assert!(got == want, "the attached disk is the point's scsi0:1");
+    // The original VM is untouched.
+    let db = env.vm("db").await;
+    assert_eq!(db.power_state, Some(vsphere::PowerState::PoweredOn));
+    // A disk the point does not have is refused by name.
+    let (code, _, out) = env.run(&point, &["--disk", "scsi3:9", "--attach-to", "app"], None);
+    assert_eq!(code, 1);
+    assert!(out.contains("no disk \"scsi3:9\"") && out.contains("scsi0:0"), "{out}");
 }

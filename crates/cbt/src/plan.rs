@@ -147,6 +147,10 @@ pub enum Forced {
     /// This run found CBT off and turned it on: whatever was written while it was off is in
     /// no change set.
     CbtTurnedOn,
+    /// The disk was written back in place from a restore point (`proxy restore --in-place`):
+    /// whether its change tracking saw those writes depends on the transport, so the next copy
+    /// trusts no change set that spans them.
+    RestoredInPlace,
 }
 
 /// The result of asking `QueryChangedDiskAreas` for the changes since the committed change ID.
@@ -299,6 +303,11 @@ impl fmt::Display for FullReason {
             Self::Forced(Forced::CbtTurnedOn) => {
                 write!(f, "CBT was off and this run turned it on: writes made while it was off are in no change set")
             }
+            Self::Forced(Forced::RestoredInPlace) => write!(
+                f,
+                "the disk was restored in place (proxy restore --in-place): no change set since the last copy is trusted \
+                 to hold those writes"
+            ),
             Self::QueryFault(q) => write!(f, "QueryChangedDiskAreas failed: {}: {}", q.fault, q.message),
             Self::ChangesNotQueried => write!(f, "the changed areas were not queried"),
         }

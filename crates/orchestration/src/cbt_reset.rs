@@ -52,6 +52,9 @@ pub struct ResetMark {
 /// The mark's reason when a backup turned CBT on.
 pub const TURNED_ON: &str = "cbt-turned-on";
 
+/// The mark's reason when a restore wrote the VM's disks back in place.
+pub const RESTORED_IN_PLACE: &str = "restored-in-place";
+
 fn mark_name(key: &str) -> String {
     format!("resets/{key}.json")
 }
@@ -67,7 +70,11 @@ pub fn reset_slots(store: &dyn Store, key: &str) -> Result<(HashSet<String>, cbt
         time: String::new(),
         reason: None,
     });
-    let why = if mark.reason.as_deref() == Some(TURNED_ON) { cbt::Forced::CbtTurnedOn } else { cbt::Forced::CbtReset };
+    let why = match mark.reason.as_deref() {
+        Some(TURNED_ON) => cbt::Forced::CbtTurnedOn,
+        Some(RESTORED_IN_PLACE) => cbt::Forced::RestoredInPlace,
+        _ => cbt::Forced::CbtReset,
+    };
     Ok((mark.disks.into_iter().collect(), why))
 }
 
@@ -75,14 +82,29 @@ pub fn reset_slots(store: &dyn Store, key: &str) -> Result<(HashSet<String>, cbt
 /// this run turns CBT on: written before CBT is turned on, so a run that dies in between still
 /// leaves the next one a full copy. An existing mark (a reset) is kept: it already says full.
 pub fn mark_turned_on(store: &dyn Store, key: &str, vm: &str) -> Result<(), durable::Error> {
-    if store.get(&mark_name(key))?.is_some() {
-        return Ok(());
+    mark_full(store, key, vm, &["*".to_owned()], TURNED_ON)
+}
+
+/// Marks disks `slots` of `vm` (named `key` in the target) in `store` for a full copy, for
+/// `reason` (one of this module's reasons). An existing mark keeps its reason and gains the
+/// slots it lacks (one it cannot read already says every disk).
+pub fn mark_full(store: &dyn Store, key: &str, vm: &str, slots: &[String], reason: &str) -> Result<(), durable::Error> {
+    if let Some(raw) = store.get(&mark_name(key))? {
+        let Ok(mut mark) = serde_json::from_slice::<ResetMark>(&raw) else { return Ok(()) };
+        if mark.disks.iter().any(|d| d == "*") || slots.iter().all(|s| mark.disks.contains(s)) {
+            return Ok(());
+        }
+        let missing: Vec<String> = slots.iter().filter(|s| !mark.disks.contains(s)).cloned().collect();
+        mark.disks.extend(missing);
+        let json = serde_json::to_vec_pretty(&mark)
+            .map_err(|e| durable::Error::Invalid(format!("a CBT mark could not be written: {e}")))?;
+        return store.put(&mark_name(key), &json);
     }
     let mark = ResetMark {
         vm: vm.to_owned(),
-        disks: vec!["*".into()],
+        disks: slots.to_vec(),
         time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-        reason: Some(TURNED_ON.to_owned()),
+        reason: Some(reason.to_owned()),
     };
     let json = serde_json::to_vec_pretty(&mark)
         .map_err(|e| durable::Error::Invalid(format!("a CBT mark could not be written: {e}")))?;

@@ -30,6 +30,7 @@ pub mod preflight;
 pub mod proxy_host;
 mod read;
 mod report;
+pub mod restore_inplace;
 pub mod restore_job;
 pub mod restore_plan;
 mod snapshot;

@@ -117,25 +117,82 @@ pub struct Progress {
 
 /// What a restore is about to do, kept until it is done so a later run can undo it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Intent {
-    id: String,
+pub(crate) struct Intent {
+    pub(crate) id: String,
     /// `pid start-time` of the process doing it.
-    owner: String,
-    server: String,
-    datacenter: String,
-    datacenter_name: String,
-    name: String,
-    temp_name: String,
-    folders: Vec<String>,
-    vm: Option<String>,
-    complete: bool,
+    pub(crate) owner: String,
+    pub(crate) server: String,
+    pub(crate) datacenter: String,
+    pub(crate) datacenter_name: String,
+    pub(crate) name: String,
+    pub(crate) temp_name: String,
+    pub(crate) folders: Vec<String>,
+    pub(crate) vm: Option<String>,
+    pub(crate) complete: bool,
+    /// What kind of restore (records written before it existed are new VMs).
+    #[serde(default)]
+    pub(crate) work: Work,
+}
+
+impl Intent {
+    /// A new record of this process's restore `id` of `work` on `client`'s server, in the
+    /// datacenter `at`, named for `name` (the VM made or written into).
+    pub(crate) fn begin(client: &Client, id: &str, at: Where<'_>, name: &str, work: Work) -> Self {
+        Self {
+            id: id.to_owned(),
+            owner: crate::drill_job::process_identity(std::process::id()).unwrap_or_default(),
+            server: client.endpoint().authority(),
+            datacenter: at.datacenter.value.clone(),
+            datacenter_name: at.datacenter_name.to_owned(),
+            name: name.to_owned(),
+            temp_name: String::new(),
+            folders: Vec::new(),
+            vm: None,
+            complete: false,
+            work,
+        }
+    }
+}
+
+/// The kind of restore an intent record is for, with what undoing it needs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub(crate) enum Work {
+    /// A new VM, made under [`Intent::temp_name`] in [`Intent::folders`].
+    #[default]
+    NewVm,
+    /// Disk files uploaded beside an existing VM (moref value `vm`), each to be swapped in for
+    /// one of its disks or attached to it: the reconfiguration that does so is the commit.
+    Disks {
+        /// The VM.
+        vm: String,
+        /// The files, in the order made.
+        files: Vec<NewFile>,
+    },
+    /// Disks of an existing VM written in place through VDDK: nothing to undo, and a run that
+    /// died left them holding part of the point, which a later run of the same restore mends.
+    Rollback {
+        /// The VM (moref value).
+        vm: String,
+        /// The restore point.
+        point: String,
+    },
+}
+
+/// A disk file a restore made beside an existing VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct NewFile {
+    /// Its datastore path.
+    pub(crate) file: String,
+    /// The disk file it replaces once swapped in (`None`: it is attached as a new disk).
+    pub(crate) replaces: Option<String>,
 }
 
 fn intents_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("restores")
 }
 
-fn save(state_dir: &Path, intent: &Intent) -> Result<(), OrchError> {
+pub(crate) fn save(state_dir: &Path, intent: &Intent) -> Result<(), OrchError> {
     let dir = intents_dir(state_dir);
     std::fs::create_dir_all(&dir)
         .map_err(|e| OrchError::Refused(format!("cannot make the restore state folder {}: {e}", dir.display())))?;
@@ -145,7 +202,7 @@ fn save(state_dir: &Path, intent: &Intent) -> Result<(), OrchError> {
     Ok(())
 }
 
-fn forget(state_dir: &Path, id: &str) {
+pub(crate) fn forget(state_dir: &Path, id: &str) {
     let path = intents_dir(state_dir).join(format!("{id}.json"));
     if let Err(e) = std::fs::remove_file(&path) {
         tracing::warn!("cannot remove the restore record {}: {e}", path.display());
@@ -173,13 +230,14 @@ pub async fn sweep(client: &Client, state_dir: &Path) -> Result<Vec<String>, Orc
         if intent.server != server || owner_alive(&intent.owner) {
             continue;
         }
-        undo(client, &intent, &mut done).await?;
-        forget(state_dir, &intent.id);
+        if !undo(client, &intent, &mut done).await? {
+            forget(state_dir, &intent.id);
+        }
     }
     Ok(done)
 }
 
-fn owner_alive(owner: &str) -> bool {
+pub(crate) fn owner_alive(owner: &str) -> bool {
     owner
         .split_whitespace()
         .next()
@@ -189,8 +247,64 @@ fn owner_alive(owner: &str) -> bool {
 }
 
 /// Undoes an unfinished restore: its VM destroyed (only while it has its temporary name), its
-/// folders deleted. A finished one is only forgotten.
-async fn undo(client: &Client, intent: &Intent, done: &mut Vec<String>) -> Result<(), OrchError> {
+/// folders deleted; or disk files it made and did not swap in deleted. A finished one is only
+/// forgotten. Returns whether the record must be kept (an interrupted write in place, which
+/// nothing undoes: it is reported on every sweep until a run of that restore finishes).
+pub(crate) async fn undo(client: &Client, intent: &Intent, done: &mut Vec<String>) -> Result<bool, OrchError> {
+    match &intent.work {
+        Work::NewVm => undo_new_vm(client, intent, done).await.map(|()| false),
+        Work::Disks { vm, files } => undo_disks(client, intent, vm, files, done).await.map(|()| false),
+        Work::Rollback { vm, point } => {
+            done.push(format!(
+                "an in-place restore of VM {} ({vm}) from point {point} was interrupted: its disks hold part of \
+                 that point; run the same restore again to finish it",
+                intent.name
+            ));
+            Ok(true)
+        }
+    }
+}
+
+/// Undoes disk files made beside an existing VM: a file the VM has is the commit done (the one
+/// it replaced is deleted), a file it does not have is deleted.
+async fn undo_disks(
+    client: &Client,
+    intent: &Intent,
+    vm: &str,
+    files: &[NewFile],
+    done: &mut Vec<String>,
+) -> Result<(), OrchError> {
+    let datacenter = MoRef::new("Datacenter", &intent.datacenter);
+    let attached: Vec<String> = match client.hardware(&MoRef::new("VirtualMachine", vm)).await {
+        Ok(hw) => hw.disks.into_iter().map(|d| d.file).collect(),
+        Err(_) => Vec::new(),
+    };
+    for upload in &intent.folders {
+        match client.delete_datastore_file(upload, &datacenter).await {
+            Ok(()) => done.push(format!("removed {upload}, left by restore {}", intent.id)),
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    for f in files {
+        let gone = if attached.contains(&f.file) {
+            match &f.replaces {
+                Some(old) if !attached.contains(old) => old,
+                _ => continue,
+            }
+        } else {
+            &f.file
+        };
+        match client.delete_virtual_disk(gone, &datacenter).await {
+            Ok(()) => done.push(format!("removed {gone}, left by restore {} of VM {}", intent.id, intent.name)),
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+async fn undo_new_vm(client: &Client, intent: &Intent, done: &mut Vec<String>) -> Result<(), OrchError> {
     let datacenter = MoRef::new("Datacenter", &intent.datacenter);
     let vm = match &intent.vm {
         Some(v) => Some(MoRef::new("VirtualMachine", v)),
@@ -231,7 +345,7 @@ async fn undo(client: &Client, intent: &Intent, done: &mut Vec<String>) -> Resul
     Ok(())
 }
 
-fn is_not_found(e: &vsphere::Error) -> bool {
+pub(crate) fn is_not_found(e: &vsphere::Error) -> bool {
     let text = e.to_string();
     text.contains("FileNotFound") || text.contains("not found") || text.contains("404")
 }
@@ -241,7 +355,7 @@ async fn find_vm_named(client: &Client, name: &str) -> Result<Option<MoRef>, Orc
 }
 
 /// A short random ID for a restore's records and temporary names.
-fn new_id() -> String {
+pub(crate) fn new_id() -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     let low = u64::try_from(nanos & u128::from(u64::MAX)).unwrap_or(0);
     let mixed = (low ^ u64::from(std::process::id()).rotate_left(32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
@@ -300,17 +414,11 @@ pub async fn restore_new_vm(
     }
 
     let id = new_id();
+    let at = Where { datacenter: &placement.datacenter, datacenter_name: &placement.datacenter_name };
     let mut intent = Intent {
-        id: id.clone(),
-        owner: crate::drill_job::process_identity(std::process::id()).unwrap_or_default(),
-        server: client.endpoint().authority(),
-        datacenter: placement.datacenter.value.clone(),
-        datacenter_name: placement.datacenter_name.clone(),
-        name: options.name.clone(),
         temp_name: format!("{TEMP_PREFIX}{id}-{}", options.name),
         folders: vec![folder.clone()],
-        vm: None,
-        complete: false,
+        ..Intent::begin(client, &id, at, &options.name, Work::NewVm)
     };
     save(&options.state_dir, &intent)?;
     let ran = restore_steps(
@@ -337,7 +445,7 @@ pub async fn restore_new_vm(
         Err(e) => {
             let mut undone = Vec::new();
             match undo(client, &intent, &mut undone).await {
-                Ok(()) => forget(&options.state_dir, &id),
+                Ok(_) => forget(&options.state_dir, &id),
                 Err(u) => tracing::warn!("restore {id} could not be undone now ({u}); the next restore sweeps it"),
             }
             for line in undone {
@@ -372,32 +480,16 @@ async fn restore_steps(
     let name = &options.name;
     let folder = format!("[{datastore}] {name}");
     client.make_directory(&folder, &placement.datacenter).await?;
-    let writer = client.datastore_writer()?;
     let started = Instant::now();
     let mut disks = Vec::new();
-    for (n, d) in manifest.disks.iter().enumerate() {
+    for n in 0..manifest.disks.len() {
         check()?;
-        let reader = repo.reader(&manifest.id, n)?;
-        progress(Progress { step: format!("disk {}: finding its data", d.name), done: 0, total: 0 });
-        let data = nonzero_grains(reader.clone(), allocation(&reader).await?).await?;
-        let layout = vmdk::SparseLayout::new(d.capacity, &data)?;
         let upload = format!("{folder}/{name}-upload-{n}.vmdk");
         let file = if n == 0 { format!("{folder}/{name}.vmdk") } else { format!("{folder}/{name}_{n}.vmdk") };
-        let step = format!("disk {} ({}): upload", d.name, human_bytes(d.capacity));
-        let body = sparse_body(reader.clone(), layout.clone(), step.clone(), progress);
-        let target = DatastoreFile::from_ds_path(&placement.datacenter_name, &upload)?;
-        writer.put(&target, layout.len(), body).await?;
-        check()?;
-        progress(Progress { step: format!("disk {}: converting on the datastore", d.name), done: 0, total: 0 });
-        client.copy_virtual_disk(&upload, &file, &placement.datacenter, options.provisioning, Some(cancel)).await?;
-        client.delete_datastore_file(&upload, &placement.datacenter).await?;
-        disks.push(RestoredDisk {
-            slot: d.name.clone(),
-            file,
-            capacity: d.capacity,
-            uploaded: layout.len(),
-            data: layout.data_bytes(),
-        });
+        let at = Where { datacenter: &placement.datacenter, datacenter_name: &placement.datacenter_name };
+        disks.push(
+            upload_disk(client, repo, manifest, n, at, &upload, &file, options.provisioning, progress, cancel).await?,
+        );
     }
     let upload_seconds = started.elapsed().as_secs_f64();
     check()?;
@@ -454,8 +546,55 @@ async fn restore_steps(
     })
 }
 
+/// A datacenter, by moref and by name (datastore paths need both).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Where<'a> {
+    pub(crate) datacenter: &'a MoRef,
+    pub(crate) datacenter_name: &'a str,
+}
+
+/// Puts disk `n` of `manifest` on a datastore as `file`: its data grains sent over HTTPS as a
+/// hosted sparse VMDK to `upload`, converted there into a VMFS disk of `provisioning`, the
+/// upload deleted.
+#[expect(clippy::too_many_arguments, reason = "one disk's upload needs its source, place and ways to report")]
+pub(crate) async fn upload_disk(
+    client: &Client,
+    repo: &Repo,
+    manifest: &Manifest,
+    n: usize,
+    at: Where<'_>,
+    upload: &str,
+    file: &str,
+    provisioning: Provisioning,
+    progress: &(dyn Fn(Progress) + Sync),
+    cancel: &AtomicBool,
+) -> Result<RestoredDisk, OrchError> {
+    let d = &manifest.disks[n];
+    let reader = repo.reader(&manifest.id, n)?;
+    progress(Progress { step: format!("disk {}: finding its data", d.name), done: 0, total: 0 });
+    let data = nonzero_grains(reader.clone(), allocation(&reader).await?).await?;
+    let layout = vmdk::SparseLayout::new(d.capacity, &data)?;
+    let step = format!("disk {} ({}): upload", d.name, human_bytes(d.capacity));
+    let body = sparse_body(reader.clone(), layout.clone(), step, progress);
+    let target = DatastoreFile::from_ds_path(at.datacenter_name, upload)?;
+    client.datastore_writer()?.put(&target, layout.len(), body).await?;
+    if cancel.load(Ordering::Relaxed) {
+        return Err(OrchError::Refused("the restore was cancelled".into()));
+    }
+    progress(Progress { step: format!("disk {}: converting on the datastore", d.name), done: 0, total: 0 });
+    client.copy_virtual_disk(upload, file, at.datacenter, provisioning, Some(cancel)).await?;
+    client.delete_datastore_file(upload, at.datacenter).await?;
+    Ok(RestoredDisk {
+        slot: d.name.clone(),
+        file: file.to_owned(),
+        capacity: d.capacity,
+        uploaded: layout.len(),
+        data: layout.data_bytes(),
+    })
+}
+
 /// The data extents of a point's disk (zero chunks are holes).
-async fn allocation(reader: &PointReader) -> Result<cbt::ExtentSet, OrchError> {
+pub(crate) async fn allocation(reader: &PointReader) -> Result<cbt::ExtentSet, OrchError> {
     let a = pipeline::BlockSource::allocation(reader).await?;
     Ok(a.map(|a| a.data).unwrap_or_else(|| cbt::ExtentSet::from_ranges([(0, reader.size())])))
 }
@@ -561,7 +700,7 @@ fn padded(len: u64) -> u64 {
 }
 
 /// Reads the restored disk back and compares it with the point: a sample, or every byte.
-async fn verify_disk(
+pub(crate) async fn verify_disk(
     client: &Client,
     datacenter_name: &str,
     disk: &RestoredDisk,
@@ -616,7 +755,11 @@ async fn verify_disk(
     Ok(done)
 }
 
-async fn exists(reader: &vsphere::datastore::DatastoreReader, dc: &str, ds_path: &str) -> Result<bool, OrchError> {
+pub(crate) async fn exists(
+    reader: &vsphere::datastore::DatastoreReader,
+    dc: &str,
+    ds_path: &str,
+) -> Result<bool, OrchError> {
     let file = DatastoreFile::from_ds_path(dc, ds_path)?;
     match reader.size(&file).await {
         Ok(_) => Ok(true),

@@ -654,6 +654,24 @@ impl Client {
         self.run_task(req, None).await.map(|_| ())
     }
 
+    /// Replaces disks of `vm` in one `ReconfigVM_Task`: each `(old, new)` pair removes `old`
+    /// (its file kept) and adds the existing file `new.file` at `old`'s controller and unit, so
+    /// the VM has either every old disk or every new one. `new.key` is taken as given (a
+    /// negative key lets the server choose).
+    pub async fn swap_disks(&self, vm: &MoRef, pairs: &[(DiskSpec, DiskSpec)]) -> Result<(), Error> {
+        let mut req = Request::new("ReconfigVM_Task", vm);
+        req.open("spec", None);
+        for (old, _) in pairs {
+            device_change(&mut req, "remove", None, |r| disk_device(r, old));
+        }
+        for (old, new) in pairs {
+            let new = DiskSpec { controller_key: old.controller_key, unit: old.unit, ..new.clone() };
+            device_change(&mut req, "add", None, |r| disk_device(r, &new));
+        }
+        req.close("spec");
+        self.run_task(req, None).await.map(|_| ())
+    }
+
     /// Makes a datastore folder (`[ds1] a/b`) and its parents (`FileManager.MakeDirectory`).
     /// One that exists already is not an error.
     pub async fn make_directory(&self, ds_path: &str, datacenter: &MoRef) -> Result<(), Error> {
