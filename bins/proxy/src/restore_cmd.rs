@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use orchestration::restore_inplace::{self, AttachOptions, InPlaceOptions};
-use orchestration::restore_job::{Progress, RestoreOptions, Verify};
+use orchestration::restore_job::{Progress, RestoreOptions, Upload, Verify};
 use vsphere::provision::Provisioning;
 
 use crate::repo_cmd::{RepoArg, point_id};
@@ -85,6 +85,11 @@ pub(crate) struct Args {
     /// The disks' provisioning: `thin` (default), `thick` or `eager-zeroed`.
     #[arg(long, default_value = "thin", value_parser = parse_provisioning)]
     provisioning: Provisioning,
+    /// How disks are sent over HTTPS: `sparse` (default: only data, converted on the datastore;
+    /// a server that cannot convert gets them flat, with a note) or `flat` (every byte, no
+    /// conversion: a thick disk).
+    #[arg(long, default_value = "sparse", value_parser = parse_upload)]
+    upload: Upload,
     /// Map a source port group to a target network: `--network "VM Network=Isolated"`.
     /// Unmapped NICs have no network.
     #[arg(long, value_parser = parse_mapping)]
@@ -120,6 +125,14 @@ fn parse_provisioning(s: &str) -> Result<Provisioning, String> {
         "thick" => Ok(Provisioning::Thick),
         "eager-zeroed" | "eagerzeroedthick" => Ok(Provisioning::EagerZeroedThick),
         other => Err(format!("{other:?} is not thin, thick or eager-zeroed")),
+    }
+}
+
+fn parse_upload(s: &str) -> Result<Upload, String> {
+    match s {
+        "sparse" => Ok(Upload::Sparse),
+        "flat" => Ok(Upload::Flat),
+        other => Err(format!("{other:?} is not sparse or flat")),
     }
 }
 
@@ -202,6 +215,7 @@ async fn restore(args: &Args, vddk: Option<Arc<vddk::Vddk>>) -> Result<ExitCode>
         folder: args.folder.clone(),
         datastore: args.datastore.clone(),
         provisioning: args.provisioning,
+        upload: args.upload,
         networks: args.network.clone(),
         connect_nics: args.connect_nics,
         keep_identity: args.keep_identity,
@@ -284,6 +298,7 @@ async fn into_existing(
             disk: disk.clone(),
             datastore: args.datastore.clone(),
             provisioning: args.provisioning,
+            upload: args.upload,
             verify,
             state_dir: state_dir(args)?,
         };
@@ -300,6 +315,7 @@ async fn into_existing(
             vddk,
             full: args.full,
             provisioning: args.provisioning,
+            upload: args.upload,
             verify,
             state_dir: state_dir(args)?,
         };

@@ -1,7 +1,10 @@
 //! `proxy backup` against govmomi's vcsim, a vSphere server nobody here wrote: a VM whose disk
 //! file holds written data is backed up through HTTPS datastore reads (a full copy: vcsim has
 //! no CBT, which the backup notes), with the server trusted through its CA, and the restore
-//! matches the bytes written; a folder's inventory path selects every VM under it.
+//! matches the bytes written; a folder's inventory path selects every VM under it. That restore
+//! point is then restored into vcsim as a new VM through the datastore upload path: vcsim
+//! converts no hosted sparse disk, so the restore falls back to flat extents and says so, and
+//! the new VM's disk on vcsim's datastore holds the bytes backed up.
 
 use std::process::Command;
 
@@ -96,5 +99,32 @@ fn a_vcsim_vm_is_backed_up_over_https_datastore_reads() {
     assert_eq!(names, ["DC0_C0_RP0_VM0", "DC0_C0_RP0_VM1", "DC0_H0_VM0", "DC0_H0_VM1"]);
     let vm0 = plans.as_array().unwrap().iter().find(|p| p["vm"] == "DC0_H0_VM0").unwrap();
     assert_eq!(vm0["parent"].as_str(), Some(point), "the next backup of it would start from this one");
+
+    // Back into vcsim as a new VM, through datastore uploads.
+    let out = Command::new(env!("CARGO_BIN_EXE_proxy"))
+        .args(["restore", "--url", &sim.url, "--user", "backup", "--ca-file"])
+        .arg(&pki.ca)
+        .arg("--password-file")
+        .arg(&pw)
+        .arg(&repo_dir)
+        .args([point, "--name", "restored0", "--datastore", "LocalDS_0", "--host", "DC0_H0", "--verify"])
+        .env("XDG_STATE_HOME", dir.path().join("state"))
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("data path: datastore upload"), "{stdout}");
+    assert!(stdout.contains("restored VM restored0"), "{stdout}");
+    eprintln!("{stdout}");
+    assert!(stdout.contains("as a flat extent"), "the fallback is said: {stdout}");
+    let restored = std::fs::read(ds_root.join("restored0/restored0-flat.vmdk")).unwrap();
+    assert!(restored == data, "the restored disk on vcsim's datastore holds the bytes backed up");
+    let leftovers: Vec<String> = std::fs::read_dir(ds_root.join("restored0"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("upload"))
+        .collect();
+    assert!(leftovers.is_empty(), "the upload is removed: {leftovers:?}");
     drop(sim);
 }

@@ -20,8 +20,8 @@ use vsphere::{Client, MoRef, PowerState, Vm};
 
 use crate::OrchError;
 use crate::restore_job::{
-    Intent, NewFile, Progress, RestoredDisk, Verify, Where, Work, forget, new_id, save, sweep, undo, upload_disk,
-    verify_disk,
+    Intent, NewFile, Progress, RestoredDisk, Upload, Verify, Where, Work, forget, new_id, save, sweep, undo,
+    upload_disk, verify_disk,
 };
 
 /// The unit of a write in place: changed areas are widened to it (the point's own bytes are
@@ -46,6 +46,8 @@ pub struct InPlaceOptions {
     pub full: bool,
     /// The provisioning of disks uploaded to be swapped in.
     pub provisioning: Provisioning,
+    /// How disks to be swapped in are sent.
+    pub upload: Upload,
     /// How much to read back.
     pub verify: Verify,
     /// Where intent records live.
@@ -74,6 +76,8 @@ pub struct AttachOptions {
     pub datastore: Option<String>,
     /// Its provisioning.
     pub provisioning: Provisioning,
+    /// How it is sent.
+    pub upload: Upload,
     /// How much to read back.
     pub verify: Verify,
     /// Where intent records live.
@@ -517,9 +521,10 @@ async fn swap(
     intent.work = Work::Disks { vm: vm.moref.value.clone(), files: files.clone() };
     save(&options.state_dir, intent)?;
     let mut out = Vec::new();
+    let mut notes = Vec::new();
     for (k, (n, _)) in pairs.iter().enumerate() {
         check(cancel)?;
-        let r = upload_disk(
+        let (r, note) = upload_disk(
             client,
             repo,
             manifest,
@@ -528,10 +533,12 @@ async fn swap(
             &intent.folders[k],
             &files[k].file,
             options.provisioning,
+            options.upload,
             progress,
             cancel,
         )
         .await?;
+        notes.extend(note);
         out.push((*n, r));
     }
     let mut verified = 0;
@@ -542,7 +549,6 @@ async fn swap(
     }
     let _ = verified;
     check(cancel)?;
-    let mut notes = Vec::new();
     if running {
         progress(Progress { step: format!("powering off VM {}", vm.name), done: 0, total: 0 });
         client.power_off(&vm.moref).await?;
@@ -677,7 +683,7 @@ pub async fn attach_disk(
     let started = Instant::now();
     let ran = async {
         client.make_directory(&dir, &dc.moref).await?;
-        let r = upload_disk(
+        let (r, note) = upload_disk(
             client,
             repo,
             &manifest,
@@ -686,6 +692,7 @@ pub async fn attach_disk(
             &intent.folders[0],
             &file,
             options.provisioning,
+            options.upload,
             progress,
             cancel,
         )
@@ -698,12 +705,13 @@ pub async fn attach_disk(
         let spec = DiskSpec { key: -100, controller_key, unit, capacity: r.capacity, file: file.clone(), label: None };
         // The commit: the VM has the disk.
         client.attach_disk(&vm.moref, &spec).await?;
-        Ok::<_, OrchError>((r, verified, write_seconds))
+        Ok::<_, OrchError>((r, verified, write_seconds, note))
     }
     .await;
     match ran {
-        Ok((r, verified, write_seconds)) => {
+        Ok((r, verified, write_seconds, note)) => {
             forget(&options.state_dir, &id);
+            notes.extend(note);
             let unit_name = hw
                 .controllers
                 .iter()

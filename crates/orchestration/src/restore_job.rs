@@ -50,6 +50,8 @@ pub struct RestoreOptions {
     pub datastore: Option<String>,
     /// The disks' provisioning.
     pub provisioning: Provisioning,
+    /// How disks are sent.
+    pub upload: Upload,
     /// Source port group → target network name.
     pub networks: Vec<(String, String)>,
     /// Connect the NICs.
@@ -482,14 +484,30 @@ async fn restore_steps(
     client.make_directory(&folder, &placement.datacenter).await?;
     let started = Instant::now();
     let mut disks = Vec::new();
+    let mut upload_notes = Vec::new();
+    let mut flat = options.upload == Upload::Flat;
     for n in 0..manifest.disks.len() {
         check()?;
         let upload = format!("{folder}/{name}-upload-{n}.vmdk");
         let file = if n == 0 { format!("{folder}/{name}.vmdk") } else { format!("{folder}/{name}_{n}.vmdk") };
         let at = Where { datacenter: &placement.datacenter, datacenter_name: &placement.datacenter_name };
-        disks.push(
-            upload_disk(client, repo, manifest, n, at, &upload, &file, options.provisioning, progress, cancel).await?,
-        );
+        let (disk, note) = upload_disk(
+            client,
+            repo,
+            manifest,
+            n,
+            at,
+            &upload,
+            &file,
+            options.provisioning,
+            options.upload,
+            progress,
+            cancel,
+        )
+        .await?;
+        flat |= note.is_some();
+        upload_notes.extend(note);
+        disks.push(disk);
     }
     let upload_seconds = started.elapsed().as_secs_f64();
     check()?;
@@ -502,7 +520,8 @@ async fn restore_steps(
         connect_nics: options.connect_nics,
         keep_identity: options.keep_identity,
     };
-    let (spec, notes) = vm_spec(vmx, &new)?;
+    let (spec, mut notes) = vm_spec(vmx, &new)?;
+    notes.append(&mut upload_notes);
     let vm = client.create_vm(placement, &spec).await?;
     intent.vm = Some(vm.value.clone());
     save(&options.state_dir, intent)?;
@@ -519,7 +538,6 @@ async fn restore_steps(
     client.rename(&vm, name).await?;
     intent.complete = true;
     save(&options.state_dir, intent)?;
-    let mut notes = notes;
     let powered_on = if options.power_on {
         match client.power_on(&vm).await {
             Ok(()) => true,
@@ -535,9 +553,13 @@ async fn restore_steps(
         point: manifest.id.clone(),
         vm: vm.value.clone(),
         name: name.clone(),
-        path: "datastore upload: a hosted sparse VMDK per disk over HTTPS (/folder PUT), converted on the datastore \
-               (CopyVirtualDisk)"
-            .into(),
+        path: if flat {
+            "datastore upload: each disk's bytes as a flat extent and its VMFS descriptor over HTTPS (/folder PUT)"
+        } else {
+            "datastore upload: a hosted sparse VMDK per disk over HTTPS (/folder PUT), converted on the datastore \
+             (CopyVirtualDisk)"
+        }
+        .into(),
         disks,
         verified,
         upload_seconds,
@@ -553,9 +575,21 @@ pub(crate) struct Where<'a> {
     pub(crate) datacenter_name: &'a str,
 }
 
-/// Puts disk `n` of `manifest` on a datastore as `file`: its data grains sent over HTTPS as a
-/// hosted sparse VMDK to `upload`, converted there into a VMFS disk of `provisioning`, the
-/// upload deleted.
+/// How a disk reaches the datastore over HTTPS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Upload {
+    /// Its data grains as a hosted sparse VMDK, converted on the datastore by
+    /// `CopyVirtualDisk` (the default: zeros are never sent). A server that cannot convert it
+    /// gets the disk flat instead, with a note.
+    Sparse,
+    /// Every byte as a flat extent beside a VMFS descriptor: no conversion, a thick file.
+    Flat,
+}
+
+/// Puts disk `n` of `manifest` on a datastore as `file`, the way `how` says: a sparse upload
+/// to `upload` converted into a VMFS disk of `provisioning` (the upload deleted after), or a
+/// flat extent and its descriptor. Returns the disk and a note when it fell back to flat.
 #[expect(clippy::too_many_arguments, reason = "one disk's upload needs its source, place and ways to report")]
 pub(crate) async fn upload_disk(
     client: &Client,
@@ -566,9 +600,13 @@ pub(crate) async fn upload_disk(
     upload: &str,
     file: &str,
     provisioning: Provisioning,
+    how: Upload,
     progress: &(dyn Fn(Progress) + Sync),
     cancel: &AtomicBool,
-) -> Result<RestoredDisk, OrchError> {
+) -> Result<(RestoredDisk, Option<String>), OrchError> {
+    if how == Upload::Flat {
+        return Ok((upload_flat(client, repo, manifest, n, at, file, progress).await?, None));
+    }
     let d = &manifest.disks[n];
     let reader = repo.reader(&manifest.id, n)?;
     progress(Progress { step: format!("disk {}: finding its data", d.name), done: 0, total: 0 });
@@ -582,15 +620,80 @@ pub(crate) async fn upload_disk(
         return Err(OrchError::Refused("the restore was cancelled".into()));
     }
     progress(Progress { step: format!("disk {}: converting on the datastore", d.name), done: 0, total: 0 });
-    client.copy_virtual_disk(upload, file, at.datacenter, provisioning, Some(cancel)).await?;
+    let converted = client.copy_virtual_disk(upload, file, at.datacenter, provisioning, Some(cancel)).await;
     client.delete_datastore_file(upload, at.datacenter).await?;
-    Ok(RestoredDisk {
+    match converted {
+        Ok(()) => {}
+        // The upload was just written, so a server that finds no file to copy looks for
+        // another: one that takes only flat disks as a copy's source (vcsim) wants the
+        // upload's `-flat.vmdk`, which a hosted sparse file has not.
+        Err(e) if e.fault().is_some_and(|f| f.type_name == "FileNotFound") => {
+            let note = format!(
+                "the server cannot convert a hosted sparse disk ({e}): disk {} was sent whole, as a flat extent",
+                d.name
+            );
+            tracing::warn!("{note}");
+            return Ok((upload_flat(client, repo, manifest, n, at, file, progress).await?, Some(note)));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let disk = RestoredDisk {
         slot: d.name.clone(),
         file: file.to_owned(),
         capacity: d.capacity,
         uploaded: layout.len(),
         data: layout.data_bytes(),
-    })
+    };
+    Ok((disk, None))
+}
+
+/// Puts disk `n` of `manifest` on a datastore as `file`: every byte as `NAME-flat.vmdk`, then
+/// the VMFS descriptor naming it.
+async fn upload_flat(
+    client: &Client,
+    repo: &Repo,
+    manifest: &Manifest,
+    n: usize,
+    at: Where<'_>,
+    file: &str,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<RestoredDisk, OrchError> {
+    const PIECE: u64 = 4 << 20;
+    let d = &manifest.disks[n];
+    let reader = repo.reader(&manifest.id, n)?;
+    let stem = file.strip_suffix(".vmdk").unwrap_or(file);
+    let flat = format!("{stem}-flat.vmdk");
+    let flat_name = flat.rsplit_once('/').map_or(flat.as_str(), |(_, f)| f);
+    let writer = client.datastore_writer()?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let cap = d.capacity;
+    let step = format!("disk {} ({}): upload, flat", d.name, human_bytes(cap));
+    progress(Progress { step: step.clone(), done: 0, total: cap });
+    tokio::task::spawn_blocking(move || {
+        let mut at = 0;
+        while at < cap {
+            let len = PIECE.min(cap - at);
+            let piece = reader
+                .read(at, len)
+                .map(Bytes::from)
+                .map_err(|e| std::io::Error::other(format!("reading the restore point at byte {at}: {e}")));
+            let failed = piece.is_err();
+            if tx.blocking_send(piece).is_err() || failed {
+                return;
+            }
+            at += len;
+        }
+    });
+    writer.put(&DatastoreFile::from_ds_path(at.datacenter_name, &flat)?, cap, ReceiverBody(rx)).await?;
+    progress(Progress { step, done: cap, total: cap });
+    let text = vmdk::flat_descriptor(cap, flat_name);
+    let len = text.len() as u64;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let _ = tx.try_send(Ok(Bytes::from(text)));
+    drop(tx);
+    let body = ReceiverBody(rx);
+    writer.put(&DatastoreFile::from_ds_path(at.datacenter_name, file)?, len, body).await?;
+    Ok(RestoredDisk { slot: d.name.clone(), file: file.to_owned(), capacity: cap, uploaded: cap + len, data: cap })
 }
 
 /// The data extents of a point's disk (zero chunks are holes).

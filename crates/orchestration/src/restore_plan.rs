@@ -62,8 +62,21 @@ pub fn vm_spec(vmx_text: &str, new: &NewVm) -> Result<(VmSpec, Vec<String>), Orc
         if !hw.disks.iter().any(|d| d.slot == parsed) {
             notes.push(format!("{slot} is not a disk in the .vmx: attached there all the same"));
         }
-        if !controllers.iter().any(|c| c.key == controller_key(parsed.bus, parsed.controller)) {
-            return Err(OrchError::Refused(format!("{slot}: the .vmx has no such controller")));
+        let key = controller_key(parsed.bus, parsed.controller);
+        if !controllers.iter().any(|c| c.key == key) {
+            // A .vmx that names no controller for a disk of the point (one a server wrote
+            // sparsely, or the operator's own): the bus's usual one, said.
+            let kind = match parsed.bus {
+                Bus::Scsi => ControllerKind::LsiLogicSas,
+                Bus::Sata => ControllerKind::Ahci,
+                Bus::Nvme => ControllerKind::Nvme,
+                Bus::Ide => ControllerKind::Ide,
+            };
+            notes.push(format!(
+                "the .vmx names no controller for {slot}: the new VM gets a {} controller there",
+                kind.wire()
+            ));
+            controllers.push(ControllerSpec { key, kind, bus: i32::from(parsed.controller) });
         }
         disks.push(DiskSpec {
             key: 2000 + i32::try_from(n).unwrap_or(0),
@@ -290,11 +303,14 @@ ethernet1.networkName = "Backup LAN"
     }
 
     #[test]
-    fn a_disk_without_its_controller_or_slot_is_refused_by_name() {
+    fn a_disk_without_its_controller_gets_one_and_one_without_a_slot_is_refused_by_name() {
         let mut new = new_vm();
         new.disks[0].0 = "nvme3:0".into();
-        let e = vm_spec(VMX, &new).unwrap_err().to_string();
-        assert!(e.contains("nvme3:0"), "{e}");
+        let (spec, notes) = vm_spec(VMX, &new).unwrap();
+        let c =
+            spec.controllers.iter().find(|c| c.kind == ControllerKind::Nvme && c.bus == 3).expect("an NVMe controller");
+        assert_eq!(spec.disks[0].controller_key, c.key);
+        assert!(notes.iter().any(|n| n.contains("no controller for nvme3:0")), "{notes:?}");
         new.disks[0].0 = "disk.raw".into();
         let e = vm_spec(VMX, &new).unwrap_err().to_string();
         assert!(e.contains("disk.raw"), "{e}");

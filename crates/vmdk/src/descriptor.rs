@@ -309,6 +309,17 @@ pub(crate) enum Adapter {
 /// The descriptor embedded in a hosted sparse file we write: one `SPARSE` extent of `sectors`
 /// named `extent_name`, no parent, and the geometry VMware tools expect for `adapter`.
 pub(crate) fn embedded_descriptor(create_type: &str, sectors: u64, extent_name: &str, adapter: Adapter) -> String {
+    descriptor_text(create_type, "SPARSE", sectors, extent_name, adapter)
+}
+
+/// The descriptor of a VMFS flat disk of `capacity` bytes (whole sectors) whose one extent is
+/// the raw file `extent_name` beside it (`disk-flat.vmdk`): what a thick disk uploaded to a
+/// datastore as two files needs. A SCSI (LSI Logic) geometry.
+pub fn flat_descriptor(capacity: u64, extent_name: &str) -> String {
+    descriptor_text("vmfs", "VMFS", capacity / 512, extent_name, Adapter::LsiLogic)
+}
+
+fn descriptor_text(create_type: &str, kind: &str, sectors: u64, extent_name: &str, adapter: Adapter) -> String {
     // A content ID derived from the size and name: stable for the same input.
     let seed = sectors.to_le_bytes().into_iter().chain(extent_name.bytes());
     let cid = seed.fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
@@ -318,7 +329,7 @@ pub(crate) fn embedded_descriptor(create_type: &str, sectors: u64, extent_name: 
     };
     format!(
         "# Disk DescriptorFile\nversion=1\nCID={cid:08x}\nparentCID=ffffffff\ncreateType=\"{create_type}\"\n\n\
-         # Extent description\nRW {sectors} SPARSE \"{extent_name}\"\n\n\
+         # Extent description\nRW {sectors} {kind} \"{extent_name}\"\n\n\
          # The Disk Data Base\n#DDB\n\nddb.virtualHWVersion = \"4\"\nddb.geometry.cylinders = \"{cylinders}\"\n\
          ddb.geometry.heads = \"{heads}\"\nddb.geometry.sectors = \"63\"\nddb.adapterType = \"{adapter}\"\n"
     )
@@ -459,6 +470,16 @@ impl fmt::Display for Descriptor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flat_descriptor_reads_back_as_one_vmfs_extent_of_the_size() {
+        let text = flat_descriptor(8 << 20, "d-flat.vmdk");
+        let d = Descriptor::parse(&text, "d.vmdk").unwrap();
+        assert_eq!((d.create_type(), d.sectors()), ("vmfs", (8 << 20) / 512));
+        assert_eq!(d.extents.len(), 1);
+        assert_eq!(d.extents[0].kind, ExtentKind::Vmfs);
+        assert_eq!(d.ddb("ddb.adapterType"), Some("lsilogic"));
+    }
 
     const QEMU: &str = "# Disk DescriptorFile\nversion=1\nCID=52e3b1c4\nparentCID=ffffffff\ncreateType=\"monolithicSparse\"\n\n# Extent description\nRW 2048 SPARSE \"t.vmdk\"\n\n# The Disk Data Base\n#DDB\n\nddb.virtualHWVersion = \"4\"\nddb.geometry.cylinders = \"2\"\nddb.adapterType = \"ide\"\n";
 

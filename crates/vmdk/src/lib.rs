@@ -43,7 +43,7 @@ pub(crate) const fn to_usize(x: u64) -> usize {
 pub use cowd::DeltaContent;
 pub use descriptor::{
     Access, Descriptor, ExtentKind, ExtentLine, MAX_DESCRIPTOR_BYTES, MAX_DISK_SECTORS, MAX_EXTENTS, NO_PARENT_CID,
-    Value, parse_cid,
+    Value, flat_descriptor, parse_cid,
 };
 pub use disk::{Allocation, Disk, Files, Layer, LayerExtent, LocalFiles, MAX_CHAIN_DEPTH, PathPolicy};
 pub use error::{Result, VmdkError};
