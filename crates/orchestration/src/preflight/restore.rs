@@ -119,11 +119,21 @@ pub fn parse_hardware_version(s: &str) -> Option<u32> {
     s.strip_prefix("vmx-").unwrap_or(s).trim_matches('"').parse().ok().filter(|v| *v > 0)
 }
 
-/// The oldest ESXi (major, minor, update) that runs virtual hardware `vmx-hw`: `Ok(None)` when
-/// any supported host does; `Err(())` for a version newer than this table knows.
-pub fn min_esxi(hw: u32) -> Result<Option<(u32, u32, u32)>, ()> {
-    Ok(Some(match hw {
-        0..=12 => return Ok(None),
+/// What ESXi a virtual hardware version needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HardwareNeed {
+    /// Any supported host runs it.
+    AnyHost,
+    /// At least this ESXi (major, minor, update).
+    Esxi(u32, u32, u32),
+    /// Newer than this table knows.
+    Unknown,
+}
+
+/// The oldest ESXi that runs virtual hardware `vmx-hw`.
+pub fn min_esxi(hw: u32) -> HardwareNeed {
+    let (major, minor, update) = match hw {
+        0..=12 => return HardwareNeed::AnyHost,
         13 => (6, 5, 0),
         14 => (6, 7, 0),
         15 => (6, 7, 2),
@@ -133,8 +143,9 @@ pub fn min_esxi(hw: u32) -> Result<Option<(u32, u32, u32)>, ()> {
         19 => (7, 0, 2),
         20 => (8, 0, 0),
         21 => (8, 0, 2),
-        _ => return Err(()),
-    }))
+        _ => return HardwareNeed::Unknown,
+    };
+    HardwareNeed::Esxi(major, minor, update)
 }
 
 /// The host's ESXi as (major, minor, update): its product version (`7.0.2`), with the update
@@ -512,8 +523,9 @@ fn check_space(needs: &RestoreNeeds, t: &TargetFacts, out: &mut Out) {
 fn check_hardware(needs: &RestoreNeeds, t: &TargetFacts, out: &mut Out) {
     let Some(hw) = needs.hardware_version else { return };
     let min = match min_esxi(hw) {
-        Ok(m) => m,
-        Err(()) => {
+        HardwareNeed::AnyHost => None,
+        HardwareNeed::Esxi(major, minor, update) => Some((major, minor, update)),
+        HardwareNeed::Unknown => {
             out.add(
                 "restore.hardware",
                 Level::Warn,
@@ -678,14 +690,15 @@ mod tests {
             (20, "8.0.0", "7.0.3"),
             (21, "8.0.2", "8.0.1"),
         ] {
-            let m = min_esxi(hw).unwrap().unwrap();
+            let HardwareNeed::Esxi(a, b, c) = min_esxi(hw) else { panic!("vmx-{hw} needs an ESXi") };
+            let m = (a, b, c);
             assert!(h(oldest_ok, "") >= m, "vmx-{hw} on {oldest_ok}");
             assert!(h(newest_refused, "") < m, "vmx-{hw} refused on {newest_refused}");
         }
         for hw in [4, 7, 11, 12] {
-            assert_eq!(min_esxi(hw), Ok(None), "vmx-{hw} runs anywhere supported");
+            assert_eq!(min_esxi(hw), HardwareNeed::AnyHost, "vmx-{hw} runs anywhere supported");
         }
-        assert_eq!(min_esxi(99), Err(()));
+        assert_eq!(min_esxi(99), HardwareNeed::Unknown);
         assert_eq!(parse_hardware_version("vmx-19"), Some(19));
         assert_eq!(parse_hardware_version("\"21\""), Some(21));
         assert_eq!(parse_hardware_version("vmx-x"), None);
