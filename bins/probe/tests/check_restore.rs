@@ -30,6 +30,9 @@ version = "8.0.2"
 [[datacenter.host]]
 name = "esx67"
 version = "6.7.0"
+[[datacenter.cluster]]
+name = "C1"
+hosts = ["esx8", "esx67"]
 [[datacenter.datastore]]
 name = "ds1"
 [[datacenter.datastore]]
@@ -185,6 +188,15 @@ async fn an_old_host_and_a_small_datastore_are_refused() {
     // Hardware old enough runs on the old host.
     let (code, out, err) = probe(&s, &["--host", "esx67", "--hardware-version", "14", "--datastore", "ds1"]).await;
     assert_eq!(code, 0, "{out}\n{err}");
+    // In a cluster, vCenter places the VM: the old host is a warning while another can run it.
+    let (code, out, err) =
+        probe(&s, &["--cluster", "C1", "--datastore", "ds1", "--hardware-version", "19", "--json"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let f = findings(&out);
+    let hw: Vec<(&str, &str)> =
+        f.iter().filter(|x| x.0 == "restore.hardware").map(|x| (x.1.as_str(), x.2.as_str())).collect();
+    assert_eq!(hw.len(), 2, "{f:#?}");
+    assert!(hw.contains(&("host esx67", "warn")) && hw.contains(&("host esx8", "pass")), "{hw:?}");
     // A name that does not resolve fails the target, listing what there is.
     let (code, out, err) = probe(&s, &["--host", "esx9", "--problems"]).await;
     assert_eq!(code, 1, "{out}\n{err}");
