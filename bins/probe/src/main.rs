@@ -1,7 +1,7 @@
 //! `probe`: checks disks and estates against what syncproxy supports, before anything runs.
 //! Today: `probe vmdk` describes a VMDK and can write it as raw; `probe vddk` checks a VDDK;
 //! `probe inventory` lists a vCenter's or ESXi host's VMs and disks; `probe check` checks an
-//! estate against the support matrix.
+//! estate against the support matrix, or (`--restore-to`) a restore target.
 
 mod check_cmd;
 mod inventory_cmd;
@@ -35,8 +35,11 @@ enum Command {
     /// Check an estate against the support matrix: versions, TLS, ports 443 and 902, hardware,
     /// disk modes, RDM, shared disks, passthrough and USB devices, CBT, encryption, snapshots,
     /// guest free space, VMware Tools, DRS and transports; pass, warn or fail with the reason and
-    /// the fix. Exit 0: nothing failed; 1: a check failed; 2: the probe could not run.
-    Check(check_cmd::Args),
+    /// the fix. With `--restore-to`, a restore target instead: the names resolved, the
+    /// privileges on folder, pool, datastore and networks, free space and the host's ESXi
+    /// against a point's (or `--size`, `--hardware-version`). Exit 0: nothing failed; 1: a
+    /// check failed; 2: the probe could not run.
+    Check(Box<check_cmd::Args>),
 }
 
 fn main() -> ExitCode {

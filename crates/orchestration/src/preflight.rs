@@ -16,6 +16,8 @@ use crate::OrchError;
 use crate::catalog::GuestSupport;
 use crate::hygiene::{OLD_SNAPSHOT, job_of, parse_server_time};
 
+pub mod restore;
+
 /// How a check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
