@@ -471,21 +471,6 @@ fn list(repo: &Repo, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A restore point as `vmdk`'s reader, for writing a streamOptimized VMDK.
-#[derive(Debug)]
-struct AsReadAt(repo::PointReader);
-
-impl vmdk::ReadAt for AsReadAt {
-    fn len(&self) -> u64 {
-        self.0.size()
-    }
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let data = self.0.read(offset, buf.len() as u64).map_err(std::io::Error::other)?;
-        buf.copy_from_slice(&data);
-        Ok(())
-    }
-}
-
 /// The restore point `point` names: an ID or a unique prefix of one, `VM@latest`, `VM@DATE`,
 /// or `latest` where the repository holds one VM's points only.
 pub(crate) fn point_id(repo: &Repo, point: &str) -> Result<String> {
@@ -591,7 +576,13 @@ async fn restore_vmdk(reader: repo::PointReader, out: PathBuf, extent: String) -
     tokio::task::spawn_blocking(move || -> Result<vmdk::StreamStats> {
         let f = std::fs::File::create_new(&out).with_context(|| format!("creating {}", out.display()))?;
         let mut w = BufWriter::new(f);
-        let stats = vmdk::write_stream_optimized(&mut w, &AsReadAt(reader), size, alloc.as_ref(), &extent)?;
+        let stats = vmdk::write_stream_optimized(
+            &mut w,
+            &orchestration::restore_job::PointAt(reader),
+            size,
+            alloc.as_ref(),
+            &extent,
+        )?;
         let f = w.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
         Ok(stats)

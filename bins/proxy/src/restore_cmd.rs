@@ -86,8 +86,9 @@ pub(crate) struct Args {
     #[arg(long, default_value = "thin", value_parser = parse_provisioning)]
     provisioning: Provisioning,
     /// How disks are sent over HTTPS: `sparse` (default: only data, converted on the datastore;
-    /// a server that cannot convert gets them flat, with a note) or `flat` (every byte, no
-    /// conversion: a thick disk).
+    /// a server that cannot convert gets them flat, with a note), `flat` (every byte, no
+    /// conversion: a thick disk) or `nfc` (a new VM only: an NFC import, `ImportVApp`, each
+    /// disk's data as a streamOptimized VMDK).
     #[arg(long, default_value = "sparse", value_parser = parse_upload)]
     upload: Upload,
     /// Map a source port group to a target network: `--network "VM Network=Isolated"`.
@@ -132,7 +133,8 @@ fn parse_upload(s: &str) -> Result<Upload, String> {
     match s {
         "sparse" => Ok(Upload::Sparse),
         "flat" => Ok(Upload::Flat),
-        other => Err(format!("{other:?} is not sparse or flat")),
+        "nfc" => Ok(Upload::Nfc),
+        other => Err(format!("{other:?} is not sparse, flat or nfc")),
     }
 }
 

@@ -4,7 +4,9 @@
 //! matches the bytes written; a folder's inventory path selects every VM under it. That restore
 //! point is then restored into vcsim as a new VM through the datastore upload path: vcsim
 //! converts no hosted sparse disk, so the restore falls back to flat extents and says so, and
-//! the new VM's disk on vcsim's datastore holds the bytes backed up.
+//! the new VM's disk on vcsim's datastore holds the bytes backed up. Through an NFC import the
+//! lease runs, but vcsim keeps none of the uploaded bytes: the read-back catches it, and the
+//! failed restore leaves nothing.
 
 use std::process::Command;
 
@@ -115,7 +117,6 @@ fn a_vcsim_vm_is_backed_up_over_https_datastore_reads() {
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("data path: datastore upload"), "{stdout}");
     assert!(stdout.contains("restored VM restored0"), "{stdout}");
-    eprintln!("{stdout}");
     assert!(stdout.contains("as a flat extent"), "the fallback is said: {stdout}");
     let restored = std::fs::read(ds_root.join("restored0/restored0-flat.vmdk")).unwrap();
     assert!(restored == data, "the restored disk on vcsim's datastore holds the bytes backed up");
@@ -126,5 +127,25 @@ fn a_vcsim_vm_is_backed_up_over_https_datastore_reads() {
         .filter(|n| n.contains("upload"))
         .collect();
     assert!(leftovers.is_empty(), "the upload is removed: {leftovers:?}");
+
+    // Through an NFC import: vcsim runs the lease but keeps no byte of what is PUT to it (it
+    // only hashes the body), so the read-back finds the disk empty and the restore fails with
+    // nothing left behind, as it must when a server loses the data.
+    let out = Command::new(env!("CARGO_BIN_EXE_proxy"))
+        .args(["restore", "--url", &sim.url, "--user", "backup", "--ca-file"])
+        .arg(&pki.ca)
+        .arg("--password-file")
+        .arg(&pw)
+        .arg(&repo_dir)
+        .args([point, "--name", "nfc0", "--datastore", "LocalDS_0", "--host", "DC0_H0", "--upload", "nfc"])
+        .env("XDG_STATE_HOME", dir.path().join("state"))
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stderr.contains("importing the VM (ImportVApp)") && stderr.contains("upload"), "{stderr}");
+    assert!(stderr.contains("cannot read back [LocalDS_0] nfc0/nfc0.vmdk"), "the read-back caught it: {stderr}");
+    assert!(stderr.contains("removed VM syncproxy-restoring-"), "{stderr}");
+    assert!(!ds_root.join("nfc0").exists(), "nothing of the failed import is left on the datastore");
     drop(sim);
 }

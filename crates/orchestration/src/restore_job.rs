@@ -481,6 +481,10 @@ async fn restore_steps(
     };
     let name = &options.name;
     let folder = format!("[{datastore}] {name}");
+    if options.upload == Upload::Nfc {
+        return nfc_steps(client, repo, manifest, vmx, options, placement, &folder, networks, intent, progress, cancel)
+            .await;
+    }
     client.make_directory(&folder, &placement.datacenter).await?;
     let started = Instant::now();
     let mut disks = Vec::new();
@@ -525,7 +529,47 @@ async fn restore_steps(
     let vm = client.create_vm(placement, &spec).await?;
     intent.vm = Some(vm.value.clone());
     save(&options.state_dir, intent)?;
+    let path = if flat {
+        "datastore upload: each disk's bytes as a flat extent and its VMFS descriptor over HTTPS (/folder PUT)"
+    } else {
+        "datastore upload: a hosted sparse VMDK per disk over HTTPS (/folder PUT), converted on the datastore \
+         (CopyVirtualDisk)"
+    };
+    let made = Made { vm, disks, upload_seconds, notes, path: path.into() };
+    finish(client, repo, manifest, options, placement, made, intent, progress, cancel).await
+}
 
+/// A new VM made and its disks filled, not yet checked or named.
+struct Made {
+    vm: MoRef,
+    disks: Vec<RestoredDisk>,
+    upload_seconds: f64,
+    notes: Vec<String>,
+    path: String,
+}
+
+/// Reads the new VM's disks back, names it (the commit) and powers it on if asked.
+#[expect(clippy::too_many_arguments, reason = "the steps of one restore share its resolved facts")]
+async fn finish(
+    client: &Client,
+    repo: &Repo,
+    manifest: &Manifest,
+    options: &RestoreOptions,
+    placement: &Placement,
+    made: Made,
+    intent: &mut Intent,
+    progress: &(dyn Fn(Progress) + Sync),
+    cancel: &AtomicBool,
+) -> Result<RestoreOutcome, OrchError> {
+    let check = || {
+        if cancel.load(Ordering::Relaxed) {
+            Err(OrchError::Refused("the restore was cancelled".into()))
+        } else {
+            Ok(())
+        }
+    };
+    let Made { vm, disks, upload_seconds, mut notes, path } = made;
+    let name = &options.name;
     let mut verified = 0;
     for (n, d) in disks.iter().enumerate() {
         check()?;
@@ -553,18 +597,170 @@ async fn restore_steps(
         point: manifest.id.clone(),
         vm: vm.value.clone(),
         name: name.clone(),
-        path: if flat {
-            "datastore upload: each disk's bytes as a flat extent and its VMFS descriptor over HTTPS (/folder PUT)"
-        } else {
-            "datastore upload: a hosted sparse VMDK per disk over HTTPS (/folder PUT), converted on the datastore \
-             (CopyVirtualDisk)"
-        }
-        .into(),
+        path,
         disks,
         verified,
         upload_seconds,
         powered_on,
         notes,
+    })
+}
+
+/// The NFC way: the VM imported (`ImportVApp`) under its temporary name with empty disks, each
+/// disk's data sent as a streamOptimized VMDK to the lease's URL, the lease completed.
+#[expect(clippy::too_many_arguments, reason = "the steps of one restore share its resolved facts")]
+async fn nfc_steps(
+    client: &Client,
+    repo: &Repo,
+    manifest: &Manifest,
+    vmx: &str,
+    options: &RestoreOptions,
+    placement: &Placement,
+    folder: &str,
+    networks: Vec<(String, (String, MoRef))>,
+    intent: &mut Intent,
+    progress: &(dyn Fn(Progress) + Sync),
+    cancel: &AtomicBool,
+) -> Result<RestoreOutcome, OrchError> {
+    let name = &options.name;
+    let files: Vec<String> = (0..manifest.disks.len())
+        .map(|n| if n == 0 { format!("{folder}/{name}.vmdk") } else { format!("{folder}/{name}_{n}.vmdk") })
+        .collect();
+    let new = NewVm {
+        name: intent.temp_name.clone(),
+        vmx_path: format!("{folder}/{name}.vmx"),
+        disks: manifest.disks.iter().zip(&files).map(|(d, f)| (d.name.clone(), d.capacity, f.clone())).collect(),
+        networks,
+        connect_nics: options.connect_nics,
+        keep_identity: options.keep_identity,
+    };
+    let (spec, notes) = vm_spec(vmx, &new)?;
+    let started = Instant::now();
+    progress(Progress { step: "importing the VM (ImportVApp)".into(), done: 0, total: 0 });
+    let lease = client.import_vapp(placement, &spec).await?;
+    let sent = async {
+        let info = client.wait_lease(&lease, std::time::Duration::from_secs(300)).await?;
+        intent.vm = Some(info.entity.value.clone());
+        save(&options.state_dir, intent)?;
+        let mut disks = Vec::new();
+        let total: u64 = manifest.disks.iter().map(|d| d.capacity).sum::<u64>().max(1);
+        let mut before = 0;
+        for (n, file) in files.iter().enumerate() {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(OrchError::Refused("the restore was cancelled".into()));
+            }
+            let base = file.rsplit_once('/').map_or(file.as_str(), |(_, b)| b);
+            let device = info.disk_url(n, base).ok_or_else(|| {
+                OrchError::Refused(format!("the NFC lease offers no URL for disk {n} ({base}) of the import"))
+            })?;
+            let disk = nfc_disk(client, repo, manifest, n, file, device, &lease, (before, total), progress).await?;
+            before += manifest.disks[n].capacity;
+            disks.push(disk);
+        }
+        client.lease_complete(&lease).await?;
+        Ok::<_, OrchError>((info.entity, disks))
+    };
+    let (vm, disks) = match sent.await {
+        Ok(r) => r,
+        Err(e) => {
+            if let Err(a) = client.lease_abort(&lease).await {
+                tracing::warn!("NFC lease {lease} could not be aborted: {a}");
+            }
+            return Err(e);
+        }
+    };
+    let made = Made {
+        vm,
+        disks,
+        upload_seconds: started.elapsed().as_secs_f64(),
+        notes,
+        path: "NFC import: ImportVApp and its lease, a streamOptimized VMDK per disk over HTTPS".into(),
+    };
+    finish(client, repo, manifest, options, placement, made, intent, progress, cancel).await
+}
+
+/// Sends disk `n` of `manifest` to `device` as a streamOptimized VMDK (written to a temporary
+/// file first: the upload's length must be known), reporting progress on `lease` (which keeps
+/// it alive) as `(bytes of disks before it, bytes of all disks)` says.
+#[expect(clippy::too_many_arguments, reason = "one disk's upload needs its source, place and ways to report")]
+async fn nfc_disk(
+    client: &Client,
+    repo: &Repo,
+    manifest: &Manifest,
+    n: usize,
+    file: &str,
+    device: &vsphere::nfc::DeviceUrl,
+    lease: &MoRef,
+    (before, total): (u64, u64),
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<RestoredDisk, OrchError> {
+    let d = &manifest.disks[n];
+    let reader = repo.reader(&manifest.id, n)?;
+    progress(Progress { step: format!("disk {}: finding its data", d.name), done: 0, total: 0 });
+    let data = nonzero_grains(reader.clone(), allocation(&reader).await?).await?;
+    progress(Progress { step: format!("disk {}: packing it as a streamOptimized VMDK", d.name), done: 0, total: 0 });
+    let base = file.rsplit_once('/').map_or(file, |(_, b)| b).to_owned();
+    let cap = d.capacity;
+    let (tmp, stats) = tokio::task::spawn_blocking(move || -> Result<_, OrchError> {
+        let mut tmp = tempfile::tempfile()
+            .map_err(|e| OrchError::Refused(format!("cannot make a temporary file for the upload: {e}")))?;
+        let mut out = std::io::BufWriter::new(&mut tmp);
+        let stats = vmdk::write_stream_optimized(&mut out, &PointAt(reader), cap, Some(&data), &base)?;
+        std::io::Write::flush(&mut out)
+            .map_err(|e| OrchError::Refused(format!("cannot write the upload's temporary file: {e}")))?;
+        drop(out);
+        Ok((tmp, stats))
+    })
+    .await
+    .map_err(|e| OrchError::Refused(format!("packing a disk stopped: {e}")))??;
+    let len = stats.file_bytes;
+    let (writer, path) = client.lease_writer(device)?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Seek};
+        let mut tmp = tmp;
+        if let Err(e) = tmp.rewind() {
+            let _ = tx.blocking_send(Err(e));
+            return;
+        }
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match tmp.read(&mut buf) {
+                Ok(0) => return,
+                Ok(k) => {
+                    if tx.blocking_send(Ok(Bytes::copy_from_slice(&buf[..k]))).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    let step = format!("disk {} ({}): upload", d.name, human_bytes(cap));
+    progress(Progress { step: step.clone(), done: 0, total: len });
+    let put = writer.put_to(&path, &device.url, vsphere::nfc::STREAM_VMDK, len, ReceiverBody(rx));
+    tokio::pin!(put);
+    // The lease lapses without progress: report it while the upload runs.
+    let mut keepalive = tokio::time::interval(std::time::Duration::from_secs(20));
+    loop {
+        tokio::select! {
+            r = &mut put => { r?; break; }
+            _ = keepalive.tick() => {
+                let pct = u8::try_from(before.saturating_mul(100) / total).unwrap_or(100);
+                client.lease_progress(lease, pct).await?;
+            }
+        }
+    }
+    progress(Progress { step, done: len, total: len });
+    Ok(RestoredDisk {
+        slot: d.name.clone(),
+        file: file.to_owned(),
+        capacity: cap,
+        uploaded: len,
+        data: stats.data_bytes,
     })
 }
 
@@ -585,6 +781,27 @@ pub enum Upload {
     Sparse,
     /// Every byte as a flat extent beside a VMFS descriptor: no conversion, a thick file.
     Flat,
+    /// NFC import (`ImportVApp` and its lease): each disk's data grains as a streamOptimized
+    /// VMDK to the lease's URL, thin by nature. New VMs only.
+    Nfc,
+}
+
+/// A restore point's disk as `vmdk`'s reader (for writing it as a streamOptimized VMDK).
+#[derive(Debug)]
+pub struct PointAt(pub PointReader);
+
+impl vmdk::ReadAt for PointAt {
+    fn len(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let data = self.0.read(offset, buf.len() as u64).map_err(std::io::Error::other)?;
+        if data.len() != buf.len() {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("short read at byte {offset}")));
+        }
+        buf.copy_from_slice(&data);
+        Ok(())
+    }
 }
 
 /// Puts disk `n` of `manifest` on a datastore as `file`, the way `how` says: a sparse upload
@@ -604,8 +821,14 @@ pub(crate) async fn upload_disk(
     progress: &(dyn Fn(Progress) + Sync),
     cancel: &AtomicBool,
 ) -> Result<(RestoredDisk, Option<String>), OrchError> {
-    if how == Upload::Flat {
-        return Ok((upload_flat(client, repo, manifest, n, at, file, progress).await?, None));
+    match how {
+        Upload::Flat => return Ok((upload_flat(client, repo, manifest, n, at, file, progress).await?, None)),
+        Upload::Nfc => {
+            return Err(OrchError::Refused(
+                "an NFC import makes new VMs only: restore into an existing VM with --upload sparse or flat".into(),
+            ));
+        }
+        Upload::Sparse => {}
     }
     let d = &manifest.disks[n];
     let reader = repo.reader(&manifest.id, n)?;

@@ -332,6 +332,11 @@ pub struct DatastoreWriter {
 }
 
 impl DatastoreWriter {
+    /// A writer over `http` sending `cookie` (empty: none) with each upload.
+    pub(crate) fn new(http: Arc<Http>, cookie: String) -> Self {
+        Self { http, cookie }
+    }
+
     /// PUTs a whole file of exactly `len` bytes streamed from `body` (`Content-Length: len`,
     /// `Content-Type: application/octet-stream`), holding no more of it than a frame at a time;
     /// 200 or 201 is success. A body that fails, or yields fewer or more bytes than `len`, is
@@ -345,17 +350,30 @@ impl DatastoreWriter {
         len: u64,
         body: impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
     ) -> Result<(), Error> {
-        let what = format!("PUT {}", file.path);
+        self.put_to(&file.url_path(), &file.path, "application/octet-stream", len, body).await
+    }
+
+    /// PUTs `len` bytes from `body` to `uri_path` (a path and query on this writer's server)
+    /// as `content_type`, as [`DatastoreWriter::put`] does; `name` names it in errors.
+    pub async fn put_to(
+        &self,
+        uri_path: &str,
+        name: &str,
+        content_type: &str,
+        len: u64,
+        body: impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+    ) -> Result<(), Error> {
+        let what = format!("PUT {name}");
         let progress = Arc::new(Progress::default());
         let body = Counted { stream: Box::pin(body), len, sent: 0, progress: progress.clone() };
         let req = http::Request::builder()
             .method(http::Method::PUT)
-            .uri(file.url_path())
+            .uri(uri_path)
             .header(http::header::COOKIE, &self.cookie)
-            .header(http::header::CONTENT_TYPE, "application/octet-stream")
+            .header(http::header::CONTENT_TYPE, content_type)
             .header(http::header::CONTENT_LENGTH, len)
             .body(body.boxed_unsync())
-            .map_err(|e| Error::Config(format!("building a datastore upload of {}: {e}", file.path)))?;
+            .map_err(|e| Error::Config(format!("building an upload of {name}: {e}")))?;
         let exchange = async {
             let (sender, resp) = self.http.exchange(req, &what).await?;
             self.http.read_answer(sender, resp, &what).await

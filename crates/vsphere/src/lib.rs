@@ -19,6 +19,7 @@ pub mod guest;
 pub mod http;
 mod legacy;
 pub mod model;
+pub mod nfc;
 pub mod pc;
 pub mod privileges;
 pub mod provision;

@@ -291,6 +291,12 @@ pub const HARDWARE_PATHS: [&str; 9] = [
 /// name, version, uuid, instanceUuid, guestId, files, numCPUs, numCoresPerSocket, memoryMB,
 /// deviceChange, extraConfig, firmware.
 pub fn config_spec(req: &mut Request, tag: &str, spec: &VmSpec) {
+    config_spec_with(req, tag, spec, false);
+}
+
+/// [`config_spec`], with the disks made new and empty (`fileOperation` create) when
+/// `new_disks`, as an import's are.
+pub fn config_spec_with(req: &mut Request, tag: &str, spec: &VmSpec, new_disks: bool) {
     req.open(tag, None)
         .text("name", &spec.name)
         .opt("version", spec.hardware_version.as_ref())
@@ -307,7 +313,7 @@ pub fn config_spec(req: &mut Request, tag: &str, spec: &VmSpec) {
         device_change(req, "add", None, |r| controller_device(r, c));
     }
     for d in &spec.disks {
-        device_change(req, "add", None, |r| disk_device(r, d));
+        device_change(req, "add", new_disks.then_some("create"), |r| disk_device(r, d));
     }
     for n in &spec.nics {
         device_change(req, "add", None, |r| nic_device(r, n));
