@@ -399,7 +399,8 @@ pub async fn restore_new_vm(
             options.folder.as_deref(),
         )
         .await?;
-    let datastore = pick_datastore(client, options.datastore.as_deref(), &manifest).await?;
+    let thick = options.provisioning != Provisioning::Thin || options.upload == Upload::Flat;
+    let datastore = pick_datastore(client, options.datastore.as_deref(), &placement, repo, &manifest, thick).await?;
     let networks = map_networks(client, &placement, &options.networks).await?;
     if find_vm_named(client, &options.name).await?.is_some() {
         return Err(OrchError::Refused(format!(
@@ -1096,14 +1097,33 @@ pub(crate) async fn exists(
     }
 }
 
-async fn pick_datastore(client: &Client, wanted: Option<&str>, manifest: &Manifest) -> Result<String, OrchError> {
-    let all = client.datastores().await?;
+/// The datastore for the new VM: the one named, or the only one of the placement's datacenter;
+/// refused when it lacks the space the restore takes at its peak (the rule `probe check
+/// --restore-to` applies).
+async fn pick_datastore(
+    client: &Client,
+    wanted: Option<&str>,
+    placement: &Placement,
+    repo: &Repo,
+    manifest: &Manifest,
+    thick: bool,
+) -> Result<String, OrchError> {
+    let in_dc = client.datacenters().await?.into_iter().find(|d| d.moref == placement.datacenter).map(|d| d.datastores);
+    let all: Vec<_> = client
+        .datastores()
+        .await?
+        .into_iter()
+        .filter(|d| in_dc.as_ref().is_none_or(|set| set.contains(&d.moref)))
+        .collect();
     let names: Vec<&str> = all.iter().map(|d| d.name.as_str()).collect();
     let ds = match wanted {
-        Some(w) => all
-            .iter()
-            .find(|d| d.name == w)
-            .ok_or_else(|| OrchError::Refused(format!("no datastore named {w:?}; there are: {}", names.join(", "))))?,
+        Some(w) => all.iter().find(|d| d.name == w).ok_or_else(|| {
+            OrchError::Refused(format!(
+                "no datastore named {w:?} in datacenter {}; there are: {}",
+                placement.datacenter_name,
+                names.join(", ")
+            ))
+        })?,
         None if all.len() == 1 => &all[0],
         None => {
             return Err(OrchError::Refused(format!(
@@ -1112,15 +1132,18 @@ async fn pick_datastore(client: &Client, wanted: Option<&str>, manifest: &Manife
             )));
         }
     };
-    let need: u64 = manifest.disks.iter().map(|d| d.capacity).sum();
+    let needs = crate::preflight::restore::needs_of_point(repo, &manifest.id, None, thick)?;
+    let need = crate::preflight::restore::space_needed(&needs);
     if let Some(free) = ds.free
-        && free < need / 8
+        && free < need
     {
         return Err(OrchError::Refused(format!(
-            "datastore {} has {} free, too little for disks of {} (their data may need up to that)",
+            "datastore {} has {} free, and this restore takes up to {} (its disks' data{} and one upload beside \
+             them): choose another with --datastore",
             ds.name,
             human_bytes(free),
-            human_bytes(need)
+            human_bytes(need),
+            if thick { " at full size" } else { "" }
         )));
     }
     Ok(ds.name.clone())
