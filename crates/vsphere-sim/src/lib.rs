@@ -22,6 +22,7 @@ pub mod bootdisk;
 mod config;
 mod devices;
 mod inventory;
+mod nfc;
 mod provision;
 mod server;
 mod soap;
@@ -109,6 +110,11 @@ impl Sim {
                     .map_err(|e| SimError::Tls(e.to_string()))?;
                 let der = ck.cert.der().to_vec();
                 world.cert_pem = Some(ck.cert.pem());
+                world.thumbprint = openssl::sha::sha1(ck.cert.der())
+                    .iter()
+                    .map(|b| format!("{b:02X}"))
+                    .collect::<Vec<_>>()
+                    .join(":");
                 let server = if tls == SimTls::Legacy {
                     server::ServerTls::Legacy(Arc::new(legacy_acceptor(&der, &ck.signing_key.serialize_pem())?))
                 } else {
@@ -125,6 +131,7 @@ impl Sim {
                 (server, Some(der))
             }
         };
+        world.endpoint = (if tls == SimTls::Plain { "http" } else { "https" }, addr.to_string());
         let state = Arc::new(Mutex::new(world));
         let task = tokio::spawn(server::serve(listener, server_tls, state.clone()));
         Ok(Self { state, addr, tls: tls != SimTls::Plain, cert, task })
