@@ -140,7 +140,10 @@ impl World {
 
     fn lease_mut(&mut self, m: &MoRef) -> Result<&mut Lease, SimFault> {
         self.leases.get_mut(&m.value).filter(|l| l.moref.kind == m.kind).ok_or_else(|| {
-            SimFault::new("ManagedObjectNotFound", format!("The object 'HttpNfcLease:{}' has already been deleted", m.value))
+            SimFault::new(
+                "ManagedObjectNotFound",
+                format!("The object 'HttpNfcLease:{}' has already been deleted", m.value),
+            )
         })
     }
 
@@ -224,7 +227,12 @@ impl World {
                 prop(
                     p,
                     "LocalizedMethodFault",
-                    &format!(r#"<fault xsi:type="{}">{}</fault>{}"#, escape(&e.kind), e.detail, t("localizedMessage", &e.message)),
+                    &format!(
+                        r#"<fault xsi:type="{}">{}</fault>{}"#,
+                        escape(&e.kind),
+                        e.detail,
+                        t("localizedMessage", &e.message)
+                    ),
                 )
             }),
             "initializeProgress" => Some(prop(p, "xsd:int", "100")),
@@ -442,16 +450,27 @@ fn finish(w: &mut World, up: &Upload, written: &[(u64, u64)]) -> Result<(), (u16
 /// The fault `HttpNfcLeaseAbort` names (its type and message), or `RequestCanceled`.
 pub(crate) fn abort_fault(call: &vsphere::xml::Element) -> SimFault {
     let given = call.child("fault");
-    let kind = given.and_then(|f| f.child("fault")).and_then(|f| f.xsi_type.clone());
+    // The method fault inside the LocalizedMethodFault (and inside any wrapping of it).
+    let mut inner = given.and_then(|f| f.child("fault"));
+    for _ in 0..4 {
+        match inner {
+            Some(f) if f.xsi_type.as_deref().is_some_and(|k| k.ends_with("LocalizedMethodFault")) => {
+                inner = f.child("fault");
+            }
+            _ => break,
+        }
+    }
+    let kind = inner.and_then(|f| f.xsi_type.clone());
     let message = given.and_then(|f| f.text_of("localizedMessage")).map(str::to_owned);
-    match kind.filter(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b':')) {
+    match kind.filter(|k| {
+        !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b':')
+    }) {
         Some(k) => {
             let k = k.rsplit(':').next().unwrap_or(&k).to_owned();
             SimFault::new(&k, message.unwrap_or_else(|| "The import was aborted by the client".into()))
         }
-        None => SimFault::new(
-            "RequestCanceled",
-            message.unwrap_or_else(|| "The operation was canceled by the user".into()),
-        ),
+        None => {
+            SimFault::new("RequestCanceled", message.unwrap_or_else(|| "The operation was canceled by the user".into()))
+        }
     }
 }

@@ -437,13 +437,24 @@ fn dispatch(
                 return fault(&SimFault::new("InvalidRequest", "ImportVApp is a ResourcePool's"), this);
             };
             let Some(spec) = call.child("spec") else {
-                return fault(&SimFault::new("InvalidArgument", "a spec is required").with_detail("<invalidProperty>spec</invalidProperty>"), this);
+                return fault(
+                    &SimFault::new("InvalidArgument", "a spec is required")
+                        .with_detail("<invalidProperty>spec</invalidProperty>"),
+                    this,
+                );
             };
             if spec.xsi_type.as_deref().is_some_and(|k| k.rsplit(':').next() != Some("VirtualMachineImportSpec")) {
-                return fault(&SimFault::new("NotSupported", "the simulator imports VirtualMachineImportSpec only, not vApps"), this);
+                return fault(
+                    &SimFault::new("NotSupported", "the simulator imports VirtualMachineImportSpec only, not vApps"),
+                    this,
+                );
             }
             let Some(config) = spec.child("configSpec") else {
-                return fault(&SimFault::new("InvalidArgument", "spec.configSpec is required").with_detail("<invalidProperty>spec.configSpec</invalidProperty>"), this);
+                return fault(
+                    &SimFault::new("InvalidArgument", "spec.configSpec is required")
+                        .with_detail("<invalidProperty>spec.configSpec</invalidProperty>"),
+                    this,
+                );
             };
             let folder = call.child("folder").and_then(MoRef::from_element);
             let target = call.child("host").and_then(MoRef::from_element);
