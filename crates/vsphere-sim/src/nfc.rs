@@ -7,7 +7,6 @@
 
 use std::fmt::Write as _;
 use std::fs::File;
-use std::io::BufReader;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -337,6 +336,9 @@ pub(crate) async fn upload(state: &Shared, req: http::Request<Incoming>, lease: 
         Err(e) => Err(e),
     };
     let _ = std::fs::remove_file(&up.spool);
+    if let Some(folder) = up.spool.parent() {
+        let _ = std::fs::remove_dir(folder);
+    }
     let mut w = state.lock().unwrap_or_else(|p| p.into_inner());
     let answer = decoded.and_then(|written| finish(&mut w, &up, &written));
     if answer.is_err() {
@@ -369,7 +371,8 @@ fn begin(w: &mut World, lease: &str, name: &str) -> Result<Upload, (u16, String)
         .find(|d| d.key == device.disk_key)
         .ok_or_else(|| (404, format!("the VM no longer has disk {name}")))?;
     let flat = w.ds_path(d.ds, &d.flat_name);
-    std::fs::create_dir_all(&tmp).map_err(|e| (500, format!("{}: {e}", tmp.display())))?;
+    let folder = tmp.join(format!("upload-{n}"));
+    std::fs::create_dir_all(&folder).map_err(|e| (500, format!("{}: {e}", folder.display())))?;
     if let Some(l) = w.leases.get_mut(lease) {
         l.uploads += 1;
         l.touched = Instant::now();
@@ -378,7 +381,7 @@ fn begin(w: &mut World, lease: &str, name: &str) -> Result<Upload, (u16, String)
         lease: lease.to_owned(),
         device,
         flat,
-        spool: tmp.join(format!("upload-{n}.vmdk")),
+        spool: tmp.join(format!("upload-{n}")).join("stream.vmdk"),
         decoded: tmp.join(format!("decoded-{n}-flat.vmdk")),
     })
 }
@@ -403,27 +406,50 @@ async fn spool(mut body: Incoming, path: &Path, cap: u64, declared: Option<u64>)
     out.flush().await.map_err(|e| (500, format!("spooling the upload: {e}")))
 }
 
-/// Decodes the streamOptimized file `spool` into a new sparse file `out` of `capacity` bytes,
-/// writing only grains that hold data; the byte ranges written.
+/// Decodes the streamOptimized file `spool` (alone in its folder) into a new sparse file `out`
+/// of `capacity` bytes, writing only grains that hold data; the byte ranges written. It reads
+/// the whole file through `vmdk::Disk` (grain directory from the footer), not the client's
+/// sequential stream reader, so the two do not share one reading of the format.
 fn decode(spool: &Path, out: &Path, capacity: u64, name: &str) -> Result<Vec<(u64, u64)>, (u16, String)> {
-    let bad = |e: vmdk::VmdkError| (400, format!("{name}: not a streamOptimized VMDK this disk takes: {e}"));
-    let input = File::open(spool).map_err(|e| (500, format!("reading the spooled upload: {e}")))?;
-    let mut reader = vmdk::StreamReader::new(BufReader::new(input), name).map_err(bad)?;
-    if reader.capacity() != capacity {
+    const PIECE: usize = 1 << 20;
+    const GRAIN: usize = 64 << 10;
+    let bad = |e: String| (400, format!("{name}: not a streamOptimized VMDK: {e}"));
+    let mut magic = [0u8; 4];
+    let read = File::open(spool).and_then(|f| f.read_exact_at(&mut magic, 0));
+    if read.is_err() || &magic != b"KDMV" {
+        return Err(bad("no sparse header".into()));
+    }
+    let disk = vmdk::Disk::open(spool, vmdk::PathPolicy::SameDirectory).map_err(|e| bad(e.to_string()))?;
+    let layers = disk.layers();
+    if layers.len() != 1 || layers[0].create_type != "streamOptimized" {
+        let kind = layers.first().map_or("", |l| l.create_type.as_str());
+        return Err(bad(format!("a {kind} disk of {} layers", layers.len())));
+    }
+    if disk.capacity() != capacity {
         return Err((
             400,
-            format!("{name}: the stream's capacity is {} bytes, the disk's {capacity}", reader.capacity()),
+            format!("{name}: the stream's capacity is {} bytes, the disk's {capacity}", disk.capacity()),
         ));
     }
+    let data = disk.allocation().map_err(|e| bad(e.to_string()))?.data;
     let file = File::create(out).and_then(|f| f.set_len(capacity).map(|()| f));
     let file = file.map_err(|e| (500, format!("{}: {e}", out.display())))?;
     let mut written = Vec::new();
-    while let Some(g) = reader.next_grain().map_err(bad)? {
-        if g.data.iter().all(|&b| b == 0) {
-            continue;
+    let mut buf = vec![0u8; PIECE];
+    for e in data.clamp(capacity).iter() {
+        let mut at = e.start();
+        while at < e.end() {
+            let n = usize::try_from(e.end() - at).map_or(PIECE, |left| left.min(PIECE));
+            disk.read_at(&mut buf[..n], at).map_err(|e| bad(e.to_string()))?;
+            for (k, g) in buf[..n].chunks(GRAIN).enumerate() {
+                if g.iter().any(|&b| b != 0) {
+                    let off = at + (k * GRAIN) as u64;
+                    file.write_all_at(g, off).map_err(|e| (500, format!("{}: {e}", out.display())))?;
+                    written.push((off, g.len() as u64));
+                }
+            }
+            at += n as u64;
         }
-        file.write_all_at(&g.data, g.offset).map_err(|e| (500, format!("{}: {e}", out.display())))?;
-        written.push((g.offset, g.data.len() as u64));
     }
     file.sync_all().map_err(|e| (500, format!("{}: {e}", out.display())))?;
     Ok(written)
