@@ -47,6 +47,10 @@ pub struct Config {
     /// is refused (413) and nothing of it is kept.
     #[serde(default = "default_max_upload")]
     pub max_upload: u64,
+    /// Seconds an NFC import lease (`ResourcePool.ImportVApp`) lives without a
+    /// `HttpNfcLeaseProgress` or an upload before it is aborted (vSphere's default: 300).
+    #[serde(default = "default_lease_timeout")]
+    pub lease_timeout: u64,
 }
 
 /// Privileges the account lacks on an entity.
@@ -81,6 +85,9 @@ fn default_cbt_block() -> u64 {
 }
 fn default_max_upload() -> u64 {
     64 << 30
+}
+fn default_lease_timeout() -> u64 {
+    300
 }
 
 /// A datacenter.
@@ -319,6 +326,7 @@ impl Config {
             denied: Vec::new(),
             unknown_privileges: Vec::new(),
             max_upload: default_max_upload(),
+            lease_timeout: default_lease_timeout(),
             datacenters: vec![DatacenterConfig {
                 name: "DC1".into(),
                 hosts: vec![HostConfig { name: "esx1.sim".into(), version: default_version() }],

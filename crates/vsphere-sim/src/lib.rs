@@ -10,7 +10,11 @@
 //! A restore can target it (see `provision`): `/folder` PUT (the folder must exist, as on
 //! ESXi), `MakeDirectory`, `CreateVM_Task` and `RegisterVM_Task` (a `.vmx` written and read,
 //! see `vmx`), device add/remove/edit through `ReconfigVM_Task`, `Create/Copy/DeleteVirtualDisk_Task`,
-//! power on/off, `Destroy_Task`, `UnregisterVM`, `Rename_Task`, named port groups (`Network`).
+//! power on/off, `Destroy_Task`, `UnregisterVM`, `Rename_Task`, named port groups (`Network`),
+//! and NFC import (see `nfc`): `ResourcePool.ImportVApp` of a `VirtualMachineImportSpec`
+//! answers an `HttpNfcLease` whose device URLs (`/nfc/<lease>/<disk file>`) take
+//! streamOptimized VMDKs, with `HttpNfcLeaseProgress`/`Complete`/`Abort` and a lease timeout
+//! ([`Config::lease_timeout`]) that destroys an abandoned import.
 //! `QueryChangedDiskAreas` without a snapshot answers for a powered-off VM and is
 //! `InvalidState` on a running one.
 //!
@@ -22,6 +26,7 @@ pub mod bootdisk;
 mod config;
 mod devices;
 mod inventory;
+mod nfc;
 mod provision;
 mod server;
 mod soap;
@@ -109,6 +114,8 @@ impl Sim {
                     .map_err(|e| SimError::Tls(e.to_string()))?;
                 let der = ck.cert.der().to_vec();
                 world.cert_pem = Some(ck.cert.pem());
+                world.thumbprint =
+                    openssl::sha::sha1(ck.cert.der()).iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":");
                 let server = if tls == SimTls::Legacy {
                     server::ServerTls::Legacy(Arc::new(legacy_acceptor(&der, &ck.signing_key.serialize_pem())?))
                 } else {
@@ -125,6 +132,7 @@ impl Sim {
                 (server, Some(der))
             }
         };
+        world.endpoint = (if tls == SimTls::Plain { "http" } else { "https" }, addr.to_string());
         let state = Arc::new(Mutex::new(world));
         let task = tokio::spawn(server::serve(listener, server_tls, state.clone()));
         Ok(Self { state, addr, tls: tls != SimTls::Plain, cert, task })

@@ -794,6 +794,13 @@ impl World {
         }
         self.vms[vi].current = None;
         self.write_deltas(vi).map_err(|e| SimFault::new("FileFault", e.to_string()))?;
+        self.discard_vm(vi);
+        Ok(())
+    }
+
+    /// Takes VM `vi` off the inventory and deletes its files (its folder too once empty),
+    /// with no checks: what `Destroy_Task` ends with, and what an aborted import leaves.
+    pub(crate) fn discard_vm(&mut self, vi: usize) {
         let v = self.remove_vm(vi);
         for d in &v.disks {
             for f in [&d.base_name, &d.flat_name, &ctk_name(&d.base_name)] {
@@ -806,7 +813,6 @@ impl World {
         if let Some(dir) = vmx.parent().filter(|d| *d != self.ds_path(v.vmx.0, "")) {
             let _ = std::fs::remove_dir(dir);
         }
-        Ok(())
     }
 
     /// `UnregisterVM`: off the inventory, files kept.

@@ -1,4 +1,5 @@
-//! The simulator's HTTP side on hyper 1.x: `POST /sdk` for SOAP and `GET`/`HEAD /folder/...`
+//! The simulator's HTTP side on hyper 1.x: `POST /sdk` for SOAP, `PUT`/`POST /nfc/...` for NFC
+//! imports, and `GET`/`HEAD /folder/...`
 //! for datastore files (ranged, with 206, 416 and injected 503s), over TLS with a generated
 //! certificate or plain HTTP.
 
@@ -17,9 +18,9 @@ use tokio::net::TcpListener;
 use crate::soap::{Shared, handle};
 use crate::world::World;
 
-type Resp = http::Response<Full<Bytes>>;
+pub(crate) type Resp = http::Response<Full<Bytes>>;
 
-fn plain(status: u16, body: impl Into<Bytes>) -> Resp {
+pub(crate) fn plain(status: u16, body: impl Into<Bytes>) -> Resp {
     let mut r = http::Response::new(Full::new(body.into()));
     *r.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
     r
@@ -87,11 +88,17 @@ async fn route(state: &Shared, req: http::Request<Incoming>) -> Resp {
     let path = req.uri().path().to_owned();
     if req.method() == http::Method::POST && path == "/sdk" {
         let cookie = cookie_of(&req, "vmware_soap_session");
+        let host = req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| req.uri().authority().map(|a| a.to_string()));
         let body = match Limited::new(req.into_body(), 16 << 20).collect().await {
             Ok(b) => b.to_bytes(),
             Err(e) => return plain(400, format!("reading the request: {e}")),
         };
-        let a = handle(state, cookie.as_deref(), &body).await;
+        let a = handle(state, cookie.as_deref(), host.as_deref(), &body).await;
         let mut r = plain(a.status, a.body);
         r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/xml; charset=utf-8"));
         if let Some(c) = a.set_cookie.and_then(|c| http::HeaderValue::from_str(&c).ok()) {
@@ -107,6 +114,13 @@ async fn route(state: &Shared, req: http::Request<Incoming>) -> Resp {
         let mut r = plain(200, body);
         r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/xml"));
         return r;
+    }
+    // NFC: the lease in the path is the credential, as on ESXi and in vcsim.
+    if let Some((lease, name)) = path.strip_prefix("/nfc/").and_then(|r| r.split_once('/'))
+        && (req.method() == http::Method::PUT || req.method() == http::Method::POST)
+    {
+        let (lease, name) = (decode(lease).unwrap_or_default(), decode(name).unwrap_or_default());
+        return crate::nfc::upload(state, req, &lease, &name).await;
     }
     if let Some(rest) = path.strip_prefix("/folder/")
         && (req.method() == http::Method::GET

@@ -78,8 +78,9 @@ fn lock(s: &Shared) -> std::sync::MutexGuard<'_, World> {
 /// Methods that need no session.
 const OPEN: &[&str] = &["RetrieveServiceContent", "Login", "CurrentTime", "RetrieveInternalContent"];
 
-pub(crate) async fn handle(state: &Shared, cookie: Option<&str>, body: &[u8]) -> Answer {
-    let answer = answer(state, cookie, body).await;
+/// Answers one SOAP request; `host` is the `Host` it came with (NFC device URLs name it).
+pub(crate) async fn handle(state: &Shared, cookie: Option<&str>, host: Option<&str>, body: &[u8]) -> Answer {
+    let answer = answer(state, cookie, host, body).await;
     let late = {
         let mut w = lock(state);
         match &w.faults.late_answer {
@@ -99,7 +100,7 @@ pub(crate) async fn handle(state: &Shared, cookie: Option<&str>, body: &[u8]) ->
     answer
 }
 
-async fn answer(state: &Shared, cookie: Option<&str>, body: &[u8]) -> Answer {
+async fn answer(state: &Shared, cookie: Option<&str>, host: Option<&str>, body: &[u8]) -> Answer {
     let delay = lock(state).faults.delay;
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -132,12 +133,20 @@ async fn answer(state: &Shared, cookie: Option<&str>, body: &[u8]) -> Answer {
         "WaitForUpdatesEx" | "WaitForUpdates" => wait_for_updates(state, &method, &call).await,
         _ => {
             let mut w = lock(state);
-            dispatch(&mut w, state, &method, this.as_ref(), &call)
+            w.expire_leases();
+            dispatch(&mut w, state, &method, this.as_ref(), &call, host)
         }
     }
 }
 
-fn dispatch(w: &mut World, state: &Shared, method: &str, this: Option<&MoRef>, call: &Element) -> Answer {
+fn dispatch(
+    w: &mut World,
+    state: &Shared,
+    method: &str,
+    this: Option<&MoRef>,
+    call: &Element,
+    host: Option<&str>,
+) -> Answer {
     let text = |n: &str| call.text_of(n).map(|s| s.trim().to_owned());
     match method {
         "RetrieveServiceContent" => ok(method, &service_content(w)),
@@ -419,6 +428,55 @@ fn dispatch(w: &mut World, state: &Shared, method: &str, this: Option<&MoRef>, c
                 return fault(&SimFault::new("ManagedObjectNotFound", "no such VM"), this);
             };
             match w.unregister_vm(vi) {
+                Ok(()) => ok(method, ""),
+                Err(f) => fault(&f, this),
+            }
+        }
+        "ImportVApp" => {
+            let Some(pool) = this.filter(|m| m.kind == "ResourcePool") else {
+                return fault(&SimFault::new("InvalidRequest", "ImportVApp is a ResourcePool's"), this);
+            };
+            let Some(spec) = call.child("spec") else {
+                return fault(
+                    &SimFault::new("InvalidArgument", "a spec is required")
+                        .with_detail("<invalidProperty>spec</invalidProperty>"),
+                    this,
+                );
+            };
+            if spec.xsi_type.as_deref().is_some_and(|k| k.rsplit(':').next() != Some("VirtualMachineImportSpec")) {
+                return fault(
+                    &SimFault::new("NotSupported", "the simulator imports VirtualMachineImportSpec only, not vApps"),
+                    this,
+                );
+            }
+            let Some(config) = spec.child("configSpec") else {
+                return fault(
+                    &SimFault::new("InvalidArgument", "spec.configSpec is required")
+                        .with_detail("<invalidProperty>spec.configSpec</invalidProperty>"),
+                    this,
+                );
+            };
+            let folder = call.child("folder").and_then(MoRef::from_element);
+            let target = call.child("host").and_then(MoRef::from_element);
+            let base = crate::nfc::base_url(w, host);
+            let made = crate::spec::vm_spec(config)
+                .and_then(|vm| w.import_vapp(pool, vm, folder.as_ref(), target.as_ref(), base));
+            match made {
+                Ok(lease) => {
+                    crate::nfc::watch(state, lease.value.clone());
+                    ok(method, &mo("returnval", &lease))
+                }
+                Err(f) => fault(&f, this),
+            }
+        }
+        "HttpNfcLeaseProgress" | "HttpNfcLeaseComplete" | "HttpNfcLeaseAbort" => {
+            let Some(lease) = this else { return fault(&SimFault::new("InvalidRequest", "no _this"), None) };
+            let done = match method {
+                "HttpNfcLeaseProgress" => w.lease_progress(lease, call.parse_of("percent").unwrap_or(-1)),
+                "HttpNfcLeaseComplete" => w.lease_complete(lease),
+                _ => w.lease_abort(lease, crate::nfc::abort_fault(call)),
+            };
+            match done {
                 Ok(()) => ok(method, ""),
                 Err(f) => fault(&f, this),
             }
@@ -799,6 +857,7 @@ fn property(w: &World, obj: &MoRef, p: &str) -> Result<Option<String>, SimFault>
             }
             _ => Err(invalid_property(p)),
         },
+        "HttpNfcLease" => w.lease_property(obj, p),
         "Task" => {
             let task = w.tasks.get(&obj.value).ok_or_else(|| SimFault::new("ManagedObjectNotFound", "no such task"))?;
             match p {

@@ -294,6 +294,13 @@ pub(crate) struct World {
     pub(crate) calls: u64,
     /// The server's certificate (PEM), reported as every host's.
     pub(crate) cert_pem: Option<String>,
+    /// The server certificate's SHA-1 thumbprint (`AB:CD:...`), empty without TLS.
+    pub(crate) thumbprint: String,
+    /// `https` or `http`, and the address listened on: what NFC device URLs name when a
+    /// request carries no `Host`.
+    pub(crate) endpoint: (&'static str, String),
+    /// NFC leases by moref value, finished ones kept (calls on them fault `InvalidState`).
+    pub(crate) leases: HashMap<String, crate::nfc::Lease>,
 }
 
 pub(crate) fn uuid_of(n: u64, salt: u64) -> String {
@@ -332,6 +339,9 @@ impl World {
             faults: Faults::default(),
             calls: 0,
             cert_pem: None,
+            thumbprint: String::new(),
+            endpoint: ("https", "127.0.0.1".into()),
+            leases: HashMap::new(),
             cfg: cfg.clone(),
         };
         let esx = cfg.api_type == "HostAgent";
@@ -1053,6 +1063,7 @@ const PRIVILEGES: &[&str] = &[
     "Host.Inventory.EditCluster",
     "Network.Assign",
     "Resource.AssignVMToPool",
+    "VApp.Import",
     "VirtualMachine.Config.AddExistingDisk",
     "VirtualMachine.Config.AddNewDisk",
     "VirtualMachine.Config.RemoveDisk",

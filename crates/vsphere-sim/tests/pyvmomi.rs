@@ -1,7 +1,8 @@
 //! pyvmomi, a real and strict third-party vSphere client, against our simulator: login, a
 //! container view, paged property reads, snapshot create and remove through tasks,
 //! `QueryChangedDiskAreas` paging and a datastore download; and a restore (upload, disk copy,
-//! a VM made with controllers, disks and NICs, power, rename, destroy, faults). So our client
+//! a VM made with controllers, disks and NICs, power, rename, destroy, faults; an NFC import
+//! through `ImportVApp` of qemu-img's streamOptimized disks). So our client
 //! and our simulator cannot share one misunderstanding of the protocol unseen.
 
 use std::process::Command;
@@ -105,13 +106,28 @@ async fn a_pyvmomi_restore_into_the_simulator() {
         .status()
         .unwrap();
     assert!(st.success());
+    // Two streamOptimized disks (qemu-img's) for the NFC import: the 3 MiB image and a 1 MiB one.
+    let mut raw1 = vec![0u8; 1 << 20];
+    raw1[(1 << 20) - 4096..].fill(0x77);
+    std::fs::write(work.path().join("second.raw"), &raw1).unwrap();
+    let streams = [("src.raw", "stream0.vmdk"), ("second.raw", "stream1.vmdk")].map(|(from, to)| {
+        let st = Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized"])
+            .arg(work.path().join(from))
+            .arg(work.path().join(to))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        work.path().join(to)
+    });
     let mut config = Config::small(1, 1 << 20);
     config.datacenters[0].networks = vec![
         vsphere_sim::NetworkConfig { name: "VM Network".into() },
         vsphere_sim::NetworkConfig { name: "Backup LAN".into() },
     ];
     let sim = Sim::start(config, dir.path(), SimTls::SelfSigned).await.unwrap();
-    let v = run_script(&pythonpath, &sim, work.path(), "pyvmomi_restore.py", &[sparse.as_os_str()]).await;
+    let args = [sparse.as_os_str(), streams[0].as_os_str(), streams[1].as_os_str()];
+    let v = run_script(&pythonpath, &sim, work.path(), "pyvmomi_restore.py", &args).await;
     use serde_json::json;
     assert_eq!(v["networks"], json!(["Backup LAN", "VM Network"]));
     assert_eq!(v["dc_networks"], v["networks"]);
@@ -165,4 +181,27 @@ async fn a_pyvmomi_restore_into_the_simulator() {
     assert_eq!(v["vms_after"], json!(["vm00000"]));
     assert!(!dir.path().join("ds1/pyrestored").exists());
     assert!(!dir.path().join("ds1/up/src.vmdk").exists() && !dir.path().join("ds1/up/data-flat.vmdk").exists());
+
+    // The NFC import: a lease pyvmomi reads, qemu-img's streams uploaded, the bytes in place.
+    assert_eq!((v["lease_type"].as_str(), v["lease_state"].as_str()), (Some("vim.HttpNfcLease"), Some("ready")));
+    assert_eq!((v["lease_entity"].as_str(), v["lease_timeout"].as_u64()), (Some("pyimported"), Some(300)));
+    assert_eq!(
+        v["device_urls"],
+        json!([
+            ["disk:0", "/pyimported/disk:0", "pyimported.vmdk", true, "pyimported.vmdk"],
+            ["disk:1", "/pyimported/disk:1", "pyimported_1.vmdk", true, "pyimported_1.vmdk"]
+        ])
+    );
+    assert_eq!(v["device_keys_name_vm"], true);
+    assert_eq!((v["upload_garbage"].as_u64(), &v["uploads"]), (Some(400), &json!([200, 200])));
+    assert_eq!((v["transfer_progress"].as_u64(), v["lease_done"].as_str()), (Some(100), Some("done")));
+    assert_eq!(v["complete_again"], "InvalidState");
+    assert_eq!(std::fs::read(sim.disk_path("pyimported", 2000).unwrap()).unwrap(), raw);
+    assert_eq!(std::fs::read(sim.disk_path("pyimported", 2001).unwrap()).unwrap(), raw1);
+    assert_eq!(
+        (v["aborted_state"].as_str(), &v["aborted_error"]),
+        (Some("error"), &json!(["SystemError", "test abort"]))
+    );
+    assert_eq!(v["vms_in_pool"], json!(["pyimported", "vm00000"]));
+    assert!(!dir.path().join("ds1/pyaborted").exists());
 }

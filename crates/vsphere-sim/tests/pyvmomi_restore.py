@@ -1,19 +1,21 @@
 """A restore into the syncproxy simulator with pyvmomi (a real, strict, third-party client).
 
-Usage: pyvmomi_restore.py HOST PORT USER PASSWORD_FILE SPARSE_VMDK
+Usage: pyvmomi_restore.py HOST PORT USER PASSWORD_FILE SPARSE_VMDK [STREAM_VMDK STREAM_VMDK]
 Uploads SPARSE_VMDK (monolithicSparse), copies it into a thin disk, creates a VM with two
 controllers, three disks and two NICs, reads it back, powers it on and off, renames and
-destroys it, and tries the faults. Prints one JSON object; the Rust test checks it.
+destroys it, and tries the faults. Given two streamOptimized VMDKs (3 MiB and 1 MiB), imports
+a VM of two disks through ImportVApp and its HttpNfcLease with them, and aborts another import. Prints one JSON object; the Rust test checks it.
 """
 import json
 import ssl
 import sys
+import time
 import urllib.error
 import urllib.request
 
 from pyVim.connect import Disconnect
 from pyVim.task import WaitForTask
-from pyVmomi import vim
+from pyVmomi import vim, vmodl
 
 from pyvmomi_client import connect
 
@@ -37,6 +39,73 @@ def put(host, port, cookie, path, data):
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
+
+
+def nfc_upload(url, data, method="PUT"):
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/x-vnd.vmware-streamVmdk"})
+    try:
+        with urllib.request.urlopen(req, context=ssl._create_unverified_context()) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def nfc_import(out, host, port, dc, pool, streams):
+    """ImportVApp of a two-disk VM, a streamOptimized upload per device URL, progress and
+    complete; then one more import, aborted."""
+    dev = vim.vm.device
+
+    def spec(name, sizes_kb):
+        changes = [dev.VirtualDeviceSpec(operation="add", device=dev.ParaVirtualSCSIController(
+            key=-100, busNumber=0, sharedBus="noSharing"))]
+        for i, kb in enumerate(sizes_kb):
+            d = dev.VirtualDisk(key=-1 - i, controllerKey=-100, unitNumber=i, capacityInKB=kb,
+                                backing=dev.VirtualDisk.FlatVer2BackingInfo(fileName="[ds1]", diskMode="persistent",
+                                                                           thinProvisioned=True))
+            changes.append(dev.VirtualDeviceSpec(operation="add", fileOperation="create", device=d))
+        config = vim.vm.ConfigSpec(name=name, guestId="otherGuest64", version="vmx-19", memoryMB=256,
+                                   files=vim.vm.FileInfo(vmPathName="[ds1]"), deviceChange=changes)
+        return vim.vm.VmImportSpec(configSpec=config)
+
+    def wait_ready(lease):
+        for _ in range(100):
+            if lease.state != vim.HttpNfcLease.State.initializing:
+                break
+            time.sleep(0.05)
+        return lease.state
+
+    lease = pool.ImportVApp(spec=spec("pyimported", [3072, 1024]), folder=dc.vmFolder)
+    out["lease_type"] = type(lease).__name__
+    out["lease_state"] = wait_ready(lease)
+    info = lease.info
+    out["lease_entity"] = info.entity.name
+    out["lease_timeout"] = info.leaseTimeout
+    out["device_urls"] = [[u.key.split("/", 2)[2], u.importKey, u.targetId, u.disk,
+                           u.url.replace("https://%s:%d/nfc/%s/" % (host, port, lease._moId), "")]
+                          for u in info.deviceUrl]
+    out["device_keys_name_vm"] = all(u.key.startswith("/%s/" % info.entity._moId) for u in info.deviceUrl)
+    statuses = []
+    for u, path in zip(info.deviceUrl, streams):
+        with open(path, "rb") as f:
+            statuses.append(nfc_upload(u.url, f.read()))
+    out["upload_garbage"] = nfc_upload(info.deviceUrl[0].url, b"not a vmdk" * 100)
+    out["uploads"] = statuses
+    lease.HttpNfcLeaseProgress(percent=100)
+    out["transfer_progress"] = lease.transferProgress
+    lease.HttpNfcLeaseComplete()
+    out["lease_done"] = lease.state
+    out["complete_again"] = fault_of(lambda: lease.HttpNfcLeaseComplete())
+
+    lease = pool.ImportVApp(spec=spec("pyaborted", [1024]))
+    wait_ready(lease)
+    lease.HttpNfcLeaseAbort(fault=vmodl.fault.SystemError(reason="test", msg="test abort"))
+    out["aborted_state"] = lease.state
+    # pyvmomi reads a LocalizedMethodFault as the fault itself, its message as msg.
+    err = lease.error
+    out["aborted_error"] = [type(err).__name__.split(".")[-1], err.msg]
+    view = pool.vm
+    out["vms_in_pool"] = sorted(v.name for v in view)
 
 
 def main():
@@ -155,6 +224,8 @@ def main():
         view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
         out["vms_after"] = sorted(v.name for v in view.view)
         view.Destroy()
+        if len(sys.argv) > 7:
+            nfc_import(out, host, port, dc, pool, sys.argv[6:8])
         WaitForTask(vdm.DeleteVirtualDisk_Task(name="[ds1] up/src.vmdk", datacenter=dc))
     finally:
         Disconnect(si)
