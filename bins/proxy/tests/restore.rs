@@ -1,8 +1,8 @@
 //! `proxy restore` against the project's vSphere simulator: a three-disk VM backed up,
 //! changed, and restored as a new VM (disks byte-identical to the restore point, hardware as
 //! its `.vmx` says, NICs disconnected, a new identity); nothing existing overwritten; and
-//! restores killed at random moments leaving, once the next restore has swept, each VM
-//! complete or absent with no folder of theirs left on the datastore. Into the original VM:
+//! restores killed at random moments (datastore uploads and NFC imports) leaving, once the next
+//! restore has swept, each VM complete or absent with no folder of theirs left on the datastore. Into the original VM:
 //! Quick Rollback through the fake VDDK writing only what CBT says changed since the point
 //! (and a full write for comparison), whole disks swapped in without VDDK (also killed at
 //! random moments: the VM keeps all its old disks or gets all the point's), and one disk of
@@ -288,6 +288,29 @@ async fn a_changed_vm_is_restored_as_a_new_vm_identical_to_its_point() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_is_restored_through_an_nfc_import() {
+    let env = start().await;
+    for (key, cap, salt) in [(2000, 16 * MIB, 21u8), (2001, 8 * MIB, 22), (2002, 4 * MIB, 23)] {
+        fill(&env.sim, "db", key, cap, salt);
+    }
+    let point = env.backup();
+    let (code, j, out) =
+        env.run(&point, &["--name", "db-nfc", "--datastore", "ds1", "--upload", "nfc", "--verify", "--json"], None);
+    assert_eq!(code, 0, "{out}");
+    assert!(j["path"].as_str().unwrap().starts_with("NFC import"), "{j}");
+    env.assert_disks_equal("db-nfc", &point);
+    assert_eq!(env.vm("db-nfc").await.disks.len(), 3);
+    // Only the data went over the wire (streamOptimized, compressed): far less than the disks.
+    let sent: u64 = j["disks"].as_array().unwrap().iter().map(|d| d["uploaded"].as_u64().unwrap()).sum();
+    assert!(sent < 4 * MIB, "{sent} bytes sent for 28 MiB of disks holding 2.8 MB of data");
+    assert_eq!(j["verified"].as_u64(), Some(28 * MIB), "{j}");
+    // An NFC import makes new VMs only.
+    let (code, _, text) = env.run(&point, &["--in-place", "--power-off", "--upload", "nfc"], None);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("new VMs only"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restores_killed_at_random_moments_leave_a_complete_vm_or_nothing() {
     let env = start().await;
     for (key, cap, salt) in [(2000, 16 * MIB, 4u8), (2001, 8 * MIB, 5), (2002, 4 * MIB, 6)] {
@@ -306,8 +329,20 @@ async fn restores_killed_at_random_moments_leave_a_complete_vm_or_nothing() {
         next(&mut seed);
         let name = format!("k{round}");
         let repo = env.repo_path();
+        // Every other one through an NFC import.
+        let upload = if round % 2 == 0 { "sparse" } else { "nfc" };
         let mut child = env
-            .proxy(&["restore", repo.to_str().unwrap(), &point, "--name", &name, "--datastore", "ds1"])
+            .proxy(&[
+                "restore",
+                repo.to_str().unwrap(),
+                &point,
+                "--name",
+                &name,
+                "--datastore",
+                "ds1",
+                "--upload",
+                upload,
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
