@@ -578,7 +578,7 @@ async fn restore_vmdk(reader: repo::PointReader, out: PathBuf, extent: String) -
         let mut w = BufWriter::new(f);
         let stats = vmdk::write_stream_optimized(
             &mut w,
-            &orchestration::restore_job::PointAt(reader),
+            &orchestration::restore_job::PointAt::new(reader),
             size,
             alloc.as_ref(),
             &extent,

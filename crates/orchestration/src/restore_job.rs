@@ -706,7 +706,7 @@ async fn nfc_disk(
         let mut tmp = tempfile::tempfile()
             .map_err(|e| OrchError::Refused(format!("cannot make a temporary file for the upload: {e}")))?;
         let mut out = std::io::BufWriter::new(&mut tmp);
-        let stats = vmdk::write_stream_optimized(&mut out, &PointAt(reader), cap, Some(&data), &base)?;
+        let stats = vmdk::write_stream_optimized(&mut out, &PointAt::new(reader), cap, Some(&data), &base)?;
         std::io::Write::flush(&mut out)
             .map_err(|e| OrchError::Refused(format!("cannot write the upload's temporary file: {e}")))?;
         drop(out);
@@ -787,20 +787,62 @@ pub enum Upload {
     Nfc,
 }
 
-/// A restore point's disk as `vmdk`'s reader (for writing it as a streamOptimized VMDK).
+/// A restore point's disk as `vmdk`'s reader (for writing it as a streamOptimized VMDK), read
+/// from the repository a window at a time: `vmdk` asks grain by grain, and each grain read
+/// alone would decode its whole chunk again.
 #[derive(Debug)]
-pub struct PointAt(pub PointReader);
+pub struct PointAt {
+    reader: PointReader,
+    window: std::sync::Mutex<(u64, Vec<u8>)>,
+}
+
+impl PointAt {
+    /// How much is read from the repository at once.
+    const WINDOW: u64 = 4 << 20;
+
+    /// `reader` as `vmdk`'s reader.
+    pub fn new(reader: PointReader) -> Self {
+        Self { reader, window: std::sync::Mutex::new((0, Vec::new())) }
+    }
+}
 
 impl vmdk::ReadAt for PointAt {
     fn len(&self) -> u64 {
-        self.0.size()
+        self.reader.size()
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let data = self.0.read(offset, buf.len() as u64).map_err(std::io::Error::other)?;
-        if data.len() != buf.len() {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("short read at byte {offset}")));
+        let size = self.reader.size();
+        let want = buf.len() as u64;
+        if offset.checked_add(want).is_none_or(|end| end > size) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("read past the end at {offset}"),
+            ));
         }
-        buf.copy_from_slice(&data);
+        let mut window = self.window.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut done = 0u64;
+        while done < want {
+            let at = offset + done;
+            let (start, data) = &*window;
+            if at < *start || at >= start + data.len() as u64 {
+                let new_start = at / Self::WINDOW * Self::WINDOW;
+                let len = Self::WINDOW.min(size - new_start);
+                let data = self.reader.read(new_start, len).map_err(std::io::Error::other)?;
+                if data.len() as u64 != len {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("short read at {new_start}"),
+                    ));
+                }
+                *window = (new_start, data);
+                continue;
+            }
+            let from = usize::try_from(at - start).map_err(std::io::Error::other)?;
+            let n = (data.len() - from).min(usize::try_from(want - done).map_err(std::io::Error::other)?);
+            let to = usize::try_from(done).map_err(std::io::Error::other)?;
+            buf[to..to + n].copy_from_slice(&data[from..from + n]);
+            done += n as u64;
+        }
         Ok(())
     }
 }

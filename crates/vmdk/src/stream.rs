@@ -236,7 +236,10 @@ pub fn write_stream_optimized(
         packed.clear();
         packed.extend_from_slice(&lba.to_le_bytes());
         packed.extend_from_slice(&[0; 4]);
-        let mut z = flate2::write::ZlibEncoder::new(packed, flate2::Compression::default());
+        // zlib's fastest level: at the default (6) one core packs about 27 MB/s of incompressible
+        // data, slower than the link a restore uploads over; level 1 is several times faster
+        // for a few percent more bytes.
+        let mut z = flate2::write::ZlibEncoder::new(packed, flate2::Compression::fast());
         z.write_all(&buf[..len]).map_err(|err| VmdkError::io(name, err))?;
         packed = z.finish().map_err(|err| VmdkError::io(name, err))?;
         let size = u32::try_from(packed.len() - 12)
