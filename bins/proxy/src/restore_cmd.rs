@@ -82,6 +82,9 @@ pub(crate) struct Args {
     /// The datastore for the VM and its disks (default: the only one).
     #[arg(long)]
     datastore: Option<String>,
+    /// Put one disk on another datastore: `--disk-datastore scsi0:1=fast-ds` (repeatable).
+    #[arg(long, value_parser = parse_mapping, conflicts_with_all = ["in_place", "attach_to"])]
+    disk_datastore: Vec<(String, String)>,
     /// The disks' provisioning: `thin` (default), `thick` or `eager-zeroed`.
     #[arg(long, default_value = "thin", value_parser = parse_provisioning)]
     provisioning: Provisioning,
@@ -216,6 +219,7 @@ async fn restore(args: &Args, vddk: Option<Arc<vddk::Vddk>>) -> Result<ExitCode>
         pool: args.pool.clone(),
         folder: args.folder.clone(),
         datastore: args.datastore.clone(),
+        disk_datastores: args.disk_datastore.clone(),
         provisioning: args.provisioning,
         upload: args.upload,
         networks: args.network.clone(),

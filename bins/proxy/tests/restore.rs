@@ -30,6 +30,8 @@ name = "DC1"
 name = "esx1"
 [[datacenter.datastore]]
 name = "ds1"
+[[datacenter.datastore]]
+name = "ds2"
 [[datacenter.vm]]
 name = "db"
 cbt = true
@@ -143,7 +145,11 @@ impl Env {
             let want = self.dir.path().join(format!("want-{n}.raw"));
             repo.restore_disk(point, n, &want).unwrap();
             let file = if n == 0 { format!("{name}-flat.vmdk") } else { format!("{name}_{n}-flat.vmdk") };
-            let got = self.ds_dir().join(name).join(file);
+            // On ds1, or on ds2 where --disk-datastore put it.
+            let mut got = self.ds_dir().join(name).join(&file);
+            if !got.exists() {
+                got = self.ds_dir().with_file_name("ds2").join(name).join(&file);
+            }
             let (a, b) = (std::fs::read(&want).unwrap(), std::fs::read(&got).unwrap());
             assert_eq!(a.len() as u64, d.capacity, "{}", d.name);
             assert!(a == b, "disk {} of {name} differs from point {point}", d.name);
@@ -248,12 +254,14 @@ async fn a_changed_vm_is_restored_as_a_new_vm_identical_to_its_point() {
     env.sim.write("db", 2000, 0, &[0xee; 65536]).unwrap();
     env.sim.write("db", 2002, 3 * MIB, &[0xdd; 4096]).unwrap();
 
-    let out = env.restore("db@latest", "db-restored", &["--datastore", "ds1"]);
+    let out = env.restore("db@latest", "db-restored", &["--datastore", "ds1", "--disk-datastore", "scsi0:2=ds2"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("data path: datastore upload"), "{stdout}");
     assert!(stdout.contains("disconnected"), "{stdout}");
     env.assert_disks_equal("db-restored", &point);
+    let on_ds2 = env.ds_dir().with_file_name("ds2").join("db-restored/db-restored_2-flat.vmdk");
+    assert!(on_ds2.exists(), "--disk-datastore put scsi0:2 on ds2");
 
     // Its hardware is the .vmx's, with a new identity and the NIC disconnected.
     let vm = env.client.find_by_inventory_path("DC1/vm/db-restored").await.unwrap().expect("the restored VM");
@@ -294,11 +302,12 @@ async fn a_vm_is_restored_through_an_nfc_import() {
         fill(&env.sim, "db", key, cap, salt);
     }
     let point = env.backup();
-    let (code, j, out) =
-        env.run(&point, &["--name", "db-nfc", "--datastore", "ds1", "--upload", "nfc", "--verify", "--json"], None);
+    let args = ["--name", "db-nfc", "--datastore", "ds1", "--disk-datastore", "scsi0:1=ds2", "--upload", "nfc"];
+    let (code, j, out) = env.run(&point, &[&args[..], &["--verify", "--json"]].concat(), None);
     assert_eq!(code, 0, "{out}");
     assert!(j["path"].as_str().unwrap().starts_with("NFC import"), "{j}");
     env.assert_disks_equal("db-nfc", &point);
+    assert!(env.ds_dir().with_file_name("ds2").join("db-nfc/db-nfc_1-flat.vmdk").exists(), "scsi0:1 on ds2");
     assert_eq!(env.vm("db-nfc").await.disks.len(), 3);
     // Only the data went over the wire (streamOptimized, compressed): far less than the disks.
     let sent: u64 = j["disks"].as_array().unwrap().iter().map(|d| d["uploaded"].as_u64().unwrap()).sum();

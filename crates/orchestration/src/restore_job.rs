@@ -48,6 +48,8 @@ pub struct RestoreOptions {
     pub folder: Option<String>,
     /// The datastore of the VM and its disks (`None`: the only one).
     pub datastore: Option<String>,
+    /// Disks placed elsewhere: slot (`scsi0:1`) → datastore.
+    pub disk_datastores: Vec<(String, String)>,
     /// The disks' provisioning.
     pub provisioning: Provisioning,
     /// How disks are sent.
@@ -400,7 +402,34 @@ pub async fn restore_new_vm(
         )
         .await?;
     let thick = options.provisioning != Provisioning::Thin || options.upload == Upload::Flat;
-    let datastore = pick_datastore(client, options.datastore.as_deref(), &placement, repo, &manifest, thick).await?;
+    // Each disk's datastore: its own when mapped, else the VM's; each checked for the space its
+    // disks take.
+    for (slot, _) in &options.disk_datastores {
+        if !manifest.disks.iter().any(|d| &d.name == slot) {
+            let names: Vec<&str> = manifest.disks.iter().map(|d| d.name.as_str()).collect();
+            return Err(OrchError::Refused(format!(
+                "--disk-datastore names {slot}, which restore point {} has not; it has: {}",
+                manifest.id,
+                names.join(", ")
+            )));
+        }
+    }
+    let own = |slot: &str| options.disk_datastores.iter().find(|(s, _)| s == slot).map(|(_, ds)| ds.clone());
+    let all_needs = crate::preflight::restore::needs_of_point(repo, &manifest.id, None, thick)?;
+    let needs_of = |on: &dyn Fn(&str) -> bool| crate::preflight::restore::RestoreNeeds {
+        disks: all_needs.disks.iter().filter(|d| on(&d.name)).cloned().collect(),
+        ..all_needs.clone()
+    };
+    let datastore =
+        pick_datastore(client, options.datastore.as_deref(), &placement, &needs_of(&|s| own(s).is_none())).await?;
+    for (_, ds) in &options.disk_datastores {
+        pick_datastore(client, Some(ds), &placement, &needs_of(&|s| own(s).as_deref() == Some(ds.as_str()))).await?;
+    }
+    let disk_folders: Vec<String> = manifest
+        .disks
+        .iter()
+        .map(|d| format!("[{}] {}", own(&d.name).unwrap_or_else(|| datastore.clone()), options.name))
+        .collect();
     let networks = map_networks(client, &placement, &options.networks).await?;
     if find_vm_named(client, &options.name).await?.is_some() {
         return Err(OrchError::Refused(format!(
@@ -409,18 +438,26 @@ pub async fn restore_new_vm(
         )));
     }
     let folder = format!("[{datastore}] {}", options.name);
+    let mut folders = vec![folder.clone()];
+    for f in &disk_folders {
+        if !folders.contains(f) {
+            folders.push(f.clone());
+        }
+    }
     let reader = client.datastore_reader()?;
-    if exists(&reader, &placement.datacenter_name, &folder).await? {
-        return Err(OrchError::Refused(format!(
-            "{folder} exists already on the datastore: nothing is overwritten (choose another --name, or remove it)"
-        )));
+    for f in &folders {
+        if exists(&reader, &placement.datacenter_name, f).await? {
+            return Err(OrchError::Refused(format!(
+                "{f} exists already on the datastore: nothing is overwritten (choose another --name, or remove it)"
+            )));
+        }
     }
 
     let id = new_id();
     let at = Where { datacenter: &placement.datacenter, datacenter_name: &placement.datacenter_name };
     let mut intent = Intent {
         temp_name: format!("{TEMP_PREFIX}{id}-{}", options.name),
-        folders: vec![folder.clone()],
+        folders,
         ..Intent::begin(client, &id, at, &options.name, Work::NewVm)
     };
     save(&options.state_dir, &intent)?;
@@ -431,7 +468,8 @@ pub async fn restore_new_vm(
         &vmx,
         options,
         &placement,
-        &datastore,
+        &folder,
+        &disk_folders,
         networks,
         &mut intent,
         progress,
@@ -467,7 +505,8 @@ async fn restore_steps(
     vmx: &str,
     options: &RestoreOptions,
     placement: &Placement,
-    datastore: &str,
+    folder: &str,
+    disk_folders: &[String],
     networks: Vec<(String, (String, MoRef))>,
     intent: &mut Intent,
     progress: &(dyn Fn(Progress) + Sync),
@@ -481,20 +520,33 @@ async fn restore_steps(
         }
     };
     let name = &options.name;
-    let folder = format!("[{datastore}] {name}");
+    let files: Vec<String> = disk_folders
+        .iter()
+        .enumerate()
+        .map(|(n, f)| if n == 0 { format!("{f}/{name}.vmdk") } else { format!("{f}/{name}_{n}.vmdk") })
+        .collect();
     if options.upload == Upload::Nfc {
-        return nfc_steps(client, repo, manifest, vmx, options, placement, &folder, networks, intent, progress, cancel)
-            .await;
+        // The import makes the VM's own folder; disks elsewhere need theirs.
+        for f in intent.folders.iter().filter(|f| f.as_str() != folder) {
+            client.make_directory(f, &placement.datacenter).await?;
+        }
+        let made = nfc_steps(
+            client, repo, manifest, vmx, options, placement, folder, &files, networks, intent, progress, cancel,
+        )
+        .await?;
+        return finish(client, repo, manifest, options, placement, made, intent, progress, cancel).await;
     }
-    client.make_directory(&folder, &placement.datacenter).await?;
+    for f in &intent.folders {
+        client.make_directory(f, &placement.datacenter).await?;
+    }
     let started = Instant::now();
     let mut disks = Vec::new();
     let mut upload_notes = Vec::new();
     let mut flat = options.upload == Upload::Flat;
     for n in 0..manifest.disks.len() {
         check()?;
-        let upload = format!("{folder}/{name}-upload-{n}.vmdk");
-        let file = if n == 0 { format!("{folder}/{name}.vmdk") } else { format!("{folder}/{name}_{n}.vmdk") };
+        let upload = format!("{}/{name}-upload-{n}.vmdk", disk_folders[n]);
+        let file = files[n].clone();
         let at = Where { datacenter: &placement.datacenter, datacenter_name: &placement.datacenter_name };
         let (disk, note) = upload_disk(
             client,
@@ -618,19 +670,17 @@ async fn nfc_steps(
     options: &RestoreOptions,
     placement: &Placement,
     folder: &str,
+    files: &[String],
     networks: Vec<(String, (String, MoRef))>,
     intent: &mut Intent,
     progress: &(dyn Fn(Progress) + Sync),
     cancel: &AtomicBool,
-) -> Result<RestoreOutcome, OrchError> {
+) -> Result<Made, OrchError> {
     let name = &options.name;
-    let files: Vec<String> = (0..manifest.disks.len())
-        .map(|n| if n == 0 { format!("{folder}/{name}.vmdk") } else { format!("{folder}/{name}_{n}.vmdk") })
-        .collect();
     let new = NewVm {
         name: intent.temp_name.clone(),
         vmx_path: format!("{folder}/{name}.vmx"),
-        disks: manifest.disks.iter().zip(&files).map(|(d, f)| (d.name.clone(), d.capacity, f.clone())).collect(),
+        disks: manifest.disks.iter().zip(files).map(|(d, f)| (d.name.clone(), d.capacity, f.clone())).collect(),
         networks,
         connect_nics: options.connect_nics,
         keep_identity: options.keep_identity,
@@ -670,14 +720,13 @@ async fn nfc_steps(
             return Err(e);
         }
     };
-    let made = Made {
+    Ok(Made {
         vm,
         disks,
         upload_seconds: started.elapsed().as_secs_f64(),
         notes,
         path: "NFC import: ImportVApp and its lease, a streamOptimized VMDK per disk over HTTPS".into(),
-    };
-    finish(client, repo, manifest, options, placement, made, intent, progress, cancel).await
+    })
 }
 
 /// Sends disk `n` of `manifest` to `device` as a streamOptimized VMDK (written to a temporary
@@ -1146,9 +1195,7 @@ async fn pick_datastore(
     client: &Client,
     wanted: Option<&str>,
     placement: &Placement,
-    repo: &Repo,
-    manifest: &Manifest,
-    thick: bool,
+    needs: &crate::preflight::restore::RestoreNeeds,
 ) -> Result<String, OrchError> {
     let in_dc = client.datacenters().await?.into_iter().find(|d| d.moref == placement.datacenter).map(|d| d.datastores);
     let all: Vec<_> = client
@@ -1174,8 +1221,7 @@ async fn pick_datastore(
             )));
         }
     };
-    let needs = crate::preflight::restore::needs_of_point(repo, &manifest.id, None, thick)?;
-    let need = crate::preflight::restore::space_needed(&needs);
+    let need = crate::preflight::restore::space_needed(needs);
     if let Some(free) = ds.free
         && free < need
     {
@@ -1185,7 +1231,7 @@ async fn pick_datastore(
             ds.name,
             human_bytes(free),
             human_bytes(need),
-            if thick { " at full size" } else { "" }
+            if needs.thick { " at full size" } else { "" }
         )));
     }
     Ok(ds.name.clone())
