@@ -250,15 +250,31 @@ impl Http {
             }
             (None, Some(cfg)) => {
                 let name = server_name(&self.endpoint.host)?;
-                let tls = tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, tcp).await.map_err(|e| {
-                    let mut message = e.to_string();
-                    if message.contains("ProtocolVersion") || message.contains("peer is incompatible") {
-                        message.push_str(
-                            " (vCenter 5.1 and ESXi 5.x speak only TLS 1.0/1.1: connect with the legacy TLS opt-in)",
-                        );
+                let tls = match tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, tcp).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let mut message = e.to_string();
+                        if message.contains("ProtocolVersion") || message.contains("peer is incompatible") {
+                            message.push_str(
+                                " (vCenter 5.1 and ESXi 5.x speak only TLS 1.0/1.1: connect with the legacy TLS opt-in)",
+                            );
+                        } else if message.contains("certificate") || message.contains("Signature") {
+                            // A first contact, as ssh has one: what the server presents, and
+                            // the flag that trusts it.
+                            let reason = crate::tls::plain_reason(&message);
+                            let seen =
+                                crate::tls::first_contact(&self.endpoint.host, self.endpoint.port, self.timeout).await;
+                            message = match seen {
+                                Some(c) => format!(
+                                    "the server's certificate is not trusted: {reason} ({message}). It presents:{}",
+                                    c.explain()
+                                ),
+                                None => format!("the server's certificate is not trusted: {reason} ({message})"),
+                            };
+                        }
+                        return Err(Error::Tls { host: self.endpoint.host.clone(), message });
                     }
-                    Error::Tls { host: self.endpoint.host.clone(), message }
-                })?;
+                };
                 let (_, conn) = tls.get_ref();
                 if let Some(cert) = conn.peer_certificates().and_then(|c| c.first()) {
                     let version = conn.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default();

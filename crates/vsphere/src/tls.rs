@@ -245,8 +245,199 @@ impl ServerCertVerifier for Custom {
     }
 }
 
+/// What a server's certificate says, read on a first contact to help decide whether to trust
+/// it: as ssh shows a new host's key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFacts {
+    /// SHA-256 thumbprint (what `--thumbprint` pins best).
+    pub sha256: Thumbprint,
+    /// SHA-1 thumbprint (what vSphere's own screens show).
+    pub sha1: Thumbprint,
+    /// The subject (`CN=esx1.example.net, O=VMware`), when the certificate parses.
+    pub subject: Option<String>,
+    /// The issuer.
+    pub issuer: Option<String>,
+    /// Valid from and until (`2026-01-01 00:00:00 +00:00`).
+    pub validity: Option<(String, String)>,
+    /// The RSA key's size in bits, for an RSA key.
+    pub rsa_bits: Option<usize>,
+}
+
+impl CertFacts {
+    /// Reads what the certificate `der` says; the thumbprints always, the rest when it parses.
+    pub fn of(der: &[u8]) -> Self {
+        let mut facts = Self {
+            sha256: Thumbprint::Sha256(sha2::Sha256::digest(der).into()),
+            sha1: Thumbprint::Sha1(sha1::Sha1::digest(der).into()),
+            subject: None,
+            issuer: None,
+            validity: None,
+            rsa_bits: None,
+        };
+        if let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) {
+            facts.subject = Some(cert.subject().to_string());
+            facts.issuer = Some(cert.issuer().to_string());
+            let v = cert.validity();
+            facts.validity = Some((v.not_before.to_string(), v.not_after.to_string()));
+            if let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) = cert.public_key().parsed() {
+                facts.rsa_bits = Some(rsa.key_size());
+            }
+        }
+        facts
+    }
+
+    /// The facts as lines for an operator, ending with the flag that pins the certificate.
+    pub fn explain(&self) -> String {
+        let mut out = String::new();
+        if let Some(s) = &self.subject {
+            out.push_str(&format!("\n  subject:  {s}"));
+        }
+        if let Some(i) = &self.issuer {
+            out.push_str(&format!("\n  issuer:   {i}"));
+        }
+        if let Some((from, until)) = &self.validity {
+            out.push_str(&format!("\n  valid:    {from} to {until}"));
+        }
+        out.push_str(&format!("\n  SHA-256:  {}\n  SHA-1:    {}", self.sha256, self.sha1));
+        if let Some(bits) = self.rsa_bits.filter(|b| *b < 2048) {
+            out.push_str(&format!(
+                "\nIts key is RSA {bits} bits: too weak for TLS here, pinned or not. Give the host a certificate with a \
+                 key of 2048 bits or more (on ESXi: /sbin/generate-certificates, then restart hostd)."
+            ));
+        } else {
+            out.push_str(&format!(
+                "\nIf this is the server you mean (compare the thumbprint with its console), trust it with\n  \
+                 --thumbprint {}\nor give its CA with --ca-file.",
+                self.sha256
+            ));
+        }
+        out
+    }
+}
+
+/// Connects to `host:port` only to read the certificate it presents (the handshake is broken
+/// off once it is seen); `None` when it presents none or cannot be reached within `timeout`.
+pub async fn first_contact(host: &str, port: u16, timeout: std::time::Duration) -> Option<CertFacts> {
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let provider = provider();
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .ok()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Capture { seen: seen.clone(), provider }))
+        .with_no_client_auth();
+    let name = server_name(host).ok()?;
+    let contact = async {
+        let tcp = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port)).await.ok()?;
+        let _ = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await;
+        Some(())
+    };
+    tokio::time::timeout(timeout, contact).await.ok().flatten()?;
+    let der: Option<Vec<u8>> = seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+    der.map(|d| CertFacts::of(&d))
+}
+
+/// A verifier that records the server's certificate and refuses it: for [`first_contact`].
+#[derive(Debug)]
+struct Capture {
+    seen: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for Capture {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        *self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(end_entity.to_vec());
+        Err(rustls::Error::General("certificate read; contact ends here".into()))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("not used".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("not used".into()))
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A rustls certificate error in plain words.
+pub fn plain_reason(message: &str) -> &'static str {
+    if message.contains("CaUsedAsEndEntity") {
+        "the server presents a CA certificate as its own (a self-signed host certificate)"
+    } else if message.contains("UnknownIssuer") {
+        "it is signed by a CA this machine does not trust"
+    } else if message.contains("Expired") {
+        "it has expired"
+    } else if message.contains("NotValidYet") {
+        "it is not valid yet (check both clocks)"
+    } else if message.contains("NotValidForName") {
+        "it was issued for another name than the one connected to"
+    } else if message.contains("BadSignature") || message.contains("UnsupportedSignatureAlgorithm") {
+        "its key or signature is too weak or of a kind TLS here does not accept"
+    } else {
+        "it could not be verified"
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    /// A self-signed certificate with an RSA key of `bits`, made with OpenSSL.
+    fn rsa_cert(bits: u32) -> Vec<u8> {
+        use openssl::{asn1::Asn1Time, hash::MessageDigest, pkey::PKey, rsa::Rsa, x509};
+        let key = PKey::from_rsa(Rsa::generate(bits).unwrap()).unwrap();
+        let mut name = x509::X509NameBuilder::new().unwrap();
+        name.append_entry_by_text("CN", "esx-old.example").unwrap();
+        let name = name.build();
+        let mut b = x509::X509Builder::new().unwrap();
+        b.set_version(2).unwrap();
+        b.set_subject_name(&name).unwrap();
+        b.set_issuer_name(&name).unwrap();
+        b.set_pubkey(&key).unwrap();
+        b.set_not_before(&Asn1Time::days_from_now(0).unwrap()).unwrap();
+        b.set_not_after(&Asn1Time::days_from_now(30).unwrap()).unwrap();
+        b.sign(&key, MessageDigest::sha256()).unwrap();
+        b.build().to_der().unwrap()
+    }
+
+    #[test]
+    fn a_first_contact_shows_the_certificate_and_the_flag_or_says_the_key_is_too_weak() {
+        let der = rsa_cert(2048);
+        let facts = CertFacts::of(&der);
+        assert_eq!(facts.sha256, Thumbprint::sha256_of(&der));
+        assert_eq!(facts.rsa_bits, Some(2048));
+        let text = facts.explain();
+        assert!(text.contains("CN=esx-old.example") && text.contains("valid:"), "{text}");
+        assert!(text.contains(&format!("--thumbprint {}", facts.sha256)), "{text}");
+
+        let weak = CertFacts::of(&rsa_cert(1024)).explain();
+        assert!(weak.contains("RSA 1024 bits: too weak") && !weak.contains("--thumbprint"), "{weak}");
+        // Garbage still gets its thumbprints.
+        let junk = CertFacts::of(b"not a certificate");
+        assert!(junk.subject.is_none() && junk.explain().contains("SHA-256"));
+        assert!(plain_reason("invalid peer certificate: UnknownIssuer").contains("CA this machine"));
+    }
+
     use super::*;
 
     #[test]

@@ -45,6 +45,14 @@ async fn tls_trust_by_ca_by_pin_and_refusal() {
     // The system bundle does not know our test CA: refused, with the reason.
     let e = Client::connect(&options(&s.sim.url, Trust::default())).await.unwrap_err();
     assert!(matches!(e, vsphere::Error::Tls { .. }), "{e}");
+    // As a first contact: in plain words, with what the server presents and the flag that
+    // trusts it.
+    let text = e.to_string();
+    let want = expected_tls(&s.pki.cert_der);
+    assert!(text.contains("not trusted: it is signed by a CA this machine does not trust"), "{text}");
+    assert!(text.contains("subject:") && text.contains("valid:"), "{text}");
+    assert!(text.contains(&format!("SHA-1:    {}", want.sha1)), "{text}");
+    assert!(text.contains(&format!("--thumbprint {}", want.sha256)), "{text}");
     // Our CA file: verified, host name included.
     let c = Client::connect(&options(&s.sim.url, Trust::Verified { extra_ca: Some(s.pki.ca.clone()) })).await.unwrap();
     let seen = c.server_tls().unwrap();
