@@ -516,6 +516,19 @@ async fn swaps_killed_at_random_moments_leave_the_old_disks_or_the_points() {
         // No file of ours is left beside the VM: its folder holds its disks and its own files.
         let disks: Vec<String> =
             v.disks.iter().map(|d| d.base_file_name.strip_prefix("[ds1] db/").unwrap().to_owned()).collect();
+        // The simulator receives an upload into a hidden file it drops once it sees the killed
+        // client's connection close, which may be a moment after the kill.
+        let hidden = || {
+            std::fs::read_dir(env.ds_dir().join("db"))
+                .unwrap()
+                .flatten()
+                .any(|f| f.file_name().to_string_lossy().starts_with('.'))
+        };
+        let until = Instant::now() + Duration::from_secs(10);
+        while hidden() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(!hidden(), "round {round}: the simulator kept a partial upload");
         for f in std::fs::read_dir(env.ds_dir().join("db")).unwrap().flatten() {
             let name = f.file_name().to_string_lossy().into_owned();
             if name.contains("-restored-") || name.contains("-upload-") {

@@ -223,6 +223,15 @@ pub async fn sweep(client: &Client, state_dir: &Path) -> Result<Vec<String>, Orc
     let mut done = Vec::new();
     for e in entries.flatten() {
         let path = e.path();
+        // A record a dead restore was writing when it died: the record it was to replace (or
+        // none, when nothing had been made yet) says what to undo.
+        let file_name = e.file_name().to_string_lossy().into_owned();
+        if let Some((pid, _)) = durable::temp_writer(&file_name) {
+            if crate::drill_job::process_identity(pid).is_none() {
+                let _ = std::fs::remove_file(&path);
+            }
+            continue;
+        }
         if path.extension().is_none_or(|x| x != "json") {
             continue;
         }
