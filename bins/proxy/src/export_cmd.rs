@@ -96,7 +96,6 @@ struct Served {
 }
 
 pub(crate) fn run(args: &Args) -> ExitCode {
-    repo_cmd::init_logs();
     crate::block_on("export", serve(args))
 }
 

@@ -12,6 +12,7 @@ mod disk_copy;
 mod drill_cmd;
 mod endpoints;
 mod export_cmd;
+mod logs;
 mod progress_view;
 mod repo_cmd;
 mod restore_cmd;
@@ -81,11 +82,13 @@ enum Command {
     /// checks run (a login prompt by default), a screenshot taken, and the report kept beside
     /// the point. Exit code 0: every check passed; 2: a check failed; 1: no drill was possible.
     Drill(drill_cmd::Args),
-    /// Put a restore point back into vSphere as a new VM: each disk uploaded over HTTPS as a
-    /// sparse VMDK and converted on the datastore, the VM created from the captured `.vmx`
-    /// (new UUID and MACs, NICs disconnected unless asked), the disks read back and compared,
-    /// and only then given its name. Nothing existing is overwritten; a failed or killed
-    /// restore leaves nothing once the next restore has swept. Exit 0 restored, 1 not.
+    /// Put a restore point back into vSphere: as a new VM (--name; disks uploaded over HTTPS,
+    /// sparse and converted, flat, or through an NFC import; the VM from the captured `.vmx`
+    /// with a new identity and NICs disconnected unless asked; read back, then named), into
+    /// its original VM (--in-place: Quick Rollback through VDDK, or whole disks swapped in),
+    /// or one disk added to a VM (--disk SLOT --attach-to VM). Nothing existing is overwritten
+    /// unless asked; a failed or killed restore leaves nothing once the next restore has
+    /// swept. Exit 0 restored, 1 not.
     Restore(restore_cmd::Args),
 }
 
@@ -110,6 +113,14 @@ pub(crate) fn block_on(command: &str, fut: impl Future<Output = anyhow::Result<E
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One subscriber for every command: the daemon sets its own from its configuration; the
+    // commands that report as they go log at info, the others print their own progress and
+    // log only warnings unless SYNCPROXY_LOG says otherwise.
+    match &cli.command {
+        Command::Serve(_) => {}
+        Command::Repo { .. } | Command::Export(_) | Command::Restore(_) => logs::init("info", false),
+        _ => logs::init("warn", false),
+    }
     match cli.command {
         Command::Backup(args) => backup_cmd::run(&args),
         Command::Replicate(args) => backup_cmd::run_replicate(&args),

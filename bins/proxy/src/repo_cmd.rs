@@ -226,20 +226,7 @@ pub(crate) struct BackupArgs {
 }
 
 pub(crate) fn run(cmd: RepoCommand) -> ExitCode {
-    init_logs();
     crate::block_on("repo", dispatch(cmd))
-}
-
-/// Sends the repository's warnings (an unreadable restore point skipped, a lock that a
-/// read-only medium refuses, a key file others can read) to stderr; `SYNCPROXY_LOG` filters.
-pub(crate) fn init_logs() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SYNCPROXY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
 }
 
 async fn dispatch(cmd: RepoCommand) -> Result<ExitCode> {

@@ -160,7 +160,6 @@ pub(crate) fn default_state_dir() -> Result<PathBuf> {
 }
 
 pub(crate) fn run(args: &Args) -> ExitCode {
-    crate::repo_cmd::init_logs();
     let vddk = match crate::backup_cmd::load_vddk(args.vddk_libdir.as_deref(), args.vddk_config.as_deref()) {
         Ok(v) => v,
         Err(e) => {

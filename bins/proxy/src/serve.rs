@@ -320,7 +320,8 @@ impl Runner {
         for v in &report.vms {
             match &v.error {
                 Some(e) => tracing::error!(job = %name, vm = %v.vm, "failed: {e}"),
-                None => tracing::info!(job = %name, vm = %v.vm, point = ?v.point, replica = ?v.replica,
+                None => tracing::info!(job = %name, vm = %v.vm, point = %v.point.as_deref().unwrap_or("none"),
+                    replica = %v.replica.as_deref().map_or_else(|| "none".into(), |p| p.display().to_string()),
                     warnings = v.warnings.len(), seconds = v.seconds, "done"),
             }
         }
@@ -336,7 +337,7 @@ impl Runner {
                 Err(e) => error = Some(format!("the prune after the run did not finish: {e}")),
             }
         }
-        tracing::info!(job = %self.job.name, outcome = ?report.outcome(), seconds = report.seconds, "job ends");
+        tracing::info!(job = %self.job.name, outcome = %format!("{:?}", report.outcome()).to_lowercase(), seconds = report.seconds, "job ends");
         (Some(report), error)
     }
 }
@@ -654,15 +655,8 @@ impl tokio::io::AsyncWrite for Watched {
     }
 }
 
-fn init_logs(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SYNCPROXY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if format == "json" { builder.json().try_init() } else { builder.try_init() };
-}
-
 async fn serve(config: ServeConfig, vddk: Option<Arc<vddk::Vddk>>) -> Result<ExitCode> {
-    init_logs(&config.proxy.log_format);
+    crate::logs::init("info", config.proxy.log_format == "json");
     // Signals first: whatever happens next (a vCenter that never answers), SIGTERM stops it.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot watch for SIGTERM")?;

@@ -96,9 +96,9 @@ impl DrillRunner {
                 Ok(o) => {
                     let r = &o.report;
                     if r.passed {
-                        tracing::info!(drill = %name, vm = %vm, point = %point, boot_seconds = ?r.boot_seconds, "drill passed");
+                        tracing::info!(drill = %name, vm = %vm, point = %point, boot_seconds = r.boot_seconds.unwrap_or(0.0), "drill passed");
                     } else {
-                        tracing::error!(drill = %name, vm = %vm, point = %point, reason = ?r.reason, "drill failed");
+                        tracing::error!(drill = %name, vm = %vm, point = %point, reason = %r.reason.as_deref().unwrap_or("no reason given"), "drill failed");
                     }
                     json!({"vm": vm, "point": point, "passed": r.passed, "boot_seconds": r.boot_seconds,
                            "reason": r.reason, "report": o.record.map(|x| x.stored_html)})

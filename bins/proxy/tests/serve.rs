@@ -231,6 +231,11 @@ repository = "{repo}"
     let log = std::fs::read_to_string(d.join("daemon.log")).unwrap();
     let first = log.lines().next().unwrap_or_default();
     assert!(serde_json::from_str::<serde_json::Value>(first).is_ok(), "JSON log lines: {first}");
+    // Fields are values, not Rust's debug text, and a file gets no colour codes.
+    assert!(!log.contains("Some(") && !log.contains("\\u001b[") && !log.contains('\u{1b}'), "{log}");
+    let done = log.lines().find(|l| l.contains("\"done\"")).expect("a VM's done line");
+    let done: serde_json::Value = serde_json::from_str(done).unwrap();
+    assert!(done["fields"]["point"].as_str().is_some_and(|p| !p.is_empty() && p != "none"), "{done}");
     assert!(log.contains("removed stale snapshot") && log.contains("SIGTERM"), "{log}");
     assert!(!log.contains("simulated") && !log.contains(TOKEN), "no secret in the log");
 }
