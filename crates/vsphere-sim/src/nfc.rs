@@ -11,7 +11,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use vsphere::MoRef;
 use vsphere::xml::escape;
@@ -323,7 +322,7 @@ pub(crate) async fn upload(state: &Shared, req: http::Request<Incoming>, lease: 
     let received = if declared.is_some_and(|d| d > limit) {
         Err((413, format!("a stream for a disk of {} bytes is at most {limit} bytes", up.device.capacity)))
     } else {
-        spool(req.into_body(), &up.spool, limit, declared).await
+        crate::server::receive(req.into_body(), &up.spool, limit, declared).await
     };
     let decoded = match received {
         Ok(()) => {
@@ -384,26 +383,6 @@ fn begin(w: &mut World, lease: &str, name: &str) -> Result<Upload, (u16, String)
         spool: tmp.join(format!("upload-{n}")).join("stream.vmdk"),
         decoded: tmp.join(format!("decoded-{n}-flat.vmdk")),
     })
-}
-
-/// Streams a request body into `path`: at most `cap` bytes, exactly `declared` when given.
-async fn spool(mut body: Incoming, path: &Path, cap: u64, declared: Option<u64>) -> Result<(), (u16, String)> {
-    use tokio::io::AsyncWriteExt as _;
-    let mut out = tokio::fs::File::create(path).await.map_err(|e| (500, format!("spooling the upload: {e}")))?;
-    let mut n = 0u64;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| (400, format!("reading the upload: {e}")))?;
-        let Ok(data) = frame.into_data() else { continue };
-        n += data.len() as u64;
-        if n > cap {
-            return Err((413, format!("the stream passes {cap} bytes, more than the disk can need")));
-        }
-        out.write_all(&data).await.map_err(|e| (500, format!("spooling the upload: {e}")))?;
-    }
-    if declared.is_some_and(|d| d != n) {
-        return Err((400, format!("{n} bytes came of the {declared:?} announced")));
-    }
-    out.flush().await.map_err(|e| (500, format!("spooling the upload: {e}")))
 }
 
 /// Decodes the streamOptimized file `spool` (alone in its folder) into a new sparse file `out`

@@ -327,7 +327,7 @@ fn put_target(state: &Shared, req: &http::Request<Incoming>, rest: &str) -> Resu
 }
 
 /// Streams a request body into `path`: at most `cap` bytes, exactly `declared` when given.
-async fn receive(mut body: Incoming, path: &Path, cap: u64, declared: Option<u64>) -> Result<(), (u16, String)> {
+pub(crate) async fn receive(mut body: Incoming, path: &Path, cap: u64, declared: Option<u64>) -> Result<(), (u16, String)> {
     use tokio::io::AsyncWriteExt as _;
     let mut out = tokio::fs::File::create(path).await.map_err(|e| (500, format!("creating the file: {e}")))?;
     let mut n = 0u64;
