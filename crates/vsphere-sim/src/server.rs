@@ -287,15 +287,25 @@ async fn put(state: &Shared, req: http::Request<Incoming>, rest: &str) -> Resp {
         }
     };
     let existed = target.exists();
-    let wrote = receive(req.into_body(), &temp, cap, declared).await;
+    // hyper drops this future when the client goes away mid-body: the guard removes the hidden
+    // file then too, as it does on every failure.
+    let guard = Spool(temp);
+    let wrote = receive(req.into_body(), &guard.0, cap, declared).await;
     let done =
-        wrote.and_then(|()| std::fs::rename(&temp, &target).map_err(|e| (500, format!("keeping the upload: {e}"))));
+        wrote.and_then(|()| std::fs::rename(&guard.0, &target).map_err(|e| (500, format!("keeping the upload: {e}"))));
     match done {
         Ok(()) => plain(if existed { 200 } else { 201 }, ""),
-        Err((status, why)) => {
-            let _ = std::fs::remove_file(&temp);
-            plain(status, why)
-        }
+        Err((status, why)) => plain(status, why),
+    }
+}
+
+/// A hidden file an upload is received into, removed when the upload ends whichever way (after
+/// a rename it is gone already).
+struct Spool(PathBuf);
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -327,7 +337,12 @@ fn put_target(state: &Shared, req: &http::Request<Incoming>, rest: &str) -> Resu
 }
 
 /// Streams a request body into `path`: at most `cap` bytes, exactly `declared` when given.
-pub(crate) async fn receive(mut body: Incoming, path: &Path, cap: u64, declared: Option<u64>) -> Result<(), (u16, String)> {
+pub(crate) async fn receive(
+    mut body: Incoming,
+    path: &Path,
+    cap: u64,
+    declared: Option<u64>,
+) -> Result<(), (u16, String)> {
     use tokio::io::AsyncWriteExt as _;
     let mut out = tokio::fs::File::create(path).await.map_err(|e| (500, format!("creating the file: {e}")))?;
     let mut n = 0u64;
