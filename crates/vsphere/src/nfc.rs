@@ -171,15 +171,14 @@ impl Client {
     /// URL names this server (or `*`), else a connection to the host it names, trusted only by
     /// the thumbprint the lease gave (none given: refused).
     pub fn lease_writer(&self, device: &DeviceUrl) -> Result<(DatastoreWriter, String), Error> {
-        let uri: http::Uri = device
-            .url
-            .replace("://*", "://star")
-            .parse()
-            .map_err(|e| Error::Protocol(format!("{}: {e}", device.url)))?;
+        // `*` stands for the server connected to, and is no host name a URI may carry.
+        let any_host = device.url.contains("://*/") || device.url.contains("://*:");
+        let text = if any_host { device.url.replacen("://*", "://localhost", 1) } else { device.url.clone() };
+        let uri: http::Uri = text.parse().map_err(|e| Error::Protocol(format!("{}: {e}", device.url)))?;
         let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
         let host = uri.host().unwrap_or_default();
         let here = self.endpoint();
-        if host == "star" || (host == here.host && uri.port_u16().unwrap_or(443) == here.port) {
+        if any_host || (host == here.host && uri.port_u16().unwrap_or(443) == here.port) {
             return Ok((self.datastore_writer()?, path));
         }
         let thumbprint = device.ssl_thumbprint.as_deref().ok_or_else(|| {
