@@ -8,7 +8,7 @@
 use std::num::NonZeroU64;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use cbt::{ChangeId, ExtentSet};
@@ -20,7 +20,7 @@ use vsphere::{Client, MoRef, PowerState, Vm};
 
 use crate::OrchError;
 use crate::restore_job::{
-    Intent, NewFile, Progress, RestoredDisk, Upload, Verify, Where, Work, forget, new_id, save, sweep, undo,
+    Intent, NewFile, Progress, RestoredDisk, Upload, Verify, Where, Work, check, forget, new_id, save, sweep, undo,
     upload_disk, verify_disk,
 };
 
@@ -134,10 +134,6 @@ fn refused(text: impl Into<String>) -> OrchError {
     OrchError::Refused(text.into())
 }
 
-fn check(cancel: &AtomicBool) -> Result<(), OrchError> {
-    if cancel.load(Ordering::Relaxed) { Err(refused("the restore was cancelled")) } else { Ok(()) }
-}
-
 /// The point's own VM on this server (by instance UUID, else by name), or the one named.
 async fn find_vm(client: &Client, manifest: &Manifest, named: Option<&str>) -> Result<Vm, OrchError> {
     let all = client.vms().await?;
@@ -231,7 +227,7 @@ pub async fn restore_in_place(
         }
         None => swap(client, repo, &manifest, &vm, &pairs, options, at, &mut intent, running, progress, cancel).await,
     };
-    let (path, disks, mut more) = match ran {
+    let (path, disks, mut more, checked) = match ran {
         Ok(r) => r,
         Err(e) => {
             let mut undone = Vec::new();
@@ -248,14 +244,25 @@ pub async fn restore_in_place(
     };
     let write_seconds = started.elapsed().as_secs_f64();
     notes.append(&mut more);
-    let mut verified = 0;
-    for (n, d) in &disks {
-        check(cancel)?;
-        let point = repo.reader(&manifest.id, *n)?;
-        let restored =
-            RestoredDisk { slot: d.slot.clone(), file: d.file.clone(), capacity: d.capacity, uploaded: 0, data: 0 };
-        verified += verify_disk(client, &dc.name, &restored, &point, options.verify, progress).await?;
-    }
+    let verified = match checked {
+        Some(v) => v,
+        None => {
+            let mut verified = 0;
+            for (n, d) in &disks {
+                check(cancel)?;
+                let point = repo.reader(&manifest.id, *n)?;
+                let restored = RestoredDisk {
+                    slot: d.slot.clone(),
+                    file: d.file.clone(),
+                    capacity: d.capacity,
+                    uploaded: 0,
+                    data: 0,
+                };
+                verified += verify_disk(client, &dc.name, &restored, &point, options.verify, progress).await?;
+            }
+            verified
+        }
+    };
     forget(&options.state_dir, &id);
     // Interrupted writes into this VM are mended now.
     forget_rollbacks(&options.state_dir, &vm.moref.value, &mut notes);
@@ -304,7 +311,9 @@ fn forget_rollbacks(state_dir: &std::path::Path, vm: &str, notes: &mut Vec<Strin
     }
 }
 
-type Written = (String, Vec<(usize, WrittenDisk)>, Vec<String>);
+/// The data path in words, the disks written, notes, and the bytes read back when the path
+/// verified its disks itself (a swap verifies before its commit).
+type Written = (String, Vec<(usize, WrittenDisk)>, Vec<String>, Option<u64>);
 
 /// Why a disk must be written whole rather than by Quick Rollback, if it must.
 fn full_reason(manifest: &Manifest, n: usize, vm: &Vm, disk: &vsphere::Disk, full: bool) -> Option<String> {
@@ -460,7 +469,7 @@ async fn rollback(
     drop(target);
     let path =
         format!("VDDK writes into the VM's disks ({transport}), only what changed since the point where CBT says it");
-    Ok((path, out, notes))
+    Ok((path, out, notes, None))
 }
 
 /// Runs one disk's copy, reporting progress and stopping on cancel.
@@ -547,7 +556,6 @@ async fn swap(
         let point = repo.reader(&manifest.id, *n)?;
         verified += verify_disk(client, at.datacenter_name, r, &point, options.verify, progress).await?;
     }
-    let _ = verified;
     check(cancel)?;
     if running {
         progress(Progress { step: format!("powering off VM {}", vm.name), done: 0, total: 0 });
@@ -607,7 +615,7 @@ async fn swap(
     let path = "datastore upload: whole disks as hosted sparse VMDKs over HTTPS (/folder PUT), converted on the \
                 datastore (CopyVirtualDisk), swapped in for the VM's disks in one reconfiguration"
         .to_owned();
-    Ok((path, written, notes))
+    Ok((path, written, notes, Some(verified)))
 }
 
 /// The bus of a controller kind as slots name it (`scsi0:1`).

@@ -521,13 +521,6 @@ async fn restore_steps(
     progress: &(dyn Fn(Progress) + Sync),
     cancel: &AtomicBool,
 ) -> Result<RestoreOutcome, OrchError> {
-    let check = || {
-        if cancel.load(Ordering::Relaxed) {
-            Err(OrchError::Refused("the restore was cancelled".into()))
-        } else {
-            Ok(())
-        }
-    };
     let name = &options.name;
     let files: Vec<String> = disk_folders
         .iter()
@@ -553,7 +546,7 @@ async fn restore_steps(
     let mut upload_notes = Vec::new();
     let mut flat = options.upload == Upload::Flat;
     for n in 0..manifest.disks.len() {
-        check()?;
+        check(cancel)?;
         let upload = format!("{}/{name}-upload-{n}.vmdk", disk_folders[n]);
         let file = files[n].clone();
         let at = Where { datacenter: &placement.datacenter, datacenter_name: &placement.datacenter_name };
@@ -576,7 +569,7 @@ async fn restore_steps(
         disks.push(disk);
     }
     let upload_seconds = started.elapsed().as_secs_f64();
-    check()?;
+    check(cancel)?;
 
     let new = NewVm {
         name: intent.temp_name.clone(),
@@ -623,22 +616,15 @@ async fn finish(
     progress: &(dyn Fn(Progress) + Sync),
     cancel: &AtomicBool,
 ) -> Result<RestoreOutcome, OrchError> {
-    let check = || {
-        if cancel.load(Ordering::Relaxed) {
-            Err(OrchError::Refused("the restore was cancelled".into()))
-        } else {
-            Ok(())
-        }
-    };
     let Made { vm, disks, upload_seconds, mut notes, path } = made;
     let name = &options.name;
     let mut verified = 0;
     for (n, d) in disks.iter().enumerate() {
-        check()?;
+        check(cancel)?;
         let point = repo.reader(&manifest.id, n)?;
         verified += verify_disk(client, &placement.datacenter_name, d, &point, options.verify, progress).await?;
     }
-    check()?;
+    check(cancel)?;
 
     // The commit: from here the VM is the restore's result, not its leftover.
     client.rename(&vm, name).await?;
@@ -706,9 +692,7 @@ async fn nfc_steps(
         let total: u64 = manifest.disks.iter().map(|d| d.capacity).sum::<u64>().max(1);
         let mut before = 0;
         for (n, file) in files.iter().enumerate() {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(OrchError::Refused("the restore was cancelled".into()));
-            }
+            check(cancel)?;
             let base = file.rsplit_once('/').map_or(file.as_str(), |(_, b)| b);
             let device = info.disk_url(n, base).ok_or_else(|| {
                 OrchError::Refused(format!("the NFC lease offers no URL for disk {n} ({base}) of the import"))
@@ -755,8 +739,8 @@ async fn nfc_disk(
 ) -> Result<RestoredDisk, OrchError> {
     let d = &manifest.disks[n];
     let reader = repo.reader(&manifest.id, n)?;
-    progress(Progress { step: format!("disk {}: finding its data", d.name), done: 0, total: 0 });
-    let data = nonzero_grains(reader.clone(), allocation(&reader).await?).await?;
+    // The packer skips all-zero grains itself: the point's data chunks are all it needs.
+    let data = allocation(&reader).await?;
     progress(Progress { step: format!("disk {}: packing it as a streamOptimized VMDK", d.name), done: 0, total: 0 });
     let base = file.rsplit_once('/').map_or(file, |(_, b)| b).to_owned();
     let cap = d.capacity;
@@ -821,6 +805,11 @@ async fn nfc_disk(
         uploaded: len,
         data: stats.data_bytes,
     })
+}
+
+/// Stops a restore that was asked to stop.
+pub(crate) fn check(cancel: &AtomicBool) -> Result<(), OrchError> {
+    if cancel.load(Ordering::Relaxed) { Err(OrchError::Refused("the restore was cancelled".into())) } else { Ok(()) }
 }
 
 /// A datacenter, by moref and by name (datastore paths need both).
@@ -940,9 +929,7 @@ pub(crate) async fn upload_disk(
     let body = sparse_body(reader.clone(), layout.clone(), step, progress);
     let target = DatastoreFile::from_ds_path(at.datacenter_name, upload)?;
     client.datastore_writer()?.put(&target, layout.len(), body).await?;
-    if cancel.load(Ordering::Relaxed) {
-        return Err(OrchError::Refused("the restore was cancelled".into()));
-    }
+    check(cancel)?;
     progress(Progress { step: format!("disk {}: converting on the datastore", d.name), done: 0, total: 0 });
     let converted = client.copy_virtual_disk(upload, file, at.datacenter, provisioning, Some(cancel)).await;
     client.delete_datastore_file(upload, at.datacenter).await?;
