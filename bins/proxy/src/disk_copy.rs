@@ -218,14 +218,15 @@ async fn copy(args: &Args) -> Result<ExitCode> {
     }
     let r = &outcome.report;
     let secs = r.elapsed.as_secs_f64();
-    let rate = if secs > 0.0 { (r.written + r.zero) as f64 / secs / 1e6 } else { 0.0 };
+    let rate = if secs > 0.0 { (r.written + r.zero + r.kept) as f64 / secs / 1e6 } else { 0.0 };
     let (checked, changed) = match outcome.resume_check {
         Some(ResumeCheck::Verified { checked, changed }) => (Some(checked), Some(changed)),
         _ => (None, None),
     };
     if args.json {
         let v = serde_json::json!({
-            "copied": r.written, "zero": r.zero, "read": r.read, "resumed": outcome.resumed,
+            "copied": r.written, "zero": r.zero, "read": r.read, "read_back": r.read_back, "kept": r.kept,
+            "resumed": outcome.resumed,
             "resume_check": outcome.resume_check.map(ResumeCheck::as_str),
             "resume_checked_bytes": checked, "resume_changed_bytes": changed,
             "was_inconsistent": outcome.was_dirty,

@@ -356,20 +356,29 @@ async fn backup(args: &BackupArgs) -> Result<ExitCode> {
     }
     let sink: Arc<dyn BlockSink> = repo_sink.clone();
     let g = sink.granularity();
-    let (read, zero) = match changed {
-        Some(c) => (c.align_outward(g, size), ExtentSet::new()),
+    // Only the source's own extents are read (of those, only the changed ones for an
+    // incremental); chunks are completed with zeros, or from the parent for what did not change.
+    let data = match source.allocation().await? {
+        Some(a) => a.data.clamp(size),
+        None => ExtentSet::full(size),
+    };
+    let (read, zero, fetch, keep) = match changed {
+        Some(c) => {
+            let read = c.align_outward(g, size);
+            let keep = read.difference(&c);
+            (read, ExtentSet::new(), c.intersection(&data), keep)
+        }
         None => {
-            let data = match source.allocation().await? {
-                Some(a) => a.data.align_outward(g, size),
-                None => ExtentSet::full(size),
-            };
-            let zero = data.complement(size);
-            (data, zero)
+            let read = data.align_outward(g, size);
+            let zero = read.complement(size);
+            (read, zero, data, ExtentSet::new())
         }
     };
     let job = DiskCopy {
         read: read.clone(),
         zero,
+        fetch: Some(fetch),
+        keep,
         digests: Digests::zeros(g.get(), size),
         done: ExtentSet::new(),
         checkpoint: None,
@@ -394,7 +403,7 @@ async fn backup(args: &BackupArgs) -> Result<ExitCode> {
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"point": m.id, "parent": m.parent, "read": report.read, "planned": read.total_bytes(),
+            serde_json::json!({"point": m.id, "parent": m.parent, "read": report.read, "read_back": report.read_back, "planned": read.total_bytes(),
             "stored_chunks": stats.stored_chunks, "stored_bytes": stats.stored_bytes,
             "deduplicated_chunks": stats.deduplicated, "seconds": secs, "mb_per_s": rate})
         );
@@ -588,6 +597,8 @@ async fn restore_disk(reader: repo::PointReader, dst: &str) -> Result<pipeline::
     let job = DiskCopy {
         read: alloc.data.align_outward(granularity, size),
         zero: alloc.zero.difference(&alloc.data.align_outward(granularity, size)),
+        fetch: Some(alloc.data.clone()),
+        keep: cbt::ExtentSet::new(),
         digests: Digests::zeros(granularity.get(), size),
         done: ExtentSet::new(),
         checkpoint: None,

@@ -70,8 +70,18 @@ impl fmt::Debug for ExtentSet {
 
 impl ExtentSet {
     /// The empty set.
-    pub fn new() -> Self {
-        Self::default()
+    pub const fn new() -> Self {
+        Self { extents: Vec::new() }
+    }
+
+    /// The parts of the set inside `range`, in order, found by binary search (so a copy can
+    /// ask for each request's share of a large set).
+    pub fn within(&self, range: Extent) -> impl Iterator<Item = Extent> + '_ {
+        let first = self.extents.partition_point(|e| e.end <= range.start);
+        self.extents[first..]
+            .iter()
+            .take_while(move |e| e.start < range.end)
+            .filter_map(move |e| Extent::from_bounds(e.start.max(range.start), e.end.min(range.end)))
     }
 
     /// The whole of a disk of `capacity` bytes (empty when the capacity is zero).

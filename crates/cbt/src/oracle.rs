@@ -198,6 +198,28 @@ pub fn plan_violation(
             return Some(format!("{set:?} is not whole granules of {}", dest.granularity));
         }
     }
+    let (fetch, keep) = (planned.plan.fetch(), planned.plan.keep());
+    if !fetch.difference(read).is_empty() || !keep.difference(read).is_empty() {
+        return Some(format!("fetch {fetch:?} or keep {keep:?} reaches outside read {read:?}"));
+    }
+    if !fetch.intersection(keep).is_empty() {
+        return Some(format!("fetch {fetch:?} and keep {keep:?} overlap"));
+    }
+    let alloc = current.allocated.clone().unwrap_or_else(|| ExtentSet::full(capacity));
+    if !fetch.difference(&alloc).is_empty() {
+        return Some(format!("fetch {fetch:?} reads unallocated bytes"));
+    }
+    if let CopyPlan::Full { .. } = &planned.plan
+        && *fetch != alloc.clamp(capacity)
+    {
+        return Some(format!("a full copy fetches {fetch:?}, not the allocated bytes"));
+    }
+    if let (CopyPlan::Incremental { .. }, Changes::Areas(changed)) = (&planned.plan, changes) {
+        let changed = changed.areas.clamp(capacity);
+        if *fetch != changed.intersection(&alloc) || *keep != read.difference(&changed) {
+            return Some(format!("fetch {fetch:?} is not the changed data, or keep {keep:?} not the unchanged"));
+        }
+    }
     if let (CopyPlan::Incremental { .. }, Changes::Areas(changed)) = (&planned.plan, changes) {
         let alloc = current.allocated.clone().unwrap_or_else(|| ExtentSet::full(capacity));
         let must = changed.areas.clamp(capacity).intersection(&alloc);

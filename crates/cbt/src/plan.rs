@@ -321,17 +321,28 @@ pub enum CopyPlan {
     Full {
         /// Why CBT was not used.
         reason: FullReason,
-        /// The bytes to read and write, whole destination granules.
+        /// The destination granules the copy touches with data: whole granules, for the
+        /// digests and chunks kept per granule. Not the unit of I/O: see `fetch`.
         read: ExtentSet,
         /// The bytes to write as zeros without reading, whole destination granules.
         zero: ExtentSet,
+        /// The bytes to read from the source: exactly the data the source names, never widened
+        /// to a granule. The rest of `read` is zeros.
+        fetch: ExtentSet,
     },
     /// Copy what changed since the committed change ID.
     Incremental {
-        /// The bytes to read and write, whole destination granules.
+        /// The destination granules the copy touches: whole granules, for the digests and
+        /// chunks kept per granule. Not the unit of I/O: see `fetch` and `keep`.
         read: ExtentSet,
         /// The bytes to write as zeros without reading, whole destination granules.
         zero: ExtentSet,
+        /// The bytes to read from the source: exactly the changed and allocated bytes, never
+        /// widened to a granule.
+        fetch: ExtentSet,
+        /// The bytes of `read` that did not change: the destination holds them already. The
+        /// rest of `read` (changed but unallocated) is zeros.
+        keep: ExtentSet,
     },
 }
 
@@ -347,6 +358,24 @@ impl CopyPlan {
     pub fn zero(&self) -> &ExtentSet {
         match self {
             Self::Full { zero, .. } | Self::Incremental { zero, .. } => zero,
+        }
+    }
+
+    /// The bytes to read from the source, inside [`read`](Self::read): the source's own
+    /// extents (its data, or its changed data), not widened.
+    pub fn fetch(&self) -> &ExtentSet {
+        match self {
+            Self::Full { fetch, .. } | Self::Incremental { fetch, .. } => fetch,
+        }
+    }
+
+    /// The bytes inside [`read`](Self::read) the destination already holds (an
+    /// incremental's unchanged bytes around its changes); empty for a full copy.
+    pub fn keep(&self) -> &ExtentSet {
+        static NONE: ExtentSet = ExtentSet::new();
+        match self {
+            Self::Full { .. } => &NONE,
+            Self::Incremental { keep, .. } => keep,
         }
     }
 
@@ -460,16 +489,21 @@ pub fn plan(
         Ok(changed) => {
             warnings.extend(changed.warnings.iter().cloned());
             let (read, zero) = incremental_geometry(&changed.areas, allocated.as_ref(), g, capacity);
-            CopyPlan::Incremental { read, zero }
+            let changed = changed.areas.clamp(capacity);
+            let data = match &allocated {
+                Some(a) => changed.intersection(a),
+                None => changed.clone(),
+            };
+            let fetch = data.intersection(&read);
+            let keep = read.difference(&changed);
+            CopyPlan::Incremental { read, zero, fetch, keep }
         }
         Err(reason) => {
-            let read = match &allocated {
-                Some(a) => a.align_outward(g, capacity),
-                None => ExtentSet::full(capacity),
-            };
+            let fetch = allocated.clone().unwrap_or_else(|| ExtentSet::full(capacity));
+            let read = fetch.align_outward(g, capacity);
             // Whatever the destination holds where the disk is unallocated must become zeros.
             let zero = if destination.holds_data { read.complement(capacity) } else { ExtentSet::new() };
-            CopyPlan::Full { reason, read, zero }
+            CopyPlan::Full { reason, read, zero, fetch }
         }
     };
 

@@ -441,6 +441,8 @@ async fn rollback(
         let job = DiskCopy {
             read: read.clone(),
             zero: zero.clone(),
+            fetch: None,
+            keep: cbt::ExtentSet::new(),
             digests: Digests::zeros(BLOCK, cap),
             done: ExtentSet::new(),
             checkpoint: None,

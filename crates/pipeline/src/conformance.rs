@@ -27,6 +27,8 @@ pub struct MemSource {
     pub identity: String,
     /// Whether it claims its identity proves it frozen (true: a snapshot in memory).
     pub frozen: bool,
+    /// Every read served: offset and length.
+    pub reads: Mutex<Vec<(u64, u64)>>,
 }
 
 impl MemSource {
@@ -46,6 +48,7 @@ impl MemSource {
             fail_reads: AtomicU32::new(0),
             identity: "mem:1".into(),
             frozen: true,
+            reads: Mutex::new(Vec::new()),
         }
     }
 }
@@ -75,6 +78,7 @@ impl BlockSource for MemSource {
             let at = usize::try_from(offset).unwrap_or(usize::MAX);
             let n = buf.len();
             buf.copy_from_slice(&self.data[at..at + n]);
+            self.reads.lock().unwrap_or_else(|p| p.into_inner()).push((offset, n as u64));
             Ok(buf)
         })
     }
@@ -96,6 +100,14 @@ pub struct MemSink {
     pub pass_writes: AtomicU32,
     /// Flushes so far.
     pub flushes: AtomicU32,
+    /// Whether it takes whole blocks only, as a repository does.
+    pub whole_blocks: std::sync::atomic::AtomicBool,
+    /// Whether it can be read back (true by default).
+    pub readable: std::sync::atomic::AtomicBool,
+    /// Every data write: offset and length.
+    pub writes: Mutex<Vec<(u64, u64)>>,
+    /// Every zeroing: offset and length.
+    pub zeroings: Mutex<Vec<(u64, u64)>>,
 }
 
 impl MemSink {
@@ -108,6 +120,10 @@ impl MemSink {
             fail_writes: AtomicU32::new(0),
             pass_writes: AtomicU32::new(0),
             flushes: AtomicU32::new(0),
+            whole_blocks: std::sync::atomic::AtomicBool::new(false),
+            readable: std::sync::atomic::AtomicBool::new(true),
+            writes: Mutex::new(Vec::new()),
+            zeroings: Mutex::new(Vec::new()),
         }
     }
 
@@ -143,6 +159,7 @@ impl BlockSink for MemSink {
             }
             let at = usize::try_from(offset).unwrap_or(usize::MAX);
             self.data.lock().unwrap_or_else(|p| p.into_inner())[at..at + data.len()].copy_from_slice(&data);
+            self.writes.lock().unwrap_or_else(|p| p.into_inner()).push((offset, data.len() as u64));
             Ok(())
         })
     }
@@ -152,7 +169,23 @@ impl BlockSink for MemSink {
             self.known_zero.store(false, Ordering::SeqCst);
             let (a, n) = (usize::try_from(offset).unwrap_or(0), usize::try_from(length).unwrap_or(0));
             self.data.lock().unwrap_or_else(|p| p.into_inner())[a..a + n].fill(0);
+            self.zeroings.lock().unwrap_or_else(|p| p.into_inner()).push((offset, length));
             Ok(())
+        })
+    }
+    fn whole_blocks(&self) -> bool {
+        self.whole_blocks.load(Ordering::SeqCst)
+    }
+    fn can_read_back(&self) -> bool {
+        self.readable.load(Ordering::SeqCst)
+    }
+    fn read_back(&self, offset: u64, mut buf: BytesMut) -> IoFuture<'_, BytesMut> {
+        Box::pin(async move {
+            check_range("memory sink", offset, buf.len() as u64, self.size())?;
+            let at = usize::try_from(offset).unwrap_or(usize::MAX);
+            let n = buf.len();
+            buf.copy_from_slice(&self.data.lock().unwrap_or_else(|p| p.into_inner())[at..at + n]);
+            Ok(buf)
         })
     }
     fn flush(&self) -> IoFuture<'_, ()> {
@@ -323,6 +356,23 @@ pub async fn check_sink(
         match sink.write_zeroes(offset, len).await {
             Err(e) if e.kind() == ErrorKind::InvalidInput => {}
             other => return Err(format!("zeroing {len} at {offset} past the end: {other:?}")),
+        }
+    }
+    if sink.can_read_back() {
+        // The engine's own read back: unaligned ranges, a whole block, the tail, and past the
+        // end refused.
+        for (a, l) in
+            [(4096usize, 12288usize), (0, g_us.min(n)), (n - 8192.min(n), 8192.min(n)), (n / 3, 513.min(n - n / 3))]
+        {
+            let got = sink
+                .read_back(a as u64, BytesMut::zeroed(l))
+                .await
+                .map_err(|e| format!("reading back {l} at {a}: {e}"))?;
+            ensure!(got[..] == model[a..a + l], "read back {l} bytes at {a} differ from what was written");
+        }
+        match sink.read_back(size - 4096, BytesMut::zeroed(8192)).await {
+            Err(e) if e.kind() == ErrorKind::InvalidInput => {}
+            other => return Err(format!("read back past the end: {:?}", other.map(|b| b.len()))),
         }
     }
     sink.commit().await.map_err(|e| format!("commit: {e}"))?;

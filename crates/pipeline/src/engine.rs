@@ -134,10 +134,18 @@ pub struct DiskCopy {
     pub source: Arc<dyn BlockSource>,
     /// Where to.
     pub sink: Arc<dyn BlockSink>,
-    /// Bytes to read and write (whole sink blocks).
+    /// The sink blocks the copy writes with data (whole blocks: the unit of digests and of a
+    /// repository's chunks, not of I/O, which `fetch` and `keep` decide).
     pub read: ExtentSet,
     /// Bytes to write as zeros without reading (whole sink blocks).
     pub zero: ExtentSet,
+    /// Inside `read`, the bytes to read from the source: its own extents, never widened to a
+    /// block. `None`: all of `read`. What is neither fetched nor kept reads as zeros.
+    pub fetch: Option<ExtentSet>,
+    /// Inside `read`, bytes the sink holds already (an incremental's unchanged bytes): never
+    /// written. When a whole block is needed (a repository's chunk, a digest), they are read
+    /// back from the sink ([`BlockSink::read_back`]), or from the source if it cannot.
+    pub keep: ExtentSet,
     /// The sink's digests before the copy (the last committed ones, or all-zero ones when the
     /// sink is new); updated block by block.
     pub digests: Digests,
@@ -154,6 +162,8 @@ impl std::fmt::Debug for DiskCopy {
             .field("sink", &self.sink.describe())
             .field("read", &self.read.total_bytes())
             .field("zero", &self.zero.total_bytes())
+            .field("fetch", &self.fetch.as_ref().map(ExtentSet::total_bytes))
+            .field("keep", &self.keep.total_bytes())
             .finish_non_exhaustive()
     }
 }
@@ -163,6 +173,10 @@ impl std::fmt::Debug for DiskCopy {
 pub struct CopyReport {
     /// Bytes read from the source.
     pub read: u64,
+    /// Bytes read back from the sink to complete the blocks an incremental touches.
+    pub read_back: u64,
+    /// Bytes of touched blocks left as the sink held them.
+    pub kept: u64,
     /// Bytes of data written.
     pub written: u64,
     /// Bytes written as zeros or skipped as zero.
@@ -210,6 +224,14 @@ struct Disk {
     zero_block: [u8; 32],
     /// Whether the sink takes each block's digest with its data.
     sink_digests: bool,
+    /// Whether the sink takes whole blocks only (else exact ranges).
+    whole_blocks: bool,
+    /// Whether kept bytes are needed in memory (for whole blocks or digests).
+    materialize: bool,
+    /// Within `read`, what to take from the source (`None`: everything).
+    fetch: Option<ExtentSet>,
+    /// Within `read`, what the sink holds already.
+    keep: ExtentSet,
     known_zero: bool,
     engine: Engine,
     options: CopyOptions,
@@ -273,16 +295,26 @@ pub async fn copy_disk(
             queue.push_back(Work::Zero { offset, len })
         });
     }
+    let fetch = job.fetch.map(|f| f.intersection(&job.read));
+    let keep = job.keep.intersection(&job.read);
     for e in read_left.iter() {
-        split_aligned(*e, request, |offset, len| queue.push_back(Work::Read { offset, len }));
+        split_aligned(*e, request, |offset, len| match &fetch {
+            None => queue.push_back(Work::Read { offset, len }),
+            Some(fetch) => narrow(&mut queue, fetch, &keep, sink_g.get(), offset, len),
+        });
     }
     let checkpoint = job.checkpoint.map(|to| {
         let plan = plan_digest(&job.read, &job.zero, sink_g.get());
         (to, plan)
     });
+    let whole_blocks = job.sink.whole_blocks();
     let disk = Arc::new(Disk {
         known_zero: job.sink.known_zero(),
         sink_digests: job.sink.uses_digests(),
+        whole_blocks,
+        materialize: whole_blocks || options.digests || job.sink.uses_digests(),
+        fetch,
+        keep,
         source: job.source,
         sink: job.sink,
         granularity: sink_g,
@@ -323,6 +355,8 @@ pub async fn copy_disk(
     let digests = options.digests.then(|| disk.digests.lock().unwrap_or_else(|p| p.into_inner()).clone());
     Ok(CopyReport {
         read: counts.read,
+        read_back: counts.read_back,
+        kept: counts.kept,
         written: counts.written,
         zero: counts.zero,
         resumed,
@@ -355,6 +389,115 @@ pub async fn copy_disks(
         out.push(t.await.unwrap_or_else(|e| Err(BlockError::fatal("a copy task panicked").with_source(e))));
     }
     out
+}
+
+/// Queues one request window `[offset, offset + len)` of whole blocks: the blocks from the
+/// first to the last that hold a byte to fetch or keep are read; blocks around them hold
+/// neither, so they are zeros, queued as such.
+fn narrow(queue: &mut VecDeque<Work>, fetch: &ExtentSet, keep: &ExtentSet, g: u64, offset: u64, len: u64) {
+    let Some(window) = Extent::new(offset, len) else { return };
+    let first =
+        [fetch.within(window).next(), keep.within(window).next()].into_iter().flatten().map(Extent::start).min();
+    let last = [fetch.within(window).last(), keep.within(window).last()].into_iter().flatten().map(Extent::end).max();
+    let (Some(first), Some(last)) = (first, last) else {
+        queue.push_back(Work::Zero { offset, len });
+        return;
+    };
+    let (lo, hi) = ((first - first % g).max(offset), last.div_ceil(g).saturating_mul(g).min(offset + len));
+    if lo > offset {
+        queue.push_back(Work::Zero { offset, len: lo - offset });
+    }
+    queue.push_back(Work::Read { offset: lo, len: hi - lo });
+    if hi < offset + len {
+        queue.push_back(Work::Zero { offset: hi, len: offset + len - hi });
+    }
+}
+
+/// What one part of a request holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    /// Read from the source.
+    Fetch,
+    /// What the sink holds already.
+    Keep,
+    /// Zeros.
+    Zero,
+}
+
+/// The parts of `range`, in order and covering it: the fetched and kept extents, zeros
+/// between them. `fetch` `None` fetches everything.
+fn parts(range: Extent, fetch: Option<&ExtentSet>, keep: &ExtentSet) -> Vec<(Part, u64, u64)> {
+    let Some(fetch) = fetch else { return vec![(Part::Fetch, range.start(), range.len())] };
+    let mut marked: Vec<(Part, Extent)> = fetch.within(range).map(|e| (Part::Fetch, e)).collect();
+    marked.extend(keep.within(range).map(|e| (Part::Keep, e)));
+    marked.sort_by_key(|(_, e)| e.start());
+    let mut out = Vec::with_capacity(marked.len() * 2 + 1);
+    let mut at = range.start();
+    for (part, e) in marked {
+        // `fetch` and `keep` are disjoint; a caller that broke that gets the overlap fetched.
+        let start = e.start().max(at);
+        if start >= e.end() {
+            continue;
+        }
+        if start > at {
+            out.push((Part::Zero, at, start - at));
+        }
+        out.push((part, start, e.end() - start));
+        at = e.end();
+    }
+    if at < range.end() {
+        out.push((Part::Zero, at, range.end() - at));
+    }
+    out
+}
+
+/// The unit zeros are looked for in fetched data written to a sink of exact ranges: a run of
+/// zeros this long (aligned) becomes a hole or a write-zeroes, as qemu-img's and nbdcopy's
+/// sparse checks do.
+const ZERO_UNIT: u64 = 64 << 10;
+
+/// What a sink of exact ranges is sent for one request: data, zeros, or nothing (kept).
+fn exact_writes(parts: &[(Part, u64, u64)], offset: u64, buf: &[u8], detect: bool) -> Vec<(Part, u64, u64)> {
+    let mut out: Vec<(Part, u64, u64)> = Vec::with_capacity(parts.len());
+    let mut push = |part: Part, at: u64, len: u64| match out.last_mut() {
+        Some((p, a, l)) if *p == part && *a + *l == at => *l += len,
+        _ => out.push((part, at, len)),
+    };
+    for &(part, at, len) in parts {
+        if part != Part::Fetch || !detect {
+            push(part, at, len);
+            continue;
+        }
+        let Some(e) = Extent::new(at, len) else { continue };
+        split_aligned(e, ZERO_UNIT, |u, n| {
+            let from = usize::try_from(u - offset).unwrap_or(usize::MAX);
+            let to = usize::try_from(u + n - offset).unwrap_or(usize::MAX);
+            let zero = buf.get(from..to).is_some_and(is_zero);
+            push(if zero { Part::Zero } else { Part::Fetch }, u, n);
+        });
+    }
+    out
+}
+
+/// Polls every future at once on this task; the first error wins.
+async fn join_all<T>(mut futures: Vec<crate::IoFuture<'_, T>>) -> Result<Vec<T>, BlockError> {
+    let mut out: Vec<Option<T>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, o) in futures.iter_mut().zip(out.iter_mut()) {
+            if o.is_some() {
+                continue;
+            }
+            match f.as_mut().poll(cx) {
+                std::task::Poll::Ready(Ok(v)) => *o = Some(v),
+                std::task::Poll::Ready(Err(e)) => return std::task::Poll::Ready(Err(e)),
+                std::task::Poll::Pending => pending = true,
+            }
+        }
+        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(Ok(())) }
+    })
+    .await?;
+    Ok(out.into_iter().flatten().collect())
 }
 
 /// Splits `e` at multiples of `step` (absolute offsets), so requests stay aligned.
@@ -437,30 +580,101 @@ impl Disk {
         Ok(())
     }
 
-    async fn copy_one(&self, offset: u64, mut buf: BytesMut) -> Result<BytesMut, BlockError> {
+    /// Reads one request: its fetched parts from the source (at once), its kept parts back
+    /// from the sink when whole blocks are needed, zeros elsewhere.
+    async fn assemble(&self, offset: u64, buf: BytesMut) -> Result<(BytesMut, Vec<(Part, u64, u64)>), BlockError> {
         let len = buf.len() as u64;
+        let Some(range) = Extent::new(offset, len) else { return Ok((buf, Vec::new())) };
+        let mut parts = parts(range, self.fetch.as_ref(), &self.keep);
+        let mut buf = buf;
+        let kept = parts.iter().any(|p| p.0 == Part::Keep);
+        let mut filled = false;
+        if kept && self.materialize {
+            if self.sink.can_read_back() {
+                let mut spare = Some(buf);
+                buf = self
+                    .retrying("reading back", || {
+                        let b = spare.take().unwrap_or_else(|| BytesMut::zeroed(usize::try_from(len).unwrap_or(0)));
+                        self.sink.read_back(offset, b)
+                    })
+                    .await?;
+                self.progress.read_back(len);
+                filled = true;
+            } else {
+                // The sink cannot give them back: the source has the same bytes.
+                for p in parts.iter_mut().filter(|p| p.0 == Part::Keep) {
+                    p.0 = Part::Fetch;
+                }
+            }
+        }
+        let fetched: u64 = parts.iter().filter(|p| p.0 == Part::Fetch).map(|p| p.2).sum();
         if let Some(r) = &self.engine.global_rate {
-            r.take(len).await;
+            r.take(fetched).await;
         }
         if let Some(r) = &self.options.job_rate {
-            r.take(len).await;
+            r.take(fetched).await;
         }
+        let mut pieces: Vec<Option<BytesMut>> = Vec::with_capacity(parts.len());
+        let mut reads = Vec::new();
+        for &(part, at, plen) in &parts {
+            let mut piece = buf.split_to(usize::try_from(plen).unwrap_or(usize::MAX));
+            match part {
+                Part::Fetch => reads.push((pieces.len(), at)),
+                Part::Zero => piece.fill(0),
+                // Never written; zeros where they only stand in for what the sink holds.
+                Part::Keep if !filled => piece.fill(0),
+                Part::Keep => {}
+            }
+            pieces.push(Some(piece));
+        }
+        let futures: Vec<crate::IoFuture<'_, (usize, BytesMut)>> = reads
+            .into_iter()
+            .map(|(i, at)| {
+                let piece = pieces.get_mut(i).and_then(Option::take).unwrap_or_default();
+                Box::pin(async move { Ok((i, self.read_source(at, piece).await?)) }) as crate::IoFuture<'_, _>
+            })
+            .collect();
+        for (i, piece) in join_all(futures).await? {
+            if let Some(slot) = pieces.get_mut(i) {
+                *slot = Some(piece);
+            }
+        }
+        let mut whole = BytesMut::new();
+        for piece in pieces.into_iter().flatten() {
+            if whole.is_empty() {
+                whole = piece;
+            } else {
+                whole.unsplit(piece);
+            }
+        }
+        Ok((whole, parts))
+    }
+
+    /// Reads `buf.len()` bytes of the source at `at`, retrying.
+    async fn read_source(&self, at: u64, buf: BytesMut) -> Result<BytesMut, BlockError> {
+        let len = buf.len();
         let mut spare = Some(buf);
-        buf = self
+        let b = self
             .retrying("reading", || {
-                let b = spare.take().unwrap_or_else(|| BytesMut::zeroed(usize::try_from(len).unwrap_or(0)));
-                self.source.read_at(offset, b)
+                let b = spare.take().unwrap_or_else(|| BytesMut::zeroed(len));
+                self.source.read_at(at, b)
             })
             .await?;
-        self.progress.read(len);
+        self.progress.read(len as u64);
+        Ok(b)
+    }
 
-        // Per sink block: its digest, and whether it is all zeros. Hashing a request takes a
-        // millisecond or more, so it runs off the async threads, which keep the sockets moving.
+    async fn copy_one(&self, offset: u64, buf: BytesMut) -> Result<BytesMut, BlockError> {
+        let (buf, parts) = self.assemble(offset, buf).await?;
+
+        // Per sink block: its digest, and whether it is all zeros; for a sink of exact ranges,
+        // the data and zero runs of what was fetched. Hashing a request takes a millisecond or
+        // more, so it runs off the async threads, which keep the sockets moving.
         let g = usize::try_from(self.granularity.get()).unwrap_or(usize::MAX);
         let first_block = offset / self.granularity.get();
         let digests = self.options.digests || self.sink_digests;
-        let (detect, zero_block) = (self.options.detect_zeroes, self.zero_block);
-        let (buf, zero_flags, hashes) = tokio::task::spawn_blocking(move || {
+        let (detect, zero_block, whole_blocks) = (self.options.detect_zeroes, self.zero_block, self.whole_blocks);
+        let (buf, zero_flags, hashes, writes) = tokio::task::spawn_blocking(move || {
             let mut zero_flags = Vec::with_capacity(buf.len().div_ceil(g));
             let mut hashes = Vec::with_capacity(buf.len().div_ceil(g));
             for block in buf.chunks(g) {
@@ -473,12 +687,56 @@ impl Disk {
                 });
                 zero_flags.push(zero);
             }
-            (buf, zero_flags, hashes)
+            let writes = if whole_blocks { Vec::new() } else { exact_writes(&parts, offset, &buf, detect) };
+            (buf, zero_flags, hashes, writes)
         })
         .await
         .map_err(|e| BlockError::fatal("a hashing task").with_source(e))?;
-        // Runs of equal flags become one write or one zeroing each, as slices of one buffer.
         let whole = buf.freeze();
+        if whole_blocks {
+            self.write_blocks(offset, &whole, &zero_flags, &hashes).await?;
+        } else {
+            for (part, at, len) in writes {
+                let a = usize::try_from(at - offset).unwrap_or(usize::MAX);
+                let b = usize::try_from(at + len - offset).unwrap_or(usize::MAX);
+                match part {
+                    Part::Fetch => {
+                        self.retrying("writing", || self.sink.write_at(at, whole.slice(a..b))).await?;
+                        self.progress.written(len);
+                    }
+                    Part::Zero => {
+                        if !self.known_zero {
+                            self.retrying("zeroing", || self.sink.write_zeroes(at, len)).await?;
+                        }
+                        self.progress.zero(len);
+                    }
+                    Part::Keep => self.progress.kept(len),
+                }
+            }
+        }
+        {
+            let mut d = self.digests.lock().unwrap_or_else(|p| p.into_inner());
+            for (k, h) in hashes.into_iter().enumerate() {
+                if let Some(slot) = usize::try_from(first_block + k as u64).ok().and_then(|b| d.blocks.get_mut(b)) {
+                    *slot = h;
+                }
+            }
+        }
+        // Every slice is gone with its finished write, so the buffer is ours again; a sink that
+        // kept one costs a fresh buffer next time, nothing else.
+        Ok(whole.try_into_mut().unwrap_or_default())
+    }
+
+    /// Writes whole blocks: runs of equal zero flags become one write or one zeroing each, as
+    /// slices of one buffer.
+    async fn write_blocks(
+        &self,
+        offset: u64,
+        whole: &bytes::Bytes,
+        zero_flags: &[bool],
+        hashes: &[[u8; 32]],
+    ) -> Result<(), BlockError> {
+        let g = usize::try_from(self.granularity.get()).unwrap_or(usize::MAX);
         let mut i = 0;
         while i < zero_flags.len() {
             let mut j = i;
@@ -505,17 +763,7 @@ impl Disk {
             }
             i = j;
         }
-        {
-            let mut d = self.digests.lock().unwrap_or_else(|p| p.into_inner());
-            for (k, h) in hashes.into_iter().enumerate() {
-                if let Some(slot) = usize::try_from(first_block + k as u64).ok().and_then(|b| d.blocks.get_mut(b)) {
-                    *slot = h;
-                }
-            }
-        }
-        // Every slice is gone with its finished write, so the buffer is ours again; a sink that
-        // kept one costs a fresh buffer next time, nothing else.
-        Ok(whole.try_into_mut().unwrap_or_default())
+        Ok(())
     }
 
     /// The engine's one retry loop: a [`ErrorKind::Transient`] failure is tried again after a

@@ -104,6 +104,30 @@ pub trait BlockSink: Send + Sync {
         self.write_at(offset, data)
     }
 
+    /// Whether the sink stores whole blocks only (a repository's chunks): the engine then
+    /// hands it whole blocks, completed where needed with bytes [read back](Self::read_back).
+    /// Any other sink is written exactly the data the plan fetched (zeros in it as zeros),
+    /// and nothing where the plan keeps what the sink holds.
+    fn whole_blocks(&self) -> bool {
+        self.uses_digests()
+    }
+
+    /// Whether [`read_back`](Self::read_back) works.
+    fn can_read_back(&self) -> bool {
+        false
+    }
+
+    /// Fills `buf` with the sink's bytes at `offset` as they are now (a repository's parent
+    /// point, a replica's last sync): a local read that completes the blocks an incremental
+    /// touches, so only the changed bytes cross the network. A sink that cannot refuses
+    /// with [`crate::ErrorKind::InvalidInput`], and the engine reads the source instead.
+    fn read_back(&self, offset: u64, buf: BytesMut) -> IoFuture<'_, BytesMut> {
+        let _ = buf;
+        Box::pin(
+            async move { Err(BlockError::invalid(format!("{} cannot be read back (at {offset})", self.describe()))) },
+        )
+    }
+
     /// Makes `[offset, offset + length)` read as zeros, without sending zeros when the
     /// transport allows (a punched hole, `NBD_CMD_WRITE_ZEROES`; never a TRIM, whose
     /// contents are undefined afterwards).

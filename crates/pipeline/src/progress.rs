@@ -12,7 +12,9 @@ pub struct Progress {
     planned: AtomicU64,
     resumed: AtomicU64,
     read: AtomicU64,
+    read_back: AtomicU64,
     written: AtomicU64,
+    kept: AtomicU64,
     zero: AtomicU64,
     retries: AtomicU64,
     checkpoints: AtomicU64,
@@ -29,8 +31,12 @@ pub struct ProgressSnapshot {
     pub resumed: u64,
     /// Bytes read from sources.
     pub read: u64,
+    /// Bytes read back from sinks, to complete the blocks an incremental touches.
+    pub read_back: u64,
     /// Bytes of data written to sinks.
     pub written: u64,
+    /// Bytes of touched blocks left as the sink held them (an incremental's unchanged bytes).
+    pub kept: u64,
     /// Bytes written as zeros or skipped as zero (detected in data, or planned as zero).
     pub zero: u64,
     /// Retried requests.
@@ -42,15 +48,15 @@ pub struct ProgressSnapshot {
 }
 
 impl ProgressSnapshot {
-    /// Bytes accounted for: done before, copied, or zeroed.
+    /// Bytes accounted for: done before, copied, zeroed, or kept.
     pub fn done(&self) -> u64 {
-        self.resumed + self.written + self.zero
+        self.resumed + self.written + self.zero + self.kept
     }
 
     /// Bytes per second read so far.
     pub fn rate(&self) -> f64 {
         let s = self.elapsed.as_secs_f64();
-        if s > 0.0 { (self.written + self.zero) as f64 / s } else { 0.0 }
+        if s > 0.0 { (self.written + self.zero + self.kept) as f64 / s } else { 0.0 }
     }
 
     /// Time left at the current rate, when there is one.
@@ -68,7 +74,9 @@ impl Default for Progress {
             planned: AtomicU64::new(0),
             resumed: AtomicU64::new(0),
             read: AtomicU64::new(0),
+            read_back: AtomicU64::new(0),
             written: AtomicU64::new(0),
+            kept: AtomicU64::new(0),
             zero: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
@@ -89,7 +97,9 @@ impl Progress {
             planned: self.planned.load(Ordering::Relaxed),
             resumed: self.resumed.load(Ordering::Relaxed),
             read: self.read.load(Ordering::Relaxed),
+            read_back: self.read_back.load(Ordering::Relaxed),
             written: self.written.load(Ordering::Relaxed),
+            kept: self.kept.load(Ordering::Relaxed),
             zero: self.zero.load(Ordering::Relaxed),
             retries: self.retries.load(Ordering::Relaxed),
             checkpoints: self.checkpoints.load(Ordering::Relaxed),
@@ -111,6 +121,14 @@ impl Progress {
 
     pub(crate) fn read(&self, n: u64) {
         self.add(|p| &p.read, n);
+    }
+
+    pub(crate) fn read_back(&self, n: u64) {
+        self.add(|p| &p.read_back, n);
+    }
+
+    pub(crate) fn kept(&self, n: u64) {
+        self.add(|p| &p.kept, n);
     }
 
     pub(crate) fn written(&self, n: u64) {

@@ -66,6 +66,8 @@ async fn copy(data: &[u8], sink: Arc<Recording>, options: &CopyOptions) -> pipel
     let job = DiskCopy {
         read: ExtentSet::full(size),
         zero: ExtentSet::new(),
+        fetch: None,
+        keep: cbt::ExtentSet::new(),
         digests: Digests::zeros(MIB, size),
         done: ExtentSet::new(),
         checkpoint: None,

@@ -88,6 +88,8 @@ async fn a_hundred_disks_at_once_stay_under_the_memory_cap() {
             sink: Arc::new(Discard(size)),
             read: ExtentSet::full(size),
             zero: ExtentSet::new(),
+            fetch: None,
+            keep: cbt::ExtentSet::new(),
             digests: Digests::zeros(MIB, size),
             done: ExtentSet::new(),
             checkpoint: None,

@@ -233,6 +233,8 @@ pub async fn sync(
         sink: job.sink.clone(),
         read,
         zero,
+        fetch: Some(planned.plan.fetch().clone()),
+        keep: planned.plan.keep().clone(),
         digests,
         done,
         checkpoint: Some(Arc::new(CheckpointTo {

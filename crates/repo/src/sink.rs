@@ -341,6 +341,36 @@ impl BlockSink for RepoSink {
         self.write(offset, data, Vec::new())
     }
 
+    /// Chunks are stored whole, whatever the repository's codec.
+    fn whole_blocks(&self) -> bool {
+        true
+    }
+
+    fn can_read_back(&self) -> bool {
+        true
+    }
+
+    /// The disk as written so far: an incremental's parent (its index is where this one
+    /// starts), each chunk checked against its ID as it is read.
+    fn read_back(&self, offset: u64, mut buf: bytes::BytesMut) -> IoFuture<'_, bytes::BytesMut> {
+        let (store, codec, state, what) = (self.store.clone(), self.codec.clone(), self.state.clone(), self.describe());
+        Box::pin(blocking(move || {
+            let len = buf.len() as u64;
+            let (chunk_size, capacity) = {
+                let s = state.lock().unwrap_or_else(|p| p.into_inner());
+                (s.index.chunk_size, s.index.capacity)
+            };
+            let lookup = |slot: usize| {
+                state.lock().unwrap_or_else(|p| p.into_inner()).index.ids.get(slot).copied().unwrap_or(ZERO)
+            };
+            let data = crate::read_chunks(&*store, &codec, chunk_size, capacity, lookup, offset, len).map_err(|e| {
+                BlockError::new(e.kind(), format!("reading back {what}")).at(offset, len).with_source(e)
+            })?;
+            buf.copy_from_slice(&data);
+            Ok(buf)
+        }))
+    }
+
     /// A plain repository names chunks by their plain BLAKE3, the engine's block digest.
     fn uses_digests(&self) -> bool {
         !self.codec.encrypted() && !self.rehash.load(Ordering::Relaxed)

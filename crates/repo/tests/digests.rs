@@ -99,6 +99,8 @@ async fn backup(repo: &Repo, img: &Path, options: &CopyOptions, again: bool) -> 
     let read = alloc.align_outward(g, size);
     let job = DiskCopy {
         zero: read.complement(size),
+        fetch: None,
+        keep: cbt::ExtentSet::new(),
         read,
         digests: Digests::zeros(g.get(), size),
         done: ExtentSet::new(),

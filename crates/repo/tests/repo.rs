@@ -43,6 +43,8 @@ async fn backup(repo: &Repo, parent: Option<&str>, src: &Path, read: Option<Exte
     let job = DiskCopy {
         read: read.unwrap_or_else(|| ExtentSet::full(size)).align_outward(sink.granularity(), size),
         zero: ExtentSet::new(),
+        fetch: None,
+        keep: cbt::ExtentSet::new(),
         digests: Digests::zeros(g, size),
         done: ExtentSet::new(),
         checkpoint: None,
@@ -446,6 +448,8 @@ async fn an_interrupted_backup_resumes_from_its_session() {
     let copy = |b: &repo::Backup, read: ExtentSet, done: ExtentSet| DiskCopy {
         read,
         zero: ExtentSet::new(),
+        fetch: None,
+        keep: cbt::ExtentSet::new(),
         digests: Digests::zeros(MIB, 12 * MIB),
         done,
         checkpoint: b.checkpointer(0),
@@ -496,4 +500,99 @@ async fn an_interrupted_backup_resumes_from_its_session() {
     repo.drop_session("vc1-vm1").unwrap();
     assert!(repo.session("vc1-vm1").unwrap().is_none());
     assert!(matches!(repo.session("../etc"), Err(RepoError::Invalid(_))));
+}
+
+/// An incremental that reads only the changed bytes: each touched chunk is completed from the
+/// parent point (read back, checked by its ID), so the new point restores exactly while the
+/// source gave nothing but the changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_patched_from_its_parent_restores_exactly() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (img, repo_dir) = (dir.path().join("disk.raw"), dir.path().join("repo"));
+    let size = 12 * MIB + 4096;
+    image(&img, size, 3);
+    let repo = Repo::init(&repo_dir, MIB32).unwrap();
+    let first = backup(&repo, None, &img, None).await;
+    std::fs::copy(&img, dir.path().join("v1.raw")).unwrap();
+
+    // Small writes: inside a chunk, across a chunk boundary, into a hole, the tail, and one
+    // that zeroes a chunk's data.
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    let areas = [(MIB + 4096, 65_536u64), (4 * MIB - 512, 1024), (5 * MIB + 8192, 4096), (size - 100, 100)];
+    for (k, &(at, len)) in areas.iter().enumerate() {
+        let bytes: Vec<u8> =
+            (0..len).map(|i| i.to_le_bytes()[0].wrapping_mul(7).wrapping_add(k.to_le_bytes()[0] + 1) | 1).collect();
+        f.write_all_at(&bytes, at).unwrap();
+    }
+    f.write_all_at(&vec![0u8; 8192], 9 * MIB).unwrap();
+    let mut changed = ExtentSet::from_ranges(areas);
+    changed.insert(cbt::Extent::new(9 * MIB, 8192).unwrap());
+
+    let source: Arc<dyn BlockSource> = Arc::new(FileSource::open(&img).unwrap());
+    let b = repo
+        .begin(
+            Some(&first.id),
+            vec![DiskSpec { name: "disk0".into(), capacity: size, change_id: None, committed: None }],
+        )
+        .unwrap();
+    let sink: Arc<dyn BlockSink> = b.sink(0).unwrap();
+    let read = changed.align_outward(sink.granularity(), size);
+    let job = DiskCopy {
+        keep: read.difference(&changed),
+        fetch: Some(changed.clone()),
+        read: read.clone(),
+        zero: ExtentSet::new(),
+        digests: Digests::zeros(MIB, size),
+        done: ExtentSet::new(),
+        checkpoint: None,
+        source,
+        sink: sink.clone(),
+    };
+    let options = CopyOptions { digests: false, ..CopyOptions::default() };
+    let r = copy_disk(job, &Engine::new(64 * MIB), &options, Arc::new(Progress::default())).await.unwrap();
+    sink.commit().await.unwrap();
+    let second = b.finish(SourceInfo { name: "disk".into(), instance_uuid: None }, Consistency::Crash).unwrap();
+    assert_eq!(r.read, changed.total_bytes(), "only the changed bytes were read from the source");
+    assert_eq!(r.read_back, read.total_bytes(), "the touched chunks were completed from the parent");
+
+    let out = dir.path().join("out.raw");
+    repo.restore_disk(&second.id, 0, &out).unwrap();
+    assert!(same(&out, &img), "the patched chunks restore exactly");
+    repo.restore_disk(&first.id, 0, &out).unwrap();
+    assert!(same(&out, &dir.path().join("v1.raw")), "the parent is untouched");
+    let report = repo.verify().unwrap();
+    assert!(report.bad_chunks.is_empty() && report.damaged_points.is_empty(), "{report:?}");
+
+    // A damaged parent chunk is never patched into a new point: the read back fails.
+    let ix = repo.index(&second, 0).unwrap();
+    let victim = repo_dir.join(repo::chunk_name(&ix.ids[1]));
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&victim, bytes).unwrap();
+    f.write_all_at(b"again", MIB + 10).unwrap();
+    let source: Arc<dyn BlockSource> = Arc::new(FileSource::open(&img).unwrap());
+    let b = repo
+        .begin(
+            Some(&second.id),
+            vec![DiskSpec { name: "disk0".into(), capacity: size, change_id: None, committed: None }],
+        )
+        .unwrap();
+    let sink: Arc<dyn BlockSink> = b.sink(0).unwrap();
+    let changed = ExtentSet::from_ranges([(MIB + 10, 5)]);
+    let read = changed.align_outward(sink.granularity(), size);
+    let job = DiskCopy {
+        keep: read.difference(&changed),
+        fetch: Some(changed),
+        read,
+        zero: ExtentSet::new(),
+        digests: Digests::zeros(MIB, size),
+        done: ExtentSet::new(),
+        checkpoint: None,
+        source,
+        sink,
+    };
+    let e = copy_disk(job, &Engine::new(64 * MIB), &options, Arc::new(Progress::default())).await.unwrap_err();
+    assert!(e.to_string().contains("reading back"), "{e}");
 }

@@ -42,6 +42,8 @@ fn backup(repo: &Repo, data: &[u8]) -> (repo::Backup, Arc<dyn BlockSink>, DiskCo
     let job = DiskCopy {
         read: ExtentSet::full(size),
         zero: ExtentSet::new(),
+        fetch: None,
+        keep: cbt::ExtentSet::new(),
         digests: Digests::zeros(u64::from(CHUNK), size),
         done: ExtentSet::new(),
         checkpoint: None,

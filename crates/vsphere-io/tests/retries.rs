@@ -26,6 +26,8 @@ async fn copy(src: Arc<dyn BlockSource>) -> (Result<CopyReport, BlockError>, Arc
     let job = DiskCopy {
         read: ExtentSet::full(size),
         zero: ExtentSet::new(),
+        fetch: None,
+        keep: cbt::ExtentSet::new(),
         digests: Digests::zeros(MIB, size),
         done: ExtentSet::new(),
         checkpoint: None,

@@ -105,6 +105,8 @@ async fn a_pattern_with_holes_copied_into_vddk_over_old_data_reads_back_exactly(
     let job = DiskCopy {
         read: read.clone(),
         zero: zero.clone(),
+        fetch: None,
+        keep: cbt::ExtentSet::new(),
         digests: Digests::zeros(g, size),
         done: ExtentSet::new(),
         checkpoint: None,

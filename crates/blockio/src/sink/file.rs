@@ -178,6 +178,25 @@ impl BlockSink for FileSink {
         })
     }
 
+    fn can_read_back(&self) -> bool {
+        true
+    }
+
+    /// The file's or device's bytes, as the last copy left them.
+    fn read_back(&self, offset: u64, mut buf: bytes::BytesMut) -> IoFuture<'_, bytes::BytesMut> {
+        let (file, path) = (self.file.clone(), self.describe());
+        Box::pin(async move {
+            check_range(&path, offset, buf.len() as u64, self.size)?;
+            blocking(move || {
+                let len = buf.len() as u64;
+                file.read_exact_at(&mut buf, offset)
+                    .map_err(|e| BlockError::io(format!("reading back {path}"), e).at(offset, len))?;
+                Ok(buf)
+            })
+            .await
+        })
+    }
+
     fn write_zeroes(&self, offset: u64, length: u64) -> IoFuture<'_, ()> {
         let (file, path, device) = (self.file.clone(), self.describe(), self.device);
         Box::pin(async move {

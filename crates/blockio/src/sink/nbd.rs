@@ -83,6 +83,33 @@ impl BlockSink for NbdSink {
         })
     }
 
+    fn can_read_back(&self) -> bool {
+        true
+    }
+
+    /// The export's bytes, read in pieces of the server's maximum.
+    fn read_back(&self, offset: u64, buf: bytes::BytesMut) -> IoFuture<'_, bytes::BytesMut> {
+        Box::pin(async move {
+            check_range(self.pool.uri(), offset, buf.len() as u64, self.size())?;
+            let mut buf = buf;
+            let mut done = bytes::BytesMut::new();
+            let mut at = offset;
+            while !buf.is_empty() {
+                let piece = buf.split_to(buf.len().min(self.max()));
+                let n = piece.len() as u64;
+                let piece = self
+                    .pool
+                    .client()
+                    .read_into(at, piece)
+                    .await
+                    .map_err(|e| nbd_error(format!("reading back {}", self.pool.uri()), e).at(at, n))?;
+                done.unsplit(piece);
+                at += n;
+            }
+            Ok(done)
+        })
+    }
+
     fn write_zeroes(&self, offset: u64, length: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
             check_range(self.pool.uri(), offset, length, self.size())?;

@@ -88,11 +88,11 @@ fn check(row: Row) -> Planned {
     let planned = plan(row.prev.as_ref(), &row.cur, &row.changes, row.dest);
     let name = row.name;
     match (&planned.plan, row.want) {
-        (CopyPlan::Incremental { read, zero }, Want::Incremental { read: r, zero: z }) => {
+        (CopyPlan::Incremental { read, zero, .. }, Want::Incremental { read: r, zero: z }) => {
             assert_eq!(*read, set(&r), "{name}: read");
             assert_eq!(*zero, set(&z), "{name}: zero");
         }
-        (CopyPlan::Full { reason, read, zero }, Want::Full { reason: is, read: r, zero: z }) => {
+        (CopyPlan::Full { reason, read, zero, .. }, Want::Full { reason: is, read: r, zero: z }) => {
             assert!(is(reason), "{name}: wrong reason {reason:?} ({reason})");
             assert_eq!(*read, set(&r), "{name}: read");
             assert_eq!(*zero, set(&z), "{name}: zero");

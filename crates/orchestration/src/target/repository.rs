@@ -116,8 +116,9 @@ impl VmWrite for PointWrite {
                 return Err(OrchError::Refused(format!("{slot}: no plan under the snapshot")));
             };
             let full = matches!(plan, CopyPlan::Full { .. });
+            let (fetch, keep) = (plan.fetch().clone(), plan.keep().clone());
             let (read, zero) = match plan {
-                CopyPlan::Full { read, zero, .. } | CopyPlan::Incremental { read, zero } => (read, zero),
+                CopyPlan::Full { read, zero, .. } | CopyPlan::Incremental { read, zero, .. } => (read, zero),
             };
             let done = self.done.get_mut(n).map(std::mem::take).unwrap_or_default();
             let backup = self.backup()?;
@@ -125,6 +126,8 @@ impl VmWrite for PointWrite {
             let job = DiskCopy {
                 read,
                 zero,
+                fetch: Some(fetch),
+                keep,
                 digests: Digests::zeros(sink.granularity().get(), disk.facts.disk.capacity),
                 done,
                 checkpoint: backup.checkpointer(n),
