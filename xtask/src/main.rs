@@ -38,12 +38,16 @@ cargo xtask COMMAND
   fuzz-seeds              remake the VMDK fuzz seeds from qemu-img output and our writers
   bench [ARGS...]         the criterion benchmarks (ARGS go to criterion)
   bench copy              proxy disk-copy against nbdcopy, qemu-img convert and cp on generated
-                          4 GiB (50 % data) and 16 GiB (10 %) images, durable, alternating
-                          (BENCH_COPY_ROUNDS, default 3; BENCH_COPY_SMALL=1 for a quick run;
-                          BENCH_COPY_ONLY=TEXT for the rows whose name contains TEXT)
+                          4 GiB (50 % data) and 16 GiB (10 %) images, and a fragmented 2 GiB
+                          one (40 % data in 1,400 extents, some allocated zeros) with bytes
+                          read, written, zeroed and allocated beside nbdcopy's; durable,
+                          alternating (BENCH_COPY_ROUNDS, default 3; BENCH_COPY_SMALL=1 for a
+                          quick run; BENCH_COPY_ONLY=TEXT for the rows whose name contains TEXT)
   bench repo              proxy repo backup against restic on a generated 2 GiB image: first
-                          backup (throughput, stored size) and an incremental, durable,
-                          alternating (BENCH_REPO_MIB, BENCH_REPO_ROUNDS; BENCH_REPO_SMALL=1)
+                          backup (throughput, stored size) and an incremental; a fragmented
+                          image's first backup and 1,000 scattered 64 KiB writes on a 4 GiB
+                          disk (bytes read against the changes, stored against restic's
+                          growth); durable (BENCH_REPO_MIB, BENCH_REPO_ROUNDS; BENCH_REPO_SMALL=1)
   bench export            proxy export (from a repository, and --replica) against qemu-nbd on a
                           generated 512 MiB image: time to first byte and nbdcopy throughput
                           (BENCH_EXPORT_MIB, BENCH_EXPORT_ROUNDS, default 3)

