@@ -62,9 +62,13 @@ pub(crate) struct Args {
     /// $XDG_STATE_HOME/syncproxy/disk-copy for NBD).
     #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// Checkpoint every this many bytes copied.
+    /// Checkpoint every this many bytes copied...
     #[arg(long, default_value = "256M", value_parser = size::parse)]
     checkpoint_every: u64,
+    /// ...but no more often than this (each checkpoint flushes the destination): `2s`,
+    /// `500ms`, `1m`, or `0` for bytes alone.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    checkpoint_interval: Duration,
     /// Follow a VMDK's file names anywhere (absolute paths, `..`, symbolic links out of the
     /// descriptor's directory), not only beside it; only for trusted local chains.
     #[arg(long)]
@@ -174,6 +178,7 @@ async fn copy(args: &Args) -> Result<ExitCode> {
         request_size: args.request_size,
         in_flight: args.requests,
         checkpoint_bytes: args.checkpoint_every,
+        checkpoint_interval: args.checkpoint_interval,
         job_rate: args.rate.map(|r| Arc::new(RateLimiter::new(r))),
         release_cpu_time: ReleaseCpuTime(args.release_cpu_time),
         digests: !args.no_digests,

@@ -153,7 +153,7 @@ fn a_copy_killed_past_half_way_resumes_and_reads_only_what_is_left() {
         .arg("disk-copy")
         .arg(&src)
         .arg(&dst)
-        .args(["--rate", "64M", "--checkpoint-every", "8M", "--json"])
+        .args(["--rate", "64M", "--checkpoint-every", "8M", "--checkpoint-interval", "0", "--json"])
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
@@ -206,7 +206,7 @@ fn a_replica_killed_while_being_updated_is_reported_inconsistent_until_a_copy_co
         .arg("disk-copy")
         .arg(&src)
         .arg(&dst)
-        .args(["--rate", "32M", "--checkpoint-every", "4M"])
+        .args(["--rate", "32M", "--checkpoint-every", "4M", "--checkpoint-interval", "0"])
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
@@ -318,7 +318,7 @@ fn a_resume_from_a_source_written_meanwhile_rechecks_what_was_done_and_ends_equa
             .arg("disk-copy")
             .arg(&from)
             .arg(&dst)
-            .args(["--rate", "32M", "--checkpoint-every", "4M", "--no-progress"])
+            .args(["--rate", "32M", "--checkpoint-every", "4M", "--checkpoint-interval", "0", "--no-progress"])
             .stdout(Stdio::null())
             .spawn()
             .unwrap();

@@ -40,8 +40,12 @@ pub struct CopyOptions {
     pub retry_for: Duration,
     /// The first backoff; each retry doubles it, up to 5 s.
     pub backoff: Duration,
-    /// Checkpoint after this many bytes completed since the last checkpoint.
+    /// Checkpoint after this many bytes completed since the last checkpoint...
     pub checkpoint_bytes: u64,
+    /// ...and no sooner than this after the last one (or the start): a checkpoint flushes the
+    /// sink, which a copy that ends in a second does not need five times. Zero: bytes alone
+    /// decide.
+    pub checkpoint_interval: Duration,
     /// Bytes per second for this job, across its disks.
     pub job_rate: Option<Arc<RateLimiter>>,
     /// Milliseconds each stream sleeps after each request.
@@ -64,6 +68,7 @@ impl Default for CopyOptions {
             retry_for: Duration::ZERO,
             backoff: Duration::from_millis(100),
             checkpoint_bytes: 256 << 20,
+            checkpoint_interval: Duration::ZERO,
             job_rate: None,
             release_cpu_time: ReleaseCpuTime(0),
             detect_zeroes: true,
@@ -244,10 +249,11 @@ struct Disk {
     failed: AtomicBool,
 }
 
-#[derive(Default)]
 struct Done {
     set: ExtentSet,
     since_checkpoint: u64,
+    /// When the last checkpoint was saved, or the copy started.
+    last_checkpoint: Instant,
 }
 
 /// Copies one disk. `progress` may be shared by the disks of one job.
@@ -323,7 +329,7 @@ pub async fn copy_disk(
         options: CopyOptions { request_size: request, ..options.clone() },
         progress,
         queue: Mutex::new(queue),
-        done: Mutex::new(Done { set: job.done, since_checkpoint: 0 }),
+        done: Mutex::new(Done { set: job.done, since_checkpoint: 0, last_checkpoint: Instant::now() }),
         digests: Mutex::new(job.digests),
         checkpoint,
         checkpointing: tokio::sync::Mutex::new(()),
@@ -805,6 +811,7 @@ impl Disk {
             }
             d.since_checkpoint += len;
             d.since_checkpoint >= self.options.checkpoint_bytes
+                && d.last_checkpoint.elapsed() >= self.options.checkpoint_interval
         };
         if due { self.save_checkpoint(false).await } else { Ok(()) }
     }
@@ -824,6 +831,7 @@ impl Disk {
         let (done, digests) = {
             let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
             d.since_checkpoint = 0;
+            d.last_checkpoint = Instant::now();
             (d.set.clone(), self.digests.lock().unwrap_or_else(|p| p.into_inner()).clone())
         };
         // A flush makes durable what was written; asking again is harmless.
