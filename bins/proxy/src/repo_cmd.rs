@@ -71,13 +71,57 @@ pub(crate) enum RepoCommand {
     },
     /// Back up a disk image, VMDK (with its chain) or NBD export as a new restore point.
     Backup(BackupArgs),
-    /// List the restore points.
+    /// List the restore points, grouped by VM (or image), oldest first.
     List {
         #[command(flatten)]
         repo: RepoArg,
+        /// Only this VM's (or image's) points.
+        #[arg(long)]
+        vm: Option<String>,
+        /// Only points from this UTC time on: `2026-12-01`, `2026-12-01T02`, or a full time.
+        #[arg(long)]
+        since: Option<String>,
         /// As JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Remove one restore point (refused while it is protected); `repo gc` then frees the
+    /// chunks no other point uses.
+    Forget {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// The restore point: its ID (or a unique prefix), `VM@latest`, `VM@2026-12-01`.
+        point: String,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What the repository holds: per VM its points and the data they added, in all the
+    /// logical bytes its points reference, the unique bytes behind them (deduplication), what
+    /// the chunk files take (compression, for a local repository), and the growth per day.
+    Stats {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// As JSON (exact bytes).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Protect a restore point from prune and forget, with a note saying why.
+    Protect {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// The restore point: its ID (or a unique prefix), `VM@latest`, `VM@2026-12-01`.
+        point: String,
+        /// Why it is kept (shown by `repo list`).
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+    /// Remove a restore point's protection.
+    Unprotect {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// The restore point: its ID (or a unique prefix), `VM@latest`, `VM@2026-12-01`.
+        point: String,
     },
     /// Restore a disk of a restore point to a raw file (sparse), a block device, an NBD
     /// export, or a streamOptimized VMDK (when DST ends in `.vmdk`). A file is written beside
@@ -235,7 +279,44 @@ async fn dispatch(cmd: RepoCommand) -> Result<ExitCode> {
     match cmd {
         RepoCommand::Init { repo, chunk_size, encrypt } => init(&repo, chunk_size, encrypt),
         RepoCommand::Backup(args) => backup(&args).await,
-        RepoCommand::List { repo, json } => list(&repo.open()?, json),
+        RepoCommand::List { repo, vm, since, json } => list(&repo.open()?, vm.as_deref(), since.as_deref(), json),
+        RepoCommand::Forget { repo, point, json } => {
+            let r = repo.open()?;
+            let m = r.resolve_point(&point)?;
+            r.forget(&m.id)?;
+            if json {
+                println!("{}", serde_json::json!({"forgotten": m.id, "source": m.source.name, "time": m.time}));
+            } else {
+                println!(
+                    "forgot restore point {} of {} ({}); `proxy repo gc` frees its chunks",
+                    m.id, m.source.name, m.time
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RepoCommand::Stats { repo, json } => {
+            let local = (!repo.repo.starts_with("s3://")).then(|| PathBuf::from(&repo.repo));
+            stats(&repo.open()?, local.as_deref(), json)
+        }
+        RepoCommand::Protect { repo, point, note } => {
+            let r = repo.open()?;
+            let m = r.resolve_point(&point)?;
+            r.protect(&m.id, &note)?;
+            println!("protected restore point {} of {} ({}) from prune and forget", m.id, m.source.name, m.time);
+            Ok(ExitCode::SUCCESS)
+        }
+        RepoCommand::Unprotect { repo, point } => {
+            let r = repo.open()?;
+            let m = r.resolve_point(&point)?;
+            let was = r.unprotect(&m.id)?;
+            println!(
+                "restore point {} of {} {}",
+                m.id,
+                m.source.name,
+                if was { "is no longer protected" } else { "was not protected" }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         RepoCommand::Restore { repo, point, dst, disk, file, force } => {
             let r = repo.open()?;
             match file {
@@ -424,47 +505,93 @@ async fn backup(args: &BackupArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn list(repo: &Repo, json: bool) -> Result<ExitCode> {
-    let points = repo.points()?;
+fn list(repo: &Repo, vm: Option<&str>, since: Option<&str>, json: bool) -> Result<ExitCode> {
+    let all = repo.points()?;
+    let points: Vec<&repo::Manifest> = all
+        .iter()
+        .filter(|p| vm.is_none_or(|v| p.source.name == v))
+        .filter(|p| since.is_none_or(|s| p.time.as_str() >= s))
+        .collect();
+    if let Some(v) = vm
+        && points.is_empty()
+        && !all.iter().any(|p| p.source.name == v)
+    {
+        let mut names: Vec<&str> = all.iter().map(|p| p.source.name.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        bail!("no restore points of {v:?}; the repository has points of: {}", names.join(", "));
+    }
     let drills: Vec<Vec<repo::DrillRecord>> =
         points.iter().map(|p| repo.drill_reports(&p.id)).collect::<Result<_, _>>()?;
+    let protections: Vec<Option<repo::Protection>> =
+        points.iter().map(|p| repo.protection(&p.id)).collect::<Result<_, _>>()?;
     if json {
-        // Each manifest as it is stored, with the drills of the point beside it.
+        // Each manifest as it is stored, with the drills and protection of the point beside it.
         let mut out = Vec::new();
-        for (p, d) in points.iter().zip(&drills) {
+        for ((p, d), prot) in points.iter().zip(&drills).zip(&protections) {
             let mut v = serde_json::to_value(p)?;
             if let Some(o) = v.as_object_mut() {
                 o.insert("drills".into(), serde_json::to_value(d)?);
+                o.insert("protected".into(), serde_json::to_value(prot)?);
             }
             out.push(v);
         }
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
-    for (p, drills) in points.iter().zip(&drills) {
-        let size: u64 = p.disks.iter().map(|d| d.capacity).sum();
-        let stored: u64 = p.disks.iter().map(|d| d.stored_bytes).sum();
-        let files: Vec<&str> = p.files.iter().map(|f| f.name.as_str()).collect();
-        println!(
-            "{}  {}  {:<11}  {} disk(s), {size} bytes, {stored} bytes new  {}{}",
-            p.id,
-            p.time,
-            format!("{:?}", p.consistency).to_lowercase(),
-            p.disks.len(),
-            p.source.name,
-            if files.is_empty() { String::new() } else { format!("  files: {}", files.join(", ")) }
-        );
-        if let Some(d) = drills.last() {
-            println!(
-                "    drill {}: {}{}",
-                d.time,
-                d.summary,
-                if drills.len() > 1 { format!(" ({} drills in all)", drills.len()) } else { String::new() }
-            );
-        }
-    }
     if points.is_empty() {
         println!("no restore points");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut by_vm: std::collections::BTreeMap<&str, Vec<usize>> = std::collections::BTreeMap::new();
+    for (i, p) in points.iter().enumerate() {
+        by_vm.entry(p.source.name.as_str()).or_default().push(i);
+    }
+    for (name, idx) in &by_vm {
+        let newest = idx.last().map_or("", |&i| points[i].time.get(..19).unwrap_or(&points[i].time));
+        println!("{name}: {} restore point(s), newest {newest}", idx.len());
+        println!(
+            "  {:<36}  {:<20}  {:<11}  {:>9}  {:>9}  DISKS",
+            "ID", "TIME (UTC)", "CONSISTENCY", "SIZE", "NEW DATA"
+        );
+        for &i in idx {
+            let p = points[i];
+            let size: u64 = p.disks.iter().map(|d| d.capacity).sum();
+            let stored: u64 = p.disks.iter().map(|d| d.stored_bytes).sum();
+            let disks: Vec<&str> = p.disks.iter().map(|d| d.name.as_str()).collect();
+            let consistency = match p.consistency {
+                Consistency::Application => "application",
+                Consistency::Crash => "crash",
+            };
+            println!(
+                "  {:<36}  {:<20}  {consistency:<11}  {:>9}  {:>9}  {}{}",
+                p.id,
+                p.time.get(..19).unwrap_or(&p.time),
+                orchestration::human_bytes(size),
+                orchestration::human_bytes(stored),
+                disks.join(", "),
+                if p.files.is_empty() {
+                    String::new()
+                } else {
+                    format!("  files: {}", p.files.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(", "))
+                }
+            );
+            if let Some(prot) = &protections[i] {
+                println!(
+                    "      protected since {}{}",
+                    if prot.time.is_empty() { "?" } else { &prot.time },
+                    if prot.note.is_empty() { String::new() } else { format!(": {}", prot.note) }
+                );
+            }
+            if let Some(d) = drills[i].last() {
+                println!(
+                    "      drill {}: {}{}",
+                    d.time,
+                    d.summary,
+                    if drills[i].len() > 1 { format!(" ({} drills in all)", drills[i].len()) } else { String::new() }
+                );
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -701,6 +828,91 @@ fn prune(repo: &Repo, keep: &KeepArgs, dry_run: bool, json: bool) -> Result<Exit
             }
         }
         println!("run `proxy repo gc` to free the chunks only removed restore points used");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The bytes of every file under `dir` (a local repository's chunk files).
+fn tree_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => tree_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn stats(repo: &Repo, local: Option<&Path>, json: bool) -> Result<ExitCode> {
+    use std::collections::{BTreeMap, HashSet};
+    let points = repo.points()?;
+    let chunk = u64::from(repo.config().chunk_size);
+    let mut unique: HashSet<[u8; 32]> = HashSet::new();
+    let mut logical = 0u64;
+    // Per VM: points, newest time, the newest point's data, the bytes its points added.
+    let mut vms: BTreeMap<&str, (u64, &str, u64, u64)> = BTreeMap::new();
+    let mut per_day: BTreeMap<&str, u64> = BTreeMap::new();
+    for p in &points {
+        let mut data = 0u64;
+        for n in 0..p.disks.len() {
+            let ix = repo.index(p, n)?;
+            for id in ix.ids.iter().filter(|id| **id != repo::ZERO) {
+                data += chunk;
+                unique.insert(*id);
+            }
+        }
+        logical += data;
+        let added: u64 = p.disks.iter().map(|d| d.stored_bytes).sum();
+        let e = vms.entry(p.source.name.as_str()).or_insert((0, "", 0, 0));
+        *e = (e.0 + 1, p.time.as_str(), data, e.3 + added);
+        *per_day.entry(p.time.get(..10).unwrap_or(&p.time)).or_default() += added;
+    }
+    let unique_bytes = unique.len() as u64 * chunk;
+    let stored = local.map(|d| tree_bytes(&d.join("chunks")));
+    let ratio = |a: u64, b: u64| if b > 0 { a as f64 / b as f64 } else { 0.0 };
+    if json {
+        let v = serde_json::json!({
+            "points": points.len(), "chunk_size": chunk, "logical_bytes": logical,
+            "unique_chunks": unique.len(), "unique_bytes": unique_bytes, "stored_bytes": stored,
+            "dedup_factor": ratio(logical, unique_bytes),
+            "compression_factor": stored.map(|s| ratio(unique_bytes, s)),
+            "vms": vms.iter().map(|(name, (n, newest, data, added))| serde_json::json!({
+                "name": name, "points": n, "newest": newest, "newest_data_bytes": data, "added_bytes": added,
+            })).collect::<Vec<_>>(),
+            "added_per_day": per_day,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let h = orchestration::human_bytes;
+    println!("{} restore point(s) of {} VM(s) or image(s), chunks of {}", points.len(), vms.len(), h(chunk));
+    println!("  referenced by the points   {:>10}  (their data chunks, counted in each point)", h(logical));
+    println!(
+        "  unique data                {:>10}  in {} chunks: deduplication {:.1}x",
+        h(unique_bytes),
+        unique.len(),
+        ratio(logical, unique_bytes)
+    );
+    match stored {
+        Some(s) => println!("  chunk files                {:>10}  compression {:.1}x", h(s), ratio(unique_bytes, s)),
+        None => println!("  chunk files                (not measured for an S3 repository)"),
+    }
+    if !vms.is_empty() {
+        println!("\n  {:<24} {:>6}  {:<20} {:>10} {:>10}", "VM", "POINTS", "NEWEST (UTC)", "NEWEST", "ADDED");
+        for (name, (n, newest, data, added)) in &vms {
+            println!(
+                "  {name:<24} {n:>6}  {:<20} {:>10} {:>10}",
+                newest.get(..19).unwrap_or(newest),
+                h(*data),
+                h(*added)
+            );
+        }
+        println!("\n  added per day (UTC), last 7 days with points:");
+        for (day, added) in per_day.iter().rev().take(7).collect::<Vec<_>>().into_iter().rev() {
+            println!("    {day}  {:>10}", h(*added));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

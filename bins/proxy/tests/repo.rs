@@ -468,3 +468,68 @@ fn a_failed_restore_leaves_the_target_as_it_was_and_replacing_a_file_needs_force
     }
     assert_eq!(std::fs::read(d("out.raw")).unwrap(), old, "the failed restore left the file as it was");
 }
+
+/// A repository of two VMs as an operator meets it: `repo list` grouped by VM with readable
+/// sizes and filters, a bare `latest` refused with the choices named, `vmA@latest` restoring
+/// vmA's disk, and a protected point kept by prune and refused by forget until unprotected.
+#[test]
+fn two_vms_points_by_name_protection_and_forget() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n).display().to_string();
+    let repo = d("repo");
+    ok(&run(&["repo", "init", &repo]));
+    assert!(image(Path::new(&d("a.raw")), 16 * MIB, 5) > 0);
+    assert!(image(Path::new(&d("b.raw")), 16 * MIB, 6) > 0);
+    let a1 = json(&run(&["repo", "backup", &repo, &d("a.raw"), "--name", "vmA", "--json"]));
+    json(&run(&["repo", "backup", &repo, &d("b.raw"), "--name", "vmB", "--json"]));
+    let a2 = json(&run(&["repo", "backup", &repo, &d("a.raw"), "--name", "vmA", "--json"]));
+
+    // A bare `latest` would be vmB's newest point or vmA's: refused, naming both.
+    let e = run(&["repo", "restore", &repo, "latest", &d("out.raw")]);
+    let err = String::from_utf8_lossy(&e.stderr);
+    assert!(!e.status.success() && err.contains("vmA@latest") && err.contains("vmB@latest"), "{err}");
+    assert!(!Path::new(&d("out.raw")).exists());
+    ok(&run(&["repo", "restore", &repo, "vmA@latest", &d("out.raw")]));
+    same(Path::new(&d("a.raw")), Path::new(&d("out.raw")));
+
+    // Grouped, with a header per VM and human units; filters by VM and by time.
+    let list = ok(&run(&["repo", "list", &repo]));
+    assert!(list.contains("vmA: 2 restore point(s)") && list.contains("vmB: 1 restore point(s)"), "{list}");
+    assert!(list.contains("16.0 MiB") && list.contains("crash"), "{list}");
+    let only_b = ok(&run(&["repo", "list", &repo, "--vm", "vmB"]));
+    assert!(only_b.contains("vmB:") && !only_b.contains("vmA:"), "{only_b}");
+    let e = run(&["repo", "list", &repo, "--vm", "vmC"]);
+    assert!(!e.status.success() && String::from_utf8_lossy(&e.stderr).contains("vmA, vmB"));
+    let count =
+        |since: &str| json(&run(&["repo", "list", &repo, "--since", since, "--json"])).as_array().unwrap().len();
+    assert_eq!((count("2000-01-01"), count("2099")), (3, 0));
+    assert!(a2["point"].is_string());
+
+    // Stats: vmA's second point references the same chunks as its first.
+    let st = json(&run(&["repo", "stats", &repo, "--json"]));
+    let (logical, unique) = (st["logical_bytes"].as_u64().unwrap(), st["unique_bytes"].as_u64().unwrap());
+    assert!(unique > 0 && logical >= unique * 3 / 2, "{st}");
+    assert_eq!(st["vms"].as_array().unwrap().len(), 2, "{st}");
+    assert!(st["stored_bytes"].as_u64().unwrap() > 0 && st["compression_factor"].as_f64().unwrap() > 0.0, "{st}");
+    let text = ok(&run(&["repo", "stats", &repo]));
+    assert!(text.contains("deduplication") && text.contains("vmA"), "{text}");
+
+    // Protected: prune keeps it although the policy would not, forget refuses it.
+    let first = a1["point"].as_str().unwrap();
+    ok(&run(&["repo", "protect", &repo, first, "--note", "before the incident"]));
+    let list = ok(&run(&["repo", "list", &repo, "--vm", "vmA"]));
+    assert!(list.contains("protected since") && list.contains("before the incident"), "{list}");
+    let pruned = json(&run(&["repo", "prune", &repo, "--keep-last", "1", "--json"]));
+    let removed: Vec<&str> = pruned["removed"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
+    assert!(!removed.contains(&first), "{pruned}");
+    let e = run(&["repo", "forget", &repo, first]);
+    assert!(!e.status.success() && String::from_utf8_lossy(&e.stderr).contains("protected"));
+    ok(&run(&["repo", "unprotect", &repo, first]));
+    let gone = json(&run(&["repo", "forget", &repo, first, "--json"]));
+    assert_eq!(gone["forgotten"], first);
+    let left = json(&run(&["repo", "list", &repo, "--json"]));
+    assert!(left.as_array().unwrap().iter().all(|p| p["id"] != first), "{left}");
+    ok(&run(&["repo", "gc", &repo, "--grace", "0s"]));
+    ok(&run(&["repo", "restore", &repo, "vmA@latest", &d("out2.raw")]));
+    same(Path::new(&d("a.raw")), Path::new(&d("out2.raw")));
+}

@@ -14,6 +14,7 @@ mod drills;
 mod format;
 pub mod lock;
 mod ops;
+mod protect;
 pub mod prune;
 #[cfg(feature = "s3")]
 mod s3;
@@ -39,6 +40,7 @@ pub use format::{
 pub use durable::{Entry, Fs, JobLease, LocalStore, LockInfo, LockKind, LockTiming, RealFs, Store, TEMP_PREFIX};
 pub use lock::RepoLock;
 pub use ops::{CopyReport, GcReport, PruneReport};
+pub use protect::{MAX_NOTE, Protection};
 pub use prune::Retention;
 #[cfg(feature = "s3")]
 pub use s3::S3Store;

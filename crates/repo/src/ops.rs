@@ -78,7 +78,13 @@ impl Repo {
             ));
         }
         let _lock = self.lock_to_write(LockKind::Shared, "prune")?;
-        let decisions = select(&self.points()?, policy);
+        let mut decisions = select(&self.points()?, policy);
+        // A protected point stays, whatever the policy says.
+        for d in &mut decisions {
+            if self.protection(&d.id)?.is_some() {
+                d.reasons.push("protected");
+            }
+        }
         let mut removed = Vec::new();
         for d in decisions.iter().filter(|d| d.reasons.is_empty()) {
             if !dry_run {
