@@ -1,7 +1,6 @@
 //! `proxy disk-copy SRC DST`: one disk through the block pipeline, with resume, limits,
 //! a progress bar on a terminal and a summary line.
 
-use std::io::IsTerminal;
 use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -80,7 +79,7 @@ pub(crate) struct Args {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
-    /// Never draw the progress bar.
+    /// Show no progress (a bar on a terminal, else a line every 10 s).
     #[arg(long)]
     no_progress: bool,
 }
@@ -185,18 +184,7 @@ async fn copy(args: &Args) -> Result<ExitCode> {
         ..CopyOptions::default()
     };
     let progress = Arc::new(Progress::default());
-    let bar = (!args.no_progress && std::io::stderr().is_terminal()).then(|| {
-        let p = progress.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-                let s = p.snapshot();
-                let pct = if s.planned > 0 { 100.0 * s.done() as f64 / s.planned as f64 } else { 100.0 };
-                let eta = s.eta().map_or_else(|| "-".into(), |e| format!("{}s", e.as_secs()));
-                eprint!("\r{pct:5.1}%  {:>8.1} MB/s  ETA {eta:>6}   ", s.rate() / 1e6);
-            }
-        })
-    });
+    let view = crate::progress_view::copy(progress.clone(), "copying", args.no_progress || args.json);
     let cancel = engine.cancel.clone();
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
@@ -206,10 +194,7 @@ async fn copy(args: &Args) -> Result<ExitCode> {
     });
 
     let result = sync(job, &engine, &options, progress.clone()).await;
-    if let Some(b) = bar {
-        b.abort();
-        eprintln!();
-    }
+    drop(view);
     let outcome = match result {
         Ok(o) => o,
         Err(e) if e.kind() == ErrorKind::Cancelled => {

@@ -97,3 +97,78 @@ pub(crate) fn start(metrics: Arc<Metrics>, vms: usize, quiet: bool) -> ProgressV
     });
     ProgressView { task, bars: Some(multi) }
 }
+
+/// Shows one copy's progress (`repo backup`, `repo restore`, `disk-copy`): a bar with bytes,
+/// rate and ETA when stderr is a terminal and `quiet` is false; otherwise, unless quiet, a
+/// plain line every 10 seconds for logs.
+pub(crate) fn copy(progress: Arc<pipeline::progress::Progress>, what: &str, quiet: bool) -> ProgressView {
+    if quiet {
+        return ProgressView { task: tokio::spawn(async {}), bars: None };
+    }
+    let what = what.to_owned();
+    if !std::io::stderr().is_terminal() {
+        let task = tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                let p = progress.snapshot();
+                if last == Some(p.done()) {
+                    continue;
+                }
+                last = Some(p.done());
+                eprintln!("progress: {}", copy_line(&what, &p));
+            }
+        });
+        return ProgressView { task, bars: None };
+    }
+    let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(5));
+    let bar = multi.add(ProgressBar::new(0));
+    bar.set_style(style("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}"));
+    bar.set_message(what);
+    let task = tokio::spawn(async move {
+        loop {
+            let p = progress.snapshot();
+            bar.set_length(p.planned.max(1));
+            bar.set_position(p.done().min(p.planned));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    ProgressView { task, bars: Some(multi) }
+}
+
+/// One line of a copy's progress, for logs.
+fn copy_line(what: &str, p: &pipeline::progress::ProgressSnapshot) -> String {
+    let pct = if p.planned > 0 { 100.0 * p.done().min(p.planned) as f64 / p.planned as f64 } else { 100.0 };
+    let eta = p
+        .eta()
+        .map_or_else(|| "-".to_owned(), |e| humantime::format_duration(Duration::from_secs(e.as_secs())).to_string());
+    format!(
+        "{what}: {pct:.0}%, {} of {}, {}/s, {} read, ETA {eta}",
+        orchestration::human_bytes(p.done().min(p.planned)),
+        orchestration::human_bytes(p.planned),
+        orchestration::human_bytes(p.rate() as u64),
+        orchestration::human_bytes(p.read),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copy_line_is_readable_without_a_calculator() {
+        let p = pipeline::progress::ProgressSnapshot {
+            planned: 4 << 30,
+            resumed: 0,
+            read: 1 << 30,
+            read_back: 0,
+            written: 1 << 30,
+            kept: 0,
+            zero: 1 << 30,
+            retries: 0,
+            checkpoints: 0,
+            elapsed: Duration::from_secs(4),
+        };
+        assert_eq!(copy_line("db01", &p), "db01: 50%, 2.0 GiB of 4.0 GiB, 512.0 MiB/s, 1.0 GiB read, ETA 4s");
+    }
+}

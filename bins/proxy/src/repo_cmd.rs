@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use cbt::ExtentSet;
 use nbd_wire::Uri;
+use orchestration::human_bytes;
 use pipeline::Digests;
 use pipeline::progress::Progress;
 use pipeline::{BlockSink, BlockSource, CopyOptions, DiskCopy, Engine, copy_disk};
@@ -143,6 +144,9 @@ pub(crate) enum RepoCommand {
         /// Which disk of the restore point.
         #[arg(long, default_value_t = 0)]
         disk: usize,
+        /// Show no progress (a bar on a terminal, else a line every 10 s).
+        #[arg(long)]
+        no_progress: bool,
         /// Restore this configuration file of the restore point to DST instead of a disk.
         #[arg(long, conflicts_with = "disk")]
         file: Option<String>,
@@ -265,6 +269,9 @@ pub(crate) struct BackupArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+    /// Show no progress (a bar on a terminal, else a line every 10 s).
+    #[arg(long)]
+    no_progress: bool,
     /// Hash every byte twice, as before the repository took the copy engine's digests as its
     /// chunk IDs: only for `cargo xtask bench repo`'s before-and-after.
     #[arg(long, hide = true)]
@@ -317,11 +324,11 @@ async fn dispatch(cmd: RepoCommand) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        RepoCommand::Restore { repo, point, dst, disk, file, force } => {
+        RepoCommand::Restore { repo, point, dst, disk, file, force, no_progress } => {
             let r = repo.open()?;
             match file {
                 Some(name) => restore_file(&r, &point, &name, Path::new(&dst)),
-                None => restore(&r, &point, &dst, disk, force).await,
+                None => restore(&r, &point, &dst, disk, force, no_progress).await,
             }
         }
         RepoCommand::Verify { repo, json } => verify(&repo.open()?, json),
@@ -476,7 +483,11 @@ async fn backup(args: &BackupArgs) -> Result<ExitCode> {
         retry_for: pipeline::PATIENCE,
         ..CopyOptions::default()
     };
-    let report = copy_disk(job, &engine, &options, Arc::new(Progress::default())).await?;
+    let progress = Arc::new(Progress::default());
+    let view =
+        crate::progress_view::copy(progress.clone(), &format!("backing up {name}"), args.no_progress || args.json);
+    let report = copy_disk(job, &engine, &options, progress).await?;
+    drop(view);
     sink.commit().await?;
     let stats = repo_sink.stats();
     let consistency = if args.application_consistent { Consistency::Application } else { Consistency::Crash };
@@ -492,13 +503,12 @@ async fn backup(args: &BackupArgs) -> Result<ExitCode> {
         );
     } else {
         println!(
-            "restore point {} ({}): read {} bytes, stored {} new chunks ({} bytes), {} already stored, {secs:.2} s, \
-             {rate:.1} MB/s",
+            "restore point {} ({}): read {}, stored {} new chunks ({}), {} already stored, {secs:.2} s, {rate:.1} MB/s",
             m.id,
             m.parent.as_deref().map_or_else(|| "full".to_owned(), |p| format!("incremental from {p}")),
-            report.read,
+            human_bytes(report.read),
             stats.stored_chunks,
-            stats.stored_bytes,
+            human_bytes(stats.stored_bytes),
             stats.deduplicated
         );
     }
@@ -643,7 +653,7 @@ fn restore_target(dst: &str) -> Result<RestoreTarget> {
     Ok(RestoreTarget::File { target, tmp, permissions })
 }
 
-async fn restore(repo: &Repo, point: &str, dst: &str, disk: usize, force: bool) -> Result<ExitCode> {
+async fn restore(repo: &Repo, point: &str, dst: &str, disk: usize, force: bool, quiet: bool) -> Result<ExitCode> {
     let target = restore_target(dst)?;
     if let RestoreTarget::File { permissions: Some(_), .. } = &target
         && !force
@@ -654,10 +664,11 @@ async fn restore(repo: &Repo, point: &str, dst: &str, disk: usize, force: bool) 
     let _lock = repo.lock(repo::LockKind::Shared, &format!("restore of {id}"))?;
     let reader = repo.reader(&id, disk)?;
     let RestoreTarget::File { target, tmp, permissions } = target else {
-        let report = restore_disk(reader, dst).await?;
+        let report = restore_disk(reader, dst, quiet).await?;
         println!(
-            "restored {id} disk {disk} to {dst} (in place): {} bytes of data, {} bytes of zeros",
-            report.written, report.zero
+            "restored {id} disk {disk} to {dst} (in place): {} of data, {} of zeros",
+            human_bytes(report.written),
+            human_bytes(report.zero)
         );
         return Ok(ExitCode::SUCCESS);
     };
@@ -668,8 +679,8 @@ async fn restore(repo: &Repo, point: &str, dst: &str, disk: usize, force: bool) 
             let stats = restore_vmdk(reader, tmp.clone(), extent).await?;
             format!("streamOptimized VMDK, {} bytes", stats.file_bytes)
         } else {
-            let report = restore_disk(reader, &tmp.display().to_string()).await?;
-            format!("{} bytes of data, {} bytes of zeros", report.written, report.zero)
+            let report = restore_disk(reader, &tmp.display().to_string(), quiet).await?;
+            format!("{} of data, {} of zeros", human_bytes(report.written), human_bytes(report.zero))
         };
         if let Some(p) = permissions {
             std::fs::set_permissions(&tmp, p)
@@ -717,7 +728,7 @@ async fn restore_vmdk(reader: repo::PointReader, out: PathBuf, extent: String) -
 
 /// Copies a restore point's disk onto `dst` (a file, block device or NBD export) through the
 /// pipeline, and commits the sink.
-async fn restore_disk(reader: repo::PointReader, dst: &str) -> Result<pipeline::CopyReport> {
+async fn restore_disk(reader: repo::PointReader, dst: &str, quiet: bool) -> Result<pipeline::CopyReport> {
     let size = reader.size();
     let granularity = NonZeroU64::new(1 << 20).context("granularity")?;
     let sink = endpoints::open_sink(dst, size, granularity, &endpoints::SinkOptions::default()).await?;
@@ -734,8 +745,10 @@ async fn restore_disk(reader: repo::PointReader, dst: &str) -> Result<pipeline::
         source,
         sink: sink.clone(),
     };
-    let report =
-        copy_disk(job, &Engine::new(256 << 20), &CopyOptions::default(), Arc::new(Progress::default())).await?;
+    let progress = Arc::new(Progress::default());
+    let view = crate::progress_view::copy(progress.clone(), "restoring", quiet);
+    let report = copy_disk(job, &Engine::new(256 << 20), &CopyOptions::default(), progress).await?;
+    drop(view);
     sink.commit().await?;
     Ok(report)
 }
