@@ -137,6 +137,11 @@ pub(crate) fn copy(progress: Arc<pipeline::progress::Progress>, what: &str, quie
 }
 
 /// One line of a copy's progress, for logs.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "a rate in bytes per second, shown rounded: never negative, far below u64::MAX"
+)]
 fn copy_line(what: &str, p: &pipeline::progress::ProgressSnapshot) -> String {
     let pct = if p.planned > 0 { 100.0 * p.done().min(p.planned) as f64 / p.planned as f64 } else { 100.0 };
     let eta = p
