@@ -116,12 +116,7 @@ impl RepoSink {
     /// Reads `len` bytes at `offset` of the disk as written so far (random reads of a restore
     /// point being made; a finished one reads the same way through its index).
     pub fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, crate::RepoError> {
-        let (chunk_size, capacity) = {
-            let s = self.lock();
-            (s.index.chunk_size, s.index.capacity)
-        };
-        let lookup = |slot: usize| self.lock().index.ids.get(slot).copied().unwrap_or(ZERO);
-        crate::read_chunks(&*self.store, &self.codec, chunk_size, capacity, lookup, offset, len)
+        read_written(&*self.store, &self.codec, &self.state, offset, len)
     }
 
     fn chunk_size(&self) -> u64 {
@@ -141,6 +136,24 @@ impl RepoSink {
                 .map_err(|e| e.at(offset, len))
         })
     }
+}
+
+/// Reads `[offset, offset + len)` of a disk as written so far, through its index: what
+/// [`RepoSink::read`] and the engine's read back share.
+fn read_written(
+    store: &dyn Store,
+    codec: &Codec,
+    state: &Mutex<State>,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<u8>, crate::RepoError> {
+    let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
+    let (chunk_size, capacity) = {
+        let s = lock();
+        (s.index.chunk_size, s.index.capacity)
+    };
+    let lookup = |slot: usize| lock().index.ids.get(slot).copied().unwrap_or(ZERO);
+    crate::read_chunks(store, codec, chunk_size, capacity, lookup, offset, len)
 }
 
 /// Writes `data` (or zeros, for `None`) over `[offset, offset + len)`. Whole chunks are hashed
@@ -356,14 +369,7 @@ impl BlockSink for RepoSink {
         let (store, codec, state, what) = (self.store.clone(), self.codec.clone(), self.state.clone(), self.describe());
         Box::pin(blocking(move || {
             let len = buf.len() as u64;
-            let (chunk_size, capacity) = {
-                let s = state.lock().unwrap_or_else(|p| p.into_inner());
-                (s.index.chunk_size, s.index.capacity)
-            };
-            let lookup = |slot: usize| {
-                state.lock().unwrap_or_else(|p| p.into_inner()).index.ids.get(slot).copied().unwrap_or(ZERO)
-            };
-            let data = crate::read_chunks(&*store, &codec, chunk_size, capacity, lookup, offset, len).map_err(|e| {
+            let data = read_written(&*store, &codec, &state, offset, len).map_err(|e| {
                 BlockError::new(e.kind(), format!("reading back {what}")).at(offset, len).with_source(e)
             })?;
             buf.copy_from_slice(&data);
