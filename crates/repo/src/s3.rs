@@ -22,6 +22,8 @@ pub struct S3Store {
     s3: Arc<AmazonS3>,
     /// Always `Some` until dropped.
     rt: Option<tokio::runtime::Runtime>,
+    /// The longest one call may take ([`S3Config::call_deadline`]).
+    deadline: std::time::Duration,
 }
 
 impl Drop for S3Store {
@@ -83,6 +85,16 @@ fn generic_kind(source: &(dyn std::error::Error + 'static)) -> std::io::ErrorKin
     K::Other
 }
 
+/// The error of a call that outlived its deadline: a timeout, which the engine retries.
+fn timed_out(deadline: std::time::Duration) -> object_store::Error {
+    let cause = std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("no answer from the object store within {} s", deadline.as_secs()),
+    );
+    let http = object_store::client::HttpError::new(object_store::client::HttpErrorKind::Timeout, cause);
+    object_store::Error::Generic { store: "S3", source: Box::new(http) }
+}
+
 /// The HTTP status in object_store's message for a non-2xx answer, if it is one.
 fn status_in(message: &str) -> Option<u16> {
     let (_, rest) = message.split_once("status code: ")?;
@@ -118,6 +130,23 @@ impl S3Store {
         let mut b = AmazonS3Builder::new()
             .with_bucket_name(bucket)
             .with_region(config.region.clone().unwrap_or_else(|| "us-east-1".into()));
+        // Client options first: the settings below (plain HTTP) are kept in them.
+        let timeout = config.timeout();
+        b = b
+            .with_client_options(
+                object_store::ClientOptions::new()
+                    .with_timeout(timeout)
+                    .with_connect_timeout(timeout.min(std::time::Duration::from_secs(5))),
+            )
+            .with_retry(object_store::RetryConfig {
+                max_retries: config.retries(),
+                retry_timeout: config.call_deadline(),
+                backoff: object_store::BackoffConfig {
+                    init_backoff: std::time::Duration::from_millis(100),
+                    max_backoff: std::time::Duration::from_secs(1),
+                    base: 2.0,
+                },
+            });
         if let (Some(k), Some(s)) = (&config.access_key, &config.secret_key) {
             b = b.with_access_key_id(k.clone()).with_secret_access_key(s.clone());
         }
@@ -137,9 +166,6 @@ impl S3Store {
                 b = b.with_allow_http(true);
             }
         }
-        if let Some(n) = config.request_retries {
-            b = b.with_retry(object_store::RetryConfig { max_retries: n, ..Default::default() });
-        }
         let s3 = b.build().map_err(|e| s3_err(url, e))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -147,7 +173,13 @@ impl S3Store {
             .enable_all()
             .build()
             .map_err(|e| RepoError::Invalid(format!("cannot start the S3 runtime: {e}")))?;
-        Ok(Self { url: url.trim_end_matches('/').to_owned(), prefix, s3: Arc::new(s3), rt: Some(rt) })
+        Ok(Self {
+            url: url.trim_end_matches('/').to_owned(),
+            prefix,
+            s3: Arc::new(s3),
+            rt: Some(rt),
+            deadline: config.call_deadline(),
+        })
     }
 
     fn key(&self, name: &str) -> Result<ObjPath, durable::Error> {
@@ -156,7 +188,8 @@ impl S3Store {
         ObjPath::parse(&full).map_err(|e| durable::Error::Invalid(format!("{full}: {e}")))
     }
 
-    /// Runs `f` on the store's runtime and waits for it, from any thread (async or not).
+    /// Runs `f` on the store's runtime and waits for it, from any thread (async or not), for
+    /// at most the store's deadline: past it the call fails as timed out.
     fn run<T: Send + 'static>(
         &self,
         f: impl Future<Output = Result<T, object_store::Error>> + Send + 'static,
@@ -167,8 +200,10 @@ impl S3Store {
         };
         let rt = self.rt.as_ref().ok_or_else(stopped)?;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let deadline = self.deadline;
         rt.spawn(async move {
-            let _ = tx.send(f.await);
+            let r = tokio::time::timeout(deadline, f).await.unwrap_or_else(|_| Err(timed_out(deadline)));
+            let _ = tx.send(r);
         });
         rx.recv().unwrap_or_else(|_| Err(stopped()))
     }
@@ -266,6 +301,43 @@ mod tests {
         assert!(S3Store::open("s3://b/p", &S3Config { allow_http: true, ..far }).is_ok());
         let secret = S3Config { secret_key: Some("hunter2".into()), ..Default::default() };
         assert!(!format!("{secret:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn a_server_that_accepts_and_never_answers_fails_each_call_within_its_deadline() {
+        // Accepts every connection and holds it, silent: a stalled gateway, a full disk.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for c in listener.incoming() {
+                held.push(c);
+            }
+        });
+        let config = S3Config {
+            endpoint: Some(format!("http://127.0.0.1:{port}")),
+            access_key: Some("k".into()),
+            secret_key: Some("s".into()),
+            request_retries: Some(1),
+            request_timeout: Some(std::time::Duration::from_millis(300)),
+            ..Default::default()
+        };
+        let deadline = config.call_deadline();
+        assert_eq!(deadline, std::time::Duration::from_millis(2600));
+        let store = S3Store::open("s3://b/p", &config).unwrap();
+        for (what, call) in [
+            ("put", Box::new(|| store.put("x", b"1")) as Box<dyn Fn() -> Result<(), durable::Error>>),
+            ("get", Box::new(|| store.get("x").map(|_| ()))),
+            ("list", Box::new(|| store.list("chunks").map(|_| ()))),
+        ] {
+            let started = std::time::Instant::now();
+            let e = RepoError::from(call().unwrap_err());
+            let took = started.elapsed();
+            assert!(took <= deadline + std::time::Duration::from_secs(1), "{what} took {took:?}");
+            assert_eq!(e.kind(), pipeline::ErrorKind::Transient, "{what}: {e}");
+        }
+        // The defaults bound a call too: 30 s per request, 3 attempts.
+        assert_eq!(S3Config::default().call_deadline(), std::time::Duration::from_secs(93));
     }
 
     #[test]

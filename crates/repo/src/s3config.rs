@@ -16,10 +16,20 @@ pub struct S3Config {
     /// Allow a plain-HTTP endpoint that is not on this machine.
     pub allow_http: bool,
     /// How often object_store retries a failed request itself before the error reaches the
-    /// caller (the copy engine retries transient ones again); `None`: its default, 10 times
-    /// within 3 minutes.
+    /// caller (the copy engine retries transient ones again, so this layer is kept short);
+    /// `None`: 2.
     pub request_retries: Option<usize>,
+    /// How long one HTTP request may take, connecting included; `None`:
+    /// 30 s. A call with its retries is bounded by
+    /// [`S3Config::call_deadline`], so a server that accepts and never answers fails the call.
+    pub request_timeout: Option<std::time::Duration>,
 }
+
+/// Retries of one request inside object_store before its error reaches the caller.
+pub(crate) const DEFAULT_REQUEST_RETRIES: usize = 2;
+
+/// How long one HTTP request to the object store may take.
+pub(crate) const DEFAULT_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl std::fmt::Debug for S3Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -30,6 +40,7 @@ impl std::fmt::Debug for S3Config {
             .field("region", &self.region)
             .field("allow_http", &self.allow_http)
             .field("request_retries", &self.request_retries)
+            .field("request_timeout", &self.request_timeout)
             .finish()
     }
 }
@@ -46,6 +57,27 @@ impl S3Config {
             region: var(&["AWS_REGION", "AWS_DEFAULT_REGION"]),
             allow_http: false,
             request_retries: None,
+            request_timeout: None,
         }
+    }
+
+    /// One request's timeout.
+    pub fn timeout(&self) -> std::time::Duration {
+        self.request_timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT)
+    }
+
+    /// Retries of one request inside object_store.
+    pub fn retries(&self) -> usize {
+        self.request_retries.unwrap_or(DEFAULT_REQUEST_RETRIES)
+    }
+
+    /// The longest one store call may take with object_store's own retries: each attempt's
+    /// timeout, plus a second of backoff between attempts. Past it the call fails as timed out
+    /// (transient), and the one retry loop that owns the job's patience, the copy engine's,
+    /// decides what next: retries nested inside retries once turned a stalled server into a
+    /// wait of most of an hour.
+    pub fn call_deadline(&self) -> std::time::Duration {
+        let attempts = u32::try_from(self.retries()).unwrap_or(u32::MAX).saturating_add(1);
+        self.timeout().saturating_mul(attempts).saturating_add(std::time::Duration::from_secs(attempts.into()))
     }
 }

@@ -63,6 +63,7 @@ async fn copy_to_s3_resumes_and_the_repository_works_on_s3() {
         region: None,
         allow_http: false,
         request_retries: None,
+        request_timeout: None,
     };
     let key = RepoKey::generate().unwrap();
     let at = |prefix: &str| Location {

@@ -27,6 +27,7 @@ fn s3(endpoint: &str, secret: &str) -> S3Config {
         access_key: Some(testkit::s3::ACCESS_KEY.into()),
         secret_key: Some(secret.to_owned()),
         request_retries: Some(0),
+        request_timeout: None,
         ..S3Config::default()
     }
 }
