@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use cbt::{Extent, ExtentSet};
 
-use crate::digest::{Digests, zero_digest};
+use crate::digest::{BlockDigester, Digests, zero_digest};
 use crate::limit::{RateLimiter, ReleaseCpuTime};
 use crate::pool::BufferPool;
 use crate::progress::Progress;
@@ -227,6 +227,9 @@ struct Disk {
     granularity: NonZeroU64,
     /// The digest of one all-zero block, computed once.
     zero_block: [u8; 32],
+    /// Digests blocks, without hashing the zeros a request is known to hold; `None` when no
+    /// digest is kept.
+    digester: Option<Arc<BlockDigester>>,
     /// Whether the sink takes each block's digest with its data.
     sink_digests: bool,
     /// Whether the sink takes whole blocks only (else exact ranges).
@@ -314,6 +317,7 @@ pub async fn copy_disk(
         (to, plan)
     });
     let whole_blocks = job.sink.whole_blocks();
+    let digester = (options.digests || job.sink.uses_digests()).then(|| Arc::new(BlockDigester::new(sink_g.get())));
     let disk = Arc::new(Disk {
         known_zero: job.sink.known_zero(),
         sink_digests: job.sink.uses_digests(),
@@ -325,6 +329,7 @@ pub async fn copy_disk(
         sink: job.sink,
         granularity: sink_g,
         zero_block: zero_digest(sink_g.get()),
+        digester,
         engine: engine.clone(),
         options: CopyOptions { request_size: request, ..options.clone() },
         progress,
@@ -485,6 +490,31 @@ fn exact_writes(parts: &[(Part, u64, u64)], offset: u64, buf: &[u8], detect: boo
     out
 }
 
+/// The zero parts of `parts` (in order, adjacent ones merged) as `(start, end)`.
+fn zero_ranges(parts: &[(Part, u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &(_, at, len) in parts.iter().filter(|p| p.0 == Part::Zero) {
+        match out.last_mut() {
+            Some(last) if last.1 == at => last.1 += len,
+            _ => out.push((at, at + len)),
+        }
+    }
+    out
+}
+
+/// The ranges of `zeros` (absolute, sorted) that meet the block `[at, at + len)`, clipped to
+/// it and made relative to its start.
+fn within_block(zeros: &[(u64, u64)], at: u64, len: u64) -> Vec<(u64, u64)> {
+    let first = zeros.partition_point(|&(_, end)| end <= at);
+    zeros
+        .get(first..)
+        .unwrap_or_default()
+        .iter()
+        .take_while(|&&(start, _)| start < at + len)
+        .map(|&(start, end)| (start.max(at) - at, end.min(at + len) - at))
+        .collect()
+}
+
 /// Polls every future at once on this task; the first error wins.
 async fn join_all<T>(mut futures: Vec<crate::IoFuture<'_, T>>) -> Result<Vec<T>, BlockError> {
     let mut out: Vec<Option<T>> = futures.iter().map(|_| None).collect();
@@ -626,7 +656,10 @@ impl Disk {
             let mut piece = buf.split_to(usize::try_from(plen).unwrap_or(usize::MAX));
             match part {
                 Part::Fetch => reads.push((pieces.len(), at)),
-                Part::Zero => piece.fill(0),
+                // A sink of whole blocks is sent them, zeros included; a sink of exact ranges is
+                // sent only what was fetched, and the digests read the gaps as zeros.
+                Part::Zero if self.whole_blocks => piece.fill(0),
+                Part::Zero => {}
                 // Never written; zeros where they only stand in for what the sink holds.
                 Part::Keep if !filled => piece.fill(0),
                 Part::Keep => {}
@@ -678,22 +711,32 @@ impl Disk {
         // more, so it runs off the async threads, which keep the sockets moving.
         let g = usize::try_from(self.granularity.get()).unwrap_or(usize::MAX);
         let first_block = offset / self.granularity.get();
-        let digests = self.options.digests || self.sink_digests;
+        let digester = self.digester.clone();
         let (detect, zero_block, whole_blocks) = (self.options.detect_zeroes, self.zero_block, self.whole_blocks);
         let (buf, zero_flags, hashes, writes) = tokio::task::spawn_blocking(move || {
+            let writes = if whole_blocks { Vec::new() } else { exact_writes(&parts, offset, &buf, detect) };
+            // What the buffer is known to hold as zeros: the gaps between what was fetched or
+            // kept, and the zero runs found in what was fetched. The digests skip them.
+            let zeros = zero_ranges(if whole_blocks { &parts } else { &writes });
             let mut zero_flags = Vec::with_capacity(buf.len().div_ceil(g));
             let mut hashes = Vec::with_capacity(buf.len().div_ceil(g));
-            for block in buf.chunks(g) {
-                let zero = detect && is_zero(block);
-                hashes.push(match (zero, block.len() == g) {
-                    (true, true) => zero_block,
-                    (true, false) => zero_digest(block.len() as u64),
-                    (false, _) if digests => *blake3::hash(block).as_bytes(),
-                    (false, _) => [0; 32],
+            for (k, block) in buf.chunks(g).enumerate() {
+                let blen = block.len() as u64;
+                let block_zeros = within_block(&zeros, offset + (k * g) as u64, blen);
+                // Whole blocks are scanned; exact ranges were, in `exact_writes`, and their
+                // gaps were never cleared, so only what is known counts.
+                let zero = match whole_blocks {
+                    true => detect && is_zero(block),
+                    false => block_zeros.first().is_some_and(|&(a, b)| a == 0 && b == blen),
+                };
+                hashes.push(match (zero, blen == g as u64, &digester) {
+                    (true, true, _) => zero_block,
+                    (true, false, _) => zero_digest(blen),
+                    (false, _, Some(d)) => d.digest(block, &block_zeros),
+                    (false, _, None) => [0; 32],
                 });
                 zero_flags.push(zero);
             }
-            let writes = if whole_blocks { Vec::new() } else { exact_writes(&parts, offset, &buf, detect) };
             (buf, zero_flags, hashes, writes)
         })
         .await

@@ -16,7 +16,7 @@ pub mod progress;
 #[cfg(feature = "test-utils")]
 pub mod conformance;
 
-pub use digest::{Digests, zero_digest};
+pub use digest::{BlockDigester, Digests, zero_digest};
 pub use engine::{
     Cancel, CopyOptions, CopyReport, DiskCopy, Durable, Engine, PATIENCE, SaveCheckpoint, copy_disk, copy_disks,
     is_zero, plan_digest,
