@@ -705,19 +705,54 @@ impl Disk {
 
     async fn copy_one(&self, offset: u64, buf: BytesMut) -> Result<BytesMut, BlockError> {
         let (buf, parts) = self.assemble(offset, buf).await?;
+        let whole = buf.freeze();
+        // Per sink block: its digest, and whether it is all zeros. Hashing a request takes a
+        // millisecond or more, so it runs off the async threads, which keep the sockets moving.
+        let hashes = if self.whole_blocks {
+            // The blocks are written with their digests: hashed first.
+            let (zero_flags, hashes) = self.digest_blocks(offset, whole.clone(), parts).await?;
+            self.write_blocks(offset, &whole, &zero_flags, &hashes).await?;
+            hashes
+        } else {
+            // Exact ranges: what was fetched is split into data and zero runs, then written
+            // while its blocks are hashed, so the disk and the CPU work at once.
+            let (detect, w) = (self.options.detect_zeroes, whole.clone());
+            let writes = tokio::task::spawn_blocking(move || exact_writes(&parts, offset, &w, detect))
+                .await
+                .map_err(|e| BlockError::fatal("a zero-detection task").with_source(e))?;
+            let hashing = self.digest_blocks(offset, whole.clone(), writes.clone());
+            let (written, hashed) = tokio::join!(self.write_exact(offset, &whole, writes), hashing);
+            written?;
+            hashed?.1
+        };
+        {
+            let first_block = offset / self.granularity.get();
+            let mut d = self.digests.lock().unwrap_or_else(|p| p.into_inner());
+            for (k, h) in hashes.into_iter().enumerate() {
+                if let Some(slot) = usize::try_from(first_block + k as u64).ok().and_then(|b| d.blocks.get_mut(b)) {
+                    *slot = h;
+                }
+            }
+        }
+        // Every slice is gone with its finished write, so the buffer is ours again; a sink that
+        // kept one costs a fresh buffer next time, nothing else.
+        Ok(whole.try_into_mut().unwrap_or_default())
+    }
 
-        // Per sink block: its digest, and whether it is all zeros; for a sink of exact ranges,
-        // the data and zero runs of what was fetched. Hashing a request takes a millisecond or
-        // more, so it runs off the async threads, which keep the sockets moving.
+    /// Per block of `buf` (at `offset`): whether it is all zeros, and its digest. `parts` says
+    /// what is known to be zeros: the gaps between what was fetched or kept, and, for exact
+    /// ranges, the zero runs found in what was fetched. The digests skip them.
+    async fn digest_blocks(
+        &self,
+        offset: u64,
+        buf: bytes::Bytes,
+        parts: Vec<(Part, u64, u64)>,
+    ) -> Result<(Vec<bool>, Vec<[u8; 32]>), BlockError> {
         let g = usize::try_from(self.granularity.get()).unwrap_or(usize::MAX);
-        let first_block = offset / self.granularity.get();
         let digester = self.digester.clone();
         let (detect, zero_block, whole_blocks) = (self.options.detect_zeroes, self.zero_block, self.whole_blocks);
-        let (buf, zero_flags, hashes, writes) = tokio::task::spawn_blocking(move || {
-            let writes = if whole_blocks { Vec::new() } else { exact_writes(&parts, offset, &buf, detect) };
-            // What the buffer is known to hold as zeros: the gaps between what was fetched or
-            // kept, and the zero runs found in what was fetched. The digests skip them.
-            let zeros = zero_ranges(if whole_blocks { &parts } else { &writes });
+        tokio::task::spawn_blocking(move || {
+            let zeros = zero_ranges(&parts);
             let mut zero_flags = Vec::with_capacity(buf.len().div_ceil(g));
             let mut hashes = Vec::with_capacity(buf.len().div_ceil(g));
             for (k, block) in buf.chunks(g).enumerate() {
@@ -737,43 +772,44 @@ impl Disk {
                 });
                 zero_flags.push(zero);
             }
-            (buf, zero_flags, hashes, writes)
+            (zero_flags, hashes)
         })
         .await
-        .map_err(|e| BlockError::fatal("a hashing task").with_source(e))?;
-        let whole = buf.freeze();
-        if whole_blocks {
-            self.write_blocks(offset, &whole, &zero_flags, &hashes).await?;
-        } else {
-            for (part, at, len) in writes {
+        .map_err(|e| BlockError::fatal("a hashing task").with_source(e))
+    }
+
+    /// Writes a request to a sink of exact ranges: its data and zero runs, all at once (the
+    /// sink bounds how many of its writes overlap).
+    async fn write_exact(
+        &self,
+        offset: u64,
+        whole: &bytes::Bytes,
+        writes: Vec<(Part, u64, u64)>,
+    ) -> Result<(), BlockError> {
+        let futures: Vec<crate::IoFuture<'_, ()>> = writes
+            .into_iter()
+            .map(|(part, at, len)| {
                 let a = usize::try_from(at - offset).unwrap_or(usize::MAX);
                 let b = usize::try_from(at + len - offset).unwrap_or(usize::MAX);
-                match part {
-                    Part::Fetch => {
-                        self.retrying("writing", || self.sink.write_at(at, whole.slice(a..b))).await?;
-                        self.progress.written(len);
-                    }
-                    Part::Zero => {
-                        if !self.known_zero {
-                            self.retrying("zeroing", || self.sink.write_zeroes(at, len)).await?;
+                Box::pin(async move {
+                    match part {
+                        Part::Fetch => {
+                            self.retrying("writing", || self.sink.write_at(at, whole.slice(a..b))).await?;
+                            self.progress.written(len);
                         }
-                        self.progress.zero(len);
+                        Part::Zero => {
+                            if !self.known_zero {
+                                self.retrying("zeroing", || self.sink.write_zeroes(at, len)).await?;
+                            }
+                            self.progress.zero(len);
+                        }
+                        Part::Keep => self.progress.kept(len),
                     }
-                    Part::Keep => self.progress.kept(len),
-                }
-            }
-        }
-        {
-            let mut d = self.digests.lock().unwrap_or_else(|p| p.into_inner());
-            for (k, h) in hashes.into_iter().enumerate() {
-                if let Some(slot) = usize::try_from(first_block + k as u64).ok().and_then(|b| d.blocks.get_mut(b)) {
-                    *slot = h;
-                }
-            }
-        }
-        // Every slice is gone with its finished write, so the buffer is ours again; a sink that
-        // kept one costs a fresh buffer next time, nothing else.
-        Ok(whole.try_into_mut().unwrap_or_default())
+                    Ok(())
+                }) as crate::IoFuture<'_, ()>
+            })
+            .collect();
+        join_all(futures).await.map(drop)
     }
 
     /// Writes whole blocks: runs of equal zero flags become one write or one zeroing each, as
