@@ -234,16 +234,19 @@ async fn copy(args: &Args) -> Result<ExitCode> {
         });
         println!("{v}");
     } else {
+        let h = orchestration::human_bytes;
         println!(
-            "copied {} bytes, {} bytes skipped as zero, {} bytes read{}, {secs:.2} s, {rate:.1} MB/s",
-            r.written,
-            r.zero,
-            r.read,
+            "copied {}, {} skipped as zero, {} read{}, {secs:.2} s, {rate:.1} MB/s",
+            h(r.written),
+            h(r.zero),
+            h(r.read),
             match outcome.resume_check {
-                Some(ResumeCheck::Frozen) => format!(" after resuming ({} bytes were done)", r.resumed),
+                Some(ResumeCheck::Frozen) => format!(" after resuming ({} were done)", h(r.resumed)),
                 Some(ResumeCheck::Verified { checked, changed }) => format!(
-                    " after resuming ({checked} bytes done before were read again, as the source may have been \
-                     written since; {changed} bytes of them had changed and were copied again)"
+                    " after resuming ({} done before were read again, as the source may have been written since; \
+                     {} of them had changed and were copied again)",
+                    h(checked),
+                    h(changed)
                 ),
                 Some(ResumeCheck::StartedOver) => " from the start (the source may have been written since the \
                      interrupted copy, and without digests its copied ranges could not be checked)"
