@@ -533,3 +533,30 @@ fn two_vms_points_by_name_protection_and_forget() {
     ok(&run(&["repo", "restore", &repo, "vmA@latest", &d("out2.raw")]));
     same(Path::new(&d("a.raw")), Path::new(&d("out2.raw")));
 }
+
+#[test]
+fn commands_that_only_read_create_nothing_at_a_mistyped_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("typo/repo");
+    let m = missing.to_str().unwrap();
+    let out = dir.path().join("out.raw");
+    for args in [
+        vec!["repo", "list", m],
+        vec!["repo", "stats", m],
+        vec!["repo", "verify", m],
+        vec!["repo", "gc", m],
+        vec!["repo", "prune", m, "--keep-last", "1"],
+        vec!["repo", "restore", m, "latest", out.to_str().unwrap()],
+    ] {
+        let o = run(&args);
+        assert!(!o.status.success(), "{args:?} succeeded on a missing repository");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("not a repository"), "{args:?}: {err}");
+        assert!(!dir.path().join("typo").exists(), "{args:?} created {}", dir.path().join("typo").display());
+        assert!(!out.exists(), "{args:?} wrote {}", out.display());
+    }
+    // init makes it.
+    ok(&run(&["repo", "init", m]));
+    assert!(missing.join("config").exists());
+    ok(&run(&["repo", "list", m]));
+}

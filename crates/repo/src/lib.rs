@@ -220,9 +220,18 @@ impl Location {
         if self.url.contains("://") {
             return Err(RepoError::Invalid(format!("{}: repositories are a local path or s3://", self.url)));
         }
-        let path = Path::new(&self.url);
-        std::fs::create_dir_all(path).map_err(|e| RepoError::io(path, e))?;
-        Ok(Arc::new(LocalStore::new(path)))
+        // Opening creates nothing: a mistyped path is reported missing, not made an empty
+        // folder. [`Location::create`] makes it, for `init`.
+        Ok(Arc::new(LocalStore::new(Path::new(&self.url))))
+    }
+
+    /// The store it names, its folder made first when it is local and missing.
+    pub fn create(&self) -> Result<Arc<dyn Store>, RepoError> {
+        if !self.url.starts_with("s3://") && !self.url.contains("://") {
+            let path = Path::new(&self.url);
+            std::fs::create_dir_all(path).map_err(|e| RepoError::io(path, e))?;
+        }
+        self.store()
     }
 }
 
@@ -568,7 +577,7 @@ impl Repo {
 
     /// Makes a new repository at `location` (encrypted when it carries a key).
     pub fn init_at(location: &Location, chunk_size: u32) -> Result<Self, RepoError> {
-        Self::init_with(location.store()?, chunk_size, location.key.as_ref())
+        Self::init_with(location.create()?, chunk_size, location.key.as_ref())
     }
 
     /// Makes a new repository at `location`, encrypted with a new key that is written to the
@@ -590,7 +599,7 @@ impl Repo {
                 dir.display()
             )));
         }
-        let store = location.store()?;
+        let store = location.create()?;
         if store.exists("config")? {
             return Err(RepoError::Invalid(format!("{} already holds a repository", store.describe())));
         }
