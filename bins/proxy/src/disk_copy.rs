@@ -51,13 +51,9 @@ pub(crate) struct Args {
     /// Digest and planning unit on the destination.
     #[arg(long, default_value = "1M", value_parser = size::parse)]
     granularity: u64,
-    /// Write a file destination with O_DIRECT, or fail where its file system refuses it. By
-    /// default O_DIRECT is used where the file system takes it (not on tmpfs).
-    #[arg(long, conflicts_with = "buffered")]
-    direct: bool,
-    /// Write a file destination through the page cache.
+    /// Write a file destination with O_DIRECT.
     #[arg(long)]
-    buffered: bool,
+    direct: bool,
     /// The NBD destination is fresh and reads as zeros: skip writing zeros.
     #[arg(long)]
     target_is_zero: bool,
@@ -151,11 +147,7 @@ async fn copy(args: &Args) -> Result<ExitCode> {
         &endpoints::SinkOptions {
             connections: args.connections,
             target_is_zero: args.target_is_zero,
-            direct: match (args.direct, args.buffered) {
-                (true, _) => blockio::DirectIo::Required,
-                (_, true) => blockio::DirectIo::Buffered,
-                _ => blockio::DirectIo::Auto,
-            },
+            direct: args.direct,
         },
     )
     .await?;

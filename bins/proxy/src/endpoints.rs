@@ -30,13 +30,13 @@ pub(crate) struct SinkOptions {
     pub(crate) connections: usize,
     /// The NBD destination reads as zeros already.
     pub(crate) target_is_zero: bool,
-    /// Whether a file is written past the page cache.
-    pub(crate) direct: blockio::DirectIo,
+    /// Write a file with O_DIRECT.
+    pub(crate) direct: bool,
 }
 
 impl Default for SinkOptions {
     fn default() -> Self {
-        Self { connections: 2, target_is_zero: false, direct: blockio::DirectIo::Auto }
+        Self { connections: 2, target_is_zero: false, direct: false }
     }
 }
 

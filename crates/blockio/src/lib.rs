@@ -9,7 +9,7 @@
 pub mod sink;
 pub mod source;
 
-pub use sink::{DirectIo, FileSink, FileSinkOptions, NbdSink, NullSink};
+pub use sink::{FileSink, FileSinkOptions, NbdSink, NullSink};
 pub use source::{DEFAULT_WIRE_REQUEST, FileSource, NbdPool, NbdSource, VmdkSource};
 
 use pipeline::{BlockError, ErrorKind};

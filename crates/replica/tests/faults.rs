@@ -82,7 +82,7 @@ async fn injected_source_faults_are_retried_or_fail_without_committing() {
     // odds of 0.8^64), and none fails nine times running (0.2^9 each). Larger requests split
     // into several wire reads would fail far more often, and could exhaust their retries.
     let src: Arc<dyn BlockSource> = Arc::new(NbdSource::connect(&flaky.uri(), 1, None).await.unwrap());
-    let small = FileSinkOptions { granularity: g(256 << 10), direct: blockio::DirectIo::Buffered };
+    let small = FileSinkOptions { granularity: g(256 << 10), direct: false };
     let sink: Arc<dyn BlockSink> = Arc::new(FileSink::open(&out, size, small).unwrap());
     let ok = sync(job(src, sink, "j1"), &Engine::new(64 * MIB), &opts, Arc::new(Progress::default())).await.unwrap();
     assert!(ok.report.retries > 0, "the error filter failed nothing?");

@@ -1,5 +1,5 @@
 //! A replica in a raw file (kept sparse: zeros become punched holes) or on a block device,
-//! written with `O_DIRECT` from the pool's aligned buffers where the file system takes it.
+//! optionally written with `O_DIRECT` from the pool's aligned buffers.
 
 use std::fs::{File, OpenOptions};
 use std::num::NonZeroU64;
@@ -16,34 +16,14 @@ use rustix::fs::FallocateFlags;
 pub struct FileSinkOptions {
     /// The digest and planning unit (a multiple of 4096).
     pub granularity: NonZeroU64,
-    /// Whether aligned data is written with `O_DIRECT`, past the page cache.
-    pub direct: DirectIo,
+    /// Write aligned data with `O_DIRECT`, past the page cache.
+    pub direct: bool,
 }
 
 impl Default for FileSinkOptions {
     fn default() -> Self {
-        Self {
-            granularity: NonZeroU64::new(crate::DEFAULT_GRANULARITY).unwrap_or(NonZeroU64::MIN),
-            direct: DirectIo::Auto,
-        }
+        Self { granularity: NonZeroU64::new(crate::DEFAULT_GRANULARITY).unwrap_or(NonZeroU64::MIN), direct: false }
     }
-}
-
-/// Whether a file sink writes past the page cache.
-///
-/// A copy is read once, if ever, so caching it only evicts what the machine uses; and writing
-/// it through the cache costs a copy of every byte into the cache and writeback later: on the
-/// fragmented disk of `bench copy`, O_DIRECT took the copy's CPU from 0.90 s to 0.75 s. Unaligned
-/// pieces (a VMDK's sectors, a disk's odd tail) are written through the cache either way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DirectIo {
-    /// Always through the page cache.
-    Buffered,
-    /// `O_DIRECT` where it skips a cache: not on a file system in memory (tmpfs, ramfs),
-    /// nor where the file system refuses it.
-    Auto,
-    /// `O_DIRECT`, or an error where the file system refuses it.
-    Required,
 }
 
 /// A raw file or block device to write a replica into.
@@ -97,28 +77,17 @@ impl FileSink {
                 file.set_len(size).map_err(|e| BlockError::io(format!("sizing {p} to {size} bytes"), e))?;
             }
         }
-        let direct = match options.direct {
-            DirectIo::Buffered => None,
-            DirectIo::Auto if in_memory(&file) => None,
-            mode => {
-                let opened = OpenOptions::new()
-                    .write(true)
-                    .custom_flags(i32::try_from(rustix::fs::OFlags::DIRECT.bits()).unwrap_or(0))
-                    .open(&path);
-                match opened {
-                    Ok(f) => Some(Arc::new(f)),
-                    // The file system refuses O_DIRECT (tmpfs): through the cache, as asked.
-                    Err(e)
-                        if mode == DirectIo::Auto
-                            && e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) =>
-                    {
-                        None
-                    }
-                    Err(e) => return Err(BlockError::io(format!("opening {p} with O_DIRECT"), e)),
-                }
-            }
+        let direct = if options.direct {
+            let f = OpenOptions::new()
+                .write(true)
+                .custom_flags(i32::try_from(rustix::fs::OFlags::DIRECT.bits()).unwrap_or(0))
+                .open(&path)
+                .map_err(|e| BlockError::io(format!("opening {p} with O_DIRECT"), e))?;
+            Some(Arc::new(f))
+        } else {
+            None
         };
-        let writers = tokio::sync::Semaphore::new(if direct.is_some() { 4 } else { 2 });
+        let writers = tokio::sync::Semaphore::new(if options.direct { 4 } else { 2 });
         Ok(Self {
             file: Arc::new(file),
             direct,
@@ -135,22 +104,6 @@ impl FileSink {
     pub fn created(&self) -> bool {
         self.created
     }
-
-    /// Whether aligned writes go past the page cache.
-    pub fn is_direct(&self) -> bool {
-        self.direct.is_some()
-    }
-}
-
-/// Whether `file` lives on a file system in memory, where O_DIRECT skips nothing.
-fn in_memory(file: &File) -> bool {
-    const TMPFS_MAGIC: i64 = 0x0102_1994;
-    const RAMFS_MAGIC: i64 = 0x8584_58f6;
-    rustix::fs::fstatfs(file).is_ok_and(|s| {
-        #[allow(clippy::unnecessary_cast, reason = "f_type is i64 on some targets, u32 or i32 on others")]
-        let kind = s.f_type as i64;
-        kind == TMPFS_MAGIC || kind == RAMFS_MAGIC
-    })
 }
 
 trait DeviceLike {

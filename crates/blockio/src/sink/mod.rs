@@ -5,6 +5,6 @@ mod file;
 mod nbd;
 mod null;
 
-pub use file::{DirectIo, FileSink, FileSinkOptions};
+pub use file::{FileSink, FileSinkOptions};
 pub use nbd::NbdSink;
 pub use null::NullSink;
