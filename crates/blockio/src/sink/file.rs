@@ -40,7 +40,22 @@ pub struct FileSink {
     /// of the copy's CPU with 8): two at a time keep one copying while the other waits. O_DIRECT
     /// writes may overlap more, for queue depth.
     writers: tokio::sync::Semaphore,
+    /// Ranges written through the cache whose writeback was started, oldest first: evicted
+    /// once [`EVICT_BEHIND`] bytes are newer, by when they are clean.
+    written: Arc<std::sync::Mutex<Behind>>,
 }
+
+/// Ranges written through the page cache and not yet evicted.
+#[derive(Debug, Default)]
+struct Behind {
+    ranges: std::collections::VecDeque<(u64, u64)>,
+    bytes: u64,
+}
+
+/// How far behind the newest buffered write eviction runs. Writeback of each write is started
+/// at once, but its pages can only be dropped once clean: asked at once, the kernel keeps them
+/// (nbdcopy waits the same way, a few windows behind).
+const EVICT_BEHIND: u64 = 32 << 20;
 
 const DIRECT_ALIGN: u64 = 4096;
 
@@ -97,6 +112,7 @@ impl FileSink {
             device,
             granularity: options.granularity,
             writers,
+            written: Arc::default(),
         })
     }
 
@@ -147,6 +163,7 @@ impl BlockSink for FileSink {
 
     fn write_at(&self, offset: u64, data: Bytes) -> IoFuture<'_, ()> {
         let (file, direct, path) = (self.file.clone(), self.direct.clone(), self.describe());
+        let written = self.written.clone();
         Box::pin(async move {
             check_range(&path, offset, data.len() as u64, self.size)?;
             let _turn = self.writers.acquire().await.map_err(|_| BlockError::fatal("the writer gate is closed"))?;
@@ -160,17 +177,34 @@ impl BlockSink for FileSink {
                 };
                 f.write_all_at(&data, offset)
                     .map_err(|e| BlockError::io(format!("writing {path}"), e).at(offset, data.len() as u64))?;
-                if direct.is_none() {
-                    // Start writing this range out now (DONTNEED begins writeback without
-                    // waiting, then drops what is clean): the disk works during the copy rather
-                    // than all at the final fsync, and the page cache is not flooded with a
-                    // backup nobody will read. nbdcopy does the same with sync_file_range.
-                    let _ = rustix::fs::fadvise(
-                        &*file,
-                        offset,
-                        NonZeroU64::new(data.len() as u64),
-                        rustix::fs::Advice::DontNeed,
-                    );
+                if direct.is_some() && aligned {
+                    return Ok(());
+                }
+                // Start writing this range out now (DONTNEED begins writeback without waiting,
+                // then drops what is clean, which fresh writes are not): the disk works during
+                // the copy rather than all at the final fsync. Ranges far enough behind are
+                // written by now, and asked again they leave the cache, which a backup nobody
+                // will read should not fill. nbdcopy does the same with sync_file_range.
+                let evict = |at: u64, len: u64| {
+                    let _ = rustix::fs::fadvise(&*file, at, NonZeroU64::new(len), rustix::fs::Advice::DontNeed);
+                };
+                let len = data.len() as u64;
+                evict(offset, len);
+                let due = {
+                    let mut w = written.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    w.ranges.push_back((offset, len));
+                    w.bytes += len;
+                    let mut due = Vec::new();
+                    while w.bytes > EVICT_BEHIND
+                        && let Some((at, n)) = w.ranges.pop_front()
+                    {
+                        w.bytes -= n;
+                        due.push((at, n));
+                    }
+                    due
+                };
+                for (at, n) in due {
+                    evict(at, n);
                 }
                 Ok(())
             })
