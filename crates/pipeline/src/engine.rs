@@ -751,7 +751,9 @@ impl Disk {
         let g = usize::try_from(self.granularity.get()).unwrap_or(usize::MAX);
         let digester = self.digester.clone();
         let (detect, zero_block, whole_blocks) = (self.options.detect_zeroes, self.zero_block, self.whole_blocks);
-        tokio::task::spawn_blocking(move || {
+        // Exact ranges without digests neither scan nor hash: no thread to hop to.
+        let cheap = digester.is_none() && !whole_blocks;
+        let work = move || {
             let zeros = zero_ranges(&parts);
             let mut zero_flags = Vec::with_capacity(buf.len().div_ceil(g));
             let mut hashes = Vec::with_capacity(buf.len().div_ceil(g));
@@ -773,9 +775,11 @@ impl Disk {
                 zero_flags.push(zero);
             }
             (zero_flags, hashes)
-        })
-        .await
-        .map_err(|e| BlockError::fatal("a hashing task").with_source(e))
+        };
+        if cheap {
+            return Ok(work());
+        }
+        tokio::task::spawn_blocking(work).await.map_err(|e| BlockError::fatal("a hashing task").with_source(e))
     }
 
     /// Writes a request to a sink of exact ranges: its data and zero runs, all at once (the

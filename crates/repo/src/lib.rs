@@ -227,11 +227,12 @@ impl Location {
 
     /// The store it names, its folder made first when it is local and missing.
     pub fn create(&self) -> Result<Arc<dyn Store>, RepoError> {
-        if !self.url.starts_with("s3://") && !self.url.contains("://") {
+        let store = self.store()?;
+        if store.file_system() {
             let path = Path::new(&self.url);
             std::fs::create_dir_all(path).map_err(|e| RepoError::io(path, e))?;
         }
-        self.store()
+        Ok(store)
     }
 }
 
