@@ -338,6 +338,29 @@ pub async fn check_sink(
     sink.flush().await.map_err(|e| format!("flush: {e}"))?;
     ensure!(read_back().await == model, "contents differ after writing everything");
 
+    // Several ranges in one batch; a batch with one range past the end changes nothing.
+    let other = pattern(n, 7);
+    let batch: Vec<(usize, usize)> =
+        [(0usize, 4096usize), (n / 2, 12288), (n - 4096, 4096)].into_iter().filter(|&(a, l)| a + l <= n).collect();
+    let writes = |extra: Option<(u64, usize)>| {
+        let mut w: Vec<(u64, Bytes)> =
+            batch.iter().map(|&(a, l)| (a as u64, Bytes::copy_from_slice(&other[a..a + l]))).collect();
+        w.extend(extra.map(|(at, l)| (at, Bytes::from(vec![3u8; l]))));
+        w
+    };
+    match sink.write_many(writes(Some((size - 4096, 8192)))).await {
+        Err(e) if e.kind() == ErrorKind::InvalidInput => {}
+        other => return Err(format!("a batch reaching past the end: {other:?}")),
+    }
+    sink.flush().await.map_err(|e| format!("flush: {e}"))?;
+    ensure!(read_back().await == model, "a refused batch changed the contents");
+    sink.write_many(writes(None)).await.map_err(|e| format!("write_many: {e}"))?;
+    for &(a, l) in &batch {
+        model[a..a + l].copy_from_slice(&other[a..a + l]);
+    }
+    sink.flush().await.map_err(|e| format!("flush: {e}"))?;
+    ensure!(read_back().await == model, "contents differ after a batch of writes");
+
     // Zero over data: aligned blocks, and the tail up to the last byte.
     let g_us = usize::try_from(g).unwrap_or(4096);
     let zeroes = [(g_us.min(n / 4), g_us.min(n / 4)), (n - 8192.min(n), 8192.min(n))];

@@ -14,6 +14,7 @@ use bytes::BytesMut;
 use cbt::{Extent, ExtentSet};
 
 use crate::digest::{BlockDigester, Digests, zero_digest};
+use crate::io::join_all;
 use crate::limit::{RateLimiter, ReleaseCpuTime};
 use crate::pool::BufferPool;
 use crate::progress::Progress;
@@ -515,27 +516,6 @@ fn within_block(zeros: &[(u64, u64)], at: u64, len: u64) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// Polls every future at once on this task; the first error wins.
-async fn join_all<T>(mut futures: Vec<crate::IoFuture<'_, T>>) -> Result<Vec<T>, BlockError> {
-    let mut out: Vec<Option<T>> = futures.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (f, o) in futures.iter_mut().zip(out.iter_mut()) {
-            if o.is_some() {
-                continue;
-            }
-            match f.as_mut().poll(cx) {
-                std::task::Poll::Ready(Ok(v)) => *o = Some(v),
-                std::task::Poll::Ready(Err(e)) => return std::task::Poll::Ready(Err(e)),
-                std::task::Poll::Pending => pending = true,
-            }
-        }
-        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(Ok(())) }
-    })
-    .await?;
-    Ok(out.into_iter().flatten().collect())
-}
-
 /// Splits `e` at multiples of `step` (absolute offsets), so requests stay aligned.
 fn split_aligned(e: Extent, step: u64, mut f: impl FnMut(u64, u64)) {
     let mut at = e.start();
@@ -594,16 +574,17 @@ impl Disk {
                 }
                 Work::Read { offset, len } => {
                     let g = self.granularity.get();
-                    let mut lease = self.engine.pool.lease(len, g).await;
-                    let mut buf = lease.take();
+                    // Always a whole request's buffer, cut to this one's length: one size of
+                    // buffer circulates, and none is faulted in afresh for a size not seen yet.
+                    let mut lease = self.engine.pool.lease(self.options.request_size.max(len), g).await;
+                    let buf = lease.take();
                     // Under memory pressure the buffer may be smaller: copy what fits, whole
                     // blocks, and put the rest back.
                     let take = (buf.len() as u64 / g * g).clamp(g.min(len), len);
                     if take < len {
                         self.push_front(Work::Read { offset: offset + take, len: len - take });
                     }
-                    buf.truncate(usize::try_from(take).unwrap_or(usize::MAX));
-                    let buf = self.copy_one(offset, buf).await?;
+                    let buf = self.copy_one(offset, take, buf).await?;
                     if !buf.is_empty() {
                         lease.put(buf);
                     }
@@ -616,13 +597,20 @@ impl Disk {
         Ok(())
     }
 
-    /// Reads one request: its fetched parts from the source (at once), its kept parts back
-    /// from the sink when whole blocks are needed, zeros elsewhere.
-    async fn assemble(&self, offset: u64, buf: BytesMut) -> Result<(BytesMut, Vec<(Part, u64, u64)>), BlockError> {
-        let len = buf.len() as u64;
+    /// Reads one request of `len` bytes into the start of `buf`: its fetched parts from the
+    /// source (at once), its kept parts back from the sink when whole blocks are needed, zeros
+    /// elsewhere. The buffer comes back whole, its bytes past `len` untouched, so the pool's
+    /// buffers keep one length and are never cleared again to grow back to it.
+    async fn assemble(
+        &self,
+        offset: u64,
+        len: u64,
+        buf: BytesMut,
+    ) -> Result<(BytesMut, Vec<(Part, u64, u64)>), BlockError> {
         let Some(range) = Extent::new(offset, len) else { return Ok((buf, Vec::new())) };
-        let mut parts = parts(range, self.fetch.as_ref(), &self.keep);
         let mut buf = buf;
+        let rest = buf.split_off(usize::try_from(len).unwrap_or(usize::MAX).min(buf.len()));
+        let mut parts = parts(range, self.fetch.as_ref(), &self.keep);
         let kept = parts.iter().any(|p| p.0 == Part::Keep);
         let mut filled = false;
         if kept && self.materialize {
@@ -686,6 +674,7 @@ impl Disk {
                 whole.unsplit(piece);
             }
         }
+        whole.unsplit(rest);
         Ok((whole, parts))
     }
 
@@ -703,9 +692,12 @@ impl Disk {
         Ok(b)
     }
 
-    async fn copy_one(&self, offset: u64, buf: BytesMut) -> Result<BytesMut, BlockError> {
-        let (buf, parts) = self.assemble(offset, buf).await?;
-        let whole = buf.freeze();
+    /// Copies the request `[offset, offset + len)` through `buf` (at least `len` long), and
+    /// hands the buffer back whole for the pool.
+    async fn copy_one(&self, offset: u64, len: u64, buf: BytesMut) -> Result<BytesMut, BlockError> {
+        let (buf, parts) = self.assemble(offset, len, buf).await?;
+        let full = buf.freeze();
+        let whole = full.slice(..usize::try_from(len).unwrap_or(usize::MAX).min(full.len()));
         // Per sink block: its digest, and whether it is all zeros. Hashing a request takes a
         // millisecond or more, so it runs off the async threads, which keep the sockets moving.
         let hashes = if self.whole_blocks {
@@ -716,10 +708,9 @@ impl Disk {
         } else {
             // Exact ranges: what was fetched is split into data and zero runs, then written
             // while its blocks are hashed, so the disk and the CPU work at once.
-            let (detect, w) = (self.options.detect_zeroes, whole.clone());
-            let writes = tokio::task::spawn_blocking(move || exact_writes(&parts, offset, &w, detect))
-                .await
-                .map_err(|e| BlockError::fatal("a zero-detection task").with_source(e))?;
+            // Zero detection stays on this thread: a data block fails the check at its first
+            // bytes, and only blocks that are zeros are scanned whole, once.
+            let writes = exact_writes(&parts, offset, &whole, self.options.detect_zeroes);
             let hashing = self.digest_blocks(offset, whole.clone(), writes.clone());
             let (written, hashed) = tokio::join!(self.write_exact(offset, &whole, writes), hashing);
             written?;
@@ -736,7 +727,8 @@ impl Disk {
         }
         // Every slice is gone with its finished write, so the buffer is ours again; a sink that
         // kept one costs a fresh buffer next time, nothing else.
-        Ok(whole.try_into_mut().unwrap_or_default())
+        drop(whole);
+        Ok(full.try_into_mut().unwrap_or_default())
     }
 
     /// Per block of `buf` (at `offset`): whether it is all zeros, and its digest. `parts` says
@@ -782,37 +774,43 @@ impl Disk {
         tokio::task::spawn_blocking(work).await.map_err(|e| BlockError::fatal("a hashing task").with_source(e))
     }
 
-    /// Writes a request to a sink of exact ranges: its data and zero runs, all at once (the
-    /// sink bounds how many of its writes overlap).
+    /// Writes a request to a sink of exact ranges: its data in one batch, its zero runs beside
+    /// it (the sink bounds how many of its writes overlap).
     async fn write_exact(
         &self,
         offset: u64,
         whole: &bytes::Bytes,
         writes: Vec<(Part, u64, u64)>,
     ) -> Result<(), BlockError> {
-        let futures: Vec<crate::IoFuture<'_, ()>> = writes
-            .into_iter()
-            .map(|(part, at, len)| {
-                let a = usize::try_from(at - offset).unwrap_or(usize::MAX);
-                let b = usize::try_from(at + len - offset).unwrap_or(usize::MAX);
-                Box::pin(async move {
-                    match part {
-                        Part::Fetch => {
-                            self.retrying("writing", || self.sink.write_at(at, whole.slice(a..b))).await?;
-                            self.progress.written(len);
-                        }
-                        Part::Zero => {
-                            if !self.known_zero {
-                                self.retrying("zeroing", || self.sink.write_zeroes(at, len)).await?;
-                            }
-                            self.progress.zero(len);
-                        }
-                        Part::Keep => self.progress.kept(len),
+        let slice = |at: u64, len: u64| {
+            let a = usize::try_from(at - offset).unwrap_or(usize::MAX);
+            let b = usize::try_from(at + len - offset).unwrap_or(usize::MAX);
+            whole.slice(a..b)
+        };
+        let data: Vec<(u64, bytes::Bytes)> =
+            writes.iter().filter(|w| w.0 == Part::Fetch).map(|&(_, at, len)| (at, slice(at, len))).collect();
+        let data_bytes: u64 = data.iter().map(|(_, d)| d.len() as u64).sum();
+        let mut futures: Vec<crate::IoFuture<'_, ()>> = Vec::new();
+        if !data.is_empty() {
+            futures.push(Box::pin(async move {
+                self.retrying("writing", || self.sink.write_many(data.clone())).await?;
+                self.progress.written(data_bytes);
+                Ok(())
+            }));
+        }
+        for (part, at, len) in writes {
+            match part {
+                Part::Fetch => {}
+                Part::Zero => futures.push(Box::pin(async move {
+                    if !self.known_zero {
+                        self.retrying("zeroing", || self.sink.write_zeroes(at, len)).await?;
                     }
+                    self.progress.zero(len);
                     Ok(())
-                }) as crate::IoFuture<'_, ()>
-            })
-            .collect();
+                })),
+                Part::Keep => self.progress.kept(len),
+            }
+        }
         join_all(futures).await.map(drop)
     }
 

@@ -86,6 +86,21 @@ pub trait BlockSink: Send + Sync {
     /// the buffer can go back to the pool.
     fn write_at(&self, offset: u64, data: Bytes) -> IoFuture<'_, ()>;
 
+    /// Writes several disjoint ranges of one request, as [`write_at`](Self::write_at) each. A
+    /// range outside the disk refuses the whole batch before anything is written. The default
+    /// writes them all at once; a sink that pays per call (a file's thread hop) does them in
+    /// one.
+    fn write_many(&self, writes: Vec<(u64, Bytes)>) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            let what = self.describe();
+            for (offset, data) in &writes {
+                check_range(&what, *offset, data.len() as u64, self.size())?;
+            }
+            let futures = writes.into_iter().map(|(offset, data)| self.write_at(offset, data)).collect();
+            join_all(futures).await.map(drop)
+        })
+    }
+
     /// Whether the sink would hash the blocks it is written anyway and can take their digests
     /// instead ([`write_at_digested`](Self::write_at_digested)), so the engine computes them
     /// for it even when the copy keeps none (a plain repository, whose chunk IDs are plain
@@ -149,4 +164,25 @@ pub fn check_range(what: &str, offset: u64, length: u64, size: u64) -> Result<()
         Some(end) if end <= size => Ok(()),
         _ => Err(BlockError::invalid(format!("{what}: [{offset}, +{length}) is outside the disk of {size} bytes"))),
     }
+}
+
+/// Polls every future at once on this task; the first error wins.
+pub(crate) async fn join_all<T>(mut futures: Vec<IoFuture<'_, T>>) -> Result<Vec<T>, BlockError> {
+    let mut out: Vec<Option<T>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, o) in futures.iter_mut().zip(out.iter_mut()) {
+            if o.is_some() {
+                continue;
+            }
+            match f.as_mut().poll(cx) {
+                std::task::Poll::Ready(Ok(v)) => *o = Some(v),
+                std::task::Poll::Ready(Err(e)) => return std::task::Poll::Ready(Err(e)),
+                std::task::Poll::Pending => pending = true,
+            }
+        }
+        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(Ok(())) }
+    })
+    .await?;
+    Ok(out.into_iter().flatten().collect())
 }

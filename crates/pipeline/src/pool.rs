@@ -40,6 +40,8 @@ pub struct BufferPool {
     cap_units: u32,
     cached: Mutex<Vec<(BytesMut, OwnedSemaphorePermit)>>,
     peak_units: AtomicU64,
+    /// Buffers allocated (not taken from the cache) since the pool was made.
+    allocated: AtomicU64,
     /// Signalled whenever a buffer or its memory comes back; waiting leases queue on it.
     returned: Notify,
 }
@@ -98,6 +100,7 @@ impl BufferPool {
             cap_units,
             cached: Mutex::new(Vec::new()),
             peak_units: AtomicU64::new(0),
+            allocated: AtomicU64::new(0),
             returned: Notify::new(),
         })
     }
@@ -110,6 +113,12 @@ impl BufferPool {
     /// The most memory ever charged at once (buffers in use and cached), in bytes.
     pub fn peak(&self) -> u64 {
         self.peak_units.load(Ordering::Relaxed) * UNIT
+    }
+
+    /// How many buffers were allocated rather than reused: each is memory touched afresh,
+    /// which on a virtual machine can cost more than the copy through it.
+    pub fn allocated(&self) -> u64 {
+        self.allocated.load(Ordering::Relaxed)
     }
 
     fn note_peak(&self) {
@@ -175,6 +184,7 @@ impl BufferPool {
             }
             if let Ok(permit) = self.sem.clone().try_acquire_many_owned(units(size)) {
                 self.note_peak();
+                self.allocated.fetch_add(1, Ordering::Relaxed);
                 return Some(Lease { buf: Some(aligned(to_usize(size))), permit: Some(permit), pool: self.clone() });
             }
             if size <= min {

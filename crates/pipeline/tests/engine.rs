@@ -249,6 +249,36 @@ async fn a_full_copy_reads_only_the_sources_extents_and_writes_no_zeros() {
     assert_eq!(total(&used.writes) + total(&used.zeroings), size as u64);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_of_every_length_reuse_the_same_few_buffers() {
+    // Extents of many lengths, so the requests over them are of many lengths too.
+    let size = 64 * MIB as usize;
+    let noise = noise(size, 3);
+    let mut data = vec![0u8; size];
+    let mut extents = Vec::new();
+    let (mut at, mut k) = (4096u64, 0u64);
+    while at < size as u64 - 2 * MIB {
+        let len = 4096 * (1 + (k * 37) % 100);
+        data[at as usize..(at + len) as usize].copy_from_slice(&noise[at as usize..(at + len) as usize]);
+        extents.push((at, len));
+        at += len + 4096 * (1 + (k * 53) % 700);
+        k += 1;
+    }
+    let extents = ExtentSet::from_ranges(extents);
+    let src = Arc::new(MemSource::new(data.clone()));
+    let sink = Arc::new(MemSink::new(size, MIB));
+    let mut job = disk_copy(src, sink.clone());
+    job.read = extents.align_outward(std::num::NonZeroU64::new(MIB).unwrap(), size as u64);
+    job.fetch = Some(extents);
+    let opts = CopyOptions { request_size: 4 * MIB, in_flight: 4, ..CopyOptions::default() };
+    let engine = Engine::new(256 * MIB);
+    copy_disk(job, &engine, &opts, Arc::default()).await.unwrap();
+    assert_eq!(sink.contents(), data);
+    // One buffer per request in flight, each used again and again: none is allocated for a
+    // length not seen before, nor lost to a slice a sink kept.
+    assert!(engine.pool.allocated() <= 4, "{} buffers allocated for 4 requests in flight", engine.pool.allocated());
+}
+
 /// An incremental: `old` at the sink, `new` at the source, differing only in `changed`.
 fn incremental(
     sink_whole: bool,

@@ -144,6 +144,57 @@ fn write_zero_bytes(file: &File, offset: u64, length: u64) -> std::io::Result<()
     Ok(())
 }
 
+/// Writes `data` at `offset`: with `O_DIRECT` when open so and aligned, else through the page
+/// cache, starting its writeback at once and evicting what is [`EVICT_BEHIND`] behind.
+fn write_one(
+    file: &File,
+    direct: Option<&File>,
+    written: &std::sync::Mutex<Behind>,
+    path: &str,
+    offset: u64,
+    data: &[u8],
+) -> Result<(), BlockError> {
+    let aligned = data.as_ptr().addr().is_multiple_of(4096)
+        && offset.is_multiple_of(DIRECT_ALIGN)
+        && (data.len() as u64).is_multiple_of(DIRECT_ALIGN);
+    let f = match direct {
+        Some(d) if aligned => d,
+        _ => file,
+    };
+    f.write_all_at(data, offset)
+        .map_err(|e| BlockError::io(format!("writing {path}"), e).at(offset, data.len() as u64))?;
+    if direct.is_some() && aligned {
+        return Ok(());
+    }
+    // Start writing this range out now (DONTNEED begins writeback without waiting, then drops
+    // what is clean, which fresh writes are not): the disk works during the copy rather than
+    // all at the final fsync. Ranges far enough behind are written by now, and asked again they
+    // leave the cache, which a backup nobody will read should not fill. nbdcopy does the same
+    // with sync_file_range.
+    let evict = |at: u64, len: u64| {
+        let _ = rustix::fs::fadvise(file, at, NonZeroU64::new(len), rustix::fs::Advice::DontNeed);
+    };
+    let len = data.len() as u64;
+    evict(offset, len);
+    let due = {
+        let mut w = written.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        w.ranges.push_back((offset, len));
+        w.bytes += len;
+        let mut due = Vec::new();
+        while w.bytes > EVICT_BEHIND
+            && let Some((at, n)) = w.ranges.pop_front()
+        {
+            w.bytes -= n;
+            due.push((at, n));
+        }
+        due
+    };
+    for (at, n) in due {
+        evict(at, n);
+    }
+    Ok(())
+}
+
 impl BlockSink for FileSink {
     fn size(&self) -> u64 {
         self.size
@@ -162,49 +213,21 @@ impl BlockSink for FileSink {
     }
 
     fn write_at(&self, offset: u64, data: Bytes) -> IoFuture<'_, ()> {
+        self.write_many(vec![(offset, data)])
+    }
+
+    /// The ranges one after another on one blocking thread: one hop per request, not per range.
+    fn write_many(&self, writes: Vec<(u64, Bytes)>) -> IoFuture<'_, ()> {
         let (file, direct, path) = (self.file.clone(), self.direct.clone(), self.describe());
         let written = self.written.clone();
         Box::pin(async move {
-            check_range(&path, offset, data.len() as u64, self.size)?;
+            for (offset, data) in &writes {
+                check_range(&path, *offset, data.len() as u64, self.size)?;
+            }
             let _turn = self.writers.acquire().await.map_err(|_| BlockError::fatal("the writer gate is closed"))?;
             blocking(move || {
-                let aligned = data.as_ptr().addr().is_multiple_of(4096)
-                    && offset.is_multiple_of(DIRECT_ALIGN)
-                    && (data.len() as u64).is_multiple_of(DIRECT_ALIGN);
-                let f = match &direct {
-                    Some(d) if aligned => d,
-                    _ => &file,
-                };
-                f.write_all_at(&data, offset)
-                    .map_err(|e| BlockError::io(format!("writing {path}"), e).at(offset, data.len() as u64))?;
-                if direct.is_some() && aligned {
-                    return Ok(());
-                }
-                // Start writing this range out now (DONTNEED begins writeback without waiting,
-                // then drops what is clean, which fresh writes are not): the disk works during
-                // the copy rather than all at the final fsync. Ranges far enough behind are
-                // written by now, and asked again they leave the cache, which a backup nobody
-                // will read should not fill. nbdcopy does the same with sync_file_range.
-                let evict = |at: u64, len: u64| {
-                    let _ = rustix::fs::fadvise(&*file, at, NonZeroU64::new(len), rustix::fs::Advice::DontNeed);
-                };
-                let len = data.len() as u64;
-                evict(offset, len);
-                let due = {
-                    let mut w = written.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                    w.ranges.push_back((offset, len));
-                    w.bytes += len;
-                    let mut due = Vec::new();
-                    while w.bytes > EVICT_BEHIND
-                        && let Some((at, n)) = w.ranges.pop_front()
-                    {
-                        w.bytes -= n;
-                        due.push((at, n));
-                    }
-                    due
-                };
-                for (at, n) in due {
-                    evict(at, n);
+                for (offset, data) in writes {
+                    write_one(&file, direct.as_deref(), &written, &path, offset, &data)?;
                 }
                 Ok(())
             })
