@@ -227,6 +227,74 @@ fn a_replica_killed_while_being_updated_is_reported_inconsistent_until_a_copy_co
     same(&src, &dst);
 }
 
+#[test]
+fn copies_killed_at_random_moments_from_a_changing_source_are_never_silently_wrong() {
+    // A fragmented source (data in about half its MiBs, extents of 4 KiB to a MiB, some data
+    // written as zeros), changed between runs as a live disk would be; each run killed with
+    // SIGKILL at a random moment, the next one resuming; then a clean run must equal it.
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src.raw"), dir.path().join("dst.raw"));
+    let state = dir.path().join("dst.raw.syncproxy");
+    let size = 64 * MIB;
+    image(&src, size, 21);
+    let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    let mut rng = testkit::KillRng::new();
+    let n = testkit::kills(8);
+    let span = 1000; // ms: about one whole copy at 32 MiB/s
+    let (mut completed, mut changed) = (0, 0);
+    for round in 0..n {
+        if round > 0 && rng.below(2) == 0 {
+            // Scattered writes: data, and data overwritten with zeros.
+            for _ in 0..1 + rng.below(16) {
+                let at = rng.below(size / 4096 - 16) * 4096;
+                let len = usize::try_from(4096 * (1 + rng.below(16))).unwrap();
+                let bytes = if rng.below(4) == 0 { vec![0u8; len] } else { testkit::noise(len, at) };
+                f.write_all_at(&bytes, at).unwrap();
+            }
+            f.sync_all().unwrap();
+            changed += 1;
+        }
+        let mut child = proxy()
+            .arg("disk-copy")
+            .arg(&src)
+            .arg(&dst)
+            .args(["--rate", "32M", "--checkpoint-every", "2M", "--checkpoint-interval", "0", "--no-progress"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(rng.below(span)));
+        let _ = child.kill();
+        let exit = child.wait().unwrap();
+        // A run that finished before its kill claims a complete copy: it must be one.
+        if exit.success() {
+            completed += 1;
+            let p = state_file(&state, ".state.json").unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+            assert!(v["dirty"].is_null(), "round {round}: a finished copy is not marked inconsistent");
+            assert!(checkpoint_done(&state).is_none(), "round {round}: a finished copy keeps no checkpoint");
+            same(&src, &dst);
+        }
+    }
+    eprintln!(
+        "{n} copies killed at random moments within {span} ms ({completed} finished first, source changed {changed} times)"
+    );
+    let s = summary(&proxy().arg("disk-copy").arg(&src).arg(&dst).arg("--json").output().unwrap());
+    same(&src, &dst);
+    if let Some(qemu_img) = require_tool("qemu-img", "copies_killed_at_random_moments_from_a_changing_source") {
+        testkit::run(Command::new(qemu_img).args(["compare", "-f", "raw", "-F", "raw"]).arg(&src).arg(&dst));
+    }
+    assert!(s["read"].as_u64().is_some(), "{s}");
+    // The digests kept for the next copy describe what the copy holds: each is the BLAKE3 of
+    // its 1 MiB block (a resume that kept a stale one would pass a later check it should fail).
+    let kept = std::fs::read(state_file(&state, ".digests").expect("the copy keeps its digests")).unwrap();
+    let digests = pipeline::Digests::decode(&kept).unwrap();
+    let copy = std::fs::read(&dst).unwrap();
+    let want: Vec<[u8; 32]> = copy.chunks(usize::try_from(MIB).unwrap()).map(|b| *blake3::hash(b).as_bytes()).collect();
+    assert!(digests.blocks == want, "the kept digests differ from the copy's blocks");
+    assert!(completed < n || n < 4, "no kill landed mid-copy in {n} rounds: the loop tested nothing");
+}
+
 /// Puts one undeclared windows-1252 byte into the embedded descriptor of the hosted sparse
 /// file at `path` (a comment line, changed in place).
 fn spoil_embedded_descriptor(path: &Path) {

@@ -149,19 +149,42 @@ fn backups_killed_at_random_moments_never_damage_a_restore_point() {
     let t = std::time::Instant::now();
     ok(&run(&["repo", "backup", &repo, &first, "--name", "vm"]));
     let span = (t.elapsed().as_millis() as u64 * 6 / 5).max(20);
-    let mut images = vec![first];
+    let mut images = vec![first.clone()];
+    let mut newest_image = Some(first);
     let mut x = 0x9E37_79B9u64;
-    let (mut killed, mut finished) = (0, 0);
+    let (mut killed, mut finished, mut incrementals) = (0, 0, 0);
     for round in 0..rounds {
         let img = d(&format!("img{round}.raw"));
-        image(Path::new(&img), size, round + 1);
+        let mut args =
+            vec!["repo".to_owned(), "backup".into(), repo.clone(), img.clone(), "--name".into(), "vm".into()];
+        match &newest_image {
+            // Every other round an incremental: the newest point's image with scattered
+            // changes, named in a --changed file; the rest of each touched chunk comes from
+            // the parent point, so a wrong patch restores to none of the images.
+            Some(parent) if round % 2 == 1 => {
+                std::fs::copy(parent, &img).unwrap();
+                let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+                let mut changed = String::new();
+                for k in 0..40u64 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let at = (x % (size / 4096 - 16)) * 4096;
+                    let len = 4096 * (1 + k % 16);
+                    std::os::unix::fs::FileExt::write_all_at(&f, &testkit::noise(len as usize, x), at).unwrap();
+                    changed.push_str(&format!("{at} {len}\n"));
+                }
+                std::fs::write(d("changed"), changed).unwrap();
+                args.extend(["--changed".into(), d("changed")]);
+                incrementals += 1;
+            }
+            _ => {
+                image(Path::new(&img), size, round + 1);
+            }
+        }
         images.push(img.clone());
-        let mut child = proxy()
-            .args(["repo", "backup", &repo, &img, "--name", "vm", "--json"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child =
+            proxy().args(&args).arg("--json").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
@@ -189,10 +212,8 @@ fn backups_killed_at_random_moments_never_damage_a_restore_point() {
             let _ = std::fs::remove_file(&out);
             ok(&run(&["repo", "restore", &repo, &id, &out]));
             let got = std::fs::read(&out).unwrap();
-            assert!(
-                images.iter().any(|i| std::fs::read(i).unwrap() == got),
-                "round {round}: restore point {id} restores to none of the images"
-            );
+            newest_image = images.iter().find(|i| std::fs::read(i).unwrap() == got).cloned();
+            assert!(newest_image.is_some(), "round {round}: restore point {id} restores to none of the images");
         }
     }
     // The locks the killed processes left are stale (their PIDs are gone): gc proceeds, and
@@ -204,7 +225,11 @@ fn backups_killed_at_random_moments_never_damage_a_restore_point() {
     let chunks = left.iter().filter(|p| p.starts_with(Path::new(&repo).join("chunks"))).count();
     assert_eq!(chunks as u64, gc["chunks_in_use"].as_u64().unwrap(), "{gc}");
     ok(&run(&["repo", "verify", &repo]));
-    eprintln!("{killed} backups killed, {finished} finished; no restore point damaged");
+    eprintln!(
+        "{killed} backups killed, {finished} finished ({incrementals} of them incrementals with --changed); no restore \
+         point damaged"
+    );
+    assert!(incrementals > 0, "the loop must try incrementals");
     assert!(killed > 0, "the loop must kill some backups to test anything");
 }
 

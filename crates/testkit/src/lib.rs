@@ -134,3 +134,41 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// The random moments of a kill loop: a small xorshift seeded from the clock, its seed printed
+/// so a failing run can be replayed with `SYNCPROXY_KILL_SEED`.
+#[derive(Debug)]
+pub struct KillRng(u64);
+
+impl KillRng {
+    /// Seeded from `SYNCPROXY_KILL_SEED`, else the clock.
+    pub fn new() -> Self {
+        let seed = std::env::var("SYNCPROXY_KILL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| u64::from(d.subsec_nanos()) ^ d.as_secs())
+                | 1
+        });
+        eprintln!("kill loop seed: {seed} (SYNCPROXY_KILL_SEED replays it)");
+        Self(seed)
+    }
+
+    /// A number below `n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
+impl Default for KillRng {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// How many kills a loop makes: `SYNCPROXY_KILLS` (at least 1), else `default`.
+pub fn kills(default: u64) -> u64 {
+    std::env::var("SYNCPROXY_KILLS").ok().and_then(|s| s.parse().ok()).unwrap_or(default).max(1)
+}
