@@ -47,12 +47,20 @@ pub(crate) struct JobArgs {
     proxy_id: Option<String>,
     /// The longest a job may run: a snapshot of ours whose job is gone is removed only once it
     /// is older than this.
-    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "24h", value_parser = crate::duration::parse)]
     max_job: Duration,
     /// The memory budget of the whole process: copy buffers get what remains after about
     /// 32 MiB plus 1 MiB per VM worked on at once.
     #[arg(long, default_value = "256M", value_parser = size::parse)]
     memory: u64,
+    /// Limit the whole job to this many bytes per second (`100M` = 100 MiB/s), over all its
+    /// VMs and disks.
+    #[arg(long, value_parser = size::parse)]
+    rate: Option<u64>,
+    /// How long each stream sleeps after each request, in whole milliseconds (`4ms`; 0: full
+    /// speed), to leave ESXi hosts CPU time; with --rate, the slower one wins.
+    #[arg(long, default_value = "0", value_parser = crate::duration::millis)]
+    release_cpu_time: u32,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -97,7 +105,7 @@ pub(crate) struct JobArgs {
     #[arg(long)]
     guest_credentials: Option<std::path::PathBuf>,
     /// How long a hook may run.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5m", value_parser = crate::duration::parse)]
     hook_timeout: Duration,
     /// Leave VMs' DRS automation alone (by default a VM DRS could move is overridden to manual
     /// while it is read, and put back after).
@@ -211,7 +219,12 @@ async fn job(
         job_id: new_job_id()?,
         concurrency: args.concurrency,
         buffers: Buffers::Memory(args.memory),
-        options: None,
+        options: Some(pipeline::CopyOptions {
+            job_rate: args.rate.map(|r| Arc::new(pipeline::limit::RateLimiter::new(r))),
+            release_cpu_time: pipeline::limit::ReleaseCpuTime(args.release_cpu_time),
+            retry_for: pipeline::PATIENCE,
+            ..pipeline::CopyOptions::default()
+        }),
         limits: None,
         metrics: None,
         max_job: args.max_job,

@@ -38,9 +38,9 @@ pub(crate) struct Args {
     /// Limit in bytes per second (`100M` = 100 MiB/s).
     #[arg(long, value_parser = size::parse)]
     rate: Option<u64>,
-    /// Milliseconds each stream sleeps after each request (0: full speed). With many hosts
-    /// copying at once, the number of concurrent hosts is a sensible value.
-    #[arg(long, default_value_t = 0)]
+    /// How long each stream sleeps after each request, in whole milliseconds (`4ms`; 0: full
+    /// speed). With many hosts copying at once, a millisecond per concurrent host is sensible.
+    #[arg(long, default_value = "0", value_parser = crate::duration::millis)]
     release_cpu_time: u32,
     /// Size of one read on the wire from an NBD source (requests are split into these).
     #[arg(long, default_value = "256K", value_parser = size::parse)]
@@ -66,7 +66,7 @@ pub(crate) struct Args {
     checkpoint_every: u64,
     /// ...but no more often than this (each checkpoint flushes the destination): `2s`,
     /// `500ms`, `1m`, or `0` for bytes alone.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = crate::duration::parse)]
     checkpoint_interval: Duration,
     /// Follow a VMDK's file names anywhere (absolute paths, `..`, symbolic links out of the
     /// descriptor's directory), not only beside it; only for trusted local chains.

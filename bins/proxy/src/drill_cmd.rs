@@ -47,7 +47,7 @@ pub(crate) struct Args {
     #[arg(long)]
     isolated_network: bool,
     /// The whole drill's time limit (`90s`, `5m`).
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5m", value_parser = crate::duration::parse)]
     timeout: Duration,
     /// Also write the report (`drill-POINT.json`, `drill-POINT.html`) into this folder.
     #[arg(long)]

@@ -10,6 +10,7 @@ mod config_cmd;
 mod demo;
 mod disk_copy;
 mod drill_cmd;
+mod duration;
 mod endpoints;
 mod export_cmd;
 mod logs;

@@ -177,7 +177,7 @@ pub(crate) enum RepoCommand {
         #[command(flatten)]
         repo: RepoArg,
         /// Unused chunks younger than this stay (`1h`, `30m`, `0s`).
-        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "1h", value_parser = crate::duration::parse)]
         grace: Duration,
         /// Only say what would be removed.
         #[arg(long)]

@@ -119,7 +119,7 @@ pub(crate) fn server_args(v: &VcenterConfig) -> ServerArgs {
         ca_file: v.ca_file.clone(),
         insecure: v.insecure,
         legacy_tls: v.legacy_tls,
-        timeout: 300,
+        timeout: Duration::from_secs(300),
         password_env: v.password_env.clone(),
         permissions_warned: true,
     }

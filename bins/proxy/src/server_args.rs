@@ -88,9 +88,9 @@ pub(crate) struct ServerArgs {
     /// OpenSSL with weak ciphers allowed for this server only; each connection warns.
     #[arg(long)]
     pub(crate) legacy_tls: bool,
-    /// Seconds one call may take.
-    #[arg(long, default_value_t = 300)]
-    pub(crate) timeout: u64,
+    /// How long one call may take (`30s`, `5m`).
+    #[arg(long, default_value = "5m", value_parser = orchestration::config::parse_duration)]
+    pub(crate) timeout: Duration,
     /// The environment variable holding the password (from a configuration file; the command
     /// line always uses SYNCPROXY_PASSWORD).
     #[arg(skip)]
@@ -135,7 +135,7 @@ impl ServerArgs {
         let password = self.password()?;
         let options = ConnectOptions {
             trust,
-            timeout: Duration::from_secs(self.timeout),
+            timeout: self.timeout,
             legacy_tls: self.legacy_tls,
             ..ConnectOptions::new(&self.url)
         };

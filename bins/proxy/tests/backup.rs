@@ -172,6 +172,31 @@ async fn backups_plans_and_exit_codes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_and_release_cpu_time_pace_a_backup_and_durations_need_units() {
+    let env = start().await;
+    Repo::init(env.dir.path().join("repo"), 1 << 20).unwrap();
+    let web = env.client.vms().await.unwrap().into_iter().find(|v| v.name == "web").unwrap();
+    env.sim.write("web", web.disks[0].key, 0, &noise(16 * MIB_BYTES, 5)).unwrap();
+    // A bare number is ambiguous: refused, naming the units, before anything is touched.
+    let (code, _, err) = output(env.proxy(&["--release-cpu-time", "5", "web"])).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no unit") && err.contains("5ms"), "{err}");
+    assert!(env.repo().points().unwrap().is_empty());
+    // 16 MiB at 4 MiB/s: every request but the last waits for its share (less the 100 ms
+    // burst), so at least 3 s, whatever the machine.
+    let t = std::time::Instant::now();
+    let (code, out, err) = output(env.proxy(&["--rate", "4M", "--release-cpu-time", "5ms", "--json", "web"])).await;
+    let took = t.elapsed();
+    assert_eq!(code, 0, "{out}\n{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let read = j["vms"][0]["disks"][0]["read"].as_u64().unwrap();
+    assert!(read >= 16 << 20, "{j}");
+    let floor = Duration::from_secs_f64((read - (4 << 20)) as f64 / f64::from(4 << 20)) - Duration::from_millis(100);
+    assert!(took >= floor, "{read} bytes at 4 MiB/s took {took:?}, under {floor:?}");
+    assert_eq!(env.snapshots().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_mid_copy_leaves_no_snapshot_and_an_intact_repository() {
     let env = start().await;
     Repo::init(env.dir.path().join("repo"), 1 << 20).unwrap();
@@ -382,35 +407,6 @@ async fn freeze_hooks_from_the_command_line() {
     assert!(err.contains("--guest-credentials"), "{err}");
 }
 
-/// A small xorshift, seeded from the clock (the seed is printed, so a failing run can be
-/// replayed with SYNCPROXY_KILL_SEED).
-struct Rng(u64);
-
-impl Rng {
-    fn new() -> Self {
-        let seed = std::env::var("SYNCPROXY_KILL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| u64::from(d.subsec_nanos()) ^ d.as_secs())
-                | 1
-        });
-        eprintln!("kill loop seed: {seed} (SYNCPROXY_KILL_SEED replays it)");
-        Self(seed)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n.max(1)
-    }
-}
-
-/// How many kills of each command: SYNCPROXY_KILLS (at least 1), 20 by default.
-fn kills() -> u64 {
-    std::env::var("SYNCPROXY_KILLS").ok().and_then(|s| s.parse().ok()).unwrap_or(20).max(1)
-}
-
 /// Starts `c`, kills it with SIGKILL after `after`, and waits for it.
 async fn kill_after(mut c: Command, after: Duration) {
     c.stdout(Stdio::null()).stderr(Stdio::null());
@@ -430,8 +426,8 @@ async fn backups_and_replications_killed_at_random_moments_leave_nothing_behind(
     Repo::init(env.dir.path().join("repo"), 1 << 20).unwrap();
     let replicas = env.dir.path().join("replicas");
     let vms: Vec<_> = env.client.vms().await.unwrap().into_iter().filter(|v| v.name != "vault").collect();
-    let mut rng = Rng::new();
-    let n = kills();
+    let mut rng = testkit::KillRng::new();
+    let n = testkit::kills(20);
     // Slow storage widens the window while a snapshot is held, where most kills should land.
     env.sim.faults(|f| f.datastore_delay = Duration::from_millis(20));
     for (what, dest) in [("backup", env.dir.path().join("repo")), ("replicate", replicas.clone())] {
@@ -490,7 +486,7 @@ async fn backups_and_replications_killed_at_random_moments_leave_nothing_behind(
 /// code and standard error.
 fn backup_offline(d: &std::path::Path, url: &str, args: &[&str]) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_proxy"))
-        .args(["backup", "--url", url, "--user", "u", "--insecure", "--timeout", "5"])
+        .args(["backup", "--url", url, "--user", "u", "--insecure", "--timeout", "5s"])
         .args(args)
         .arg(d.join("repo"))
         .arg("vm1")

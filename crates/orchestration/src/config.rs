@@ -39,6 +39,43 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(1u64 << shift).ok_or_else(|| format!("{s:?} is too large"))
 }
 
+/// Parses a duration, the one syntax of every time flag and setting: `500ms`, `30s`, `5m`,
+/// `1h 30m`, `2days`; a bare `0` is none. Any other bare number is refused, since it would be
+/// ambiguous between seconds and milliseconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if t.chars().all(|c| c.is_ascii_digit()) && !t.is_empty() {
+        if t.bytes().all(|b| b == b'0') {
+            return Ok(Duration::ZERO);
+        }
+        return Err(format!("{t:?} has no unit: write {t}ms, {t}s or {t}m"));
+    }
+    humantime::parse_duration(t).map_err(|e| format!("{s:?} is not a duration ({e}); write 500ms, 30s, 5m or 1h"))
+}
+
+/// A pause per request in whole milliseconds (`release_cpu_time`): a duration (`4ms`), or, as
+/// the setting was first documented, a bare number of milliseconds.
+pub fn parse_millis(s: &str) -> Result<u32, String> {
+    let d = parse_duration(s)?;
+    if d.subsec_nanos() % 1_000_000 != 0 {
+        return Err(format!("{s:?}: use whole milliseconds"));
+    }
+    u32::try_from(d.as_millis()).map_err(|_| format!("{s:?} is too long"))
+}
+
+fn millis_or_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Millis(u32),
+        Text(String),
+    }
+    match Either::deserialize(d)? {
+        Either::Millis(n) => Ok(n),
+        Either::Text(t) => parse_millis(&t).map_err(serde::de::Error::custom),
+    }
+}
+
 /// The longest interval of an `every` schedule.
 pub const MAX_INTERVAL: Duration = Duration::from_secs(366 * 86_400);
 
@@ -128,8 +165,9 @@ pub struct ProxySection {
     /// Bytes per second over every copy (`200M`); none by default.
     #[serde(default)]
     pub rate: Option<String>,
-    /// Milliseconds slept after each request in each stream (0: full speed).
-    #[serde(default)]
+    /// Milliseconds slept after each request in each stream (0: full speed): `"4ms"`, or a
+    /// bare number of milliseconds.
+    #[serde(default, deserialize_with = "millis_or_duration")]
     pub release_cpu_time: u32,
     /// The longest a job may run (`24h`).
     #[serde(default = "default_max_job")]
@@ -745,6 +783,28 @@ replica = "/replicas"
         assert_eq!(c.memory(), 256 << 20);
         assert_eq!(c.proxy.listen, "127.0.0.1:9480");
         assert_eq!(Schedule::parse(&c.jobs[1].schedule), Ok(Schedule::Every(Duration::from_secs(900))));
+    }
+
+    #[test]
+    fn every_time_is_one_duration_syntax_and_bare_numbers_other_than_zero_are_refused() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration(" 1h 30m "), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        let e = parse_duration("5").unwrap_err();
+        assert!(e.contains("no unit") && e.contains("5ms") && e.contains("5s"), "{e}");
+        assert!(parse_duration("").is_err() && parse_duration("5 parsecs").is_err() && parse_duration("-1s").is_err());
+        assert_eq!(parse_millis("4ms"), Ok(4));
+        assert_eq!(parse_millis("2s"), Ok(2000));
+        assert!(parse_millis("1500us").unwrap_err().contains("whole milliseconds"));
+        assert!(parse_millis("100days").unwrap_err().contains("too long"));
+        // The setting: a duration, or the bare milliseconds it was first documented with.
+        for (value, ms) in [("\"4ms\"", 4), ("4", 4), ("\"1s\"", 1000), ("\"0\"", 0)] {
+            let c = ServeConfig::from_toml(&GOOD.replace("rate = ", &format!("release_cpu_time = {value}\nrate = ")))
+                .unwrap();
+            assert_eq!(c.proxy.release_cpu_time, ms, "{value}");
+        }
+        let bad = GOOD.replace("rate = ", "release_cpu_time = \"4\"\nrate = ");
+        assert!(ServeConfig::from_toml(&bad).is_err());
     }
 
     #[test]
