@@ -6,6 +6,7 @@
 mod backup_cmd;
 mod cbt_reset_cmd;
 mod config_cmd;
+mod daemon_cmd;
 #[cfg(feature = "sim")]
 mod demo;
 mod disk_copy;
@@ -60,6 +61,14 @@ enum Command {
     Config {
         #[command(subcommand)]
         command: config_cmd::ConfigCommand,
+    },
+    /// Ask a running daemon (`--config` names it) how its jobs stand: running or idle, next
+    /// run, last result. Exit 0 answered, 1 not reached.
+    Status(daemon_cmd::StatusArgs),
+    /// Work with a running daemon's jobs (`run NAME`: now, not at its next scheduled time).
+    Job {
+        #[command(subcommand)]
+        command: daemon_cmd::JobCommand,
     },
     /// Run the whole product on the embedded vSphere simulator: full and incremental backups
     /// of a few VMs, restores compared byte for byte, a summary. Nothing to set up.
@@ -140,6 +149,8 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&args),
         Command::Serve(args) => serve::run(&args),
         Command::Config { command } => config_cmd::run(&command),
+        Command::Status(args) => daemon_cmd::status(&args),
+        Command::Job { command } => daemon_cmd::job(&command),
         Command::Repo { command } => repo_cmd::run(command),
         Command::Export(args) => export_cmd::run(&args),
         Command::Drill(args) => drill_cmd::run(&args),

@@ -187,12 +187,19 @@ repository = "{repo}"
     assert_eq!(repo.points().unwrap().len(), 2, "keep_last = 1 per VM");
     assert!(repo.verify().unwrap().damaged_points.is_empty());
 
-    // The replica job.
-    assert_eq!(http(&addr, "POST", "/jobs/dr/run", Some(TOKEN)).0, 202);
+    // The replica job, run as an operator would: `proxy job run`, then `proxy status`.
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_proxy")).args(["job", "run", "dr", "--config"]).arg(&cfg).output().unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("queued"), "{out:?}");
     assert_eq!(http(&addr, "POST", "/jobs/nosuch/run", Some(TOKEN)).0, 404);
     let a = addr.clone();
     wait_for("the replica job", move || last_outcome(&a, "dr").is_some()).await;
     assert_eq!(last_outcome(&addr, "dr").as_deref(), Some("succeeded"), "{}", status(&addr));
+    let out = Command::new(env!("CARGO_BIN_EXE_proxy")).args(["status", "--config"]).arg(&cfg).output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let dr = table.lines().find(|l| l.starts_with("dr ")).unwrap_or_else(|| panic!("a row for dr: {table}"));
+    assert!(dr.contains("daily 03:00") && dr.contains("idle") && dr.contains("succeeded at"), "{table}");
     let (code, metrics) = http(&addr, "GET", "/metrics", Some(TOKEN));
     assert_eq!(code, 200);
     for want in [
@@ -496,6 +503,44 @@ fn a_vcenter_that_never_answers_holds_neither_the_endpoint_nor_sigterm() {
     let exit = daemon.wait(Duration::from_secs(10)).expect("SIGTERM stops the daemon within seconds");
     assert_eq!(exit.code(), Some(0), "the documented exit code: {}", daemon.log());
     assert!(daemon.log().contains("SIGTERM"), "{}", daemon.log());
+}
+
+/// `proxy ARGS` run to its end: exit code, stdout, stderr.
+fn proxy(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_proxy")).args(args).output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn status_and_job_run_talk_to_the_daemon_without_curl() {
+    // A vCenter that refuses connections: the job is queued behind its startup sweep (the
+    // run itself is checked against the simulator in the test above).
+    let refused = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), "", Some(&format!("https://{refused}/sdk")), &[]);
+    let cfg = dir.path().join("proxy.toml");
+    let cfg = cfg.to_str().unwrap();
+
+    let (code, out, err) = proxy(&["status", "--config", cfg]);
+    assert_eq!(code, Some(0), "{err}");
+    let table = out.lines().find(|l| l.starts_with("nightly")).unwrap_or_else(|| panic!("a row for the job: {out}"));
+    assert!(table.contains("daily 03:00") && table.contains("never run"), "{out}");
+    assert!(out.contains("proxy p1"), "{out}");
+    assert!(!out.contains(TOKEN) && !err.contains(TOKEN), "the token is never printed");
+
+    let (code, out, err) = proxy(&["job", "run", "nightly", "--config", cfg]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("queued"), "{out}");
+    let (code, _, err) = proxy(&["job", "run", "nosuch", "--config", cfg]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no job \"nosuch\"") && err.contains("nightly"), "the choices are named: {err}");
+    assert_eq!(proxy(&["job", "run", "../status", "--config", cfg]).0, Some(1), "a name that is a path");
+
+    // No daemon: a clear error, exit 1.
+    drop(daemon);
+    let (code, _, err) = proxy(&["status", "--config", cfg]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("is `proxy serve` running?"), "{err}");
 }
 
 #[test]
