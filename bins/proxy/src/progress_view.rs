@@ -1,6 +1,6 @@
 //! Progress of a backup or replication job for the operator: on a terminal, indicatif bars (one
 //! for the whole job with rate and ETA, one per disk in the copy phase); otherwise a plain line
-//! every 10 seconds, for logs.
+//! every 10 seconds, for logs. Also the steps of a repository's verify, gc and copy.
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -136,6 +136,80 @@ pub(crate) fn copy(progress: Arc<pipeline::progress::Progress>, what: &str, quie
     ProgressView { task, bars: Some(multi) }
 }
 
+/// The view of a repository operation's steps; dropping it stops it and clears its bar.
+#[derive(Debug)]
+pub(crate) struct StepsView {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for StepsView {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One line of a repository operation's progress: its phase, and the count when known.
+fn steps_line(phase: &str, done: u64, total: u64) -> String {
+    if total == 0 {
+        return format!("{phase}: {done}");
+    }
+    #[expect(clippy::cast_precision_loss, reason = "a percentage, shown rounded")]
+    let pct = 100.0 * done.min(total) as f64 / total as f64;
+    format!("{phase}: {done} of {total} ({pct:.0}%)")
+}
+
+/// Shows `steps` as a repository operation (`repo verify`, `gc`, `copy`) goes: a bar with the
+/// phase and its count when stderr is a terminal, else a line every 10 seconds; nothing when
+/// `quiet`. It runs on its own thread, since those operations block the one they run on.
+pub(crate) fn steps(steps: Arc<repo::Steps>, quiet: bool) -> StepsView {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if quiet {
+        return StepsView { stop, thread: None };
+    }
+    let terminal = std::io::stderr().is_terminal();
+    let flag = stop.clone();
+    let thread = std::thread::spawn(move || {
+        let stopped = || flag.load(std::sync::atomic::Ordering::Relaxed);
+        if !terminal {
+            let mut last = None;
+            while !stopped() {
+                for _ in 0..50 {
+                    std::thread::sleep(Duration::from_millis(200));
+                    if stopped() {
+                        return;
+                    }
+                }
+                let (phase, done, total) = steps.snapshot();
+                if last.as_ref() != Some(&(phase.clone(), done)) {
+                    eprintln!("progress: {}", steps_line(&phase, done, total));
+                    last = Some((phase, done));
+                }
+            }
+            return;
+        }
+        let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr_with_hz(5));
+        bar.set_style(style("{msg} [{bar:30}] {pos}/{len} {per_sec} ETA {eta}"));
+        let mut shown = String::new();
+        while !stopped() {
+            let (phase, done, total) = steps.snapshot();
+            if phase != shown {
+                bar.reset();
+                bar.set_message(phase.clone());
+                shown = phase;
+            }
+            bar.set_length(total.max(done));
+            bar.set_position(done);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        bar.finish_and_clear();
+    });
+    StepsView { stop, thread: Some(thread) }
+}
+
 /// One line of a copy's progress, for logs.
 #[expect(
     clippy::cast_possible_truncation,
@@ -159,6 +233,12 @@ fn copy_line(what: &str, p: &pipeline::progress::ProgressSnapshot) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_steps_line_says_the_phase_and_how_far_it_has_come() {
+        assert_eq!(steps_line("checking chunks", 250, 1000), "checking chunks: 250 of 1000 (25%)");
+        assert_eq!(steps_line("listing", 7, 0), "listing: 7");
+    }
 
     #[test]
     fn a_copy_line_is_readable_without_a_calculator() {

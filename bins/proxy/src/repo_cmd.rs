@@ -158,6 +158,9 @@ pub(crate) enum RepoCommand {
         /// As JSON.
         #[arg(long)]
         json: bool,
+        /// Show no progress (a bar on a terminal, else a line every 10 s).
+        #[arg(long)]
+        no_progress: bool,
     },
     /// Remove the restore points a retention policy does not keep (per source).
     Prune {
@@ -185,6 +188,9 @@ pub(crate) enum RepoCommand {
         /// As JSON.
         #[arg(long)]
         json: bool,
+        /// Show no progress (a bar on a terminal, else a line every 10 s).
+        #[arg(long)]
+        no_progress: bool,
     },
     /// Copy restore points to another repository (an S3 copy for 3-2-1); resumable.
     Copy {
@@ -202,6 +208,9 @@ pub(crate) enum RepoCommand {
         /// As JSON.
         #[arg(long)]
         json: bool,
+        /// Show no progress (a bar on a terminal, else a line every 10 s).
+        #[arg(long)]
+        no_progress: bool,
     },
 }
 
@@ -331,10 +340,12 @@ async fn dispatch(cmd: RepoCommand) -> Result<ExitCode> {
                 None => restore(&r, &point, &dst, disk, force, no_progress).await,
             }
         }
-        RepoCommand::Verify { repo, json } => verify(&repo.open()?, json),
+        RepoCommand::Verify { repo, json, no_progress } => verify(&repo.open()?, json, no_progress || json),
         RepoCommand::Prune { repo, keep, dry_run, json } => prune(&repo.open()?, &keep, dry_run, json),
-        RepoCommand::Gc { repo, grace, dry_run, json } => gc(&repo.open()?, grace, dry_run, json),
-        RepoCommand::Copy { repo, dst, point, dst_key_file, json } => {
+        RepoCommand::Gc { repo, grace, dry_run, json, no_progress } => {
+            gc(&repo.open()?, grace, dry_run, json, no_progress || json)
+        }
+        RepoCommand::Copy { repo, dst, point, dst_key_file, json, no_progress } => {
             let src = repo.open()?;
             let key = dst_key_file.as_deref().map(RepoKey::from_file).transpose()?;
             let dst_loc = Location { url: dst.clone(), s3: repo.s3(), key };
@@ -344,7 +355,10 @@ async fn dispatch(cmd: RepoCommand) -> Result<ExitCode> {
                 Err(e) => return Err(e.into()),
             };
             let only = (!point.is_empty()).then_some(point.as_slice());
-            let r = src.copy_to(&dest, only)?;
+            let steps = Arc::new(repo::Steps::default());
+            let view = crate::progress_view::steps(steps.clone(), no_progress || json);
+            let r = src.copy_to_with(&dest, only, &steps)?;
+            drop(view);
             if json {
                 println!(
                     "{}",
@@ -353,11 +367,11 @@ async fn dispatch(cmd: RepoCommand) -> Result<ExitCode> {
                 );
             } else {
                 println!(
-                    "copied {} restore points to {dst} ({} chunks, {} bytes; {} chunks and {} restore points were \
+                    "copied {} restore points to {dst} ({} chunks, {}; {} chunks and {} restore points were \
                      already there)",
                     r.points_copied.len(),
                     r.chunks_copied,
-                    r.bytes_copied,
+                    human_bytes(r.bytes_copied),
                     r.chunks_present,
                     r.points_present
                 );
@@ -753,8 +767,11 @@ async fn restore_disk(reader: repo::PointReader, dst: &str, quiet: bool) -> Resu
     Ok(report)
 }
 
-fn verify(repo: &Repo, json: bool) -> Result<ExitCode> {
-    let r = repo.verify()?;
+fn verify(repo: &Repo, json: bool, quiet: bool) -> Result<ExitCode> {
+    let steps = Arc::new(repo::Steps::default());
+    let view = crate::progress_view::steps(steps.clone(), quiet);
+    let r = repo.verify_with(&steps)?;
+    drop(view);
     if json {
         println!(
             "{}",
@@ -780,8 +797,11 @@ fn verify(repo: &Repo, json: bool) -> Result<ExitCode> {
 }
 
 /// `gc`: exits 2, naming them, while manifests that cannot be read keep it from sweeping.
-fn gc(repo: &Repo, grace: Duration, dry_run: bool, json: bool) -> Result<ExitCode> {
-    let r = repo.gc(grace, dry_run)?;
+fn gc(repo: &Repo, grace: Duration, dry_run: bool, json: bool, quiet: bool) -> Result<ExitCode> {
+    let steps = Arc::new(repo::Steps::default());
+    let view = crate::progress_view::steps(steps.clone(), quiet);
+    let r = repo.gc_with(grace, dry_run, &steps)?;
+    drop(view);
     let verb = if dry_run { "would remove" } else { "removed" };
     if json {
         println!(

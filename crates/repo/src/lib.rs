@@ -21,6 +21,7 @@ mod s3;
 mod s3config;
 mod session;
 mod sink;
+mod steps;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -47,6 +48,7 @@ pub use s3::S3Store;
 pub use s3config::S3Config;
 pub use session::{SESSION_FORMAT, Session};
 pub use sink::{RepoSink, SinkStats};
+pub use steps::Steps;
 
 /// Everything that can go wrong with a repository.
 #[derive(Debug, thiserror::Error)]
@@ -982,6 +984,12 @@ impl Repo {
     /// Re-reads and re-hashes every chunk any restore point references (each once), and names
     /// the restore points a damaged or missing chunk or index makes unrestorable.
     pub fn verify(&self) -> Result<VerifyReport, RepoError> {
+        self.verify_with(&Steps::default())
+    }
+
+    /// [`verify`](Self::verify), telling `steps` how far it has come: reading the indexes (one
+    /// step per disk), then checking the chunks (one step each).
+    pub fn verify_with(&self, steps: &Steps) -> Result<VerifyReport, RepoError> {
         let _lock = self.lock(LockKind::Shared, "verify")?;
         let mut report = VerifyReport::default();
         let mut users: BTreeMap<ChunkId, Vec<(String, String)>> = BTreeMap::new();
@@ -991,6 +999,7 @@ impl Repo {
             report.bad_chunks.push((name, why));
             report.damaged_points.entry(id).or_default().push("manifest".into());
         }
+        steps.phase("reading indexes", points.iter().map(|m| m.disks.len() as u64).sum());
         for m in points {
             for f in &m.files {
                 if let Err(e) = self.file(&m, &f.name) {
@@ -999,6 +1008,7 @@ impl Repo {
                 }
             }
             for (n, d) in m.disks.iter().enumerate() {
+                steps.step();
                 match self.index(&m, n) {
                     Ok(ix) => {
                         for id in ix.ids.into_iter().filter(|i| *i != ZERO) {
@@ -1012,7 +1022,9 @@ impl Repo {
                 }
             }
         }
+        steps.phase("checking chunks", users.len() as u64);
         for (id, who) in users {
+            steps.step();
             report.chunks_checked += 1;
             if let Err(e) = self.chunk(&id) {
                 report.bad_chunks.push((chunk_name(&id), e.to_string()));

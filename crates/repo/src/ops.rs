@@ -12,7 +12,7 @@ use crate::format::{ChunkId, Index, Manifest, ZERO, chunk_name, encode_chunk};
 use crate::full;
 use crate::lock::RepoLock;
 use crate::prune::{Decision, Retention, select};
-use crate::{GC_GENERATION, GC_RESERVE, Registration, Repo, RepoError, random_hex, reserve_bytes};
+use crate::{GC_GENERATION, GC_RESERVE, Registration, Repo, RepoError, Steps, random_hex, reserve_bytes};
 
 /// What a prune did (or would do).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -142,12 +142,18 @@ impl Repo {
     /// generation, and makes it again once it has freed space. Object stores have neither
     /// temporary files nor a reserve.
     pub fn gc(&self, grace: Duration, dry_run: bool) -> Result<GcReport, RepoError> {
+        self.gc_with(grace, dry_run, &Steps::default())
+    }
+
+    /// [`gc`](Self::gc), telling `steps` how far it has come: marking (one step per disk of a
+    /// restore point), then sweeping (one step per chunk folder).
+    pub fn gc_with(&self, grace: Duration, dry_run: bool, steps: &Steps) -> Result<GcReport, RepoError> {
         let (_lock, freed_reserve) = self.gc_lock()?;
         let mut report = GcReport::default();
         let (points, unreadable) = self.points_and_unreadable()?;
         report.unreadable = unreadable.into_iter().map(|(name, why)| format!("{name}: {why}")).collect();
         if report.unreadable.is_empty() {
-            self.mark_and_sweep(&points, grace, dry_run, &mut report)?;
+            self.mark_and_sweep(&points, grace, dry_run, &mut report, steps)?;
         }
         if !self.store.file_system() {
             return Ok(report);
@@ -195,11 +201,14 @@ impl Repo {
         grace: Duration,
         dry_run: bool,
         report: &mut GcReport,
+        steps: &Steps,
     ) -> Result<(), RepoError> {
         let mut marked = BTreeSet::new();
         let live: BTreeSet<String> = points.iter().map(|m| m.id.clone()).collect();
+        steps.phase("marking chunks in use", points.iter().map(|m| m.disks.len() as u64).sum());
         for m in points {
             for d in &m.disks {
+                steps.step();
                 self.index_chunks(&d.index, &mut marked)?;
             }
         }
@@ -245,7 +254,10 @@ impl Repo {
         if !dry_run {
             self.store.put(GC_GENERATION, random_hex(16).as_bytes())?;
         }
-        for dir in self.store.list("chunks")? {
+        let chunk_dirs = self.store.list("chunks")?;
+        steps.phase("sweeping chunk folders", chunk_dirs.len() as u64);
+        for dir in chunk_dirs {
+            steps.step();
             for e in self.store.list(&format!("chunks/{}", dir.name))? {
                 let name = format!("chunks/{}/{}", dir.name, e.name);
                 // Only chunk names are swept: anything else there is not gc's to judge.
@@ -293,6 +305,12 @@ impl Repo {
     /// repositories' keys differ (or one is encrypted and the other not), chunks are
     /// re-encoded under the destination's key and names, and indexes rewritten to match.
     pub fn copy_to(&self, dest: &Repo, only: Option<&[String]>) -> Result<CopyReport, RepoError> {
+        self.copy_to_with(dest, only, &Steps::default())
+    }
+
+    /// [`copy_to`](Self::copy_to), telling `steps` how far it has come: one step per chunk
+    /// reference of the restore points to copy.
+    pub fn copy_to_with(&self, dest: &Repo, only: Option<&[String]>, steps: &Steps) -> Result<CopyReport, RepoError> {
         if dest.config.chunk_size != self.config.chunk_size {
             return Err(RepoError::Invalid(format!(
                 "{} uses chunks of {} bytes and {} of {}: a copy needs the same chunk size",
@@ -307,6 +325,7 @@ impl Repo {
         let mut report = CopyReport::default();
         let have: BTreeSet<String> = dest.points()?.into_iter().map(|m| m.id).collect();
         let mut sent = BTreeSet::new();
+        let mut todo = Vec::new();
         for m in self.points()? {
             if only.is_some_and(|o| !o.contains(&m.id)) {
                 continue;
@@ -315,7 +334,12 @@ impl Repo {
                 report.points_present += 1;
                 continue;
             }
-            self.copy_point(dest, &m, &mut sent, &mut report)?;
+            todo.push(m);
+        }
+        let count = todo.len();
+        for (k, m) in todo.into_iter().enumerate() {
+            let phase = format!("copying restore point {} of {count} ({} of {})", k + 1, m.id, m.source.name);
+            self.copy_point(dest, &m, &mut sent, &mut report, (steps, &phase))?;
             report.points_copied.push(m.id.clone());
         }
         Ok(report)
@@ -327,16 +351,19 @@ impl Repo {
         m: &Manifest,
         sent: &mut BTreeSet<ChunkId>,
         report: &mut CopyReport,
+        (steps, phase): (&Steps, &str),
     ) -> Result<(), RepoError> {
         // The same key (or none on both sides): files go across as they are.
         let same = self.codec.key_check() == dest.codec.key_check();
         let max = u64::from(self.config.chunk_size);
         let mut out = m.clone();
-        for (n, d) in m.disks.iter().enumerate() {
-            let ix = self.index(m, n)?;
+        let indexes = (0..m.disks.len()).map(|n| self.index(m, n)).collect::<Result<Vec<_>, _>>()?;
+        steps.phase(phase, indexes.iter().map(|ix| ix.ids.len() as u64).sum());
+        for ((n, d), ix) in m.disks.iter().enumerate().zip(indexes) {
             let mut new_ix =
                 Index { chunk_size: ix.chunk_size, capacity: ix.capacity, ids: Vec::with_capacity(ix.ids.len()) };
             for id in &ix.ids {
+                steps.step();
                 if *id == ZERO {
                     new_ix.ids.push(ZERO);
                     continue;

@@ -596,3 +596,35 @@ async fn a_chunk_patched_from_its_parent_restores_exactly() {
     let e = copy_disk(job, &Engine::new(64 * MIB), &options, Arc::new(Progress::default())).await.unwrap_err();
     assert!(e.to_string().contains("reading back"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_gc_and_copy_say_how_far_they_have_come() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Repo::init(dir.path().join("repo"), MIB32).unwrap();
+    let (a, b) = (dir.path().join("a.raw"), dir.path().join("b.raw"));
+    image(&a, 6 * MIB + 4096, 1);
+    image(&b, 5 * MIB, 2);
+    let first = backup(&repo, None, &a, None).await;
+    backup(&repo, None, &b, None).await;
+
+    // Verify: every index read, then every chunk checked, each counted once.
+    let steps = repo::Steps::default();
+    let report = repo.verify_with(&steps).unwrap();
+    assert_eq!(steps.snapshot(), ("checking chunks".to_owned(), report.chunks_checked, report.chunks_checked));
+    assert!(report.chunks_checked > 0);
+
+    // Copy: one step per chunk reference of the points copied (zero chunks included).
+    let dest = Repo::init(dir.path().join("copy"), MIB32).unwrap();
+    let steps = repo::Steps::default();
+    repo.copy_to_with(&dest, Some(std::slice::from_ref(&first.id)), &steps).unwrap();
+    let (phase, done, total) = steps.snapshot();
+    assert!(phase.starts_with("copying restore point 1 of 1") && phase.contains(&first.id), "{phase}");
+    assert_eq!((done, total), (7, 7), "7 chunks of 1 MiB cover 6 MiB + 4 KiB");
+
+    // gc: every chunk folder swept.
+    let steps = repo::Steps::default();
+    repo.gc_with(std::time::Duration::ZERO, true, &steps).unwrap();
+    let (phase, done, total) = steps.snapshot();
+    assert_eq!(phase, "sweeping chunk folders");
+    assert!(total > 0 && done == total, "{done} of {total}");
+}
