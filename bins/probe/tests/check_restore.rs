@@ -49,7 +49,7 @@ const CHUNK: u32 = 64 << 10;
 /// version 19.
 async fn point(dir: &Path) -> String {
     let repo = Repo::init(dir, CHUNK).unwrap();
-    let spec = DiskSpec { name: "scsi0:0".into(), capacity: 4 << 20, change_id: None, committed: None };
+    let spec = DiskSpec { name: "scsi0:0".into(), capacity: 4 << 20, change_id: None, committed: None, label: None };
     let mut b = repo.begin(None, vec![spec]).unwrap();
     b.add_file("vm.vmx", b"displayName = \"vm\"\nvirtualHW.version = \"19\"\n").unwrap();
     let sink = b.sink(0).unwrap();

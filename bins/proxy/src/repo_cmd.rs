@@ -141,9 +141,10 @@ pub(crate) enum RepoCommand {
         /// --force: it is written in place).
         #[arg(long)]
         force: bool,
-        /// Which disk of the restore point.
-        #[arg(long, default_value_t = 0)]
-        disk: usize,
+        /// Which disk of the restore point: its slot (`scsi0:1`), its label (`Hard disk 2`), or
+        /// its position (`0`, the first).
+        #[arg(long, default_value = "0")]
+        disk: String,
         /// Show no progress (a bar on a terminal, else a line every 10 s).
         #[arg(long)]
         no_progress: bool,
@@ -337,7 +338,7 @@ async fn dispatch(cmd: RepoCommand) -> Result<ExitCode> {
             let r = repo.open()?;
             match file {
                 Some(name) => restore_file(&r, &point, &name, Path::new(&dst)),
-                None => restore(&r, &point, &dst, disk, force, no_progress).await,
+                None => restore(&r, &point, &dst, &disk, force, no_progress).await,
             }
         }
         RepoCommand::Verify { repo, json, no_progress } => verify(&repo.open()?, json, no_progress || json),
@@ -447,7 +448,7 @@ async fn backup(args: &BackupArgs) -> Result<ExitCode> {
     let disk_name = Path::new(&name).file_name().map_or_else(|| name.clone(), |n| n.to_string_lossy().into_owned());
     let mut b = repo.begin(
         parent.as_deref(),
-        vec![DiskSpec { name: disk_name, capacity: size, change_id: None, committed: None }],
+        vec![DiskSpec { name: disk_name, capacity: size, change_id: None, committed: None, label: None }],
     )?;
     for path in &args.file {
         let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
@@ -582,7 +583,14 @@ fn list(repo: &Repo, vm: Option<&str>, since: Option<&str>, json: bool) -> Resul
             let p = points[i];
             let size: u64 = p.disks.iter().map(|d| d.capacity).sum();
             let stored: u64 = p.disks.iter().map(|d| d.stored_bytes).sum();
-            let disks: Vec<&str> = p.disks.iter().map(|d| d.name.as_str()).collect();
+            let disks: Vec<String> = p
+                .disks
+                .iter()
+                .map(|d| match &d.label {
+                    Some(l) => format!("{} ({l})", d.name),
+                    None => d.name.clone(),
+                })
+                .collect();
             let consistency = match p.consistency {
                 Consistency::Application => "application",
                 Consistency::Crash => "crash",
@@ -667,7 +675,7 @@ fn restore_target(dst: &str) -> Result<RestoreTarget> {
     Ok(RestoreTarget::File { target, tmp, permissions })
 }
 
-async fn restore(repo: &Repo, point: &str, dst: &str, disk: usize, force: bool, quiet: bool) -> Result<ExitCode> {
+async fn restore(repo: &Repo, point: &str, dst: &str, which: &str, force: bool, quiet: bool) -> Result<ExitCode> {
     let target = restore_target(dst)?;
     if let RestoreTarget::File { permissions: Some(_), .. } = &target
         && !force
@@ -676,7 +684,13 @@ async fn restore(repo: &Repo, point: &str, dst: &str, disk: usize, force: bool, 
     }
     let id = point_id(repo, point)?;
     let _lock = repo.lock(repo::LockKind::Shared, &format!("restore of {id}"))?;
-    let reader = repo.reader(&id, disk)?;
+    let m = repo.point(&id)?;
+    let n = m.disk_index(which)?;
+    let disk = match &m.disks[n].label {
+        Some(label) => format!("{} ({label})", m.disks[n].name),
+        None => m.disks[n].name.clone(),
+    };
+    let reader = repo.reader(&id, n)?;
     let RestoreTarget::File { target, tmp, permissions } = target else {
         let report = restore_disk(reader, dst, quiet).await?;
         println!(

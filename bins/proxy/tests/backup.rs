@@ -138,6 +138,36 @@ async fn backups_plans_and_exit_codes() {
         }
     }
 
+    // A disk named by its label (any case) or its slot; a name it lacks lists what it has.
+    let db = vms.iter().find(|v| v.name == "db").unwrap();
+    let want = std::fs::read(env.sim.disk_path("db", db.disks[1].key).unwrap()).unwrap();
+    let repo_dir = env.dir.path().join("repo");
+    for which in [db.disks[1].label.to_lowercase(), "1".to_owned(), db.disks[1].bus_slot.clone().unwrap()] {
+        let out = env.dir.path().join("disk1.raw");
+        let _ = std::fs::remove_file(&out);
+        let c = Command::new(env!("CARGO_BIN_EXE_proxy"))
+            .args(["repo", "restore", "--no-progress", "--disk", &which])
+            .arg(&repo_dir)
+            .arg("db@latest")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(c.status.success(), "--disk {which}: {}", String::from_utf8_lossy(&c.stderr));
+        assert!(std::fs::read(&out).unwrap() == want, "--disk {which} restored the point's second disk");
+    }
+    let c = Command::new(env!("CARGO_BIN_EXE_proxy"))
+        .args(["repo", "restore", "--disk", "Hard disk 9"])
+        .arg(&repo_dir)
+        .arg("db@latest")
+        .arg(env.dir.path().join("none.raw"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&c.stderr);
+    assert!(
+        !c.status.success() && err.contains("no disk \"Hard disk 9\"") && err.contains(&db.disks[1].label),
+        "{err}"
+    );
+
     // A change, then a plan: incremental, and nothing touched.
     env.sim.write("db", vms[0].disks[0].key, 0, &noise(1000, 99)).unwrap();
     let before = env.client.vms().await.unwrap();

@@ -23,6 +23,7 @@ fn the_demo_restores_every_disk_byte_for_byte() {
     let list = Command::new(env!("CARGO_BIN_EXE_proxy")).args(["repo", "list"]).arg(&repo).output().unwrap();
     let listed = String::from_utf8_lossy(&list.stdout);
     assert!(listed.contains("application") && listed.contains(".vmx"), "{listed}");
+    assert!(listed.contains("scsi0:0 (Hard disk 1)"), "each disk's slot with its vSphere label: {listed}");
     let as_json =
         Command::new(env!("CARGO_BIN_EXE_proxy")).args(["repo", "list", "--json"]).arg(&repo).output().unwrap();
     let points = serde_json::from_slice::<serde_json::Value>(&as_json.stdout)

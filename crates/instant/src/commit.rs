@@ -46,6 +46,7 @@ pub async fn commit(repo: &Repo, point: &str, overlays: &[(usize, &Overlay)]) ->
                 capacity: d.capacity,
                 change_id: d.change_id.clone().filter(|_| same),
                 committed: d.committed.clone().filter(|_| same),
+                label: d.label.clone(),
             }
         })
         .collect();

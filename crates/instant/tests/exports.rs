@@ -22,7 +22,8 @@ fn us(x: u64) -> usize {
 /// Backs `image` up as disk `scsi0:0` of a new restore point (with a `.vmx`), chunk by chunk.
 async fn backup(repo: &Repo, image: &Path) -> String {
     let data = std::fs::read(image).unwrap();
-    let spec = DiskSpec { name: "scsi0:0".into(), capacity: data.len() as u64, change_id: None, committed: None };
+    let spec =
+        DiskSpec { name: "scsi0:0".into(), capacity: data.len() as u64, change_id: None, committed: None, label: None };
     let mut b = repo.begin(None, vec![spec]).unwrap();
     b.add_file("vm.vmx", b"displayName = \"vm\"\n").unwrap();
     let sink = b.sink(0).unwrap();

@@ -59,6 +59,7 @@ pub(crate) fn plan_disk(f: &DiskFacts, warnings: &mut Vec<String>) -> DiskPlan {
         capacity: f.disk.capacity,
         change_id: f.current.change_id.as_ref().map(|c| c.as_str().to_owned()),
         committed: commit,
+        label: Some(f.disk.label.clone()).filter(|l| !l.is_empty()),
     };
     let Some(changes) = &f.changes else {
         let words = format!(

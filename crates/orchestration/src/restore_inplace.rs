@@ -156,17 +156,9 @@ async fn find_vm(client: &Client, manifest: &Manifest, named: Option<&str>) -> R
     })
 }
 
-/// The point's disk for `slot` (a slot name or a position).
+/// The point's disk for `slot` (a slot name, a label or a position).
 fn point_disk(manifest: &Manifest, slot: &str) -> Result<usize, OrchError> {
-    manifest
-        .disks
-        .iter()
-        .position(|d| d.name == slot)
-        .or_else(|| slot.parse::<usize>().ok().filter(|n| *n < manifest.disks.len()))
-        .ok_or_else(|| {
-            let names: Vec<&str> = manifest.disks.iter().map(|d| d.name.as_str()).collect();
-            refused(format!("restore point {} has no disk {slot:?}; it has: {}", manifest.id, names.join(", ")))
-        })
+    manifest.disk_index(slot).map_err(|e| refused(e.to_string()))
 }
 
 /// The datastore folder of a `[ds] dir/file` path.

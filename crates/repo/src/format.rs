@@ -198,6 +198,10 @@ pub struct DiskEntry {
     /// backing, epoch taint), when it came from a planned copy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub committed: Option<cbt::CommittedDisk>,
+    /// Its label in vSphere (`Hard disk 2`), when it came from a VM; restores may name the
+    /// disk by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
     /// Chunks this backup stored new.
     pub stored_chunks: u64,
     /// Bytes those took in the repository.
@@ -239,6 +243,35 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// The disk `which` names: its slot (`scsi0:1`), its vSphere label (`Hard disk 2`, any
+    /// case), or its position (`0`). A name that matches none, or labels shared by several
+    /// disks, is refused listing what the point holds.
+    pub fn disk_index(&self, which: &str) -> Result<usize, RepoError> {
+        let w = which.trim();
+        let by_label: Vec<usize> = (0..self.disks.len())
+            .filter(|&n| self.disks[n].label.as_deref().is_some_and(|l| l.eq_ignore_ascii_case(w)))
+            .collect();
+        let found = self
+            .disks
+            .iter()
+            .position(|d| d.name == w)
+            .or(if let [one] = by_label.as_slice() { Some(*one) } else { None })
+            .or_else(|| w.parse::<usize>().ok().filter(|n| *n < self.disks.len()));
+        found.ok_or_else(|| {
+            let names: Vec<String> = self
+                .disks
+                .iter()
+                .enumerate()
+                .map(|(n, d)| match &d.label {
+                    Some(l) => format!("{n}: {} ({l})", d.name),
+                    None => format!("{n}: {}", d.name),
+                })
+                .collect();
+            let what = if by_label.len() > 1 { "several disks labelled" } else { "no disk" };
+            RepoError::Invalid(format!("restore point {} has {what} {which:?}; it has: {}", self.id, names.join(", ")))
+        })
+    }
+
     /// Reads a manifest, refusing a newer format by number.
     pub fn decode(data: &[u8], name: &str) -> Result<Self, RepoError> {
         #[derive(Deserialize)]

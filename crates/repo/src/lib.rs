@@ -321,6 +321,8 @@ pub struct DiskSpec {
     /// What the CBT planner should know of this copy next time; recorded in the manifest,
     /// which is written only once every disk is committed.
     pub committed: Option<cbt::CommittedDisk>,
+    /// Its label in vSphere (`Hard disk 2`), when it came from a VM.
+    pub label: Option<String>,
 }
 
 /// A backup in progress: a sink per disk; [`Backup::finish`] writes the manifest.
@@ -417,6 +419,7 @@ impl Backup {
                 index_blake3: sum,
                 change_id: d.change_id.clone(),
                 committed: d.committed.clone(),
+                label: d.label.clone(),
                 stored_chunks: stats.stored_chunks,
                 stored_bytes: stats.stored_bytes,
             });

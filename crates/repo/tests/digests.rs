@@ -87,7 +87,10 @@ async fn backup(repo: &Repo, img: &Path, options: &CopyOptions, again: bool) -> 
     let source: Arc<dyn BlockSource> = Arc::new(FileSource::open(img).unwrap());
     let size = source.size();
     let b = repo
-        .begin(None, vec![DiskSpec { name: "disk0".into(), capacity: size, change_id: None, committed: None }])
+        .begin(
+            None,
+            vec![DiskSpec { name: "disk0".into(), capacity: size, change_id: None, committed: None, label: None }],
+        )
         .unwrap();
     let inner = b.sink(0).unwrap();
     if again {
@@ -167,7 +170,10 @@ async fn a_wrong_digest_never_names_a_chunk_silently() {
     let dir = tempfile::tempdir().unwrap();
     let repo = Repo::init(dir.path().join("r"), 1 << 20).unwrap();
     let b = repo
-        .begin(None, vec![DiskSpec { name: "d".into(), capacity: 2 * MIB, change_id: None, committed: None }])
+        .begin(
+            None,
+            vec![DiskSpec { name: "d".into(), capacity: 2 * MIB, change_id: None, committed: None, label: None }],
+        )
         .unwrap();
     let sink = b.sink(0).unwrap();
     assert!(sink.uses_digests());
@@ -210,8 +216,9 @@ async fn an_encrypted_repository_keeps_its_keyed_ids() {
     assert_eq!(std::fs::read(&out).unwrap(), bytes);
 
     // Digests handed to it anyway are ignored: the chunk is named by its keyed hash.
-    let b =
-        repo.begin(None, vec![DiskSpec { name: "d".into(), capacity: MIB, change_id: None, committed: None }]).unwrap();
+    let b = repo
+        .begin(None, vec![DiskSpec { name: "d".into(), capacity: MIB, change_id: None, committed: None, label: None }])
+        .unwrap();
     let sink = b.sink(0).unwrap();
     assert!(!sink.uses_digests());
     let data = vec![0x33; MIB as usize];
@@ -226,7 +233,8 @@ async fn an_encrypted_repository_keeps_its_keyed_ids() {
 fn hashing_again_turns_the_use_of_digests_off() {
     let dir = tempfile::tempdir().unwrap();
     let repo = Repo::init(dir.path().join("r"), 1 << 20).unwrap();
-    let b = repo.begin(None, vec![DiskSpec { name: "d".into(), capacity: MIB, change_id: None, committed: None }]);
+    let b = repo
+        .begin(None, vec![DiskSpec { name: "d".into(), capacity: MIB, change_id: None, committed: None, label: None }]);
     let sink = b.unwrap().sink(0).unwrap();
     assert!(sink.uses_digests());
     sink.hash_chunks_again();

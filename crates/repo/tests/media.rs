@@ -229,7 +229,13 @@ async fn gc_collects_the_temporary_files_and_chunks_of_writers_that_died() {
     let dying = repo
         .begin(
             Some(&points[1].0),
-            vec![repo::DiskSpec { name: "d".into(), capacity: 4 * u64::from(CHUNK), change_id: None, committed: None }],
+            vec![repo::DiskSpec {
+                name: "d".into(),
+                capacity: 4 * u64::from(CHUNK),
+                change_id: None,
+                committed: None,
+                label: None,
+            }],
         )
         .unwrap();
     let sink = dying.sink(0).unwrap();

@@ -36,7 +36,10 @@ async fn backup(repo: &Repo, parent: Option<&str>, src: &Path, read: Option<Exte
     let source: Arc<dyn BlockSource> = Arc::new(FileSource::open(src).unwrap());
     let size = source.size();
     let b = repo
-        .begin(parent, vec![DiskSpec { name: "disk0".into(), capacity: size, change_id: None, committed: None }])
+        .begin(
+            parent,
+            vec![DiskSpec { name: "disk0".into(), capacity: size, change_id: None, committed: None, label: None }],
+        )
         .unwrap();
     let sink: Arc<dyn BlockSink> = b.sink(0).unwrap();
     let g = sink.granularity().get();
@@ -67,7 +70,7 @@ async fn the_sink_passes_the_pipeline_conformance_suite() {
     // Not a whole number of chunks, so the last one is partial.
     let size = 3 * MIB + 8192;
     let b = repo
-        .begin(None, vec![DiskSpec { name: "d".into(), capacity: size, change_id: None, committed: None }])
+        .begin(None, vec![DiskSpec { name: "d".into(), capacity: size, change_id: None, committed: None, label: None }])
         .unwrap();
     let sink = b.sink(0).unwrap();
     let reader = sink.clone();
@@ -153,7 +156,10 @@ async fn an_unfinished_backup_leaves_no_restore_point_and_newer_formats_are_refu
     let done = backup(&repo, None, &img, None).await;
     // Chunks and even an index written, but no manifest: as after a crash before the end.
     let b = repo
-        .begin(Some(&done.id), vec![DiskSpec { name: "d".into(), capacity: 8 * MIB, change_id: None, committed: None }])
+        .begin(
+            Some(&done.id),
+            vec![DiskSpec { name: "d".into(), capacity: 8 * MIB, change_id: None, committed: None, label: None }],
+        )
         .unwrap();
     let sink = b.sink(0).unwrap();
     sink.write_at(0, bytes::Bytes::from(vec![9u8; 1 << 20])).await.unwrap();
@@ -216,7 +222,8 @@ async fn prune_and_gc_keep_every_chunk_a_kept_point_or_a_running_backup_needs() 
     }
     let hour = Duration::from_secs(3600);
 
-    let disk = || vec![DiskSpec { name: "disk0".into(), capacity: size, change_id: None, committed: None }];
+    let disk =
+        || vec![DiskSpec { name: "disk0".into(), capacity: size, change_id: None, committed: None, label: None }];
     // A backup in progress from ids[0] keeps going while prune and gc run beside it.
     let running = repo.begin(Some(&ids[0]), disk()).unwrap();
     let sink = running.sink(0).unwrap();
@@ -349,7 +356,7 @@ async fn a_gc_that_removes_a_chunk_a_running_backup_reuses_fails_that_backup_cle
     // A new backup of `one` finds its first chunk already stored (unreferenced now) and reuses
     // it; a gc then removes that chunk before the backup finishes.
     let b = repo
-        .begin(None, vec![DiskSpec { name: "d".into(), capacity: size, change_id: None, committed: None }])
+        .begin(None, vec![DiskSpec { name: "d".into(), capacity: size, change_id: None, committed: None, label: None }])
         .unwrap();
     let sink = b.sink(0).unwrap();
     let first = std::fs::read(&one).unwrap()[..1 << 20].to_vec();
@@ -389,7 +396,10 @@ async fn configuration_files_travel_with_their_restore_point() {
     let vmx = b"displayName = \"db01\"\nscsi0:0.fileName = \"db01.vmdk\"\n".to_vec();
     let nvram = vec![0xA5u8; 8192];
     let mut b = repo
-        .begin(None, vec![DiskSpec { name: "d".into(), capacity: 4 * MIB, change_id: None, committed: None }])
+        .begin(
+            None,
+            vec![DiskSpec { name: "d".into(), capacity: 4 * MIB, change_id: None, committed: None, label: None }],
+        )
         .unwrap();
     b.add_file("db01.vmx", &vmx).unwrap();
     b.add_file("db01.nvram", &nvram).unwrap();
@@ -422,7 +432,10 @@ async fn configuration_files_travel_with_their_restore_point() {
 
     // When the point is pruned (a newer one of the same source kept), gc removes its files.
     let mut b2 = repo
-        .begin(Some(&m.id), vec![DiskSpec { name: "d".into(), capacity: 4 * MIB, change_id: None, committed: None }])
+        .begin(
+            Some(&m.id),
+            vec![DiskSpec { name: "d".into(), capacity: 4 * MIB, change_id: None, committed: None, label: None }],
+        )
         .unwrap();
     b2.add_file("db01.vmx", &vmx).unwrap();
     b2.sink(0).unwrap().commit().await.unwrap();
@@ -442,7 +455,8 @@ async fn an_interrupted_backup_resumes_from_its_session() {
     let (img, repo_dir) = (dir.path().join("disk.raw"), dir.path().join("repo"));
     image(&img, 12 * MIB, 5);
     let repo = Repo::init(&repo_dir, MIB32).unwrap();
-    let spec = || vec![DiskSpec { name: "disk0".into(), capacity: 12 * MIB, change_id: None, committed: None }];
+    let spec =
+        || vec![DiskSpec { name: "disk0".into(), capacity: 12 * MIB, change_id: None, committed: None, label: None }];
     let source: Arc<dyn BlockSource> = Arc::new(FileSource::open(&img).unwrap());
     let options = CopyOptions { checkpoint_bytes: MIB, ..CopyOptions::default() };
     let copy = |b: &repo::Backup, read: ExtentSet, done: ExtentSet| DiskCopy {
@@ -533,7 +547,7 @@ async fn a_chunk_patched_from_its_parent_restores_exactly() {
     let b = repo
         .begin(
             Some(&first.id),
-            vec![DiskSpec { name: "disk0".into(), capacity: size, change_id: None, committed: None }],
+            vec![DiskSpec { name: "disk0".into(), capacity: size, change_id: None, committed: None, label: None }],
         )
         .unwrap();
     let sink: Arc<dyn BlockSink> = b.sink(0).unwrap();
@@ -576,7 +590,7 @@ async fn a_chunk_patched_from_its_parent_restores_exactly() {
     let b = repo
         .begin(
             Some(&second.id),
-            vec![DiskSpec { name: "disk0".into(), capacity: size, change_id: None, committed: None }],
+            vec![DiskSpec { name: "disk0".into(), capacity: size, change_id: None, committed: None, label: None }],
         )
         .unwrap();
     let sink: Arc<dyn BlockSink> = b.sink(0).unwrap();

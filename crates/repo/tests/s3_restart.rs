@@ -36,7 +36,7 @@ fn s3(endpoint: &str, secret: &str) -> S3Config {
 fn backup(repo: &Repo, data: &[u8]) -> (repo::Backup, Arc<dyn BlockSink>, DiskCopy) {
     let size = data.len() as u64;
     let b = repo
-        .begin(None, vec![DiskSpec { name: "d".into(), capacity: size, change_id: None, committed: None }])
+        .begin(None, vec![DiskSpec { name: "d".into(), capacity: size, change_id: None, committed: None, label: None }])
         .unwrap();
     let sink: Arc<dyn BlockSink> = b.sink(0).unwrap();
     let source: Arc<dyn BlockSource> = Arc::new(MemSource::new(data.to_vec()));

@@ -31,7 +31,10 @@ pub(crate) async fn backup_bytes(repo: &Repo, parent: Option<&str>, data: &[u8])
     let chunk = repo.config().chunk_size as usize;
     let len = data.len() as u64;
     let b = repo
-        .begin(parent, vec![DiskSpec { name: "d".into(), capacity: len, change_id: None, committed: None }])
+        .begin(
+            parent,
+            vec![DiskSpec { name: "d".into(), capacity: len, change_id: None, committed: None, label: None }],
+        )
         .map_err(|e| e.to_string())?;
     let sink = b.sink(0).ok_or("no sink")?;
     for (i, c) in data.chunks(chunk).enumerate() {
