@@ -823,7 +823,8 @@ fn gc(repo: &Repo, grace: Duration, dry_run: bool, json: bool, quiet: bool) -> R
             serde_json::json!({"dry_run": dry_run, "chunks_in_use": r.chunks_in_use,
             "chunks_removed": r.chunks_removed, "chunks_in_grace": r.chunks_in_grace,
             "indexes_removed": r.indexes_removed, "registrations_removed": r.registrations_removed,
-            "temporaries_removed": r.temporaries_removed, "unreadable": r.unreadable})
+            "temporaries_removed": r.temporaries_removed, "markers_removed": r.markers_removed,
+            "unreadable": r.unreadable})
         );
     } else {
         for bad in &r.unreadable {
@@ -836,13 +837,15 @@ fn gc(repo: &Repo, grace: Duration, dry_run: bool, json: bool, quiet: bool) -> R
             );
         }
         println!(
-            "{} chunks in use; {verb} {} unused chunks, {} index folders, {} abandoned backup registrations and {} \
-             temporary files; {} unused chunks are within the grace period",
+            "{} chunks in use; {verb} {} unused chunks, {} index folders, {} abandoned backup registrations, {} \
+             temporary files and {} protection markers of points that are gone; {} unused chunks are within the \
+             grace period",
             r.chunks_in_use,
             r.chunks_removed,
             r.indexes_removed,
             r.registrations_removed,
             r.temporaries_removed,
+            r.markers_removed,
             r.chunks_in_grace
         );
     }

@@ -39,14 +39,30 @@ pub struct GcReport {
     pub registrations_removed: u64,
     /// Temporary files (`.tmp-*`) of writers that died, older than the grace period, removed.
     pub temporaries_removed: u64,
+    /// Protection markers of restore points that no longer exist (a manifest removed by
+    /// hand), older than the grace period, removed.
+    pub markers_removed: u64,
     /// Manifests that cannot be read (name: why); while there is one, nothing but temporary
     /// files is removed.
     pub unreadable: Vec<String>,
 }
 
 /// The repository's folders, where writers' temporary files may be left.
-const TOP_FOLDERS: [&str; 11] =
-    ["chunks", "indexes", "files", "points", "writers", "locks", "jobs", "pins", "resets", "sessions", "gc"];
+const TOP_FOLDERS: [&str; 13] = [
+    "chunks",
+    "indexes",
+    "files",
+    "points",
+    "writers",
+    "locks",
+    "jobs",
+    "pins",
+    "resets",
+    "sessions",
+    "gc",
+    "protected",
+    "drills",
+];
 
 /// What a copy did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -294,6 +310,22 @@ impl Repo {
                     report.indexes_removed += 1;
                 }
             }
+        }
+        // Protection markers (`protected/<point>.json`) of points that are gone.
+        for e in self.store.list("protected")? {
+            let Some(point) = e.name.strip_suffix(".json") else { continue };
+            if e.modified.is_none()
+                || e.name.starts_with(TEMP_PREFIX)
+                || live.contains(point)
+                || registered.contains(point)
+                || young(e.modified, grace)
+            {
+                continue;
+            }
+            if !dry_run {
+                self.store.delete(&format!("protected/{}", e.name))?;
+            }
+            report.markers_removed += 1;
         }
         Ok(())
     }

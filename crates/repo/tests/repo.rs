@@ -642,3 +642,28 @@ async fn verify_gc_and_copy_say_how_far_they_have_come() {
     assert_eq!(phase, "sweeping chunk folders");
     assert!(total > 0 && done == total, "{done} of {total}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_removes_the_protection_markers_of_points_that_are_gone_and_no_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Repo::init(dir.path().join("repo"), MIB32).unwrap();
+    let (a, b) = (dir.path().join("a.raw"), dir.path().join("b.raw"));
+    image(&a, 3 * MIB, 5);
+    image(&b, 3 * MIB, 6);
+    let (gone, kept) = (backup(&repo, None, &a, None).await, backup(&repo, None, &b, None).await);
+    repo.protect(&gone.id, "until the audit").unwrap();
+    repo.protect(&kept.id, "keep").unwrap();
+    // The manifest removed by hand (protected points cannot be forgotten): its marker is
+    // left over.
+    std::fs::remove_file(dir.path().join("repo/points").join(format!("{}.json", gone.id))).unwrap();
+    let dry = repo.gc(std::time::Duration::ZERO, true).unwrap();
+    assert_eq!(dry.markers_removed, 1);
+    assert!(dir.path().join("repo/protected").join(format!("{}.json", gone.id)).exists(), "a dry run removes nothing");
+    // Within the grace period it stays.
+    assert_eq!(repo.gc(std::time::Duration::from_secs(3600), false).unwrap().markers_removed, 0);
+    let r = repo.gc(std::time::Duration::ZERO, false).unwrap();
+    assert_eq!(r.markers_removed, 1);
+    assert!(!dir.path().join("repo/protected").join(format!("{}.json", gone.id)).exists());
+    assert_eq!(repo.protection(&kept.id).unwrap().map(|p| p.note), Some("keep".to_owned()));
+    assert!(repo.forget(&kept.id).is_err(), "the living point is still protected");
+}
