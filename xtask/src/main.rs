@@ -176,9 +176,26 @@ fn ci(root: &Path) -> Result<()> {
 fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
     println!("==> {name}");
     let started = std::time::Instant::now();
-    f().with_context(|| format!("step `{name}` failed"))?;
-    println!("<== {name}: ok in {:.1?}", started.elapsed());
-    Ok(())
+    let result = f().with_context(|| format!("step `{name}` failed"));
+    // A full disk fails a build with a linker's bus error; the free space after each step
+    // says at once whether that is what happened.
+    let free = disk_free(Path::new("."));
+    match &result {
+        Ok(()) => println!("<== {name}: ok in {:.1?} ({free} free on disk)", started.elapsed()),
+        Err(_) => println!("<== {name}: FAILED after {:.1?} ({free} free on disk)", started.elapsed()),
+    }
+    result
+}
+
+/// Free space on the filesystem holding `dir`, as `df -h` prints it, or why that is unknown.
+fn disk_free(dir: &Path) -> String {
+    match Command::new("df").args(["-h", "--output=avail"]).arg(dir).output() {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .map_or_else(|| "unknown".to_owned(), |l| l.trim().to_owned()),
+        _ => "unknown (df failed)".to_owned(),
+    }
 }
 
 /// Runs cargo with these arguments, failing when it does.

@@ -151,7 +151,7 @@ fn backups_killed_at_random_moments_never_damage_a_restore_point() {
     let span = (t.elapsed().as_millis() as u64 * 6 / 5).max(20);
     let mut images = vec![first.clone()];
     let mut newest_image = Some(first);
-    let mut x = 0x9E37_79B9u64;
+    let mut rng = testkit::KillRng::new();
     let (mut killed, mut finished, mut incrementals) = (0, 0, 0);
     for round in 0..rounds {
         let img = d(&format!("img{round}.raw"));
@@ -166,12 +166,10 @@ fn backups_killed_at_random_moments_never_damage_a_restore_point() {
                 let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
                 let mut changed = String::new();
                 for k in 0..40u64 {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    let at = (x % (size / 4096 - 16)) * 4096;
+                    let at = rng.below(size / 4096 - 16) * 4096;
                     let len = 4096 * (1 + k % 16);
-                    std::os::unix::fs::FileExt::write_all_at(&f, &testkit::noise(len as usize, x), at).unwrap();
+                    let seed = rng.below(u64::MAX);
+                    std::os::unix::fs::FileExt::write_all_at(&f, &testkit::noise(len as usize, seed), at).unwrap();
                     changed.push_str(&format!("{at} {len}\n"));
                 }
                 std::fs::write(d("changed"), changed).unwrap();
@@ -185,10 +183,7 @@ fn backups_killed_at_random_moments_never_damage_a_restore_point() {
         images.push(img.clone());
         let mut child =
             proxy().args(&args).arg("--json").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        std::thread::sleep(Duration::from_millis(x % span));
+        std::thread::sleep(Duration::from_millis(rng.below(span)));
         match child.try_wait().unwrap() {
             Some(_) => finished += 1,
             None => {

@@ -574,8 +574,9 @@ impl Disk {
                 }
                 Work::Read { offset, len } => {
                     let g = self.granularity.get();
-                    // Always a whole request's buffer, cut to this one's length: one size of
-                    // buffer circulates, and none is faulted in afresh for a size not seen yet.
+                    // Always a whole request's buffer, passed whole with this request's length
+                    // beside it: one size of buffer circulates, and none is faulted in afresh
+                    // for a size not seen yet.
                     let mut lease = self.engine.pool.lease(self.options.request_size.max(len), g).await;
                     let buf = lease.take();
                     // Under memory pressure the buffer may be smaller: copy what fits, whole
