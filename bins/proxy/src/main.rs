@@ -14,6 +14,7 @@ mod drill_cmd;
 mod duration;
 mod endpoints;
 mod export_cmd;
+mod history;
 mod logs;
 mod progress_view;
 mod repo_cmd;

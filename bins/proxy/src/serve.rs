@@ -7,8 +7,7 @@
 //! gracefully: no new job starts, running copies stop, every snapshot is removed, a drill's VM
 //! is stopped, and it exits 0.
 
-use std::collections::{HashMap, VecDeque};
-use std::io::Write as _;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -27,6 +26,7 @@ use pipeline::limit::{RateLimiter, ReleaseCpuTime};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+use crate::history::History;
 use crate::serve_drill::{DrillRunner, DrillStats};
 use crate::server_args::{ServerArgs, read_secret_file, secret_file_warning};
 
@@ -37,9 +37,6 @@ pub(crate) struct Args {
     #[arg(long)]
     config: PathBuf,
 }
-
-/// How many finished runs the daemon keeps in memory (the history file keeps them all).
-const HISTORY_IN_MEMORY: usize = 1000;
 
 pub(crate) fn run(args: &Args) -> ExitCode {
     // VDDK, when configured, is loaded before any thread starts (it may re-execute the process).
@@ -125,8 +122,8 @@ pub(crate) fn server_args(v: &VcenterConfig) -> ServerArgs {
     }
 }
 
-/// One finished run, as the history keeps it.
-fn record(job: &str, started: SystemTime, report: Option<&JobReport>, error: Option<String>) -> Value {
+/// One finished run, as the history keeps it; `upkeep` is what the prune and gc after it did.
+fn record(job: &str, started: SystemTime, report: Option<&JobReport>, error: Option<String>, upkeep: Value) -> Value {
     let time = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
     let vms = report.map(JobReport::vm_totals).unwrap_or_default();
     let outcome = match (report.map(JobReport::outcome), &error) {
@@ -140,9 +137,11 @@ fn record(job: &str, started: SystemTime, report: Option<&JobReport>, error: Opt
         "run": report.map(|r| r.job.clone()),
         "started": time(started),
         "finished": time(SystemTime::now()),
+        "seconds": started.elapsed().map_or(0.0, |d| d.as_secs_f64()),
         "outcome": outcome,
         "error": error,
         "vms": vms,
+        "upkeep": upkeep,
     })
 }
 
@@ -151,8 +150,8 @@ struct State {
     proxy_id: String,
     started: SystemTime,
     metrics: Arc<Metrics>,
-    history: Mutex<VecDeque<Value>>,
-    history_file: PathBuf,
+    /// Finished runs: in the state folder's `history.jsonl`, its newest part read at startup.
+    history: Mutex<History>,
     /// Per job: its schedule text, target, next run, and whether it runs now.
     jobs: Mutex<HashMap<String, JobStatus>>,
     /// Jobs asked to run now (`POST /jobs/NAME/run`).
@@ -172,15 +171,6 @@ struct JobStatus {
 
 impl State {
     fn finish(&self, job: &str, rec: Value) {
-        match std::fs::OpenOptions::new().create(true).append(true).open(&self.history_file) {
-            Ok(mut f) => {
-                let line = format!("{rec}\n");
-                if let Err(e) = f.write_all(line.as_bytes()).and_then(|()| f.sync_data()) {
-                    tracing::warn!("cannot append to {}: {e}", self.history_file.display());
-                }
-            }
-            Err(e) => tracing::warn!("cannot open {}: {e}", self.history_file.display()),
-        }
         if rec["kind"] == "drill" {
             self.drills.record(&rec);
         }
@@ -188,10 +178,8 @@ impl State {
             s.running = false;
             s.last = Some(rec.clone());
         }
-        let mut h = self.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        h.push_back(rec);
-        while h.len() > HISTORY_IN_MEMORY {
-            h.pop_front();
+        if let Some(why) = self.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner).append(rec) {
+            tracing::warn!("{why}");
         }
     }
 
@@ -242,6 +230,7 @@ impl State {
             }
         }
         text.push_str(&self.drills.prometheus());
+        text.push_str(&self.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner).prometheus(&names));
         text
     }
 }
@@ -293,11 +282,13 @@ impl Runner {
         Ok(Job::prepare(self.spec(run_id)?, || self.job.open_target()).await?)
     }
 
-    /// One run: the job, then (for a repository with retention) a prune.
-    async fn once(&self, run_id: &str) -> (Option<JobReport>, Option<String>) {
+    /// One run: the job, then (for a repository with retention) a prune, and a gc when the
+    /// prune removed restore points, so retention frees space. Returns the report, why the
+    /// run failed, and what the prune and gc did.
+    async fn once(&self, run_id: &str) -> (Option<JobReport>, Option<String>, Value) {
         let job = match self.prepare(run_id).await {
             Ok(x) => x,
-            Err(e) => return (None, Some(format!("{e:#}"))),
+            Err(e) => return (None, Some(format!("{e:#}")), Value::Null),
         };
         let name = &self.job.name;
         let started = |e: JobEvent<'_>| {
@@ -308,7 +299,7 @@ impl Runner {
         // SIGTERM cancels the engine: the copies stop and the run ends on its own.
         let run = match job.run(std::future::pending(), started).await {
             Ok(r) => r,
-            Err(e) => return (None, Some(e.to_string())),
+            Err(e) => return (None, Some(e.to_string()), Value::Null),
         };
         for s in run.swept {
             tracing::warn!(job = %name, "removed snapshot {s} after the run");
@@ -327,19 +318,44 @@ impl Runner {
         }
         let ctx = &job.ctx;
         let mut error = None;
+        let mut upkeep = Value::Null;
         if let (Target::Repository(repo), Some(keep)) = (ctx.target(), &self.job.retention)
             && report.outcome() != Outcome::None
         {
-            let (repo, keep) = (repo.clone(), keep.retention());
-            match tokio::task::spawn_blocking(move || repo.prune(&keep, false)).await {
-                Ok(Ok(p)) => tracing::info!(job = %self.job.name, removed = p.removed.len(), "pruned"),
+            let (repo, keep, grace) = (repo.clone(), keep.retention(), self.job.gc_grace());
+            match tokio::task::spawn_blocking(move || upkeep_after(&repo, &keep, grace)).await {
+                Ok(Ok(u)) => upkeep = u,
                 Ok(Err(e)) => error = Some(format!("the prune after the run failed: {e}")),
                 Err(e) => error = Some(format!("the prune after the run did not finish: {e}")),
             }
+            tracing::info!(job = %self.job.name, upkeep = %upkeep, "prune and gc after the run");
         }
         tracing::info!(job = %self.job.name, outcome = %format!("{:?}", report.outcome()).to_lowercase(), seconds = report.seconds, "job ends");
-        (Some(report), error)
+        (Some(report), error, upkeep)
     }
+}
+
+/// The prune after a run, then a gc when it removed restore points. A gc that cannot run
+/// now (another job holds the repository, or it fails) is reported and left to the next run:
+/// the restore points are safe either way, only their space waits.
+fn upkeep_after(repo: &repo::Repo, keep: &repo::Retention, grace: Duration) -> Result<Value, repo::RepoError> {
+    let pruned = repo.prune(keep, false)?;
+    let gc = match pruned.removed.is_empty() {
+        true => Value::Null,
+        false => match repo.gc(grace, false) {
+            Ok(g) => json!({
+                "chunks_removed": g.chunks_removed,
+                "chunks_in_use": g.chunks_in_use,
+                "chunks_in_grace": g.chunks_in_grace,
+                "unreadable": g.unreadable,
+            }),
+            Err(e) => {
+                tracing::warn!("the gc after the prune did not run: {e}; the next run's gc frees the space");
+                json!({"error": e.to_string()})
+            }
+        },
+    };
+    Ok(json!({"pruned": pruned.removed, "gc": gc}))
 }
 
 /// Removes the stale snapshots of ours that dead jobs left, job by job of one vCenter.
@@ -387,8 +403,8 @@ impl Work {
     async fn once(&self, run_id: &str, started: SystemTime, stop: watch::Receiver<bool>) -> Value {
         match self {
             Self::Job(r) => {
-                let (report, error) = r.once(run_id).await;
-                record(&r.job.name, started, report.as_ref(), error)
+                let (report, error, upkeep) = r.once(run_id).await;
+                record(&r.job.name, started, report.as_ref(), error, upkeep)
             }
             Self::Drill(d) => d.once(started, stop).await,
         }
@@ -483,7 +499,7 @@ fn route(state: &State, token: &str, req: &Request<Incoming>) -> Response<Full<B
         ("GET", "/status") => text(StatusCode::OK, "application/json", state.status().to_string()),
         ("GET", "/history") => {
             let h = state.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            text(StatusCode::OK, "application/json", Value::Array(h.iter().cloned().collect()).to_string())
+            text(StatusCode::OK, "application/json", Value::Array(h.recent().cloned().collect()).to_string())
         }
         ("POST", p) if job_to_run(p).is_some() => {
             let name = job_to_run(p).unwrap_or_default();
@@ -723,7 +739,16 @@ async fn serve(config: ServeConfig, vddk: Option<Arc<vddk::Vddk>>) -> Result<Exi
         running: false,
         last: None,
     };
-    let jobs = config
+    // What the daemon knew before its restart: each job's last run, each VM's last good point.
+    let (history, warnings) = History::load(config.proxy.state_dir.join("history.jsonl"));
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    let drill_stats = DrillStats::default();
+    for rec in history.recent().filter(|r| r["kind"] == "drill") {
+        drill_stats.record(rec);
+    }
+    let mut jobs: HashMap<String, JobStatus> = config
         .jobs
         .iter()
         .map(|j| {
@@ -732,12 +757,14 @@ async fn serve(config: ServeConfig, vddk: Option<Arc<vddk::Vddk>>) -> Result<Exi
         })
         .chain(config.drills.iter().map(|d| (d.name.clone(), status(&d.schedule, d.repository.clone()))))
         .collect();
+    for (name, s) in &mut jobs {
+        s.last = history.last_of(name).cloned();
+    }
     let state = Arc::new(State {
         proxy_id: proxy_id.clone(),
         started: SystemTime::now(),
         metrics: metrics.clone(),
-        history: Mutex::default(),
-        history_file: config.proxy.state_dir.join("history.jsonl"),
+        history: Mutex::new(history),
         jobs: Mutex::new(jobs),
         triggers: config
             .jobs
@@ -746,7 +773,7 @@ async fn serve(config: ServeConfig, vddk: Option<Arc<vddk::Vddk>>) -> Result<Exi
             .chain(config.drills.iter().map(|d| &d.name))
             .map(|n| (n.clone(), tokio::sync::Notify::new()))
             .collect(),
-        drills: DrillStats::default(),
+        drills: drill_stats,
     });
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     tracing::info!(proxy = %proxy_id, listen = %listener.local_addr()?, jobs = runners.len(), drills = drills.len(), "serving");

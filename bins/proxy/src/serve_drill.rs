@@ -2,6 +2,7 @@
 //! booted in isolation ([`orchestration::drill_job`]), one at a time; a point that does not
 //! come up fails the run, and the last successful drill of each VM goes into the metrics.
 
+use crate::history::label;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
@@ -145,7 +146,13 @@ impl DrillStats {
     /// Takes in a finished drill run's record.
     pub(crate) fn record(&self, rec: &Value) {
         let (Some(job), Some(drills)) = (rec["job"].as_str(), rec["drills"].as_array()) else { return };
-        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs();
+        // When it finished (a record read back at startup is older than now).
+        let finished = rec["finished"].as_str().and_then(|t| humantime::parse_rfc3339_weak(t).ok());
+        let now = finished
+            .unwrap_or_else(SystemTime::now)
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_secs();
         let mut by_vm = self.by_vm.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for d in drills {
             let (Some(vm), Some(passed)) = (d["vm"].as_str(), d["passed"].as_bool()) else { continue };
@@ -187,11 +194,6 @@ impl DrillStats {
         }
         text
     }
-}
-
-/// A Prometheus label value, escaped.
-fn label(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 #[cfg(test)]

@@ -38,18 +38,8 @@ fn same(a: &Path, b: &Path) {
     testkit::same_contents(a, b).unwrap().unwrap_or_else(|e| panic!("{} and {} differ: {e}", a.display(), b.display()));
 }
 
-/// Every file under `dir`.
-fn all_files(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() { out.extend(all_files(&p)) } else { out.push(p) }
-    }
-    out
-}
-
 fn chunk_count(repo: &str) -> usize {
-    all_files(&Path::new(repo).join("chunks")).len()
+    testkit::files_under(&Path::new(repo).join("chunks")).len()
 }
 
 #[test]
@@ -214,7 +204,7 @@ fn backups_killed_at_random_moments_never_damage_a_restore_point() {
     // The locks the killed processes left are stale (their PIDs are gone): gc proceeds, and
     // collects the temporary files and the chunks the killed backups left.
     let gc = json(&run(&["repo", "gc", &repo, "--grace", "0s", "--json"]));
-    let left = all_files(Path::new(&repo));
+    let left = testkit::files_under(Path::new(&repo));
     let temporaries: Vec<_> = left.iter().filter(|p| p.to_string_lossy().contains("/.tmp-")).collect();
     assert!(temporaries.is_empty(), "{temporaries:?}");
     let chunks = left.iter().filter(|p| p.starts_with(Path::new(&repo).join("chunks"))).count();
@@ -405,7 +395,7 @@ fn restore_and_verify_work_on_a_repository_they_cannot_write() {
     std::fs::create_dir(d("out")).unwrap();
     mode(Path::new(&d("out")), 0o777);
     let mut dirs = vec![std::path::PathBuf::from(&repo)];
-    dirs.extend(all_files(Path::new(&repo)).iter().filter_map(|f| f.parent().map(Path::to_path_buf)));
+    dirs.extend(testkit::files_under(Path::new(&repo)).iter().filter_map(|f| f.parent().map(Path::to_path_buf)));
     dirs.sort();
     dirs.dedup();
     for p in &dirs {
@@ -432,7 +422,7 @@ fn restore_and_verify_work_on_a_repository_they_cannot_write() {
     for p in &dirs {
         mode(p, 0o755);
     }
-    assert!(all_files(&Path::new(&repo).join("locks")).is_empty(), "no lock was left behind");
+    assert!(testkit::files_under(&Path::new(&repo).join("locks")).is_empty(), "no lock was left behind");
 }
 
 #[test]

@@ -107,6 +107,7 @@ all = true
 schedule = "every 6h"
 repository = "{repo}"
 retention = {{ keep_last = 1 }}
+gc_grace = "0s"
 
 [[job]]
 name = "dr"
@@ -147,13 +148,7 @@ repository = "{repo}"
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("nightly") && err.contains("weekly"), "{err}");
 
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_proxy"))
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(d.join("daemon.log")).unwrap())
-        .spawn()
-        .unwrap();
+    let mut daemon = serve(&cfg, &d.join("daemon.log"));
     wait_for("the endpoint", || TcpStream::connect(&addr).is_ok()).await;
     // Startup removed the dead job's snapshot.
     let c2 = client.clone();
@@ -171,8 +166,14 @@ repository = "{repo}"
     assert_eq!(http(&addr, "GET", "/status", None).0, 401);
     assert_eq!(http(&addr, "GET", "/metrics", Some("wrong-token-of-some-length")).0, 401);
 
-    // Run the backup job twice; the prune keeps one restore point per VM.
+    // Run the backup job twice, the disks changed between; the prune keeps one restore point
+    // per VM, and the gc after it frees the chunks only the pruned points held.
     for round in 1..=2 {
+        if round == 2 {
+            for (i, v) in vms.iter().enumerate() {
+                sim.write(&v.name, v.disks[0].key, 0, &noise(4 * MIB, i as u64 + 50)).unwrap();
+            }
+        }
         let (code, body) = http(&addr, "POST", "/jobs/nightly/run", Some(TOKEN));
         assert_eq!(code, 202, "{body}");
         let a = addr.clone();
@@ -186,6 +187,14 @@ repository = "{repo}"
     let repo = Repo::open(d.join("repo")).unwrap();
     assert_eq!(repo.points().unwrap().len(), 2, "keep_last = 1 per VM");
     assert!(repo.verify().unwrap().damaged_points.is_empty());
+    let (_, history) = http(&addr, "GET", "/history", Some(TOKEN));
+    let history: serde_json::Value = serde_json::from_str(&history).unwrap();
+    let upkeep = &history.as_array().unwrap()[1]["upkeep"];
+    assert_eq!(upkeep["pruned"].as_array().map(Vec::len), Some(2), "{upkeep}");
+    let removed = upkeep["gc"]["chunks_removed"].as_u64().unwrap_or(0);
+    assert!(removed >= 8, "the first points' 4 MiB per VM in 1 MiB chunks freed: {upkeep}");
+    let chunk_files = testkit::files_under(&d.join("repo/chunks"));
+    assert_eq!(Some(chunk_files.len() as u64), upkeep["gc"]["chunks_in_use"].as_u64(), "only chunks in use: {upkeep}");
 
     // The replica job, run as an operator would: `proxy job run`, then `proxy status`.
     let out =
@@ -245,6 +254,43 @@ repository = "{repo}"
     assert!(done["fields"]["point"].as_str().is_some_and(|p| !p.is_empty() && p != "none"), "{done}");
     assert!(log.contains("removed stale snapshot") && log.contains("SIGTERM"), "{log}");
     assert!(!log.contains("simulated") && !log.contains(TOKEN), "no secret in the log");
+
+    // A restart remembers: the history, each job's last result, when each job and each VM last
+    // succeeded. An alert on them does not resolve itself because the daemon restarted.
+    let mut daemon = serve(&cfg, &d.join("daemon2.log"));
+    wait_for("the endpoint after a restart", || TcpStream::connect(&addr).is_ok()).await;
+    let (_, history) = http(&addr, "GET", "/history", Some(TOKEN));
+    let history: serde_json::Value = serde_json::from_str(&history).unwrap();
+    assert_eq!(history.as_array().unwrap().len(), 5, "{history}");
+    assert_eq!(last_outcome(&addr, "dr").as_deref(), Some("succeeded"), "{}", status(&addr));
+    assert_eq!(last_outcome(&addr, "partly-gone").as_deref(), Some("partial"), "{}", status(&addr));
+    let (_, metrics) = http(&addr, "GET", "/metrics", Some(TOKEN));
+    for want in [
+        "syncproxy_job_last_succeeded{job=\"dr\"} 1".to_owned(),
+        "syncproxy_job_last_succeeded{job=\"nightly\"} 0".to_owned(),
+        "syncproxy_job_last_success_timestamp_seconds{job=\"nightly\"} ".to_owned(),
+        "syncproxy_job_last_run_duration_seconds{job=\"dr\"} ".to_owned(),
+        format!("syncproxy_vm_restore_point_age_seconds{{job=\"nightly\",vm=\"{}\"}} ", vms[0].name),
+        format!("syncproxy_vm_last_success_timestamp_seconds{{job=\"partly-gone\",vm=\"{}\"}} ", vms[1].name),
+    ] {
+        assert!(metrics.contains(&want), "{want} in\n{metrics}");
+    }
+    assert!(!metrics.contains("vm=\"deleted-vm\""), "a VM that failed has no good point: {metrics}");
+    let pid = daemon.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let exit = tokio::task::spawn_blocking(move || daemon.wait().unwrap()).await.unwrap();
+    assert!(exit.success(), "exit {exit:?}");
+}
+
+/// `proxy serve --config CFG`, its log in `log`.
+fn serve(cfg: &std::path::Path, log: &std::path::Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_proxy"))
+        .args(["serve", "--config"])
+        .arg(cfg)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
 }
 
 /// A `proxy serve` started for one test, killed when the test ends.

@@ -346,6 +346,14 @@ pub struct JobConfig {
     /// What a prune after each run keeps (repositories only).
     #[serde(default)]
     pub retention: Option<RetentionConfig>,
+    /// After a prune that removed restore points, a gc frees their chunks; unused chunks
+    /// younger than this stay (`1h`, `0s`; `proxy repo gc --grace`).
+    #[serde(default = "default_gc_grace")]
+    pub gc_grace: String,
+}
+
+fn default_gc_grace() -> String {
+    "1h".into()
 }
 
 /// A freeze hook: a command on the proxy, or a program in the guest.
@@ -392,6 +400,11 @@ impl HookConfig {
 }
 
 impl JobConfig {
+    /// The gc's grace period ([`JobConfig::gc_grace`]; checked by `problems`).
+    pub fn gc_grace(&self) -> Duration {
+        parse_duration(&self.gc_grace).unwrap_or(Duration::from_secs(3600))
+    }
+
     /// Opens the job's target: its repository (a directory or `s3://`, with its key file and
     /// the S3 settings of the environment) or its replica folder.
     pub fn open_target(&self) -> Result<crate::Target, crate::OrchError> {
@@ -698,6 +711,9 @@ impl ServeConfig {
             {
                 out.push(format!("{at}: a retention that keeps nothing would remove every restore point"));
             }
+            if let Err(e) = parse_duration(&j.gc_grace) {
+                out.push(format!("{at}: gc_grace {e}"));
+            }
         }
         for d in &self.drills {
             d.problems(&mut out);
@@ -783,6 +799,14 @@ replica = "/replicas"
         assert_eq!(c.memory(), 256 << 20);
         assert_eq!(c.proxy.listen, "127.0.0.1:9480");
         assert_eq!(Schedule::parse(&c.jobs[1].schedule), Ok(Schedule::Every(Duration::from_secs(900))));
+        assert_eq!(c.jobs[0].gc_grace(), Duration::from_secs(3600), "the gc after a prune keeps an hour");
+        let c = ServeConfig::from_toml(&GOOD.replace("keep_daily = 14 }", "keep_daily = 14 }\ngc_grace = \"10m\""))
+            .unwrap();
+        assert_eq!(c.jobs[0].gc_grace(), Duration::from_secs(600));
+        let e = ServeConfig::from_toml(&GOOD.replace("keep_daily = 14 }", "keep_daily = 14 }\ngc_grace = \"10\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nightly") && e.contains("gc_grace") && e.contains("no unit"), "{e}");
     }
 
     #[test]

@@ -172,3 +172,17 @@ impl Default for KillRng {
 pub fn kills(default: u64) -> u64 {
     std::env::var("SYNCPROXY_KILLS").ok().and_then(|s| s.parse().ok()).unwrap_or(default).max(1)
 }
+
+/// Every file under `dir`, in no particular order (none when `dir` is missing).
+pub fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
