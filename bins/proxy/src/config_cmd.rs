@@ -1,7 +1,7 @@
 //! `proxy config check FILE`: validates a `proxy serve` configuration without side effects
 //! (it creates no folder and contacts nothing: no vCenter, no S3): the file itself, then what
 //! the proxy can check locally (the token, the password files or variables, the CA files, the
-//! targets and drilled repositories that already exist), naming every problem in one pass,
+//! targets and drilled, verified or copied repositories that already exist), naming every problem in one pass,
 //! warning about secret files others may read, and printing what each job and drill would do
 //! and when it runs next.
 
@@ -134,6 +134,47 @@ pub(crate) fn run(cmd: &ConfigCommand) -> ExitCode {
             next_run(&d.schedule, now)
         ));
     }
+    let not_contacted = |url: &str| if url.starts_with("s3://") { " (not contacted by this check)" } else { "" };
+    for v in &config.verifies {
+        if let Some(p) = repository_problem(&v.repository, v.key_file.as_deref()) {
+            problems.push(format!("[[verify]] {:?}: its repository cannot be used: {p}", v.name));
+        }
+        lines.push(format!(
+            "verify {}: reads back every chunk of {}{}, {}; next run {}",
+            v.name,
+            v.repository,
+            not_contacted(&v.repository),
+            v.schedule,
+            next_run(&v.schedule, now)
+        ));
+    }
+    for c in &config.copies {
+        if let Some(p) = repository_problem(&c.repository, c.key_file.as_deref()) {
+            problems.push(format!("[[copy]] {:?}: its repository cannot be used: {p}", c.name));
+        }
+        // The destination is made by the first run: only a local path that is not a folder,
+        // or a folder that is not a repository, is wrong now.
+        if !c.to.starts_with("s3://")
+            && Path::new(&c.to).exists()
+            && let Some(p) = repository_problem(&c.to, c.to_key_file.as_deref())
+        {
+            problems.push(format!("[[copy]] {:?}: its destination cannot be used: {p}", c.name));
+        }
+        let keeps = match &c.retention {
+            Some(_) => "keeping its own retention",
+            None => "keeping every point",
+        };
+        lines.push(format!(
+            "copy {}: copies {}{} to {}{}, {keeps}, {}; next run {}",
+            c.name,
+            c.repository,
+            not_contacted(&c.repository),
+            c.to,
+            not_contacted(&c.to),
+            c.schedule,
+            next_run(&c.schedule, now)
+        ));
+    }
     for w in secret_file_warnings(&config) {
         eprintln!("proxy config check: warning: {w}");
     }
@@ -147,11 +188,13 @@ pub(crate) fn run(cmd: &ConfigCommand) -> ExitCode {
         println!("{l}");
     }
     println!(
-        "{}: usable ({} vCenter(s), {} job(s), {} drill(s))",
+        "{}: usable ({} vCenter(s), {} job(s), {} drill(s), {} verify and {} copy job(s))",
         file.display(),
         config.vcenters.len(),
         config.jobs.len(),
-        config.drills.len()
+        config.drills.len(),
+        config.verifies.len(),
+        config.copies.len()
     );
     ExitCode::SUCCESS
 }

@@ -28,6 +28,8 @@ struct JobTimes {
     seconds: Option<f64>,
     /// When a run of it last succeeded for every VM (Unix seconds).
     succeeded: Option<u64>,
+    /// For a verify job: the damaged or missing chunks its newest run found.
+    bad_chunks: Option<u64>,
 }
 
 /// The runs the daemon remembers.
@@ -130,6 +132,9 @@ impl History {
         if rec["outcome"] == "succeeded" {
             t.succeeded = finished.or(t.succeeded);
         }
+        if let Some(n) = rec["verify"]["bad_chunks"].as_u64() {
+            t.bad_chunks = Some(n);
+        }
         // A VM's restore point or replica is good when its own result has no error, even in a
         // run where other VMs failed.
         if let (Some(at), Some(vms)) = (finished, rec["vms"].as_array()) {
@@ -191,6 +196,11 @@ impl History {
             "syncproxy_job_last_success_timestamp_seconds",
             "When a run of the job last succeeded for every VM.",
             per_job(&|t| t.succeeded.map(|s| s.to_string())),
+        );
+        family(
+            "syncproxy_verify_bad_chunks",
+            "Damaged or missing chunks the verify job's newest complete run found.",
+            per_job(&|t| t.bad_chunks.map(|n| n.to_string())),
         );
         let vms: Vec<_> = self.vms.iter().filter(|((job, _), _)| names.contains(&job)).collect();
         let vm_labels = |job: &str, vm: &str| format!("job=\"{}\",vm=\"{}\"", label(job), label(vm));

@@ -21,6 +21,7 @@ mod repo_cmd;
 mod restore_cmd;
 mod serve;
 mod serve_drill;
+mod serve_upkeep;
 mod server_args;
 mod size;
 

@@ -28,6 +28,7 @@ use tokio::sync::watch;
 
 use crate::history::History;
 use crate::serve_drill::{DrillRunner, DrillStats};
+use crate::serve_upkeep::{Upkeep, UpkeepRunner};
 use crate::server_args::{ServerArgs, read_secret_file, secret_file_warning};
 
 /// Options of `proxy serve`.
@@ -377,11 +378,12 @@ async fn sweep_at_start(runners: &[Arc<Runner>]) {
     }
 }
 
-/// What a schedule runs: a backup or replica job, or a drill.
+/// What a schedule runs: a backup or replica job, a drill, or a verify or copy job.
 #[derive(Clone)]
 enum Work {
     Job(Arc<Runner>),
     Drill(Arc<DrillRunner>),
+    Upkeep(Arc<UpkeepRunner>),
 }
 
 impl Work {
@@ -389,6 +391,7 @@ impl Work {
         match self {
             Self::Job(r) => &r.job.name,
             Self::Drill(d) => &d.config.name,
+            Self::Upkeep(u) => &u.name,
         }
     }
 
@@ -396,6 +399,7 @@ impl Work {
         match self {
             Self::Job(r) => &r.schedule,
             Self::Drill(d) => &d.schedule,
+            Self::Upkeep(u) => &u.schedule,
         }
     }
 
@@ -407,6 +411,7 @@ impl Work {
                 record(&r.job.name, started, report.as_ref(), error, upkeep)
             }
             Self::Drill(d) => d.once(started, stop).await,
+            Self::Upkeep(u) => u.once(started, stop).await,
         }
     }
 }
@@ -732,6 +737,15 @@ async fn serve(config: ServeConfig, vddk: Option<Arc<vddk::Vddk>>) -> Result<Exi
         let root = config.proxy.state_dir.join("drills");
         std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
     }
+    let mut upkeep = Vec::new();
+    for v in &config.verifies {
+        let schedule = Schedule::parse(&v.schedule).map_err(anyhow::Error::msg)?;
+        upkeep.push(Arc::new(UpkeepRunner { name: v.name.clone(), schedule, what: Upkeep::Verify(v.clone()) }));
+    }
+    for c in &config.copies {
+        let schedule = Schedule::parse(&c.schedule).map_err(anyhow::Error::msg)?;
+        upkeep.push(Arc::new(UpkeepRunner { name: c.name.clone(), schedule, what: Upkeep::Copy(c.clone()) }));
+    }
     let status = |schedule: &str, target: String| JobStatus {
         schedule: schedule.to_owned(),
         target,
@@ -756,6 +770,13 @@ async fn serve(config: ServeConfig, vddk: Option<Arc<vddk::Vddk>>) -> Result<Exi
             (j.name.clone(), status(&j.schedule, target.unwrap_or_default()))
         })
         .chain(config.drills.iter().map(|d| (d.name.clone(), status(&d.schedule, d.repository.clone()))))
+        .chain(config.verifies.iter().map(|v| (v.name.clone(), status(&v.schedule, v.repository.clone()))))
+        .chain(
+            config
+                .copies
+                .iter()
+                .map(|c| (c.name.clone(), status(&c.schedule, format!("{} to {}", c.repository, c.to)))),
+        )
         .collect();
     for (name, s) in &mut jobs {
         s.last = history.last_of(name).cloned();
@@ -771,6 +792,8 @@ async fn serve(config: ServeConfig, vddk: Option<Arc<vddk::Vddk>>) -> Result<Exi
             .iter()
             .map(|j| &j.name)
             .chain(config.drills.iter().map(|d| &d.name))
+            .chain(config.verifies.iter().map(|v| &v.name))
+            .chain(config.copies.iter().map(|c| &c.name))
             .map(|n| (n.clone(), tokio::sync::Notify::new()))
             .collect(),
         drills: drill_stats,
@@ -808,10 +831,13 @@ async fn serve(config: ServeConfig, vddk: Option<Arc<vddk::Vddk>>) -> Result<Exi
         });
     }
 
-    // Drills touch no vCenter: nothing to sweep before them.
+    // Drills, verifies and copies touch no vCenter: nothing to sweep before them.
     let (_no_sweep_tx, no_sweep) = watch::channel(true);
     for d in drills {
         tasks.spawn(schedule_loop(Work::Drill(d), state.clone(), no_sweep.clone(), stop_rx.clone()));
+    }
+    for u in upkeep {
+        tasks.spawn(schedule_loop(Work::Upkeep(u), state.clone(), no_sweep.clone(), stop_rx.clone()));
     }
 
     tokio::select! {

@@ -722,19 +722,24 @@ fn drill_section(d: &std::path::Path, name: &str, expect: &str, timeout: &str) -
     )
 }
 
-/// The daemon's history, once a run of `job` is in it (polled for up to `limit`).
+/// The first run of `job` in the daemon's history, once there (polled for up to `limit`).
 async fn run_of(addr: &str, job: &str, limit: Duration) -> serde_json::Value {
+    nth_run_of(addr, job, 1, limit).await
+}
+
+/// The `n`th run of `job` in the daemon's history, once there (polled for up to `limit`).
+async fn nth_run_of(addr: &str, job: &str, n: usize, limit: Duration) -> serde_json::Value {
     let t = std::time::Instant::now();
     while t.elapsed() < limit {
         let (code, body) = http(addr, "GET", "/history", Some(TOKEN));
         assert_eq!(code, 200, "{body}");
         let history: serde_json::Value = serde_json::from_str(&body).unwrap();
-        if let Some(run) = history.as_array().unwrap().iter().find(|r| r["job"] == job) {
+        if let Some(run) = history.as_array().unwrap().iter().filter(|r| r["job"] == job).nth(n - 1) {
             return run.clone();
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    panic!("no run of {job} in the history after {limit:?}");
+    panic!("no run {n} of {job} in the history after {limit:?}");
 }
 
 /// The QEMU processes whose arguments name `dir`.
@@ -873,4 +878,89 @@ async fn sigterm_mid_drill_stops_the_daemon_its_vm_and_leaves_no_work_folder() {
     assert_eq!(run["drills"][0]["passed"], false, "{history}");
     assert!(run["error"].as_str().is_some_and(|e| e.contains("stopped")), "said to be stopped: {history}");
     assert!(Repo::open(d.join("repo")).unwrap().drill_reports(&point.id).unwrap().is_empty());
+}
+
+/// `proxy ARGS`, which must succeed; its stdout.
+fn proxy_ok(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_proxy")).args(args).output().unwrap();
+    assert!(out.status.success(), "proxy {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_jobs_find_damage_and_copy_jobs_keep_their_own_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = d.join("repo").display().to_string();
+    let long = d.join("long").display().to_string();
+    proxy_ok(&["repo", "init", &repo, "--chunk-size", "64K"]);
+    // Three restore points of one VM, one of another.
+    for (k, name) in ["vmA", "vmA", "vmA", "vmB"].iter().enumerate() {
+        let img = d.join(format!("{k}.raw"));
+        std::fs::write(&img, noise(1 << 20, k as u64 + 1)).unwrap();
+        proxy_ok(&["repo", "backup", &repo, img.to_str().unwrap(), "--name", name]);
+    }
+    let extra = format!(
+        "\n[[verify]]\nname = \"check\"\nrepository = \"{repo}\"\nschedule = \"daily 05:00\"\n\n\
+         [[copy]]\nname = \"offsite\"\nrepository = \"{repo}\"\nto = \"{long}\"\nschedule = \"daily 06:00\"\n\
+         retention = {{ keep_last = 1 }}\ngc_grace = \"0s\"\n"
+    );
+    let daemon = Daemon::start(d, &extra, None, &[]);
+    let check = proxy_ok(&["config", "check", d.join("proxy.toml").to_str().unwrap()]);
+    assert!(check.contains("verify check: reads back every chunk of") && check.contains("next run"), "{check}");
+    assert!(check.contains("copy offsite: copies") && check.contains("keeping its own retention"), "{check}");
+    let bad = std::fs::read_to_string(d.join("proxy.toml"))
+        .unwrap()
+        .replace(&format!("to = \"{long}\""), &format!("to = \"{repo}\""));
+    std::fs::write(d.join("bad.toml"), bad).unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_proxy")).args(["config", "check"]).arg(d.join("bad.toml")).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("[[copy]] \"offsite\"") && err.contains("the repository it copies from"),
+        "{err}"
+    );
+
+    // The copy takes only what the tier keeps: the newest point of each VM.
+    assert_eq!(http(&daemon.addr, "POST", "/jobs/offsite/run", Some(TOKEN)).0, 202);
+    let run = run_of(&daemon.addr, "offsite", Duration::from_secs(60)).await;
+    assert_eq!(run["outcome"], "succeeded", "{run}\n{}", daemon.log());
+    assert_eq!(run["copy"]["points_copied"].as_array().map(Vec::len), Some(2), "{run}");
+    let listed = proxy_ok(&["repo", "list", &long, "--json"]);
+    let points: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(points.as_array().map(Vec::len), Some(2), "{listed}");
+    // A newer point of vmA replaces the tier's one; the older ones are never sent again.
+    let img = d.join("new.raw");
+    std::fs::write(&img, noise(1 << 20, 99)).unwrap();
+    proxy_ok(&["repo", "backup", &repo, img.to_str().unwrap(), "--name", "vmA"]);
+    assert_eq!(http(&daemon.addr, "POST", "/jobs/offsite/run", Some(TOKEN)).0, 202);
+    let second = nth_run_of(&daemon.addr, "offsite", 2, Duration::from_secs(60)).await;
+    assert_eq!(second["outcome"], "succeeded", "{second}");
+    assert_eq!(second["copy"]["points_copied"].as_array().map(Vec::len), Some(1), "only the new point: {second}");
+    assert_eq!(second["copy"]["pruned"].as_array().map(Vec::len), Some(1), "the tier's older vmA point: {second}");
+    assert!(second["copy"]["gc"]["chunks_removed"].as_u64().unwrap_or(0) > 0, "its chunks freed: {second}");
+    let points: serde_json::Value = serde_json::from_str(&proxy_ok(&["repo", "list", &long, "--json"])).unwrap();
+    assert_eq!(points.as_array().map(Vec::len), Some(2));
+    proxy_ok(&["repo", "verify", &long]);
+
+    // A clean verify passes; after one chunk is damaged, the next fails and names the point.
+    assert_eq!(http(&daemon.addr, "POST", "/jobs/check/run", Some(TOKEN)).0, 202);
+    let run = run_of(&daemon.addr, "check", Duration::from_secs(60)).await;
+    assert_eq!(run["outcome"], "succeeded", "{run}");
+    assert!(run["verify"]["chunks_checked"].as_u64().unwrap_or(0) >= 16, "a point is 16 chunks: {run}");
+    let victim = testkit::files_under(&d.join("repo/chunks")).into_iter().next().unwrap();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    std::fs::write(&victim, bytes).unwrap();
+    assert_eq!(http(&daemon.addr, "POST", "/jobs/check/run", Some(TOKEN)).0, 202);
+    let bad = nth_run_of(&daemon.addr, "check", 2, Duration::from_secs(60)).await;
+    assert_eq!(bad["outcome"], "failed", "{bad}");
+    assert_eq!(bad["verify"]["bad_chunks"], 1, "{bad}");
+    assert!(bad["error"].as_str().is_some_and(|e| e.contains("1 damaged")), "{bad}");
+    assert!(!bad["verify"]["damaged_points"].as_object().unwrap().is_empty(), "{bad}");
+    let (_, metrics) = http(&daemon.addr, "GET", "/metrics", Some(TOKEN));
+    for want in ["syncproxy_job_last_succeeded{job=\"check\"} 0", "syncproxy_verify_bad_chunks{job=\"check\"} 1"] {
+        assert!(metrics.contains(want), "{want} in\n{metrics}");
+    }
 }

@@ -409,10 +409,7 @@ impl JobConfig {
     /// the S3 settings of the environment) or its replica folder.
     pub fn open_target(&self) -> Result<crate::Target, crate::OrchError> {
         if let Some(r) = &self.repository {
-            let key = self.key_file.as_deref().map(repo::RepoKey::from_file).transpose()?;
-            let s3 = repo::S3Config { allow_http: self.s3_allow_http, ..repo::S3Config::from_env() };
-            let location = repo::Location { url: r.clone(), s3, key };
-            return Ok(crate::Target::Repository(repo::Repo::open_at(&location)?));
+            return Ok(crate::Target::Repository(open_repo(r, self.key_file.as_deref(), self.s3_allow_http)?));
         }
         match &self.replica {
             Some(dir) => Ok(crate::Target::Replica(crate::ReplicaTarget::open(dir)?)),
@@ -484,9 +481,7 @@ fn default_accel() -> String {
 impl DrillConfig {
     /// Opens its repository.
     pub fn open_repository(&self) -> Result<repo::Repo, crate::OrchError> {
-        let key = self.key_file.as_deref().map(repo::RepoKey::from_file).transpose()?;
-        let s3 = repo::S3Config { allow_http: self.s3_allow_http, ..repo::S3Config::from_env() };
-        Ok(repo::Repo::open_at(&repo::Location { url: self.repository.clone(), s3, key })?)
+        open_repo(&self.repository, self.key_file.as_deref(), self.s3_allow_http)
     }
 
     /// Each drill's time limit.
@@ -523,6 +518,99 @@ impl DrillConfig {
     }
 }
 
+/// Opens a repository as the daemon's sections name one: a directory or `s3://`, with its
+/// key file and the environment's S3 settings.
+fn open_repo(
+    url: &str,
+    key_file: Option<&std::path::Path>,
+    s3_allow_http: bool,
+) -> Result<repo::Repo, crate::OrchError> {
+    let key = key_file.map(repo::RepoKey::from_file).transpose()?;
+    let s3 = repo::S3Config { allow_http: s3_allow_http, ..repo::S3Config::from_env() };
+    Ok(repo::Repo::open_at(&repo::Location { url: url.to_owned(), s3, key })?)
+}
+
+/// `[[verify]]`: every chunk of a repository read back and checked against its name, on a
+/// schedule; a damaged chunk fails the run and names the restore points it breaks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyConfig {
+    /// Its name (in the history and the metrics: letters, digits, `.`, `_`, `-`).
+    pub name: String,
+    /// The repository (a directory or `s3://bucket/prefix`).
+    pub repository: String,
+    /// The repository's key file, if it is encrypted.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Allow a plain-HTTP S3 endpoint elsewhere than this machine.
+    #[serde(default)]
+    pub s3_allow_http: bool,
+    /// `every 168h` or `daily 05:00` (UTC).
+    pub schedule: String,
+}
+
+impl VerifyConfig {
+    /// Opens its repository.
+    pub fn open_repository(&self) -> Result<repo::Repo, crate::OrchError> {
+        open_repo(&self.repository, self.key_file.as_deref(), self.s3_allow_http)
+    }
+}
+
+/// `[[copy]]`: a repository's restore points copied to a second one (another disk, or object
+/// storage), which keeps its own retention: the long-term tier beside a short-term local one.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CopyConfig {
+    /// Its name (in the history and the metrics: letters, digits, `.`, `_`, `-`).
+    pub name: String,
+    /// The repository copied from.
+    pub repository: String,
+    /// Its key file, if it is encrypted.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// The repository copied to (made on the first run, with the source's chunk size).
+    pub to: String,
+    /// The destination's key file (chunks are re-encoded when the keys differ).
+    #[serde(default)]
+    pub to_key_file: Option<PathBuf>,
+    /// Allow plain-HTTP S3 endpoints elsewhere than this machine.
+    #[serde(default)]
+    pub s3_allow_http: bool,
+    /// `every 24h` or `daily 06:00` (UTC).
+    pub schedule: String,
+    /// What the destination keeps: only points it would keep are copied, and it is pruned
+    /// (then gc'd) by it after each run. Without it, every point is copied and kept.
+    #[serde(default)]
+    pub retention: Option<RetentionConfig>,
+    /// The destination's gc keeps unused chunks this young.
+    #[serde(default = "default_gc_grace")]
+    pub gc_grace: String,
+}
+
+impl CopyConfig {
+    /// Opens the repository copied from.
+    pub fn open_source(&self) -> Result<repo::Repo, crate::OrchError> {
+        open_repo(&self.repository, self.key_file.as_deref(), self.s3_allow_http)
+    }
+
+    /// Opens the destination, making it (with `chunk_size`) when it does not exist yet.
+    pub fn open_destination(&self, chunk_size: u32) -> Result<repo::Repo, crate::OrchError> {
+        match open_repo(&self.to, self.to_key_file.as_deref(), self.s3_allow_http) {
+            Err(crate::OrchError::Repo(repo::RepoError::NotFound(_))) => {
+                let key = self.to_key_file.as_deref().map(repo::RepoKey::from_file).transpose()?;
+                let s3 = repo::S3Config { allow_http: self.s3_allow_http, ..repo::S3Config::from_env() };
+                Ok(repo::Repo::init_at(&repo::Location { url: self.to.clone(), s3, key }, chunk_size)?)
+            }
+            other => other,
+        }
+    }
+
+    /// The destination's gc grace period (checked by `problems`).
+    pub fn gc_grace(&self) -> Duration {
+        parse_duration(&self.gc_grace).unwrap_or(Duration::from_secs(3600))
+    }
+}
+
 /// A whole configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -538,6 +626,12 @@ pub struct ServeConfig {
     /// `[[drill]]`.
     #[serde(default, rename = "drill")]
     pub drills: Vec<DrillConfig>,
+    /// `[[verify]]`.
+    #[serde(default, rename = "verify")]
+    pub verifies: Vec<VerifyConfig>,
+    /// `[[copy]]`.
+    #[serde(default, rename = "copy")]
+    pub copies: Vec<CopyConfig>,
 }
 
 /// The largest configuration file read (a config is text of a few kilobytes).
@@ -720,6 +814,32 @@ impl ServeConfig {
             // Drills and jobs share the history, the metrics and `POST /jobs/NAME/run`.
             if !jobs.insert(d.name.as_str()) {
                 out.push(format!("[[drill]] {:?}: the name is used twice (by a job or a drill)", d.name));
+            }
+        }
+        // So do verify and copy jobs.
+        let upkeep = self.verifies.iter().map(|v| ("verify", &v.name, &v.schedule, None, None));
+        let copies = self.copies.iter().map(|c| ("copy", &c.name, &c.schedule, Some(c), c.retention.as_ref()));
+        for (section, name, schedule, copy, retention) in upkeep.chain(copies) {
+            let at = format!("[[{section}]] {name:?}");
+            if !file_name_ok(name) {
+                out.push(format!("{at}: use 1 to 64 letters, digits, '.', '_' or '-' in its name"));
+            }
+            if !jobs.insert(name.as_str()) {
+                out.push(format!("{at}: the name is used twice (by a job, drill, verify or copy)"));
+            }
+            if let Err(e) = Schedule::parse(schedule) {
+                out.push(format!("{at}: schedule {e}"));
+            }
+            if retention.is_some_and(|r| r.retention().keeps_nothing()) {
+                out.push(format!("{at}: a retention that keeps nothing would remove every restore point"));
+            }
+            if let Some(c) = copy {
+                if c.to.trim_end_matches('/') == c.repository.trim_end_matches('/') {
+                    out.push(format!("{at}: to = {:?} is the repository it copies from", c.to));
+                }
+                if let Err(e) = parse_duration(&c.gc_grace) {
+                    out.push(format!("{at}: gc_grace {e}"));
+                }
             }
         }
         out

@@ -92,6 +92,9 @@ pub enum RepoError {
     /// Another job holds a lock in the way.
     #[error("{0}")]
     Locked(String),
+    /// Stopped on request ([`Steps::stop`]) before it finished; what it did so far is safe.
+    #[error("{0}: stopped before it finished")]
+    Stopped(String),
     /// The object store answered with an error, or could not be reached; the kind of `source`
     /// is the store's classification (see `durable::Error::Remote`).
     #[error("object storage: {what}: {source}")]
@@ -123,7 +126,8 @@ impl RepoError {
             | Self::KeyNeeded(_)
             | Self::WrongKey(_)
             | Self::Conflict(_)
-            | Self::Locked(_) => K::Fatal,
+            | Self::Locked(_)
+            | Self::Stopped(_) => K::Fatal,
         }
     }
 }
@@ -1011,7 +1015,7 @@ impl Repo {
                 }
             }
             for (n, d) in m.disks.iter().enumerate() {
-                steps.step();
+                steps.step()?;
                 match self.index(&m, n) {
                     Ok(ix) => {
                         for id in ix.ids.into_iter().filter(|i| *i != ZERO) {
@@ -1027,7 +1031,7 @@ impl Repo {
         }
         steps.phase("checking chunks", users.len() as u64);
         for (id, who) in users {
-            steps.step();
+            steps.step()?;
             report.chunks_checked += 1;
             if let Err(e) = self.chunk(&id) {
                 report.bad_chunks.push((chunk_name(&id), e.to_string()));

@@ -224,7 +224,7 @@ impl Repo {
         steps.phase("marking chunks in use", points.iter().map(|m| m.disks.len() as u64).sum());
         for m in points {
             for d in &m.disks {
-                steps.step();
+                steps.step()?;
                 self.index_chunks(&d.index, &mut marked)?;
             }
         }
@@ -273,7 +273,7 @@ impl Repo {
         let chunk_dirs = self.store.list("chunks")?;
         steps.phase("sweeping chunk folders", chunk_dirs.len() as u64);
         for dir in chunk_dirs {
-            steps.step();
+            steps.step()?;
             for e in self.store.list(&format!("chunks/{}", dir.name))? {
                 let name = format!("chunks/{}/{}", dir.name, e.name);
                 // Only chunk names are swept: anything else there is not gc's to judge.
@@ -377,6 +377,20 @@ impl Repo {
         Ok(report)
     }
 
+    /// The restore points a copy should send to `dest` when `dest` keeps `policy` (a
+    /// long-term tier with its own retention): those it lacks that the policy would keep
+    /// among its points and these together. Copying them all instead would send again, on
+    /// every run, each point the destination's own prune removed.
+    pub fn points_to_copy(&self, dest: &Repo, policy: &Retention) -> Result<Vec<String>, RepoError> {
+        let mut all = dest.points()?;
+        let have: BTreeSet<String> = all.iter().map(|m| m.id.clone()).collect();
+        let new: Vec<Manifest> = self.points()?.into_iter().filter(|m| !have.contains(&m.id)).collect();
+        all.extend(new.iter().cloned());
+        let kept: BTreeSet<String> =
+            select(&all, policy).into_iter().filter(|d| !d.reasons.is_empty()).map(|d| d.id).collect();
+        Ok(new.into_iter().filter(|m| kept.contains(&m.id)).map(|m| m.id).collect())
+    }
+
     fn copy_point(
         &self,
         dest: &Repo,
@@ -395,7 +409,7 @@ impl Repo {
             let mut new_ix =
                 Index { chunk_size: ix.chunk_size, capacity: ix.capacity, ids: Vec::with_capacity(ix.ids.len()) };
             for id in &ix.ids {
-                steps.step();
+                steps.step()?;
                 if *id == ZERO {
                     new_ix.ids.push(ZERO);
                     continue;

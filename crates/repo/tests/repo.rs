@@ -626,6 +626,11 @@ async fn verify_gc_and_copy_say_how_far_they_have_come() {
     let report = repo.verify_with(&steps).unwrap();
     assert_eq!(steps.snapshot(), ("checking chunks".to_owned(), report.chunks_checked, report.chunks_checked));
     assert!(report.chunks_checked > 0);
+    // Stopped (a daemon shutting down): it returns at its next step, saying so.
+    let stopped = repo::Steps::default();
+    stopped.stop();
+    let e = repo.verify_with(&stopped).unwrap_err();
+    assert!(matches!(e, repo::RepoError::Stopped(_)) && e.to_string().contains("stopped"), "{e}");
 
     // Copy: one step per chunk reference of the points copied (zero chunks included).
     let dest = Repo::init(dir.path().join("copy"), MIB32).unwrap();
@@ -641,6 +646,36 @@ async fn verify_gc_and_copy_say_how_far_they_have_come() {
     let (phase, done, total) = steps.snapshot();
     assert_eq!(phase, "sweeping chunk folders");
     assert!(total > 0 && done == total, "{done} of {total}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_to_a_tier_with_its_own_retention_sends_only_what_that_tier_keeps() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Repo::init(dir.path().join("repo"), MIB32).unwrap();
+    let dest = Repo::init(dir.path().join("long"), MIB32).unwrap();
+    let (a, b) = (dir.path().join("a.raw"), dir.path().join("b.raw"));
+    image(&a, 3 * MIB, 1);
+    image(&b, 2 * MIB, 2);
+    let mut ids = Vec::new();
+    for seed in 1..=3 {
+        image(&a, 3 * MIB, seed);
+        ids.push(backup(&repo, None, &a, None).await.id);
+    }
+    let b1 = backup(&repo, None, &b, None).await.id;
+    let keep = repo::Retention { last: 1, ..Default::default() };
+    // The newest point of each VM; the older ones of `a` would only be pruned again.
+    let todo = repo.points_to_copy(&dest, &keep).unwrap();
+    assert_eq!(todo, vec![ids[2].clone(), b1.clone()]);
+    repo.copy_to(&dest, Some(&todo)).unwrap();
+    assert!(dest.prune(&keep, false).unwrap().removed.is_empty());
+    // Nothing new: nothing to send, and the older points are not sent again.
+    assert!(repo.points_to_copy(&dest, &keep).unwrap().is_empty());
+    // A newer point replaces the tier's one of that VM; without a policy a copy takes all.
+    image(&a, 3 * MIB, 9);
+    let a4 = backup(&repo, None, &a, None).await.id;
+    assert_eq!(repo.points_to_copy(&dest, &keep).unwrap(), vec![a4.clone()]);
+    let all = repo::Retention { last: 100, ..Default::default() };
+    assert_eq!(repo.points_to_copy(&dest, &all).unwrap().len(), 3, "{ids:?} and {a4}, less the one there");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
