@@ -16,6 +16,7 @@ mod endpoints;
 mod export_cmd;
 mod history;
 mod logs;
+mod notify;
 mod progress_view;
 mod repo_cmd;
 mod restore_cmd;

@@ -27,6 +27,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::history::History;
+use crate::notify::Notifier;
 use crate::serve_drill::{DrillRunner, DrillStats};
 use crate::serve_upkeep::{Upkeep, UpkeepRunner};
 use crate::server_args::{ServerArgs, read_secret_file, secret_file_warning};
@@ -159,6 +160,9 @@ struct State {
     triggers: HashMap<String, tokio::sync::Notify>,
     /// The last drill of each VM.
     drills: DrillStats,
+    /// `[[notify]]`s, and their deliveries under way (awaited, for a while, at shutdown).
+    notifiers: Vec<Arc<Notifier>>,
+    deliveries: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -178,6 +182,12 @@ impl State {
         if let Some(s) = self.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_mut(job) {
             s.running = false;
             s.last = Some(rec.clone());
+        }
+        let sent: Vec<_> = self.notifiers.iter().filter_map(|n| n.send(&self.proxy_id, &rec)).collect();
+        if !sent.is_empty() {
+            let mut d = self.deliveries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            d.retain(|h| !h.is_finished());
+            d.extend(sent);
         }
         if let Some(why) = self.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner).append(rec) {
             tracing::warn!("{why}");
@@ -676,6 +686,16 @@ impl tokio::io::AsyncWrite for Watched {
     }
 }
 
+/// How long shutdown waits for notifications under way.
+const NOTIFY_AT_EXIT: Duration = Duration::from_secs(20);
+
+/// Awaits every task.
+async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
 async fn serve(config: ServeConfig, vddk: Option<Arc<vddk::Vddk>>) -> Result<ExitCode> {
     crate::logs::init("info", config.proxy.log_format == "json");
     // Signals first: whatever happens next (a vCenter that never answers), SIGTERM stops it.
@@ -797,6 +817,8 @@ async fn serve(config: ServeConfig, vddk: Option<Arc<vddk::Vddk>>) -> Result<Exi
             .map(|n| (n.clone(), tokio::sync::Notify::new()))
             .collect(),
         drills: drill_stats,
+        notifiers: config.notify.iter().map(|n| Notifier::new(n).map(Arc::new)).collect::<Result<_>>()?,
+        deliveries: Mutex::default(),
     });
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     tracing::info!(proxy = %proxy_id, listen = %listener.local_addr()?, jobs = runners.len(), drills = drills.len(), "serving");
@@ -849,6 +871,11 @@ async fn serve(config: ServeConfig, vddk: Option<Arc<vddk::Vddk>>) -> Result<Exi
     engine.cancel.cancel();
     while tasks.join_next().await.is_some() {}
     let _ = server.await;
+    // The last runs' notifications (an interrupted run is a failure) get a while to go out.
+    let deliveries = std::mem::take(&mut *state.deliveries.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    if tokio::time::timeout(NOTIFY_AT_EXIT, futures_join(deliveries)).await.is_err() {
+        tracing::warn!("notifications still under way after {} s at shutdown: given up", NOTIFY_AT_EXIT.as_secs());
+    }
     tracing::info!("stopped; every job has ended and removed its snapshots");
     Ok(ExitCode::SUCCESS)
 }

@@ -900,10 +900,17 @@ async fn verify_jobs_find_damage_and_copy_jobs_keep_their_own_retention() {
         std::fs::write(&img, noise(1 << 20, k as u64 + 1)).unwrap();
         proxy_ok(&["repo", "backup", &repo, img.to_str().unwrap(), "--name", name]);
     }
+    // A webhook that fails its first request: the notification is retried.
+    let hook = Webhook::start(1);
+    std::fs::write(d.join("hook-token"), "hook-secret-token\n").unwrap();
     let extra = format!(
         "\n[[verify]]\nname = \"check\"\nrepository = \"{repo}\"\nschedule = \"daily 05:00\"\n\n\
          [[copy]]\nname = \"offsite\"\nrepository = \"{repo}\"\nto = \"{long}\"\nschedule = \"daily 06:00\"\n\
-         retention = {{ keep_last = 1 }}\ngc_grace = \"0s\"\n"
+         retention = {{ keep_last = 1 }}\ngc_grace = \"0s\"\n\n\
+         [[notify]]\nname = \"ops\"\nwebhook = \"http://{}/hooks/SECRET-PATH\"\ntoken_file = \"{}\"\n\
+         jobs = [\"check\"]\non = \"failure\"\n",
+        hook.addr,
+        d.join("hook-token").display()
     );
     let daemon = Daemon::start(d, &extra, None, &[]);
     let check = proxy_ok(&["config", "check", d.join("proxy.toml").to_str().unwrap()]);
@@ -962,5 +969,94 @@ async fn verify_jobs_find_damage_and_copy_jobs_keep_their_own_retention() {
     let (_, metrics) = http(&daemon.addr, "GET", "/metrics", Some(TOKEN));
     for want in ["syncproxy_job_last_succeeded{job=\"check\"} 0", "syncproxy_verify_bad_chunks{job=\"check\"} 1"] {
         assert!(metrics.contains(want), "{want} in\n{metrics}");
+    }
+
+    // The failed verify, and only it, was notified: refused once, delivered on the retry.
+    let got = hook.wait_for(2, Duration::from_secs(30));
+    assert_eq!(got.len(), 2, "one refused, one delivered: {got:?}");
+    for (head, body) in &got {
+        assert!(head.starts_with("POST /hooks/SECRET-PATH "), "{head}");
+        assert!(head.to_ascii_lowercase().contains("authorization: bearer hook-secret-token"), "{head}");
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!((body["job"].as_str(), body["outcome"].as_str()), (Some("check"), Some("failed")), "{body}");
+        assert!(
+            body["summary"].as_str().is_some_and(|s| s.contains("check failed") && s.contains("1 damaged")),
+            "{body}"
+        );
+        assert_eq!(body["run"]["verify"]["bad_chunks"], 1, "{body}");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(hook.received().len(), 2, "no other run was notified");
+    let log = daemon.log();
+    assert!(
+        log.contains("notification delivered") && !log.contains("SECRET-PATH") && !log.contains("hook-secret"),
+        "{log}"
+    );
+}
+
+/// A webhook receiver on loopback: answers 503 to its first `refuse` requests, then 204, and
+/// keeps each request's head and body.
+struct Webhook {
+    addr: String,
+    got: Arc<std::sync::Mutex<Vec<(String, String)>>>,
+}
+
+impl Webhook {
+    fn start(refuse: usize) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = got.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut s) = stream else { continue };
+                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                let mut data = Vec::new();
+                let mut buf = [0u8; 4096];
+                let (head, body) = loop {
+                    let n = s.read(&mut buf).unwrap_or(0);
+                    if n == 0 {
+                        break (String::new(), String::new());
+                    }
+                    data.extend_from_slice(&buf[..n]);
+                    let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+                    let head = String::from_utf8_lossy(&data[..end]).into_owned();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap_or(0);
+                    while data.len() < end + 4 + len {
+                        let n = s.read(&mut buf).unwrap_or(0);
+                        if n == 0 {
+                            break;
+                        }
+                        data.extend_from_slice(&buf[..n]);
+                    }
+                    break (head, String::from_utf8_lossy(&data[end + 4..]).into_owned());
+                };
+                let mut g = kept.lock().unwrap();
+                g.push((head, body));
+                let status = if g.len() <= refuse { "503 Service Unavailable" } else { "204 No Content" };
+                let _ = s.write_all(
+                    format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes(),
+                );
+            }
+        });
+        Self { addr, got }
+    }
+
+    fn received(&self) -> Vec<(String, String)> {
+        self.got.lock().unwrap().clone()
+    }
+
+    /// The requests, once there are `n` (or when `limit` has passed).
+    fn wait_for(&self, n: usize, limit: Duration) -> Vec<(String, String)> {
+        let t = std::time::Instant::now();
+        while self.received().len() < n && t.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.received()
     }
 }

@@ -611,6 +611,58 @@ impl CopyConfig {
     }
 }
 
+/// `[[notify]]`: where a finished run is reported, and which runs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// Its name (in the log when a notification cannot be delivered).
+    pub name: String,
+    /// An `https://` (or `http://`) URL the run's record is POSTed to as JSON, retried.
+    pub webhook: String,
+    /// A file whose first line is sent as `Authorization: Bearer ...` to the webhook.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Which runs: `failure` (failed or partial), `warning` (those, and runs with warnings)
+    /// or `always`.
+    #[serde(default = "default_notify_on")]
+    pub on: String,
+    /// The jobs (of any kind) it reports; empty means every job.
+    #[serde(default)]
+    pub jobs: Vec<String>,
+    /// Attempts after the first when the webhook fails or answers other than 2xx.
+    #[serde(default = "default_notify_retries")]
+    pub retries: u32,
+}
+
+fn default_notify_on() -> String {
+    "failure".into()
+}
+
+fn default_notify_retries() -> u32 {
+    3
+}
+
+/// The most retries of one notification.
+pub const MAX_NOTIFY_RETRIES: u32 = 10;
+
+impl NotifyConfig {
+    /// Whether a run whose record is `rec` is reported.
+    pub fn wants(&self, rec: &serde_json::Value) -> bool {
+        if !self.jobs.is_empty() && !self.jobs.iter().any(|j| rec["job"] == j.as_str()) {
+            return false;
+        }
+        let failed = rec["outcome"] != "succeeded";
+        let warned = rec["vms"]
+            .as_array()
+            .is_some_and(|vms| vms.iter().any(|v| v["warnings"].as_array().is_some_and(|w| !w.is_empty())));
+        match self.on.as_str() {
+            "always" => true,
+            "warning" => failed || warned,
+            _ => failed,
+        }
+    }
+}
+
 /// A whole configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -632,6 +684,9 @@ pub struct ServeConfig {
     /// `[[copy]]`.
     #[serde(default, rename = "copy")]
     pub copies: Vec<CopyConfig>,
+    /// `[[notify]]`.
+    #[serde(default, rename = "notify")]
+    pub notify: Vec<NotifyConfig>,
 }
 
 /// The largest configuration file read (a config is text of a few kilobytes).
@@ -816,6 +871,25 @@ impl ServeConfig {
                 out.push(format!("[[drill]] {:?}: the name is used twice (by a job or a drill)", d.name));
             }
         }
+        let mut notifiers = HashSet::new();
+        for n in &self.notify {
+            let at = format!("[[notify]] {:?}", n.name);
+            if !notifiers.insert(n.name.as_str()) {
+                out.push(format!("{at}: the name is used twice"));
+            }
+            let (scheme, rest) = n.webhook.split_once("://").unwrap_or(("", ""));
+            if !matches!(scheme, "https" | "http") || rest.is_empty() {
+                out.push(format!("{at}: webhook must be an https:// or http:// URL"));
+            } else if rest.split('/').next().is_some_and(|host| host.contains('@')) {
+                out.push(format!("{at}: webhook must not carry a user or password (use token_file)"));
+            }
+            if !matches!(n.on.as_str(), "failure" | "warning" | "always") {
+                out.push(format!("{at}: on = {:?}: use \"failure\", \"warning\" or \"always\"", n.on));
+            }
+            if n.retries > MAX_NOTIFY_RETRIES {
+                out.push(format!("{at}: retries = {}: use 0 to {MAX_NOTIFY_RETRIES}", n.retries));
+            }
+        }
         // So do verify and copy jobs.
         let upkeep = self.verifies.iter().map(|v| ("verify", &v.name, &v.schedule, None, None));
         let copies = self.copies.iter().map(|c| ("copy", &c.name, &c.schedule, Some(c), c.retention.as_ref()));
@@ -840,6 +914,11 @@ impl ServeConfig {
                 if let Err(e) = parse_duration(&c.gc_grace) {
                     out.push(format!("{at}: gc_grace {e}"));
                 }
+            }
+        }
+        for n in &self.notify {
+            for j in n.jobs.iter().filter(|j| !jobs.contains(j.as_str())) {
+                out.push(format!("[[notify]] {:?}: no job, drill, verify or copy is named {j:?}", n.name));
             }
         }
         out
@@ -949,6 +1028,32 @@ replica = "/replicas"
         }
         let bad = GOOD.replace("rate = ", "release_cpu_time = \"4\"\nrate = ");
         assert!(ServeConfig::from_toml(&bad).is_err());
+    }
+
+    #[test]
+    fn notifications_choose_their_runs_and_bad_ones_are_named() {
+        let with = |n: &str| GOOD.to_owned() + n;
+        let c =
+            ServeConfig::from_toml(&with("[[notify]]\nname = \"ops\"\nwebhook = \"https://h.example/x\"\n")).unwrap();
+        let n = &c.notify[0];
+        assert_eq!((n.on.as_str(), n.retries), ("failure", 3));
+        let run = |job: &str, outcome: &str, warnings: &[&str]| serde_json::json!({"job": job, "outcome": outcome, "vms": [{"vm": "a", "warnings": warnings}]});
+        assert!(n.wants(&run("nightly", "failed", &[])) && n.wants(&run("dr", "partial", &[])));
+        assert!(!n.wants(&run("nightly", "succeeded", &["slow"])));
+        let mut w = n.clone();
+        w.on = "warning".into();
+        assert!(w.wants(&run("nightly", "succeeded", &["slow"])) && !w.wants(&run("nightly", "succeeded", &[])));
+        w.on = "always".into();
+        w.jobs = vec!["dr".into()];
+        assert!(w.wants(&run("dr", "succeeded", &[])) && !w.wants(&run("nightly", "failed", &[])));
+        let bad = with(
+            "[[notify]]\nname = \"ops\"\nwebhook = \"ftp://h/x\"\non = \"sometimes\"\njobs = [\"nope\"]\nretries = 99\n\n\
+             [[notify]]\nname = \"ops\"\nwebhook = \"https://u:p@h/x\"\n",
+        );
+        let e = ServeConfig::from_toml(&bad).unwrap_err().to_string();
+        for want in ["https:// or http://", "sometimes", "\"nope\"", "retries = 99", "used twice", "user or password"] {
+            assert!(e.contains(want), "{want} in {e}");
+        }
     }
 
     #[test]
