@@ -124,10 +124,16 @@ pub(crate) fn server_args(v: &VcenterConfig) -> ServerArgs {
     }
 }
 
-/// One finished run, as the history keeps it; `upkeep` is what the prune and gc after it did.
-fn record(job: &str, started: SystemTime, report: Option<&JobReport>, error: Option<String>, upkeep: Value) -> Value {
+/// One finished run, as the history keeps it.
+fn record(job: &str, started: SystemTime, run: RunResult) -> Value {
+    let RunResult { report, error, upkeep, attempts } = run;
+    let report = report.as_ref();
     let time = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
-    let vms = report.map(JobReport::vm_totals).unwrap_or_default();
+    let mut vms = report.map(JobReport::vm_totals).unwrap_or_default();
+    for v in &mut vms {
+        let tries = v["vm"].as_str().and_then(|n| attempts.get(n)).copied().unwrap_or(1);
+        v["attempts"] = json!(tries);
+    }
     let outcome = match (report.map(JobReport::outcome), &error) {
         (_, Some(_)) | (None, None) => "failed",
         (Some(Outcome::All), None) => "succeeded",
@@ -264,11 +270,15 @@ struct Runner {
 impl Runner {
     /// What one run is: the VMs of the job, on its vCenter, with the process's shared engine,
     /// limits and counters.
-    fn spec(&self, run_id: &str) -> Result<JobSpec> {
+    fn spec(&self, run_id: &str, only: Option<&[String]>) -> Result<JobSpec> {
+        let selectors = match only {
+            Some(names) => names.iter().map(|n| Selector::Name(n.clone())).collect(),
+            None => self.job.vms.iter().map(|v| Selector::parse(v)).collect(),
+        };
         Ok(JobSpec {
             login: server_args(&self.vcenter).login_spec()?,
-            selectors: self.job.vms.iter().map(|v| Selector::parse(v)).collect(),
-            all: self.job.all,
+            selectors,
+            all: self.job.all && only.is_none(),
             proxy_id: self.proxy_id.clone(),
             job_id: format!("{}-{run_id}", self.job.name),
             concurrency: self.max_vms,
@@ -290,17 +300,53 @@ impl Runner {
 
     /// Logs in and selects one run's VMs (a deleted VM fails alone; the others run).
     async fn prepare(&self, run_id: &str) -> Result<Job> {
-        Ok(Job::prepare(self.spec(run_id)?, || self.job.open_target()).await?)
+        Ok(Job::prepare(self.spec(run_id, None)?, || self.job.open_target()).await?)
     }
 
-    /// One run: the job, then (for a repository with retention) a prune, and a gc when the
-    /// prune removed restore points, so retention frees space. Returns the report, why the
-    /// run failed, and what the prune and gc did.
-    async fn once(&self, run_id: &str) -> (Option<JobReport>, Option<String>, Value) {
-        let job = match self.prepare(run_id).await {
+    /// One run: the job, its failed VMs tried again (`retries`, `retry_delay`) unless `stop`
+    /// says otherwise, then (for a repository with retention) a prune, and a gc when the
+    /// prune removed restore points, so retention frees space.
+    async fn once(&self, run_id: &str, mut stop: watch::Receiver<bool>) -> RunResult {
+        let begun = std::time::Instant::now();
+        let (job, mut report) = match self.attempt(run_id, None).await {
             Ok(x) => x,
-            Err(e) => return (None, Some(format!("{e:#}")), Value::Null),
+            Err(e) => return RunResult { error: Some(e), ..RunResult::default() },
         };
+        let mut attempts: HashMap<String, u32> = HashMap::new();
+        for n in 1..=self.job.retries {
+            let failed: Vec<String> = report.vms.iter().filter(|v| v.error.is_some()).map(|v| v.vm.clone()).collect();
+            if failed.is_empty() || *stop.borrow() {
+                break;
+            }
+            let delay = self.job.retry_delay();
+            tracing::warn!(job = %self.job.name, vms = %failed.join(", "), "retry {n} of {} in {}", self.job.retries, humantime::format_duration(delay));
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                _ = stop.wait_for(|s| *s) => break,
+            }
+            let only = Some(failed.as_slice());
+            match self.attempt(&format!("{run_id}r{n}"), only).await {
+                Ok((_, again)) => {
+                    for v in again.vms {
+                        *attempts.entry(v.vm.clone()).or_insert(1) += 1;
+                        if let Some(slot) = report.vms.iter_mut().find(|r| r.vm == v.vm) {
+                            *slot = v;
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(job = %self.job.name, "retry {n} could not start: {e}"),
+            }
+        }
+        report.seconds = begun.elapsed().as_secs_f64();
+        let (error, upkeep) = self.after(&job, &report).await;
+        tracing::info!(job = %self.job.name, outcome = %format!("{:?}", report.outcome()).to_lowercase(), seconds = report.seconds, "job ends");
+        RunResult { report: Some(report), error, upkeep, attempts }
+    }
+
+    /// One attempt at the job's VMs, or only at those named: the job and its report.
+    async fn attempt(&self, run_id: &str, only: Option<&[String]>) -> Result<(Job, JobReport), String> {
+        let spec = self.spec(run_id, only).map_err(|e| format!("{e:#}"))?;
+        let job = Job::prepare(spec, || self.job.open_target()).await.map_err(|e| format!("{e:#}"))?;
         let name = &self.job.name;
         let started = |e: JobEvent<'_>| {
             if let JobEvent::Started { tag, vms, .. } = e {
@@ -310,7 +356,7 @@ impl Runner {
         // SIGTERM cancels the engine: the copies stop and the run ends on its own.
         let run = match job.run(std::future::pending(), started).await {
             Ok(r) => r,
-            Err(e) => return (None, Some(e.to_string()), Value::Null),
+            Err(e) => return Err(e.to_string()),
         };
         for s in run.swept {
             tracing::warn!(job = %name, "removed snapshot {s} after the run");
@@ -327,6 +373,12 @@ impl Runner {
                     warnings = v.warnings.len(), seconds = v.seconds, "done"),
             }
         }
+        Ok((job, report))
+    }
+
+    /// After the run: the prune and gc of a repository with retention. Why that failed, and
+    /// what they did.
+    async fn after(&self, job: &Job, report: &JobReport) -> (Option<String>, Value) {
         let ctx = &job.ctx;
         let mut error = None;
         let mut upkeep = Value::Null;
@@ -341,9 +393,20 @@ impl Runner {
             }
             tracing::info!(job = %self.job.name, upkeep = %upkeep, "prune and gc after the run");
         }
-        tracing::info!(job = %self.job.name, outcome = %format!("{:?}", report.outcome()).to_lowercase(), seconds = report.seconds, "job ends");
-        (Some(report), error, upkeep)
+        (error, upkeep)
     }
+}
+
+/// What a job's run gives the history.
+#[derive(Default)]
+struct RunResult {
+    report: Option<JobReport>,
+    /// Why the run failed as a whole.
+    error: Option<String>,
+    /// What the prune and gc after it did.
+    upkeep: Value,
+    /// Per VM tried more than once, how many times.
+    attempts: HashMap<String, u32>,
 }
 
 /// The prune after a run, then a gc when it removed restore points. A gc that cannot run
@@ -416,10 +479,7 @@ impl Work {
     /// One run, as the history records it.
     async fn once(&self, run_id: &str, started: SystemTime, stop: watch::Receiver<bool>) -> Value {
         match self {
-            Self::Job(r) => {
-                let (report, error, upkeep) = r.once(run_id).await;
-                record(&r.job.name, started, report.as_ref(), error, upkeep)
-            }
+            Self::Job(r) => record(&r.job.name, started, r.once(run_id, stop).await),
             Self::Drill(d) => d.once(started, stop).await,
             Self::Upkeep(u) => u.once(started, stop).await,
         }

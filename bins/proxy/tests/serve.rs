@@ -17,7 +17,7 @@ use std::time::Duration;
 use repo::Repo;
 use testkit::noise;
 use vsphere::{Client, ConnectOptions, Credentials, Secret, Thumbprint, Trust};
-use vsphere_sim::{Config, Sim, SimTls};
+use vsphere_sim::{Config, Sim, SimFault, SimTls};
 
 const MIB: usize = 1 << 20;
 const TOKEN: &str = "a-long-enough-test-token";
@@ -115,6 +115,8 @@ vcenter = "sim"
 vms = ["{vm0}"]
 schedule = "daily 03:00"
 replica = "{replicas}"
+retries = 1
+retry_delay = "1s"
 
 [[job]]
 name = "partly-gone"
@@ -122,6 +124,8 @@ vcenter = "sim"
 vms = ["deleted-vm", "{vm1}"]
 schedule = "daily 04:00"
 repository = "{repo}"
+retries = 1
+retry_delay = "1s"
 "#,
         token = d.join("token").display(),
         state = d.join("state").display(),
@@ -196,7 +200,9 @@ repository = "{repo}"
     let chunk_files = testkit::files_under(&d.join("repo/chunks"));
     assert_eq!(Some(chunk_files.len() as u64), upkeep["gc"]["chunks_in_use"].as_u64(), "only chunks in use: {upkeep}");
 
-    // The replica job, run as an operator would: `proxy job run`, then `proxy status`.
+    // The replica job, run as an operator would: `proxy job run`, then `proxy status`. Its
+    // snapshot fails the first time; the VM is tried again a second later and succeeds.
+    sim.faults(|f| f.fail_next_task = Some(SimFault::new("NoDiskSpace", "no room for the delta")));
     let out =
         Command::new(env!("CARGO_BIN_EXE_proxy")).args(["job", "run", "dr", "--config"]).arg(&cfg).output().unwrap();
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("queued"), "{out:?}");
@@ -204,6 +210,8 @@ repository = "{repo}"
     let a = addr.clone();
     wait_for("the replica job", move || last_outcome(&a, "dr").is_some()).await;
     assert_eq!(last_outcome(&addr, "dr").as_deref(), Some("succeeded"), "{}", status(&addr));
+    let dr = run_of(&addr, "dr", Duration::from_secs(1)).await;
+    assert_eq!(dr["vms"][0]["attempts"], 2, "{dr}");
     let out = Command::new(env!("CARGO_BIN_EXE_proxy")).args(["status", "--config"]).arg(&cfg).output().unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
@@ -225,8 +233,17 @@ repository = "{repo}"
     assert_eq!(last_outcome(&addr, "partly-gone").as_deref(), Some("partial"), "{}", status(&addr));
     let (_, history) = http(&addr, "GET", "/history", Some(TOKEN));
     assert!(history.contains(r#""vm":"deleted-vm""#) && history.contains(&vms[1].name), "{history}");
+    let gone = run_of(&addr, "partly-gone", Duration::from_secs(1)).await;
+    let tries: Vec<_> =
+        gone["vms"].as_array().unwrap().iter().map(|v| (v["vm"].clone(), v["attempts"].clone())).collect();
+    assert!(
+        tries.contains(&(serde_json::json!("deleted-vm"), serde_json::json!(2))),
+        "only the failed VM retried: {gone}"
+    );
+    assert!(tries.contains(&(serde_json::json!(vms[1].name), serde_json::json!(1))), "{gone}");
     let (_, metrics) = http(&addr, "GET", "/metrics", Some(TOKEN));
-    assert!(metrics.contains("syncproxy_vms_failed_total 1"), "{metrics}");
+    // Every failed attempt counts: dr's first, and the deleted VM's two.
+    assert!(metrics.contains("syncproxy_vms_failed_total 3"), "{metrics}");
 
     // SIGTERM mid-copy: it stops, removes the snapshot and exits 0.
     sim.faults(|f| f.datastore_delay = Duration::from_millis(300));

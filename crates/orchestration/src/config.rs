@@ -350,7 +350,24 @@ pub struct JobConfig {
     /// younger than this stay (`1h`, `0s`; `proxy repo gc --grace`).
     #[serde(default = "default_gc_grace")]
     pub gc_grace: String,
+    /// How many times the VMs that failed are tried again in the same run.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// The pause before each retry (`10m`, `30s`).
+    #[serde(default = "default_retry_delay")]
+    pub retry_delay: String,
 }
+
+fn default_retries() -> u32 {
+    2
+}
+
+fn default_retry_delay() -> String {
+    "10m".into()
+}
+
+/// The most retries of a job's failed VMs in one run.
+pub const MAX_RETRIES: u32 = 10;
 
 fn default_gc_grace() -> String {
     "1h".into()
@@ -403,6 +420,11 @@ impl JobConfig {
     /// The gc's grace period ([`JobConfig::gc_grace`]; checked by `problems`).
     pub fn gc_grace(&self) -> Duration {
         parse_duration(&self.gc_grace).unwrap_or(Duration::from_secs(3600))
+    }
+
+    /// The pause before each retry of failed VMs (checked by `problems`).
+    pub fn retry_delay(&self) -> Duration {
+        parse_duration(&self.retry_delay).unwrap_or(Duration::from_secs(600))
     }
 
     /// Opens the job's target: its repository (a directory or `s3://`, with its key file and
@@ -863,6 +885,12 @@ impl ServeConfig {
             if let Err(e) = parse_duration(&j.gc_grace) {
                 out.push(format!("{at}: gc_grace {e}"));
             }
+            if j.retries > MAX_RETRIES {
+                out.push(format!("{at}: retries = {}: use 0 to {MAX_RETRIES}", j.retries));
+            }
+            if let Err(e) = parse_duration(&j.retry_delay) {
+                out.push(format!("{at}: retry_delay {e}"));
+            }
         }
         for d in &self.drills {
             d.problems(&mut out);
@@ -1006,6 +1034,10 @@ replica = "/replicas"
             .unwrap_err()
             .to_string();
         assert!(e.contains("nightly") && e.contains("gc_grace") && e.contains("no unit"), "{e}");
+        assert_eq!((c.jobs[0].retries, c.jobs[0].retry_delay()), (2, Duration::from_secs(600)));
+        let bad = GOOD.replace("keep_daily = 14 }", "keep_daily = 14 }\nretries = 11\nretry_delay = \"soon\"");
+        let e = ServeConfig::from_toml(&bad).unwrap_err().to_string();
+        assert!(e.contains("retries = 11") && e.contains("retry_delay"), "{e}");
     }
 
     #[test]
