@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -76,63 +76,7 @@ fn millis_or_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::
     }
 }
 
-/// The longest interval of an `every` schedule.
-pub const MAX_INTERVAL: Duration = Duration::from_secs(366 * 86_400);
-
-/// When a job runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Schedule {
-    /// `every 6h`: at this interval from the daemon's start.
-    Every(Duration),
-    /// `daily 02:30`: once a day at this UTC time (seconds after midnight).
-    Daily(u64),
-}
-
-impl Schedule {
-    /// Reads `every DURATION` (at least a second) or `daily HH:MM` (UTC).
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let t = s.trim();
-        if let Some(d) = t.strip_prefix("every ") {
-            let d = humantime::parse_duration(d.trim()).map_err(|e| format!("{s:?}: {e}"))?;
-            if d < Duration::from_secs(1) || d > MAX_INTERVAL {
-                return Err(format!("{s:?}: the interval must be between a second and a year"));
-            }
-            return Ok(Self::Every(d));
-        }
-        if let Some(hm) = t.strip_prefix("daily ") {
-            let (h, m) = hm.trim().split_once(':').ok_or_else(|| format!("{s:?}: write daily HH:MM"))?;
-            let (h, m): (u64, u64) = (
-                h.parse().map_err(|_| format!("{s:?}: the hour is not a number"))?,
-                m.parse().map_err(|_| format!("{s:?}: the minute is not a number"))?,
-            );
-            if h > 23 || m > 59 {
-                return Err(format!("{s:?}: no such time of day"));
-            }
-            return Ok(Self::Daily(h * 3600 + m * 60));
-        }
-        Err(format!("{s:?}: write \"every 6h\" or \"daily 02:30\" (UTC)"))
-    }
-
-    /// The first run strictly after `after`, for a daemon that started at `start`.
-    pub fn next_after(&self, start: SystemTime, after: SystemTime) -> SystemTime {
-        match *self {
-            Self::Every(d) => {
-                let since = after.duration_since(start).unwrap_or_default();
-                let n = since.as_nanos() / d.as_nanos().max(1) + 1;
-                let offset = d.saturating_mul(u32::try_from(n).unwrap_or(u32::MAX));
-                // Past what the clock can say: an interval from now instead.
-                start.checked_add(offset).filter(|t| *t > after).or_else(|| after.checked_add(d)).unwrap_or(after)
-            }
-            Self::Daily(at) => {
-                let now = after.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-                let midnight = now - now % 86_400;
-                let today = midnight + at;
-                let next = if today > now { today } else { today + 86_400 };
-                UNIX_EPOCH + Duration::from_secs(next)
-            }
-        }
-    }
-}
+pub use crate::schedule::{MAX_INTERVAL, Schedule};
 
 /// `[proxy]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -1185,23 +1129,6 @@ boot_controller = "sata"
         let e = ServeConfig::from_toml(&format!("{GOOD}{bad}")).unwrap_err().to_string();
         for want in ["used twice", "schedule", "pvscsi", "hvf", "use 10s to 24h"] {
             assert!(e.contains(want), "{want} in {e}");
-        }
-    }
-
-    #[test]
-    fn schedules() {
-        let start = UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let every = Schedule::parse("every 1h").unwrap();
-        assert_eq!(every.next_after(start, start), start + Duration::from_secs(3600));
-        assert_eq!(every.next_after(start, start + Duration::from_secs(3700)), start + Duration::from_secs(7200));
-        let daily = Schedule::parse("daily 02:30").unwrap();
-        let day = 86_400 * 20_000;
-        let t = UNIX_EPOCH + Duration::from_secs(day + 3600);
-        assert_eq!(daily.next_after(start, t), UNIX_EPOCH + Duration::from_secs(day + 9000));
-        let t = UNIX_EPOCH + Duration::from_secs(day + 9000);
-        assert_eq!(daily.next_after(start, t), UNIX_EPOCH + Duration::from_secs(day + 86_400 + 9000));
-        for bad in ["weekly", "every 0s", "every x", "daily 7", "daily 24:00", "daily 1:60", "every 3 32yr6y"] {
-            assert!(Schedule::parse(bad).is_err(), "{bad}");
         }
     }
 

@@ -33,6 +33,7 @@ mod report;
 pub mod restore_inplace;
 pub mod restore_job;
 pub mod restore_plan;
+pub mod schedule;
 mod snapshot;
 mod support;
 mod target;
