@@ -26,7 +26,7 @@ use pipeline::limit::{RateLimiter, ReleaseCpuTime};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::history::History;
+use crate::history::{History, label};
 use crate::notify::Notifier;
 use crate::serve_drill::{DrillRunner, DrillStats};
 use crate::serve_upkeep::{Upkeep, UpkeepRunner};
@@ -169,6 +169,8 @@ struct State {
     /// `[[notify]]`s, and their deliveries under way (awaited, for a while, at shutdown).
     notifiers: Vec<Arc<Notifier>>,
     deliveries: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The local repositories the configuration names (their free space is in the metrics).
+    repositories: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -248,6 +250,17 @@ impl State {
         }
         text.push_str(&self.drills.prometheus());
         text.push_str(&self.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner).prometheus(&names));
+        text.push_str(
+            "# HELP syncproxy_repository_free_bytes Space left to an unprivileged writer on a local repository's \
+             filesystem.\n# TYPE syncproxy_repository_free_bytes gauge\n",
+        );
+        for r in &self.repositories {
+            // A repository that cannot be looked at now has no line: absent, not zero.
+            if let Ok(s) = rustix::fs::statvfs(r.as_str()) {
+                let free = s.f_bavail.saturating_mul(s.f_frsize);
+                text.push_str(&format!("syncproxy_repository_free_bytes{{repository=\"{}\"}} {free}\n", label(r)));
+            }
+        }
         text
     }
 }
@@ -746,6 +759,21 @@ impl tokio::io::AsyncWrite for Watched {
     }
 }
 
+/// Every local repository the configuration names, once each.
+fn local_repositories(config: &ServeConfig) -> Vec<String> {
+    let named = config
+        .jobs
+        .iter()
+        .filter_map(|j| j.repository.clone())
+        .chain(config.drills.iter().map(|d| d.repository.clone()))
+        .chain(config.verifies.iter().map(|v| v.repository.clone()))
+        .chain(config.copies.iter().flat_map(|c| [c.repository.clone(), c.to.clone()]));
+    let mut out: Vec<String> = named.filter(|r| !r.contains("://")).collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// How long shutdown waits for notifications under way.
 const NOTIFY_AT_EXIT: Duration = Duration::from_secs(20);
 
@@ -879,6 +907,7 @@ async fn serve(config: ServeConfig, vddk: Option<Arc<vddk::Vddk>>) -> Result<Exi
         drills: drill_stats,
         notifiers: config.notify.iter().map(|n| Notifier::new(n).map(Arc::new)).collect::<Result<_>>()?,
         deliveries: Mutex::default(),
+        repositories: local_repositories(&config),
     });
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     tracing::info!(proxy = %proxy_id, listen = %listener.local_addr()?, jobs = runners.len(), drills = drills.len(), "serving");

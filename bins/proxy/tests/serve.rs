@@ -984,8 +984,13 @@ async fn verify_jobs_find_damage_and_copy_jobs_keep_their_own_retention() {
     assert!(bad["error"].as_str().is_some_and(|e| e.contains("1 damaged")), "{bad}");
     assert!(!bad["verify"]["damaged_points"].as_object().unwrap().is_empty(), "{bad}");
     let (_, metrics) = http(&daemon.addr, "GET", "/metrics", Some(TOKEN));
-    for want in ["syncproxy_job_last_succeeded{job=\"check\"} 0", "syncproxy_verify_bad_chunks{job=\"check\"} 1"] {
-        assert!(metrics.contains(want), "{want} in\n{metrics}");
+    for want in [
+        "syncproxy_job_last_succeeded{job=\"check\"} 0".to_owned(),
+        "syncproxy_verify_bad_chunks{job=\"check\"} 1".to_owned(),
+        format!("syncproxy_repository_free_bytes{{repository=\"{repo}\"}} "),
+        format!("syncproxy_repository_free_bytes{{repository=\"{long}\"}} "),
+    ] {
+        assert!(metrics.contains(&want), "{want} in\n{metrics}");
     }
 
     // The failed verify, and only it, was notified: refused once, delivered on the retry.
