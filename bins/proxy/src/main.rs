@@ -25,6 +25,7 @@ mod serve_drill;
 mod serve_upkeep;
 mod server_args;
 mod size;
+mod smtp;
 
 use std::process::ExitCode;
 

@@ -1082,3 +1082,76 @@ impl Webhook {
         self.received()
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_notifications_go_out_over_starttls_and_never_in_the_clear() {
+    let test = "email_notifications_go_out_over_starttls_and_never_in_the_clear";
+    let Some(pythonpath) = testkit::smtp::find(test) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pki = testkit::pki::TestPki::create(d);
+    let smtp = testkit::smtp::SmtpServer::start(&pythonpath, d, &pki, "notifier", "mail-secret");
+    // A server that offers no STARTTLS: it must get neither the account nor the mail.
+    let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let plain_port = plain.local_addr().unwrap().port();
+    let heard = Arc::new(std::sync::Mutex::new(String::new()));
+    let kept = heard.clone();
+    std::thread::spawn(move || {
+        for s in plain.incoming().flatten() {
+            let mut w = s.try_clone().unwrap();
+            let _ = w.write_all(b"220 plain.example ESMTP\r\n");
+            for line in std::io::BufRead::lines(std::io::BufReader::new(s)).map_while(Result::ok) {
+                kept.lock().unwrap().push_str(&format!("{line}\n"));
+                let _ = w.write_all(if line.starts_with("EHLO") {
+                    b"250-plain.example\r\n250 AUTH PLAIN\r\n"
+                } else {
+                    b"250 ok\r\n"
+                });
+            }
+        }
+    });
+
+    let repo = d.join("repo").display().to_string();
+    proxy_ok(&["repo", "init", &repo, "--chunk-size", "64K"]);
+    std::fs::write(d.join("a.raw"), noise(1 << 20, 7)).unwrap();
+    proxy_ok(&["repo", "backup", &repo, d.join("a.raw").to_str().unwrap(), "--name", "vmA"]);
+    let victim = testkit::files_under(&d.join("repo/chunks")).into_iter().next().unwrap();
+    std::fs::write(&victim, b"damaged").unwrap();
+    std::fs::write(d.join("mail.pw"), "mail-secret\n").unwrap();
+    let email = |name: &str, port: u16, ca: bool| {
+        format!(
+            "[[notify]]\nname = \"{name}\"\nretries = 0\njobs = [\"check\"]\n\
+             email = {{ smtp = \"smtp://127.0.0.1:{port}\", from = \"proxy@example.com\", to = [\"ops@example.com\", \
+             \"dr@example.com\"], user = \"notifier\", password_file = \"{}\"{} }}\n\n",
+            d.join("mail.pw").display(),
+            if ca { format!(", ca_file = \"{}\"", pki.ca.display()) } else { String::new() }
+        )
+    };
+    let extra = format!(
+        "\n[[verify]]\nname = \"check\"\nrepository = \"{repo}\"\nschedule = \"daily 05:00\"\n\n{}{}",
+        email("mail", smtp.port, true),
+        email("cleartext", plain_port, false)
+    );
+    let daemon = Daemon::start(d, &extra, None, &[]);
+    assert_eq!(http(&daemon.addr, "POST", "/jobs/check/run", Some(TOKEN)).0, 202);
+    let run = run_of(&daemon.addr, "check", Duration::from_secs(60)).await;
+    assert_eq!(run["outcome"], "failed", "{run}");
+
+    let mail = smtp.wait_for(1, Duration::from_secs(30));
+    assert_eq!(mail.len(), 1, "{}", daemon.log());
+    let m = &mail[0];
+    assert!(m.contains("X-Envelope-To: ops@example.com,dr@example.com"), "{m}");
+    assert!(m.contains("Subject: syncproxy p1: check failed"), "{m}");
+    assert!(m.contains("1 damaged") && m.contains("\"bad_chunks\": 1"), "{m}");
+    for _ in 0..100 {
+        if daemon.log().contains("cleartext") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = daemon.log();
+    assert!(log.contains("offers no STARTTLS"), "{log}");
+    let said = heard.lock().unwrap().clone();
+    assert!(said.starts_with("EHLO") && !said.contains("AUTH") && !said.contains("MAIL"), "in the clear: {said}");
+    assert!(!log.contains("mail-secret"), "{log}");
+}

@@ -584,7 +584,11 @@ pub struct NotifyConfig {
     /// Its name (in the log when a notification cannot be delivered).
     pub name: String,
     /// An `https://` (or `http://`) URL the run's record is POSTed to as JSON, retried.
-    pub webhook: String,
+    #[serde(default)]
+    pub webhook: Option<String>,
+    /// Or an e-mail, through an SMTP server.
+    #[serde(default)]
+    pub email: Option<EmailConfig>,
     /// A file whose first line is sent as `Authorization: Bearer ...` to the webhook.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
@@ -598,6 +602,66 @@ pub struct NotifyConfig {
     /// Attempts after the first when the webhook fails or answers other than 2xx.
     #[serde(default = "default_notify_retries")]
     pub retries: u32,
+}
+
+/// `email = { ... }` of a `[[notify]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailConfig {
+    /// `smtp://host[:587]` (STARTTLS, required: nothing is sent in the clear) or
+    /// `smtps://host[:465]` (TLS from the first byte).
+    pub smtp: String,
+    /// The sender.
+    pub from: String,
+    /// The recipients.
+    pub to: Vec<String>,
+    /// The account, when the server wants one (AUTH PLAIN, only over TLS).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// A file whose first line is the account's password.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// A CA (PEM) trusted besides the system's, for a server with a private certificate.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl EmailConfig {
+    /// The server's host, port, and whether TLS starts at once (`smtps`); checked by `problems`.
+    pub fn server(&self) -> Result<(String, u16, bool), String> {
+        let bad = || "smtp must be smtp://HOST[:PORT] or smtps://HOST[:PORT]".to_owned();
+        let (scheme, rest) = self.smtp.split_once("://").ok_or_else(bad)?;
+        let (implicit, default_port) = match scheme {
+            "smtp" => (false, 587),
+            "smtps" => (true, 465),
+            _ => return Err(bad()),
+        };
+        let hostport = rest.trim_end_matches('/');
+        if hostport.contains(['@', '/', '?']) || hostport.is_empty() {
+            return Err("smtp is a server's address only (the account goes in user and password_file)".into());
+        }
+        // `[::1]:25`, `host:25`, `host`, `[::1]`.
+        let split = match hostport.rfind(':') {
+            Some(i) if !hostport.starts_with('[') || hostport[..i].ends_with(']') => Some(i),
+            _ => None,
+        };
+        match split {
+            Some(i) => {
+                let p = &hostport[i + 1..];
+                let port = p.parse().map_err(|_| format!("smtp port {p:?} is not a number"))?;
+                Ok((hostport[..i].to_owned(), port, implicit))
+            }
+            None => Ok((hostport.to_owned(), default_port, implicit)),
+        }
+    }
+}
+
+/// Whether `a` looks like an e-mail address with nothing a header could be forged with.
+fn address_ok(a: &str) -> bool {
+    let (local, domain) = a.split_once('@').unwrap_or(("", ""));
+    !local.is_empty()
+        && !domain.is_empty()
+        && !a.contains(|c: char| c.is_control() || c.is_whitespace() || "<>,;\"".contains(c))
 }
 
 fn default_notify_on() -> String {
@@ -849,11 +913,30 @@ impl ServeConfig {
             if !notifiers.insert(n.name.as_str()) {
                 out.push(format!("{at}: the name is used twice"));
             }
-            let (scheme, rest) = n.webhook.split_once("://").unwrap_or(("", ""));
-            if !matches!(scheme, "https" | "http") || rest.is_empty() {
-                out.push(format!("{at}: webhook must be an https:// or http:// URL"));
-            } else if rest.split('/').next().is_some_and(|host| host.contains('@')) {
-                out.push(format!("{at}: webhook must not carry a user or password (use token_file)"));
+            match (&n.webhook, &n.email) {
+                (Some(_), Some(_)) | (None, None) => out.push(format!("{at}: give webhook or email, one of them")),
+                (Some(w), None) => {
+                    let (scheme, rest) = w.split_once("://").unwrap_or(("", ""));
+                    if !matches!(scheme, "https" | "http") || rest.is_empty() {
+                        out.push(format!("{at}: webhook must be an https:// or http:// URL"));
+                    } else if rest.split('/').next().is_some_and(|host| host.contains('@')) {
+                        out.push(format!("{at}: webhook must not carry a user or password (use token_file)"));
+                    }
+                }
+                (None, Some(e)) => {
+                    if let Err(why) = e.server() {
+                        out.push(format!("{at}: {why}"));
+                    }
+                    for a in std::iter::once(&e.from).chain(&e.to).filter(|a| !address_ok(a)) {
+                        out.push(format!("{at}: {a:?} is not an e-mail address"));
+                    }
+                    if e.to.is_empty() {
+                        out.push(format!("{at}: email needs at least one address in to"));
+                    }
+                    if e.user.is_some() != e.password_file.is_some() {
+                        out.push(format!("{at}: email needs user and password_file together"));
+                    }
+                }
             }
             if !matches!(n.on.as_str(), "failure" | "warning" | "always") {
                 out.push(format!("{at}: on = {:?}: use \"failure\", \"warning\" or \"always\"", n.on));
@@ -1011,6 +1094,19 @@ replica = "/replicas"
         let with = |n: &str| GOOD.to_owned() + n;
         let c =
             ServeConfig::from_toml(&with("[[notify]]\nname = \"ops\"\nwebhook = \"https://h.example/x\"\n")).unwrap();
+        let mail = with(
+            "[[notify]]\nname = \"mail\"\nemail = { smtp = \"smtp://mx.example\", from = \"p@example.com\", to = [\"ops@example.com\"] }\n",
+        );
+        let e = ServeConfig::from_toml(&mail).unwrap().notify[0].email.clone().unwrap();
+        assert_eq!(e.server(), Ok(("mx.example".to_owned(), 587, false)));
+        let bad_mail =
+            mail.replace("smtp://mx.example", "smtps://u@mx.example:x").replace("ops@example.com", "a\\r\\nBcc: x");
+        let err = ServeConfig::from_toml(&bad_mail).unwrap_err().to_string();
+        assert!(err.contains("server's address only") && err.contains("is not an e-mail address"), "{err}");
+        let e: EmailConfig = toml::from_str("smtp = \"smtps://[::1]:2465\"\nfrom = \"a@b\"\nto = [\"c@d\"]").unwrap();
+        assert_eq!(e.server(), Ok(("[::1]".to_owned(), 2465, true)));
+        let e: EmailConfig = toml::from_str("smtp = \"smtp://[::1]\"\nfrom = \"a@b\"\nto = [\"c@d\"]").unwrap();
+        assert_eq!(e.server(), Ok(("[::1]".to_owned(), 587, false)));
         let n = &c.notify[0];
         assert_eq!((n.on.as_str(), n.retries), ("failure", 3));
         let run = |job: &str, outcome: &str, warnings: &[&str]| serde_json::json!({"job": job, "outcome": outcome, "vms": [{"vm": "a", "warnings": warnings}]});

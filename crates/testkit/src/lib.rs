@@ -6,6 +6,7 @@ pub mod bootdisk;
 pub mod pki;
 pub mod s3;
 pub mod servers;
+pub mod smtp;
 pub mod vcsim;
 
 use std::fs::File;
