@@ -227,6 +227,40 @@ mod tests {
         assert!(reply(&mut r).await.unwrap_err().contains("closed"));
     }
 
+    /// Random and mutated replies: an error or a reply, never a panic, and never more lines
+    /// than the bound. (A libFuzzer target needs this client in a library crate; until then
+    /// this runs on every `cargo test`.)
+    #[tokio::test]
+    async fn random_replies_never_panic_the_reader() {
+        let seeds: [&[u8]; 4] =
+            [b"250-a\r\n250 b\r\n", b"220 ready\r\n", b"354 go\r\n", b"250-STARTTLS\r\n250 8BITMIME\r\n"];
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for round in 0..20_000u64 {
+            let mut input: Vec<u8> = seeds[usize::try_from(round % 4).unwrap()].to_vec();
+            for _ in 0..next() % 8 {
+                let at = usize::try_from(next() % (input.len() as u64 + 1)).unwrap();
+                match next() % 4 {
+                    0 => input.insert(at, next().to_le_bytes()[0]),
+                    1 if at < input.len() => {
+                        input.remove(at);
+                    }
+                    2 => input.splice(at..at, b"\r\n250-".iter().copied()).for_each(drop),
+                    _ => input.extend(std::iter::repeat_n(b'-', usize::try_from(next() % 2000).unwrap())),
+                }
+            }
+            let mut r = BufReader::new(&input[..]);
+            if let Ok((_, lines)) = reply(&mut r).await {
+                assert!(lines.len() <= MAX_LINES && lines.iter().all(|l| l.len() as u64 <= MAX_LINE), "{input:?}");
+            }
+        }
+    }
+
     #[test]
     fn the_message_cannot_gain_headers_and_dots_are_doubled() {
         let mail = Mail {
