@@ -249,16 +249,17 @@ async fn demo(args: &Args) -> Result<ExitCode> {
         println!(
             "{name:<12} {:>10} {:>12} {:>12} {secs:>9.2} {:>10.1}",
             rs.iter().map(|r| r.disks.len()).sum::<usize>(),
-            read,
-            sum(rs, |d| d.stored_bytes),
+            orchestration::human_bytes(read),
+            orchestration::human_bytes(sum(rs, |d| d.stored_bytes)),
             read as f64 / secs.max(1e-9) / 1e6
         );
     }
     println!(
-        "\n{} VMs, {} bytes of disk; every disk of both restore points restored byte for byte ({compared} bytes \
-         compared); verify clean; no snapshot left behind",
+        "\n{} VMs, {} of disk; every disk of both restore points restored byte for byte ({} compared); verify \
+         clean; no snapshot left behind",
         vms.len(),
-        total
+        orchestration::human_bytes(total),
+        orchestration::human_bytes(compared)
     );
     println!(
         "at most {} disks were in the copy phase at once; the copy buffers peaked at {} MiB of {} MiB; peak \

@@ -16,6 +16,7 @@ fn the_demo_restores_every_disk_byte_for_byte() {
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("restored byte for byte") && text.contains("no snapshot left behind"), "{text}");
     assert!(text.lines().any(|l| l.starts_with("incremental")), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("full") && l.contains("MiB")), "human units in the table: {text}");
     // The repository it made is there and verifies.
     let repo = dir.path().join("repo");
     let v = Command::new(env!("CARGO_BIN_EXE_proxy")).args(["repo", "verify"]).arg(&repo).output().unwrap();
