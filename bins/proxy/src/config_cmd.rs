@@ -24,6 +24,13 @@ pub(crate) enum ConfigCommand {
         /// The file.
         file: PathBuf,
     },
+    /// Print a systemd drop-in that lets the service write every folder the configuration
+    /// names (its state, local repositories, replica folders), for
+    /// `/etc/systemd/system/syncproxy-proxy.service.d/paths.conf`.
+    SystemdPaths {
+        /// The file.
+        file: PathBuf,
+    },
 }
 
 /// A folder that must be a directory if it exists (serve creates it when it does not).
@@ -67,8 +74,39 @@ fn next_run(schedule: &str, now: SystemTime) -> String {
     humantime::format_rfc3339_seconds(next).to_string()
 }
 
+/// The drop-in of `config systemd-paths`.
+fn systemd_paths(file: &Path) -> ExitCode {
+    let config = match load_with_problems(file) {
+        Ok((c, problems)) if problems.is_empty() => c,
+        Ok(_) => {
+            eprintln!("proxy config systemd-paths: {} has problems: run proxy config check on it", file.display());
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("proxy config systemd-paths: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (plain, spaced): (Vec<String>, Vec<String>) =
+        config.written_paths().iter().map(|p| p.display().to_string()).partition(|p| !p.contains(char::is_whitespace));
+    for p in &spaced {
+        eprintln!("proxy config systemd-paths: warning: {p:?} has white space; add it to the drop-in by hand, quoted");
+    }
+    let paths: Vec<String> = plain.iter().map(|p| format!("-{p}")).collect();
+    println!(
+        "# The folders {} writes to; made by `syncproxy-proxy config systemd-paths`.\n\
+         # A leading - lets the service start while a folder does not exist yet.\n[Service]\nReadWritePaths={}",
+        file.display(),
+        paths.join(" ")
+    );
+    ExitCode::SUCCESS
+}
+
 pub(crate) fn run(cmd: &ConfigCommand) -> ExitCode {
-    let ConfigCommand::Check { file } = cmd;
+    let file = match cmd {
+        ConfigCommand::Check { file } => file,
+        ConfigCommand::SystemdPaths { file } => return systemd_paths(file),
+    };
     let (config, mut problems) = match load_with_problems(file) {
         Ok(c) => c,
         Err(e) => {
@@ -133,6 +171,24 @@ pub(crate) fn run(cmd: &ConfigCommand) -> ExitCode {
             d.schedule,
             next_run(&d.schedule, now)
         ));
+    }
+    for n in &config.notify {
+        let secrets = [
+            (n.token_file.as_deref(), "notify token file"),
+            (n.email.as_ref().and_then(|e| e.password_file.as_deref()), "SMTP password file"),
+        ];
+        for (f, what) in secrets {
+            if let Some(f) = f
+                && let Err(e) = read_secret_file(f, what)
+            {
+                problems.push(format!("[[notify]] {:?}: {e:#}", n.name));
+            }
+        }
+        if let Some(ca) = n.email.as_ref().and_then(|e| e.ca_file.as_ref())
+            && !ca.is_file()
+        {
+            problems.push(format!("[[notify]] {:?}: no CA file {}", n.name, ca.display()));
+        }
     }
     let not_contacted = |url: &str| if url.starts_with("s3://") { " (not contacted by this check)" } else { "" };
     for v in &config.verifies {

@@ -3,7 +3,7 @@
 //! the last-success times and the metrics built on them (a VM's restore-point age, its RPO)
 //! survive a restart instead of resetting every alert.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::{Read as _, Seek as _, Write as _};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
@@ -30,6 +30,8 @@ struct JobTimes {
     succeeded: Option<u64>,
     /// For a verify job: the damaged or missing chunks its newest run found.
     bad_chunks: Option<u64>,
+    /// The VMs of its newest run that had any: a VM no longer in the job leaves the metrics.
+    vms_now: BTreeSet<String>,
 }
 
 /// The runs the daemon remembers.
@@ -137,6 +139,9 @@ impl History {
         }
         // A VM's restore point or replica is good when its own result has no error, even in a
         // run where other VMs failed.
+        if let Some(vms) = rec["vms"].as_array().filter(|v| !v.is_empty()) {
+            t.vms_now = vms.iter().filter_map(|v| v["vm"].as_str().map(str::to_owned)).collect();
+        }
         if let (Some(at), Some(vms)) = (finished, rec["vms"].as_array()) {
             for v in vms {
                 if let Some(vm) = v["vm"].as_str()
@@ -162,6 +167,16 @@ impl History {
     /// The newest run of `job`.
     pub(crate) fn last_of(&self, job: &str) -> Option<&Value> {
         self.jobs.get(job)?.last.as_ref()
+    }
+
+    /// When the newest run of `job` started.
+    pub(crate) fn last_started(&self, job: &str) -> Option<SystemTime> {
+        humantime::parse_rfc3339_weak(self.last_of(job)?["started"].as_str()?).ok()
+    }
+
+    /// Whether a run of `job` has ever succeeded (as far as the history read reaches).
+    pub(crate) fn succeeded_once(&self, job: &str) -> bool {
+        self.jobs.get(job).is_some_and(|t| t.succeeded.is_some())
     }
 
     /// The Prometheus lines for jobs in `names` (others are in the file but no longer
@@ -202,7 +217,11 @@ impl History {
             "Damaged or missing chunks the verify job's newest complete run found.",
             per_job(&|t| t.bad_chunks.map(|n| n.to_string())),
         );
-        let vms: Vec<_> = self.vms.iter().filter(|((job, _), _)| names.contains(&job)).collect();
+        let vms: Vec<_> = self
+            .vms
+            .iter()
+            .filter(|((job, vm), _)| names.contains(&job) && self.jobs.get(job).is_some_and(|t| t.vms_now.contains(vm)))
+            .collect();
         let vm_labels = |job: &str, vm: &str| format!("job=\"{}\",vm=\"{}\"", label(job), label(vm));
         family(
             "syncproxy_vm_last_success_timestamp_seconds",
@@ -262,8 +281,13 @@ mod tests {
         let (h, warnings) = History::load(file);
         assert_eq!(h.recent().count(), 3, "{warnings:?}");
         assert!(h.prometheus(&names).contains("vm=\"b\"} 1796267400"));
-        // A job no longer configured is not in the metrics.
+        // A job no longer configured is not in the metrics; nor is a VM no longer in the job
+        // (the newest run named b only), while a run that reached no VM changes nothing.
         assert!(!h.prometheus(&[]).contains("nightly"));
+        assert!(!h.prometheus(&names).contains("vm=\"a\""));
+        let mut h = h;
+        assert!(h.append(run("nightly", "2026-12-04T03:10:00Z", "failed", json!([]))).is_none());
+        assert!(h.prometheus(&names).contains("vm=\"b\"} 1796267400"));
     }
 
     #[test]

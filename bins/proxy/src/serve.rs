@@ -102,7 +102,17 @@ pub(crate) fn secret_file_warnings(config: &ServeConfig) -> Vec<String> {
         .iter()
         .filter_map(|j| j.guest_credentials_file.as_deref())
         .map(|f| secret_file_warning(f, "guest credentials file"));
-    let mut warnings: Vec<String> = std::iter::once(token).chain(passwords).chain(guests).flatten().collect();
+    let notify = config.notify.iter().flat_map(|n| {
+        let token = n.token_file.as_deref().map(|f| secret_file_warning(f, "notify token file"));
+        let smtp = n
+            .email
+            .as_ref()
+            .and_then(|e| e.password_file.as_deref())
+            .map(|f| secret_file_warning(f, "SMTP password file"));
+        [token, smtp].into_iter().flatten()
+    });
+    let mut warnings: Vec<String> =
+        std::iter::once(token).chain(passwords).chain(guests).chain(notify).flatten().collect();
     warnings.sort();
     warnings.dedup();
     warnings
@@ -130,9 +140,8 @@ fn record(job: &str, started: SystemTime, run: RunResult) -> Value {
     let report = report.as_ref();
     let time = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
     let mut vms = report.map(JobReport::vm_totals).unwrap_or_default();
-    for v in &mut vms {
-        let tries = v["vm"].as_str().and_then(|n| attempts.get(n)).copied().unwrap_or(1);
-        v["attempts"] = json!(tries);
+    for (i, v) in vms.iter_mut().enumerate() {
+        v["attempts"] = json!(attempts.get(i).copied().unwrap_or(1));
     }
     let outcome = match (report.map(JobReport::outcome), &error) {
         (_, Some(_)) | (None, None) => "failed",
@@ -283,9 +292,9 @@ struct Runner {
 impl Runner {
     /// What one run is: the VMs of the job, on its vCenter, with the process's shared engine,
     /// limits and counters.
-    fn spec(&self, run_id: &str, only: Option<&[String]>) -> Result<JobSpec> {
+    fn spec(&self, run_id: &str, only: Option<&[Selector]>) -> Result<JobSpec> {
         let selectors = match only {
-            Some(names) => names.iter().map(|n| Selector::Name(n.clone())).collect(),
+            Some(these) => these.to_vec(),
             None => self.job.vms.iter().map(|v| Selector::parse(v)).collect(),
         };
         Ok(JobSpec {
@@ -321,43 +330,54 @@ impl Runner {
     /// prune removed restore points, so retention frees space.
     async fn once(&self, run_id: &str, mut stop: watch::Receiver<bool>) -> RunResult {
         let begun = std::time::Instant::now();
-        let (job, mut report) = match self.attempt(run_id, None).await {
+        let (job, mut report, found_by) = match self.attempt(run_id, None).await {
             Ok(x) => x,
             Err(e) => return RunResult { error: Some(e), ..RunResult::default() },
         };
-        let mut attempts: HashMap<String, u32> = HashMap::new();
+        let mut attempts = vec![1u32; report.vms.len()];
         for n in 1..=self.job.retries {
-            let failed: Vec<String> = report.vms.iter().filter(|v| v.error.is_some()).map(|v| v.vm.clone()).collect();
+            // Each failed VM again by what found it this time (a VM by its moref, so another
+            // VM of the same name is never taken for it; a selector that found none as typed).
+            let failed: Vec<usize> = (0..report.vms.len()).filter(|&i| report.vms[i].error.is_some()).collect();
+            let Some(again): Option<Vec<Selector>> = failed.iter().map(|&i| found_by.get(i).cloned()).collect() else {
+                break;
+            };
             if failed.is_empty() || *stop.borrow() {
                 break;
             }
             let delay = self.job.retry_delay();
-            tracing::warn!(job = %self.job.name, vms = %failed.join(", "), "retry {n} of {} in {}", self.job.retries, humantime::format_duration(delay));
+            let names: Vec<&str> = failed.iter().map(|&i| report.vms[i].vm.as_str()).collect();
+            tracing::warn!(job = %self.job.name, vms = %names.join(", "), "retry {n} of {} in {}", self.job.retries, humantime::format_duration(delay));
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 _ = stop.wait_for(|s| *s) => break,
             }
-            let only = Some(failed.as_slice());
-            match self.attempt(&format!("{run_id}r{n}"), only).await {
-                Ok((_, again)) => {
-                    for v in again.vms {
-                        *attempts.entry(v.vm.clone()).or_insert(1) += 1;
-                        if let Some(slot) = report.vms.iter_mut().find(|r| r.vm == v.vm) {
-                            *slot = v;
-                        }
+            match self.attempt(&format!("{run_id}r{n}"), Some(&again)).await {
+                Ok((_, retried, retried_by)) => {
+                    for (v, by) in retried.vms.into_iter().zip(retried_by) {
+                        let Some(&i) = failed.iter().find(|&&i| found_by.get(i) == Some(&by)) else { continue };
+                        attempts[i] += 1;
+                        report.vms[i] = v;
                     }
                 }
                 Err(e) => tracing::warn!(job = %self.job.name, "retry {n} could not start: {e}"),
             }
         }
         report.seconds = begun.elapsed().as_secs_f64();
-        let (error, upkeep) = self.after(&job, &report).await;
+        let stopping = *stop.borrow();
+        let (error, upkeep) = self.after(&job, &report, stopping).await;
         tracing::info!(job = %self.job.name, outcome = %format!("{:?}", report.outcome()).to_lowercase(), seconds = report.seconds, "job ends");
         RunResult { report: Some(report), error, upkeep, attempts }
     }
 
-    /// One attempt at the job's VMs, or only at those named: the job and its report.
-    async fn attempt(&self, run_id: &str, only: Option<&[String]>) -> Result<(Job, JobReport), String> {
+    /// One attempt at the job's VMs, or only at those `only` selects: the job, its report,
+    /// and per entry of the report the selector that finds that VM again (its moref, or for
+    /// a selector that found none, that selector).
+    async fn attempt(
+        &self,
+        run_id: &str,
+        only: Option<&[Selector]>,
+    ) -> Result<(Job, JobReport, Vec<Selector>), String> {
         let spec = self.spec(run_id, only).map_err(|e| format!("{e:#}"))?;
         let job = Job::prepare(spec, || self.job.open_target()).await.map_err(|e| format!("{e:#}"))?;
         let name = &self.job.name;
@@ -378,6 +398,16 @@ impl Runner {
             tracing::error!(job = %name, "COULD NOT REMOVE SNAPSHOT {f}; the next run removes it");
         }
         let report = run.report;
+        let found_by: Vec<Selector> = job
+            .selection
+            .vms
+            .iter()
+            .map(|v| Selector::Moref(v.moref.value.clone()))
+            .chain(job.selection.missing.iter().map(|(typed, _)| Selector::parse(typed)))
+            .collect();
+        // The report lists the VMs found, in order, then the selectors that found none; when
+        // it does not (abandoned), nothing is retried.
+        let found_by = if found_by.len() == report.vms.len() { found_by } else { Vec::new() };
         for v in &report.vms {
             match &v.error {
                 Some(e) => tracing::error!(job = %name, vm = %v.vm, "failed: {e}"),
@@ -386,12 +416,12 @@ impl Runner {
                     warnings = v.warnings.len(), seconds = v.seconds, "done"),
             }
         }
-        Ok((job, report))
+        Ok((job, report, found_by))
     }
 
-    /// After the run: the prune and gc of a repository with retention. Why that failed, and
-    /// what they did.
-    async fn after(&self, job: &Job, report: &JobReport) -> (Option<String>, Value) {
+    /// After the run: the prune and gc of a repository with retention (no gc when the daemon
+    /// is stopping: it could outlast the stop timeout). Why that failed, and what they did.
+    async fn after(&self, job: &Job, report: &JobReport, stopping: bool) -> (Option<String>, Value) {
         let ctx = &job.ctx;
         let mut error = None;
         let mut upkeep = Value::Null;
@@ -399,7 +429,8 @@ impl Runner {
             && report.outcome() != Outcome::None
         {
             let (repo, keep, grace) = (repo.clone(), keep.retention(), self.job.gc_grace());
-            match tokio::task::spawn_blocking(move || upkeep_after(&repo, &keep, grace)).await {
+            let gc = (!stopping).then_some(grace);
+            match tokio::task::spawn_blocking(move || upkeep_after(&repo, &keep, gc)).await {
                 Ok(Ok(u)) => upkeep = u,
                 Ok(Err(e)) => error = Some(format!("the prune after the run failed: {e}")),
                 Err(e) => error = Some(format!("the prune after the run did not finish: {e}")),
@@ -418,18 +449,28 @@ struct RunResult {
     error: Option<String>,
     /// What the prune and gc after it did.
     upkeep: Value,
-    /// Per VM tried more than once, how many times.
-    attempts: HashMap<String, u32>,
+    /// Per entry of the report, how many times that VM was tried.
+    attempts: Vec<u32>,
 }
 
-/// The prune after a run, then a gc when it removed restore points. A gc that cannot run
-/// now (another job holds the repository, or it fails) is reported and left to the next run:
-/// the restore points are safe either way, only their space waits.
-fn upkeep_after(repo: &repo::Repo, keep: &repo::Retention, grace: Duration) -> Result<Value, repo::RepoError> {
-    let pruned = repo.prune(keep, false)?;
-    let gc = match pruned.removed.is_empty() {
-        true => Value::Null,
-        false => match repo.gc(grace, false) {
+/// The prune after a run, then a gc (with grace `gc`, unless None) when it removed restore
+/// points. A prune or gc that finds the repository held by another job (its backup starting
+/// or ending, another job's gc) is postponed to the next run, not a failure of this one; a
+/// gc that fails is reported and left to the next run: the restore points are safe either
+/// way, only their space waits.
+fn upkeep_after(repo: &repo::Repo, keep: &repo::Retention, gc: Option<Duration>) -> Result<Value, repo::RepoError> {
+    let pruned = match repo.prune(keep, false) {
+        Ok(p) => p,
+        Err(e @ repo::RepoError::Locked(_)) => {
+            tracing::warn!("the prune after the run is postponed to the next run: {e}");
+            return Ok(json!({"postponed": e.to_string()}));
+        }
+        Err(e) => return Err(e),
+    };
+    let gc = match (pruned.removed.is_empty(), gc) {
+        (true, _) => Value::Null,
+        (false, None) => json!({"skipped": "the daemon is stopping"}),
+        (false, Some(grace)) => match repo.gc(grace, false) {
             Ok(g) => json!({
                 "chunks_removed": g.chunks_removed,
                 "chunks_in_use": g.chunks_in_use,
@@ -490,11 +531,19 @@ impl Work {
     }
 
     /// One run, as the history records it.
-    async fn once(&self, run_id: &str, started: SystemTime, stop: watch::Receiver<bool>) -> Value {
+    /// `ever_succeeded`: whether a run of it has succeeded before (a copy job makes its
+    /// destination only until then).
+    async fn once(
+        &self,
+        run_id: &str,
+        started: SystemTime,
+        stop: watch::Receiver<bool>,
+        ever_succeeded: bool,
+    ) -> Value {
         match self {
             Self::Job(r) => record(&r.job.name, started, r.once(run_id, stop).await),
             Self::Drill(d) => d.once(started, stop).await,
-            Self::Upkeep(u) => u.once(started, stop).await,
+            Self::Upkeep(u) => u.once(started, stop, !ever_succeeded).await,
         }
     }
 }
@@ -512,10 +561,20 @@ async fn schedule_loop(
         _ = stop.changed() => return,
     }
     let name = work.name().to_owned();
-    let start = state.started;
+    // An `every` schedule counts from the job's last run when the history has one, so that a
+    // daemon restarted more often than the interval still runs it; one overdue runs now.
+    let last = state.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner).last_started(&name);
+    let start = last.unwrap_or(state.started);
+    let mut overdue = match (work.schedule(), last) {
+        (Schedule::Every(d), Some(l)) => l.checked_add(*d).is_some_and(|due| due <= SystemTime::now()),
+        _ => false,
+    };
     let mut runs = 0u64;
     loop {
-        let next = work.schedule().next_after(start, SystemTime::now());
+        let next = match std::mem::take(&mut overdue) {
+            true => SystemTime::now(),
+            false => work.schedule().next_after(start, SystemTime::now()),
+        };
         if let Some(s) = state.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_mut(&name) {
             s.next = Some(next);
         }
@@ -539,7 +598,9 @@ async fn schedule_loop(
             .chars()
             .filter(char::is_ascii_alphanumeric)
             .collect();
-        let rec = work.once(&format!("{stamp}-{runs}"), started, stop.clone()).await;
+        let ever_succeeded =
+            state.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner).succeeded_once(&name);
+        let rec = work.once(&format!("{stamp}-{runs}"), started, stop.clone(), ever_succeeded).await;
         state.finish(&name, rec);
     }
 }
@@ -759,21 +820,6 @@ impl tokio::io::AsyncWrite for Watched {
     }
 }
 
-/// Every local repository the configuration names, once each.
-fn local_repositories(config: &ServeConfig) -> Vec<String> {
-    let named = config
-        .jobs
-        .iter()
-        .filter_map(|j| j.repository.clone())
-        .chain(config.drills.iter().map(|d| d.repository.clone()))
-        .chain(config.verifies.iter().map(|v| v.repository.clone()))
-        .chain(config.copies.iter().flat_map(|c| [c.repository.clone(), c.to.clone()]));
-    let mut out: Vec<String> = named.filter(|r| !r.contains("://")).collect();
-    out.sort();
-    out.dedup();
-    out
-}
-
 /// How long shutdown waits for notifications under way.
 const NOTIFY_AT_EXIT: Duration = Duration::from_secs(20);
 
@@ -907,7 +953,7 @@ async fn serve(config: ServeConfig, vddk: Option<Arc<vddk::Vddk>>) -> Result<Exi
         drills: drill_stats,
         notifiers: config.notify.iter().map(|n| Notifier::new(n).map(Arc::new)).collect::<Result<_>>()?,
         deliveries: Mutex::default(),
-        repositories: local_repositories(&config),
+        repositories: config.local_repositories(),
     });
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     tracing::info!(proxy = %proxy_id, listen = %listener.local_addr()?, jobs = runners.len(), drills = drills.len(), "serving");

@@ -27,8 +27,9 @@ pub(crate) struct UpkeepRunner {
 }
 
 impl UpkeepRunner {
-    /// One run, as the history keeps it; `stop` stops it at its next step.
-    pub(crate) async fn once(&self, started: SystemTime, mut stop: watch::Receiver<bool>) -> Value {
+    /// One run, as the history keeps it; `stop` stops it at its next step. `may_create`: a
+    /// copy may make its destination (no copy of this job has succeeded yet).
+    pub(crate) async fn once(&self, started: SystemTime, mut stop: watch::Receiver<bool>, may_create: bool) -> Value {
         let steps = Arc::new(repo::Steps::default());
         let on_stop = steps.clone();
         let watcher = tokio::spawn(async move {
@@ -42,8 +43,8 @@ impl UpkeepRunner {
                 ("verify", tokio::task::spawn_blocking(move || verify(&c, &s)).await)
             }
             Upkeep::Copy(c) => {
-                let (c, s) = (c.clone(), steps.clone());
-                ("copy", tokio::task::spawn_blocking(move || copy(&c, &s)).await)
+                let (c, s, create) = (c.clone(), steps.clone(), may_create);
+                ("copy", tokio::task::spawn_blocking(move || copy(&c, &s, create)).await)
             }
         };
         watcher.abort();
@@ -97,27 +98,43 @@ fn verify(c: &VerifyConfig, steps: &repo::Steps) -> Result<(Value, Option<String
     Ok((detail, problem))
 }
 
-/// A copy to the second tier, then its prune and gc by its own retention.
-fn copy(c: &CopyConfig, steps: &repo::Steps) -> Result<(Value, Option<String>), String> {
+/// A copy to the second tier, point by point (one that cannot be copied, a damaged one, is
+/// named and the others still go), then the tier's prune and gc by its own retention.
+/// `may_create`: whether a missing destination is made (only until a copy has succeeded: a
+/// tier that vanished later is an unmounted disk or a mistyped prefix, not a new tier).
+fn copy(c: &CopyConfig, steps: &repo::Steps, may_create: bool) -> Result<(Value, Option<String>), String> {
     let src = c.open_source().map_err(|e| format!("cannot open the repository {}: {e}", c.repository))?;
-    let dest = c
-        .open_destination(src.config().chunk_size)
-        .map_err(|e| format!("cannot open or make the destination {}: {e}", c.to))?;
+    let dest = match may_create {
+        true => c.open_destination(src.config().chunk_size),
+        false => c.open_existing_destination(),
+    }
+    .map_err(|e| format!("cannot open the destination {}: {e}", c.to))?;
     let keep = c.retention.map(|r| r.retention());
-    let only = match &keep {
-        Some(k) => Some(src.points_to_copy(&dest, k).map_err(|e| format!("choosing what to copy: {e}"))?),
-        None => None,
-    };
-    let copied = match only.as_deref() {
-        Some([]) => repo::CopyReport::default(),
-        only => src.copy_to_with(&dest, only, steps).map_err(|e| format!("copying to {}: {e}", c.to))?,
-    };
+    let todo = match &keep {
+        Some(k) => src.points_to_copy(&dest, k),
+        None => src.points_to_copy(&dest, &repo::Retention { last: u32::MAX, ..Default::default() }),
+    }
+    .map_err(|e| format!("choosing what to copy: {e}"))?;
+    let mut copied = repo::CopyReport::default();
+    let mut failed = Vec::new();
+    for id in &todo {
+        match src.copy_to_with(&dest, Some(std::slice::from_ref(id)), steps) {
+            Ok(r) => {
+                copied.points_copied.extend(r.points_copied);
+                copied.chunks_copied += r.chunks_copied;
+                copied.bytes_copied += r.bytes_copied;
+            }
+            Err(e @ repo::RepoError::Stopped(_)) => return Err(format!("copying to {}: {e}", c.to)),
+            Err(e) => failed.push(format!("{id}: {e}")),
+        }
+    }
     let mut detail = json!({
         "from": c.repository,
         "to": c.to,
         "points_copied": copied.points_copied,
         "chunks_copied": copied.chunks_copied,
         "bytes_copied": copied.bytes_copied,
+        "points_failed": failed,
     });
     if let Some(k) = keep {
         let pruned = dest.prune(&k, false).map_err(|e| format!("pruning {}: {e}", c.to))?;
@@ -130,5 +147,7 @@ fn copy(c: &CopyConfig, steps: &repo::Steps) -> Result<(Value, Option<String>), 
             };
         }
     }
-    Ok((detail, None))
+    let problem = (!failed.is_empty())
+        .then(|| format!("{} restore point(s) could not be copied to {}: {}", failed.len(), c.to, failed.join("; ")));
+    Ok((detail, problem))
 }

@@ -106,6 +106,38 @@ fn header(v: &str) -> String {
     v.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
 }
 
+/// The longest subject sent, in characters (a header line may not pass 998 bytes, and a
+/// summary can name hundreds of restore points).
+const MAX_SUBJECT: usize = 160;
+
+/// A subject: one line, cut to [`MAX_SUBJECT`] characters, and encoded (RFC 2047) when it
+/// is not plain ASCII.
+fn subject(v: &str) -> String {
+    let mut s: String = header(v).chars().take(MAX_SUBJECT).collect();
+    if s.chars().count() < header(v).chars().count() {
+        s.push_str(" ...");
+    }
+    if s.is_ascii() {
+        return s;
+    }
+    use base64::Engine as _;
+    // Encoded words of at most 45 bytes each (60 encoded), cut between characters.
+    let mut words = Vec::new();
+    let mut word = String::new();
+    for c in s.chars() {
+        if word.len() + c.len_utf8() > 45 {
+            words.push(std::mem::take(&mut word));
+        }
+        word.push(c);
+    }
+    words.push(word);
+    words
+        .iter()
+        .map(|w| format!("=?UTF-8?B?{}?=", base64::engine::general_purpose::STANDARD.encode(w)))
+        .collect::<Vec<_>>()
+        .join("\r\n ")
+}
+
 /// The message: headers, then the body with CRLF line ends and leading dots doubled, then
 /// the end marker.
 fn message(mail: &Mail, host: &str) -> String {
@@ -116,14 +148,16 @@ fn message(mail: &Mail, host: &str) -> String {
          MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n",
         header(&mail.from),
         mail.to.iter().map(|t| format!("<{}>", header(t))).collect::<Vec<_>>().join(", "),
-        header(&mail.subject),
+        subject(&mail.subject),
         header(host),
     );
     for line in mail.body.lines() {
+        // A bare CR is no line end to a mail server; drop it.
+        let line = line.replace('\r', "");
         if line.starts_with('.') {
             m.push('.');
         }
-        m.push_str(line);
+        m.push_str(&line);
         m.push_str("\r\n");
     }
     m.push_str(".\r\n");
@@ -274,5 +308,23 @@ mod tests {
         assert!(head.contains("Subject: nightly failed  Bcc: evil@example.com"), "{head}");
         assert!(!head.contains("\r\nBcc:"), "{head}");
         assert_eq!(body, "first\r\n..hidden\r\n...two\r\n.\r\n");
+        // A summary naming hundreds of points makes a short subject; one not in ASCII is
+        // encoded, in words that never split a character.
+        let long = subject(&"p".repeat(5000));
+        assert!(long.len() < 200 && long.ends_with(" ..."), "{long}");
+        let accented = subject(&"sauvegarde échouée ".repeat(10));
+        assert!(accented.is_ascii() && accented.starts_with("=?UTF-8?B?"), "{accented}");
+        assert!(accented.split("\r\n ").all(|w| w.len() <= 75), "{accented}");
+        let decoded: String = accented
+            .split("\r\n ")
+            .map(|w| {
+                use base64::Engine as _;
+                let b64 = w.trim_start_matches("=?UTF-8?B?").trim_end_matches("?=");
+                String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap()
+            })
+            .collect();
+        assert!(decoded.starts_with("sauvegarde échouée sauvegarde"), "{decoded}");
+        let bare = message(&Mail { body: "a\rb".into(), ..mail }, "p");
+        assert!(bare.ends_with("\r\n\r\nab\r\n.\r\n"), "{bare:?}");
     }
 }

@@ -10,6 +10,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -933,6 +934,12 @@ async fn verify_jobs_find_damage_and_copy_jobs_keep_their_own_retention() {
     let check = proxy_ok(&["config", "check", d.join("proxy.toml").to_str().unwrap()]);
     assert!(check.contains("verify check: reads back every chunk of") && check.contains("next run"), "{check}");
     assert!(check.contains("copy offsite: copies") && check.contains("keeping its own retention"), "{check}");
+    let dropin = proxy_ok(&["config", "systemd-paths", d.join("proxy.toml").to_str().unwrap()]);
+    let state = d.join("state").display().to_string();
+    assert!(dropin.contains("[Service]\nReadWritePaths="), "{dropin}");
+    for p in [&repo, &long, &state] {
+        assert!(dropin.contains(&format!(" -{p}")) || dropin.contains(&format!("=-{p}")), "{p} in {dropin}");
+    }
     let bad = std::fs::read_to_string(d.join("proxy.toml"))
         .unwrap()
         .replace(&format!("to = \"{long}\""), &format!("to = \"{repo}\""));
@@ -966,6 +973,14 @@ async fn verify_jobs_find_damage_and_copy_jobs_keep_their_own_retention() {
     let points: serde_json::Value = serde_json::from_str(&proxy_ok(&["repo", "list", &long, "--json"])).unwrap();
     assert_eq!(points.as_array().map(Vec::len), Some(2));
     proxy_ok(&["repo", "verify", &long]);
+    // The tier vanishes (a disk not mounted): after a copy has succeeded, none is made anew.
+    std::fs::rename(&long, d.join("long.away")).unwrap();
+    assert_eq!(http(&daemon.addr, "POST", "/jobs/offsite/run", Some(TOKEN)).0, 202);
+    let third = nth_run_of(&daemon.addr, "offsite", 3, Duration::from_secs(60)).await;
+    assert_eq!(third["outcome"], "failed", "{third}");
+    assert!(third["error"].as_str().is_some_and(|e| e.contains("cannot open the destination")), "{third}");
+    assert!(!Path::new(&long).exists(), "no new repository where the tier was");
+    std::fs::rename(d.join("long.away"), &long).unwrap();
 
     // A clean verify passes; after one chunk is damaged, the next fails and names the point.
     assert_eq!(http(&daemon.addr, "POST", "/jobs/check/run", Some(TOKEN)).0, 202);

@@ -571,6 +571,11 @@ impl CopyConfig {
         }
     }
 
+    /// Opens the destination, which must exist.
+    pub fn open_existing_destination(&self) -> Result<repo::Repo, crate::OrchError> {
+        open_repo(&self.to, self.to_key_file.as_deref(), self.s3_allow_http)
+    }
+
     /// The destination's gc grace period (checked by `problems`).
     pub fn gc_grace(&self) -> Duration {
         parse_duration(&self.gc_grace).unwrap_or(Duration::from_secs(3600))
@@ -654,6 +659,13 @@ impl EmailConfig {
             None => Ok((hostport.to_owned(), default_port, implicit)),
         }
     }
+}
+
+/// Whether the host of `rest` (what follows `scheme://`) is this machine.
+fn loopback(rest: &str) -> bool {
+    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = host.rsplit_once(':').filter(|(h, _)| !h.is_empty() && !host.ends_with(']')).map_or(host, |(h, _)| h);
+    matches!(host.trim_start_matches('[').trim_end_matches(']'), "localhost" | "::1") || host.starts_with("127.")
 }
 
 /// Whether `a` looks like an e-mail address with nothing a header could be forged with.
@@ -921,6 +933,11 @@ impl ServeConfig {
                         out.push(format!("{at}: webhook must be an https:// or http:// URL"));
                     } else if rest.split('/').next().is_some_and(|host| host.contains('@')) {
                         out.push(format!("{at}: webhook must not carry a user or password (use token_file)"));
+                    } else if scheme == "http" && n.token_file.is_some() && !loopback(rest) {
+                        out.push(format!(
+                            "{at}: a token_file over plain http:// to another machine would cross the network in \
+                             the clear: use https://"
+                        ));
                     }
                 }
                 (None, Some(e)) => {
@@ -976,6 +993,34 @@ impl ServeConfig {
                 out.push(format!("[[notify]] {:?}: no job, drill, verify or copy is named {j:?}", n.name));
             }
         }
+        out
+    }
+
+    /// Every local repository the configuration names (jobs, drills, verifies, both sides of
+    /// copies), once each, sorted.
+    pub fn local_repositories(&self) -> Vec<String> {
+        let named = self
+            .jobs
+            .iter()
+            .filter_map(|j| j.repository.clone())
+            .chain(self.drills.iter().map(|d| d.repository.clone()))
+            .chain(self.verifies.iter().map(|v| v.repository.clone()))
+            .chain(self.copies.iter().flat_map(|c| [c.repository.clone(), c.to.clone()]));
+        let mut out: Vec<String> = named.filter(|r| !r.contains("://")).collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Every folder the daemon writes to: its state folder, the local repositories (readers
+    /// take locks and drills keep records there too) and the replica folders.
+    pub fn written_paths(&self) -> Vec<PathBuf> {
+        let mut out: Vec<PathBuf> = std::iter::once(self.proxy.state_dir.clone())
+            .chain(self.local_repositories().into_iter().map(PathBuf::from))
+            .chain(self.jobs.iter().filter_map(|j| j.replica.clone()))
+            .collect();
+        out.sort();
+        out.dedup();
         out
     }
 
@@ -1123,6 +1168,12 @@ replica = "/replicas"
              [[notify]]\nname = \"ops\"\nwebhook = \"https://u:p@h/x\"\n",
         );
         let e = ServeConfig::from_toml(&bad).unwrap_err().to_string();
+        let leaky = with("[[notify]]\nname = \"x\"\nwebhook = \"http://hooks.example/x\"\ntoken_file = \"/t\"\n");
+        assert!(ServeConfig::from_toml(&leaky).unwrap_err().to_string().contains("in the clear"));
+        for local in ["http://127.0.0.1:8080/x", "http://localhost/x", "http://[::1]:80/x"] {
+            let ok = with(&format!("[[notify]]\nname = \"x\"\nwebhook = \"{local}\"\ntoken_file = \"/t\"\n"));
+            assert!(ServeConfig::from_toml(&ok).is_ok(), "{local}");
+        }
         for want in ["https:// or http://", "sometimes", "\"nope\"", "retries = 99", "used twice", "user or password"] {
             assert!(e.contains(want), "{want} in {e}");
         }

@@ -1,7 +1,8 @@
 //! When a daemon's job runs: `every 6h`, `daily 02:30` or a five-field cron expression
 //! (`cron 30 2 * * 1-5`), the last two in UTC or in a named IANA time zone
-//! (`daily 02:30 Europe/Berlin`). A time that a daylight-saving change skips runs at the
-//! first instant after the gap; one that it repeats runs once, the first time.
+//! (`daily 02:30 Europe/Berlin`). A time that a daylight-saving change skips runs as far
+//! after the change as it was meant to be into the gap (02:30 on a spring-forward night runs
+//! at 03:30, the gap's length later); one that the change repeats runs once, the first time.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -108,22 +109,23 @@ fn field(text: &str, what: &str, (lo, hi): (u32, u32), names: &[&str], name_base
                 if step == 0 || step > hi {
                     return Err(format!("{what} step {step} is out of 1 to {hi}"));
                 }
-                (r, step)
+                (r, Some(step))
             }
-            None => (part, 1),
+            None => (part, None),
         };
         let (a, b) = match range {
             "*" => (lo, hi),
             r => match r.split_once('-') {
                 Some((a, b)) => (value(a)?, value(b)?),
-                // `5/15` means from 5 to the end, every 15.
-                None if step > 1 => (value(r)?, hi),
+                // `5/15` means from 5 to the end, every 15 (and `5/1` every one from 5).
+                None if step.is_some() => (value(r)?, hi),
                 None => {
                     let v = value(r)?;
                     (v, v)
                 }
             },
         };
+        let step = step.unwrap_or(1);
         if a > b {
             return Err(format!("{what} range {a}-{b} runs backwards"));
         }
@@ -156,7 +158,8 @@ impl Cron {
             days: u32::try_from(field(dom, "day", (1, 31), &[], 0)?).unwrap_or(0),
             months: u16::try_from(field(mon, "month", (1, 12), &MONTHS, 1)?).unwrap_or(0),
             weekdays: u8::try_from(weekdays).unwrap_or(0),
-            either_day: *dom != "*" && *dow != "*",
+            // As cron has it: a field that starts with `*` (`*/2` too) does not restrict.
+            either_day: !dom.starts_with('*') && !dow.starts_with('*'),
         })
     }
 
@@ -280,7 +283,7 @@ mod tests {
         // Berlin is UTC+1 in winter, UTC+2 in summer.
         assert_eq!(next("daily 02:30 Europe/Berlin", "2026-12-06T23:00:00Z"), "2026-12-07T01:30:00Z");
         assert_eq!(next("daily 02:30 Europe/Berlin", "2026-07-01T12:00:00Z"), "2026-07-02T00:30:00Z");
-        // 2026-03-29 02:30 does not exist in Berlin: the run is at the first instant after.
+        // 2026-03-29 02:30 does not exist in Berlin: the run is an hour later, 03:30 CEST.
         assert_eq!(next("daily 02:30 Europe/Berlin", "2026-03-28T12:00:00Z"), "2026-03-29T01:30:00Z");
         assert_eq!(next("daily 02:30 Europe/Berlin", "2026-03-29T01:30:00Z"), "2026-03-30T00:30:00Z");
         // 2026-10-25 02:30 happens twice: one run, the first time.
@@ -297,6 +300,9 @@ mod tests {
         assert_eq!(next("cron */15 * * * *", "2026-12-04T03:07:10Z"), "2026-12-04T03:15:00Z");
         assert_eq!(next("cron 0 */6 * * *", "2026-12-04T03:07:00Z"), "2026-12-04T06:00:00Z");
         assert_eq!(next("cron 5/20 1 * * *", "2026-12-04T01:30:00Z"), "2026-12-04T01:45:00Z");
+        assert_eq!(next("cron 58/1 1 * * *", "2026-12-04T01:58:00Z"), "2026-12-04T01:59:00Z", "5/1: 5 to the end");
+        // `*/1` in the day field does not restrict it: weekdays only, not every day.
+        assert_eq!(next("cron 0 2 */1 * 1-5", "2026-12-05T00:00:00Z"), "2026-12-07T02:00:00Z");
         assert_eq!(next("cron 0 0 1,15 * *", "2026-12-04T00:00:00Z"), "2026-12-15T00:00:00Z");
         assert_eq!(next("cron 0 4 * jan,jul sun", "2026-12-04T00:00:00Z"), "2027-01-03T04:00:00Z");
         // Both day fields: either matches (the 1st, or any Sunday).
