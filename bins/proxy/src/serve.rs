@@ -530,20 +530,21 @@ impl Work {
         }
     }
 
-    /// One run, as the history records it.
-    /// `ever_succeeded`: whether a run of it has succeeded before (a copy job makes its
-    /// destination only until then).
+    /// One run, as the history records it. `ever_succeeded`: whether a run of it has
+    /// succeeded before (a copy job makes its destination only until then); `last`: its
+    /// newest run before this one.
     async fn once(
         &self,
         run_id: &str,
         started: SystemTime,
         stop: watch::Receiver<bool>,
         ever_succeeded: bool,
+        last: Option<Value>,
     ) -> Value {
         match self {
             Self::Job(r) => record(&r.job.name, started, r.once(run_id, stop).await),
             Self::Drill(d) => d.once(started, stop).await,
-            Self::Upkeep(u) => u.once(started, stop, !ever_succeeded).await,
+            Self::Upkeep(u) => u.once(started, stop, !ever_succeeded, last.as_ref()).await,
         }
     }
 }
@@ -598,9 +599,11 @@ async fn schedule_loop(
             .chars()
             .filter(char::is_ascii_alphanumeric)
             .collect();
-        let ever_succeeded =
-            state.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner).succeeded_once(&name);
-        let rec = work.once(&format!("{stamp}-{runs}"), started, stop.clone(), ever_succeeded).await;
+        let (ever_succeeded, last) = {
+            let h = state.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            (h.succeeded_once(&name), h.last_of(&name).cloned())
+        };
+        let rec = work.once(&format!("{stamp}-{runs}"), started, stop.clone(), ever_succeeded, last).await;
         state.finish(&name, rec);
     }
 }

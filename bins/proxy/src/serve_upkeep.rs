@@ -28,8 +28,15 @@ pub(crate) struct UpkeepRunner {
 
 impl UpkeepRunner {
     /// One run, as the history keeps it; `stop` stops it at its next step. `may_create`: a
-    /// copy may make its destination (no copy of this job has succeeded yet).
-    pub(crate) async fn once(&self, started: SystemTime, mut stop: watch::Receiver<bool>, may_create: bool) -> Value {
+    /// copy may make its destination (no copy of this job has succeeded yet); `last`: this
+    /// job's newest run (a sliced verify takes the slice after its).
+    pub(crate) async fn once(
+        &self,
+        started: SystemTime,
+        mut stop: watch::Receiver<bool>,
+        may_create: bool,
+        last: Option<&Value>,
+    ) -> Value {
         let steps = Arc::new(repo::Steps::default());
         let on_stop = steps.clone();
         let watcher = tokio::spawn(async move {
@@ -37,10 +44,20 @@ impl UpkeepRunner {
                 on_stop.stop();
             }
         });
+        let mut slice_run = None;
         let (kind, result) = match &self.what {
             Upkeep::Verify(c) => {
+                // The slice after the last run's when that one read its slice through (whatever
+                // it found), the same slice again when it did not; the first run takes slice 0.
+                let slices = c.slices.max(1);
+                let slice =
+                    last.and_then(|r| Some((r["slice"].as_u64()?, r["verify"].is_object()))).map_or(0, |(s, done)| {
+                        let s = u32::try_from(s).unwrap_or(0);
+                        if done { s.wrapping_add(1) % slices } else { s % slices }
+                    });
+                slice_run = Some(slice);
                 let (c, s) = (c.clone(), steps.clone());
-                ("verify", tokio::task::spawn_blocking(move || verify(&c, &s)).await)
+                ("verify", tokio::task::spawn_blocking(move || verify(&c, &s, slice)).await)
             }
             Upkeep::Copy(c) => {
                 let (c, s, create) = (c.clone(), steps.clone(), may_create);
@@ -69,16 +86,22 @@ impl UpkeepRunner {
             "error": error,
         });
         rec[kind] = detail;
+        if let Some(s) = slice_run {
+            rec["slice"] = json!(s);
+        }
         rec
     }
 }
 
-/// A verify: what it found, and the problem when a restore point is damaged.
-fn verify(c: &VerifyConfig, steps: &repo::Steps) -> Result<(Value, Option<String>), String> {
+/// A verify (of slice `slice` of the job's slices): what it found, and the problem when a
+/// restore point is damaged.
+fn verify(c: &VerifyConfig, steps: &repo::Steps, slice: u32) -> Result<(Value, Option<String>), String> {
     let repo = c.open_repository().map_err(|e| format!("cannot open the repository {}: {e}", c.repository))?;
-    let r = repo.verify_with(steps).map_err(|e| format!("verifying {}: {e}", c.repository))?;
+    let r = repo.verify_slice(steps, slice, c.slices).map_err(|e| format!("verifying {}: {e}", c.repository))?;
     let detail = json!({
         "repository": c.repository,
+        "slice": slice,
+        "slices": c.slices,
         "chunks_checked": r.chunks_checked,
         "bad_chunks": r.bad_chunks.len(),
         "bad_chunks_listed": r.bad_chunks.iter().take(LISTED).map(|(name, why)| json!({"chunk": name, "why": why})).collect::<Vec<_>>(),

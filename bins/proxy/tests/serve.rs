@@ -923,6 +923,7 @@ async fn verify_jobs_find_damage_and_copy_jobs_keep_their_own_retention() {
     std::fs::write(d.join("hook-token"), "hook-secret-token\n").unwrap();
     let extra = format!(
         "\n[[verify]]\nname = \"check\"\nrepository = \"{repo}\"\nschedule = \"daily 05:00\"\n\n\
+         [[verify]]\nname = \"rolling\"\nrepository = \"{repo}\"\nschedule = \"daily 05:00\"\nslices = 4\n\n\
          [[copy]]\nname = \"offsite\"\nrepository = \"{repo}\"\nto = \"{long}\"\nschedule = \"daily 06:00\"\n\
          retention = {{ keep_last = 1 }}\ngc_grace = \"0s\"\n\n\
          [[notify]]\nname = \"ops\"\nwebhook = \"http://{}/hooks/SECRET-PATH\"\ntoken_file = \"{}\"\n\
@@ -986,7 +987,19 @@ async fn verify_jobs_find_damage_and_copy_jobs_keep_their_own_retention() {
     assert_eq!(http(&daemon.addr, "POST", "/jobs/check/run", Some(TOKEN)).0, 202);
     let run = run_of(&daemon.addr, "check", Duration::from_secs(60)).await;
     assert_eq!(run["outcome"], "succeeded", "{run}");
-    assert!(run["verify"]["chunks_checked"].as_u64().unwrap_or(0) >= 16, "a point is 16 chunks: {run}");
+    let all = run["verify"]["chunks_checked"].as_u64().unwrap_or(0);
+    assert!(all >= 16, "a point is 16 chunks: {run}");
+    // A verify in 4 slices reads every chunk once over 4 runs, a slice per run, in turn.
+    let mut sum = 0;
+    for n in 1..=4 {
+        assert_eq!(http(&daemon.addr, "POST", "/jobs/rolling/run", Some(TOKEN)).0, 202);
+        let r = nth_run_of(&daemon.addr, "rolling", n, Duration::from_secs(60)).await;
+        assert_eq!((r["outcome"].as_str(), r["slice"].as_u64()), (Some("succeeded"), Some(n as u64 - 1)), "{r}");
+        let checked = r["verify"]["chunks_checked"].as_u64().unwrap();
+        assert!(checked < all, "a slice is a part: {r}");
+        sum += checked;
+    }
+    assert_eq!(sum, all, "the 4 slices read every chunk once");
     let victim = testkit::files_under(&d.join("repo/chunks")).into_iter().next().unwrap();
     let mut bytes = std::fs::read(&victim).unwrap();
     let last = bytes.len() - 1;

@@ -513,7 +513,18 @@ pub struct VerifyConfig {
     pub s3_allow_http: bool,
     /// `every 168h` or `daily 05:00` (UTC).
     pub schedule: String,
+    /// Read 1/N of the chunks per run, in turn, so N runs read every chunk once (a daily
+    /// verify with 30 reads each chunk every month, at a thirtieth of the cost per run).
+    #[serde(default = "default_slices")]
+    pub slices: u32,
 }
+
+fn default_slices() -> u32 {
+    1
+}
+
+/// The most slices a verify may be cut into.
+pub const MAX_SLICES: u32 = 366;
 
 impl VerifyConfig {
     /// Opens its repository.
@@ -961,6 +972,9 @@ impl ServeConfig {
             if n.retries > MAX_NOTIFY_RETRIES {
                 out.push(format!("{at}: retries = {}: use 0 to {MAX_NOTIFY_RETRIES}", n.retries));
             }
+        }
+        for v in self.verifies.iter().filter(|v| !(1..=MAX_SLICES).contains(&v.slices)) {
+            out.push(format!("[[verify]] {:?}: slices = {}: use 1 to {MAX_SLICES}", v.name, v.slices));
         }
         // So do verify and copy jobs.
         let upkeep = self.verifies.iter().map(|v| ("verify", &v.name, &v.schedule, None, None));
