@@ -58,7 +58,8 @@ if [ "$1" = configure ]; then
     if command -v systemd-sysusers >/dev/null 2>&1; then
         systemd-sysusers /usr/lib/sysusers.d/syncproxy.conf
     elif ! getent passwd syncproxy >/dev/null; then
-        adduser --system --group --home /var/lib/syncproxy --no-create-home syncproxy
+        useradd --system --user-group --home-dir /var/lib/syncproxy --no-create-home \
+            --shell /usr/sbin/nologin --comment "syncproxy backup proxy" syncproxy
     fi
     if command -v systemd-tmpfiles >/dev/null 2>&1; then
         systemd-tmpfiles --create /usr/lib/tmpfiles.d/syncproxy.conf
@@ -66,15 +67,20 @@ if [ "$1" = configure ]; then
         install -d -m 0750 -o syncproxy -g syncproxy /var/lib/syncproxy /srv/syncproxy
         install -d -m 0750 -o root -g syncproxy /etc/syncproxy
     fi
-    chgrp syncproxy /etc/syncproxy/proxy.toml
-    chmod 0640 /etc/syncproxy/proxy.toml
-    if [ ! -e /etc/syncproxy/token ]; then
-        umask 0027
-        head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > /etc/syncproxy/token
-        echo >> /etc/syncproxy/token
-        chgrp syncproxy /etc/syncproxy/token
-        chmod 0640 /etc/syncproxy/token
+    # The configuration may have been removed by its administrator; the token is made once,
+    # and its group and mode set on every run (a run cut short must not leave it root-only).
+    if [ -e /etc/syncproxy/proxy.toml ]; then
+        chgrp syncproxy /etc/syncproxy/proxy.toml
+        chmod 0640 /etc/syncproxy/proxy.toml
     fi
+    if [ ! -s /etc/syncproxy/token ]; then
+        umask 0077
+        head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > /etc/syncproxy/token.new
+        echo >> /etc/syncproxy/token.new
+        mv /etc/syncproxy/token.new /etc/syncproxy/token
+    fi
+    chgrp syncproxy /etc/syncproxy/token
+    chmod 0640 /etc/syncproxy/token
     if [ -d /run/systemd/system ]; then
         systemctl daemon-reload >/dev/null || true
         if systemctl is-active --quiet syncproxy-proxy.service; then
@@ -98,11 +104,14 @@ exit 0
 const POSTRM: &str = r#"#!/bin/sh
 set -e
 if [ "$1" = purge ]; then
-    # The token made at install and the daemon's history; restore points in repositories
-    # are the operator's and stay. The user stays too (files elsewhere may be its).
-    rm -f /etc/syncproxy/token
+    # The token made at install and the daemon's own state (its history, its drills' work
+    # folders); anything else there, a repository put there by hand, is the operator's and
+    # stays, as does /srv/syncproxy. The user stays too (files elsewhere may be its).
+    rm -f /etc/syncproxy/token /etc/syncproxy/token.new
     rmdir /etc/syncproxy 2>/dev/null || true
-    rm -rf /var/lib/syncproxy
+    rm -f /var/lib/syncproxy/history.jsonl
+    rm -rf /var/lib/syncproxy/drills
+    rmdir /var/lib/syncproxy 2>/dev/null || true
 fi
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload >/dev/null || true
@@ -167,10 +176,11 @@ pub(crate) fn build(root: &Path) -> Result<PathBuf> {
          Installed-Size: {size_kib}\nDepends: libc6 (>= 2.36), libssl3 | libssl3t64\nRecommends: systemd\n\
          Section: admin\nPriority: optional\n\
          Description: agentless backup and disaster recovery proxy for VMware vSphere\n \
-         syncproxy-proxy copies every VM's disks off vSphere, point in time and incrementally, into a\n \
-         deduplicating repository or replica folders, and brings VMs back: instant recovery over NBD,\n \
-         drills that boot restore points, restores into vSphere. syncproxy-probe checks a vSphere\n \
-         estate against the support matrix. The daemon runs as the syncproxy user under systemd.\n"
+         syncproxy-proxy copies every VM's disks off vSphere, point in time and\n \
+         incrementally, into a deduplicating repository or replica folders, and\n \
+         brings VMs back: instant recovery over NBD, drills that boot restore\n \
+         points, restores into vSphere. syncproxy-probe checks a vSphere estate\n \
+         against the support matrix. The daemon runs as the syncproxy user.\n"
     );
     put(&stage, "DEBIAN/control", control.as_bytes(), 0o644)?;
     put(&stage, "DEBIAN/conffiles", b"/etc/syncproxy/proxy.toml\n", 0o644)?;
@@ -193,8 +203,10 @@ pub(crate) fn install_test(root: &Path) -> Result<()> {
     ensure!(ok(Command::new("id").arg("-u"))?.trim() == "0", "the install test installs a package: run it as root");
     let deb = build(root)?;
     let deb = deb.to_str().context("non-UTF-8 path")?;
-    if ok(Command::new("dpkg-query").args(["-W", "-f=${Status}", PACKAGE])).is_ok_and(|s| s.contains("installed")) {
-        bail!("{PACKAGE} is installed on this machine already: the install test will not touch it");
+    // Any state but unknown or not-installed (installed, unpacked, config-files) is someone's.
+    let status = ok(Command::new("dpkg-query").args(["-W", "-f=${db:Status-Status}", PACKAGE])).unwrap_or_default();
+    if !status.trim().is_empty() && status.trim() != "not-installed" {
+        bail!("{PACKAGE} is on this machine already ({}): the install test will not touch it", status.trim());
     }
     let result = check_install(deb);
     // Whatever happened, the machine is left without the package.
@@ -233,17 +245,12 @@ fn check_install(deb: &str) -> Result<()> {
     ensure!(version.contains("proxy"), "syncproxy-proxy --version printed {version:?}");
     ok(Command::new("/usr/bin/syncproxy-probe").arg("--help"))?;
     // The default configuration is accepted as the service's user reads it.
-    let check = ok(Command::new("runuser").args([
-        "-u",
-        "syncproxy",
-        "--",
-        "/usr/bin/syncproxy-proxy",
-        "config",
-        "check",
-        "/etc/syncproxy/proxy.toml",
-    ]))
-    .context("the default configuration fails its check as the syncproxy user")?;
-    ensure!(check.contains("usable"), "config check said {check:?}");
+    let check = Command::new("runuser")
+        .args(["-u", "syncproxy", "--", "/usr/bin/syncproxy-proxy", "config", "check", "/etc/syncproxy/proxy.toml"])
+        .output()?;
+    let (said, warned) = (String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
+    ensure!(check.status.success() && said.contains("usable"), "config check as the syncproxy user: {said}{warned}");
+    ensure!(warned.trim().is_empty(), "config check of the installed files warns: {warned}");
     // An upgrade (the same package again) keeps the token and an edited configuration.
     let before = std::fs::read("/etc/syncproxy/token")?;
     std::fs::write("/etc/syncproxy/proxy.toml", DEFAULT_CONFIG.replace("9480", "9481"))?;

@@ -28,8 +28,13 @@ struct JobTimes {
     seconds: Option<f64>,
     /// When a run of it last succeeded for every VM (Unix seconds).
     succeeded: Option<u64>,
-    /// For a verify job: the damaged or missing chunks its newest run found.
-    bad_chunks: Option<u64>,
+    /// For a verify job: per slice, the damaged or missing chunks the newest run of that
+    /// slice found (a whole verify is slice 0 of 1).
+    bad_by_slice: BTreeMap<u64, u64>,
+    /// The number of slices `bad_by_slice` is for.
+    slices: u64,
+    /// Whether a run of it ever reached its target (a copy opened its destination).
+    reached: bool,
     /// The VMs of its newest run that had any: a VM no longer in the job leaves the metrics.
     vms_now: BTreeSet<String>,
 }
@@ -135,12 +140,27 @@ impl History {
             t.succeeded = finished.or(t.succeeded);
         }
         if let Some(n) = rec["verify"]["bad_chunks"].as_u64() {
-            t.bad_chunks = Some(n);
+            let (slice, slices) =
+                (rec["verify"]["slice"].as_u64().unwrap_or(0), rec["verify"]["slices"].as_u64().unwrap_or(1));
+            if slices != t.slices {
+                t.bad_by_slice.clear();
+                t.slices = slices;
+            }
+            t.bad_by_slice.insert(slice, n);
+        }
+        if rec["copy"].is_object() || rec["outcome"] == "succeeded" {
+            t.reached = true;
         }
         // A VM's restore point or replica is good when its own result has no error, even in a
         // run where other VMs failed.
+        // The job's VMs: exactly those of a run where every VM succeeded; a run with failures
+        // only adds (a VM that failed, or was never reached, keeps its age rising).
         if let Some(vms) = rec["vms"].as_array().filter(|v| !v.is_empty()) {
-            t.vms_now = vms.iter().filter_map(|v| v["vm"].as_str().map(str::to_owned)).collect();
+            let names = vms.iter().filter_map(|v| v["vm"].as_str().map(str::to_owned));
+            match rec["outcome"] == "succeeded" {
+                true => t.vms_now = names.collect(),
+                false => t.vms_now.extend(names),
+            }
         }
         if let (Some(at), Some(vms)) = (finished, rec["vms"].as_array()) {
             for v in vms {
@@ -174,9 +194,10 @@ impl History {
         humantime::parse_rfc3339_weak(self.last_of(job)?["started"].as_str()?).ok()
     }
 
-    /// Whether a run of `job` has ever succeeded (as far as the history read reaches).
-    pub(crate) fn succeeded_once(&self, job: &str) -> bool {
-        self.jobs.get(job).is_some_and(|t| t.succeeded.is_some())
+    /// Whether a run of `job` has ever reached its target: succeeded, or (a copy) opened its
+    /// destination (as far as the history read reaches).
+    pub(crate) fn reached_target(&self, job: &str) -> bool {
+        self.jobs.get(job).is_some_and(|t| t.reached)
     }
 
     /// The Prometheus lines for jobs in `names` (others are in the file but no longer
@@ -214,8 +235,8 @@ impl History {
         );
         family(
             "syncproxy_verify_bad_chunks",
-            "Damaged or missing chunks the verify job's newest complete run found.",
-            per_job(&|t| t.bad_chunks.map(|n| n.to_string())),
+            "Damaged or missing chunks the verify job found: its newest complete run of each slice.",
+            per_job(&|t| (!t.bad_by_slice.is_empty()).then(|| t.bad_by_slice.values().sum::<u64>().to_string())),
         );
         let vms: Vec<_> = self
             .vms

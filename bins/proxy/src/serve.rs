@@ -330,7 +330,7 @@ impl Runner {
     /// prune removed restore points, so retention frees space.
     async fn once(&self, run_id: &str, mut stop: watch::Receiver<bool>) -> RunResult {
         let begun = std::time::Instant::now();
-        let (job, mut report, found_by) = match self.attempt(run_id, None).await {
+        let (job, mut report, mut found_by) = match self.attempt(run_id, None).await {
             Ok(x) => x,
             Err(e) => return RunResult { error: Some(e), ..RunResult::default() },
         };
@@ -354,11 +354,8 @@ impl Runner {
             }
             match self.attempt(&format!("{run_id}r{n}"), Some(&again)).await {
                 Ok((_, retried, retried_by)) => {
-                    for (v, by) in retried.vms.into_iter().zip(retried_by) {
-                        let Some(&i) = failed.iter().find(|&&i| found_by.get(i) == Some(&by)) else { continue };
-                        attempts[i] += 1;
-                        report.vms[i] = v;
-                    }
+                    let slots = Slots { vms: &mut report.vms, found_by: &mut found_by, attempts: &mut attempts };
+                    merge_retry(slots, &failed, retried.vms, retried_by);
                 }
                 Err(e) => tracing::warn!(job = %self.job.name, "retry {n} could not start: {e}"),
             }
@@ -438,6 +435,38 @@ impl Runner {
             tracing::info!(job = %self.job.name, upkeep = %upkeep, "prune and gc after the run");
         }
         (error, upkeep)
+    }
+}
+
+/// A run's report as retries update it: per entry its VM's result, the selector that finds
+/// that VM again, and how many times it was tried.
+struct Slots<'a> {
+    vms: &'a mut [orchestration::VmReport],
+    found_by: &'a mut [Selector],
+    attempts: &'a mut [u32],
+}
+
+/// Puts a retry's results (`retried`, each with the selector that found its VM) into the
+/// entries `failed` of the run's report. Each goes to the failed entry its selector names,
+/// each entry taken once; a VM that a typed selector finds only now (it had no moref yet)
+/// goes to the first such entry still unanswered. A result that answers no entry is dropped.
+fn merge_retry(slots: Slots<'_>, failed: &[usize], retried: Vec<orchestration::VmReport>, retried_by: Vec<Selector>) {
+    let mut pool = failed.to_vec();
+    for (v, by) in retried.into_iter().zip(retried_by) {
+        let typed = |i: &usize| !matches!(slots.found_by.get(*i), Some(Selector::Moref(_)));
+        let Some(k) =
+            pool.iter().position(|&i| slots.found_by.get(i) == Some(&by)).or_else(|| pool.iter().position(typed))
+        else {
+            continue;
+        };
+        let i = pool.remove(k);
+        if let (Some(slot), Some(a), Some(f)) =
+            (slots.vms.get_mut(i), slots.attempts.get_mut(i), slots.found_by.get_mut(i))
+        {
+            *slot = v;
+            *a += 1;
+            *f = by;
+        }
     }
 }
 
@@ -530,8 +559,8 @@ impl Work {
         }
     }
 
-    /// One run, as the history records it. `ever_succeeded`: whether a run of it has
-    /// succeeded before (a copy job makes its destination only until then); `last`: its
+    /// One run, as the history records it. `ever_succeeded`: whether a run of it has reached
+    /// its target before (a copy job makes its destination only until then); `last`: its
     /// newest run before this one.
     async fn once(
         &self,
@@ -564,7 +593,13 @@ async fn schedule_loop(
     let name = work.name().to_owned();
     // An `every` schedule counts from the job's last run when the history has one, so that a
     // daemon restarted more often than the interval still runs it; one overdue runs now.
-    let last = state.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner).last_started(&name);
+    // A start in the future (a clock set back) counts as now.
+    let last = state
+        .history
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .last_started(&name)
+        .map(|l| l.min(SystemTime::now()));
     let start = last.unwrap_or(state.started);
     let mut overdue = match (work.schedule(), last) {
         (Schedule::Every(d), Some(l)) => l.checked_add(*d).is_some_and(|due| due <= SystemTime::now()),
@@ -601,7 +636,7 @@ async fn schedule_loop(
             .collect();
         let (ever_succeeded, last) = {
             let h = state.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            (h.succeeded_once(&name), h.last_of(&name).cloned())
+            (h.reached_target(&name), h.last_of(&name).cloned())
         };
         let rec = work.once(&format!("{stamp}-{runs}"), started, stop.clone(), ever_succeeded, last).await;
         state.finish(&name, rec);
@@ -1016,4 +1051,52 @@ async fn serve(config: ServeConfig, vddk: Option<Arc<vddk::Vddk>>) -> Result<Exi
     }
     tracing::info!("stopped; every job has ended and removed its snapshots");
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use orchestration::VmReport;
+
+    fn vm(name: &str, error: Option<&str>) -> VmReport {
+        VmReport { vm: name.into(), error: error.map(Into::into), ..VmReport::default() }
+    }
+
+    #[test]
+    fn a_retry_answers_each_failed_vm_once_and_never_a_vm_of_the_same_name() {
+        // Two VMs named web (vm-1 succeeded, vm-2 failed), a name that found nothing, and a
+        // path that found nothing.
+        let mut vms = vec![
+            vm("web", None),
+            vm("web", Some("snapshot failed")),
+            vm("ghost", Some("not found")),
+            vm("DC/vm/x", Some("not found")),
+        ];
+        let mut found_by = vec![
+            Selector::Moref("vm-1".into()),
+            Selector::Moref("vm-2".into()),
+            Selector::Name("ghost".into()),
+            Selector::Path("DC/vm/x".into()),
+        ];
+        let mut attempts = vec![1; 4];
+        let failed = [1, 2, 3];
+        // The retry: vm-2 now backed up; ghost found now (as vm-9), the path still nothing.
+        let retried = vec![vm("web", None), vm("ghost", None), vm("DC/vm/x", Some("not found"))];
+        let by = vec![Selector::Moref("vm-2".into()), Selector::Moref("vm-9".into()), Selector::Path("DC/vm/x".into())];
+        merge_retry(Slots { vms: &mut vms, found_by: &mut found_by, attempts: &mut attempts }, &failed, retried, by);
+        assert!(vms[0].error.is_none() && attempts[0] == 1, "the other web untouched");
+        assert!(vms[1].error.is_none() && attempts[1] == 2);
+        assert!(vms[2].error.is_none() && attempts[2] == 2 && found_by[2] == Selector::Moref("vm-9".into()));
+        assert!(vms[3].error.is_some() && attempts[3] == 2);
+        // A path that finds its VM only now: the VM, keyed by its moref, answers the path.
+        let slots = Slots { vms: &mut vms, found_by: &mut found_by, attempts: &mut attempts };
+        merge_retry(slots, &[3], vec![vm("x", None)], vec![Selector::Moref("vm-5".into())]);
+        assert!(vms[3].vm == "x" && vms[3].error.is_none() && attempts[3] == 3);
+        // A result that answers no entry (only morefs were asked for) is dropped.
+        vms[1].error = Some("failed again".into());
+        let slots = Slots { vms: &mut vms, found_by: &mut found_by, attempts: &mut attempts };
+        merge_retry(slots, &[1], vec![vm("stray", None)], vec![Selector::Moref("vm-77".into())]);
+        assert!(vms[1].vm == "web" && vms[1].error.is_some() && attempts[1] == 2);
+        assert_eq!(vms[0].vm, "web");
+    }
 }

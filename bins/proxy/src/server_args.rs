@@ -40,13 +40,18 @@ pub(crate) fn read_secret_file(path: &Path, what: &str) -> Result<String> {
     Ok(line.to_owned())
 }
 
-/// A warning when a secret file may be read by its group or by others.
+/// A warning when a secret file may be read by others, or by its group unless root owns it
+/// (root:service 0640, as the package installs the token, is how a service's secrets are
+/// kept: only root chose who is in that group).
 pub(crate) fn secret_file_warning(path: &Path, what: &str) -> Option<String> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let mode = std::fs::metadata(path).ok()?.permissions().mode();
-    (mode & 0o077 != 0).then(|| {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let meta = std::fs::metadata(path).ok()?;
+    let mode = meta.permissions().mode();
+    let root_group_read = meta.uid() == 0 && mode & 0o037 == 0;
+    (mode & 0o077 != 0 && !root_group_read).then(|| {
         format!(
-            "the {what} {} may be read by its group or others (mode {:04o}); chmod 600 it",
+            "the {what} {} may be read by its group or others (mode {:04o}); chmod 600 it (or 640 owned by \
+             root, its group the service's)",
             path.display(),
             mode & 0o7777
         )
@@ -145,5 +150,28 @@ impl ServerArgs {
     /// Connects and logs in.
     pub(crate) async fn login(&self) -> Result<Client> {
         Ok(self.login_spec()?.client().await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_root_owned_secret_its_group_may_read_is_not_warned_about() {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("token");
+        std::fs::write(&f, "secret\n").unwrap();
+        let mode = |m: u32| std::fs::set_permissions(&f, std::fs::Permissions::from_mode(m)).unwrap();
+        mode(0o600);
+        assert!(secret_file_warning(&f, "token file").is_none());
+        for m in [0o644, 0o660, 0o604] {
+            mode(m);
+            assert!(secret_file_warning(&f, "token file").is_some_and(|w| w.contains("chmod 600")), "{m:o}");
+        }
+        mode(0o640);
+        let root = std::fs::metadata(&f).unwrap().uid() == 0;
+        assert_eq!(secret_file_warning(&f, "token file").is_none(), root, "root:group 0640 is how a service reads it");
     }
 }

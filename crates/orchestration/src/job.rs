@@ -241,7 +241,7 @@ pub async fn run_job(ctx: &JobContext, vms: &[MoRef], concurrency: usize) -> Res
             if ctx.engine.cancel.is_cancelled() {
                 // Cancelled before it began: nothing was touched.
                 let r = VmReport {
-                    vm: vm.to_string(),
+                    vm: facts.get(&vm).map_or_else(|| vm.to_string(), |v| v.name.clone()),
                     error: Some("cancelled before it started".into()),
                     snapshot_removed: true,
                     ..VmReport::default()
