@@ -174,6 +174,15 @@ pub fn kills(default: u64) -> u64 {
     std::env::var("SYNCPROXY_KILLS").ok().and_then(|s| s.parse().ok()).unwrap_or(default).max(1)
 }
 
+/// The cache folder `cargo xtask setup` installs peers into: `$XDG_CACHE_HOME` when set and
+/// not empty, else `~/.cache` (None without either).
+pub fn cache_dir() -> Option<std::path::PathBuf> {
+    std::env::var_os("XDG_CACHE_HOME")
+        .filter(|c| !c.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))
+}
+
 /// Every file under `dir`, in no particular order (none when `dir` is missing).
 pub fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();

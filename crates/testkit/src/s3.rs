@@ -17,9 +17,7 @@ pub const SECRET_KEY: &str = "testsecret";
 /// Where `weed` is: `$SYNCPROXY_WEED`, else `cargo xtask setup`'s install folder, else `PATH`. Skips the
 /// test (fails it under `CI=true`) when there is none.
 pub fn find(test: &str) -> Option<PathBuf> {
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
+    let cache = crate::cache_dir();
     let on_path = std::env::var_os("PATH")
         .into_iter()
         .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())

@@ -41,11 +41,7 @@ while True:
 
 /// Where aiosmtpd imports from, or None (after [`crate::skip`]) when it is not installed.
 pub fn find(test: &str) -> Option<PathBuf> {
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .filter(|c| !c.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .map(|c| c.join("syncproxy-smtp"));
+    let cache = crate::cache_dir().map(|c| c.join("syncproxy-smtp"));
     let path = std::env::var_os("SYNCPROXY_SMTP_PYTHONPATH").map(PathBuf::from).or(cache).unwrap_or_default();
     let ok = Command::new("python3")
         .env("PYTHONPATH", &path)
